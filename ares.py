@@ -1,0 +1,1666 @@
+"""ARES in one file: adaptive multimodal reasoning via difficulty-aware token-level entropy shaping.
+
+ARES (Chen et al., arXiv 2510.08457, ICLR 2026) trains a vision-language model to think less on easy problems
+and more on hard ones, in two stages:
+
+  1. Adaptive cold start (AdaCS, --stage coldstart): supervised fine-tuning on reasoning traces whose length
+     was matched to each problem's difficulty (the curation lives in data_prep.py).
+  2. AEPO (--stage aepo): group RL in which *high window-entropy* (HWE) tokens decide *when* to explore
+     (rollouts branch there, and the KL leash is relaxed there), and a hierarchical entropy reward,
+     conditioned on the online difficulty of each prompt, decides *how much* to explore.
+
+Run it:
+    python ares.py                                   # the whole method offline on a CPU demo (minutes)
+    python ares.py --stage coldstart --model tiny --data demo/train.jsonl
+    torchrun --nproc_per_node=8 ares.py --stage coldstart --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl
+    torchrun --nproc_per_node=8 ares.py --stage aepo --model runs/coldstart/final --data rl.jsonl [--fsdp]
+    python ares.py --help                            # every knob, with its default
+
+Reading order (search for "Eq. N" or "spec §N"): config -> distributed -> model -> data -> grading ->
+entropy & HWE (Eq. 3, Eq. 4) -> difficulty & reward (spec §3-4) -> KL & loss (Eq. 1, Eq. 2) -> sampler ->
+branching rollouts (spec §2) -> checkpoints -> cold-start loop -> AEPO loop -> demo -> main.
+
+Every place where the paper, its released code and this file differ (the choice here is the default):
+  - Token entropy is exact over the full vocabulary from the logits (code: top-10 approximation).
+  - Window entropy uses the forward window [t, t+w-1] of Eq. 4, full windows only (code: [t+1, t+w]).
+  - tau = mean over ALL responses of the step, on all ranks, of each response's 0.95 entropy quantile.
+  - Rollouts branch at HWE windows (paper, main text); the released code never branches. G-B fresh samples,
+    then up to B branches per prompt, highest window entropy first; a branch trains only on its own tokens.
+  - Bucket targets T_d are an EMA (momentum 0.9) over steps; the paper's batch mean makes its reward zero.
+  - Entropy-reward scale alpha = 0.4 (code: 0.5), so that a correct answer always outranks a wrong one.
+  - KL is per token: beta0 * bucket multiplier * kappa_d * rho^(inside HWE window) (code: per sequence,
+    window relaxation unreachable). kappa_d adapts to the KL measured OUTSIDE windows only (Alg. 1).
+  - Ratio uses pi_old, not pi_ref (Eq. 2 typo). Asymmetric clip 0.2/0.3 and dual clip 3, as released.
+  - Alg. 1's token entropy bonus (undefined phi, b_i) and its /L_i advantage scaling are left out.
+  - Groups whose accuracy is all 0 or all 1 are dropped (paper: mean reward outside [0.01, 0.99]).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: one dataclass is the single source of defaults; every field is a --flag with its help string.
+# Stage-dependent fields default to None and are filled from STAGE_DEFAULTS (and TINY_DEFAULTS for the
+# CPU-sized tiny model) unless given on the command line.
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to run
+    stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo")
+    model: str = arg("tiny", "hub name or local folder of a Qwen2/2.5/3-VL or causal LM; 'tiny' builds one offline")
+    ref_model: str = arg("", "AEPO reference policy for the KL term (default: the starting --model)")
+    data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (spec §10)")
+    split: str = arg("train", "split to read from a Hugging Face dataset")
+    out: str = arg("runs/ares", "output folder: checkpoints, metrics.jsonl")
+    seed: int = arg(0, "random seed (data order, sampling)")
+    resume: bool = arg(False, "continue from the newest checkpoint in --out")
+    save_every: int = arg(50, "save a checkpoint every N optimizer steps (and at the end)")
+    keep_last: int = arg(2, "keep only the newest N step checkpoints")
+    log_samples_every: int = arg(10, "print one sampled response every N AEPO steps")
+    # model
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    compile: bool = arg(False, "torch.compile the training forward (and a static-cache decode step on GPU)")
+    fsdp: bool = arg(False, "shard policy and reference with FSDP2 fully_shard instead of DDP")
+    train_vision: bool = arg(False, "also train the vision tower and merger (paper: frozen)")
+    min_pixels: int = arg(56 * 56, "smallest image area after resizing")
+    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)")
+    # data and lengths
+    max_prompt_len: int = arg(4096, "drop prompts longer than this many tokens (images included)")
+    max_response_len: int = arg(None, "response tokens: SFT traces longer are dropped; AEPO max new tokens")
+    # optimisation
+    lr: float = arg(None, "peak learning rate (coldstart 2e-5, aepo 1e-6)")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    warmup_steps: int = arg(None, "linear warm-up steps (coldstart: 3% of steps, aepo: 0)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value")
+    batch_size: int = arg(None, "global batch: records per step (coldstart 256) or prompts per step (aepo 512)")
+    micro_batch_size: int = arg(None, "sequences per forward pass per rank (gradient accumulation covers the rest)")
+    epochs: int = arg(2, "coldstart epochs (ignored when --steps is given)")
+    steps: int = arg(None, "optimizer steps (coldstart: from --epochs) or AEPO rollout steps (250)")
+    # AEPO rollouts (spec §1-2)
+    group_size: int = arg(8, "G: responses per prompt")
+    branch_samples: int = arg(None, "B: responses per prompt that branch at HWE windows (default G/2; 0 = off)")
+    max_branches_per_response: int = arg(2, "at most this many branches from one parent response")
+    window: int = arg(4, "w: window length of Eq. 4")
+    entropy_quantile: float = arg(0.95, "q: per-response entropy quantile behind tau")
+    trigger_words: bool = arg(False, "HWE windows must also start at a reasoning word ('wait', 'however', ...)")
+    temperature: float = arg(1.0, "sampling temperature (also the T of the entropy, Eq. 3)")
+    top_p: float = arg(0.99, "nucleus sampling mass")
+    # AEPO reward, KL and loss (spec §3-6)
+    entropy_shaping: str = arg("hierarchical", "hierarchical, incorrect-only, or none (spec §4)")
+    entropy_coef: float = arg(0.4, "alpha: scale of the entropy reward")
+    target_momentum: float = arg(0.9, "EMA momentum of the per-bucket N_HE targets")
+    format_weight: float = arg(0.0, "weight of the <think>...</think> + \\boxed{} format reward")
+    kl_coef: float = arg(0.01, "beta0: base KL weight (0 = no reference model)")
+    kl_relax: float = arg(0.5, "rho: KL weight factor inside HWE windows")
+    kl_target: float = arg(0.01, "delta: target KL outside HWE windows for the kappa controller")
+    kl_adapt_rate: float = arg(0.05, "alpha_kappa: controller step size")
+    clip_low: float = arg(0.2, "epsilon_low of the clipped ratio")
+    clip_high: float = arg(0.3, "epsilon_high of the clipped ratio")
+    dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages")
+    loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)")
+    minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)")
+    ppo_epochs: int = arg(1, "passes over each rollout batch")
+    keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
+    # demo (stage demo only)
+    demo_steps: int = arg(None, "AEPO steps of the demo (coldstart steps scale with it)")
+
+
+STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
+    "coldstart": dict(lr=2e-5, batch_size=256, micro_batch_size=1, max_response_len=16384, minibatches=1),
+    "aepo": dict(lr=1e-6, batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250, minibatches=4,
+                 warmup_steps=0),
+}
+TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
+    "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=300,
+                      max_prompt_len=256, warmup_steps=20),
+    "aepo": dict(lr=2e-4, batch_size=8, micro_batch_size=64, max_response_len=96, steps=40, minibatches=1,
+                 max_prompt_len=256, warmup_steps=0, save_every=20),
+}
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(),
+                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.stage not in ("demo", "coldstart", "aepo"):
+        parser.error(f"--stage must be demo, coldstart or aepo, not {cfg.stage!r}")
+    for name, allowed in (("entropy_shaping", ("hierarchical", "incorrect-only", "none")),
+                          ("loss_agg", ("seq-mean-token-mean", "token-mean")), ("dtype", ("auto", "bf16", "fp16", "fp32"))):
+        if getattr(cfg, name) not in allowed:
+            parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if cfg.stage != "demo" and not cfg.data:
+        parser.error(f"--data is required for --stage {cfg.stage}")
+    if not 0 < cfg.top_p <= 1 or not 0 < cfg.entropy_quantile <= 1 or cfg.window < 1 or cfg.group_size < 2:
+        parser.error("need 0 < --top-p <= 1, 0 < --entropy-quantile <= 1, --window >= 1, --group-size >= 2")
+    return cfg
+
+
+def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
+    """Fill the stage-dependent knobs: a value the user changed wins, then the tiny model's CPU-sized defaults,
+    then the stage's paper defaults."""
+    cfg = dataclasses.replace(cfg, stage=stage)
+    changed = {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
+    for layer in ([TINY_DEFAULTS[stage]] if is_tiny(cfg.model) else []) + [STAGE_DEFAULTS[stage]]:
+        for k, v in layer.items():
+            if k not in changed:
+                setattr(cfg, k, v)
+                changed.add(k)
+    if cfg.branch_samples is None:
+        cfg.branch_samples = cfg.group_size // 2
+    if not 0 <= cfg.branch_samples < cfg.group_size:
+        raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
+
+
+def init_distributed():
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or op) over ranks, in place; a no-op on one process. Gloo needs CPU tensors of float/long."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def rank0_print(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: Qwen2/2.5/3-VL via the image-text-to-text auto class, text LMs via the causal-LM class. The processor
+# is image-only (no torchvision), and `mm_token_type_ids` is always passed so that Qwen's 3-D rotary positions
+# are used (without it the model silently falls back to 1-D positions).
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+FORMAT_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+                 "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer "
+                 "MUST BE put in \\boxed{}.")  # the authors' prompt suffix (spec §7)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [
+    "<think>Count the red squares: 3. Count the blue squares: 2. Count the green squares: 1.</think>"] * 4 + [
+    "Add them: 3 + 2 = 5. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7. Subtract: 6 - 1 = 5. The answer is \\boxed{7}.",
+    "How many red squares are in the image? How many red and blue squares are there in total?",
+    "Multiply the number of red squares by the number of blue squares, then add the number of green squares.",
+    "step first second then next finally total sum difference product number numbers count counts more less",
+    "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
+    "the a an of in on is are and or to with from for by it this that there what which how many much yellow",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } , . : ; ? ! A B C D E x y z \\frac{1}{2}",
+])
+TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
+
+
+def is_tiny(name: str) -> bool:
+    if name == "tiny":
+        return True
+    cfg_file = Path(name) / "config.json"
+    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
+
+
+def _processor_class():
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageTextProcessor
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random Qwen2.5-VL (~0.5M parameters) with a byte-level BPE tokenizer trained here: fully offline."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TINY_CORPUS], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    ids = tok.convert_tokens_to_ids
+    s = TINY_SIZES
+    head_dim = s["hidden"] // s["heads"]
+    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.bos_token_id = None
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return model, _processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
+
+
+def load_processor(name: str, is_vlm: bool, cfg: Config):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if not is_vlm:
+        return tok
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    if not is_tiny(name):
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    template = tok.chat_template
+    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
+        path = Path(name) / fname
+        if template is None and path.is_file():
+            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
+    return _processor_class()(image_processor, tok, chat_template=template)
+
+
+def load_model(name: str, cfg: Config, device: torch.device):
+    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg.dtype]
+    if name == "tiny":
+        model, processor = build_tiny(cfg.seed)
+        model.to(dtype)
+    else:
+        is_vlm = hasattr(AutoConfig.from_pretrained(name), "vision_config")
+        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        processor = load_processor(name, is_vlm, cfg)
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), processor
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def special_ids(model, processor) -> dict:
+    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
+    tok = tokenizer_of(processor)
+    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    gen_eos = model.generation_config.eos_token_id
+    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
+                image=getattr(model.config, "image_token_id", None))
+
+
+def vision_params(model):
+    return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
+
+
+class Policy(nn.Module):
+    """The HF model plus a chunked log-prob head. DDP and FSDP act on a module's forward, so the log-probs of
+    the response tokens are computed inside one forward without ever materialising (batch, length, vocab)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
+        """batch from `make_batch`. Returns log p(o_t | o_<t) and, without grad, the entropy: each (N, R)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values",
+                                        "image_grid_thw", "mm_token_type_ids") if batch.get(k) is not None}
+        hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
+        idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
+        h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
+        return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy)
+
+
+def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  with_entropy: bool = False, chunk: int = 1024):
+    """log softmax(head(h) / T)[target] in chunks of `chunk` positions; each chunk's logits are recomputed in
+    backward (activation checkpointing), so peak memory is one (N, chunk, V) block. h (N, R, H), targets (N, R)."""
+
+    def piece(hc, tc):
+        logits = head(hc).float() / temperature  # (N, c, V)
+        lse = logits.logsumexp(-1)
+        logp = logits.gather(-1, tc[..., None]).squeeze(-1) - lse
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logZ - E_p[z], Eq. 3
+        return logp, ent
+
+    outs = []
+    for s in range(0, h.shape[1], chunk):
+        hc, tc = h[:, s:s + chunk], targets[:, s:s + chunk]
+        if torch.is_grad_enabled():
+            outs.append(torch.utils.checkpoint.checkpoint(piece, hc, tc, use_reentrant=False))
+        else:
+            outs.append(piece(hc, tc))
+    logp = torch.cat([o[0] for o in outs], 1)
+    return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data (spec §10): one record per problem; every record is checked before any training starts.
+
+
+class DataError(ValueError):
+    """A bad input record: the message names the file, the record and the problem."""
+
+
+def _read_rows(path: str, split: str):
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json") and p.is_file():
+        with open(p) as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        return
+    import datasets
+
+    if p.suffix == ".parquet" and p.is_file():
+        ds = datasets.Dataset.from_parquet(str(p))
+    elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+    elif p.exists():
+        raise DataError(f"{path}: not a .jsonl, .parquet or saved dataset folder")
+    else:
+        ds = datasets.load_dataset(path, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    yield from ds
+
+
+def open_image(img, base: Path):
+    """Path (relative to the data file), bytes, {'bytes'|'path'} dict, or PIL image -> RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    if isinstance(img, dict):
+        img = img.get("bytes") or img.get("path")
+    if isinstance(img, (bytes, bytearray)):
+        return Image.open(io.BytesIO(img)).convert("RGB")
+    if isinstance(img, str):
+        path = Path(img) if Path(img).is_absolute() else base / img
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    raise TypeError(f"unsupported image type {type(img).__name__}")
+
+
+def load_records(path: str, split: str = "train", need_response: bool = False) -> list[dict]:
+    """Read and validate every record (spec §10). Images are opened once here so that a broken one fails now,
+    not hours into training. Raises DataError naming the file, record and problem."""
+    base = Path(path).parent if Path(path).is_file() else Path(path)
+    records, seen = [], set()
+    for n, row in enumerate(_read_rows(path, split)):
+        rid = str(row.get("id", "")).strip() or f"#{n}"
+        where = f"{path}: record {rid}"
+        for key in ("id", "question", "answer") + (("response",) if need_response else ()):
+            value = row.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise DataError(f"{where}: missing or empty field '{key}'")
+            if not isinstance(value, (str, int, float)):
+                raise DataError(f"{where}: field '{key}' must be text, got {type(value).__name__}")
+        if rid in seen:
+            raise DataError(f"{where}: duplicate id")
+        seen.add(rid)
+        images = row.get("images") or []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        opened = []
+        for k, img in enumerate(images):
+            try:
+                opened.append(open_image(img, base))
+            except Exception as e:  # noqa: BLE001 - any failure to decode is the same user error
+                raise DataError(f"{where}: image {k} ({str(img)[:80]!r}) cannot be read: {e}") from None
+        pass_rate = row.get("pass_rate")
+        if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
+            raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
+        records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=opened,
+                            source=row.get("source") or Path(path).stem, response=row.get("response"),
+                            pass_rate=pass_rate))
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def prompt_text(processor, record: dict) -> str:
+    """The chat-formatted prompt: images first, then the question and the answer-format instruction (spec §7)."""
+    text = f"{record['question']}\n{FORMAT_PROMPT}"
+    if hasattr(processor, "image_processor"):
+        content = [{"type": "image"}] * len(record["images"]) + [{"type": "text", "text": text}]
+    elif record["images"]:
+        raise DataError(f"record {record['id']}: has images but the model is text-only")
+    else:
+        content = text
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompt(processor, record: dict) -> dict:
+    """-> {'ids': (L,) long, 'pixel_values': (patches, D) or None, 'image_grid_thw': (images, 3) or None}."""
+    text = prompt_text(processor, record)
+    if record["images"]:
+        enc = processor(text=[text], images=record["images"], return_tensors="pt")
+        return dict(ids=enc["input_ids"][0], pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    ids = tokenizer_of(processor)(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return dict(ids=ids, pixel_values=None, image_grid_thw=None)
+
+
+def prompt_length(processor, record: dict) -> int:
+    """Token count of the encoded prompt, from the image sizes alone (no pixel processing)."""
+    tok = tokenizer_of(processor)
+    n = len(tok(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
+    if record["images"]:
+        sizes = [(im.height, im.width) for im in record["images"]]
+        n += sum(processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]) - len(sizes)
+    return n
+
+
+def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
+    kept = [r for r in records if prompt_length(processor, r) <= max_len]
+    if len(kept) < len(records):
+        rank0_print(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {max_len} tokens")
+    if not kept:
+        raise DataError(f"every prompt is longer than --max-prompt-len {max_len}")
+    return kept
+
+
+def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
+    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
+    base = getattr(model, "model", model)
+    if hasattr(base, "get_rope_index"):
+        mm = (input_ids == model.config.image_token_id).int()
+        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
+    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
+    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
+    are real."""
+    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
+    N, L, R = len(seqs), max(len(s) for s in seqs), max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(N, L, dtype=torch.long)
+    resp_index = torch.zeros(N, R, dtype=torch.long)
+    resp_mask = torch.zeros(N, R, dtype=torch.bool)
+    for i, (s, p, r) in enumerate(zip(seqs, prompts, responses)):
+        input_ids[i, :len(s)] = s
+        attention_mask[i, :len(s)] = 1
+        n = len(r)
+        resp_index[i] = (len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1)
+        resp_mask[i, :n] = True
+    pix = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
+    grid = [p["image_grid_thw"] for p in prompts if p["image_grid_thw"] is not None]
+    grid = torch.cat(grid) if grid else None
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
+                 resp_tokens=input_ids.gather(1, resp_index), pixel_values=torch.cat(pix) if pix else None,
+                 image_grid_thw=grid, position_ids=position_ids(model, input_ids, attention_mask, grid))
+    if getattr(model.config, "image_token_id", None) is not None:
+        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grading: the last \boxed{...} against the ground truth, with math-verify for mathematical equivalence and a
+# normalised string comparison for everything else (multiple-choice letters, words).
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the LAST \\boxed{...} (or \\fbox{...}), nested braces handled; None if there is none.
+    extract_boxed("so \\boxed{1} no, \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"."""
+    if not isinstance(text, str):
+        return None
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[i:j - 1].strip() if depth == 0 else None
+
+
+_CHOICE = re.compile(r"^\(?([A-Za-z])\)?[.:]?$")
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+
+
+def _normalise(s: str) -> str:
+    s = _TEXT_WRAP.sub(r"\1", s.strip().strip("$"))
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\ ", "").replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"\s+", "", s).rstrip(".").lower()
+    return s
+
+
+def _choice_letter(s: str) -> str | None:
+    m = _CHOICE.match(_TEXT_WRAP.sub(r"\1", s.strip().strip("$")).strip())
+    return m.group(1).upper() if m else None
+
+
+def _math_equal(pred: str, answer: str) -> bool:
+    from math_verify import parse, verify
+
+    in_main = threading.current_thread() is threading.main_thread()  # math-verify's timeouts use SIGALRM
+    limit = 3 if in_main else None
+    gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=limit)
+    guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=limit)
+    return bool(gold and guess and verify(gold, guess, timeout_seconds=limit))
+
+
+def is_correct(pred: str | None, answer: str) -> bool:
+    """Does the extracted prediction match the answer? Never raises; bounded time (long inputs skip sympy)."""
+    if pred is None or not str(pred).strip():
+        return False
+    pred, answer = str(pred), str(answer)
+    gold_letter, pred_letter = _choice_letter(answer), _choice_letter(pred)
+    if gold_letter:  # multiple choice: (B), B., b, \text{B} are all B
+        return pred_letter == gold_letter
+    if _normalise(pred) == _normalise(answer):
+        return True
+    if len(pred) > 300 or len(answer) > 300:
+        return False
+    try:
+        return _math_equal(pred, answer)
+    except Exception:  # noqa: BLE001 - a grader must not crash training on odd model output
+        return False
+
+
+def format_ok(text: str) -> bool:
+    """The format reward: '<think> ... </think>' then a \\boxed{} answer after it."""
+    m = re.fullmatch(r"\s*<think>(.+?)</think>(.*)", text, flags=re.S)
+    return bool(m and m.group(1).strip() and extract_boxed(m.group(2)) is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entropy and high-window-entropy tokens (spec §1): the "when to explore" signal.
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+    """Eq. 3: H = -sum_v p_v log p_v with p = softmax(z / T), over the full vocabulary, in float32, natural log.
+    logits (..., V) -> (...). Processed `chunk` rows at a time, so a float32 copy of the whole logits tensor
+    is never made (8 x 4096 x 151,936 logits in float32 would be 20 GB)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.shape[0], chunk):
+        z = flat[s:s + chunk].float() / temperature
+        logp = torch.log_softmax(z, -1)
+        out[s:s + chunk] = -(logp.exp() * logp).sum(-1)
+    return out.reshape(logits.shape[:-1])
+
+
+def window_entropy(H: torch.Tensor, mask: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4: Hbar_t = (1/w) sum_{tau=t}^{t+w-1} H_tau, forward window, full windows only.
+    H, mask (N, R) with each response's tokens contiguous from position 0. Returns Hbar (N, R) and valid (N, R):
+    valid[i, t] iff t + w <= L_i. Example: H = [1, 2, 3, 4, 5], w = 2 -> Hbar = [1.5, 2.5, 3.5, 4.5, -], valid
+    for t <= 3."""
+    N, R = H.shape
+    c = F.pad((H * mask).cumsum(1), (1, 0))  # (N, R+1), c[:, t] = sum of H[:, :t]
+    ends = (torch.arange(R, device=H.device) + w).clamp(max=R)
+    hbar = (c[:, ends] - c[:, :R]) / w  # (N, R)
+    valid = (torch.arange(R, device=H.device)[None] + w) <= mask.sum(1, keepdim=True)
+    return hbar * valid, valid
+
+
+def hwe_threshold(H: torch.Tensor, mask: torch.Tensor, q: float = 0.95) -> float:
+    """tau (spec §1): each response's q-quantile of its token entropies (linear interpolation, as numpy), then
+    the mean over all responses of the step on ALL ranks. H, mask (N, R) -> float."""
+    n = mask.sum(1)  # (N,)
+    s = torch.where(mask, H.float(), torch.inf).sort(1).values  # real entries first, ascending
+    pos = q * (n - 1).clamp(min=0).float()
+    lo, hi = pos.floor().long().clamp(max=H.shape[1] - 1), pos.ceil().long().clamp(max=H.shape[1] - 1)
+    qv = s.gather(1, lo[:, None]).squeeze(1)
+    qv = qv + (pos - lo) * (s.gather(1, hi[:, None]).squeeze(1) - qv)
+    has = n > 0
+    stats = torch.tensor([torch.where(has, qv, 0.0).sum().item(), has.sum().item()], dtype=torch.float64)
+    all_reduce(stats)
+    return (stats[0] / stats[1]).item() if stats[1] > 0 else float("inf")
+
+
+TRIGGER_WORDS = ("wait", "however", "but", "alternatively", "hmm", "check", "verify", "actually", "perhaps",
+                 "maybe", "instead", "recheck", "double-check", "reconsider", "although", "yet", "suppose", "oh")
+
+
+def trigger_table(processor, vocab_size: int) -> torch.Tensor:
+    """(V,) bool: token v decodes (stripped, lower-cased) to one of TRIGGER_WORDS (spec §1, optional)."""
+    tok = tokenizer_of(processor)
+    words = set(TRIGGER_WORDS)
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    for v in range(min(vocab_size, len(tok))):
+        table[v] = tok.decode([v]).strip().lower() in words
+    return table
+
+
+def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau: float, tokens: torch.Tensor | None = None,
+             triggers: torch.Tensor | None = None) -> torch.Tensor:
+    """m_{i,t} = 1[Hbar_{i,t} >= tau] on full windows; with `triggers` the sampled token at t must also be a
+    reasoning word. (N, R) -> (N, R) bool. N_HE(i) = m[i].sum()."""
+    m = valid & (hbar >= tau)
+    if triggers is not None:
+        m &= triggers.to(tokens.device)[tokens]
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Difficulty and the hierarchical entropy reward (spec §3-4): "how much to explore".
+
+BUCKETS = ("easy", "medium", "hard")
+# spec §4 table, per bucket: margin f, Huber kappa, sigmoid scale s, cap scale c, wrong-answer scale u
+SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], [0.35, 4.0, 3.0, 1.2, 1.0]],
+                       dtype=torch.float64)
+KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tight on easy, loose on hard (spec §5)
+
+
+def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Spec §3, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
+    acc (N,) in {0, 1}, groups of G consecutive responses -> (N,) bucket per response. In integers, so that
+    G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2 exactly."""
+    correct = acc.view(-1, group_size).sum(1).long()  # (P,)
+    bucket = torch.full_like(correct, 2)
+    bucket[3 * correct >= group_size] = 1
+    bucket[3 * correct >= 2 * group_size] = 0
+    return bucket.repeat_interleave(group_size)
+
+
+def bucket_means(values: torch.Tensor, bucket: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (all ranks) mean of `values` per bucket -> (means (3,), counts (3,)); mean is NaN where empty."""
+    stats = torch.zeros(2, 3, dtype=torch.float64)
+    stats[0].index_add_(0, bucket.cpu(), values.double().cpu())
+    stats[1].index_add_(0, bucket.cpu(), torch.ones_like(values, dtype=torch.float64).cpu())
+    all_reduce(stats)
+    return stats[0] / stats[1], stats[1]
+
+
+def update_targets(targets: torch.Tensor, n_he: torch.Tensor, bucket: torch.Tensor, momentum: float = 0.9):
+    """Per-bucket N_HE targets T_d (spec §4). targets (3,) float64, NaN = never seen.
+    Returns (targets used for THIS step's rewards, targets after the EMA update): a bucket seen before uses its
+    previous target; a bucket seen for the first time uses its current global mean."""
+    means, counts = bucket_means(n_he, bucket)
+    seen_now = counts > 0
+    for_reward = torch.where(torch.isnan(targets) & seen_now, means, targets)
+    new = torch.where(seen_now, torch.where(torch.isnan(targets), means, momentum * targets + (1 - momentum) * means),
+                      targets)
+    return for_reward, new
+
+
+def huber(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Hub(x) = x^2 / (2k) for x <= k, else x - k/2 (x >= 0)."""
+    return torch.where(x <= k, x * x / (2 * k), x - k / 2)
+
+
+def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.Tensor, targets: torch.Tensor,
+                          mode: str = "hierarchical", alpha: float = 0.4) -> torch.Tensor:
+    """R_i = acc_i + E_i (spec §4). acc, n_he, bucket (N,); targets (3,) = T_d used this step. -> (N,) float64.
+    Delta = N_HE - T_d; m = max(1, f * max(T_d, 1)); cap = alpha * c:
+      correct easy    -min(cap, Hub(max(Delta - m, 0)) / (m + k) * cap)        too much exploring costs
+      correct medium  -min(cap, Hub(max(|Delta| - m, 0)) / (m + k) * cap)      stay near the target
+      correct hard    +sig(Delta + m) * cap if Delta >= -m else -min(cap, 0.5 Hub(-Delta - m) / (m + k) * cap)
+      wrong (any)     +sig(max(Delta - m, 0)) * cap * u                         mild push to explore
+    with sig(x) = 1 / (1 + exp(-x / s)). 'incorrect-only' is the paper's main-text form, 'none' is R = acc."""
+    acc, n_he = acc.double(), n_he.double()
+    T = targets.double()[bucket]  # (N,)
+    delta = n_he - T
+    if mode == "none":
+        return acc
+    if mode == "incorrect-only":
+        g = torch.stack([delta.clamp(min=0), delta.abs(), (-delta).clamp(min=0)], 1).gather(1, bucket[:, None])[:, 0]
+        return acc - (1 - acc) * alpha * (g / T.clamp(min=1)).clamp(max=1)
+    f, k, s, c, u = SHAPING[bucket].unbind(1)  # (N,) each
+    m = (f * T.clamp(min=1)).clamp(min=1)
+    cap = alpha * c
+    over = -torch.minimum(cap, huber((delta - m).clamp(min=0), k) / (m + k) * cap)
+    near = -torch.minimum(cap, huber((delta.abs() - m).clamp(min=0), k) / (m + k) * cap)
+    hard = torch.where(delta >= -m, torch.sigmoid((delta + m) / s) * cap,
+                       -torch.minimum(cap, 0.5 * huber((-delta - m).clamp(min=0), k) / (m + k) * cap))
+    correct = torch.stack([over, near, hard], 1).gather(1, bucket[:, None])[:, 0]
+    wrong = torch.sigmoid((delta - m).clamp(min=0) / s) * cap * u
+    return acc + torch.where(acc > 0, correct, wrong)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G consecutive responses."""
+    r = rewards.view(-1, group_size).double()
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dynamic KL (Eq. 1, spec §5) and the AEPO objective (Eq. 2, spec §6).
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) at sampled tokens: exp(d) - d - 1 with d = logp_ref - logp
+    (d clamped to +-20, result to <= 10). Always >= 0; its mean over samples from pi is the true KL."""
+    d = (logp_ref - logp).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(max=10)
+
+
+def kl_weights(hwe: torch.Tensor, bucket: torch.Tensor, kappa: torch.Tensor, beta0: float, relax: float) -> torch.Tensor:
+    """Eq. 1 / Alg. 1: beta_{i,t} = beta0 * b_d * kappa_d * rho^{m_{i,t}}. hwe (N, R) bool, bucket (N,),
+    kappa (3,) -> (N, R) float32: the KL leash is looser (rho < 1) inside high-entropy windows."""
+    per_seq = beta0 * KL_BUCKET_SCALE.to(kappa)[bucket] * kappa[bucket]  # (N,)
+    return (per_seq[:, None] * torch.where(hwe, relax, 1.0)).float()
+
+
+def update_kl_controller(kappa: torch.Tensor, kl_outside: torch.Tensor, seen: torch.Tensor, target: float = 0.01,
+                         rate: float = 0.05) -> torch.Tensor:
+    """Alg. 1 / App. K: kappa_d <- clip(kappa_d * (1 + rate * clip(KL_out_d / target - 1, -1, 1)), 0.01, 100),
+    for each bucket d seen this step. kl_outside (3,): global mean KL outside HWE windows per bucket."""
+    e = (kl_outside / target - 1).clamp(-1, 1)
+    return torch.where(seen, (kappa * (1 + rate * e)).clamp(0.01, 100), kappa)
+
+
+def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float, clip_low: float = 0.2,
+              clip_high: float = 0.3, dual_clip: float = 3.0):
+    """Eq. 2 with asymmetric and dual clipping (spec §6), plus the token-weighted KL of Eq. 1.
+    logp, logp_old, logp_ref, kl_w, mask (N, R); adv (N,). Per token:
+        l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  r = exp(logp - logp_old)
+        l = min(l, -c A) where A < 0,                          then  l + beta_{i,t} * k3(logp, logp_ref)
+    Aggregation divides by a GLOBAL count `denom` (all micro-batches and ranks of the optimizer step):
+        seq-mean-token-mean: sum_i (sum_t l_it / L_i) / denom, denom = responses in the step
+        token-mean:          sum_{i,t} l_it / denom,          denom = loss tokens in the step
+    so that summing the returned losses over micro-batches (and averaging gradients over ranks after
+    multiplying by the world size) gives exactly the full-batch objective. Returns (loss, stats)."""
+    mask = mask.float()
+    ratio = torch.exp(logp - logp_old)
+    a = adv[:, None].to(logp)
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
+    pg = torch.where(a < 0, torch.minimum(pg, -dual_clip * a), pg)
+    kl = k3_kl(logp, logp_ref) if logp_ref is not None else torch.zeros_like(logp)
+    per_token = pg + kl_w * kl
+    if agg == "token-mean":
+        loss = (per_token * mask).sum() / denom
+    else:
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) & (a < 0)) | ((ratio > 1 + clip_high) & (a > 0))
+        stats = dict(clip_frac=(clipped.float() * mask).sum().item(), kl=(kl * mask).sum().item(), tokens=mask.sum().item())
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampler: a batched decoding loop over the HF model with a KV cache. Per step it records the sampled token,
+# its log-prob under softmax(z / T) (the policy the update differentiates) and the full-vocabulary entropy
+# (Eq. 3). Finished rows are dropped from the batch as they accumulate.
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor):
+    """One decoding step. logits (B, V), u (B,) uniform noise -> token (B,), log-prob (B,), entropy (B,).
+    Sampling is by inverse CDF over the top-p nucleus (the smallest set of most likely tokens whose mass
+    reaches top_p); the log-prob and entropy are those of the untruncated softmax(z / T). T = 0 is greedy."""
+    if temperature <= 0:
+        logp = torch.log_softmax(logits.float(), -1)
+        tok = logp.argmax(-1)
+    else:
+        logp = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
+        probs = logp.exp()
+        if top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            sp = sp * ((sp.cumsum(-1) - sp) < top_p)  # keep a token if the mass before it is < top_p
+        else:
+            sp, si = probs, None
+        cdf = sp.cumsum(-1)
+        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+        tok = (si.gather(-1, j) if si is not None else j).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy
+
+
+def _left_pad(seqs: list[torch.Tensor], pad: int):
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    att = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):], att[i, L - len(s):] = s, 1
+    return ids, att
+
+
+@torch.no_grad()
+def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, budgets: list[int] | None = None,
+           prefixes: list[list[int]] | None = None, repeats: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, compact: float = 0.75) -> dict:
+    """Sample `repeats` continuations of each prompt (+ optional token prefix), prompt-major order.
+    prompts: encode_prompt() dicts; budgets: new-token limit per output row (default max_new_tokens).
+    Returns tokens, logprobs, entropy (N, T) and mask (N, T) bool of the sampled tokens (EOS included, padding
+    after it), plus truncated (N,) bool (hit its budget without EOS). N = len(prompts) * repeats.
+    Each prompt is prefilled once (vision tower included) and its KV cache copied `repeats` times."""
+    device = next(model.parameters()).device
+    prefixes = prefixes or [[]] * len(prompts)
+    input_ids, att = _left_pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
+                               ids["pad"])
+    grid = [p["image_grid_thw"] for p in prompts if p["image_grid_thw"] is not None]
+    grid = torch.cat(grid) if grid else None
+    pos = position_ids(model, input_ids, att, grid)
+    vlm = pos.dim() == 3
+    next_pos = (pos.amax(dim=(0, 2)) if vlm else pos.amax(-1)) + 1  # (P,) position of the first new token
+    inputs = dict(input_ids=input_ids, attention_mask=att, position_ids=pos)
+    if ids["image"] is not None:
+        inputs["mm_token_type_ids"] = (input_ids == ids["image"]).int()
+        pix = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
+        if pix:
+            inputs.update(pixel_values=torch.cat(pix).to(next(model.parameters()).dtype), image_grid_thw=grid)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
+    att, next_pos = att.to(device), next_pos.to(device)
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))
+    N = len(prompts) * repeats
+    budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
+    T = int(budgets.max()) if N else 0
+    tokens = torch.full((N, max(T, 1)), ids["pad"], dtype=torch.long, device=device)
+    logps, ents = torch.zeros(N, max(T, 1), device=device), torch.zeros(N, max(T, 1), device=device)
+    mask = torch.zeros(N, max(T, 1), dtype=torch.bool, device=device)
+    stop = torch.tensor(ids["stop"], device=device)
+    rows = torch.arange(N, device=device)  # original row of each batch row
+    live = budgets > 0  # (rows,) still generating
+    for t in range(T):
+        u = torch.rand(len(rows), generator=generator, device=device)
+        tok, lp, H = sample_token(logits, temperature, top_p, u)
+        r = rows[live]
+        tokens[r, t], logps[r, t], ents[r, t], mask[r, t] = tok[live], lp[live], H[live], True
+        live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
+        if not live.any():
+            break
+        if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
+            keep = live.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tok, att, next_pos, live = rows[keep], tok[keep], att[keep], next_pos[keep], live[keep]
+        att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
+        p = (next_pos + t)[:, None]
+        p = p[None].expand(3, -1, -1) if vlm else p
+        logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=p, cache=cache, use_cache=True).logits[:, -1]
+    lengths = mask.sum(1)
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    truncated = (lengths >= budgets) & ~torch.isin(last, stop)
+    Tu = max(int(lengths.max()) if N else 0, 1)
+    return dict(tokens=tokens[:, :Tu].cpu(), logprobs=logps[:, :Tu].cpu(), entropy=ents[:, :Tu].cpu(),
+                mask=mask[:, :Tu].cpu(), truncated=truncated.cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HWE-triggered branching rollouts (spec §2): explore where the model is uncertain.
+
+
+def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max_per_response: int, w: int):
+    """Branch points of one prompt's first-pass responses: HWE positions, highest window entropy first, at most
+    `max_per_response` per parent, at least `w` tokens apart within a parent, t >= 1 (a non-empty prefix),
+    at most `budget` in all. hbar, hwe (n, R) -> [(row, t), ...]."""
+    rows, ts = hwe.nonzero(as_tuple=True)
+    order = torch.argsort(hbar[rows, ts], descending=True, stable=True)
+    chosen: dict[int, list[int]] = {}
+    points = []
+    for k in order.tolist():
+        r, t = int(rows[k]), int(ts[k])
+        taken = chosen.setdefault(r, [])
+        if t < 1 or len(taken) >= max_per_response or any(abs(t - s) < w for s in taken):
+            continue
+        taken.append(t)
+        points.append((r, t))
+        if len(points) == budget:
+            break
+    return points
+
+
+def _pad_rows(rows: list[torch.Tensor], value=0) -> torch.Tensor:
+    R = max(max(len(r) for r in rows), 1)
+    out = torch.full((len(rows), R), value, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None) -> dict:
+    """G responses per prompt (spec §2): G - B fresh samples, tau over them (all ranks), then B continuations
+    branched at the highest-entropy HWE windows (shortfall: fresh samples), all B in one batched call.
+    Returns per response (N = P * G, prompt-major): tokens, logprobs, entropy (N, R); resp_mask (N, R), the
+    whole response; loss_mask (N, R), the tokens this row sampled itself (a branch skips its parent's prefix);
+    truncated, parent (row of the parent or -1), branch_at (N,); and tau."""
+    G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
+    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+    first = sample(model, prompts, max_new_tokens=L, repeats=G - B, **kw)
+    tau = hwe_threshold(first["entropy"], first["mask"], cfg.entropy_quantile)
+    hbar, valid = window_entropy(first["entropy"], first["mask"], w)
+    m = hwe_mask(hbar, valid, tau, first["tokens"], triggers)
+    jobs = []  # (prompt, parent row in `first` or -1, branch position)
+    for p in range(len(prompts) if B else 0):
+        lo = p * (G - B)
+        pts = choose_branch_points(hbar[lo:lo + G - B], m[lo:lo + G - B], B, cfg.max_branches_per_response, w)
+        jobs += [(p, lo + r, t) for r, t in pts] + [(p, -1, 0)] * (B - len(pts))
+    second = sample(model, [prompts[p] for p, _, _ in jobs], budgets=[L - t for _, _, t in jobs],
+                    prefixes=[first["tokens"][r, :t].tolist() for _, r, t in jobs], **kw) if jobs else None
+    out = {k: [] for k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask", "truncated", "parent", "branch_at")}
+
+    def add(src, j, parent, t):
+        n = int(src["mask"][j].sum())
+        pre = slice(0, t)
+        for key in ("tokens", "logprobs", "entropy"):
+            head = first[key][parent, pre] if parent >= 0 else first[key][0, :0]
+            out[key].append(torch.cat([head, src[key][j, :n]]))
+        out["resp_mask"].append(torch.ones(t + n, dtype=torch.bool))
+        out["loss_mask"].append(torch.cat([torch.zeros(t, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]))
+        out["truncated"].append(bool(src["truncated"][j]))
+        out["parent"].append(parent)
+        out["branch_at"].append(t)
+
+    for p in range(len(prompts)):
+        for j in range(p * (G - B), (p + 1) * (G - B)):
+            add(first, j, -1, 0)
+        for k in range(p * B, (p + 1) * B):
+            _, parent, t = jobs[k]
+            add(second, k, parent, t)
+    # a branch's parent index refers to the first pass; map it to the row in the assembled batch
+    remap = {p * (G - B) + j: p * G + j for p in range(len(prompts)) for j in range(G - B)}
+    res = {k: _pad_rows(v, ids["pad"] if k == "tokens" else 0) for k, v in out.items()
+           if k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask")}
+    res["truncated"] = torch.tensor(out["truncated"])
+    res["parent"] = torch.tensor([remap.get(x, -1) for x in out["parent"]])
+    res["branch_at"] = torch.tensor(out["branch_at"])
+    res["tau"] = tau
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training infrastructure: wrapping (DDP or FSDP2), optimizer, atomic checkpoints, metrics.
+
+
+def setup_run(cfg: Config):
+    rank, world, device = init_distributed()
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    return rank, world, device
+
+
+def compute_dtype(cfg: Config, device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def decoder_blocks(hf: nn.Module) -> list[nn.Module]:
+    """Transformer blocks of the language model and the vision tower: the units FSDP shards one by one."""
+    names = ("Qwen2_5_VLDecoderLayer", "Qwen2VLDecoderLayer", "Qwen3VLTextDecoderLayer", "Qwen2DecoderLayer",
+             "Qwen3DecoderLayer", "LlamaDecoderLayer", "Qwen2_5_VLVisionBlock", "Qwen2VLVisionBlock", "Qwen3VLVisionBlock")
+    return [m for m in hf.modules() if type(m).__name__ in names or type(m).__name__.endswith("DecoderLayer")]
+
+
+def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
+    """Policy (or reference, trainable=False) wrapped for this world: FSDP2 shards every block then the root, with
+    bf16 compute and fp32 reduction; DDP otherwise. Returns (module to call, inner Policy)."""
+    policy = Policy(hf)
+    if not trainable:
+        for p in policy.parameters():
+            p.requires_grad_(False)
+    dtype = compute_dtype(cfg, device)
+    if cfg.fsdp and world_size() > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in decoder_blocks(hf):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+        return policy, policy
+    if cfg.compile:
+        policy.compile()
+    if trainable and world_size() > 1:
+        ddp = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=cfg.train_vision)
+        return ddp, policy
+    return policy, policy
+
+
+@contextlib.contextmanager
+def autocast(cfg: Config, device):
+    dtype = compute_dtype(cfg, device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not cfg.fsdp):
+        yield
+
+
+@contextlib.contextmanager
+def gathered(policy: nn.Module):
+    """Full parameters for sampling: FSDP2 unshards every block once (instead of all-gathering every decode
+    step) and reshards afterwards; without FSDP there is nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in blocks:
+        m.unshard()
+        if m is not policy:
+            m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            if m is not policy:
+                m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def make_optimizer(params, cfg: Config, total_steps: int):
+    """AdamW, linear warm-up, then cosine decay to 10% (coldstart) or constant (AEPO, as in the paper)."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.03 * total_steps))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.stage == "aepo":
+            return 1.0
+        done = (step - warm) / max(1, total_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_step(policy, opt, sched, params, clip: float) -> tuple[float, bool]:
+    """Clip, step, schedule. A non-finite gradient norm skips the update (and is reported)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    ok = math.isfinite(norm)
+    if ok:
+        opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, ok
+
+
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor, state: dict, keep_last: int):
+    """<out>/<name>/: the HF model + processor (loadable by from_pretrained), trainer_state.pt (optimizer,
+    scheduler, step, ARES controller state, config) and rng_<rank>.pt. Written to <name>.tmp and renamed, so a
+    kill mid-save leaves the previous checkpoint intact; only complete ones are ever resumed from."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final, tmp = out / name, out / f"{name}.tmp"
+    model_sd = get_model_state_dict(policy, options=_state_dict_options())
+    opt_sd = get_optimizer_state_dict(policy, opt, options=_state_dict_options())
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, tmp / f"rng_{rank}.pt")
+    if rank == 0:
+        hf_sd = {k.removeprefix("hf."): v for k, v in model_sd.items()}
+        policy.hf.save_pretrained(tmp, state_dict=hf_sd)
+        processor.save_pretrained(tmp)
+        torch.save(dict(optimizer=opt_sd, scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        steps = sorted(out.glob("step_*[0-9]"))
+        for old in steps[:max(0, len(steps) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step (a .tmp folder or one without COMPLETE never counts)."""
+    done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], default=None)
+
+
+def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
+    """Optimizer, scheduler, RNG and ARES state of a checkpoint (the weights were loaded with the model)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(policy, opt, saved["optimizer"], options=_state_dict_options())
+    sched.load_state_dict(saved["scheduler"])
+    rng_file = path / f"rng_{rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return saved["state"]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Metrics:
+    """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar."""
+
+    def __init__(self, out: Path, total: int, start: int, desc: str):
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.file = open(out / "metrics.jsonl", "a") if self.rank0 else None
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
+
+    def log(self, row: dict, show: tuple[str, ...]):
+        if self.rank0:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def mfu(tokens_per_s: float, n_params: int, device) -> float | None:
+    """Model FLOPs utilisation: 6 N flops per trained token over the card's dense bf16 peak (GPU only)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return 6 * n_params * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
+
+
+def load_for_training(cfg: Config, device):
+    """The policy's weights (fp32 master copy) and processor: from the newest checkpoint when resuming."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    hf, processor = load_model(str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32"), device)
+    for p in vision_params(hf):
+        p.requires_grad_(cfg.train_vision)
+    return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, processor=processor, ids=special_ids(hf, processor))
+
+
+def prepare_training(cfg: Config, run, device, total: int):
+    """Wrap (DDP/FSDP2), build the optimizer for `total` steps, restore the checkpoint's state if resuming."""
+    run.model, run.policy = wrap_policy(run.hf, cfg, device)
+    run.params = [p for p in run.policy.parameters() if p.requires_grad]
+    run.opt, run.sched = make_optimizer(run.params, cfg, total)
+    run.total = total
+    run.state = restore_training_state(run.ckpt, run.policy, run.opt, run.sched) if run.ckpt else {"step": 0}
+    if run.ckpt:
+        rank0_print(f"resumed from {run.ckpt} at step {run.state['step']}")
+    run.n_params = sum(p.numel() for p in run.hf.parameters())  # DTensor.numel() is the global size
+    run.n_trainable = sum(p.numel() for p in run.params)
+    return run
+
+
+def sync_context(model, last: bool):
+    """Gradient sync only on the last micro-batch of an optimizer step (DDP no_sync / FSDP2 requires-sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
+    """This rank's records for a global step: the step's slice of its epoch's permutation, dealt round-robin."""
+    per_epoch = n // batch
+    order = epoch_order(n, step // per_epoch, seed)
+    idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return idx[rank::world_size()]
+
+
+def check_batch(cfg: Config, n_records: int, what: str):
+    if cfg.batch_size % world_size():
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world_size()}")
+    if n_records < cfg.batch_size:
+        raise SystemExit(f"--batch-size {cfg.batch_size} is larger than the {n_records} usable {what}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: adaptive cold start (spec §8). Cross-entropy on response tokens only, one token-mean over the
+# global batch: each micro-batch divides its summed loss by the GLOBAL response-token count of the step, so
+# any micro-batch size, accumulation or number of ranks gives the same gradient.
+
+
+def train_coldstart(cfg: Config) -> Path:
+    cfg = resolve_stage_defaults(cfg, "coldstart")
+    rank, world, device = setup_run(cfg)
+    records = load_records(cfg.data, cfg.split, need_response=True)  # bad data fails before the model loads
+    run = load_for_training(cfg, device)
+    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
+    tok = tokenizer_of(run.processor)
+    responses = [torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [run.ids["eot"]]) for r in records]
+    keep = [i for i, r in enumerate(responses) if len(r) <= cfg.max_response_len]
+    if len(keep) < len(records):
+        rank0_print(f"dropped {len(records) - len(keep)} traces longer than --max-response-len {cfg.max_response_len}")
+    records, responses = [records[i] for i in keep], [responses[i] for i in keep]
+    check_batch(cfg, len(records), "records")
+    prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
+    rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
+                f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
+                f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
+                f"| {run.total} steps | device {device}")
+    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart")
+    for step in range(run.state["step"], run.total):
+        t0 = time.time()
+        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
+        n_tok = all_reduce(torch.tensor(float(sum(len(responses[i]) for i in mine)))).item()
+        micro = [mine[k:k + cfg.micro_batch_size] for k in range(0, len(mine), cfg.micro_batch_size)]
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for k, part in enumerate(micro):
+            batch = make_batch(run.hf, [encode_prompt(run.processor, records[i]) for i in part],
+                               [responses[i] for i in part], run.ids["pad"], device)
+            with sync_context(run.model, k == len(micro) - 1), autocast(cfg, device):
+                logp, _ = run.model(batch)
+                loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
+                (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
+            loss_sum += loss.detach().double().cpu()
+        norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
+        loss_val = all_reduce(loss_sum).item()
+        dt = time.time() - t0
+        row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
+                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt)
+        if not ok or not math.isfinite(loss_val):
+            rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
+        metrics.log(row, ("loss", "grad_norm", "lr"))
+        run.state["step"] = step + 1
+        if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
+            save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor,
+                            run.state, cfg.keep_last)
+    metrics.close()
+    return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, run.state, cfg.keep_last)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: AEPO (Alg. 1). Each step: branching rollouts -> grade -> buckets -> HWE counts -> shaped rewards ->
+# filter -> GRPO advantages -> clipped update with token-wise dynamic KL -> kappa controller.
+
+
+def sampling_copy(cfg: Config, run, device):
+    """What the sampler runs on. Training keeps fp32 master weights; decoding them under autocast would cast
+    every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
+    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
+    dtype = compute_dtype(cfg, device)
+    if cfg.fsdp and world_size() > 1 or dtype == torch.float32:
+        return run.hf
+    import copy
+
+    return copy.deepcopy(run.hf).to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh_sampling_copy(copy_model, hf):
+    if copy_model is not hf:
+        for a, b in zip(copy_model.parameters(), hf.parameters()):
+            a.copy_(b)
+
+
+def teacher_forced(model, run, cfg, device, prompts, ro, rows, G):
+    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context)."""
+    lengths = ro["resp_mask"].sum(1)
+    return make_batch(run.hf, [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows],
+                      run.ids["pad"], device)
+
+
+@torch.no_grad()
+def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
+    """log pi(o_t) of the given rows under `model`, (len(rows), R) on the CPU, in micro-batches."""
+    R = ro["tokens"].shape[1]
+    out = torch.zeros(len(rows), R)
+    mb = cfg.micro_batch_size
+    for k in range(0, len(rows), mb):
+        part = rows[k:k + mb]
+        batch = teacher_forced(model, run, cfg, device, prompts, ro, part, G)
+        with autocast(cfg, device):
+            lp, _ = model(batch, cfg.temperature)
+        out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
+    return out
+
+
+def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:
+    """The clipped policy update on the kept rows: `minibatches` optimizer steps per epoch, each over an equal
+    share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
+    runs the global maximum number of micro-batches; a rank short of rows repeats one with weight 0 (every rank
+    must run the same forward/backward calls). Returns statistics, KL per bucket included."""
+    G, world, M = cfg.group_size, world_size(), cfg.minibatches
+    rows = keep.nonzero().squeeze(1)
+    rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
+    loss_mask = ro["loss_mask"].float()
+    kl_w = kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax)  # (N, R)
+    all_rows = list(range(len(ro["tokens"])))
+    old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
+    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None
+    kl_stats = torch.zeros(4, 3, dtype=torch.float64)  # per bucket: sum KL_out per response, responses, KL_in sum, in tokens
+    stats = dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[], skipped=0, updates=0)
+    chunks = [rows[k::M] for k in range(M)]
+    for epoch in range(cfg.ppo_epochs):
+        for mb_rows in chunks:
+            count = len(mb_rows) if cfg.loss_agg == "seq-mean-token-mean" else loss_mask[mb_rows].sum().item()
+            denom = all_reduce(torch.tensor([float(count)])).item()
+            n_micro = int(all_reduce(torch.tensor([math.ceil(len(mb_rows) / cfg.micro_batch_size)]),
+                                     dist.ReduceOp.MAX if dist.is_initialized() else None).item())
+            if denom == 0:
+                continue
+            for k in range(n_micro):
+                part = mb_rows[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
+                weight = 1.0 if part else 0.0
+                part = part or [0]
+                batch = teacher_forced(run.model, run, cfg, device, prompts, ro, part, G)
+                with sync_context(run.model, k == n_micro - 1), autocast(cfg, device):
+                    logp, _ = run.model(batch, cfg.temperature)
+                    R = logp.shape[1]
+                    lp_old = old[part, :R].to(device) if old is not None else logp.detach()
+                    lp_ref = ref_lp[part, :R].to(device) if ref_lp is not None else None
+                    loss, st = aepo_loss(logp, lp_old, lp_ref, adv[part].to(device), kl_w[part, :R].to(device),
+                                         loss_mask[part, :R].to(device), cfg.loss_agg, denom, cfg.clip_low,
+                                         cfg.clip_high, cfg.dual_clip)
+                    (loss * weight * world).backward()
+                if weight and epoch == 0:
+                    for key in ("clip_frac", "tokens", "kl"):
+                        stats[key] += st[key]
+                    if lp_ref is not None:  # KL outside / inside HWE windows, per response and bucket
+                        kl = k3_kl(logp.detach(), lp_ref).double().cpu()
+                        lm, inside = loss_mask[part, :R].double(), hwe[part, :R].double()
+                        out_mean = (kl * lm * (1 - inside)).sum(1) / (lm * (1 - inside)).sum(1).clamp(min=1)
+                        b = bucket[part]
+                        kl_stats[0].index_add_(0, b, out_mean)
+                        kl_stats[1].index_add_(0, b, torch.ones(len(part), dtype=torch.float64))
+                        kl_stats[2].index_add_(0, b, (kl * lm * inside).sum(1))
+                        kl_stats[3].index_add_(0, b, (lm * inside).sum(1))
+            norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
+            stats["grad_norm"].append(norm)
+            stats["skipped"] += not ok
+            stats["updates"] += 1
+    all_reduce(kl_stats)
+    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
+    stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
+                 kl_outside=(kl_stats[0] / kl_stats[1].clamp(min=1)), kl_seen=kl_stats[1] > 0,
+                 kl_inside=(kl_stats[2].sum() / kl_stats[3].sum().clamp(min=1)).item(),
+                 kl_outside_mean=(kl_stats[0].sum() / kl_stats[1].sum().clamp(min=1)).item(),
+                 grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
+    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
+        lm = ro["resp_mask"].float()
+        stats["logprob_gap"] = ((old - ro["logprobs"]).abs() * lm).sum().item() / lm.sum().item()
+    return stats
+
+
+def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
+    return x.view(-1, G).float().mean(1)
+
+
+def train_aepo(cfg: Config) -> Path:
+    cfg = resolve_stage_defaults(cfg, "aepo")
+    rank, world, device = setup_run(cfg)
+    records = load_records(cfg.data, cfg.split)
+    run = load_for_training(cfg, device)
+    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
+    check_batch(cfg, len(records), "prompts")
+    prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
+    G, B = cfg.group_size, cfg.branch_samples
+    st = run.state
+    st.setdefault("ref_model", cfg.ref_model or cfg.model)  # the starting weights, also after a resume
+    st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))
+    st.setdefault("kappa", torch.ones(3, dtype=torch.float64))
+    st.setdefault("tau_history", [])
+    ref = None
+    if cfg.kl_coef > 0:  # a frozen copy of the starting policy
+        ref_hf, _ = load_model(st["ref_model"], cfg, device)
+        ref = wrap_policy(ref_hf.eval(), cfg, device, trainable=False)[0]
+    sampler = sampling_copy(cfg, run, device)
+    triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
+    tok = tokenizer_of(run.processor)
+    rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
+                f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
+                f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
+    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo")
+    for step in range(st["step"], cfg.steps):
+        t0 = time.time()
+        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
+        recs = [records[i] for i in mine]
+        prompts = [encode_prompt(run.processor, r) for r in recs]
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        with gathered(run.policy), autocast(cfg, device):
+            ro = rollout_groups(sampler, prompts, cfg, run.ids, gen, triggers)
+        t1 = time.time()
+        # scoring (spec §3-4): grade, bucket, count HWE tokens, shape the reward
+        lengths = ro["resp_mask"].sum(1)
+        texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
+        acc = torch.tensor([float(is_correct(extract_boxed(t), recs[i // G]["answer"])) for i, t in enumerate(texts)])
+        fmt = torch.tensor([float(format_ok(t)) for t in texts])
+        bucket = difficulty_buckets(acc, G)
+        hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
+        hwe = hwe_mask(hbar, valid, ro["tau"], ro["tokens"], triggers)
+        n_he = hwe.sum(1).double()
+        targets, st["targets"] = update_targets(st["targets"], n_he, bucket, cfg.target_momentum)
+        rewards = entropy_shaped_reward(acc, n_he, bucket, targets, cfg.entropy_shaping, cfg.entropy_coef)
+        rewards = rewards + cfg.format_weight * fmt
+        adv = grpo_advantages(rewards, G).float()
+        group_acc = group_mean(acc, G)
+        keep_group = ((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups
+        keep = keep_group.repeat_interleave(G)
+        counts = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))
+        t2 = time.time()
+        if counts[0] > 0:
+            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            upd = aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, shuffle)
+            refresh_sampling_copy(sampler, run.hf)
+            if ref is not None:
+                st["kappa"] = update_kl_controller(st["kappa"], upd["kl_outside"], upd["kl_seen"], cfg.kl_target,
+                                                   cfg.kl_adapt_rate)
+        else:
+            upd = dict(skipped_reason="every group was filtered (all right or all wrong)")
+            rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
+        t3 = time.time()
+        st["tau_history"].append(ro["tau"])
+        st["step"] = step + 1
+        row = aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, (t0, t1, t2, t3), run)
+        metrics.log(row, ("reward", "acc", "len", "tau"))
+        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {acc[0]:.0f}, reward {rewards[0]:.3f}: "
+                        f"{texts[0][:400]!r}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
+    metrics.close()
+    return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
+
+
+def aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, times, run) -> dict:
+    """Global (all-rank) means of what a researcher watches, one JSON line per step."""
+    per_bucket = torch.zeros(4, 3, dtype=torch.float64)  # count, length sum, N_HE sum, accuracy sum
+    for row, val in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
+        per_bucket[row].index_add_(0, bucket, val.double())
+    branch = ro["parent"] >= 0
+    parent_acc = acc[ro["parent"].clamp(min=0)]
+    sums = torch.tensor([float(len(acc)), acc.sum(), rewards.sum(), fmt.sum(), lengths.sum(), n_he.sum(),
+                         (ro["entropy"] * ro["resp_mask"]).sum(), ro["loss_mask"].sum(), branch.sum(),
+                         (acc * branch).sum(), (parent_acc * branch).sum(), ro["truncated"].sum()], dtype=torch.float64)
+    all_reduce(sums)
+    all_reduce(per_bucket)
+    n, t0, t1, t2, t3 = sums[0].item(), *times
+    gen_tokens = sums[7].item()
+    row = dict(step=step + 1, reward=sums[2].item() / n, acc=sums[1].item() / n, format=sums[3].item() / n,
+               len=sums[4].item() / n, n_he=sums[5].item() / n, entropy=sums[6].item() / max(sums[4].item(), 1),
+               truncated=sums[11].item() / n, tau=ro["tau"], groups_kept=int(counts[0]), groups=int(counts[1]),
+               branches=int(sums[8]), branch_acc=sums[9].item() / max(sums[8].item(), 1),
+               parent_acc=sums[10].item() / max(sums[8].item(), 1), lr=run.sched.get_last_lr()[0],
+               time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, rollout_tokens_per_s=gen_tokens / max(t1 - t0, 1e-9))
+    for d, name in enumerate(BUCKETS):
+        c = per_bucket[0, d].item()
+        row.update({f"n_{name}": int(c), f"len_{name}": per_bucket[1, d].item() / c if c else None,
+                    f"n_he_{name}": per_bucket[2, d].item() / c if c else None,
+                    f"acc_{name}": per_bucket[3, d].item() / c if c else None,
+                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item(),
+                    f"kappa_{name}": st["kappa"][d].item()})
+    for key in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap", "skipped", "skipped_reason"):
+        if key in upd:
+            row[key] = upd[key]
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedded default: `python ares.py` runs all of ARES offline on a CPU (data_prep.py's demo task).
+
+
+def run_demo(cfg: Config):
+    """Generate the demo task, cold-start the tiny model, run AEPO with branching, evaluate both checkpoints on
+    the held-out split by difficulty level, and print the table (plus curves.png when matplotlib is there)."""
+    import importlib
+
+    data_prep, evaluation = importlib.import_module("data_prep"), importlib.import_module("eval")
+    out, times = Path(cfg.out), {}
+    rank = int(os.environ.get("RANK", 0))
+    t = time.time()
+    if rank == 0:
+        data_prep.make_demo(out / "data", seed=cfg.seed)
+    barrier()
+    times["data"] = time.time() - t
+    sft_steps = aepo_steps = None
+    if cfg.demo_steps:
+        sft_steps, aepo_steps = 5 * cfg.demo_steps, cfg.demo_steps
+    t = time.time()
+    cold = train_coldstart(dataclasses.replace(cfg, data=str(out / "data" / "sft.jsonl"), out=str(out / "coldstart"),
+                                               steps=sft_steps or cfg.steps))
+    times["coldstart"] = time.time() - t
+    t = time.time()
+    aepo = train_aepo(dataclasses.replace(cfg, model=str(cold), data=str(out / "data" / "rl.jsonl"),
+                                          out=str(out / "aepo"), steps=aepo_steps or cfg.steps))
+    times["aepo"] = time.time() - t
+    t = time.time()
+    report = evaluation.compare([str(cold), str(aepo)], str(out / "data" / "test.jsonl"), out / "eval",
+                                names=["cold start", "after AEPO"], max_new_tokens=resolve_stage_defaults(cfg, "aepo").max_response_len)
+    times["eval"] = time.time() - t
+    if rank == 0:
+        report["times"] = times
+        (out / "demo.json").write_text(json.dumps(report, indent=2))
+        plot_curves(out / "aepo" / "metrics.jsonl", out / "curves.png")
+        print("\n" + report["table"])
+        print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
+    return report
+
+
+def plot_curves(metrics_file: Path, png: Path) -> bool:
+    """reward, accuracy, length and N_HE per bucket, tau and kappa over AEPO steps (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+        return False
+    rows = [json.loads(line) for line in open(metrics_file)]
+    steps = [r["step"] for r in rows]
+    panels = [("reward / accuracy", ["reward", "acc"]), ("response tokens", [f"len_{b}" for b in BUCKETS]),
+              ("N_HE per response", [f"n_he_{b}" for b in BUCKETS]), ("tau", ["tau"]),
+              ("kappa (KL controller)", [f"kappa_{b}" for b in BUCKETS]), ("accuracy per bucket", [f"acc_{b}" for b in BUCKETS])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            ax.plot(steps, [r.get(k) if r.get(k) is not None else float("nan") for r in rows], label=k)
+        ax.set_title(title)
+        ax.set_xlabel("AEPO step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = parse_config(argv)
+    try:
+        {"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage](cfg)
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
