@@ -1,0 +1,51 @@
+"""Shared fixtures: everything offline, on the CPU, small enough for a 2-core CI machine."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+import ares  # noqa: E402
+import data_prep  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """A small demo task: {'sft': path, 'rl': path, 'test': path} (levels balanced)."""
+    out = tmp_path_factory.mktemp("demo")
+    return data_prep.make_demo(out, seed=0, sizes={"sft": 96, "rl": 48, "test": 24})
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor): the tiny random Qwen2.5-VL, fp32, eval mode."""
+    model, processor = ares.build_tiny(seed=0)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny) -> Path:
+    """The tiny model saved in Hugging Face format (a folder --model accepts)."""
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    model, processor = tiny
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def run_script(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python <args>` (or `torchrun --nproc_per_node=nproc <args>`) offline on the CPU; fail with its output."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"]
+                              if nproc > 1 else []) + [str(a) for a in args]
+    res = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
