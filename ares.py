@@ -131,7 +131,7 @@ class Config:
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
     # demo (stage demo only)
-    demo_steps: int = arg(None, "AEPO steps of the demo (coldstart steps scale with it)")
+    demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)")
 
 
 STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
@@ -151,12 +151,17 @@ def parse_config(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings ("3% of steps")
+        staged = "; ".join(f"{where} " + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
+                           for where, layer in (("", STAGE_DEFAULTS), ("--model tiny:", TINY_DEFAULTS))
+                           if any(f.name in d for d in layer.values())).strip()
+        if f.default is not None or staged:
+            help_text += f" (default: {f.default if f.default is not None else staged})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
-            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(),
-                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else ""))
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=help_text)
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.stage not in ("demo", "coldstart", "aepo"):
         parser.error(f"--stage must be demo, coldstart or aepo, not {cfg.stage!r}")
@@ -442,29 +447,51 @@ def _read_rows(path: str, split: str):
         ds = datasets.load_dataset(path, split=split)
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
+    for name, feature in ds.features.items():  # keep images encoded; load_records decodes each once to check it
+        inner = getattr(feature, "feature", feature)
+        if isinstance(inner, datasets.Image):
+            image = datasets.Image(decode=False)
+            ds = ds.cast_column(name, image if inner is feature else datasets.Sequence(image) if isinstance(
+                feature, datasets.Sequence) else [image])
     yield from ds
 
 
-def open_image(img, base: Path):
-    """Path (relative to the data file), bytes, {'bytes'|'path'} dict, or PIL image -> RGB PIL image."""
-    from PIL import Image
-
-    if isinstance(img, Image.Image):
-        return img.convert("RGB")
+def image_source(img, base: Path):
+    """What a record keeps of an image: an absolute path, encoded bytes, or a PIL image (decoded on use, so a
+    large dataset is not held decoded in memory)."""
     if isinstance(img, dict):
         img = img.get("bytes") or img.get("path")
+    if isinstance(img, str) and not Path(img).is_absolute():
+        img = str(base / img)
+    if img is None or not isinstance(img, (str, bytes, bytearray)) and not hasattr(img, "convert"):
+        raise TypeError(f"unsupported image type {type(img).__name__}")
+    return img
+
+
+def open_image(img, base: Path | None = None):
+    """Path (relative to `base`), bytes, {'bytes'|'path'} dict or PIL image -> RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(img, dict) or isinstance(img, str) and base is not None:
+        img = image_source(img, base or Path("."))
     if isinstance(img, (bytes, bytearray)):
         return Image.open(io.BytesIO(img)).convert("RGB")
     if isinstance(img, str):
-        path = Path(img) if Path(img).is_absolute() else base / img
-        with Image.open(path) as im:
+        with Image.open(img) as im:
             return im.convert("RGB")
-    raise TypeError(f"unsupported image type {type(img).__name__}")
+    return img.convert("RGB")
+
+
+def _decoded_size(img) -> tuple[int, int]:
+    im = open_image(img)  # a full decode: a truncated file fails here, not mid-training
+    return im.height, im.width
 
 
 def load_records(path: str, split: str = "train", need_response: bool = False) -> list[dict]:
-    """Read and validate every record (spec §10). Images are opened once here so that a broken one fails now,
-    not hours into training. Raises DataError naming the file, record and problem."""
+    """Read and validate every record (spec §10). Every image is decoded once here (in parallel) so that a broken
+    one fails now, not hours into training. Raises DataError naming the file, record and problem."""
+    from concurrent.futures import ThreadPoolExecutor
+
     base = Path(path).parent if Path(path).is_file() else Path(path)
     records, seen = [], set()
     for n, row in enumerate(_read_rows(path, split)):
@@ -480,23 +507,35 @@ def load_records(path: str, split: str = "train", need_response: bool = False) -
             raise DataError(f"{where}: duplicate id")
         seen.add(rid)
         images = row.get("images") or []
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        opened = []
-        for k, img in enumerate(images):
-            try:
-                opened.append(open_image(img, base))
-            except Exception as e:  # noqa: BLE001 - any failure to decode is the same user error
-                raise DataError(f"{where}: image {k} ({str(img)[:80]!r}) cannot be read: {e}") from None
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        try:
+            images = [image_source(img, base) for img in images]
+        except TypeError as e:
+            raise DataError(f"{where}: {e}") from None
         pass_rate = row.get("pass_rate")
         if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
             raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
-        records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=opened,
+        records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=images,
                             source=row.get("source") or Path(path).stem, response=row.get("response"),
                             pass_rate=pass_rate))
     if not records:
         raise DataError(f"{path}: no records")
+    jobs = [(r, k) for r in records for k in range(len(r["images"]))]
+    with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
+        sizes = pool.map(lambda job: _try(_decoded_size, job[0]["images"][job[1]]), jobs)
+        for (r, k), size in zip(jobs, sizes):
+            if isinstance(size, Exception):
+                raise DataError(f"{path}: record {r['id']}: image {k} ({str(r['images'][k])[:80]!r}) cannot be read: "
+                                f"{size}")
+            r.setdefault("image_sizes", []).append(size)
     return records
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported with the record by the caller
+        return e
 
 
 def prompt_text(processor, record: dict) -> str:
@@ -516,7 +555,7 @@ def encode_prompt(processor, record: dict) -> dict:
     """-> {'ids': (L,) long, 'pixel_values': (patches, D) or None, 'image_grid_thw': (images, 3) or None}."""
     text = prompt_text(processor, record)
     if record["images"]:
-        enc = processor(text=[text], images=record["images"], return_tensors="pt")
+        enc = processor(text=[text], images=[open_image(im) for im in record["images"]], return_tensors="pt")
         return dict(ids=enc["input_ids"][0], pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
     ids = tokenizer_of(processor)(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     return dict(ids=ids, pixel_values=None, image_grid_thw=None)
@@ -527,7 +566,7 @@ def prompt_length(processor, record: dict) -> int:
     tok = tokenizer_of(processor)
     n = len(tok(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
     if record["images"]:
-        sizes = [(im.height, im.width) for im in record["images"]]
+        sizes = record.get("image_sizes") or [_decoded_size(im) for im in record["images"]]
         n += sum(processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]) - len(sizes)
     return n
 
@@ -673,10 +712,8 @@ def window_entropy(H: torch.Tensor, mask: torch.Tensor, w: int) -> tuple[torch.T
     H, mask (N, R) with each response's tokens contiguous from position 0. Returns Hbar (N, R) and valid (N, R):
     valid[i, t] iff t + w <= L_i. Example: H = [1, 2, 3, 4, 5], w = 2 -> Hbar = [1.5, 2.5, 3.5, 4.5, -], valid
     for t <= 3."""
-    N, R = H.shape
-    c = F.pad((H * mask).cumsum(1), (1, 0))  # (N, R+1), c[:, t] = sum of H[:, :t]
-    ends = (torch.arange(R, device=H.device) + w).clamp(max=R)
-    hbar = (c[:, ends] - c[:, :R]) / w  # (N, R)
+    R = H.shape[1]
+    hbar = F.pad(H * mask, (0, w - 1)).unfold(1, w, 1).mean(-1)  # (N, R); a direct sum: a long cumsum drifts
     valid = (torch.arange(R, device=H.device)[None] + w) <= mask.sum(1, keepdim=True)
     return hbar * valid, valid
 
@@ -880,12 +917,11 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torc
         cdf = sp.cumsum(-1)
         j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         tok = (si.gather(-1, j) if si is not None else j).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logits, temperature if temperature > 0 else 1.0)
 
 
-def _left_pad(seqs: list[torch.Tensor], pad: int):
-    L = max(len(s) for s in seqs)
+def _left_pad(seqs: list[torch.Tensor], pad: int, multiple: int = 1):
+    L = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     att = torch.zeros(len(seqs), L, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -893,24 +929,46 @@ def _left_pad(seqs: list[torch.Tensor], pad: int):
     return ids, att
 
 
+def _decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float):
+    """Feed each row's last token through the KV cache, then sample the next one."""
+    logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+    return sample_token(logits, temperature, top_p, u)
+
+
+_compiled_decode_step = None
+
+
 @torch.no_grad()
 def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, budgets: list[int] | None = None,
            prefixes: list[list[int]] | None = None, repeats: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, compact: float = 0.75) -> dict:
+           generator: torch.Generator | None = None, static: bool = False, compact: float = 0.75) -> dict:
     """Sample `repeats` continuations of each prompt (+ optional token prefix), prompt-major order.
     prompts: encode_prompt() dicts; budgets: new-token limit per output row (default max_new_tokens).
     Returns tokens, logprobs, entropy (N, T) and mask (N, T) bool of the sampled tokens (EOS included, padding
     after it), plus truncated (N,) bool (hit its budget without EOS). N = len(prompts) * repeats.
-    Each prompt is prefilled once (vision tower included) and its KV cache copied `repeats` times."""
+    Eager (default): each prompt is prefilled once (vision tower included), its KV cache copied `repeats` times,
+    and rows that finished are dropped from the batch once a quarter of it is done.
+    static=True (--compile): a preallocated KV cache and a torch.compile'd decode step (CUDA graphs on a GPU);
+    every row stays in the batch so shapes never change. Both paths draw the same noise for row i at step t,
+    so they sample the same tokens up to floating-point ties."""
+    global _compiled_decode_step
     device = next(model.parameters()).device
     prefixes = prefixes or [[]] * len(prompts)
+    if static and repeats > 1:  # a static cache holds every row from the start: prefill the copies
+        prompts, prefixes = [p for p in prompts for _ in range(repeats)], [x for x in prefixes for _ in range(repeats)]
+        repeats = 1
     input_ids, att = _left_pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
-                               ids["pad"])
+                               ids["pad"], multiple=128 if static else 1)  # few distinct shapes: few recompiles
     grid = [p["image_grid_thw"] for p in prompts if p["image_grid_thw"] is not None]
     grid = torch.cat(grid) if grid else None
     pos = position_ids(model, input_ids, att, grid)
     vlm = pos.dim() == 3
     next_pos = (pos.amax(dim=(0, 2)) if vlm else pos.amax(-1)) + 1  # (P,) position of the first new token
+    N = len(prompts) * repeats
+    budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
+    T = int(budgets.max()) if N else 0
+    if static:  # future positions are hidden by causality, so this full-length mask never changes
+        att = torch.cat([att, att.new_ones(N, T)], 1)
     inputs = dict(input_ids=input_ids, attention_mask=att, position_ids=pos)
     if ids["image"] is not None:
         inputs["mm_token_type_ids"] = (input_ids == ids["image"]).int()
@@ -918,39 +976,48 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
         if pix:
             inputs.update(pixel_values=torch.cat(pix).to(next(model.parameters()).dtype), image_grid_thw=grid)
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
-    cache = DynamicCache(config=model.config.get_text_config())
+    text_config = model.config.get_text_config()
+    cache = StaticCache(config=text_config, max_cache_len=att.shape[1]) if static else DynamicCache(config=text_config)
     logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
     att, next_pos = att.to(device), next_pos.to(device)
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))
-    N = len(prompts) * repeats
-    budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
-    T = int(budgets.max()) if N else 0
+    step = _decode_step
+    if static:
+        if _compiled_decode_step is None:
+            _compiled_decode_step = torch.compile(_decode_step, dynamic=False,
+                                                  mode="reduce-overhead" if device.type == "cuda" else None)
+        step = _compiled_decode_step
     tokens = torch.full((N, max(T, 1)), ids["pad"], dtype=torch.long, device=device)
     logps, ents = torch.zeros(N, max(T, 1), device=device), torch.zeros(N, max(T, 1), device=device)
     mask = torch.zeros(N, max(T, 1), dtype=torch.bool, device=device)
     stop = torch.tensor(ids["stop"], device=device)
     rows = torch.arange(N, device=device)  # original row of each batch row
     live = budgets > 0  # (rows,) still generating
+    tok, lp, H = sample_token(logits, temperature, top_p, torch.rand(N, generator=generator, device=device))
     for t in range(T):
-        u = torch.rand(len(rows), generator=generator, device=device)
-        tok, lp, H = sample_token(logits, temperature, top_p, u)
-        r = rows[live]
-        tokens[r, t], logps[r, t], ents[r, t], mask[r, t] = tok[live], lp[live], H[live], True
+        tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
+        logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
         live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
-        if not live.any():
+        if t + 1 == T:
             break
-        if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
-            keep = live.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, tok, att, next_pos, live = rows[keep], tok[keep], att[keep], next_pos[keep], live[keep]
-        att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
+        if not static:
+            if not live.any():
+                break
+            if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
+                keep = live.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tok, att, next_pos, live = rows[keep], tok[keep], att[keep], next_pos[keep], live[keep]
+            att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
+        elif t % 16 == 15 and not live.any():
+            break
         p = (next_pos + t)[:, None]
         p = p[None].expand(3, -1, -1) if vlm else p
-        logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=p, cache=cache, use_cache=True).logits[:, -1]
+        u = torch.rand(N, generator=generator, device=device)[rows]
+        tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p))
     lengths = mask.sum(1)
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     truncated = (lengths >= budgets) & ~torch.isin(last, stop)
@@ -998,7 +1065,8 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
     whole response; loss_mask (N, R), the tokens this row sampled itself (a branch skips its parent's prefix);
     truncated, parent (row of the parent or -1), branch_at (N,); and tau."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
-    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+              static=cfg.compile and next(model.parameters()).device.type == "cuda")
     first = sample(model, prompts, max_new_tokens=L, repeats=G - B, **kw)
     tau = hwe_threshold(first["entropy"], first["mask"], cfg.entropy_quantile)
     hbar, valid = window_entropy(first["entropy"], first["mask"], w)
@@ -1219,7 +1287,12 @@ class Metrics:
 
     def __init__(self, out: Path, total: int, start: int, desc: str):
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.file = open(out / "metrics.jsonl", "a") if self.rank0 else None
+        self.file = None
+        if self.rank0:  # a resumed run drops the lines logged after its checkpoint (they are re-run)
+            path = out / "metrics.jsonl"
+            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start] if start and path.exists() else []
+            self.file = open(path, "w")
+            self.file.writelines(ln + "\n" for ln in kept)
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
 
     def log(self, row: dict, show: tuple[str, ...]):
