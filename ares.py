@@ -379,6 +379,7 @@ class Policy(nn.Module):
     def __init__(self, hf: nn.Module):
         super().__init__()
         self.hf = hf
+        self.banned = banned_tokens(hf)
 
     def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
         """batch from `make_batch`. Returns log p(o_t | o_<t) and, without grad, the entropy: each (N, R)."""
@@ -387,22 +388,36 @@ class Policy(nn.Module):
         hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
         idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
         h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
-        return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy)
+        return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
+                             banned=self.banned)
+
+
+def banned_tokens(model) -> list[int]:
+    """Image/video placeholder ids: a response must never contain one (the model would look for a matching image),
+    so the policy's distribution excludes them, in sampling and in training alike."""
+    config = model.config
+    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
+
+
+def without_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    if not banned:
+        return logits
+    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
 
 def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
-                  with_entropy: bool = False, chunk: int = 1024):
+                  with_entropy: bool = False, chunk: int = 1024, banned: list[int] = ()):
     """log softmax(head(h) / T)[target] in chunks of `chunk` positions; each chunk's logits are recomputed in
     backward (activation checkpointing), so peak memory is one (N, chunk, V) block. h (N, R, H), targets (N, R)."""
 
     def piece(hc, tc):
-        logits = head(hc).float() / temperature  # (N, c, V)
+        logits = without_banned(head(hc).float(), banned) / temperature  # (N, c, V)
         lse = logits.logsumexp(-1)
         logp = logits.gather(-1, tc[..., None]).squeeze(-1) - lse
         ent = None
         if with_entropy:
             with torch.no_grad():
-                ent = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logZ - E_p[z], Eq. 3
+                ent = lse - (logits.softmax(-1) * logits.nan_to_num(neginf=0.0)).sum(-1)  # H = logZ - E_p[z], Eq. 3
         return logp, ent
 
     outs = []
@@ -702,8 +717,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for s in range(0, flat.shape[0], chunk):
         z = flat[s:s + chunk].float() / temperature
-        logp = torch.log_softmax(z, -1)
-        out[s:s + chunk] = -(logp.exp() * logp).sum(-1)
+        out[s:s + chunk] = torch.special.entr(torch.softmax(z, -1)).sum(-1)  # -p log p, 0 where p = 0
     return out.reshape(logits.shape[:-1])
 
 
@@ -929,10 +943,10 @@ def _left_pad(seqs: list[torch.Tensor], pad: int, multiple: int = 1):
     return ids, att
 
 
-def _decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float):
+def _decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float, banned: tuple[int, ...]):
     """Feed each row's last token through the KV cache, then sample the next one."""
     logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
-    return sample_token(logits, temperature, top_p, u)
+    return sample_token(without_banned(logits, banned), temperature, top_p, u)
 
 
 _compiled_decode_step = None
@@ -997,7 +1011,9 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
     stop = torch.tensor(ids["stop"], device=device)
     rows = torch.arange(N, device=device)  # original row of each batch row
     live = budgets > 0  # (rows,) still generating
-    tok, lp, H = sample_token(logits, temperature, top_p, torch.rand(N, generator=generator, device=device))
+    banned = tuple(banned_tokens(model))
+    tok, lp, H = sample_token(without_banned(logits, banned), temperature, top_p,
+                              torch.rand(N, generator=generator, device=device))
     for t in range(T):
         tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
         logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
@@ -1017,7 +1033,7 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
         p = (next_pos + t)[:, None]
         p = p[None].expand(3, -1, -1) if vlm else p
         u = torch.rand(N, generator=generator, device=device)[rows]
-        tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p))
+        tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p, banned))
     lengths = mask.sum(1)
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     truncated = (lengths >= budgets) & ~torch.isin(last, stop)

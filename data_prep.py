@@ -1,6 +1,39 @@
-"""Data for ARES: records in the format of ares.py (spec §10), and the offline demo task.
+"""Data for ARES: records in the format of ares.py (spec §10), pass rates, AdaCS curation, and the offline demo task.
 
-    python data_prep.py demo --out data/demo                 # the procedurally generated multimodal demo task
+The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
+
+    python data_prep.py convert --preset geometry3k --out data/geo3k.jsonl          # any dataset -> records
+    torchrun --nproc_per_node=8 data_prep.py passrate --data data/geo3k.jsonl \\
+        --model Qwen/Qwen2.5-VL-7B-Instruct --k 8 --keep-responses --out data/pool.jsonl  # p(x) + candidate traces
+    python data_prep.py adacs --data data/pool.jsonl --out data/sft.jsonl            # length-matched traces
+    torchrun --nproc_per_node=8 ares.py --stage coldstart --model Qwen/Qwen2.5-VL-7B-Instruct --data data/sft.jsonl
+    python data_prep.py demo --out data/demo          # the procedurally generated multimodal demo task (offline)
+    python data_prep.py SUBCOMMAND --help             # every option; `convert --help` lists the presets
+
+  convert   a hub dataset, JSONL, Parquet or saved dataset folder -> records, by a column mapping or a preset.
+            Answers are normalised (a \\boxed{} unwrapped, GSM8K's "#### N" cut), image placeholders ("<image>",
+            "<image1>") are stripped from questions, multiple-choice options are rendered into the question as
+            "\\nChoices:\\n(A) ...\\n(B) ..." and the answer becomes the option's letter. Images are written as PNGs.
+  passrate  K responses per problem from a model (ares.py's sampler), graded by ares.py's grader: pass_rate
+            p in {0, 1/K, ..., 1}; --keep-responses also writes every response as a candidate trace.
+  adacs     spec §8 on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
+            per problem the correct trace nearest its target; then equal counts per pass-rate bracket.
+  demo      a 4 x 4 grid of coloured squares; count (easy), add (medium) or multiply-add (hard).
+
+Choices made here, where the paper and the released code are silent:
+  - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets of spec §8).
+  - L(0) (L(1)) is the median length of ALL candidate traces (right or wrong) of the source's problems with
+    p = 0 (p = 1). A source with no p = 0 (p = 1) problem takes it from its lowest (highest) bracket present:
+    the nearest difficulty it has. With one bracket only, both anchors are its median and the target is flat.
+  - Ties for the nearest trace go to the shorter trace, then to the first in the pool.
+  - Without --per-bracket the count is the largest balanced one: the size of the smallest non-empty bracket
+    (brackets with no correct trace, typically p = 0 when the pool's traces come from the graded model, are
+    empty and do not force the count to zero). Over-full brackets are subsampled with --seed.
+  - A problem without a pass_rate takes the fraction of its traces that are correct.
+  - passrate seeds one generator per global batch of --batch-size problems (batches are dealt round-robin to
+    ranks), so a seed and a batch size give the same pass rates on any number of processes.
+  - A trace's length is its sampled tokens without the end-of-turn token (passrate), or the tokenizer's
+    count of its text (adacs --model, for pools without a `length`).
 
 The demo task: a 4 x 4 grid of cells, some holding a red, green or blue square. Three difficulty levels ask
 for one count (easy), a sum of two counts (medium), or a product of two counts plus a third (hard). Each record
@@ -11,9 +44,597 @@ Qwen2.5-VL (14-pixel patches, 2 x 2 merge), which makes the task learnable by th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
+import os
 import random
+import re
+import statistics
+from collections import Counter, defaultdict
 from pathlib import Path
+
+from tqdm import tqdm
+
+import ares
+
+# ----------------------------------------------------------------------------------------------------------
+# convert: any dataset -> records of spec §10.
+#
+# A preset names a dataset's hub location and maps its columns to ours. Each one was checked against the
+# public source in its `confirmed` entry; a dataset whose columns could not be confirmed has no preset (its
+# columns can still be given with the --*-col flags). `choices` names a column of options to render into the
+# question, `filter` keeps only rows whose columns have the given values, `extra` lists columns carried over.
+
+PRESETS = {
+    "virl39k": dict(
+        hub="TIGER-Lab/ViRL39K", config=None, split="train",
+        mapping=dict(question="question", answer="answer", images="image", id="qid", source="source"),
+        extra=["category", "PassRate_32BTrained", "PassRate_7BBase"],
+        notes="AEPO prompts (spec §7). `image` holds paths into the repo's images.zip: download the dataset repo, "
+              "unzip images.zip next to 39Krelease.parquet and convert that file (--data .../39Krelease.parquet). "
+              "Answers are \\boxed{}; `source` is each problem's original dataset (AdaCS lengths are per source).",
+        confirmed="columns question, answer, PassRate_32BTrained, PassRate_7BBase, category, source, qid, image "
+                  "(relative paths) in public ViRL39K loaders on GitHub (e.g. verl preprocessors citing "
+                  "39Krelease.parquet + images.zip)"),
+    "geometry3k": dict(
+        hub="hiyouga/geometry3k", config=None, split="train",
+        mapping=dict(question="problem", answer="answer", images="images", id="id"),
+        notes="Geometry3K (InterGPS), free-form as in EasyR1 and the ARES authors' RL scripts (the card's "
+              "`choices` / `ground_truth` columns are not used). Splits train / validation / test.",
+        confirmed="hub card features images (sequence of image), problem, answer, id, choices, ground_truth; "
+                  "prompt_key problem / answer_key answer / image_key images in github.com/shawn0728/ARES "
+                  "examples/config.yaml (commit 89e1908), whose loader splits `problem` on '<image>'"),
+    "mathvista-testmini": dict(
+        hub="AI4Math/MathVista", config=None, split="testmini",
+        mapping=dict(question="question", answer="answer", images="decoded_image", id="pid", choices="choices"),
+        extra=["question_type", "answer_type", "unit", "precision"],
+        notes="MathVista testmini (1,000). Multiple-choice answers are stored as the option text: converted to "
+              "the option's letter.",
+        confirmed="hub card (AI4Math/MathVista README) features pid, question, image, decoded_image, choices, unit, "
+                  "precision, answer, question_type, answer_type, metadata, query; splits testmini / test"),
+    "mathverse-testmini": dict(
+        hub="AI4Math/MathVerse", config="testmini", split="testmini",
+        mapping=dict(question="query_cot", answer="answer", images="image", id="sample_index"),
+        extra=["problem_version", "question_type"],
+        notes="MathVerse testmini, all five problem versions (3,940). The question is `query_cot` (the "
+              "version-specific text, options included), as in the ARES authors' evaluation loader.",
+        confirmed="hub card features sample_index, problem_index, problem_version, question, image, answer, "
+                  "question_type, metadata, query_wo, query_cot (config and split testmini); query_cot used by "
+                  "github.com/shawn0728/ARES eval/src/utils/data_loaders.py"),
+    "mathverse-vision-only": dict(
+        hub="AI4Math/MathVerse", config="testmini", split="testmini",
+        mapping=dict(question="query_cot", answer="answer", images="image", id="sample_index"),
+        filter=dict(problem_version="Vision Only"), extra=["problem_version", "question_type"],
+        notes="MathVerse testmini, vision-only version (the problem is only in the image), as in spec §9.",
+        confirmed="as mathverse-testmini; the problem_version value 'Vision Only' in MathVerse tooling on GitHub"),
+    "mathvision": dict(
+        hub="MathLLMs/MathVision", config=None, split="test",
+        mapping=dict(question="question", answer="answer", images="decoded_image", id="id", choices="options"),
+        extra=["level", "subject"],
+        notes="MATH-Vision (3,040; --split testmini for 304). Multiple-choice answers are option letters.",
+        confirmed="hub card (MathLLMs/MathVision README) features id, question, options, image, decoded_image, "
+                  "answer, solution, level, subject; splits test / testmini; same columns in the ARES authors' "
+                  "evaluation loader"),
+    "math500": dict(
+        hub="HuggingFaceH4/MATH-500", config=None, split="test",
+        mapping=dict(question="problem", answer="answer", id="unique_id"), extra=["level", "subject"],
+        notes="MATH-500 (text only).",
+        confirmed="features problem, solution, answer, subject, level, unique_id of HuggingFaceH4_MATH-500 in "
+                  "Hugging Face staff datasets built from it and in its public copies; split test"),
+    "gsm8k": dict(
+        hub="openai/gsm8k", config="main", split="test",
+        mapping=dict(question="question", answer="answer"),
+        notes="GSM8K (text only). The answer column is a worked solution ending in '#### N': N is kept.",
+        confirmed="openai/gsm8k config main, columns question and answer with the final number after '####' "
+                  "(NeMo's GSM8K processor documentation, dataset.ini files referencing main/test-*.parquet)"),
+}
+# Not shipped: ares0728/ARES-Adaptive-Coldstart (the authors' cold-start set). Its card's columns could not be
+# confirmed from any public source; use --question-col/--answer-col/--image-col/--response-col.
+
+FIELDS = ("question", "answer", "images", "response", "id", "source", "choices")
+IMAGE_TAG = re.compile(r"<image\s*\d*>")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DataError = ares.DataError
+
+
+def normalise_answer(answer) -> str:
+    r"""The final answer as text: the content of the last \boxed{} if there is one, else the part after the last
+    '####' (GSM8K, thousands separators dropped), else the stripped text.
+    normalise_answer(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"; normalise_answer("3 + 4 = 7\n#### 1,200") == "1200"."""
+    text = str(answer).strip()
+    boxed = ares.extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    if "####" in text:
+        return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text.rsplit("####", 1)[1].strip())
+    return text
+
+
+def clean_question(text: str) -> str:
+    """The question without image placeholders ("<image>", "<image1>"): the chat template places the images."""
+    return re.sub(r"[ \t]{2,}", " ", IMAGE_TAG.sub("", str(text))).strip()
+
+
+def render_choices(question: str, choices: list) -> str:
+    r"""The one way options are shown: render_choices("Which?", ["x", "y"]) == "Which?\nChoices:\n(A) x\n(B) y"."""
+    return question + "\nChoices:\n" + "\n".join(f"({LETTERS[k]}) {str(c).strip()}" for k, c in enumerate(choices))
+
+
+def choice_letter(answer: str, choices: list) -> str | None:
+    """The correct option's letter: of the option whose text is the answer (MathVista stores the text), or the
+    answer itself when it is a letter of an option, "(B)" or "b." included (MathVision). None if neither."""
+    texts = [str(c).strip() for c in choices]
+    if answer.strip() in texts:
+        return LETTERS[texts.index(answer.strip())]
+    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", answer.strip())
+    return m.group(1).upper() if m and m.group(1).upper() in LETTERS[:len(choices)] else None
+
+
+@functools.lru_cache(maxsize=100_000)
+def _checked_path(path: str) -> str:
+    """An image file that exists and decodes (checked once per path: candidate traces share their images)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    return path
+
+
+def load_images(value, base: Path, where: str) -> list:
+    """A row's images -> list of PIL images or absolute paths, each checked readable now (spec §10: bad data
+    fails at load time). value: None, one image or a list of PIL images, bytes, {'bytes', 'path'} dicts (how
+    Parquet stores an image column) or paths (relative to `base`, the data file's folder)."""
+    from PIL import Image
+
+    items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for k, img in enumerate(items):
+        try:
+            if isinstance(img, dict):
+                img = img.get("bytes") or img.get("path")
+            if isinstance(img, Image.Image):
+                out.append(img)
+            elif isinstance(img, (bytes, bytearray)):
+                im = Image.open(io.BytesIO(img))
+                im.load()  # decode now: a truncated image fails here, not in the middle of training
+                out.append(im)
+            elif isinstance(img, (str, os.PathLike)):
+                path = Path(img) if Path(img).is_absolute() else base / img
+                out.append(_checked_path(str(path.resolve())))
+            else:
+                raise TypeError(f"unsupported image type {type(img).__name__}")
+        except Exception as e:  # noqa: BLE001 - any failure to decode is the same user error
+            shown = f"{len(img)} bytes" if isinstance(img, (bytes, bytearray)) else repr(str(img)[:80])
+            raise DataError(f"{where}: image {k} ({shown}) cannot be read: {e}") from None
+    return out
+
+
+def read_rows(source: str, split: str | None, config: str | None):
+    """(rows, base): an iterator of dicts and the folder relative image paths start from. source: a .jsonl or
+    .json file (JSON lines or one JSON list), a .parquet file, a folder from datasets' save_to_disk, or a hub name."""
+    p = Path(source)
+    if p.suffix in (".jsonl", ".json", ".parquet") and not p.is_file():
+        raise DataError(f"{source}: no such file")
+    if p.suffix in (".jsonl", ".json"):
+        return _json_rows(p), p.parent.resolve()
+    if p.suffix == ".parquet":
+        return _parquet_rows(p), p.parent.resolve()
+    import datasets
+
+    if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds, base = datasets.load_from_disk(str(p)), p.resolve()  # saved with save_to_disk
+    else:  # a hub name, or a folder of data files (a downloaded hub repo)
+        ds = datasets.load_dataset(source, config, split=split or "train")
+        base = p.resolve() if p.is_dir() else Path.cwd()
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            raise DataError(f"{source}: no split {split!r} (it has {', '.join(ds)}); pass --split")
+        ds = ds[split]
+    return iter(ds), base
+
+
+def _json_rows(path: Path):
+    with open(path) as fh:
+        if fh.read(4096).lstrip().startswith("["):  # one JSON list (MathVerse ships its annotations this way)
+            fh.seek(0)
+            yield from json.load(fh)
+            return
+        fh.seek(0)
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):  # streamed: image bytes stay bounded
+        yield from batch.to_pylist()
+
+
+def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Path, where: str, default_source: str):
+    """One row -> one record (spec §10), or None when the preset's filter drops it. cols maps our fields to
+    columns; a field in `required` must have its column. Raises DataError naming the source and row."""
+    for col, value in spec.get("filter", {}).items():
+        if row.get(col) != value:
+            return None
+
+    def get(field):
+        col = cols.get(field)
+        if col is None or col not in row:
+            if field in required:
+                raise DataError(f"{where}: no column {col!r} for the {field} (columns: {', '.join(map(str, row))})")
+            return None
+        return row[col]
+
+    rid = get("id")
+    rid = str(rid).strip() if rid is not None and str(rid).strip() else f"{default_source}-{n}"
+    where = f"{where} (id {rid})"
+    question, answer = get("question"), get("answer")
+    question = "" if question is None else clean_question(question)
+    answer = "" if answer is None else normalise_answer(answer)
+    if not question or not answer:
+        raise DataError(f"{where}: missing or empty {'question' if not question else 'answer'}")
+    choices = get("choices")
+    if choices is not None and len(choices) > 0:
+        letter = choice_letter(answer, list(choices))
+        if letter is None:
+            raise DataError(f"{where}: answer {answer!r} is neither an option nor an option letter of {list(choices)}")
+        question, answer = render_choices(question, list(choices)), letter
+    src_col = cols.get("source")
+    if src_col and row.get(src_col) not in (None, ""):
+        source = str(row[src_col])  # a column of the rows
+    elif src_col and src_col != "source":
+        source = src_col  # the rows have no such column: it is the name itself (--source NAME)
+    else:
+        source = default_source
+    pass_rate = row.get("pass_rate")
+    if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
+        raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
+    response = get("response")
+    record = dict(id=rid, question=question, answer=answer, images=load_images(get("images"), base, where),
+                  source=source, response=None if response is None else str(response), pass_rate=pass_rate)
+    used = {cols.get(f) for f in FIELDS}
+    extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and
+                                                    isinstance(v, (str, int, float, bool)) and k not in record]
+    record.update({k: row[k] for k in extra if k in row and k not in record})
+    return record
+
+
+def resolve(source: str, preset: str | None, mapping: dict | None, split: str | None, config: str | None):
+    """-> (source, spec, cols, required, split, config, default source name) for a source, preset and mapping."""
+    if preset is None and source in PRESETS:  # load_source("mathvista-testmini") reads the preset's hub dataset
+        source, preset = "", source
+    if preset is not None and preset not in PRESETS:
+        raise DataError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    spec = PRESETS.get(preset, {})
+    source = source or spec.get("hub")
+    if not source:
+        raise DataError("no data: give a file, folder or hub name, or a preset")
+    cols = dict(spec["mapping"]) if spec else {f: f for f in FIELDS}  # no preset: our own field names
+    cols.update(mapping or {})
+    unknown = set(mapping or {}) - set(FIELDS)
+    if unknown:
+        raise DataError(f"mapping keys must be among {', '.join(FIELDS)}, not {', '.join(sorted(unknown))}")
+    explicit = {k for k, v in {**spec.get("mapping", {}), **(mapping or {})}.items() if v}
+    required = ({"question", "answer"} | explicit) - {"source"}  # a column named explicitly must exist
+    name = preset or (Path(source).stem if Path(source).suffix else Path(source).name)
+    return source, spec, cols, required, split or spec.get("split"), config or spec.get("config"), name
+
+
+def load_source(source: str, *, preset: str | None = None, mapping: dict | None = None, split: str | None = None,
+                config: str | None = None, limit: int | None = None) -> list[dict]:
+    """Records of spec §10 from a hub dataset name, a JSONL/JSON/Parquet file or a saved dataset folder.
+
+    preset: a key of PRESETS (hub name, split, config and column mapping); `source` may be the preset's name
+    itself, or a local copy of its dataset. mapping: our field -> column, for question, answer, images,
+    response, id, source and choices (a column of options rendered into the question); it overrides the
+    preset's. `source` names a column or, when the rows have no such column, is the source name itself.
+    Without preset or mapping the columns are our own field names and every other plain field is kept.
+    Returns dicts with id, question, answer (normalised), images (PIL images or absolute paths: ares.open_image
+    opens either), source, response (or None), pass_rate (or None), plus extra fields (level, ...). The first
+    `limit` records kept. Raises DataError naming the source and row for a bad row or a duplicate id."""
+    return _load(source, preset=preset, mapping=mapping, split=split, config=config, limit=limit)
+
+
+def _load(source: str, *, preset=None, mapping=None, split=None, config=None, limit=None, progress=False,
+          unique=True) -> list[dict]:
+    """load_source, with a progress bar, and `unique=False` for pools of traces (several records per id)."""
+    source, spec, cols, required, split, config, name = resolve(source, preset, mapping, split, config)
+    rows, base = read_rows(source, split, config)
+    label = source + (f" (preset {preset})" if preset else "")
+    records, seen = [], {}
+    for n, row in enumerate(tqdm(rows, desc=f"read {name}", disable=not progress, unit=" rows")):
+        rec = to_record(row, n, cols, required, spec, base, f"{label}: row {n}", name)
+        if rec is None:
+            continue
+        if unique and rec["id"] in seen:
+            raise DataError(f"{label}: rows {seen[rec['id']]} and {n} share the id {rec['id']!r}")
+        seen[rec["id"]] = n
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise DataError(f"{label}: no records")
+    return records
+
+
+def write_records(records: list[dict], out: Path, copy_images: bool = True) -> Path:
+    """Write records as JSONL, or Parquet when `out` ends in .parquet. Images go to <out stem>_images/ as PNG
+    and are listed relative to the output file (spec §10). copy_images=False lists an image that is already a
+    file by its relative path instead of copying it. Records sharing an image object share its file."""
+    from PIL import Image
+
+    out = Path(out)
+    img_dir = out.parent / f"{out.stem}_images"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved, rows = {}, []
+    for n, rec in enumerate(tqdm(records, desc=f"write {out.name}", unit=" records", leave=False)):
+        paths = []
+        for k, img in enumerate(rec.get("images") or []):
+            if id(img) not in saved:
+                if isinstance(img, str) and not copy_images:
+                    saved[id(img)] = os.path.relpath(img, out.parent)
+                else:
+                    img_dir.mkdir(exist_ok=True)
+                    with Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img) as im:
+                        (im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")).save(img_dir / f"{n:07d}_{k}.png")
+                    saved[id(img)] = f"{img_dir.name}/{n:07d}_{k}.png"
+            paths.append(saved[id(img)])
+        rows.append(dict(rec, images=paths))
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), out)
+    else:
+        with open(out, "w") as fh:
+            fh.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+    return out
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain aligned text table (numbers to 3 significant digits)."""
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def run_convert(args) -> list[dict]:
+    mapping = {f: getattr(args, f"{f}_col") for f in FIELDS if f != "source" and getattr(args, f"{f}_col")}
+    if args.source:
+        mapping["source"] = args.source
+    records = _load(args.data or "", preset=args.preset, mapping=mapping or None, split=args.split,
+                    config=args.config, limit=args.limit, progress=True)
+    out = write_records(records, Path(args.out))
+    per = defaultdict(Counter)
+    for r in records:
+        per[r["source"]].update(records=1, images=bool(r["images"]), choices="\nChoices:\n" in r["question"],
+                                response=r["response"] is not None)
+    rows = [[s, c["records"], c["images"], c["choices"], c["response"]] for s, c in sorted(per.items())]
+    print(table(["source", "records", "with images", "multiple choice", "with response"], rows))
+    print(f"wrote {len(records)} records to {out}")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# passrate: p(x) = (correct responses) / K from K samples of a reference model (spec §8 step 1).
+
+
+def grade(texts: list[str], answer: str) -> list[bool]:
+    """Each response's last \\boxed{} against the answer, with ares.py's grader (the one AEPO rewards with)."""
+    return [ares.is_correct(ares.extract_boxed(t), answer) for t in texts]
+
+
+def rank_batches(n: int, batch: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
+    """[(batch number, record indices)] of this rank: consecutive global batches dealt round-robin, so the
+    batches, and the responses sampled with a generator seeded per batch, do not depend on the world size.
+    rank_batches(5, 2, 1, 2) == [(1, [2, 3])]."""
+    return [(b, list(range(s, min(s + batch, n)))) for b, s in enumerate(range(0, n, batch)) if b % world == rank]
+
+
+def sample_traces(model, processor, records: list[dict], args, rank: int, world: int, device) -> dict[int, list]:
+    """{record index: K traces (response, length, correct)} for this rank's records; None for a prompt longer
+    than --max-prompt-len."""
+    import torch
+
+    ids, tok = ares.special_ids(model, processor), ares.tokenizer_of(processor)
+    stop = set(ids["stop"])
+    results = {}
+    for b, idx in tqdm(rank_batches(len(records), args.batch_size, rank, world), desc="passrate", disable=rank != 0):
+        prompts, kept = [], []
+        for i in idx:
+            rec = dict(records[i], images=[ares.open_image(im, Path(".")) for im in records[i]["images"]])
+            enc = ares.encode_prompt(processor, rec)
+            if len(enc["ids"]) > args.max_prompt_len:
+                results[i] = None
+                continue
+            prompts.append(enc)
+            kept.append(i)
+        if not prompts:
+            continue
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
+        out = ares.sample(model, prompts, ids=ids, max_new_tokens=args.max_new_tokens, repeats=args.k,
+                          temperature=args.temperature, top_p=args.top_p, generator=gen)
+        lengths = out["mask"].sum(1).tolist()  # (N,) sampled tokens, the stop token included
+        for j, i in enumerate(kept):
+            texts, lens = [], []
+            for row in range(j * args.k, (j + 1) * args.k):
+                toks = out["tokens"][row, :lengths[row]].tolist()
+                lens.append(len(toks) - (bool(toks) and toks[-1] in stop))  # the end-of-turn token is not reasoning
+                texts.append(tok.decode(toks, skip_special_tokens=True))
+            results[i] = [dict(response=t, length=n, correct=c)
+                          for t, n, c in zip(texts, lens, grade(texts, records[i]["answer"]))]
+    return results
+
+
+def run_passrate(args) -> list[dict] | None:
+    import torch.distributed as dist
+
+    rank, world, device = ares.init_distributed()
+    records = load_source(args.data, preset=args.preset, split=args.split, limit=args.limit)
+    cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
+    model, processor = ares.load_model(args.model, cfg, device)
+    traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)
+    if world > 1:  # every rank's traces to rank 0, which writes the output
+        parts = [None] * world
+        dist.all_gather_object(parts, traces_of)
+        traces_of = {i: t for part in parts for i, t in part.items()}
+    if rank != 0:
+        return None
+    out, skipped = [], 0
+    for i, rec in enumerate(records):
+        traces = traces_of[i]
+        if traces is None:
+            skipped += 1
+            continue
+        p = sum(t["correct"] for t in traces) / args.k
+        out += [dict(rec, **t, pass_rate=p) for t in traces] if args.keep_responses else [dict(rec, pass_rate=p)]
+    write_records(out, Path(args.out), copy_images=False)
+    by = defaultdict(list)
+    for traces in traces_of.values():
+        if traces is not None:
+            by[sum(t["correct"] for t in traces)].append(statistics.mean(t["length"] for t in traces))
+    rows = [[f"{c}/{args.k}", len(by[c]), statistics.mean(by[c]) if by[c] else "-"] for c in range(args.k + 1)]
+    print(table(["pass rate", "problems", "mean tokens"], rows))
+    print(f"{len(records) - skipped} problems x K={args.k} on {world} process(es), {skipped} skipped "
+          f"(prompt > {args.max_prompt_len} tokens); wrote {len(out)} records to {args.out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adacs: length-matched traces, equal counts per difficulty (spec §8 steps 2-5).
+
+
+def bracket_of(p: float, k: int) -> int:
+    """Pass-rate bracket round(p * K) in 0..K; K = 8 gives the 9 brackets 0, 1/8, ..., 1 of spec §8."""
+    return int(round(p * k))
+
+
+def anchor_lengths(lengths: dict[int, list[int]]) -> tuple[float, float, int, int]:
+    """Step 2 for one source: L(0), L(1) = median length of the candidate traces (right or wrong) of its problems
+    with p = 0 and p = 1. lengths: {bracket: trace lengths}. A missing end falls back to the nearest bracket
+    present (the lowest for L(0), the highest for L(1)). Returns (L0, L1, bracket of L0, bracket of L1).
+    anchor_lengths({0: [10, 30], 2: [5], 4: [4, 6]}) == (20, 5, 0, 4)."""
+    present = sorted(b for b, v in lengths.items() if v)
+    lo, hi = present[0], present[-1]
+    return statistics.median(lengths[lo]), statistics.median(lengths[hi]), lo, hi
+
+
+def target_length(p: float, l0: float, l1: float) -> float:
+    """Step 3: L_target(p) = (1 - p) L(0) + p L(1): the hardest problems get the length of hard traces."""
+    return (1 - p) * l0 + p * l1
+
+
+def pick_trace(traces: list[dict], target: float) -> dict | None:
+    """Step 4: the correct trace whose length is nearest the target; ties go to the shorter one, then the first.
+    None when no trace is correct (a wrong trace is never chosen)."""
+    correct = [t for t in traces if t["correct"]]
+    return min(correct, key=lambda t: (abs(t["length"] - target), t["length"])) if correct else None
+
+
+def balance(chosen: dict[int, list], per_bracket: int | None, seed: int) -> dict[int, list]:
+    """Step 5: the same count from every bracket: `per_bracket` (a bracket with fewer keeps all it has), or by
+    default the size of the smallest non-empty bracket. A fuller bracket keeps a seeded random subset, in order."""
+    n = per_bracket if per_bracket is not None else min((len(v) for v in chosen.values() if v), default=0)
+    rng = random.Random(seed)
+    return {b: v if len(v) <= n else [v[i] for i in sorted(rng.sample(range(len(v)), n))]
+            for b, v in sorted(chosen.items())}
+
+
+def prepare_pool(pool: list[dict], tokenizer=None) -> dict[str, list[dict]]:
+    """{problem id: its traces}, each with `correct` (graded now if absent) and `length` in tokens (counted with
+    `tokenizer` if absent), and the problem's pass rate (its traces' fraction correct if absent)."""
+    problems = defaultdict(list)
+    for rec in pool:
+        where = f"trace of problem {rec['id']!r}"
+        if not rec.get("response"):
+            raise DataError(f"{where}: no response")
+        correct = rec.get("correct")
+        correct = bool(correct) if correct is not None else grade([rec["response"]], rec["answer"])[0]
+        length = rec.get("length")
+        if length is None:
+            if tokenizer is None:
+                raise DataError(f"{where}: no 'length'; pass --model to count tokens with its tokenizer")
+            length = len(tokenizer(rec["response"], add_special_tokens=False)["input_ids"])
+        problems[rec["id"]].append(dict(rec, correct=correct, length=int(length)))
+    for pid, traces in problems.items():
+        rates = {t["pass_rate"] for t in traces}
+        if len(rates) > 1:
+            raise DataError(f"problem {pid!r}: its traces disagree on the pass rate ({sorted(rates, key=str)})")
+        if None in rates:
+            for t in traces:
+                t["pass_rate"] = sum(x["correct"] for x in traces) / len(traces)
+    return problems
+
+
+def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, seed: int = 0, tokenizer=None):
+    """Spec §8 steps 2-5 on candidate traces (one record per trace, grouped by id; see prepare_pool).
+    Returns (chosen records, one per kept problem, with `target_length`, ordered by bracket; stats)."""
+    problems = prepare_pool(pool, tokenizer)
+    lengths = defaultdict(lambda: defaultdict(list))  # source -> bracket -> every candidate trace length
+    for traces in problems.values():
+        lengths[traces[0]["source"]][bracket_of(traces[0]["pass_rate"], k)] += [t["length"] for t in traces]
+    anchors = {src: anchor_lengths(by) for src, by in lengths.items()}
+    chosen, dropped = defaultdict(list), Counter()
+    for traces in tqdm(problems.values(), desc="adacs", leave=False):
+        p, src = traces[0]["pass_rate"], traces[0]["source"]
+        target = target_length(p, *anchors[src][:2])
+        best = pick_trace(traces, target)
+        if best is None:
+            dropped[src] += 1
+        else:
+            chosen[bracket_of(p, k)].append(dict(best, target_length=target))
+    kept = balance(chosen, per_bracket, seed)
+    before = defaultdict(list)
+    for traces in problems.values():
+        before[bracket_of(traces[0]["pass_rate"], k)].append(traces)
+    stats = dict(anchors=anchors, dropped=dict(dropped), problems=Counter(t[0]["source"] for t in problems.values()),
+                 before={b: (len(v), statistics.mean(t["length"] for ts in v for t in ts)) for b, v in before.items()},
+                 selected={b: len(v) for b, v in chosen.items()},
+                 after={b: (len(v), statistics.mean(t["length"] for t in v) if v else None) for b, v in kept.items()})
+    return [r for b in sorted(kept) for r in kept[b]], stats
+
+
+def tokenizer_for(name: str):
+    if name == "tiny":
+        return ares.tokenizer_of(ares.build_tiny()[1])
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def run_adacs(args) -> list[dict]:
+    pool = _load(args.data, split=args.split, progress=True, unique=False)
+    chosen, st = adacs_curate(pool, args.k, args.per_bracket, args.seed, tokenizer_for(args.model) if args.model else None)
+    if not chosen:
+        raise DataError(f"{args.data}: no problem has a correct trace")
+    write_records(chosen, Path(args.out), copy_images=False)
+    print(table(["source", "problems", "dropped (no correct trace)", "L(0)", "from p", "L(1)", "from p"],
+                [[s, st["problems"][s], st["dropped"].get(s, 0), a[0], f"{a[2]}/{args.k}", a[1], f"{a[3]}/{args.k}"]
+                 for s, a in sorted(st["anchors"].items())]))
+    rows = []
+    for b in range(args.k + 1):
+        n0, m0 = st["before"].get(b, (0, None))
+        n1, m1 = st["after"].get(b, (0, None))
+        rows.append([f"{b}/{args.k}", n0, m0 if m0 is not None else "-", st["selected"].get(b, 0), n1,
+                     m1 if m1 is not None else "-"])
+    print(table(["pass rate", "problems", "mean tokens (all traces)", "with a correct trace", "kept",
+                 "mean tokens (kept)"], rows))
+    print(f"kept {len(chosen)} of {sum(st['problems'].values())} problems; wrote {args.out}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------
+# demo: the offline task that `python ares.py` runs end to end.
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220)}
 LEVELS = {1: "easy", 2: "medium", 3: "hard"}
@@ -65,7 +686,7 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     paths = {}
     for split, n in sizes.items():
         rows = []
-        for k in range(n):
+        for k in tqdm(range(n), desc=f"demo {split}", leave=False):
             level = k % 3 + 1
             prob = demo_problem(rng, level)
             rid = f"{split}-{k:05d}"
@@ -78,20 +699,95 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     return paths
 
 
+def run_demo(args) -> dict:
+    paths = make_demo(Path(args.out), args.seed, {"sft": args.train, "rl": args.rl, "test": args.test})
+    rows = []
+    for split, path in paths.items():
+        recs = [json.loads(line) for line in open(path)]
+        for level, name in LEVELS.items():
+            mine = [r for r in recs if r["level"] == level]
+            rows.append([split, name, len(mine), statistics.mean(len(r["response"]) for r in mine) if mine else "-"])
+    print(table(["split", "level", "records", "mean trace characters"], rows))
+    print("\n".join(f"{split}: {path}" for split, path in paths.items()))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    conv = sub.add_parser("convert", help="any dataset -> records (spec §10), by presets or column flags",
+                          formatter_class=fmt, epilog="presets:\n" + "\n".join(
+                              f"  {k:22s} {v['hub']} [{v['split']}]: {v['notes']}" for k, v in PRESETS.items()))
+    conv.add_argument("--data", help="hub dataset name, .jsonl/.json/.parquet file or saved dataset folder "
+                                     "(default: the preset's hub dataset)")
+    conv.add_argument("--preset", choices=sorted(PRESETS), help="column mapping, split and hub name of a known dataset")
+    conv.add_argument("--split", help="split to read (default: the preset's, else train)")
+    conv.add_argument("--config", help="hub dataset configuration (subset)")
+    for f, what in (("question", "question text"), ("answer", "final answer (a \\boxed{} is unwrapped)"),
+                    ("image", "image(s): a list or one of paths, bytes, {'bytes','path'} or images"),
+                    ("response", "reasoning trace (cold start)"), ("id", "unique id (default: row number)"),
+                    ("choices", "list of options to render into the question")):
+        conv.add_argument(f"--{f}-col", dest=f"{'images' if f == 'image' else f}_col", metavar="COLUMN",
+                          help=f"column of the {what}")
+    conv.add_argument("--source", help="column of the data source, or the source name itself (default: the "
+                                       "preset or file name)")
+    conv.add_argument("--limit", type=int, help="stop after this many records")
+    conv.add_argument("--out", required=True, help="output .jsonl or .parquet; images go to <stem>_images/")
+
+    pr = sub.add_parser("passrate", help="sample K responses per problem, grade them: pass_rate (spec §8 step 1)")
+    pr.add_argument("--data", required=True, help="records: a file, folder, hub name or preset name")
+    pr.add_argument("--preset", choices=sorted(PRESETS), help="read --data with this preset's mapping")
+    pr.add_argument("--split", help="split to read")
+    pr.add_argument("--limit", type=int, help="only the first N problems")
+    pr.add_argument("--model", required=True, help="reference model: hub name, local folder or 'tiny'")
+    pr.add_argument("--k", type=int, default=8, help="responses per problem (default: 8)")
+    pr.add_argument("--max-new-tokens", type=int, default=4096, help="response budget in tokens (default: 4096)")
+    pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    pr.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    pr.add_argument("--batch-size", type=int, default=8, help="problems per sampler call (x K rows; default: 8)")
+    pr.add_argument("--max-prompt-len", type=int, default=4096, help="skip prompts longer than this (default: 4096)")
+    pr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="model dtype")
+    pr.add_argument("--attn", default="sdpa", help="attention kernel (default: sdpa)")
+    pr.add_argument("--keep-responses", action="store_true",
+                    help="write every response (with length and correct) as a candidate trace, K records per problem")
+    pr.add_argument("--out", required=True, help="output .jsonl or .parquet")
+
+    ad = sub.add_parser("adacs", help="curate length-matched traces from a candidate pool (spec §8 steps 2-5)")
+    ad.add_argument("--data", required=True, help="candidate traces: one record per trace with id, pass_rate, "
+                                                  "response, and correct / length (else computed)")
+    ad.add_argument("--split", help="split to read from a dataset folder or hub name")
+    ad.add_argument("--k", type=int, default=8, help="samples behind the pass rates: K + 1 brackets (default: 8)")
+    ad.add_argument("--per-bracket", type=int, help="problems per bracket (default: the largest balanced count)")
+    ad.add_argument("--model", help="tokenizer for traces without a 'length' (hub name, folder or 'tiny')")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the per-bracket subsampling (default: 0)")
+    ad.add_argument("--out", required=True, help="output .jsonl or .parquet (the cold-start data)")
+
     demo = sub.add_parser("demo", help="write the offline demo task (sft / rl / test splits)")
     demo.add_argument("--out", default="data/demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--train", type=int, default=3000, help="cold-start records (with traces)")
     demo.add_argument("--rl", type=int, default=1000, help="AEPO prompts")
     demo.add_argument("--test", type=int, default=300, help="held-out records")
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        paths = make_demo(Path(args.out), args.seed, {"sft": args.train, "rl": args.rl, "test": args.test})
-        for split, path in paths.items():
-            print(f"{split}: {path}")
+    if args.command == "convert" and not (args.data or args.preset):
+        parser.error("convert needs --data or --preset")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"convert": run_convert, "passrate": run_passrate, "adacs": run_adacs, "demo": run_demo}[args.command](args)
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,423 @@
+"""data_prep.py: convert (presets, the generic mapping, bad rows), passrate, AdaCS curation and the demo task.
+
+Each test checks against something computed independently of the code under test: values worked out by hand
+in the test, pixels read back from the written PNGs, or a second run with another number of processes."""
+import io
+import json
+import re
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import ares
+import data_prep
+from conftest import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+RED, BLUE = (200, 10, 10), (10, 10, 200)
+
+
+def png(colour, size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pixels(img) -> np.ndarray:
+    """An image (PIL or a path) as an RGB array."""
+    if isinstance(img, (str, Path)):
+        with Image.open(img) as im:
+            return np.asarray(im.convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def solid(img, colour) -> bool:
+    return bool((pixels(img) == np.array(colour)).all())
+
+
+def parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert: presets. Each mock row has the columns of that dataset's card (PRESETS[...]["confirmed"]).
+
+MV_COT = ("According to the question shown in the image, please first conduct reasoning, and then answer the "
+          "question and provide the correct option letter, e.g., A, B, C, D, at the end.")
+
+
+def preset_case(name: str, tmp: Path):
+    """(data file, expected records as {field: value}) for a mock of the preset's dataset."""
+    img = {"bytes": png(RED), "path": None}
+    if name == "virl39k":
+        (tmp / "images").mkdir()
+        Image.new("RGB", (8, 6), RED).save(tmp / "images" / "q1-0.png")
+        rows = [dict(question="<image>What is the area of the shaded region?", answer="\\boxed{12}",
+                     PassRate_32BTrained=0.5, PassRate_7BBase=0.25, category="(GradeSchool) Geometric",
+                     source="MMK12", qid="q1", image=["images/q1-0.png"])]
+        return parquet(tmp / "39Krelease.parquet", rows), [dict(
+            id="q1", question="What is the area of the shaded region?", answer="12", source="MMK12",
+            images=[str((tmp / "images" / "q1-0.png").resolve())], category="(GradeSchool) Geometric",
+            PassRate_7BBase=0.25)]
+    if name == "geometry3k":
+        rows = [dict(images=[img], problem="<image>Find x.", answer="3", id=7, choices=["1", "3", "5", "7"],
+                     ground_truth="B")]
+        return parquet(tmp / "geo.parquet", rows), [dict(id="7", question="Find x.", answer="3", n_images=1)]
+    if name == "mathvista-testmini":
+        meta = dict(category="math-targeted-vqa", context="bar chart", grade="daily life", img_height=6, img_width=8,
+                    language="english", skills=["statistical reasoning"], source="FigureQA", split="testmini",
+                    task="figure question answering")
+        rows = [dict(pid="1", question="Which bar is the tallest?", image="images/1.jpg", decoded_image=img,
+                     choices=["red", "blue", "green"], unit=None, precision=None, answer="blue",
+                     question_type="multi_choice", answer_type="text", metadata=meta, query="Hint: ..."),
+                dict(pid="2", question="What is the value of the red bar?", image="images/2.jpg", decoded_image=img,
+                     choices=None, unit=None, precision=1.0, answer="1.5", question_type="free_form",
+                     answer_type="float", metadata=meta, query="Hint: ...")]
+        return parquet(tmp / "mathvista.parquet", rows), [
+            dict(id="1", question="Which bar is the tallest?\nChoices:\n(A) red\n(B) blue\n(C) green", answer="B",
+                 n_images=1, question_type="multi_choice"),
+            dict(id="2", question="What is the value of the red bar?", answer="1.5", n_images=1)]
+    if name.startswith("mathverse"):
+        meta = dict(split="testmini", source="GeoQA", subject="Plane Geometry", subfield="Angle")
+        common = dict(problem_index="1", image=img, answer="A", question_type="multi-choice", metadata=meta,
+                      query_wo="...", question_for_eval="...")
+        rows = [dict(common, sample_index="1", problem_version="Vision Only", question="", query_cot=MV_COT),
+                dict(common, sample_index="2", problem_version="Text Dominant", question="As shown, find the angle.",
+                     query_cot=MV_COT + "\nQuestion: As shown, find the angle.\nChoices:\nA:30°\nB:60°")]
+        expect = [dict(id="1", question=MV_COT, answer="A", n_images=1, problem_version="Vision Only")]
+        if name == "mathverse-testmini":
+            expect.append(dict(id="2", question=rows[1]["query_cot"], answer="A", problem_version="Text Dominant"))
+        return parquet(tmp / "testmini.parquet", rows), expect
+    if name == "mathvision":
+        rows = [dict(id="5", question="<image1>\nWhich shape comes next?", options=["A", "B", "C", "D", "E"],
+                     image="images/5.jpg", decoded_image=img, answer="C", solution=None, level=2, subject="logic"),
+                dict(id="6", question="How many dots are there? <image1>", options=[], image="images/6.jpg",
+                     decoded_image=img, answer="12", solution=None, level=1, subject="counting")]
+        return parquet(tmp / "mathvision.parquet", rows), [
+            dict(id="5", question="Which shape comes next?\nChoices:\n(A) A\n(B) B\n(C) C\n(D) D\n(E) E", answer="C",
+                 level=2, subject="logic", n_images=1),
+            dict(id="6", question="How many dots are there?", answer="12", level=1)]
+    if name == "math500":
+        rows = [dict(problem="Compute $\\sqrt{16}$.", solution="It is $\\boxed{4}$.", answer="4", subject="Algebra",
+                     level=1, unique_id="test/algebra/1.json")]
+        return jsonl(tmp / "math500.jsonl", rows), [dict(id="test/algebra/1.json", question="Compute $\\sqrt{16}$.",
+                                                          answer="4", level=1, n_images=0)]
+    if name == "gsm8k":
+        rows = [dict(question="Tom has 1,000 apples and buys 200 more. How many now?",
+                     answer="He has 1000 + 200 = <<1000+200=1200>>1200 apples.\n#### 1,200")]
+        return jsonl(tmp / "gsm8k.jsonl", rows), [dict(id="gsm8k-0", answer="1200", source="gsm8k", n_images=0)]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", sorted(data_prep.PRESETS))
+def test_preset_maps_a_mock_row_shaped_like_its_card(name, tmp_path):
+    path, expected = preset_case(name, tmp_path)
+    records = data_prep.load_source(str(path), preset=name)
+    assert len(records) == len(expected)
+    for rec, want in zip(records, expected):
+        n_images = want.pop("n_images", None)
+        assert {k: rec[k] for k in want} == want
+        if n_images is not None:
+            assert len(rec["images"]) == n_images
+        for img in rec["images"]:
+            assert solid(img, RED)
+        assert rec["response"] is None and rec["pass_rate"] is None
+
+
+def test_every_preset_names_its_source_and_a_hub_split():
+    for name, spec in data_prep.PRESETS.items():
+        assert spec["confirmed"] and spec["notes"] and spec["hub"] and spec["split"], name
+        source, *_, split, config, label = data_prep.resolve(name, None, None, None, None)  # a preset name as source
+        assert (source, split, config, label) == (spec["hub"], spec["split"], spec["config"], name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert: the generic mapping, every shape of image column, the CLI, and bad rows.
+
+
+def test_generic_mapping_reads_image_lists_single_paths_bytes_and_dicts(tmp_path):
+    Image.new("RGB", (8, 6), RED).save(tmp_path / "red.png")
+    Image.new("RGB", (8, 6), BLUE).save(tmp_path / "blue.png")
+    paths = jsonl(tmp_path / "paths.jsonl", [
+        dict(q="Two images <image><image>", a="\\boxed{5}", pics=["red.png", str(tmp_path / "blue.png")]),
+        dict(q="One image", a=6, pics="blue.png"),
+        dict(q="No image", a="x", pics=None)])
+    cols = dict(question="q", answer="a", images="pics")
+    recs = data_prep.load_source(str(paths), mapping=cols)
+    assert [r["question"] for r in recs] == ["Two images", "One image", "No image"]
+    assert [r["answer"] for r in recs] == ["5", "6", "x"]
+    assert [len(r["images"]) for r in recs] == [2, 1, 0]
+    assert all(Path(p).is_absolute() for r in recs for p in r["images"])
+    assert solid(recs[0]["images"][0], RED) and solid(recs[0]["images"][1], BLUE) and solid(recs[1]["images"][0], BLUE)
+    assert [r["id"] for r in recs] == ["paths-0", "paths-1", "paths-2"] and {r["source"] for r in recs} == {"paths"}
+
+    raw = parquet(tmp_path / "bytes.parquet", [dict(q="Q", a="1", img=png(BLUE))])
+    (rec,) = data_prep.load_source(str(raw), mapping=dict(question="q", answer="a", images="img"))
+    assert isinstance(rec["images"][0], Image.Image) and solid(rec["images"][0], BLUE)
+
+    dicts = parquet(tmp_path / "dicts.parquet", [dict(q="Q", a="1", imgs=[{"bytes": png(RED), "path": "r.png"},
+                                                                         {"bytes": None, "path": "blue.png"}])])
+    (rec,) = data_prep.load_source(str(dicts), mapping=dict(question="q", answer="a", images="imgs"))
+    assert solid(rec["images"][0], RED) and solid(rec["images"][1], BLUE)
+
+
+def test_saved_dataset_folder_with_image_objects_and_rendered_choices(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"question": ["Which colour?"], "answer": ["blue"], "opts": [["red", "blue"]],
+                                     "image": [Image.new("RGB", (8, 6), BLUE)], "level": [3]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    (rec,) = data_prep.load_source(str(tmp_path / "saved"), mapping=dict(images="image", choices="opts"))
+    assert rec["question"] == "Which colour?\nChoices:\n(A) red\n(B) blue" and rec["answer"] == "B"
+    assert solid(rec["images"][0], BLUE) and rec["level"] == 3
+
+
+def test_convert_cli_writes_records_ares_loads_with_the_same_pixels(tmp_path):
+    Image.new("RGB", (8, 6), RED).save(tmp_path / "red.png")
+    src = parquet(tmp_path / "in.parquet", [dict(prompt="<image>Q1", sol="\\boxed{2}", img=png(BLUE), uid="a", trace="t"),
+                                            dict(prompt="Q2", sol="3", img=png(RED), uid="b", trace="u")])
+    for out in (tmp_path / "out" / "c.jsonl", tmp_path / "out" / "c.parquet"):
+        data_prep.main(["convert", "--data", str(src), "--question-col", "prompt", "--answer-col", "sol",
+                        "--image-col", "img", "--id-col", "uid", "--response-col", "trace", "--source", "mine",
+                        "--out", str(out)])
+        recs = ares.load_records(str(out), need_response=True)
+        assert [(r["id"], r["question"], r["answer"], r["response"], r["source"]) for r in recs] == [
+            ("a", "Q1", "2", "t", "mine"), ("b", "Q2", "3", "u", "mine")]
+        assert solid(recs[0]["images"][0], BLUE) and solid(recs[1]["images"][0], RED)
+        stored = json.loads(out.read_text().splitlines()[0])["images"] if out.suffix == ".jsonl" else \
+            pq.read_table(out).to_pylist()[0]["images"]
+        assert stored == ["c_images/0000000_0.png"] and (out.parent / stored[0]).is_file()
+
+
+BAD_ROWS = [  # (rows, mapping, message)
+    ([dict(q="ok", a="1"), dict(q="fine", b="2")], dict(question="q", answer="a"), "row 1.*no column 'a'"),
+    ([dict(question="ok", answer="1"), dict(question="Q", answer="  ")], None, "row 1.*empty answer"),
+    ([dict(question="<image>", answer="1")], None, "row 0.*empty question"),
+    ([dict(question="Q", answer="1", images=["missing.png"])], None, "row 0.*image 0 .*missing.png.*cannot be read"),
+    ([dict(question="Q", answer="1", pass_rate=1.5)], None, "row 0.*pass_rate"),
+    ([dict(question="Q", answer="purple", choices=["red", "blue"])], dict(choices="choices"), "row 0.*neither an option"),
+    ([dict(id="x", question="Q", answer="1"), dict(id="x", question="R", answer="2")], None, "share the id 'x'"),
+]
+
+
+@pytest.mark.parametrize("rows,mapping,message", BAD_ROWS)
+def test_bad_rows_name_the_source_and_row(rows, mapping, message, tmp_path):
+    path = jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ares.DataError, match=message) as err:
+        data_prep.load_source(str(path), mapping=mapping)
+    assert str(path) in str(err.value)
+
+
+def test_undecodable_image_bytes_and_the_cli_error(tmp_path):
+    path = parquet(tmp_path / "bad.parquet", [dict(question="Q", answer="1", images=[b"not an image"])])
+    with pytest.raises(ares.DataError, match=r"bad.parquet: row 0 \(id bad-0\): image 0 \(12 bytes\) cannot be read"):
+        data_prep.load_source(str(path))
+    with pytest.raises(SystemExit, match="data error: .*image 0"):
+        data_prep.main(["convert", "--data", str(path), "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_json_list_files_and_a_broken_json_line(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
+    assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
+    (tmp_path / "broken.jsonl").write_text('{"question": "Q", "answer": "1"}\n{"question": \n')
+    with pytest.raises(ares.DataError, match="broken.jsonl: line 2: not valid JSON"):
+        data_prep.load_source(str(tmp_path / "broken.jsonl"))
+
+
+def test_answers_are_normalised_and_options_rendered_one_way():
+    assert data_prep.normalise_answer(" \\boxed{\\frac{1}{2}} ") == "\\frac{1}{2}"
+    assert data_prep.normalise_answer("so 2 + 2 = 4.\n#### 12,345,678") == "12345678"
+    assert data_prep.normalise_answer(42) == "42"
+    assert data_prep.clean_question("<image1> Look at <image 2>  the  figure.") == "Look at the figure."
+    assert data_prep.render_choices("Pick.", ["1", " 2 "]) == "Pick.\nChoices:\n(A) 1\n(B) 2"
+    assert [data_prep.choice_letter(a, ["x", "y", "z"]) for a in ("y", "(C)", "b.", "D", "w")] == ["B", "C", "B", None, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adacs on a hand-built pool (K = 4: brackets p = 0, 1/4, 1/2, 3/4, 1).
+#   source a: L(0) = median of a0, a1, a2's traces [100, 140, 120, 160, 200, 90, 130] = 130
+#             L(1) = median of a3, a4's traces [40, 60, 50, 30] = 45
+#             targets: p=0 -> 130, p=1/4 -> 108.75, p=1/2 -> 87.5, p=1 -> 45
+#   source b: no p = 1 problem, so L(1) comes from its highest bracket, p = 1/2: median of
+#             [200, 260, 220, 240, 270, 290] = 250; L(0) = median [300, 320] = 310; target(1/2) = 280
+
+POOL = {  # id: (source, pass rate, [(length, correct), ...])
+    "a0": ("a", 0.0, [(100, False), (140, False)]),
+    "a1": ("a", 0.0, [(120, False), (160, False)]),
+    "a2": ("a", 0.0, [(200, True), (90, True), (130, False)]),     # target 130: 90 (|40|) beats 200; the exact 130 is wrong
+    "a3": ("a", 1.0, [(40, True), (60, True)]),                    # target 45: 40
+    "a4": ("a", 1.0, [(50, True), (30, True)]),                    # target 45: 50
+    "a5": ("a", 0.5, [(80, True), (100, True), (88, False)]),      # target 87.5: 80; the nearer 88 is wrong
+    "a6": ("a", 0.25, [(110, True), (95, True), (108, False)]),    # target 108.75: 110
+    "b0": ("b", 0.0, [(300, False), (320, False)]),
+    "b1": ("b", 0.5, [(200, True), (260, True)]),                  # target 280: 260
+    "b2": ("b", 0.5, [(220, True), (240, None)]),                  # 240 has no flag: graded wrong on the fly
+    "b3": ("b", 0.5, [(290, True), (270, True)]),                  # a tie at 10 tokens: the shorter, 270
+}
+CHOSEN = {"a2": 90, "a3": 40, "a4": 50, "a5": 80, "a6": 110, "b1": 260, "b2": 220, "b3": 270}
+BRACKET = {"a2": 0, "a6": 1, "a5": 2, "b1": 2, "b2": 2, "b3": 2, "a3": 4, "a4": 4}
+
+
+def pool_records() -> list[dict]:
+    out = []
+    for pid, (src, p, traces) in POOL.items():
+        for length, correct in traces:
+            boxed = "7" if correct else "5"
+            out.append(dict(id=pid, question=f"q {pid}", answer="7", images=[], source=src, pass_rate=p, length=length,
+                            response=f"<think>{pid} {length}</think> \\boxed{{{boxed}}}", correct=correct))
+    return out
+
+
+def test_adacs_anchors_targets_and_chosen_traces_match_the_hand_computation():
+    chosen, st = data_prep.adacs_curate(pool_records(), k=4, per_bracket=100)
+    assert {s: a[:2] for s, a in st["anchors"].items()} == {"a": (130, 45), "b": (310, 250)}
+    assert {s: a[2:] for s, a in st["anchors"].items()} == {"a": (0, 4), "b": (0, 2)}  # b's L(1) from p = 1/2
+    assert {r["id"]: r["length"] for r in chosen} == CHOSEN
+    targets = {r["id"]: r["target_length"] for r in chosen}
+    assert targets == {"a2": 130, "a3": 45, "a4": 45, "a5": 87.5, "a6": 108.75, "b1": 280, "b2": 280, "b3": 280}
+    assert all(r["correct"] for r in chosen) and "boxed{7}" in chosen[0]["response"]
+    assert st["dropped"] == {"a": 2, "b": 1}  # a0, a1, b0: no correct trace
+    assert st["selected"] == {0: 1, 1: 1, 2: 4, 4: 2}
+
+
+@pytest.mark.parametrize("per_bracket,counts", [(None, {0: 1, 1: 1, 2: 1, 4: 1}), (2, {0: 1, 1: 1, 2: 2, 4: 2})])
+def test_adacs_keeps_equal_counts_per_bracket(per_bracket, counts):
+    chosen, st = data_prep.adacs_curate(pool_records(), k=4, per_bracket=per_bracket, seed=3)
+    assert Counter(BRACKET[r["id"]] for r in chosen) == counts  # default: the smallest non-empty bracket, 1
+    assert all(CHOSEN[r["id"]] == r["length"] for r in chosen)  # a subset of the length-matched choices
+    assert {b: n for b, (n, _) in st["after"].items()} == counts
+
+
+def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tiny, tiny_ckpt):
+    tok = ares.tokenizer_of(tiny[1])
+    pool = [dict(r, correct=None, length=None, pass_rate=None) for r in pool_records() if r["id"] in ("b1", "b2")]
+    jsonl(tmp_path / "pool.jsonl", pool)
+    data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "4", "--model", str(tiny_ckpt),
+                    "--out", str(tmp_path / "sft.jsonl")])
+    recs = ares.load_records(str(tmp_path / "sft.jsonl"), need_response=True)
+    # pass rates from the traces' graded answers (b1: 2 of 2 right, b2: 1 of 2): brackets 4 and 2, one each
+    assert sorted((r["id"], r["pass_rate"]) for r in recs) == [("b1", 1.0), ("b2", 0.5)]
+    for r in recs:
+        assert r["length"] == len(tok(r["response"], add_special_tokens=False)["input_ids"])
+        assert r["response"].endswith("\\boxed{7}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# passrate
+
+
+def test_grading_by_hand():
+    texts = ["<think>..</think> \\boxed{3}", "\\boxed{4}", "the answer is 3", "\\boxed{1} no, \\boxed{3.0}"]
+    assert data_prep.grade(texts, "3") == [True, False, False, True]
+
+
+def test_batches_do_not_depend_on_the_number_of_ranks():
+    for n, batch in ((7, 2), (4, 4), (1, 3)):
+        one = data_prep.rank_batches(n, batch, 0, 1)
+        for world in (2, 3):
+            parts = sorted(b for r in range(world) for b in data_prep.rank_batches(n, batch, r, world))
+            assert parts == one
+        assert [i for _, idx in one for i in idx] == list(range(n))
+
+
+def test_passrate_is_k_graded_samples_and_the_same_on_one_and_two_processes(tmp_path, tiny_ckpt, demo_data):
+    K = 4
+    args = [str(a) for a in ("passrate", "--data", demo_data["test"], "--model", tiny_ckpt, "--k", K, "--limit", 4,
+                             "--max-new-tokens", 32, "--batch-size", 2, "--seed", 1, "--keep-responses")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1): the same float reductions
+    try:
+        data_prep.main(args + ["--out", str(tmp_path / "one.jsonl")])  # one process: this one
+    finally:
+        torch.set_num_threads(threads)
+    run_script(["data_prep.py"] + args + ["--out", tmp_path / "two.jsonl"], nproc=2)
+    one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
+    two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert one == two
+    traces = defaultdict(list)
+    for r in one:
+        traces[r["id"]].append(r)
+    assert len(traces) == 4 and all(len(t) == K for t in traces.values())
+    for ts in traces.values():
+        assert {t["pass_rate"] for t in ts} == {sum(t["correct"] for t in ts) / K}
+        assert ts[0]["pass_rate"] in {c / K for c in range(K + 1)}
+        assert len({t["response"] for t in ts}) > 1  # K different samples, not one repeated
+        for t in ts:
+            assert 0 <= t["length"] <= 32
+            assert t["correct"] is False or "\\boxed{" in t["response"]  # no \boxed{}, no credit
+    with Image.open(tmp_path / one[0]["images"][0]) as im:  # the demo image, referenced relative to the output
+        assert im.size == (112, 112)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# demo
+
+
+def read_grid(path) -> Counter:
+    """Colour counts of a demo image, from pixels: the centre of each of the 4 x 4 cells, classified by its
+    dominant channel (white = empty)."""
+    a = pixels(path).astype(int)
+    cell = a.shape[0] // 4
+    counts = Counter()
+    for r in range(4):
+        for c in range(4):
+            px = a[r * cell + cell // 2, c * cell + cell // 2]
+            if px.min() < 200:
+                counts[("red", "green", "blue")[int(px.argmax())]] += 1
+    return counts
+
+
+def answer_from(question: str, n: Counter) -> int:
+    """The answer recomputed from the question text and the counts read from the pixels."""
+    if m := re.fullmatch(r"How many (\w+) squares are in the image\?", question):
+        return n[m[1]]
+    if m := re.fullmatch(r"How many (\w+) and (\w+) squares are there in total\?", question):
+        return n[m[1]] + n[m[2]]
+    m = re.fullmatch(r"Multiply the number of (\w+) squares by the number of (\w+) squares, then add the number "
+                     r"of (\w+) squares\.", question)
+    return n[m[1]] * n[m[2]] + n[m[3]]
+
+
+def test_demo_answers_recomputed_from_the_pixels(demo_data):
+    for split, path in demo_data.items():
+        for line in open(path):
+            r = json.loads(line)
+            truth = answer_from(r["question"], read_grid(Path(path).parent / r["images"][0]))
+            assert r["answer"] == str(truth), (split, r["id"])
+            assert ares.extract_boxed(r["response"]) == str(truth)
+
+
+def test_demo_levels_in_every_split_and_trace_tokens_grow_with_the_level(demo_data, tiny):
+    tok = ares.tokenizer_of(tiny[1])
+    for split, path in demo_data.items():
+        by_level = defaultdict(list)
+        for line in open(path):
+            r = json.loads(line)
+            by_level[r["level"]].append(len(tok(r["response"], add_special_tokens=False)["input_ids"]))
+        assert sorted(by_level) == [1, 2, 3], split
+        assert max(by_level[1]) < min(by_level[2]) and max(by_level[2]) < min(by_level[3]), split
+        assert statistics.mean(by_level[1]) < statistics.mean(by_level[2]) < statistics.mean(by_level[3])
+
+
+def test_demo_is_deterministic_for_a_seed(tmp_path):
+    sizes = {"sft": 6, "test": 3}
+
+    def files(seed, name):
+        data_prep.make_demo(tmp_path / name, seed=seed, sizes=sizes)
+        return {p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
+
+    assert files(5, "a") == files(5, "b")
+    assert files(5, "a") != files(6, "c")
