@@ -76,7 +76,8 @@ class Config:
     stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo")
     model: str = arg("tiny", "hub name or local folder of a Qwen2/2.5/3-VL or causal LM; 'tiny' builds one offline")
     ref_model: str = arg("", "AEPO reference policy for the KL term (default: the starting --model)")
-    data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (spec §10)")
+    data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (spec §10); "
+                        "required for coldstart and aepo")
     split: str = arg("train", "split to read from a Hugging Face dataset")
     out: str = arg("runs/ares", "output folder: checkpoints, metrics.jsonl")
     seed: int = arg(0, "random seed (data order, sampling)")
@@ -97,14 +98,14 @@ class Config:
     max_prompt_len: int = arg(4096, "drop prompts longer than this many tokens (images included)")
     max_response_len: int = arg(None, "response tokens: SFT traces longer are dropped; AEPO max new tokens")
     # optimisation
-    lr: float = arg(None, "peak learning rate (coldstart 2e-5, aepo 1e-6)")
+    lr: float = arg(None, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
-    warmup_steps: int = arg(None, "linear warm-up steps (coldstart: 3% of steps, aepo: 0)")
+    warmup_steps: int = arg(None, "linear warm-up steps (coldstart default: 3% of the steps)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value")
-    batch_size: int = arg(None, "global batch: records per step (coldstart 256) or prompts per step (aepo 512)")
+    batch_size: int = arg(None, "global batch: records per step (coldstart) or prompts per step (aepo)")
     micro_batch_size: int = arg(None, "sequences per forward pass per rank (gradient accumulation covers the rest)")
     epochs: int = arg(2, "coldstart epochs (ignored when --steps is given)")
-    steps: int = arg(None, "optimizer steps (coldstart: from --epochs) or AEPO rollout steps (250)")
+    steps: int = arg(None, "optimizer steps (coldstart: from --epochs when unset) or AEPO rollout steps")
     # AEPO rollouts (spec §1-2)
     group_size: int = arg(8, "G: responses per prompt")
     branch_samples: int = arg(None, "B: responses per prompt that branch at HWE windows (default G/2; 0 = off)")
@@ -155,7 +156,7 @@ def parse_config(argv=None) -> Config:
         staged = "; ".join(f"{where} " + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
                            for where, layer in (("", STAGE_DEFAULTS), ("--model tiny:", TINY_DEFAULTS))
                            if any(f.name in d for d in layer.values())).strip()
-        if f.default is not None or staged:
+        if f.default not in (None, "") or staged:
             help_text += f" (default: {f.default if f.default is not None else staged})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -502,48 +503,66 @@ def _decoded_size(img) -> tuple[int, int]:
     return im.height, im.width
 
 
-def load_records(path: str, split: str = "train", need_response: bool = False) -> list[dict]:
-    """Read and validate every record (spec §10). Every image is decoded once here (in parallel) so that a broken
-    one fails now, not hours into training. Raises DataError naming the file, record and problem."""
+def load_records(path: str, split: str = "train", need_response: bool = False, errors: list | None = None) -> list[dict]:
+    """Read and validate every record of a file or dataset (spec §10); see check_records."""
+    base = Path(path).parent if Path(path).is_file() else Path(path)
+    return check_records(_read_rows(path, split), str(path), base, Path(path).stem, need_response, errors)
+
+
+def check_records(rows, where: str, base: Path, default_source: str, need_response: bool = False,
+                  errors: list | None = None) -> list[dict]:
+    """Validate raw rows into records: id, question, answer (and response) present, ids unique, pass_rate in
+    [0, 1], every image decoded once (in parallel) so that a broken one fails now, not hours into training.
+    A bad record raises DataError naming `where`, the record and the problem; with an `errors` list it is
+    appended there as {id, error, row} and skipped instead (evaluation reports it and goes on)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    base = Path(path).parent if Path(path).is_file() else Path(path)
     records, seen = [], set()
-    for n, row in enumerate(_read_rows(path, split)):
+
+    def fail(rid, row, problem):
+        if errors is None:
+            raise DataError(f"{where}: record {rid}: {problem}")
+        errors.append(dict(id=rid, error=problem, row=row))
+
+    for n, row in enumerate(rows):
         rid = str(row.get("id", "")).strip() or f"#{n}"
-        where = f"{path}: record {rid}"
-        for key in ("id", "question", "answer") + (("response",) if need_response else ()):
-            value = row.get(key)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise DataError(f"{where}: missing or empty field '{key}'")
-            if not isinstance(value, (str, int, float)):
-                raise DataError(f"{where}: field '{key}' must be text, got {type(value).__name__}")
-        if rid in seen:
-            raise DataError(f"{where}: duplicate id")
-        seen.add(rid)
+        missing = [k for k in ("question", "answer") + (("response",) if need_response else ())
+                   if row.get(k) is None or isinstance(row[k], str) and not row[k].strip()]
+        wrong = [k for k in ("question", "answer", "response") if row.get(k) is not None
+                 and not isinstance(row[k], (str, int, float))]
         images = row.get("images") or []
         images = list(images) if isinstance(images, (list, tuple)) else [images]
+        pass_rate = row.get("pass_rate")
         try:
             images = [image_source(img, base) for img in images]
         except TypeError as e:
-            raise DataError(f"{where}: {e}") from None
-        pass_rate = row.get("pass_rate")
-        if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
-            raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
-        records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=images,
-                            source=row.get("source") or Path(path).stem, response=row.get("response"),
-                            pass_rate=pass_rate))
-    if not records:
-        raise DataError(f"{path}: no records")
-    jobs = [(r, k) for r in records for k in range(len(r["images"]))]
+            fail(rid, row, str(e))
+            continue
+        if missing:
+            fail(rid, row, f"missing or empty field '{missing[0]}'")
+        elif wrong:
+            fail(rid, row, f"field '{wrong[0]}' must be text, got {type(row[wrong[0]]).__name__}")
+        elif rid in seen:
+            fail(f"{rid} (row {n})", row, "duplicate id")
+        elif pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
+            fail(rid, row, f"pass_rate must be a number in [0, 1], got {pass_rate!r}")
+        else:
+            seen.add(rid)
+            records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=images,
+                                source=row.get("source") or default_source, response=row.get("response"),
+                                pass_rate=pass_rate))
     with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
-        sizes = pool.map(lambda job: _try(_decoded_size, job[0]["images"][job[1]]), jobs)
-        for (r, k), size in zip(jobs, sizes):
-            if isinstance(size, Exception):
-                raise DataError(f"{path}: record {r['id']}: image {k} ({str(r['images'][k])[:80]!r}) cannot be read: "
-                                f"{size}")
-            r.setdefault("image_sizes", []).append(size)
-    return records
+        sizes = list(pool.map(lambda r: [_try(_decoded_size, im) for im in r["images"]], records))
+    good = []
+    for r, sz in zip(records, sizes):
+        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception)), None)
+        if bad:
+            fail(r["id"], r, f"image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) cannot be read: {bad[1]}")
+        else:
+            good.append(dict(r, image_sizes=sz))
+    if not good and errors is None:
+        raise DataError(f"{where}: no records")
+    return good
 
 
 def _try(fn, *args):
@@ -1055,14 +1074,14 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
     chosen: dict[int, list[int]] = {}
     points = []
     for k in order.tolist():
+        if len(points) >= budget:  # checked first: a budget of 0 chooses nothing
+            break
         r, t = int(rows[k]), int(ts[k])
         taken = chosen.setdefault(r, [])
         if t < 1 or len(taken) >= max_per_response or any(abs(t - s) < w for s in taken):
             continue
         taken.append(t)
         points.append((r, t))
-        if len(points) == budget:
-            break
     return points
 
 
@@ -1189,6 +1208,8 @@ def gathered(policy: nn.Module):
     from torch.distributed.fsdp import FSDPModule
 
     blocks = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    if isinstance(policy, FSDPModule):  # sampling calls blocks directly: make the policy FSDP's root first
+        policy._get_fsdp_state()._lazy_init()
     for m in blocks:
         m.unshard()
         if m is not policy:

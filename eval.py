@@ -1,0 +1,562 @@
+"""Evaluate checkpoints side by side: accuracy AND response length, per benchmark and difficulty (spec §9).
+
+ARES claims two things at once: higher accuracy, and fewer tokens on easy problems but more on hard ones. This
+script measures both, for one or several checkpoints in one run, so you see what AEPO did to your model:
+
+    python eval.py --model runs/ares/coldstart/final --model runs/ares/aepo/final \\
+        --name "cold start" --name "after AEPO" --data runs/ares/data/test.jsonl --out runs/eval
+    torchrun --nproc_per_node=8 eval.py --model A --model B --data mathvista-testmini --data math500 --out runs/eval
+    python eval.py --model A --data some/hub-dataset --split test --question-col problem --answer-col answer
+    python eval.py --model A --data aime25.jsonl --temperature 0.6 --top-p 0.95 --samples 16   # mean@16 and its SE
+    python eval.py --help                                          # every knob; presets: python data_prep.py convert --help
+
+What it does, in order:
+  1. Read each benchmark. Local files in our record format (spec §10) go through ares.py's reader; named presets
+     (data_prep.PRESETS) and Hugging Face datasets through data_prep.load_source (its column mapping). Every
+     record is checked on its own: one that cannot be used (missing field, unreadable image, prompt longer than
+     --max-prompt-len, an error while generating) is listed in the report and counted as WRONG: never silently
+     dropped, never the end of the run.
+  2. Generate with ares.sample, the trainer's own sampler: greedy by default, or sampled (--temperature,
+     --top-p) with --samples N responses per prompt. The usable records are cut, in benchmark order, into
+     fixed chunks of --batch-size prompts; a chunk is one sampler call whose generator is seeded from --seed and
+     the chunk's record ids (ares.sample draws one noise vector per step for its whole batch, so a seed is per
+     call). Ranks take chunks round-robin and rank 0 gathers them after every round, so the numbers do not
+     depend on the number of processes (they do depend on --batch-size when sampling).
+  3. Grade with ares.py's grader: the last \\boxed{} against the answer (extract_boxed, is_correct), and the
+     <think>...</think> + \\boxed{} format (format_ok).
+  4. Metrics per model and benchmark, overall and per difficulty bucket (`summarize`, `metric_row`).
+  5. Write <out>/responses.jsonl (every response with its verdict), <out>/results.json (every number, the
+     config) and print the table; --plot draws accuracy against mean response tokens.
+
+responses.jsonl is also the cache: re-running with the same --out reuses every response whose key (model path,
+benchmark, record id, sample index, decoding settings) is already there, and generates only the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import itertools
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import ares
+from ares import DataError, arg
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: one dataclass, every field a --flag with its help string (list fields repeat: --model A --model B).
+
+
+@dataclass
+class EvalConfig:
+    model: list = field(default_factory=list, metadata={"help": "checkpoint folder or hub name; repeat to compare "
+                                                                 "(the first is the baseline of the differences)"})
+    name: list = field(default_factory=list, metadata={"help": "display name of each --model, in order (default: "
+                                                                "from the path)"})
+    data: list = field(default_factory=list, metadata={"help": "benchmark: local JSONL/Parquet/saved dataset in our "
+                                                                "record format, a data_prep.PRESETS name, or a hub "
+                                                                "dataset; repeat for several"})
+    out: str = arg("runs/eval", "output folder: responses.jsonl (also the cache), results.json")
+    # benchmarks read through data_prep.load_source
+    preset: str = arg("", "data_prep preset (columns, split) to apply to every non-local --data")
+    split: str = arg("", "dataset split (default: the preset's, or 'test' for a local saved dataset)")
+    config: str = arg("", "hub dataset configuration (subset) name")
+    question_col: str = arg("", "column holding the question (hub datasets)")
+    answer_col: str = arg("", "column holding the final answer (hub datasets)")
+    image_col: str = arg("", "column holding the image(s) (hub datasets)")
+    id_col: str = arg("", "column holding a unique record id (hub datasets)")
+    choices_col: str = arg("", "column of multiple-choice options, rendered into the question (hub datasets)")
+    limit: int = arg(0, "evaluate only the first N records of each benchmark (0 = all)")
+    # decoding
+    max_new_tokens: int = arg(8192, "response token limit; a response that reaches it counts as truncated")
+    temperature: float = arg(0.0, "0 = greedy; > 0 samples")
+    top_p: float = arg(1.0, "nucleus mass when sampling")
+    samples: int = arg(1, "responses per prompt: accuracy is mean@N (needs --temperature > 0 when N > 1)")
+    batch_size: int = arg(64, "prompts per sampler call (each with --samples responses)")
+    max_prompt_len: int = arg(4096, "a prompt longer than this many tokens (images included) is a failed record")
+    seed: int = arg(0, "seed of the sampled decoding")
+    # report
+    bucket_by: str = arg("auto", "difficulty buckets from: auto (difficulty, else level, else pass_rate), "
+                                 "difficulty, level, pass_rate, or none")
+    plot: str = arg("", "PNG file: accuracy against mean response tokens per benchmark and model (needs matplotlib)")
+    # model
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
+    min_pixels: int = arg(56 * 56, "smallest image area after resizing")
+    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing")
+
+
+def parse_config(argv=None) -> EvalConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(EvalConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "list":
+            parser.add_argument(flag, action="append", default=[], metavar="STR", help=help)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(),
+                                help=help + (f" (default: {f.default})" if f.default != "" else ""))
+    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    if not cfg.model or not cfg.data:
+        parser.error("give at least one --model and one --data")
+    if cfg.name and len(cfg.name) != len(cfg.model):
+        parser.error(f"{len(cfg.name)} --name for {len(cfg.model)} --model")
+    if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1 or not 0 < cfg.top_p <= 1:
+        parser.error("need --samples >= 1, --batch-size >= 1, --max-new-tokens >= 1 and 0 < --top-p <= 1")
+    if cfg.samples > 1 and cfg.temperature <= 0:
+        parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
+    if cfg.bucket_by not in ("auto", "difficulty", "level", "pass_rate", "none"):
+        parser.error(f"--bucket-by must be auto, difficulty, level, pass_rate or none, not {cfg.bucket_by!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks: records as ares.load_records makes them, but checked one by one, so that a bad record is
+# reported instead of ending the run (training wants the opposite: fail before the first step).
+
+
+def column_mapping(cfg: EvalConfig) -> dict:
+    """{record field: dataset column} from the --*-col flags (only those given)."""
+    cols = dict(question=cfg.question_col, answer=cfg.answer_col, images=cfg.image_col, id=cfg.id_col,
+                choices=cfg.choices_col)
+    return {k: v for k, v in cols.items() if v}
+
+
+def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
+    """-> {name, key, records, failures}: the usable records and the rows that failed their check ({id, error}).
+    `key` names the benchmark in the cache (an absolute path for local files)."""
+    mapping = column_mapping(cfg)
+    if Path(spec).exists() and not cfg.preset and not mapping:  # our own record format
+        path = Path(spec).resolve()
+        rows = ares._read_rows(str(path), cfg.split or "test")
+        base, name, key = (path.parent if path.is_file() else path), path.stem, str(path)
+    else:  # a preset or a hub dataset: data_prep owns the column mapping (imported only when needed)
+        import data_prep
+
+        preset = cfg.preset or (spec if spec in data_prep.PRESETS else None)  # `--data mathvista-testmini` alone works
+        rows = data_prep.load_source(spec, preset=preset, mapping=mapping or None, split=cfg.split or None,
+                                     config=cfg.config or None, limit=cfg.limit or None)
+        local = Path(spec).exists()
+        base, name = Path.cwd(), Path(spec).stem if local else spec
+        key = json.dumps(dict(source=str(Path(spec).resolve()) if local else spec, preset=preset, mapping=mapping,
+                              split=cfg.split, config=cfg.config))
+    failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
+    records = ares.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
+    return dict(name=name, key=key, records=records, failures=failures)
+
+
+def pass_rate_bucket(p: float) -> str:
+    """Spec §3 cut-offs: easy if p >= 2/3, medium if 1/3 <= p < 2/3, hard if p < 1/3."""
+    return "easy" if p >= 2 / 3 else "medium" if p >= 1 / 3 else "hard"
+
+
+def bucket_field(rows: list[dict], by: str) -> str | None:
+    """The record field the buckets come from: `by`, or for 'auto' the first of difficulty, level, pass_rate
+    that any row carries; None when there is none (no per-bucket metrics)."""
+    if by == "none":
+        return None
+    for name in (("difficulty", "level", "pass_rate") if by == "auto" else (by,)):
+        if any(r.get(name) is not None for r in rows):
+            return name
+    return None
+
+
+def bucket_of(row: dict, field_name: str | None) -> str | None:
+    """A record's bucket label: the field's value as text ('easy', '3'), or pass_rate bucketed (spec §3)."""
+    value = row.get(field_name) if field_name else None
+    if value is None:
+        return None if field_name is None else "n/a"
+    return pass_rate_bucket(value) if field_name == "pass_rate" else str(value)
+
+
+def bucket_order(label: str):
+    """easy, medium, hard first, then numeric levels in order, then other labels; 'n/a' last."""
+    if label in ares.BUCKETS:
+        return 0, ares.BUCKETS.index(label), ""
+    try:
+        return 1, float(label), ""
+    except ValueError:
+        return (3 if label == "n/a" else 2), 0, label
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: pure functions of the response lines (the same dicts as in responses.jsonl).
+
+
+def metric_row(responses: list[dict], failed: list[dict], metric: str) -> dict:
+    """Metrics of one set of records. responses: one dict per response with id, correct, tokens, truncated,
+    format_ok (N per record); failed: records without any response ({id, ...}), counted as wrong.
+    With a_i = (1/N) sum_j correct_ij, the accuracy of record i over its N responses (a_i = 0 for a failed one),
+    and n records in all (failed ones included):
+      accuracy     A  = (1/n) sum_i a_i                               (pass@1 for N = 1, mean@N otherwise)
+      accuracy_se  SE = sqrt(sum_i (a_i - A)^2 / (n (n - 1)))          (standard error of the mean over problems:
+                   it holds both which problems were drawn and the decoding randomness; None when n < 2)
+    tokens (EOS included, as in training logs), truncated (hit --max-new-tokens without EOS) and format_ok are
+    over all responses. Example: two records, correct [1, 1] and [1, 0] -> A = 0.75, SE = sqrt(0.125 / 2) = 0.25."""
+    per_record: dict[str, list[float]] = {}
+    for r in responses:
+        per_record.setdefault(r["id"], []).append(float(r["correct"]))
+    acc = [sum(v) / len(v) for v in per_record.values()] + [0.0] * len(failed)
+    n, tokens = len(acc), [r["tokens"] for r in responses]
+    mean = sum(acc) / n if n else None
+    se = (sum((a - mean) ** 2 for a in acc) / (n * (n - 1))) ** 0.5 if n > 1 else None
+    share = (lambda key: sum(bool(r[key]) for r in responses) / len(responses)) if responses else (lambda key: None)
+    return dict(metric=metric, records=n, failed=len(failed), responses=len(responses), accuracy=mean,
+                accuracy_se=se, mean_tokens=sum(tokens) / len(tokens) if tokens else None,
+                median_tokens=float(statistics.median(tokens)) if tokens else None,
+                truncated=share("truncated"), format_ok=share("format_ok"))
+
+
+def summarize(responses: list[dict], failed: list[dict], samples: int = 1, field_name: str | None = None) -> dict:
+    """{'overall': metric_row, 'buckets': {label: metric_row}, 'bucket_field': field_name} of one model on one
+    benchmark. Each response and failure carries its record's 'bucket' label (None: no buckets)."""
+    metric = "pass@1" if samples == 1 else f"mean@{samples}"
+    labels = sorted({x["bucket"] for x in responses + failed if x.get("bucket") is not None}, key=bucket_order)
+    buckets = {b: metric_row([r for r in responses if r.get("bucket") == b], [f for f in failed if f.get("bucket") == b],
+                             metric) for b in labels}
+    return dict(overall=metric_row(responses, failed, metric), buckets=buckets, bucket_field=field_name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table: models side by side, the difference to the first model beside them.
+
+
+def render(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in rows)
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def num(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def delta_pct(a, b) -> str:
+    """b - a in percentage points."""
+    return "-" if a is None or b is None else f"{100 * (b - a):+.1f}"
+
+
+def delta_num(a, b, relative: bool = False) -> str:
+    """b - a, and with relative=True also (b - a) / a: the paper reports length changes in percent."""
+    if a is None or b is None:
+        return "-"
+    return f"{b - a:+.1f}" + (f" ({(b - a) / a:+.0%})" if relative and a > 0 else "")
+
+
+def bench_table(bench: str, per_model: dict[str, dict], names: list[str], decoding: str) -> str:
+    """Per difficulty bucket and overall: accuracy and mean response tokens of each model, and the differences
+    to the first model; then every overall metric."""
+    first = per_model[names[0]]
+    metric, deltas = first["overall"]["metric"], names[1:]
+    dnames = ["Δ" if len(names) == 2 else f"Δ {n}" for n in deltas]
+    lines = [f"== {bench}: {first['overall']['records']} records | {metric} | {decoding} =="]
+    rows = [["", ""] + [f"{metric} (%)"] + [""] * (len(names) + len(deltas) - 1) + ["mean response tokens"]
+            + [""] * (len(names) + len(deltas) - 1),
+            [first["bucket_field"] or "", "n"] + names + dnames + names + dnames]
+    for label in list(first["buckets"]) + ["overall"]:
+        ms = [per_model[n]["overall"] if label == "overall" else per_model[n]["buckets"].get(label, {}) for n in names]
+        a, t = [m.get("accuracy") for m in ms], [m.get("mean_tokens") for m in ms]
+        rows.append([label, str(ms[0].get("records", "-"))] + [pct(x) for x in a] + [delta_pct(a[0], x) for x in a[1:]]
+                    + [num(x) for x in t] + [delta_num(t[0], x, relative=True) for x in t[1:]])
+    lines.append(render(rows))
+    ms = [per_model[n]["overall"] for n in names]
+    detail = [["overall"] + names + dnames]
+    acc_se = [pct(m["accuracy"]) + ("" if m["accuracy_se"] is None else f" ± {pct(m['accuracy_se'])}") for m in ms]
+    detail.append([f"{metric} (%) ± SE"] + acc_se + [delta_pct(ms[0]["accuracy"], m["accuracy"]) for m in ms[1:]])
+    for key, title, fmt, dfmt in (("mean_tokens", "mean tokens", num, delta_num),
+                                  ("median_tokens", "median tokens", num, delta_num),
+                                  ("truncated", "truncated (%)", pct, delta_pct),
+                                  ("format_ok", "format ok (%)", pct, delta_pct)):
+        detail.append([title] + [fmt(m[key]) for m in ms] + [dfmt(ms[0][key], m[key]) for m in ms[1:]])
+    detail.append(["failed records"] + [str(m["failed"]) for m in ms] + [""] * len(deltas))
+    lines += ["", render(detail)]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, png: Path) -> bool:
+    """Accuracy (%) against mean response tokens: one panel per benchmark, one colour per model; the large marker
+    is the model's overall result, the small ones joined by a line are its difficulty buckets (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping --plot (pip install matplotlib)", flush=True)
+        return False
+    benches = list(results["metrics"])
+    fig, axes = plt.subplots(1, len(benches), figsize=(5 * len(benches), 4), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        for k, (name, m) in enumerate(results["metrics"][bench].items()):
+            colour = f"C{k}"
+            pts = [(b, v["mean_tokens"], v["accuracy"]) for b, v in m["buckets"].items() if v["mean_tokens"] is not None]
+            if pts:
+                ax.plot([p[1] for p in pts], [100 * p[2] for p in pts], "o-", color=colour, ms=4, lw=1, alpha=0.6)
+                for b, x, y in pts:
+                    ax.annotate(b, (x, 100 * y), fontsize=7, color=colour, xytext=(3, 3), textcoords="offset points")
+            o = m["overall"]
+            if o["mean_tokens"] is not None:
+                ax.plot([o["mean_tokens"]], [100 * o["accuracy"]], "s", color=colour, ms=9, label=name)
+        ax.set_title(bench)
+        ax.set_xlabel("mean response tokens")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation: fixed chunks of records, seeded per chunk, spread over ranks, gathered on every rank.
+
+
+def model_names(paths: list[str], names: list[str]) -> list[str]:
+    """Display names: the given ones, else the folder name (with its parent for .../final and .../step_N)."""
+    if names:
+        return list(names)
+    short = []
+    for p in paths:
+        parts = Path(p).parts
+        tail = parts[-2:] if len(parts) >= 2 and (parts[-1] == "final" or parts[-1].startswith("step_")) else parts[-1:]
+        short.append("/".join(tail) or p)
+    return short if len(set(short)) == len(short) else [f"{k + 1}:{s}" for k, s in enumerate(short)]
+
+
+def model_key(path: str, seed: int) -> str:
+    """What a model is called in the cache: the absolute folder, the hub name, or 'tiny' with its seed."""
+    if path == "tiny":
+        return f"tiny:seed{seed}"
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def decoding_key(cfg: EvalConfig) -> str:
+    """The decoding settings a response depends on (the seed only when sampling)."""
+    if cfg.temperature <= 0:
+        return f"greedy, max {cfg.max_new_tokens} new tokens"
+    return f"T={cfg.temperature}, top-p={cfg.top_p}, seed={cfg.seed}, max {cfg.max_new_tokens} new tokens"
+
+
+def response_key(model: str, bench: str, rid: str, sample: int, decoding: str) -> str:
+    return json.dumps([model, bench, rid, sample, decoding])
+
+
+def chunk_seed(seed: int, bench: str, ids: list[str]) -> int:
+    """A stable 63-bit seed from --seed, the benchmark and the chunk's record ids (Python's hash() is salted)."""
+    digest = hashlib.sha256(json.dumps([seed, bench, ids]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (the list itself on one process)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
+
+
+def generate_chunk(model, processor, ids: dict, chunk: list[dict], cfg: EvalConfig, seed: int) -> list[dict]:
+    """One sampler call: len(chunk) prompts x --samples responses, graded. -> one line per response."""
+    device = next(model.parameters()).device
+    prompts = [ares.encode_prompt(processor, r) for r in chunk]
+    gen = torch.Generator(device).manual_seed(seed)
+    out = ares.sample(model, prompts, ids=ids, max_new_tokens=cfg.max_new_tokens, repeats=cfg.samples,
+                      temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+    lengths = out["mask"].sum(1)  # (N,) response tokens, EOS included
+    tok = ares.tokenizer_of(processor)
+    lines = []
+    for i in range(len(lengths)):
+        rec, k = chunk[i // cfg.samples], i % cfg.samples  # prompt-major: the N responses of a prompt are adjacent
+        text = tok.decode(out["tokens"][i, :lengths[i]], skip_special_tokens=True)
+        pred = ares.extract_boxed(text)
+        lines.append(dict(id=rec["id"], sample=k, answer=rec["answer"], prediction=pred,
+                          correct=ares.is_correct(pred, rec["answer"]), format_ok=ares.format_ok(text),
+                          tokens=int(lengths[i]), truncated=bool(out["truncated"][i]), response=text))
+    return lines
+
+
+def generate_or_report(model, processor, ids, chunk, cfg, bench_key) -> tuple[list[dict], list[dict]]:
+    """generate_chunk, but an error costs only the records that cause it: a failing chunk is retried one record
+    at a time, and a record that still fails is returned as a failure. -> (lines, failures)."""
+    try:
+        return generate_chunk(model, processor, ids, chunk, cfg, chunk_seed(cfg.seed, bench_key, [r["id"] for r in chunk])), []
+    except Exception as e:  # noqa: BLE001 - one bad record (or an out-of-memory batch) must not end the run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(chunk) == 1:
+            return [], [dict(id=chunk[0]["id"], error=f"generation failed: {type(e).__name__}: {e}")]
+    lines, failures = [], []
+    for rec in chunk:
+        got, bad = generate_or_report(model, processor, ids, [rec], cfg, bench_key)
+        lines += got
+        failures += bad
+    return lines, failures
+
+
+def check_prompts(processor, records: list[dict], max_len: int) -> tuple[list[dict], list[dict]]:
+    """Split records into usable ones and failures ({id, error}): too long for --max-prompt-len, or not
+    encodable by this model (e.g. images for a text-only model)."""
+    usable, failures = [], []
+    for r in records:
+        try:
+            n = ares.prompt_length(processor, r)
+        except Exception as e:  # noqa: BLE001 - reported per record
+            failures.append(dict(id=r["id"], error=f"prompt cannot be encoded: {e}"))
+            continue
+        if n > max_len:
+            failures.append(dict(id=r["id"], error=f"prompt has {n} tokens, more than --max-prompt-len {max_len}"))
+        else:
+            usable.append(r)
+    return usable, failures
+
+
+def read_cache(path: Path) -> dict:
+    """key -> response line of an earlier run (a line cut short by a crash is skipped)."""
+    cache = {}
+    if path.is_file():
+        for line in open(path):
+            try:
+                row = json.loads(line)
+                cache[row["key"]] = row
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return cache
+
+
+def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict, cfg: EvalConfig, cache: dict,
+                  writer) -> tuple[dict, list[dict], int, int]:
+    """One model on one benchmark: generate what the cache lacks (chunks dealt round-robin to ranks, gathered on
+    every rank after each round, appended to responses.jsonl by rank 0), then summarize.
+    -> (summary, failures, responses generated, responses reused)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    decoding = decoding_key(cfg)
+    key = lambda rid, k: response_key(mkey, bench["key"], rid, k, decoding)  # noqa: E731
+    usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
+    failed = [dict(id=f["id"], error=f["error"]) for f in bench["failures"]] + failed
+    chunks = [usable[i:i + cfg.batch_size] for i in range(0, len(usable), cfg.batch_size)]  # fixed by the data alone
+    todo = [c for c in chunks if any(key(r["id"], k) not in cache for r in c for k in range(cfg.samples))]
+    n_cached = sum(key(r["id"], k) in cache for r in usable for k in range(cfg.samples))
+    n_new = 0
+    bar = tqdm(total=sum(map(len, todo)), desc=f"{name} | {bench['name']}", disable=rank != 0, dynamic_ncols=True)
+    for start in range(0, len(todo), world):  # one round: every rank one chunk, then gather
+        mine = todo[start + rank] if start + rank < len(todo) else []
+        lines, bad = generate_or_report(model, processor, ids, mine, cfg, bench["key"]) if mine else ([], [])
+        lines, bad = gather(lines), gather(bad)
+        failed += bad
+        for line in lines:
+            line = dict(key=key(line["id"], line["sample"]), model=name, model_path=mkey, benchmark=bench["name"],
+                        benchmark_key=bench["key"], decoding=decoding, **line)
+            if line["key"] in cache:  # a chunk regenerated for a missing sample: keep what was cached
+                continue
+            cache[line["key"]] = line
+            n_new += 1
+            if writer:
+                writer.write(json.dumps(line) + "\n")
+        if writer:
+            writer.flush()  # a crash loses at most one round
+        bar.update(sum(map(len, todo[start:start + world])))
+    bar.close()
+    labels = {r["id"]: bucket_of(r, bench["field"]) for r in bench["records"]}
+    labels.update({f["id"]: bucket_of(f["row"], bench["field"]) for f in bench["failures"]})
+    failed_ids = {f["id"] for f in failed}
+    responses = [dict(cache[key(r["id"], k)], bucket=labels[r["id"]]) for r in usable if r["id"] not in failed_ids
+                 for k in range(cfg.samples)]
+    failed = [dict(f, bucket=labels.get(f["id"])) for f in failed]
+    return summarize(responses, failed, cfg.samples, bench["field"]), failed, n_new, n_cached
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run every model on every benchmark and return the results dict (on every rank; rank 0 writes the files)."""
+    rank, world, device = ares.init_distributed()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = read_cache(out / "responses.jsonl")
+    ares.barrier()  # every rank has read the cache before rank 0 appends to it
+    benches = [load_benchmark(spec, cfg) for spec in cfg.data]
+    for k, b in enumerate(benches):  # two files called test.jsonl: keep both apart in the table and the JSON
+        if [c["name"] for c in benches].count(b["name"]) > 1:
+            b["name"] = f"{b['name']}#{k + 1}"
+    for b in benches:
+        b["field"] = bucket_field(b["records"] + [f["row"] for f in b["failures"]], cfg.bucket_by)
+    names, decoding = model_names(cfg.model, cfg.name), decoding_key(cfg)
+    load_cfg = ares.Config(dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    writer = open(out / "responses.jsonl", "a") if rank == 0 else None
+    metrics, failures, counts = {b["name"]: {} for b in benches}, [], dict(generated=0, cached=0)
+    for path, name in zip(cfg.model, names):
+        model, processor = ares.load_model(path, load_cfg, device)
+        model.eval()
+        ids = ares.special_ids(model, processor)
+        for b in benches:
+            t0 = time.time()
+            summary, failed, n_new, n_cached = run_benchmark(model, processor, ids, name, model_key(path, cfg.seed), b,
+                                                             cfg, cache, writer)
+            metrics[b["name"]][name] = summary
+            failures += [dict(model=name, benchmark=b["name"], **f) for f in failed]
+            counts["generated"] += n_new
+            counts["cached"] += n_cached
+            ares.rank0_print(f"{name} on {b['name']}: {n_cached} responses from the cache, {n_new} generated, "
+                             f"{len(failed)} failed records ({time.time() - t0:.0f}s)")
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if writer:
+        writer.close()
+    table = "\n\n".join(bench_table(b["name"], metrics[b["name"]], names, decoding) for b in benches)
+    if failures:
+        table += f"\n\n{len(failures)} failed records (counted as wrong; all in results.json):\n" + "\n".join(
+            f"  {f['model']} | {f['benchmark']} | {f['id']}: {f['error']}" for f in failures[:10])
+        table += "\n  ..." if len(failures) > 10 else ""
+    results = dict(config=dataclasses.asdict(cfg), world_size=world, decoding=decoding,
+                   models=[dict(name=n, path=p, key=model_key(p, cfg.seed)) for n, p in zip(names, cfg.model)],
+                   benchmarks={b["name"]: dict(key=b["key"], records=len(b["records"]) + len(b["failures"]),
+                                               bucket_field=b["field"]) for b in benches},
+                   metrics=metrics, failures=failures, table=table, **counts)
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def compare(models: list[str], data: str, out: Path, names: list[str] | None = None, max_new_tokens: int = 96,
+            temperature: float = 0.0, top_p: float = 1.0, samples: int = 1, batch_size: int = 64) -> dict:
+    """Evaluate `models` on one benchmark file and return the results dict; results['table'] is the printed table
+    (per difficulty level and overall: accuracy and mean response tokens of each model, and the difference).
+    Works in one process and when every torchrun rank calls it (each rank gets the same dict)."""
+    cfg = EvalConfig(model=[str(m) for m in models], name=list(names or []), data=[str(data)], out=str(out),
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, samples=samples,
+                     batch_size=batch_size)
+    return evaluate(cfg)
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        results = evaluate(cfg)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "
+                  f"{Path(cfg.out) / 'responses.jsonl'}", flush=True)
+            if cfg.plot and plot_results(results, Path(cfg.plot)):
+                print(f"plot: {cfg.plot}", flush=True)
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

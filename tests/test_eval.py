@@ -1,0 +1,217 @@
+"""eval.py: metrics against hand-computed values; end to end on the tiny model (1 process == 2 processes, the
+cache, failed records), two models side by side, and the plot."""
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_script
+
+import ares
+
+ev = importlib.import_module("eval")  # `import eval` would shadow the builtin eval() here
+
+
+def line(rid, correct, tokens, truncated=False, fmt=False, bucket=None, sample=0):
+    return dict(id=rid, sample=sample, correct=correct, tokens=tokens, truncated=truncated, format_ok=fmt, bucket=bucket)
+
+
+# Four records x 2 samples and one failed record; every value below is worked out by hand in the comments.
+HAND = [  # id, bucket, (correct, tokens, truncated, format_ok) per sample
+    ("e1", "easy", [(1, 10, 0, 1), (1, 20, 0, 1)]),
+    ("e2", "easy", [(1, 30, 0, 1), (0, 40, 1, 0)]),
+    ("h1", "hard", [(0, 50, 0, 0), (0, 100, 1, 0)]),
+    ("h2", "hard", [(0, 60, 0, 1), (1, 70, 0, 0)]),
+]
+
+
+def hand_jsonl(path: Path) -> Path:
+    with open(path, "w") as fh:
+        for rid, bucket, samples in HAND:
+            for k, (c, n, t, f) in enumerate(samples):
+                fh.write(json.dumps(line(rid, bool(c), n, bool(t), bool(f), bucket, k)) + "\n")
+    return path
+
+
+def test_metrics_match_hand_computed_values_per_bucket_and_mean_at_n(tmp_path):
+    responses = [json.loads(x) for x in open(hand_jsonl(tmp_path / "responses.jsonl"))]
+    failed = [dict(id="e3", error="unreadable image", bucket="easy")]
+    got = ev.summarize(responses, failed, samples=2, field_name="difficulty")
+    # per-record accuracy a = e1 1, e2 .5, h1 0, h2 .5, e3 0 (failed counts as wrong); A = 2/5
+    # SE = sqrt(sum (a - .4)^2 / (5 * 4)) = sqrt((.36 + .01 + .16 + .01 + .16) / 20) = sqrt(.035)
+    # tokens 10 20 30 40 50 100 60 70: mean 380/8, median (40 + 50)/2; truncated 2/8; format 4/8
+    assert got["overall"] == pytest.approx(dict(
+        metric="mean@2", records=5, failed=1, responses=8, accuracy=0.4, accuracy_se=math.sqrt(0.035),
+        mean_tokens=47.5, median_tokens=45.0, truncated=0.25, format_ok=0.5))
+    # easy: a = 1, .5, 0 -> A = .5, SE = sqrt(.5 / 6); tokens 10 20 30 40; truncated 1/4; format 3/4
+    assert got["buckets"]["easy"] == pytest.approx(dict(
+        metric="mean@2", records=3, failed=1, responses=4, accuracy=0.5, accuracy_se=math.sqrt(0.5 / 6),
+        mean_tokens=25.0, median_tokens=25.0, truncated=0.25, format_ok=0.75))
+    # hard: a = 0, .5 -> A = .25, SE = sqrt(.125 / 2) = .25; tokens 50 100 60 70
+    assert got["buckets"]["hard"] == pytest.approx(dict(
+        metric="mean@2", records=2, failed=0, responses=4, accuracy=0.25, accuracy_se=0.25,
+        mean_tokens=70.0, median_tokens=65.0, truncated=0.25, format_ok=0.25))
+    assert list(got["buckets"]) == ["easy", "hard"] and got["bucket_field"] == "difficulty"
+
+
+def test_pass_at_1_standard_error_and_no_buckets():
+    got = ev.summarize([line("a", True, 5), line("b", False, 7), line("c", True, 9), line("d", True, 3)], [])
+    # A = 3/4; SE = sqrt((3 * .25^2 + .75^2) / (4 * 3)) = sqrt(.75 / 12) = .25; median of 3 5 7 9 = 6
+    assert got["overall"]["metric"] == "pass@1" and got["buckets"] == {}
+    assert got["overall"]["accuracy"] == pytest.approx(0.75) and got["overall"]["accuracy_se"] == pytest.approx(0.25)
+    assert got["overall"]["mean_tokens"] == 6.0 and got["overall"]["median_tokens"] == 6.0
+
+
+def test_pass_rate_buckets_use_spec_cutoffs():
+    # spec §3 with 8 samples: easy = 6-8 correct, medium = 3-5, hard = 0-2
+    assert [ev.pass_rate_bucket(k / 8) for k in range(9)] == ["hard"] * 3 + ["medium"] * 3 + ["easy"] * 3
+    assert ev.pass_rate_bucket(2 / 3) == "easy" and ev.pass_rate_bucket(1 / 3) == "medium"
+    rows = [dict(pass_rate=0.9), dict(pass_rate=None)]
+    assert ev.bucket_field(rows, "auto") == "pass_rate"
+    assert [ev.bucket_of(r, "pass_rate") for r in rows] == ["easy", "n/a"]
+    assert ev.bucket_field([dict(level=2, difficulty="medium")], "auto") == "difficulty"
+    assert ev.bucket_field([dict(level=2, difficulty="medium")], "level") == "level"
+    assert ev.bucket_field([dict(question="q")], "auto") is None
+
+
+def test_table_shows_models_side_by_side_with_differences(tmp_path):
+    responses = [json.loads(x) for x in open(hand_jsonl(tmp_path / "responses.jsonl"))]
+    a = ev.summarize(responses, [dict(id="e3", bucket="easy")], 2, "difficulty")
+    b = ev.summarize([line(rid, True, 10, bucket=bk, sample=k) for rid, bk in
+                      (("e1", "easy"), ("e2", "easy"), ("e3", "easy"), ("h1", "hard"), ("h2", "hard")) for k in (0, 1)],
+                     [], 2, "difficulty")
+    table = ev.bench_table("hand", {"A": a, "B": b}, ["A", "B"], "greedy")
+    rows = {r.split()[0]: r.split() for r in table.splitlines()[2:6]}
+    # label, n, acc A, acc B, Δ, tokens A, tokens B, Δ (relative); B is right everywhere with 10 tokens each
+    assert rows["easy"] == ["easy", "3", "50.0", "100.0", "+50.0", "25.0", "10.0", "-15.0", "(-60%)"]
+    assert rows["hard"] == ["hard", "2", "25.0", "100.0", "+75.0", "70.0", "10.0", "-60.0", "(-86%)"]
+    assert rows["overall"] == ["overall", "5", "40.0", "100.0", "+60.0", "47.5", "10.0", "-37.5", "(-79%)"]
+    assert "A" in table.splitlines()[2] and "B" in table.splitlines()[2] and "Δ" in table.splitlines()[2]
+
+
+def test_a_failing_record_is_reported_not_fatal(monkeypatch):
+    def fake(model, processor, ids, chunk, cfg, seed):
+        if any(r["id"] == "bad" for r in chunk):
+            raise RuntimeError("boom")
+        return [dict(id=r["id"], sample=0) for r in chunk]
+
+    monkeypatch.setattr(ev, "generate_chunk", fake)
+    chunk = [dict(id=i) for i in ("a", "bad", "c")]
+    lines, failures = ev.generate_or_report(None, None, None, chunk, ev.EvalConfig(), "bench")
+    assert [x["id"] for x in lines] == ["a", "c"]
+    assert failures == [dict(id="bad", error="generation failed: RuntimeError: boom")]
+
+
+def test_column_mapping_goes_through_data_prep(tmp_path):
+    path = tmp_path / "mapped.jsonl"
+    path.write_text(json.dumps(dict(problem="What is 2*3?", final="6", uid="b", level=3)) + "\n")
+    cfg = ev.parse_config(["--model", "m", "--data", str(path), "--question-col", "problem", "--answer-col", "final",
+                           "--id-col", "uid"])
+    got = ev.load_benchmark(str(path), cfg)
+    assert got["name"] == "mapped" and got["failures"] == []
+    (rec,) = got["records"]
+    assert (rec["id"], rec["question"], rec["answer"], rec["images"], rec["level"]) == ("b", "What is 2*3?", "6", [], 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end on the tiny model: six demo records plus one with an unreadable image and one over-long prompt.
+
+
+@pytest.fixture(scope="module")
+def bench(demo_data, tmp_path_factory) -> Path:
+    src = Path(demo_data["test"])
+    rows = [json.loads(x) for x in open(src)][:6]
+    for r in rows:
+        r["images"] = [str(src.parent / p) for p in r["images"]]
+    rows += [dict(rows[0], id="bad-image", images=[str(src.parent / "missing.png")]),
+             dict(rows[1], id="too-long", question=rows[1]["question"] * 60)]
+    path = tmp_path_factory.mktemp("bench") / "six.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_one_and_two_processes_agree_and_the_cache_is_reused(tmp_path, tiny_ckpt, bench, capsys):
+    args = ["eval.py", "--model", tiny_ckpt, "--data", bench, "--max-new-tokens", 24, "--max-prompt-len", 512,
+            "--temperature", 1.0, "--samples", 2, "--batch-size", 2]  # sampled, 3 chunks: 2 ranks share them
+    run_script(args + ["--out", tmp_path / "one"])
+    run_script(args + ["--out", tmp_path / "two"], nproc=2)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["metrics"] == two["metrics"] and one["failures"] == two["failures"]
+    lines = {d: [json.loads(x) for x in open(tmp_path / d / "responses.jsonl")] for d in ("one", "two")}
+    assert {x["key"]: x["response"] for x in lines["one"]} == {x["key"]: x["response"] for x in lines["two"]}
+    # the JSONL holds every response with its verdict; the JSON's numbers follow from it
+    rs = lines["one"]
+    assert len(rs) == 6 * 2 and {(x["id"], x["sample"]) for x in rs} == {(f"test-{i:05d}", k) for i in range(6) for k in (0, 1)}
+    for x in rs:
+        assert x["correct"] == ares.is_correct(ares.extract_boxed(x["response"]), x["answer"]) and 1 <= x["tokens"] <= 24
+    (m,) = one["metrics"]["six"].values()  # one model
+    assert m["overall"]["records"] == 8 and m["overall"]["failed"] == 2 and m["overall"]["metric"] == "mean@2"
+    assert m["overall"]["mean_tokens"] == pytest.approx(sum(x["tokens"] for x in rs) / len(rs))
+    assert m["overall"]["truncated"] == pytest.approx(sum(x["truncated"] for x in rs) / len(rs))
+    assert sorted(m["buckets"]) == ["easy", "hard", "medium"]
+    assert sum(b["records"] for b in m["buckets"].values()) == 8
+    errors = {f["id"]: f["error"] for f in one["failures"]}
+    assert set(errors) == {"bad-image", "too-long"} and "cannot be read" in errors["bad-image"]
+    assert "--max-prompt-len 512" in errors["too-long"]
+    # second run into the same folder (in this process: no start-up cost): nothing is generated, same numbers
+    capsys.readouterr()
+    ev.main([str(a) for a in args[1:]] + ["--out", str(tmp_path / "one")])
+    rerun = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert (rerun["generated"], rerun["cached"], one["generated"]) == (0, 12, 12)
+    assert "12 responses from the cache, 0 generated" in capsys.readouterr().out
+    assert rerun["metrics"] == one["metrics"]
+    assert len(open(tmp_path / "one" / "responses.jsonl").readlines()) == 12
+
+
+@pytest.fixture(scope="module")
+def terse_ckpt(tmp_path_factory) -> Path:
+    """The tiny model edited to answer at once: its end-of-turn embedding (tied to the output layer) is made the
+    top logit wherever the random model would repeat '\\n', so its responses are 1 token instead of 24."""
+    model, processor = ares.build_tiny(seed=0)
+    tok = ares.tokenizer_of(processor)
+    newline, eot = tok("\n", add_special_tokens=False)["input_ids"][0], tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[eot] = 1.05 * emb[newline]
+    out = tmp_path_factory.mktemp("terse")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_two_models_side_by_side_then_compare_reads_the_cache(tmp_path, tiny_ckpt, terse_ckpt, bench, capsys):
+    out = tmp_path / "eval"
+    ev.main(["--model", str(tiny_ckpt), "--model", str(terse_ckpt), "--name", "tiny", "--name", "terse",
+             "--data", str(bench), "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    m = res["metrics"]["six"]
+    assert res["table"] in printed
+    header, overall = res["table"].splitlines()[2].split(), res["table"].splitlines()[6].split()
+    assert header == ["difficulty", "n", "tiny", "terse", "Δ", "tiny", "terse", "Δ"]
+    dt = m["terse"]["overall"]["mean_tokens"] - m["tiny"]["overall"]["mean_tokens"]
+    assert dt < 0 and overall[0] == "overall" and overall[7] == f"{dt:+.1f}"  # the terse model writes less
+    assert m["tiny"]["overall"]["truncated"] == 1.0 and m["terse"]["overall"]["truncated"] == 0.0
+    # compare() (what `python ares.py` calls) with the same settings: every response comes from the cache
+    again = ev.compare([str(tiny_ckpt), str(terse_ckpt)], str(bench), out, names=["tiny", "terse"], max_new_tokens=24)
+    assert again["generated"] == 0 and again["cached"] == 2 * 7 and again["table"] == res["table"]
+
+
+def test_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    responses = [json.loads(x) for x in open(hand_jsonl(tmp_path / "r.jsonl"))]
+    results = dict(metrics={"hand": {"A": ev.summarize(responses, [], 2, "difficulty"),
+                                     "B": ev.summarize(responses[:4], [], 2, "difficulty")}})
+    assert ev.plot_results(results, tmp_path / "p.png")
+    data = (tmp_path / "p.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert not ev.plot_results(dict(metrics={}), tmp_path / "p.png")
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
