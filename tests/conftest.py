@@ -44,7 +44,7 @@ def tiny_ckpt(tmp_path_factory, tiny) -> Path:
 def run_script(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
     """Run `python <args>` (or `torchrun --nproc_per_node=nproc <args>`) offline on the CPU; fail with its output."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0"]
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
                               if nproc > 1 else []) + [str(a) for a in args]
     res = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"

@@ -1,0 +1,536 @@
+"""Issue 4, the AEPO stage: the sampler (log-probs, entropies, top-p, EOS), HWE-triggered branching rollouts, the
+direction of the update, the loop end to end in one process and under torchrun (DDP and FSDP2), exact resume, and
+degenerate batches.
+
+References are independent of the code under test: a plain `model(...)` forward over the whole sequence (the model
+derives its own 3-D rotary positions from `mm_token_type_ids`), numpy's nucleus distribution, plain Python loops
+for window entropies, tau and branch-point selection, and a second (uninterrupted, or other-rank) run.
+"""
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import random
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_script
+from safetensors.torch import load_file
+
+import ares
+
+T_SAMPLE, TOP_P = 0.8, 0.95
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads; on a shared 2-core machine two spinning threads per process
+    make in-process runs several times slower (the torchrun workers use OMP_NUM_THREADS=1 too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def placeholder_ids(model) -> list[int]:
+    """The policy never emits an image/video placeholder: they are outside its distribution (ares.banned_tokens)."""
+    return [model.config.image_token_id, model.config.video_token_id]
+
+
+def encoded_prompts(processor, demo_file, picks) -> list[dict]:
+    records = ares.load_records(str(demo_file))
+    out = []
+    for k in picks:
+        record = records[k] if isinstance(k, int) else dict(records[0], id="text-only", images=[], question=k)
+        out.append(ares.encode_prompt(processor, record))
+    return out
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt: dict, tokens: torch.Tensor, start: int, temperature: float):
+    """log p and entropy of tokens[start:] given prompt + tokens[:start], from ONE plain forward over the unpadded
+    sequence: logits / T over the vocabulary without the placeholders, log_softmax, gather. -> (n,), (n,)."""
+    seq = torch.cat([prompt["ids"], tokens])[None]  # (1, P + n)
+    kw = dict(input_ids=seq, attention_mask=torch.ones_like(seq),
+              mm_token_type_ids=(seq == model.config.image_token_id).int())
+    if prompt["pixel_values"] is not None:
+        kw.update(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
+    P = len(prompt["ids"])
+    logits = model(**kw).logits[0, P + start - 1:-1].float()  # position P + k - 1 predicts token k
+    logits[:, placeholder_ids(model)] = -float("inf")
+    logp = torch.log_softmax(logits / temperature, -1)
+    entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    return logp.gather(1, tokens[start:, None])[:, 0], entropy
+
+
+def special_ids_with_extra_stops(model, processor, extra=range(100, 160)) -> dict:
+    """The tiny random model almost never says <|im_end|>: widen the stop set so that rows end at ragged lengths."""
+    ids = dict(ares.special_ids(model, processor))
+    ids["stop"] = sorted(set(ids["stop"]) | set(extra))
+    return ids
+
+
+def check_rows_end_properly(out: dict, stop: list[int], pad: int, budgets: list[int]):
+    """Each row: a contiguous mask from position 0; a stop token ends it (nothing after it but padding with
+    log-prob and entropy 0); a row without a stop token used its whole budget and is flagged truncated."""
+    stop = set(stop)
+    for i, budget in enumerate(budgets):
+        n = int(out["mask"][i].sum())
+        assert out["mask"][i, :n].all() and not out["mask"][i, n:].any()
+        assert (out["tokens"][i, n:] == pad).all()
+        assert (out["logprobs"][i, n:] == 0).all() and (out["entropy"][i, n:] == 0).all()
+        body = out["tokens"][i, :n].tolist()
+        assert not stop & set(body[:-1]), f"row {i} continued after a stop token"
+        assert 1 <= n <= budget
+        assert bool(out["truncated"][i]) == (body[-1] not in stop)
+        if body[-1] not in stop:
+            assert n == budget
+
+
+def aepo_args(data, out, model, *extra) -> list[str]:
+    """A small AEPO run: 2 prompts x G = 4 per step, at most 16 new tokens (no --out when out is None)."""
+    return ["--stage", "aepo", "--model", str(model), "--data", str(data), *(["--out", str(out)] if out else []),
+            "--batch-size", "2", "--group-size", "4", "--max-response-len", "16", "--log-samples-every", "0",
+            *map(str, extra)]
+
+
+def checkpoint_params(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def saved_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)["state"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampler
+
+
+def test_sampler_logprobs_and_entropies_match_teacher_forcing(tiny, demo_data):
+    """Images, a text-only prompt, left padding (prompts of three lengths), `repeats`, ragged stops, rows dropped
+    from the batch as they finish, and branch prefixes: every sampled token's log-prob and entropy equal those of a
+    teacher-forced plain forward to 1e-4 (fp32), and so do the trainer's (make_batch + Policy, right padding)."""
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"])
+    assert len({len(p["ids"]) for p in prompts}) >= 3
+    ids = special_ids_with_extra_stops(model, processor)
+    out = ares.sample(model, prompts, ids=ids, max_new_tokens=16, repeats=2, temperature=T_SAMPLE, top_p=TOP_P,
+                      generator=torch.Generator().manual_seed(0))
+    lengths = out["mask"].sum(1)
+    assert out["tokens"].shape[0] == 8 and len(set(lengths.tolist())) >= 3, lengths  # ragged
+    assert out["truncated"].any() and not out["truncated"].all()
+    check_rows_end_properly(out, ids["stop"], ids["pad"], [16] * 8)
+    rows = [prompts[i // 2] for i in range(8)]
+    responses = [out["tokens"][i, :lengths[i]] for i in range(8)]
+    for i in range(8):
+        assert not set(responses[i].tolist()) & set(placeholder_ids(model))
+        logp, ent = teacher_forced(model, rows[i], responses[i], 0, T_SAMPLE)
+        torch.testing.assert_close(out["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
+    batch = ares.make_batch(model, rows, responses, ids["pad"], "cpu")
+    with torch.no_grad():
+        logp, ent = ares.Policy(model)(batch, T_SAMPLE, with_entropy=True)
+    m = batch["resp_mask"]
+    assert torch.equal(m, out["mask"][:, :m.shape[1]])
+    assert (logp - out["logprobs"][:, :m.shape[1]]).abs()[m].max() < 1e-4
+    assert (ent - out["entropy"][:, :m.shape[1]]).abs()[m].max() < 1e-4
+
+    # branches: continue rows 0, 3 and 6 from their own first tokens, with different budgets
+    parents, cuts, budgets = [0, 3, 6], [1, 3, 2], [5, 9, 12]
+    prefixes = [responses[r][:t].tolist() for r, t in zip(parents, cuts)]
+    assert all(len(x) == t for x, t in zip(prefixes, cuts))
+    cont = ares.sample(model, [rows[r] for r in parents], ids=ids, budgets=budgets, prefixes=prefixes,
+                       temperature=T_SAMPLE, top_p=TOP_P, generator=torch.Generator().manual_seed(1))
+    check_rows_end_properly(cont, ids["stop"], ids["pad"], budgets)
+    for k, (r, t) in enumerate(zip(parents, cuts)):
+        n = int(cont["mask"][k].sum())
+        full = torch.cat([torch.tensor(prefixes[k], dtype=torch.long), cont["tokens"][k, :n]])
+        logp, ent = teacher_forced(model, rows[r], full, t, T_SAMPLE)
+        torch.testing.assert_close(cont["logprobs"][k, :n], logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(cont["entropy"][k, :n], ent, atol=1e-4, rtol=0)
+
+
+def test_eos_stops_a_row_and_pads_it(tiny, demo_data):
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1])
+    ids = ares.special_ids(model, processor)
+    eos_model = copy.deepcopy(model)  # the same model with <|im_end|> made likely (about 1 in 5 per step)
+    bias = torch.zeros(model.config.get_text_config().vocab_size)
+    bias[ids["eot"]] = 5.0
+    eos_model.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + bias)
+    out = ares.sample(eos_model, prompts, ids=ids, max_new_tokens=12, repeats=4, temperature=1.0, top_p=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    check_rows_end_properly(out, ids["stop"], ids["pad"], [12] * 8)
+    lengths = out["mask"].sum(1)
+    ended = [i for i in range(8) if out["tokens"][i, lengths[i] - 1] == ids["eot"]]
+    assert 2 <= len(ended) and len(set(lengths[ended].tolist())) >= 2, lengths  # ragged EOS
+    assert not out["truncated"][ended].any()
+    for i in range(8):  # the EOS token's own log-prob is part of the response
+        logp, _ = teacher_forced(eos_model, prompts[i // 4], out["tokens"][i, :lengths[i]], 0, 1.0)
+        torch.testing.assert_close(out["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.8), (1.3, 1.0), (1.0, 0.5)])
+def test_sample_token_draws_from_the_top_p_nucleus_of_softmax_over_temperature(temperature, top_p):
+    z = torch.tensor([2.0, 1.4, 1.1, 0.3, -0.5, -1.7, -3.0])  # distinct probabilities: no ties at the cut
+    n = 40_000
+    logits = z.repeat(n, 1)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    tok, logp, entropy = ares.sample_token(logits, temperature, top_p, u)
+    # numpy reference: p = softmax(z / T); the nucleus is the smallest set of most likely tokens with mass >= top_p
+    p = np.exp(z.double().numpy() / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    k = int(np.searchsorted(np.cumsum(p[order]), top_p - 1e-12) + 1) if top_p < 1 else len(p)
+    q = np.zeros_like(p)
+    q[order[:k]] = p[order[:k]] / p[order[:k]].sum()
+    freq = np.bincount(tok.numpy(), minlength=len(p)) / n
+    assert (freq[q == 0] == 0).all(), "a token outside the nucleus was sampled"
+    tv = 0.5 * np.abs(freq - q).sum()
+    assert tv < 0.015, (tv, freq, q)  # E[TV] ~ 0.003 at n = 40k; 0.015 is > 5 standard deviations
+    np.testing.assert_allclose(logp.numpy(), np.log(p)[tok.numpy()], atol=1e-5)  # untruncated log-prob
+    np.testing.assert_allclose(entropy.numpy(), -(p * np.log(p)).sum(), atol=1e-5)
+
+
+def test_sample_token_at_temperature_zero_is_greedy():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(3))
+    tok, logp, _ = ares.sample_token(logits, 0.0, 0.9, torch.rand(5))
+    assert torch.equal(tok, logits.argmax(-1))
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).max(-1).values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Branching
+
+
+def python_window_entropy(H: list[float], w: int) -> list[float | None]:
+    return [sum(H[t:t + w]) / w if t + w <= len(H) else None for t in range(len(H))]
+
+
+def reference_branch_points(hbar: list[list[float | None]], hwe: list[list[bool]], budget: int, max_per: int, w: int):
+    """Spec §2 step 3 as a plain loop: candidates by decreasing Hbar (ties: row-major order), skip t = 0, at most
+    max_per per parent, at least w apart within a parent, at most budget in all."""
+    cands = sorted(((hbar[r][t], r, t) for r in range(len(hwe)) for t in range(len(hwe[r])) if hwe[r][t]),
+                   key=lambda c: -c[0])
+    chosen = []
+    for _, r, t in cands:
+        mine = [s for q, s in chosen if q == r]
+        if t >= 1 and len(mine) < max_per and all(abs(t - s) >= w for s in mine) and len(chosen) < budget:
+            chosen.append((r, t))
+    return chosen
+
+
+def test_choose_branch_points_obeys_its_constraints_against_brute_force():
+    rng = random.Random(0)
+    for trial in range(300):
+        n, R = rng.randint(1, 3), rng.randint(1, 9)
+        w, budget, max_per = rng.randint(1, 3), rng.randint(0, 5), rng.randint(1, 3)
+        hbar = [[rng.random() for _ in range(R)] for _ in range(n)]
+        hwe = [[rng.random() < 0.5 for _ in range(R)] for _ in range(n)]
+        got = ares.choose_branch_points(torch.tensor(hbar), torch.tensor(hwe), budget, max_per, w)
+        got = [(int(r), int(t)) for r, t in got]
+        assert got == reference_branch_points(hbar, hwe, budget, max_per, w), (trial, got)
+
+        def feasible(points):
+            for r in range(n):
+                ts = [t for q, t in points if q == r]
+                if len(ts) > max_per or any(abs(a - b) < w for a, b in itertools.combinations(ts, 2)):
+                    return False
+            return len(points) <= budget and all(hwe[r][t] and t >= 1 for r, t in points)
+
+        # brute force over every candidate: the choice is feasible and maximal (nothing more could be added)
+        assert feasible(got)
+        others = [(r, t) for r in range(n) for t in range(R) if (r, t) not in got]
+        assert not any(feasible(got + [c]) for c in others)
+
+
+def rollout_config(**kw) -> ares.Config:
+    cfg = ares.Config(stage="aepo", model="tiny", data="unused", group_size=4, branch_samples=2, max_response_len=16,
+                      window=2, entropy_quantile=0.5, max_branches_per_response=1, temperature=T_SAMPLE, top_p=TOP_P)
+    return ares.resolve_stage_defaults(dataclasses.replace(cfg, **kw), "aepo")
+
+
+def test_branches_continue_their_parents_and_train_only_their_own_tokens(tiny, demo_data):
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2])
+    cfg = rollout_config()
+    G, B, w = cfg.group_size, cfg.branch_samples, cfg.window
+    ids = ares.special_ids(model, processor)
+    ro = ares.rollout_groups(model, prompts, cfg, ids, torch.Generator().manual_seed(0))
+    N = len(prompts) * G
+    assert ro["tokens"].shape[0] == N and ro["parent"].shape == (N,) and ro["branch_at"].shape == (N,)
+    lengths = ro["resp_mask"].sum(1)
+    fresh = [i for i in range(N) if ro["parent"][i] < 0]
+    # tau: mean over the first-pass responses of each one's q-quantile of token entropies (numpy's linear quantile)
+    first = [i for i in range(N) if i % G < G - B]
+    assert all(ro["parent"][i] < 0 and ro["branch_at"][i] == 0 for i in first)
+    quantiles = [np.quantile(ro["entropy"][i, :lengths[i]].double().numpy(), cfg.entropy_quantile) for i in first]
+    assert ro["tau"] == pytest.approx(float(np.mean(quantiles)), abs=1e-5)
+    n_branches = 0
+    for p in range(len(prompts)):
+        group = range(p * G, (p + 1) * G)
+        # every branch point is a full-window HWE position of a first-pass parent in the same group, chosen as spec §2
+        hbar = [python_window_entropy(ro["entropy"][i, :lengths[i]].tolist(), w) for i in group if i % G < G - B]
+        hwe = [[h is not None and h >= ro["tau"] for h in row] for row in hbar]
+        hbar = [[h if h is not None else 0.0 for h in row] for row in hbar]
+        want = reference_branch_points(hbar, hwe, B, cfg.max_branches_per_response, w)
+        got = [(int(ro["parent"][i]) - p * G, int(ro["branch_at"][i])) for i in group if ro["parent"][i] >= 0]
+        assert got == want
+        n_branches += len(got)
+    assert n_branches > 0, "the test needs some branches: lower the entropy quantile"
+    for i in range(N):
+        n, t, parent = int(lengths[i]), int(ro["branch_at"][i]), int(ro["parent"][i])
+        assert ro["resp_mask"][i, :n].all() and not ro["resp_mask"][i, n:].any()
+        expect_loss = torch.arange(ro["tokens"].shape[1]) >= t
+        assert torch.equal(ro["loss_mask"][i], expect_loss & ro["resp_mask"][i])  # starts at the branch point
+        if parent >= 0:
+            assert parent // G == i // G and ro["parent"][parent] < 0 and 1 <= t < n
+            assert torch.equal(ro["tokens"][i, :t], ro["tokens"][parent, :t])  # the prefix is the parent's
+            assert torch.equal(ro["logprobs"][i, :t], ro["logprobs"][parent, :t])
+            # the whole branch row, prefix and continuation, is a sequence the policy could have sampled
+            logp, _ = teacher_forced(model, prompts[i // G], ro["tokens"][i, :n], 0, T_SAMPLE)
+            torch.testing.assert_close(ro["logprobs"][i, :n], logp, atol=1e-4, rtol=0)
+        else:
+            assert t == 0
+
+
+def test_groups_have_g_responses_without_hwe_candidates(tiny, demo_data):
+    """With no HWE window at all (a trigger-word table that matches nothing) the whole branch budget is spent on
+    fresh samples: still exactly G per group, none a branch, every token trained."""
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1])
+    cfg = rollout_config()
+    ids = ares.special_ids(model, processor)
+    none = torch.zeros(model.config.get_text_config().vocab_size, dtype=torch.bool)
+    ro = ares.rollout_groups(model, prompts, cfg, ids, torch.Generator().manual_seed(0), triggers=none)
+    assert ro["tokens"].shape[0] == len(prompts) * cfg.group_size
+    assert (ro["parent"] == -1).all() and (ro["branch_at"] == 0).all()
+    assert torch.equal(ro["loss_mask"], ro["resp_mask"])
+    assert (ro["resp_mask"].sum(1) >= 1).all()
+
+
+def test_branch_samples_zero_is_plain_group_sampling(tiny, demo_data):
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1])
+    cfg = rollout_config(branch_samples=0)
+    ids = ares.special_ids(model, processor)
+    ro = ares.rollout_groups(model, prompts, cfg, ids, torch.Generator().manual_seed(5))
+    plain = ares.sample(model, prompts, ids=ids, max_new_tokens=cfg.max_response_len, repeats=cfg.group_size,
+                        temperature=T_SAMPLE, top_p=TOP_P, generator=torch.Generator().manual_seed(5))
+    R = plain["tokens"].shape[1]
+    assert ro["tokens"].shape == (len(prompts) * cfg.group_size, R)
+    assert torch.equal(ro["tokens"], plain["tokens"]) and torch.equal(ro["resp_mask"], plain["mask"])
+    assert torch.equal(ro["logprobs"], plain["logprobs"]) and torch.equal(ro["loss_mask"], plain["mask"])
+    assert (ro["parent"] == -1).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The update
+
+
+def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(tiny, demo_data):
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1])
+    cfg = rollout_config(branch_samples=0, kl_coef=0.0, lr=1e-3, micro_batch_size=3, minibatches=2, max_response_len=10)
+    G = cfg.group_size
+    hf = copy.deepcopy(model)
+    run = argparse.Namespace(hf=hf, processor=processor, ids=ares.special_ids(hf, processor), ckpt=None)
+    ares.prepare_training(cfg, run, torch.device("cpu"), total=10)
+    run.state.update(kappa=torch.ones(3, dtype=torch.float64))
+    ro = ares.rollout_groups(hf, prompts, cfg, run.ids, torch.Generator().manual_seed(0))
+    N, lengths = ro["tokens"].shape[0], ro["resp_mask"].sum(1)
+    acc = torch.tensor([1.0, 1.0, 0.0, 0.0] * len(prompts))  # the first two responses of each group are "right"
+    adv = ares.grpo_advantages(acc, G).float()
+    bucket = ares.difficulty_buckets(acc, G)
+    no_hwe = torch.zeros_like(ro["resp_mask"])
+
+    def seq_logprobs():
+        return torch.tensor([teacher_forced(hf, prompts[i // G], ro["tokens"][i, :lengths[i]], 0, T_SAMPLE)[0].sum()
+                             for i in range(N)])
+
+    before = seq_logprobs()
+    for k in range(3):
+        ares.aepo_update(cfg, run, None, torch.device("cpu"), prompts, ro, adv, bucket, no_hwe,
+                         torch.ones(N, dtype=torch.bool), torch.Generator().manual_seed(k))
+    change = seq_logprobs() - before
+    assert (change[acc == 1] > 0).all() and (change[acc == 0] < 0).all(), change
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: one process, torchrun (DDP and FSDP2), resume, degenerate batches
+
+
+def test_three_aepo_steps_in_one_process(tiny_ckpt, demo_data, tmp_path):
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 3, "--keep-uniform-groups", "--minibatches", 2,
+                        "--micro-batch-size", 3, "--window", 2, "--entropy-quantile", 0.5))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("reward", "acc", "groups_kept", "groups", "len", "n_he", "tau", "kl_inside", "kl_outside_mean",
+                    "clip_frac", "entropy", "branches", "branch_acc", "parent_acc", "time_sample", "time_score",
+                    "time_update", "rollout_tokens_per_s", "n_easy", "n_medium", "n_hard", "kappa_hard", "target_hard"):
+            assert key in r, key
+        assert r["groups_kept"] == r["groups"] == 2 and "skipped_reason" not in r
+        assert r["n_easy"] + r["n_medium"] + r["n_hard"] == 8
+        assert r["logprob_gap"] < 1e-4  # old log-probs (recomputed, 2 minibatches) = the sampler's own
+    assert sum(r["branches"] for r in rows) > 0
+    state = saved_state(out / "final")
+    assert state["step"] == 3 and state["tau_history"] == pytest.approx([r["tau"] for r in rows])
+    assert not torch.equal(state["kappa"], torch.ones(3, dtype=torch.float64))  # the KL controller ran
+    start, end = checkpoint_params(tiny_ckpt), checkpoint_params(out / "final")
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+DRIVER = '''
+"""torchrun worker: the same AEPO run with DDP, then with FSDP2, each rank dumping its final parameters and state.
+Grading is replaced by a fixed pattern so that rank 0's group is always mixed while rank 1's is all wrong on odd
+steps (filtered: that rank has nothing to train on but must still join every collective)."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+import ares
+
+out, G = Path(sys.argv[2]), 4
+save, calls = ares.save_checkpoint, [0]
+
+
+def graded(pred, answer):
+    k, rank = calls[0], dist.get_rank()
+    calls[0] += 1
+    group, pos = divmod(k, G)
+    return pos % 2 == 0 and (rank == 0 or group % 2 == 1)
+
+
+def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
+    if name == "final":  # every rank gets here: full_tensor() is a collective under FSDP
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                  for n, p in policy.named_parameters()}
+        torch.save(dict(params=params, state=state), path / f"rank{dist.get_rank()}.pt")
+    return save(path, name, policy, opt, sched, processor, state, keep_last)
+
+
+ares.is_correct, ares.save_checkpoint = graded, dump_then_save
+for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    calls[0] = 0
+    ares.train_aepo(ares.parse_config(sys.argv[3:] + ["--out", str(out / name)] + extra))
+dist.destroy_process_group()
+'''
+
+
+def test_aepo_under_torchrun_ddp_and_fsdp_keeps_ranks_identical(tiny_ckpt, demo_data, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(DRIVER))
+    args = aepo_args(demo_data["rl"], None, tiny_ckpt, "--steps", 3, "--minibatches", 2, "--micro-batch-size", 2,
+                     "--window", 2, "--entropy-quantile", 0.5)
+    run_script([driver, ROOT, tmp_path, *args], nproc=2)
+    final = {}
+    for name in ("ddp", "fsdp"):
+        out = tmp_path / name
+        ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+        for k, v in ranks[0]["params"].items():
+            assert torch.equal(v, ranks[1]["params"][k]), f"{name}: {k} differs between ranks"
+        s0, s1 = ranks[0]["state"], ranks[1]["state"]
+        assert s0["step"] == s1["step"] == 3
+        assert s0["tau_history"] == s1["tau_history"]  # tau is global
+        assert torch.equal(s0["targets"].nan_to_num(-1), s1["targets"].nan_to_num(-1))
+        assert torch.equal(s0["kappa"], s1["kappa"])
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert [r["groups_kept"] for r in rows] == [1, 2, 1] and all(r["groups"] == 2 for r in rows)
+        saved = dict(AutoModelForImageTextToText.from_pretrained(out / "final").named_parameters())
+        for k, v in ranks[0]["params"].items():  # what rank 0 wrote is what the ranks hold
+            assert torch.equal(saved[k.removeprefix("hf.")], v), f"{name}: saved {k} differs"
+        saved = checkpoint_params(out / "final")
+        start = checkpoint_params(tiny_ckpt)
+        assert any(not torch.equal(start[k], saved[k]) for k in start)
+        final[name] = saved
+    for k in final["ddp"]:  # the same run sharded or replicated (fp32 on CPU: only reduction order differs)
+        torch.testing.assert_close(final["fsdp"][k], final["ddp"][k], atol=1e-5, rtol=1e-4)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_gives_the_parameters_and_controller_state_of_an_uninterrupted_run(tiny_ckpt, demo_data, tmp_path,
+                                                                                  monkeypatch):
+    common = ["--steps", 4, "--keep-uniform-groups", "--minibatches", 2, "--window", 2, "--entropy-quantile", 0.5]
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "straight", tiny_ckpt, *common))
+    out = tmp_path / "interrupted"
+    save = ares.save_checkpoint
+
+    def save_then_die(path, name, *args, **kw):
+        done = save(path, name, *args, **kw)
+        if name.startswith("step_"):
+            raise Killed(name)
+        return done
+
+    monkeypatch.setattr(ares, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--save-every", 2))
+    monkeypatch.setattr(ares, "save_checkpoint", save)
+    shutil.copytree(out / "step_000002", out / "step_000003.tmp")  # a kill mid-save: never resumed from
+    (out / "step_000003.tmp" / "COMPLETE").write_text(json.dumps({"step": 3, "time": 0}))
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--save-every", 2, "--resume"))
+
+    a, b = checkpoint_params(tmp_path / "straight" / "final"), checkpoint_params(out / "final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = saved_state(tmp_path / "straight" / "final"), saved_state(out / "final")
+    assert sa["step"] == sb["step"] == 4 and len(sa["tau_history"]) == 4
+    assert sa["tau_history"] == sb["tau_history"]
+    assert torch.equal(sa["targets"].nan_to_num(-1), sb["targets"].nan_to_num(-1))
+    assert torch.equal(sa["kappa"], sb["kappa"]) and not torch.equal(sa["kappa"], torch.ones(3, dtype=torch.float64))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_all_filtered_and_all_truncated_batches_skip_the_update_with_a_reason(tiny_ckpt, demo_data, tmp_path):
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--max-response-len", 3))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["truncated"] == 1.0 and r["groups_kept"] == 0 and r["acc"] == 0
+        assert "filtered" in r["skipped_reason"]
+    start, end = checkpoint_params(tiny_ckpt), checkpoint_params(out / "final")
+    assert all(torch.equal(start[k], end[k]) for k in start)
+    assert saved_state(out / "final")["step"] == 2
+
+
+def test_empty_responses_do_not_crash_the_loop(tiny, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """A policy that ends every response at once (only <|im_end|>): skipped when filtered; with
+    --keep-uniform-groups the update runs on one-token responses without producing NaNs."""
+    real, eot_id = ares.sample_token, tiny[1].tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def always_end(logits, temperature, top_p, u):
+        tok, _, entropy = real(logits, temperature, top_p, u)
+        eot = torch.full_like(tok, eot_id)
+        logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+        return eot, logp.gather(1, eot[:, None])[:, 0], entropy
+
+    monkeypatch.setattr(ares, "sample_token", always_end)
+    for name, extra in (("filtered", []), ("kept", ["--keep-uniform-groups", "--loss-agg", "token-mean"])):
+        out = tmp_path / name
+        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, *extra))
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert len(rows) == 2 and all(r["len"] == 1 and r["truncated"] == 0 for r in rows)
+        if name == "filtered":
+            assert all("filtered" in r["skipped_reason"] for r in rows)
+        end = checkpoint_params(out / "final")
+        assert all(torch.isfinite(v).all() for v in end.values())
+        assert all(v is None or np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
