@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,14 +67,15 @@ from tqdm import tqdm
 # CPU-sized tiny model) unless given on the command line.
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
     # what to run
-    stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo")
+    stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo",
+                     ("demo", "coldstart", "aepo"))
     model: str = arg("tiny", "hub name or local folder of a Qwen2/2.5/3-VL or causal LM; 'tiny' builds one offline")
     ref_model: str = arg("", "AEPO reference policy for the KL term (default: the starting --model)")
     data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (spec §10); "
@@ -85,8 +87,10 @@ class Config:
     save_every: int = arg(50, "save a checkpoint every N optimizer steps (and at the end)")
     keep_last: int = arg(2, "keep only the newest N step checkpoints")
     log_samples_every: int = arg(10, "print one sampled response every N AEPO steps")
+    rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)")
     # model
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
+                     ("auto", "bf16", "fp16", "fp32"))
     attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     compile: bool = arg(False, "torch.compile the training forward (and a static-cache decode step on GPU)")
@@ -116,7 +120,8 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature (also the T of the entropy, Eq. 3)")
     top_p: float = arg(0.99, "nucleus sampling mass")
     # AEPO reward, KL and loss (spec §3-6)
-    entropy_shaping: str = arg("hierarchical", "hierarchical, incorrect-only, or none (spec §4)")
+    entropy_shaping: str = arg("hierarchical", "hierarchical, incorrect-only, or none (spec §4)",
+                               ("hierarchical", "incorrect-only", "none"))
     entropy_coef: float = arg(0.4, "alpha: scale of the entropy reward")
     target_momentum: float = arg(0.9, "EMA momentum of the per-bucket N_HE targets")
     format_weight: float = arg(0.0, "weight of the <think>...</think> + \\boxed{} format reward")
@@ -127,7 +132,8 @@ class Config:
     clip_low: float = arg(0.2, "epsilon_low of the clipped ratio")
     clip_high: float = arg(0.3, "epsilon_high of the clipped ratio")
     dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages")
-    loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)")
+    loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)",
+                        ("seq-mean-token-mean", "token-mean"))
     minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
@@ -162,14 +168,9 @@ def parse_config(argv=None) -> Config:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
-            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=help_text)
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=help_text,
+                                choices=f.metadata["choices"])
     cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.stage not in ("demo", "coldstart", "aepo"):
-        parser.error(f"--stage must be demo, coldstart or aepo, not {cfg.stage!r}")
-    for name, allowed in (("entropy_shaping", ("hierarchical", "incorrect-only", "none")),
-                          ("loss_agg", ("seq-mean-token-mean", "token-mean")), ("dtype", ("auto", "bf16", "fp16", "fp32"))):
-        if getattr(cfg, name) not in allowed:
-            parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     if cfg.stage != "demo" and not cfg.data:
         parser.error(f"--data is required for --stage {cfg.stage}")
     if not 0 < cfg.top_p <= 1 or not 0 < cfg.entropy_quantile <= 1 or cfg.window < 1 or cfg.group_size < 2:
@@ -384,13 +385,45 @@ class Policy(nn.Module):
 
     def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
         """batch from `make_batch`. Returns log p(o_t | o_<t) and, without grad, the entropy: each (N, R)."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values",
-                                        "image_grid_thw", "mm_token_type_ids") if batch.get(k) is not None}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
+                  if batch.get(k) is not None}
+        inputs.update(encode_images(self.hf, batch))
         hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
         idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
         h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
         return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
                              banned=self.banned)
+
+
+def gather_images(prompts: list[dict]) -> dict:
+    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
+    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
+    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
+    first, pix, grid, index = {}, [], [], []
+    for p in prompts:
+        if p["pixel_values"] is None:
+            continue
+        if id(p) not in first:
+            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
+            pix.append(p["pixel_values"])
+            grid.append(p["image_grid_thw"])
+        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
+    if not pix:
+        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
+    grid = torch.cat(grid)
+    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
+
+
+def encode_images(model, images: dict) -> dict:
+    """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
+    gets its features (the model places them at its <|image_pad|> tokens)."""
+    if images.get("pixel_values") is None:
+        return {}
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    base = model.model
+    feats = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"]).pooler_output
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[feats[j] for j in images["image_index"]])}}
 
 
 def banned_tokens(model) -> list[int]:
@@ -639,12 +672,10 @@ def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id
         n = len(r)
         resp_index[i] = (len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1)
         resp_mask[i, :n] = True
-    pix = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
-    grid = [p["image_grid_thw"] for p in prompts if p["image_grid_thw"] is not None]
-    grid = torch.cat(grid) if grid else None
+    images = gather_images(prompts)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
-                 resp_tokens=input_ids.gather(1, resp_index), pixel_values=torch.cat(pix) if pix else None,
-                 image_grid_thw=grid, position_ids=position_ids(model, input_ids, attention_mask, grid))
+                 resp_tokens=input_ids.gather(1, resp_index), **images,
+                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
     if getattr(model.config, "image_token_id", None) is not None:
         batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
     dtype = next(model.parameters()).dtype
@@ -804,7 +835,7 @@ def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     """Spec §3, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
     acc (N,) in {0, 1}, groups of G consecutive responses -> (N,) bucket per response. In integers, so that
     G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2 exactly."""
-    correct = acc.view(-1, group_size).sum(1).long()  # (P,)
+    correct = rearrange(acc, "(p g) -> p g", g=group_size).sum(1).long()  # (P,)
     bucket = torch.full_like(correct, 2)
     bucket[3 * correct >= group_size] = 1
     bucket[3 * correct >= 2 * group_size] = 0
@@ -868,7 +899,7 @@ def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.T
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G consecutive responses."""
-    r = rewards.view(-1, group_size).double()
+    r = rearrange(rewards, "(p g) -> p g", g=group_size).double()  # (P, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
@@ -971,19 +1002,38 @@ def _decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: floa
 _compiled_decode_step = None
 
 
+@contextlib.contextmanager
+def grouped_query_attention():
+    """Hugging Face's SDPA path copies every KV head `heads / kv_heads` times (repeat_kv) whenever a mask is given:
+    in decoding, the whole KV cache every step. SDPA's own grouped-query mode reads it once. Measured on an H200
+    (Qwen2.5-VL-3B, 256 rows): 51 -> 22 ms per decode step. For decode steps only: with long queries and a mask,
+    SDPA's grouped-query mode falls back to its math kernel."""
+    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = old
+
+
 @torch.no_grad()
 def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, budgets: list[int] | None = None,
            prefixes: list[list[int]] | None = None, repeats: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, static: bool = False, compact: float = 0.75) -> dict:
+           generator: torch.Generator | None = None, static: bool = False, compile: bool | None = None,
+           compact: float = 0.75) -> dict:
     """Sample `repeats` continuations of each prompt (+ optional token prefix), prompt-major order.
     prompts: encode_prompt() dicts; budgets: new-token limit per output row (default max_new_tokens).
     Returns tokens, logprobs, entropy (N, T) and mask (N, T) bool of the sampled tokens (EOS included, padding
     after it), plus truncated (N,) bool (hit its budget without EOS). N = len(prompts) * repeats.
     Eager (default): each prompt is prefilled once (vision tower included), its KV cache copied `repeats` times,
     and rows that finished are dropped from the batch once a quarter of it is done.
-    static=True (--compile): a preallocated KV cache and a torch.compile'd decode step (CUDA graphs on a GPU);
-    every row stays in the batch so shapes never change. Both paths draw the same noise for row i at step t,
-    so they sample the same tokens up to floating-point ties."""
+    static=True (--compile): a preallocated KV cache (its length rounded up to 256, so few shapes recur) and a
+    torch.compile'd decode step (CUDA graphs on a GPU; `compile=False` runs it eagerly); every row stays in the
+    batch so shapes never change. Both paths draw the same noise for row i at step t, so they sample the same
+    tokens up to floating-point ties. Rows sharing a prompt dict share its encoded images."""
     global _compiled_decode_step
     device = next(model.parameters()).device
     prefixes = prefixes or [[]] * len(prompts)
@@ -992,23 +1042,21 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
         repeats = 1
     input_ids, att = _left_pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
                                ids["pad"], multiple=128 if static else 1)  # few distinct shapes: few recompiles
-    grid = [p["image_grid_thw"] for p in prompts if p["image_grid_thw"] is not None]
-    grid = torch.cat(grid) if grid else None
-    pos = position_ids(model, input_ids, att, grid)
+    images = gather_images(prompts)
+    pos = position_ids(model, input_ids, att, images["row_grid_thw"])
     vlm = pos.dim() == 3
     next_pos = (pos.amax(dim=(0, 2)) if vlm else pos.amax(-1)) + 1  # (P,) position of the first new token
     N = len(prompts) * repeats
     budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
     T = int(budgets.max()) if N else 0
     if static:  # future positions are hidden by causality, so this full-length mask never changes
-        att = torch.cat([att, att.new_ones(N, T)], 1)
+        att = torch.cat([att, att.new_ones(N, -(-(att.shape[1] + T) // 256) * 256 - att.shape[1])], 1)
     inputs = dict(input_ids=input_ids, attention_mask=att, position_ids=pos)
     if ids["image"] is not None:
         inputs["mm_token_type_ids"] = (input_ids == ids["image"]).int()
-        pix = [p["pixel_values"] for p in prompts if p["pixel_values"] is not None]
-        if pix:
-            inputs.update(pixel_values=torch.cat(pix).to(next(model.parameters()).dtype), image_grid_thw=grid)
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    if images["pixel_values"] is not None:
+        inputs.update(encode_images(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}))
     from transformers import DynamicCache, StaticCache
 
     text_config = model.config.get_text_config()
@@ -1019,7 +1067,7 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
         cache.batch_repeat_interleave(repeats)
         logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))
     step = _decode_step
-    if static:
+    if static and (compile if compile is not None else True):
         if _compiled_decode_step is None:
             _compiled_decode_step = torch.compile(_decode_step, dynamic=False,
                                                   mode="reduce-overhead" if device.type == "cuda" else None)
@@ -1033,26 +1081,27 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
     banned = tuple(banned_tokens(model))
     tok, lp, H = sample_token(without_banned(logits, banned), temperature, top_p,
                               torch.rand(N, generator=generator, device=device))
-    for t in range(T):
-        tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
-        logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
-        live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
-        if t + 1 == T:
-            break
-        if not static:
-            if not live.any():
+    with grouped_query_attention():  # decode steps only: one query token
+        for t in range(T):
+            tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
+            logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
+            live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
+            if t + 1 == T:
                 break
-            if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
-                keep = live.nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                rows, tok, att, next_pos, live = rows[keep], tok[keep], att[keep], next_pos[keep], live[keep]
-            att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
-        elif t % 16 == 15 and not live.any():
-            break
-        p = (next_pos + t)[:, None]
-        p = p[None].expand(3, -1, -1) if vlm else p
-        u = torch.rand(N, generator=generator, device=device)[rows]
-        tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p, banned))
+            if not static:
+                if not live.any():
+                    break
+                if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
+                    keep = live.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, tok, att, next_pos, live = rows[keep], tok[keep], att[keep], next_pos[keep], live[keep]
+                att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
+            elif t % 16 == 15 and not live.any():
+                break
+            p = (next_pos + t)[:, None]
+            p = p[None].expand(3, -1, -1) if vlm else p
+            u = torch.rand(N, generator=generator, device=device)[rows]
+            tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p, banned))
     lengths = mask.sum(1)
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     truncated = (lengths >= budgets) & ~torch.isin(last, stop)
@@ -1093,6 +1142,13 @@ def _pad_rows(rows: list[torch.Tensor], value=0) -> torch.Tensor:
     return out
 
 
+def _cat_samples(parts: list[dict], pad: int) -> dict:
+    """Concatenate sample() outputs along rows, padding their token axes to one length."""
+    T = max(p["tokens"].shape[1] for p in parts)
+    return {k: torch.cat([F.pad(p[k], (0, T - p[k].shape[1]), value=pad if k == "tokens" else 0) if p[k].dim() == 2
+                          else p[k] for p in parts]) for k in parts[0]}
+
+
 def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None) -> dict:
     """G responses per prompt (spec §2): G - B fresh samples, tau over them (all ranks), then B continuations
     branched at the highest-entropy HWE windows (shortfall: fresh samples), all B in one batched call.
@@ -1102,7 +1158,9 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
               static=cfg.compile and next(model.parameters()).device.type == "cuda")
-    first = sample(model, prompts, max_new_tokens=L, repeats=G - B, **kw)
+    per_call = max(1, cfg.rollout_batch // (G - B))  # prompts per sampler call: bounds the KV cache
+    first = _cat_samples([sample(model, prompts[k:k + per_call], max_new_tokens=L, repeats=G - B, **kw)
+                          for k in range(0, len(prompts), per_call)], ids["pad"])
     tau = hwe_threshold(first["entropy"], first["mask"], cfg.entropy_quantile)
     hbar, valid = window_entropy(first["entropy"], first["mask"], w)
     m = hwe_mask(hbar, valid, tau, first["tokens"], triggers)
@@ -1111,8 +1169,10 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
         lo = p * (G - B)
         pts = choose_branch_points(hbar[lo:lo + G - B], m[lo:lo + G - B], B, cfg.max_branches_per_response, w)
         jobs += [(p, lo + r, t) for r, t in pts] + [(p, -1, 0)] * (B - len(pts))
-    second = sample(model, [prompts[p] for p, _, _ in jobs], budgets=[L - t for _, _, t in jobs],
-                    prefixes=[first["tokens"][r, :t].tolist() for _, r, t in jobs], **kw) if jobs else None
+    second = _cat_samples([sample(model, [prompts[p] for p, _, _ in part], budgets=[L - t for _, _, t in part],
+                                  prefixes=[first["tokens"][r, :t].tolist() for _, r, t in part], **kw)
+                           for part in (jobs[k:k + cfg.rollout_batch] for k in range(0, len(jobs), cfg.rollout_batch))],
+                          ids["pad"]) if jobs else None
     out = {k: [] for k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask", "truncated", "parent", "branch_at")}
 
     def add(src, j, parent, t):
@@ -1579,7 +1639,7 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
 
 
 def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
-    return x.view(-1, G).float().mean(1)
+    return rearrange(x, "(p g) -> p g", g=G).float().mean(1)
 
 
 def train_aepo(cfg: Config) -> Path:

