@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -147,10 +146,10 @@ STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
                  warmup_steps=0),
 }
 TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
-    "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=300,
+    "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=800,
                       max_prompt_len=256, warmup_steps=20),
-    "aepo": dict(lr=2e-4, batch_size=8, micro_batch_size=64, max_response_len=96, steps=40, minibatches=1,
-                 max_prompt_len=256, warmup_steps=0, save_every=20),
+    "aepo": dict(lr=1e-4, batch_size=16, micro_batch_size=64, max_response_len=96, steps=150, minibatches=1,
+                 max_prompt_len=256, warmup_steps=0, save_every=50, window=1),  # w=1: see README, demo
 }
 
 
@@ -159,11 +158,12 @@ def parse_config(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings ("3% of steps")
-        staged = "; ".join(f"{where} " + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
-                           for where, layer in (("", STAGE_DEFAULTS), ("--model tiny:", TINY_DEFAULTS))
-                           if any(f.name in d for d in layer.values())).strip()
-        if f.default not in (None, "") or staged:
-            help_text += f" (default: {f.default if f.default is not None else staged})"
+        staged = [f"{where}" + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
+                  for where, layer in (("", STAGE_DEFAULTS), ("--model tiny: ", TINY_DEFAULTS))
+                  if any(f.name in d for d in layer.values())]
+        shown = ([str(f.default)] if f.default not in (None, "") else []) + staged
+        if shown:
+            help_text += f" (default: {'; '.join(shown)})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
@@ -1549,7 +1549,7 @@ def refresh_sampling_copy(copy_model, hf):
             a.copy_(b)
 
 
-def teacher_forced(model, run, cfg, device, prompts, ro, rows, G):
+def teacher_forced(run, device, prompts, ro, rows, G):
     """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context)."""
     lengths = ro["resp_mask"].sum(1)
     return make_batch(run.hf, [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows],
@@ -1564,7 +1564,7 @@ def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
     mb = cfg.micro_batch_size
     for k in range(0, len(rows), mb):
         part = rows[k:k + mb]
-        batch = teacher_forced(model, run, cfg, device, prompts, ro, part, G)
+        batch = teacher_forced(run, device, prompts, ro, part, G)
         with autocast(cfg, device):
             lp, _ = model(batch, cfg.temperature)
         out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
@@ -1586,7 +1586,7 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None
     kl_stats = torch.zeros(4, 3, dtype=torch.float64)  # per bucket: sum KL_out per response, responses, KL_in sum, in tokens
     stats = dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[], skipped=0, updates=0)
-    chunks = [rows[k::M] for k in range(M)]
+    chunks = [sorted(rows[k::M]) for k in range(M)]  # sorted: a group's rows share a micro-batch and its images
     for epoch in range(cfg.ppo_epochs):
         for mb_rows in chunks:
             count = len(mb_rows) if cfg.loss_agg == "seq-mean-token-mean" else loss_mask[mb_rows].sum().item()
@@ -1599,7 +1599,7 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
                 part = mb_rows[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
                 weight = 1.0 if part else 0.0
                 part = part or [0]
-                batch = teacher_forced(run.model, run, cfg, device, prompts, ro, part, G)
+                batch = teacher_forced(run, device, prompts, ro, part, G)
                 with sync_context(run.model, k == n_micro - 1), autocast(cfg, device):
                     logp, _ = run.model(batch, cfg.temperature)
                     R = logp.shape[1]
@@ -1780,56 +1780,38 @@ def run_demo(cfg: Config):
                                           out=str(out / "aepo"), steps=aepo_steps or cfg.steps))
     times["aepo"] = time.time() - t
     t = time.time()
-    report = evaluation.compare([str(cold), str(aepo)], str(out / "data" / "test.jsonl"), out / "eval",
-                                names=["cold start", "after AEPO"], max_new_tokens=resolve_stage_defaults(cfg, "aepo").max_response_len)
+    kw = dict(names=["cold start", "after AEPO"], max_new_tokens=resolve_stage_defaults(cfg, "aepo").max_response_len)
+    report = dict(greedy=evaluation.compare([str(cold), str(aepo)], str(out / "data" / "test.jsonl"), out / "eval", **kw),
+                  sampled=evaluation.compare([str(cold), str(aepo)], str(out / "data" / "test.jsonl"), out / "eval_t1",
+                                             temperature=cfg.temperature, top_p=cfg.top_p, samples=4, **kw))
+    report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
     times["eval"] = time.time() - t
     if rank == 0:
         report["times"] = times
         (out / "demo.json").write_text(json.dumps(report, indent=2))
-        plot_curves(out / "aepo" / "metrics.jsonl", out / "curves.png")
+        evaluation.plot_curves(out / "aepo" / "metrics.jsonl", out / "curves.png")
         print("\n" + report["table"])
         print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
     return report
 
 
-def plot_curves(metrics_file: Path, png: Path) -> bool:
-    """reward, accuracy, length and N_HE per bucket, tau and kappa over AEPO steps (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
-        return False
-    rows = [json.loads(line) for line in open(metrics_file)]
-    steps = [r["step"] for r in rows]
-    panels = [("reward / accuracy", ["reward", "acc"]), ("response tokens", [f"len_{b}" for b in BUCKETS]),
-              ("N_HE per response", [f"n_he_{b}" for b in BUCKETS]), ("tau", ["tau"]),
-              ("kappa (KL controller)", [f"kappa_{b}" for b in BUCKETS]), ("accuracy per bucket", [f"acc_{b}" for b in BUCKETS])]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for k in keys:
-            ax.plot(steps, [r.get(k) if r.get(k) is not None else float("nan") for r in rows], label=k)
-        ax.set_title(title)
-        ax.set_xlabel("AEPO step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def main(argv=None):
+def run_command(fn, *args):
+    """Run a command-line entry point (here, data_prep.py, eval.py): bad data ends it with one clear line instead
+    of a traceback, and the process group is always closed."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = parse_config(argv)
     try:
-        {"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage](cfg)
+        return fn(*args)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    sys.modules.setdefault("ares", sys.modules[__name__])  # data_prep/eval's `import ares` must reuse this module
+    cfg = parse_config(argv)
+    run_command({"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
 
 
 if __name__ == "__main__":

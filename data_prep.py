@@ -778,16 +778,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return {"convert": run_convert, "passrate": run_passrate, "adacs": run_adacs, "demo": run_demo}[args.command](args)
-    except DataError as e:
-        raise SystemExit(f"data error: {e}") from None
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return ares.run_command({"convert": run_convert, "passrate": run_passrate, "adacs": run_adacs,
+                             "demo": run_demo}[args.command], args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ares
-from ares import DataError, arg
+from ares import arg
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field a --flag with its help string (list fields repeat: --model A --model B).
@@ -542,20 +542,57 @@ def compare(models: list[str], data: str, out: Path, names: list[str] | None = N
     return evaluate(cfg)
 
 
+def moving_mean(values: list[float], k: int) -> list[float]:
+    """Mean of the last k finite values at each position (NaN where there is none yet)."""
+    out = []
+    for i in range(len(values)):
+        window = [v for v in values[max(0, i - k + 1):i + 1] if v == v]
+        out.append(sum(window) / len(window) if window else float("nan"))
+    return out
+
+
+def plot_curves(metrics_file: Path, png: Path) -> bool:
+    """reward, accuracy, length and N_HE per bucket, tau and kappa over AEPO steps (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+        return False
+    rows = [json.loads(line) for line in open(metrics_file)]
+    steps = [r["step"] for r in rows]
+    panels = [("reward / accuracy", ["reward", "acc"]), ("response tokens", [f"len_{b}" for b in ares.BUCKETS]),
+              ("N_HE per response", [f"n_he_{b}" for b in ares.BUCKETS]), ("tau", ["tau"]),
+              ("kappa (KL controller)", [f"kappa_{b}" for b in ares.BUCKETS]), ("accuracy per bucket", [f"acc_{b}" for b in ares.BUCKETS])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            raw = [r.get(k) if r.get(k) is not None else float("nan") for r in rows]
+            line, = ax.plot(steps, raw, alpha=0.25)  # each step, faint; a 10-step moving mean on top
+            ax.plot(steps, moving_mean(raw, 10), color=line.get_color(), label=k)
+        ax.set_title(title)
+        ax.set_xlabel("AEPO step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None):
     cfg = parse_config(argv)
-    try:
-        results = evaluate(cfg)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "
-                  f"{Path(cfg.out) / 'responses.jsonl'}", flush=True)
-            if cfg.plot and plot_results(results, Path(cfg.plot)):
-                print(f"plot: {cfg.plot}", flush=True)
-    except DataError as e:
-        raise SystemExit(f"data error: {e}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    ares.run_command(evaluate_and_report, cfg)
+
+
+def evaluate_and_report(cfg: EvalConfig):
+    results = evaluate(cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "
+              f"{Path(cfg.out) / 'responses.jsonl'}", flush=True)
+        if cfg.plot and plot_results(results, Path(cfg.plot)):
+            print(f"plot: {cfg.plot}", flush=True)
 
 
 if __name__ == "__main__":

@@ -269,7 +269,6 @@ def test_branches_continue_their_parents_and_train_only_their_own_tokens(tiny, d
     N = len(prompts) * G
     assert ro["tokens"].shape[0] == N and ro["parent"].shape == (N,) and ro["branch_at"].shape == (N,)
     lengths = ro["resp_mask"].sum(1)
-    fresh = [i for i in range(N) if ro["parent"][i] < 0]
     # tau: mean over the first-pass responses of each one's q-quantile of token entropies (numpy's linear quantile)
     first = [i for i in range(N) if i % G < G - B]
     assert all(ro["parent"][i] < 0 and ro["branch_at"][i] == 0 for i in first)

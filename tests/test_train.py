@@ -330,7 +330,7 @@ def test_help_lists_every_config_field_with_its_default():
         entry = " ".join(entries[flag].split())
         assert "default" in entry.lower() or (f.default == "" and "required" in entry), f"{flag}: no default: {entry!r}"
         if f.default not in (None, ""):  # an empty default is described in words ("default: the starting --model")
-            assert f"default: {f.default})" in entry, f"{flag}: default {f.default!r} missing: {entry!r}"
+            assert re.search(rf"default: {re.escape(str(f.default))}[);]", entry), f"{flag}: default {f.default!r} missing: {entry!r}"
         for stage, layer in ares.STAGE_DEFAULTS.items():
             if f.default is None and f.name in layer:
                 assert f"{stage} {layer[f.name]}" in entry, f"{flag}: {stage} default missing: {entry!r}"
