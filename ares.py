@@ -1764,8 +1764,8 @@ def run_demo(cfg: Config):
     out, times = Path(cfg.out), {}
     rank = int(os.environ.get("RANK", 0))
     t = time.time()
-    if rank == 0:
-        data_prep.make_demo(out / "data", seed=cfg.seed)
+    if rank == 0:  # --demo-steps: a quick look, on a smaller task too
+        data_prep.make_demo(out / "data", seed=cfg.seed, sizes=dict(sft=300, rl=200, test=60) if cfg.demo_steps else None)
     barrier()
     times["data"] = time.time() - t
     sft_steps = aepo_steps = None
