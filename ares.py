@@ -153,23 +153,32 @@ TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
 }
 
 
-def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
+def dataclass_parser(cls, description: str, staged_defaults=lambda f: []) -> argparse.ArgumentParser:
+    """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
+    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings ("3% of steps")
-        staged = [f"{where}" + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
-                  for where, layer in (("", STAGE_DEFAULTS), ("--model tiny: ", TINY_DEFAULTS))
-                  if any(f.name in d for d in layer.values())]
-        shown = ([str(f.default)] if f.default not in (None, "") else []) + staged
-        if shown:
-            help_text += f" (default: {'; '.join(shown)})"
-        if f.type in ("bool", bool):
+        shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)
+        help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {'; '.join(shown)})" if shown else "")
+        if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.type == "list":
+            parser.add_argument(flag, action="append", default=[], metavar="STR", help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+            kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=help_text,
-                                choices=f.metadata["choices"])
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_config(argv=None) -> Config:
+    def staged(f):  # "coldstart 2e-05, aepo 1e-06" and "--model tiny: ..." beside the flags they set
+        return [where + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
+                for where, layer in (("", STAGE_DEFAULTS), ("--model tiny: ", TINY_DEFAULTS))
+                if any(f.name in d for d in layer.values())]
+
+    parser = dataclass_parser(Config, __doc__.split("\n")[0], staged)
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.stage != "demo" and not cfg.data:
         parser.error(f"--data is required for --stage {cfg.stage}")
@@ -473,16 +482,26 @@ class DataError(ValueError):
     """A bad input record: the message names the file, the record and the problem."""
 
 
+def json_rows(path):
+    """Rows of a JSON-lines file, or of a file holding one JSON list; a bad line names its number."""
+    with open(path) as fh:
+        if fh.read(4096).lstrip().startswith("["):
+            fh.seek(0)
+            yield from json.load(fh)
+            return
+        fh.seek(0)
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+
+
 def _read_rows(path: str, split: str):
     p = Path(path)
     if p.suffix in (".jsonl", ".json") and p.is_file():
-        with open(p) as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        yield from json_rows(p)
         return
     import datasets
 

@@ -218,7 +218,7 @@ def read_rows(source: str, split: str | None, config: str | None):
     if p.suffix in (".jsonl", ".json", ".parquet") and not p.is_file():
         raise DataError(f"{source}: no such file")
     if p.suffix in (".jsonl", ".json"):
-        return _json_rows(p), p.parent.resolve()
+        return ares.json_rows(p), p.parent.resolve()
     if p.suffix == ".parquet":
         return _parquet_rows(p), p.parent.resolve()
     import datasets
@@ -235,21 +235,6 @@ def read_rows(source: str, split: str | None, config: str | None):
             raise DataError(f"{source}: no split {split!r} (it has {', '.join(ds)}); pass --split")
         ds = ds[split]
     return iter(ds), base
-
-
-def _json_rows(path: Path):
-    with open(path) as fh:
-        if fh.read(4096).lstrip().startswith("["):  # one JSON list (MathVerse ships its annotations this way)
-            fh.seek(0)
-            yield from json.load(fh)
-            return
-        fh.seek(0)
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
 
 
 def _parquet_rows(path: Path):

@@ -85,25 +85,17 @@ class EvalConfig:
     seed: int = arg(0, "seed of the sampled decoding")
     # report
     bucket_by: str = arg("auto", "difficulty buckets from: auto (difficulty, else level, else pass_rate), "
-                                 "difficulty, level, pass_rate, or none")
+                                 "difficulty, level, pass_rate, or none", ("auto", "difficulty", "level", "pass_rate", "none"))
     plot: str = arg("", "PNG file: accuracy against mean response tokens per benchmark and model (needs matplotlib)")
     # model
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32", ("auto", "bf16", "fp16", "fp32"))
     attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
     min_pixels: int = arg(56 * 56, "smallest image area after resizing")
     max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing")
 
 
 def parse_config(argv=None) -> EvalConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type == "list":
-            parser.add_argument(flag, action="append", default=[], metavar="STR", help=help)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(),
-                                help=help + (f" (default: {f.default})" if f.default != "" else ""))
+    parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if not cfg.model or not cfg.data:
         parser.error("give at least one --model and one --data")
@@ -113,8 +105,6 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error("need --samples >= 1, --batch-size >= 1, --max-new-tokens >= 1 and 0 < --top-p <= 1")
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
-    if cfg.bucket_by not in ("auto", "difficulty", "level", "pass_rate", "none"):
-        parser.error(f"--bucket-by must be auto, difficulty, level, pass_rate or none, not {cfg.bucket_by!r}")
     return cfg
 
 
