@@ -33,7 +33,6 @@ benchmark, record id, sample index, decoding settings) is already there, and gen
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import hashlib
@@ -276,16 +275,32 @@ def bench_table(bench: str, per_model: dict[str, dict], names: list[str], decodi
     return "\n".join(lines)
 
 
-def plot_results(results: dict, png: Path) -> bool:
-    """Accuracy (%) against mean response tokens: one panel per benchmark, one colour per model; the large marker
-    is the model's overall result, the small ones joined by a line are its difficulty buckets (needs matplotlib)."""
+def pyplot(what: str):
+    """matplotlib's pyplot on a file-only backend, or None (with a message saying what is skipped) without it:
+    matplotlib is an optional extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping --plot (pip install matplotlib)", flush=True)
+        print(f"matplotlib is not installed: skipping {what} (pip install matplotlib)", flush=True)
+        return None
+    return plt
+
+
+def save_figure(plt, fig, png: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def plot_results(results: dict, png: Path) -> bool:
+    """Accuracy (%) against mean response tokens: one panel per benchmark, one colour per model; the large marker
+    is the model's overall result, the small ones joined by a line are its difficulty buckets (needs matplotlib)."""
+    plt = pyplot("--plot")
+    if plt is None:
         return False
     benches = list(results["metrics"])
     fig, axes = plt.subplots(1, len(benches), figsize=(5 * len(benches), 4), squeeze=False)
@@ -304,10 +319,7 @@ def plot_results(results: dict, png: Path) -> bool:
         ax.set_xlabel("mean response tokens")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, png)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,13 +555,8 @@ def moving_mean(values: list[float], k: int) -> list[float]:
 
 def plot_curves(metrics_file: Path, png: Path) -> bool:
     """reward, accuracy, length and N_HE per bucket, tau and kappa over AEPO steps (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+    plt = pyplot("curves.png")
+    if plt is None:
         return False
     rows = [json.loads(line) for line in open(metrics_file)]
     steps = [r["step"] for r in rows]
@@ -565,10 +572,7 @@ def plot_curves(metrics_file: Path, png: Path) -> bool:
         ax.set_title(title)
         ax.set_xlabel("AEPO step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, png)
 
 
 def main(argv=None):

@@ -49,3 +49,23 @@ def run_script(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None) ->
     res = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res
+
+
+class Killed(Exception):
+    """The simulated kill of a training process."""
+
+
+def run_until_first_step_save(monkeypatch, run):
+    """Call run(), killing it (Killed) right after its first step checkpoint is written, as a crash would."""
+    save = ares.save_checkpoint
+
+    def save_then_die(path, name, *args, **kw):
+        done = save(path, name, *args, **kw)
+        if name.startswith("step_"):
+            raise Killed(name)
+        return done
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ares, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run()

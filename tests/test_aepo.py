@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_until_first_step_save
 from safetensors.torch import load_file
 
 import ares
@@ -462,27 +462,12 @@ def test_aepo_under_torchrun_ddp_and_fsdp_keeps_ranks_identical(tiny_ckpt, demo_
         torch.testing.assert_close(final["fsdp"][k], final["ddp"][k], atol=1e-5, rtol=1e-4)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_gives_the_parameters_and_controller_state_of_an_uninterrupted_run(tiny_ckpt, demo_data, tmp_path,
                                                                                   monkeypatch):
     common = ["--steps", 4, "--keep-uniform-groups", "--minibatches", 2, "--window", 2, "--entropy-quantile", 0.5]
     ares.main(aepo_args(demo_data["rl"], tmp_path / "straight", tiny_ckpt, *common))
     out = tmp_path / "interrupted"
-    save = ares.save_checkpoint
-
-    def save_then_die(path, name, *args, **kw):
-        done = save(path, name, *args, **kw)
-        if name.startswith("step_"):
-            raise Killed(name)
-        return done
-
-    monkeypatch.setattr(ares, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--save-every", 2))
-    monkeypatch.setattr(ares, "save_checkpoint", save)
+    run_until_first_step_save(monkeypatch, lambda: ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--save-every", 2)))
     shutil.copytree(out / "step_000002", out / "step_000003.tmp")  # a kill mid-save: never resumed from
     (out / "step_000003.tmp" / "COMPLETE").write_text(json.dumps({"step": 3, "time": 0}))
     ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--save-every", 2, "--resume"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_until_first_step_save
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -207,28 +207,13 @@ def test_a_few_dozen_steps_lower_the_loss_and_the_checkpoint_loads_with_from_pre
     assert (got - before).abs().max() > 1e-2  # it is the trained model, not the starting one
 
 
-class Killed(Exception):
-    pass
-
-
 def test_kill_and_resume_gives_the_parameters_of_an_uninterrupted_run(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     data = subset(Path(demo_data["sft"]), tmp_path / "data.jsonl", list(range(12)))
     common = ["--steps", 4, "--batch-size", 4, "--micro-batch-size", 2, "--warmup-steps", 1, "--lr", 3e-3]
     ares.main(coldstart(data, tmp_path / "straight", tiny_ckpt, *common, "--save-every", 100))
 
     out = tmp_path / "interrupted"
-    save = ares.save_checkpoint
-
-    def save_then_die(path, name, *args, **kw):
-        done = save(path, name, *args, **kw)
-        if name.startswith("step_"):
-            raise Killed(name)
-        return done
-
-    monkeypatch.setattr(ares, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        ares.main(coldstart(data, out, tiny_ckpt, *common, "--save-every", 2))
-    monkeypatch.setattr(ares, "save_checkpoint", save)
+    run_until_first_step_save(monkeypatch, lambda: ares.main(coldstart(data, out, tiny_ckpt, *common, "--save-every", 2)))
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "step_000002"]
     # a kill during later saves: a renamed-too-early folder without COMPLETE and a leftover .tmp that claims step 3;
     # both hold different weights, so resuming from either would change the result
