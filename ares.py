@@ -138,6 +138,8 @@ class Config:
     keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
     # demo (stage demo only)
     demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)")
+    # not a flag: the flags given on the command line, so that an explicit value wins even when it equals the default
+    given: tuple = field(default=(), repr=False)
 
 
 STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
@@ -153,21 +155,23 @@ TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
 }
 
 
-def dataclass_parser(cls, description: str, staged_defaults=lambda f: []) -> argparse.ArgumentParser:
+def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_only=False) -> argparse.ArgumentParser:
     """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
-    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B)."""
+    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
+    given_only=True: no defaults, so the parsed namespace holds only the flags on the command line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
+    for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):  # fields without help are not flags
         flag = "--" + f.name.replace("_", "-")
         shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)
         help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {'; '.join(shown)})" if shown else "")
+        default = argparse.SUPPRESS if given_only else [] if f.type == "list" else f.default
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.type == "list":
-            parser.add_argument(flag, action="append", default=[], metavar="STR", help=help_text)
+            parser.add_argument(flag, action="append", default=default, metavar="STR", help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), help=help_text,
+            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text,
                                 choices=f.metadata.get("choices"))
     return parser
 
@@ -179,7 +183,9 @@ def parse_config(argv=None) -> Config:
                 if any(f.name in d for d in layer.values())]
 
     parser = dataclass_parser(Config, __doc__.split("\n")[0], staged)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))  # first: --help and bad flags are answered by the full parser
+    given = vars(dataclass_parser(Config, "", given_only=True).parse_args(argv))  # only what the user typed
+    cfg = Config(**args, given=tuple(sorted(given)))
     if cfg.stage != "demo" and not cfg.data:
         parser.error(f"--data is required for --stage {cfg.stage}")
     if not 0 < cfg.top_p <= 1 or not 0 < cfg.entropy_quantile <= 1 or cfg.window < 1 or cfg.group_size < 2:
@@ -188,10 +194,10 @@ def parse_config(argv=None) -> Config:
 
 
 def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
-    """Fill the stage-dependent knobs: a value the user changed wins, then the tiny model's CPU-sized defaults,
-    then the stage's paper defaults."""
+    """Fill the stage-dependent knobs: a flag the user gave (or a value a caller set) wins, even one equal to the
+    dataclass default; then the tiny model's CPU-sized defaults, then the stage's paper defaults."""
     cfg = dataclasses.replace(cfg, stage=stage)
-    changed = {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
+    changed = set(cfg.given) | {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
     for layer in ([TINY_DEFAULTS[stage]] if is_tiny(cfg.model) else []) + [STAGE_DEFAULTS[stage]]:
         for k, v in layer.items():
             if k not in changed:
