@@ -87,6 +87,7 @@ class Config:
     keep_last: int = arg(2, "keep only the newest N step checkpoints")
     log_samples_every: int = arg(10, "print one sampled response every N AEPO steps")
     rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)")
+    dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
     # model
     dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
                      ("auto", "bf16", "fp16", "fp32"))
@@ -212,16 +213,27 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
+# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
+# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
+# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
-def init_distributed():
+def init_distributed(timeout_s: float = 1800):
+    """(rank, world, device). Launched by torchrun (RANK and MASTER_ADDR set), the process group is started even at
+    world size 1, so that one GPU runs the collectives eight do; a collective that waits more than timeout_s for
+    the other ranks (one died or hangs) raises instead of blocking forever."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (launched or world > 1) and not dist.is_initialized():
+        from datetime import timedelta
+
+        dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
 
@@ -230,9 +242,13 @@ def world_size() -> int:
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    """Sum (or op) over ranks, in place; a no-op on one process. Gloo needs CPU tensors of float/long."""
+    """Sum (or op) over ranks, in place; a no-op without a process group. CPU tensors of float/long (gloo)."""
     if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        except RuntimeError as e:  # typically a timeout: say which knob bounds it
+            raise RuntimeError(f"rank {dist.get_rank()}: all_reduce failed; did another rank die or stall longer "
+                               f"than --dist-timeout? ({e})") from e
     return t
 
 
@@ -1234,7 +1250,7 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
 
 
 def setup_run(cfg: Config):
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
@@ -1262,7 +1278,7 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         for p in policy.parameters():
             p.requires_grad_(False)
     dtype = compute_dtype(cfg, device)
-    if cfg.fsdp and world_size() > 1:
+    if cfg.fsdp and dist.is_initialized():  # under torchrun even at world size 1: one GPU runs the path of eight
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -1272,7 +1288,7 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         return policy, policy
     if cfg.compile:
         policy.compile()
-    if trainable and world_size() > 1:
+    if trainable and dist.is_initialized():
         ddp = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=cfg.train_vision)
         return ddp, policy
@@ -1560,7 +1576,7 @@ def sampling_copy(cfg: Config, run, device):
     every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
     (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
     dtype = compute_dtype(cfg, device)
-    if cfg.fsdp and world_size() > 1 or dtype == torch.float32:
+    if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
         return run.hf
     import copy
 

@@ -1,0 +1,176 @@
+"""Issue 12: distributed runs that work on GPUs and across nodes.
+
+On a GPU the trainer's one process group must reduce CPU tensors (every global statistic) as well as CUDA ones (the
+gradients). This machine has no GPU, so the device map a GPU run initialises is emulated with gloo standing in for
+each backend: the map decides which device types the group serves, and a CPU statistic sent to a group that does
+not serve the CPU fails exactly as on a GPU ("No backend type associated with device type cpu"). Then a stuck rank
+must end the job within --dist-timeout, and two torchrun agents on one machine (two "nodes") must train to identical
+parameters.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT, run_script
+from torch.distributed.distributed_c10d import BackendConfig
+
+import ares
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_gloo_for_every_backend(backend: str) -> str:
+    """The same device map ({device type: backend}, as torch parses the string) with gloo in place of each backend:
+    "cpu:gloo,cuda:nccl" -> "cpu:gloo,cuda:gloo", and "nccl" (which serves CUDA only) -> "cuda:gloo"."""
+    devices = BackendConfig(dist.Backend(backend)).get_device_backend_map()
+    return ",".join(f"{d}:gloo" for d in devices if d in ("cpu", "cuda"))
+
+
+def small_runs(tiny_ckpt, demo_data, out: Path):
+    """A cold-start step and an AEPO step (2 updates, with the KL reference) from it: every collective of both loops."""
+    cold = ["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out",
+            str(out / "cold"), "--steps", "1", "--batch-size", "2", "--micro-batch-size", "1"]
+    aepo = ["--stage", "aepo", "--model", str(out / "cold" / "final"), "--data", str(demo_data["rl"]), "--steps", "1",
+            "--batch-size", "2", "--group-size", "4", "--max-response-len", "12", "--minibatches", "2",
+            "--keep-uniform-groups", "--log-samples-every", "0"]
+    return cold, aepo
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_every_collective_runs_on_the_process_group_a_gpu_run_starts(sharding, tiny_ckpt, demo_data, tmp_path,
+                                                                     monkeypatch):
+    """Under torchrun (its environment, world size 1) the trainer starts the process group itself, with the device map
+    a GPU run uses (BACKENDS['cuda'], gloo standing in for NCCL) and --dist-timeout as its timeout; a cold-start step
+    and an AEPO step then run every statistic, DDP/FSDP2 and checkpoint collective through it."""
+    starts = []
+    real_init = dist.init_process_group
+
+    def init(backend, **kw):
+        starts.append((backend, kw["timeout"]))
+        return real_init(backend, **kw)
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setitem(ares.BACKENDS, "cpu", with_gloo_for_every_backend(ares.BACKENDS["cuda"]))
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
+    cold, aepo = small_runs(tiny_ckpt, demo_data, tmp_path)
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    for args in (cold + extra, aepo + ["--out", str(tmp_path / "aepo")] + extra):
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        ares.main(args + ["--dist-timeout", "77"])
+        assert not dist.is_initialized()  # closed at the end of the run
+    assert [b for b, _ in starts] == [with_gloo_for_every_backend("cpu:gloo,cuda:nccl")] * 2
+    assert all(t == timedelta(seconds=77) for _, t in starts)
+    rows = [json.loads(line) for line in open(tmp_path / "aepo" / "metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["groups_kept"] == 2 and "kl" in rows[0]
+    assert (tmp_path / "aepo" / "final" / "COMPLETE").exists()
+
+
+STALL = '''
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+import ares
+
+done = Path(sys.argv[2])
+rank, world, device = ares.init_distributed(timeout_s=2)
+if rank == 1:  # stuck (a hung kernel, a dead host): never joins the collective
+    for _ in range(600):
+        if done.exists():
+            break
+        time.sleep(0.1)
+else:
+    t0 = time.time()
+    try:
+        ares.all_reduce(torch.ones(1))
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    done.write_text(f"{time.time() - t0}\\n{message}")
+os._exit(0)  # the group is broken: no orderly shutdown
+'''
+
+
+def test_a_stalled_rank_ends_the_collective_within_the_timeout_with_a_clear_error(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    run_script([script, ROOT, tmp_path / "done.txt"], nproc=2, timeout=120)
+    waited, message = (tmp_path / "done.txt").read_text().split("\n", 1)
+    assert 1.5 < float(waited) < 20, waited
+    assert "--dist-timeout" in message and "rank 0" in message, message
+
+
+TWO_NODES = '''
+"""One torchrun agent's worker: cold start, then AEPO from its checkpoint; each rank dumps its final parameters."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+import ares
+
+out, cold, aepo = Path(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+save = ares.save_checkpoint
+
+
+def dump_then_save(path, name, policy, *args):
+    if name == "final":
+        params = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        torch.save(params, path / f"params_rank{dist.get_rank()}_of_{dist.get_world_size()}.pt")
+    return save(path, name, policy, *args)
+
+
+ares.save_checkpoint = dump_then_save
+ares.run_command(ares.train_coldstart, ares.parse_config(cold))
+ares.run_command(ares.train_aepo, ares.parse_config(aepo))
+'''
+
+
+def test_two_torchrun_agents_on_one_machine_train_like_two_nodes(tiny_ckpt, demo_data, tmp_path):
+    """The README's two-node command on 127.0.0.1: --nnodes 2, one process each, c10d rendezvous, gloo."""
+    script = tmp_path / "node.py"
+    script.write_text(TWO_NODES)
+    cold, aepo = small_runs(tiny_ckpt, demo_data, tmp_path)
+    aepo += ["--out", str(tmp_path / "aepo")]
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf", f"is_host={int(n == 0)}",
+         "--local_addr", "127.0.0.1", str(script), str(ROOT), str(tmp_path), " ".join(cold), " ".join(aepo)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    logs = [a.communicate(timeout=600)[0] for a in agents]
+    for n, (a, log) in enumerate(zip(agents, logs)):
+        assert a.returncode == 0, f"node {n} failed:\n{log[-5000:]}"
+    for stage in ("cold", "aepo"):
+        ranks = [torch.load(tmp_path / stage / f"params_rank{r}_of_2.pt") for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys()
+        for k, v in ranks[0].items():
+            assert torch.equal(v, ranks[1][k]), f"{stage}: {k} differs between the nodes"
+    start = torch.load(tmp_path / "cold" / "params_rank0_of_2.pt")
+    end = torch.load(tmp_path / "aepo" / "params_rank0_of_2.pt")
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # AEPO trained
