@@ -308,10 +308,10 @@ def _processor_class():
     return ImageTextProcessor
 
 
-def build_tiny(seed: int = 0):
-    """A tiny random Qwen2.5-VL (~0.5M parameters) with a byte-level BPE tokenizer trained here: fully offline."""
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (512 tokens plus the Qwen special tokens) trained here on TINY_CORPUS: offline."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
+    from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -323,6 +323,15 @@ def build_tiny(seed: int = 0):
     tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None, bos_token=None,
                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
     s = TINY_SIZES
     head_dim = s["hidden"] // s["heads"]
@@ -366,6 +375,11 @@ def load_processor(name: str, is_vlm: bool, cfg: Config):
     return _processor_class()(image_processor, tok, chat_template=template)
 
 
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
+UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
+               "is `.model` (Qwen2, Qwen3, Llama, ...)")
+
+
 def load_model(name: str, cfg: Config, device: torch.device):
     """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -376,9 +390,14 @@ def load_model(name: str, cfg: Config, device: torch.device):
         model, processor = build_tiny(cfg.seed)
         model.to(dtype)
     else:
-        is_vlm = hasattr(AutoConfig.from_pretrained(name), "vision_config")
+        config = AutoConfig.from_pretrained(name)
+        is_vlm = hasattr(config, "vision_config")
+        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        if not hasattr(model, "model"):
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         processor = load_processor(name, is_vlm, cfg)
     model.config.use_cache = False
     if cfg.grad_checkpointing:
@@ -447,14 +466,16 @@ def gather_images(prompts: list[dict]) -> dict:
 
 def encode_images(model, images: dict) -> dict:
     """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
-    gets its features (the model places them at its <|image_pad|> tokens)."""
+    gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
+    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way."""
     if images.get("pixel_values") is None:
         return {}
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    base = model.model
-    feats = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"]).pooler_output
-    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[feats[j] for j in images["image_index"]])}}
+    base, index = model.model, images["image_index"]
+    out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
+    out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
+    if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
+        out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
+    return {"mm_encoder_outputs": {"image": out}}
 
 
 def banned_tokens(model) -> list[int]:

@@ -1,0 +1,187 @@
+"""Issue 12: every model family the README names trains in both stages, at tiny size, offline: Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL (whose decoder also reads vision "deepstack" features) and text-only causal LMs (Qwen2,
+Qwen3) on text-only records. Each family gets a random tiny model built from its config with the tiny tokenizer,
+saved as an ordinary Hugging Face folder and passed as --model.
+
+References: one plain `model(...)` forward over the unpadded sequence (the model computes its own positions and
+vision features), a hand-written log-softmax and gather; and `from_pretrained` of the saved folder.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ares
+
+T = 0.8
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3"]
+TEXT_ONLY = {"qwen2", "qwen3"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """(model, processor) of a random tiny model of `family`, sized like ares.TINY_SIZES."""
+    import transformers as tf
+
+    tok = ares.tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    s = ares.TINY_SIZES
+    text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
+                num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=4096,
+                tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                pad_token_id=ids("<|endoftext|>"))
+    vision_ids = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                      vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                      tie_word_embeddings=True, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    patch = 14
+    if family == "qwen2_5_vl":
+        model, processor = ares.build_tiny(seed)
+        model.config.ares_tiny = True
+        return model, processor
+    if family == "qwen2":
+        config, cls = tf.Qwen2Config(**text), tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        config, cls = tf.Qwen3Config(**text, head_dim=24), tf.Qwen3ForCausalLM
+    elif family == "qwen2_vl":
+        config = tf.Qwen2VLConfig(
+            text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [2, 5, 5]}),
+            vision_config=dict(depth=2, embed_dim=48, hidden_size=s["hidden"], num_heads=2, mlp_ratio=2, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2), **vision_ids)
+        cls = tf.Qwen2VLForConditionalGeneration
+    else:  # qwen3_vl: 16-pixel patches, interleaved 3-D rotary sections, deepstack features from vision layer 0
+        patch = 16
+        config = tf.Qwen3VLConfig(
+            text_config=dict(text, head_dim=24, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                     mrope_section=[4, 4, 4], mrope_interleaved=True)),
+            vision_config=dict(depth=2, hidden_size=48, intermediate_size=96, num_heads=2, out_hidden_size=s["hidden"],
+                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                               deepstack_visual_indexes=[0]), **vision_ids)
+        cls = tf.Qwen3VLForConditionalGeneration
+    config.ares_tiny = True  # CPU-sized stage defaults
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.bos_token_id = None
+    if family in TEXT_ONLY:
+        return model, tok
+    image_processor = tf.Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=(4 * patch) ** 2,
+                                                  max_pixels=(8 * patch) ** 2)
+    return model, ares._processor_class()(image_processor, tok, chat_template=ares.TINY_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_ckpt(request, tmp_path_factory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(request.param)
+    model, processor = tiny_model(request.param)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return request.param, out
+
+
+@pytest.fixture(scope="module")
+def family_data(demo_data, tmp_path_factory) -> dict:
+    """Two cold-start records and four prompts, with their images (VLMs) and without (text-only LMs)."""
+    out = tmp_path_factory.mktemp("family_data")
+    files = {}
+    for kind in ("vlm", "text"):
+        for split, n in (("sft", 2), ("rl", 4)):
+            rows = [json.loads(line) for line in open(demo_data[split])][:n]
+            base = Path(demo_data[split]).parent
+            rows = [dict(r, images=[str(base / im) for im in r["images"]] if kind == "vlm" else []) for r in rows]
+            files[kind, split] = out / f"{kind}_{split}.jsonl"
+            files[kind, split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def banned(model) -> list[int]:
+    return [i for i in (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+            if i is not None]
+
+
+@torch.no_grad()
+def plain_logprobs(model, prompt: dict, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(tokens[k] | prompt, tokens[:k]) from ONE plain forward of the unpadded sequence. -> (n,)."""
+    seq = torch.cat([prompt["ids"], tokens])[None]
+    kw = dict(input_ids=seq, attention_mask=torch.ones_like(seq))
+    if prompt["pixel_values"] is not None:
+        kw.update(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
+    if getattr(model.config, "image_token_id", None) is not None:
+        kw["mm_token_type_ids"] = (seq == model.config.image_token_id).int()
+    P = len(prompt["ids"])
+    logits = model(**kw).logits[0, P - 1:-1].float()
+    logits[:, banned(model)] = -float("inf")
+    return torch.log_softmax(logits / temperature, -1).gather(1, tokens[:, None])[:, 0]
+
+
+def test_sampler_and_trainer_logprobs_equal_teacher_forcing(family_ckpt, family_data):
+    family, ckpt = family_ckpt
+    model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
+    model.eval()
+    records = ares.load_records(str(family_data["text" if family in TEXT_ONLY else "vlm", "rl"]))[:3]
+    prompts = [ares.encode_prompt(processor, r) for r in records]
+    assert (prompts[0]["pixel_values"] is None) == (family in TEXT_ONLY)
+    ids = ares.special_ids(model, processor)
+    out = ares.sample(model, prompts, ids=ids, max_new_tokens=10, repeats=2, temperature=T, top_p=0.95,
+                      generator=torch.Generator().manual_seed(0))
+    rows = [(i // 2, out["tokens"][i, :int(out["mask"][i].sum())]) for i in range(len(out["tokens"]))]
+    batch = ares.make_batch(model, [prompts[p] for p, _ in rows], [t for _, t in rows], ids["pad"], "cpu")
+    with torch.no_grad():
+        trainer, _ = ares.Policy(model)(batch, T)
+    for i, (p, toks) in enumerate(rows):
+        want = plain_logprobs(model, prompts[p], toks, T)
+        torch.testing.assert_close(out["logprobs"][i, :len(toks)], want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(trainer[i, :len(toks)], want, atol=1e-4, rtol=0)
+
+
+def test_cold_start_then_aepo_with_branching_then_from_pretrained(family_ckpt, family_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    family, ckpt = family_ckpt
+    kind = "text" if family in TEXT_ONLY else "vlm"
+    model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
+    total, count = 0.0, 0  # the reference cold-start loss: one token-mean over both records' responses
+    tok = ares.tokenizer_of(processor)
+    for r in ares.load_records(str(family_data[kind, "sft"]), need_response=True):
+        response = torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [ids_eot(tok)])
+        total -= plain_logprobs(model, ares.encode_prompt(processor, r), response).sum().item()
+        count += len(response)
+    cold = tmp_path / "cold"
+    ares.main(["--stage", "coldstart", "--model", str(ckpt), "--data", str(family_data[kind, "sft"]), "--out", str(cold),
+               "--steps", "1", "--batch-size", "2", "--micro-batch-size", "2"])
+    logged = [json.loads(line) for line in open(cold / "metrics.jsonl")]
+    assert logged[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+    aepo = tmp_path / "aepo"
+    ares.main(["--stage", "aepo", "--model", str(cold / "final"), "--data", str(family_data[kind, "rl"]), "--out",
+               str(aepo), "--steps", "1", "--batch-size", "4", "--group-size", "4", "--max-response-len", "16",
+               "--window", "2", "--entropy-quantile", "0.5", "--keep-uniform-groups", "--minibatches", "2",
+               "--log-samples-every", "0"])
+    row = json.loads(open(aepo / "metrics.jsonl").readline())
+    assert row["branches"] > 0 and row["groups_kept"] == 4
+    assert row["logprob_gap"] < 1e-4  # the trainer's old log-probs are the sampler's
+    cls = AutoModelForCausalLM if family in TEXT_ONLY else AutoModelForImageTextToText
+    loaded, info = cls.from_pretrained(aepo / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert type(loaded) is type(model)
+    start = dict(model.named_parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in loaded.named_parameters())  # trained
+    assert AutoTokenizer.from_pretrained(aepo / "final")("\\boxed{7}")["input_ids"] == tok("\\boxed{7}")["input_ids"]
+
+
+def ids_eot(tok) -> int:
+    return tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_an_unsupported_vision_language_family_fails_clearly_at_load(tmp_path):
+    from transformers import LlavaConfig
+
+    LlavaConfig().save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="llava.*not supported.*Qwen2-VL, Qwen2.5-VL, Qwen3-VL"):
+        ares.load_model(str(tmp_path), ares.Config(), torch.device("cpu"))
