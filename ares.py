@@ -380,29 +380,46 @@ UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and t
                "is `.model` (Qwen2, Qwen3, Llama, ...)")
 
 
-def load_model(name: str, cfg: Config, device: torch.device):
-    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+def load_model(name: str, cfg: Config, device: torch.device, meta: bool = False):
+    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
+    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "file": "auto",
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg.dtype]
     if name == "tiny":
-        model, processor = build_tiny(cfg.seed)
-        model.to(dtype)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = build_tiny(cfg.seed)
+        model.to(torch.float32 if dtype == "auto" else dtype)
     else:
         config = AutoConfig.from_pretrained(name)
         is_vlm = hasattr(config, "vision_config")
         if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-        model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        if meta:
+            with torch.device("meta"):
+                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
+            with contextlib.suppress(OSError):  # the stop tokens live there
+                model.generation_config = GenerationConfig.from_pretrained(name)
+        else:
+            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         processor = load_processor(name, is_vlm, cfg)
     model.config.use_cache = False
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device), processor
+    return (model if meta else model.to(device)), processor
+
+
+def load_for_fsdp(name: str, cfg: Config, device):
+    """Loading for FSDP2 without a full copy per rank: every rank builds an empty (meta) skeleton to shard, and rank 0
+    alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
+    one tensor at a time. -> (skeleton, processor, rank 0's full model or None)."""
+    skeleton, processor = load_model(name, cfg, device, meta=True)
+    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if dist.get_rank() == 0 else None
+    return skeleton, processor, full
 
 
 def tokenizer_of(processor):
@@ -1306,6 +1323,7 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         for block in decoder_blocks(hf):
             fully_shard(block, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)
+        policy.to_empty(device=device)  # allocates this rank's shards of the meta skeleton (load_for_fsdp)
         return policy, policy
     if cfg.compile:
         policy.compile()
@@ -1314,6 +1332,20 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
                                                   find_unused_parameters=cfg.train_vision)
         return ddp, policy
     return policy, policy
+
+
+def fill_shards(policy: Policy, full: nn.Module | None):
+    """The sharded policy's weights from rank 0's full model (None on the other ranks), one tensor at a time, and
+    the buffers that no state dict holds (rotary frequencies), which the meta skeleton left unset."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = {f"hf.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
+    set_model_state_dict(policy, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in policy.hf.named_buffers():
+        if full is not None:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, 0)
 
 
 @contextlib.contextmanager
@@ -1373,37 +1405,61 @@ def optimizer_step(policy, opt, sched, params, clip: float) -> tuple[float, bool
     return norm, ok
 
 
-def _state_dict_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+def training_state(policy: Policy, opt) -> dict:
+    """What a checkpoint's state/ folder holds, as this rank sees it: the fp32 master weights and AdamW moments
+    (this rank's shards under FSDP, the full tensors otherwise) and the buffers no state dict has."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
+
+
+def fsync(path: Path):
+    """Flush a file or a folder's entries to disk: a rename is only atomic for data that reached the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor, state: dict, keep_last: int):
-    """<out>/<name>/: the HF model + processor (loadable by from_pretrained), trainer_state.pt (optimizer,
-    scheduler, step, ARES controller state, config) and rng_<rank>.pt. Written to <name>.tmp and renamed, so a
-    kill mid-save leaves the previous checkpoint intact; only complete ones are ever resumed from."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
+    buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
+    step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
+    of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
+    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = out / name, out / f"{name}.tmp"
-    model_sd = get_model_state_dict(policy, options=_state_dict_options())
-    opt_sd = get_optimizer_state_dict(policy, opt, options=_state_dict_options())
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())  # fsyncs
+    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
+    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     torch.save(rng, tmp / f"rng_{rank}.pt")
+    fsync(tmp / f"rng_{rank}.pt")
     if rank == 0:
-        hf_sd = {k.removeprefix("hf."): v for k, v in model_sd.items()}
-        policy.hf.save_pretrained(tmp, state_dict=hf_sd)
+        policy.hf.save_pretrained(tmp, state_dict={k.removeprefix("hf."): v for k, v in hf_sd.items()})
         processor.save_pretrained(tmp)
-        torch.save(dict(optimizer=opt_sd, scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
-        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time()}))
+        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+    del hf_sd
+    barrier()  # every rank's files are on disk
+    if rank == 0:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        for f in files:
+            fsync(tmp / f)
+        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
+        fsync(tmp / "COMPLETE")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync(out)
         steps = sorted(out.glob("step_*[0-9]"))
         for old in steps[:max(0, len(steps) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -1411,19 +1467,36 @@ def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor,
     return final
 
 
+def damage(ckpt: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (a file missing or of another size than written), else None."""
+    for f, size in json.loads((ckpt / "COMPLETE").read_text()).get("files", {}).items():
+        if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size:
+            return f"{f} is missing or truncated"
+    return None
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint with the highest step (a .tmp folder or one without COMPLETE never counts)."""
+    """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
+    never counts); a damaged newer one is skipped with a warning."""
     done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
-    return max(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], default=None)
+    for ckpt in sorted(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], reverse=True):
+        problem = damage(ckpt)
+        if problem is None:
+            return ckpt
+        rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
+    return None
 
 
 def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
-    """Optimizer, scheduler, RNG and ARES state of a checkpoint (the weights were loaded with the model)."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    """Weights, optimizer, buffers (each rank reads its own shards), scheduler, RNG and ARES state of a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    sd = training_state(policy, opt)
+    dcp.load(sd, checkpoint_id=path / "state", no_dist=not dist.is_initialized())  # in place, buffers included
+    set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(policy, opt, saved["optimizer"], options=_state_dict_options())
     sched.load_state_dict(saved["scheduler"])
     rng_file = path / f"rng_{rank}.pt"
     if rng_file.exists():
@@ -1484,15 +1557,25 @@ def load_for_training(cfg: Config, device):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    hf, processor = load_model(str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32"), device)
+    if cfg.resume and ckpt is None:
+        rank0_print(f"--resume: no complete checkpoint in {out}: starting fresh")
+    name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
+    if cfg.fsdp and dist.is_initialized():  # a resume reads its shards from state/: nothing to send then
+        hf, processor, full = load_for_fsdp(name, master, device)
+        full = None if ckpt else full
+    else:
+        (hf, processor), full = load_model(name, master, device), None
     for p in vision_params(hf):
         p.requires_grad_(cfg.train_vision)
-    return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, processor=processor, ids=special_ids(hf, processor))
+    return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, full=full, processor=processor, ids=special_ids(hf, processor))
 
 
 def prepare_training(cfg: Config, run, device, total: int):
     """Wrap (DDP/FSDP2), build the optimizer for `total` steps, restore the checkpoint's state if resuming."""
     run.model, run.policy = wrap_policy(run.hf, cfg, device)
+    if cfg.fsdp and dist.is_initialized() and not run.ckpt:
+        fill_shards(run.policy, run.full)
+    run.full = None
     run.params = [p for p in run.policy.parameters() if p.requires_grad]
     run.opt, run.sched = make_optimizer(run.params, cfg, total)
     run.total = total
@@ -1720,8 +1803,13 @@ def train_aepo(cfg: Config) -> Path:
     st.setdefault("tau_history", [])
     ref = None
     if cfg.kl_coef > 0:  # a frozen copy of the starting policy
-        ref_hf, _ = load_model(st["ref_model"], cfg, device)
-        ref = wrap_policy(ref_hf.eval(), cfg, device, trainable=False)[0]
+        if cfg.fsdp and dist.is_initialized():
+            ref_hf, _, full = load_for_fsdp(st["ref_model"], cfg, device)
+            ref = wrap_policy(ref_hf.eval(), cfg, device, trainable=False)[0]
+            fill_shards(ref, full)
+            del full
+        else:
+            ref = wrap_policy(load_model(st["ref_model"], cfg, device)[0].eval(), cfg, device, trainable=False)[0]
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     tok = tokenizer_of(run.processor)

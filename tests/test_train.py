@@ -86,8 +86,12 @@ def placeholder_ids(model) -> list[int]:
 
 
 def adam_first_step_grads(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The gradient of the (single) optimizer step of a run, read back from AdamW's first moment."""
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+    """The gradient of the (single) optimizer step of a run, read back from AdamW's first moment (the checkpoint's
+    sharded state/ folder, merged into one file by torch's own converter)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt / "state", ckpt.parent / "state.pt")
+    state = torch.load(ckpt.parent / "state.pt", map_location="cpu", weights_only=False)["optim"]["state"]
     return {name.removeprefix("hf."): s["exp_avg"] / (1 - BETA1) for name, s in state.items()}
 
 
@@ -321,3 +325,27 @@ def test_help_lists_every_config_field_with_its_default():
         for stage, layer in ares.STAGE_DEFAULTS.items():
             if f.default is None and f.name in layer:
                 assert f"{stage} {layer[f.name]}" in entry, f"{flag}: {stage} default missing: {entry!r}"
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt", "state/__0_0.distcp"])
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(damaged, tiny_ckpt, demo_data, tmp_path, capsys):
+    data = subset(Path(demo_data["sft"]), tmp_path / "data.jsonl", list(range(4)))
+    common = ["--batch-size", 2, "--micro-batch-size", 2, "--save-every", 1, "--keep-last", 3]
+    out = tmp_path / "run"
+    ares.main(coldstart(data, out, tiny_ckpt, "--steps", 2, *common))
+    assert (out / "step_000001" / "COMPLETE").exists() and (out / "final" / "COMPLETE").exists()
+    victim = out / "final" / damaged  # a disk that filled up, a copy cut short
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    capsys.readouterr()
+    ares.main(coldstart(data, out, tiny_ckpt, "--steps", 3, *common, "--resume"))
+    printed = capsys.readouterr().out
+    assert f"checkpoint {out / 'final'} is damaged ({damaged} is missing or truncated)" in printed, printed
+    assert f"resumed from {out / 'step_000001'} at step 1" in printed, printed
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_on_an_empty_out_says_it_starts_fresh(tiny_ckpt, demo_data, tmp_path, capsys):
+    data = subset(Path(demo_data["sft"]), tmp_path / "data.jsonl", list(range(2)))
+    ares.main(coldstart(data, tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 2, "--resume"))
+    assert f"--resume: no complete checkpoint in {tmp_path / 'run'}: starting fresh" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
