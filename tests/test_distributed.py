@@ -174,3 +174,138 @@ def test_two_torchrun_agents_on_one_machine_train_like_two_nodes(tiny_ckpt, demo
     start = torch.load(tmp_path / "cold" / "params_rank0_of_2.pt")
     end = torch.load(tmp_path / "aepo" / "params_rank0_of_2.pt")
     assert any(not torch.equal(start[k], end[k]) for k in start)  # AEPO trained
+
+
+FSDP_RESUME = '''
+"""torchrun worker, --fsdp on 2 ranks: AEPO straight for 2 steps; then 1 step, and --resume to 2 steps."""
+import sys
+
+sys.path.insert(0, sys.argv[1])
+import ares
+
+out, args = sys.argv[2], sys.argv[3:]
+ares.train_aepo(ares.parse_config(args + ["--steps", "2", "--out", f"{out}/straight"]))
+ares.train_aepo(ares.parse_config(args + ["--steps", "1", "--out", f"{out}/resumed"]))
+ares.train_aepo(ares.parse_config(args + ["--steps", "2", "--out", f"{out}/resumed", "--resume"]))
+ares.dist.destroy_process_group()
+'''
+
+
+def test_fsdp_checkpoint_is_sharded_per_rank_and_resume_is_exact(tiny_ckpt, demo_data, tmp_path):
+    """AEPO's learning rate is constant, so 1 step then --resume to 2 must equal 2 straight steps, bit for bit."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "resume.py"
+    script.write_text(FSDP_RESUME)
+    args = ["--stage", "aepo", "--model", tiny_ckpt, "--data", demo_data["rl"], "--batch-size", "2", "--group-size",
+            "4", "--max-response-len", "12", "--minibatches", "2", "--keep-uniform-groups", "--log-samples-every", "0",
+            "--fsdp"]
+    run_script([script, ROOT, tmp_path, *args], nproc=2)
+    shards = sorted(p.name for p in (tmp_path / "straight" / "final" / "state").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+MEMORY = '''
+"""torchrun worker: the peak host memory of each rank (VmHWM, reset before each phase) while loading a model with
+--fsdp, saving a checkpoint after one optimizer step, and (mode 'resume', a fresh process) resuming from it.
+A warm-up on the tiny model first imports every module and warms the allocator, so the deltas are the model's."""
+import gc
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+
+import ares
+
+mode, model_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+
+
+def status(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def measured(fn):
+    """(result, peak host bytes above the resident set before fn)."""
+    gc.collect()
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    result = fn()
+    return result, status("VmHWM") - before
+
+
+def load(model, resume):
+    cfg = ares.resolve_stage_defaults(ares.parse_config(
+        ["--stage", "aepo", "--model", model, "--data", "x", "--out", str(out / model.replace("/", "_")), "--fsdp",
+         "--lr", "1e-3"] + (["--resume"] if resume else [])), "aepo")
+    run = ares.load_for_training(cfg, torch.device("cpu"))
+    return ares.prepare_training(cfg, run, torch.device("cpu"), 10)
+
+
+def step_and_save(run):
+    for p in run.params:  # one optimizer step: AdamW's moments exist, as in any real checkpoint
+        p.grad = torch.zeros_like(p)
+    run.opt.step()
+    run.state["step"] = 1
+    return measured(lambda: ares.save_checkpoint(run.out, "step_000001", run.policy, run.opt, run.sched,
+                                                 run.processor, run.state, 2))[1]
+
+
+rank, world, device = ares.init_distributed(600)
+warm = load("tiny", resume=mode == "resume")
+if mode == "fresh":
+    step_and_save(warm)
+del warm
+report = {"model_bytes": None}
+run, report["load" if mode == "fresh" else "resume"] = measured(lambda: load(model_dir, resume=mode == "resume"))
+if mode == "fresh":
+    report["save"] = step_and_save(run)
+report["model_bytes"] = sum(p.numel() * 4 for p in run.policy.parameters())  # DTensor numel: the global size
+(out / f"{mode}_rank{rank}.json").write_text(json.dumps(report))
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="module")
+def mid_size_ckpt(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL widened to 25.7M parameters (103 MB in fp32): large enough to stand out of the noise."""
+    out = tmp_path_factory.mktemp("mid")
+    sizes = dict(ares.TINY_SIZES)
+    try:
+        ares.TINY_SIZES.update(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1536)
+        model, processor = ares.build_tiny(0)
+    finally:
+        ares.TINY_SIZES.update(sizes)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_fsdp_load_save_and_resume_never_hold_a_full_copy_per_rank(mid_size_ckpt, tmp_path):
+    """Peak host memory per rank (VmHWM), in units of M = the fp32 weights, 2 ranks on the CPU (where every rank's
+    shards live in host memory too). Fresh load: rank 0 reads the model once (1 M) and keeps its shard (0.5 M), rank 1
+    only its shard; save: rank 0 gathers the weights for the HF export (1 M), never the optimizer (before: every rank
+    loaded the whole model, 1.2-1.4 M, and a save gathered weights plus AdamW onto rank 0, 3 M); resume: each rank
+    reads only its own shards of weights and AdamW (1.5 M: before, 4.5 M)."""
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY)
+    for mode in ("fresh", "resume"):
+        run_script([script, ROOT, mode, mid_size_ckpt, tmp_path], nproc=2)
+    got = {(mode, r): json.loads((tmp_path / f"{mode}_rank{r}.json").read_text()) for mode in ("fresh", "resume")
+           for r in (0, 1)}
+    M = got["fresh", 0]["model_bytes"]
+    assert 1.0e8 < M < 1.1e8
+    limits = {("fresh", 0, "load"): 1.5, ("fresh", 1, "load"): 0.5, ("fresh", 0, "save"): 1.0, ("fresh", 1, "save"): 0.0,
+              ("resume", 0, "resume"): 1.5, ("resume", 1, "resume"): 1.5}  # what each rank must hold, in M
+    for (mode, rank, phase), need in limits.items():
+        peak = got[mode, rank][phase] / M
+        assert peak < need + 0.35 if phase != "resume" else peak < need + 0.75, f"{phase} on rank {rank}: {peak:.2f} M"
