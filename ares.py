@@ -1787,6 +1787,16 @@ def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
     return rearrange(x, "(p g) -> p g", g=G).float().mean(1)
 
 
+def load_reference(name: str, cfg: Config, device) -> nn.Module:
+    """The frozen KL reference (spec §5): the starting policy in the compute dtype, sharded like it with --fsdp."""
+    if cfg.fsdp and dist.is_initialized():
+        hf, _, full = load_for_fsdp(name, cfg, device)
+        ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
+        fill_shards(ref, full)
+        return ref
+    return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
+
+
 def train_aepo(cfg: Config) -> Path:
     cfg = resolve_stage_defaults(cfg, "aepo")
     rank, world, device = setup_run(cfg)
@@ -1801,15 +1811,7 @@ def train_aepo(cfg: Config) -> Path:
     st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))
     st.setdefault("kappa", torch.ones(3, dtype=torch.float64))
     st.setdefault("tau_history", [])
-    ref = None
-    if cfg.kl_coef > 0:  # a frozen copy of the starting policy
-        if cfg.fsdp and dist.is_initialized():
-            ref_hf, _, full = load_for_fsdp(st["ref_model"], cfg, device)
-            ref = wrap_policy(ref_hf.eval(), cfg, device, trainable=False)[0]
-            fill_shards(ref, full)
-            del full
-        else:
-            ref = wrap_policy(load_model(st["ref_model"], cfg, device)[0].eval(), cfg, device, trainable=False)[0]
+    ref = load_reference(st["ref_model"], cfg, device) if cfg.kl_coef > 0 else None
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     tok = tokenizer_of(run.processor)

@@ -179,9 +179,15 @@ def ids_eot(tok) -> int:
     return tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def test_an_unsupported_vision_language_family_fails_clearly_at_load(tmp_path):
-    from transformers import LlavaConfig
+@pytest.mark.parametrize("model_type", ["llava", "qwen3_vl_moe", "gpt2"])
+def test_an_unsupported_family_fails_clearly_at_load(model_type, tmp_path):
+    """Other vision-language architectures stop before any weight is read; a causal LM without `.model` after."""
+    import transformers as tf
 
-    LlavaConfig().save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="llava.*not supported.*Qwen2-VL, Qwen2.5-VL, Qwen3-VL"):
+    if model_type == "gpt2":
+        tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    else:
+        tf.AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match=f"model type '{model_type}' is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, "
+                                         "Qwen3-VL and text-only causal LMs"):
         ares.load_model(str(tmp_path), ares.Config(), torch.device("cpu"))
