@@ -1320,10 +1320,12 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        skeleton = any(p.is_meta for p in hf.parameters())  # load_for_fsdp's: filled by fill_shards or a resume
         for block in decoder_blocks(hf):
             fully_shard(block, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)
-        policy.to_empty(device=device)  # allocates this rank's shards of the meta skeleton (load_for_fsdp)
+        if skeleton:
+            policy.to_empty(device=device)  # allocates this rank's shards
         return policy, policy
     if cfg.compile:
         policy.compile()
