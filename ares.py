@@ -14,6 +14,7 @@ Run it:
     python ares.py --stage coldstart --model tiny --data demo/train.jsonl
     torchrun --nproc_per_node=8 ares.py --stage coldstart --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl
     torchrun --nproc_per_node=8 ares.py --stage aepo --model runs/coldstart/final --data rl.jsonl [--fsdp]
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint <node 0>:29500 ares.py ...  # 2 nodes
     python ares.py --help                            # every knob, with its default
 
 Reading order (search for "Eq. N" or "spec §N"): config -> distributed -> model -> data -> grading ->
