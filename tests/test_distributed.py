@@ -309,3 +309,34 @@ def test_fsdp_load_save_and_resume_never_hold_a_full_copy_per_rank(mid_size_ckpt
     for (mode, rank, phase), need in limits.items():
         peak = got[mode, rank][phase] / M
         assert peak < need + 0.35 if phase != "resume" else peak < need + 0.75, f"{phase} on rank {rank}: {peak:.2f} M"
+
+
+def test_fsdp_fills_fp32_master_shards_from_a_bf16_checkpoint_read_once(tiny, tmp_path, monkeypatch):
+    """The released models are bf16 files: rank 0 reads them as they are, and every rank's fp32 shards (and the rotary
+    buffers the meta skeleton lacks) end equal to the file's values. World size 1 under torchrun's environment."""
+    import copy
+
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = tiny
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # the session's model stays fp32
+    processor.save_pretrained(tmp_path / "bf16")
+    reads = []
+    real_load = ares.load_model
+    monkeypatch.setattr(ares, "load_model", lambda name, cfg, device, meta=False: reads.append((cfg.dtype, meta)) or
+                        real_load(name, cfg, device, meta))
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", str(tmp_path / "bf16"), "--data",
+                                                         "x", "--out", str(tmp_path / "out"), "--fsdp"]), "aepo")
+    ares.init_distributed()
+    try:
+        run = ares.prepare_training(cfg, ares.load_for_training(cfg, torch.device("cpu")), torch.device("cpu"), 1)
+        assert reads == [("fp32", True), ("file", False)]  # an empty skeleton, then the file once, as it is
+        saved = dict(AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).named_parameters())
+        for name, p in run.policy.hf.named_parameters():
+            assert p.dtype == torch.float32 and torch.equal(p.full_tensor(), saved[name].float()), name
+        for (name, b), (_, want) in zip(run.policy.hf.named_buffers(), model.named_buffers()):
+            assert torch.equal(b, want), name  # rotary inverse frequencies, computed at construction
+    finally:
+        dist.destroy_process_group()

@@ -349,3 +349,32 @@ def test_resume_on_an_empty_out_says_it_starts_fresh(tiny_ckpt, demo_data, tmp_p
     ares.main(coldstart(data, tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 2, "--resume"))
     assert f"--resume: no complete checkpoint in {tmp_path / 'run'}: starting fresh" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_every_checkpoint_file_reaches_the_disk_before_the_rename(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """fsync of every file (and of the folder after the rename): a power cut must not leave a COMPLETE checkpoint
+    whose data never reached the disk."""
+    import os
+
+    synced, renames = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        files = {p for p in Path(src).rglob("*") if p.is_file()}
+        renames.append((Path(src), files, set(synced)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    data = subset(Path(demo_data["sft"]), tmp_path / "data.jsonl", list(range(2)))
+    out = tmp_path / "run"
+    ares.main(coldstart(data, out, tiny_ckpt, "--steps", 1, "--batch-size", 2))
+    (src, files, before), = [r for r in renames if r[0].name == "final.tmp"]
+    assert {"COMPLETE", "model.safetensors", "trainer_state.pt", "rng_0.pt"} <= {f.name for f in files}
+    assert any(f.suffix == ".distcp" for f in files)
+    assert files <= before, sorted(str(f) for f in files - before)
+    assert out in synced[len(before):]  # the folder entry of the rename
