@@ -50,6 +50,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
+
+warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass is the single source of defaults; every field is a --flag with its help string.
@@ -1441,7 +1444,7 @@ def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state", no_dist=not dist.is_initialized())  # fsyncs
+    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
     # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
     hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
@@ -1497,7 +1500,7 @@ def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     sd = training_state(policy, opt)
-    dcp.load(sd, checkpoint_id=path / "state", no_dist=not dist.is_initialized())  # in place, buffers included
+    dcp.load(sd, checkpoint_id=path / "state")  # in place, buffers included
     set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     sched.load_state_dict(saved["scheduler"])
