@@ -12,8 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
-import time
 from datetime import timedelta
 from pathlib import Path
 
