@@ -182,9 +182,57 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.stage != "demo" and not cfg.data:
         parser.error(f"--data is required for --stage {cfg.stage}")
-    if not 0 < cfg.top_p <= 1 or not 0 < cfg.entropy_quantile <= 1 or cfg.window < 1 or cfg.group_size < 2:
-        parser.error("need 0 < --top-p <= 1, 0 < --entropy-quantile <= 1, --window >= 1, --group-size >= 2")
+    return validate_config(cfg)
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
+LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
+    **dict.fromkeys(("batch_size", "micro_batch_size", "rollout_batch", "minibatches", "ppo_epochs", "epochs", "steps",
+                     "save_every", "keep_last", "window", "max_prompt_len", "max_response_len", "min_pixels",
+                     "demo_steps"), AT_LEAST_1),
+    **dict.fromkeys(("lr", "grad_clip", "temperature", "kl_target", "grader_timeout"), ABOVE_0),
+    **dict.fromkeys(("weight_decay", "warmup_steps", "entropy_coef", "kl_coef", "kl_relax", "kl_adapt_rate",
+                     "clip_high", "max_branches_per_response", "log_samples_every", "grader_workers"), AT_LEAST_0),
+    **dict.fromkeys(("top_p", "entropy_quantile"), ("in (0, 1]", lambda v: 0 < v <= 1)),
+    "target_momentum": ("in [0, 1]", lambda v: 0 <= v <= 1), "clip_low": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "group_size": (">= 2", lambda v: v >= 2), "dual_clip": ("> 1", lambda v: v > 1),
+    "max_pixels": (">= --min-pixels", None), "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
+}
+HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": " (AEPO samples at it; greedy "
+         "decoding is eval.py's --temperature 0)", "keep_last": " (0 would delete each checkpoint as it is written)"}
+
+
+def validate_config(cfg: Config) -> Config:
+    """Stop with one line naming the flag and its allowed values before anything loads. A stage default still
+    None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        allowed, test = LIMITS.get(f.name, ("finite", lambda v: True))
+        if f.name == "max_pixels":
+            test = lambda v: v >= cfg.min_pixels  # noqa: E731
+        if not (math.isfinite(v) and test(v)):
+            finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
+            raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{HINTS.get(f.name, '')}")
+    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        p = Path(path).expanduser()
+        if path and path != "tiny" and (looks_local(path) or p.exists()) and not (p / "config.json").is_file():
+            raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it "
+                             "has no config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
+    data = Path(cfg.data).expanduser()
+    if cfg.data and (looks_local(cfg.data) or data.suffix in (".jsonl", ".json", ".parquet")) and not data.exists():
+        raise SystemExit(f"--data {cfg.data}: no such file or folder")
+    out = Path(cfg.out).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
     return cfg
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub name (Org/Name): absolute, ./ ../ or ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
@@ -1497,6 +1545,7 @@ def check_batch(cfg: Config, n_records: int, what: str):
 
 def train_coldstart(cfg: Config) -> Path:
     cfg = resolve_stage_defaults(cfg, "coldstart")
+    validate_config(cfg)  # the stage defaults just filled in, too
     rank, world, device = setup_run(cfg)
     records = load_records(cfg.data, cfg.split, need_response=True)  # bad data fails before the model loads
     run = load_for_training(cfg, device)
@@ -1663,6 +1712,7 @@ def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
 
 def train_aepo(cfg: Config) -> Path:
     cfg = resolve_stage_defaults(cfg, "aepo")
+    validate_config(cfg)  # the stage defaults just filled in, too
     rank, world, device = setup_run(cfg)
     records = load_records(cfg.data, cfg.split)
     run = load_for_training(cfg, device)
