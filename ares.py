@@ -532,18 +532,25 @@ class DataError(ValueError):
 
 def json_rows(path):
     """Rows of a JSON-lines file, or of a file holding one JSON list; a bad line names its number."""
-    with open(path) as fh:
-        if fh.read(4096).lstrip().startswith("["):
+    with open(path, "rb") as fh:
+        if fh.read(4096).lstrip().startswith(b"["):
             fh.seek(0)
-            yield from json.load(fh)
+            yield from _json(fh.read(), path, "the file")
             return
         fh.seek(0)
         for n, line in enumerate(fh, 1):
             if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                yield _json(line, path, f"line {n}")
+
+
+def _json(raw: bytes, path, where: str):
+    """Bytes -> JSON value; non-UTF-8 bytes and bad JSON raise DataError naming the file and line."""
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: {where}: not valid JSON ({e.msg})") from None
 
 
 def _read_rows(path: str, split: str):
@@ -553,14 +560,16 @@ def _read_rows(path: str, split: str):
         return
     import datasets
 
-    if p.suffix == ".parquet" and p.is_file():
-        ds = datasets.Dataset.from_parquet(str(p))
-    elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(p))
-    elif p.exists():
-        raise DataError(f"{path}: not a .jsonl, .parquet or saved dataset folder")
-    else:
-        ds = datasets.load_dataset(path, split=split)
+    parquet = p.suffix == ".parquet" and p.is_file()
+    saved = p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    if p.exists() and not (parquet or saved):
+        raise DataError(f"{path}: not a .jsonl, .json, .parquet or saved dataset folder")
+    try:
+        ds = (datasets.Dataset.from_parquet(str(p)) if parquet else datasets.load_from_disk(str(p)) if saved
+              else datasets.load_dataset(path, split=split))
+    except (OSError, ValueError, ImportError) as e:  # pyarrow's and datasets' errors derive from these
+        first_line = str(e).split("\n")[0][:200]
+        raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {first_line}") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
     for name, feature in ds.features.items():  # keep images encoded; load_records decodes each once to check it
@@ -611,10 +620,10 @@ def load_records(path: str, split: str = "train", need_response: bool = False, e
 
 def check_records(rows, where: str, base: Path, default_source: str, need_response: bool = False,
                   errors: list | None = None) -> list[dict]:
-    """Validate raw rows into records: id, question, answer (and response) present, ids unique, pass_rate in
-    [0, 1], every image decoded once (in parallel) so that a broken one fails now, not hours into training.
-    A bad record raises DataError naming `where`, the record and the problem; with an `errors` list it is
-    appended there as {id, error, row} and skipped instead (evaluation reports it and goes on)."""
+    """Validate raw rows into records (spec §10; each problem: `record_problem`), every image decoded once (in
+    parallel) so that a broken one fails now, not hours into training. A bad record raises DataError naming
+    `where`, the record and the problem; with an `errors` list it is appended there as {id, error, row} and
+    skipped instead (evaluation reports it and goes on)."""
     from concurrent.futures import ThreadPoolExecutor
 
     records, seen = [], set()
@@ -625,44 +634,68 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
         errors.append(dict(id=rid, error=problem, row=row))
 
     for n, row in enumerate(rows):
-        rid = str(row.get("id", "")).strip() or f"#{n}"
-        missing = [k for k in ("question", "answer") + (("response",) if need_response else ())
-                   if row.get(k) is None or isinstance(row[k], str) and not row[k].strip()]
-        wrong = [k for k in ("question", "answer", "response") if row.get(k) is not None
-                 and not isinstance(row[k], (str, int, float))]
+        if not isinstance(row, dict):
+            fail(f"#{n}", row, f"is {json.dumps(row, default=repr)[:60]}, not an object with id, question, answer")
+            continue
+        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) else f"#{n}"
         images = row.get("images") or []
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        pass_rate = row.get("pass_rate")
         try:
             images = [image_source(img, base) for img in images]
         except TypeError as e:
             fail(rid, row, str(e))
             continue
-        if missing:
-            fail(rid, row, f"missing or empty field '{missing[0]}'")
-        elif wrong:
-            fail(rid, row, f"field '{wrong[0]}' must be text, got {type(row[wrong[0]]).__name__}")
+        problem = record_problem(row, need_response)
+        if problem:
+            fail(rid, row, problem)
         elif rid in seen:
             fail(f"{rid} (row {n})", row, "duplicate id")
-        elif pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
-            fail(rid, row, f"pass_rate must be a number in [0, 1], got {pass_rate!r}")
         else:
             seen.add(rid)
-            records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=images,
+            records.append(dict(row, id=rid, question=row["question"], answer=str(row["answer"]), images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
-                                pass_rate=pass_rate))
+                                pass_rate=row.get("pass_rate")))
     with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
         sizes = list(pool.map(lambda r: [_try(_decoded_size, im) for im in r["images"]], records))
     good = []
     for r, sz in zip(records, sizes):
-        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception)), None)
+        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception) or max(e) > 200 * min(e)), None)
         if bad:
-            fail(r["id"], r, f"image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) cannot be read: {bad[1]}")
+            what = (f"cannot be read: {bad[1]}" if isinstance(bad[1], Exception) else f"is {bad[1][1]}x{bad[1][0]} "
+                    "pixels: an aspect ratio over 200, which Qwen-VL's image processor refuses")
+            fail(r["id"], r, f"field 'images': image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) {what}")
         else:
             good.append(dict(r, image_sizes=sz))
     if not good and errors is None:
         raise DataError(f"{where}: no records")
     return good
+
+
+CHAT_TOKEN = re.compile(r"<\|[A-Za-z][A-Za-z0-9_]{2,}\|>")  # SPECIAL_TOKENS, and Qwen/Llama/Phi's other ones
+
+
+def record_problem(row: dict, need_response: bool) -> str | None:
+    """What is wrong with a record's fields, or None: id text or an integer; question and response text;
+    answer text or a finite number; none of them empty or holding a chat-template token (the model would read
+    '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]."""
+    if "id" in row and not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
+        return f"field 'id' must be text or an integer, got {json.dumps(row['id'], default=repr)[:60]}"
+    for k in ("question", "answer", "response"):
+        v = row.get(k)
+        if v is None or isinstance(v, str) and not v.strip():
+            if k == "response" and not need_response:  # only the cold start trains on it
+                continue
+            return f"missing or empty field '{k}'"
+        number = k == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(v, str) and not number:
+            return f"field '{k}' must be text{' or a finite number' * (k == 'answer')}, got {json.dumps(v, default=repr)[:60]}"
+        token = CHAT_TOKEN.search(v) if isinstance(v, str) else None
+        if token:
+            return f"field '{k}' contains the chat-template token {token.group()!r}: remove it or spell it differently"
+    rate = row.get("pass_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
+        return f"field 'pass_rate' must be a number in [0, 1], got {rate!r}"
+    return None
 
 
 def _try(fn, *args):

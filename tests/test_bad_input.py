@@ -83,3 +83,110 @@ def test_stage_defaults_are_validated_when_the_stage_starts(tiny_ckpt, demo_data
         with pytest.raises(SystemExit, match=f"--{next(iter(bad)).replace('_', '-')} must be >= 1"):
             stage(ares.dataclasses.replace(cfg, **bad))
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records: (name, stage, how the LAST record of a valid file is broken, words the error must contain). Each
+# error is "data error: <file>: record <id>: field '<field>' ...", before any model loads.
+
+def _rows(demo: Path) -> list[dict]:
+    rows = [json.loads(line) for line in open(demo)][:4]
+    return [dict(r, images=[str(demo.parent / im) for im in r["images"]]) for r in rows]
+
+
+def _set(field, value):
+    return lambda row, tmp: dict(row, **{field: value})
+
+
+def _append(field, text):
+    return lambda row, tmp: dict(row, **{field: row[field] + text})
+
+
+def _wide_image(row, tmp):
+    Image.new("RGB", (300, 1), (200, 0, 0)).save(tmp / "wide.png")
+    return dict(row, images=[str(tmp / "wide.png")])
+
+
+RECORDS = [
+    ("image pad in question", "coldstart", _append("question", " <|image_pad|>"), ["question", "<|image_pad|>"]),
+    ("image pad in response", "coldstart", _append("response", " <|image_pad|>"), ["response", "<|image_pad|>"]),
+    ("video pad in response", "coldstart", _append("response", "<|video_pad|>"), ["response", "<|video_pad|>"]),
+    ("im_end inside a response", "coldstart", _append("response", "<|im_end|> more"), ["response", "<|im_end|>"]),
+    ("im_start in the answer", "aepo", _set("answer", "<|im_start|>5"), ["answer", "<|im_start|>"]),
+    ("endoftext in question", "aepo", _append("question", "<|endoftext|>"), ["question", "<|endoftext|>"]),
+    ("vision_start in question", "aepo", _append("question", "<|vision_start|>"), ["question", "<|vision_start|>"]),
+    ("another model's token", "aepo", _append("question", "<|eot_id|>"), ["question", "<|eot_id|>"]),
+    ("answer true", "aepo", _set("answer", True), ["answer", "must be text or a finite number, got true"]),
+    ("answer NaN", "aepo", _set("answer", math.nan), ["answer", "got NaN"]),
+    ("answer a list", "aepo", _set("answer", [5]), ["answer", "got [5]"]),
+    ("id null", "aepo", _set("id", None), ["field 'id' must be text or an integer, got null"]),
+    ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
+    ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
+    ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
+    ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
+]
+
+
+@pytest.mark.parametrize("name, stage, breaks, words", RECORDS, ids=[r[0] for r in RECORDS])
+def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(name, stage, breaks, words, tiny_ckpt,
+                                                                             demo_data, tmp_path):
+    rows = _rows(Path(demo_data["sft"]))
+    bad = dict(breaks(rows[-1], tmp_path), **({} if name == "id null" else {"id": "broken-7"}))
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1] + [bad]))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(path), "--out", str(out), "--steps", "1",
+                   "--batch-size", "2"])
+    msg = str(err.value.code)
+    record = "#3" if name == "id null" else "broken-7"
+    assert msg.startswith(f"data error: {path}: record {record}: ") and "\n" not in msg, msg
+    assert all(w.lower() in msg.lower() for w in words), msg
+    assert not out.exists()
+
+
+# Files that are not records at all: (name, file name, content, words).
+FILES = [
+    ("line is a list", "data.jsonl", b'["a", "b"]\n', ['record #4: is ["a", "b"], not an object']),
+    ("line is a number", "data.jsonl", b"5\n", ["record #4: is 5, not an object"]),
+    ("line is a string", "data.jsonl", b'"hello"\n', ['record #4: is "hello", not an object']),
+    ("line is null", "data.jsonl", b"null\n", ["record #4: is null, not an object"]),
+    ("non-UTF-8 bytes", "data.jsonl", b'{"id": "x", "question": "caf\xe9", "answer": "1"}\n', ["line 5", "UTF-8", "0xe9"]),
+    ("json list of ints", "ints.json", b"[1, 2, 3]", ["record #0: is 1, not an object"]),
+    ("broken json list", "broken.json", b'[{"id": "a"', ["the file", "not valid JSON"]),
+    ("corrupt parquet", "bad.parquet", b"PAR1 this is not parquet PAR1", ["cannot be read as a dataset"]),
+    ("a file of another kind", "data.csv", b"id,question,answer\n", ["not a .jsonl"]),
+]
+
+
+@pytest.mark.parametrize("name, filename, content, words", FILES, ids=[f[0] for f in FILES])
+def test_unreadable_data_file_stops_with_one_line_naming_the_file(name, filename, content, words, demo_data, tmp_path,
+                                                                tiny_ckpt):
+    path = tmp_path / filename
+    good = b"".join(json.dumps(r).encode() + b"\n" for r in _rows(Path(demo_data["sft"])))
+    path.write_bytes(good + content if filename == "data.jsonl" else content)
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "out")])
+    msg = str(err.value.code)
+    assert msg.startswith(f"data error: {path}") and "\n" not in msg, msg
+    assert all(w.lower() in msg.lower() for w in words), msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_hub_dataset_is_a_data_error(tmp_path):
+    with pytest.raises(ares.DataError, match="no_such_org/no_such_dataset: cannot be read as a dataset"):
+        ares.load_records("no_such_org/no_such_dataset")
+
+
+def test_ordinary_records_still_pass(demo_data, tmp_path):
+    """The checks do not reject what a dataset legitimately holds: <think> tags, numeric answers and ids, an
+    absolute value written '<|x|>', a response-less record outside the cold start."""
+    rows = _rows(Path(demo_data["sft"]))
+    rows[0].update(id=17, answer=5, response="<think>so</think> \\boxed{5}")
+    rows[1].update(question="Is 3 <|x|> 2 for x = 1?", answer=0.5)
+    rows[2].update(response="")
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = ares.load_records(str(path))
+    assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
+    assert records[1]["answer"] == "0.5" and len(records) == 4
