@@ -1480,16 +1480,18 @@ def barrier():
 
 
 class Metrics:
-    """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar."""
+    """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar. A resumed run keeps the lines up to
+    its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
+    the old file or the new one whole."""
 
     def __init__(self, out: Path, total: int, start: int, desc: str):
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.file = None
-        if self.rank0:  # a resumed run drops the lines logged after its checkpoint (they are re-run)
+        if self.rank0:
             path = out / "metrics.jsonl"
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start] if start and path.exists() else []
-            self.file = open(path, "w")
-            self.file.writelines(ln + "\n" for ln in kept)
+            if start and path.exists():
+                write_atomically(path, "".join(json.dumps(r) + "\n" for r in logged_rows(path) if r["step"] <= start))
+            self.file = open(path, "a" if start else "w")
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
 
     def log(self, row: dict, show: tuple[str, ...]):
@@ -1503,6 +1505,37 @@ class Metrics:
         self.bar.close()
         if self.file:
             self.file.close()
+
+
+def logged_rows(path: Path) -> list[dict]:
+    """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
+    warning."""
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            rank0_print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
+    return rows
+
+
+def write_atomically(path: Path, text: str):
+    """Write a new file beside `path`, fsync it, rename it over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}

@@ -190,3 +190,55 @@ def test_ordinary_records_still_pass(demo_data, tmp_path):
     records = ares.load_records(str(path))
     assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
     assert records[1]["answer"] == "0.5" and len(records) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.jsonl survives a kill at any moment of a resume.
+
+def coldstart(data, out, model, *extra):
+    return ["--stage", "coldstart", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4",
+            "--batch-size", "4", "--micro-batch-size", "4", "--save-every", "2", *[str(e) for e in extra]]
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+
+
+KILL_AT_STARTUP = '''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import ares
+
+start = ares.Metrics.__init__
+def start_then_die(self, *args, **kw):  # as a kill -9 right after start-up would
+    start(self, *args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+ares.Metrics.__init__ = start_then_die
+ares.main(sys.argv[2:])
+'''
+
+
+def test_a_kill_right_after_resume_starts_loses_no_metrics(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = coldstart(demo_data["sft"], out, tiny_ckpt)
+    run_until_first_step_save(monkeypatch, lambda: ares.main(args))
+    assert steps_logged(out) == [1, 2]
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_AT_STARTUP)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, driver, ROOT, *args, "--resume"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert steps_logged(out) == [1, 2]  # the history is still there
+    assert not (out / "metrics.jsonl.tmp").exists()
+
+
+def test_resume_drops_a_partial_last_metrics_line_with_a_warning(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = coldstart(demo_data["sft"], out, tiny_ckpt)
+    run_until_first_step_save(monkeypatch, lambda: ares.main(args))
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 1.2')  # a write cut short by a kill
+    ares.main(args + ["--resume"])
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert "metrics.jsonl line 3 is not a complete step row" in capsys.readouterr().out
