@@ -46,9 +46,12 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +139,8 @@ class Config:
     minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
+    grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong")
+    grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)")
     # demo (stage demo only)
     demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)")
 
@@ -820,32 +825,165 @@ def _choice_letter(s: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def _math_equal(pred: str, answer: str) -> bool:
+class GraderTimeout(BaseException):  # not an Exception: math-verify's and sympy's `except Exception` let it pass
+    pass
+
+
+def _math_equal(pred: str, answer: str, timeout: float) -> bool:
+    """math-verify's equivalence, stopped after `timeout` seconds by a SIGALRM timer (main thread only)."""
+    import logging
+
     from math_verify import parse, verify
 
-    in_main = threading.current_thread() is threading.main_thread()  # math-verify's timeouts use SIGALRM
-    limit = 3 if in_main else None
-    gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=limit)
-    guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=limit)
-    return bool(gold and guess and verify(gold, guess, timeout_seconds=limit))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the timer is ours
+
+    def stop(*_):
+        raise GraderTimeout
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+            guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+            return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm due before this line is caught just below
+    except (GraderTimeout, Exception):  # noqa: BLE001 - a grader must not crash training on odd model output
+        return False
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
-def is_correct(pred: str | None, answer: str) -> bool:
-    """Does the extracted prediction match the answer? Never raises; bounded time (long inputs skip sympy)."""
+_WIDE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # fullwidth ASCII -> ASCII (as NFKC maps them)
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _ascii_digits(s: str) -> str:
+    """Fullwidth forms ('１２', '（Ａ）') and every Unicode decimal digit ('٣', '३') -> ASCII, so they grade equal to
+    ASCII answers. (Full NFKC also turns '10²' into '102', and leaves Arabic-Indic digits alone.)"""
+    if s.isascii():
+        return s
+    s = s.translate(_WIDE)
+    return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
+
+
+def quick_verdict(pred: str | None, answer: str) -> bool | None:
+    """The cheap checks of is_correct: choice letters, equal normalised strings, integers; None = needs sympy."""
     if pred is None or not str(pred).strip():
         return False
-    pred, answer = str(pred), str(answer)
+    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
     gold_letter, pred_letter = _choice_letter(answer), _choice_letter(pred)
     if gold_letter:  # multiple choice: (B), B., b, \text{B} are all B
         return pred_letter == gold_letter
-    if _normalise(pred) == _normalise(answer):
+    p, a = _normalise(pred), _normalise(answer)
+    if p == a:
         return True
-    if len(pred) > 300 or len(answer) > 300:
+    if len(pred) > 300 or len(answer) > 300:  # long inputs skip sympy
         return False
-    try:
-        return _math_equal(pred, answer)
-    except Exception:  # noqa: BLE001 - a grader must not crash training on odd model output
-        return False
+    if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(a):
+        return int(p) == int(a)
+    return None
+
+
+def is_correct(pred: str | None, answer: str, timeout: float = 3.0) -> bool:
+    """Does the extracted prediction match the answer? Never raises, and returns within about `timeout` seconds
+    wherever it runs: on the main thread a timer stops sympy; on any other thread a grader process does it."""
+    verdict = quick_verdict(pred, answer)
+    if verdict is not None:
+        return verdict
+    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
+    if threading.current_thread() is threading.main_thread():
+        return _math_equal(pred, answer, timeout)
+    return grader_pool(1).map([(pred, answer)], timeout)[0]
+
+
+def grade_batch(preds: list, answers: list, timeout: float = 3.0, workers: int = 4) -> list[bool]:
+    """is_correct of each (prediction, answer) pair: the quick checks here, the sympy ones in `workers` grader
+    processes at once (workers=0: one by one in this process)."""
+    if workers == 0:
+        return [is_correct(p, a, timeout) for p, a in zip(preds, answers)]
+    verdicts = [quick_verdict(p, a) for p, a in zip(preds, answers)]
+    slow = [i for i, v in enumerate(verdicts) if v is None]
+    if slow:
+        jobs = [(_ascii_digits(str(preds[i])), _ascii_digits(str(answers[i]))) for i in slow]
+        for i, v in zip(slow, grader_pool(workers).map(jobs, timeout)):
+            verdicts[i] = v
+    return verdicts
+
+
+class GraderPool:
+    """Grader processes (`python -c 'ares.grader_worker()'`), each running _math_equal on its own main thread, so
+    its timer works there. An answer still out `timeout` + 2 s after it was sent (stuck in C code that a signal
+    cannot interrupt) is graded wrong and its process replaced. Thread-safe; one per process (`grader_pool`)."""
+
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.procs = [self._spawn() for _ in range(n)]
+        for p in self.procs:
+            self._ready(p)
+
+    @staticmethod
+    def _spawn():
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import ares; ares.grader_worker()"
+        return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+
+    @staticmethod
+    def _ready(proc):
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a grader process failed to start (exit code {proc.poll()})")
+
+    def map(self, jobs: list[tuple[str, str]], timeout: float) -> list[bool]:
+        from multiprocessing.connection import wait
+
+        verdicts, todo, busy = [False] * len(jobs), list(range(len(jobs)))[::-1], {}  # busy: worker -> (job, deadline)
+        with self.lock:
+            while todo or busy:
+                for w in range(len(self.procs)):
+                    if w not in busy and todo:
+                        busy[w] = (todo.pop(), time.monotonic() + timeout + 2)
+                        self.procs[w].stdin.write(json.dumps([*jobs[busy[w][0]], timeout]) + "\n")
+                        self.procs[w].stdin.flush()
+                pipes = {self.procs[w].stdout: w for w in busy}
+                for pipe in wait(list(pipes), max(0.0, min(d for _, d in busy.values()) - time.monotonic())):
+                    job, _ = busy.pop(pipes[pipe])
+                    line = pipe.readline()
+                    verdicts[job] = line.strip() == "true"
+                    if not line:  # the process died (out of memory?): that answer is graded wrong
+                        self._replace(pipes[pipe])
+                for w, (job, deadline) in list(busy.items()):
+                    if time.monotonic() > deadline:
+                        del busy[w]
+                        self._replace(w)
+        return verdicts
+
+    def _replace(self, w: int):
+        self.procs[w].kill()
+        self.procs[w].wait()
+        self.procs[w] = self._spawn()
+        self._ready(self.procs[w])
+
+
+_POOL: list[GraderPool] = []
+
+
+def grader_pool(n: int) -> GraderPool:
+    """This process's grader processes: started on first use, grown when more are asked for."""
+    if not _POOL or len(_POOL[0].procs) < n:
+        for proc in _POOL[0].procs if _POOL else []:
+            proc.kill()
+        _POOL[:] = [GraderPool(max(n, 1))]
+    return _POOL[0]
+
+
+def grader_worker():
+    """A grader process: one JSON [prediction, answer, timeout] per input line -> 'true' or 'false' per line."""
+    reply, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
+    print("ready", file=reply, flush=True)
+    for line in sys.stdin:
+        pred, answer, timeout = json.loads(line)
+        print(json.dumps(_math_equal(pred, answer, timeout)), file=reply, flush=True)
 
 
 def format_ok(text: str) -> bool:
@@ -1814,7 +1952,8 @@ def train_aepo(cfg: Config) -> Path:
         # scoring (spec §3-4): grade, bucket, count HWE tokens, shape the reward
         lengths = ro["resp_mask"].sum(1)
         texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
-        acc = torch.tensor([float(is_correct(extract_boxed(t), recs[i // G]["answer"])) for i, t in enumerate(texts)])
+        acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
+                                       cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
         fmt = torch.tensor([float(format_ok(t)) for t in texts])
         bucket = difficulty_buckets(acc, G)
         hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)

@@ -242,3 +242,61 @@ def test_resume_drops_a_partial_last_metrics_line_with_a_warning(tiny_ckpt, demo
     ares.main(args + ["--resume"])
     assert steps_logged(out) == [1, 2, 3, 4]
     assert "metrics.jsonl line 3 is not a complete step row" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grader: right on Unicode digits, bounded off the main thread, parallel, and its time limit is a hard one.
+
+DIGITS = [
+    ("１２", "12", True),  # fullwidth
+    ("12", "１２", True),
+    ("٣", "3", True),  # Arabic-Indic
+    ("۴۲", "42", True),  # Extended Arabic-Indic (Persian)
+    ("१०", "10", True),  # Devanagari
+    ("\\frac{١}{٢}", "0.5", True),
+    ("（Ｂ）", "B", True),  # a fullwidth choice letter
+    ("１２", "13", False),
+    ("٣", "4", False),
+    ("10²", "102", False),  # a superscript is not a digit (full NFKC would make this 102)
+]
+
+
+@pytest.mark.parametrize("pred, answer, verdict", DIGITS)
+def test_unicode_digits_grade_like_ascii_ones(pred, answer, verdict):
+    assert ares.is_correct(pred, answer) is verdict
+
+
+TOWER = "9^{9^{9^{9}}}"
+
+
+def test_grading_off_the_main_thread_is_bounded():
+    done = []
+    thread = threading.Thread(target=lambda: done.append(ares.is_correct(TOWER, "1")), daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(120)
+    assert done == [False], "still grading after 120 s"
+    assert time.monotonic() - start < 60  # 3 s limit + starting a grader process on a busy 2-core machine
+
+
+def test_grade_batch_matches_the_hand_graded_table_in_workers_and_in_process():
+    texts, answers, verdicts = zip(*GRADING)
+    preds = [ares.extract_boxed(t) for t in texts]
+    for workers in (0, 2):
+        assert ares.grade_batch(preds, answers, 3.0, workers) == list(verdicts), workers
+
+
+def test_grader_time_limit_is_a_hard_one_even_for_a_stuck_worker(monkeypatch):
+    """A worker stuck where no signal reaches it is killed at the limit (+2 s) and replaced."""
+    stuck = "print('ready', flush=True); import time; time.sleep(1000)"
+    monkeypatch.setattr(ares.GraderPool, "_spawn", staticmethod(
+        lambda: subprocess.Popen([sys.executable, "-c", stuck], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, bufsize=1)))
+    pool = ares.GraderPool(2)
+    first = list(pool.procs)
+    start = time.monotonic()
+    assert pool.map([("1", "2"), ("3", "4"), ("5", "6")], timeout=0.5) == [False, False, False]
+    assert time.monotonic() - start < 30
+    assert all(p.poll() is not None for p in first) and not set(pool.procs) & set(first)
+    for p in pool.procs:
+        p.kill()
