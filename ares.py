@@ -204,7 +204,7 @@ LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
     "max_pixels": (">= --min-pixels", None), "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
 }
 HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": " (AEPO samples at it; greedy "
-         "decoding is eval.py's --temperature 0)", "keep_last": " (0 would delete each checkpoint as it is written)"}
+         "decoding is eval.py's --temperature 0)", "keep_last": " (fewer would delete each checkpoint as it is written)"}
 
 
 def validate_config(cfg: Config) -> Config:
