@@ -47,9 +47,12 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +144,8 @@ class Config:
     minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
+    grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong")
+    grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)")
     # demo (stage demo only)
     demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)")
     # not a flag: the flags given on the command line, so that an explicit value wins even when it equals the default
@@ -193,9 +198,57 @@ def parse_config(argv=None) -> Config:
     cfg = Config(**args, given=tuple(sorted(given)))
     if cfg.stage != "demo" and not cfg.data:
         parser.error(f"--data is required for --stage {cfg.stage}")
-    if not 0 < cfg.top_p <= 1 or not 0 < cfg.entropy_quantile <= 1 or cfg.window < 1 or cfg.group_size < 2:
-        parser.error("need 0 < --top-p <= 1, 0 < --entropy-quantile <= 1, --window >= 1, --group-size >= 2")
+    return validate_config(cfg)
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
+LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
+    **dict.fromkeys(("batch_size", "micro_batch_size", "rollout_batch", "minibatches", "ppo_epochs", "epochs", "steps",
+                     "save_every", "keep_last", "window", "max_prompt_len", "max_response_len", "min_pixels",
+                     "demo_steps"), AT_LEAST_1),
+    **dict.fromkeys(("lr", "grad_clip", "temperature", "kl_target", "grader_timeout"), ABOVE_0),
+    **dict.fromkeys(("weight_decay", "warmup_steps", "entropy_coef", "kl_coef", "kl_relax", "kl_adapt_rate",
+                     "clip_high", "max_branches_per_response", "log_samples_every", "grader_workers"), AT_LEAST_0),
+    **dict.fromkeys(("top_p", "entropy_quantile"), ("in (0, 1]", lambda v: 0 < v <= 1)),
+    "target_momentum": ("in [0, 1]", lambda v: 0 <= v <= 1), "clip_low": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "group_size": (">= 2", lambda v: v >= 2), "dual_clip": ("> 1", lambda v: v > 1),
+    "max_pixels": (">= --min-pixels", None), "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
+}
+HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": " (AEPO samples at it; greedy "
+         "decoding is eval.py's --temperature 0)", "keep_last": " (fewer would delete each checkpoint as it is written)"}
+
+
+def validate_config(cfg: Config) -> Config:
+    """Stop with one line naming the flag and its allowed values before anything loads. A stage default still
+    None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        allowed, test = LIMITS.get(f.name, ("finite", lambda v: True))
+        if f.name == "max_pixels":
+            test = lambda v: v >= cfg.min_pixels  # noqa: E731
+        if not (math.isfinite(v) and test(v)):
+            finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
+            raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{HINTS.get(f.name, '')}")
+    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        p = Path(path).expanduser()
+        if path and path != "tiny" and (looks_local(path) or p.exists()) and not (p / "config.json").is_file():
+            raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it "
+                             "has no config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
+    data = Path(cfg.data).expanduser()
+    if cfg.data and (looks_local(cfg.data) or data.suffix in (".jsonl", ".json", ".parquet")) and not data.exists():
+        raise SystemExit(f"--data {cfg.data}: no such file or folder")
+    out = Path(cfg.out).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
     return cfg
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub name (Org/Name): absolute, ./ ../ or ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
@@ -548,18 +601,25 @@ class DataError(ValueError):
 
 def json_rows(path):
     """Rows of a JSON-lines file, or of a file holding one JSON list; a bad line names its number."""
-    with open(path) as fh:
-        if fh.read(4096).lstrip().startswith("["):
+    with open(path, "rb") as fh:
+        if fh.read(4096).lstrip().startswith(b"["):
             fh.seek(0)
-            yield from json.load(fh)
+            yield from _json(fh.read(), path, "the file")
             return
         fh.seek(0)
         for n, line in enumerate(fh, 1):
             if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                yield _json(line, path, f"line {n}")
+
+
+def _json(raw: bytes, path, where: str):
+    """Bytes -> JSON value; non-UTF-8 bytes and bad JSON raise DataError naming the file and line."""
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: {where}: not valid JSON ({e.msg})") from None
 
 
 def _read_rows(path: str, split: str):
@@ -569,14 +629,16 @@ def _read_rows(path: str, split: str):
         return
     import datasets
 
-    if p.suffix == ".parquet" and p.is_file():
-        ds = datasets.Dataset.from_parquet(str(p))
-    elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(p))
-    elif p.exists():
-        raise DataError(f"{path}: not a .jsonl, .parquet or saved dataset folder")
-    else:
-        ds = datasets.load_dataset(path, split=split)
+    parquet = p.suffix == ".parquet" and p.is_file()
+    saved = p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    if p.exists() and not (parquet or saved):
+        raise DataError(f"{path}: not a .jsonl, .json, .parquet or saved dataset folder")
+    try:
+        ds = (datasets.Dataset.from_parquet(str(p)) if parquet else datasets.load_from_disk(str(p)) if saved
+              else datasets.load_dataset(path, split=split))
+    except (OSError, ValueError, ImportError) as e:  # pyarrow's and datasets' errors derive from these
+        first_line = str(e).split("\n")[0][:200]
+        raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {first_line}") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
     for name, feature in ds.features.items():  # keep images encoded; load_records decodes each once to check it
@@ -627,10 +689,10 @@ def load_records(path: str, split: str = "train", need_response: bool = False, e
 
 def check_records(rows, where: str, base: Path, default_source: str, need_response: bool = False,
                   errors: list | None = None) -> list[dict]:
-    """Validate raw rows into records: id, question, answer (and response) present, ids unique, pass_rate in
-    [0, 1], every image decoded once (in parallel) so that a broken one fails now, not hours into training.
-    A bad record raises DataError naming `where`, the record and the problem; with an `errors` list it is
-    appended there as {id, error, row} and skipped instead (evaluation reports it and goes on)."""
+    """Validate raw rows into records (spec §10; each problem: `record_problem`), every image decoded once (in
+    parallel) so that a broken one fails now, not hours into training. A bad record raises DataError naming
+    `where`, the record and the problem; with an `errors` list it is appended there as {id, error, row} and
+    skipped instead (evaluation reports it and goes on)."""
     from concurrent.futures import ThreadPoolExecutor
 
     records, seen = [], set()
@@ -641,44 +703,68 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
         errors.append(dict(id=rid, error=problem, row=row))
 
     for n, row in enumerate(rows):
-        rid = str(row.get("id", "")).strip() or f"#{n}"
-        missing = [k for k in ("question", "answer") + (("response",) if need_response else ())
-                   if row.get(k) is None or isinstance(row[k], str) and not row[k].strip()]
-        wrong = [k for k in ("question", "answer", "response") if row.get(k) is not None
-                 and not isinstance(row[k], (str, int, float))]
+        if not isinstance(row, dict):
+            fail(f"#{n}", row, f"is {json.dumps(row, default=repr)[:60]}, not an object with id, question, answer")
+            continue
+        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) else f"#{n}"
         images = row.get("images") or []
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        pass_rate = row.get("pass_rate")
         try:
             images = [image_source(img, base) for img in images]
         except TypeError as e:
             fail(rid, row, str(e))
             continue
-        if missing:
-            fail(rid, row, f"missing or empty field '{missing[0]}'")
-        elif wrong:
-            fail(rid, row, f"field '{wrong[0]}' must be text, got {type(row[wrong[0]]).__name__}")
+        problem = record_problem(row, need_response)
+        if problem:
+            fail(rid, row, problem)
         elif rid in seen:
             fail(f"{rid} (row {n})", row, "duplicate id")
-        elif pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
-            fail(rid, row, f"pass_rate must be a number in [0, 1], got {pass_rate!r}")
         else:
             seen.add(rid)
-            records.append(dict(row, id=rid, question=str(row["question"]), answer=str(row["answer"]), images=images,
+            records.append(dict(row, id=rid, question=row["question"], answer=str(row["answer"]), images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
-                                pass_rate=pass_rate))
+                                pass_rate=row.get("pass_rate")))
     with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
         sizes = list(pool.map(lambda r: [_try(_decoded_size, im) for im in r["images"]], records))
     good = []
     for r, sz in zip(records, sizes):
-        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception)), None)
+        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception) or max(e) > 200 * min(e)), None)
         if bad:
-            fail(r["id"], r, f"image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) cannot be read: {bad[1]}")
+            what = (f"cannot be read: {bad[1]}" if isinstance(bad[1], Exception) else f"is {bad[1][1]}x{bad[1][0]} "
+                    "pixels: an aspect ratio over 200, which Qwen-VL's image processor refuses")
+            fail(r["id"], r, f"field 'images': image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) {what}")
         else:
             good.append(dict(r, image_sizes=sz))
     if not good and errors is None:
         raise DataError(f"{where}: no records")
     return good
+
+
+CHAT_TOKEN = re.compile(r"<\|[A-Za-z][A-Za-z0-9_]{2,}\|>")  # SPECIAL_TOKENS, and Qwen/Llama/Phi's other ones
+
+
+def record_problem(row: dict, need_response: bool) -> str | None:
+    """What is wrong with a record's fields, or None: id text or an integer; question and response text;
+    answer text or a finite number; none of them empty or holding a chat-template token (the model would read
+    '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]."""
+    if "id" in row and not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
+        return f"field 'id' must be text or an integer, got {json.dumps(row['id'], default=repr)[:60]}"
+    for k in ("question", "answer", "response"):
+        v = row.get(k)
+        if v is None or isinstance(v, str) and not v.strip():
+            if k == "response" and not need_response:  # only the cold start trains on it
+                continue
+            return f"missing or empty field '{k}'"
+        number = k == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(v, str) and not number:
+            return f"field '{k}' must be text{' or a finite number' * (k == 'answer')}, got {json.dumps(v, default=repr)[:60]}"
+        token = CHAT_TOKEN.search(v) if isinstance(v, str) else None
+        if token:
+            return f"field '{k}' contains the chat-template token {token.group()!r}: remove it or spell it differently"
+    rate = row.get("pass_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
+        return f"field 'pass_rate' must be a number in [0, 1], got {rate!r}"
+    return None
 
 
 def _try(fn, *args):
@@ -803,32 +889,165 @@ def _choice_letter(s: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def _math_equal(pred: str, answer: str) -> bool:
+class GraderTimeout(BaseException):  # not an Exception: math-verify's and sympy's `except Exception` let it pass
+    pass
+
+
+def _math_equal(pred: str, answer: str, timeout: float) -> bool:
+    """math-verify's equivalence, stopped after `timeout` seconds by a SIGALRM timer (main thread only)."""
+    import logging
+
     from math_verify import parse, verify
 
-    in_main = threading.current_thread() is threading.main_thread()  # math-verify's timeouts use SIGALRM
-    limit = 3 if in_main else None
-    gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=limit)
-    guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=limit)
-    return bool(gold and guess and verify(gold, guess, timeout_seconds=limit))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the timer is ours
+
+    def stop(*_):
+        raise GraderTimeout
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+            guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+            return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm due before this line is caught just below
+    except (GraderTimeout, Exception):  # noqa: BLE001 - a grader must not crash training on odd model output
+        return False
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
-def is_correct(pred: str | None, answer: str) -> bool:
-    """Does the extracted prediction match the answer? Never raises; bounded time (long inputs skip sympy)."""
+_WIDE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # fullwidth ASCII -> ASCII (as NFKC maps them)
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _ascii_digits(s: str) -> str:
+    """Fullwidth forms ('１２', '（Ａ）') and every Unicode decimal digit ('٣', '३') -> ASCII, so they grade equal to
+    ASCII answers. (Full NFKC also turns '10²' into '102', and leaves Arabic-Indic digits alone.)"""
+    if s.isascii():
+        return s
+    s = s.translate(_WIDE)
+    return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
+
+
+def quick_verdict(pred: str | None, answer: str) -> bool | None:
+    """The cheap checks of is_correct: choice letters, equal normalised strings, integers; None = needs sympy."""
     if pred is None or not str(pred).strip():
         return False
-    pred, answer = str(pred), str(answer)
+    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
     gold_letter, pred_letter = _choice_letter(answer), _choice_letter(pred)
     if gold_letter:  # multiple choice: (B), B., b, \text{B} are all B
         return pred_letter == gold_letter
-    if _normalise(pred) == _normalise(answer):
+    p, a = _normalise(pred), _normalise(answer)
+    if p == a:
         return True
-    if len(pred) > 300 or len(answer) > 300:
+    if len(pred) > 300 or len(answer) > 300:  # long inputs skip sympy
         return False
-    try:
-        return _math_equal(pred, answer)
-    except Exception:  # noqa: BLE001 - a grader must not crash training on odd model output
-        return False
+    if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(a):
+        return int(p) == int(a)
+    return None
+
+
+def is_correct(pred: str | None, answer: str, timeout: float = 3.0) -> bool:
+    """Does the extracted prediction match the answer? Never raises, and returns within about `timeout` seconds
+    wherever it runs: on the main thread a timer stops sympy; on any other thread a grader process does it."""
+    verdict = quick_verdict(pred, answer)
+    if verdict is not None:
+        return verdict
+    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
+    if threading.current_thread() is threading.main_thread():
+        return _math_equal(pred, answer, timeout)
+    return grader_pool(1).map([(pred, answer)], timeout)[0]
+
+
+def grade_batch(preds: list, answers: list, timeout: float = 3.0, workers: int = 4) -> list[bool]:
+    """is_correct of each (prediction, answer) pair: the quick checks here, the sympy ones in `workers` grader
+    processes at once (workers=0: one by one in this process)."""
+    if workers == 0:
+        return [is_correct(p, a, timeout) for p, a in zip(preds, answers)]
+    verdicts = [quick_verdict(p, a) for p, a in zip(preds, answers)]
+    slow = [i for i, v in enumerate(verdicts) if v is None]
+    if slow:
+        jobs = [(_ascii_digits(str(preds[i])), _ascii_digits(str(answers[i]))) for i in slow]
+        for i, v in zip(slow, grader_pool(workers).map(jobs, timeout)):
+            verdicts[i] = v
+    return verdicts
+
+
+class GraderPool:
+    """Grader processes (`python -c 'ares.grader_worker()'`), each running _math_equal on its own main thread, so
+    its timer works there. An answer still out `timeout` + 2 s after it was sent (stuck in C code that a signal
+    cannot interrupt) is graded wrong and its process replaced. Thread-safe; one per process (`grader_pool`)."""
+
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.procs = [self._spawn() for _ in range(n)]
+        for p in self.procs:
+            self._ready(p)
+
+    @staticmethod
+    def _spawn():
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import ares; ares.grader_worker()"
+        return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+
+    @staticmethod
+    def _ready(proc):
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a grader process failed to start (exit code {proc.poll()})")
+
+    def map(self, jobs: list[tuple[str, str]], timeout: float) -> list[bool]:
+        from multiprocessing.connection import wait
+
+        verdicts, todo, busy = [False] * len(jobs), list(range(len(jobs)))[::-1], {}  # busy: worker -> (job, deadline)
+        with self.lock:
+            while todo or busy:
+                for w in range(len(self.procs)):
+                    if w not in busy and todo:
+                        busy[w] = (todo.pop(), time.monotonic() + timeout + 2)
+                        self.procs[w].stdin.write(json.dumps([*jobs[busy[w][0]], timeout]) + "\n")
+                        self.procs[w].stdin.flush()
+                pipes = {self.procs[w].stdout: w for w in busy}
+                for pipe in wait(list(pipes), max(0.0, min(d for _, d in busy.values()) - time.monotonic())):
+                    job, _ = busy.pop(pipes[pipe])
+                    line = pipe.readline()
+                    verdicts[job] = line.strip() == "true"
+                    if not line:  # the process died (out of memory?): that answer is graded wrong
+                        self._replace(pipes[pipe])
+                for w, (job, deadline) in list(busy.items()):
+                    if time.monotonic() > deadline:
+                        del busy[w]
+                        self._replace(w)
+        return verdicts
+
+    def _replace(self, w: int):
+        self.procs[w].kill()
+        self.procs[w].wait()
+        self.procs[w] = self._spawn()
+        self._ready(self.procs[w])
+
+
+_POOL: list[GraderPool] = []
+
+
+def grader_pool(n: int) -> GraderPool:
+    """This process's grader processes: started on first use, grown when more are asked for."""
+    if not _POOL or len(_POOL[0].procs) < n:
+        for proc in _POOL[0].procs if _POOL else []:
+            proc.kill()
+        _POOL[:] = [GraderPool(max(n, 1))]
+    return _POOL[0]
+
+
+def grader_worker():
+    """A grader process: one JSON [prediction, answer, timeout] per input line -> 'true' or 'false' per line."""
+    reply, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
+    print("ready", file=reply, flush=True)
+    for line in sys.stdin:
+        pred, answer, timeout = json.loads(line)
+        print(json.dumps(_math_equal(pred, answer, timeout)), file=reply, flush=True)
 
 
 def format_ok(text: str) -> bool:
@@ -1521,16 +1740,18 @@ def barrier():
 
 
 class Metrics:
-    """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar."""
+    """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar. A resumed run keeps the lines up to
+    its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
+    the old file or the new one whole."""
 
     def __init__(self, out: Path, total: int, start: int, desc: str):
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.file = None
-        if self.rank0:  # a resumed run drops the lines logged after its checkpoint (they are re-run)
+        if self.rank0:
             path = out / "metrics.jsonl"
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start] if start and path.exists() else []
-            self.file = open(path, "w")
-            self.file.writelines(ln + "\n" for ln in kept)
+            if start and path.exists():
+                write_atomically(path, "".join(json.dumps(r) + "\n" for r in logged_rows(path) if r["step"] <= start))
+            self.file = open(path, "a" if start else "w")
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
 
     def log(self, row: dict, show: tuple[str, ...]):
@@ -1544,6 +1765,37 @@ class Metrics:
         self.bar.close()
         if self.file:
             self.file.close()
+
+
+def logged_rows(path: Path) -> list[dict]:
+    """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
+    warning."""
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            rank0_print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
+    return rows
+
+
+def write_atomically(path: Path, text: str):
+    """Write a new file beside `path`, fsync it, rename it over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -1629,6 +1881,7 @@ def check_batch(cfg: Config, n_records: int, what: str):
 
 def train_coldstart(cfg: Config) -> Path:
     cfg = resolve_stage_defaults(cfg, "coldstart")
+    validate_config(cfg)  # the stage defaults just filled in, too
     rank, world, device = setup_run(cfg)
     records = load_records(cfg.data, cfg.split, need_response=True)  # bad data fails before the model loads
     run = load_for_training(cfg, device)
@@ -1805,6 +2058,7 @@ def load_reference(name: str, cfg: Config, device) -> nn.Module:
 
 def train_aepo(cfg: Config) -> Path:
     cfg = resolve_stage_defaults(cfg, "aepo")
+    validate_config(cfg)  # the stage defaults just filled in, too
     rank, world, device = setup_run(cfg)
     records = load_records(cfg.data, cfg.split)
     run = load_for_training(cfg, device)
@@ -1837,7 +2091,8 @@ def train_aepo(cfg: Config) -> Path:
         # scoring (spec §3-4): grade, bucket, count HWE tokens, shape the reward
         lengths = ro["resp_mask"].sum(1)
         texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
-        acc = torch.tensor([float(is_correct(extract_boxed(t), recs[i // G]["answer"])) for i, t in enumerate(texts)])
+        acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
+                                       cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
         fmt = torch.tensor([float(format_ok(t)) for t in texts])
         bucket = difficulty_buckets(acc, G)
         hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)

@@ -765,6 +765,45 @@ def print_tables(results: dict, plan: dict | None):
                     print(f"  {size} {row['mode']}: {plan_flags(size, row['mode'])}")
 
 
+def grading_sets(n: int, seed: int = 0) -> dict:
+    """(predictions, answers) to grade: a realistic mix of what a policy boxes (right and wrong integers, equal and
+    unequal fractions, decimals, radicals, polynomials, choice letters, no box), numbers varied so that no cache
+    helps; and an adversarial set that makes sympy work until the time limit (towers, factorials, huge sums)."""
+    rng = random.Random(seed)
+    mix = []
+    for _ in range(n):
+        a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(0, 9)
+        mix.append(rng.choice([
+            (str(a), str(a)), (str(a + 1), str(a)), (str(a), str(b)),  # integers: most answers of a math task
+            (f"\\frac{{{a}}}{{{b}}}", f"{a / b:.6f}"), (f"\\frac{{{a}}}{{{b}}}", f"\\frac{{{a + 1}}}{{{b}}}"),
+            (f"{a}.{c}", f"{a}.{c}0"), (f"{a}\\sqrt{{2}}", f"\\sqrt{{{2 * a * a}}}"),
+            (f"x^2+{2 * a}x+{a * a}", f"(x+{a})^2"), (f"x^2+{a}x", f"x(x+{a + 1})"),
+            ("(" + "ABCD"[c % 4] + ")", "ABCD"[a % 4]), (None, str(a)), (f"\\text{{{a} cm}}", f"{a}"),
+        ]))
+    towers = ["{a}^{{{b}^{{{c}^{{{a}}}}}}}", "({a}^{{{b}}})!", "\\sum_{{k=1}}^{{10^{{{b}}}}} k^{{{a}}}",
+              "{a}^{{{b}^{{{b}^{{{b}^{{{b}}}}}}}}}", "\\frac{{{a}^{{{b}^{{{c}}}}}}}{{{b}^{{{a}^{{{c}}}}}}}"]
+    adversarial = [(rng.choice(towers).format(a=rng.randint(5, 9), b=rng.randint(5, 9), c=rng.randint(5, 9)), "1")
+                   for _ in range(max(2, n // 100))]
+    return dict(realistic=mix, adversarial=adversarial)
+
+
+def bench_grader(args) -> dict:
+    """Answers per second of ares.grade_batch on both sets, in this process (workers 0) and with 1..N workers."""
+    sets, out = grading_sets(args.grader_answers), {}
+    for workers in [0] + list(range(1, (os.cpu_count() or 1) + 1)):
+        if workers:
+            ares.grader_pool(workers)  # started before the clock: a trainer starts it once per run
+        for name, pairs in sets.items():
+            t = time.perf_counter()
+            verdicts = ares.grade_batch([p for p, _ in pairs], [a for _, a in pairs], args.grader_timeout, workers)
+            dt = time.perf_counter() - t
+            out[f"{name}/{workers}"] = dict(set=name, workers=workers, answers=len(pairs), seconds=dt,
+                                            answers_per_s=len(pairs) / dt, correct=sum(verdicts))
+            print(f"  {name:<12} workers {workers}: {len(pairs):>5} answers in {dt:6.1f} s = "
+                  f"{len(pairs) / dt:8.1f} answers/s ({sum(verdicts)} graded right)", flush=True)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help="tiny, 3b, 7b, or a comma list (each real size in its own process)")
@@ -797,6 +836,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on a CPU: stable on shared cores)")
     p.add_argument("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
     p.add_argument("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
+    p.add_argument("--grader", action="store_true", help="only grading throughput: ares.grade_batch, answers/s")
+    p.add_argument("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
+    p.add_argument("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
     p.add_argument("--out", default="bench.json", help="JSON with every number")
     args = p.parse_args(argv)
     args.sizes = args.size.split(",")
@@ -831,6 +873,10 @@ def main(argv=None):
                      threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
                      python=platform.python_version(), compile_static=args.compile, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     results, plan_src = {}, {}
+    if args.grader:
+        results["grader"] = bench_grader(args)
+        args.meta["wall_s"] = time.perf_counter() - start
+        return save_json(args, results)
     if not args.plan:
         if len(args.sizes) > 1:  # one process per size: CUDA graphs, compile caches and memory pools die with it
             for s in args.sizes:

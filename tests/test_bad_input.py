@@ -1,0 +1,301 @@
+"""Every bad flag or input record stops before anything loads, with one line naming the flag (and its allowed
+values) or the file, record and field; logs survive a kill; the grader is bounded in time wherever it runs.
+One case per defect of issue 15, each a row of a table."""
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_until_first_step_save
+from PIL import Image
+from test_math import GRADING
+
+import ares
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags: (stage, flags, what the one-line error must say). {tmp} is the test's folder.
+FLAGS = [
+    ("coldstart", ["--batch-size", "-8"], "--batch-size must be >= 1, got -8"),
+    ("coldstart", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("coldstart", ["--micro-batch-size", "-1"], "--micro-batch-size must be >= 1, got -1"),
+    ("coldstart", ["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+    ("aepo", ["--batch-size", "-4"], "--batch-size must be >= 1, got -4"),
+    ("aepo", ["--rollout-batch", "0"], "--rollout-batch must be >= 1, got 0"),
+    ("aepo", ["--minibatches", "0"], "--minibatches must be >= 1, got 0"),
+    ("aepo", ["--ppo-epochs", "0"], "--ppo-epochs must be >= 1, got 0"),
+    ("coldstart", ["--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
+    ("coldstart", ["--grad-clip", "0"], "--grad-clip must be > 0, got 0.0"),
+    ("aepo", ["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    ("aepo", ["--temperature", "-0.5"], "--temperature must be > 0, got -0.5"),
+    ("coldstart", ["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    ("coldstart", ["--lr", "nan"], "--lr must be > 0 and finite, got nan"),
+    ("aepo", ["--lr", "inf"], "--lr must be > 0 and finite, got inf"),
+    ("coldstart", ["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
+    ("coldstart", ["--keep-last", "-1"], "--keep-last must be >= 1, got -1"),
+    ("coldstart", ["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    ("coldstart", ["--save-every", "-1"], "--save-every must be >= 1, got -1"),
+    ("coldstart", ["--steps", "0"], "--steps must be >= 1, got 0 (leave --steps out to train for --epochs)"),
+    ("coldstart", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ("aepo", ["--grader-timeout", "0"], "--grader-timeout must be > 0, got 0.0"),
+    ("aepo", ["--grader-workers", "-1"], "--grader-workers must be >= 0, got -1"),
+    ("aepo", ["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    ("aepo", ["--group-size", "1"], "--group-size must be >= 2, got 1"),
+    ("aepo", ["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
+    ("aepo", ["--entropy-coef", "nan"], "--entropy-coef must be >= 0 and finite, got nan"),
+    ("aepo", ["--format-weight", "nan"], "--format-weight must be finite, got nan"),
+    ("aepo", ["--dual-clip", "1"], "--dual-clip must be > 1, got 1.0"),
+    ("coldstart", ["--max-pixels", "100", "--min-pixels", "200"], "--max-pixels must be >= --min-pixels, got 100"),
+    ("coldstart", ["--model", "{tmp}/no/such/model"], "--model {tmp}/no/such/model: no such folder"),
+    ("coldstart", ["--model", "{tmp}"], "--model {tmp}: not a model folder (it has no config.json)"),
+    ("aepo", ["--ref-model", "{tmp}/no_such_ref"], "--ref-model {tmp}/no_such_ref: no such folder"),
+    ("coldstart", ["--out", "{tmp}/a_file"], "--out {tmp}/a_file: {tmp}/a_file is a file, not a folder"),
+    ("coldstart", ["--out", "{tmp}/a_file/run"], "--out {tmp}/a_file/run: {tmp}/a_file is a file, not a folder"),
+    ("coldstart", ["--data", "{tmp}/missing.jsonl"], "--data {tmp}/missing.jsonl: no such file or folder"),
+    ("aepo", ["--data", "{tmp}/missing/folder"], "--data {tmp}/missing/folder: no such file or folder"),
+]
+
+
+@pytest.mark.parametrize("stage, flags, message", FLAGS, ids=[" ".join(f[:2]) + f" ({s})" for s, f, _ in FLAGS])
+def test_bad_flag_stops_with_one_line_naming_the_flag(stage, flags, message, tiny_ckpt, demo_data, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    data = demo_data["sft" if stage == "coldstart" else "rl"]
+    out = tmp_path / "out"
+    args = ["--stage", stage, "--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--steps", "1",
+            "--batch-size", "2", *[f.format(tmp=tmp_path) for f in flags]]
+    with pytest.raises(SystemExit) as err:
+        ares.main(args)
+    msg = str(err.value.code)
+    assert msg.startswith(message.format(tmp=tmp_path)) and "\n" not in msg, msg
+    assert not out.exists()  # nothing was loaded, trained or written
+
+
+def test_stage_defaults_are_validated_when_the_stage_starts(tiny_ckpt, demo_data, tmp_path):
+    """What parse_config did not see (a caller's own Config, as the demo builds) is checked after the stage
+    defaults are filled in, before the data or the model is read."""
+    cfg = ares.Config(stage="aepo", model=str(tiny_ckpt), data=str(demo_data["rl"]), out=str(tmp_path / "out"))
+    for stage, bad in ((ares.train_coldstart, dict(batch_size=-8)), (ares.train_aepo, dict(minibatches=0))):
+        with pytest.raises(SystemExit, match=f"--{next(iter(bad)).replace('_', '-')} must be >= 1"):
+            stage(ares.dataclasses.replace(cfg, **bad))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records: (name, stage, how the LAST record of a valid file is broken, words the error must contain). Each
+# error is "data error: <file>: record <id>: field '<field>' ...", before any model loads.
+
+def _rows(demo: Path) -> list[dict]:
+    rows = [json.loads(line) for line in open(demo)][:4]
+    return [dict(r, images=[str(demo.parent / im) for im in r["images"]]) for r in rows]
+
+
+def _set(field, value):
+    return lambda row, tmp: dict(row, **{field: value})
+
+
+def _append(field, text):
+    return lambda row, tmp: dict(row, **{field: row[field] + text})
+
+
+def _wide_image(row, tmp):
+    Image.new("RGB", (300, 1), (200, 0, 0)).save(tmp / "wide.png")
+    return dict(row, images=[str(tmp / "wide.png")])
+
+
+RECORDS = [
+    ("image pad in question", "coldstart", _append("question", " <|image_pad|>"), ["question", "<|image_pad|>"]),
+    ("image pad in response", "coldstart", _append("response", " <|image_pad|>"), ["response", "<|image_pad|>"]),
+    ("video pad in response", "coldstart", _append("response", "<|video_pad|>"), ["response", "<|video_pad|>"]),
+    ("im_end inside a response", "coldstart", _append("response", "<|im_end|> more"), ["response", "<|im_end|>"]),
+    ("im_start in the answer", "aepo", _set("answer", "<|im_start|>5"), ["answer", "<|im_start|>"]),
+    ("endoftext in question", "aepo", _append("question", "<|endoftext|>"), ["question", "<|endoftext|>"]),
+    ("vision_start in question", "aepo", _append("question", "<|vision_start|>"), ["question", "<|vision_start|>"]),
+    ("another model's token", "aepo", _append("question", "<|eot_id|>"), ["question", "<|eot_id|>"]),
+    ("answer true", "aepo", _set("answer", True), ["answer", "must be text or a finite number, got true"]),
+    ("answer NaN", "aepo", _set("answer", math.nan), ["answer", "got NaN"]),
+    ("answer a list", "aepo", _set("answer", [5]), ["answer", "got [5]"]),
+    ("id null", "aepo", _set("id", None), ["field 'id' must be text or an integer, got null"]),
+    ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
+    ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
+    ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
+    ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
+]
+
+
+@pytest.mark.parametrize("name, stage, breaks, words", RECORDS, ids=[r[0] for r in RECORDS])
+def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(name, stage, breaks, words, tiny_ckpt,
+                                                                             demo_data, tmp_path):
+    rows = _rows(Path(demo_data["sft"]))
+    bad = dict(breaks(rows[-1], tmp_path), **({} if name == "id null" else {"id": "broken-7"}))
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1] + [bad]))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(path), "--out", str(out), "--steps", "1",
+                   "--batch-size", "2"])
+    msg = str(err.value.code)
+    record = "#3" if name == "id null" else "broken-7"
+    assert msg.startswith(f"data error: {path}: record {record}: ") and "\n" not in msg, msg
+    assert all(w.lower() in msg.lower() for w in words), msg
+    assert not out.exists()
+
+
+# Files that are not records at all: (name, file name, content, words).
+FILES = [
+    ("line is a list", "data.jsonl", b'["a", "b"]\n', ['record #4: is ["a", "b"], not an object']),
+    ("line is a number", "data.jsonl", b"5\n", ["record #4: is 5, not an object"]),
+    ("line is a string", "data.jsonl", b'"hello"\n', ['record #4: is "hello", not an object']),
+    ("line is null", "data.jsonl", b"null\n", ["record #4: is null, not an object"]),
+    ("non-UTF-8 bytes", "data.jsonl", b'{"id": "x", "question": "caf\xe9", "answer": "1"}\n', ["line 5", "UTF-8", "0xe9"]),
+    ("json list of ints", "ints.json", b"[1, 2, 3]", ["record #0: is 1, not an object"]),
+    ("broken json list", "broken.json", b'[{"id": "a"', ["the file", "not valid JSON"]),
+    ("corrupt parquet", "bad.parquet", b"PAR1 this is not parquet PAR1", ["cannot be read as a dataset"]),
+    ("a file of another kind", "data.csv", b"id,question,answer\n", ["not a .jsonl"]),
+]
+
+
+@pytest.mark.parametrize("name, filename, content, words", FILES, ids=[f[0] for f in FILES])
+def test_unreadable_data_file_stops_with_one_line_naming_the_file(name, filename, content, words, demo_data, tmp_path,
+                                                                tiny_ckpt):
+    path = tmp_path / filename
+    good = b"".join(json.dumps(r).encode() + b"\n" for r in _rows(Path(demo_data["sft"])))
+    path.write_bytes(good + content if filename == "data.jsonl" else content)
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "out")])
+    msg = str(err.value.code)
+    assert msg.startswith(f"data error: {path}") and "\n" not in msg, msg
+    assert all(w.lower() in msg.lower() for w in words), msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_hub_dataset_is_a_data_error(tmp_path):
+    with pytest.raises(ares.DataError, match="no_such_org/no_such_dataset: cannot be read as a dataset"):
+        ares.load_records("no_such_org/no_such_dataset")
+
+
+def test_ordinary_records_still_pass(demo_data, tmp_path):
+    """The checks do not reject what a dataset legitimately holds: <think> tags, numeric answers and ids, an
+    absolute value written '<|x|>', a response-less record outside the cold start."""
+    rows = _rows(Path(demo_data["sft"]))
+    rows[0].update(id=17, answer=5, response="<think>so</think> \\boxed{5}")
+    rows[1].update(question="Is 3 <|x|> 2 for x = 1?", answer=0.5)
+    rows[2].update(response="")
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = ares.load_records(str(path))
+    assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
+    assert records[1]["answer"] == "0.5" and len(records) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.jsonl survives a kill at any moment of a resume.
+
+def coldstart(data, out, model, *extra):
+    return ["--stage", "coldstart", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4",
+            "--batch-size", "4", "--micro-batch-size", "4", "--save-every", "2", *[str(e) for e in extra]]
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+
+
+KILL_AT_STARTUP = '''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import ares
+
+start = ares.Metrics.__init__
+def start_then_die(self, *args, **kw):  # as a kill -9 right after start-up would
+    start(self, *args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+ares.Metrics.__init__ = start_then_die
+ares.main(sys.argv[2:])
+'''
+
+
+def test_a_kill_right_after_resume_starts_loses_no_metrics(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = coldstart(demo_data["sft"], out, tiny_ckpt)
+    run_until_first_step_save(monkeypatch, lambda: ares.main(args))
+    assert steps_logged(out) == [1, 2]
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_AT_STARTUP)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, driver, ROOT, *args, "--resume"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert steps_logged(out) == [1, 2]  # the history is still there
+    assert not (out / "metrics.jsonl.tmp").exists()
+
+
+def test_resume_drops_a_partial_last_metrics_line_with_a_warning(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = coldstart(demo_data["sft"], out, tiny_ckpt)
+    run_until_first_step_save(monkeypatch, lambda: ares.main(args))
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 1.2')  # a write cut short by a kill
+    ares.main(args + ["--resume"])
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert "metrics.jsonl line 3 is not a complete step row" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grader: right on Unicode digits, bounded off the main thread, parallel, and its time limit is a hard one.
+
+DIGITS = [
+    ("１２", "12", True),  # fullwidth
+    ("12", "１２", True),
+    ("٣", "3", True),  # Arabic-Indic
+    ("۴۲", "42", True),  # Extended Arabic-Indic (Persian)
+    ("१०", "10", True),  # Devanagari
+    ("\\frac{١}{٢}", "0.5", True),
+    ("（Ｂ）", "B", True),  # a fullwidth choice letter
+    ("１２", "13", False),
+    ("٣", "4", False),
+    ("10²", "102", False),  # a superscript is not a digit (full NFKC would make this 102)
+]
+
+
+@pytest.mark.parametrize("pred, answer, verdict", DIGITS)
+def test_unicode_digits_grade_like_ascii_ones(pred, answer, verdict):
+    assert ares.is_correct(pred, answer) is verdict
+
+
+TOWER = "9^{9^{9^{9}}}"
+
+
+def test_grading_off_the_main_thread_is_bounded():
+    done = []
+    thread = threading.Thread(target=lambda: done.append(ares.is_correct(TOWER, "1")), daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(120)
+    assert done == [False], "still grading after 120 s"
+    assert time.monotonic() - start < 60  # 3 s limit + starting a grader process on a busy 2-core machine
+
+
+def test_grade_batch_matches_the_hand_graded_table_in_workers_and_in_process():
+    texts, answers, verdicts = zip(*GRADING)
+    preds = [ares.extract_boxed(t) for t in texts]
+    for workers in (0, 2):
+        assert ares.grade_batch(preds, answers, 3.0, workers) == list(verdicts), workers
+
+
+def test_grader_time_limit_is_a_hard_one_even_for_a_stuck_worker(monkeypatch):
+    """A worker stuck where no signal reaches it is killed at the limit (+2 s) and replaced."""
+    stuck = "print('ready', flush=True); import time; time.sleep(1000)"
+    monkeypatch.setattr(ares.GraderPool, "_spawn", staticmethod(
+        lambda: subprocess.Popen([sys.executable, "-c", stuck], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, bufsize=1)))
+    pool = ares.GraderPool(2)
+    first = list(pool.procs)
+    start = time.monotonic()
+    assert pool.map([("1", "2"), ("3", "4"), ("5", "6")], timeout=0.5) == [False, False, False]
+    assert time.monotonic() - start < 30
+    assert all(p.poll() is not None for p in first) and not set(pool.procs) & set(first)
+    for p in pool.procs:
+        p.kill()
