@@ -95,6 +95,9 @@ class Config:
     log_samples_every: int = arg(10, "print one sampled response every N AEPO steps")
     rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)")
     dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
+    prompt_suffix: str = arg(None, "instruction appended to every question, saved in the checkpoint's config.json for "
+                                   "eval.py and passrate (default: the model's own, else the authors' (spec §7); "
+                                   "--model tiny: none)")
     # model
     dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
                      ("auto", "bf16", "fp16", "fp32"))
@@ -111,6 +114,7 @@ class Config:
     # optimisation
     lr: float = arg(None, "peak learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay")
+    lr_schedule: str = arg(None, "after the warm-up: cosine (decay to 10%) or constant", ("cosine", "constant"))
     warmup_steps: int = arg(None, "linear warm-up steps (coldstart default: 3% of the steps)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this value")
     batch_size: int = arg(None, "global batch: records per step (coldstart) or prompts per step (aepo)")
@@ -153,13 +157,13 @@ class Config:
 
 
 STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
-    "coldstart": dict(lr=2e-5, batch_size=256, micro_batch_size=1, max_response_len=16384, minibatches=1),
-    "aepo": dict(lr=1e-6, batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250, minibatches=4,
+    "coldstart": dict(lr_schedule="cosine", lr=2e-5, batch_size=256, micro_batch_size=1, max_response_len=16384, minibatches=1),
+    "aepo": dict(lr_schedule="constant", lr=1e-6, batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250, minibatches=4,
                  warmup_steps=0),
 }
 TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
     "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=800,
-                      max_prompt_len=256, warmup_steps=20),
+                      max_prompt_len=256, warmup_steps=20, lr_schedule="constant"),  # reading is learned late
     "aepo": dict(lr=1e-4, batch_size=16, micro_batch_size=64, max_response_len=96, steps=150, minibatches=1,
                  max_prompt_len=256, warmup_steps=0, save_every=50, window=1),  # w=1: see README, demo
 }
@@ -223,7 +227,7 @@ def validate_config(cfg: Config) -> Config:
     None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
     for f in dataclasses.fields(Config):
         v = getattr(cfg, f.name)
-        if v is None or isinstance(v, (bool, str)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):  # numbers only (not None, text, `given`)
             continue
         allowed, test = LIMITS.get(f.name, ("finite", lambda v: True))
         if f.name == "max_pixels":
@@ -329,14 +333,15 @@ TINY_CHAT_TEMPLATE = (
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [
-    "<think>Count the red squares: 3. Count the blue squares: 2. Count the green squares: 1.</think>"] * 4 + [
-    "Add them: 3 + 2 = 5. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7. Subtract: 6 - 1 = 5. The answer is \\boxed{7}.",
-    "How many red squares are in the image? How many red and blue squares are there in total?",
-    "Multiply the number of red squares by the number of blue squares, then add the number of green squares.",
+TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [  # the demo task's words, repeated so that BPE merges them
+    "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7.</think> "
+    "The answer is \\boxed{7}. Wait, check again: 3, 2, 1. Hmm, Actually, Check, So, Thus, Yes, the answer is 7.",
+    "How big is the red square? What is the sum of the green and blue squares? Multiply the yellow square by the "
+    "red square, then add the blue square."] * 4 + [
+    "Count the red squares: 3. Subtract: 6 - 1 = 5. How many squares are in the image? in total",
     "step first second then next finally total sum difference product number numbers count counts more less",
     "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
-    "the a an of in on is are and or to with from for by it this that there what which how many much yellow",
+    "the a an of in on is are and or to with from for by it this that there what which how many much",
     "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } , . : ; ? ! A B C D E x y z \\frac{1}{2}",
 ])
 TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
@@ -406,13 +411,18 @@ def build_tiny(seed: int = 0):
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
     config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
+    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
+    # read the image several times faster when the image tokens are a larger part of what it attends to.
+    config.ares_prompt_suffix = ""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
     model.generation_config.bos_token_id = None
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return model, _processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
+    processor = _processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
+    processor.prompt_suffix = config.ares_prompt_suffix
+    return model, processor
 
 
 def load_processor(name: str, is_vlm: bool, cfg: Config):
@@ -464,6 +474,7 @@ def load_model(name: str, cfg: Config, device: torch.device, meta: bool = False)
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         processor = load_processor(name, is_vlm, cfg)
+    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", FORMAT_PROMPT)  # the prompt it learned with
     model.config.use_cache = False
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -775,8 +786,10 @@ def _try(fn, *args):
 
 
 def prompt_text(processor, record: dict) -> str:
-    """The chat-formatted prompt: images first, then the question and the answer-format instruction (spec §7)."""
-    text = f"{record['question']}\n{FORMAT_PROMPT}"
+    """The chat-formatted prompt: images first, then the question and the answer-format instruction (spec §7), or the
+    instruction the model was trained with (processor.prompt_suffix, from its config.json; "" for none)."""
+    suffix = getattr(processor, "prompt_suffix", FORMAT_PROMPT)
+    text = f"{record['question']}\n{suffix}" if suffix else record["question"]
     if hasattr(processor, "image_processor"):
         content = [{"type": "image"}] * len(record["images"]) + [{"type": "text", "text": text}]
     elif record["images"]:
@@ -1603,14 +1616,14 @@ def gathered(policy: nn.Module):
 
 
 def make_optimizer(params, cfg: Config, total_steps: int):
-    """AdamW, linear warm-up, then cosine decay to 10% (coldstart) or constant (AEPO, as in the paper)."""
+    """AdamW, linear warm-up, then cosine decay to 10% (coldstart) or constant (AEPO, as in the paper; --lr-schedule)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.03 * total_steps))
 
     def factor(step):
         if step < warm:
             return (step + 1) / warm
-        if cfg.stage == "aepo":
+        if cfg.lr_schedule == "constant":
             return 1.0
         done = (step - warm) / max(1, total_steps - warm)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
@@ -1825,6 +1838,8 @@ def load_for_training(cfg: Config, device):
         (hf, processor), full = load_model(name, master, device), None
     for p in vision_params(hf):
         p.requires_grad_(cfg.train_vision)
+    if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
+        hf.config.ares_prompt_suffix = processor.prompt_suffix = cfg.prompt_suffix
     return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, full=full, processor=processor, ids=special_ids(hf, processor))
 
 
@@ -2075,6 +2090,7 @@ def train_aepo(cfg: Config) -> Path:
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     tok = tokenizer_of(run.processor)
+    levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
     rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
                 f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
                 f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
@@ -2121,6 +2137,8 @@ def train_aepo(cfg: Config) -> Path:
         st["tau_history"].append(ro["tau"])
         st["step"] = step + 1
         row = aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, (t0, t1, t2, t3), run)
+        if levels:
+            row.update(level_stats(levels, [levels.index(r["difficulty"]) for r in recs], bucket, lengths, n_he, acc, G))
         metrics.log(row, ("reward", "acc", "len", "tau"))
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
             rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {acc[0]:.0f}, reward {rewards[0]:.3f}: "
@@ -2164,47 +2182,147 @@ def aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st,
     return row
 
 
+def level_stats(levels: list[str], level: list[int], bucket, lengths, n_he, acc, G: int) -> dict:
+    """When the records carry a `difficulty` label (the demo's levels, a benchmark's): per label, the mean length,
+    N_HE and accuracy of its responses and how many of its groups fell in each online bucket (spec §3), over
+    all ranks. level (P,) index into `levels` per prompt; bucket, lengths, n_he, acc (P * G,)."""
+    lv = torch.tensor(level).repeat_interleave(G)  # (N,)
+    sums = torch.zeros(4 + 3, len(levels), dtype=torch.float64)  # responses, length, N_HE, correct; groups per bucket
+    for k, v in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
+        sums[k].index_add_(0, lv, v.double())
+    sums[4:].index_put_((bucket[::G], torch.tensor(level)), torch.ones(len(level), dtype=torch.float64), accumulate=True)
+    all_reduce(sums)
+    row = {}
+    for j, name in enumerate(levels):
+        n = sums[0, j].item()
+        row.update({f"level_{name}_{key}": sums[k, j].item() / n if n else None
+                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
+        row.update({f"level_{name}_groups_{b}": int(sums[4 + d, j]) for d, b in enumerate(BUCKETS)})
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The embedded default: `python ares.py` runs all of ARES offline on a CPU (data_prep.py's demo task).
+# The embedded default: `python ares.py` runs all of ARES offline on a CPU, every stage through the command a
+# user runs on real data (data_prep.py's demo task, passrate and adacs; both stages; eval.py).
+
+DEMO = dict(sft=16000, pool=1200, rl=1000, test=300)  # problems per split (the warm-up sees each about twice)
+DEMO_STEPS = dict(warmup=800, coldstart=300, aepo=100)  # optimizer steps of the warm-up, cold start and AEPO
+BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0"]  # plain GRPO: no entropy reward, no branching
+
+
+def demo_flags(cfg: Config) -> list[str]:
+    """The flags the user gave to `ares.py` (other than the demo's own), passed on to every training command."""
+    own = {"stage", "model", "data", "out", "steps", "demo_steps", "resume", "seed"}
+    flags = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name in own or f.name not in cfg.given:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if f.type == "bool" else [flag, str(value)]
+    return flags
+
+
+def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
+    """Start `python <args>` (`torchrun --nproc_per_node <nproc>` for nproc > 1), one thread per process, output to
+    `log`, and print it: the demo is a script of the commands a user runs."""
+    import shlex
+    import subprocess
+
+    args = [str(a) for a in args]
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    rank0_print(f"$ {f'torchrun --nproc_per_node={nproc}' if nproc > 1 else 'python'} " + shlex.join(args))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    script = str(Path(__file__).with_name(args[0]))  # beside ares.py, wherever it is run from
+    with open(log, "w") as fh:
+        procs.append((subprocess.Popen([sys.executable, *launch, script, *args[1:]], stdout=fh, stderr=subprocess.STDOUT,
+                                       env=env), log))
+
+
+def demo_wait(procs: list):
+    for proc, log in procs:
+        if proc.wait():
+            raise SystemExit(f"demo stage failed ({proc.returncode}); its output:\n" + log.read_text()[-3000:])
+    procs.clear()
 
 
 def run_demo(cfg: Config):
-    """Generate the demo task, cold-start the tiny model, run AEPO with branching, evaluate both checkpoints on
-    the held-out split by difficulty level, and print the table (plus curves.png when matplotlib is there)."""
-    import importlib
+    """ARES end to end on the demo task (spec §8 then §1-6), with plain GRPO from the same cold start beside it:
+      1. data_prep.py demo     squares whose sizes are numbers; per problem three correct teacher traces:
+                               terse, steps, steps + re-check
+      2. warm-up               the random tiny model learns to read and reason on one steps trace per problem:
+                               the demo's base model (the paper starts from an Instruct VLM) and the reference
+                               policy of the pass rates
+      3. data_prep.py passrate K = 8 samples per pool problem from the base model: p(x)
+      4. data_prep.py adacs    per problem the teacher trace nearest L_target(p), equal counts per bracket
+      5. cold start            the base model on the curated traces
+      6. AEPO and GRPO         from the same cold start, same seed, KL and steps, run side by side (one core each)
+      7. eval.py               all three checkpoints on the held-out split, greedy and at T = 1, per level
+    Stages 2, 3 and 5 run under torchrun as two CPU processes (DDP over gloo): the CPU's two cores as two ranks.
+    Writes <out>/demo.json, curves.png (ARES and GRPO over the AEPO steps) and explore.html (where ARES explores)."""
+    import data_prep
+    import eval as evaluation
 
-    data_prep, evaluation = importlib.import_module("data_prep"), importlib.import_module("eval")
-    out, times = Path(cfg.out), {}
-    rank = int(os.environ.get("RANK", 0))
-    t = time.time()
-    if rank == 0:  # --demo-steps: a quick look, on a smaller task too
-        data_prep.make_demo(out / "data", seed=cfg.seed, sizes=dict(sft=300, rl=200, test=60) if cfg.demo_steps else None)
-    barrier()
-    times["data"] = time.time() - t
-    sft_steps = aepo_steps = None
-    if cfg.demo_steps:
-        sft_steps, aepo_steps = 5 * cfg.demo_steps, cfg.demo_steps
-    t = time.time()
-    cold = train_coldstart(dataclasses.replace(cfg, data=str(out / "data" / "sft.jsonl"), out=str(out / "coldstart"),
-                                               steps=sft_steps or cfg.steps))
-    times["coldstart"] = time.time() - t
-    t = time.time()
-    aepo = train_aepo(dataclasses.replace(cfg, model=str(cold), data=str(out / "data" / "rl.jsonl"),
-                                          out=str(out / "aepo"), steps=aepo_steps or cfg.steps))
-    times["aepo"] = time.time() - t
-    t = time.time()
-    kw = dict(names=["cold start", "after AEPO"], max_new_tokens=resolve_stage_defaults(cfg, "aepo").max_response_len)
-    report = dict(greedy=evaluation.compare([str(cold), str(aepo)], str(out / "data" / "test.jsonl"), out / "eval", **kw),
-                  sampled=evaluation.compare([str(cold), str(aepo)], str(out / "data" / "test.jsonl"), out / "eval_t1",
-                                             temperature=cfg.temperature, top_p=cfg.top_p, samples=4, **kw))
+    torch.set_num_threads(1)  # as the stages it starts: the same float reductions on every machine
+    out, times, procs = Path(cfg.out), {}, []
+    small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
+    steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}
+    sizes = dict(sft=120, pool=150, rl=64, test=30) if small else DEMO
+    data, flags, seed = out / "data", demo_flags(cfg), ["--seed", cfg.seed]
+    tick = time.time()
+
+    def lap(name):
+        nonlocal tick
+        times[name] = time.time() - tick
+        rank0_print(f"[demo] {name}: {times[name]:.0f}s")
+        tick = time.time()
+
+    paths = data_prep.make_demo(data, seed=cfg.seed, sizes=sizes)
+    lap("data")
+    train = ["ares.py", "--stage", "coldstart", *seed, *flags]
+    demo_command([*train, "--model", "tiny", "--data", paths["sft"], "--out", out / "warmup", "--steps",
+                  steps["warmup"]], procs, out / "warmup.log", nproc=2)
+    demo_wait(procs)
+    lap("warm-up")
+    demo_command(["data_prep.py", "passrate", "--data", paths["pool"], "--model", out / "warmup" / "final", "--k", 8,
+                  "--max-new-tokens", 128, "--batch-size", 16, *seed, "--out", data / "pass_rates.jsonl"],
+                 procs, out / "passrate.log", nproc=2)
+    demo_wait(procs)
+    lap("pass rates")
+    demo_command(["data_prep.py", "adacs", "--data", paths["pool_traces"], "--pass-rates", data / "pass_rates.jsonl",
+                  "--model", "tiny", "--per-bracket", sizes["pool"] // (1 if small else 9), *seed, "--out", data / "adacs.jsonl"],
+                 procs, out / "adacs.log")
+    demo_wait(procs)
+    lap("adacs")
+    demo_command([*train, "--model", out / "warmup" / "final", "--data", data / "adacs.jsonl", "--out",
+                  out / "coldstart", "--steps", steps["coldstart"]], procs, out / "coldstart.log", nproc=2)
+    demo_wait(procs)
+    lap("coldstart")
+    cold = out / "coldstart" / "final"
+    aepo = ["ares.py", "--stage", "aepo", "--model", cold, "--data", paths["rl"], "--steps", steps["aepo"], *seed,
+            "--keep-uniform-groups", *flags]
+    demo_command([*aepo, "--out", out / "aepo"], procs, out / "aepo.log")
+    demo_command([*aepo, *BASELINE, "--out", out / "grpo"], procs, out / "grpo.log")
+    demo_wait(procs)
+    lap("aepo")
+    models = ["--model", cold, "--model", out / "aepo" / "final", "--model", out / "grpo" / "final", "--name",
+              "cold start", "--name", "ARES", "--name", "GRPO", "--data", paths["test"], "--max-new-tokens", 128]
+    decodings = dict(greedy=[], sampled=["--temperature", 1.0, "--samples", 4])
+    for mode, extra in decodings.items():
+        demo_command(["eval.py", *models, *extra, "--out", out / f"eval_{mode}"], procs, out / f"eval_{mode}.log")
+    demo_wait(procs)
+    report = {mode: json.loads((out / f"eval_{mode}" / "results.json").read_text()) for mode in decodings}
     report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
-    times["eval"] = time.time() - t
-    if rank == 0:
-        report["times"] = times
-        (out / "demo.json").write_text(json.dumps(report, indent=2))
-        evaluation.plot_curves(out / "aepo" / "metrics.jsonl", out / "curves.png")
-        print("\n" + report["table"])
-        print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
+    lap("eval")
+    report["times"] = times
+    report["buckets"] = evaluation.bucket_shares(out / "aepo" / "metrics.jsonl")
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    evaluation.plot_curves({"ARES": out / "aepo" / "metrics.jsonl", "GRPO": out / "grpo" / "metrics.jsonl"},
+                           out / "curves.png")
+    evaluation.explore_page([cold, out / "aepo" / "final"], ["cold start", "ARES"], paths["test"], out / "explore.html",
+                            resolve_stage_defaults(cfg, "aepo"))
+    print("\n" + report["table"])
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
     return report
 
 

@@ -430,7 +430,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     policy = ares.Policy(model)
     rows = args.update_rows
     prompts = prompts_all[:rows]
-    resp_len = max(1, args.update_tokens // rows - int(sum(len(p["ids"]) for p in prompts) / rows))
+    resp_len = max(1, (args.update_tokens - sum(len(p["ids"]) for p in prompts)) // rows)  # at most the budget in all
     tok = ares.tokenizer_of(processor)
     plain = sorted(set(range(len(tok))) - set(tok.added_tokens_decoder))  # no image/special tokens in responses
     g = torch.Generator().manual_seed(0)
@@ -519,8 +519,9 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
     import trl
 
     records = ares.load_records(str(data))
-    banned = ares.banned_tokens(ares.build_tiny(0)[0])
-    ds = Dataset.from_list([dict(prompt=[dict(role="user", content=f"{r['question']}\n{ares.FORMAT_PROMPT}")],
+    model, processor = ares.build_tiny(0)
+    banned, suffix = ares.banned_tokens(model), processor.prompt_suffix  # the prompt ares.py's tiny runs use
+    ds = Dataset.from_list([dict(prompt=[dict(role="user", content=f"{r['question']}\n{suffix}".strip())],
                                  image=r["images"][0], answer=r["answer"]) for r in records])
 
     def accuracy(completions, answer, **kwargs):  # the grader ares uses

@@ -6,6 +6,8 @@ The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
     torchrun --nproc_per_node=8 data_prep.py passrate --data data/geo3k.jsonl \\
         --model Qwen/Qwen2.5-VL-7B-Instruct --k 8 --keep-responses --out data/pool.jsonl  # p(x) + candidate traces
     python data_prep.py adacs --data data/pool.jsonl --out data/sft.jsonl            # length-matched traces
+    python data_prep.py adacs --data data/teacher.jsonl --pass-rates data/rates.jsonl --model M --out data/sft.jsonl
+                                                      # the paper's setting: teacher traces, pass rates from M
     torchrun --nproc_per_node=8 ares.py --stage coldstart --model Qwen/Qwen2.5-VL-7B-Instruct --data data/sft.jsonl
     python data_prep.py demo --out data/demo          # the procedurally generated multimodal demo task (offline)
     python data_prep.py SUBCOMMAND --help             # every option; `convert --help` lists the presets
@@ -18,7 +20,8 @@ The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
             p in {0, 1/K, ..., 1}; --keep-responses also writes every response as a candidate trace.
   adacs     spec §8 on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
             per problem the correct trace nearest its target; then equal counts per pass-rate bracket.
-  demo      a 4 x 4 grid of coloured squares; count (easy), add (medium) or multiply-add (hard).
+  demo      coloured squares whose sizes are numbers: read one (easy), add two (medium), multiply-add (hard);
+            three teacher traces per problem (terse, steps, steps + re-check) for AdaCS to choose from.
 
 Choices made here, where the paper and the released code are silent:
   - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets of spec §8).
@@ -35,11 +38,16 @@ Choices made here, where the paper and the released code are silent:
   - A trace's length is its sampled tokens without the end-of-turn token (passrate), or the tokenizer's
     count of its text (adacs --model, for pools without a `length`).
 
-The demo task: a 4 x 4 grid of cells, some holding a red, green or blue square. Three difficulty levels ask
-for one count (easy), a sum of two counts (medium), or a product of two counts plus a third (hard). Each record
-carries a step-by-step trace ("<think> ... </think> \\boxed{N}") whose length grows with the level, so the
-cold start has something adaptive to learn. Each 28 x 28 pixel cell is exactly one merged vision token of
-Qwen2.5-VL (14-pixel patches, 2 x 2 merge), which makes the task learnable by the tiny model on a CPU.
+The demo task: four coloured squares (red, green, blue, yellow) in a column, in random order, each as big as the
+number it stands for (0-4; size 0: no square). Three levels ask for one size (easy), the sum of two (medium), or
+the product of two plus a third (hard). Each problem comes with three correct teacher traces of growing length:
+terse ("<think>7.</think> The answer is \\boxed{7}."), steps (every size read and every operation written out) and
+recheck (steps, then the sizes read again after a transition word: "Wait, check again: 3, 2, 1."). For the tiny
+model a terse answer is as good as a worked one on easy problems, while on hard ones only the steps get it right:
+that is what AdaCS and AEPO can adapt the length to. Each 28 x 28 pixel cell is exactly one merged vision token
+of Qwen2.5-VL (14-pixel patches, 2 x 2 merge), and reading a size is reading one token found by its colour: the
+tiny model learns it on a CPU in minutes. (An earlier version asked to count squares in a 4 x 4 grid: attention
+learns to count late, at a step the seed decides, so the cold start reached 31% or 94% depending on the seed.)
 """
 from __future__ import annotations
 
@@ -597,8 +605,27 @@ def tokenizer_for(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
+def join_pass_rates(pool: list[dict], rated: list[dict], where: str) -> list[dict]:
+    """The paper's setting (spec §8): candidate traces from a teacher pool, pass rates from another model's samples.
+    Each trace takes the pass rate of its problem id in `rated`; traces of problems that were not rated are
+    dropped (and counted). join_pass_rates([{id: a, ...}, {id: b, ...}], [{id: a, pass_rate: .5}], f) keeps a."""
+    rates = {r["id"]: r["pass_rate"] for r in rated}
+    missing = [r["id"] for r in rated if r["pass_rate"] is None]
+    if missing:
+        raise DataError(f"{where}: record {missing[0]}: no pass_rate (write it with `data_prep.py passrate`)")
+    joined = [dict(t, pass_rate=rates[t["id"]]) for t in pool if t["id"] in rates]
+    if not joined:
+        raise DataError(f"{where}: no problem id in common with the candidate traces")
+    unrated = len({t["id"] for t in pool}) - len({t["id"] for t in joined})
+    if unrated:
+        print(f"{unrated} problems of the pool have no pass rate in {where}: their traces are left out")
+    return joined
+
+
 def run_adacs(args) -> list[dict]:
     pool = _load(args.data, split=args.split, progress=True, unique=False)
+    if args.pass_rates:
+        pool = join_pass_rates(pool, _load(args.pass_rates), args.pass_rates)
     chosen, st = adacs_curate(pool, args.k, args.per_bracket, args.seed, tokenizer_for(args.model) if args.model else None)
     if not chosen:
         raise DataError(f"{args.data}: no problem has a correct trace")
@@ -621,54 +648,71 @@ def run_adacs(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # demo: the offline task that `python ares.py` runs end to end.
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220)}
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220), "yellow": (230, 190, 0)}
 LEVELS = {1: "easy", 2: "medium", 3: "hard"}
-GRID, CELL, INSET = 4, 28, 3  # 4 x 4 cells of 28 px: a 112 x 112 image
+CELL, SIDE = 28, 6  # one 28-px cell per square (one merged vision token); a square of value v is 6 v px wide
+STYLES = ("terse", "steps", "recheck")  # the teacher pool: three correct traces of growing length per problem
+OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
+CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
 
 
 def demo_problem(rng: random.Random, level: int) -> dict:
-    """One problem: the colour of every cell, the question, the answer and the reasoning trace."""
-    counts = {c: rng.randint(0, 4) for c in COLOURS}
-    cells = [c for c, n in counts.items() for _ in range(n)] + [None] * (GRID * GRID - sum(counts.values()))
-    rng.shuffle(cells)
-    a, b, c = rng.sample(list(COLOURS), 3)
-    steps = [f"Count the {a} squares: {counts[a]}."]
+    """One problem: four coloured squares in a column, in random order, whose sizes are the numbers 0-4 (size 0: no
+    square), the question, the answer and its candidate traces, one per style: terse (the answer alone), steps
+    (every size read and every operation written out) and recheck (steps, then the sizes read again after a
+    transition word). A trace is '<think> ... </think> The answer is \\boxed{N}.'"""
+    order = rng.sample(list(COLOURS), len(COLOURS))
+    v = {c: rng.randint(0, 4) for c in order}
+    a, b, c = rng.sample(order, 3)
     if level == 1:
-        question, answer = f"How many {a} squares are in the image?", counts[a]
+        question, answer, used, ops = f"How big is the {a} square?", v[a], [a], []
     elif level == 2:
-        answer = counts[a] + counts[b]
-        question = f"How many {a} and {b} squares are there in total?"
-        steps += [f"Count the {b} squares: {counts[b]}.", f"Add them: {counts[a]} + {counts[b]} = {answer}."]
+        answer, used = v[a] + v[b], [a, b]
+        question = f"What is the sum of the {a} and {b} squares?"
+        ops = [f"Add: {v[a]} + {v[b]} = {answer}."]
     else:
-        product = counts[a] * counts[b]
-        answer = product + counts[c]
-        question = f"Multiply the number of {a} squares by the number of {b} squares, then add the number of {c} squares."
-        steps += [f"Count the {b} squares: {counts[b]}.", f"Count the {c} squares: {counts[c]}.",
-                  f"Multiply: {counts[a]} * {counts[b]} = {product}.", f"Add: {product} + {counts[c]} = {answer}."]
-    response = "<think>" + " ".join(steps) + "</think> The answer is \\boxed{" + str(answer) + "}."
-    return dict(cells=cells, question=question, answer=str(answer), response=response)
+        product = v[a] * v[b]
+        answer, used = product + v[c], [a, b, c]
+        question = f"Multiply the {a} square by the {b} square, then add the {c} square."
+        ops = [f"Multiply: {v[a]} * {v[b]} = {product}.", f"Add: {product} + {v[c]} = {answer}."]
+    steps = [f"{s.capitalize()} is {v[s]}." for s in used] + ops
+    recheck = steps + [f"{rng.choice(OPENERS)}, check again: " + ", ".join(str(v[s]) for s in used) + ".",
+                       f"{rng.choice(CLOSERS)}, the answer is {answer}."]
+    end = "</think> The answer is \\boxed{" + str(answer) + "}."
+    traces = {"terse": f"<think>{answer}.{end}", "steps": "<think>" + " ".join(steps) + end,
+              "recheck": "<think>" + " ".join(recheck) + end}
+    return dict(cells=[(col, v[col]) for col in order], question=question, answer=str(answer), traces=traces)
 
 
-def draw_grid(cells: list[str | None]):
+def draw_grid(cells: list[tuple[str, int]]):
+    """The column of squares, each centred in its own 28-px cell: one merged vision token of Qwen2.5-VL (14-pixel
+    patches, 2 x 2 merge), so reading a size is reading one token, wherever the square stands."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (GRID * CELL, GRID * CELL), (255, 255, 255))
+    img = Image.new("RGB", (CELL, len(cells) * CELL), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    for k, colour in enumerate(cells):
-        if colour:
-            x, y = (k % GRID) * CELL, (k // GRID) * CELL
-            draw.rectangle([x + INSET, y + INSET, x + CELL - 1 - INSET, y + CELL - 1 - INSET], fill=COLOURS[colour])
+    for k, (colour, value) in enumerate(cells):
+        if value:
+            lo = (CELL - SIDE * value) // 2
+            draw.rectangle([lo, k * CELL + lo, lo + SIDE * value - 1, k * CELL + lo + SIDE * value - 1],
+                           fill=COLOURS[colour])
     return img
 
 
 def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
-    """Write sft.jsonl (with traces), rl.jsonl and test.jsonl (held out) plus their PNG images under `out`.
-    Levels are balanced in every split. Deterministic for a seed. Returns {split: path}."""
-    sizes = sizes or {"sft": 3000, "rl": 1000, "test": 300}
+    """Write the demo task under `out`: one .jsonl per split plus their PNG images; levels balanced in every split,
+    deterministic for a seed. Returns {split: path}. Splits:
+      sft    one steps trace per problem: the warm-up data that teaches the random tiny model to read and reason
+      pool   the problems whose pass rates the reference policy measures (one record each), and beside it
+             pool_traces.jsonl: every candidate trace of each (one record per trace, `style` says which), the
+             teacher pool that AdaCS chooses from, joined with the pass rates by id
+      rl, test   prompts for AEPO and held-out evaluation
+    Every record but the teacher pool's carries its steps trace as `response`."""
+    sizes = sizes or {"sft": 1500, "pool": 1200, "rl": 1000, "test": 300}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    paths = {}
+    paths, traces = {}, []
     for split, n in sizes.items():
         rows = []
         for k in tqdm(range(n), desc=f"demo {split}", leave=False):
@@ -676,11 +720,19 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
             prob = demo_problem(rng, level)
             rid = f"{split}-{k:05d}"
             draw_grid(prob["cells"]).save(out / "images" / f"{rid}.png")
-            rows.append(dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
-                             response=prob["response"], source="demo", level=level, difficulty=LEVELS[level]))
+            style = "steps"
+            row = dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
+                       source="demo", level=level, difficulty=LEVELS[level])
+            rows.append(dict(row, response=prob["traces"][style], style=style))
+            if split == "pool":
+                traces += [dict(row, response=prob["traces"][s], style=s) for s in STYLES]
         paths[split] = out / f"{split}.jsonl"
         with open(paths[split], "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
+    if traces:
+        paths["pool_traces"] = out / "pool_traces.jsonl"
+        with open(paths["pool_traces"], "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in traces)
     return paths
 
 
@@ -747,6 +799,8 @@ def main(argv=None):
     ad.add_argument("--data", required=True, help="candidate traces: one record per trace with id, pass_rate, "
                                                   "response, and correct / length (else computed)")
     ad.add_argument("--split", help="split to read from a dataset folder or hub name")
+    ad.add_argument("--pass-rates", help="records with pass_rate (the output of passrate): each trace of --data takes "
+                                         "its problem's rate by id, so the traces may come from a teacher pool")
     ad.add_argument("--k", type=int, default=8, help="samples behind the pass rates: K + 1 brackets (default: 8)")
     ad.add_argument("--per-bracket", type=int, help="problems per bracket (default: the largest balanced count)")
     ad.add_argument("--model", help="tokenizer for traces without a 'length' (hub name, folder or 'tiny')")

@@ -86,6 +86,8 @@ class EvalConfig:
     bucket_by: str = arg("auto", "difficulty buckets from: auto (difficulty, else level, else pass_rate), "
                                  "difficulty, level, pass_rate, or none", ("auto", "difficulty", "level", "pass_rate", "none"))
     plot: str = arg("", "PNG file: accuracy against mean response tokens per benchmark and model (needs matplotlib)")
+    demo: list = field(default_factory=list, metadata={"help": "--out folder of a `python ares.py` run; repeat for "
+                                                               "several seeds: prints their mean +- sd table"})
     # model
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32", ("auto", "bf16", "fp16", "fp32"))
     attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
@@ -96,8 +98,8 @@ class EvalConfig:
 def parse_config(argv=None) -> EvalConfig:
     parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
-    if not cfg.model or not cfg.data:
-        parser.error("give at least one --model and one --data")
+    if not cfg.demo and (not cfg.model or not cfg.data):
+        parser.error("give at least one --model and one --data (or --demo runs)")
     if cfg.name and len(cfg.name) != len(cfg.model):
         parser.error(f"{len(cfg.name)} --name for {len(cfg.model)} --model")
     if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1 or not 0 < cfg.top_p <= 1:
@@ -553,26 +555,135 @@ def moving_mean(values: list[float], k: int) -> list[float]:
     return out
 
 
-def plot_curves(metrics_file: Path, png: Path) -> bool:
-    """reward, accuracy, length and N_HE per bucket, tau and kappa over AEPO steps (needs matplotlib)."""
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def run_levels(rows: list[dict]) -> list[str]:
+    """The difficulty labels an AEPO run logged (level_<label>_len keys), in the demo's order where they are its."""
+    labels = {k[len("level_"):-len("_len")] for r in rows for k in r if k.startswith("level_") and k.endswith("_len")}
+    return sorted(labels, key=lambda x: (ares.BUCKETS.index(x) if x in ares.BUCKETS else 9, x))
+
+
+def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
+    """AEPO curves of one or several runs ({name: metrics.jsonl}; solid, dashed, dotted lines in run order): reward
+    and accuracy, and per difficulty level (per online bucket when the records have no level) response length,
+    N_HE and accuracy, then tau and kappa. Each step faint, a 10-step moving mean on top (needs matplotlib)."""
     plt = pyplot("curves.png")
     if plt is None:
         return False
-    rows = [json.loads(line) for line in open(metrics_file)]
-    steps = [r["step"] for r in rows]
-    panels = [("reward / accuracy", ["reward", "acc"]), ("response tokens", [f"len_{b}" for b in ares.BUCKETS]),
-              ("N_HE per response", [f"n_he_{b}" for b in ares.BUCKETS]), ("tau", ["tau"]),
-              ("kappa (KL controller)", [f"kappa_{b}" for b in ares.BUCKETS]), ("accuracy per bucket", [f"acc_{b}" for b in ares.BUCKETS])]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    runs = runs if isinstance(runs, dict) else {"": runs}
+    data = {name: read_metrics(path) for name, path in runs.items()}
+    levels = run_levels(next(iter(data.values())))
+    per = (lambda key: [f"level_{lv}_{key}" for lv in levels]) if levels else (
+        lambda key: [f"{key}_{b}" for b in ares.BUCKETS])
+    by = "level" if levels else "bucket"
+    panels = [("reward / accuracy", ["reward", "acc"]), (f"response tokens per {by}", per("len")),
+              (f"N_HE per response, per {by}", per("n_he")), (f"accuracy per {by}", per("acc")), ("tau", ["tau"]),
+              ("kappa (KL controller)", [f"kappa_{b}" for b in ares.BUCKETS])]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for ax, (title, keys) in zip(axes.flat, panels):
-        for k in keys:
-            raw = [r.get(k) if r.get(k) is not None else float("nan") for r in rows]
-            line, = ax.plot(steps, raw, alpha=0.25)  # each step, faint; a 10-step moving mean on top
-            ax.plot(steps, moving_mean(raw, 10), color=line.get_color(), label=k)
+        for (name, rows), style in zip(data.items(), ("-", "--", ":", "-.")):
+            steps = [r["step"] for r in rows]
+            for colour, k in enumerate(keys):
+                raw = [r.get(k) if r.get(k) is not None else float("nan") for r in rows]
+                ax.plot(steps, raw, style, color=f"C{colour}", alpha=0.15)
+                label = k.removeprefix("level_") + (f" ({name})" if name else "")
+                ax.plot(steps, moving_mean(raw, 10), style, color=f"C{colour}", label=label)
         ax.set_title(title)
         ax.set_xlabel("AEPO step")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     return save_figure(plt, fig, png)
+
+
+def bucket_shares(metrics_file: Path) -> dict:
+    """Over all AEPO steps of a run: per difficulty level, the share of its groups in each online bucket (spec §3)."""
+    rows = read_metrics(metrics_file)
+    shares = {}
+    for lv in run_levels(rows):
+        n = {b: sum(r.get(f"level_{lv}_groups_{b}", 0) for r in rows) for b in ares.BUCKETS}
+        total = sum(n.values())
+        shares[lv] = {b: n[b] / total if total else None for b in ares.BUCKETS}
+    return shares
+
+
+EXPLORE_CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+.r{font-family:monospace;font-size:13px;line-height:1.9;margin:.2em 0 .2em 0;white-space:pre-wrap}
+.t{border-radius:3px;padding:1px 0}.h{outline:2px solid #c00;font-weight:bold}.p{opacity:.35}
+.b{color:#06c;font-weight:bold}.l{font-size:12px;color:#555;margin-top:.6em}.ok{color:#080}.no{color:#c00}
+td{vertical-align:top;padding:0 1em}h3{margin-bottom:.2em}"""
+
+
+def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[dict], float]:
+    """One branching rollout group (ares.rollout_groups) for a record, with each token's window entropy and HWE
+    flag: [{tokens, hbar, hwe, parent, branch_at, correct, n_he}] and tau."""
+    ids, tok = ares.special_ids(model, processor), ares.tokenizer_of(processor)
+    rec = dict(record, images=[ares.open_image(im) for im in record["images"]])
+    gen = torch.Generator().manual_seed(seed)
+    ro = ares.rollout_groups(model, [ares.encode_prompt(processor, rec)], cfg, ids, gen)
+    hbar, valid = ares.window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
+    hwe = ares.hwe_mask(hbar, valid, ro["tau"])
+    rows = []
+    for i, n in enumerate(ro["resp_mask"].sum(1).tolist()):
+        toks = ro["tokens"][i, :n].tolist()
+        text = tok.decode(toks, skip_special_tokens=True)
+        rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
+                         parent=int(ro["parent"][i]), branch_at=int(ro["branch_at"][i]), n_he=int(hwe[i].sum()),
+                         correct=ares.is_correct(ares.extract_boxed(text), record["answer"])))
+    return rows, ro["tau"]
+
+
+def explore_html(rows: list[dict], tau: float) -> str:
+    """One group as HTML: each token shaded by its window entropy (darker = higher, scaled to 2 tau), HWE tokens
+    (Hbar >= tau) outlined, a branch's inherited prefix faded and its branch point marked with a blue bar."""
+    import html
+
+    out = []
+    for i, r in enumerate(rows):
+        where = f" branched from #{r['parent']} at token {r['branch_at']}" if r["parent"] >= 0 else ""
+        verdict = '<span class="ok">right</span>' if r["correct"] else '<span class="no">wrong</span>'
+        out.append(f'<div class="l">#{i}{where}: {verdict}, {len(r["tokens"])} tokens, N_HE = {r["n_he"]}</div>'
+                   '<div class="r">')
+        for t, (piece, h, m) in enumerate(zip(r["tokens"], r["hbar"], r["hwe"])):
+            if r["parent"] >= 0 and t == r["branch_at"]:
+                out.append('<span class="b">|</span>')
+            alpha = min(1.0, h / (2 * tau)) if tau > 0 else 0.0
+            cls = "t" + (" h" if m else "") + (" p" if r["parent"] >= 0 and t < r["branch_at"] else "")
+            out.append(f'<span class="{cls}" style="background:rgba(255,120,0,{alpha:.2f})" '
+                       f'title="window entropy {h:.3f}">{html.escape(piece)}</span>')
+        out.append("</div>")
+    return "".join(out)
+
+
+def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg, per_level: int = 2) -> Path:
+    """A self-contained HTML page: for `per_level` held-out problems of each difficulty level, one branching rollout
+    group of every model side by side, tokens shaded by window entropy (Eq. 4), HWE tokens and branch points marked."""
+    import html
+
+    records = ares.load_records(str(data))
+    levels = run_levels([{f"level_{r['difficulty']}_len": 0 for r in records}])
+    picked = [r for lv in levels for r in [x for x in records if x["difficulty"] == lv][:per_level]]
+    cells = {}
+    for m, name in zip(models, names):
+        model, processor = ares.load_model(str(m), cfg, torch.device("cpu"))
+        for k, rec in enumerate(picked):
+            cells[name, rec["id"]] = explore_rows(model.eval(), processor, rec, cfg, seed=cfg.seed * 1000 + k)
+    body = [f"<h1>Where ARES explores</h1><p>Each row is one response of a group of G = {cfg.group_size}: "
+            f"{cfg.group_size - cfg.branch_samples} sampled from the prompt, {cfg.branch_samples} branched at the "
+            f"highest window-entropy tokens (spec §2). Shading: window entropy over w = {cfg.window} tokens (darker = "
+            "more uncertain); outlined: HWE tokens (window entropy &ge; tau, the step's threshold); faded: a branch's "
+            "prefix, inherited from its parent; blue bar: where the branch starts sampling. Hover a token for its "
+            "window entropy.</p>"]
+    for rec in picked:
+        body.append(f"<h3>{html.escape(rec['difficulty'])}: {html.escape(rec['question'])} (answer "
+                    f"{html.escape(rec['answer'])})</h3><table><tr>")
+        for name in names:
+            rows, tau = cells[name, rec["id"]]
+            body.append(f"<td><b>{html.escape(name)}</b> (tau = {tau:.3f}){explore_html(rows, tau)}</td>")
+        body.append("</tr></table>")
+    html_out.write_text(f"<!doctype html><meta charset='utf-8'><title>Where ARES explores</title>"
+                        f"<style>{EXPLORE_CSS}</style>{''.join(body)}")
+    return html_out
 
 
 def main(argv=None):
@@ -580,7 +691,51 @@ def main(argv=None):
     ares.run_command(evaluate_and_report, cfg)
 
 
+def mean_sd(values: list[float], scale: float = 1.0, signed: bool = False) -> str:
+    m = statistics.mean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:+.1f} ± {sd:.1f}" if signed else f"{m:.1f} ± {sd:.1f}"
+
+
+def demo_summary(runs: list[str]) -> str:
+    """The README's opening table from `python ares.py --seed S --out runs/seedS` runs (their demo.json): per level and
+    overall, mean ± sd over the runs of accuracy (%) and mean response tokens of the cold start, ARES and GRPO, the
+    per-seed changes ARES - cold start and ARES - GRPO, and the share of each level's groups in each online bucket."""
+    reports = [json.loads((Path(r) / "demo.json").read_text()) for r in runs]
+    levels = [*reports[0]["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
+    row_of = lambda rep, mode, model, lv: (rep[mode]["metrics"]["test"][model]["overall"] if lv == "overall"  # noqa
+                                           else rep[mode]["metrics"]["test"][model]["buckets"][lv])
+    lines = []
+    for mode, title in (("greedy", "greedy"), ("sampled", "T = 1, mean@4")):
+        lines += [f"\n{title}, {len(runs)} seeds, mean ± sd | accuracy % (cold start / ARES / GRPO) | ARES - cold | "
+                  "ARES - GRPO | tokens (cold start / ARES / GRPO) | tokens: ARES vs cold | ARES vs GRPO",
+                  "|".join(["---"] * 8)]
+        for lv in levels:
+            get = lambda model, key: [row_of(rep, mode, model, lv)[key] for rep in reports]  # noqa: E731
+            acc = {m: get(m, "accuracy") for m in ("cold start", "ARES", "GRPO")}
+            tok = {m: get(m, "mean_tokens") for m in ("cold start", "ARES", "GRPO")}
+            rel = lambda a, b: [x / y - 1 for x, y in zip(tok[a], tok[b])]  # noqa: E731
+            diff = lambda a, b: [x - y for x, y in zip(acc[a], acc[b])]  # noqa: E731
+            lines.append(" | ".join([lv, " / ".join(mean_sd(acc[m], 100) for m in acc),
+                                     mean_sd(diff("ARES", "cold start"), 100, True), mean_sd(diff("ARES", "GRPO"), 100, True),
+                                     " / ".join(mean_sd(tok[m]) for m in tok), mean_sd(rel("ARES", "cold start"), 100, True) + "%",
+                                     mean_sd(rel("ARES", "GRPO"), 100, True) + "%"]))
+    lines += ["\nper seed (greedy overall accuracy %: cold start -> ARES / GRPO; stage times)"]
+    for run, rep in zip(runs, reports):
+        acc = [row_of(rep, "greedy", m, "overall")["accuracy"] * 100 for m in ("cold start", "ARES", "GRPO")]
+        lines.append(f"{run}: {acc[0]:.1f} -> {acc[1]:.1f} / {acc[2]:.1f}; " + ", ".join(
+            f"{k} {v:.0f}s" for k, v in rep["times"].items()) + f" (total {sum(rep['times'].values()):.0f}s)")
+    lines += ["\ngroups per online bucket over the AEPO steps (ARES), mean share over seeds: easy / medium / hard"]
+    for lv in levels[:-1]:
+        lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(rep['buckets'][lv][b] for rep in reports):.0f}%"
+                                            for b in ares.BUCKETS))
+    return "\n".join(lines)
+
+
 def evaluate_and_report(cfg: EvalConfig):
+    if cfg.demo:
+        print(demo_summary(cfg.demo))
+        return None
     results = evaluate(cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "

@@ -19,9 +19,9 @@ import data_prep  # noqa: E402
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> dict:
-    """A small demo task: {'sft': path, 'rl': path, 'test': path} (levels balanced)."""
+    """A small demo task: {'sft', 'rl', 'test', 'pool', 'pool_traces': path} (levels balanced)."""
     out = tmp_path_factory.mktemp("demo")
-    return data_prep.make_demo(out, seed=0, sizes={"sft": 96, "rl": 48, "test": 24})
+    return data_prep.make_demo(out, seed=0, sizes={"sft": 96, "rl": 48, "test": 24, "pool": 24})
 
 
 @pytest.fixture(scope="session")

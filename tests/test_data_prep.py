@@ -315,6 +315,29 @@ def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tin
         assert r["response"].endswith("\\boxed{7}")
 
 
+def test_adacs_with_pass_rates_from_another_model_fills_the_p0_bracket(tmp_path):
+    """The paper's setting: teacher traces (all correct) joined by id with pass rates a model measured. A problem the
+    model never solves (p = 0) still has correct teacher traces, so its bracket is not empty, and it gets the
+    longest trace. By hand: L(0) = median(10, 20, 40) = 20 (p0), L(1) = median(10, 20, 40, 12, 22, 44) = 21 (p1, p1b);
+    targets: p0 20 -> 20; p1 21 -> 20 (|1|) over 22 and 12; ph (p = 1/2) 20.5 -> 20."""
+    teacher = [dict(id=pid, question=f"q {pid}", answer="7", images=[], source="s", length=n,
+                    response=f"<think>{'x' * n}</think> \\boxed{{7}}")
+               for pid, lengths in (("p0", (10, 20, 40)), ("p1", (10, 20, 40)), ("p1b", (12, 22, 44)),
+                                    ("ph", (10, 20, 40)), ("unrated", (5, 6, 7))) for n in lengths]
+    rated = [dict(id="p0", question="q", answer="7", pass_rate=0.0), dict(id="p1", question="q", answer="7", pass_rate=1.0),
+             dict(id="p1b", question="q", answer="7", pass_rate=1.0), dict(id="ph", question="q", answer="7", pass_rate=0.5)]
+    jsonl(tmp_path / "teacher.jsonl", teacher)
+    jsonl(tmp_path / "rates.jsonl", rated)
+    data_prep.main(["adacs", "--data", str(tmp_path / "teacher.jsonl"), "--pass-rates", str(tmp_path / "rates.jsonl"),
+                    "--k", "2", "--per-bracket", "5", "--out", str(tmp_path / "sft.jsonl")])
+    got = {r["id"]: (r["pass_rate"], r["length"]) for r in ares.load_records(str(tmp_path / "sft.jsonl"))}
+    assert got == {"p0": (0.0, 20), "p1": (1.0, 20), "p1b": (1.0, 22), "ph": (0.5, 20)}
+    jsonl(tmp_path / "norates.jsonl", [dict(r, pass_rate=None) for r in rated])
+    with pytest.raises(SystemExit, match="norates.jsonl: record p0: no pass_rate"):
+        data_prep.main(["adacs", "--data", str(tmp_path / "teacher.jsonl"), "--pass-rates",
+                        str(tmp_path / "norates.jsonl"), "--out", str(tmp_path / "x.jsonl")])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # passrate
 
@@ -359,36 +382,41 @@ def test_passrate_is_k_graded_samples_and_the_same_on_one_and_two_processes(tmp_
             assert 0 <= t["length"] <= 32
             assert t["correct"] is False or "\\boxed{" in t["response"]  # no \boxed{}, no credit
     with Image.open(tmp_path / one[0]["images"][0]) as im:  # the demo image, referenced relative to the output
-        assert im.size == (112, 112)
+        assert im.size == (28, 112)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # demo
 
 
-def read_grid(path) -> Counter:
-    """Colour counts of a demo image, from pixels: the centre of each of the 4 x 4 cells, classified by its
-    dominant channel (white = empty)."""
+PALETTE = {(220, 30, 30): "red", (30, 160, 30): "green", (30, 60, 220): "blue", (230, 190, 0): "yellow"}
+
+
+def read_grid(path) -> dict:
+    """The size of each colour's square in a demo image, from pixels: per 28-px cell, the colour of its non-white
+    pixels and the side of the square they form (6 px per unit); a colour with no square has size 0."""
     a = pixels(path).astype(int)
-    cell = a.shape[0] // 4
-    counts = Counter()
-    for r in range(4):
-        for c in range(4):
-            px = a[r * cell + cell // 2, c * cell + cell // 2]
-            if px.min() < 200:
-                counts[("red", "green", "blue")[int(px.argmax())]] += 1
-    return counts
+    sizes = dict.fromkeys(PALETTE.values(), 0)
+    for k in range(a.shape[0] // 28):
+        cell = a[28 * k:28 * (k + 1)]
+        ink = (cell != 255).any(-1)
+        if ink.any():
+            rows, cols = ink.nonzero()
+            colour = PALETTE[tuple(cell[rows[0], cols[0]])]
+            side = rows.max() - rows.min() + 1
+            assert side == cols.max() - cols.min() + 1 == ink.sum() ** 0.5 and side % 6 == 0  # a filled square
+            sizes[colour] = side // 6
+    return sizes
 
 
-def answer_from(question: str, n: Counter) -> int:
-    """The answer recomputed from the question text and the counts read from the pixels."""
-    if m := re.fullmatch(r"How many (\w+) squares are in the image\?", question):
-        return n[m[1]]
-    if m := re.fullmatch(r"How many (\w+) and (\w+) squares are there in total\?", question):
-        return n[m[1]] + n[m[2]]
-    m = re.fullmatch(r"Multiply the number of (\w+) squares by the number of (\w+) squares, then add the number "
-                     r"of (\w+) squares\.", question)
-    return n[m[1]] * n[m[2]] + n[m[3]]
+def answer_from(question: str, v: dict) -> int:
+    """The answer recomputed from the question text and the sizes read from the pixels."""
+    if m := re.fullmatch(r"How big is the (\w+) square\?", question):
+        return v[m[1]]
+    if m := re.fullmatch(r"What is the sum of the (\w+) and (\w+) squares\?", question):
+        return v[m[1]] + v[m[2]]
+    m = re.fullmatch(r"Multiply the (\w+) square by the (\w+) square, then add the (\w+) square\.", question)
+    return v[m[1]] * v[m[2]] + v[m[3]]
 
 
 def test_demo_answers_recomputed_from_the_pixels(demo_data):
@@ -400,16 +428,28 @@ def test_demo_answers_recomputed_from_the_pixels(demo_data):
             assert ares.extract_boxed(r["response"]) == str(truth)
 
 
-def test_demo_levels_in_every_split_and_trace_tokens_grow_with_the_level(demo_data, tiny):
+def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_data, tiny):
+    """Every split has the three levels. The teacher pool holds, per problem, a terse, a steps and a re-check trace,
+    in that order of length; the steps and re-check traces grow with the level, the terse one does not."""
     tok = ares.tokenizer_of(tiny[1])
+    ntok = lambda r: len(tok(r["response"], add_special_tokens=False)["input_ids"])  # noqa: E731
     for split, path in demo_data.items():
-        by_level = defaultdict(list)
-        for line in open(path):
-            r = json.loads(line)
-            by_level[r["level"]].append(len(tok(r["response"], add_special_tokens=False)["input_ids"]))
-        assert sorted(by_level) == [1, 2, 3], split
-        assert max(by_level[1]) < min(by_level[2]) and max(by_level[2]) < min(by_level[3]), split
-        assert statistics.mean(by_level[1]) < statistics.mean(by_level[2]) < statistics.mean(by_level[3])
+        assert sorted({json.loads(line)["level"] for line in open(path)}) == [1, 2, 3], split
+    traces = defaultdict(dict)
+    for line in open(demo_data["pool_traces"]):
+        r = json.loads(line)
+        traces[r["id"]][r["style"]] = (r["level"], ntok(r))
+    assert {json.loads(line)["id"] for line in open(demo_data["pool"])} == set(traces)
+    by = defaultdict(list)
+    for pid, t in traces.items():
+        assert set(t) == {"terse", "steps", "recheck"}, pid
+        assert t["terse"][1] < t["steps"][1] < t["recheck"][1], pid
+        for style, (level, n) in t.items():
+            by[style, level].append(n)
+    for style in ("steps", "recheck"):
+        assert max(by[style, 1]) < min(by[style, 2]) and max(by[style, 2]) < min(by[style, 3]), style
+    assert max(max(by["terse", lv]) for lv in (1, 2, 3)) - min(min(by["terse", lv]) for lv in (1, 2, 3)) <= 3
+    assert {json.loads(line)["style"] for line in open(demo_data["sft"])} == {"steps"}  # the warm-up data
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):

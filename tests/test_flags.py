@@ -5,6 +5,13 @@ import pytest
 import ares
 
 
+@pytest.fixture(autouse=True)
+def data_file(tmp_path, monkeypatch):
+    """--data x.jsonl must exist: parse_config checks the paths (issue 15) before anything loads."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jsonl").write_text("")
+
+
 @pytest.mark.parametrize("flags, field, expected", [
     (["--window", "4"], "window", 4),                      # 4 is the dataclass default; tiny AEPO's default is 1
     ([], "window", 1),                                     # not given: the tiny AEPO default
