@@ -441,11 +441,15 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     adv = torch.randn(n_rows, generator=g).to(device)
     kl_w = torch.zeros_like(batch["resp_mask"], dtype=torch.float32)
 
-    def step():
+    def step(mark=contextlib.nullcontext, on_backward=lambda: None):
         with ares.autocast(cfg, device):
-            logp, _ = policy(batch, 1.0)
-            loss, _ = ares.aepo_loss(logp, logp.detach(), None, adv, kl_w, batch["resp_mask"], cfg.loss_agg, n_rows)
-            loss.backward()
+            with mark("ares::forward"):
+                logp, _ = policy(batch, 1.0)
+                loss, _ = ares.aepo_loss(logp, logp.detach(), None, adv, kl_w, batch["resp_mask"], cfg.loss_agg,
+                                         n_rows)
+            on_backward()
+            with mark("ares::backward"):
+                loss.backward()
         for p in model.parameters():
             p.grad = None
         return loss
@@ -468,7 +472,172 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
             res["activations_gib"] = res["peak_gib"] - res["weights_gib"] - res["grads_gib"]
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    if args.profile and "error" not in res:
+        if time.perf_counter() > args.deadline:
+            res["profile"] = dict(skipped="--budget-s reached")
+        else:
+            log("update: one micro-batch under torch.profiler")
+            try:
+                res["profile"] = profile_update(model, step, device, args.profile_table, args.profile_trace)
+            except Exception as e:  # noqa: BLE001 - the timings above stay
+                res["profile"] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
     return res  # the model and its gradients are freed with this frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Profile of one update micro-batch: where the device time goes (--profile).
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::linear",
+            "aten::addmv", "aten::mv", "aten::dot", "aten::_addmm_activation", "aten::_scaled_mm", "aten::einsum"}
+
+
+def is_attention_op(name: str) -> bool:
+    """SDPA and its kernels' ops, forward and backward (aten::scaled_dot_product_attention,
+    aten::_scaled_dot_product_flash_attention(_backward), aten::_efficient_attention_forward, ...)."""
+    return name.startswith("aten::") and "attention" in name
+
+
+def profile_summary(events, on_gpu: bool, top: int = 15) -> dict:
+    """Where one profiled step's time went. The unit of time: on a GPU each device kernel's duration, charged to
+    the CPU op that launched it; on a CPU each op's self time (a range's own time counts where it lies inside an op,
+    e.g. the Python of a recompute inside a backward node: the time of the outermost ops is the total). Each unit is classed by the ops above it (itself
+    included): attention if one is an SDPA/attention op, else gemm if one is a matmul op, else other (disjoint,
+    summing to 1); and, independently, by the ranges above it: vision (ares::vision, the vision tower's forward),
+    recompute (ares::recompute:*, a checkpointed block re-run in backward; recompute_vision, the part that re-runs
+    vision blocks), backward (inside an autograd node; recompute is part of it). Shares are of the units' total.
+    (Seen on the tiny model: Hugging Face's gradient_checkpointing_enable() makes the vision patch embedding's output
+    require grad, so backward runs through the frozen vision tower and re-runs its blocks: recompute_vision > 0.)"""
+    from torch.autograd import DeviceType
+
+    def annotation(e):
+        return bool(getattr(e, "is_user_annotation", False)) or "user_annotation" in str(getattr(e, "activity_type", ""))
+
+    def inside_op(e):
+        e = e.cpu_parent
+        while e is not None and annotation(e):
+            e = e.cpu_parent
+        return e is not None
+
+    units = []  # (microseconds, kernel or op name, the op event it is charged to)
+    device_us = 0.0
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            if on_gpu:
+                units += [(k.duration, k.name, e) for k in e.kernels]
+            elif not e.is_async and (not annotation(e) or inside_op(e)):  # a range inside an op: that op's time
+                units.append((e.self_cpu_time_total, e.name, e))
+        elif on_gpu and not annotation(e):
+            device_us += e.time_range.elapsed_us()
+    total = sum(u for u, _, _ in units)
+    cats = dict(gemm=0.0, attention=0.0, other=0.0)
+    regions = dict(vision=0.0, recompute=0.0, recompute_vision=0.0, backward=0.0)
+    by_name: dict[str, list] = {}
+    for us, name, e in units:
+        chain = []
+        while e is not None:
+            chain.append(e.name)
+            e = e.cpu_parent
+        cat = "attention" if any(map(is_attention_op, chain)) else "gemm" if any(n in GEMM_OPS for n in chain) else "other"
+        cats[cat] += us
+        regions["vision"] += us * any(n == "ares::vision" for n in chain)
+        regions["recompute"] += us * any(n.startswith("ares::recompute") for n in chain)
+        regions["recompute_vision"] += us * any(n == "ares::recompute:vision_block" for n in chain)
+        regions["backward"] += us * any(n.startswith("autograd::engine::evaluate_function") for n in chain)
+        agg = by_name.setdefault(name, [0.0, 0, cat])
+        agg[0] += us
+        agg[1] += 1
+    ranges: dict[str, int] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith("ares::"):
+            ranges[e.name] = ranges.get(e.name, 0) + 1
+    share = (lambda x: x / total) if total else (lambda x: 0.0)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(time_basis="device kernels" if on_gpu else "CPU self time of ops", units=len(units),
+                time_s=total / 1e6, device_events_s=device_us / 1e6 if on_gpu else None,
+                shares={**{k: share(v) for k, v in cats.items()}, **{k: share(v) for k, v in regions.items()},
+                        "forward": share(total - regions["backward"])},
+                ranges=ranges,
+                top=[dict(name=n, seconds=v[0] / 1e6, calls=v[1], share=share(v[0]), category=v[2]) for n, v in ranked])
+
+
+def profile_update(model, step, device, table_path, trace_path=None) -> dict:
+    """One more (already warm) update step under torch.profiler, with ranges around the vision tower's forward and
+    around every checkpointed block's recompute in backward (the blocks' checkpoint functions, and
+    torch.utils.checkpoint.checkpoint as ares's chunked log-prob head calls it). Writes the summary and
+    torch.profiler's op table to `table_path`, the Chrome trace to `trace_path` (optional); returns the summary."""
+    import torch.utils.checkpoint as ckpt
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    phase = {"backward": False}
+
+    def marking(checkpoint_fn, kind):
+        @functools.wraps(checkpoint_fn)
+        def run(fn, *a, **k):
+            def body(*x, **y):
+                if not phase["backward"]:
+                    return fn(*x, **y)
+                with record_function(f"ares::recompute:{kind}"):
+                    return fn(*x, **y)
+            return checkpoint_fn(body, *a, **k)
+        return run
+
+    visual = next((m for n, m in model.named_modules() if n.split(".")[-1] == "visual"), None)
+    vision_ids = {id(m) for m in visual.modules()} if visual is not None else set()
+    patched = []  # (object, attribute, old value or None if it was not an instance attribute)
+    try:
+        for m in model.modules():
+            if "_gradient_checkpointing_func" in vars(m):
+                patched.append((m, "_gradient_checkpointing_func", m._gradient_checkpointing_func))
+                kind = "vision_block" if id(m) in vision_ids else "layer"
+                m._gradient_checkpointing_func = marking(m._gradient_checkpointing_func, kind)
+        patched.append((ckpt, "checkpoint", ckpt.checkpoint))
+        ckpt.checkpoint = marking(ckpt.checkpoint, "head")
+        if visual is not None:
+            vision_forward = visual.forward
+
+            @functools.wraps(vision_forward)
+            def marked_vision(*a, **k):
+                with record_function("ares::vision"):
+                    return vision_forward(*a, **k)
+
+            patched.append((visual, "forward", None))
+            visual.forward = marked_vision
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync(device)
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            step(record_function, lambda: phase.update(backward=True))
+            sync(device)
+            wall = time.perf_counter() - t
+    finally:
+        phase["backward"] = False
+        for obj, attr, old in reversed(patched):
+            if old is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+    on_gpu = device.type == "cuda"
+    summary = profile_summary(prof.events(), on_gpu)
+    summary.update(wall_s=wall, busy_fraction=summary["time_s"] / wall if on_gpu else None,
+                   note="wall_s includes the profiler's own overhead; busy_fraction = kernel time / wall (launch-"
+                        "bound when low)" if on_gpu else "CPU: time in profiled ops, one thread")
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                                      row_limit=40, max_name_column_width=90)
+    if table_path:
+        s = summary["shares"]
+        lines = [f"one update micro-batch under torch.profiler ({summary['time_basis']}): {summary['time_s']:.4f} s in "
+                 f"{summary['units']} units, wall {wall:.4f} s",
+                 "shares: " + ", ".join(f"{k} {v:.1%}" for k, v in s.items()),
+                 "ranges: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["ranges"].items())), "",
+                 f"{'share':>7} {'seconds':>10} {'calls':>6}  {'class':<9} name"]
+        lines += [f"{t['share']:>7.1%} {t['seconds']:>10.5f} {t['calls']:>6}  {t['category']:<9} {t['name'][:120]}"
+                  for t in summary["top"]]
+        Path(table_path).write_text("\n".join(lines) + "\n\n" + table + "\n")
+        summary["table"] = str(table_path)
+    if trace_path:
+        prof.export_chrome_trace(str(trace_path))
+        summary["trace"] = str(trace_path)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -737,6 +906,13 @@ def print_tables(results: dict, plan: dict | None):
                       f"{u['achieved_tflops']:.3g} TFLOP/s, MFU {u['mfu']:.1%}, peak {fmt(u['peak_gib'], '.1f')} GiB")
             else:
                 print(f"update: {u.get('error') or u.get('skipped')}")
+            pr = u.get("profile")
+            if pr and "shares" in pr:
+                print(f"  profile ({pr['time_basis']}, {pr['time_s']:.3g} s): "
+                      + ", ".join(f"{k} {v:.0%}" for k, v in pr["shares"].items())
+                      + f"; top: {pr['top'][0]['name'][:60]} {pr['top'][0]['share']:.0%}" if pr["top"] else "")
+            elif pr:
+                print(f"  profile: {pr.get('error') or pr.get('skipped')}")
         a = r.get("aepo")
         if a:
             print(f"AEPO step, 4 prompts x G=8, {a['branching'].get('mean_len', 0):.0f} mean new tokens:")
@@ -840,8 +1016,15 @@ def parse_args(argv=None):
     p.add_argument("--grader", action="store_true", help="only grading throughput: ares.grade_batch, answers/s")
     p.add_argument("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
     p.add_argument("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
+    p.add_argument("--profile", action="store_true", help="after the update timings, one more micro-batch under "
+                   "torch.profiler: top kernels, shares in GEMMs, attention, vision tower, recompute (in the JSON)")
+    p.add_argument("--profile-table", type=Path, default=None,
+                   help="--profile: the summary and torch.profiler's op table (default: --out with .profile.txt)")
+    p.add_argument("--profile-trace", type=Path, default=None, help="--profile: also write the Chrome trace here")
     p.add_argument("--out", default="bench.json", help="JSON with every number")
     args = p.parse_args(argv)
+    if args.profile and args.profile_table is None:
+        args.profile_table = Path(args.out).with_suffix(".profile.txt")
     args.sizes = args.size.split(",")
     for s in args.sizes:
         if s not in SIZE_DEFAULTS:

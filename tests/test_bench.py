@@ -53,3 +53,71 @@ def test_bench_tiny_writes_every_number(tmp_path):
         assert 0 < step["mean_len"] <= 16 and step["kl_coef"] == 0.01
     assert aepo["branching"]["branch_samples"] == 4 and aepo["no_branching"]["branch_samples"] == 0
     assert aepo["no_branching"]["branches"] == 0
+
+
+# Op names of matrix products, written out here (not bench.GEMM_OPS) for the independent count below.
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+
+
+def trace_seconds(trace: dict) -> dict:
+    """From the raw Chrome trace, by interval nesting alone (no profiler API): the time of the outermost op spans
+    (= the sum of every op's self time), of the outermost matmul spans outside any attention op, of the outermost
+    attention-op spans, and of the outermost op spans inside the vision range; and how often each ares:: range occurs."""
+    spans = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")),
+                   key=lambda e: (e["tid"], e["ts"], -e["dur"]))
+    out, ranges, stack = dict(total=0.0, gemm=0.0, attention=0.0, vision=0.0), {}, []
+    for e in spans:
+        while stack and (stack[-1]["tid"] != e["tid"] or e["ts"] >= stack[-1]["ts"] + stack[-1]["dur"]):
+            stack.pop()
+        above = [s["name"] for s in stack if s["cat"] == "cpu_op"]
+        attention = lambda n: n.startswith("aten::") and "attention" in n  # noqa: E731
+        if e["cat"] == "user_annotation":
+            ranges[e["name"]] = ranges.get(e["name"], 0) + 1
+        elif not above:
+            out["total"] += e["dur"]
+            if any(s["name"] == "ares::vision" for s in stack):
+                out["vision"] += e["dur"]
+        if e["cat"] == "cpu_op":
+            if e["name"] in MATMULS and not any(n in MATMULS or attention(n) for n in above):
+                out["gemm"] += e["dur"]
+            if attention(e["name"]) and not any(map(attention, above)):
+                out["attention"] += e["dur"]
+        stack.append(e)
+    return dict(out, ranges=ranges)
+
+
+def test_profile_of_an_update_micro_batch(tmp_path):
+    """bench.py --profile on the tiny model, CPU: every field there, shares in [0, 1] that add up where they
+    partition the time, the top list sorted; the GEMM, attention and vision shares equal an independent count over
+    the raw trace, and the recompute ranges occur once per checkpointed decoder layer."""
+    import ares
+
+    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
+    run_script(["bench.py", "--size", "tiny", "--what", "update", "--out", out, "--update-tokens", "512",
+                "--update-rows", "2", "--update-repeats", "1", "--profile", "--profile-trace", trace], timeout=300)
+    update = json.loads(out.read_text())["results"]["tiny"]["update"]
+    assert "error" not in update and positive(update["mfu"])
+    prof = update["profile"]
+    assert prof["time_basis"] == "CPU self time of ops" and positive(prof["time_s"]) and positive(prof["wall_s"])
+    assert prof["time_s"] <= prof["wall_s"] and prof["units"] > 100
+    s = prof["shares"]
+    assert set(s) == {"gemm", "attention", "other", "vision", "recompute", "recompute_vision", "backward", "forward"}
+    assert all(0 <= v <= 1 for v in s.values()), s
+    assert math.isclose(s["gemm"] + s["attention"] + s["other"], 1, abs_tol=1e-9)
+    assert math.isclose(s["forward"] + s["backward"], 1, abs_tol=1e-9)
+    assert s["recompute_vision"] <= s["recompute"] <= s["backward"] and s["vision"] <= s["forward"]
+    assert min(s["gemm"], s["attention"], s["vision"], s["recompute"], s["backward"], s["forward"]) > 0.02, s
+    top = prof["top"]
+    assert 5 <= len(top) <= 15 and [t["seconds"] for t in top] == sorted((t["seconds"] for t in top), reverse=True)
+    assert sum(t["share"] for t in top) <= 1 + 1e-9
+    assert all(t["category"] in ("gemm", "attention", "other") and t["calls"] >= 1 for t in top)
+
+    ref = trace_seconds(json.loads(trace.read_text()))
+    for key in ("gemm", "attention", "vision"):
+        assert abs(ref[key] / ref["total"] - s[key]) < 1e-4, (key, ref[key] / ref["total"], s[key])
+    layers = ares.build_tiny(0)[0].config.get_text_config().num_hidden_layers
+    assert ref["ranges"]["ares::recompute:layer"] == layers == prof["ranges"]["ares::recompute:layer"]
+    assert ref["ranges"]["ares::vision"] == 1 and ref["ranges"]["ares::recompute:head"] == 1  # < 1024 response tokens
+    assert ref["ranges"] == prof["ranges"]
+    table = (tmp_path / "bench.profile.txt").read_text()
+    assert "gemm" in table and "aten::mm" in table and "Self CPU" in table  # summary, then torch.profiler's table
