@@ -621,7 +621,7 @@ def profile_update(model, step, device, table_path, trace_path=None) -> dict:
     summary.update(wall_s=wall, busy_fraction=summary["time_s"] / wall if on_gpu else None,
                    note="wall_s includes the profiler's own overhead; busy_fraction = kernel time / wall (launch-"
                         "bound when low)" if on_gpu else "CPU: time in profiled ops, one thread")
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+    table = prof.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
                                       row_limit=40, max_name_column_width=90)
     if table_path:
         s = summary["shares"]

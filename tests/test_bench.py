@@ -4,7 +4,12 @@ suppression really made every rollout row run its full length."""
 import json
 import math
 
+import torch
 from conftest import run_script
+from test_aepo import (T_SAMPLE, TOP_P, check_rows_end_properly, encoded_prompts, special_ids_with_extra_stops,
+                       teacher_forced)
+
+import ares
 
 
 def positive(x) -> bool:
@@ -90,8 +95,6 @@ def test_profile_of_an_update_micro_batch(tmp_path):
     """bench.py --profile on the tiny model, CPU: every field there, shares in [0, 1] that add up where they
     partition the time, the top list sorted; the GEMM, attention and vision shares equal an independent count over
     the raw trace, and the recompute ranges occur once per checkpointed decoder layer."""
-    import ares
-
     out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
     run_script(["bench.py", "--size", "tiny", "--what", "update", "--out", out, "--update-tokens", "512",
                 "--update-rows", "2", "--update-repeats", "1", "--profile", "--profile-trace", trace], timeout=300)
@@ -121,3 +124,49 @@ def test_profile_of_an_update_micro_batch(tmp_path):
     assert ref["ranges"] == prof["ranges"]
     table = (tmp_path / "bench.profile.txt").read_text()
     assert "gemm" in table and "aten::mm" in table and "Self CPU" in table  # summary, then torch.profiler's table
+
+
+def test_static_cache_path_samples_what_the_eager_path_samples(tiny, demo_data):
+    """fp32, CPU: ares.sample(static=True) (a preallocated KV cache, a full-length mask, every row kept in the batch:
+    the path whose decode step --compile turns into CUDA graphs on a GPU; run uncompiled here, as on a CPU) draws the
+    same tokens, stops and truncations as the eager path (dynamic cache, finished rows dropped), with log-probs and
+    entropies equal to 1e-5, and both equal a teacher-forced plain forward to 1e-4: images, a text-only prompt, left
+    padding, repeats, ragged stops; then per-row budgets and branch prefixes."""
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"])
+    ids = special_ids_with_extra_stops(model, processor)
+    kw = dict(ids=ids, temperature=T_SAMPLE, top_p=TOP_P)
+
+    def both(prompts, seed, **more):
+        eager = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), **kw, **more)
+        static = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), static=True, compile=False,
+                             **kw, **more)
+        assert torch.equal(static["tokens"], eager["tokens"]) and torch.equal(static["mask"], eager["mask"])
+        assert torch.equal(static["truncated"], eager["truncated"])
+        for key in ("logprobs", "entropy"):
+            torch.testing.assert_close(static[key], eager[key], atol=1e-5, rtol=0)
+        return eager, static
+
+    for seed in range(50):  # a draw with ragged stops, some rows truncated, parents long enough to branch from
+        eager, static = both(prompts, seed, max_new_tokens=16, repeats=2)
+        lengths = eager["mask"].sum(1)
+        if (len(set(lengths.tolist())) >= 3 and eager["truncated"].any() and not eager["truncated"].all()
+                and all(lengths[r] > t for r, t in ((0, 1), (3, 3), (6, 2)))):
+            break
+    assert len(set(lengths.tolist())) >= 3 and eager["truncated"].any() and not eager["truncated"].all(), lengths
+    check_rows_end_properly(static, ids["stop"], ids["pad"], [16] * 8)
+    rows = [prompts[i // 2] for i in range(8)]
+    for i in range(8):
+        logp, ent = teacher_forced(model, rows[i], static["tokens"][i, :lengths[i]], 0, T_SAMPLE)
+        torch.testing.assert_close(static["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(static["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
+
+    parents, cuts, budgets = [0, 3, 6], [1, 3, 2], [5, 9, 12]  # branches of rows 0, 3, 6 with their own budgets
+    prefixes = [static["tokens"][r, :t].tolist() for r, t in zip(parents, cuts)]
+    _, cont = both([rows[r] for r in parents], 1, budgets=budgets, prefixes=prefixes)
+    check_rows_end_properly(cont, ids["stop"], ids["pad"], budgets)
+    for k, (r, t) in enumerate(zip(parents, cuts)):
+        n = int(cont["mask"][k].sum())
+        full = torch.cat([torch.tensor(prefixes[k], dtype=torch.long), cont["tokens"][k, :n]])
+        logp, _ = teacher_forced(model, rows[r], full, t, T_SAMPLE)
+        torch.testing.assert_close(cont["logprobs"][k, :n], logp, atol=1e-4, rtol=0)
