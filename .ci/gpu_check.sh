@@ -2,6 +2,8 @@
 # Issue 12's check on one GPU (a few minutes; run where a GPU is lent): the used-by command's path at world size 1,
 # i.e. torchrun with the cpu:gloo,cuda:nccl process group, cold start then AEPO on the tiny model (DDP, then
 # --fsdp with --resume from its own checkpoint), then one AEPO step of every model family the README names.
+# SMOKE_ONLY=1 stops after the cold start and the first AEPO run. .ci/device_check.sh runs this with issue 14's
+# measurements in one device call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -13,6 +15,10 @@ run() { torchrun --standalone --nproc_per_node=1 ares.py --log-samples-every 0 -
 AEPO=(--stage aepo --data "$OUT/data/rl.jsonl" --batch-size 4 --group-size 4 --max-response-len 32 --minibatches 2 --keep-uniform-groups)
 run --stage coldstart --model tiny --data "$OUT/data/sft.jsonl" --out "$OUT/cold" --steps 4 --batch-size 8
 run "${AEPO[@]}" --model "$OUT/cold/final" --out "$OUT/aepo_ddp" --steps 2
+if [ "${SMOKE_ONLY:-0}" = 1 ]; then  # the smoke run alone (cold start + AEPO): .ci/device_check.sh tiny
+  tail -n 1 "$OUT"/aepo_ddp/metrics.jsonl | cut -c1-200
+  exit 0
+fi
 run "${AEPO[@]}" --model "$OUT/cold/final" --out "$OUT/aepo_fsdp" --steps 1 --fsdp
 run "${AEPO[@]}" --model "$OUT/cold/final" --out "$OUT/aepo_fsdp" --steps 2 --fsdp --resume
 python - "$OUT" <<'PY'

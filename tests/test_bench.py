@@ -170,3 +170,34 @@ def test_static_cache_path_samples_what_the_eager_path_samples(tiny, demo_data):
         full = torch.cat([torch.tensor(prefixes[k], dtype=torch.long), cont["tokens"][k, :n]])
         logp, _ = teacher_forced(model, rows[r], full, t, T_SAMPLE)
         torch.testing.assert_close(cont["logprobs"][k, :n], logp, atol=1e-4, rtol=0)
+
+
+def test_device_script_dry_run_on_the_cpu(tmp_path):
+    """.ci/device_check.sh tiny: every piece of the one-call device script at tiny size on the CPU, and what it
+    leaves under $OUT fits what the device tool brings back (at most 8 plain files, names of letters, digits, '.',
+    '_' and '-'), with every step's exit code 0 and the headline numbers in summary.json."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # python3 = this interpreter
+    res = subprocess.run(["bash", ".ci/device_check.sh", "tiny"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and (out / f).is_file() for f in files), files
+    assert {"summary.json", "bench_tiny.json", "bench_tiny.profile.txt", "bench_tiny_cuda.json"} <= set(files)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["steps"]) == {"cuda_exact", "gpu_check", "bench_tiny"}
+    assert all(s["rc"] == 0 for s in summary["steps"].values()), summary["steps"]
+    assert summary["cuda_exact"]["static"]["same_tokens_as_eager"] == 1.0
+    assert {(r["batch"], r["method"]) for r in summary["rollout"]} == {(8, m) for m in ("eager", "static", "generate")}
+    assert all(positive(r["tokens_per_s"]) for r in summary["rollout"])
+    assert positive(summary["update"]["mfu"]) and set(summary["update"]["profile"]["shares"]) >= {
+        "gemm", "attention", "vision", "recompute"}
+    assert '"step": 2' in (out / "gpu_check.log").read_text()  # the smoke run's AEPO reached its second step
