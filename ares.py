@@ -157,9 +157,10 @@ class Config:
 
 
 STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
-    "coldstart": dict(lr_schedule="cosine", lr=2e-5, batch_size=256, micro_batch_size=1, max_response_len=16384, minibatches=1),
-    "aepo": dict(lr_schedule="constant", lr=1e-6, batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250, minibatches=4,
-                 warmup_steps=0),
+    "coldstart": dict(lr=2e-5, lr_schedule="cosine", batch_size=256, micro_batch_size=1, max_response_len=16384,
+                      minibatches=1),
+    "aepo": dict(lr=1e-6, lr_schedule="constant", batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250,
+                 minibatches=4, warmup_steps=0),
 }
 TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
     "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=800,
@@ -2263,6 +2264,8 @@ def run_demo(cfg: Config):
     import data_prep
     import eval as evaluation
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
     torch.set_num_threads(1)  # as the stages it starts: the same float reductions on every machine
     out, times, procs = Path(cfg.out), {}, []
     small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
@@ -2289,8 +2292,9 @@ def run_demo(cfg: Config):
                  procs, out / "passrate.log", nproc=2)
     demo_wait(procs)
     lap("pass rates")
+    per_bracket = sizes["pool"] // (1 if small else 9)  # about a ninth of the pool per pass-rate bracket
     demo_command(["data_prep.py", "adacs", "--data", paths["pool_traces"], "--pass-rates", data / "pass_rates.jsonl",
-                  "--model", "tiny", "--per-bracket", sizes["pool"] // (1 if small else 9), *seed, "--out", data / "adacs.jsonl"],
+                  "--model", "tiny", "--per-bracket", per_bracket, *seed, "--out", data / "adacs.jsonl"],
                  procs, out / "adacs.log")
     demo_wait(procs)
     lap("adacs")

@@ -607,11 +607,11 @@ def bucket_shares(metrics_file: Path) -> dict:
     return shares
 
 
-EXPLORE_CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+EXPLORE_CSS = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}
 .r{font-family:monospace;font-size:13px;line-height:1.9;margin:.2em 0 .2em 0;white-space:pre-wrap}
 .t{border-radius:3px;padding:1px 0}.h{outline:2px solid #c00;font-weight:bold}.p{opacity:.35}
 .b{color:#06c;font-weight:bold}.l{font-size:12px;color:#555;margin-top:.6em}.ok{color:#080}.no{color:#c00}
-td{vertical-align:top;padding:0 1em}h3{margin-bottom:.2em}"""
+table{table-layout:fixed;width:100%}td{vertical-align:top;padding:0 1em}h3{margin-bottom:.2em}"""
 
 
 def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[dict], float]:
