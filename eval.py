@@ -458,7 +458,8 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     bar = tqdm(total=sum(map(len, todo)), desc=f"{name} | {bench['name']}", disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(todo), world):  # one round: every rank one chunk, then gather
         mine = todo[start + rank] if start + rank < len(todo) else []
-        lines, bad = generate_or_report(model, processor, ids, mine, cfg, bench["key"]) if mine else ([], [])
+        # the sampling seed comes from the benchmark's name, not its path: the same file anywhere draws the same
+        lines, bad = generate_or_report(model, processor, ids, mine, cfg, bench["name"]) if mine else ([], [])
         lines, bad = gather(lines), gather(bad)
         failed += bad
         for line in lines:

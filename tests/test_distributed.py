@@ -121,7 +121,7 @@ def test_a_stalled_rank_ends_the_collective_within_the_timeout_with_a_clear_erro
 
 
 TWO_NODES = '''
-"""One torchrun agent's worker: cold start, then AEPO from its checkpoint; each rank dumps its final parameters."""
+"""One torchrun agent's worker: one stage (cold start or AEPO); each rank dumps its final parameters."""
 import sys
 from pathlib import Path
 
@@ -131,7 +131,7 @@ import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import ares
 
-out, cold, aepo = Path(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+stage = sys.argv[2].split()
 save = ares.save_checkpoint
 
 
@@ -143,27 +143,30 @@ def dump_then_save(path, name, policy, *args):
 
 
 ares.save_checkpoint = dump_then_save
-ares.run_command(ares.train_coldstart, ares.parse_config(cold))
-ares.run_command(ares.train_aepo, ares.parse_config(aepo))
+cfg = ares.parse_config(stage)
+ares.run_command({"coldstart": ares.train_coldstart, "aepo": ares.train_aepo}[cfg.stage], cfg)
 '''
 
 
 def test_two_torchrun_agents_on_one_machine_train_like_two_nodes(tiny_ckpt, demo_data, tmp_path):
-    """The README's two-node command on 127.0.0.1: --nnodes 2, one process each, c10d rendezvous, gloo."""
+    """The README's two-node command on 127.0.0.1: --nnodes 2, one process each, c10d rendezvous, gloo; a cold
+    start, then AEPO from its checkpoint, each stage its own launch (as a user runs them: a process group is
+    started once per process)."""
     script = tmp_path / "node.py"
     script.write_text(TWO_NODES)
     cold, aepo = small_runs(tiny_ckpt, demo_data, tmp_path)
     aepo += ["--out", str(tmp_path / "aepo")]
-    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
-         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf", f"is_host={int(n == 0)}",
-         "--local_addr", "127.0.0.1", str(script), str(ROOT), str(tmp_path), " ".join(cold), " ".join(aepo)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
-    logs = [a.communicate(timeout=600)[0] for a in agents]
-    for n, (a, log) in enumerate(zip(agents, logs)):
-        assert a.returncode == 0, f"node {n} failed:\n{log[-5000:]}"
+    for stage in (cold, aepo):
+        port = free_port()
+        agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+             str(n), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf",
+             f"is_host={int(n == 0)}", "--local_addr", "127.0.0.1", str(script), str(ROOT), " ".join(stage)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+        logs = [a.communicate(timeout=600)[0] for a in agents]
+        for n, (a, log) in enumerate(zip(agents, logs)):
+            assert a.returncode == 0, f"node {n} failed:\n{log[-5000:]}"
     for stage in ("cold", "aepo"):
         ranks = [torch.load(tmp_path / stage / f"params_rank{r}_of_2.pt") for r in (0, 1)]
         assert ranks[0].keys() == ranks[1].keys()
