@@ -2266,7 +2266,7 @@ def run_demo(cfg: Config):
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
-    torch.set_num_threads(1)  # as the stages it starts: the same float reductions on every machine
+    torch.set_num_threads(1)  # as the stages it starts: the same float reductions run after run
     out, times, procs = Path(cfg.out), {}, []
     small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
     steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}

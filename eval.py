@@ -561,9 +561,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run_levels(rows: list[dict]) -> list[str]:
-    """The difficulty labels an AEPO run logged (level_<label>_len keys), in the demo's order where they are its."""
+    """The difficulty labels an AEPO run logged (level_<label>_len keys), in the table's order (bucket_order)."""
     labels = {k[len("level_"):-len("_len")] for r in rows for k in r if k.startswith("level_") and k.endswith("_len")}
-    return sorted(labels, key=lambda x: (ares.BUCKETS.index(x) if x in ares.BUCKETS else 9, x))
+    return sorted(labels, key=bucket_order)
 
 
 def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
@@ -662,7 +662,7 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
     import html
 
     records = ares.load_records(str(data))
-    levels = run_levels([{f"level_{r['difficulty']}_len": 0 for r in records}])
+    levels = sorted({str(r["difficulty"]) for r in records}, key=bucket_order)
     picked = [r for lv in levels for r in [x for x in records if x["difficulty"] == lv][:per_level]]
     cells = {}
     for m, name in zip(models, names):
