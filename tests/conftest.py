@@ -17,6 +17,17 @@ import ares  # noqa: E402
 import data_prep  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny model gains nothing from intra-op threads; on a shared 2-core machine two spinning threads per process
+    make in-process runs several times slower (the subprocesses run with OMP_NUM_THREADS=1 too). Test files that
+    train in-process use it for every test: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> dict:
     """A small demo task: {'sft', 'rl', 'test', 'pool', 'pool_traces': path} (levels balanced)."""

@@ -27,14 +27,7 @@ import ares
 T_SAMPLE, TOP_P = 0.8, 0.95
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads; on a shared 2-core machine two spinning threads per process
-    make in-process runs several times slower (the torchrun workers use OMP_NUM_THREADS=1 too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -24,12 +24,7 @@ from torch.distributed.distributed_c10d import BackendConfig
 import ares
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def free_port() -> int:

@@ -19,12 +19,7 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3"]
 TEXT_ONLY = {"qwen2", "qwen3"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(family: str, seed: int = 0):

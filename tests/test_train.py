@@ -24,14 +24,7 @@ import ares
 BETA1 = 0.9  # AdamW's default first-moment decay: after one step exp_avg = (1 - beta1) * grad
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and on a shared 2-core machine two spinning threads per
-    process make in-process training several times slower (the subprocesses run with OMP_NUM_THREADS=1 too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def read_jsonl(path: Path) -> list[dict]:
