@@ -69,7 +69,7 @@ QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_re
 QWEN_FIRST_ADDED_ID, QWEN_N_SPECIAL = 151643, 14
 # Qwen's template adds this system turn when a conversation has none; the user turn is ares's (same format as Qwen's).
 QWEN_CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-                      "<|im_end|>\n{% endif %}" + ares.TINY_CHAT_TEMPLATE)
+                      "<|im_end|>\n{% endif %}" + data_prep.TINY_CHAT_TEMPLATE)
 SIZE_DEFAULTS = {  # per size: rollout batches, new tokens, image side (px), timed repeats
     "tiny": dict(batches=[32], new_tokens=64, image=112, repeats=3),
     "3b": dict(batches=[64, 256], new_tokens=1024, image=448, repeats=1),
@@ -132,7 +132,7 @@ def tokenizer_check(tok) -> str:
 
     ranks = load_tiktoken_bpe(str(Path(spec.origin).parent / "resources" / "qwen.tiktoken"))
     enc = tiktoken.Encoding("qwen", pat_str=PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={})
-    text = ares.TINY_CORPUS + " Größe 12345 naïve café — ∑x² = 42; print('hello world')\n\n  indented\tcode"
+    text = data_prep.TINY_CORPUS + " Größe 12345 naïve café — ∑x² = 42; print('hello world')\n\n  indented\tcode"
     ours, theirs = tok(text, add_special_tokens=False)["input_ids"], enc.encode(text)
     return f"{'matches' if ours == theirs else 'DIFFERS from'} tiktoken on {len(text)} chars ({len(ours)} tokens)"
 
@@ -206,7 +206,7 @@ def demo_prompts(processor, n: int, side: int, seed: int = 0) -> tuple[list[dict
         if img.size != (side, side):
             img = img.resize((side, side), Image.NEAREST)
         records.append(dict(id=f"bench-{k}", question=prob["question"], answer=prob["answer"], images=[img]))
-    return records, [ares.encode_prompt(processor, r) for r in records]
+    return records, [data_prep.encode_prompt(processor, r) for r in records]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     rows = args.update_rows
     prompts = prompts_all[:rows]
     resp_len = max(1, (args.update_tokens - sum(len(p["ids"]) for p in prompts)) // rows)  # at most the budget in all
-    tok = ares.tokenizer_of(processor)
+    tok = data_prep.tokenizer_of(processor)
     plain = sorted(set(range(len(tok))) - set(tok.added_tokens_decoder))  # no image/special tokens in responses
     g = torch.Generator().manual_seed(0)
     responses = [torch.tensor(plain)[torch.randint(len(plain), (resp_len,), generator=g)] for _ in prompts]
@@ -690,7 +690,7 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
     from trl import GRPOConfig, GRPOTrainer
     import trl
 
-    records = ares.load_records(str(data))
+    records = data_prep.load_records(str(data))
     model, processor = ares.build_tiny(0)
     banned, suffix = ares.banned_tokens(model), processor.prompt_suffix  # the prompt ares.py's tiny runs use
     ds = Dataset.from_list([dict(prompt=[dict(role="user", content=f"{r['question']}\n{suffix}".strip())],
@@ -698,7 +698,7 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
 
     def accuracy(completions, answer, **kwargs):  # the grader ares uses
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(ares.is_correct(ares.extract_boxed(t), a)) for t, a in zip(texts, answer)]
+        return [float(data_prep.is_correct(data_prep.extract_boxed(t), a)) for t, a in zip(texts, answer)]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -816,7 +816,7 @@ def run_size(size: str, args, device) -> dict:
     out.update(build_s=time.perf_counter() - t, dtype=str(dtype).replace("torch.", ""), notes=notes,
                params=param_counts(model), config={k: getattr(model.config.get_text_config(), k) for k in QWEN25_VL["3b"]})
     if size != "tiny":
-        out["notes"]["tokenizer_check"] = tokenizer_check(ares.tokenizer_of(processor))
+        out["notes"]["tokenizer_check"] = tokenizer_check(data_prep.tokenizer_of(processor))
     ids = ares.special_ids(model, processor)
     _, prompts = demo_prompts(processor, max(batches), side)
     out["prompt_tokens"] = statistics.mean(len(p["ids"]) for p in prompts)
@@ -968,14 +968,14 @@ def grading_sets(n: int, seed: int = 0) -> dict:
 
 
 def bench_grader(args) -> dict:
-    """Answers per second of ares.grade_batch on both sets, in this process (workers 0) and with 1..N workers."""
+    """Answers per second of data_prep.grade_batch on both sets, in this process (workers 0) and with 1..N workers."""
     sets, out = grading_sets(args.grader_answers), {}
     for workers in [0] + list(range(1, (os.cpu_count() or 1) + 1)):
         if workers:
-            ares.grader_pool(workers)  # started before the clock: a trainer starts it once per run
+            data_prep.grader_pool(workers)  # started before the clock: a trainer starts it once per run
         for name, pairs in sets.items():
             t = time.perf_counter()
-            verdicts = ares.grade_batch([p for p, _ in pairs], [a for _, a in pairs], args.grader_timeout, workers)
+            verdicts = data_prep.grade_batch([p for p, _ in pairs], [a for _, a in pairs], args.grader_timeout, workers)
             dt = time.perf_counter() - t
             out[f"{name}/{workers}"] = dict(set=name, workers=workers, answers=len(pairs), seconds=dt,
                                             answers_per_s=len(pairs) / dt, correct=sum(verdicts))
@@ -1016,7 +1016,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on a CPU: stable on shared cores)")
     p.add_argument("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
     p.add_argument("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
-    p.add_argument("--grader", action="store_true", help="only grading throughput: ares.grade_batch, answers/s")
+    p.add_argument("--grader", action="store_true", help="only grading throughput: data_prep.grade_batch, answers/s")
     p.add_argument("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
     p.add_argument("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
     p.add_argument("--profile", action="store_true", help="after the update timings, one more micro-batch under "

@@ -56,16 +56,502 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import random
 import re
+import signal
 import statistics
+import subprocess
+import sys
+import threading
+import time
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
-import ares
+# ----------------------------------------------------------------------------------------------------------
+# Records (spec §10), prompts and the grader: what every stage of ares.py reads, and how an answer is judged.
+# They live here, below ares.py, so that imports point one way: ares.py and eval.py import this file, and this
+# file imports neither (its passrate command runs in eval.py, beside the sampler it needs).
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+FORMAT_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+                 "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer "
+                 "MUST BE put in \\boxed{}.")  # the authors' prompt suffix (spec §7)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [  # the demo task's words, repeated so that BPE merges them
+    "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7.</think> "
+    "The answer is \\boxed{7}. Wait, check again: 3, 2, 1. Hmm, Actually, Check, So, Thus, Yes, the answer is 7.",
+    "How big is the red square? What is the sum of the green and blue squares? Multiply the yellow square by the "
+    "red square, then add the blue square."] * 4 + [
+    "Count the red squares: 3. Subtract: 6 - 1 = 5. How many squares are in the image? in total",
+    "step first second then next finally total sum difference product number numbers count counts more less",
+    "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
+    "the a an of in on is are and or to with from for by it this that there what which how many much",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } , . : ; ? ! A B C D E x y z \\frac{1}{2}",
+])
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (512 tokens plus the Qwen special tokens) trained here on TINY_CORPUS: offline."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TINY_CORPUS], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+class DataError(ValueError):
+    """A bad input record: the message names the file, the record and the problem."""
+
+
+def json_rows(path):
+    """Rows of a JSON-lines file, or of a file holding one JSON list; a bad line names its number."""
+    with open(path, "rb") as fh:
+        if fh.read(4096).lstrip().startswith(b"["):
+            fh.seek(0)
+            yield from _json(fh.read(), path, "the file")
+            return
+        fh.seek(0)
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                yield _json(line, path, f"line {n}")
+
+
+def _json(raw: bytes, path, where: str):
+    """Bytes -> JSON value; non-UTF-8 bytes and bad JSON raise DataError naming the file and line."""
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: {where}: not valid JSON ({e.msg})") from None
+
+
+def record_rows(path: str, split: str):
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json") and p.is_file():
+        yield from json_rows(p)
+        return
+    import datasets
+
+    parquet = p.suffix == ".parquet" and p.is_file()
+    saved = p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    if p.exists() and not (parquet or saved):
+        raise DataError(f"{path}: not a .jsonl, .json, .parquet or saved dataset folder")
+    try:
+        ds = (datasets.Dataset.from_parquet(str(p)) if parquet else datasets.load_from_disk(str(p)) if saved
+              else datasets.load_dataset(path, split=split))
+    except (OSError, ValueError, ImportError) as e:  # pyarrow's and datasets' errors derive from these
+        first_line = str(e).split("\n")[0][:200]
+        raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {first_line}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    for name, feature in ds.features.items():  # keep images encoded; load_records decodes each once to check it
+        inner = getattr(feature, "feature", feature)
+        if isinstance(inner, datasets.Image):
+            image = datasets.Image(decode=False)
+            ds = ds.cast_column(name, image if inner is feature else datasets.Sequence(image) if isinstance(
+                feature, datasets.Sequence) else [image])
+    yield from ds
+
+
+def image_source(img, base: Path):
+    """What a record keeps of an image: an absolute path, encoded bytes, or a PIL image (decoded on use, so a
+    large dataset is not held decoded in memory)."""
+    if isinstance(img, dict):
+        img = img.get("bytes") or img.get("path")
+    if isinstance(img, str) and not Path(img).is_absolute():
+        img = str(base / img)
+    if img is None or not isinstance(img, (str, bytes, bytearray)) and not hasattr(img, "convert"):
+        raise TypeError(f"unsupported image type {type(img).__name__}")
+    return img
+
+
+def open_image(img, base: Path | None = None):
+    """Path (relative to `base`), bytes, {'bytes'|'path'} dict or PIL image -> RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(img, dict) or isinstance(img, str) and base is not None:
+        img = image_source(img, base or Path("."))
+    if isinstance(img, (bytes, bytearray)):
+        return Image.open(io.BytesIO(img)).convert("RGB")
+    if isinstance(img, str):
+        with Image.open(img) as im:
+            return im.convert("RGB")
+    return img.convert("RGB")
+
+
+def _decoded_size(img) -> tuple[int, int]:
+    im = open_image(img)  # a full decode: a truncated file fails here, not mid-training
+    return im.height, im.width
+
+
+def load_records(path: str, split: str = "train", need_response: bool = False, errors: list | None = None) -> list[dict]:
+    """Read and validate every record of a file or dataset (spec §10); see check_records."""
+    base = Path(path).parent if Path(path).is_file() else Path(path)
+    return check_records(record_rows(path, split), str(path), base, Path(path).stem, need_response, errors)
+
+
+def check_records(rows, where: str, base: Path, default_source: str, need_response: bool = False,
+                  errors: list | None = None) -> list[dict]:
+    """Validate raw rows into records (spec §10; each problem: `record_problem`), every image decoded once (in
+    parallel) so that a broken one fails now, not hours into training. A bad record raises DataError naming
+    `where`, the record and the problem; with an `errors` list it is appended there as {id, error, row} and
+    skipped instead (evaluation reports it and goes on)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records, seen = [], set()
+
+    def fail(rid, row, problem):
+        if errors is None:
+            raise DataError(f"{where}: record {rid}: {problem}")
+        errors.append(dict(id=rid, error=problem, row=row))
+
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            fail(f"#{n}", row, f"is {json.dumps(row, default=repr)[:60]}, not an object with id, question, answer")
+            continue
+        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) else f"#{n}"
+        images = row.get("images") or []
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        try:
+            images = [image_source(img, base) for img in images]
+        except TypeError as e:
+            fail(rid, row, str(e))
+            continue
+        problem = record_problem(row, need_response)
+        if problem:
+            fail(rid, row, problem)
+        elif rid in seen:
+            fail(f"{rid} (row {n})", row, "duplicate id")
+        else:
+            seen.add(rid)
+            records.append(dict(row, id=rid, question=row["question"], answer=str(row["answer"]), images=images,
+                                source=row.get("source") or default_source, response=row.get("response"),
+                                pass_rate=row.get("pass_rate")))
+    with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
+        sizes = list(pool.map(lambda r: [_try(_decoded_size, im) for im in r["images"]], records))
+    good = []
+    for r, sz in zip(records, sizes):
+        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception) or max(e) > 200 * min(e)), None)
+        if bad:
+            what = (f"cannot be read: {bad[1]}" if isinstance(bad[1], Exception) else f"is {bad[1][1]}x{bad[1][0]} "
+                    "pixels: an aspect ratio over 200, which Qwen-VL's image processor refuses")
+            fail(r["id"], r, f"field 'images': image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) {what}")
+        else:
+            good.append(dict(r, image_sizes=sz))
+    if not good and errors is None:
+        raise DataError(f"{where}: no records")
+    return good
+
+
+CHAT_TOKEN = re.compile(r"<\|[A-Za-z][A-Za-z0-9_]{2,}\|>")  # SPECIAL_TOKENS, and Qwen/Llama/Phi's other ones
+
+
+def record_problem(row: dict, need_response: bool) -> str | None:
+    """What is wrong with a record's fields, or None: id text or an integer; question and response text;
+    answer text or a finite number; none of them empty or holding a chat-template token (the model would read
+    '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]."""
+    if "id" in row and not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
+        return f"field 'id' must be text or an integer, got {json.dumps(row['id'], default=repr)[:60]}"
+    for k in ("question", "answer", "response"):
+        v = row.get(k)
+        if v is None or isinstance(v, str) and not v.strip():
+            if k == "response" and not need_response:  # only the cold start trains on it
+                continue
+            return f"missing or empty field '{k}'"
+        number = k == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(v, str) and not number:
+            return f"field '{k}' must be text{' or a finite number' * (k == 'answer')}, got {json.dumps(v, default=repr)[:60]}"
+        token = CHAT_TOKEN.search(v) if isinstance(v, str) else None
+        if token:
+            return f"field '{k}' contains the chat-template token {token.group()!r}: remove it or spell it differently"
+    rate = row.get("pass_rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
+        return f"field 'pass_rate' must be a number in [0, 1], got {rate!r}"
+    return None
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported with the record by the caller
+        return e
+
+
+def prompt_text(processor, record: dict) -> str:
+    """The chat-formatted prompt: images first, then the question and the answer-format instruction (spec §7), or the
+    instruction the model was trained with (processor.prompt_suffix, from its config.json; "" for none)."""
+    suffix = getattr(processor, "prompt_suffix", FORMAT_PROMPT)
+    text = f"{record['question']}\n{suffix}" if suffix else record["question"]
+    if hasattr(processor, "image_processor"):
+        content = [{"type": "image"}] * len(record["images"]) + [{"type": "text", "text": text}]
+    elif record["images"]:
+        raise DataError(f"record {record['id']}: has images but the model is text-only")
+    else:
+        content = text
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompt(processor, record: dict) -> dict:
+    """-> {'ids': (L,) long, 'pixel_values': (patches, D) or None, 'image_grid_thw': (images, 3) or None}."""
+    text = prompt_text(processor, record)
+    if record["images"]:
+        enc = processor(text=[text], images=[open_image(im) for im in record["images"]], return_tensors="pt")
+        return dict(ids=enc["input_ids"][0], pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    ids = tokenizer_of(processor)(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return dict(ids=ids, pixel_values=None, image_grid_thw=None)
+
+
+def prompt_length(processor, record: dict) -> int:
+    """Token count of the encoded prompt, from the image sizes alone (no pixel processing)."""
+    tok = tokenizer_of(processor)
+    n = len(tok(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
+    if record["images"]:
+        sizes = record.get("image_sizes") or [_decoded_size(im) for im in record["images"]]
+        n += sum(processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]) - len(sizes)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grading: the last \boxed{...} against the ground truth, with math-verify for mathematical equivalence and a
+# normalised string comparison for everything else (multiple-choice letters, words).
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the LAST \\boxed{...} (or \\fbox{...}), nested braces handled; None if there is none.
+    extract_boxed("so \\boxed{1} no, \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"."""
+    if not isinstance(text, str):
+        return None
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[i:j - 1].strip() if depth == 0 else None
+
+
+_CHOICE = re.compile(r"^\(?([A-Za-z])\)?[.:]?$")
+
+
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+
+
+def _normalise(s: str) -> str:
+    s = _TEXT_WRAP.sub(r"\1", s.strip().strip("$"))
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\ ", "").replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"\s+", "", s).rstrip(".").lower()
+    return s
+
+
+def _choice_letter(s: str) -> str | None:
+    m = _CHOICE.match(_TEXT_WRAP.sub(r"\1", s.strip().strip("$")).strip())
+    return m.group(1).upper() if m else None
+
+
+class GraderTimeout(BaseException):  # not an Exception: math-verify's and sympy's `except Exception` let it pass
+    pass
+
+
+def _math_equal(pred: str, answer: str, timeout: float) -> bool:
+    """math-verify's equivalence, stopped after `timeout` seconds by a SIGALRM timer (main thread only)."""
+    import logging
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the timer is ours
+
+    def stop(*_):
+        raise GraderTimeout
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+            guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+            return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm due before this line is caught just below
+    except (GraderTimeout, Exception):  # noqa: BLE001 - a grader must not crash training on odd model output
+        return False
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+_WIDE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # fullwidth ASCII -> ASCII (as NFKC maps them)
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _ascii_digits(s: str) -> str:
+    """Fullwidth forms ('１２', '（Ａ）') and every Unicode decimal digit ('٣', '३') -> ASCII, so they grade equal to
+    ASCII answers. (Full NFKC also turns '10²' into '102', and leaves Arabic-Indic digits alone.)"""
+    if s.isascii():
+        return s
+    s = s.translate(_WIDE)
+    return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
+
+
+def quick_verdict(pred: str | None, answer: str) -> bool | None:
+    """The cheap checks of is_correct: choice letters, equal normalised strings, integers; None = needs sympy."""
+    if pred is None or not str(pred).strip():
+        return False
+    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
+    gold_letter, pred_letter = _choice_letter(answer), _choice_letter(pred)
+    if gold_letter:  # multiple choice: (B), B., b, \text{B} are all B
+        return pred_letter == gold_letter
+    p, a = _normalise(pred), _normalise(answer)
+    if p == a:
+        return True
+    if len(pred) > 300 or len(answer) > 300:  # long inputs skip sympy
+        return False
+    if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(a):
+        return int(p) == int(a)
+    return None
+
+
+def is_correct(pred: str | None, answer: str, timeout: float = 3.0) -> bool:
+    """Does the extracted prediction match the answer? Never raises, and returns within about `timeout` seconds
+    wherever it runs: on the main thread a timer stops sympy; on any other thread a grader process does it."""
+    verdict = quick_verdict(pred, answer)
+    if verdict is not None:
+        return verdict
+    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
+    if threading.current_thread() is threading.main_thread():
+        return _math_equal(pred, answer, timeout)
+    return grader_pool(1).map([(pred, answer)], timeout)[0]
+
+
+def grade_batch(preds: list, answers: list, timeout: float = 3.0, workers: int = 4) -> list[bool]:
+    """is_correct of each (prediction, answer) pair: the quick checks here, the sympy ones in `workers` grader
+    processes at once (workers=0: one by one in this process)."""
+    if workers == 0:
+        return [is_correct(p, a, timeout) for p, a in zip(preds, answers)]
+    verdicts = [quick_verdict(p, a) for p, a in zip(preds, answers)]
+    slow = [i for i, v in enumerate(verdicts) if v is None]
+    if slow:
+        jobs = [(_ascii_digits(str(preds[i])), _ascii_digits(str(answers[i]))) for i in slow]
+        for i, v in zip(slow, grader_pool(workers).map(jobs, timeout)):
+            verdicts[i] = v
+    return verdicts
+
+
+class GraderPool:
+    """Grader processes (`python -c 'data_prep.grader_worker()'`), each running _math_equal on its own main thread, so
+    its timer works there. An answer still out `timeout` + 2 s after it was sent (stuck in C code that a signal
+    cannot interrupt) is graded wrong and its process replaced. Thread-safe; one per process (`grader_pool`)."""
+
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.procs = [self._spawn() for _ in range(n)]
+        for p in self.procs:
+            self._ready(p)
+
+    @staticmethod
+    def _spawn():
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import data_prep; data_prep.grader_worker()"
+        return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+
+    @staticmethod
+    def _ready(proc):
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a grader process failed to start (exit code {proc.poll()})")
+
+    def map(self, jobs: list[tuple[str, str]], timeout: float) -> list[bool]:
+        from multiprocessing.connection import wait
+
+        verdicts, todo, busy = [False] * len(jobs), list(range(len(jobs)))[::-1], {}  # busy: worker -> (job, deadline)
+        with self.lock:
+            while todo or busy:
+                for w in range(len(self.procs)):
+                    if w not in busy and todo:
+                        busy[w] = (todo.pop(), time.monotonic() + timeout + 2)
+                        self.procs[w].stdin.write(json.dumps([*jobs[busy[w][0]], timeout]) + "\n")
+                        self.procs[w].stdin.flush()
+                pipes = {self.procs[w].stdout: w for w in busy}
+                for pipe in wait(list(pipes), max(0.0, min(d for _, d in busy.values()) - time.monotonic())):
+                    job, _ = busy.pop(pipes[pipe])
+                    line = pipe.readline()
+                    verdicts[job] = line.strip() == "true"
+                    if not line:  # the process died (out of memory?): that answer is graded wrong
+                        self._replace(pipes[pipe])
+                for w, (job, deadline) in list(busy.items()):
+                    if time.monotonic() > deadline:
+                        del busy[w]
+                        self._replace(w)
+        return verdicts
+
+    def _replace(self, w: int):
+        self.procs[w].kill()
+        self.procs[w].wait()
+        self.procs[w] = self._spawn()
+        self._ready(self.procs[w])
+
+
+_POOL: list[GraderPool] = []
+
+
+def grader_pool(n: int) -> GraderPool:
+    """This process's grader processes: started on first use, grown when more are asked for."""
+    if not _POOL or len(_POOL[0].procs) < n:
+        for proc in _POOL[0].procs if _POOL else []:
+            proc.kill()
+        _POOL[:] = [GraderPool(max(n, 1))]
+    return _POOL[0]
+
+
+def grader_worker():
+    """A grader process: one JSON [prediction, answer, timeout] per input line -> 'true' or 'false' per line."""
+    reply, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
+    print("ready", file=reply, flush=True)
+    for line in sys.stdin:
+        pred, answer, timeout = json.loads(line)
+        print(json.dumps(_math_equal(pred, answer, timeout)), file=reply, flush=True)
+
+
+def format_ok(text: str) -> bool:
+    """The format reward: '<think> ... </think>' then a \\boxed{} answer after it."""
+    m = re.fullmatch(r"\s*<think>(.+?)</think>(.*)", text, flags=re.S)
+    return bool(m and m.group(1).strip() and extract_boxed(m.group(2)) is not None)
+
+
 
 # ----------------------------------------------------------------------------------------------------------
 # convert: any dataset -> records of spec §10.
@@ -144,7 +630,6 @@ PRESETS = {
 FIELDS = ("question", "answer", "images", "response", "id", "source", "choices")
 IMAGE_TAG = re.compile(r"<image\s*\d*>")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-DataError = ares.DataError
 
 
 def normalise_answer(answer) -> str:
@@ -152,7 +637,7 @@ def normalise_answer(answer) -> str:
     '####' (GSM8K, thousands separators dropped), else the stripped text.
     normalise_answer(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"; normalise_answer("3 + 4 = 7\n#### 1,200") == "1200"."""
     text = str(answer).strip()
-    boxed = ares.extract_boxed(text)
+    boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
     if "####" in text:
@@ -226,7 +711,7 @@ def read_rows(source: str, split: str | None, config: str | None):
     if p.suffix in (".jsonl", ".json", ".parquet") and not p.is_file():
         raise DataError(f"{source}: no such file")
     if p.suffix in (".jsonl", ".json"):
-        return ares.json_rows(p), p.parent.resolve()
+        return json_rows(p), p.parent.resolve()
     if p.suffix == ".parquet":
         return _parquet_rows(p), p.parent.resolve()
     import datasets
@@ -331,7 +816,7 @@ def load_source(source: str, *, preset: str | None = None, mapping: dict | None 
     response, id, source and choices (a column of options rendered into the question); it overrides the
     preset's. `source` names a column or, when the rows have no such column, is the source name itself.
     Without preset or mapping the columns are our own field names and every other plain field is kept.
-    Returns dicts with id, question, answer (normalised), images (PIL images or absolute paths: ares.open_image
+    Returns dicts with id, question, answer (normalised), images (PIL images or absolute paths: open_image
     opens either), source, response (or None), pass_rate (or None), plus extra fields (level, ...). The first
     `limit` records kept. Raises DataError naming the source and row for a bad row or a duplicate id."""
     return _load(source, preset=preset, mapping=mapping, split=split, config=config, limit=limit)
@@ -418,89 +903,9 @@ def run_convert(args) -> list[dict]:
     return records
 
 
-# ----------------------------------------------------------------------------------------------------------
-# passrate: p(x) = (correct responses) / K from K samples of a reference model (spec §8 step 1).
-
-
 def grade(texts: list[str], answer: str) -> list[bool]:
-    """Each response's last \\boxed{} against the answer, with ares.py's grader (the one AEPO rewards with)."""
-    return [ares.is_correct(ares.extract_boxed(t), answer) for t in texts]
-
-
-def rank_batches(n: int, batch: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
-    """[(batch number, record indices)] of this rank: consecutive global batches dealt round-robin, so the
-    batches, and the responses sampled with a generator seeded per batch, do not depend on the world size.
-    rank_batches(5, 2, 1, 2) == [(1, [2, 3])]."""
-    return [(b, list(range(s, min(s + batch, n)))) for b, s in enumerate(range(0, n, batch)) if b % world == rank]
-
-
-def sample_traces(model, processor, records: list[dict], args, rank: int, world: int, device) -> dict[int, list]:
-    """{record index: K traces (response, length, correct)} for this rank's records; None for a prompt longer
-    than --max-prompt-len."""
-    import torch
-
-    ids, tok = ares.special_ids(model, processor), ares.tokenizer_of(processor)
-    stop = set(ids["stop"])
-    results = {}
-    for b, idx in tqdm(rank_batches(len(records), args.batch_size, rank, world), desc="passrate", disable=rank != 0):
-        prompts, kept = [], []
-        for i in idx:
-            rec = dict(records[i], images=[ares.open_image(im, Path(".")) for im in records[i]["images"]])
-            enc = ares.encode_prompt(processor, rec)
-            if len(enc["ids"]) > args.max_prompt_len:
-                results[i] = None
-                continue
-            prompts.append(enc)
-            kept.append(i)
-        if not prompts:
-            continue
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
-        out = ares.sample(model, prompts, ids=ids, max_new_tokens=args.max_new_tokens, repeats=args.k,
-                          temperature=args.temperature, top_p=args.top_p, generator=gen)
-        lengths = out["mask"].sum(1).tolist()  # (N,) sampled tokens, the stop token included
-        for j, i in enumerate(kept):
-            texts, lens = [], []
-            for row in range(j * args.k, (j + 1) * args.k):
-                toks = out["tokens"][row, :lengths[row]].tolist()
-                lens.append(len(toks) - (bool(toks) and toks[-1] in stop))  # the end-of-turn token is not reasoning
-                texts.append(tok.decode(toks, skip_special_tokens=True))
-            results[i] = [dict(response=t, length=n, correct=c)
-                          for t, n, c in zip(texts, lens, grade(texts, records[i]["answer"]))]
-    return results
-
-
-def run_passrate(args) -> list[dict] | None:
-    import torch.distributed as dist
-
-    rank, world, device = ares.init_distributed()
-    records = load_source(args.data, preset=args.preset, split=args.split, limit=args.limit)
-    cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
-    model, processor = ares.load_model(args.model, cfg, device)
-    traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)
-    if world > 1:  # every rank's traces to rank 0, which writes the output
-        parts = [None] * world
-        dist.all_gather_object(parts, traces_of)
-        traces_of = {i: t for part in parts for i, t in part.items()}
-    if rank != 0:
-        return None
-    out, skipped = [], 0
-    for i, rec in enumerate(records):
-        traces = traces_of[i]
-        if traces is None:
-            skipped += 1
-            continue
-        p = sum(t["correct"] for t in traces) / args.k
-        out += [dict(rec, **t, pass_rate=p) for t in traces] if args.keep_responses else [dict(rec, pass_rate=p)]
-    write_records(out, Path(args.out), copy_images=False)
-    by = defaultdict(list)
-    for traces in traces_of.values():
-        if traces is not None:
-            by[sum(t["correct"] for t in traces)].append(statistics.mean(t["length"] for t in traces))
-    rows = [[f"{c}/{args.k}", len(by[c]), statistics.mean(by[c]) if by[c] else "-"] for c in range(args.k + 1)]
-    print(table(["pass rate", "problems", "mean tokens"], rows))
-    print(f"{len(records) - skipped} problems x K={args.k} on {world} process(es), {skipped} skipped "
-          f"(prompt > {args.max_prompt_len} tokens); wrote {len(out)} records to {args.out}")
-    return out
+    """Each response's last \\boxed{} against the answer, with the grader AEPO rewards with."""
+    return [is_correct(extract_boxed(t), answer) for t in texts]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -599,7 +1004,7 @@ def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, s
 
 def tokenizer_for(name: str):
     if name == "tiny":
-        return ares.tokenizer_of(ares.build_tiny()[1])
+        return tiny_tokenizer()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
@@ -752,7 +1157,7 @@ def run_demo(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def command_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
@@ -813,12 +1218,21 @@ def main(argv=None):
     demo.add_argument("--train", type=int, default=3000, help="cold-start records (with traces)")
     demo.add_argument("--rl", type=int, default=1000, help="AEPO prompts")
     demo.add_argument("--test", type=int, default=300, help="held-out records")
+    return parser
 
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = command_parser()
     args = parser.parse_args(argv)
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
-    return ares.run_command({"convert": run_convert, "passrate": run_passrate, "adacs": run_adacs,
-                             "demo": run_demo}[args.command], args)
+    if args.command == "passrate":  # it samples with the model: eval.py runs it (this file imports no model code)
+        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("eval.py")), *argv]))
+    try:
+        return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -38,8 +38,13 @@ import gc
 import hashlib
 import itertools
 import json
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import ares
+import data_prep
 from ares import arg
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,7 +116,7 @@ def parse_config(argv=None) -> EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmarks: records as ares.load_records makes them, but checked one by one, so that a bad record is
+# Benchmarks: records as data_prep.load_records makes them, but checked one by one, so that a bad record is
 # reported instead of ending the run (training wants the opposite: fail before the first step).
 
 
@@ -127,7 +133,7 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
     mapping = column_mapping(cfg)
     if Path(spec).exists() and not cfg.preset and not mapping:  # our own record format
         path = Path(spec).resolve()
-        rows = ares._read_rows(str(path), cfg.split or "test")
+        rows = data_prep.record_rows(str(path), cfg.split or "test")
         base, name, key = (path.parent if path.is_file() else path), path.stem, str(path)
     else:  # a preset or a hub dataset: data_prep owns the column mapping (imported only when needed)
         import data_prep
@@ -140,7 +146,7 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
         key = json.dumps(dict(source=str(Path(spec).resolve()) if local else spec, preset=preset, mapping=mapping,
                               split=cfg.split, config=cfg.config))
     failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
-    records = ares.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
+    records = data_prep.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
     return dict(name=name, key=key, records=records, failures=failures)
 
 
@@ -376,19 +382,19 @@ def gather(items: list) -> list:
 def generate_chunk(model, processor, ids: dict, chunk: list[dict], cfg: EvalConfig, seed: int) -> list[dict]:
     """One sampler call: len(chunk) prompts x --samples responses, graded. -> one line per response."""
     device = next(model.parameters()).device
-    prompts = [ares.encode_prompt(processor, r) for r in chunk]
+    prompts = [data_prep.encode_prompt(processor, r) for r in chunk]
     gen = torch.Generator(device).manual_seed(seed)
     out = ares.sample(model, prompts, ids=ids, max_new_tokens=cfg.max_new_tokens, repeats=cfg.samples,
                       temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
     lengths = out["mask"].sum(1)  # (N,) response tokens, EOS included
-    tok = ares.tokenizer_of(processor)
+    tok = data_prep.tokenizer_of(processor)
     lines = []
     for i in range(len(lengths)):
         rec, k = chunk[i // cfg.samples], i % cfg.samples  # prompt-major: the N responses of a prompt are adjacent
         text = tok.decode(out["tokens"][i, :lengths[i]], skip_special_tokens=True)
-        pred = ares.extract_boxed(text)
+        pred = data_prep.extract_boxed(text)
         lines.append(dict(id=rec["id"], sample=k, answer=rec["answer"], prediction=pred,
-                          correct=ares.is_correct(pred, rec["answer"]), format_ok=ares.format_ok(text),
+                          correct=data_prep.is_correct(pred, rec["answer"]), format_ok=data_prep.format_ok(text),
                           tokens=int(lengths[i]), truncated=bool(out["truncated"][i]), response=text))
     return lines
 
@@ -417,7 +423,7 @@ def check_prompts(processor, records: list[dict], max_len: int) -> tuple[list[di
     usable, failures = [], []
     for r in records:
         try:
-            n = ares.prompt_length(processor, r)
+            n = data_prep.prompt_length(processor, r)
         except Exception as e:  # noqa: BLE001 - reported per record
             failures.append(dict(id=r["id"], error=f"prompt cannot be encoded: {e}"))
             continue
@@ -547,6 +553,89 @@ def compare(models: list[str], data: str, out: Path, names: list[str] | None = N
     return evaluate(cfg)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# passrate (`data_prep.py passrate` runs this): p(x) = (correct responses) / K from K samples of a reference
+# model (spec §8 step 1). It lives here, with the other users of ares.sample, so that data_prep.py imports no
+# model code.
+
+
+def rank_batches(n: int, batch: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
+    """[(batch number, record indices)] of this rank: consecutive global batches dealt round-robin, so the
+    batches, and the responses sampled with a generator seeded per batch, do not depend on the world size.
+    rank_batches(5, 2, 1, 2) == [(1, [2, 3])]."""
+    return [(b, list(range(s, min(s + batch, n)))) for b, s in enumerate(range(0, n, batch)) if b % world == rank]
+
+
+def sample_traces(model, processor, records: list[dict], args, rank: int, world: int, device) -> dict[int, list]:
+    """{record index: K traces (response, length, correct)} for this rank's records; None for a prompt longer
+    than --max-prompt-len."""
+    import torch
+
+    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
+    stop = set(ids["stop"])
+    results = {}
+    for b, idx in tqdm(rank_batches(len(records), args.batch_size, rank, world), desc="passrate", disable=rank != 0):
+        prompts, kept = [], []
+        for i in idx:
+            rec = dict(records[i], images=[data_prep.open_image(im, Path(".")) for im in records[i]["images"]])
+            enc = data_prep.encode_prompt(processor, rec)
+            if len(enc["ids"]) > args.max_prompt_len:
+                results[i] = None
+                continue
+            prompts.append(enc)
+            kept.append(i)
+        if not prompts:
+            continue
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
+        out = ares.sample(model, prompts, ids=ids, max_new_tokens=args.max_new_tokens, repeats=args.k,
+                          temperature=args.temperature, top_p=args.top_p, generator=gen)
+        lengths = out["mask"].sum(1).tolist()  # (N,) sampled tokens, the stop token included
+        for j, i in enumerate(kept):
+            texts, lens = [], []
+            for row in range(j * args.k, (j + 1) * args.k):
+                toks = out["tokens"][row, :lengths[row]].tolist()
+                lens.append(len(toks) - (bool(toks) and toks[-1] in stop))  # the end-of-turn token is not reasoning
+                texts.append(tok.decode(toks, skip_special_tokens=True))
+            results[i] = [dict(response=t, length=n, correct=c)
+                          for t, n, c in zip(texts, lens, data_prep.grade(texts, records[i]["answer"]))]
+    return results
+
+
+def run_passrate(args) -> list[dict] | None:
+    import torch.distributed as dist
+
+    rank, world, device = ares.init_distributed()
+    records = data_prep.load_source(args.data, preset=args.preset, split=args.split, limit=args.limit)
+    cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
+    model, processor = ares.load_model(args.model, cfg, device)
+    traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)
+    if world > 1:  # every rank's traces to rank 0, which writes the output
+        parts = [None] * world
+        dist.all_gather_object(parts, traces_of)
+        traces_of = {i: t for part in parts for i, t in part.items()}
+    if rank != 0:
+        return None
+    out, skipped = [], 0
+    for i, rec in enumerate(records):
+        traces = traces_of[i]
+        if traces is None:
+            skipped += 1
+            continue
+        p = sum(t["correct"] for t in traces) / args.k
+        out += [dict(rec, **t, pass_rate=p) for t in traces] if args.keep_responses else [dict(rec, pass_rate=p)]
+    data_prep.write_records(out, Path(args.out), copy_images=False)
+    by = defaultdict(list)
+    for traces in traces_of.values():
+        if traces is not None:
+            by[sum(t["correct"] for t in traces)].append(statistics.mean(t["length"] for t in traces))
+    rows = [[f"{c}/{args.k}", len(by[c]), statistics.mean(by[c]) if by[c] else "-"] for c in range(args.k + 1)]
+    print(data_prep.table(["pass rate", "problems", "mean tokens"], rows))
+    print(f"{len(records) - skipped} problems x K={args.k} on {world} process(es), {skipped} skipped "
+          f"(prompt > {args.max_prompt_len} tokens); wrote {len(out)} records to {args.out}")
+    return out
+
+
+
 def moving_mean(values: list[float], k: int) -> list[float]:
     """Mean of the last k finite values at each position (NaN where there is none yet)."""
     out = []
@@ -618,10 +707,10 @@ table{table-layout:fixed;width:100%}td{vertical-align:top;padding:0 1em}h3{margi
 def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[dict], float]:
     """One branching rollout group (ares.rollout_groups) for a record, with each token's window entropy and HWE
     flag: [{tokens, hbar, hwe, parent, branch_at, correct, n_he}] and tau."""
-    ids, tok = ares.special_ids(model, processor), ares.tokenizer_of(processor)
-    rec = dict(record, images=[ares.open_image(im) for im in record["images"]])
+    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
+    rec = dict(record, images=[data_prep.open_image(im) for im in record["images"]])
     gen = torch.Generator().manual_seed(seed)
-    ro = ares.rollout_groups(model, [ares.encode_prompt(processor, rec)], cfg, ids, gen)
+    ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen)
     hbar, valid = ares.window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
     hwe = ares.hwe_mask(hbar, valid, ro["tau"])
     rows = []
@@ -630,7 +719,7 @@ def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[d
         text = tok.decode(toks, skip_special_tokens=True)
         rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
                          parent=int(ro["parent"][i]), branch_at=int(ro["branch_at"][i]), n_he=int(hwe[i].sum()),
-                         correct=ares.is_correct(ares.extract_boxed(text), record["answer"])))
+                         correct=data_prep.is_correct(data_prep.extract_boxed(text), record["answer"])))
     return rows, ro["tau"]
 
 
@@ -661,7 +750,7 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
     group of every model side by side, tokens shaded by window entropy (Eq. 4), HWE tokens and branch points marked."""
     import html
 
-    records = ares.load_records(str(data))
+    records = data_prep.load_records(str(data))
     levels = sorted({str(r["difficulty"]) for r in records}, key=bucket_order)
     picked = [r for lv in levels for r in [x for x in records if x["difficulty"] == lv][:per_level]]
     cells = {}
@@ -687,9 +776,142 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
     return html_out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The demo (`python ares.py` runs `eval.py demo`): all of ARES offline on a CPU, every stage through the command
+# a user runs on real data (data_prep.py's demo task, passrate and adacs; both stages of ares.py; eval.py), then
+# the report. It lives here, at the top of the import graph, because it uses every other file.
+
+
+DEMO = dict(sft=16000, pool=1200, rl=1000, test=300)  # problems per split (the warm-up sees each about twice)
+
+
+DEMO_STEPS = dict(warmup=800, coldstart=300, aepo=100)  # optimizer steps of the warm-up, cold start and AEPO
+
+
+BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0"]  # plain GRPO: no entropy reward, no branching
+
+
+def demo_flags(cfg: ares.Config) -> list[str]:
+    """The flags the user gave to `ares.py` (other than the demo's own), passed on to every training command."""
+    own = {"stage", "model", "data", "out", "steps", "demo_steps", "resume", "seed"}
+    flags = []
+    for f in dataclasses.fields(ares.Config):
+        value = getattr(cfg, f.name)
+        if f.name in own or f.name not in cfg.given:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if f.type == "bool" else [flag, str(value)]
+    return flags
+
+
+def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
+    """Start `python <args>` (`torchrun --nproc_per_node <nproc>` for nproc > 1), one thread per process, output to
+    `log`, and print it: the demo is a script of the commands a user runs."""
+    args = [str(a) for a in args]
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    ares.rank0_print(f"$ {f'torchrun --nproc_per_node={nproc}' if nproc > 1 else 'python'} " + shlex.join(args))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    script = str(Path(__file__).with_name(args[0]))  # beside eval.py, wherever it is run from
+    with open(log, "w") as fh:
+        procs.append((subprocess.Popen([sys.executable, *launch, script, *args[1:]], stdout=fh, stderr=subprocess.STDOUT,
+                                       env=env), log))
+
+
+def demo_wait(procs: list):
+    for proc, log in procs:
+        if proc.wait():
+            raise SystemExit(f"demo stage failed ({proc.returncode}); its output:\n" + log.read_text()[-3000:])
+    procs.clear()
+
+
+def run_demo(cfg: ares.Config):
+    """ARES end to end on the demo task (spec §8 then §1-6), with plain GRPO from the same cold start beside it:
+      1. data_prep.py demo     squares whose sizes are numbers; per problem three correct teacher traces:
+                               terse, steps, steps + re-check
+      2. warm-up               the random tiny model learns to read and reason on one steps trace per problem:
+                               the demo's base model (the paper starts from an Instruct VLM) and the reference
+                               policy of the pass rates
+      3. data_prep.py passrate K = 8 samples per pool problem from the base model: p(x)
+      4. data_prep.py adacs    per problem the teacher trace nearest L_target(p), equal counts per bracket
+      5. cold start            the base model on the curated traces
+      6. AEPO and GRPO         from the same cold start, same seed, KL and steps, run side by side (one core each)
+      7. eval.py               all three checkpoints on the held-out split, greedy and at T = 1, per level
+    Stages 2, 3 and 5 run under torchrun as two CPU processes (DDP over gloo): the CPU's two cores as two ranks.
+    Writes <out>/demo.json, curves.png (ARES and GRPO over the AEPO steps) and explore.html (where ARES explores)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
+    torch.set_num_threads(1)  # as the stages it starts: the same float reductions run after run
+    out, times, procs = Path(cfg.out), {}, []
+    small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
+    steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}
+    sizes = dict(sft=120, pool=150, rl=64, test=30) if small else DEMO
+    data, flags, seed = out / "data", demo_flags(cfg), ["--seed", cfg.seed]
+    tick = time.time()
+
+    def lap(name):
+        nonlocal tick
+        times[name] = time.time() - tick
+        ares.rank0_print(f"[demo] {name}: {times[name]:.0f}s")
+        tick = time.time()
+
+    paths = data_prep.make_demo(data, seed=cfg.seed, sizes=sizes)
+    lap("data")
+    train = ["ares.py", "--stage", "coldstart", *seed, *flags]
+    demo_command([*train, "--model", "tiny", "--data", paths["sft"], "--out", out / "warmup", "--steps",
+                  steps["warmup"]], procs, out / "warmup.log", nproc=2)
+    demo_wait(procs)
+    lap("warm-up")
+    demo_command(["data_prep.py", "passrate", "--data", paths["pool"], "--model", out / "warmup" / "final", "--k", 8,
+                  "--max-new-tokens", 128, "--batch-size", 16, *seed, "--out", data / "pass_rates.jsonl"],
+                 procs, out / "passrate.log", nproc=2)
+    demo_wait(procs)
+    lap("pass rates")
+    per_bracket = sizes["pool"] // (1 if small else 9)  # about a ninth of the pool per pass-rate bracket
+    demo_command(["data_prep.py", "adacs", "--data", paths["pool_traces"], "--pass-rates", data / "pass_rates.jsonl",
+                  "--model", "tiny", "--per-bracket", per_bracket, *seed, "--out", data / "adacs.jsonl"],
+                 procs, out / "adacs.log")
+    demo_wait(procs)
+    lap("adacs")
+    demo_command([*train, "--model", out / "warmup" / "final", "--data", data / "adacs.jsonl", "--out",
+                  out / "coldstart", "--steps", steps["coldstart"]], procs, out / "coldstart.log", nproc=2)
+    demo_wait(procs)
+    lap("coldstart")
+    cold = out / "coldstart" / "final"
+    aepo = ["ares.py", "--stage", "aepo", "--model", cold, "--data", paths["rl"], "--steps", steps["aepo"], *seed,
+            "--keep-uniform-groups", *flags]
+    demo_command([*aepo, "--out", out / "aepo"], procs, out / "aepo.log")
+    demo_command([*aepo, *BASELINE, "--out", out / "grpo"], procs, out / "grpo.log")
+    demo_wait(procs)
+    lap("aepo")
+    models = ["--model", cold, "--model", out / "aepo" / "final", "--model", out / "grpo" / "final", "--name",
+              "cold start", "--name", "ARES", "--name", "GRPO", "--data", paths["test"], "--max-new-tokens", 128]
+    decodings = dict(greedy=[], sampled=["--temperature", 1.0, "--samples", 4])
+    for mode, extra in decodings.items():
+        demo_command(["eval.py", *models, *extra, "--out", out / f"eval_{mode}"], procs, out / f"eval_{mode}.log")
+    demo_wait(procs)
+    report = {mode: json.loads((out / f"eval_{mode}" / "results.json").read_text()) for mode in decodings}
+    report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
+    lap("eval")
+    report["times"] = times
+    report["buckets"] = bucket_shares(out / "aepo" / "metrics.jsonl")
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    plot_curves({"ARES": out / "aepo" / "metrics.jsonl", "GRPO": out / "grpo" / "metrics.jsonl"},
+                           out / "curves.png")
+    explore_page([cold, out / "aepo" / "final"], ["cold start", "ARES"], paths["test"], out / "explore.html",
+                            ares.resolve_stage_defaults(cfg, "aepo"))
+    print("\n" + report["table"])
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
+    return report
+
+
+
 def main(argv=None):
-    cfg = parse_config(argv)
-    ares.run_command(evaluate_and_report, cfg)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["passrate"]:
+        return ares.run_command(run_passrate, data_prep.command_parser().parse_args(argv))
+    if argv[:1] == ["demo"]:  # the flags of ares.py
+        return ares.run_command(run_demo, ares.parse_config(argv[1:]))
+    return ares.run_command(evaluate_and_report, parse_config(argv))
 
 
 def mean_sd(values: list[float], scale: float = 1.0, signed: bool = False) -> str:

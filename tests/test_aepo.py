@@ -23,6 +23,7 @@ from conftest import ROOT, run_script, run_until_first_step_save
 from safetensors.torch import load_file
 
 import ares
+import data_prep
 
 T_SAMPLE, TOP_P = 0.8, 0.95
 
@@ -40,11 +41,11 @@ def placeholder_ids(model) -> list[int]:
 
 
 def encoded_prompts(processor, demo_file, picks) -> list[dict]:
-    records = ares.load_records(str(demo_file))
+    records = data_prep.load_records(str(demo_file))
     out = []
     for k in picks:
         record = records[k] if isinstance(k, int) else dict(records[0], id="text-only", images=[], question=k)
-        out.append(ares.encode_prompt(processor, record))
+        out.append(data_prep.encode_prompt(processor, record))
     return out
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from test_math import GRADING
 
 import ares
+import data_prep
 
 # ----------------------------------------------------------------------------------------------------------
 # Flags: (stage, flags, what the one-line error must say). {tmp} is the test's folder.
@@ -173,8 +174,8 @@ def test_unreadable_data_file_stops_with_one_line_naming_the_file(name, filename
 
 
 def test_missing_hub_dataset_is_a_data_error(tmp_path):
-    with pytest.raises(ares.DataError, match="no_such_org/no_such_dataset: cannot be read as a dataset"):
-        ares.load_records("no_such_org/no_such_dataset")
+    with pytest.raises(data_prep.DataError, match="no_such_org/no_such_dataset: cannot be read as a dataset"):
+        data_prep.load_records("no_such_org/no_such_dataset")
 
 
 def test_ordinary_records_still_pass(demo_data, tmp_path):
@@ -186,7 +187,7 @@ def test_ordinary_records_still_pass(demo_data, tmp_path):
     rows[2].update(response="")
     path = tmp_path / "ok.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = ares.load_records(str(path))
+    records = data_prep.load_records(str(path))
     assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
     assert records[1]["answer"] == "0.5" and len(records) == 4
 
@@ -262,7 +263,7 @@ DIGITS = [
 
 @pytest.mark.parametrize("pred, answer, verdict", DIGITS)
 def test_unicode_digits_grade_like_ascii_ones(pred, answer, verdict):
-    assert ares.is_correct(pred, answer) is verdict
+    assert data_prep.is_correct(pred, answer) is verdict
 
 
 TOWER = "9^{9^{9^{9}}}"
@@ -270,7 +271,7 @@ TOWER = "9^{9^{9^{9}}}"
 
 def test_grading_off_the_main_thread_is_bounded():
     done = []
-    thread = threading.Thread(target=lambda: done.append(ares.is_correct(TOWER, "1")), daemon=True)
+    thread = threading.Thread(target=lambda: done.append(data_prep.is_correct(TOWER, "1")), daemon=True)
     start = time.monotonic()
     thread.start()
     thread.join(120)
@@ -280,18 +281,18 @@ def test_grading_off_the_main_thread_is_bounded():
 
 def test_grade_batch_matches_the_hand_graded_table_in_workers_and_in_process():
     texts, answers, verdicts = zip(*GRADING)
-    preds = [ares.extract_boxed(t) for t in texts]
+    preds = [data_prep.extract_boxed(t) for t in texts]
     for workers in (0, 2):
-        assert ares.grade_batch(preds, answers, 3.0, workers) == list(verdicts), workers
+        assert data_prep.grade_batch(preds, answers, 3.0, workers) == list(verdicts), workers
 
 
 def test_grader_time_limit_is_a_hard_one_even_for_a_stuck_worker(monkeypatch):
     """A worker stuck where no signal reaches it is killed at the limit (+2 s) and replaced."""
     stuck = "print('ready', flush=True); import time; time.sleep(1000)"
-    monkeypatch.setattr(ares.GraderPool, "_spawn", staticmethod(
+    monkeypatch.setattr(data_prep.GraderPool, "_spawn", staticmethod(
         lambda: subprocess.Popen([sys.executable, "-c", stuck], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, bufsize=1)))
-    pool = ares.GraderPool(2)
+    pool = data_prep.GraderPool(2)
     first = list(pool.procs)
     start = time.monotonic()
     assert pool.map([("1", "2"), ("3", "4"), ("5", "6")], timeout=0.5) == [False, False, False]

@@ -2,6 +2,7 @@
 
 Each test checks against something computed independently of the code under test: values worked out by hand
 in the test, pixels read back from the written PNGs, or a second run with another number of processes."""
+import importlib
 import io
 import json
 import re
@@ -19,6 +20,8 @@ from PIL import Image
 import ares
 import data_prep
 from conftest import run_script
+
+ev = importlib.import_module("eval")  # passrate runs in eval.py; `import eval` would shadow the builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE = (200, 10, 10), (10, 10, 200)
@@ -193,7 +196,7 @@ def test_convert_cli_writes_records_ares_loads_with_the_same_pixels(tmp_path):
         data_prep.main(["convert", "--data", str(src), "--question-col", "prompt", "--answer-col", "sol",
                         "--image-col", "img", "--id-col", "uid", "--response-col", "trace", "--source", "mine",
                         "--out", str(out)])
-        recs = ares.load_records(str(out), need_response=True)
+        recs = data_prep.load_records(str(out), need_response=True)
         assert [(r["id"], r["question"], r["answer"], r["response"], r["source"]) for r in recs] == [
             ("a", "Q1", "2", "t", "mine"), ("b", "Q2", "3", "u", "mine")]
         assert solid(recs[0]["images"][0], BLUE) and solid(recs[1]["images"][0], RED)
@@ -216,14 +219,14 @@ BAD_ROWS = [  # (rows, mapping, message)
 @pytest.mark.parametrize("rows,mapping,message", BAD_ROWS)
 def test_bad_rows_name_the_source_and_row(rows, mapping, message, tmp_path):
     path = jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(ares.DataError, match=message) as err:
+    with pytest.raises(data_prep.DataError, match=message) as err:
         data_prep.load_source(str(path), mapping=mapping)
     assert str(path) in str(err.value)
 
 
 def test_undecodable_image_bytes_and_the_cli_error(tmp_path):
     path = parquet(tmp_path / "bad.parquet", [dict(question="Q", answer="1", images=[b"not an image"])])
-    with pytest.raises(ares.DataError, match=r"bad.parquet: row 0 \(id bad-0\): image 0 \(12 bytes\) cannot be read"):
+    with pytest.raises(data_prep.DataError, match=r"bad.parquet: row 0 \(id bad-0\): image 0 \(12 bytes\) cannot be read"):
         data_prep.load_source(str(path))
     with pytest.raises(SystemExit, match="data error: .*image 0"):
         data_prep.main(["convert", "--data", str(path), "--out", str(tmp_path / "o.jsonl")])
@@ -233,7 +236,7 @@ def test_json_list_files_and_a_broken_json_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
     assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
     (tmp_path / "broken.jsonl").write_text('{"question": "Q", "answer": "1"}\n{"question": \n')
-    with pytest.raises(ares.DataError, match="broken.jsonl: line 2: not valid JSON"):
+    with pytest.raises(data_prep.DataError, match="broken.jsonl: line 2: not valid JSON"):
         data_prep.load_source(str(tmp_path / "broken.jsonl"))
 
 
@@ -302,12 +305,12 @@ def test_adacs_keeps_equal_counts_per_bracket(per_bracket, counts):
 
 
 def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tiny, tiny_ckpt):
-    tok = ares.tokenizer_of(tiny[1])
+    tok = data_prep.tokenizer_of(tiny[1])
     pool = [dict(r, correct=None, length=None, pass_rate=None) for r in pool_records() if r["id"] in ("b1", "b2")]
     jsonl(tmp_path / "pool.jsonl", pool)
     data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "4", "--model", str(tiny_ckpt),
                     "--out", str(tmp_path / "sft.jsonl")])
-    recs = ares.load_records(str(tmp_path / "sft.jsonl"), need_response=True)
+    recs = data_prep.load_records(str(tmp_path / "sft.jsonl"), need_response=True)
     # pass rates from the traces' graded answers (b1: 2 of 2 right, b2: 1 of 2): brackets 4 and 2, one each
     assert sorted((r["id"], r["pass_rate"]) for r in recs) == [("b1", 1.0), ("b2", 0.5)]
     for r in recs:
@@ -330,7 +333,7 @@ def test_adacs_with_pass_rates_from_another_model_fills_the_p0_bracket(tmp_path)
     jsonl(tmp_path / "rates.jsonl", rated)
     data_prep.main(["adacs", "--data", str(tmp_path / "teacher.jsonl"), "--pass-rates", str(tmp_path / "rates.jsonl"),
                     "--k", "2", "--per-bracket", "5", "--out", str(tmp_path / "sft.jsonl")])
-    got = {r["id"]: (r["pass_rate"], r["length"]) for r in ares.load_records(str(tmp_path / "sft.jsonl"))}
+    got = {r["id"]: (r["pass_rate"], r["length"]) for r in data_prep.load_records(str(tmp_path / "sft.jsonl"))}
     assert got == {"p0": (0.0, 20), "p1": (1.0, 20), "p1b": (1.0, 22), "ph": (0.5, 20)}
     jsonl(tmp_path / "norates.jsonl", [dict(r, pass_rate=None) for r in rated])
     with pytest.raises(SystemExit, match="norates.jsonl: record p0: no pass_rate"):
@@ -349,9 +352,9 @@ def test_grading_by_hand():
 
 def test_batches_do_not_depend_on_the_number_of_ranks():
     for n, batch in ((7, 2), (4, 4), (1, 3)):
-        one = data_prep.rank_batches(n, batch, 0, 1)
+        one = ev.rank_batches(n, batch, 0, 1)
         for world in (2, 3):
-            parts = sorted(b for r in range(world) for b in data_prep.rank_batches(n, batch, r, world))
+            parts = sorted(b for r in range(world) for b in ev.rank_batches(n, batch, r, world))
             assert parts == one
         assert [i for _, idx in one for i in idx] == list(range(n))
 
@@ -363,7 +366,7 @@ def test_passrate_is_k_graded_samples_and_the_same_on_one_and_two_processes(tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1): the same float reductions
     try:
-        data_prep.main(args + ["--out", str(tmp_path / "one.jsonl")])  # one process: this one
+        ev.main(args + ["--out", str(tmp_path / "one.jsonl")])  # one process: this one (eval.py runs passrate)
     finally:
         torch.set_num_threads(threads)
     run_script(["data_prep.py"] + args + ["--out", tmp_path / "two.jsonl"], nproc=2)
@@ -425,13 +428,13 @@ def test_demo_answers_recomputed_from_the_pixels(demo_data):
             r = json.loads(line)
             truth = answer_from(r["question"], read_grid(Path(path).parent / r["images"][0]))
             assert r["answer"] == str(truth), (split, r["id"])
-            assert ares.extract_boxed(r["response"]) == str(truth)
+            assert data_prep.extract_boxed(r["response"]) == str(truth)
 
 
 def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_data, tiny):
     """Every split has the three levels. The teacher pool holds, per problem, a terse, a steps and a re-check trace,
     in that order of length; the steps and re-check traces grow with the level, the terse one does not."""
-    tok = ares.tokenizer_of(tiny[1])
+    tok = data_prep.tokenizer_of(tiny[1])
     ntok = lambda r: len(tok(r["response"], add_special_tokens=False)["input_ids"])  # noqa: E731
     for split, path in demo_data.items():
         assert sorted({json.loads(line)["level"] for line in open(path)}) == [1, 2, 3], split

@@ -11,6 +11,7 @@ import torch
 from conftest import run_script
 
 import ares
+import data_prep
 
 ev = importlib.import_module("eval")  # `import eval` would shadow the builtin eval() here
 
@@ -147,7 +148,7 @@ def test_one_and_two_processes_agree_and_the_cache_is_reused(tmp_path, tiny_ckpt
     rs = lines["one"]
     assert len(rs) == 6 * 2 and {(x["id"], x["sample"]) for x in rs} == {(f"test-{i:05d}", k) for i in range(6) for k in (0, 1)}
     for x in rs:
-        assert x["correct"] == ares.is_correct(ares.extract_boxed(x["response"]), x["answer"]) and 1 <= x["tokens"] <= 24
+        assert x["correct"] == data_prep.is_correct(data_prep.extract_boxed(x["response"]), x["answer"]) and 1 <= x["tokens"] <= 24
     (m,) = one["metrics"]["six"].values()  # one model
     assert m["overall"]["records"] == 8 and m["overall"]["failed"] == 2 and m["overall"]["metric"] == "mean@2"
     assert m["overall"]["mean_tokens"] == pytest.approx(sum(x["tokens"] for x in rs) / len(rs))
@@ -172,7 +173,7 @@ def terse_ckpt(tmp_path_factory) -> Path:
     """The tiny model edited to answer at once: its end-of-turn embedding (tied to the output layer) is made the
     top logit wherever the random model would repeat '\\n', so its responses are 1 token instead of 24."""
     model, processor = ares.build_tiny(seed=0)
-    tok = ares.tokenizer_of(processor)
+    tok = data_prep.tokenizer_of(processor)
     newline, eot = tok("\n", add_special_tokens=False)["input_ids"][0], tok.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
         emb = model.get_input_embeddings().weight

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ares
+import data_prep
 
 T = 0.8
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3"]
@@ -26,7 +27,7 @@ def tiny_model(family: str, seed: int = 0):
     """(model, processor) of a random tiny model of `family`, sized like ares.TINY_SIZES."""
     import transformers as tf
 
-    tok = ares.tiny_tokenizer()
+    tok = data_prep.tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
     s = ares.TINY_SIZES
     text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
@@ -69,7 +70,7 @@ def tiny_model(family: str, seed: int = 0):
         return model, tok
     image_processor = tf.Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=(4 * patch) ** 2,
                                                   max_pixels=(8 * patch) ** 2)
-    return model, ares._processor_class()(image_processor, tok, chat_template=ares.TINY_CHAT_TEMPLATE)
+    return model, ares._processor_class()(image_processor, tok, chat_template=data_prep.TINY_CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -120,8 +121,8 @@ def test_sampler_and_trainer_logprobs_equal_teacher_forcing(family_ckpt, family_
     family, ckpt = family_ckpt
     model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
     model.eval()
-    records = ares.load_records(str(family_data["text" if family in TEXT_ONLY else "vlm", "rl"]))[:3]
-    prompts = [ares.encode_prompt(processor, r) for r in records]
+    records = data_prep.load_records(str(family_data["text" if family in TEXT_ONLY else "vlm", "rl"]))[:3]
+    prompts = [data_prep.encode_prompt(processor, r) for r in records]
     assert (prompts[0]["pixel_values"] is None) == (family in TEXT_ONLY)
     ids = ares.special_ids(model, processor)
     out = ares.sample(model, prompts, ids=ids, max_new_tokens=10, repeats=2, temperature=T, top_p=0.95,
@@ -143,10 +144,10 @@ def test_cold_start_then_aepo_with_branching_then_from_pretrained(family_ckpt, f
     kind = "text" if family in TEXT_ONLY else "vlm"
     model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
     total, count = 0.0, 0  # the reference cold-start loss: one token-mean over both records' responses
-    tok = ares.tokenizer_of(processor)
-    for r in ares.load_records(str(family_data[kind, "sft"]), need_response=True):
+    tok = data_prep.tokenizer_of(processor)
+    for r in data_prep.load_records(str(family_data[kind, "sft"]), need_response=True):
         response = torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [ids_eot(tok)])
-        total -= plain_logprobs(model, ares.encode_prompt(processor, r), response).sum().item()
+        total -= plain_logprobs(model, data_prep.encode_prompt(processor, r), response).sum().item()
         count += len(response)
     cold = tmp_path / "cold"
     ares.main(["--stage", "coldstart", "--model", str(ckpt), "--data", str(family_data[kind, "sft"]), "--out", str(cold),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ares
+import data_prep
 from conftest import ROOT, run_script
 
 EASY, MEDIUM, HARD = 0, 1, 2
@@ -656,7 +657,7 @@ GRADING = [
 
 
 def grade(text, answer):
-    return ares.is_correct(ares.extract_boxed(text), answer)
+    return data_prep.is_correct(data_prep.extract_boxed(text), answer)
 
 
 @pytest.mark.parametrize("text,answer,verdict", GRADING)
@@ -669,11 +670,11 @@ def test_grading_table_covers_at_least_40_cases():
 
 
 def test_extract_boxed_takes_the_last_box_with_nested_braces():
-    assert ares.extract_boxed(r"so \boxed{1} no, \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
-    assert ares.extract_boxed(r"\boxed{\frac{\sqrt{3}}{2}} and text {}") == r"\frac{\sqrt{3}}{2}"
-    assert ares.extract_boxed(r"\boxed{ {a}{b} }") == "{a}{b}"
-    assert ares.extract_boxed("no box") is None and ares.extract_boxed(None) is None and ares.extract_boxed(123) is None
-    assert ares.is_correct(None, "5") is False and ares.is_correct("  ", "5") is False
+    assert data_prep.extract_boxed(r"so \boxed{1} no, \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert data_prep.extract_boxed(r"\boxed{\frac{\sqrt{3}}{2}} and text {}") == r"\frac{\sqrt{3}}{2}"
+    assert data_prep.extract_boxed(r"\boxed{ {a}{b} }") == "{a}{b}"
+    assert data_prep.extract_boxed("no box") is None and data_prep.extract_boxed(None) is None and data_prep.extract_boxed(123) is None
+    assert data_prep.is_correct(None, "5") is False and data_prep.is_correct("  ", "5") is False
 
 
 LONG = 100_000
@@ -707,4 +708,4 @@ def test_grading_is_fast_on_pathological_input(text, answer, verdict):
     ("Answer first. <think>reasoning</think> \\boxed{3}", False),  # the response starts with <think>
 ])
 def test_format_ok(text, ok):
-    assert ares.format_ok(text) is ok
+    assert data_prep.format_ok(text) is ok

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import ares
+import data_prep
 
 BETA1 = 0.9  # AdamW's default first-moment decay: after one step exp_avg = (1 - beta1) * grad
 
@@ -59,7 +60,7 @@ def reference_sft_loss(model, processor, data: Path):
     for row in read_jsonl(data):
         images = [Image.open(p).convert("RGB") for p in row["images"]]
         record = dict(question=row["question"], images=images, id=row["id"])
-        enc = processor(text=[ares.prompt_text(processor, record)], images=images or None, return_tensors="pt")
+        enc = processor(text=[data_prep.prompt_text(processor, record)], images=images or None, return_tensors="pt")
         response = tok(row["response"], add_special_tokens=False)["input_ids"] + [eot]
         P, n = enc["input_ids"].shape[1], len(response)
         ids = torch.cat([enc["input_ids"], torch.tensor([response])], 1)  # (1, P + n)
@@ -128,11 +129,11 @@ def test_sft_loss_is_cross_entropy_over_exactly_the_response_tokens(tiny, tiny_c
         ref_sum, ref_count = reference_sft_loss(model, processor, data)
     ref = (ref_sum / ref_count).item()
     # the trainer's batch and forward (right padding, resp_mask) ...
-    records = ares.load_records(str(data), need_response=True)
+    records = data_prep.load_records(str(data), need_response=True)
     ids = ares.special_ids(model, processor)
     responses = [torch.tensor(processor.tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [ids["eot"]])
                  for r in records]
-    batch = ares.make_batch(model, [ares.encode_prompt(processor, r) for r in records], responses, ids["pad"], "cpu")
+    batch = ares.make_batch(model, [data_prep.encode_prompt(processor, r) for r in records], responses, ids["pad"], "cpu")
     with torch.no_grad():
         logp, _ = ares.Policy(model)(batch)
     assert int(batch["resp_mask"].sum()) == ref_count
@@ -194,8 +195,8 @@ def test_a_few_dozen_steps_lower_the_loss_and_the_checkpoint_loads_with_from_pre
     tok = AutoTokenizer.from_pretrained(out / "final")
     sample = "<|im_start|>assistant\n<think>Count the red squares: 3.</think><|im_end|>"
     assert tok(sample)["input_ids"] == processor.tokenizer(sample)["input_ids"]
-    record = ares.load_records(str(demo_data["sft"]), need_response=True)[0]
-    enc = processor(text=[ares.prompt_text(processor, record)], images=record["images"], return_tensors="pt")
+    record = data_prep.load_records(str(demo_data["sft"]), need_response=True)[0]
+    enc = processor(text=[data_prep.prompt_text(processor, record)], images=record["images"], return_tensors="pt")
     with torch.no_grad():
         got = loaded.eval()(**enc).logits
         want = trained["final"].eval()(**enc).logits
