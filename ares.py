@@ -65,6 +65,7 @@ from data_prep import (FORMAT_PROMPT, TINY_CHAT_TEMPLATE, DataError, encode_prom
 
 warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass is the single source of defaults; every field is a --flag with its help string.
 # Stage-dependent fields default to None and are filled from STAGE_DEFAULTS (and TINY_DEFAULTS for the
@@ -160,6 +161,8 @@ STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
     "aepo": dict(lr=1e-6, lr_schedule="constant", batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250,
                  minibatches=4, warmup_steps=0),
 }
+
+
 TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
     "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=800,
                       max_prompt_len=256, warmup_steps=20, lr_schedule="constant"),  # reading is learned late
@@ -205,6 +208,8 @@ def parse_config(argv=None) -> Config:
 
 
 AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
+
+
 LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
     **dict.fromkeys(("batch_size", "micro_batch_size", "rollout_batch", "minibatches", "ppo_epochs", "epochs", "steps",
                      "save_every", "keep_last", "window", "max_prompt_len", "max_response_len", "min_pixels",
@@ -217,6 +222,8 @@ LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
     "group_size": (">= 2", lambda v: v >= 2), "dual_clip": ("> 1", lambda v: v > 1),
     "max_pixels": (">= --min-pixels", None), "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
 }
+
+
 HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": " (AEPO samples at it; greedy "
          "decoding is eval.py's --temperature 0)", "keep_last": " (fewer would delete each checkpoint as it is written)"}
 
@@ -269,341 +276,6 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
     if not 0 <= cfg.branch_samples < cfg.group_size:
         raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
-# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
-# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
-# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
-BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
-
-
-def init_distributed(timeout_s: float = 1800):
-    """(rank, world, device). Launched by torchrun (RANK and MASTER_ADDR set), the process group is started even at
-    world size 1, so that one GPU runs the collectives eight do; a collective that waits more than timeout_s for
-    the other ranks (one died or hangs) raises instead of blocking forever."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
-    if (launched or world > 1) and not dist.is_initialized():
-        from datetime import timedelta
-
-        dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    """Sum (or op) over ranks, in place; a no-op without a process group. CPU tensors of float/long (gloo)."""
-    if dist.is_initialized():
-        try:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        except RuntimeError as e:  # typically a timeout: say which knob bounds it
-            raise RuntimeError(f"rank {dist.get_rank()}: all_reduce failed; did another rank die or stall longer "
-                               f"than --dist-timeout? ({e})") from e
-    return t
-
-
-def rank0_print(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model: Qwen2/2.5/3-VL via the image-text-to-text auto class, text LMs via the causal-LM class. The processor
-# is image-only (no torchvision), and `mm_token_type_ids` is always passed so that Qwen's 3-D rotary positions
-# are used (without it the model silently falls back to 1-D positions).
-
-TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
-
-
-def is_tiny(name: str) -> bool:
-    if name == "tiny":
-        return True
-    cfg_file = Path(name) / "config.json"
-    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
-
-
-def _processor_class():
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageTextProcessor(Qwen2_5_VLProcessor):
-        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageTextProcessor
-
-
-def build_tiny(seed: int = 0):
-    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    tok = tiny_tokenizer()
-    ids = tok.convert_tokens_to_ids
-    s = TINY_SIZES
-    head_dim = s["hidden"] // s["heads"]
-    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
-                         pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
-                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
-    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
-    # read the image several times faster when the image tokens are a larger part of what it attends to.
-    config.ares_prompt_suffix = ""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-    model.generation_config.bos_token_id = None
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    processor = _processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
-    processor.prompt_suffix = config.ares_prompt_suffix
-    return model, processor
-
-
-def load_processor(name: str, is_vlm: bool, cfg: Config):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(name)
-    if not is_vlm:
-        return tok
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
-    if not is_tiny(name):
-        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    template = tok.chat_template
-    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
-        path = Path(name) / fname
-        if template is None and path.is_file():
-            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
-    return _processor_class()(image_processor, tok, chat_template=template)
-
-
-VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
-UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
-               "is `.model` (Qwen2, Qwen3, Llama, ...)")
-
-
-def load_model(name: str, cfg: Config, device: torch.device, meta: bool = False):
-    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
-    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "file": "auto",
-             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg.dtype]
-    if name == "tiny":
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model, processor = build_tiny(cfg.seed)
-        model.to(torch.float32 if dtype == "auto" else dtype)
-    else:
-        config = AutoConfig.from_pretrained(name)
-        is_vlm = hasattr(config, "vision_config")
-        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-        if meta:
-            with torch.device("meta"):
-                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
-            with contextlib.suppress(OSError):  # the stop tokens live there
-                model.generation_config = GenerationConfig.from_pretrained(name)
-        else:
-            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
-        if not hasattr(model, "model"):
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        processor = load_processor(name, is_vlm, cfg)
-    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", FORMAT_PROMPT)  # the prompt it learned with
-    model.config.use_cache = False
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (model if meta else model.to(device)), processor
-
-
-def load_for_fsdp(name: str, cfg: Config, device):
-    """Loading for FSDP2 without a full copy per rank: every rank builds an empty (meta) skeleton to shard, and rank 0
-    alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
-    one tensor at a time. -> (skeleton, processor, rank 0's full model or None)."""
-    skeleton, processor = load_model(name, cfg, device, meta=True)
-    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if dist.get_rank() == 0 else None
-    return skeleton, processor, full
-
-
-def special_ids(model, processor) -> dict:
-    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
-    tok = tokenizer_of(processor)
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    gen_eos = model.generation_config.eos_token_id
-    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
-                image=getattr(model.config, "image_token_id", None))
-
-
-def vision_params(model):
-    return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
-
-
-class Policy(nn.Module):
-    """The HF model plus a chunked log-prob head. DDP and FSDP act on a module's forward, so the log-probs of
-    the response tokens are computed inside one forward without ever materialising (batch, length, vocab)."""
-
-    def __init__(self, hf: nn.Module):
-        super().__init__()
-        self.hf = hf
-        self.banned = banned_tokens(hf)
-
-    def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
-        """batch from `make_batch`. Returns log p(o_t | o_<t) and, without grad, the entropy: each (N, R)."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
-                  if batch.get(k) is not None}
-        inputs.update(encode_images(self.hf, batch))
-        hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
-        idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
-        h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
-        return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
-                             banned=self.banned)
-
-
-def gather_images(prompts: list[dict]) -> dict:
-    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
-    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
-    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
-    first, pix, grid, index = {}, [], [], []
-    for p in prompts:
-        if p["pixel_values"] is None:
-            continue
-        if id(p) not in first:
-            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
-            pix.append(p["pixel_values"])
-            grid.append(p["image_grid_thw"])
-        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
-    if not pix:
-        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
-    grid = torch.cat(grid)
-    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
-
-
-def encode_images(model, images: dict) -> dict:
-    """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
-    gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
-    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way."""
-    if images.get("pixel_values") is None:
-        return {}
-    base, index = model.model, images["image_index"]
-    out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
-    out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
-    if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
-        out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
-    return {"mm_encoder_outputs": {"image": out}}
-
-
-def banned_tokens(model) -> list[int]:
-    """Image/video placeholder ids: a response must never contain one (the model would look for a matching image),
-    so the policy's distribution excludes them, in sampling and in training alike."""
-    config = model.config
-    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
-
-
-def without_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
-    if not banned:
-        return logits
-    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
-
-
-def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
-                  with_entropy: bool = False, chunk: int = 1024, banned: list[int] = ()):
-    """log softmax(head(h) / T)[target] in chunks of `chunk` positions; each chunk's logits are recomputed in
-    backward (activation checkpointing), so peak memory is one (N, chunk, V) block. h (N, R, H), targets (N, R)."""
-
-    def piece(hc, tc):
-        logits = without_banned(head(hc).float(), banned) / temperature  # (N, c, V)
-        lse = logits.logsumexp(-1)
-        logp = logits.gather(-1, tc[..., None]).squeeze(-1) - lse
-        ent = None
-        if with_entropy:
-            with torch.no_grad():
-                ent = lse - (logits.softmax(-1) * logits.nan_to_num(neginf=0.0)).sum(-1)  # H = logZ - E_p[z], Eq. 3
-        return logp, ent
-
-    outs = []
-    for s in range(0, h.shape[1], chunk):
-        hc, tc = h[:, s:s + chunk], targets[:, s:s + chunk]
-        if torch.is_grad_enabled():
-            outs.append(torch.utils.checkpoint.checkpoint(piece, hc, tc, use_reentrant=False))
-        else:
-            outs.append(piece(hc, tc))
-    logp = torch.cat([o[0] for o in outs], 1)
-    return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data (spec §10): one record per problem; every record is checked before any training starts.
-
-
-def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
-    kept = [r for r in records if prompt_length(processor, r) <= max_len]
-    if len(kept) < len(records):
-        rank0_print(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {max_len} tokens")
-    if not kept:
-        raise DataError(f"every prompt is longer than --max-prompt-len {max_len}")
-    return kept
-
-
-def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
-    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
-    base = getattr(model, "model", model)
-    if hasattr(base, "get_rope_index"):
-        mm = (input_ids == model.config.image_token_id).int()
-        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
-    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
-    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
-    are real."""
-    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
-    N, L, R = len(seqs), max(len(s) for s in seqs), max(max(len(r) for r in responses), 1)
-    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(N, L, dtype=torch.long)
-    resp_index = torch.zeros(N, R, dtype=torch.long)
-    resp_mask = torch.zeros(N, R, dtype=torch.bool)
-    for i, (s, p, r) in enumerate(zip(seqs, prompts, responses)):
-        input_ids[i, :len(s)] = s
-        attention_mask[i, :len(s)] = 1
-        n = len(r)
-        resp_index[i] = (len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1)
-        resp_mask[i, :n] = True
-    images = gather_images(prompts)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
-                 resp_tokens=input_ids.gather(1, resp_index), **images,
-                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
-    if getattr(model.config, "image_token_id", None) is not None:
-        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
-    dtype = next(model.parameters()).dtype
-    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -676,10 +348,15 @@ def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau: float, tokens: torch.
 # ----------------------------------------------------------------------------------------------------------
 # Difficulty and the hierarchical entropy reward (spec §3-4): "how much to explore".
 
+
 BUCKETS = ("easy", "medium", "hard")
+
+
 # spec §4 table, per bucket: margin f, Huber kappa, sigmoid scale s, cap scale c, wrong-answer scale u
 SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], [0.35, 4.0, 3.0, 1.2, 1.0]],
                        dtype=torch.float64)
+
+
 KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tight on easy, loose on hard (spec §5)
 
 
@@ -753,6 +430,10 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G consecutive responses."""
     r = rearrange(rewards, "(p g) -> p g", g=group_size).double()  # (P, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
+    return rearrange(x, "(p g) -> p g", g=G).float().mean(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1057,7 +738,669 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training infrastructure: wrapping (DDP or FSDP2), optimizer, atomic checkpoints, metrics.
+# Stage 1: adaptive cold start (spec §8). Cross-entropy on response tokens only, one token-mean over the
+# global batch: each micro-batch divides its summed loss by the GLOBAL response-token count of the step, so
+# any micro-batch size, accumulation or number of ranks gives the same gradient.
+
+
+def train_coldstart(cfg: Config) -> Path:
+    cfg = resolve_stage_defaults(cfg, "coldstart")
+    validate_config(cfg)  # the stage defaults just filled in, too
+    rank, world, device = setup_run(cfg)
+    records = load_records(cfg.data, cfg.split, need_response=True)  # bad data fails before the model loads
+    run = load_for_training(cfg, device)
+    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
+    tok = tokenizer_of(run.processor)
+    responses = [torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [run.ids["eot"]]) for r in records]
+    keep = [i for i, r in enumerate(responses) if len(r) <= cfg.max_response_len]
+    if len(keep) < len(records):
+        rank0_print(f"dropped {len(records) - len(keep)} traces longer than --max-response-len {cfg.max_response_len}")
+    records, responses = [records[i] for i in keep], [responses[i] for i in keep]
+    check_batch(cfg, len(records), "records")
+    prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
+    rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
+                f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
+                f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
+                f"| {run.total} steps | device {device}")
+    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart")
+    for step in range(run.state["step"], run.total):
+        t0 = time.time()
+        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
+        n_tok = all_reduce(torch.tensor(float(sum(len(responses[i]) for i in mine)))).item()
+        micro = [mine[k:k + cfg.micro_batch_size] for k in range(0, len(mine), cfg.micro_batch_size)]
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        for k, part in enumerate(micro):
+            batch = make_batch(run.hf, [encode_prompt(run.processor, records[i]) for i in part],
+                               [responses[i] for i in part], run.ids["pad"], device)
+            with sync_context(run.model, k == len(micro) - 1), autocast(cfg, device):
+                logp, _ = run.model(batch)
+                loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
+                (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
+            loss_sum += loss.detach().double().cpu()
+        norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
+        loss_val = all_reduce(loss_sum).item()
+        dt = time.time() - t0
+        row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
+                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt)
+        if not ok or not math.isfinite(loss_val):
+            rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
+        metrics.log(row, ("loss", "grad_norm", "lr"))
+        run.state["step"] = step + 1
+        if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
+            save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor,
+                            run.state, cfg.keep_last)
+    metrics.close()
+    return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, run.state, cfg.keep_last)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: AEPO (Alg. 1). Each step: branching rollouts -> grade -> buckets -> HWE counts -> shaped rewards ->
+# filter -> GRPO advantages -> clipped update with token-wise dynamic KL -> kappa controller.
+
+
+def train_aepo(cfg: Config) -> Path:
+    cfg = resolve_stage_defaults(cfg, "aepo")
+    validate_config(cfg)  # the stage defaults just filled in, too
+    rank, world, device = setup_run(cfg)
+    records = load_records(cfg.data, cfg.split)
+    run = load_for_training(cfg, device)
+    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
+    check_batch(cfg, len(records), "prompts")
+    prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
+    G, B = cfg.group_size, cfg.branch_samples
+    st = run.state
+    st.setdefault("ref_model", cfg.ref_model or cfg.model)  # the starting weights, also after a resume
+    st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))
+    st.setdefault("kappa", torch.ones(3, dtype=torch.float64))
+    st.setdefault("tau_history", [])
+    ref = load_reference(st["ref_model"], cfg, device) if cfg.kl_coef > 0 else None
+    sampler = sampling_copy(cfg, run, device)
+    triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
+    tok = tokenizer_of(run.processor)
+    levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
+    rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
+                f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
+                f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
+    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo")
+    for step in range(st["step"], cfg.steps):
+        t0 = time.time()
+        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
+        recs = [records[i] for i in mine]
+        prompts = [encode_prompt(run.processor, r) for r in recs]
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        with gathered(run.policy), autocast(cfg, device):
+            ro = rollout_groups(sampler, prompts, cfg, run.ids, gen, triggers)
+        t1 = time.time()
+        # scoring (spec §3-4): grade, bucket, count HWE tokens, shape the reward
+        lengths = ro["resp_mask"].sum(1)
+        texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
+        acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
+                                       cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
+        fmt = torch.tensor([float(format_ok(t)) for t in texts])
+        bucket = difficulty_buckets(acc, G)
+        hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
+        hwe = hwe_mask(hbar, valid, ro["tau"], ro["tokens"], triggers)
+        n_he = hwe.sum(1).double()
+        targets, st["targets"] = update_targets(st["targets"], n_he, bucket, cfg.target_momentum)
+        rewards = entropy_shaped_reward(acc, n_he, bucket, targets, cfg.entropy_shaping, cfg.entropy_coef)
+        rewards = rewards + cfg.format_weight * fmt
+        adv = grpo_advantages(rewards, G).float()
+        group_acc = group_mean(acc, G)
+        keep_group = ((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups
+        keep = keep_group.repeat_interleave(G)
+        counts = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))
+        t2 = time.time()
+        if counts[0] > 0:
+            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            upd = aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, shuffle)
+            refresh_sampling_copy(sampler, run.hf)
+            if ref is not None:
+                st["kappa"] = update_kl_controller(st["kappa"], upd["kl_outside"], upd["kl_seen"], cfg.kl_target,
+                                                   cfg.kl_adapt_rate)
+        else:
+            upd = dict(skipped_reason="every group was filtered (all right or all wrong)")
+            rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
+        t3 = time.time()
+        st["tau_history"].append(ro["tau"])
+        st["step"] = step + 1
+        row = aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, (t0, t1, t2, t3), run)
+        if levels:
+            row.update(level_stats(levels, [levels.index(r["difficulty"]) for r in recs], bucket, lengths, n_he, acc, G))
+        metrics.log(row, ("reward", "acc", "len", "tau"))
+        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {acc[0]:.0f}, reward {rewards[0]:.3f}: "
+                        f"{texts[0][:400]!r}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
+    metrics.close()
+    return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
+
+
+def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:
+    """The clipped policy update on the kept rows: `minibatches` optimizer steps per epoch, each over an equal
+    share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
+    runs the global maximum number of micro-batches; a rank short of rows repeats one with weight 0 (every rank
+    must run the same forward/backward calls). Returns statistics, KL per bucket included."""
+    G, world, M = cfg.group_size, world_size(), cfg.minibatches
+    rows = keep.nonzero().squeeze(1)
+    rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
+    loss_mask = ro["loss_mask"].float()
+    kl_w = kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax)  # (N, R)
+    all_rows = list(range(len(ro["tokens"])))
+    old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
+    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None
+    kl_stats = torch.zeros(4, 3, dtype=torch.float64)  # per bucket: sum KL_out per response, responses, KL_in sum, in tokens
+    stats = dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[], skipped=0, updates=0)
+    chunks = [sorted(rows[k::M]) for k in range(M)]  # sorted: a group's rows share a micro-batch and its images
+    for epoch in range(cfg.ppo_epochs):
+        for mb_rows in chunks:
+            count = len(mb_rows) if cfg.loss_agg == "seq-mean-token-mean" else loss_mask[mb_rows].sum().item()
+            denom = all_reduce(torch.tensor([float(count)])).item()
+            n_micro = int(all_reduce(torch.tensor([math.ceil(len(mb_rows) / cfg.micro_batch_size)]),
+                                     dist.ReduceOp.MAX if dist.is_initialized() else None).item())
+            if denom == 0:
+                continue
+            for k in range(n_micro):
+                part = mb_rows[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
+                weight = 1.0 if part else 0.0
+                part = part or [0]
+                batch = teacher_forced(run, device, prompts, ro, part, G)
+                with sync_context(run.model, k == n_micro - 1), autocast(cfg, device):
+                    logp, _ = run.model(batch, cfg.temperature)
+                    R = logp.shape[1]
+                    lp_old = old[part, :R].to(device) if old is not None else logp.detach()
+                    lp_ref = ref_lp[part, :R].to(device) if ref_lp is not None else None
+                    loss, st = aepo_loss(logp, lp_old, lp_ref, adv[part].to(device), kl_w[part, :R].to(device),
+                                         loss_mask[part, :R].to(device), cfg.loss_agg, denom, cfg.clip_low,
+                                         cfg.clip_high, cfg.dual_clip)
+                    (loss * weight * world).backward()
+                if weight and epoch == 0:
+                    for key in ("clip_frac", "tokens", "kl"):
+                        stats[key] += st[key]
+                    if lp_ref is not None:  # KL outside / inside HWE windows, per response and bucket
+                        kl = k3_kl(logp.detach(), lp_ref).double().cpu()
+                        lm, inside = loss_mask[part, :R].double(), hwe[part, :R].double()
+                        out_mean = (kl * lm * (1 - inside)).sum(1) / (lm * (1 - inside)).sum(1).clamp(min=1)
+                        b = bucket[part]
+                        kl_stats[0].index_add_(0, b, out_mean)
+                        kl_stats[1].index_add_(0, b, torch.ones(len(part), dtype=torch.float64))
+                        kl_stats[2].index_add_(0, b, (kl * lm * inside).sum(1))
+                        kl_stats[3].index_add_(0, b, (lm * inside).sum(1))
+            norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
+            stats["grad_norm"].append(norm)
+            stats["skipped"] += not ok
+            stats["updates"] += 1
+    all_reduce(kl_stats)
+    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
+    stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
+                 kl_outside=(kl_stats[0] / kl_stats[1].clamp(min=1)), kl_seen=kl_stats[1] > 0,
+                 kl_inside=(kl_stats[2].sum() / kl_stats[3].sum().clamp(min=1)).item(),
+                 kl_outside_mean=(kl_stats[0].sum() / kl_stats[1].sum().clamp(min=1)).item(),
+                 grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
+    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
+        lm = ro["resp_mask"].float()
+        stats["logprob_gap"] = ((old - ro["logprobs"]).abs() * lm).sum().item() / lm.sum().item()
+    return stats
+
+
+def teacher_forced(run, device, prompts, ro, rows, G):
+    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context)."""
+    lengths = ro["resp_mask"].sum(1)
+    return make_batch(run.hf, [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows],
+                      run.ids["pad"], device)
+
+
+@torch.no_grad()
+def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
+    """log pi(o_t) of the given rows under `model`, (len(rows), R) on the CPU, in micro-batches."""
+    R = ro["tokens"].shape[1]
+    out = torch.zeros(len(rows), R)
+    mb = cfg.micro_batch_size
+    for k in range(0, len(rows), mb):
+        part = rows[k:k + mb]
+        batch = teacher_forced(run, device, prompts, ro, part, G)
+        with autocast(cfg, device):
+            lp, _ = model(batch, cfg.temperature)
+        out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
+    return out
+
+
+def sampling_copy(cfg: Config, run, device):
+    """What the sampler runs on. Training keeps fp32 master weights; decoding them under autocast would cast
+    every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
+    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
+    dtype = compute_dtype(cfg, device)
+    if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
+        return run.hf
+    import copy
+
+    return copy.deepcopy(run.hf).to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh_sampling_copy(copy_model, hf):
+    if copy_model is not hf:
+        for a, b in zip(copy_model.parameters(), hf.parameters()):
+            a.copy_(b)
+
+
+def load_reference(name: str, cfg: Config, device) -> nn.Module:
+    """The frozen KL reference (spec §5): the starting policy in the compute dtype, sharded like it with --fsdp."""
+    if cfg.fsdp and dist.is_initialized():
+        hf, _, full = load_for_fsdp(name, cfg, device)
+        ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
+        fill_shards(ref, full)
+        return ref
+    return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
+
+
+def aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, times, run) -> dict:
+    """Global (all-rank) means of what a researcher watches, one JSON line per step."""
+    per_bucket = torch.zeros(4, 3, dtype=torch.float64)  # count, length sum, N_HE sum, accuracy sum
+    for row, val in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
+        per_bucket[row].index_add_(0, bucket, val.double())
+    branch = ro["parent"] >= 0
+    parent_acc = acc[ro["parent"].clamp(min=0)]
+    sums = torch.tensor([float(len(acc)), acc.sum(), rewards.sum(), fmt.sum(), lengths.sum(), n_he.sum(),
+                         (ro["entropy"] * ro["resp_mask"]).sum(), ro["loss_mask"].sum(), branch.sum(),
+                         (acc * branch).sum(), (parent_acc * branch).sum(), ro["truncated"].sum()], dtype=torch.float64)
+    all_reduce(sums)
+    all_reduce(per_bucket)
+    n, t0, t1, t2, t3 = sums[0].item(), *times
+    gen_tokens = sums[7].item()
+    row = dict(step=step + 1, reward=sums[2].item() / n, acc=sums[1].item() / n, format=sums[3].item() / n,
+               len=sums[4].item() / n, n_he=sums[5].item() / n, entropy=sums[6].item() / max(sums[4].item(), 1),
+               truncated=sums[11].item() / n, tau=ro["tau"], groups_kept=int(counts[0]), groups=int(counts[1]),
+               branches=int(sums[8]), branch_acc=sums[9].item() / max(sums[8].item(), 1),
+               parent_acc=sums[10].item() / max(sums[8].item(), 1), lr=run.sched.get_last_lr()[0],
+               time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, rollout_tokens_per_s=gen_tokens / max(t1 - t0, 1e-9))
+    for d, name in enumerate(BUCKETS):
+        c = per_bucket[0, d].item()
+        row.update({f"n_{name}": int(c), f"len_{name}": per_bucket[1, d].item() / c if c else None,
+                    f"n_he_{name}": per_bucket[2, d].item() / c if c else None,
+                    f"acc_{name}": per_bucket[3, d].item() / c if c else None,
+                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item(),
+                    f"kappa_{name}": st["kappa"][d].item()})
+    for key in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap", "skipped", "skipped_reason"):
+        if key in upd:
+            row[key] = upd[key]
+    return row
+
+
+def level_stats(levels: list[str], level: list[int], bucket, lengths, n_he, acc, G: int) -> dict:
+    """When the records carry a `difficulty` label (the demo's levels, a benchmark's): per label, the mean length,
+    N_HE and accuracy of its responses and how many of its groups fell in each online bucket (spec §3), over
+    all ranks. level (P,) index into `levels` per prompt; bucket, lengths, n_he, acc (P * G,)."""
+    lv = torch.tensor(level).repeat_interleave(G)  # (N,)
+    sums = torch.zeros(4 + 3, len(levels), dtype=torch.float64)  # responses, length, N_HE, correct; groups per bucket
+    for k, v in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
+        sums[k].index_add_(0, lv, v.double())
+    sums[4:].index_put_((bucket[::G], torch.tensor(level)), torch.ones(len(level), dtype=torch.float64), accumulate=True)
+    all_reduce(sums)
+    row = {}
+    for j, name in enumerate(levels):
+        n = sums[0, j].item()
+        row.update({f"level_{name}_{key}": sums[k, j].item() / n if n else None
+                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
+        row.update({f"level_{name}_groups_{b}": int(sums[4 + d, j]) for d, b in enumerate(BUCKETS)})
+    return row
+
+
+# ==========================================================================================================
+# Infrastructure: what any trainer needs and ARES does not change. Distributed helpers, model loading and the
+# processor, batches, wrapping (DDP or FSDP2), optimizer, atomic checkpoints, metrics, the entry point.
+# ==========================================================================================================
+# ----------------------------------------------------------------------------------------------------------
+# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
+# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
+# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
+# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
+
+
+# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
+# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
+# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
+# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
+def init_distributed(timeout_s: float = 1800):
+    """(rank, world, device). Launched by torchrun (RANK and MASTER_ADDR set), the process group is started even at
+    world size 1, so that one GPU runs the collectives eight do; a collective that waits more than timeout_s for
+    the other ranks (one died or hangs) raises instead of blocking forever."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (launched or world > 1) and not dist.is_initialized():
+        from datetime import timedelta
+
+        dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or op) over ranks, in place; a no-op without a process group. CPU tensors of float/long (gloo)."""
+    if dist.is_initialized():
+        try:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        except RuntimeError as e:  # typically a timeout: say which knob bounds it
+            raise RuntimeError(f"rank {dist.get_rank()}: all_reduce failed; did another rank die or stall longer "
+                               f"than --dist-timeout? ({e})") from e
+    return t
+
+
+def rank0_print(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: Qwen2/2.5/3-VL via the image-text-to-text auto class, text LMs via the causal-LM class. The processor
+# is image-only (no torchvision), and `mm_token_type_ids` is always passed so that Qwen's 3-D rotary positions
+# are used (without it the model silently falls back to 1-D positions).
+
+
+TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
+
+
+def is_tiny(name: str) -> bool:
+    if name == "tiny":
+        return True
+    cfg_file = Path(name) / "config.json"
+    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
+
+
+def _processor_class():
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageTextProcessor
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    s = TINY_SIZES
+    head_dim = s["hidden"] // s["heads"]
+    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
+    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
+    # read the image several times faster when the image tokens are a larger part of what it attends to.
+    config.ares_prompt_suffix = ""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.bos_token_id = None
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = _processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
+    processor.prompt_suffix = config.ares_prompt_suffix
+    return model, processor
+
+
+def load_processor(name: str, is_vlm: bool, cfg: Config):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if not is_vlm:
+        return tok
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    if not is_tiny(name):
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    template = tok.chat_template
+    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
+        path = Path(name) / fname
+        if template is None and path.is_file():
+            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
+    return _processor_class()(image_processor, tok, chat_template=template)
+
+
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
+
+
+UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
+               "is `.model` (Qwen2, Qwen3, Llama, ...)")
+
+
+def load_model(name: str, cfg: Config, device: torch.device, meta: bool = False):
+    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
+    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "file": "auto",
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg.dtype]
+    if name == "tiny":
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = build_tiny(cfg.seed)
+        model.to(torch.float32 if dtype == "auto" else dtype)
+    else:
+        config = AutoConfig.from_pretrained(name)
+        is_vlm = hasattr(config, "vision_config")
+        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        if meta:
+            with torch.device("meta"):
+                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
+            with contextlib.suppress(OSError):  # the stop tokens live there
+                model.generation_config = GenerationConfig.from_pretrained(name)
+        else:
+            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        if not hasattr(model, "model"):
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        processor = load_processor(name, is_vlm, cfg)
+    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", FORMAT_PROMPT)  # the prompt it learned with
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return (model if meta else model.to(device)), processor
+
+
+def load_for_fsdp(name: str, cfg: Config, device):
+    """Loading for FSDP2 without a full copy per rank: every rank builds an empty (meta) skeleton to shard, and rank 0
+    alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
+    one tensor at a time. -> (skeleton, processor, rank 0's full model or None)."""
+    skeleton, processor = load_model(name, cfg, device, meta=True)
+    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if dist.get_rank() == 0 else None
+    return skeleton, processor, full
+
+
+def special_ids(model, processor) -> dict:
+    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
+    tok = tokenizer_of(processor)
+    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    gen_eos = model.generation_config.eos_token_id
+    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
+                image=getattr(model.config, "image_token_id", None))
+
+
+def vision_params(model):
+    return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
+
+
+class Policy(nn.Module):
+    """The HF model plus a chunked log-prob head. DDP and FSDP act on a module's forward, so the log-probs of
+    the response tokens are computed inside one forward without ever materialising (batch, length, vocab)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+        self.banned = banned_tokens(hf)
+
+    def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
+        """batch from `make_batch`. Returns log p(o_t | o_<t) and, without grad, the entropy: each (N, R)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
+                  if batch.get(k) is not None}
+        inputs.update(encode_images(self.hf, batch))
+        hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
+        idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
+        h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
+        return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
+                             banned=self.banned)
+
+
+def gather_images(prompts: list[dict]) -> dict:
+    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
+    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
+    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
+    first, pix, grid, index = {}, [], [], []
+    for p in prompts:
+        if p["pixel_values"] is None:
+            continue
+        if id(p) not in first:
+            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
+            pix.append(p["pixel_values"])
+            grid.append(p["image_grid_thw"])
+        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
+    if not pix:
+        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
+    grid = torch.cat(grid)
+    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
+
+
+def encode_images(model, images: dict) -> dict:
+    """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
+    gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
+    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way."""
+    if images.get("pixel_values") is None:
+        return {}
+    base, index = model.model, images["image_index"]
+    out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
+    out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
+    if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
+        out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
+    return {"mm_encoder_outputs": {"image": out}}
+
+
+def banned_tokens(model) -> list[int]:
+    """Image/video placeholder ids: a response must never contain one (the model would look for a matching image),
+    so the policy's distribution excludes them, in sampling and in training alike."""
+    config = model.config
+    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
+
+
+def without_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    if not banned:
+        return logits
+    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+
+
+def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  with_entropy: bool = False, chunk: int = 1024, banned: list[int] = ()):
+    """log softmax(head(h) / T)[target] in chunks of `chunk` positions; each chunk's logits are recomputed in
+    backward (activation checkpointing), so peak memory is one (N, chunk, V) block. h (N, R, H), targets (N, R)."""
+
+    def piece(hc, tc):
+        logits = without_banned(head(hc).float(), banned) / temperature  # (N, c, V)
+        lse = logits.logsumexp(-1)
+        logp = logits.gather(-1, tc[..., None]).squeeze(-1) - lse
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = lse - (logits.softmax(-1) * logits.nan_to_num(neginf=0.0)).sum(-1)  # H = logZ - E_p[z], Eq. 3
+        return logp, ent
+
+    outs = []
+    for s in range(0, h.shape[1], chunk):
+        hc, tc = h[:, s:s + chunk], targets[:, s:s + chunk]
+        if torch.is_grad_enabled():
+            outs.append(torch.utils.checkpoint.checkpoint(piece, hc, tc, use_reentrant=False))
+        else:
+            outs.append(piece(hc, tc))
+    logp = torch.cat([o[0] for o in outs], 1)
+    return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches: prompts (data_prep.encode_prompt) and responses -> padded model inputs.
+
+
+def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
+    kept = [r for r in records if prompt_length(processor, r) <= max_len]
+    if len(kept) < len(records):
+        rank0_print(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {max_len} tokens")
+    if not kept:
+        raise DataError(f"every prompt is longer than --max-prompt-len {max_len}")
+    return kept
+
+
+def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
+    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
+    base = getattr(model, "model", model)
+    if hasattr(base, "get_rope_index"):
+        mm = (input_ids == model.config.image_token_id).int()
+        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
+    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
+    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
+    are real."""
+    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
+    N, L, R = len(seqs), max(len(s) for s in seqs), max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(N, L, dtype=torch.long)
+    resp_index = torch.zeros(N, R, dtype=torch.long)
+    resp_mask = torch.zeros(N, R, dtype=torch.bool)
+    for i, (s, p, r) in enumerate(zip(seqs, prompts, responses)):
+        input_ids[i, :len(s)] = s
+        attention_mask[i, :len(s)] = 1
+        n = len(r)
+        resp_index[i] = (len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1)
+        resp_mask[i, :n] = True
+    images = gather_images(prompts)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
+                 resp_tokens=input_ids.gather(1, resp_index), **images,
+                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
+    if getattr(model.config, "image_token_id", None) is not None:
+        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: wrapping (DDP or FSDP2), optimizer, data order, the run's state.
 
 
 def setup_run(cfg: Config):
@@ -1180,6 +1523,75 @@ def optimizer_step(policy, opt, sched, params, clip: float) -> tuple[float, bool
     return norm, ok
 
 
+def sync_context(model, last: bool):
+    """Gradient sync only on the last micro-batch of an optimizer step (DDP no_sync / FSDP2 requires-sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
+    """This rank's records for a global step: the step's slice of its epoch's permutation, dealt round-robin."""
+    per_epoch = n // batch
+    order = epoch_order(n, step // per_epoch, seed)
+    idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return idx[rank::world_size()]
+
+
+def check_batch(cfg: Config, n_records: int, what: str):
+    if cfg.batch_size % world_size():
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world_size()}")
+    if n_records < cfg.batch_size:
+        raise SystemExit(f"--batch-size {cfg.batch_size} is larger than the {n_records} usable {what}")
+
+
+def load_for_training(cfg: Config, device):
+    """The policy's weights (fp32 master copy) and processor: from the newest checkpoint when resuming."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        rank0_print(f"--resume: no complete checkpoint in {out}: starting fresh")
+    name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
+    if cfg.fsdp and dist.is_initialized():  # a resume reads its shards from state/: nothing to send then
+        hf, processor, full = load_for_fsdp(name, master, device)
+        full = None if ckpt else full
+    else:
+        (hf, processor), full = load_model(name, master, device), None
+    for p in vision_params(hf):
+        p.requires_grad_(cfg.train_vision)
+    if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
+        hf.config.ares_prompt_suffix = processor.prompt_suffix = cfg.prompt_suffix
+    return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, full=full, processor=processor, ids=special_ids(hf, processor))
+
+
+def prepare_training(cfg: Config, run, device, total: int):
+    """Wrap (DDP/FSDP2), build the optimizer for `total` steps, restore the checkpoint's state if resuming."""
+    run.model, run.policy = wrap_policy(run.hf, cfg, device)
+    if cfg.fsdp and dist.is_initialized() and not run.ckpt:
+        fill_shards(run.policy, run.full)
+    run.full = None
+    run.params = [p for p in run.policy.parameters() if p.requires_grad]
+    run.opt, run.sched = make_optimizer(run.params, cfg, total)
+    run.total = total
+    run.state = restore_training_state(run.ckpt, run.policy, run.opt, run.sched) if run.ckpt else {"step": 0}
+    if run.ckpt:
+        rank0_print(f"resumed from {run.ckpt} at step {run.state['step']}")
+    run.n_params = sum(p.numel() for p in run.hf.parameters())  # DTensor.numel() is the global size
+    run.n_trainable = sum(p.numel() for p in run.params)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints (atomic, resumable on any number of ranks) and metrics.
+
+
 def training_state(policy: Policy, opt) -> dict:
     """What a checkpoint's state/ folder holds, as this rank sees it: the fp32 master weights and AdamW moments
     (this rank's shards under FSDP, the full tensors otherwise) and the buffers no state dict has."""
@@ -1284,11 +1696,6 @@ def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
     return saved["state"]
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 class Metrics:
     """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar. A resumed run keeps the lines up to
     its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
@@ -1358,389 +1765,6 @@ def mfu(tokens_per_s: float, n_params: int, device) -> float | None:
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
-
-
-def load_for_training(cfg: Config, device):
-    """The policy's weights (fp32 master copy) and processor: from the newest checkpoint when resuming."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        rank0_print(f"--resume: no complete checkpoint in {out}: starting fresh")
-    name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
-    if cfg.fsdp and dist.is_initialized():  # a resume reads its shards from state/: nothing to send then
-        hf, processor, full = load_for_fsdp(name, master, device)
-        full = None if ckpt else full
-    else:
-        (hf, processor), full = load_model(name, master, device), None
-    for p in vision_params(hf):
-        p.requires_grad_(cfg.train_vision)
-    if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
-        hf.config.ares_prompt_suffix = processor.prompt_suffix = cfg.prompt_suffix
-    return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, full=full, processor=processor, ids=special_ids(hf, processor))
-
-
-def prepare_training(cfg: Config, run, device, total: int):
-    """Wrap (DDP/FSDP2), build the optimizer for `total` steps, restore the checkpoint's state if resuming."""
-    run.model, run.policy = wrap_policy(run.hf, cfg, device)
-    if cfg.fsdp and dist.is_initialized() and not run.ckpt:
-        fill_shards(run.policy, run.full)
-    run.full = None
-    run.params = [p for p in run.policy.parameters() if p.requires_grad]
-    run.opt, run.sched = make_optimizer(run.params, cfg, total)
-    run.total = total
-    run.state = restore_training_state(run.ckpt, run.policy, run.opt, run.sched) if run.ckpt else {"step": 0}
-    if run.ckpt:
-        rank0_print(f"resumed from {run.ckpt} at step {run.state['step']}")
-    run.n_params = sum(p.numel() for p in run.hf.parameters())  # DTensor.numel() is the global size
-    run.n_trainable = sum(p.numel() for p in run.params)
-    return run
-
-
-def sync_context(model, last: bool):
-    """Gradient sync only on the last micro-batch of an optimizer step (DDP no_sync / FSDP2 requires-sync)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
-    """This rank's records for a global step: the step's slice of its epoch's permutation, dealt round-robin."""
-    per_epoch = n // batch
-    order = epoch_order(n, step // per_epoch, seed)
-    idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return idx[rank::world_size()]
-
-
-def check_batch(cfg: Config, n_records: int, what: str):
-    if cfg.batch_size % world_size():
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world_size()}")
-    if n_records < cfg.batch_size:
-        raise SystemExit(f"--batch-size {cfg.batch_size} is larger than the {n_records} usable {what}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Stage 1: adaptive cold start (spec §8). Cross-entropy on response tokens only, one token-mean over the
-# global batch: each micro-batch divides its summed loss by the GLOBAL response-token count of the step, so
-# any micro-batch size, accumulation or number of ranks gives the same gradient.
-
-
-def train_coldstart(cfg: Config) -> Path:
-    cfg = resolve_stage_defaults(cfg, "coldstart")
-    validate_config(cfg)  # the stage defaults just filled in, too
-    rank, world, device = setup_run(cfg)
-    records = load_records(cfg.data, cfg.split, need_response=True)  # bad data fails before the model loads
-    run = load_for_training(cfg, device)
-    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
-    tok = tokenizer_of(run.processor)
-    responses = [torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [run.ids["eot"]]) for r in records]
-    keep = [i for i, r in enumerate(responses) if len(r) <= cfg.max_response_len]
-    if len(keep) < len(records):
-        rank0_print(f"dropped {len(records) - len(keep)} traces longer than --max-response-len {cfg.max_response_len}")
-    records, responses = [records[i] for i in keep], [responses[i] for i in keep]
-    check_batch(cfg, len(records), "records")
-    prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
-    rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
-                f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
-                f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
-                f"| {run.total} steps | device {device}")
-    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart")
-    for step in range(run.state["step"], run.total):
-        t0 = time.time()
-        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
-        n_tok = all_reduce(torch.tensor(float(sum(len(responses[i]) for i in mine)))).item()
-        micro = [mine[k:k + cfg.micro_batch_size] for k in range(0, len(mine), cfg.micro_batch_size)]
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        for k, part in enumerate(micro):
-            batch = make_batch(run.hf, [encode_prompt(run.processor, records[i]) for i in part],
-                               [responses[i] for i in part], run.ids["pad"], device)
-            with sync_context(run.model, k == len(micro) - 1), autocast(cfg, device):
-                logp, _ = run.model(batch)
-                loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
-                (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
-            loss_sum += loss.detach().double().cpu()
-        norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
-        loss_val = all_reduce(loss_sum).item()
-        dt = time.time() - t0
-        row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
-                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt)
-        if not ok or not math.isfinite(loss_val):
-            rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
-        metrics.log(row, ("loss", "grad_norm", "lr"))
-        run.state["step"] = step + 1
-        if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
-            save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor,
-                            run.state, cfg.keep_last)
-    metrics.close()
-    return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, run.state, cfg.keep_last)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Stage 2: AEPO (Alg. 1). Each step: branching rollouts -> grade -> buckets -> HWE counts -> shaped rewards ->
-# filter -> GRPO advantages -> clipped update with token-wise dynamic KL -> kappa controller.
-
-
-def sampling_copy(cfg: Config, run, device):
-    """What the sampler runs on. Training keeps fp32 master weights; decoding them under autocast would cast
-    every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
-    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
-    dtype = compute_dtype(cfg, device)
-    if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
-        return run.hf
-    import copy
-
-    return copy.deepcopy(run.hf).to(dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def refresh_sampling_copy(copy_model, hf):
-    if copy_model is not hf:
-        for a, b in zip(copy_model.parameters(), hf.parameters()):
-            a.copy_(b)
-
-
-def teacher_forced(run, device, prompts, ro, rows, G):
-    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context)."""
-    lengths = ro["resp_mask"].sum(1)
-    return make_batch(run.hf, [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows],
-                      run.ids["pad"], device)
-
-
-@torch.no_grad()
-def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
-    """log pi(o_t) of the given rows under `model`, (len(rows), R) on the CPU, in micro-batches."""
-    R = ro["tokens"].shape[1]
-    out = torch.zeros(len(rows), R)
-    mb = cfg.micro_batch_size
-    for k in range(0, len(rows), mb):
-        part = rows[k:k + mb]
-        batch = teacher_forced(run, device, prompts, ro, part, G)
-        with autocast(cfg, device):
-            lp, _ = model(batch, cfg.temperature)
-        out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
-    return out
-
-
-def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:
-    """The clipped policy update on the kept rows: `minibatches` optimizer steps per epoch, each over an equal
-    share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
-    runs the global maximum number of micro-batches; a rank short of rows repeats one with weight 0 (every rank
-    must run the same forward/backward calls). Returns statistics, KL per bucket included."""
-    G, world, M = cfg.group_size, world_size(), cfg.minibatches
-    rows = keep.nonzero().squeeze(1)
-    rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
-    loss_mask = ro["loss_mask"].float()
-    kl_w = kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax)  # (N, R)
-    all_rows = list(range(len(ro["tokens"])))
-    old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
-    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None
-    kl_stats = torch.zeros(4, 3, dtype=torch.float64)  # per bucket: sum KL_out per response, responses, KL_in sum, in tokens
-    stats = dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[], skipped=0, updates=0)
-    chunks = [sorted(rows[k::M]) for k in range(M)]  # sorted: a group's rows share a micro-batch and its images
-    for epoch in range(cfg.ppo_epochs):
-        for mb_rows in chunks:
-            count = len(mb_rows) if cfg.loss_agg == "seq-mean-token-mean" else loss_mask[mb_rows].sum().item()
-            denom = all_reduce(torch.tensor([float(count)])).item()
-            n_micro = int(all_reduce(torch.tensor([math.ceil(len(mb_rows) / cfg.micro_batch_size)]),
-                                     dist.ReduceOp.MAX if dist.is_initialized() else None).item())
-            if denom == 0:
-                continue
-            for k in range(n_micro):
-                part = mb_rows[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
-                weight = 1.0 if part else 0.0
-                part = part or [0]
-                batch = teacher_forced(run, device, prompts, ro, part, G)
-                with sync_context(run.model, k == n_micro - 1), autocast(cfg, device):
-                    logp, _ = run.model(batch, cfg.temperature)
-                    R = logp.shape[1]
-                    lp_old = old[part, :R].to(device) if old is not None else logp.detach()
-                    lp_ref = ref_lp[part, :R].to(device) if ref_lp is not None else None
-                    loss, st = aepo_loss(logp, lp_old, lp_ref, adv[part].to(device), kl_w[part, :R].to(device),
-                                         loss_mask[part, :R].to(device), cfg.loss_agg, denom, cfg.clip_low,
-                                         cfg.clip_high, cfg.dual_clip)
-                    (loss * weight * world).backward()
-                if weight and epoch == 0:
-                    for key in ("clip_frac", "tokens", "kl"):
-                        stats[key] += st[key]
-                    if lp_ref is not None:  # KL outside / inside HWE windows, per response and bucket
-                        kl = k3_kl(logp.detach(), lp_ref).double().cpu()
-                        lm, inside = loss_mask[part, :R].double(), hwe[part, :R].double()
-                        out_mean = (kl * lm * (1 - inside)).sum(1) / (lm * (1 - inside)).sum(1).clamp(min=1)
-                        b = bucket[part]
-                        kl_stats[0].index_add_(0, b, out_mean)
-                        kl_stats[1].index_add_(0, b, torch.ones(len(part), dtype=torch.float64))
-                        kl_stats[2].index_add_(0, b, (kl * lm * inside).sum(1))
-                        kl_stats[3].index_add_(0, b, (lm * inside).sum(1))
-            norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
-            stats["grad_norm"].append(norm)
-            stats["skipped"] += not ok
-            stats["updates"] += 1
-    all_reduce(kl_stats)
-    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
-    stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
-                 kl_outside=(kl_stats[0] / kl_stats[1].clamp(min=1)), kl_seen=kl_stats[1] > 0,
-                 kl_inside=(kl_stats[2].sum() / kl_stats[3].sum().clamp(min=1)).item(),
-                 kl_outside_mean=(kl_stats[0].sum() / kl_stats[1].sum().clamp(min=1)).item(),
-                 grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
-    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
-        lm = ro["resp_mask"].float()
-        stats["logprob_gap"] = ((old - ro["logprobs"]).abs() * lm).sum().item() / lm.sum().item()
-    return stats
-
-
-def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
-    return rearrange(x, "(p g) -> p g", g=G).float().mean(1)
-
-
-def load_reference(name: str, cfg: Config, device) -> nn.Module:
-    """The frozen KL reference (spec §5): the starting policy in the compute dtype, sharded like it with --fsdp."""
-    if cfg.fsdp and dist.is_initialized():
-        hf, _, full = load_for_fsdp(name, cfg, device)
-        ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
-        fill_shards(ref, full)
-        return ref
-    return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
-
-
-def train_aepo(cfg: Config) -> Path:
-    cfg = resolve_stage_defaults(cfg, "aepo")
-    validate_config(cfg)  # the stage defaults just filled in, too
-    rank, world, device = setup_run(cfg)
-    records = load_records(cfg.data, cfg.split)
-    run = load_for_training(cfg, device)
-    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
-    check_batch(cfg, len(records), "prompts")
-    prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
-    G, B = cfg.group_size, cfg.branch_samples
-    st = run.state
-    st.setdefault("ref_model", cfg.ref_model or cfg.model)  # the starting weights, also after a resume
-    st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))
-    st.setdefault("kappa", torch.ones(3, dtype=torch.float64))
-    st.setdefault("tau_history", [])
-    ref = load_reference(st["ref_model"], cfg, device) if cfg.kl_coef > 0 else None
-    sampler = sampling_copy(cfg, run, device)
-    triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
-    tok = tokenizer_of(run.processor)
-    levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
-    rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
-                f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
-                f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
-    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo")
-    for step in range(st["step"], cfg.steps):
-        t0 = time.time()
-        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
-        recs = [records[i] for i in mine]
-        prompts = [encode_prompt(run.processor, r) for r in recs]
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-        with gathered(run.policy), autocast(cfg, device):
-            ro = rollout_groups(sampler, prompts, cfg, run.ids, gen, triggers)
-        t1 = time.time()
-        # scoring (spec §3-4): grade, bucket, count HWE tokens, shape the reward
-        lengths = ro["resp_mask"].sum(1)
-        texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
-        acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
-                                       cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
-        fmt = torch.tensor([float(format_ok(t)) for t in texts])
-        bucket = difficulty_buckets(acc, G)
-        hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
-        hwe = hwe_mask(hbar, valid, ro["tau"], ro["tokens"], triggers)
-        n_he = hwe.sum(1).double()
-        targets, st["targets"] = update_targets(st["targets"], n_he, bucket, cfg.target_momentum)
-        rewards = entropy_shaped_reward(acc, n_he, bucket, targets, cfg.entropy_shaping, cfg.entropy_coef)
-        rewards = rewards + cfg.format_weight * fmt
-        adv = grpo_advantages(rewards, G).float()
-        group_acc = group_mean(acc, G)
-        keep_group = ((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups
-        keep = keep_group.repeat_interleave(G)
-        counts = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))
-        t2 = time.time()
-        if counts[0] > 0:
-            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            upd = aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, shuffle)
-            refresh_sampling_copy(sampler, run.hf)
-            if ref is not None:
-                st["kappa"] = update_kl_controller(st["kappa"], upd["kl_outside"], upd["kl_seen"], cfg.kl_target,
-                                                   cfg.kl_adapt_rate)
-        else:
-            upd = dict(skipped_reason="every group was filtered (all right or all wrong)")
-            rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
-        t3 = time.time()
-        st["tau_history"].append(ro["tau"])
-        st["step"] = step + 1
-        row = aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, (t0, t1, t2, t3), run)
-        if levels:
-            row.update(level_stats(levels, [levels.index(r["difficulty"]) for r in recs], bucket, lengths, n_he, acc, G))
-        metrics.log(row, ("reward", "acc", "len", "tau"))
-        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {acc[0]:.0f}, reward {rewards[0]:.3f}: "
-                        f"{texts[0][:400]!r}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
-    metrics.close()
-    return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
-
-
-def aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, times, run) -> dict:
-    """Global (all-rank) means of what a researcher watches, one JSON line per step."""
-    per_bucket = torch.zeros(4, 3, dtype=torch.float64)  # count, length sum, N_HE sum, accuracy sum
-    for row, val in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
-        per_bucket[row].index_add_(0, bucket, val.double())
-    branch = ro["parent"] >= 0
-    parent_acc = acc[ro["parent"].clamp(min=0)]
-    sums = torch.tensor([float(len(acc)), acc.sum(), rewards.sum(), fmt.sum(), lengths.sum(), n_he.sum(),
-                         (ro["entropy"] * ro["resp_mask"]).sum(), ro["loss_mask"].sum(), branch.sum(),
-                         (acc * branch).sum(), (parent_acc * branch).sum(), ro["truncated"].sum()], dtype=torch.float64)
-    all_reduce(sums)
-    all_reduce(per_bucket)
-    n, t0, t1, t2, t3 = sums[0].item(), *times
-    gen_tokens = sums[7].item()
-    row = dict(step=step + 1, reward=sums[2].item() / n, acc=sums[1].item() / n, format=sums[3].item() / n,
-               len=sums[4].item() / n, n_he=sums[5].item() / n, entropy=sums[6].item() / max(sums[4].item(), 1),
-               truncated=sums[11].item() / n, tau=ro["tau"], groups_kept=int(counts[0]), groups=int(counts[1]),
-               branches=int(sums[8]), branch_acc=sums[9].item() / max(sums[8].item(), 1),
-               parent_acc=sums[10].item() / max(sums[8].item(), 1), lr=run.sched.get_last_lr()[0],
-               time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, rollout_tokens_per_s=gen_tokens / max(t1 - t0, 1e-9))
-    for d, name in enumerate(BUCKETS):
-        c = per_bucket[0, d].item()
-        row.update({f"n_{name}": int(c), f"len_{name}": per_bucket[1, d].item() / c if c else None,
-                    f"n_he_{name}": per_bucket[2, d].item() / c if c else None,
-                    f"acc_{name}": per_bucket[3, d].item() / c if c else None,
-                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item(),
-                    f"kappa_{name}": st["kappa"][d].item()})
-    for key in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap", "skipped", "skipped_reason"):
-        if key in upd:
-            row[key] = upd[key]
-    return row
-
-
-def level_stats(levels: list[str], level: list[int], bucket, lengths, n_he, acc, G: int) -> dict:
-    """When the records carry a `difficulty` label (the demo's levels, a benchmark's): per label, the mean length,
-    N_HE and accuracy of its responses and how many of its groups fell in each online bucket (spec §3), over
-    all ranks. level (P,) index into `levels` per prompt; bucket, lengths, n_he, acc (P * G,)."""
-    lv = torch.tensor(level).repeat_interleave(G)  # (N,)
-    sums = torch.zeros(4 + 3, len(levels), dtype=torch.float64)  # responses, length, N_HE, correct; groups per bucket
-    for k, v in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
-        sums[k].index_add_(0, lv, v.double())
-    sums[4:].index_put_((bucket[::G], torch.tensor(level)), torch.ones(len(level), dtype=torch.float64), accumulate=True)
-    all_reduce(sums)
-    row = {}
-    for j, name in enumerate(levels):
-        n = sums[0, j].item()
-        row.update({f"level_{name}_{key}": sums[k, j].item() / n if n else None
-                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
-        row.update({f"level_{name}_groups_{b}": int(sums[4 + d, j]) for d, b in enumerate(BUCKETS)})
-    return row
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The embedded default: `python ares.py` runs all of ARES offline on a CPU, every stage through the command a
-# user runs on real data (data_prep.py's demo task, passrate and adacs; both stages; eval.py).
 
 
 def run_command(fn, *args):
