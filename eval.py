@@ -135,9 +135,7 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
         path = Path(spec).resolve()
         rows = data_prep.record_rows(str(path), cfg.split or "test")
         base, name, key = (path.parent if path.is_file() else path), path.stem, str(path)
-    else:  # a preset or a hub dataset: data_prep owns the column mapping (imported only when needed)
-        import data_prep
-
+    else:  # a preset or a hub dataset: data_prep owns the column mapping
         preset = cfg.preset or (spec if spec in data_prep.PRESETS else None)  # `--data mathvista-testmini` alone works
         rows = data_prep.load_source(spec, preset=preset, mapping=mapping or None, split=cfg.split or None,
                                      config=cfg.config or None, limit=cfg.limit or None)
