@@ -37,9 +37,9 @@ Every place where the paper, its released code and this file differ (the choice 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -51,6 +51,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -58,10 +59,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from tqdm import tqdm
 
-from data_prep import (FORMAT_PROMPT, TINY_CHAT_TEMPLATE, DataError, encode_prompt, extract_boxed, format_ok, grade_batch,
-                       load_records, prompt_length, tiny_tokenizer, tokenizer_of)
+from data_prep import (DataError, Metrics, compute_dtype, dataclass_parser, encode_prompt, extract_boxed, format_ok, fsync,
+                       gather_images, grade_batch, is_tiny, load_model, load_records, make_batch, pad, position_ids,
+                       prompt_length, special_ids, tokenizer_of)
 
 warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
 
@@ -77,7 +78,17 @@ def arg(default, help, choices=None):
 
 
 @dataclass
-class Config:
+class ModelConfig:
+    """How a checkpoint is loaded and run: the first flags of Config, and of eval.py's EvalConfig."""
+    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
+                     ("auto", "bf16", "fp16", "fp32"))
+    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
+    min_pixels: int = arg(56 * 56, "smallest image area after resizing")
+    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)")
+
+
+@dataclass
+class Config(ModelConfig):
     # what to run
     stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo",
                      ("demo", "coldstart", "aepo"))
@@ -97,16 +108,11 @@ class Config:
     prompt_suffix: str = arg(None, "instruction appended to every question, saved in the checkpoint's config.json for "
                                    "eval.py and passrate (default: the model's own, else the authors' (spec §7); "
                                    "--model tiny: none)")
-    # model
-    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
-                     ("auto", "bf16", "fp16", "fp32"))
-    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
+    # model (and ModelConfig's dtype, attn, min_pixels, max_pixels)
     grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
     compile: bool = arg(False, "torch.compile the training forward (and a static-cache decode step on GPU)")
     fsdp: bool = arg(False, "shard policy and reference with FSDP2 fully_shard instead of DDP")
     train_vision: bool = arg(False, "also train the vision tower and merger (paper: frozen)")
-    min_pixels: int = arg(56 * 56, "smallest image area after resizing")
-    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)")
     # data and lengths
     max_prompt_len: int = arg(4096, "drop prompts longer than this many tokens (images included)")
     max_response_len: int = arg(None, "response tokens: SFT traces longer are dropped; AEPO max new tokens")
@@ -169,27 +175,6 @@ TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
     "aepo": dict(lr=1e-4, batch_size=16, micro_batch_size=64, max_response_len=96, steps=150, minibatches=1,
                  max_prompt_len=256, warmup_steps=0, save_every=50, window=1),  # w=1: see README, demo
 }
-
-
-def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_only=False) -> argparse.ArgumentParser:
-    """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
-    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
-    given_only=True: no defaults, so the parsed namespace holds only the flags on the command line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):  # fields without help are not flags
-        flag = "--" + f.name.replace("_", "-")
-        shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)
-        help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {'; '.join(shown)})" if shown else "")
-        default = argparse.SUPPRESS if given_only else [] if f.type == "list" else f.default
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.type == "list":
-            parser.add_argument(flag, action="append", default=default, metavar="STR", help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text,
-                                choices=f.metadata.get("choices"))
-    return parser
 
 
 def parse_config(argv=None) -> Config:
@@ -371,12 +356,18 @@ def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     return bucket.repeat_interleave(group_size)
 
 
+def bucket_sums(values: list[torch.Tensor], index: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """This rank's sum of each (N,) tensor of `values` per index (N,) in [0, n): (len(values), n) float64. The
+    callers all_reduce it. bucket_sums([ones, x], bucket) holds each bucket's count and its sum of x."""
+    out = torch.zeros(len(values), n, dtype=torch.float64)
+    for k, v in enumerate(values):
+        out[k].index_add_(0, index.cpu(), v.double().cpu())
+    return out
+
+
 def bucket_means(values: torch.Tensor, bucket: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Global (all ranks) mean of `values` per bucket -> (means (3,), counts (3,)); mean is NaN where empty."""
-    stats = torch.zeros(2, 3, dtype=torch.float64)
-    stats[0].index_add_(0, bucket.cpu(), values.double().cpu())
-    stats[1].index_add_(0, bucket.cpu(), torch.ones_like(values, dtype=torch.float64).cpu())
-    all_reduce(stats)
+    stats = all_reduce(bucket_sums([values, torch.ones_like(values)], bucket))
     return stats[0] / stats[1], stats[1]
 
 
@@ -517,39 +508,16 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torc
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logits, temperature if temperature > 0 else 1.0)
 
 
-def _left_pad(seqs: list[torch.Tensor], pad: int, multiple: int = 1):
-    L = -(-max(len(s) for s in seqs) // multiple) * multiple
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    att = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s):], att[i, L - len(s):] = s, 1
-    return ids, att
-
-
-def _decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float, banned: tuple[int, ...]):
+def decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float, banned: tuple[int, ...]):
     """Feed each row's last token through the KV cache, then sample the next one."""
     logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
     return sample_token(without_banned(logits, banned), temperature, top_p, u)
 
 
-_compiled_decode_step = None
-
-
-@contextlib.contextmanager
-def grouped_query_attention():
-    """Hugging Face's SDPA path copies every KV head `heads / kv_heads` times (repeat_kv) whenever a mask is given:
-    in decoding, the whole KV cache every step. SDPA's own grouped-query mode reads it once. Measured on an H200
-    (Qwen2.5-VL-3B, 256 rows): 51 -> 22 ms per decode step. For decode steps only: with long queries and a mask,
-    SDPA's grouped-query mode falls back to its math kernel."""
-    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = old
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """decode_step, compiled once per process (CUDA graphs on a GPU)."""
+    return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
 @torch.no_grad()
@@ -567,61 +535,79 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
     torch.compile'd decode step (CUDA graphs on a GPU; `compile=False` runs it eagerly); every row stays in the
     batch so shapes never change. Both paths draw the same noise for row i at step t, so they sample the same
     tokens up to floating-point ties. Rows sharing a prompt dict share its encoded images."""
-    global _compiled_decode_step
     device = next(model.parameters()).device
     prefixes = prefixes or [[]] * len(prompts)
     if static and repeats > 1:  # a static cache holds every row from the start: prefill the copies
         prompts, prefixes = [p for p in prompts for _ in range(repeats)], [x for x in prefixes for _ in range(repeats)]
         repeats = 1
-    input_ids, att = _left_pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
-                               ids["pad"], multiple=128 if static else 1)  # few distinct shapes: few recompiles
-    images = gather_images(prompts)
-    pos = position_ids(model, input_ids, att, images["row_grid_thw"])
-    vlm = pos.dim() == 3
-    next_pos = (pos.amax(dim=(0, 2)) if vlm else pos.amax(-1)) + 1  # (P,) position of the first new token
     N = len(prompts) * repeats
     budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
-    T = int(budgets.max()) if N else 0
+    state = prefill(model, prompts, prefixes, ids, repeats, int(budgets.max()) if N else 0, static)
+    step = compiled_decode_step(device.type) if static and compile is not False else decode_step
+    return decode(model, state, budgets, ids, step, temperature, top_p, generator, compact=None if static else compact)
+
+
+def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, repeats: int, new_tokens: int,
+            static: bool) -> dict:
+    """Run every prompt (+ prefix) through the model once, left-padded, into a KV cache copied `repeats` times
+    (static: a StaticCache with room for `new_tokens`, lengths rounded up so few shapes recur). -> cache,
+    logits (N, V) of the last position, attention mask att (N, L), next_pos (N,) the position of the first new
+    token, vlm (3-D rotary positions)."""
+    from transformers import DynamicCache, StaticCache
+
+    device = next(model.parameters()).device
+    input_ids, att = pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
+                         ids["pad"], left=True, multiple=128 if static else 1)  # (P, L); few shapes: few recompiles
+    att = att.long()
+    images = gather_images(prompts)
+    pos = position_ids(model, input_ids, att, images["row_grid_thw"])  # (3, P, L) for Qwen-VL, else (P, L)
+    vlm = pos.dim() == 3
+    next_pos = (pos.amax(dim=(0, 2)) if vlm else pos.amax(-1)) + 1  # (P,)
     if static:  # future positions are hidden by causality, so this full-length mask never changes
-        att = torch.cat([att, att.new_ones(N, -(-(att.shape[1] + T) // 256) * 256 - att.shape[1])], 1)
+        att = torch.cat([att, att.new_ones(len(att), -(-(att.shape[1] + new_tokens) // 256) * 256 - att.shape[1])], 1)
     inputs = dict(input_ids=input_ids, attention_mask=att, position_ids=pos)
     if ids["image"] is not None:
         inputs["mm_token_type_ids"] = (input_ids == ids["image"]).int()
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if images["pixel_values"] is not None:
         inputs.update(encode_images(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}))
-    from transformers import DynamicCache, StaticCache
-
     text_config = model.config.get_text_config()
     cache = StaticCache(config=text_config, max_cache_len=att.shape[1]) if static else DynamicCache(config=text_config)
     logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
     att, next_pos = att.to(device), next_pos.to(device)
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
-        logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))
-    step = _decode_step
-    if static and (compile if compile is not None else True):
-        if _compiled_decode_step is None:
-            _compiled_decode_step = torch.compile(_decode_step, dynamic=False,
-                                                  mode="reduce-overhead" if device.type == "cuda" else None)
-        step = _compiled_decode_step
-    tokens = torch.full((N, max(T, 1)), ids["pad"], dtype=torch.long, device=device)
-    logps, ents = torch.zeros(N, max(T, 1), device=device), torch.zeros(N, max(T, 1), device=device)
-    mask = torch.zeros(N, max(T, 1), dtype=torch.bool, device=device)
+        logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))  # P -> N rows
+    return dict(cache=cache, logits=logits, att=att, next_pos=next_pos, vlm=vlm)
+
+
+def decode(model, state: dict, budgets: torch.Tensor, ids: dict, step, temperature: float, top_p: float,
+           generator, compact: float | None) -> dict:
+    """The decoding loop from prefill()'s state: sample a token per live row, feed it through the KV cache,
+    until every row has sampled a stop token or spent its budget (N,). compact: once that share of the rows
+    is done, they leave the batch and its cache; None (static cache): every row stays, shapes never change."""
+    cache, att, next_pos, device = state["cache"], state["att"], state["next_pos"], budgets.device
+    N, T = len(budgets), int(budgets.max()) if len(budgets) else 0
+    tokens = torch.full((N, max(T, 1)), ids["pad"], dtype=torch.long, device=device)  # (N, T)
+    logps, ents = torch.zeros(N, max(T, 1), device=device), torch.zeros(N, max(T, 1), device=device)  # (N, T)
+    mask = torch.zeros(N, max(T, 1), dtype=torch.bool, device=device)  # (N, T)
     stop = torch.tensor(ids["stop"], device=device)
     rows = torch.arange(N, device=device)  # original row of each batch row
     live = budgets > 0  # (rows,) still generating
     banned = tuple(banned_tokens(model))
-    tok, lp, H = sample_token(without_banned(logits, banned), temperature, top_p,
+    tok, lp, H = sample_token(without_banned(state["logits"], banned), temperature, top_p,
                               torch.rand(N, generator=generator, device=device))
-    with grouped_query_attention():  # decode steps only: one query token
+    # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
+    # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
+    # Not for prefill: with long queries and a mask, that mode falls back to SDPA's math kernel.
+    with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
         for t in range(T):
             tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
             logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
             live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
             if t + 1 == T:
                 break
-            if not static:
+            if compact is not None:
                 if not live.any():
                     break
                 if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
@@ -632,7 +618,7 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
             elif t % 16 == 15 and not live.any():
                 break
             p = (next_pos + t)[:, None]
-            p = p[None].expand(3, -1, -1) if vlm else p
+            p = p[None].expand(3, -1, -1) if state["vlm"] else p
             u = torch.rand(N, generator=generator, device=device)[rows]
             tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p, banned))
     lengths = mask.sum(1)
@@ -667,74 +653,53 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
     return points
 
 
-def _pad_rows(rows: list[torch.Tensor], value=0) -> torch.Tensor:
-    R = max(max(len(r) for r in rows), 1)
-    out = torch.full((len(rows), R), value, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-def _cat_samples(parts: list[dict], pad: int) -> dict:
-    """Concatenate sample() outputs along rows, padding their token axes to one length."""
-    T = max(p["tokens"].shape[1] for p in parts)
-    return {k: torch.cat([F.pad(p[k], (0, T - p[k].shape[1]), value=pad if k == "tokens" else 0) if p[k].dim() == 2
-                          else p[k] for p in parts]) for k in parts[0]}
-
-
 def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None) -> dict:
     """G responses per prompt (spec §2): G - B fresh samples, tau over them (all ranks), then B continuations
     branched at the highest-entropy HWE windows (shortfall: fresh samples), all B in one batched call.
-    Returns per response (N = P * G, prompt-major): tokens, logprobs, entropy (N, R); resp_mask (N, R), the
-    whole response; loss_mask (N, R), the tokens this row sampled itself (a branch skips its parent's prefix);
-    truncated, parent (row of the parent or -1), branch_at (N,); and tau."""
+    Returns per response (N = P * G, prompt-major; prompt p's fresh samples are rows p*G .. p*G + G-B-1, its
+    branches the B rows after them): tokens, logprobs, entropy (N, R); resp_mask (N, R), the whole response;
+    loss_mask (N, R), the tokens this row sampled itself (a branch skips its parent's prefix); truncated,
+    parent (row of the parent or -1), branch_at (N,); and tau."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
+    fresh, P = G - B, len(prompts)
     kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
               static=cfg.compile and next(model.parameters()).device.type == "cuda")
-    per_call = max(1, cfg.rollout_batch // (G - B))  # prompts per sampler call: bounds the KV cache
-    first = _cat_samples([sample(model, prompts[k:k + per_call], max_new_tokens=L, repeats=G - B, **kw)
-                          for k in range(0, len(prompts), per_call)], ids["pad"])
-    tau = hwe_threshold(first["entropy"], first["mask"], cfg.entropy_quantile)
-    hbar, valid = window_entropy(first["entropy"], first["mask"], w)
-    m = hwe_mask(hbar, valid, tau, first["tokens"], triggers)
-    jobs = []  # (prompt, parent row in `first` or -1, branch position)
-    for p in range(len(prompts) if B else 0):
-        lo = p * (G - B)
-        pts = choose_branch_points(hbar[lo:lo + G - B], m[lo:lo + G - B], B, cfg.max_branches_per_response, w)
-        jobs += [(p, lo + r, t) for r, t in pts] + [(p, -1, 0)] * (B - len(pts))
-    second = _cat_samples([sample(model, [prompts[p] for p, _, _ in part], budgets=[L - t for _, _, t in part],
-                                  prefixes=[first["tokens"][r, :t].tolist() for _, r, t in part], **kw)
-                           for part in (jobs[k:k + cfg.rollout_batch] for k in range(0, len(jobs), cfg.rollout_batch))],
-                          ids["pad"]) if jobs else None
-    out = {k: [] for k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask", "truncated", "parent", "branch_at")}
+    per_call = max(1, cfg.rollout_batch // fresh)  # prompts per sampler call: bounds the KV cache
+    first = [r for k in range(0, P, per_call)
+             for r in unpadded(sample(model, prompts[k:k + per_call], max_new_tokens=L, repeats=fresh, **kw))]
+    H, mask = pad([r["entropy"] for r in first])  # (P * fresh, R1)
+    tau = hwe_threshold(H, mask, cfg.entropy_quantile)
+    hbar, valid = window_entropy(H, mask, w)
+    m = hwe_mask(hbar, valid, tau, pad([r["tokens"] for r in first], ids["pad"])[0], triggers)
+    rows, parent, branch_at = [None] * (P * G), [-1] * (P * G), [0] * (P * G)  # in the final order
+    for p in range(P):
+        own = slice(p * fresh, (p + 1) * fresh)
+        rows[p * G:p * G + fresh] = first[own]
+        points = choose_branch_points(hbar[own], m[own], B, cfg.max_branches_per_response, w) if B else []
+        for k, (r, t) in enumerate(points + [(-1, 0)] * (B - len(points))):  # shortfall: fresh samples (t = 0)
+            parent[p * G + fresh + k], branch_at[p * G + fresh + k] = (p * G + r if r >= 0 else -1), t
+    jobs = [i for i in range(P * G) if i % G >= fresh]  # the branch rows, each continued from its parent's prefix
+    for part in (jobs[k:k + cfg.rollout_batch] for k in range(0, len(jobs), cfg.rollout_batch)):
+        prefix = [rows[parent[i]]["tokens"][:branch_at[i]] if parent[i] >= 0 else torch.zeros(0, dtype=torch.long)
+                  for i in part]
+        out = sample(model, [prompts[i // G] for i in part], budgets=[L - branch_at[i] for i in part],
+                     prefixes=[x.tolist() for x in prefix], **kw)
+        for i, new, x in zip(part, unpadded(out), prefix):
+            head = rows[parent[i]] if parent[i] >= 0 else None
+            rows[i] = {k: torch.cat([head[k][:len(x)], v]) if head and k != "truncated" else v for k, v in new.items()}
+    tokens, resp_mask = pad([r["tokens"] for r in rows], ids["pad"])  # (N, R)
+    branch_at = torch.tensor(branch_at)  # (N,)
+    return dict(tokens=tokens, logprobs=pad([r["logprobs"] for r in rows])[0], entropy=pad([r["entropy"] for r in rows])[0],
+                resp_mask=resp_mask, loss_mask=resp_mask & (torch.arange(tokens.shape[1])[None] >= branch_at[:, None]),
+                truncated=torch.tensor([r["truncated"] for r in rows]), parent=torch.tensor(parent), branch_at=branch_at,
+                tau=tau)
 
-    def add(src, j, parent, t):
-        n = int(src["mask"][j].sum())
-        pre = slice(0, t)
-        for key in ("tokens", "logprobs", "entropy"):
-            head = first[key][parent, pre] if parent >= 0 else first[key][0, :0]
-            out[key].append(torch.cat([head, src[key][j, :n]]))
-        out["resp_mask"].append(torch.ones(t + n, dtype=torch.bool))
-        out["loss_mask"].append(torch.cat([torch.zeros(t, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]))
-        out["truncated"].append(bool(src["truncated"][j]))
-        out["parent"].append(parent)
-        out["branch_at"].append(t)
 
-    for p in range(len(prompts)):
-        for j in range(p * (G - B), (p + 1) * (G - B)):
-            add(first, j, -1, 0)
-        for k in range(p * B, (p + 1) * B):
-            _, parent, t = jobs[k]
-            add(second, k, parent, t)
-    # a branch's parent index refers to the first pass; map it to the row in the assembled batch
-    remap = {p * (G - B) + j: p * G + j for p in range(len(prompts)) for j in range(G - B)}
-    res = {k: _pad_rows(v, ids["pad"] if k == "tokens" else 0) for k, v in out.items()
-           if k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask")}
-    res["truncated"] = torch.tensor(out["truncated"])
-    res["parent"] = torch.tensor([remap.get(x, -1) for x in out["parent"]])
-    res["branch_at"] = torch.tensor(out["branch_at"])
-    res["tau"] = tau
-    return res
+def unpadded(out: dict) -> list[dict]:
+    """sample() output -> one dict per row: its sampled tokens, logprobs, entropy (n,) and truncated."""
+    n = out["mask"].sum(1).tolist()
+    return [dict(tokens=out["tokens"][i, :n[i]], logprobs=out["logprobs"][i, :n[i]], entropy=out["entropy"][i, :n[i]],
+                 truncated=bool(out["truncated"][i])) for i in range(len(n))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -744,12 +709,7 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
 
 
 def train_coldstart(cfg: Config) -> Path:
-    cfg = resolve_stage_defaults(cfg, "coldstart")
-    validate_config(cfg)  # the stage defaults just filled in, too
-    rank, world, device = setup_run(cfg)
-    records = load_records(cfg.data, cfg.split, need_response=True)  # bad data fails before the model loads
-    run = load_for_training(cfg, device)
-    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
+    cfg, run, records, world, device = start_stage(cfg, "coldstart")
     tok = tokenizer_of(run.processor)
     responses = [torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [run.ids["eot"]]) for r in records]
     keep = [i for i, r in enumerate(responses) if len(r) <= cfg.max_response_len]
@@ -762,7 +722,7 @@ def train_coldstart(cfg: Config) -> Path:
                 f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
                 f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
                 f"| {run.total} steps | device {device}")
-    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart")
+    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart", rank() == 0)
     for step in range(run.state["step"], run.total):
         t0 = time.time()
         mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
@@ -777,7 +737,7 @@ def train_coldstart(cfg: Config) -> Path:
                 loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
             loss_sum += loss.detach().double().cpu()
-        norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
+        norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip)
         loss_val = all_reduce(loss_sum).item()
         dt = time.time() - t0
         row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
@@ -799,60 +759,30 @@ def train_coldstart(cfg: Config) -> Path:
 
 
 def train_aepo(cfg: Config) -> Path:
-    cfg = resolve_stage_defaults(cfg, "aepo")
-    validate_config(cfg)  # the stage defaults just filled in, too
-    rank, world, device = setup_run(cfg)
-    records = load_records(cfg.data, cfg.split)
-    run = load_for_training(cfg, device)
-    records = filter_prompts(run.processor, records, cfg.max_prompt_len)
+    cfg, run, records, world, device = start_stage(cfg, "aepo")
     check_batch(cfg, len(records), "prompts")
     prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
-    G, B = cfg.group_size, cfg.branch_samples
-    st = run.state
+    G, B, st = cfg.group_size, cfg.branch_samples, run.state
     st.setdefault("ref_model", cfg.ref_model or cfg.model)  # the starting weights, also after a resume
-    st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))
-    st.setdefault("kappa", torch.ones(3, dtype=torch.float64))
+    st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))  # T_d per bucket, NaN = unseen
+    st.setdefault("kappa", torch.ones(3, dtype=torch.float64))  # the KL controller, per bucket
     st.setdefault("tau_history", [])
     ref = load_reference(st["ref_model"], cfg, device) if cfg.kl_coef > 0 else None
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
-    tok = tokenizer_of(run.processor)
     levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
     rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
                 f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
                 f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
-    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo")
-    for step in range(st["step"], cfg.steps):
-        t0 = time.time()
-        mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
-        recs = [records[i] for i in mine]
-        prompts = [encode_prompt(run.processor, r) for r in recs]
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-        with gathered(run.policy), autocast(cfg, device):
-            ro = rollout_groups(sampler, prompts, cfg, run.ids, gen, triggers)
+    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo", rank() == 0)
+    for step, recs, prompts, ro, time_sample in rollouts(cfg, run, sampler, records, device, triggers):
         t1 = time.time()
-        # scoring (spec §3-4): grade, bucket, count HWE tokens, shape the reward
-        lengths = ro["resp_mask"].sum(1)
-        texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
-        acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
-                                       cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
-        fmt = torch.tensor([float(format_ok(t)) for t in texts])
-        bucket = difficulty_buckets(acc, G)
-        hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
-        hwe = hwe_mask(hbar, valid, ro["tau"], ro["tokens"], triggers)
-        n_he = hwe.sum(1).double()
-        targets, st["targets"] = update_targets(st["targets"], n_he, bucket, cfg.target_momentum)
-        rewards = entropy_shaped_reward(acc, n_he, bucket, targets, cfg.entropy_shaping, cfg.entropy_coef)
-        rewards = rewards + cfg.format_weight * fmt
-        adv = grpo_advantages(rewards, G).float()
-        group_acc = group_mean(acc, G)
-        keep_group = ((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups
-        keep = keep_group.repeat_interleave(G)
-        counts = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))
+        sc = score_groups(ro, [r["answer"] for r in recs], cfg, tokenizer_of(run.processor), st["targets"], triggers)
+        st["targets"] = sc["targets"]
         t2 = time.time()
-        if counts[0] > 0:
-            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            upd = aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, shuffle)
+        if sc["groups"][0] > 0:
+            upd = aepo_update(cfg, run, ref, device, prompts, ro, sc["adv"], sc["bucket"], sc["hwe"], sc["keep"],
+                              torch.Generator().manual_seed(step_seed(cfg, step)))
             refresh_sampling_copy(sampler, run.hf)
             if ref is not None:
                 st["kappa"] = update_kl_controller(st["kappa"], upd["kl_outside"], upd["kl_seen"], cfg.kl_target,
@@ -860,20 +790,62 @@ def train_aepo(cfg: Config) -> Path:
         else:
             upd = dict(skipped_reason="every group was filtered (all right or all wrong)")
             rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
-        t3 = time.time()
         st["tau_history"].append(ro["tau"])
         st["step"] = step + 1
-        row = aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, (t0, t1, t2, t3), run)
-        if levels:
-            row.update(level_stats(levels, [levels.index(r["difficulty"]) for r in recs], bucket, lengths, n_he, acc, G))
+        row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
+        row.update(level_stats(levels, recs, sc, G) if levels else {})
         metrics.log(row, ("reward", "acc", "len", "tau"))
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {acc[0]:.0f}, reward {rewards[0]:.3f}: "
-                        f"{texts[0][:400]!r}")
+            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {sc['acc'][0]:.0f}, reward "
+                        f"{sc['rewards'][0]:.3f}: {sc['texts'][0][:400]!r}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
     metrics.close()
     return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
+
+
+def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, triggers=None):
+    """Each step's rollouts from the resumed step on: (step, its records, their encoded prompts, rollout_groups()
+    output, seconds spent sampling). A generator: step s + 1 is sampled only after step s's update."""
+    for step in range(run.state["step"], cfg.steps):
+        t0 = time.time()
+        recs = [records[i] for i in step_indices(len(records), step, cfg.batch_size, cfg.seed)]
+        prompts = [encode_prompt(run.processor, r) for r in recs]
+        gen = torch.Generator(device).manual_seed(step_seed(cfg, step))
+        with gathered(run.policy), autocast(cfg, device):
+            ro = rollout_groups(sampler, prompts, cfg, run.ids, gen, triggers)
+        yield step, recs, prompts, ro, time.time() - t0
+
+
+def step_seed(cfg: Config, step: int) -> int:
+    """The seed of this rank's sampling noise and update order at a step: the same run after a resume."""
+    return cfg.seed * 1_000_003 + step * world_size() + rank()
+
+
+def score_groups(ro: dict, answers: list[str], cfg: Config, tok, targets: torch.Tensor, triggers=None) -> dict:
+    """Spec §3-4 on one step's rollouts (N = P * G responses of P prompts): grade each response, bucket its group,
+    count its HWE tokens, shape its reward; then GRPO advantages and the online filter (spec §6). targets (3,):
+    T_d before this step. -> texts, acc, format, lengths, bucket, n_he, rewards, adv, keep (N,); hwe (N, R);
+    targets (3,) after this step's EMA update; groups = (kept, all) over all ranks."""
+    G = cfg.group_size
+    lengths = ro["resp_mask"].sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
+    texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
+    acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [answers[i // G] for i in range(len(texts))],
+                                   cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)  # (N,) in {0, 1}
+    fmt = torch.tensor([float(format_ok(t)) for t in texts])  # (N,) in {0, 1}
+    bucket = difficulty_buckets(acc, G)  # (N,) 0 easy, 1 medium, 2 hard: from the group's accuracy
+    hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)  # (N, R) each
+    hwe = hwe_mask(hbar, valid, ro["tau"], ro["tokens"], triggers)  # (N, R) bool; tau of the first-pass samples
+    n_he = hwe.sum(1).double()  # (N,) N_HE over the whole response
+    for_reward, targets = update_targets(targets, n_he, bucket, cfg.target_momentum)  # (3,) each; all groups count
+    rewards = entropy_shaped_reward(acc, n_he, bucket, for_reward, cfg.entropy_shaping, cfg.entropy_coef)  # (N,)
+    rewards = rewards + cfg.format_weight * fmt  # (N,)
+    adv = grpo_advantages(rewards, G).float()  # (N,) normalised within each group of G
+    group_acc = group_mean(acc, G)  # (P,)
+    keep_group = ((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups  # (P,) some right, some wrong
+    groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all
+    return dict(texts=texts, acc=acc, format=fmt, lengths=lengths, bucket=bucket, hwe=hwe, n_he=n_he, rewards=rewards,
+                adv=adv, keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
 
 
 def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:
@@ -881,61 +853,69 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
     runs the global maximum number of micro-batches; a rank short of rows repeats one with weight 0 (every rank
     must run the same forward/backward calls). Returns statistics, KL per bucket included."""
-    G, world, M = cfg.group_size, world_size(), cfg.minibatches
+    G, world, M, mb = cfg.group_size, world_size(), cfg.minibatches, cfg.micro_batch_size
     rows = keep.nonzero().squeeze(1)
     rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
-    loss_mask = ro["loss_mask"].float()
+    loss_mask = ro["loss_mask"].float()  # (N, R) the tokens each row sampled itself
     kl_w = kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax)  # (N, R)
     all_rows = list(range(len(ro["tokens"])))
     old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
-    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None
-    kl_stats = torch.zeros(4, 3, dtype=torch.float64)  # per bucket: sum KL_out per response, responses, KL_in sum, in tokens
+    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None  # (N, R)
+    kl_sums = torch.zeros(4, 3, dtype=torch.float64)  # kl_by_bucket's, over the first epoch
     stats = dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[], skipped=0, updates=0)
     chunks = [sorted(rows[k::M]) for k in range(M)]  # sorted: a group's rows share a micro-batch and its images
     for epoch in range(cfg.ppo_epochs):
         for mb_rows in chunks:
             count = len(mb_rows) if cfg.loss_agg == "seq-mean-token-mean" else loss_mask[mb_rows].sum().item()
-            denom = all_reduce(torch.tensor([float(count)])).item()
-            n_micro = int(all_reduce(torch.tensor([math.ceil(len(mb_rows) / cfg.micro_batch_size)]),
+            denom = all_reduce(torch.tensor([float(count)])).item()  # responses (or tokens) of the step, all ranks
+            n_micro = int(all_reduce(torch.tensor([math.ceil(len(mb_rows) / mb)]),
                                      dist.ReduceOp.MAX if dist.is_initialized() else None).item())
             if denom == 0:
                 continue
             for k in range(n_micro):
-                part = mb_rows[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
-                weight = 1.0 if part else 0.0
-                part = part or [0]
+                part = mb_rows[k * mb:(k + 1) * mb]
+                weight, part = (1.0 if part else 0.0), part or [0]
                 batch = teacher_forced(run, device, prompts, ro, part, G)
                 with sync_context(run.model, k == n_micro - 1), autocast(cfg, device):
-                    logp, _ = run.model(batch, cfg.temperature)
+                    logp, _ = run.model(batch, cfg.temperature)  # (n, R') with R' <= R
                     R = logp.shape[1]
                     lp_old = old[part, :R].to(device) if old is not None else logp.detach()
                     lp_ref = ref_lp[part, :R].to(device) if ref_lp is not None else None
                     loss, st = aepo_loss(logp, lp_old, lp_ref, adv[part].to(device), kl_w[part, :R].to(device),
                                          loss_mask[part, :R].to(device), cfg.loss_agg, denom, cfg.clip_low,
                                          cfg.clip_high, cfg.dual_clip)
-                    (loss * weight * world).backward()
+                    (loss * weight * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
                 if weight and epoch == 0:
                     for key in ("clip_frac", "tokens", "kl"):
                         stats[key] += st[key]
-                    if lp_ref is not None:  # KL outside / inside HWE windows, per response and bucket
-                        kl = k3_kl(logp.detach(), lp_ref).double().cpu()
-                        lm, inside = loss_mask[part, :R].double(), hwe[part, :R].double()
-                        out_mean = (kl * lm * (1 - inside)).sum(1) / (lm * (1 - inside)).sum(1).clamp(min=1)
-                        b = bucket[part]
-                        kl_stats[0].index_add_(0, b, out_mean)
-                        kl_stats[1].index_add_(0, b, torch.ones(len(part), dtype=torch.float64))
-                        kl_stats[2].index_add_(0, b, (kl * lm * inside).sum(1))
-                        kl_stats[3].index_add_(0, b, (lm * inside).sum(1))
-            norm, ok = optimizer_step(run.model, run.opt, run.sched, run.params, cfg.grad_clip)
+                    if lp_ref is not None:  # the controller's input: KL on the policy being updated, kept rows only
+                        kl_sums += kl_by_bucket(k3_kl(logp.detach(), lp_ref), loss_mask[part, :R], hwe[part, :R],
+                                                bucket[part])
+            norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip)
             stats["grad_norm"].append(norm)
             stats["skipped"] += not ok
             stats["updates"] += 1
-    all_reduce(kl_stats)
+    return update_stats(stats, all_reduce(kl_sums), old, ro)
+
+
+def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's KL per bucket (this rank): rows = the sum over responses of each one's mean KL OUTSIDE HWE
+    windows (the controller's signal, Alg. 1), responses, KL summed inside windows, tokens inside.
+    kl, loss_mask, hwe (n, R); bucket (n,) -> (4, 3) float64."""
+    kl, lm, inside = kl.double().cpu(), loss_mask.double().cpu(), hwe.double().cpu()
+    outside = lm * (1 - inside)  # (n, R)
+    out_mean = (kl * outside).sum(1) / outside.sum(1).clamp(min=1)  # (n,) mean over the response's outside tokens
+    return bucket_sums([out_mean, torch.ones_like(out_mean), (kl * lm * inside).sum(1), (lm * inside).sum(1)], bucket)
+
+
+def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: dict) -> dict:
+    """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
+    windows (per response) and inside them (per token), the largest gradient norm."""
     totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
     stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
-                 kl_outside=(kl_stats[0] / kl_stats[1].clamp(min=1)), kl_seen=kl_stats[1] > 0,
-                 kl_inside=(kl_stats[2].sum() / kl_stats[3].sum().clamp(min=1)).item(),
-                 kl_outside_mean=(kl_stats[0].sum() / kl_stats[1].sum().clamp(min=1)).item(),
+                 kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
+                 kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
+                 kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
                  grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
     if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
         lm = ro["resp_mask"].float()
@@ -994,49 +974,44 @@ def load_reference(name: str, cfg: Config, device) -> nn.Module:
     return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
 
 
-def aepo_log_row(step, ro, acc, fmt, rewards, bucket, n_he, lengths, counts, st, upd, times, run) -> dict:
-    """Global (all-rank) means of what a researcher watches, one JSON line per step."""
-    per_bucket = torch.zeros(4, 3, dtype=torch.float64)  # count, length sum, N_HE sum, accuracy sum
-    for row, val in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
-        per_bucket[row].index_add_(0, bucket, val.double())
-    branch = ro["parent"] >= 0
-    parent_acc = acc[ro["parent"].clamp(min=0)]
-    sums = torch.tensor([float(len(acc)), acc.sum(), rewards.sum(), fmt.sum(), lengths.sum(), n_he.sum(),
-                         (ro["entropy"] * ro["resp_mask"]).sum(), ro["loss_mask"].sum(), branch.sum(),
-                         (acc * branch).sum(), (parent_acc * branch).sum(), ro["truncated"].sum()], dtype=torch.float64)
-    all_reduce(sums)
-    all_reduce(per_bucket)
-    n, t0, t1, t2, t3 = sums[0].item(), *times
-    gen_tokens = sums[7].item()
-    row = dict(step=step + 1, reward=sums[2].item() / n, acc=sums[1].item() / n, format=sums[3].item() / n,
-               len=sums[4].item() / n, n_he=sums[5].item() / n, entropy=sums[6].item() / max(sums[4].item(), 1),
-               truncated=sums[11].item() / n, tau=ro["tau"], groups_kept=int(counts[0]), groups=int(counts[1]),
-               branches=int(sums[8]), branch_acc=sums[9].item() / max(sums[8].item(), 1),
-               parent_acc=sums[10].item() / max(sums[8].item(), 1), lr=run.sched.get_last_lr()[0],
-               time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2, rollout_tokens_per_s=gen_tokens / max(t1 - t0, 1e-9))
+def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tuple, lr: float) -> dict:
+    """Global (all-rank) means of what a researcher watches, one JSON line per step. sc: score_groups(); times:
+    seconds sampling, scoring, updating."""
+    acc, lengths, n_he = sc["acc"], sc["lengths"], sc["n_he"]
+    per_bucket = all_reduce(bucket_sums([torch.ones_like(acc), lengths, n_he, acc], sc["bucket"]))  # (4, 3)
+    branch = ro["parent"] >= 0  # (N,)
+    parent_acc = acc[ro["parent"].clamp(min=0)]  # (N,) the accuracy of each branch's parent
+    sums = all_reduce(torch.tensor([float(len(acc)), acc.sum(), sc["rewards"].sum(), sc["format"].sum(), lengths.sum(),
+                                    n_he.sum(), (ro["entropy"] * ro["resp_mask"]).sum(), ro["loss_mask"].sum(),
+                                    branch.sum(), (acc * branch).sum(), (parent_acc * branch).sum(),
+                                    ro["truncated"].sum()], dtype=torch.float64)).tolist()
+    n, branches = sums[0], max(sums[8], 1)
+    row = dict(step=step + 1, reward=sums[2] / n, acc=sums[1] / n, format=sums[3] / n, len=sums[4] / n,
+               n_he=sums[5] / n, entropy=sums[6] / max(sums[4], 1), truncated=sums[11] / n, tau=ro["tau"],
+               groups_kept=int(sc["groups"][0]), groups=int(sc["groups"][1]), branches=int(sums[8]),
+               branch_acc=sums[9] / branches, parent_acc=sums[10] / branches, lr=lr, time_sample=times[0],
+               time_score=times[1], time_update=times[2], rollout_tokens_per_s=sums[7] / max(times[0], 1e-9))
     for d, name in enumerate(BUCKETS):
         c = per_bucket[0, d].item()
-        row.update({f"n_{name}": int(c), f"len_{name}": per_bucket[1, d].item() / c if c else None,
-                    f"n_he_{name}": per_bucket[2, d].item() / c if c else None,
-                    f"acc_{name}": per_bucket[3, d].item() / c if c else None,
-                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item(),
-                    f"kappa_{name}": st["kappa"][d].item()})
-    for key in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap", "skipped", "skipped_reason"):
-        if key in upd:
-            row[key] = upd[key]
+        row.update({f"{key}_{name}": per_bucket[k, d].item() / c if c else None
+                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
+        row.update({f"n_{name}": int(c), f"kappa_{name}": st["kappa"][d].item(),
+                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item()})
+    row.update({k: upd[k] for k in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap",
+                                    "skipped", "skipped_reason") if k in upd})
     return row
 
 
-def level_stats(levels: list[str], level: list[int], bucket, lengths, n_he, acc, G: int) -> dict:
+def level_stats(levels: list[str], recs: list[dict], sc: dict, G: int) -> dict:
     """When the records carry a `difficulty` label (the demo's levels, a benchmark's): per label, the mean length,
     N_HE and accuracy of its responses and how many of its groups fell in each online bucket (spec §3), over
-    all ranks. level (P,) index into `levels` per prompt; bucket, lengths, n_he, acc (P * G,)."""
-    lv = torch.tensor(level).repeat_interleave(G)  # (N,)
-    sums = torch.zeros(4 + 3, len(levels), dtype=torch.float64)  # responses, length, N_HE, correct; groups per bucket
-    for k, v in enumerate((torch.ones_like(acc), lengths, n_he, acc)):
-        sums[k].index_add_(0, lv, v.double())
-    sums[4:].index_put_((bucket[::G], torch.tensor(level)), torch.ones(len(level), dtype=torch.float64), accumulate=True)
-    all_reduce(sums)
+    all ranks. recs: the step's P records; sc: score_groups() of their P * G responses."""
+    level = torch.tensor([levels.index(str(r["difficulty"])) for r in recs])  # (P,)
+    acc = sc["acc"]
+    sums = bucket_sums([torch.ones_like(acc), sc["lengths"], sc["n_he"], acc], level.repeat_interleave(G), len(levels))
+    groups = torch.zeros(3, len(levels), dtype=torch.float64).index_put_(
+        (sc["bucket"][::G], level), torch.ones(len(level), dtype=torch.float64), accumulate=True)  # (3, levels)
+    sums = all_reduce(torch.cat([sums, groups]))  # (4 + 3, levels)
     row = {}
     for j, name in enumerate(levels):
         n = sums[0, j].item()
@@ -1082,6 +1057,10 @@ def init_distributed(timeout_s: float = 1800):
     return rank, world, device
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -1098,7 +1077,7 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def rank0_print(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         print(*args, flush=True)
 
 
@@ -1108,129 +1087,8 @@ def barrier():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model: Qwen2/2.5/3-VL via the image-text-to-text auto class, text LMs via the causal-LM class. The processor
-# is image-only (no torchvision), and `mm_token_type_ids` is always passed so that Qwen's 3-D rotary positions
-# are used (without it the model silently falls back to 1-D positions).
-
-
-TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
-
-
-def is_tiny(name: str) -> bool:
-    if name == "tiny":
-        return True
-    cfg_file = Path(name) / "config.json"
-    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
-
-
-def _processor_class():
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageTextProcessor(Qwen2_5_VLProcessor):
-        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageTextProcessor
-
-
-def build_tiny(seed: int = 0):
-    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    tok = tiny_tokenizer()
-    ids = tok.convert_tokens_to_ids
-    s = TINY_SIZES
-    head_dim = s["hidden"] // s["heads"]
-    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
-                         pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
-                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
-    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
-    # read the image several times faster when the image tokens are a larger part of what it attends to.
-    config.ares_prompt_suffix = ""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-    model.generation_config.bos_token_id = None
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    processor = _processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
-    processor.prompt_suffix = config.ares_prompt_suffix
-    return model, processor
-
-
-def load_processor(name: str, is_vlm: bool, cfg: Config):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(name)
-    if not is_vlm:
-        return tok
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
-    if not is_tiny(name):
-        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    template = tok.chat_template
-    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
-        path = Path(name) / fname
-        if template is None and path.is_file():
-            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
-    return _processor_class()(image_processor, tok, chat_template=template)
-
-
-VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
-
-
-UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
-               "is `.model` (Qwen2, Qwen3, Llama, ...)")
-
-
-def load_model(name: str, cfg: Config, device: torch.device, meta: bool = False):
-    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
-    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "file": "auto",
-             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[cfg.dtype]
-    if name == "tiny":
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model, processor = build_tiny(cfg.seed)
-        model.to(torch.float32 if dtype == "auto" else dtype)
-    else:
-        config = AutoConfig.from_pretrained(name)
-        is_vlm = hasattr(config, "vision_config")
-        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-        if meta:
-            with torch.device("meta"):
-                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
-            with contextlib.suppress(OSError):  # the stop tokens live there
-                model.generation_config = GenerationConfig.from_pretrained(name)
-        else:
-            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
-        if not hasattr(model, "model"):
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        processor = load_processor(name, is_vlm, cfg)
-    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", FORMAT_PROMPT)  # the prompt it learned with
-    model.config.use_cache = False
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (model if meta else model.to(device)), processor
+# Model: the policy around a Hugging Face model (data_prep.load_model loads it). `mm_token_type_ids` is always
+# passed so that Qwen's 3-D rotary positions are used (without it the model silently falls back to 1-D ones).
 
 
 def load_for_fsdp(name: str, cfg: Config, device):
@@ -1240,17 +1098,6 @@ def load_for_fsdp(name: str, cfg: Config, device):
     skeleton, processor = load_model(name, cfg, device, meta=True)
     full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if dist.get_rank() == 0 else None
     return skeleton, processor, full
-
-
-def special_ids(model, processor) -> dict:
-    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
-    tok = tokenizer_of(processor)
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    gen_eos = model.generation_config.eos_token_id
-    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
-                image=getattr(model.config, "image_token_id", None))
 
 
 def vision_params(model):
@@ -1276,25 +1123,6 @@ class Policy(nn.Module):
         h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
         return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
                              banned=self.banned)
-
-
-def gather_images(prompts: list[dict]) -> dict:
-    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
-    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
-    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
-    first, pix, grid, index = {}, [], [], []
-    for p in prompts:
-        if p["pixel_values"] is None:
-            continue
-        if id(p) not in first:
-            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
-            pix.append(p["pixel_values"])
-            grid.append(p["image_grid_thw"])
-        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
-    if not pix:
-        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
-    grid = torch.cat(grid)
-    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
 
 
 def encode_images(model, images: dict) -> dict:
@@ -1350,10 +1178,6 @@ def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, tempe
     return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Batches: prompts (data_prep.encode_prompt) and responses -> padded model inputs.
-
-
 def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
     kept = [r for r in records if prompt_length(processor, r) <= max_len]
     if len(kept) < len(records):
@@ -1363,58 +1187,21 @@ def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
     return kept
 
 
-def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
-    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
-    base = getattr(model, "model", model)
-    if hasattr(base, "get_rope_index"):
-        mm = (input_ids == model.config.image_token_id).int()
-        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
-    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
-    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
-    are real."""
-    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
-    N, L, R = len(seqs), max(len(s) for s in seqs), max(max(len(r) for r in responses), 1)
-    input_ids = torch.full((N, L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(N, L, dtype=torch.long)
-    resp_index = torch.zeros(N, R, dtype=torch.long)
-    resp_mask = torch.zeros(N, R, dtype=torch.bool)
-    for i, (s, p, r) in enumerate(zip(seqs, prompts, responses)):
-        input_ids[i, :len(s)] = s
-        attention_mask[i, :len(s)] = 1
-        n = len(r)
-        resp_index[i] = (len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1)
-        resp_mask[i, :n] = True
-    images = gather_images(prompts)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
-                 resp_tokens=input_ids.gather(1, resp_index), **images,
-                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
-    if getattr(model.config, "image_token_id", None) is not None:
-        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
-    dtype = next(model.parameters()).dtype
-    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training: wrapping (DDP or FSDP2), optimizer, data order, the run's state.
 
 
-def setup_run(cfg: Config):
-    rank, world, device = init_distributed(cfg.dist_timeout)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
-    return rank, world, device
-
-
-def compute_dtype(cfg: Config, device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+def start_stage(cfg: Config, stage: str):
+    """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
+    every record (bad data fails before the model loads), load the policy. -> (cfg, run, records, world, device)."""
+    cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
+    me, world, device = init_distributed(cfg.dist_timeout)
+    random.seed(cfg.seed + me)
+    np.random.seed(cfg.seed + me)
+    torch.manual_seed(cfg.seed + me)
+    records = load_records(cfg.data, cfg.split, need_response=stage == "coldstart")
+    run = load_for_training(cfg, device)
+    return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
 
 
 def decoder_blocks(hf: nn.Module) -> list[nn.Module]:
@@ -1511,7 +1298,7 @@ def make_optimizer(params, cfg: Config, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(policy, opt, sched, params, clip: float) -> tuple[float, bool]:
+def optimizer_step(opt, sched, params, clip: float) -> tuple[float, bool]:
     """Clip, step, schedule. A non-finite gradient norm skips the update (and is reported)."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -1540,8 +1327,7 @@ def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
     per_epoch = n // batch
     order = epoch_order(n, step // per_epoch, seed)
     idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return idx[rank::world_size()]
+    return idx[rank()::world_size()]
 
 
 def check_batch(cfg: Config, n_records: int, what: str):
@@ -1549,6 +1335,26 @@ def check_batch(cfg: Config, n_records: int, what: str):
         raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world_size()}")
     if n_records < cfg.batch_size:
         raise SystemExit(f"--batch-size {cfg.batch_size} is larger than the {n_records} usable {what}")
+
+
+@dataclass
+class Run:
+    """What a training stage holds: load_for_training fills the first fields, prepare_training the rest."""
+    hf: nn.Module  # the Hugging Face model: fp32 master weights (a skeleton of shards under FSDP)
+    processor: object  # its tokenizer and image processor
+    ids: dict  # special_ids(): pad, end-of-turn, stop set, image token
+    out: Path = Path("runs/ares")  # --out: checkpoints and metrics.jsonl
+    ckpt: Path | None = None  # the checkpoint this run resumes from
+    full: nn.Module | None = None  # FSDP: rank 0's full model until fill_shards() has sent it
+    model: nn.Module | None = None  # what the loop calls: the Policy, wrapped in DDP or sharded by FSDP2
+    policy: Policy | None = None  # the Policy inside it (state dicts, checkpoints)
+    params: list = field(default_factory=list)  # the trainable parameters
+    opt: torch.optim.Optimizer | None = None
+    sched: object = None  # the learning-rate schedule
+    total: int = 0  # optimizer steps of the whole run
+    state: dict = field(default_factory=dict)  # what a checkpoint restores besides weights: step, AEPO's targets, kappa
+    n_params: int = 0
+    n_trainable: int = 0
 
 
 def load_for_training(cfg: Config, device):
@@ -1568,7 +1374,7 @@ def load_for_training(cfg: Config, device):
         p.requires_grad_(cfg.train_vision)
     if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
         hf.config.ares_prompt_suffix = processor.prompt_suffix = cfg.prompt_suffix
-    return argparse.Namespace(out=out, ckpt=ckpt, hf=hf, full=full, processor=processor, ids=special_ids(hf, processor))
+    return Run(hf=hf, processor=processor, ids=special_ids(hf, processor), out=out, ckpt=ckpt, full=full)
 
 
 def prepare_training(cfg: Config, run, device, total: int):
@@ -1601,15 +1407,6 @@ def training_state(policy: Policy, opt) -> dict:
     return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
 
 
-def fsync(path: Path):
-    """Flush a file or a folder's entries to disk: a rename is only atomic for data that reached the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor, state: dict, keep_last: int):
     """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
     buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
@@ -1619,9 +1416,9 @@ def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    me = rank()
     final, tmp = out / name, out / f"{name}.tmp"
-    if rank == 0:
+    if me == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
@@ -1630,15 +1427,15 @@ def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor,
     hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(rng, tmp / f"rng_{rank}.pt")
-    fsync(tmp / f"rng_{rank}.pt")
-    if rank == 0:
+    torch.save(rng, tmp / f"rng_{me}.pt")
+    fsync(tmp / f"rng_{me}.pt")
+    if me == 0:
         policy.hf.save_pretrained(tmp, state_dict={k.removeprefix("hf."): v for k, v in hf_sd.items()})
         processor.save_pretrained(tmp)
         torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
     del hf_sd
     barrier()  # every rank's files are on disk
-    if rank == 0:
+    if me == 0:
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         for f in files:
             fsync(tmp / f)
@@ -1679,13 +1476,12 @@ def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
     sd = training_state(policy, opt)
     dcp.load(sd, checkpoint_id=path / "state")  # in place, buffers included
     set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     sched.load_state_dict(saved["scheduler"])
-    rng_file = path / f"rng_{rank}.pt"
+    rng_file = path / f"rng_{rank()}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, map_location="cpu", weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -1694,65 +1490,6 @@ def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return saved["state"]
-
-
-class Metrics:
-    """One JSON line per step in <out>/metrics.jsonl (rank 0) and a tqdm bar. A resumed run keeps the lines up to
-    its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
-    the old file or the new one whole."""
-
-    def __init__(self, out: Path, total: int, start: int, desc: str):
-        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.file = None
-        if self.rank0:
-            path = out / "metrics.jsonl"
-            if start and path.exists():
-                write_atomically(path, "".join(json.dumps(r) + "\n" for r in logged_rows(path) if r["step"] <= start))
-            self.file = open(path, "a" if start else "w")
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
-
-    def log(self, row: dict, show: tuple[str, ...]):
-        if self.rank0:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
-        self.bar.update(1)
-
-    def close(self):
-        self.bar.close()
-        if self.file:
-            self.file.close()
-
-
-def logged_rows(path: Path) -> list[dict]:
-    """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
-    warning."""
-    rows = []
-    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        elif line.strip():
-            rank0_print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
-    return rows
-
-
-def write_atomically(path: Path, text: str):
-    """Write a new file beside `path`, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}

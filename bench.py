@@ -156,11 +156,11 @@ def build_processor(size: str, args):
     from transformers import Qwen2VLImageProcessorPil
 
     if size == "tiny":
-        return ares.build_tiny(0)[1], {}
+        return data_prep.build_tiny(0)[1], {}
     tok, how = qwen_tokenizer(args.cache_dir)
     cfg = ares.Config()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return ares._processor_class()(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE), dict(tokenizer=how)
+    return data_prep.processor_class()(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE), dict(tokenizer=how)
 
 
 def build_model(size: str, device, dtype, args, seed: int = 0):
@@ -169,7 +169,7 @@ def build_model(size: str, device, dtype, args, seed: int = 0):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if size == "tiny":
-        model, processor = ares.build_tiny(seed)
+        model, processor = data_prep.build_tiny(seed)
         return model.to(device, dtype).eval(), processor, {}
     processor, notes = build_processor(size, args)
     config = qwen_config(size, args.layers)
@@ -274,9 +274,9 @@ def matmul_peak(device, dtype) -> float:
 
 
 def generate_inputs(model, prompts: list[dict], ids: dict, device) -> dict:
-    input_ids, att = ares._left_pad([p["ids"] for p in prompts], ids["pad"])
+    input_ids, att = ares.pad([p["ids"] for p in prompts], ids["pad"], left=True)
     dtype = next(model.parameters()).dtype
-    return dict(input_ids=input_ids.to(device), attention_mask=att.to(device),
+    return dict(input_ids=input_ids.to(device), attention_mask=att.long().to(device),
                 pixel_values=torch.cat([p["pixel_values"] for p in prompts]).to(device, dtype),
                 image_grid_thw=torch.cat([p["image_grid_thw"] for p in prompts]).to(device),
                 mm_token_type_ids=(input_ids == ids["image"]).int().to(device))
@@ -691,7 +691,7 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
     import trl
 
     records = data_prep.load_records(str(data))
-    model, processor = ares.build_tiny(0)
+    model, processor = data_prep.build_tiny(0)
     banned, suffix = ares.banned_tokens(model), processor.prompt_suffix  # the prompt ares.py's tiny runs use
     ds = Dataset.from_list([dict(prompt=[dict(role="user", content=f"{r['question']}\n{suffix}".strip())],
                                  image=r["images"][0], answer=r["answer"]) for r in records])
@@ -718,7 +718,7 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
                       seed=0, dataloader_num_workers=0, gradient_checkpointing=False, log_completions=False,
                       disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
                       generation_kwargs={"suppress_tokens": banned})  # ares bans image placeholders too
-    processor = ares.load_processor(str(model_dir), True, ares.Config())
+    processor = data_prep.load_processor(str(model_dir), True, ares.Config())
     processor.tokenizer.padding_side = "left"  # as TRL loads a processor itself: its prompts are left-padded
     timer = StepTimer()
     t = time.perf_counter()
@@ -838,7 +838,7 @@ def run_aepo_parts(args) -> dict:
     res = {}
     with tempfile.TemporaryDirectory(prefix="ares-bench-") as tmp:
         tmp = Path(tmp)
-        model, processor = ares.build_tiny(0)
+        model, processor = data_prep.build_tiny(0)
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
         data = data_prep.make_demo(tmp / "data", seed=0, sizes={"rl": 32})["rl"]

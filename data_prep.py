@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -70,6 +71,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,6 +130,152 @@ def tiny_tokenizer():
 
 def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
+
+
+
+# Models and processors: a hub name or folder -> (model, processor). Qwen2/2.5/3-VL via the image-text-to-text
+# auto class, text LMs via the causal-LM class; the processor is Qwen2-VL's, image-only (no torchvision). The
+# tiny model is the offline demo's base model, built here with its tokenizer.
+TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
+
+
+def is_tiny(name: str) -> bool:
+    if name == "tiny":
+        return True
+    cfg_file = Path(name) / "config.json"
+    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
+
+
+def processor_class():
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageTextProcessor
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    s = TINY_SIZES
+    head_dim = s["hidden"] // s["heads"]
+    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
+    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
+    # read the image several times faster when the image tokens are a larger part of what it attends to.
+    config.ares_prompt_suffix = ""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.bos_token_id = None
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
+    processor.prompt_suffix = config.ares_prompt_suffix
+    return model, processor
+
+
+def load_processor(name: str, is_vlm: bool, cfg):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if not is_vlm:
+        return tok
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    if not is_tiny(name):
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    template = tok.chat_template
+    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
+        path = Path(name) / fname
+        if template is None and path.is_file():
+            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
+    return processor_class()(image_processor, tok, chat_template=template)
+
+
+
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
+
+
+
+UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
+               "is `.model` (Qwen2, Qwen3, Llama, ...)")
+
+
+
+def compute_dtype(cfg, device):
+    """--dtype as a torch dtype: auto is bf16 on a GPU and fp32 on the CPU; 'file' (loading only): the checkpoint's."""
+    if cfg.dtype in ("auto", "file"):
+        return "auto" if cfg.dtype == "file" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def load_model(name: str, cfg, device, meta: bool = False):
+    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
+    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+    dtype = compute_dtype(cfg, device)
+    if name == "tiny":
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = build_tiny(cfg.seed)
+        model.to(torch.float32 if dtype == "auto" else dtype)
+    else:
+        config = AutoConfig.from_pretrained(name)
+        is_vlm = hasattr(config, "vision_config")
+        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        if meta:
+            with torch.device("meta"):
+                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
+            with contextlib.suppress(OSError):  # the stop tokens live there
+                model.generation_config = GenerationConfig.from_pretrained(name)
+        else:
+            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        if not hasattr(model, "model"):
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        processor = load_processor(name, is_vlm, cfg)
+    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", FORMAT_PROMPT)  # the prompt it learned with
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return (model if meta else model.to(device)), processor
+
+
+
+def special_ids(model, processor) -> dict:
+    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
+    tok = tokenizer_of(processor)
+    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    gen_eos = model.generation_config.eos_token_id
+    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
+                image=getattr(model.config, "image_token_id", None))
+
 
 
 class DataError(ValueError):
@@ -345,6 +493,75 @@ def prompt_length(processor, record: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Batches: encoded prompts (encode_prompt) and responses -> padded model inputs; each distinct image once.
+
+
+def pad(rows: list[torch.Tensor], value=0, left: bool = False, multiple: int = 1):
+    """Stack 1-D tensors into (N, L), L = the longest (at least 1) rounded up to `multiple`, filled with `value`
+    on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
+    L = -(-max(max(len(r) for r in rows), 1) // multiple) * multiple
+    out = torch.full((len(rows), L), value, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        where = slice(L - len(r), L) if left else slice(0, len(r))
+        out[i, where], mask[i, where] = r, True
+    return out, mask
+
+
+
+def gather_images(prompts: list[dict]) -> dict:
+    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
+    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
+    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
+    first, pix, grid, index = {}, [], [], []
+    for p in prompts:
+        if p["pixel_values"] is None:
+            continue
+        if id(p) not in first:
+            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
+            pix.append(p["pixel_values"])
+            grid.append(p["image_grid_thw"])
+        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
+    if not pix:
+        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
+    grid = torch.cat(grid)
+    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
+
+
+
+def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
+    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
+    base = getattr(model, "model", model)
+    if hasattr(base, "get_rope_index"):
+        mm = (input_ids == model.config.image_token_id).int()
+        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+
+def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
+    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
+    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
+    are real."""
+    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
+    input_ids, attention_mask = pad(seqs, pad_id)  # (N, L)
+    attention_mask = attention_mask.long()
+    resp_mask = pad([r.to(torch.long) for r in responses])[1]  # (N, R)
+    R = resp_mask.shape[1]
+    resp_index = torch.stack([(len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1) for p, s in zip(prompts, seqs)])
+    images = gather_images(prompts)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
+                 resp_tokens=input_ids.gather(1, resp_index), **images,
+                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
+    if getattr(model.config, "image_token_id", None) is not None:
+        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Grading: the last \boxed{...} against the ground truth, with math-verify for mathematical equivalence and a
 # normalised string comparison for everything else (multiple-choice letters, words).
 
@@ -550,6 +767,102 @@ def format_ok(text: str) -> bool:
     """The format reward: '<think> ... </think>' then a \\boxed{} answer after it."""
     m = re.fullmatch(r"\s*<think>(.+?)</think>(.*)", text, flags=re.S)
     return bool(m and m.group(1).strip() and extract_boxed(m.group(2)) is not None)
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command lines: one --flag per field of a config dataclass (ares.py's Config, eval.py's EvalConfig).
+
+
+def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_only=False) -> argparse.ArgumentParser:
+    """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
+    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
+    given_only=True: no defaults, so the parsed namespace holds only the flags on the command line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):  # fields without help are not flags
+        flag = "--" + f.name.replace("_", "-")
+        shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)
+        help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {'; '.join(shown)})" if shown else "")
+        default = argparse.SUPPRESS if given_only else [] if f.type == "list" else f.default
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.type == "list":
+            parser.add_argument(flag, action="append", default=default, metavar="STR", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text,
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run files: metrics.jsonl, written by ares.py's loops and read by eval.py's curves, and the atomic writes that
+# ares.py's checkpoints rely on.
+
+
+def fsync(path: Path):
+    """Flush a file or a folder's entries to disk: a rename is only atomic for data that reached the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Metrics:
+    """One JSON line per step in <out>/metrics.jsonl (on rank 0 only) and a tqdm bar. A resumed run keeps the lines up to
+    its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
+    the old file or the new one whole."""
+
+    def __init__(self, out: Path, total: int, start: int, desc: str, rank0: bool = True):
+        self.rank0 = rank0
+        self.file = None
+        if self.rank0:
+            path = out / "metrics.jsonl"
+            if start and path.exists():
+                write_atomically(path, "".join(json.dumps(r) + "\n" for r in logged_rows(path) if r["step"] <= start))
+            self.file = open(path, "a" if start else "w")
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
+
+    def log(self, row: dict, show: tuple[str, ...]):
+        if self.rank0:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def logged_rows(path: Path) -> list[dict]:
+    """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
+    warning."""
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
+    return rows
+
+
+def write_atomically(path: Path, text: str):
+    """Write a new file beside `path`, fsync it, rename it over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
 
 
 

@@ -61,7 +61,7 @@ from ares import arg
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as ares.py's
     model: list = field(default_factory=list, metadata={"help": "checkpoint folder or hub name; repeat to compare "
                                                                  "(the first is the baseline of the differences)"})
     name: list = field(default_factory=list, metadata={"help": "display name of each --model, in order (default: "
@@ -94,15 +94,10 @@ class EvalConfig:
     plot: str = arg("", "PNG file: accuracy against mean response tokens per benchmark and model (needs matplotlib)")
     demo: list = field(default_factory=list, metadata={"help": "--out folder of a `python ares.py` run; repeat for "
                                                                "several seeds: prints their mean +- sd table"})
-    # model
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32", ("auto", "bf16", "fp16", "fp32"))
-    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2")
-    min_pixels: int = arg(56 * 56, "smallest image area after resizing")
-    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing")
 
 
 def parse_config(argv=None) -> EvalConfig:
-    parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
+    parser = data_prep.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if not cfg.demo and (not cfg.model or not cfg.data):
         parser.error("give at least one --model and one --data (or --demo runs)")
@@ -502,7 +497,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for b in benches:
         b["field"] = bucket_field(b["records"] + [f["row"] for f in b["failures"]], cfg.bucket_by)
     names, decoding = model_names(cfg.model, cfg.name), decoding_key(cfg)
-    load_cfg = ares.Config(dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    load_cfg = ares.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ares.ModelConfig)}, seed=cfg.seed)
     writer = open(out / "responses.jsonl", "a") if rank == 0 else None
     metrics, failures, counts = {b["name"]: {} for b in benches}, [], dict(generated=0, cached=0)
     for path, name in zip(cfg.model, names):
@@ -643,10 +638,6 @@ def moving_mean(values: list[float], k: int) -> list[float]:
     return out
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path) if line.strip()]
-
-
 def run_levels(rows: list[dict]) -> list[str]:
     """The difficulty labels an AEPO run logged (level_<label>_len keys), in the table's order (bucket_order)."""
     labels = {k[len("level_"):-len("_len")] for r in rows for k in r if k.startswith("level_") and k.endswith("_len")}
@@ -661,7 +652,7 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     if plt is None:
         return False
     runs = runs if isinstance(runs, dict) else {"": runs}
-    data = {name: read_metrics(path) for name, path in runs.items()}
+    data = {name: data_prep.logged_rows(Path(path)) for name, path in runs.items()}
     levels = run_levels(next(iter(data.values())))
     per = (lambda key: [f"level_{lv}_{key}" for lv in levels]) if levels else (
         lambda key: [f"{key}_{b}" for b in ares.BUCKETS])
@@ -686,7 +677,7 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
 
 def bucket_shares(metrics_file: Path) -> dict:
     """Over all AEPO steps of a run: per difficulty level, the share of its groups in each online bucket (spec §3)."""
-    rows = read_metrics(metrics_file)
+    rows = data_prep.logged_rows(Path(metrics_file))
     shares = {}
     for lv in run_levels(rows):
         n = {b: sum(r.get(f"level_{lv}_groups_{b}", 0) for r in rows) for b in ares.BUCKETS}

@@ -6,7 +6,6 @@ References are independent of the code under test: a plain `model(...)` forward 
 derives its own 3-D rotary positions from `mm_token_type_ids`), numpy's nucleus distribution, plain Python loops
 for window entropies, tau and branch-point selection, and a second (uninterrupted, or other-rank) run.
 """
-import argparse
 import copy
 import dataclasses
 import itertools
@@ -340,7 +339,7 @@ def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(ti
     cfg = rollout_config(branch_samples=0, kl_coef=0.0, lr=1e-3, micro_batch_size=3, minibatches=2, max_response_len=10)
     G = cfg.group_size
     hf = copy.deepcopy(model)
-    run = argparse.Namespace(hf=hf, processor=processor, ids=ares.special_ids(hf, processor), ckpt=None)
+    run = ares.Run(hf=hf, processor=processor, ids=ares.special_ids(hf, processor))
     ares.prepare_training(cfg, run, torch.device("cpu"), total=10)
     run.state.update(kappa=torch.ones(3, dtype=torch.float64))
     ro = ares.rollout_groups(hf, prompts, cfg, run.ids, torch.Generator().manual_seed(0))

@@ -172,7 +172,7 @@ def test_one_and_two_processes_agree_and_the_cache_is_reused(tmp_path, tiny_ckpt
 def terse_ckpt(tmp_path_factory) -> Path:
     """The tiny model edited to answer at once: its end-of-turn embedding (tied to the output layer) is made the
     top logit wherever the random model would repeat '\\n', so its responses are 1 token instead of 24."""
-    model, processor = ares.build_tiny(seed=0)
+    model, processor = data_prep.build_tiny(seed=0)
     tok = data_prep.tokenizer_of(processor)
     newline, eot = tok("\n", add_special_tokens=False)["input_ids"][0], tok.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
