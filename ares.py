@@ -17,38 +17,53 @@ Run it:
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint <node 0>:29500 ares.py ...  # 2 nodes
     python ares.py --help                            # every knob, with its default
 
-Reading order (search for "Eq. N" or "spec §N"): config -> distributed -> model -> data -> grading ->
-entropy & HWE (Eq. 3, Eq. 4) -> difficulty & reward (spec §3-4) -> KL & loss (Eq. 1, Eq. 2) -> sampler ->
-branching rollouts (spec §2) -> checkpoints -> cold-start loop -> AEPO loop -> demo -> main.
+Reading order (search for "Eq. N" or "spec §N"): config -> entropy & HWE (Eq. 3, Eq. 4) -> difficulty & reward
+(spec §3-4) -> KL & loss (Eq. 1, Eq. 2) -> sampler and branching rollouts (spec §2) -> cold-start loop -> AEPO
+loop; then, marked as such, the infrastructure: distributed, model, training, checkpoints, main.
 
-Every place where the paper, its released code and this file differ (the choice here is the default):
+Files and imports, one way only: data_prep.py <- ares.py <- eval.py (and bench.py). data_prep.py holds what turns
+files into model inputs and model outputs into verdicts (records, prompts, processors, model loading, batches, the
+grader, metrics.jsonl) and imports no local file; this file imports it and nothing else local; eval.py imports
+both and runs what needs all three: passrate (`data_prep.py passrate` hands over to it) and the demo (`python
+ares.py` runs `eval.py demo`). So every file can be read, and tested, without the ones above it.
+
+Every place where the paper, its released code and this file differ, or where both are silent (the choice here is
+the default):
   - Token entropy is exact over the full vocabulary from the logits (code: top-10 approximation).
   - Window entropy uses the forward window [t, t+w-1] of Eq. 4, full windows only (code: [t+1, t+w]).
-  - tau = mean over ALL responses of the step, on all ranks, of each response's 0.95 entropy quantile.
+  - tau = mean over ALL responses of the step, on all ranks, of each response's 0.95 entropy quantile, taken over
+    the first-pass (fresh) responses only: the branches are sampled after it and are scored against it.
   - Rollouts branch at HWE windows (paper, main text); the released code never branches. G-B fresh samples,
-    then up to B branches per prompt, highest window entropy first; a branch trains only on its own tokens.
-  - Bucket targets T_d are an EMA (momentum 0.9) over steps; the paper's batch mean makes its reward zero.
+    then up to B branches per prompt, highest window entropy first, at t >= 1 (a non-empty prefix); a branch
+    trains only on its own tokens, but its N_HE, accuracy and length count the whole response, prefix included.
+  - --trigger-words checks the token sampled at the window's start (decoded, stripped, lower-cased).
+  - Bucket targets T_d are an EMA (momentum 0.9) over steps, fed by every group, filtered ones too; the paper's
+    batch mean makes its reward zero.
   - Entropy-reward scale alpha = 0.4 (code: 0.5), so that a correct answer always outranks a wrong one.
   - KL is per token: beta0 * bucket multiplier * kappa_d * rho^(inside HWE window) (code: per sequence,
-    window relaxation unreachable). kappa_d adapts to the KL measured OUTSIDE windows only (Alg. 1).
+    window relaxation unreachable). kappa_d adapts to the KL measured OUTSIDE windows only (Alg. 1), on the
+    kept responses during the update (first epoch), and is clipped to [0.01, 100].
   - Ratio uses pi_old, not pi_ref (Eq. 2 typo). Asymmetric clip 0.2/0.3 and dual clip 3, as released.
+  - Log-probs and entropies are those of the untruncated softmax(z / T), while sampling draws from the top-p
+    nucleus (0.99): the update differentiates the full policy.
   - Alg. 1's token entropy bonus (undefined phi, b_i) and its /L_i advantage scaling are left out.
   - Groups whose accuracy is all 0 or all 1 are dropped (paper: mean reward outside [0.01, 0.99]).
+  - Answers are graded by math-verify (the released code uses mathruler), after choice-letter and string checks.
+  - Cold start: lr 2e-5 with a 3% linear warm-up, then cosine decay to 10% (the paper gives no schedule).
+  - AdaCS (data_prep.py): L(0), L(1) are medians over all traces, right and wrong; a source without a p = 0
+    (p = 1) problem takes its lowest (highest) bracket; ties for the nearest trace go to the shorter one.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -60,11 +75,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from data_prep import (DataError, Metrics, compute_dtype, dataclass_parser, encode_prompt, extract_boxed, format_ok, fsync,
-                       gather_images, grade_batch, is_tiny, load_model, load_records, make_batch, pad, position_ids,
-                       prompt_length, special_ids, tokenizer_of)
-
-warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
+from data_prep import (DataError, Metrics, compute_dtype, dataclass_parser, encode_prompt, extract_boxed, format_ok,
+                       gather_images, grade_batch, is_tiny, latest_checkpoint, load_model, load_records, make_batch, pad,
+                       position_ids, prompt_length, rank, rank0_print, restore_training_state, save_checkpoint,
+                       special_ids, tokenizer_of, world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,7 +362,8 @@ KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tig
 def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     """Spec §3, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
     acc (N,) in {0, 1}, groups of G consecutive responses -> (N,) bucket per response. In integers, so that
-    G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2 exactly."""
+    G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2 exactly. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0]
+    -> [1, 1, 1, 1, 2, 2, 2, 2] (2 of 4 right: medium; 1 of 4: hard)."""
     correct = rearrange(acc, "(p g) -> p g", g=group_size).sum(1).long()  # (P,)
     bucket = torch.full_like(correct, 2)
     bucket[3 * correct >= group_size] = 1
@@ -396,7 +411,10 @@ def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.T
       correct medium  -min(cap, Hub(max(|Delta| - m, 0)) / (m + k) * cap)      stay near the target
       correct hard    +sig(Delta + m) * cap if Delta >= -m else -min(cap, 0.5 Hub(-Delta - m) / (m + k) * cap)
       wrong (any)     +sig(max(Delta - m, 0)) * cap * u                         mild push to explore
-    with sig(x) = 1 / (1 + exp(-x / s)). 'incorrect-only' is the paper's main-text form, 'none' is R = acc."""
+    with sig(x) = 1 / (1 + exp(-x / s)). 'incorrect-only' is the paper's main-text form, 'none' is R = acc.
+    Example, easy bucket (f 0.15, k 2, s 2, c 1, u 0.6), T = 3, alpha = 0.4, so m = 1 and cap = 0.4: acc [1, 1, 0],
+    n_he [3, 9, 9] -> [1.0, 0.6, 0.222]: right near the target keeps 1; right with Delta = 6 pays the whole cap
+    (Hub(5) / 3 * 0.4 = 0.53 > 0.4); wrong gets sig(5) * 0.4 * 0.6 = 0.222, still below any right answer."""
     acc, n_he = acc.double(), n_he.double()
     T = targets.double()[bucket]  # (N,)
     delta = n_he - T
@@ -463,7 +481,9 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
         seq-mean-token-mean: sum_i (sum_t l_it / L_i) / denom, denom = responses in the step
         token-mean:          sum_{i,t} l_it / denom,          denom = loss tokens in the step
     so that summing the returned losses over micro-batches (and averaging gradients over ranks after
-    multiplying by the world size) gives exactly the full-batch objective. Returns (loss, stats)."""
+    multiplying by the world size) gives exactly the full-batch objective. Returns (loss, stats). Example, one
+    response, r = [2, 1] (logp = log [.5, .5], logp_old = log [.25, .5]), no KL, denom 1: A = +1 -> l = [-1.3, -1]
+    (the first ratio clipped at 1 + 0.3), loss -1.15; A = -1 -> l = [2, 1] (under the dual-clip bound 3), loss 1.5."""
     mask = mask.float()
     ratio = torch.exp(logp - logp_old)
     a = adv[:, None].to(logp)
@@ -1022,16 +1042,11 @@ def level_stats(levels: list[str], recs: list[dict], sc: dict, G: int) -> dict:
 
 
 # ==========================================================================================================
-# Infrastructure: what any trainer needs and ARES does not change. Distributed helpers, model loading and the
-# processor, batches, wrapping (DDP or FSDP2), optimizer, atomic checkpoints, metrics, the entry point.
+# Infrastructure: what any trainer needs and ARES does not change: the process group, the policy module, wrapping
+# (DDP or FSDP2), optimizer, data order, the run's state, the entry point. (Loading models, batches, checkpoint and
+# metrics files, rank() and barrier() are data_prep.py's.)
 # ==========================================================================================================
 # ----------------------------------------------------------------------------------------------------------
-# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
-# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
-# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
-# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
-
-
 # Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
 # One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
 # denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
@@ -1057,14 +1072,6 @@ def init_distributed(timeout_s: float = 1800):
     return rank, world, device
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     """Sum (or op) over ranks, in place; a no-op without a process group. CPU tensors of float/long (gloo)."""
     if dist.is_initialized():
@@ -1074,16 +1081,6 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
             raise RuntimeError(f"rank {dist.get_rank()}: all_reduce failed; did another rank die or stall longer "
                                f"than --dist-timeout? ({e})") from e
     return t
-
-
-def rank0_print(*args):
-    if rank() == 0:
-        print(*args, flush=True)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1096,7 +1093,7 @@ def load_for_fsdp(name: str, cfg: Config, device):
     alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
     one tensor at a time. -> (skeleton, processor, rank 0's full model or None)."""
     skeleton, processor = load_model(name, cfg, device, meta=True)
-    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if dist.get_rank() == 0 else None
+    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if rank() == 0 else None
     return skeleton, processor, full
 
 
@@ -1206,9 +1203,7 @@ def start_stage(cfg: Config, stage: str):
 
 def decoder_blocks(hf: nn.Module) -> list[nn.Module]:
     """Transformer blocks of the language model and the vision tower: the units FSDP shards one by one."""
-    names = ("Qwen2_5_VLDecoderLayer", "Qwen2VLDecoderLayer", "Qwen3VLTextDecoderLayer", "Qwen2DecoderLayer",
-             "Qwen3DecoderLayer", "LlamaDecoderLayer", "Qwen2_5_VLVisionBlock", "Qwen2VLVisionBlock", "Qwen3VLVisionBlock")
-    return [m for m in hf.modules() if type(m).__name__ in names or type(m).__name__.endswith("DecoderLayer")]
+    return [m for m in hf.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))]  # Qwen, Llama, ...
 
 
 def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
@@ -1318,14 +1313,10 @@ def sync_context(model, last: bool):
     return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
 
 
-def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
     """This rank's records for a global step: the step's slice of its epoch's permutation, dealt round-robin."""
     per_epoch = n // batch
-    order = epoch_order(n, step // per_epoch, seed)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + step // per_epoch))
     idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
     return idx[rank()::world_size()]
 
@@ -1395,101 +1386,7 @@ def prepare_training(cfg: Config, run, device, total: int):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints (atomic, resumable on any number of ranks) and metrics.
-
-
-def training_state(policy: Policy, opt) -> dict:
-    """What a checkpoint's state/ folder holds, as this rank sees it: the fp32 master weights and AdamW moments
-    (this rank's shards under FSDP, the full tensors otherwise) and the buffers no state dict has."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(policy, opt)
-    return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
-
-
-def save_checkpoint(out: Path, name: str, policy: Policy, opt, sched, processor, state: dict, keep_last: int):
-    """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
-    buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
-    step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
-    of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
-    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    me = rank()
-    final, tmp = out / name, out / f"{name}.tmp"
-    if me == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
-    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
-    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(rng, tmp / f"rng_{me}.pt")
-    fsync(tmp / f"rng_{me}.pt")
-    if me == 0:
-        policy.hf.save_pretrained(tmp, state_dict={k.removeprefix("hf."): v for k, v in hf_sd.items()})
-        processor.save_pretrained(tmp)
-        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
-    del hf_sd
-    barrier()  # every rank's files are on disk
-    if me == 0:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        for f in files:
-            fsync(tmp / f)
-        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
-        fsync(tmp / "COMPLETE")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync(out)
-        steps = sorted(out.glob("step_*[0-9]"))
-        for old in steps[:max(0, len(steps) - keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def damage(ckpt: Path) -> str | None:
-    """Why a complete checkpoint cannot be trusted (a file missing or of another size than written), else None."""
-    for f, size in json.loads((ckpt / "COMPLETE").read_text()).get("files", {}).items():
-        if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size:
-            return f"{f} is missing or truncated"
-    return None
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
-    never counts); a damaged newer one is skipped with a warning."""
-    done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
-    for ckpt in sorted(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], reverse=True):
-        problem = damage(ckpt)
-        if problem is None:
-            return ckpt
-        rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
-    return None
-
-
-def restore_training_state(path: Path, policy: Policy, opt, sched) -> dict:
-    """Weights, optimizer, buffers (each rank reads its own shards), scheduler, RNG and ARES state of a checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    sd = training_state(policy, opt)
-    dcp.load(sd, checkpoint_id=path / "state")  # in place, buffers included
-    set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    sched.load_state_dict(saved["scheduler"])
-    rng_file = path / f"rng_{rank()}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return saved["state"]
+# Metrics (checkpoint and metrics.jsonl I/O: data_prep.py) and the entry point.
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}

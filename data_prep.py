@@ -1,5 +1,9 @@
 """Data for ARES: records in the format of ares.py (spec §10), pass rates, AdaCS curation, and the offline demo task.
 
+This is also the bottom of the import graph (data_prep.py <- ares.py <- eval.py): it imports no local file, and
+holds what turns files into model inputs and model outputs into verdicts, for ares.py and eval.py alike: records,
+prompts, processors and model loading, padded batches, the grader, checkpoint and metrics.jsonl files.
+
 The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
 
     python data_prep.py convert --preset geometry3k --out data/geo3k.jsonl          # any dataset -> records
@@ -16,7 +20,7 @@ The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
             Answers are normalised (a \\boxed{} unwrapped, GSM8K's "#### N" cut), image placeholders ("<image>",
             "<image1>") are stripped from questions, multiple-choice options are rendered into the question as
             "\\nChoices:\\n(A) ...\\n(B) ..." and the answer becomes the option's letter. Images are written as PNGs.
-  passrate  K responses per problem from a model (ares.py's sampler), graded by ares.py's grader: pass_rate
+  passrate  K responses per problem from a model (ares.py's sampler, so eval.py runs it), graded: pass_rate
             p in {0, 1/K, ..., 1}; --keep-responses also writes every response as a candidate trace.
   adacs     spec §8 on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
             per problem the correct trace nearest its target; then equal counts per pass-rate bracket.
@@ -61,6 +65,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -68,11 +73,17 @@ import sys
 import threading
 import time
 import unicodedata
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
+
+warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Records (spec §10), prompts and the grader: what every stage of ares.py reads, and how an answer is judged.
@@ -797,8 +808,9 @@ def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run files: metrics.jsonl, written by ares.py's loops and read by eval.py's curves, and the atomic writes that
-# ares.py's checkpoints rely on.
+# Run files: checkpoints (atomic, resumable on any number of ranks) and metrics.jsonl, written by ares.py's
+# loops and read by eval.py. Rank 0 writes what is shared; rank() and barrier() are torch.distributed's, or 0 and
+# nothing without a process group (ares.py starts the group).
 
 
 def fsync(path: Path):
@@ -863,6 +875,126 @@ def write_atomically(path: Path, text: str):
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync(path.parent)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+
+def rank0_print(*args):
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+
+def training_state(policy, opt) -> dict:
+    """What a checkpoint's state/ folder holds, as this rank sees it: the fp32 master weights and AdamW moments
+    (this rank's shards under FSDP, the full tensors otherwise) and the buffers no state dict has."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
+
+
+
+def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: dict, keep_last: int):
+    """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
+    buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
+    step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
+    of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
+    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    me = rank()
+    final, tmp = out / name, out / f"{name}.tmp"
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
+    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
+    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, tmp / f"rng_{me}.pt")
+    fsync(tmp / f"rng_{me}.pt")
+    if me == 0:
+        policy.hf.save_pretrained(tmp, state_dict={k.removeprefix("hf."): v for k, v in hf_sd.items()})
+        processor.save_pretrained(tmp)
+        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+    del hf_sd
+    barrier()  # every rank's files are on disk
+    if me == 0:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        for f in files:
+            fsync(tmp / f)
+        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
+        fsync(tmp / "COMPLETE")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync(out)
+        steps = sorted(out.glob("step_*[0-9]"))
+        for old in steps[:max(0, len(steps) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (a file missing or of another size than written), else None."""
+    for f, size in json.loads((ckpt / "COMPLETE").read_text()).get("files", {}).items():
+        if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size:
+            return f"{f} is missing or truncated"
+    return None
+
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
+    never counts); a damaged newer one is skipped with a warning."""
+    done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
+    for ckpt in sorted(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], reverse=True):
+        problem = damage(ckpt)
+        if problem is None:
+            return ckpt
+        rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
+    return None
+
+
+
+def restore_training_state(path: Path, policy, opt, sched) -> dict:
+    """Weights, optimizer, buffers (each rank reads its own shards), scheduler, RNG and ARES state of a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = training_state(policy, opt)
+    dcp.load(sd, checkpoint_id=path / "state")  # in place, buffers included
+    set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    sched.load_state_dict(saved["scheduler"])
+    rng_file = path / f"rng_{rank()}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return saved["state"]
 
 
 

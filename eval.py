@@ -9,9 +9,13 @@ script measures both, for one or several checkpoints in one run, so you see what
     python eval.py --model A --data some/hub-dataset --split test --question-col problem --answer-col answer
     python eval.py --model A --data aime25.jsonl --temperature 0.6 --top-p 0.95 --samples 16   # mean@16 and its SE
     python eval.py --help                                          # every knob; presets: python data_prep.py convert --help
+    python eval.py passrate ...    # what `data_prep.py passrate` runs; python eval.py demo ... what `python ares.py` runs
+
+It sits at the top of the import graph (data_prep.py <- ares.py <- eval.py), so it also holds the two commands
+that need the sampler and the data tools together: passrate (spec §8 step 1) and the end-to-end demo.
 
 What it does, in order:
-  1. Read each benchmark. Local files in our record format (spec §10) go through ares.py's reader; named presets
+  1. Read each benchmark. Local files in our record format (spec §10) go through data_prep's reader; named presets
      (data_prep.PRESETS) and Hugging Face datasets through data_prep.load_source (its column mapping). Every
      record is checked on its own: one that cannot be used (missing field, unreadable image, prompt longer than
      --max-prompt-len, an error while generating) is listed in the report and counted as WRONG: never silently
@@ -22,8 +26,8 @@ What it does, in order:
      the chunk's record ids (ares.sample draws one noise vector per step for its whole batch, so a seed is per
      call). Ranks take chunks round-robin and rank 0 gathers them after every round, so the numbers do not
      depend on the number of processes (they do depend on --batch-size when sampling).
-  3. Grade with ares.py's grader: the last \\boxed{} against the answer (extract_boxed, is_correct), and the
-     <think>...</think> + \\boxed{} format (format_ok).
+  3. Grade with data_prep's grader, the one AEPO rewards with: the last \\boxed{} against the answer (extract_boxed,
+     is_correct), and the <think>...</think> + \\boxed{} format (format_ok).
   4. Metrics per model and benchmark, overall and per difficulty bucket (`summarize`, `metric_row`).
   5. Write <out>/responses.jsonl (every response with its verdict), <out>/results.json (every number, the
      config) and print the table; --plot draws accuracy against mean response tokens.
