@@ -274,7 +274,7 @@ def matmul_peak(device, dtype) -> float:
 
 
 def generate_inputs(model, prompts: list[dict], ids: dict, device) -> dict:
-    input_ids, att = ares.pad([p["ids"] for p in prompts], ids["pad"], left=True)
+    input_ids, att = data_prep.pad([p["ids"] for p in prompts], ids["pad"], left=True)
     dtype = next(model.parameters()).dtype
     return dict(input_ids=input_ids.to(device), attention_mask=att.long().to(device),
                 pixel_values=torch.cat([p["pixel_values"] for p in prompts]).to(device, dtype),
@@ -425,7 +425,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
         return dict(skipped="--budget-s reached")
     log(f"update: building {size} in fp32")
     model, processor, _ = build_model(size, device, torch.float32, args, seed=1)  # fp32 master weights
-    ids = ares.special_ids(model, processor)
+    ids = data_prep.special_ids(model, processor)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for p in ares.vision_params(model):
@@ -438,7 +438,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     plain = sorted(set(range(len(tok))) - set(tok.added_tokens_decoder))  # no image/special tokens in responses
     g = torch.Generator().manual_seed(0)
     responses = [torch.tensor(plain)[torch.randint(len(plain), (resp_len,), generator=g)] for _ in prompts]
-    batch = ares.make_batch(model, prompts, responses, ids["pad"], device)
+    batch = data_prep.make_batch(model, prompts, responses, ids["pad"], device)
     cfg = ares.Config(dtype="auto")
     n_rows = len(prompts)
     adv = torch.randn(n_rows, generator=g).to(device)
@@ -460,7 +460,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     reset_peak(device)
     res = dict(rows=n_rows, tokens=int(batch["attention_mask"].sum()), response_tokens=int(batch["resp_mask"].sum()),
                padded_shape=list(batch["input_ids"].shape), grad_checkpointing=True, master_dtype="float32",
-               compute_dtype=str(ares.compute_dtype(cfg, device)).replace("torch.", ""))
+               compute_dtype=str(data_prep.compute_dtype(cfg, device)).replace("torch.", ""))
     try:
         _, res["warmup_s"] = timed(step, device)
         times = [timed(step, device)[1] for _ in range(args.update_repeats)]
@@ -817,7 +817,7 @@ def run_size(size: str, args, device) -> dict:
                params=param_counts(model), config={k: getattr(model.config.get_text_config(), k) for k in QWEN25_VL["3b"]})
     if size != "tiny":
         out["notes"]["tokenizer_check"] = tokenizer_check(data_prep.tokenizer_of(processor))
-    ids = ares.special_ids(model, processor)
+    ids = data_prep.special_ids(model, processor)
     _, prompts = demo_prompts(processor, max(batches), side)
     out["prompt_tokens"] = statistics.mean(len(p["ids"]) for p in prompts)
     if "rollout" in args.what:

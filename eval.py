@@ -449,7 +449,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     """One model on one benchmark: generate what the cache lacks (chunks dealt round-robin to ranks, gathered on
     every rank after each round, appended to responses.jsonl by rank 0), then summarize.
     -> (summary, failures, responses generated, responses reused)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = data_prep.rank(), data_prep.world_size()
     decoding = decoding_key(cfg)
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, decoding)  # noqa: E731
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
@@ -493,7 +493,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = read_cache(out / "responses.jsonl")
-    ares.barrier()  # every rank has read the cache before rank 0 appends to it
+    data_prep.barrier()  # every rank has read the cache before rank 0 appends to it
     benches = [load_benchmark(spec, cfg) for spec in cfg.data]
     for k, b in enumerate(benches):  # two files called test.jsonl: keep both apart in the table and the JSON
         if [c["name"] for c in benches].count(b["name"]) > 1:
@@ -505,9 +505,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     writer = open(out / "responses.jsonl", "a") if rank == 0 else None
     metrics, failures, counts = {b["name"]: {} for b in benches}, [], dict(generated=0, cached=0)
     for path, name in zip(cfg.model, names):
-        model, processor = ares.load_model(path, load_cfg, device)
+        model, processor = data_prep.load_model(path, load_cfg, device)
         model.eval()
-        ids = ares.special_ids(model, processor)
+        ids = data_prep.special_ids(model, processor)
         for b in benches:
             t0 = time.time()
             summary, failed, n_new, n_cached = run_benchmark(model, processor, ids, name, model_key(path, cfg.seed), b,
@@ -516,7 +516,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             failures += [dict(model=name, benchmark=b["name"], **f) for f in failed]
             counts["generated"] += n_new
             counts["cached"] += n_cached
-            ares.rank0_print(f"{name} on {b['name']}: {n_cached} responses from the cache, {n_new} generated, "
+            data_prep.rank0_print(f"{name} on {b['name']}: {n_cached} responses from the cache, {n_new} generated, "
                              f"{len(failed)} failed records ({time.time() - t0:.0f}s)")
         del model
         gc.collect()
@@ -568,7 +568,7 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
     than --max-prompt-len."""
     import torch
 
-    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
+    ids, tok = data_prep.special_ids(model, processor), data_prep.tokenizer_of(processor)
     stop = set(ids["stop"])
     results = {}
     for b, idx in tqdm(rank_batches(len(records), args.batch_size, rank, world), desc="passrate", disable=rank != 0):
@@ -604,7 +604,7 @@ def run_passrate(args) -> list[dict] | None:
     rank, world, device = ares.init_distributed()
     records = data_prep.load_source(args.data, preset=args.preset, split=args.split, limit=args.limit)
     cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
-    model, processor = ares.load_model(args.model, cfg, device)
+    model, processor = data_prep.load_model(args.model, cfg, device)
     traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)
     if world > 1:  # every rank's traces to rank 0, which writes the output
         parts = [None] * world
@@ -700,7 +700,7 @@ table{table-layout:fixed;width:100%}td{vertical-align:top;padding:0 1em}h3{margi
 def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[dict], float]:
     """One branching rollout group (ares.rollout_groups) for a record, with each token's window entropy and HWE
     flag: [{tokens, hbar, hwe, parent, branch_at, correct, n_he}] and tau."""
-    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
+    ids, tok = data_prep.special_ids(model, processor), data_prep.tokenizer_of(processor)
     rec = dict(record, images=[data_prep.open_image(im) for im in record["images"]])
     gen = torch.Generator().manual_seed(seed)
     ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen)
@@ -748,7 +748,7 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
     picked = [r for lv in levels for r in [x for x in records if x["difficulty"] == lv][:per_level]]
     cells = {}
     for m, name in zip(models, names):
-        model, processor = ares.load_model(str(m), cfg, torch.device("cpu"))
+        model, processor = data_prep.load_model(str(m), cfg, torch.device("cpu"))
         for k, rec in enumerate(picked):
             cells[name, rec["id"]] = explore_rows(model.eval(), processor, rec, cfg, seed=cfg.seed * 1000 + k)
     body = [f"<h1>Where ARES explores</h1><p>Each row is one response of a group of G = {cfg.group_size}: "
@@ -802,7 +802,7 @@ def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
     `log`, and print it: the demo is a script of the commands a user runs."""
     args = [str(a) for a in args]
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    ares.rank0_print(f"$ {f'torchrun --nproc_per_node={nproc}' if nproc > 1 else 'python'} " + shlex.join(args))
+    data_prep.rank0_print(f"$ {f'torchrun --nproc_per_node={nproc}' if nproc > 1 else 'python'} " + shlex.join(args))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     script = str(Path(__file__).with_name(args[0]))  # beside eval.py, wherever it is run from
     with open(log, "w") as fh:
@@ -844,7 +844,7 @@ def run_demo(cfg: ares.Config):
     def lap(name):
         nonlocal tick
         times[name] = time.time() - tick
-        ares.rank0_print(f"[demo] {name}: {times[name]:.0f}s")
+        data_prep.rank0_print(f"[demo] {name}: {times[name]:.0f}s")
         tick = time.time()
 
     paths = data_prep.make_demo(data, seed=cfg.seed, sizes=sizes)
@@ -882,20 +882,24 @@ def run_demo(cfg: ares.Config):
     for mode, extra in decodings.items():
         demo_command(["eval.py", *models, *extra, "--out", out / f"eval_{mode}"], procs, out / f"eval_{mode}.log")
     demo_wait(procs)
-    report = {mode: json.loads((out / f"eval_{mode}" / "results.json").read_text()) for mode in decodings}
-    report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
     lap("eval")
+    return demo_report(cfg, out, paths["test"], cold, times)
+
+
+def demo_report(cfg: ares.Config, out: Path, test: Path, cold: Path, times: dict) -> dict:
+    """The demo's report: <out>/demo.json (both evaluations, the stage times, per level the share of its groups in
+    each online bucket), curves.png (ARES and GRPO over the AEPO steps) and explore.html (where ARES explores)."""
+    report = {mode: json.loads((out / f"eval_{mode}" / "results.json").read_text()) for mode in ("greedy", "sampled")}
+    report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
     report["times"] = times
     report["buckets"] = bucket_shares(out / "aepo" / "metrics.jsonl")
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_curves({"ARES": out / "aepo" / "metrics.jsonl", "GRPO": out / "grpo" / "metrics.jsonl"},
-                           out / "curves.png")
-    explore_page([cold, out / "aepo" / "final"], ["cold start", "ARES"], paths["test"], out / "explore.html",
-                            ares.resolve_stage_defaults(cfg, "aepo"))
+    plot_curves({"ARES": out / "aepo" / "metrics.jsonl", "GRPO": out / "grpo" / "metrics.jsonl"}, out / "curves.png")
+    explore_page([cold, out / "aepo" / "final"], ["cold start", "ARES"], test, out / "explore.html",
+                 ares.resolve_stage_defaults(cfg, "aepo"))
     print("\n" + report["table"])
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
     return report
-
 
 
 def main(argv=None):
@@ -953,7 +957,7 @@ def evaluate_and_report(cfg: EvalConfig):
         print(demo_summary(cfg.demo))
         return None
     results = evaluate(cfg)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if data_prep.rank() == 0:
         print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "
               f"{Path(cfg.out) / 'responses.jsonl'}", flush=True)
         if cfg.plot and plot_results(results, Path(cfg.plot)):
