@@ -1368,7 +1368,7 @@ def load_for_training(cfg: Config, device):
     return Run(hf=hf, processor=processor, ids=special_ids(hf, processor), out=out, ckpt=ckpt, full=full)
 
 
-def prepare_training(cfg: Config, run, device, total: int):
+def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
     """Wrap (DDP/FSDP2), build the optimizer for `total` steps, restore the checkpoint's state if resuming."""
     run.model, run.policy = wrap_policy(run.hf, cfg, device)
     if cfg.fsdp and dist.is_initialized() and not run.ckpt:
@@ -1402,8 +1402,8 @@ def mfu(tokens_per_s: float, n_params: int, device) -> float | None:
 
 
 def run_command(fn, *args):
-    """Run a command-line entry point (here, data_prep.py, eval.py): bad data ends it with one clear line instead
-    of a traceback, and the process group is always closed."""
+    """Run a command-line entry point (this file's, eval.py's): bad data ends it with one clear line instead of a
+    traceback, and the process group is always closed."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return fn(*args)
