@@ -125,6 +125,28 @@ def preset_case(name: str, tmp: Path):
     raise KeyError(name)
 
 
+def local_imports(path: Path) -> set[str]:
+    """The repository's own modules that a file imports, at any depth (lazy imports inside functions too)."""
+    import ast
+
+    own = {p.stem for p in ROOT.glob("*.py")}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & own
+
+
+def test_imports_point_one_way():
+    """data_prep.py <- ares.py <- eval.py (and bench.py): no file imports one above it, so there is no cycle."""
+    assert local_imports(ROOT / "data_prep.py") == set()
+    assert local_imports(ROOT / "ares.py") == {"data_prep"}
+    assert local_imports(ROOT / "eval.py") == {"ares", "data_prep"}
+    assert local_imports(ROOT / "bench.py") <= {"ares", "data_prep"}
+
+
 @pytest.mark.parametrize("name", sorted(data_prep.PRESETS))
 def test_preset_maps_a_mock_row_shaped_like_its_card(name, tmp_path):
     path, expected = preset_case(name, tmp_path)
