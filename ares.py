@@ -19,13 +19,13 @@ Run it:
 
 Reading order (search for "Eq. N" or "spec §N"): config -> entropy & HWE (Eq. 3, Eq. 4) -> difficulty & reward
 (spec §3-4) -> KL & loss (Eq. 1, Eq. 2) -> sampler and branching rollouts (spec §2) -> cold-start loop -> AEPO
-loop; then, marked as such, the infrastructure: distributed, model, training, checkpoints, main.
+loop; then, marked as such, the infrastructure: distributed, the policy module, training, MFU, main.
 
 Files and imports, one way only: data_prep.py <- ares.py <- eval.py (and bench.py). data_prep.py holds what turns
 files into model inputs and model outputs into verdicts (records, prompts, processors, model loading, batches, the
-grader, metrics.jsonl) and imports no local file; this file imports it and nothing else local; eval.py imports
-both and runs what needs all three: passrate (`data_prep.py passrate` hands over to it) and the demo (`python
-ares.py` runs `eval.py demo`). So every file can be read, and tested, without the ones above it.
+grader, checkpoint and metrics files) and imports no local file; this file imports it and nothing else local;
+eval.py imports both and runs what needs all three: passrate (`data_prep.py passrate` hands over to it) and the
+demo (`python ares.py` runs `eval.py demo`). So every file can be read, and tested, without the ones above it.
 
 Every place where the paper, its released code and this file differ, or where both are silent (the choice here is
 the default):

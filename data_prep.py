@@ -713,7 +713,8 @@ class GraderPool:
 
     @staticmethod
     def _spawn():
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import data_prep; data_prep.grader_worker()"
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                "import data_prep; data_prep.grader_worker()")
         return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True, bufsize=1)
 
