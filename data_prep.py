@@ -783,6 +783,122 @@ def format_ok(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Evaluation metrics: pure functions of graded response lines (the dicts of eval.py's responses.jsonl), here so
+# that eval.py and ares.py's validation during AEPO (--eval-data) measure with one implementation.
+
+
+BUCKETS = ("easy", "medium", "hard")  # spec §3's online difficulty buckets, in ares.py's order
+
+
+def pass_rate_bucket(p: float) -> str:
+    """Spec §3 cut-offs: easy if p >= 2/3, medium if 1/3 <= p < 2/3, hard if p < 1/3."""
+    return "easy" if p >= 2 / 3 else "medium" if p >= 1 / 3 else "hard"
+
+
+def bucket_field(rows: list[dict], by: str) -> str | None:
+    """The record field the buckets come from: `by`, or for 'auto' the first of difficulty, level, pass_rate
+    that any row carries; None when there is none (no per-bucket metrics)."""
+    if by == "none":
+        return None
+    for name in (("difficulty", "level", "pass_rate") if by == "auto" else (by,)):
+        if any(r.get(name) is not None for r in rows):
+            return name
+    return None
+
+
+def bucket_of(row: dict, field_name: str | None) -> str | None:
+    """A record's bucket label: the field's value as text ('easy', '3'), or pass_rate bucketed (spec §3)."""
+    value = row.get(field_name) if field_name else None
+    if value is None:
+        return None if field_name is None else "n/a"
+    return pass_rate_bucket(value) if field_name == "pass_rate" else str(value)
+
+
+def bucket_order(label: str):
+    """easy, medium, hard first, then numeric levels in order, then other labels; 'n/a' last."""
+    if label in BUCKETS:
+        return 0, BUCKETS.index(label), ""
+    try:
+        return 1, float(label), ""
+    except ValueError:
+        return (3 if label == "n/a" else 2), 0, label
+
+
+def metric_row(responses: list[dict], failed: list[dict], metric: str) -> dict:
+    """Metrics of one set of records. responses: one dict per response with id, correct, tokens, truncated,
+    format_ok (N per record); failed: records without any response ({id, ...}), counted as wrong.
+    With a_i = (1/N) sum_j correct_ij, the accuracy of record i over its N responses (a_i = 0 for a failed one),
+    and n records in all (failed ones included):
+      accuracy     A  = (1/n) sum_i a_i                               (pass@1 for N = 1, mean@N otherwise)
+      accuracy_se  SE = sqrt(sum_i (a_i - A)^2 / (n (n - 1)))          (standard error of the mean over problems:
+                   it holds both which problems were drawn and the decoding randomness; None when n < 2)
+    tokens (EOS included, as in training logs), truncated (hit --max-new-tokens without EOS) and format_ok are
+    over all responses. Example: two records, correct [1, 1] and [1, 0] -> A = 0.75, SE = sqrt(0.125 / 2) = 0.25."""
+    per_record: dict[str, list[float]] = {}
+    for r in responses:
+        per_record.setdefault(r["id"], []).append(float(r["correct"]))
+    acc = [sum(v) / len(v) for v in per_record.values()] + [0.0] * len(failed)
+    n, tokens = len(acc), [r["tokens"] for r in responses]
+    mean = sum(acc) / n if n else None
+    se = (sum((a - mean) ** 2 for a in acc) / (n * (n - 1))) ** 0.5 if n > 1 else None
+    share = (lambda key: sum(bool(r[key]) for r in responses) / len(responses)) if responses else (lambda key: None)
+    return dict(metric=metric, records=n, failed=len(failed), responses=len(responses), accuracy=mean,
+                accuracy_se=se, mean_tokens=sum(tokens) / len(tokens) if tokens else None,
+                median_tokens=float(statistics.median(tokens)) if tokens else None,
+                truncated=share("truncated"), format_ok=share("format_ok"))
+
+
+def summarize(responses: list[dict], failed: list[dict], samples: int = 1, field_name: str | None = None) -> dict:
+    """{'overall': metric_row, 'buckets': {label: metric_row}, 'bucket_field': field_name} of one model on one
+    benchmark. Each response and failure carries its record's 'bucket' label (None: no buckets)."""
+    metric = "pass@1" if samples == 1 else f"mean@{samples}"
+    labels = sorted({x["bucket"] for x in responses + failed if x.get("bucket") is not None}, key=bucket_order)
+    buckets = {b: metric_row([r for r in responses if r.get("bucket") == b], [f for f in failed if f.get("bucket") == b],
+                             metric) for b in labels}
+    return dict(overall=metric_row(responses, failed, metric), buckets=buckets, bucket_field=field_name)
+
+
+def response_lines(records: list[dict], out: dict, tok, samples: int = 1) -> list[dict]:
+    """The graded lines of one sample() call on `records` (`samples` responses each, prompt-major): id, sample,
+    answer, prediction, correct, format_ok, tokens (EOS included), truncated, response."""
+    lengths = out["mask"].sum(1)  # (N,)
+    lines = []
+    for i in range(len(lengths)):
+        rec, text = records[i // samples], tok.decode(out["tokens"][i, :lengths[i]], skip_special_tokens=True)
+        pred = extract_boxed(text)
+        lines.append(dict(id=rec["id"], sample=i % samples, answer=rec["answer"], prediction=pred,
+                          correct=is_correct(pred, rec["answer"]), format_ok=format_ok(text), tokens=int(lengths[i]),
+                          truncated=bool(out["truncated"][i]), response=text))
+    return lines
+
+
+def check_prompts(processor, records: list[dict], max_len: int) -> tuple[list[dict], list[dict]]:
+    """Split records into usable ones and failures ({id, error}): too long for --max-prompt-len, or not
+    encodable by this model (e.g. images for a text-only model)."""
+    usable, failures = [], []
+    for r in records:
+        try:
+            n = prompt_length(processor, r)
+        except Exception as e:  # noqa: BLE001 - reported per record
+            failures.append(dict(id=r["id"], error=f"prompt cannot be encoded: {e}"))
+            continue
+        if n > max_len:
+            failures.append(dict(id=r["id"], error=f"prompt has {n} tokens, more than --max-prompt-len {max_len}"))
+        else:
+            usable.append(r)
+    return usable, failures
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (the list itself on one process)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command lines: one --flag per field of a config dataclass (ares.py's Config, eval.py's EvalConfig).
 
 

@@ -59,6 +59,8 @@ from tqdm import tqdm
 import ares
 import data_prep
 from ares import arg
+from data_prep import (bucket_field, bucket_of, bucket_order, check_prompts, gather, metric_row, pass_rate_bucket,  # noqa: F401
+                       response_lines, summarize)
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field a --flag with its help string (list fields repeat: --model A --model B).
@@ -145,78 +147,6 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
     failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
     records = data_prep.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
     return dict(name=name, key=key, records=records, failures=failures)
-
-
-def pass_rate_bucket(p: float) -> str:
-    """Spec §3 cut-offs: easy if p >= 2/3, medium if 1/3 <= p < 2/3, hard if p < 1/3."""
-    return "easy" if p >= 2 / 3 else "medium" if p >= 1 / 3 else "hard"
-
-
-def bucket_field(rows: list[dict], by: str) -> str | None:
-    """The record field the buckets come from: `by`, or for 'auto' the first of difficulty, level, pass_rate
-    that any row carries; None when there is none (no per-bucket metrics)."""
-    if by == "none":
-        return None
-    for name in (("difficulty", "level", "pass_rate") if by == "auto" else (by,)):
-        if any(r.get(name) is not None for r in rows):
-            return name
-    return None
-
-
-def bucket_of(row: dict, field_name: str | None) -> str | None:
-    """A record's bucket label: the field's value as text ('easy', '3'), or pass_rate bucketed (spec §3)."""
-    value = row.get(field_name) if field_name else None
-    if value is None:
-        return None if field_name is None else "n/a"
-    return pass_rate_bucket(value) if field_name == "pass_rate" else str(value)
-
-
-def bucket_order(label: str):
-    """easy, medium, hard first, then numeric levels in order, then other labels; 'n/a' last."""
-    if label in ares.BUCKETS:
-        return 0, ares.BUCKETS.index(label), ""
-    try:
-        return 1, float(label), ""
-    except ValueError:
-        return (3 if label == "n/a" else 2), 0, label
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics: pure functions of the response lines (the same dicts as in responses.jsonl).
-
-
-def metric_row(responses: list[dict], failed: list[dict], metric: str) -> dict:
-    """Metrics of one set of records. responses: one dict per response with id, correct, tokens, truncated,
-    format_ok (N per record); failed: records without any response ({id, ...}), counted as wrong.
-    With a_i = (1/N) sum_j correct_ij, the accuracy of record i over its N responses (a_i = 0 for a failed one),
-    and n records in all (failed ones included):
-      accuracy     A  = (1/n) sum_i a_i                               (pass@1 for N = 1, mean@N otherwise)
-      accuracy_se  SE = sqrt(sum_i (a_i - A)^2 / (n (n - 1)))          (standard error of the mean over problems:
-                   it holds both which problems were drawn and the decoding randomness; None when n < 2)
-    tokens (EOS included, as in training logs), truncated (hit --max-new-tokens without EOS) and format_ok are
-    over all responses. Example: two records, correct [1, 1] and [1, 0] -> A = 0.75, SE = sqrt(0.125 / 2) = 0.25."""
-    per_record: dict[str, list[float]] = {}
-    for r in responses:
-        per_record.setdefault(r["id"], []).append(float(r["correct"]))
-    acc = [sum(v) / len(v) for v in per_record.values()] + [0.0] * len(failed)
-    n, tokens = len(acc), [r["tokens"] for r in responses]
-    mean = sum(acc) / n if n else None
-    se = (sum((a - mean) ** 2 for a in acc) / (n * (n - 1))) ** 0.5 if n > 1 else None
-    share = (lambda key: sum(bool(r[key]) for r in responses) / len(responses)) if responses else (lambda key: None)
-    return dict(metric=metric, records=n, failed=len(failed), responses=len(responses), accuracy=mean,
-                accuracy_se=se, mean_tokens=sum(tokens) / len(tokens) if tokens else None,
-                median_tokens=float(statistics.median(tokens)) if tokens else None,
-                truncated=share("truncated"), format_ok=share("format_ok"))
-
-
-def summarize(responses: list[dict], failed: list[dict], samples: int = 1, field_name: str | None = None) -> dict:
-    """{'overall': metric_row, 'buckets': {label: metric_row}, 'bucket_field': field_name} of one model on one
-    benchmark. Each response and failure carries its record's 'bucket' label (None: no buckets)."""
-    metric = "pass@1" if samples == 1 else f"mean@{samples}"
-    labels = sorted({x["bucket"] for x in responses + failed if x.get("bucket") is not None}, key=bucket_order)
-    buckets = {b: metric_row([r for r in responses if r.get("bucket") == b], [f for f in failed if f.get("bucket") == b],
-                             metric) for b in labels}
-    return dict(overall=metric_row(responses, failed, metric), buckets=buckets, bucket_field=field_name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,15 +297,6 @@ def chunk_seed(seed: int, bench: str, ids: list[str]) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def gather(items: list) -> list:
-    """Every rank's list, concatenated in rank order, on every rank (the list itself on one process)."""
-    if not dist.is_initialized():
-        return items
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for p in parts for x in p]
-
-
 def generate_chunk(model, processor, ids: dict, chunk: list[dict], cfg: EvalConfig, seed: int) -> list[dict]:
     """One sampler call: len(chunk) prompts x --samples responses, graded. -> one line per response."""
     device = next(model.parameters()).device
@@ -383,17 +304,7 @@ def generate_chunk(model, processor, ids: dict, chunk: list[dict], cfg: EvalConf
     gen = torch.Generator(device).manual_seed(seed)
     out = ares.sample(model, prompts, ids=ids, max_new_tokens=cfg.max_new_tokens, repeats=cfg.samples,
                       temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-    lengths = out["mask"].sum(1)  # (N,) response tokens, EOS included
-    tok = data_prep.tokenizer_of(processor)
-    lines = []
-    for i in range(len(lengths)):
-        rec, k = chunk[i // cfg.samples], i % cfg.samples  # prompt-major: the N responses of a prompt are adjacent
-        text = tok.decode(out["tokens"][i, :lengths[i]], skip_special_tokens=True)
-        pred = data_prep.extract_boxed(text)
-        lines.append(dict(id=rec["id"], sample=k, answer=rec["answer"], prediction=pred,
-                          correct=data_prep.is_correct(pred, rec["answer"]), format_ok=data_prep.format_ok(text),
-                          tokens=int(lengths[i]), truncated=bool(out["truncated"][i]), response=text))
-    return lines
+    return response_lines(chunk, out, data_prep.tokenizer_of(processor), cfg.samples)
 
 
 def generate_or_report(model, processor, ids, chunk, cfg, bench_key) -> tuple[list[dict], list[dict]]:
@@ -412,23 +323,6 @@ def generate_or_report(model, processor, ids, chunk, cfg, bench_key) -> tuple[li
         lines += got
         failures += bad
     return lines, failures
-
-
-def check_prompts(processor, records: list[dict], max_len: int) -> tuple[list[dict], list[dict]]:
-    """Split records into usable ones and failures ({id, error}): too long for --max-prompt-len, or not
-    encodable by this model (e.g. images for a text-only model)."""
-    usable, failures = [], []
-    for r in records:
-        try:
-            n = data_prep.prompt_length(processor, r)
-        except Exception as e:  # noqa: BLE001 - reported per record
-            failures.append(dict(id=r["id"], error=f"prompt cannot be encoded: {e}"))
-            continue
-        if n > max_len:
-            failures.append(dict(id=r["id"], error=f"prompt has {n} tokens, more than --max-prompt-len {max_len}"))
-        else:
-            usable.append(r)
-    return usable, failures
 
 
 def read_cache(path: Path) -> dict:
