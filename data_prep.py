@@ -277,6 +277,32 @@ def load_model(name: str, cfg, device, meta: bool = False):
 
 
 
+def model_prompt_suffix(name: str) -> str:
+    """The instruction a model was trained with (`ares_prompt_suffix` in its config.json), else the authors' (spec §7);
+    the tiny model: none."""
+    from transformers import AutoConfig
+
+    with contextlib.suppress(OSError, ValueError):  # a hub name offline and not cached: it fails to load later anyway
+        return "" if name == "tiny" else getattr(AutoConfig.from_pretrained(name), "ares_prompt_suffix", FORMAT_PROMPT)
+    return FORMAT_PROMPT
+
+
+def add_lora(hf, cfg):
+    """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
+    class); only they train (and the vision tower with --train-vision). B = 0 at the start, so the policy starts as
+    the base model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
+                      target_modules=cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(","),
+                      exclude_modules=r".*visual.*", base_model_name_or_path=cfg.model)  # the vision tower: none
+    hf = inject_adapter_in_model(lora, hf)
+    for n, p in hf.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    hf.ares_lora = (lora, cfg.merge_lora)  # read by hf_export when a checkpoint is saved
+    return hf
+
+
 def special_ids(model, processor) -> dict:
     """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
     tok = tokenizer_of(processor)
@@ -379,6 +405,15 @@ def load_records(path: str, split: str = "train", need_response: bool = False, e
     """Read and validate every record of a file or dataset (spec §10); see check_records."""
     base = Path(path).parent if Path(path).is_file() else Path(path)
     return check_records(record_rows(path, split), str(path), base, Path(path).stem, need_response, errors)
+
+
+def read_records(data: str, split: str | None = None, preset: str = "", need_response: bool = False) -> list[dict]:
+    """Checked records of ares.py's --data or --eval-data: our own field names (load_records; `split` None: train),
+    or a preset's columns (load_source; a preset's name alone reads its hub dataset; `split` None: the preset's)."""
+    if not preset and data not in PRESETS:
+        return load_records(data, split or "train", need_response)
+    rows = load_source(data, preset=preset or None, split=split)
+    return check_records(rows, f"{data} (preset {preset or data})", Path.cwd(), preset or data, need_response)
 
 
 def check_records(rows, where: str, base: Path, default_source: str, need_response: bool = False,
@@ -775,6 +810,38 @@ def grader_worker():
         print(json.dumps(_math_equal(pred, answer, timeout)), file=reply, flush=True)
 
 
+@functools.lru_cache
+def load_reward_fn(spec: str):
+    """--reward-fn 'path/to/file.py:function' or 'module:function' -> the function (one line if it is not there)."""
+    import importlib
+    import runpy
+
+    where, _, name = spec.rpartition(":")
+    if not where or where.endswith(".py") and not Path(where).is_file():
+        raise SystemExit(f"--reward-fn {spec}: " + (f"no such file {where}" if where else "give file.py:fn or module:fn"))
+    try:
+        names = runpy.run_path(where) if where.endswith(".py") else vars(importlib.import_module(where))
+    except Exception as e:  # noqa: BLE001 - the user's code: any error is reported in one line
+        raise SystemExit(f"--reward-fn {spec}: cannot import {where}: {type(e).__name__}: {e}") from None
+    if not callable(names.get(name)):
+        raise SystemExit(f"--reward-fn {spec}: {where} has no function {name!r}")
+    return names[name]
+
+
+def score_responses(cfg, recs: list[dict], texts: list[str]) -> torch.Tensor:
+    """acc (N,) of the len(recs) * G responses `texts` (groups of G = cfg.group_size): --reward-fn's score in [0, 1],
+    else the grader's 0/1 (the last \\boxed{} against the record's answer)."""
+    G = cfg.group_size
+    if not cfg.reward_fn:
+        return torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
+                                        cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
+    scores = [load_reward_fn(cfg.reward_fn)(recs[i // G], t) for i, t in enumerate(texts)]
+    bad = next((i for i, v in enumerate(scores) if not isinstance(v, (int, float)) or not 0 <= v <= 1), None)
+    if bad is not None:
+        raise ValueError(f"--reward-fn {cfg.reward_fn} returned {scores[bad]!r} for record {recs[bad // G]['id']}: need [0, 1]")
+    return torch.tensor(scores, dtype=torch.float)
+
+
 def format_ok(text: str) -> bool:
     """The format reward: '<think> ... </think>' then a \\boxed{} answer after it."""
     m = re.fullmatch(r"\s*<think>(.+?)</think>(.*)", text, flags=re.S)
@@ -944,8 +1011,8 @@ class Metrics:
     its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
     the old file or the new one whole."""
 
-    def __init__(self, out: Path, total: int, start: int, desc: str, rank0: bool = True):
-        self.rank0 = rank0
+    def __init__(self, out: Path, total: int, start: int, desc: str, rank0: bool = True, tracker=None):
+        self.rank0, self.tracker = rank0, tracker if rank0 else None  # open_tracker's: the rows to TensorBoard or W&B
         self.file = None
         if self.rank0:
             path = out / "metrics.jsonl"
@@ -958,6 +1025,8 @@ class Metrics:
         if self.rank0:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+            if self.tracker:
+                self.tracker.log(row)
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
         self.bar.update(1)
 
@@ -965,6 +1034,62 @@ class Metrics:
         self.bar.close()
         if self.file:
             self.file.close()
+        if self.tracker:
+            self.tracker.close()
+
+
+def scalars(row: dict) -> dict:
+    """The numbers of a metrics.jsonl row, what a tracker plots: bools as 0/1; text and None left out."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def open_tracker(cfg, out: Path, record: dict):
+    """--report-to: log(row) sends a metrics.jsonl row's scalars at its step to TensorBoard (<out>/tensorboard) or W&B
+    (project $WANDB_PROJECT or 'ares', the run record as config; WANDB_MODE=offline: no network); close() ends it.
+    None for 'none' and on every rank but 0."""
+    if cfg.report_to == "none" or rank() != 0:
+        return None
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return argparse.Namespace(close=writer.close, log=lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in
+                                                                       scalars(row).items()])
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ares"), name=out.name, dir=str(out), config=record)
+    return argparse.Namespace(close=run.finish, log=lambda row: run.log(scalars(row), step=row["step"]))
+
+
+def run_record(cfg) -> dict:
+    """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None)."""
+    from importlib.metadata import distributions
+
+    installed = {d.metadata["Name"].lower(): d.version for d in distributions()}
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, git_commit=commit,
+                versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
+                    "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}})
+
+
+def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
+    """Write <out>/config.json (rank 0) and return it; with --resume, first stop on (and list) every changed flag
+    but --resume and those in `resumable`."""
+    path, record = Path(cfg.out) / "config.json", run_record(cfg)
+    if cfg.resume and path.is_file():
+        old = json.loads(path.read_text()).get("flags", {})
+        diff = [f"--{k.replace('_', '-')} {record['flags'][k]!r} (was {v!r})" for k, v in old.items()
+                if k in record["flags"] and k not in (*resumable, "resume") and record["flags"][k] != v]
+        if diff:
+            raise SystemExit(f"--resume: flags differ from {path}: {'; '.join(diff)}. Only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume")
+    if rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(record, indent=2, default=str))
+    return record
 
 
 def logged_rows(path: Path) -> list[dict]:
@@ -1049,7 +1174,10 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     torch.save(rng, tmp / f"rng_{me}.pt")
     fsync(tmp / f"rng_{me}.pt")
     if me == 0:
-        policy.hf.save_pretrained(tmp, state_dict={k.removeprefix("hf."): v for k, v in hf_sd.items()})
+        weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
+        policy.hf.save_pretrained(tmp, state_dict=weights)
+        if adapter:
+            save_adapter(policy.hf, adapter, tmp / "adapter")
         processor.save_pretrained(tmp)
         torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
     del hf_sd
@@ -1069,6 +1197,30 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     barrier()
     return final
 
+
+
+def hf_export(hf, sd: dict) -> tuple[dict, dict]:
+    """(HF weights, adapter) from the policy's full state dict (no LoRA: (sd, {})): W under the model's own names, or
+    with --merge-lora W + (alpha / r) B A; the adapter in peft's format (base_model.model.<module>.lora_A.weight)."""
+    if not hasattr(hf, "ares_lora"):
+        return sd, {}
+    lora, merge = hf.ares_lora
+    weights = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
+    adapter = {"base_model.model." + k.replace(".default.", "."): v for k, v in sd.items() if ".lora_" in k}
+    for k in (k for k in sd if merge and ".lora_A." in k):
+        name, A, B = k.split(".lora_A.")[0], sd[k].float(), sd[k.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
+        W = weights[name + ".weight"]
+        weights[name + ".weight"] = (W.float() + lora.lora_alpha / lora.r * B @ A).to(W.dtype)
+    return weights, adapter
+
+
+def save_adapter(hf, adapter: dict, folder: Path):
+    """<checkpoint>/adapter/: adapter_model.safetensors and adapter_config.json, as peft's save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "adapter_model.safetensors")
+    hf.ares_lora[0].save_pretrained(folder)
 
 
 def damage(ckpt: Path) -> str | None:
