@@ -545,7 +545,8 @@ def run_levels(rows: list[dict]) -> list[str]:
 def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     """AEPO curves of one or several runs ({name: metrics.jsonl}; solid, dashed, dotted lines in run order): reward
     and accuracy, and per difficulty level (per online bucket when the records have no level) response length,
-    N_HE and accuracy, then tau and kappa. Each step faint, a 10-step moving mean on top (needs matplotlib)."""
+    N_HE and accuracy, then tau and kappa, and with ares.py's --eval-data the held-out accuracy and response tokens
+    per level (points at the validated steps). Each step faint, a 10-step moving mean on top (needs matplotlib)."""
     plt = pyplot("curves.png")
     if plt is None:
         return False
@@ -558,11 +559,19 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     panels = [("reward / accuracy", ["reward", "acc"]), (f"response tokens per {by}", per("len")),
               (f"N_HE per response, per {by}", per("n_he")), (f"accuracy per {by}", per("acc")), ("tau", ["tau"]),
               ("kappa (KL controller)", [f"kappa_{b}" for b in ares.BUCKETS])]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    evals = sorted({k for r in next(iter(data.values())) for k in r if k.startswith("eval_") and k.endswith("_acc")})
+    if evals:  # --eval-data: held-out accuracy and length, overall and per level
+        panels += [("held-out accuracy (--eval-data)", evals), ("held-out response tokens", [k[:-4] + "_len" for k in evals])]
+    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(14 * len(panels) / 6, 7.5))
     for ax, (title, keys) in zip(axes.flat, panels):
         for (name, rows), style in zip(data.items(), ("-", "--", ":", "-.")):
             steps = [r["step"] for r in rows]
             for colour, k in enumerate(keys):
+                if k.startswith("eval_"):  # only the validated steps: a point each
+                    done = [r for r in rows if r.get(k) is not None]
+                    ax.plot([r["step"] for r in done], [r[k] for r in done], style, marker="o", color=f"C{colour}",
+                            label=k.removeprefix("eval_") + (f" ({name})" if name else ""))
+                    continue
                 raw = [r.get(k) if r.get(k) is not None else float("nan") for r in rows]
                 ax.plot(steps, raw, style, color=f"C{colour}", alpha=0.15)
                 label = k.removeprefix("level_") + (f" ({name})" if name else "")
@@ -800,6 +809,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["passrate"]:
         return ares.run_command(run_passrate, data_prep.command_parser().parse_args(argv))
+    if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png (ares.py --eval-data runs it)
+        return plot_curves(Path(argv[1]), Path(argv[1]).with_name("curves.png"))
     if argv[:1] == ["demo"]:  # the flags of ares.py
         return ares.run_command(run_demo, ares.parse_config(argv[1:]))
     return ares.run_command(evaluate_and_report, parse_config(argv))
