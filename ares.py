@@ -75,10 +75,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from data_prep import (DataError, Metrics, compute_dtype, dataclass_parser, encode_prompt, extract_boxed, format_ok,
-                       gather_images, grade_batch, is_tiny, latest_checkpoint, load_model, load_records, make_batch, pad,
-                       position_ids, prompt_length, rank, rank0_print, restore_training_state, save_checkpoint,
-                       special_ids, tokenizer_of, world_size)
+from data_prep import (BUCKETS, PRESETS, DataError, Metrics, add_lora, bucket_field, bucket_of, check_prompts,
+                       check_run_record, compute_dtype, dataclass_parser, encode_prompt, format_ok, gather, gather_images,
+                       is_tiny, latest_checkpoint, load_model, load_reward_fn, make_batch, model_prompt_suffix,
+                       open_tracker, pad, position_ids, prompt_length, rank, rank0_print, read_records, response_lines,
+                       restore_training_state, save_checkpoint, score_responses, special_ids, summarize, tokenizer_of,
+                       world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ class Config(ModelConfig):
     ref_model: str = arg("", "AEPO reference policy for the KL term (default: the starting --model)")
     data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (spec §10); "
                         "required for coldstart and aepo")
+    preset: str = arg("", "read --data with this data_prep.py preset's columns, e.g. geometry3k (default: our field names)")
     split: str = arg("train", "split to read from a Hugging Face dataset")
     out: str = arg("runs/ares", "output folder: checkpoints, metrics.jsonl")
     seed: int = arg(0, "random seed (data order, sampling)")
@@ -121,9 +124,15 @@ class Config(ModelConfig):
     dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
     prompt_suffix: str = arg(None, "instruction appended to every question, saved in the checkpoint's config.json for "
                                    "eval.py and passrate (default: the model's own, else the authors' (spec §7); "
-                                   "--model tiny: none)")
+                                   "--model tiny: none); saved in <out>/config.json")
+    report_to: str = arg("none", "also log the metrics.jsonl rows to tensorboard or wandb", ("none", "tensorboard", "wandb"))
     # model (and ModelConfig's dtype, attn, min_pixels, max_pixels)
     grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    lora_rank: int = arg(0, "train LoRA adapters of this rank (needs peft) instead of all weights; 0 = full training")
+    lora_alpha: float = arg(None, "LoRA alpha: the adapters are scaled by alpha / rank (default: 2 x rank)")
+    lora_targets: str = arg("all-linear", "the language model's layers with adapters: all-linear (peft's: all but the "
+                                          "output head), or names: q_proj,v_proj")
+    merge_lora: bool = arg(False, "checkpoints hold W + alpha/r B A, not the base W (the adapter is in <ckpt>/adapter/)")
     compile: bool = arg(False, "torch.compile the training forward (and a static-cache decode step on GPU)")
     fsdp: bool = arg(False, "shard policy and reference with FSDP2 fully_shard instead of DDP")
     train_vision: bool = arg(False, "also train the vision tower and merger (paper: frozen)")
@@ -167,6 +176,11 @@ class Config(ModelConfig):
     minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
+    max_refill_rounds: int = arg(0, "dynamic sampling (DAPO): while fewer than --batch-size groups survive the filter, "
+                                    "roll out --batch-size more prompts, at most this many times (0 = off)")
+    reward_fn: str = arg("", "file.py:function or module:function: fn(record, response) -> score in [0, 1] (default: the grader)")
+    eval_data: str = arg("", "held-out records (file, folder or data_prep preset) to validate on during AEPO (default: none)")
+    eval_every: int = arg(0, "validate on --eval-data every N AEPO steps (greedy; 0 = never)")
     grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong")
     grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)")
     # demo (stage demo only)
@@ -213,6 +227,7 @@ LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
     **dict.fromkeys(("batch_size", "micro_batch_size", "rollout_batch", "minibatches", "ppo_epochs", "epochs", "steps",
                      "save_every", "keep_last", "window", "max_prompt_len", "max_response_len", "min_pixels",
                      "demo_steps"), AT_LEAST_1),
+    **dict.fromkeys(("max_refill_rounds", "eval_every", "lora_rank"), AT_LEAST_0), "lora_alpha": ABOVE_0,
     **dict.fromkeys(("lr", "grad_clip", "temperature", "kl_target", "grader_timeout"), ABOVE_0),
     **dict.fromkeys(("weight_decay", "warmup_steps", "entropy_coef", "kl_coef", "kl_relax", "kl_adapt_rate",
                      "clip_high", "max_branches_per_response", "log_samples_every", "grader_workers"), AT_LEAST_0),
@@ -252,7 +267,30 @@ def validate_config(cfg: Config) -> Config:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
+    return validate_extras(cfg)
+
+
+def validate_extras(cfg: Config) -> Config:
+    """The flags that name code, a preset or an optional package: each problem in one line before anything loads."""
+    import importlib.util
+
+    if cfg.reward_fn:
+        load_reward_fn(cfg.reward_fn)
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise SystemExit(f"--preset {cfg.preset}: unknown; presets: {', '.join(PRESETS)}")
+    for flag, package, asked in (("--report-to " + cfg.report_to, cfg.report_to, cfg.report_to != "none"),
+                                 ("--lora-rank", "peft", cfg.lora_rank)):
+        if asked and importlib.util.find_spec(package) is None:
+            raise SystemExit(f"{flag} needs the optional package {package}: pip install {package}")
+    if cfg.lora_rank and cfg.fsdp:
+        raise SystemExit("--lora-rank does not work with --fsdp (LoRA runs with DDP: the frozen base is small enough)")
+    if cfg.eval_every and not cfg.eval_data:
+        raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
     return cfg
+
+
+RESUMABLE = ("steps", "save_every", "keep_last", "log_samples_every", "report_to", "dist_timeout", "grader_workers",
+             "eval_every")  # the flags that may change on --resume: none changes what a step computes
 
 
 def looks_local(name: str) -> bool:
@@ -274,6 +312,8 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
         cfg.branch_samples = cfg.group_size // 2
     if not 0 <= cfg.branch_samples < cfg.group_size:
         raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
+    if cfg.prompt_suffix is None:  # resolved here, so that the run record holds it
+        cfg.prompt_suffix = model_prompt_suffix(cfg.model)
     return cfg
 
 
@@ -348,9 +388,6 @@ def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau: float, tokens: torch.
 # Difficulty and the hierarchical entropy reward (spec §3-4): "how much to explore".
 
 
-BUCKETS = ("easy", "medium", "hard")
-
-
 # spec §4 table, per bucket: margin f, Huber kappa, sigmoid scale s, cap scale c, wrong-answer scale u
 SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], [0.35, 4.0, 3.0, 1.2, 1.0]],
                        dtype=torch.float64)
@@ -361,11 +398,11 @@ KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tig
 
 def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     """Spec §3, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
-    acc (N,) in {0, 1}, groups of G consecutive responses -> (N,) bucket per response. In integers, so that
-    G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2 exactly. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0]
+    acc (N,) in {0, 1} (or --reward-fn scores in [0, 1]), groups of G consecutive responses -> (N,) bucket per
+    response. Compared as 3 * sum >= G (exact for 0/1), so that G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0]
     -> [1, 1, 1, 1, 2, 2, 2, 2] (2 of 4 right: medium; 1 of 4: hard)."""
-    correct = rearrange(acc, "(p g) -> p g", g=group_size).sum(1).long()  # (P,)
-    bucket = torch.full_like(correct, 2)
+    correct = rearrange(acc.double(), "(p g) -> p g", g=group_size).sum(1)  # (P,)
+    bucket = torch.full(correct.shape, 2, dtype=torch.long)
     bucket[3 * correct >= group_size] = 1
     bucket[3 * correct >= 2 * group_size] = 0
     return bucket.repeat_interleave(group_size)
@@ -742,7 +779,7 @@ def train_coldstart(cfg: Config) -> Path:
                 f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
                 f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
                 f"| {run.total} steps | device {device}")
-    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart", rank() == 0)
+    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart", rank() == 0, open_tracker(cfg, run.out, run.record))
     for step in range(run.state["step"], run.total):
         t0 = time.time()
         mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
@@ -787,17 +824,17 @@ def train_aepo(cfg: Config) -> Path:
     st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))  # T_d per bucket, NaN = unseen
     st.setdefault("kappa", torch.ones(3, dtype=torch.float64))  # the KL controller, per bucket
     st.setdefault("tau_history", [])
-    ref = load_reference(st["ref_model"], cfg, device) if cfg.kl_coef > 0 else None
+    ref = (lora_reference(run) if cfg.lora_rank else load_reference(st["ref_model"], cfg, device)) if cfg.kl_coef else None
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
     rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
                 f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
                 f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
-    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo", rank() == 0)
+    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo", rank() == 0, open_tracker(cfg, run.out, run.record))
     for step, recs, prompts, ro, time_sample in rollouts(cfg, run, sampler, records, device, triggers):
         t1 = time.time()
-        sc = score_groups(ro, [r["answer"] for r in recs], cfg, tokenizer_of(run.processor), st["targets"], triggers)
+        sc = score_groups(ro, cfg, st["targets"], triggers)
         st["targets"] = sc["targets"]
         t2 = time.time()
         if sc["groups"][0] > 0:
@@ -814,6 +851,9 @@ def train_aepo(cfg: Config) -> Path:
         st["step"] = step + 1
         row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
         row.update(level_stats(levels, recs, sc, G) if levels else {})
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            with gathered(run.policy), autocast(cfg, device):
+                row.update(validate(cfg, sampler, run.processor, run.ids, run.held_out))
         metrics.log(row, ("reward", "acc", "len", "tau"))
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
             rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {sc['acc'][0]:.0f}, reward "
@@ -821,20 +861,73 @@ def train_aepo(cfg: Config) -> Path:
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
     metrics.close()
+    if cfg.eval_every and rank() == 0:  # curves.png with the held-out panels, drawn by eval.py (it imports this file)
+        subprocess.call([sys.executable, str(Path(__file__).with_name("eval.py")), "curves", run.out / "metrics.jsonl"])
     return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
 
 
 def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, triggers=None):
-    """Each step's rollouts from the resumed step on: (step, its records, their encoded prompts, rollout_groups()
-    output, seconds spent sampling). A generator: step s + 1 is sampled only after step s's update."""
+    """Each step's rollouts from the resumed step on, graded: (step, its records, their encoded prompts,
+    rollout_groups() output with texts and acc, seconds spent sampling and grading). A generator: step s + 1 is
+    sampled only after step s's update. Refill (DAPO's dynamic sampling): while fewer than --batch-size groups of
+    all ranks are mixed (some right, some wrong), --batch-size more prompts are rolled out, at most
+    --max-refill-rounds times (the same decision on every rank: a global count); ro["rounds"] says how many."""
+    tok = tokenizer_of(run.processor)
     for step in range(run.state["step"], cfg.steps):
         t0 = time.time()
-        recs = [records[i] for i in step_indices(len(records), step, cfg.batch_size, cfg.seed)]
-        prompts = [encode_prompt(run.processor, r) for r in recs]
         gen = torch.Generator(device).manual_seed(step_seed(cfg, step))
-        with gathered(run.policy), autocast(cfg, device):
-            ro = rollout_groups(sampler, prompts, cfg, run.ids, gen, triggers)
-        yield step, recs, prompts, ro, time.time() - t0
+        recs, prompts, parts = [], [], []
+        for rnd in range(cfg.max_refill_rounds + 1):
+            new = [records[i] for i in draw(len(records), step, rnd, cfg)]
+            recs, prompts = recs + new, prompts + [encode_prompt(run.processor, r) for r in new]
+            with gathered(run.policy), autocast(cfg, device):
+                parts.append(grade_rollouts(rollout_groups(sampler, prompts[-len(new):], cfg, run.ids, gen, triggers),
+                                            new, cfg, tok))
+            p = group_mean(torch.cat([x["acc"] for x in parts]), cfg.group_size)  # (P,) accuracy per group so far
+            if cfg.keep_uniform_groups or all_reduce(torch.tensor([float(((p > 0) & (p < 1)).sum())])) >= cfg.batch_size:
+                break
+        yield step, recs, prompts, cat_rollouts(parts, run.ids["pad"]), time.time() - t0
+
+
+def draw(n: int, step: int, rnd: int, cfg: Config) -> list[int]:
+    """This rank's records in refill round `rnd` of a step: round 0 the step's share of the epoch (step_indices);
+    a refill round --batch-size records at random (seeded by seed, step and round), dealt round-robin."""
+    if rnd == 0:
+        return step_indices(n, step, cfg.batch_size, cfg.seed)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rnd))
+    return order[:cfg.batch_size].tolist()[rank()::world_size()]
+
+
+def grade_rollouts(ro: dict, recs: list[dict], cfg: Config, tok) -> dict:
+    """rollout_groups() output of recs' prompts, with texts (the decoded responses) and acc (N,): the grader's 0/1,
+    or --reward-fn's score in [0, 1] (data_prep.score_responses)."""
+    lengths = ro["resp_mask"].sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
+    ro["texts"] = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
+    ro["acc"] = score_responses(cfg, recs, ro["texts"])  # (N,)
+    return ro
+
+
+def cat_rollouts(parts: list[dict], pad_id: int) -> dict:
+    """The graded rollouts of a step's refill rounds as one: rows concatenated (token axes padded, parents
+    re-indexed); tau the mean of the rounds' (each over as many first-pass responses), rounds their number."""
+    start = np.cumsum([0] + [len(p["parent"]) for p in parts[:-1]]).tolist()  # first row of each round
+    out = dict(texts=[t for p in parts for t in p["texts"]], tau=sum(p["tau"] for p in parts) / len(parts),
+               rounds=len(parts), parent=torch.cat([torch.where(p["parent"] >= 0, p["parent"] + s, -1)
+                                                    for p, s in zip(parts, start)]))
+    for k in ("truncated", "branch_at", "acc"):
+        out[k] = torch.cat([p[k] for p in parts])
+    for k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask"):
+        R = max(p[k].shape[1] for p in parts)
+        out[k] = torch.cat([F.pad(p[k], (0, R - p[k].shape[1]), value=pad_id if k == "tokens" else 0) for p in parts])
+    return out
+
+
+def keep_first(keep_group: torch.Tensor, n: int) -> torch.Tensor:
+    """keep_group (P,) of this rank -> only the first n kept groups of all ranks, rank-major: the same cut everywhere."""
+    per_rank = torch.zeros(world_size(), dtype=torch.float64)
+    per_rank[rank()] = float(keep_group.sum())
+    before = int(all_reduce(per_rank)[:rank()].sum())  # kept groups of the ranks before this one
+    return keep_group & (keep_group.cumsum(0) <= n - before)
 
 
 def step_seed(cfg: Config, step: int) -> int:
@@ -842,16 +935,14 @@ def step_seed(cfg: Config, step: int) -> int:
     return cfg.seed * 1_000_003 + step * world_size() + rank()
 
 
-def score_groups(ro: dict, answers: list[str], cfg: Config, tok, targets: torch.Tensor, triggers=None) -> dict:
-    """Spec §3-4 on one step's rollouts (N = P * G responses of P prompts): grade each response, bucket its group,
-    count its HWE tokens, shape its reward; then GRPO advantages and the online filter (spec §6). targets (3,):
-    T_d before this step. -> texts, acc, format, lengths, bucket, n_he, rewards, adv, keep (N,); hwe (N, R);
-    targets (3,) after this step's EMA update; groups = (kept, all) over all ranks."""
-    G = cfg.group_size
+def score_groups(ro: dict, cfg: Config, targets: torch.Tensor, triggers=None) -> dict:
+    """Spec §3-4 on one step's graded rollouts (N = P * G responses of P prompts; texts, acc from grade_rollouts):
+    bucket each group, count each response's HWE tokens, shape its reward; then GRPO advantages and the online
+    filter (spec §6), at most --batch-size groups (refill may draw more). targets (3,): T_d before this step.
+    -> texts, acc, format, lengths, bucket, n_he, rewards, adv, keep (N,); hwe (N, R); targets (3,) after this
+    step's EMA update; groups = (kept, all) over all ranks."""
+    G, texts, acc = cfg.group_size, ro["texts"], ro["acc"]  # acc (N,) in {0, 1}, or --reward-fn's in [0, 1]
     lengths = ro["resp_mask"].sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
-    texts = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
-    acc = torch.tensor(grade_batch([extract_boxed(t) for t in texts], [answers[i // G] for i in range(len(texts))],
-                                   cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)  # (N,) in {0, 1}
     fmt = torch.tensor([float(format_ok(t)) for t in texts])  # (N,) in {0, 1}
     bucket = difficulty_buckets(acc, G)  # (N,) 0 easy, 1 medium, 2 hard: from the group's accuracy
     hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)  # (N, R) each
@@ -862,7 +953,7 @@ def score_groups(ro: dict, answers: list[str], cfg: Config, tok, targets: torch.
     rewards = rewards + cfg.format_weight * fmt  # (N,)
     adv = grpo_advantages(rewards, G).float()  # (N,) normalised within each group of G
     group_acc = group_mean(acc, G)  # (P,)
-    keep_group = ((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups  # (P,) some right, some wrong
+    keep_group = keep_first(((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups, cfg.batch_size)  # (P,)
     groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all
     return dict(texts=texts, acc=acc, format=fmt, lengths=lengths, bucket=bucket, hwe=hwe, n_he=n_he, rewards=rewards,
                 adv=adv, keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
@@ -994,9 +1085,50 @@ def load_reference(name: str, cfg: Config, device) -> nn.Module:
     return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
 
 
+def lora_reference(run: Run):
+    """The KL reference under LoRA (spec §5: the starting policy): the policy with its adapters off, no second copy.
+    Called like a Policy: (batch, temperature) -> (logp, entropy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in run.hf.modules() if isinstance(m, BaseTunerLayer)]
+
+    def forward(*args):
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            return run.model(*args)
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+
+    return forward
+
+
+@torch.no_grad()
+def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> dict:
+    """--eval-data's held-out accuracy and mean response tokens, overall and per level, by eval.py's own metrics
+    (data_prep.response_lines, summarize): greedy, --max-response-len new tokens, records dealt round-robin to
+    ranks in calls of --rollout-batch; a prompt over --max-prompt-len counts as wrong. -> eval_acc, eval_len,
+    eval_<level>_acc, eval_<level>_len."""
+    usable, failed = check_prompts(processor, records, cfg.max_prompt_len)
+    mine, lines = usable[rank()::world_size()], []
+    for k in range(0, len(mine), cfg.rollout_batch):
+        chunk = mine[k:k + cfg.rollout_batch]
+        out = sample(model, [encode_prompt(processor, r) for r in chunk], ids=ids, max_new_tokens=cfg.max_response_len,
+                     temperature=0.0)
+        lines += response_lines(chunk, out, tokenizer_of(processor))
+    level = {r["id"]: bucket_of(r, bucket_field(records, "auto")) for r in records}
+    summary = summarize([dict(x, bucket=level[x["id"]]) for x in gather(lines)],
+                        [dict(f, bucket=level[f["id"]]) for f in failed])
+    row = dict(eval_acc=summary["overall"]["accuracy"], eval_len=summary["overall"]["mean_tokens"])
+    for name, m in summary["buckets"].items():
+        row.update({f"eval_{name}_acc": m["accuracy"], f"eval_{name}_len": m["mean_tokens"]})
+    return row
+
+
 def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tuple, lr: float) -> dict:
     """Global (all-rank) means of what a researcher watches, one JSON line per step. sc: score_groups(); times:
-    seconds sampling, scoring, updating."""
+    seconds sampling (and grading), scoring, updating."""
     acc, lengths, n_he = sc["acc"], sc["lengths"], sc["n_he"]
     per_bucket = all_reduce(bucket_sums([torch.ones_like(acc), lengths, n_he, acc], sc["bucket"]))  # (4, 3)
     branch = ro["parent"] >= 0  # (N,)
@@ -1008,7 +1140,8 @@ def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tupl
     n, branches = sums[0], max(sums[8], 1)
     row = dict(step=step + 1, reward=sums[2] / n, acc=sums[1] / n, format=sums[3] / n, len=sums[4] / n,
                n_he=sums[5] / n, entropy=sums[6] / max(sums[4], 1), truncated=sums[11] / n, tau=ro["tau"],
-               groups_kept=int(sc["groups"][0]), groups=int(sc["groups"][1]), branches=int(sums[8]),
+               groups_kept=int(sc["groups"][0]), groups=int(sc["groups"][1]), prompts_drawn=int(sc["groups"][1]),
+               rollout_rounds=ro["rounds"], branches=int(sums[8]),
                branch_acc=sums[9] / branches, parent_acc=sums[10] / branches, lr=lr, time_sample=times[0],
                time_score=times[1], time_update=times[2], rollout_tokens_per_s=sums[7] / max(times[0], 1e-9))
     for d, name in enumerate(BUCKETS):
@@ -1190,14 +1323,18 @@ def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
 
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
-    every record (bad data fails before the model loads), load the policy. -> (cfg, run, records, world, device)."""
+    every record and --eval-data's (bad data fails before the model loads), write the run record <out>/config.json
+    (on --resume, changed flags stop here), load the policy. -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     me, world, device = init_distributed(cfg.dist_timeout)
     random.seed(cfg.seed + me)
     np.random.seed(cfg.seed + me)
     torch.manual_seed(cfg.seed + me)
-    records = load_records(cfg.data, cfg.split, need_response=stage == "coldstart")
-    run = load_for_training(cfg, device)
+    split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
+    records = read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
+    held_out = read_records(cfg.eval_data, "test") if cfg.eval_every else []
+    record = check_run_record(cfg, RESUMABLE)
+    run = dataclasses.replace(load_for_training(cfg, device), record=record, held_out=held_out)
     return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
 
 
@@ -1346,6 +1483,8 @@ class Run:
     state: dict = field(default_factory=dict)  # what a checkpoint restores besides weights: step, AEPO's targets, kappa
     n_params: int = 0
     n_trainable: int = 0
+    record: dict = field(default_factory=dict)  # <out>/config.json: the flags, versions and commit of the run
+    held_out: list = field(default_factory=list)  # --eval-data's records (validated every --eval-every AEPO steps)
 
 
 def load_for_training(cfg: Config, device):
@@ -1361,6 +1500,7 @@ def load_for_training(cfg: Config, device):
         full = None if ckpt else full
     else:
         (hf, processor), full = load_model(name, master, device), None
+    hf = add_lora(hf, cfg) if cfg.lora_rank else hf
     for p in vision_params(hf):
         p.requires_grad_(cfg.train_vision)
     if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
