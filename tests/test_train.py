@@ -212,7 +212,7 @@ def test_kill_and_resume_gives_the_parameters_of_an_uninterrupted_run(tiny_ckpt,
 
     out = tmp_path / "interrupted"
     run_until_first_step_save(monkeypatch, lambda: ares.main(coldstart(data, out, tiny_ckpt, *common, "--save-every", 2)))
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "step_000002"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "step_000002"]  # + the run record
     # a kill during later saves: a renamed-too-early folder without COMPLETE and a leftover .tmp that claims step 3;
     # both hold different weights, so resuming from either would change the result
     for bad in ("step_000004", "step_000003.tmp"):

@@ -1,0 +1,419 @@
+"""Issue 13: what a researcher forking ares.py expects of a GRPO trainer: a run record checked on --resume, trackers,
+a reward hook, refilled batches, validation during AEPO, LoRA, hub data through data_prep's presets, and the
+prompt template in the run record. Each feature is tested without its optional package where it can be (a fake
+writer, a hand-built state dict); the tests that need peft or tensorboard skip where they are not installed (CI)."""
+import json
+import sys
+import time
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ares
+import data_prep
+from conftest import ROOT, run_script, run_until_first_step_save
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REWARD = '''
+calls = []
+
+
+def score(record, response):
+    """Mixed groups only for records whose id ends in 0, 3 or 6: every other response of theirs scores 1."""
+    calls.append((record["id"], response))
+    if int(record["id"][-1]) % 3:
+        return 0.0
+    return float(len(calls) % 2)
+'''
+
+
+def aepo_args(data, out, model, *extra) -> list[str]:
+    return ["--stage", "aepo", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2",
+            "--group-size", "4", "--max-response-len", "12", "--log-samples-every", "0", *map(str, extra)]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Run record, 8. prompt template
+
+
+def test_run_record_holds_every_resolved_flag_versions_and_the_prompt_suffix(tmp_path):
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", "some/hub-model", "--data", "x",
+                                                         "--out", str(tmp_path), "--lr", "3e-6"]), "aepo")
+    record = data_prep.check_run_record(cfg, ares.RESUMABLE)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["flags"]["lr"] == 3e-6 and saved["flags"]["batch_size"] == 512  # given, and the stage default
+    assert saved["flags"]["prompt_suffix"].startswith("You FIRST think about the reasoning process")  # spec §7
+    assert saved["versions"]["torch"] == torch.__version__ and saved["versions"]["python"] == sys.version.split()[0]
+    assert saved["git_commit"] is None or len(saved["git_commit"]) == 40
+    tiny = ares.resolve_stage_defaults(ares.Config(model="tiny", data="x"), "aepo")
+    assert tiny.prompt_suffix == ""  # the tiny model learns without the instruction (README)
+    own = ares.resolve_stage_defaults(ares.Config(model="tiny", data="x", prompt_suffix="Answer in \\boxed{}."), "aepo")
+    assert own.prompt_suffix == "Answer in \\boxed{}."
+
+
+def test_resume_stops_on_changed_flags_and_lists_them_but_lets_steps_change(tmp_path):
+    def cfg(*flags):
+        return ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", "tiny", "--data", "x",
+                                                              "--out", str(tmp_path), *flags]), "aepo")
+
+    data_prep.check_run_record(cfg("--lr", "1e-4", "--steps", "5"), ares.RESUMABLE)
+    data_prep.check_run_record(cfg("--lr", "1e-4", "--steps", "9", "--save-every", "3", "--resume"), ares.RESUMABLE)  # may change
+    assert json.loads((tmp_path / "config.json").read_text())["flags"]["steps"] == 9
+    with pytest.raises(SystemExit) as e:
+        data_prep.check_run_record(cfg("--lr", "2e-4", "--window", "3", "--steps", "9", "--resume"), ares.RESUMABLE)
+    msg = str(e.value)
+    assert "--lr 0.0002 (was 0.0001)" in msg and "--window 3 (was 1)" in msg and "--steps" in msg.split("Only")[1]
+    assert "\n" not in msg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Trackers
+
+
+class FakeWriter:
+    """Records add_scalar calls as TensorBoard's SummaryWriter would receive them."""
+    made = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.calls, self.closed = log_dir, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_trackers_get_exactly_the_numbers_of_the_metrics_rows(tmp_path, monkeypatch):
+    rows = [dict(step=1, loss=0.5, skipped=False, mfu=None, skipped_reason="x", n_easy=3),
+            dict(step=2, loss=0.25, skipped=True, mfu=None, n_easy=0)]
+    expected = [(k, float(v), r["step"]) for r in rows for k, v in r.items()
+                if k != "step" and v is not None and not isinstance(v, str)]  # by hand: numbers and bools only
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    logged = []
+    fake_wandb = types.SimpleNamespace(init=lambda **kw: logged.append(kw) or types.SimpleNamespace(
+        log=lambda row, step: logged.append((row, step)), finish=lambda: logged.append("finished")))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    for kind in ("tensorboard", "wandb"):
+        out = tmp_path / kind
+        out.mkdir()
+        metrics = data_prep.Metrics(out, 2, 0, kind, tracker=data_prep.open_tracker(ares.Config(report_to=kind), out,
+                                                                                {"flags": {}}))
+        for r in rows:
+            metrics.log(r, ())
+        metrics.close()
+        assert read_jsonl(out / "metrics.jsonl") == rows
+    tb = FakeWriter.made[-1]
+    assert tb.calls == expected and tb.closed and tb.log_dir == str(tmp_path / "tensorboard" / "tensorboard")
+    assert logged[0]["config"] == {"flags": {}} and logged[0]["dir"] == str(tmp_path / "wandb")
+    assert [(k, v, s) for row, s in logged[1:3] for k, v in row.items()] == expected and logged[3] == "finished"
+    assert data_prep.open_tracker(ares.Config(report_to="none"), tmp_path, {}) is None
+
+
+def test_a_missing_tracker_or_peft_package_is_one_line_before_anything_loads(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "peft") else real(name, *a))
+    for flags, words in ((["--report-to", "wandb"], "--report-to wandb needs the optional package wandb"),
+                         (["--lora-rank", "4"], "--lora-rank needs the optional package peft")):
+        with pytest.raises(SystemExit, match=words):
+            ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), *flags])
+
+
+def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = data_prep.Metrics(tmp_path, 2, 0, "x",
+                                tracker=data_prep.open_tracker(ares.Config(report_to="tensorboard"), tmp_path, {}))
+    for step, loss in ((1, 0.5), (2, 0.25)):
+        metrics.log(dict(step=step, loss=loss), ())
+    metrics.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
+
+
+def test_wandb_offline_writes_the_run_without_a_network(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = data_prep.open_tracker(ares.Config(report_to="wandb"), tmp_path, {"flags": {"lr": 0.125}})
+    for step, loss in ((1, 0.5), (2, 0.375)):
+        tracker.log(dict(step=step, loss=loss, skipped_reason="text is not sent"))
+    tracker.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    for _ in range(60):  # wandb-core flushes the file a moment after finish() returns
+        data = runs[0].read_bytes()  # protobuf records: the keys and JSON values appear as text
+        if b"0.375" in data:
+            break
+        time.sleep(0.5)
+    assert b"loss" in data and b"0.375" in data and b"0.125" in data and b"text is not sent" not in data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Reward hook, 4. dynamic sampling with refill
+
+
+def test_buckets_of_fractional_scores_follow_the_group_mean_by_hand():
+    scores = torch.tensor([0.5] * 4 + [0.9] * 4 + [0.2] * 4 + [1.0, 1.0, 0.0, 0.0])  # p = 0.5, 0.9, 0.2, 0.5
+    assert ares.difficulty_buckets(scores, 4)[::4].tolist() == [1, 0, 2, 1]  # medium, easy, hard, medium (spec §3)
+
+
+def test_keep_first_keeps_the_first_n_kept_groups_by_hand():
+    keep = torch.tensor([False, True, True, False, True])
+    assert ares.keep_first(keep, 2).tolist() == [False, True, True, False, False]
+    assert ares.keep_first(keep, 5).tolist() == keep.tolist()
+    assert ares.keep_first(keep, 0).tolist() == [False] * 5
+
+
+def test_reward_fn_replaces_the_grader_and_refill_fills_every_batch(tiny_ckpt, demo_data, tmp_path):
+    (tmp_path / "my_reward.py").write_text(REWARD)
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 3, "--reward-fn", f"{tmp_path}/my_reward.py:score",
+                        "--max-refill-rounds", 6, "--entropy-shaping", "none"))
+    calls = data_prep.load_reward_fn(f"{tmp_path}/my_reward.py:score").__globals__["calls"]  # the loaded module's
+    rows = read_jsonl(out / "metrics.jsonl")
+    ids = [rid for rid, _ in calls][::4]  # one entry per group (G = 4 calls, in order)
+    at = 0
+    for r in rows:
+        groups = ids[at:at + r["groups"]]
+        at += r["groups"]
+        mixed = sum(int(g[-1]) % 3 == 0 for g in groups)  # by hand, from the reward's rule
+        assert r["prompts_drawn"] == r["groups"] == 2 * r["rollout_rounds"] and 1 <= r["rollout_rounds"] <= 7
+        assert r["groups_kept"] == min(2, mixed)
+        assert mixed >= 2 or r["rollout_rounds"] == 7
+        assert sum(int(g[-1]) % 3 == 0 for g in groups[:-2]) < 2  # it stops as soon as the batch is full
+        assert r["acc"] == pytest.approx(mixed * 2 / (4 * r["groups"]))  # half of each mixed group's responses score 1
+        assert r["reward"] == pytest.approx(r["acc"])  # --entropy-shaping none: R = the hook's score
+    assert at == len(ids) and any(r["rollout_rounds"] > 1 for r in rows)
+    assert json.loads((out / "config.json").read_text())["flags"]["reward_fn"].endswith("my_reward.py:score")
+
+
+@pytest.mark.parametrize("spec, words", [("nofile.py:f", "no such file nofile.py"), ("json:nope", "has no function 'nope'"),
+                                         ("no_such_module_x:f", "cannot import no_such_module_x"), ("justaname", "give file.py:fn or module:fn")])
+def test_a_bad_reward_fn_is_one_line_naming_the_flag(spec, words, tmp_path):
+    with pytest.raises(SystemExit, match=words) as e:
+        ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), "--reward-fn", spec])
+    assert str(e.value).startswith(f"--reward-fn {spec}")
+
+
+def test_a_reward_outside_0_1_names_the_function_and_record(tmp_path):
+    (tmp_path / "bad.py").write_text("def f(record, response):\n    return 1.5\n")
+    cfg = ares.Config(reward_fn=f"{tmp_path}/bad.py:f", group_size=2)
+    with pytest.raises(ValueError, match="returned 1.5 for record r1"):
+        data_prep.score_responses(cfg, [dict(id="r1", answer="1")], ["a", "b"])
+
+
+REFILL_DRIVER = '''
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import ares
+save = ares.save_checkpoint
+
+
+def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
+    if name == "final":
+        torch.save(dict(params={n: p.detach().clone() for n, p in policy.named_parameters()}, state=state),
+                   path / f"rank{dist.get_rank()}.pt")
+    return save(path, name, policy, opt, sched, processor, state, keep_last)
+
+
+ares.save_checkpoint = dump_then_save
+ares.train_aepo(ares.parse_config(sys.argv[2:]))
+dist.destroy_process_group()
+'''
+
+
+def test_refill_under_torchrun_takes_the_same_decisions_on_both_ranks(tiny_ckpt, demo_data, tmp_path):
+    (tmp_path / "my_reward.py").write_text(REWARD)
+    (tmp_path / "driver.py").write_text(REFILL_DRIVER)
+    out = tmp_path / "run"
+    run_script([tmp_path / "driver.py", ROOT, *aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--reward-fn",
+                                                         f"{tmp_path}/my_reward.py:score", "--max-refill-rounds", 4)], nproc=2)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for k, v in ranks[0]["params"].items():
+        assert torch.equal(v, ranks[1]["params"][k]), k
+    assert ranks[0]["state"]["tau_history"] == ranks[1]["state"]["tau_history"]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert all(r["prompts_drawn"] == r["groups"] == 2 * r["rollout_rounds"] for r in rows)
+    assert all(r["groups_kept"] == 2 or r["rollout_rounds"] == 5 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Validation during AEPO
+
+
+def test_validation_logs_what_eval_py_measures_on_the_checkpoint(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    import eval as evaluation
+
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--keep-uniform-groups", "--eval-data",
+                        demo_data["test"], "--eval-every", 2, "--lr", "1e-2"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert "eval_acc" not in rows[0] and (out / "curves.png").stat().st_size > 0
+    res = evaluation.evaluate(evaluation.parse_config(["--model", str(out / "final"), "--data", str(demo_data["test"]),
+                                                       "--out", str(tmp_path / "eval"), "--max-new-tokens", "12"]))
+    summary = next(iter(next(iter(res["metrics"].values())).values()))
+    assert rows[1]["eval_acc"] == summary["overall"]["accuracy"]
+    assert rows[1]["eval_len"] == summary["overall"]["mean_tokens"]
+    for level, m in summary["buckets"].items():
+        assert (rows[1][f"eval_{level}_acc"], rows[1][f"eval_{level}_len"]) == (m["accuracy"], m["mean_tokens"])
+    assert len(summary["buckets"]) == 3
+    figures = []
+    monkeypatch.setattr(evaluation, "save_figure", lambda plt, fig, png: figures.append(fig) or True)
+    evaluation.plot_curves(out / "metrics.jsonl", tmp_path / "c.png")
+    ax = next(a for a in figures[0].axes if a.get_title() == "held-out accuracy (--eval-data)")
+    line = next(ln for ln in ax.get_lines() if ln.get_label() == "acc")
+    assert list(line.get_xdata()) == [2] and list(line.get_ydata()) == [rows[1]["eval_acc"]]  # the validated step
+
+
+def test_eval_every_without_eval_data_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--eval-every needs --eval-data"):
+        ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), "--eval-every", "5"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. LoRA
+
+
+def test_hf_export_merges_w_plus_scaled_ba_as_the_lora_forward_computes_it():
+    """Without peft: the export of a hand-built LoRA state dict against the LoRA forward y = x W^T + s (x A^T) B^T."""
+    torch.manual_seed(0)
+    W, b, A, B = torch.randn(5, 3), torch.randn(5), torch.randn(2, 3), torch.randn(5, 2)
+    sd = {"m.q_proj.base_layer.weight": W, "m.q_proj.base_layer.bias": b, "m.q_proj.lora_A.default.weight": A,
+          "m.q_proj.lora_B.default.weight": B, "m.norm.weight": torch.ones(3)}
+    hf = types.SimpleNamespace(ares_lora=(types.SimpleNamespace(lora_alpha=8, r=2), True))
+    weights, adapter = data_prep.hf_export(hf, sd)
+    assert set(weights) == {"m.q_proj.weight", "m.q_proj.bias", "m.norm.weight"}
+    assert set(adapter) == {"base_model.model.m.q_proj.lora_A.weight", "base_model.model.m.q_proj.lora_B.weight"}
+    x = torch.randn(4, 3)
+    lora_forward = x @ W.T + b + 4.0 * (x @ A.T) @ B.T  # scale alpha / r = 8 / 2
+    torch.testing.assert_close(x @ weights["m.q_proj.weight"].T + weights["m.q_proj.bias"], lora_forward)
+    hf.ares_lora = (hf.ares_lora[0], False)
+    assert torch.equal(data_prep.hf_export(hf, sd)[0]["m.q_proj.weight"], W)  # unmerged: the base weights
+    assert data_prep.hf_export(types.SimpleNamespace(), sd) == (sd, {})
+
+
+def test_lora_trains_only_adapters_its_reference_is_the_base_and_peft_reads_the_checkpoint(tiny_ckpt, demo_data,
+                                                                                          tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    common = ["--steps", 2, "--keep-uniform-groups", "--lora-rank", 4, "--lr", "1e-2"]
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "plain", tiny_ckpt, *common))
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "merged", tiny_ckpt, *common, "--merge-lora"))
+    base = load_file(str(tiny_ckpt / "model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    assert set(plain) == set(base) and all(torch.equal(base[k], plain[k]) for k in base)  # only adapters trained
+    adapter = load_file(str(tmp_path / "plain" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B started at 0
+    assert not any("visual" in k for k in adapter)
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_ckpt),
+                                      tmp_path / "plain" / "final" / "adapter").merge_and_unload()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged" / "final").state_dict()
+    for k, v in model.state_dict().items():  # peft's own merge of our adapter = our merged export
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
+    start = AutoModelForImageTextToText.from_pretrained(tiny_ckpt).state_dict()
+    assert any(not torch.equal(merged[k], start[k]) for k in start)
+    # the KL reference: the trained policy with adapters off is the starting model
+    cfg = ares.resolve_stage_defaults(ares.parse_config(aepo_args(demo_data["rl"], tmp_path / "x", tmp_path / "plain" / "final",
+                                                                  "--lora-rank", 4)), "aepo")
+    run = ares.load_for_training(cfg, torch.device("cpu"))
+    run.model = ares.Policy(run.hf)
+    for k, v in adapter.items():  # the trained adapter into the injected model
+        name = k.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        run.hf.get_parameter(name).data.copy_(v)
+    start = ares.Policy(AutoModelForImageTextToText.from_pretrained(tiny_ckpt).eval())
+    record = data_prep.load_records(str(demo_data["rl"]))[0]
+    prompt = data_prep.encode_prompt(run.processor, record)
+    batch = data_prep.make_batch(run.hf, [prompt], [torch.tensor([100, 101, 102])], run.ids["pad"], "cpu")
+    with torch.no_grad():
+        ref, lora, base_lp = ares.lora_reference(run)(batch)[0], run.model(batch)[0], start(batch)[0]
+    torch.testing.assert_close(ref, base_lp)
+    assert not torch.allclose(lora, base_lp)
+
+
+def test_lora_under_torchrun_ddp_keeps_ranks_identical_and_the_base_frozen(tiny_ckpt, demo_data, tmp_path):
+    pytest.importorskip("peft")
+    (tmp_path / "driver.py").write_text(REFILL_DRIVER)
+    out = tmp_path / "run"
+    run_script([tmp_path / "driver.py", ROOT, *aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--lora-rank", 4,
+                                                         "--keep-uniform-groups", "--lr", "1e-2")], nproc=2)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False)["params"] for r in (0, 1)]
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), k
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in ranks[0].items())
+    base = load_file(str(tiny_ckpt / "model.safetensors"))
+    saved = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(base[k], saved[k]) for k in base)
+
+
+def test_lora_resume_gives_the_adapters_of_an_uninterrupted_run(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    common = ["--steps", 3, "--keep-uniform-groups", "--lora-rank", 4, "--lr", "1e-2", "--save-every", 1]
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "straight", tiny_ckpt, *common))
+    out = tmp_path / "interrupted"
+    run_until_first_step_save(monkeypatch, lambda: ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common)))
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--resume"))
+    a, b = (load_file(str(d / "final" / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "straight", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_cold_start_trains_only_the_adapters(tiny_ckpt, demo_data, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "cold"
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out", str(out),
+               "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lora-rank", "4", "--lr", "1e-2"])
+    base, saved = (load_file(str(d / "model.safetensors")) for d in (tiny_ckpt, out / "final"))
+    assert all(torch.equal(base[k], saved[k]) for k in base)
+    adapter = load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_lora_with_fsdp_is_refused(tmp_path):
+    pytest.importorskip("peft")
+    with pytest.raises(SystemExit, match="--lora-rank does not work with --fsdp"):
+        ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), "--lora-rank", "4", "--fsdp"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Hub data in ares.py through data_prep's presets
+
+
+def test_geometry3k_columns_train_with_the_preset_and_fail_clearly_without(tiny_ckpt, demo_data, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in open(demo_data["rl"])][:4]
+    base = demo_data["rl"].parent
+    hub_like = datasets.Dataset.from_dict(  # the hub card's columns: problem, answer, images (a sequence), id
+        {"problem": ["<image>" + r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+         "images": [[str(base / im) for im in r["images"]] for r in rows], "id": [f"g{k}" for k in range(4)]},
+    ).cast_column("images", datasets.Sequence(datasets.Image()))
+    hub_like.save_to_disk(str(tmp_path / "geo"))
+    out = tmp_path / "run"
+    ares.main(aepo_args(tmp_path / "geo", out, tiny_ckpt, "--steps", 1, "--preset", "geometry3k", "--keep-uniform-groups"))
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert json.loads((out / "config.json").read_text())["flags"]["preset"] == "geometry3k"
+    records = data_prep.read_records(str(tmp_path / "geo"), preset="geometry3k")
+    assert [r["question"] for r in records] == [r["question"] for r in rows]  # "<image>" stripped, as data_prep does
+    assert [r["id"] for r in records] == ["g0", "g1", "g2", "g3"] and all(len(r["images"]) == 1 for r in records)
+    with pytest.raises(SystemExit, match="missing or empty field 'question'"):
+        ares.main(aepo_args(tmp_path / "geo", tmp_path / "bad", tiny_ckpt, "--steps", 1))
+    with pytest.raises(SystemExit, match="--preset nope: unknown; presets: virl39k, geometry3k"):
+        ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), "--preset", "nope"])
