@@ -48,6 +48,7 @@ the default):
     nucleus (0.99): the update differentiates the full policy.
   - Alg. 1's token entropy bonus (undefined phi, b_i) and its /L_i advantage scaling are left out.
   - Groups whose accuracy is all 0 or all 1 are dropped (paper: mean reward outside [0.01, 0.99]).
+    --max-refill-rounds (off): refill prompts are drawn at random; tau is the mean of the rounds' tau.
   - Answers are graded by math-verify (the released code uses mathruler), after choice-letter and string checks.
   - Cold start: lr 2e-5 with a 3% linear warm-up, then cosine decay to 10% (the paper gives no schedule).
   - AdaCS (data_prep.py): L(0), L(1) are medians over all traces, right and wrong; a source without a p = 0
