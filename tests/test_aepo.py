@@ -399,6 +399,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[1])
 import ares
+import data_prep  # its score_responses calls the grader
 
 out, G = Path(sys.argv[2]), 4
 save, calls = ares.save_checkpoint, [0]
@@ -419,7 +420,7 @@ def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
     return save(path, name, policy, opt, sched, processor, state, keep_last)
 
 
-ares.grade_batch = lambda preds, answers, *limits: [graded(p, a) for p, a in zip(preds, answers)]  # in order
+data_prep.grade_batch = lambda preds, answers, *limits: [graded(p, a) for p, a in zip(preds, answers)]  # in order
 ares.save_checkpoint = dump_then_save
 for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
     calls[0] = 0
