@@ -1118,7 +1118,8 @@ def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> d
         out = sample(model, [encode_prompt(processor, r) for r in chunk], ids=ids, max_new_tokens=cfg.max_response_len,
                      temperature=0.0)
         lines += response_lines(chunk, out, tokenizer_of(processor))
-    level = {r["id"]: bucket_of(r, bucket_field(records, "auto")) for r in records}
+    by = bucket_field(records, "auto")  # as eval.py's --bucket-by auto: difficulty, else level, else pass_rate
+    level = {r["id"]: bucket_of(r, by) for r in records}
     summary = summarize([dict(x, bucket=level[x["id"]]) for x in gather(lines)],
                         [dict(f, bucket=level[f["id"]]) for f in failed])
     row = dict(eval_acc=summary["overall"]["accuracy"], eval_len=summary["overall"]["mean_tokens"])
@@ -1333,7 +1334,7 @@ def start_stage(cfg: Config, stage: str):
     torch.manual_seed(cfg.seed + me)
     split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
     records = read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
-    held_out = read_records(cfg.eval_data, "test") if cfg.eval_every else []
+    held_out = read_records(cfg.eval_data, None if cfg.eval_data in PRESETS else "test") if cfg.eval_every else []
     record = check_run_record(cfg, RESUMABLE)
     run = dataclasses.replace(load_for_training(cfg, device), record=record, held_out=held_out)
     return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
