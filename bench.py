@@ -307,6 +307,35 @@ def kv_bytes_per_token(model, dtype) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+def rollout_results(res: dict, ready: list[str], runs: dict, ids: dict, device, bound: float):
+    """bench_rollout's numbers of each method that ran, into res["methods"]: median seconds, tokens/s, peak and
+    working-set memory, lengths, the fraction of the bandwidth bound, decode-only rates, and for ares.sample's
+    methods their entropies and how often their tokens equal the first one's."""
+    batch, new_tokens, reference = res["batch"], res["new_tokens"], None
+    for method in ready:
+        r = res["methods"][method]
+        times = [x[0] for x in runs[method]]
+        dt, out = statistics.median(times), runs[method][0][3]
+        peak = max((x[1] for x in runs[method]), default=None) if device.type == "cuda" else None
+        n_tok = int(out["lengths"].sum())
+        r.update(seconds=dt, seconds_all=times, tokens=n_tok, tokens_per_s=n_tok / dt, peak_gib=peak,
+                 working_set_gib=peak - runs[method][0][2] if peak is not None else None,
+                 full_length=bool((out["lengths"] == new_tokens).all()), min_length=int(out["lengths"].min()),
+                 stop_tokens_sampled=int(torch.isin(out["tokens"], torch.tensor(ids["stop"])).sum()),
+                 bound_fraction=n_tok / dt / bound)
+        if "prefill_s" in r and dt > r["prefill_s"]:
+            decode = batch * (new_tokens - 1) / (dt - r["prefill_s"])
+            r.update(decode_tokens_per_s=decode, decode_bound_fraction=decode / bound)
+        if "entropy" in out:  # what ares.sample returns beyond the tokens
+            r["mean_entropy"] = float(out["entropy"].mean())
+            r["finite_logprobs"] = bool(torch.isfinite(out["logprobs"]).all())
+            if reference is None:
+                reference = (method, out["tokens"])
+            else:  # same noise for row i at step t: eager and static agree up to floating-point ties
+                same = reference[1].shape == out["tokens"].shape
+                r[f"same_tokens_as_{reference[0]}"] = float((reference[1] == out["tokens"]).float().mean()) if same else 0.0
+
+
 def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device, bandwidth: float, counts: dict) -> dict:
     """Tokens/s of each method on the same `batch` prompts, the bandwidth bound of a decode step, peak memory.
     Each method is warmed up (the static path: compiled) and its prefill timed alone; then the timed runs go round
@@ -371,29 +400,7 @@ def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device
             except Exception as e:  # noqa: BLE001
                 failed(r, e)
                 ready.remove(method)
-    reference = None
-    for method in ready:
-        r = res["methods"][method]
-        times = [x[0] for x in runs[method]]
-        dt, out = statistics.median(times), runs[method][0][3]
-        peak = max((x[1] for x in runs[method]), default=None) if device.type == "cuda" else None
-        n_tok = int(out["lengths"].sum())
-        r.update(seconds=dt, seconds_all=times, tokens=n_tok, tokens_per_s=n_tok / dt, peak_gib=peak,
-                 working_set_gib=peak - runs[method][0][2] if peak is not None else None,
-                 full_length=bool((out["lengths"] == new_tokens).all()), min_length=int(out["lengths"].min()),
-                 stop_tokens_sampled=int(torch.isin(out["tokens"], torch.tensor(ids["stop"])).sum()),
-                 bound_fraction=n_tok / dt / bound)
-        if "prefill_s" in r and dt > r["prefill_s"]:
-            decode = batch * (new_tokens - 1) / (dt - r["prefill_s"])
-            r.update(decode_tokens_per_s=decode, decode_bound_fraction=decode / bound)
-        if "entropy" in out:  # what ares.sample returns beyond the tokens
-            r["mean_entropy"] = float(out["entropy"].mean())
-            r["finite_logprobs"] = bool(torch.isfinite(out["logprobs"]).all())
-            if reference is None:
-                reference = (method, out["tokens"])
-            else:  # same noise for row i at step t: eager and static agree up to floating-point ties
-                same = reference[1].shape == out["tokens"].shape
-                r[f"same_tokens_as_{reference[0]}"] = float((reference[1] == out["tokens"]).float().mean()) if same else 0.0
+    rollout_results(res, ready, runs, ids, device, bound)
     gen = res["methods"].get("generate", {}).get("tokens_per_s")
     for m in res["methods"].values():
         if gen and "tokens_per_s" in m:
@@ -563,6 +570,21 @@ def profile_summary(events, on_gpu: bool, top: int = 15) -> dict:
                 top=[dict(name=n, seconds=v[0] / 1e6, calls=v[1], share=share(v[0]), category=v[2]) for n, v in ranked])
 
 
+def write_profile_table(summary: dict, table: str, wall: float, table_path: Path):
+    """profile_update's text report: time, shares, ranges and the top ops of `summary`, then torch.profiler's
+    op table; its path goes into summary["table"]."""
+    s = summary["shares"]
+    lines = [f"one update micro-batch under torch.profiler ({summary['time_basis']}): {summary['time_s']:.4f} s in "
+             f"{summary['units']} units, wall {wall:.4f} s",
+             "shares: " + ", ".join(f"{k} {v:.1%}" for k, v in s.items()),
+             "ranges: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["ranges"].items())), "",
+             f"{'share':>7} {'seconds':>10} {'calls':>6}  {'class':<9} name"]
+    lines += [f"{t['share']:>7.1%} {t['seconds']:>10.5f} {t['calls']:>6}  {t['category']:<9} {t['name'][:120]}"
+              for t in summary["top"]]
+    table_path.write_text("\n".join(lines) + "\n\n" + table + "\n")
+    summary["table"] = str(table_path)
+
+
 def profile_update(model, step, device, table_path, trace_path=None) -> dict:
     """One more (already warm) update step under torch.profiler, with ranges around the vision tower's forward and
     around every checkpointed block's recompute in backward (the blocks' checkpoint functions, and
@@ -627,16 +649,7 @@ def profile_update(model, step, device, table_path, trace_path=None) -> dict:
     table = prof.key_averages().table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
                                       row_limit=40, max_name_column_width=90)
     if table_path:
-        s = summary["shares"]
-        lines = [f"one update micro-batch under torch.profiler ({summary['time_basis']}): {summary['time_s']:.4f} s in "
-                 f"{summary['units']} units, wall {wall:.4f} s",
-                 "shares: " + ", ".join(f"{k} {v:.1%}" for k, v in s.items()),
-                 "ranges: " + ", ".join(f"{k} x{v}" for k, v in sorted(summary["ranges"].items())), "",
-                 f"{'share':>7} {'seconds':>10} {'calls':>6}  {'class':<9} name"]
-        lines += [f"{t['share']:>7.1%} {t['seconds']:>10.5f} {t['calls']:>6}  {t['category']:<9} {t['name'][:120]}"
-                  for t in summary["top"]]
-        Path(table_path).write_text("\n".join(lines) + "\n\n" + table + "\n")
-        summary["table"] = str(table_path)
+        write_profile_table(summary, table, wall, Path(table_path))
     if trace_path:
         prof.export_chrome_trace(str(trace_path))
         summary["trace"] = str(trace_path)
