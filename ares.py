@@ -26,6 +26,8 @@ files into model inputs and model outputs into verdicts (records, prompts, proce
 grader, checkpoint and metrics files) and imports no local file; this file imports it and nothing else local;
 eval.py imports both and runs what needs all three: passrate (`data_prep.py passrate` hands over to it) and the
 demo (`python ares.py` runs `eval.py demo`). So every file can be read, and tested, without the ones above it.
+Validation during AEPO (--eval-data) measures with eval.py's metrics, which live in data_prep.py for that reason,
+and `eval.py curves` draws its curves.png.
 
 Every place where the paper, its released code and this file differ, or where both are silent (the choice here is
 the default):
@@ -78,7 +80,7 @@ from einops import rearrange
 
 from data_prep import (BUCKETS, PRESETS, DataError, Metrics, add_lora, bucket_field, bucket_of, check_prompts,
                        check_run_record, compute_dtype, dataclass_parser, encode_prompt, format_ok, gather, gather_images,
-                       is_tiny, latest_checkpoint, load_model, load_reward_fn, make_batch, model_prompt_suffix,
+                       is_tiny, latest_checkpoint, load_model, load_reward_fn, lora_reference, make_batch, model_prompt_suffix,
                        open_tracker, pad, position_ids, prompt_length, rank, rank0_print, read_records, response_lines,
                        restore_training_state, save_checkpoint, score_responses, special_ids, summarize, tokenizer_of,
                        world_size)
@@ -400,8 +402,9 @@ KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tig
 def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     """Spec §3, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
     acc (N,) in {0, 1} (or --reward-fn scores in [0, 1]), groups of G consecutive responses -> (N,) bucket per
-    response. Compared as 3 * sum >= G (exact for 0/1), so that G = 8 gives easy = 6-8 correct, medium = 3-5, hard = 0-2. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0]
-    -> [1, 1, 1, 1, 2, 2, 2, 2] (2 of 4 right: medium; 1 of 4: hard)."""
+    response. Compared as 3 * sum >= G (exact for 0/1), so that G = 8 gives easy = 6-8 correct, medium = 3-5,
+    hard = 0-2. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0] -> [1, 1, 1, 1, 2, 2, 2, 2] (2 of 4 right: medium;
+    1 of 4: hard)."""
     correct = rearrange(acc.double(), "(p g) -> p g", g=group_size).sum(1)  # (P,)
     bucket = torch.full(correct.shape, 2, dtype=torch.long)
     bucket[3 * correct >= group_size] = 1
@@ -825,7 +828,8 @@ def train_aepo(cfg: Config) -> Path:
     st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))  # T_d per bucket, NaN = unseen
     st.setdefault("kappa", torch.ones(3, dtype=torch.float64))  # the KL controller, per bucket
     st.setdefault("tau_history", [])
-    ref = (lora_reference(run) if cfg.lora_rank else load_reference(st["ref_model"], cfg, device)) if cfg.kl_coef else None
+    lora_ref = cfg.lora_rank and lora_reference(run.hf, run.model)  # LoRA: the policy with its adapters off
+    ref = (lora_ref or load_reference(st["ref_model"], cfg, device)) if cfg.kl_coef > 0 else None
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
@@ -1084,25 +1088,6 @@ def load_reference(name: str, cfg: Config, device) -> nn.Module:
         fill_shards(ref, full)
         return ref
     return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
-
-
-def lora_reference(run: Run):
-    """The KL reference under LoRA (spec §5: the starting policy): the policy with its adapters off, no second copy.
-    Called like a Policy: (batch, temperature) -> (logp, entropy)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in run.hf.modules() if isinstance(m, BaseTunerLayer)]
-
-    def forward(*args):
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            return run.model(*args)
-        finally:
-            for m in layers:
-                m.enable_adapters(True)
-
-    return forward
 
 
 @torch.no_grad()

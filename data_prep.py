@@ -303,6 +303,25 @@ def add_lora(hf, cfg):
     return hf
 
 
+def lora_reference(hf, model):
+    """The KL reference under LoRA (spec §5: the starting policy): `model` (the policy around hf) with hf's adapters
+    off, so no second copy is held. Called like the policy: (batch, temperature) -> (logp, entropy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in hf.modules() if isinstance(m, BaseTunerLayer)]
+
+    def forward(*args):
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            return model(*args)
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+
+    return forward
+
+
 def special_ids(model, processor) -> dict:
     """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
     tok = tokenizer_of(processor)

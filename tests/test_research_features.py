@@ -343,7 +343,7 @@ def test_lora_trains_only_adapters_its_reference_is_the_base_and_peft_reads_the_
     prompt = data_prep.encode_prompt(run.processor, record)
     batch = data_prep.make_batch(run.hf, [prompt], [torch.tensor([100, 101, 102])], run.ids["pad"], "cpu")
     with torch.no_grad():
-        ref, lora, base_lp = ares.lora_reference(run)(batch)[0], run.model(batch)[0], start(batch)[0]
+        ref, lora, base_lp = data_prep.lora_reference(run.hf, run.model)(batch)[0], run.model(batch)[0], start(batch)[0]
     torch.testing.assert_close(ref, base_lp)
     assert not torch.allclose(lora, base_lp)
 
