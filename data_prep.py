@@ -24,7 +24,7 @@ The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
             p in {0, 1/K, ..., 1}; --keep-responses also writes every response as a candidate trace.
   adacs     spec §8 on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
             per problem the correct trace nearest its target; then equal counts per pass-rate bracket.
-  demo      coloured squares whose sizes are numbers: read one (easy), add two (medium), multiply-add (hard);
+  demo      coloured bars whose lengths are numbers: read one (easy), add two (medium), multiply-add (hard);
             three teacher traces per problem (terse, steps, steps + re-check) for AdaCS to choose from.
 
 Choices made here, where the paper and the released code are silent:
@@ -42,16 +42,20 @@ Choices made here, where the paper and the released code are silent:
   - A trace's length is its sampled tokens without the end-of-turn token (passrate), or the tokenizer's
     count of its text (adacs --model, for pools without a `length`).
 
-The demo task: four coloured squares (red, green, blue, yellow) in a column, in random order, each as big as the
-number it stands for (0-4; size 0: no square). Three levels ask for one size (easy), the sum of two (medium), or
-the product of two plus a third (hard). Each problem comes with three correct teacher traces of growing length:
-terse ("<think>7.</think> The answer is \\boxed{7}."), steps (every size read and every operation written out) and
-recheck (steps, then the sizes read again after a transition word: "Wait, check again: 3, 2, 1."). For the tiny
-model a terse answer is as good as a worked one on easy problems, while on hard ones only the steps get it right:
-that is what AdaCS and AEPO can adapt the length to. Each 28 x 28 pixel cell is exactly one merged vision token
-of Qwen2.5-VL (14-pixel patches, 2 x 2 merge), and reading a size is reading one token found by its colour: the
-tiny model learns it on a CPU in minutes. (An earlier version asked to count squares in a 4 x 4 grid: attention
-learns to count late, at a step the seed decides, so the cold start reached 31% or 94% depending on the seed.)
+The demo task: four bars (red, green, blue, yellow) in a column, in random order, each as long as the number it
+stands for (0-4). Three levels ask for one length (easy), the sum of two (medium), or the product of two plus a
+third (hard). Each problem comes with three correct teacher traces of growing length: terse ("<think>7.</think>
+The answer is \\boxed{7}."), steps (every length read and every operation written out) and recheck (steps, then
+the lengths read again after a transition word: "Wait, check again: 3, 2, 1."). For the tiny model a terse answer
+is as good as a worked one on easy problems, while on hard ones only the steps get it right: that is what AdaCS
+and AEPO can adapt the length to. Each 28 x 28 pixel cell is exactly one merged vision token of Qwen2.5-VL
+(14-pixel patches, 2 x 2 merge): its top half is the bar's colour, its bottom half a black bar 7 px per unit, so
+colour and length sit in separate patches and every bar's colour is visible, even at length 0. Reading a length is
+reading one token found by its colour: the tiny model learns it on a CPU in minutes. (Two earlier versions were
+seed-dependent: counting squares in a 4 x 4 grid, and squares whose *size* was the number, where a small square
+left almost no colour to find it by, and size 0 left none; the frozen random vision tower then gave nearly the same
+features to a red and a green square of size 1, cosine 0.93-1.0, against at most 0.83 for any two distinct cells
+here, and reading was learned at a step the seed decided.)
 """
 from __future__ import annotations
 
@@ -110,8 +114,8 @@ TINY_CHAT_TEMPLATE = (
 TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [  # the demo task's words, repeated so that BPE merges them
     "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7.</think> "
     "The answer is \\boxed{7}. Wait, check again: 3, 2, 1. Hmm, Actually, Check, So, Thus, Yes, the answer is 7.",
-    "How big is the red square? What is the sum of the green and blue squares? Multiply the yellow square by the "
-    "red square, then add the blue square."] * 4 + [
+    "How long is the red bar? What is the sum of the green and blue bars? Multiply the yellow bar by the "
+    "red bar, then add the blue bar."] * 4 + [
     "Count the red squares: 3. Subtract: 6 - 1 = 5. How many squares are in the image? in total",
     "step first second then next finally total sum difference product number numbers count counts more less",
     "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
@@ -1788,30 +1792,30 @@ def run_adacs(args) -> list[dict]:
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220), "yellow": (230, 190, 0)}
 LEVELS = {1: "easy", 2: "medium", 3: "hard"}
-CELL, SIDE = 28, 6  # one 28-px cell per square (one merged vision token); a square of value v is 6 v px wide
+CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of value v is 7 v px long
 STYLES = ("terse", "steps", "recheck")  # the teacher pool: three correct traces of growing length per problem
 OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
 CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
 
 
 def demo_problem(rng: random.Random, level: int) -> dict:
-    """One problem: four coloured squares in a column, in random order, whose sizes are the numbers 0-4 (size 0: no
-    square), the question, the answer and its candidate traces, one per style: terse (the answer alone), steps
-    (every size read and every operation written out) and recheck (steps, then the sizes read again after a
-    transition word). A trace is '<think> ... </think> The answer is \\boxed{N}.'"""
+    """One problem: four coloured bars in a column, in random order, whose lengths are the numbers 0-4, the question,
+    the answer and its candidate traces, one per style: terse (the answer alone), steps (every length read and
+    every operation written out) and recheck (steps, then the lengths read again after a transition word). A trace
+    is '<think> ... </think> The answer is \\boxed{N}.'"""
     order = rng.sample(list(COLOURS), len(COLOURS))
     v = {c: rng.randint(0, 4) for c in order}
     a, b, c = rng.sample(order, 3)
     if level == 1:
-        question, answer, used, ops = f"How big is the {a} square?", v[a], [a], []
+        question, answer, used, ops = f"How long is the {a} bar?", v[a], [a], []
     elif level == 2:
         answer, used = v[a] + v[b], [a, b]
-        question = f"What is the sum of the {a} and {b} squares?"
+        question = f"What is the sum of the {a} and {b} bars?"
         ops = [f"Add: {v[a]} + {v[b]} = {answer}."]
     else:
         product = v[a] * v[b]
         answer, used = product + v[c], [a, b, c]
-        question = f"Multiply the {a} square by the {b} square, then add the {c} square."
+        question = f"Multiply the {a} bar by the {b} bar, then add the {c} bar."
         ops = [f"Multiply: {v[a]} * {v[b]} = {product}.", f"Add: {product} + {v[c]} = {answer}."]
     steps = [f"{s.capitalize()} is {v[s]}." for s in used] + ops
     recheck = steps + [f"{rng.choice(OPENERS)}, check again: " + ", ".join(str(v[s]) for s in used) + ".",
@@ -1823,17 +1827,18 @@ def demo_problem(rng: random.Random, level: int) -> dict:
 
 
 def draw_grid(cells: list[tuple[str, int]]):
-    """The column of squares, each centred in its own 28-px cell: one merged vision token of Qwen2.5-VL (14-pixel
-    patches, 2 x 2 merge), so reading a size is reading one token, wherever the square stands."""
+    """The column of bars, one 28-px cell each: one merged vision token of Qwen2.5-VL (14-pixel patches, 2 x 2
+    merge). The top two patches hold the colour, the bottom two a black bar of UNIT px per unit from the left, so a
+    length is read from one token, found by its colour, wherever the bar stands."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (CELL, len(cells) * CELL), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for k, (colour, value) in enumerate(cells):
+        top = k * CELL
+        draw.rectangle([0, top, CELL - 1, top + CELL // 2 - 1], fill=COLOURS[colour])
         if value:
-            lo = (CELL - SIDE * value) // 2
-            draw.rectangle([lo, k * CELL + lo, lo + SIDE * value - 1, k * CELL + lo + SIDE * value - 1],
-                           fill=COLOURS[colour])
+            draw.rectangle([0, top + CELL // 2, UNIT * value - 1, top + CELL - 1], fill=(0, 0, 0))
     return img
 
 

@@ -722,7 +722,7 @@ def demo_wait(procs: list):
 
 def run_demo(cfg: ares.Config):
     """ARES end to end on the demo task (spec §8 then §1-6), with plain GRPO from the same cold start beside it:
-      1. data_prep.py demo     squares whose sizes are numbers; per problem three correct teacher traces:
+      1. data_prep.py demo     bars whose lengths are numbers; per problem three correct teacher traces:
                                terse, steps, steps + re-check
       2. warm-up               the random tiny model learns to read and reason on one steps trace per problem:
                                the demo's base model (the paper starts from an Instruct VLM) and the reference

@@ -418,29 +418,31 @@ PALETTE = {(220, 30, 30): "red", (30, 160, 30): "green", (30, 60, 220): "blue", 
 
 
 def read_grid(path) -> dict:
-    """The size of each colour's square in a demo image, from pixels: per 28-px cell, the colour of its non-white
-    pixels and the side of the square they form (6 px per unit); a colour with no square has size 0."""
+    """The length of each colour's bar in a demo image, from pixels: per 28-px cell, the colour filling its top half
+    and the width of the black run from the left edge of its bottom half (7 px per unit, white after it)."""
     a = pixels(path).astype(int)
-    sizes = dict.fromkeys(PALETTE.values(), 0)
+    lengths = {}
     for k in range(a.shape[0] // 28):
         cell = a[28 * k:28 * (k + 1)]
-        ink = (cell != 255).any(-1)
-        if ink.any():
-            rows, cols = ink.nonzero()
-            colour = PALETTE[tuple(cell[rows[0], cols[0]])]
-            side = rows.max() - rows.min() + 1
-            assert side == cols.max() - cols.min() + 1 == ink.sum() ** 0.5 and side % 6 == 0  # a filled square
-            sizes[colour] = side // 6
-    return sizes
+        top, bottom = cell[:14], cell[14:]
+        colour = PALETTE[tuple(top[0, 0])]
+        assert (top == top[0, 0]).all()  # the top half is one colour
+        black = (bottom == 0).all(-1)
+        width = int(black[0].sum())
+        assert (black == black[0]).all() and not black[0, width:].any() and (bottom[~black] == 255).all()
+        assert width % 7 == 0 and colour not in lengths
+        lengths[colour] = width // 7
+    assert set(lengths) == set(PALETTE.values())
+    return lengths
 
 
 def answer_from(question: str, v: dict) -> int:
-    """The answer recomputed from the question text and the sizes read from the pixels."""
-    if m := re.fullmatch(r"How big is the (\w+) square\?", question):
+    """The answer recomputed from the question text and the lengths read from the pixels."""
+    if m := re.fullmatch(r"How long is the (\w+) bar\?", question):
         return v[m[1]]
-    if m := re.fullmatch(r"What is the sum of the (\w+) and (\w+) squares\?", question):
+    if m := re.fullmatch(r"What is the sum of the (\w+) and (\w+) bars\?", question):
         return v[m[1]] + v[m[2]]
-    m = re.fullmatch(r"Multiply the (\w+) square by the (\w+) square, then add the (\w+) square\.", question)
+    m = re.fullmatch(r"Multiply the (\w+) bar by the (\w+) bar, then add the (\w+) bar\.", question)
     return v[m[1]] * v[m[2]] + v[m[3]]
 
 
