@@ -47,8 +47,8 @@ stands for (0-4). Three levels ask for one length (easy), the sum of two (medium
 third (hard). Each problem comes with three correct teacher traces of growing length: terse ("<think>7.</think>
 The answer is \\boxed{7}."), steps (every length read and every operation written out) and recheck (steps, then
 the lengths read again after a transition word: "Wait, check again: 3, 2, 1."). For the tiny model a terse answer
-is as good as a worked one on easy problems, while on hard ones only the steps get it right: that is what AdaCS
-and AEPO can adapt the length to. Each 28 x 28 pixel cell is exactly one merged vision token of Qwen2.5-VL
+loses little on easy problems (89% against 99% for the steps), while on hard ones only the steps get it right (12%
+against 91%; README, "Why this task"): that is what AdaCS and AEPO can adapt the length to. Each 28 x 28 pixel cell is exactly one merged vision token of Qwen2.5-VL
 (14-pixel patches, 2 x 2 merge): its top half is the bar's colour, its bottom half a black bar 7 px per unit, so
 colour and length sit in separate patches and every bar's colour is visible, even at length 0. Reading a length is
 reading one token found by its colour: the tiny model learns it on a CPU in minutes. (Two earlier versions were
@@ -1845,12 +1845,15 @@ def draw_grid(cells: list[tuple[str, int]]):
 def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Write the demo task under `out`: one .jsonl per split plus their PNG images; levels balanced in every split,
     deterministic for a seed. Returns {split: path}. Splits:
-      sft    one steps trace per problem: the warm-up data that teaches the random tiny model to read and reason
+      sft    one trace per problem, its style drawn at random: the warm-up data that teaches the random tiny model to
+             read and reason, and to answer in any of the three styles (a base model whose length varies, as the
+             paper's earlier reasoning model does: its pass rates then fall with the level, and AdaCS has a
+             choice to make)
       pool   the problems whose pass rates the reference policy measures (one record each), and beside it
              pool_traces.jsonl: every candidate trace of each (one record per trace, `style` says which), the
              teacher pool that AdaCS chooses from, joined with the pass rates by id
       rl, test   prompts for AEPO and held-out evaluation
-    Every record but the teacher pool's carries its steps trace as `response`."""
+    Every record of pool, rl and test carries its steps trace as `response`."""
     sizes = sizes or {"sft": 1500, "pool": 1200, "rl": 1000, "test": 300}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -1863,7 +1866,7 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
             prob = demo_problem(rng, level)
             rid = f"{split}-{k:05d}"
             draw_grid(prob["cells"]).save(out / "images" / f"{rid}.png")
-            style = "steps"
+            style = rng.choice(STYLES) if split == "sft" else "steps"
             row = dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
                        source="demo", level=level, difficulty=LEVELS[level])
             rows.append(dict(row, response=prob["traces"][style], style=style))

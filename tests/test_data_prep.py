@@ -476,7 +476,12 @@ def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_dat
     for style in ("steps", "recheck"):
         assert max(by[style, 1]) < min(by[style, 2]) and max(by[style, 2]) < min(by[style, 3]), style
     assert max(max(by["terse", lv]) for lv in (1, 2, 3)) - min(min(by["terse", lv]) for lv in (1, 2, 3)) <= 3
-    assert {json.loads(line)["style"] for line in open(demo_data["sft"])} == {"steps"}  # the warm-up data
+    sft = [json.loads(line) for line in open(demo_data["sft"])]  # the warm-up data: every style, each its own trace
+    assert {r["style"] for r in sft} == set(data_prep.STYLES)
+    for r in sft:  # the style, read back from the text: terse reads nothing, steps reads, recheck reads twice
+        think = r["response"].split("</think>")[0]
+        assert (" is " in think, "check again" in think) == {"terse": (False, False), "steps": (True, False),
+                                                             "recheck": (True, True)}[r["style"]], r["id"]
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):
