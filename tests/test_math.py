@@ -215,6 +215,8 @@ bucket = torch.tensor([[0, 0, 2], [2, 2, 1, 1, 1]][rank])
 for_reward, new = ares.update_targets(torch.tensor([float("nan"), 10.0, float("nan")], dtype=torch.float64), n_he, bucket)
 json.dump(dict(tau=tau, H=H.tolist(), lengths=lengths, for_reward=for_reward.tolist(), new=new.tolist()),
           open(sys.argv[1] + f"/rank{{rank}}.json", "w"))
+ares.dist.barrier()  # both ranks are done before either tears the group down: a rank that exits while the other
+ares.dist.destroy_process_group()  # still holds the gloo connection can abort at exit under load
 """
 
 
