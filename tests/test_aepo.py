@@ -88,6 +88,18 @@ def check_rows_end_properly(out: dict, stop: list[int], pad: int, budgets: list[
         if body[-1] not in stop:
             assert n == budget
 
+def check_continuations(model, rows, parents, cuts, prefixes, cont, entropy=True):
+    """Each continuation k of row parents[k] from its prefix (cuts[k] tokens): its log-probs (and entropy) equal
+    teacher forcing of prefix + continuation, scored from position cuts[k] on."""
+    for k, (r, t) in enumerate(zip(parents, cuts)):
+        n = int(cont["mask"][k].sum())
+        full = torch.cat([torch.tensor(prefixes[k], dtype=torch.long), cont["tokens"][k, :n]])
+        logp, ent = teacher_forced(model, rows[r], full, t, T_SAMPLE)
+        torch.testing.assert_close(cont["logprobs"][k, :n], logp, atol=1e-4, rtol=0)
+        if entropy:
+            torch.testing.assert_close(cont["entropy"][k, :n], ent, atol=1e-4, rtol=0)
+
+
 
 def aepo_args(data, out, model, *extra) -> list[str]:
     """A small AEPO run: 2 prompts x G = 4 per step, at most 16 new tokens (no --out when out is None)."""
@@ -148,12 +160,7 @@ def test_sampler_logprobs_and_entropies_match_teacher_forcing(tiny, demo_data):
     cont = ares.sample(model, [rows[r] for r in parents], ids=ids, budgets=budgets, prefixes=prefixes,
                        temperature=T_SAMPLE, top_p=TOP_P, generator=torch.Generator().manual_seed(1))
     check_rows_end_properly(cont, ids["stop"], ids["pad"], budgets)
-    for k, (r, t) in enumerate(zip(parents, cuts)):
-        n = int(cont["mask"][k].sum())
-        full = torch.cat([torch.tensor(prefixes[k], dtype=torch.long), cont["tokens"][k, :n]])
-        logp, ent = teacher_forced(model, rows[r], full, t, T_SAMPLE)
-        torch.testing.assert_close(cont["logprobs"][k, :n], logp, atol=1e-4, rtol=0)
-        torch.testing.assert_close(cont["entropy"][k, :n], ent, atol=1e-4, rtol=0)
+    check_continuations(model, rows, parents, cuts, prefixes, cont)
 
 
 def test_eos_stops_a_row_and_pads_it(tiny, demo_data):

@@ -6,8 +6,8 @@ import math
 
 import torch
 from conftest import run_script
-from test_aepo import (T_SAMPLE, TOP_P, check_rows_end_properly, encoded_prompts, special_ids_with_extra_stops,
-                       teacher_forced)
+from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_properly, encoded_prompts,
+                       special_ids_with_extra_stops, teacher_forced)
 
 import ares
 import data_prep
@@ -166,11 +166,7 @@ def test_static_cache_path_samples_what_the_eager_path_samples(tiny, demo_data):
     prefixes = [static["tokens"][r, :t].tolist() for r, t in zip(parents, cuts)]
     _, cont = both([rows[r] for r in parents], 1, budgets=budgets, prefixes=prefixes)
     check_rows_end_properly(cont, ids["stop"], ids["pad"], budgets)
-    for k, (r, t) in enumerate(zip(parents, cuts)):
-        n = int(cont["mask"][k].sum())
-        full = torch.cat([torch.tensor(prefixes[k], dtype=torch.long), cont["tokens"][k, :n]])
-        logp, _ = teacher_forced(model, rows[r], full, t, T_SAMPLE)
-        torch.testing.assert_close(cont["logprobs"][k, :n], logp, atol=1e-4, rtol=0)
+    check_continuations(model, rows, parents, cuts, prefixes, cont, entropy=False)
 
 
 def test_device_script_dry_run_on_the_cpu(tmp_path):
