@@ -617,29 +617,45 @@ def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, re
     from transformers import DynamicCache, StaticCache
 
     device = next(model.parameters()).device
-    input_ids, att = pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
-                         ids["pad"], left=True, multiple=128 if static else 1)  # (P, L); few shapes: few recompiles
-    att = att.long()
-    images = gather_images(prompts)
-    pos = position_ids(model, input_ids, att, images["row_grid_thw"])  # (3, P, L) for Qwen-VL, else (P, L)
-    vlm = pos.dim() == 3
-    next_pos = (pos.amax(dim=(0, 2)) if vlm else pos.amax(-1)) + 1  # (P,)
+    batch = prompt_batch(model, prompts, prefixes, ids, device, multiple=128 if static else 1)  # few shapes: few recompiles
+    att, next_pos, vlm = batch["attention_mask"], batch["next_pos"], batch["position_ids"].dim() == 3
     if static:  # future positions are hidden by causality, so this full-length mask never changes
         att = torch.cat([att, att.new_ones(len(att), -(-(att.shape[1] + new_tokens) // 256) * 256 - att.shape[1])], 1)
-    inputs = dict(input_ids=input_ids, attention_mask=att, position_ids=pos)
-    if ids["image"] is not None:
-        inputs["mm_token_type_ids"] = (input_ids == ids["image"]).int()
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if images["pixel_values"] is not None:
-        inputs.update(encode_images(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}))
+    inputs = dict(model_inputs(batch), attention_mask=att, **encode_images(model, batch))
     text_config = model.config.get_text_config()
     cache = StaticCache(config=text_config, max_cache_len=att.shape[1]) if static else DynamicCache(config=text_config)
     logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
-    att, next_pos = att.to(device), next_pos.to(device)
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))  # P -> N rows
     return dict(cache=cache, logits=logits, att=att, next_pos=next_pos, vlm=vlm)
+
+
+def prompt_batch(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, device, multiple: int = 1) -> dict:
+    """Prompts (+ token prefixes) left-padded, so every row's last token is at the end: input_ids, attention_mask
+    (P, L), position_ids (3, P, L) for Qwen-VL's 3-D rotary positions else (P, L), mm_token_type_ids, the distinct
+    images (gather_images), and next_pos (P,): the position of the first token after each row."""
+    input_ids, att = pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
+                         ids["pad"], left=True, multiple=multiple)  # (P, L)
+    images = gather_images(prompts)
+    pos = position_ids(model, input_ids, att.long(), images["row_grid_thw"])
+    batch = dict(input_ids=input_ids, attention_mask=att.long(), position_ids=pos, **images,
+                 next_pos=(pos.amax(dim=(0, 2)) if pos.dim() == 3 else pos.amax(-1)) + 1)
+    if ids["image"] is not None:
+        batch["mm_token_type_ids"] = (input_ids == ids["image"]).int()
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
+            if batch.get(k) is not None}
+
+
+def next_positions(next_pos: torch.Tensor, steps: int, vlm: bool) -> torch.Tensor:
+    """Rotary positions of the `steps` tokens after each row's next_pos (N,): (3, N, steps) for Qwen-VL (text
+    tokens advance t, h and w alike), else (N, steps)."""
+    p = next_pos[:, None] + torch.arange(steps, device=next_pos.device)  # (N, steps)
+    return p[None].expand(3, -1, -1) if vlm else p
 
 
 def decode(model, state: dict, budgets: torch.Tensor, ids: dict, step, temperature: float, top_p: float,
@@ -678,8 +694,7 @@ def decode(model, state: dict, budgets: torch.Tensor, ids: dict, step, temperatu
                 att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
             elif t % 16 == 15 and not live.any():
                 break
-            p = (next_pos + t)[:, None]
-            p = p[None].expand(3, -1, -1) if state["vlm"] else p
+            p = next_positions(next_pos + t, 1, state["vlm"])
             u = torch.rand(N, generator=generator, device=device)[rows]
             tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p, banned))
     lengths = mask.sum(1)
@@ -1040,10 +1055,24 @@ def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: dict) -> dict:
 
 
 def teacher_forced(run, device, prompts, ro, rows, G):
-    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context)."""
+    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context), each
+    distinct prompt once. Whole sequences under gradient checkpointing: Hugging Face drops the KV cache there."""
     lengths = ro["resp_mask"].sum(1)
-    return make_batch(run.hf, [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows],
-                      run.ids["pad"], device)
+    rows_prompts, responses = [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows]
+    if torch.is_grad_enabled() and getattr(run.hf, "is_gradient_checkpointing", False):
+        return make_batch(run.hf, rows_prompts, responses, run.ids["pad"], device)
+    return shared_prompt_batch(run.hf, rows_prompts, responses, run.ids, device)
+
+
+def shared_prompt_batch(model, prompts: list[dict], responses: list[torch.Tensor], ids: dict, device) -> dict:
+    """Batch for Policy's shared-prompt forward: prompt_batch of the distinct prompts (P, L), prompt_index (N,) the
+    prompt of each row, resp_tokens and resp_mask (N, R) the right-padded responses."""
+    first: dict[int, int] = {}
+    index = [first.setdefault(id(p), len(first)) for p in prompts]  # rows sharing a prompt dict share its prompt
+    distinct = list({id(p): p for p in prompts}.values())  # in order of first appearance, as `first` counts
+    resp_tokens, resp_mask = pad([r.long() for r in responses], ids["pad"])  # (N, R)
+    return dict(prompt_batch(model, distinct, [[]] * len(distinct), ids, device), prompt_index=torch.tensor(index,
+                device=device), resp_tokens=resp_tokens.to(device), resp_mask=resp_mask.to(device))
 
 
 @torch.no_grad()
@@ -1231,15 +1260,33 @@ class Policy(nn.Module):
         self.banned = banned_tokens(hf)
 
     def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
-        """batch from `make_batch`. Returns log p(o_t | o_<t) and, without grad, the entropy: each (N, R)."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids")
-                  if batch.get(k) is not None}
-        inputs.update(encode_images(self.hf, batch))
-        hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
-        idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
-        h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
+        """batch from `shared_prompt_batch` or `make_batch` (whole sequences). Returns log p(o_t | o_<t) and,
+        without grad, the entropy: each (N, R)."""
+        inputs = dict(model_inputs(batch), **encode_images(self.hf, batch))
+        if "prompt_index" in batch:
+            h = self.shared_prompt_hidden(batch, inputs)
+        else:
+            hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
+            idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
+            h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
         return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
                              banned=self.banned)
+
+    def shared_prompt_hidden(self, batch: dict, inputs: dict) -> torch.Tensor:
+        """Each distinct prompt runs once into a KV cache (as prefill does), each response row gets its prompt's
+        keys and values (an index: gradients flow back into the prompt), then all responses run as one right-padded
+        continuation. -> the hidden state that predicts each response token, (N, R, H)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.hf.config.get_text_config())
+        last = self.hf.model(**inputs, cache=cache, use_cache=True).last_hidden_state[:, -1]  # (P, H) predicts o_1
+        idx, resp = batch["prompt_index"], batch["resp_tokens"]  # (N,), (N, R)
+        cache.batch_select_indices(idx)
+        att = torch.cat([batch["attention_mask"][idx], batch["resp_mask"].long()], 1)  # (N, L + R)
+        pos = next_positions(batch["next_pos"][idx], resp.shape[1], batch["position_ids"].dim() == 3)
+        hidden = self.hf.model(input_ids=resp, attention_mask=att, position_ids=pos, cache=cache,
+                               use_cache=True).last_hidden_state  # (N, R, H); position t predicts o_{t+1}
+        return torch.cat([last[idx, None], hidden[:, :-1]], 1)  # (N, R, H)
 
 
 def encode_images(model, images: dict) -> dict:

@@ -102,7 +102,6 @@ def banned(model) -> list[int]:
             if i is not None]
 
 
-@torch.no_grad()
 def plain_logprobs(model, prompt: dict, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(tokens[k] | prompt, tokens[:k]) from ONE plain forward of the unpadded sequence. -> (n,)."""
     seq = torch.cat([prompt["ids"], tokens])[None]
@@ -135,6 +134,48 @@ def test_sampler_and_trainer_logprobs_equal_teacher_forcing(family_ckpt, family_
         want = plain_logprobs(model, prompts[p], toks, T)
         torch.testing.assert_close(out["logprobs"][i, :len(toks)], want, atol=1e-4, rtol=0)
         torch.testing.assert_close(trainer[i, :len(toks)], want, atol=1e-4, rtol=0)
+
+
+def test_shared_prompt_forward_gives_the_logprobs_and_gradients_of_whole_sequences(family_ckpt, family_data):
+    """The update's forward (each distinct prompt once into a KV cache, then every response as one continuation)
+    against a plain forward of each row's unpadded prompt + response: log-probs to 1e-5 and the gradients of a few
+    parameters (embedding/head, attention, MLP, vision) of the summed log-probs, fp32. One micro-batch holds two
+    prompts of unequal lengths (3 and 2 responses, all of unequal lengths), as a group's rows sorted together do."""
+    family, ckpt = family_ckpt
+    model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
+    model.eval()
+    records = data_prep.load_records(str(family_data["text" if family in TEXT_ONLY else "vlm", "rl"]))[:2]
+    records[1] = dict(records[1], question=records[1]["question"] + " Think carefully, then answer.")
+    prompts = [data_prep.encode_prompt(processor, r) for r in records]
+    assert len(prompts[0]["ids"]) != len(prompts[1]["ids"])
+    ids = ares.special_ids(model, processor)
+    gen = torch.Generator().manual_seed(0)
+    allowed = torch.tensor([t for t in range(300) if t not in banned(model)])
+    rows = [(p, allowed[torch.randint(len(allowed), (n,), generator=gen)]) for p, n in ((0, 7), (0, 3), (0, 12),
+                                                                                          (1, 5), (1, 9))]
+    names = [n for n, _ in model.named_parameters() if any(k in n for k in (
+        "embed_tokens", "layers.0.self_attn.k_proj.weight", "layers.1.mlp.down_proj", "visual.blocks.0.mlp"))]
+    assert len(names) >= (3 if family in TEXT_ONLY else 4)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if n in names}
+        model.zero_grad()
+        return out
+
+    want = []
+    for p, toks in rows:
+        want.append(plain_logprobs(model, prompts[p], toks, T))
+        want[-1].sum().backward()
+    want_grads = grads()
+    batch = ares.shared_prompt_batch(model, [prompts[p] for p, _ in rows], [t for _, t in rows], ids, "cpu")
+    assert batch["input_ids"].shape[0] == 2  # each prompt once
+    got, _ = ares.Policy(model)(batch, T)
+    (got * batch["resp_mask"]).sum().backward()
+    for i, (p, toks) in enumerate(rows):
+        torch.testing.assert_close(got[i, :len(toks)], want[i], atol=1e-5, rtol=0)
+    for n, g in grads().items():
+        assert want_grads[n].abs().sum() > 0, n
+        torch.testing.assert_close(g, want_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
 
 
 def test_cold_start_then_aepo_with_branching_then_from_pretrained(family_ckpt, family_data, tmp_path):
