@@ -123,7 +123,8 @@ def saved_state(ckpt: Path) -> dict:
 def test_sampler_logprobs_and_entropies_match_teacher_forcing(tiny, demo_data):
     """Images, a text-only prompt, left padding (prompts of three lengths), `repeats`, ragged stops, rows dropped
     from the batch as they finish, and branch prefixes: every sampled token's log-prob and entropy equal those of a
-    teacher-forced plain forward to 1e-4 (fp32), and so do the trainer's (make_batch + Policy, right padding)."""
+    teacher-forced plain forward to 1e-4 (fp32), and so do the trainer's (Policy on make_batch's right-padded whole
+    sequences, and on shared_prompt_batch's four prompts once, an image-free one among them)."""
     model, processor = tiny
     prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"])
     assert len({len(p["ids"]) for p in prompts}) >= 3
@@ -145,13 +146,14 @@ def test_sampler_logprobs_and_entropies_match_teacher_forcing(tiny, demo_data):
         logp, ent = teacher_forced(model, rows[i], responses[i], 0, T_SAMPLE)
         torch.testing.assert_close(out["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
         torch.testing.assert_close(out["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
-    batch = ares.make_batch(model, rows, responses, ids["pad"], "cpu")
-    with torch.no_grad():
-        logp, ent = ares.Policy(model)(batch, T_SAMPLE, with_entropy=True)
-    m = batch["resp_mask"]
-    assert torch.equal(m, out["mask"][:, :m.shape[1]])
-    assert (logp - out["logprobs"][:, :m.shape[1]]).abs()[m].max() < 1e-4
-    assert (ent - out["entropy"][:, :m.shape[1]]).abs()[m].max() < 1e-4
+    for batch in (ares.make_batch(model, rows, responses, ids["pad"], "cpu"),  # whole sequences (cold start)
+                  ares.shared_prompt_batch(model, rows, responses, ids, "cpu")):  # the update's: each prompt once
+        with torch.no_grad():
+            logp, ent = ares.Policy(model)(batch, T_SAMPLE, with_entropy=True)
+        m = batch["resp_mask"]
+        assert torch.equal(m, out["mask"][:, :m.shape[1]])
+        assert (logp - out["logprobs"][:, :m.shape[1]]).abs()[m].max() < 1e-4
+        assert (ent - out["entropy"][:, :m.shape[1]]).abs()[m].max() < 1e-4
 
     # branches: continue rows 0, 3 and 6 from their own first tokens, with different budgets
     parents, cuts, budgets = [0, 3, 6], [1, 3, 2], [5, 9, 12]
@@ -338,6 +340,25 @@ def test_branch_samples_zero_is_plain_group_sampling(tiny, demo_data):
 
 # ----------------------------------------------------------------------------------------------------------
 # The update
+
+
+def test_under_gradient_checkpointing_the_update_runs_whole_sequences_with_the_same_logprobs(tiny, demo_data):
+    """Hugging Face's checkpointed layers drop the KV cache, so with gradients (the policy's forward) the update's
+    batch is whole sequences; without them (old and reference log-probs) it stays shared. Same log-probs."""
+    from types import SimpleNamespace
+
+    model = copy.deepcopy(tiny[0]).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts = encoded_prompts(tiny[1], demo_data["rl"], [0, 1])
+    run = SimpleNamespace(hf=model, ids=ares.special_ids(model, tiny[1]))
+    tokens = torch.randint(100, 300, (4, 6), generator=torch.Generator().manual_seed(0))
+    ro = dict(tokens=tokens, resp_mask=torch.arange(6)[None] < torch.tensor([[6], [3], [5], [2]]))
+    whole = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
+    with torch.no_grad():
+        shared = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
+        assert "prompt_index" in shared and "prompt_index" not in whole
+        a, b = ares.Policy(model)(shared)[0], ares.Policy(model)(whole)[0]
+    torch.testing.assert_close(a[ro["resp_mask"]], b[ro["resp_mask"]], atol=1e-5, rtol=0)
 
 
 def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(tiny, demo_data):
