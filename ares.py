@@ -617,7 +617,7 @@ def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, re
     from transformers import DynamicCache, StaticCache
 
     device = next(model.parameters()).device
-    batch = prompt_batch(model, prompts, prefixes, ids, device, multiple=128 if static else 1)  # few shapes: few recompiles
+    batch = prompt_batch(model, prompts, prefixes, ids, device, multiple=128 if static else 1)  # few shapes
     att, next_pos, vlm = batch["attention_mask"], batch["next_pos"], batch["position_ids"].dim() == 3
     if static:  # future positions are hidden by causality, so this full-length mask never changes
         att = torch.cat([att, att.new_ones(len(att), -(-(att.shape[1] + new_tokens) // 256) * 256 - att.shape[1])], 1)
