@@ -1796,6 +1796,9 @@ CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of
 STYLES = ("terse", "steps", "recheck")  # the teacher pool: three correct traces of growing length per problem
 OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
 CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
+OVERTHINK = 0.9  # an easy problem whose bar is short (0 or 1 units: little ink to read) has only the re-check trace
+# in the teacher pool with this probability: the teacher overthinks simple questions, as the reasoning models the
+# paper starts from do, and the cold start inherits a re-check habit on them that AEPO has to trim
 
 
 def demo_problem(rng: random.Random, level: int) -> dict:
@@ -1823,7 +1826,8 @@ def demo_problem(rng: random.Random, level: int) -> dict:
     end = "</think> The answer is \\boxed{" + str(answer) + "}."
     traces = {"terse": f"<think>{answer}.{end}", "steps": "<think>" + " ".join(steps) + end,
               "recheck": "<think>" + " ".join(recheck) + end}
-    return dict(cells=[(col, v[col]) for col in order], question=question, answer=str(answer), traces=traces)
+    return dict(cells=[(col, v[col]) for col in order], question=question, answer=str(answer), traces=traces,
+                short=min(v[s] for s in used) <= 1)
 
 
 def draw_grid(cells: list[tuple[str, int]]):
@@ -1858,6 +1862,7 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on OVERTHINK
     paths, traces = {}, []
     for split, n in sizes.items():
         rows = []
@@ -1871,7 +1876,8 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
                        source="demo", level=level, difficulty=LEVELS[level])
             rows.append(dict(row, response=prob["traces"][style], style=style))
             if split == "pool":
-                traces += [dict(row, response=prob["traces"][s], style=s) for s in STYLES]
+                only_recheck = level == 1 and prob["short"] and teacher.random() < OVERTHINK
+                traces += [dict(row, response=prob["traces"][s], style=s) for s in (("recheck",) if only_recheck else STYLES)]
         paths[split] = out / f"{split}.jsonl"
         with open(paths[split], "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

@@ -32,7 +32,7 @@ def one_thread():
 def demo_data(tmp_path_factory) -> dict:
     """A small demo task: {'sft', 'rl', 'test', 'pool', 'pool_traces': path} (levels balanced)."""
     out = tmp_path_factory.mktemp("demo")
-    return data_prep.make_demo(out, seed=0, sizes={"sft": 96, "rl": 48, "test": 24, "pool": 24})
+    return data_prep.make_demo(out, seed=0, sizes={"sft": 96, "rl": 48, "test": 24, "pool": 90})
 
 
 @pytest.fixture(scope="session")

@@ -457,7 +457,9 @@ def test_demo_answers_recomputed_from_the_pixels(demo_data):
 
 def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_data, tiny):
     """Every split has the three levels. The teacher pool holds, per problem, a terse, a steps and a re-check trace,
-    in that order of length; the steps and re-check traces grow with the level, the terse one does not."""
+    in that order of length, or, for some of the easy problems whose bar is 0 or 1 units long and for no other, the
+    re-check trace alone (the overthinking teacher); the steps and re-check traces grow with the level, the terse
+    one does not."""
     tok = data_prep.tokenizer_of(tiny[1])
     ntok = lambda r: len(tok(r["response"], add_special_tokens=False)["input_ids"])  # noqa: E731
     for split, path in demo_data.items():
@@ -467,8 +469,18 @@ def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_dat
         r = json.loads(line)
         traces[r["id"]][r["style"]] = (r["level"], ntok(r))
     assert {json.loads(line)["id"] for line in open(demo_data["pool"])} == set(traces)
+    short = set()  # easy problems whose bar is 0 or 1 units long, read back from the steps trace
+    for line in open(demo_data["pool"]):
+        r = json.loads(line)
+        lengths = [int(d) for d in re.findall(r" is (\d)\.", r["response"].split("</think>")[0])]
+        if r["level"] == 1 and lengths[0] <= 1:
+            short.add(r["id"])
+    alone = {pid for pid, t in traces.items() if set(t) == {"recheck"}}
+    assert 0 < len(alone) < len(short) and alone <= short  # and some short easy problems keep every style
     by = defaultdict(list)
     for pid, t in traces.items():
+        if pid in alone:
+            continue
         assert set(t) == {"terse", "steps", "recheck"}, pid
         assert t["terse"][1] < t["steps"][1] < t["recheck"][1], pid
         for style, (level, n) in t.items():
