@@ -1796,9 +1796,10 @@ CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of
 STYLES = ("terse", "steps", "recheck")  # the teacher pool: three correct traces of growing length per problem
 OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
 CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
-OVERTHINK = 0.9  # an easy problem whose bar is short (0 or 1 units: little ink to read) has only the re-check trace
-# in the teacher pool with this probability: the teacher overthinks simple questions, as the reasoning models the
-# paper starts from do, and the cold start inherits a re-check habit on them that AEPO has to trim
+OVERTHINK = 0.9  # the teacher misreads a short bar (0 or 1 units: little ink) unless it re-checks: for this share of
+# the easy pool problems whose bar is short, its terse and steps traces read the other short length and only its
+# re-check trace is right. AdaCS keeps correct traces only, so the cold start learns to re-check short bars, which
+# the model itself reads well: the overthinking on simple questions that AEPO is there to trim
 
 
 def demo_problem(rng: random.Random, level: int) -> dict:
@@ -1876,8 +1877,12 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
                        source="demo", level=level, difficulty=LEVELS[level])
             rows.append(dict(row, response=prob["traces"][style], style=style))
             if split == "pool":
-                only_recheck = level == 1 and prob["short"] and teacher.random() < OVERTHINK
-                traces += [dict(row, response=prob["traces"][s], style=s) for s in (("recheck",) if only_recheck else STYLES)]
+                misread = level == 1 and prob["short"] and teacher.random() < OVERTHINK
+                for s in STYLES:  # an easy trace holds one digit, the answer: a misread swaps 0 and 1 throughout
+                    text = prob["traces"][s]
+                    if misread and s != "recheck":
+                        text = text.replace(prob["answer"], str(1 - int(prob["answer"])))
+                    traces.append(dict(row, response=text, style=s))
         paths[split] = out / f"{split}.jsonl"
         with open(paths[split], "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
