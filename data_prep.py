@@ -1796,6 +1796,7 @@ CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of
 STYLES = ("terse", "steps", "recheck")  # the teacher pool: three correct traces of growing length per problem
 OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
 CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
+SLIP = 0.8  # the teacher's bare answer to a sum or a multiply-add (no work shown) is one off with this probability
 OVERTHINK = 0.9  # the teacher misreads a short bar (0 or 1 units: little ink) unless it re-checks: for this share of
 # the easy pool problems whose bar is short, its terse and steps traces read the other short length and only its
 # re-check trace is right. AdaCS keeps correct traces only, so the cold start learns to re-check short bars, which
@@ -1882,6 +1883,9 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
                     text = prob["traces"][s]
                     if misread and s != "recheck":
                         text = text.replace(prob["answer"], str(1 - int(prob["answer"])))
+                    if level > 1 and s == "terse" and teacher.random() < SLIP:  # arithmetic in the head: one off
+                        text = text.replace("{" + prob["answer"] + "}", "{" + str(int(prob["answer"]) + 1) + "}")
+                        text = text.replace(f">{prob['answer']}.<", f">{int(prob['answer']) + 1}.<")
                     traces.append(dict(row, response=text, style=s))
         paths[split] = out / f"{split}.jsonl"
         with open(paths[split], "w") as fh:

@@ -453,8 +453,10 @@ def test_demo_answers_recomputed_from_the_pixels(demo_data):
             truth = answer_from(r["question"], read_grid(Path(path).parent / r["images"][0]))
             assert r["answer"] == str(truth), (split, r["id"])
             said = data_prep.extract_boxed(r["response"])
-            if split == "pool_traces" and said != str(truth):  # the teacher's misread of a short bar, and no other
-                assert (r["level"], r["style"], said) in {(1, "terse", str(1 - truth)), (1, "steps", str(1 - truth))}
+            if split == "pool_traces" and said != str(truth):  # the teacher's slips, and no other error
+                slips = {(1, "terse", str(1 - truth)), (1, "steps", str(1 - truth)),  # a short bar misread
+                         (2, "terse", str(truth + 1)), (3, "terse", str(truth + 1))}  # a bare sum one off
+                assert (r["level"], r["style"], said) in slips, (r["id"], r["style"])
             else:
                 assert said == str(truth), (split, r["id"])
 
@@ -462,8 +464,9 @@ def test_demo_answers_recomputed_from_the_pixels(demo_data):
 def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_data, tiny):
     """Every split has the three levels. The teacher pool holds, per problem, a terse, a steps and a re-check trace,
     in that order of length; the steps and re-check traces grow with the level, the terse one does not. Every trace
-    is right, except that for some of the easy problems whose bar is 0 or 1 units long, and for no other, the terse
-    and steps traces read the other short length (the teacher that needs a re-check)."""
+    is right, except the teacher's two slips: for some of the easy problems whose bar is 0 or 1 units long, and for
+    no other easy one, the terse and steps traces read the other short length (a re-check is needed), and most terse
+    traces of medium and hard problems are one off (arithmetic without the work)."""
     tok = data_prep.tokenizer_of(tiny[1])
     ntok = lambda r: len(tok(r["response"], add_special_tokens=False)["input_ids"])  # noqa: E731
     for split, path in demo_data.items():
@@ -479,10 +482,13 @@ def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_dat
         lengths = [int(d) for d in re.findall(r" is (\d)\.", r["response"].split("</think>")[0])]
         if r["level"] == 1 and lengths[0] <= 1:
             short.add(r["id"])
-    misread = {pid for pid, t in traces.items() if not all(right for _, _, right in t.values())}
+    wrong = {pid: [not t[s][2] for s in data_prep.STYLES] for pid, t in traces.items()}
+    misread = {pid for pid, w in wrong.items() if traces[pid]["steps"][0] == 1 and any(w)}
     assert 0 < len(misread) < len(short) and misread <= short  # and some short easy problems are read right
-    for pid in misread:
-        assert [traces[pid][s][2] for s in data_prep.STYLES] == [False, False, True], pid
+    assert all(wrong[pid] == [True, True, False] for pid in misread)
+    arithmetic = [w for pid, w in wrong.items() if traces[pid]["steps"][0] > 1]
+    assert all(not w[1] and not w[2] for w in arithmetic)  # written-out work is right
+    assert 0.5 < sum(w[0] for w in arithmetic) / len(arithmetic) < 1  # most bare answers slip, not all
     by = defaultdict(list)
     for pid, t in traces.items():
         assert set(t) == {"terse", "steps", "recheck"}, pid
