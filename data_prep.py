@@ -1793,14 +1793,23 @@ def run_adacs(args) -> list[dict]:
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220), "yellow": (230, 190, 0)}
 LEVELS = {1: "easy", 2: "medium", 3: "hard"}
 CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of value v is 7 v px long
-STYLES = ("terse", "steps", "recheck")  # the teacher pool: three correct traces of growing length per problem
+STYLES = ("terse", "steps", "recheck")  # the teacher pool: three traces of growing length per problem
 OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
 CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
-SLIP = 0.8  # the teacher's bare answer to a sum or a multiply-add (no work shown) is one off with this probability
-OVERTHINK = 0.9  # the teacher misreads a short bar (0 or 1 units: little ink) unless it re-checks: for this share of
-# the easy pool problems whose bar is short, its terse and steps traces read the other short length and only its
-# re-check trace is right. AdaCS keeps correct traces only, so the cold start learns to re-check short bars, which
-# the model itself reads well: the overthinking on simple questions that AEPO is there to trim
+# The teacher slips, as a real one does, and AdaCS keeps only its right traces:
+MISREAD = 0.9  # it misreads a short bar (0 or 1 units: little ink) unless it re-checks: for this share of the easy
+# problems whose bar is short, its terse and steps traces read the other short length. So the cold start learns to
+# re-check short bars, which the model itself reads well: the overthinking on simple questions that AEPO should trim
+SLIP = 0.8  # its bare answer to a sum or a multiply-add (no work shown) is one off with this probability. So AdaCS
+# gives most medium and hard problems written-out steps, whatever the pass rate, and their answers stay longer than
+# the easy ones (a terse trace is right for a few, and the cold start that copies it on hard problems often fails)
+
+
+def demo_style(response: str) -> str:
+    """Which of the STYLES a demo response follows, read from its thinking: a re-check says 'check again', the steps
+    read a length ('Red is 3.'), a terse trace does neither."""
+    think = response.split("</think>")[0]
+    return "recheck" if "check again" in think else "steps" if " is " in think else "terse"
 
 
 def demo_problem(rng: random.Random, level: int) -> dict:
@@ -1857,14 +1866,15 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
              choice to make)
       pool   the problems whose pass rates the reference policy measures (one record each), and beside it
              pool_traces.jsonl: every candidate trace of each (one record per trace, `style` says which), the
-             teacher pool that AdaCS chooses from, joined with the pass rates by id
+             teacher pool that AdaCS chooses from, joined with the pass rates by id. The teacher slips as a real
+             one does (MISREAD, SLIP): some of its traces are wrong, and AdaCS keeps only right ones
       rl, test   prompts for AEPO and held-out evaluation
     Every record of pool, rl and test carries its steps trace as `response`."""
     sizes = sizes or {"sft": 1500, "pool": 1200, "rl": 1000, "test": 300}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on OVERTHINK
+    teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on MISREAD and SLIP
     paths, traces = {}, []
     for split, n in sizes.items():
         rows = []
@@ -1878,7 +1888,7 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
                        source="demo", level=level, difficulty=LEVELS[level])
             rows.append(dict(row, response=prob["traces"][style], style=style))
             if split == "pool":
-                misread = level == 1 and prob["short"] and teacher.random() < OVERTHINK
+                misread = level == 1 and prob["short"] and teacher.random() < MISREAD
                 for s in STYLES:  # an easy trace holds one digit, the answer: a misread swaps 0 and 1 throughout
                     text = prob["traces"][s]
                     if misread and s != "recheck":

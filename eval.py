@@ -722,8 +722,9 @@ def demo_wait(procs: list):
 
 def run_demo(cfg: ares.Config):
     """ARES end to end on the demo task (spec §8 then §1-6), with plain GRPO from the same cold start beside it:
-      1. data_prep.py demo     bars whose lengths are numbers; per problem three correct teacher traces:
-                               terse, steps, steps + re-check
+      1. data_prep.py demo     bars whose lengths are numbers; per problem three teacher traces: terse, steps,
+                               steps + re-check (the teacher slips: it misreads some short bars unless it
+                               re-checks, and most of its bare answers to arithmetic are one off)
       2. warm-up               the random tiny model learns to read and reason on one steps trace per problem:
                                the demo's base model (the paper starts from an Instruct VLM) and the reference
                                policy of the pass rates
@@ -834,7 +835,7 @@ def demo_summary(runs: list[str]) -> str:
     for mode, title in (("greedy", "greedy"), ("sampled", "T = 1, mean@4")):
         lines += [f"\n{title}, {len(runs)} seeds, mean ± sd | accuracy % (cold start / ARES / GRPO) | ARES - cold | "
                   "ARES - GRPO | tokens (cold start / ARES / GRPO) | tokens: ARES vs cold | ARES vs GRPO",
-                  "|".join(["---"] * 8)]
+                  "|".join(["---"] * 7)]
         for lv in levels:
             get = lambda model, key: [row_of(rep, mode, model, lv)[key] for rep in reports]  # noqa: E731
             acc = {m: get(m, "accuracy") for m in ("cold start", "ARES", "GRPO")}
@@ -850,11 +851,39 @@ def demo_summary(runs: list[str]) -> str:
         acc = [row_of(rep, "greedy", m, "overall")["accuracy"] * 100 for m in ("cold start", "ARES", "GRPO")]
         lines.append(f"{run}: {acc[0]:.1f} -> {acc[1]:.1f} / {acc[2]:.1f}; " + ", ".join(
             f"{k} {v:.0f}s" for k, v in rep["times"].items()) + f" (total {sum(rep['times'].values()):.0f}s)")
+    lines += style_lines(runs, levels[:-1])
     lines += ["\ngroups per online bucket over the AEPO steps (ARES), mean share over seeds: easy / medium / hard"]
     for lv in levels[:-1]:
         lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(rep['buckets'][lv][b] for rep in reports):.0f}%"
                                             for b in ares.BUCKETS))
     return "\n".join(lines)
+
+
+def style_lines(runs: list[str], levels: list[str]) -> list[str]:
+    """Per level and checkpoint, at T = 1: the share of responses in each trace style (data_prep.demo_style) and the
+    accuracy of those responses, mean over the runs: what the policy chose to write, and what it was worth."""
+    names = ("cold start", "ARES", "GRPO")
+    count = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # (run, level, model) -> style -> [responses, right]
+    for run in runs:
+        level_of = {r["id"]: r["difficulty"] for r in map(json.loads, open(Path(run) / "data" / "test.jsonl"))}
+        for r in map(json.loads, open(Path(run) / "eval_sampled" / "responses.jsonl")):
+            c = count[run, level_of[r["id"]], r["model"]][data_prep.demo_style(r["response"])]
+            c[0], c[1] = c[0] + 1, c[1] + bool(r["correct"])
+    lines = ["\ntrace styles at T = 1: share of responses (mean over seeds) and accuracy within the style (pooled), "
+             "per checkpoint (cold start / ARES / GRPO)", "level | " + " | ".join(data_prep.STYLES), "---|---|---|---"]
+    for lv in levels:
+        cells = []
+        for style in data_prep.STYLES:
+            parts = []
+            for m in names:
+                got = [count[run, lv, m][style] for run in runs]
+                share = statistics.mean(g[0] / max(1, sum(x[0] for x in count[run, lv, m].values()))
+                                        for g, run in zip(got, runs))
+                n, right = sum(g[0] for g in got), sum(g[1] for g in got)
+                parts.append(f"{100 * share:.0f}% ({100 * right / n:.0f}%)" if n else "0%")
+            cells.append(" / ".join(parts))
+        lines.append(" | ".join([lv, *cells]))
+    return lines
 
 
 def evaluate_and_report(cfg: EvalConfig):

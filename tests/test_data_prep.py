@@ -504,6 +504,7 @@ def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_dat
         think = r["response"].split("</think>")[0]
         assert (" is " in think, "check again" in think) == {"terse": (False, False), "steps": (True, False),
                                                              "recheck": (True, True)}[r["style"]], r["id"]
+        assert data_prep.demo_style(r["response"]) == r["style"], r["id"]
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path):

@@ -54,3 +54,13 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     assert page.count('class="t') > 100 and "branched from" in page and "tau =" in page
     assert "cold start" in res.stdout and "ARES" in res.stdout and "stage times" in res.stdout
     assert "--nproc_per_node=2 data_prep.py passrate" in res.stdout and "$ python data_prep.py adacs" in res.stdout
+    # the README's opening table (`eval.py --demo` over runs; here the same run twice): every level of both decodings,
+    # and the trace styles at T = 1, whose cold-start share of re-checks on easy problems is counted here again
+    summary = run_script(["eval.py", "--demo", out, "--demo", out]).stdout
+    for head in ("greedy, 2 seeds", "T = 1, mean@4, 2 seeds", "trace styles at T = 1", "groups per online bucket"):
+        assert head in summary, head
+    easy = {r["id"] for r in read_jsonl(data / "test.jsonl") if r["difficulty"] == "easy"}
+    cold = [r for r in read_jsonl(out / "eval_sampled" / "responses.jsonl") if r["model"] == "cold start" and r["id"] in easy]
+    share = sum("check again" in r["response"].split("</think>")[0] for r in cold) / len(cold)
+    row = [line for line in summary.splitlines() if line.startswith("easy | ")][-1]  # the styles table's
+    assert row.split(" | ")[3].split(" / ")[0].startswith(f"{100 * share:.0f}%"), row
