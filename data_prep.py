@@ -1816,7 +1816,9 @@ def demo_problem(rng: random.Random, level: int) -> dict:
     """One problem: four coloured bars in a column, in random order, whose lengths are the numbers 0-4, the question,
     the answer and its candidate traces, one per style: terse (the answer alone), steps (every length read and
     every operation written out) and recheck (steps, then the lengths read again after a transition word). A trace
-    is '<think> ... </think> The answer is \\boxed{N}.'"""
+    is '<think> ... </think> The answer is \\boxed{N}.' Also the teacher's wrong traces, `slips` (make_demo draws
+    which it writes): on an easy problem whose bar is 0 or 1 units long, terse and steps reading the other short
+    length; on a medium or hard one, a terse answer one off; none on other easy problems."""
     order = rng.sample(list(COLOURS), len(COLOURS))
     v = {c: rng.randint(0, 4) for c in order}
     a, b, c = rng.sample(order, 3)
@@ -1834,11 +1836,17 @@ def demo_problem(rng: random.Random, level: int) -> dict:
     steps = [f"{s.capitalize()} is {v[s]}." for s in used] + ops
     recheck = steps + [f"{rng.choice(OPENERS)}, check again: " + ", ".join(str(v[s]) for s in used) + ".",
                        f"{rng.choice(CLOSERS)}, the answer is {answer}."]
-    end = "</think> The answer is \\boxed{" + str(answer) + "}."
-    traces = {"terse": f"<think>{answer}.{end}", "steps": "<think>" + " ".join(steps) + end,
-              "recheck": "<think>" + " ".join(recheck) + end}
+    trace = lambda think, n: f"<think>{think}</think> The answer is \\boxed{{{n}}}."  # noqa: E731
+    traces = {"terse": trace(f"{answer}.", answer), "steps": trace(" ".join(steps), answer),
+              "recheck": trace(" ".join(recheck), answer)}
+    if level > 1:
+        slips = {"terse": trace(f"{answer + 1}.", answer + 1)}
+    else:
+        misread = 1 - answer
+        slips = {"terse": trace(f"{misread}.", misread), "steps": trace(f"{a.capitalize()} is {misread}.", misread)
+                 } if answer <= 1 else {}
     return dict(cells=[(col, v[col]) for col in order], question=question, answer=str(answer), traces=traces,
-                short=min(v[s] for s in used) <= 1)
+                slips=slips)
 
 
 def draw_grid(cells: list[tuple[str, int]]):
@@ -1888,15 +1896,8 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
                        source="demo", level=level, difficulty=LEVELS[level])
             rows.append(dict(row, response=prob["traces"][style], style=style))
             if split == "pool":
-                misread = level == 1 and prob["short"] and teacher.random() < MISREAD
-                for s in STYLES:  # an easy trace holds one digit, the answer: a misread swaps 0 and 1 throughout
-                    text = prob["traces"][s]
-                    if misread and s != "recheck":
-                        text = text.replace(prob["answer"], str(1 - int(prob["answer"])))
-                    if level > 1 and s == "terse" and teacher.random() < SLIP:  # arithmetic in the head: one off
-                        text = text.replace("{" + prob["answer"] + "}", "{" + str(int(prob["answer"]) + 1) + "}")
-                        text = text.replace(f">{prob['answer']}.<", f">{int(prob['answer']) + 1}.<")
-                    traces.append(dict(row, response=text, style=s))
+                slips = prob["slips"] if prob["slips"] and teacher.random() < (MISREAD if level == 1 else SLIP) else {}
+                traces += [dict(row, response=slips.get(s, prob["traces"][s]), style=s) for s in STYLES]
         paths[split] = out / f"{split}.jsonl"
         with open(paths[split], "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
