@@ -4,7 +4,7 @@ ARES (Chen et al., arXiv 2510.08457, ICLR 2026) trains a vision-language model t
 and more on hard ones, in two stages:
 
   1. Adaptive cold start (AdaCS, --stage coldstart): supervised fine-tuning on reasoning traces whose length
-     was matched to each problem's difficulty (the curation lives in data_prep.py).
+     was matched to each problem's difficulty (the curation is `data_prep.py adacs`).
   2. AEPO (--stage aepo): group RL in which *high window-entropy* (HWE) tokens decide *when* to explore
      (rollouts branch there, and the KL leash is relaxed there), and a hierarchical entropy reward,
      conditioned on the online difficulty of each prompt, decides *how much* to explore.
@@ -17,17 +17,13 @@ Run it:
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint <node 0>:29500 ares.py ...  # 2 nodes
     python ares.py --help                            # every knob, with its default
 
-Reading order (search for "Eq. N" or "spec §N"): config -> entropy & HWE (Eq. 3, Eq. 4) -> difficulty & reward
-(spec §3-4) -> KL & loss (Eq. 1, Eq. 2) -> sampler and branching rollouts (spec §2) -> cold-start loop -> AEPO
-loop; then, marked as such, the infrastructure: distributed, the policy module, training, MFU, main.
-
-Files and imports, one way only: data_prep.py <- ares.py <- eval.py (and bench.py). data_prep.py holds what turns
-files into model inputs and model outputs into verdicts (records, prompts, processors, model loading, batches, the
-grader, checkpoint and metrics files) and imports no local file; this file imports it and nothing else local;
-eval.py imports both and runs what needs all three: passrate (`data_prep.py passrate` hands over to it) and the
-demo (`python ares.py` runs `eval.py demo`). So every file can be read, and tested, without the ones above it.
-Validation during AEPO (--eval-data) measures with eval.py's metrics, which live in data_prep.py for that reason,
-and `eval.py curves` draws its curves.png.
+This file has two parts. Part 1, the method, reads top to bottom in the order the algorithm runs (search for
+"Eq. N"): the config -> entropy and HWE (Eq. 3, Eq. 4) -> difficulty and reward (App. G, I, M) -> KL and loss
+(Eq. 1, Eq. 2) -> the sampler -> branching rollouts (§3.2) -> the cold-start loop -> the AEPO loop (Alg. 1).
+Part 2, marked, is the trainer's infrastructure, which ARES does not change: distributed, model loading, the
+policy's forward and batches, checkpoints, logging, flags, the demo and `main`. Files import one way:
+data_prep.py (records, the grader, AdaCS, the demo task) <- ares.py <- eval.py, bench.py. "README: <row>" points
+to a row of the README's table of choices, where the paper, its released code and this file differ.
 
 Every place where the paper, its released code and this file differ, or where both are silent (the choice here is
 the default):
@@ -58,15 +54,20 @@ the default):
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -77,122 +78,125 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm
 
-from data_prep import (BUCKETS, PRESETS, DataError, Metrics, add_lora, bucket_field, bucket_of, check_prompts,
-                       check_run_record, compute_dtype, dataclass_parser, encode_prompt, format_ok, gather, gather_images,
-                       is_tiny, latest_checkpoint, load_model, load_reward_fn, lora_reference, make_batch, model_prompt_suffix,
-                       open_tracker, pad, position_ids, prompt_length, rank, rank0_print, read_records, response_lines,
-                       restore_training_state, save_checkpoint, score_responses, special_ids, summarize, tokenizer_of,
-                       world_size)
+import data_prep
+from data_prep import BUCKETS, DataError, difficulty_of, encode_prompt, format_ok, tokenizer_of
+
+warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config: one dataclass is the single source of defaults; every field is a --flag with its help string.
-# Stage-dependent fields default to None and are filled from STAGE_DEFAULTS (and TINY_DEFAULTS for the
-# CPU-sized tiny model) unless given on the command line.
+# Config: one dataclass is the single source of defaults; every field is a --flag with its help string and, for
+# numbers, its allowed values (checked before anything loads: validate_config). Stage-dependent fields default to
+# None and are filled from STAGE_DEFAULTS (and TINY_DEFAULTS for the CPU-sized tiny model) unless given.
 
 
-def arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help, choices=None, allowed=None):
+    """A --flag: its default, help string, choices, and `allowed`: (what the help says, test) for numbers."""
+    return field(default=default, metadata={"help": help, "choices": choices, "allowed": allowed})
 
 
-@dataclass
-class ModelConfig:
-    """How a checkpoint is loaded and run: the first flags of Config, and of eval.py's EvalConfig."""
-    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
-                     ("auto", "bf16", "fp16", "fp32"))
-    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
-    min_pixels: int = arg(56 * 56, "smallest image area after resizing")
-    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)")
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
+IN_0_1 = ("in (0, 1]", lambda v: 0 < v <= 1)
 
 
 @dataclass
-class Config(ModelConfig):
-    # what to run
-    stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo",
-                     ("demo", "coldstart", "aepo"))
-    model: str = arg("tiny", "hub name or local folder of a Qwen2/2.5/3-VL or causal LM; 'tiny' builds one offline")
+class Config:
+    # AEPO rollouts: when to explore (Eq. 3, Eq. 4, §3.2)
+    group_size: int = arg(8, "G: responses per prompt", allowed=(">= 2", lambda v: v >= 2))
+    branch_samples: int = arg(None, "B: responses per prompt that branch at HWE windows (default G/2; 0 = off)")
+    max_branches_per_response: int = arg(2, "at most this many branches from one parent response", allowed=AT_LEAST_0)
+    window: int = arg(4, "w: window length of Eq. 4", allowed=AT_LEAST_1)
+    entropy_quantile: float = arg(0.95, "q: per-response entropy quantile behind tau", allowed=IN_0_1)
+    trigger_words: bool = arg(False, "HWE windows must also start at a reasoning word ('wait', 'however', ...)")
+    temperature: float = arg(1.0, "sampling temperature (also the T of the entropy, Eq. 3)", allowed=ABOVE_0)
+    top_p: float = arg(0.99, "nucleus sampling mass", allowed=IN_0_1)
+    # AEPO reward: how much to explore (App. G, I, M)
+    entropy_shaping: str = arg("hierarchical", "hierarchical, incorrect-only, or none (README: entropy reward)",
+                               ("hierarchical", "incorrect-only", "none"))
+    entropy_coef: float = arg(0.4, "alpha: scale of the entropy reward", allowed=AT_LEAST_0)
+    target_momentum: float = arg(0.9, "EMA momentum of the per-bucket N_HE targets", allowed=("in [0, 1]", lambda v: 0 <= v <= 1))
+    format_weight: float = arg(0.0, "weight of the <think>...</think> + \\boxed{} format reward")
+    keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
+    max_refill_rounds: int = arg(0, "dynamic sampling (DAPO): while fewer than --batch-size groups survive the filter, "
+                                    "roll out --batch-size more prompts, at most this many times (0 = off)", allowed=AT_LEAST_0)
+    reward_fn: str = arg("", "file.py:function or module:function: fn(record, response) -> score in [0, 1] (default: the grader)")
+    # AEPO KL and loss (Eq. 1, Eq. 2, Alg. 1)
+    kl_coef: float = arg(0.01, "beta0: base KL weight (0 = no reference model)", allowed=AT_LEAST_0)
+    kl_relax: float = arg(0.5, "rho: KL weight factor inside HWE windows", allowed=AT_LEAST_0)
+    kl_target: float = arg(0.01, "delta: target KL outside HWE windows for the kappa controller", allowed=ABOVE_0)
+    kl_adapt_rate: float = arg(0.05, "alpha_kappa: controller step size", allowed=AT_LEAST_0)
     ref_model: str = arg("", "AEPO reference policy for the KL term (default: the starting --model)")
-    data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (spec §10); "
+    clip_low: float = arg(0.2, "epsilon_low of the clipped ratio", allowed=("in [0, 1)", lambda v: 0 <= v < 1))
+    clip_high: float = arg(0.3, "epsilon_high of the clipped ratio", allowed=AT_LEAST_0)
+    dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages", allowed=("> 1", lambda v: v > 1))
+    loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)",
+                        ("seq-mean-token-mean", "token-mean"))
+    minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)", allowed=AT_LEAST_1)
+    ppo_epochs: int = arg(1, "passes over each rollout batch", allowed=AT_LEAST_1)
+    # optimisation, both stages
+    lr: float = arg(None, "peak learning rate", allowed=ABOVE_0)
+    weight_decay: float = arg(0.01, "AdamW weight decay", allowed=AT_LEAST_0)
+    lr_schedule: str = arg(None, "after the warm-up: cosine (decay to 10%) or constant", ("cosine", "constant"))
+    warmup_steps: int = arg(None, "linear warm-up steps (coldstart default: 3% of the steps)", allowed=AT_LEAST_0)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this value", allowed=ABOVE_0)
+    batch_size: int = arg(None, "global batch: records per step (coldstart) or prompts per step (aepo)", allowed=AT_LEAST_1)
+    micro_batch_size: int = arg(None, "sequences per forward pass per rank (gradient accumulation covers the rest)",
+                                allowed=AT_LEAST_1)
+    epochs: int = arg(2, "coldstart epochs (ignored when --steps is given)", allowed=AT_LEAST_1)
+    steps: int = arg(None, "optimizer steps (coldstart: from --epochs when unset) or AEPO rollout steps", allowed=AT_LEAST_1)
+    max_prompt_len: int = arg(4096, "drop prompts longer than this many tokens (images included)", allowed=AT_LEAST_1)
+    max_response_len: int = arg(None, "response tokens: SFT traces longer are dropped; AEPO max new tokens", allowed=AT_LEAST_1)
+    # what to run (everything below is the trainer's, not the method's)
+    stage: str = arg("demo", "demo (the whole method offline on a CPU), coldstart, or aepo", ("demo", "coldstart", "aepo"))
+    model: str = arg("tiny", "hub name or local folder of a Qwen2/2.5/3-VL or causal LM; 'tiny' builds one offline")
+    data: str = arg("", "JSONL, Parquet, saved Hugging Face dataset folder, or hub dataset name (README: data format); "
                         "required for coldstart and aepo")
     preset: str = arg("", "read --data with this data_prep.py preset's columns, e.g. geometry3k (default: our field names)")
     split: str = arg("train", "split to read from a Hugging Face dataset")
     out: str = arg("runs/ares", "output folder: checkpoints, metrics.jsonl")
-    seed: int = arg(0, "random seed (data order, sampling)")
+    seed: int = arg(0, "random seed (data order, sampling)", allowed=("in [0, 2**32)", lambda v: 0 <= v < 2**32))
     resume: bool = arg(False, "continue from the newest checkpoint in --out")
-    save_every: int = arg(50, "save a checkpoint every N optimizer steps (and at the end)")
-    keep_last: int = arg(2, "keep only the newest N step checkpoints")
-    log_samples_every: int = arg(10, "print one sampled response every N AEPO steps")
-    rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)")
-    dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
     prompt_suffix: str = arg(None, "instruction appended to every question, saved in the checkpoint's config.json for "
-                                   "eval.py and passrate (default: the model's own, else the authors' (spec §7); "
-                                   "--model tiny: none); saved in <out>/config.json")
-    report_to: str = arg("none", "also log the metrics.jsonl rows to tensorboard or wandb", ("none", "tensorboard", "wandb"))
-    # model (and ModelConfig's dtype, attn, min_pixels, max_pixels)
+                                   "eval.py and passrate (default: the model's own, else the authors' (README: paper "
+                                   "settings); --model tiny: none); saved in <out>/config.json")
+    # model, memory and speed
+    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
+                     ("auto", "bf16", "fp16", "fp32"))
+    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
+    min_pixels: int = arg(56 * 56, "smallest image area after resizing", allowed=AT_LEAST_1)
+    max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)",
+                          allowed=(">= --min-pixels", None))
     grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    lora_rank: int = arg(0, "train LoRA adapters of this rank (needs peft) instead of all weights; 0 = full training")
-    lora_alpha: float = arg(None, "LoRA alpha: the adapters are scaled by alpha / rank (default: 2 x rank)")
-    lora_targets: str = arg("all-linear", "the language model's layers with adapters: all-linear (peft's: all but the "
-                                          "output head), or names: q_proj,v_proj")
-    merge_lora: bool = arg(False, "checkpoints hold W + alpha/r B A, not the base W (the adapter is in <ckpt>/adapter/)")
     compile: bool = arg(False, "torch.compile the training forward (and a static-cache decode step on GPU)")
     fsdp: bool = arg(False, "shard policy and reference with FSDP2 fully_shard instead of DDP")
     train_vision: bool = arg(False, "also train the vision tower and merger (paper: frozen)")
-    # data and lengths
-    max_prompt_len: int = arg(4096, "drop prompts longer than this many tokens (images included)")
-    max_response_len: int = arg(None, "response tokens: SFT traces longer are dropped; AEPO max new tokens")
-    # optimisation
-    lr: float = arg(None, "peak learning rate")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    lr_schedule: str = arg(None, "after the warm-up: cosine (decay to 10%) or constant", ("cosine", "constant"))
-    warmup_steps: int = arg(None, "linear warm-up steps (coldstart default: 3% of the steps)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this value")
-    batch_size: int = arg(None, "global batch: records per step (coldstart) or prompts per step (aepo)")
-    micro_batch_size: int = arg(None, "sequences per forward pass per rank (gradient accumulation covers the rest)")
-    epochs: int = arg(2, "coldstart epochs (ignored when --steps is given)")
-    steps: int = arg(None, "optimizer steps (coldstart: from --epochs when unset) or AEPO rollout steps")
-    # AEPO rollouts (spec §1-2)
-    group_size: int = arg(8, "G: responses per prompt")
-    branch_samples: int = arg(None, "B: responses per prompt that branch at HWE windows (default G/2; 0 = off)")
-    max_branches_per_response: int = arg(2, "at most this many branches from one parent response")
-    window: int = arg(4, "w: window length of Eq. 4")
-    entropy_quantile: float = arg(0.95, "q: per-response entropy quantile behind tau")
-    trigger_words: bool = arg(False, "HWE windows must also start at a reasoning word ('wait', 'however', ...)")
-    temperature: float = arg(1.0, "sampling temperature (also the T of the entropy, Eq. 3)")
-    top_p: float = arg(0.99, "nucleus sampling mass")
-    # AEPO reward, KL and loss (spec §3-6)
-    entropy_shaping: str = arg("hierarchical", "hierarchical, incorrect-only, or none (spec §4)",
-                               ("hierarchical", "incorrect-only", "none"))
-    entropy_coef: float = arg(0.4, "alpha: scale of the entropy reward")
-    target_momentum: float = arg(0.9, "EMA momentum of the per-bucket N_HE targets")
-    format_weight: float = arg(0.0, "weight of the <think>...</think> + \\boxed{} format reward")
-    kl_coef: float = arg(0.01, "beta0: base KL weight (0 = no reference model)")
-    kl_relax: float = arg(0.5, "rho: KL weight factor inside HWE windows")
-    kl_target: float = arg(0.01, "delta: target KL outside HWE windows for the kappa controller")
-    kl_adapt_rate: float = arg(0.05, "alpha_kappa: controller step size")
-    clip_low: float = arg(0.2, "epsilon_low of the clipped ratio")
-    clip_high: float = arg(0.3, "epsilon_high of the clipped ratio")
-    dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages")
-    loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)",
-                        ("seq-mean-token-mean", "token-mean"))
-    minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)")
-    ppo_epochs: int = arg(1, "passes over each rollout batch")
-    keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
-    max_refill_rounds: int = arg(0, "dynamic sampling (DAPO): while fewer than --batch-size groups survive the filter, "
-                                    "roll out --batch-size more prompts, at most this many times (0 = off)")
-    reward_fn: str = arg("", "file.py:function or module:function: fn(record, response) -> score in [0, 1] (default: the grader)")
+    rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)", allowed=AT_LEAST_1)
+    lora_rank: int = arg(0, "train LoRA adapters of this rank (needs peft) instead of all weights; 0 = full training",
+                         allowed=AT_LEAST_0)
+    lora_alpha: float = arg(None, "LoRA alpha: the adapters are scaled by alpha / rank (default: 2 x rank)", allowed=ABOVE_0)
+    lora_targets: str = arg("all-linear", "the language model's layers with adapters: all-linear (peft's: all but the "
+                                          "output head), or names: q_proj,v_proj")
+    merge_lora: bool = arg(False, "checkpoints hold W + alpha/r B A, not the base W (the adapter is in <ckpt>/adapter/)")
+    dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
+    # logging, checkpoints, validation, grading
+    save_every: int = arg(50, "save a checkpoint every N optimizer steps (and at the end)", allowed=AT_LEAST_1)
+    keep_last: int = arg(2, "keep only the newest N step checkpoints", allowed=AT_LEAST_1)
+    log_samples_every: int = arg(10, "print one sampled response every N AEPO steps", allowed=AT_LEAST_0)
+    report_to: str = arg("none", "also log the metrics.jsonl rows to tensorboard or wandb", ("none", "tensorboard", "wandb"))
     eval_data: str = arg("", "held-out records (file, folder or data_prep preset) to validate on during AEPO (default: none)")
-    eval_every: int = arg(0, "validate on --eval-data every N AEPO steps (greedy; 0 = never)")
-    grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong")
-    grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)")
+    eval_every: int = arg(0, "validate on --eval-data every N AEPO steps (greedy; 0 = never)", allowed=AT_LEAST_0)
+    grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong", allowed=ABOVE_0)
+    grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)", allowed=AT_LEAST_0)
     # demo (stage demo only)
-    demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)")
+    demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)",
+                          allowed=AT_LEAST_1)
     # not a flag: the flags given on the command line, so that an explicit value wins even when it equals the default
     given: tuple = field(default=(), repr=False)
 
 
-STAGE_DEFAULTS = {  # spec §7 (AEPO) and §8 (AdaCS)
+STAGE_DEFAULTS = {  # the paper's settings (README: paper settings): AEPO, and the AdaCS cold start
     "coldstart": dict(lr=2e-5, lr_schedule="cosine", batch_size=256, micro_batch_size=1, max_response_len=16384,
                       minibatches=1),
     "aepo": dict(lr=1e-6, lr_schedule="constant", batch_size=512, micro_batch_size=2, max_response_len=16384, steps=250,
@@ -208,120 +212,9 @@ TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
 }
 
 
-def parse_config(argv=None) -> Config:
-    def staged(f):  # "coldstart 2e-05, aepo 1e-06" and "--model tiny: ..." beside the flags they set
-        return [where + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
-                for where, layer in (("", STAGE_DEFAULTS), ("--model tiny: ", TINY_DEFAULTS))
-                if any(f.name in d for d in layer.values())]
-
-    parser = dataclass_parser(Config, __doc__.split("\n")[0], staged)
-    args = vars(parser.parse_args(argv))  # first: --help and bad flags are answered by the full parser
-    given = vars(dataclass_parser(Config, "", given_only=True).parse_args(argv))  # only what the user typed
-    cfg = Config(**args, given=tuple(sorted(given)))
-    if cfg.stage != "demo" and not cfg.data:
-        parser.error(f"--data is required for --stage {cfg.stage}")
-    return validate_config(cfg)
-
-
-AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
-
-
-LIMITS = {  # flag -> (allowed values, test); float flags must also be finite
-    **dict.fromkeys(("batch_size", "micro_batch_size", "rollout_batch", "minibatches", "ppo_epochs", "epochs", "steps",
-                     "save_every", "keep_last", "window", "max_prompt_len", "max_response_len", "min_pixels",
-                     "demo_steps"), AT_LEAST_1),
-    **dict.fromkeys(("max_refill_rounds", "eval_every", "lora_rank"), AT_LEAST_0), "lora_alpha": ABOVE_0,
-    **dict.fromkeys(("lr", "grad_clip", "temperature", "kl_target", "grader_timeout"), ABOVE_0),
-    **dict.fromkeys(("weight_decay", "warmup_steps", "entropy_coef", "kl_coef", "kl_relax", "kl_adapt_rate",
-                     "clip_high", "max_branches_per_response", "log_samples_every", "grader_workers"), AT_LEAST_0),
-    **dict.fromkeys(("top_p", "entropy_quantile"), ("in (0, 1]", lambda v: 0 < v <= 1)),
-    "target_momentum": ("in [0, 1]", lambda v: 0 <= v <= 1), "clip_low": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "group_size": (">= 2", lambda v: v >= 2), "dual_clip": ("> 1", lambda v: v > 1),
-    "max_pixels": (">= --min-pixels", None), "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
-}
-
-
-HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": " (AEPO samples at it; greedy "
-         "decoding is eval.py's --temperature 0)", "keep_last": " (fewer would delete each checkpoint as it is written)"}
-
-
-def validate_config(cfg: Config) -> Config:
-    """Stop with one line naming the flag and its allowed values before anything loads. A stage default still
-    None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
-    for f in dataclasses.fields(Config):
-        v = getattr(cfg, f.name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):  # numbers only (not None, text, `given`)
-            continue
-        allowed, test = LIMITS.get(f.name, ("finite", lambda v: True))
-        if f.name == "max_pixels":
-            test = lambda v: v >= cfg.min_pixels  # noqa: E731
-        if not (math.isfinite(v) and test(v)):
-            finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
-            raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{HINTS.get(f.name, '')}")
-    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
-        p = Path(path).expanduser()
-        if path and path != "tiny" and (looks_local(path) or p.exists()) and not (p / "config.json").is_file():
-            raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it "
-                             "has no config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
-    data = Path(cfg.data).expanduser()
-    if cfg.data and (looks_local(cfg.data) or data.suffix in (".jsonl", ".json", ".parquet")) and not data.exists():
-        raise SystemExit(f"--data {cfg.data}: no such file or folder")
-    out = Path(cfg.out).expanduser()
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
-    return validate_extras(cfg)
-
-
-def validate_extras(cfg: Config) -> Config:
-    """The flags that name code, a preset or an optional package: each problem in one line before anything loads."""
-    import importlib.util
-
-    if cfg.reward_fn:
-        load_reward_fn(cfg.reward_fn)
-    if cfg.preset and cfg.preset not in PRESETS:
-        raise SystemExit(f"--preset {cfg.preset}: unknown; presets: {', '.join(PRESETS)}")
-    for flag, package, asked in (("--report-to " + cfg.report_to, cfg.report_to, cfg.report_to != "none"),
-                                 ("--lora-rank", "peft", cfg.lora_rank)):
-        if asked and importlib.util.find_spec(package) is None:
-            raise SystemExit(f"{flag} needs the optional package {package}: pip install {package}")
-    if cfg.lora_rank and cfg.fsdp:
-        raise SystemExit("--lora-rank does not work with --fsdp (LoRA runs with DDP: the frozen base is small enough)")
-    if cfg.eval_every and not cfg.eval_data:
-        raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
-    return cfg
-
-
-RESUMABLE = ("steps", "save_every", "keep_last", "log_samples_every", "report_to", "dist_timeout", "grader_workers",
-             "eval_every")  # the flags that may change on --resume: none changes what a step computes
-
-
-def looks_local(name: str) -> bool:
-    """A path, not a hub name (Org/Name): absolute, ./ ../ or ~, or more than one '/'."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
-def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
-    """Fill the stage-dependent knobs: a flag the user gave (or a value a caller set) wins, even one equal to the
-    dataclass default; then the tiny model's CPU-sized defaults, then the stage's paper defaults."""
-    cfg = dataclasses.replace(cfg, stage=stage)
-    changed = set(cfg.given) | {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
-    for layer in ([TINY_DEFAULTS[stage]] if is_tiny(cfg.model) else []) + [STAGE_DEFAULTS[stage]]:
-        for k, v in layer.items():
-            if k not in changed:
-                setattr(cfg, k, v)
-                changed.add(k)
-    if cfg.branch_samples is None:
-        cfg.branch_samples = cfg.group_size // 2
-    if not 0 <= cfg.branch_samples < cfg.group_size:
-        raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
-    if cfg.prompt_suffix is None:  # resolved here, so that the run record holds it
-        cfg.prompt_suffix = model_prompt_suffix(cfg.model)
-    return cfg
-
 
 # ----------------------------------------------------------------------------------------------------------
-# Entropy and high-window-entropy tokens (spec §1): the "when to explore" signal.
+# Entropy and high-window-entropy tokens (Eq. 3, Eq. 4, paper §3.2.1): the "when to explore" signal.
 
 
 @torch.no_grad()
@@ -349,7 +242,7 @@ def window_entropy(H: torch.Tensor, mask: torch.Tensor, w: int) -> tuple[torch.T
 
 
 def hwe_threshold(H: torch.Tensor, mask: torch.Tensor, q: float = 0.95) -> float:
-    """tau (spec §1): each response's q-quantile of its token entropies (linear interpolation, as numpy), then
+    """tau (§3.2.1): each response's q-quantile of its token entropies (linear interpolation, as numpy), then
     the mean over all responses of the step on ALL ranks. H, mask (N, R) -> float."""
     n = mask.sum(1)  # (N,)
     s = torch.where(mask, H.float(), torch.inf).sort(1).values  # real entries first, ascending
@@ -368,7 +261,7 @@ TRIGGER_WORDS = ("wait", "however", "but", "alternatively", "hmm", "check", "ver
 
 
 def trigger_table(processor, vocab_size: int) -> torch.Tensor:
-    """(V,) bool: token v decodes (stripped, lower-cased) to one of TRIGGER_WORDS (spec §1, optional)."""
+    """(V,) bool: token v decodes (stripped, lower-cased) to one of TRIGGER_WORDS (§3.2.1, optional)."""
     tok = tokenizer_of(processor)
     words = set(TRIGGER_WORDS)
     table = torch.zeros(vocab_size, dtype=torch.bool)
@@ -387,29 +280,24 @@ def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau: float, tokens: torch.
     return m
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Difficulty and the hierarchical entropy reward (spec §3-4): "how much to explore".
+# Difficulty and the hierarchical entropy reward (paper App. G, I, M): "how much to explore".
 
 
-# spec §4 table, per bucket: margin f, Huber kappa, sigmoid scale s, cap scale c, wrong-answer scale u
+# App. I, M; README: entropy reward table, per bucket: margin f, Huber kappa, sigmoid scale s, cap scale c, wrong-answer scale u
 SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], [0.35, 4.0, 3.0, 1.2, 1.0]],
                        dtype=torch.float64)
 
 
-KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tight on easy, loose on hard (spec §5)
-
-
 def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Spec §3, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
+    """App. G, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
     acc (N,) in {0, 1} (or --reward-fn scores in [0, 1]), groups of G consecutive responses -> (N,) bucket per
     response. Compared as 3 * sum >= G (exact for 0/1), so that G = 8 gives easy = 6-8 correct, medium = 3-5,
     hard = 0-2. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0] -> [1, 1, 1, 1, 2, 2, 2, 2] (2 of 4 right: medium;
     1 of 4: hard)."""
     correct = rearrange(acc.double(), "(p g) -> p g", g=group_size).sum(1)  # (P,)
-    bucket = torch.full(correct.shape, 2, dtype=torch.long)
-    bucket[3 * correct >= group_size] = 1
-    bucket[3 * correct >= 2 * group_size] = 0
-    return bucket.repeat_interleave(group_size)
+    return difficulty_of(correct, group_size).long().repeat_interleave(group_size)  # 3 * correct vs G and 2G
 
 
 def bucket_sums(values: list[torch.Tensor], index: torch.Tensor, n: int = 3) -> torch.Tensor:
@@ -428,7 +316,7 @@ def bucket_means(values: torch.Tensor, bucket: torch.Tensor) -> tuple[torch.Tens
 
 
 def update_targets(targets: torch.Tensor, n_he: torch.Tensor, bucket: torch.Tensor, momentum: float = 0.9):
-    """Per-bucket N_HE targets T_d (spec §4). targets (3,) float64, NaN = never seen.
+    """Per-bucket N_HE targets T_d (App. I, M; README: entropy reward). targets (3,) float64, NaN = never seen.
     Returns (targets used for THIS step's rewards, targets after the EMA update): a bucket seen before uses its
     previous target; a bucket seen for the first time uses its current global mean."""
     means, counts = bucket_means(n_he, bucket)
@@ -446,7 +334,7 @@ def huber(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.Tensor, targets: torch.Tensor,
                           mode: str = "hierarchical", alpha: float = 0.4) -> torch.Tensor:
-    """R_i = acc_i + E_i (spec §4). acc, n_he, bucket (N,); targets (3,) = T_d used this step. -> (N,) float64.
+    """R_i = acc_i + E_i (App. I, M; README: entropy reward). acc, n_he, bucket (N,); targets (3,) = T_d used this step. -> (N,) float64.
     Delta = N_HE - T_d; m = max(1, f * max(T_d, 1)); cap = alpha * c:
       correct easy    -min(cap, Hub(max(Delta - m, 0)) / (m + k) * cap)        too much exploring costs
       correct medium  -min(cap, Hub(max(|Delta| - m, 0)) / (m + k) * cap)      stay near the target
@@ -486,8 +374,12 @@ def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
     return rearrange(x, "(p g) -> p g", g=G).float().mean(1)
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Dynamic KL (Eq. 1, spec §5) and the AEPO objective (Eq. 2, spec §6).
+# Dynamic KL (Eq. 1, Alg. 1) and the AEPO objective (Eq. 2).
+
+
+KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tight on easy, loose on hard (Eq. 1, Alg. 1)
 
 
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
@@ -514,7 +406,7 @@ def update_kl_controller(kappa: torch.Tensor, kl_outside: torch.Tensor, seen: to
 
 def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float, clip_low: float = 0.2,
               clip_high: float = 0.3, dual_clip: float = 3.0):
-    """Eq. 2 with asymmetric and dual clipping (spec §6), plus the token-weighted KL of Eq. 1.
+    """Eq. 2 with asymmetric and dual clipping (Eq. 2), plus the token-weighted KL of Eq. 1.
     logp, logp_old, logp_ref, kl_w, mask (N, R); adv (N,). Per token:
         l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  r = exp(logp - logp_old)
         l = min(l, -c A) where A < 0,                          then  l + beta_{i,t} * k3(logp, logp_ref)
@@ -542,10 +434,12 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
     return loss, stats
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Sampler: a batched decoding loop over the HF model with a KV cache. Per step it records the sampled token,
-# its log-prob under softmax(z / T) (the policy the update differentiates) and the full-vocabulary entropy
-# (Eq. 3). Finished rows are dropped from the batch as they accumulate.
+# Sampler: a batched decoding loop over the HF model with a KV cache.
+# Per step it records the sampled token, its log-prob under softmax(z / T) (the policy the update differentiates)
+# and the full-vocabulary entropy (Eq. 3). Finished rows are dropped from the batch as they accumulate. The model side
+# is here too: prompts into a KV cache (prefill, prompt_batch) and each distinct image through the vision tower once.
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor):
@@ -567,6 +461,19 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torc
         j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         tok = (si.gather(-1, j) if si is not None else j).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logits, temperature if temperature > 0 else 1.0)
+
+
+def banned_tokens(model) -> list[int]:
+    """Image/video placeholder ids: a response must never contain one (the model would look for a matching image),
+    so the policy's distribution excludes them, in sampling and in training alike."""
+    config = model.config
+    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
+
+
+def without_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    if not banned:
+        return logits
+    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
 
 def decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float, banned: tuple[int, ...]):
@@ -651,6 +558,20 @@ def model_inputs(batch: dict) -> dict:
             if batch.get(k) is not None}
 
 
+def encode_images(model, images: dict) -> dict:
+    """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
+    gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
+    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way."""
+    if images.get("pixel_values") is None:
+        return {}
+    base, index = model.model, images["image_index"]
+    out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
+    out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
+    if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
+        out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
+    return {"mm_encoder_outputs": {"image": out}}
+
+
 def next_positions(next_pos: torch.Tensor, steps: int, vlm: bool) -> torch.Tensor:
     """Rotary positions of the `steps` tokens after each row's next_pos (N,): (3, N, steps) for Qwen-VL (text
     tokens advance t, h and w alike), else (N, steps)."""
@@ -705,8 +626,27 @@ def decode(model, state: dict, budgets: torch.Tensor, ids: dict, step, temperatu
                 mask=mask[:, :Tu].cpu(), truncated=truncated.cpu())
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# HWE-triggered branching rollouts (spec §2): explore where the model is uncertain.
+# HWE-triggered branching rollouts (paper §3.2): explore where the model is uncertain.
+
+
+@dataclass
+class Rollouts:
+    """One step's responses: N = P * G rows, prompt-major; prompt p's fresh samples are rows p*G .. p*G + G-B-1, its
+    branches the B rows after them (rollout_groups). A branch's row holds its parent's prefix, then its own tokens."""
+    tokens: torch.Tensor  # (N, R) the whole response, right-padded
+    logprobs: torch.Tensor  # (N, R) log pi_old(o_t) under softmax(z / T), as sampled
+    entropy: torch.Tensor  # (N, R) token entropy H_t (Eq. 3)
+    resp_mask: torch.Tensor  # (N, R) bool: the whole response (a branch: its parent's prefix too)
+    loss_mask: torch.Tensor  # (N, R) bool: the tokens this row sampled itself (a branch skips the prefix)
+    truncated: torch.Tensor  # (N,) bool: hit its budget without a stop token
+    parent: torch.Tensor  # (N,) row of a branch's parent, -1 for a fresh sample
+    branch_at: torch.Tensor  # (N,) where a branch starts sampling (0 for a fresh sample)
+    tau: float  # the HWE threshold of the first-pass responses, all ranks (§3.2.1)
+    texts: list[str] = field(default_factory=list)  # the decoded responses (grade_rollouts)
+    acc: torch.Tensor | None = None  # (N,) the grader's 0/1, or --reward-fn's score in [0, 1] (grade_rollouts)
+    rounds: int = 1  # rollout rounds of the step (refill: cat_rollouts)
 
 
 def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max_per_response: int, w: int):
@@ -729,13 +669,10 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
     return points
 
 
-def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None) -> dict:
-    """G responses per prompt (spec §2): G - B fresh samples, tau over them (all ranks), then B continuations
+def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None) -> Rollouts:
+    """G responses per prompt (§3.2; README: branching rollouts): G - B fresh samples, tau over them (all ranks), then B continuations
     branched at the highest-entropy HWE windows (shortfall: fresh samples), all B in one batched call.
-    Returns per response (N = P * G, prompt-major; prompt p's fresh samples are rows p*G .. p*G + G-B-1, its
-    branches the B rows after them): tokens, logprobs, entropy (N, R); resp_mask (N, R), the whole response;
-    loss_mask (N, R), the tokens this row sampled itself (a branch skips its parent's prefix); truncated,
-    parent (row of the parent or -1), branch_at (N,); and tau."""
+    -> Rollouts, every row at its final index (ungraded: texts and acc come from grade_rollouts)."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     fresh, P = G - B, len(prompts)
     kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
@@ -765,10 +702,11 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
             rows[i] = {k: torch.cat([head[k][:len(x)], v]) if head and k != "truncated" else v for k, v in new.items()}
     tokens, resp_mask = pad([r["tokens"] for r in rows], ids["pad"])  # (N, R)
     branch_at = torch.tensor(branch_at)  # (N,)
-    return dict(tokens=tokens, logprobs=pad([r["logprobs"] for r in rows])[0], entropy=pad([r["entropy"] for r in rows])[0],
-                resp_mask=resp_mask, loss_mask=resp_mask & (torch.arange(tokens.shape[1])[None] >= branch_at[:, None]),
-                truncated=torch.tensor([r["truncated"] for r in rows]), parent=torch.tensor(parent), branch_at=branch_at,
-                tau=tau)
+    return Rollouts(tokens=tokens, logprobs=pad([r["logprobs"] for r in rows])[0],
+                    entropy=pad([r["entropy"] for r in rows])[0], resp_mask=resp_mask,
+                    loss_mask=resp_mask & (torch.arange(tokens.shape[1])[None] >= branch_at[:, None]),
+                    truncated=torch.tensor([r["truncated"] for r in rows]), parent=torch.tensor(parent),
+                    branch_at=branch_at, tau=tau)
 
 
 def unpadded(out: dict) -> list[dict]:
@@ -778,10 +716,11 @@ def unpadded(out: dict) -> list[dict]:
                  truncated=bool(out["truncated"][i])) for i in range(len(n))]
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Stage 1: adaptive cold start (spec §8). Cross-entropy on response tokens only, one token-mean over the
-# global batch: each micro-batch divides its summed loss by the GLOBAL response-token count of the step, so
-# any micro-batch size, accumulation or number of ranks gives the same gradient.
+# Stage 1: adaptive cold start (paper §3.1). Cross-entropy on response tokens only, one token-mean over
+# the global batch: each micro-batch divides its summed loss by the GLOBAL response-token count of the step, so any
+# micro-batch size, accumulation or number of ranks gives the same gradient.
 
 
 def train_coldstart(cfg: Config) -> Path:
@@ -829,9 +768,10 @@ def train_coldstart(cfg: Config) -> Path:
     return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, run.state, cfg.keep_last)
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Stage 2: AEPO (Alg. 1). Each step: branching rollouts -> grade -> buckets -> HWE counts -> shaped rewards ->
-# filter -> GRPO advantages -> clipped update with token-wise dynamic KL -> kappa controller.
+# Stage 2: AEPO (Alg. 1). Each step: branching rollouts -> grade -> buckets -> HWE counts -> shaped
+# rewards -> filter -> GRPO advantages -> clipped update with token-wise dynamic KL -> kappa controller.
 
 
 def train_aepo(cfg: Config) -> Path:
@@ -855,10 +795,10 @@ def train_aepo(cfg: Config) -> Path:
     for step, recs, prompts, ro, time_sample in rollouts(cfg, run, sampler, records, device, triggers):
         t1 = time.time()
         sc = score_groups(ro, cfg, st["targets"], triggers)
-        st["targets"] = sc["targets"]
+        st["targets"] = sc.targets
         t2 = time.time()
-        if sc["groups"][0] > 0:
-            upd = aepo_update(cfg, run, ref, device, prompts, ro, sc["adv"], sc["bucket"], sc["hwe"], sc["keep"],
+        if sc.groups[0] > 0:
+            upd = aepo_update(cfg, run, ref, device, prompts, ro, sc.adv, sc.bucket, sc.hwe, sc.keep,
                               torch.Generator().manual_seed(step_seed(cfg, step)))
             refresh_sampling_copy(sampler, run.hf)
             if ref is not None:
@@ -867,7 +807,7 @@ def train_aepo(cfg: Config) -> Path:
         else:
             upd = dict(skipped_reason="every group was filtered (all right or all wrong)")
             rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
-        st["tau_history"].append(ro["tau"])
+        st["tau_history"].append(ro.tau)
         st["step"] = step + 1
         row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
         row.update(level_stats(levels, recs, sc, G) if levels else {})
@@ -876,13 +816,12 @@ def train_aepo(cfg: Config) -> Path:
                 row.update(validate(cfg, sampler, run.processor, run.ids, run.held_out))
         metrics.log(row, ("reward", "acc", "len", "tau"))
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {sc['acc'][0]:.0f}, reward "
-                        f"{sc['rewards'][0]:.3f}: {sc['texts'][0][:400]!r}")
+            rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {sc.acc[0]:.0f}, reward "
+                        f"{sc.rewards[0]:.3f}: {ro.texts[0][:400]!r}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
     metrics.close()
-    if cfg.eval_every and rank() == 0:  # curves.png with the held-out panels, drawn by eval.py (it imports this file)
-        subprocess.call([sys.executable, str(Path(__file__).with_name("eval.py")), "curves", run.out / "metrics.jsonl"])
+    rank0_print(f"curves of this run: python eval.py curves {run.out / 'metrics.jsonl'}")
     return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
 
 
@@ -891,7 +830,7 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
     rollout_groups() output with texts and acc, seconds spent sampling and grading). A generator: step s + 1 is
     sampled only after step s's update. Refill (DAPO's dynamic sampling): while fewer than --batch-size groups of
     all ranks are mixed (some right, some wrong), --batch-size more prompts are rolled out, at most
-    --max-refill-rounds times (the same decision on every rank: a global count); ro["rounds"] says how many."""
+    --max-refill-rounds times (the same decision on every rank: a global count); ro.rounds says how many."""
     tok = tokenizer_of(run.processor)
     for step in range(run.state["step"], cfg.steps):
         t0 = time.time()
@@ -903,7 +842,7 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
             with gathered(run.policy), autocast(cfg, device):
                 parts.append(grade_rollouts(rollout_groups(sampler, prompts[-len(new):], cfg, run.ids, gen, triggers),
                                             new, cfg, tok))
-            p = group_mean(torch.cat([x["acc"] for x in parts]), cfg.group_size)  # (P,) accuracy per group so far
+            p = group_mean(torch.cat([x.acc for x in parts]), cfg.group_size)  # (P,) accuracy per group so far
             if cfg.keep_uniform_groups or all_reduce(torch.tensor([float(((p > 0) & (p < 1)).sum())])) >= cfg.batch_size:
                 break
         yield step, recs, prompts, cat_rollouts(parts, run.ids["pad"]), time.time() - t0
@@ -918,28 +857,68 @@ def draw(n: int, step: int, rnd: int, cfg: Config) -> list[int]:
     return order[:cfg.batch_size].tolist()[rank()::world_size()]
 
 
-def grade_rollouts(ro: dict, recs: list[dict], cfg: Config, tok) -> dict:
-    """rollout_groups() output of recs' prompts, with texts (the decoded responses) and acc (N,): the grader's 0/1,
-    or --reward-fn's score in [0, 1] (data_prep.score_responses)."""
-    lengths = ro["resp_mask"].sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
-    ro["texts"] = [tok.decode(ro["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
-    ro["acc"] = score_responses(cfg, recs, ro["texts"])  # (N,)
+def grade_rollouts(ro: Rollouts, recs: list[dict], cfg: Config, tok) -> Rollouts:
+    """The rollouts of recs' prompts, graded: texts (the decoded responses) and acc (N,): the grader's 0/1, or
+    --reward-fn's score in [0, 1] (data_prep.score_responses)."""
+    lengths = ro.resp_mask.sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
+    ro.texts = [tok.decode(ro.tokens[i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
+    ro.acc = data_prep.score_responses(recs, ro.texts, cfg.group_size, cfg.reward_fn, cfg.grader_timeout,
+                                       cfg.grader_workers)  # (N,)
     return ro
 
 
-def cat_rollouts(parts: list[dict], pad_id: int) -> dict:
+def cat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     """The graded rollouts of a step's refill rounds as one: rows concatenated (token axes padded, parents
     re-indexed); tau the mean of the rounds' (each over as many first-pass responses), rounds their number."""
-    start = np.cumsum([0] + [len(p["parent"]) for p in parts[:-1]]).tolist()  # first row of each round
-    out = dict(texts=[t for p in parts for t in p["texts"]], tau=sum(p["tau"] for p in parts) / len(parts),
-               rounds=len(parts), parent=torch.cat([torch.where(p["parent"] >= 0, p["parent"] + s, -1)
-                                                    for p, s in zip(parts, start)]))
-    for k in ("truncated", "branch_at", "acc"):
-        out[k] = torch.cat([p[k] for p in parts])
-    for k in ("tokens", "logprobs", "entropy", "resp_mask", "loss_mask"):
-        R = max(p[k].shape[1] for p in parts)
-        out[k] = torch.cat([F.pad(p[k], (0, R - p[k].shape[1]), value=pad_id if k == "tokens" else 0) for p in parts])
-    return out
+    start = np.cumsum([0] + [len(p.parent) for p in parts[:-1]]).tolist()  # first row of each round
+    R = max(p.tokens.shape[1] for p in parts)
+    padded = lambda key, value=0: torch.cat([F.pad(getattr(p, key), (0, R - p.tokens.shape[1]), value=value)  # noqa: E731
+                                             for p in parts])  # (N, R)
+    return Rollouts(tokens=padded("tokens", pad_id), logprobs=padded("logprobs"), entropy=padded("entropy"),
+                    resp_mask=padded("resp_mask"), loss_mask=padded("loss_mask"),
+                    truncated=torch.cat([p.truncated for p in parts]),
+                    parent=torch.cat([torch.where(p.parent >= 0, p.parent + s, -1) for p, s in zip(parts, start)]),
+                    branch_at=torch.cat([p.branch_at for p in parts]), tau=sum(p.tau for p in parts) / len(parts),
+                    texts=[t for p in parts for t in p.texts], acc=torch.cat([p.acc for p in parts]), rounds=len(parts))
+
+
+@dataclass
+class Scores:
+    """What score_groups makes of a step's graded Rollouts (N rows, P = N / G groups)."""
+    acc: torch.Tensor  # (N,) the grader's 0/1 or --reward-fn's score
+    format: torch.Tensor  # (N,) 1 where the response is <think>...</think> then \\boxed{}
+    lengths: torch.Tensor  # (N,) tokens of the whole response
+    bucket: torch.Tensor  # (N,) the group's online difficulty: 0 easy, 1 medium, 2 hard (App. G)
+    hwe: torch.Tensor  # (N, R) bool: the HWE mask m_{i,t}
+    n_he: torch.Tensor  # (N,) N_HE: HWE tokens per response
+    rewards: torch.Tensor  # (N,) R_i = acc_i + E_i (+ the format reward)
+    adv: torch.Tensor  # (N,) GRPO advantages
+    keep: torch.Tensor  # (N,) bool: the row's group survives the online filter and trains
+    targets: torch.Tensor  # (3,) the bucket targets T_d after this step's EMA update
+    groups: torch.Tensor  # (2,) groups kept and groups in all, over all ranks
+
+
+def score_groups(ro: Rollouts, cfg: Config, targets: torch.Tensor, triggers=None) -> Scores:
+    """App. G, I, M on one step's graded rollouts (N = P * G responses of P prompts; texts, acc from grade_rollouts):
+    bucket each group, count each response's HWE tokens, shape its reward; then GRPO advantages and the online
+    filter (Eq. 2), at most --batch-size groups (refill may draw more). targets (3,): T_d before this step.
+    -> Scores."""
+    G, acc = cfg.group_size, ro.acc  # acc (N,) in {0, 1}, or --reward-fn's in [0, 1]
+    lengths = ro.resp_mask.sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
+    fmt = torch.tensor([float(format_ok(t)) for t in ro.texts])  # (N,) in {0, 1}
+    bucket = difficulty_buckets(acc, G)  # (N,) 0 easy, 1 medium, 2 hard: from the group's accuracy
+    hbar, valid = window_entropy(ro.entropy, ro.resp_mask, cfg.window)  # (N, R) each
+    hwe = hwe_mask(hbar, valid, ro.tau, ro.tokens, triggers)  # (N, R) bool; tau of the first-pass samples
+    n_he = hwe.sum(1).double()  # (N,) N_HE over the whole response
+    for_reward, targets = update_targets(targets, n_he, bucket, cfg.target_momentum)  # (3,) each; all groups count
+    rewards = entropy_shaped_reward(acc, n_he, bucket, for_reward, cfg.entropy_shaping, cfg.entropy_coef)  # (N,)
+    rewards = rewards + cfg.format_weight * fmt  # (N,)
+    adv = grpo_advantages(rewards, G).float()  # (N,) normalised within each group of G
+    group_acc = group_mean(acc, G)  # (P,)
+    keep_group = keep_first(((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups, cfg.batch_size)  # (P,)
+    groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all
+    return Scores(acc=acc, format=fmt, lengths=lengths, bucket=bucket, hwe=hwe, n_he=n_he, rewards=rewards, adv=adv,
+                  keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
 
 
 def keep_first(keep_group: torch.Tensor, n: int) -> torch.Tensor:
@@ -950,35 +929,6 @@ def keep_first(keep_group: torch.Tensor, n: int) -> torch.Tensor:
     return keep_group & (keep_group.cumsum(0) <= n - before)
 
 
-def step_seed(cfg: Config, step: int) -> int:
-    """The seed of this rank's sampling noise and update order at a step: the same run after a resume."""
-    return cfg.seed * 1_000_003 + step * world_size() + rank()
-
-
-def score_groups(ro: dict, cfg: Config, targets: torch.Tensor, triggers=None) -> dict:
-    """Spec §3-4 on one step's graded rollouts (N = P * G responses of P prompts; texts, acc from grade_rollouts):
-    bucket each group, count each response's HWE tokens, shape its reward; then GRPO advantages and the online
-    filter (spec §6), at most --batch-size groups (refill may draw more). targets (3,): T_d before this step.
-    -> texts, acc, format, lengths, bucket, n_he, rewards, adv, keep (N,); hwe (N, R); targets (3,) after this
-    step's EMA update; groups = (kept, all) over all ranks."""
-    G, texts, acc = cfg.group_size, ro["texts"], ro["acc"]  # acc (N,) in {0, 1}, or --reward-fn's in [0, 1]
-    lengths = ro["resp_mask"].sum(1)  # (N,) tokens of the whole response (a branch: its parent's prefix too)
-    fmt = torch.tensor([float(format_ok(t)) for t in texts])  # (N,) in {0, 1}
-    bucket = difficulty_buckets(acc, G)  # (N,) 0 easy, 1 medium, 2 hard: from the group's accuracy
-    hbar, valid = window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)  # (N, R) each
-    hwe = hwe_mask(hbar, valid, ro["tau"], ro["tokens"], triggers)  # (N, R) bool; tau of the first-pass samples
-    n_he = hwe.sum(1).double()  # (N,) N_HE over the whole response
-    for_reward, targets = update_targets(targets, n_he, bucket, cfg.target_momentum)  # (3,) each; all groups count
-    rewards = entropy_shaped_reward(acc, n_he, bucket, for_reward, cfg.entropy_shaping, cfg.entropy_coef)  # (N,)
-    rewards = rewards + cfg.format_weight * fmt  # (N,)
-    adv = grpo_advantages(rewards, G).float()  # (N,) normalised within each group of G
-    group_acc = group_mean(acc, G)  # (P,)
-    keep_group = keep_first(((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups, cfg.batch_size)  # (P,)
-    groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all
-    return dict(texts=texts, acc=acc, format=fmt, lengths=lengths, bucket=bucket, hwe=hwe, n_he=n_he, rewards=rewards,
-                adv=adv, keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
-
-
 def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:
     """The clipped policy update on the kept rows: `minibatches` optimizer steps per epoch, each over an equal
     share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
@@ -987,9 +937,9 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     G, world, M, mb = cfg.group_size, world_size(), cfg.minibatches, cfg.micro_batch_size
     rows = keep.nonzero().squeeze(1)
     rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
-    loss_mask = ro["loss_mask"].float()  # (N, R) the tokens each row sampled itself
+    loss_mask = ro.loss_mask.float()  # (N, R) the tokens each row sampled itself
     kl_w = kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax)  # (N, R)
-    all_rows = list(range(len(ro["tokens"])))
+    all_rows = list(range(len(ro.tokens)))
     old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
     ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None  # (N, R)
     kl_sums = torch.zeros(4, 3, dtype=torch.float64)  # kl_by_bucket's, over the first epoch
@@ -1039,163 +989,22 @@ def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, b
     return bucket_sums([out_mean, torch.ones_like(out_mean), (kl * lm * inside).sum(1), (lm * inside).sum(1)], bucket)
 
 
-def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: dict) -> dict:
-    """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
-    windows (per response) and inside them (per token), the largest gradient norm."""
-    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
-    stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
-                 kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
-                 kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
-                 kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
-                 grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
-    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
-        lm = ro["resp_mask"].float()
-        stats["logprob_gap"] = ((old - ro["logprobs"]).abs() * lm).sum().item() / lm.sum().item()
-    return stats
-
-
-def teacher_forced(run, device, prompts, ro, rows, G):
-    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context), each
-    distinct prompt once. Whole sequences under gradient checkpointing: Hugging Face drops the KV cache there."""
-    lengths = ro["resp_mask"].sum(1)
-    rows_prompts, responses = [prompts[i // G] for i in rows], [ro["tokens"][i, :lengths[i]] for i in rows]
-    if torch.is_grad_enabled() and getattr(run.hf, "is_gradient_checkpointing", False):
-        return make_batch(run.hf, rows_prompts, responses, run.ids["pad"], device)
-    return shared_prompt_batch(run.hf, rows_prompts, responses, run.ids, device)
-
-
-def shared_prompt_batch(model, prompts: list[dict], responses: list[torch.Tensor], ids: dict, device) -> dict:
-    """Batch for Policy's shared-prompt forward: prompt_batch of the distinct prompts (P, L), prompt_index (N,) the
-    prompt of each row, resp_tokens and resp_mask (N, R) the right-padded responses."""
-    first: dict[int, int] = {}
-    index = [first.setdefault(id(p), len(first)) for p in prompts]  # rows sharing a prompt dict share its prompt
-    distinct = list({id(p): p for p in prompts}.values())  # in order of first appearance, as `first` counts
-    resp_tokens, resp_mask = pad([r.long() for r in responses], ids["pad"])  # (N, R)
-    return dict(prompt_batch(model, distinct, [[]] * len(distinct), ids, device), prompt_index=torch.tensor(index,
-                device=device), resp_tokens=resp_tokens.to(device), resp_mask=resp_mask.to(device))
-
-
-@torch.no_grad()
-def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
-    """log pi(o_t) of the given rows under `model`, (len(rows), R) on the CPU, in micro-batches."""
-    R = ro["tokens"].shape[1]
-    out = torch.zeros(len(rows), R)
-    mb = cfg.micro_batch_size
-    for k in range(0, len(rows), mb):
-        part = rows[k:k + mb]
-        batch = teacher_forced(run, device, prompts, ro, part, G)
-        with autocast(cfg, device):
-            lp, _ = model(batch, cfg.temperature)
-        out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
-    return out
-
-
-def sampling_copy(cfg: Config, run, device):
-    """What the sampler runs on. Training keeps fp32 master weights; decoding them under autocast would cast
-    every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
-    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
-    dtype = compute_dtype(cfg, device)
-    if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
-        return run.hf
-    import copy
-
-    return copy.deepcopy(run.hf).to(dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def refresh_sampling_copy(copy_model, hf):
-    if copy_model is not hf:
-        for a, b in zip(copy_model.parameters(), hf.parameters()):
-            a.copy_(b)
-
-
-def load_reference(name: str, cfg: Config, device) -> nn.Module:
-    """The frozen KL reference (spec §5): the starting policy in the compute dtype, sharded like it with --fsdp."""
-    if cfg.fsdp and dist.is_initialized():
-        hf, _, full = load_for_fsdp(name, cfg, device)
-        ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
-        fill_shards(ref, full)
-        return ref
-    return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
-
-
-@torch.no_grad()
-def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> dict:
-    """--eval-data's held-out accuracy and mean response tokens, overall and per level, by eval.py's own metrics
-    (data_prep.response_lines, summarize): greedy, --max-response-len new tokens, records dealt round-robin to
-    ranks in calls of --rollout-batch; a prompt over --max-prompt-len counts as wrong. -> eval_acc, eval_len,
-    eval_<level>_acc, eval_<level>_len."""
-    usable, failed = check_prompts(processor, records, cfg.max_prompt_len)
-    mine, lines = usable[rank()::world_size()], []
-    for k in range(0, len(mine), cfg.rollout_batch):
-        chunk = mine[k:k + cfg.rollout_batch]
-        out = sample(model, [encode_prompt(processor, r) for r in chunk], ids=ids, max_new_tokens=cfg.max_response_len,
-                     temperature=0.0)
-        lines += response_lines(chunk, out, tokenizer_of(processor))
-    by = bucket_field(records, "auto")  # as eval.py's --bucket-by auto: difficulty, else level, else pass_rate
-    level = {r["id"]: bucket_of(r, by) for r in records}
-    summary = summarize([dict(x, bucket=level[x["id"]]) for x in gather(lines)],
-                        [dict(f, bucket=level[f["id"]]) for f in failed])
-    row = dict(eval_acc=summary["overall"]["accuracy"], eval_len=summary["overall"]["mean_tokens"])
-    for name, m in summary["buckets"].items():
-        row.update({f"eval_{name}_acc": m["accuracy"], f"eval_{name}_len": m["mean_tokens"]})
-    return row
-
-
-def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tuple, lr: float) -> dict:
-    """Global (all-rank) means of what a researcher watches, one JSON line per step. sc: score_groups(); times:
-    seconds sampling (and grading), scoring, updating."""
-    acc, lengths, n_he = sc["acc"], sc["lengths"], sc["n_he"]
-    per_bucket = all_reduce(bucket_sums([torch.ones_like(acc), lengths, n_he, acc], sc["bucket"]))  # (4, 3)
-    branch = ro["parent"] >= 0  # (N,)
-    parent_acc = acc[ro["parent"].clamp(min=0)]  # (N,) the accuracy of each branch's parent
-    sums = all_reduce(torch.tensor([float(len(acc)), acc.sum(), sc["rewards"].sum(), sc["format"].sum(), lengths.sum(),
-                                    n_he.sum(), (ro["entropy"] * ro["resp_mask"]).sum(), ro["loss_mask"].sum(),
-                                    branch.sum(), (acc * branch).sum(), (parent_acc * branch).sum(),
-                                    ro["truncated"].sum()], dtype=torch.float64)).tolist()
-    n, branches = sums[0], max(sums[8], 1)
-    row = dict(step=step + 1, reward=sums[2] / n, acc=sums[1] / n, format=sums[3] / n, len=sums[4] / n,
-               n_he=sums[5] / n, entropy=sums[6] / max(sums[4], 1), truncated=sums[11] / n, tau=ro["tau"],
-               groups_kept=int(sc["groups"][0]), groups=int(sc["groups"][1]), prompts_drawn=int(sc["groups"][1]),
-               rollout_rounds=ro["rounds"], branches=int(sums[8]),
-               branch_acc=sums[9] / branches, parent_acc=sums[10] / branches, lr=lr, time_sample=times[0],
-               time_score=times[1], time_update=times[2], rollout_tokens_per_s=sums[7] / max(times[0], 1e-9))
-    for d, name in enumerate(BUCKETS):
-        c = per_bucket[0, d].item()
-        row.update({f"{key}_{name}": per_bucket[k, d].item() / c if c else None
-                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
-        row.update({f"n_{name}": int(c), f"kappa_{name}": st["kappa"][d].item(),
-                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item()})
-    row.update({k: upd[k] for k in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap",
-                                    "skipped", "skipped_reason") if k in upd})
-    return row
-
-
-def level_stats(levels: list[str], recs: list[dict], sc: dict, G: int) -> dict:
-    """When the records carry a `difficulty` label (the demo's levels, a benchmark's): per label, the mean length,
-    N_HE and accuracy of its responses and how many of its groups fell in each online bucket (spec §3), over
-    all ranks. recs: the step's P records; sc: score_groups() of their P * G responses."""
-    level = torch.tensor([levels.index(str(r["difficulty"])) for r in recs])  # (P,)
-    acc = sc["acc"]
-    sums = bucket_sums([torch.ones_like(acc), sc["lengths"], sc["n_he"], acc], level.repeat_interleave(G), len(levels))
-    groups = torch.zeros(3, len(levels), dtype=torch.float64).index_put_(
-        (sc["bucket"][::G], level), torch.ones(len(level), dtype=torch.float64), accumulate=True)  # (3, levels)
-    sums = all_reduce(torch.cat([sums, groups]))  # (4 + 3, levels)
-    row = {}
-    for j, name in enumerate(levels):
-        n = sums[0, j].item()
-        row.update({f"level_{name}_{key}": sums[k, j].item() / n if n else None
-                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
-        row.update({f"level_{name}_groups_{b}": int(sums[4 + d, j]) for d, b in enumerate(BUCKETS)})
-    return row
-
-
 # ==========================================================================================================
-# Infrastructure: what any trainer needs and ARES does not change: the process group, the policy module, wrapping
-# (DDP or FSDP2), optimizer, data order, the run's state, the entry point. (Loading models, batches, checkpoint and
-# metrics files, rank() and barrier() are data_prep.py's.)
+# PART 2: THE TRAINER'S INFRASTRUCTURE. A reader learning ARES can stop here.
+# What any trainer needs and ARES does not change: the process group, model loading (the tiny model, FSDP, LoRA,
+# the KL reference), the policy's forward and its batches, wrapping (DDP or FSDP2), the optimizer and data order,
+# checkpoints, metrics.jsonl and trackers, the run record, flag validation, the demo's script and the entry point.
 # ==========================================================================================================
+
+
+
 # ----------------------------------------------------------------------------------------------------------
+# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
+# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
+# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
+# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
+
+
 # Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
 # One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
 # denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
@@ -1230,11 +1039,191 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
             raise RuntimeError(f"rank {dist.get_rank()}: all_reduce failed; did another rank die or stall longer "
                                f"than --dist-timeout? ({e})") from e
     return t
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank0_print(*args):
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (the list itself on one process)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for p in parts for x in p]
+
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model: the policy around a Hugging Face model (data_prep.load_model loads it). `mm_token_type_ids` is always
-# passed so that Qwen's 3-D rotary positions are used (without it the model silently falls back to 1-D ones).
+# Models: a hub name or folder -> (model, processor); the tiny model; FSDP, LoRA and the reference.
+# Qwen2/2.5/3-VL via the image-text-to-text auto class, text LMs via the causal-LM class; the processor is
+# Qwen2-VL's, image-only (no torchvision). The tiny model is the offline demo's base model (data_prep.py has its
+# tokenizer). `mm_token_type_ids` is always passed so that Qwen's 3-D rotary positions are used.
+
+
+# Models and processors: a hub name or folder -> (model, processor). Qwen2/2.5/3-VL via the image-text-to-text
+# auto class, text LMs via the causal-LM class; the processor is Qwen2-VL's, image-only (no torchvision). The
+# tiny model is the offline demo's base model, built here with its tokenizer.
+TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
+
+
+def is_tiny(name: str) -> bool:
+    if name == "tiny":
+        return True
+    cfg_file = Path(name) / "config.json"
+    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
+
+
+def processor_class():
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageTextProcessor
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = data_prep.tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    s = TINY_SIZES
+    head_dim = s["hidden"] // s["heads"]
+    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
+    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
+    # read the image several times faster when the image tokens are a larger part of what it attends to.
+    config.ares_prompt_suffix = ""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.bos_token_id = None
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = processor_class()(image_processor, tok, chat_template=data_prep.TINY_CHAT_TEMPLATE)
+    processor.prompt_suffix = config.ares_prompt_suffix
+    return model, processor
+
+
+def load_processor(name: str, is_vlm: bool, cfg):
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if not is_vlm:
+        return tok
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    if not is_tiny(name):
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    template = tok.chat_template
+    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
+        path = Path(name) / fname
+        if template is None and path.is_file():
+            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
+    return processor_class()(image_processor, tok, chat_template=template)
+
+
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
+
+
+UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
+               "is `.model` (Qwen2, Qwen3, Llama, ...)")
+
+
+def compute_dtype(cfg, device):
+    """--dtype as a torch dtype: auto is bf16 on a GPU and fp32 on the CPU; 'file' (loading only): the checkpoint's."""
+    if cfg.dtype in ("auto", "file"):
+        return "auto" if cfg.dtype == "file" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+
+
+def load_model(name: str, cfg, device, meta: bool = False):
+    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
+    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+    dtype = compute_dtype(cfg, device)
+    if name == "tiny":
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model, processor = build_tiny(cfg.seed)
+        model.to(torch.float32 if dtype == "auto" else dtype)
+    else:
+        config = AutoConfig.from_pretrained(name)
+        is_vlm = hasattr(config, "vision_config")
+        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        if meta:
+            with torch.device("meta"):
+                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
+            with contextlib.suppress(OSError):  # the stop tokens live there
+                model.generation_config = GenerationConfig.from_pretrained(name)
+        else:
+            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        if not hasattr(model, "model"):
+            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        processor = load_processor(name, is_vlm, cfg)
+    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", data_prep.FORMAT_PROMPT)  # the prompt it learned with
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return (model if meta else model.to(device)), processor
+
+
+def model_prompt_suffix(name: str) -> str:
+    """The instruction a model was trained with (`ares_prompt_suffix` in its config.json), else the authors' (README: paper settings);
+    the tiny model: none."""
+    from transformers import AutoConfig
+
+    with contextlib.suppress(OSError, ValueError):  # a hub name offline and not cached: it fails to load later anyway
+        return "" if name == "tiny" else getattr(AutoConfig.from_pretrained(name), "ares_prompt_suffix", data_prep.FORMAT_PROMPT)
+    return data_prep.FORMAT_PROMPT
+
+
+def special_ids(model, processor) -> dict:
+    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
+    tok = tokenizer_of(processor)
+    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    gen_eos = model.generation_config.eos_token_id
+    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
+                image=getattr(model.config, "image_token_id", None))
+def vision_params(model):
+    return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
 
 
 def load_for_fsdp(name: str, cfg: Config, device):
@@ -1244,10 +1233,71 @@ def load_for_fsdp(name: str, cfg: Config, device):
     skeleton, processor = load_model(name, cfg, device, meta=True)
     full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if rank() == 0 else None
     return skeleton, processor, full
+def add_lora(hf, cfg):
+    """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
+    class); only they train (and the vision tower with --train-vision). B = 0 at the start, so the policy starts as
+    the base model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
+                      target_modules=cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(","),
+                      exclude_modules=r".*visual.*", base_model_name_or_path=cfg.model)  # the vision tower: none
+    hf = inject_adapter_in_model(lora, hf)
+    for n, p in hf.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    hf.ares_lora = (lora, cfg.merge_lora)  # read by hf_export when a checkpoint is saved
+    return hf
 
 
-def vision_params(model):
-    return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
+def lora_reference(hf, model):
+    """The KL reference under LoRA (Eq. 1, Alg. 1: the starting policy): `model` (the policy around hf) with hf's adapters
+    off, so no second copy is held. Called like the policy: (batch, temperature) -> (logp, entropy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in hf.modules() if isinstance(m, BaseTunerLayer)]
+
+    def forward(*args):
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            return model(*args)
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+
+    return forward
+def load_reference(name: str, cfg: Config, device) -> nn.Module:
+    """The frozen KL reference (Eq. 1, Alg. 1): the starting policy in the compute dtype, sharded like it with --fsdp."""
+    if cfg.fsdp and dist.is_initialized():
+        hf, _, full = load_for_fsdp(name, cfg, device)
+        ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
+        fill_shards(ref, full)
+        return ref
+    return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
+
+
+def sampling_copy(cfg: Config, run, device):
+    """What the sampler runs on. Training keeps fp32 master weights; decoding them under autocast would cast
+    every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
+    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
+    dtype = compute_dtype(cfg, device)
+    if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
+        return run.hf
+    import copy
+
+    return copy.deepcopy(run.hf).to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh_sampling_copy(copy_model, hf):
+    if copy_model is not hf:
+        for a, b in zip(copy_model.parameters(), hf.parameters()):
+            a.copy_(b)
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The policy and its batches: encoded prompts and responses -> padded model inputs, log-probs.
 
 
 class Policy(nn.Module):
@@ -1289,33 +1339,6 @@ class Policy(nn.Module):
         return torch.cat([last[idx, None], hidden[:, :-1]], 1)  # (N, R, H)
 
 
-def encode_images(model, images: dict) -> dict:
-    """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
-    gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
-    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way."""
-    if images.get("pixel_values") is None:
-        return {}
-    base, index = model.model, images["image_index"]
-    out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
-    out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
-    if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
-        out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
-    return {"mm_encoder_outputs": {"image": out}}
-
-
-def banned_tokens(model) -> list[int]:
-    """Image/video placeholder ids: a response must never contain one (the model would look for a matching image),
-    so the policy's distribution excludes them, in sampling and in training alike."""
-    config = model.config
-    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
-
-
-def without_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
-    if not banned:
-        return logits
-    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
-
-
 def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
                   with_entropy: bool = False, chunk: int = 1024, banned: list[int] = ()):
     """log softmax(head(h) / T)[target] in chunks of `chunk` positions; each chunk's logits are recomputed in
@@ -1340,19 +1363,113 @@ def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, tempe
             outs.append(piece(hc, tc))
     logp = torch.cat([o[0] for o in outs], 1)
     return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
+def pad(rows: list[torch.Tensor], value=0, left: bool = False, multiple: int = 1):
+    """Stack 1-D tensors into (N, L), L = the longest (at least 1) rounded up to `multiple`, filled with `value`
+    on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
+    L = -(-max(max(len(r) for r in rows), 1) // multiple) * multiple
+    out = torch.full((len(rows), L), value, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        where = slice(L - len(r), L) if left else slice(0, len(r))
+        out[i, where], mask[i, where] = r, True
+    return out, mask
+
+
+def gather_images(prompts: list[dict]) -> dict:
+    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
+    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
+    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
+    first, pix, grid, index = {}, [], [], []
+    for p in prompts:
+        if p["pixel_values"] is None:
+            continue
+        if id(p) not in first:
+            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
+            pix.append(p["pixel_values"])
+            grid.append(p["image_grid_thw"])
+        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
+    if not pix:
+        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
+    grid = torch.cat(grid)
+    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
+
+
+def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
+    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
+    base = getattr(model, "model", model)
+    if hasattr(base, "get_rope_index"):
+        mm = (input_ids == model.config.image_token_id).int()
+        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
+    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
+    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
+    are real."""
+    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
+    input_ids, attention_mask = pad(seqs, pad_id)  # (N, L)
+    attention_mask = attention_mask.long()
+    resp_mask = pad([r.to(torch.long) for r in responses])[1]  # (N, R)
+    R = resp_mask.shape[1]
+    resp_index = torch.stack([(len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1) for p, s in zip(prompts, seqs)])
+    images = gather_images(prompts)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
+                 resp_tokens=input_ids.gather(1, resp_index), **images,
+                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
+    if getattr(model.config, "image_token_id", None) is not None:
+        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+def teacher_forced(run, device, prompts, ro, rows, G):
+    """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context), each
+    distinct prompt once. Whole sequences under gradient checkpointing: Hugging Face drops the KV cache there."""
+    lengths = ro.resp_mask.sum(1)
+    rows_prompts, responses = [prompts[i // G] for i in rows], [ro.tokens[i, :lengths[i]] for i in rows]
+    if torch.is_grad_enabled() and getattr(run.hf, "is_gradient_checkpointing", False):
+        return make_batch(run.hf, rows_prompts, responses, run.ids["pad"], device)
+    return shared_prompt_batch(run.hf, rows_prompts, responses, run.ids, device)
+
+
+def shared_prompt_batch(model, prompts: list[dict], responses: list[torch.Tensor], ids: dict, device) -> dict:
+    """Batch for Policy's shared-prompt forward: prompt_batch of the distinct prompts (P, L), prompt_index (N,) the
+    prompt of each row, resp_tokens and resp_mask (N, R) the right-padded responses."""
+    first: dict[int, int] = {}
+    index = [first.setdefault(id(p), len(first)) for p in prompts]  # rows sharing a prompt dict share its prompt
+    distinct = list({id(p): p for p in prompts}.values())  # in order of first appearance, as `first` counts
+    resp_tokens, resp_mask = pad([r.long() for r in responses], ids["pad"])  # (N, R)
+    return dict(prompt_batch(model, distinct, [[]] * len(distinct), ids, device), prompt_index=torch.tensor(index,
+                device=device), resp_tokens=resp_tokens.to(device), resp_mask=resp_mask.to(device))
+
+
+@torch.no_grad()
+def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
+    """log pi(o_t) of the given rows under `model`, (len(rows), R) on the CPU, in micro-batches."""
+    R = ro.tokens.shape[1]
+    out = torch.zeros(len(rows), R)
+    mb = cfg.micro_batch_size
+    for k in range(0, len(rows), mb):
+        part = rows[k:k + mb]
+        batch = teacher_forced(run, device, prompts, ro, part, G)
+        with autocast(cfg, device):
+            lp, _ = model(batch, cfg.temperature)
+        out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
+    return out
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: wrapping (DDP or FSDP2), optimizer, data order, the run's state.
 
 
 def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
-    kept = [r for r in records if prompt_length(processor, r) <= max_len]
+    kept = [r for r in records if data_prep.prompt_length(processor, r) <= max_len]
     if len(kept) < len(records):
         rank0_print(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {max_len} tokens")
     if not kept:
         raise DataError(f"every prompt is longer than --max-prompt-len {max_len}")
     return kept
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training: wrapping (DDP or FSDP2), optimizer, data order, the run's state.
 
 
 def start_stage(cfg: Config, stage: str):
@@ -1365,8 +1482,8 @@ def start_stage(cfg: Config, stage: str):
     np.random.seed(cfg.seed + me)
     torch.manual_seed(cfg.seed + me)
     split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
-    records = read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
-    held_out = read_records(cfg.eval_data, None if cfg.eval_data in PRESETS else "test") if cfg.eval_every else []
+    records = data_prep.read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
+    held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
     record = check_run_record(cfg, RESUMABLE)
     run = dataclasses.replace(load_for_training(cfg, device), record=record, held_out=held_out)
     return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
@@ -1484,6 +1601,11 @@ def sync_context(model, last: bool):
     return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
 
 
+def step_seed(cfg: Config, step: int) -> int:
+    """The seed of this rank's sampling noise and update order at a step: the same run after a resume."""
+    return cfg.seed * 1_000_003 + step * world_size() + rank()
+
+
 def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
     """This rank's records for a global step: the step's slice of its epoch's permutation, dealt round-robin."""
     per_epoch = n // batch
@@ -1559,8 +1681,268 @@ def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
     return run
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Metrics (checkpoint and metrics.jsonl I/O: data_prep.py) and the entry point.
+# Checkpoints: atomic, resumable on any number of ranks.
+# Rank 0 writes what is shared; each rank writes its own shards of the training state.
+
+
+def training_state(policy, opt) -> dict:
+    """What a checkpoint's state/ folder holds, as this rank sees it: the fp32 master weights and AdamW moments
+    (this rank's shards under FSDP, the full tensors otherwise) and the buffers no state dict has."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
+
+
+def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: dict, keep_last: int):
+    """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
+    buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
+    step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
+    of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
+    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    me = rank()
+    final, tmp = out / name, out / f"{name}.tmp"
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
+    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
+    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, tmp / f"rng_{me}.pt")
+    data_prep.fsync(tmp / f"rng_{me}.pt")
+    if me == 0:
+        weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
+        policy.hf.save_pretrained(tmp, state_dict=weights)
+        if adapter:
+            save_adapter(policy.hf, adapter, tmp / "adapter")
+        processor.save_pretrained(tmp)
+        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+    del hf_sd
+    barrier()  # every rank's files are on disk
+    if me == 0:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        for f in files:
+            data_prep.fsync(tmp / f)
+        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
+        data_prep.fsync(tmp / "COMPLETE")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        data_prep.fsync(out)
+        steps = sorted(out.glob("step_*[0-9]"))
+        for old in steps[:max(0, len(steps) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def hf_export(hf, sd: dict) -> tuple[dict, dict]:
+    """(HF weights, adapter) from the policy's full state dict (no LoRA: (sd, {})): W under the model's own names, or
+    with --merge-lora W + (alpha / r) B A; the adapter in peft's format (base_model.model.<module>.lora_A.weight)."""
+    if not hasattr(hf, "ares_lora"):
+        return sd, {}
+    lora, merge = hf.ares_lora
+    weights = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
+    adapter = {"base_model.model." + k.replace(".default.", "."): v for k, v in sd.items() if ".lora_" in k}
+    for k in (k for k in sd if merge and ".lora_A." in k):
+        name, A, B = k.split(".lora_A.")[0], sd[k].float(), sd[k.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
+        W = weights[name + ".weight"]
+        weights[name + ".weight"] = (W.float() + lora.lora_alpha / lora.r * B @ A).to(W.dtype)
+    return weights, adapter
+
+
+def save_adapter(hf, adapter: dict, folder: Path):
+    """<checkpoint>/adapter/: adapter_model.safetensors and adapter_config.json, as peft's save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "adapter_model.safetensors")
+    hf.ares_lora[0].save_pretrained(folder)
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (a file missing or of another size than written), else None."""
+    for f, size in json.loads((ckpt / "COMPLETE").read_text()).get("files", {}).items():
+        if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size:
+            return f"{f} is missing or truncated"
+    return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
+    never counts); a damaged newer one is skipped with a warning."""
+    done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
+    for ckpt in sorted(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], reverse=True):
+        problem = damage(ckpt)
+        if problem is None:
+            return ckpt
+        rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
+    return None
+
+
+def restore_training_state(path: Path, policy, opt, sched) -> dict:
+    """Weights, optimizer, buffers (each rank reads its own shards), scheduler, RNG and ARES state of a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = training_state(policy, opt)
+    dcp.load(sd, checkpoint_id=path / "state")  # in place, buffers included
+    set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    sched.load_state_dict(saved["scheduler"])
+    rng_file = path / f"rng_{rank()}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return saved["state"]
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl, trackers, what an AEPO step logs, MFU, validation on held-out records.
+
+
+class Metrics:
+    """One JSON line per step in <out>/metrics.jsonl (on rank 0 only) and a tqdm bar. A resumed run keeps the lines up to
+    its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
+    the old file or the new one whole."""
+
+    def __init__(self, out: Path, total: int, start: int, desc: str, rank0: bool = True, tracker=None):
+        self.rank0, self.tracker = rank0, tracker if rank0 else None  # open_tracker's: the rows to TensorBoard or W&B
+        self.file = None
+        if self.rank0:
+            path = out / "metrics.jsonl"
+            if start and path.exists():
+                data_prep.write_atomically(path, "".join(json.dumps(r) + "\n" for r in logged_rows(path) if r["step"] <= start))
+            self.file = open(path, "a" if start else "w")
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
+
+    def log(self, row: dict, show: tuple[str, ...]):
+        if self.rank0:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            if self.tracker:
+                self.tracker.log(row)
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if self.tracker:
+            self.tracker.close()
+
+
+def logged_rows(path: Path) -> list[dict]:
+    """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
+    warning."""
+    rows = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
+    return rows
+
+
+def scalars(row: dict) -> dict:
+    """The numbers of a metrics.jsonl row, what a tracker plots: bools as 0/1; text and None left out."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def open_tracker(cfg, out: Path, record: dict):
+    """--report-to: log(row) sends a metrics.jsonl row's scalars at its step to TensorBoard (<out>/tensorboard) or W&B
+    (project $WANDB_PROJECT or 'ares', the run record as config; WANDB_MODE=offline: no network); close() ends it.
+    None for 'none' and on every rank but 0."""
+    if cfg.report_to == "none" or rank() != 0:
+        return None
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return argparse.Namespace(close=writer.close, log=lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in
+                                                                       scalars(row).items()])
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ares"), name=out.name, dir=str(out), config=record)
+    return argparse.Namespace(close=run.finish, log=lambda row: run.log(scalars(row), step=row["step"]))
+def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: dict) -> dict:
+    """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
+    windows (per response) and inside them (per token), the largest gradient norm."""
+    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
+    stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
+                 kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
+                 kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
+                 kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
+                 grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
+    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
+        lm = ro.resp_mask.float()
+        stats["logprob_gap"] = ((old - ro.logprobs).abs() * lm).sum().item() / lm.sum().item()
+    return stats
+
+
+def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tuple, lr: float) -> dict:
+    """Global (all-rank) means of what a researcher watches, one JSON line per step. sc: score_groups(); times:
+    seconds sampling (and grading), scoring, updating."""
+    acc, lengths, n_he = sc.acc, sc.lengths, sc.n_he
+    per_bucket = all_reduce(bucket_sums([torch.ones_like(acc), lengths, n_he, acc], sc.bucket))  # (4, 3)
+    branch = ro.parent >= 0  # (N,)
+    parent_acc = acc[ro.parent.clamp(min=0)]  # (N,) the accuracy of each branch's parent
+    sums = all_reduce(torch.tensor([float(len(acc)), acc.sum(), sc.rewards.sum(), sc.format.sum(), lengths.sum(),
+                                    n_he.sum(), (ro.entropy * ro.resp_mask).sum(), ro.loss_mask.sum(),
+                                    branch.sum(), (acc * branch).sum(), (parent_acc * branch).sum(),
+                                    ro.truncated.sum()], dtype=torch.float64)).tolist()
+    n, branches = sums[0], max(sums[8], 1)
+    row = dict(step=step + 1, reward=sums[2] / n, acc=sums[1] / n, format=sums[3] / n, len=sums[4] / n,
+               n_he=sums[5] / n, entropy=sums[6] / max(sums[4], 1), truncated=sums[11] / n, tau=ro.tau,
+               groups_kept=int(sc.groups[0]), groups=int(sc.groups[1]), prompts_drawn=int(sc.groups[1]),
+               rollout_rounds=ro.rounds, branches=int(sums[8]),
+               branch_acc=sums[9] / branches, parent_acc=sums[10] / branches, lr=lr, time_sample=times[0],
+               time_score=times[1], time_update=times[2], rollout_tokens_per_s=sums[7] / max(times[0], 1e-9))
+    for d, name in enumerate(BUCKETS):
+        c = per_bucket[0, d].item()
+        row.update({f"{key}_{name}": per_bucket[k, d].item() / c if c else None
+                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
+        row.update({f"n_{name}": int(c), f"kappa_{name}": st["kappa"][d].item(),
+                    f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item()})
+    row.update({k: upd[k] for k in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap",
+                                    "skipped", "skipped_reason") if k in upd})
+    return row
+
+
+def level_stats(levels: list[str], recs: list[dict], sc: dict, G: int) -> dict:
+    """When the records carry a `difficulty` label (the demo's levels, a benchmark's): per label, the mean length,
+    N_HE and accuracy of its responses and how many of its groups fell in each online bucket (App. G), over
+    all ranks. recs: the step's P records; sc: score_groups() of their P * G responses."""
+    level = torch.tensor([levels.index(str(r["difficulty"])) for r in recs])  # (P,)
+    acc = sc.acc
+    sums = bucket_sums([torch.ones_like(acc), sc.lengths, sc.n_he, acc], level.repeat_interleave(G), len(levels))
+    groups = torch.zeros(3, len(levels), dtype=torch.float64).index_put_(
+        (sc.bucket[::G], level), torch.ones(len(level), dtype=torch.float64), accumulate=True)  # (3, levels)
+    sums = all_reduce(torch.cat([sums, groups]))  # (4 + 3, levels)
+    row = {}
+    for j, name in enumerate(levels):
+        n = sums[0, j].item()
+        row.update({f"level_{name}_{key}": sums[k, j].item() / n if n else None
+                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
+        row.update({f"level_{name}_groups_{b}": int(sums[4 + d, j]) for d, b in enumerate(BUCKETS)})
+    return row
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -1573,6 +1955,299 @@ def mfu(tokens_per_s: float, n_params: int, device) -> float | None:
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
+
+
+@torch.no_grad()
+def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> dict:
+    """--eval-data's held-out accuracy and mean response tokens, overall and per level, by eval.py's own metrics
+    (data_prep.response_lines, data_prep.summarize): greedy, --max-response-len new tokens, records dealt round-robin to
+    ranks in calls of --rollout-batch; a prompt over --max-prompt-len counts as wrong. -> eval_acc, eval_len,
+    eval_<level>_acc, eval_<level>_len."""
+    usable, failed = data_prep.check_prompts(processor, records, cfg.max_prompt_len)
+    mine, lines = usable[rank()::world_size()], []
+    for k in range(0, len(mine), cfg.rollout_batch):
+        chunk = mine[k:k + cfg.rollout_batch]
+        out = sample(model, [encode_prompt(processor, r) for r in chunk], ids=ids, max_new_tokens=cfg.max_response_len,
+                     temperature=0.0)
+        lines += data_prep.response_lines(chunk, out, tokenizer_of(processor))
+    by = data_prep.bucket_field(records, "auto")  # as eval.py's --bucket-by auto: difficulty, else level, else pass_rate
+    level = {r["id"]: data_prep.bucket_of(r, by) for r in records}
+    summary = data_prep.summarize([dict(x, bucket=level[x["id"]]) for x in gather(lines)],
+                        [dict(f, bucket=level[f["id"]]) for f in failed])
+    row = dict(eval_acc=summary["overall"]["accuracy"], eval_len=summary["overall"]["mean_tokens"])
+    for name, m in summary["buckets"].items():
+        row.update({f"eval_{name}_acc": m["accuracy"], f"eval_{name}_len": m["mean_tokens"]})
+    return row
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run record <out>/config.json, and the command line: flags, their checks, the stage defaults.
+
+
+def run_record(cfg) -> dict:
+    """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None)."""
+    from importlib.metadata import distributions
+
+    installed = {d.metadata["Name"].lower(): d.version for d in distributions()}
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, git_commit=commit,
+                versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
+                    "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}})
+
+
+def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
+    """Write <out>/config.json (rank 0) and return it; with --resume, first stop on (and list) every changed flag
+    but --resume and those in `resumable`."""
+    path, record = Path(cfg.out) / "config.json", run_record(cfg)
+    if cfg.resume and path.is_file():
+        old = json.loads(path.read_text()).get("flags", {})
+        diff = [f"--{k.replace('_', '-')} {record['flags'][k]!r} (was {v!r})" for k, v in old.items()
+                if k in record["flags"] and k not in (*resumable, "resume") and record["flags"][k] != v]
+        if diff:
+            raise SystemExit(f"--resume: flags differ from {path}: {'; '.join(diff)}. Only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume")
+    if rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data_prep.write_atomically(path, json.dumps(record, indent=2, default=str))
+    return record
+
+
+MODEL_FLAGS = ("dtype", "attn", "min_pixels", "max_pixels")  # how a checkpoint is loaded and run
+
+
+ModelConfig = dataclasses.make_dataclass(  # Config's loading flags alone: the first fields of eval.py's EvalConfig
+    "ModelConfig", [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+                    for f in dataclasses.fields(Config) if f.name in MODEL_FLAGS])
+def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_only=False) -> argparse.ArgumentParser:
+    """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
+    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
+    given_only=True: no defaults, so the parsed namespace holds only the flags on the command line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):  # fields without help are not flags
+        flag = "--" + f.name.replace("_", "-")
+        shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)
+        help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {'; '.join(shown)})" if shown else "")
+        default = argparse.SUPPRESS if given_only else [] if f.type == "list" else f.default
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.type == "list":
+            parser.add_argument(flag, action="append", default=default, metavar="STR", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text,
+                                choices=f.metadata.get("choices"))
+    return parser
+def parse_config(argv=None) -> Config:
+    def staged(f):  # "coldstart 2e-05, aepo 1e-06" and "--model tiny: ..." beside the flags they set
+        return [where + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
+                for where, layer in (("", STAGE_DEFAULTS), ("--model tiny: ", TINY_DEFAULTS))
+                if any(f.name in d for d in layer.values())]
+
+    parser = dataclass_parser(Config, __doc__.split("\n")[0], staged)
+    args = vars(parser.parse_args(argv))  # first: --help and bad flags are answered by the full parser
+    given = vars(dataclass_parser(Config, "", given_only=True).parse_args(argv))  # only what the user typed
+    cfg = Config(**args, given=tuple(sorted(given)))
+    if cfg.stage != "demo" and not cfg.data:
+        parser.error(f"--data is required for --stage {cfg.stage}")
+    return validate_config(cfg)
+
+
+HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": " (AEPO samples at it; greedy "
+         "decoding is eval.py's --temperature 0)", "keep_last": " (fewer would delete each checkpoint as it is written)"}
+
+
+def validate_config(cfg: Config) -> Config:
+    """Stop with one line naming the flag and its allowed values before anything loads. A stage default still
+    None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):  # numbers only (not None, text, `given`)
+            continue
+        allowed, test = f.metadata.get("allowed") or ("finite", lambda v: True)
+        if f.name == "max_pixels":
+            test = lambda v: v >= cfg.min_pixels  # noqa: E731
+        if not (math.isfinite(v) and test(v)):
+            finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
+            raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{HINTS.get(f.name, '')}")
+    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        p = Path(path).expanduser()
+        if path and path != "tiny" and (looks_local(path) or p.exists()) and not (p / "config.json").is_file():
+            raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it "
+                             "has no config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
+    data = Path(cfg.data).expanduser()
+    if cfg.data and (looks_local(cfg.data) or data.suffix in (".jsonl", ".json", ".parquet")) and not data.exists():
+        raise SystemExit(f"--data {cfg.data}: no such file or folder")
+    out = Path(cfg.out).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
+    return validate_extras(cfg)
+
+
+def validate_extras(cfg: Config) -> Config:
+    """The flags that name code, a preset or an optional package: each problem in one line before anything loads."""
+    import importlib.util
+
+    if cfg.reward_fn:
+        data_prep.load_reward_fn(cfg.reward_fn)
+    if cfg.preset and cfg.preset not in data_prep.PRESETS:
+        raise SystemExit(f"--preset {cfg.preset}: unknown; presets: {', '.join(data_prep.PRESETS)}")
+    for flag, package, asked in (("--report-to " + cfg.report_to, cfg.report_to, cfg.report_to != "none"),
+                                 ("--lora-rank", "peft", cfg.lora_rank)):
+        if asked and importlib.util.find_spec(package) is None:
+            raise SystemExit(f"{flag} needs the optional package {package}: pip install {package}")
+    if cfg.lora_rank and cfg.fsdp:
+        raise SystemExit("--lora-rank does not work with --fsdp (LoRA runs with DDP: the frozen base is small enough)")
+    if cfg.eval_every and not cfg.eval_data:
+        raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
+    return cfg
+
+
+RESUMABLE = ("steps", "save_every", "keep_last", "log_samples_every", "report_to", "dist_timeout", "grader_workers",
+             "eval_every")  # the flags that may change on --resume: none changes what a step computes
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub name (Org/Name): absolute, ./ ../ or ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
+    """Fill the stage-dependent knobs: a flag the user gave (or a value a caller set) wins, even one equal to the
+    dataclass default; then the tiny model's CPU-sized defaults, then the stage's paper defaults."""
+    cfg = dataclasses.replace(cfg, stage=stage)
+    changed = set(cfg.given) | {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
+    for layer in ([TINY_DEFAULTS[stage]] if is_tiny(cfg.model) else []) + [STAGE_DEFAULTS[stage]]:
+        for k, v in layer.items():
+            if k not in changed:
+                setattr(cfg, k, v)
+                changed.add(k)
+    if cfg.branch_samples is None:
+        cfg.branch_samples = cfg.group_size // 2
+    if not 0 <= cfg.branch_samples < cfg.group_size:
+        raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
+    if cfg.prompt_suffix is None:  # resolved here, so that the run record holds it
+        cfg.prompt_suffix = model_prompt_suffix(cfg.model)
+    return cfg
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo (`python ares.py`): all of ARES offline on a CPU, every stage as the command a user runs on
+# real data (data_prep.py's demo task and adacs, both stages of this file, eval.py's passrate and evaluation),
+# then eval.py's report.
+
+
+DEMO = dict(sft=16000, pool=1200, rl=1000, test=300)  # problems per split (the warm-up sees each about twice)
+
+
+DEMO_STEPS = dict(warmup=800, coldstart=300, aepo=100)  # optimizer steps of the warm-up, cold start and AEPO
+
+
+BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0"]  # plain GRPO: no entropy reward, no branching
+
+
+def demo_flags(cfg: Config) -> list[str]:
+    """The flags the user gave to `ares.py` (other than the demo's own), passed on to every training command."""
+    own = {"stage", "model", "data", "out", "steps", "demo_steps", "resume", "seed"}
+    flags = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name in own or f.name not in cfg.given:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if f.type == "bool" else [flag, str(value)]
+    return flags
+
+
+def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
+    """Start `python <args>` (`torchrun --nproc_per_node <nproc>` for nproc > 1), one thread per process, output to
+    `log`, and print it: the demo is a script of the commands a user runs."""
+    args = [str(a) for a in args]
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    rank0_print(f"$ {f'torchrun --nproc_per_node={nproc}' if nproc > 1 else 'python'} " + shlex.join(args))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    script = str(Path(__file__).with_name(args[0]))  # beside ares.py, wherever it is run from
+    with open(log, "w") as fh:
+        procs.append((subprocess.Popen([sys.executable, *launch, script, *args[1:]], stdout=fh, stderr=subprocess.STDOUT,
+                                       env=env), log))
+
+
+def demo_wait(procs: list):
+    for proc, log in procs:
+        if proc.wait():
+            raise SystemExit(f"demo stage failed ({proc.returncode}); its output:\n" + log.read_text()[-3000:])
+    procs.clear()
+
+
+def run_demo(cfg: Config):
+    """ARES end to end on the demo task (AdaCS, paper §3.1, then AEPO, Alg. 1), with plain GRPO from the same cold
+    start beside it, as the list of commands a user runs on real data, each printed as it starts:
+      1. data_prep.py demo      bars whose lengths are numbers; per problem three teacher traces: terse, steps,
+                                steps + re-check (the teacher slips: it misreads some short bars unless it
+                                re-checks, and most of its bare answers to arithmetic are one off)
+      2. ares.py coldstart      warm-up: the random tiny model learns to read and reason on one trace per problem:
+                                the demo's base model (the paper starts from an Instruct VLM) and the reference
+                                policy of the pass rates
+      3. eval.py passrate       K = 8 samples per pool problem from the base model: p(x)
+      4. data_prep.py adacs     per problem the teacher trace nearest L_target(p), equal counts per bracket
+      5. ares.py coldstart      the cold start: the base model on the curated traces
+      6. ares.py aepo, twice    ARES and GRPO from the same cold start, seed, KL and steps, side by side (a core each)
+      7. eval.py, twice         all three checkpoints on the held-out split, greedy and at T = 1, per level
+      8. eval.py demo-report    <out>/demo.json, curves.png (ARES and GRPO over the AEPO steps), explore.html
+    Stages 2, 3 and 5 run under torchrun as two CPU processes (DDP over gloo): the CPU's two cores as two ranks."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
+    out, times, procs = Path(cfg.out), {}, []
+    small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
+    steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}
+    sizes = dict(sft=120, pool=150, rl=64, test=30) if small else DEMO
+    data, flags, seed = out / "data", demo_flags(cfg), ["--seed", cfg.seed]
+    tick = time.time()
+
+    def run(name, *commands):  # start each command (args, log name[, ranks]) side by side, wait, time the stage
+        nonlocal tick
+        for args, log, *nproc in commands:
+            demo_command(args, procs, out / f"{log}.log", *nproc)
+        demo_wait(procs)
+        times[name] = time.time() - tick
+        rank0_print(f"[demo] {name}: {times[name]:.0f}s")
+        tick = time.time()
+
+    out.mkdir(parents=True, exist_ok=True)
+    run("data", (["data_prep.py", "demo", "--out", data, *seed, *(x for k, n in sizes.items() for x in (f"--{k}", n))],
+                 "data"))
+    train = ["ares.py", "--stage", "coldstart", *seed, *flags]
+    run("warm-up", ([*train, "--model", "tiny", "--data", data / "sft.jsonl", "--out", out / "warmup", "--steps",
+                     steps["warmup"]], "warmup", 2))
+    run("pass rates", (["eval.py", "passrate", "--data", data / "pool.jsonl", "--model", out / "warmup" / "final",
+                        "--k", 8, "--max-new-tokens", 128, "--batch-size", 16, *seed, "--out", data / "pass_rates.jsonl"],
+                       "passrate", 2))
+    per_bracket = sizes["pool"] // (1 if small else 9)  # about a ninth of the pool per pass-rate bracket
+    run("adacs", (["data_prep.py", "adacs", "--data", data / "pool_traces.jsonl", "--pass-rates",
+                   data / "pass_rates.jsonl", "--model", "tiny", "--per-bracket", per_bracket, *seed, "--out",
+                   data / "adacs.jsonl"], "adacs"))
+    run("coldstart", ([*train, "--model", out / "warmup" / "final", "--data", data / "adacs.jsonl", "--out",
+                       out / "coldstart", "--steps", steps["coldstart"]], "coldstart", 2))
+    cold = out / "coldstart" / "final"
+    aepo = ["ares.py", "--stage", "aepo", "--model", cold, "--data", data / "rl.jsonl", "--steps", steps["aepo"], *seed,
+            "--keep-uniform-groups", *flags]
+    run("aepo", ([*aepo, "--out", out / "aepo"], "aepo"), ([*aepo, *BASELINE, "--out", out / "grpo"], "grpo"))
+    models = ["--model", cold, "--model", out / "aepo" / "final", "--model", out / "grpo" / "final", "--name",
+              "cold start", "--name", "ARES", "--name", "GRPO", "--data", data / "test.jsonl", "--max-new-tokens", 128]
+    run("eval", (["eval.py", *models, "--out", out / "eval_greedy"], "eval_greedy"),
+        (["eval.py", *models, "--temperature", 1.0, "--samples", 4, "--out", out / "eval_sampled"], "eval_sampled"))
+    data_prep.write_atomically(out / "stage_times.json", json.dumps(times))
+    run("report", (["eval.py", "demo-report", out], "report"))
+    print((out / "report.log").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point.
 
 
 def run_command(fn, *args):
@@ -1591,9 +2266,7 @@ def run_command(fn, *args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg = parse_config(argv)
-    if cfg.stage == "demo":  # it runs every file's commands: eval.py, which imports this one, orchestrates it
-        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("eval.py")), "demo", *argv]))
-    run_command({"coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
+    run_command({"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
 
 
 if __name__ == "__main__":

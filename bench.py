@@ -156,11 +156,11 @@ def build_processor(size: str, args):
     from transformers import Qwen2VLImageProcessorPil
 
     if size == "tiny":
-        return data_prep.build_tiny(0)[1], {}
+        return ares.build_tiny(0)[1], {}
     tok, how = qwen_tokenizer(args.cache_dir)
     cfg = ares.Config()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    return data_prep.processor_class()(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE), dict(tokenizer=how)
+    return ares.processor_class()(image_processor, tok, chat_template=QWEN_CHAT_TEMPLATE), dict(tokenizer=how)
 
 
 def build_model(size: str, device, dtype, args, seed: int = 0):
@@ -169,7 +169,7 @@ def build_model(size: str, device, dtype, args, seed: int = 0):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if size == "tiny":
-        model, processor = data_prep.build_tiny(seed)
+        model, processor = ares.build_tiny(seed)
         return model.to(device, dtype).eval(), processor, {}
     processor, notes = build_processor(size, args)
     config = qwen_config(size, args.layers)
@@ -274,7 +274,7 @@ def matmul_peak(device, dtype) -> float:
 
 
 def generate_inputs(model, prompts: list[dict], ids: dict, device) -> dict:
-    input_ids, att = data_prep.pad([p["ids"] for p in prompts], ids["pad"], left=True)
+    input_ids, att = ares.pad([p["ids"] for p in prompts], ids["pad"], left=True)
     dtype = next(model.parameters()).dtype
     return dict(input_ids=input_ids.to(device), attention_mask=att.long().to(device),
                 pixel_values=torch.cat([p["pixel_values"] for p in prompts]).to(device, dtype),
@@ -432,7 +432,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
         return dict(skipped="--budget-s reached")
     log(f"update: building {size} in fp32")
     model, processor, _ = build_model(size, device, torch.float32, args, seed=1)  # fp32 master weights
-    ids = data_prep.special_ids(model, processor)
+    ids = ares.special_ids(model, processor)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for p in ares.vision_params(model):
@@ -445,7 +445,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     plain = sorted(set(range(len(tok))) - set(tok.added_tokens_decoder))  # no image/special tokens in responses
     g = torch.Generator().manual_seed(0)
     responses = [torch.tensor(plain)[torch.randint(len(plain), (resp_len,), generator=g)] for _ in prompts]
-    batch = data_prep.make_batch(model, prompts, responses, ids["pad"], device)
+    batch = ares.make_batch(model, prompts, responses, ids["pad"], device)
     cfg = ares.Config(dtype="auto")
     n_rows = len(prompts)
     adv = torch.randn(n_rows, generator=g).to(device)
@@ -467,7 +467,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     reset_peak(device)
     res = dict(rows=n_rows, tokens=int(batch["attention_mask"].sum()), response_tokens=int(batch["resp_mask"].sum()),
                padded_shape=list(batch["input_ids"].shape), grad_checkpointing=True, master_dtype="float32",
-               compute_dtype=str(data_prep.compute_dtype(cfg, device)).replace("torch.", ""))
+               compute_dtype=str(ares.compute_dtype(cfg, device)).replace("torch.", ""))
     try:
         _, res["warmup_s"] = timed(step, device)
         times = [timed(step, device)[1] for _ in range(args.update_repeats)]
@@ -704,7 +704,7 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
     import trl
 
     records = data_prep.load_records(str(data))
-    model, processor = data_prep.build_tiny(0)
+    model, processor = ares.build_tiny(0)
     banned, suffix = ares.banned_tokens(model), processor.prompt_suffix  # the prompt ares.py's tiny runs use
     ds = Dataset.from_list([dict(prompt=[dict(role="user", content=f"{r['question']}\n{suffix}".strip())],
                                  image=r["images"][0], answer=r["answer"]) for r in records])
@@ -731,7 +731,7 @@ def bench_trl(model_dir, data, work: Path, steps: int, new_tokens: int, lr: floa
                       seed=0, dataloader_num_workers=0, gradient_checkpointing=False, log_completions=False,
                       disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
                       generation_kwargs={"suppress_tokens": banned})  # ares bans image placeholders too
-    processor = data_prep.load_processor(str(model_dir), True, ares.Config())
+    processor = ares.load_processor(str(model_dir), True, ares.Config())
     processor.tokenizer.padding_side = "left"  # as TRL loads a processor itself: its prompts are left-padded
     timer = StepTimer()
     t = time.perf_counter()
@@ -830,7 +830,7 @@ def run_size(size: str, args, device) -> dict:
                params=param_counts(model), config={k: getattr(model.config.get_text_config(), k) for k in QWEN25_VL["3b"]})
     if size != "tiny":
         out["notes"]["tokenizer_check"] = tokenizer_check(data_prep.tokenizer_of(processor))
-    ids = data_prep.special_ids(model, processor)
+    ids = ares.special_ids(model, processor)
     _, prompts = demo_prompts(processor, max(batches), side)
     out["prompt_tokens"] = statistics.mean(len(p["ids"]) for p in prompts)
     if "rollout" in args.what:
@@ -851,7 +851,7 @@ def run_aepo_parts(args) -> dict:
     res = {}
     with tempfile.TemporaryDirectory(prefix="ares-bench-") as tmp:
         tmp = Path(tmp)
-        model, processor = data_prep.build_tiny(0)
+        model, processor = ares.build_tiny(0)
         model.save_pretrained(tmp / "model")
         processor.save_pretrained(tmp / "model")
         data = data_prep.make_demo(tmp / "data", seed=0, sizes={"rl": 32})["rl"]

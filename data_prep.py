@@ -1,13 +1,12 @@
-"""Data for ARES: records in the format of ares.py (spec §10), pass rates, AdaCS curation, and the offline demo task.
+"""Data and verdicts for ARES: records, the grader, AdaCS curation, and the offline demo task.
 
-This is also the bottom of the import graph (data_prep.py <- ares.py <- eval.py): it imports no local file, and
-holds what turns files into model inputs and model outputs into verdicts, for ares.py and eval.py alike: records,
-prompts, processors and model loading, padded batches, the grader, checkpoint and metrics.jsonl files.
+The bottom of the import graph (data_prep.py <- ares.py <- eval.py, bench.py): it imports no local file and knows
+nothing of the trainer. Its functions take plain arguments: records in, records, prompts or verdicts out.
 
-The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
+The data pipeline of a real run (paper §3.1), ending in the two stages of ares.py:
 
     python data_prep.py convert --preset geometry3k --out data/geo3k.jsonl          # any dataset -> records
-    torchrun --nproc_per_node=8 data_prep.py passrate --data data/geo3k.jsonl \\
+    torchrun --nproc_per_node=8 eval.py passrate --data data/geo3k.jsonl \\
         --model Qwen/Qwen2.5-VL-7B-Instruct --k 8 --keep-responses --out data/pool.jsonl  # p(x) + candidate traces
     python data_prep.py adacs --data data/pool.jsonl --out data/sft.jsonl            # length-matched traces
     python data_prep.py adacs --data data/teacher.jsonl --pass-rates data/rates.jsonl --model M --out data/sft.jsonl
@@ -20,15 +19,14 @@ The data pipeline of a real run (spec §8), ending in the two stages of ares.py:
             Answers are normalised (a \\boxed{} unwrapped, GSM8K's "#### N" cut), image placeholders ("<image>",
             "<image1>") are stripped from questions, multiple-choice options are rendered into the question as
             "\\nChoices:\\n(A) ...\\n(B) ..." and the answer becomes the option's letter. Images are written as PNGs.
-  passrate  K responses per problem from a model (ares.py's sampler, so eval.py runs it), graded: pass_rate
-            p in {0, 1/K, ..., 1}; --keep-responses also writes every response as a candidate trace.
-  adacs     spec §8 on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
+  adacs     AdaCS on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
             per problem the correct trace nearest its target; then equal counts per pass-rate bracket.
   demo      coloured bars whose lengths are numbers: read one (easy), add two (medium), multiply-add (hard);
             three teacher traces per problem (terse, steps, steps + re-check) for AdaCS to choose from.
+Pass rates (K graded samples of a model per problem) need the sampler: `eval.py passrate` computes them.
 
 Choices made here, where the paper and the released code are silent:
-  - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets of spec §8).
+  - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets 0, 1/8, ..., 1).
   - L(0) (L(1)) is the median length of ALL candidate traces (right or wrong) of the source's problems with
     p = 0 (p = 1). A source with no p = 0 (p = 1) problem takes it from its lowest (highest) bracket present:
     the nearest difficulty it has. With one bracket only, both anchors are its median and the target is flat.
@@ -37,8 +35,6 @@ Choices made here, where the paper and the released code are silent:
     (brackets with no correct trace, typically p = 0 when the pool's traces come from the graded model, are
     empty and do not force the count to zero). Over-full brackets are subsampled with --seed.
   - A problem without a pass_rate takes the fraction of its traces that are correct.
-  - passrate seeds one generator per global batch of --batch-size problems (batches are dealt round-robin to
-    ranks), so a seed and a batch size give the same pass rates on any number of processes.
   - A trace's length is its sampled tokens without the end-of-turn token (passrate), or the tokenizer's
     count of its text (adacs --model, for pools without a `length`).
 
@@ -48,8 +44,8 @@ third (hard). Each problem comes with three correct teacher traces of growing le
 The answer is \\boxed{7}."), steps (every length read and every operation written out) and recheck (steps, then
 the lengths read again after a transition word: "Wait, check again: 3, 2, 1."). For the tiny model a terse answer
 loses little on easy problems (89% against 99% for the steps), while on hard ones only the steps get it right (12%
-against 91%; README, "Why this task"): that is what AdaCS and AEPO can adapt the length to. Each 28 x 28 pixel cell is exactly one merged vision token of Qwen2.5-VL
-(14-pixel patches, 2 x 2 merge): its top half is the bar's colour, its bottom half a black bar 7 px per unit, so
+against 91%; README, "Why this task"): that is what AdaCS and AEPO can adapt the length to.
+Each 28 x 28 pixel cell is exactly one merged vision token of Qwen2.5-VL (14-pixel patches, 2 x 2 merge): its top half is the bar's colour, its bottom half a black bar 7 px per unit, so
 colour and length sit in separate patches and every bar's colour is visible, even at length 0. Reading a length is
 reading one token found by its colour: the tiny model learns it on a CPU in minutes. (Two earlier versions were
 seed-dependent: counting squares in a 4 x 4 grid, and squares whose *size* was the number, where a small square
@@ -61,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import io
 import json
@@ -69,7 +64,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -77,265 +71,22 @@ import sys
 import threading
 import time
 import unicodedata
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Records (spec §10), prompts and the grader: what every stage of ares.py reads, and how an answer is judged.
-# They live here, below ares.py, so that imports point one way: ares.py and eval.py import this file, and this
-# file imports neither (its passrate command runs in eval.py, beside the sampler it needs).
-
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
+# Records (README: data format): what every stage of ares.py reads, checked before any model loads, and
+# the prompt a record becomes.
 
 
 FORMAT_PROMPT = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
                  "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer "
-                 "MUST BE put in \\boxed{}.")  # the authors' prompt suffix (spec §7)
-
-
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [  # the demo task's words, repeated so that BPE merges them
-    "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7.</think> "
-    "The answer is \\boxed{7}. Wait, check again: 3, 2, 1. Hmm, Actually, Check, So, Thus, Yes, the answer is 7.",
-    "How long is the red bar? What is the sum of the green and blue bars? Multiply the yellow bar by the "
-    "red bar, then add the blue bar."] * 4 + [
-    "Count the red squares: 3. Subtract: 6 - 1 = 5. How many squares are in the image? in total",
-    "step first second then next finally total sum difference product number numbers count counts more less",
-    "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
-    "the a an of in on is are and or to with from for by it this that there what which how many much",
-    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } , . : ; ? ! A B C D E x y z \\frac{1}{2}",
-])
-
-
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer (512 tokens plus the Qwen special tokens) trained here on TINY_CORPUS: offline."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([TINY_CORPUS], trainers.BpeTrainer(
-        vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    return tok
-
-
-def tokenizer_of(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
-
-# Models and processors: a hub name or folder -> (model, processor). Qwen2/2.5/3-VL via the image-text-to-text
-# auto class, text LMs via the causal-LM class; the processor is Qwen2-VL's, image-only (no torchvision). The
-# tiny model is the offline demo's base model, built here with its tokenizer.
-TINY_SIZES = dict(hidden=96, layers=3, heads=4, kv_heads=2, ffn=192, vision_hidden=48, vision_depth=2)
-
-
-def is_tiny(name: str) -> bool:
-    if name == "tiny":
-        return True
-    cfg_file = Path(name) / "config.json"
-    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("ares_tiny", False)
-
-
-def processor_class():
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageTextProcessor(Qwen2_5_VLProcessor):
-        """Qwen2-VL-style processor for images and text only: the stock one needs a video processor (torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageTextProcessor
-
-
-def build_tiny(seed: int = 0):
-    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-
-    tok = tiny_tokenizer()
-    ids = tok.convert_tokens_to_ids
-    s = TINY_SIZES
-    head_dim = s["hidden"] // s["heads"]
-    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]  # t, h, w
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope},
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
-                         pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
-                           num_heads=2, out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[s["vision_depth"] - 1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
-    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
-    # read the image several times faster when the image tokens are a larger part of what it attends to.
-    config.ares_prompt_suffix = ""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-    model.generation_config.bos_token_id = None
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    processor = processor_class()(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
-    processor.prompt_suffix = config.ares_prompt_suffix
-    return model, processor
-
-
-def load_processor(name: str, is_vlm: bool, cfg):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(name)
-    if not is_vlm:
-        return tok
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
-    if not is_tiny(name):
-        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    template = tok.chat_template
-    for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
-        path = Path(name) / fname
-        if template is None and path.is_file():
-            template = path.read_text() if fname.endswith("jinja") else json.loads(path.read_text())["chat_template"]
-    return processor_class()(image_processor, tok, chat_template=template)
-
-
-
-VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the vision-language model types this file runs
-
-
-
-UNSUPPORTED = ("is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only causal LMs whose decoder "
-               "is `.model` (Qwen2, Qwen3, Llama, ...)")
-
-
-
-def compute_dtype(cfg, device):
-    """--dtype as a torch dtype: auto is bf16 on a GPU and fp32 on the CPU; 'file' (loading only): the checkpoint's."""
-    if cfg.dtype in ("auto", "file"):
-        return "auto" if cfg.dtype == "file" else torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
-
-
-def load_model(name: str, cfg, device, meta: bool = False):
-    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
-    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
-
-    dtype = compute_dtype(cfg, device)
-    if name == "tiny":
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            model, processor = build_tiny(cfg.seed)
-        model.to(torch.float32 if dtype == "auto" else dtype)
-    else:
-        config = AutoConfig.from_pretrained(name)
-        is_vlm = hasattr(config, "vision_config")
-        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-        if meta:
-            with torch.device("meta"):
-                model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
-            with contextlib.suppress(OSError):  # the stop tokens live there
-                model.generation_config = GenerationConfig.from_pretrained(name)
-        else:
-            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
-        if not hasattr(model, "model"):
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        processor = load_processor(name, is_vlm, cfg)
-    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", FORMAT_PROMPT)  # the prompt it learned with
-    model.config.use_cache = False
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (model if meta else model.to(device)), processor
-
-
-
-def model_prompt_suffix(name: str) -> str:
-    """The instruction a model was trained with (`ares_prompt_suffix` in its config.json), else the authors' (spec §7);
-    the tiny model: none."""
-    from transformers import AutoConfig
-
-    with contextlib.suppress(OSError, ValueError):  # a hub name offline and not cached: it fails to load later anyway
-        return "" if name == "tiny" else getattr(AutoConfig.from_pretrained(name), "ares_prompt_suffix", FORMAT_PROMPT)
-    return FORMAT_PROMPT
-
-
-def add_lora(hf, cfg):
-    """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
-    class); only they train (and the vision tower with --train-vision). B = 0 at the start, so the policy starts as
-    the base model."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
-                      target_modules=cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(","),
-                      exclude_modules=r".*visual.*", base_model_name_or_path=cfg.model)  # the vision tower: none
-    hf = inject_adapter_in_model(lora, hf)
-    for n, p in hf.named_parameters():
-        p.requires_grad_(".lora_" in n)
-    hf.ares_lora = (lora, cfg.merge_lora)  # read by hf_export when a checkpoint is saved
-    return hf
-
-
-def lora_reference(hf, model):
-    """The KL reference under LoRA (spec §5: the starting policy): `model` (the policy around hf) with hf's adapters
-    off, so no second copy is held. Called like the policy: (batch, temperature) -> (logp, entropy)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in hf.modules() if isinstance(m, BaseTunerLayer)]
-
-    def forward(*args):
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            return model(*args)
-        finally:
-            for m in layers:
-                m.enable_adapters(True)
-
-    return forward
-
-
-def special_ids(model, processor) -> dict:
-    """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
-    tok = tokenizer_of(processor)
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
-    gen_eos = model.generation_config.eos_token_id
-    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
-                image=getattr(model.config, "image_token_id", None))
-
+                 "MUST BE put in \\boxed{}.")  # the authors' prompt suffix (README: paper settings)
 
 
 class DataError(ValueError):
@@ -425,7 +176,7 @@ def _decoded_size(img) -> tuple[int, int]:
 
 
 def load_records(path: str, split: str = "train", need_response: bool = False, errors: list | None = None) -> list[dict]:
-    """Read and validate every record of a file or dataset (spec §10); see check_records."""
+    """Read and validate every record of a file or dataset (README: data format); see check_records."""
     base = Path(path).parent if Path(path).is_file() else Path(path)
     return check_records(record_rows(path, split), str(path), base, Path(path).stem, need_response, errors)
 
@@ -441,7 +192,7 @@ def read_records(data: str, split: str | None = None, preset: str = "", need_res
 
 def check_records(rows, where: str, base: Path, default_source: str, need_response: bool = False,
                   errors: list | None = None) -> list[dict]:
-    """Validate raw rows into records (spec §10; each problem: `record_problem`), every image decoded once (in
+    """Validate raw rows into records (README: data format; each problem: `record_problem`), every image decoded once (in
     parallel) so that a broken one fails now, not hours into training. A bad record raises DataError naming
     `where`, the record and the problem; with an `errors` list it is appended there as {id, error, row} and
     skipped instead (evaluation reports it and goes on)."""
@@ -526,8 +277,12 @@ def _try(fn, *args):
         return e
 
 
+def tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
 def prompt_text(processor, record: dict) -> str:
-    """The chat-formatted prompt: images first, then the question and the answer-format instruction (spec §7), or the
+    """The chat-formatted prompt: images first, then the question and the answer-format instruction (README: paper settings), or the
     instruction the model was trained with (processor.prompt_suffix, from its config.json; "" for none)."""
     suffix = getattr(processor, "prompt_suffix", FORMAT_PROMPT)
     text = f"{record['question']}\n{suffix}" if suffix else record["question"]
@@ -561,78 +316,27 @@ def prompt_length(processor, record: dict) -> int:
     return n
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Batches: encoded prompts (encode_prompt) and responses -> padded model inputs; each distinct image once.
-
-
-def pad(rows: list[torch.Tensor], value=0, left: bool = False, multiple: int = 1):
-    """Stack 1-D tensors into (N, L), L = the longest (at least 1) rounded up to `multiple`, filled with `value`
-    on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
-    L = -(-max(max(len(r) for r in rows), 1) // multiple) * multiple
-    out = torch.full((len(rows), L), value, dtype=rows[0].dtype)
-    mask = torch.zeros(len(rows), L, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        where = slice(L - len(r), L) if left else slice(0, len(r))
-        out[i, where], mask[i, where] = r, True
-    return out, mask
-
-
-
-def gather_images(prompts: list[dict]) -> dict:
-    """The images of a batch of rows, each distinct one once: rows that share a prompt dict (a group's G
-    responses) share its images. -> pixel_values and image_grid_thw of the distinct images, image_index (the
-    distinct image behind each row's images, in order) and row_grid_thw (one grid per row image)."""
-    first, pix, grid, index = {}, [], [], []
-    for p in prompts:
-        if p["pixel_values"] is None:
+def check_prompts(processor, records: list[dict], max_len: int) -> tuple[list[dict], list[dict]]:
+    """Split records into usable ones and failures ({id, error}): too long for --max-prompt-len, or not
+    encodable by this model (e.g. images for a text-only model)."""
+    usable, failures = [], []
+    for r in records:
+        try:
+            n = prompt_length(processor, r)
+        except Exception as e:  # noqa: BLE001 - reported per record
+            failures.append(dict(id=r["id"], error=f"prompt cannot be encoded: {e}"))
             continue
-        if id(p) not in first:
-            first[id(p)] = sum(len(g) for g in grid)  # distinct images so far
-            pix.append(p["pixel_values"])
-            grid.append(p["image_grid_thw"])
-        index += range(first[id(p)], first[id(p)] + len(p["image_grid_thw"]))
-    if not pix:
-        return dict(pixel_values=None, image_grid_thw=None, image_index=None, row_grid_thw=None)
-    grid = torch.cat(grid)
-    return dict(pixel_values=torch.cat(pix), image_grid_thw=grid, image_index=index, row_grid_thw=grid[index])
-
-
-
-def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
-    """Rotary positions for a padded batch: Qwen-VL's 3-D (t, h, w) positions -> (3, N, L); others (N, L)."""
-    base = getattr(model, "model", model)
-    if hasattr(base, "get_rope_index"):
-        mm = (input_ids == model.config.image_token_id).int()
-        return base.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)[0]
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-
-def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id: int, device) -> dict:
-    """Right-padded prompt+response batch for teacher forcing. resp_index (N, R) gives the sequence position of
-    each response token (padding repeats the last one), resp_tokens (N, R) the tokens, resp_mask (N, R) which
-    are real."""
-    seqs = [torch.cat([p["ids"], r.to(p["ids"])]) for p, r in zip(prompts, responses)]
-    input_ids, attention_mask = pad(seqs, pad_id)  # (N, L)
-    attention_mask = attention_mask.long()
-    resp_mask = pad([r.to(torch.long) for r in responses])[1]  # (N, R)
-    R = resp_mask.shape[1]
-    resp_index = torch.stack([(len(p["ids"]) + torch.arange(R)).clamp(max=len(s) - 1) for p, s in zip(prompts, seqs)])
-    images = gather_images(prompts)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, resp_index=resp_index, resp_mask=resp_mask,
-                 resp_tokens=input_ids.gather(1, resp_index), **images,
-                 position_ids=position_ids(model, input_ids, attention_mask, images["row_grid_thw"]))
-    if getattr(model.config, "image_token_id", None) is not None:
-        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
-    dtype = next(model.parameters()).dtype
-    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+        if n > max_len:
+            failures.append(dict(id=r["id"], error=f"prompt has {n} tokens, more than --max-prompt-len {max_len}"))
+        else:
+            usable.append(r)
+    return usable, failures
 
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Grading: the last \boxed{...} against the ground truth, with math-verify for mathematical equivalence and a
-# normalised string comparison for everything else (multiple-choice letters, words).
+# normalised string comparison for everything else (multiple-choice letters, words); or the user's --reward-fn.
 
 
 def extract_boxed(text: str) -> str | None:
@@ -744,6 +448,11 @@ def is_correct(pred: str | None, answer: str, timeout: float = 3.0) -> bool:
     return grader_pool(1).map([(pred, answer)], timeout)[0]
 
 
+def grade(texts: list[str], answer: str) -> list[bool]:
+    """Each response's last \\boxed{} against the answer, with the grader AEPO rewards with."""
+    return [is_correct(extract_boxed(t), answer) for t in texts]
+
+
 def grade_batch(preds: list, answers: list, timeout: float = 3.0, workers: int = 4) -> list[bool]:
     """is_correct of each (prediction, answer) pair: the quick checks here, the sympy ones in `workers` grader
     processes at once (workers=0: one by one in this process)."""
@@ -851,17 +560,19 @@ def load_reward_fn(spec: str):
     return names[name]
 
 
-def score_responses(cfg, recs: list[dict], texts: list[str]) -> torch.Tensor:
-    """acc (N,) of the len(recs) * G responses `texts` (groups of G = cfg.group_size): --reward-fn's score in [0, 1],
-    else the grader's 0/1 (the last \\boxed{} against the record's answer)."""
-    G = cfg.group_size
-    if not cfg.reward_fn:
+def score_responses(recs: list[dict], texts: list[str], group_size: int, reward_fn: str = "", timeout: float = 3.0,
+                    workers: int = 4) -> torch.Tensor:
+    """acc (N,) of the len(recs) * G responses `texts` (groups of G = group_size, record-major): the score in [0, 1]
+    of `reward_fn` (ares.py's --reward-fn, 'file.py:fn'), else the grader's 0/1 (the last \\boxed{} against the
+    record's answer; `timeout` seconds per answer, `workers` grader processes)."""
+    G = group_size
+    if not reward_fn:
         return torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
-                                        cfg.grader_timeout, cfg.grader_workers), dtype=torch.float)
-    scores = [load_reward_fn(cfg.reward_fn)(recs[i // G], t) for i, t in enumerate(texts)]
+                                        timeout, workers), dtype=torch.float)
+    scores = [load_reward_fn(reward_fn)(recs[i // G], t) for i, t in enumerate(texts)]
     bad = next((i for i, v in enumerate(scores) if not isinstance(v, (int, float)) or not 0 <= v <= 1), None)
     if bad is not None:
-        raise ValueError(f"--reward-fn {cfg.reward_fn} returned {scores[bad]!r} for record {recs[bad // G]['id']}: need [0, 1]")
+        raise ValueError(f"--reward-fn {reward_fn} returned {scores[bad]!r} for record {recs[bad // G]['id']}: need [0, 1]")
     return torch.tensor(scores, dtype=torch.float)
 
 
@@ -873,16 +584,23 @@ def format_ok(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation metrics: pure functions of graded response lines (the dicts of eval.py's responses.jsonl), here so
-# that eval.py and ares.py's validation during AEPO (--eval-data) measure with one implementation.
+# Metrics that count verdicts: pure functions of graded response lines (eval.py's responses.jsonl), here
+# so that eval.py and ares.py's validation during AEPO (--eval-data) measure with one implementation.
 
 
-BUCKETS = ("easy", "medium", "hard")  # spec §3's online difficulty buckets, in ares.py's order
+BUCKETS = ("easy", "medium", "hard")  # the online difficulty buckets of paper App. G, in ares.py's order
+
+
+def difficulty_of(correct, total):
+    """App. G's cut-offs, the one definition: 0 (easy) if correct / total >= 2/3, 1 (medium) if >= 1/3, else 2 (hard),
+    compared as 3 * correct >= 2 * total, exact in integers (G = 8: easy 6-8 right, medium 3-5, hard 0-2). Numbers or
+    tensors: difficulty_of(5, 8) == 1; difficulty_of(torch.tensor([8, 2]), 8) -> tensor([0, 2])."""
+    return 2 - (3 * correct >= total) * 1 - (3 * correct >= 2 * total) * 1
 
 
 def pass_rate_bucket(p: float) -> str:
-    """Spec §3 cut-offs: easy if p >= 2/3, medium if 1/3 <= p < 2/3, hard if p < 1/3."""
-    return "easy" if p >= 2 / 3 else "medium" if p >= 1 / 3 else "hard"
+    """A pass rate's bucket name: pass_rate_bucket(0.75) == "easy"."""
+    return BUCKETS[difficulty_of(p, 1)]
 
 
 def bucket_field(rows: list[dict], by: str) -> str | None:
@@ -897,7 +615,7 @@ def bucket_field(rows: list[dict], by: str) -> str | None:
 
 
 def bucket_of(row: dict, field_name: str | None) -> str | None:
-    """A record's bucket label: the field's value as text ('easy', '3'), or pass_rate bucketed (spec §3)."""
+    """A record's bucket label: the field's value as text ('easy', '3'), or pass_rate bucketed (App. G)."""
     value = row.get(field_name) if field_name else None
     if value is None:
         return None if field_name is None else "n/a"
@@ -962,62 +680,9 @@ def response_lines(records: list[dict], out: dict, tok, samples: int = 1) -> lis
     return lines
 
 
-def check_prompts(processor, records: list[dict], max_len: int) -> tuple[list[dict], list[dict]]:
-    """Split records into usable ones and failures ({id, error}): too long for --max-prompt-len, or not
-    encodable by this model (e.g. images for a text-only model)."""
-    usable, failures = [], []
-    for r in records:
-        try:
-            n = prompt_length(processor, r)
-        except Exception as e:  # noqa: BLE001 - reported per record
-            failures.append(dict(id=r["id"], error=f"prompt cannot be encoded: {e}"))
-            continue
-        if n > max_len:
-            failures.append(dict(id=r["id"], error=f"prompt has {n} tokens, more than --max-prompt-len {max_len}"))
-        else:
-            usable.append(r)
-    return usable, failures
-
-
-def gather(items: list) -> list:
-    """Every rank's list, concatenated in rank order, on every rank (the list itself on one process)."""
-    if not dist.is_initialized():
-        return items
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for p in parts for x in p]
-
 
 # ----------------------------------------------------------------------------------------------------------
-# Command lines: one --flag per field of a config dataclass (ares.py's Config, eval.py's EvalConfig).
-
-
-def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_only=False) -> argparse.ArgumentParser:
-    """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
-    stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
-    given_only=True: no defaults, so the parsed namespace holds only the flags on the command line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):  # fields without help are not flags
-        flag = "--" + f.name.replace("_", "-")
-        shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)
-        help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {'; '.join(shown)})" if shown else "")
-        default = argparse.SUPPRESS if given_only else [] if f.type == "list" else f.default
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.type == "list":
-            parser.add_argument(flag, action="append", default=default, metavar="STR", help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text,
-                                choices=f.metadata.get("choices"))
-    return parser
-
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Run files: checkpoints (atomic, resumable on any number of ranks) and metrics.jsonl, written by ares.py's
-# loops and read by eval.py. Rank 0 writes what is shared; rank() and barrier() are torch.distributed's, or 0 and
-# nothing without a process group (ares.py starts the group).
+# Files: every output is written to a temporary file, flushed, then renamed over the target.
 
 
 def fsync(path: Path):
@@ -1027,108 +692,6 @@ def fsync(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class Metrics:
-    """One JSON line per step in <out>/metrics.jsonl (on rank 0 only) and a tqdm bar. A resumed run keeps the lines up to
-    its checkpoint's step (the later ones are re-run), rewritten atomically: a kill at any moment leaves either
-    the old file or the new one whole."""
-
-    def __init__(self, out: Path, total: int, start: int, desc: str, rank0: bool = True, tracker=None):
-        self.rank0, self.tracker = rank0, tracker if rank0 else None  # open_tracker's: the rows to TensorBoard or W&B
-        self.file = None
-        if self.rank0:
-            path = out / "metrics.jsonl"
-            if start and path.exists():
-                write_atomically(path, "".join(json.dumps(r) + "\n" for r in logged_rows(path) if r["step"] <= start))
-            self.file = open(path, "a" if start else "w")
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not self.rank0, dynamic_ncols=True)
-
-    def log(self, row: dict, show: tuple[str, ...]):
-        if self.rank0:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-            if self.tracker:
-                self.tracker.log(row)
-            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
-        self.bar.update(1)
-
-    def close(self):
-        self.bar.close()
-        if self.file:
-            self.file.close()
-        if self.tracker:
-            self.tracker.close()
-
-
-def scalars(row: dict) -> dict:
-    """The numbers of a metrics.jsonl row, what a tracker plots: bools as 0/1; text and None left out."""
-    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-
-
-def open_tracker(cfg, out: Path, record: dict):
-    """--report-to: log(row) sends a metrics.jsonl row's scalars at its step to TensorBoard (<out>/tensorboard) or W&B
-    (project $WANDB_PROJECT or 'ares', the run record as config; WANDB_MODE=offline: no network); close() ends it.
-    None for 'none' and on every rank but 0."""
-    if cfg.report_to == "none" or rank() != 0:
-        return None
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-        return argparse.Namespace(close=writer.close, log=lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in
-                                                                       scalars(row).items()])
-    import wandb
-
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ares"), name=out.name, dir=str(out), config=record)
-    return argparse.Namespace(close=run.finish, log=lambda row: run.log(scalars(row), step=row["step"]))
-
-
-def run_record(cfg) -> dict:
-    """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None)."""
-    from importlib.metadata import distributions
-
-    installed = {d.metadata["Name"].lower(): d.version for d in distributions()}
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, git_commit=commit,
-                versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
-                    "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}})
-
-
-def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
-    """Write <out>/config.json (rank 0) and return it; with --resume, first stop on (and list) every changed flag
-    but --resume and those in `resumable`."""
-    path, record = Path(cfg.out) / "config.json", run_record(cfg)
-    if cfg.resume and path.is_file():
-        old = json.loads(path.read_text()).get("flags", {})
-        diff = [f"--{k.replace('_', '-')} {record['flags'][k]!r} (was {v!r})" for k, v in old.items()
-                if k in record["flags"] and k not in (*resumable, "resume") and record["flags"][k] != v]
-        if diff:
-            raise SystemExit(f"--resume: flags differ from {path}: {'; '.join(diff)}. Only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume")
-    if rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(record, indent=2, default=str))
-    return record
-
-
-def logged_rows(path: Path) -> list[dict]:
-    """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
-    warning."""
-    rows = []
-    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        elif line.strip():
-            print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
-    return rows
 
 
 def write_atomically(path: Path, text: str):
@@ -1142,168 +705,29 @@ def write_atomically(path: Path, text: str):
     fsync(path.parent)
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-
-def rank0_print(*args):
-    if rank() == 0:
-        print(*args, flush=True)
-
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-
-def training_state(policy, opt) -> dict:
-    """What a checkpoint's state/ folder holds, as this rank sees it: the fp32 master weights and AdamW moments
-    (this rank's shards under FSDP, the full tensors otherwise) and the buffers no state dict has."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(policy, opt)
-    return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
-
-
-
-def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: dict, keep_last: int):
-    """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
-    buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
-    step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
-    of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
-    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    me = rank()
-    final, tmp = out / name, out / f"{name}.tmp"
-    if me == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
-    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
-    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(rng, tmp / f"rng_{me}.pt")
-    fsync(tmp / f"rng_{me}.pt")
-    if me == 0:
-        weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
-        policy.hf.save_pretrained(tmp, state_dict=weights)
-        if adapter:
-            save_adapter(policy.hf, adapter, tmp / "adapter")
-        processor.save_pretrained(tmp)
-        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
-    del hf_sd
-    barrier()  # every rank's files are on disk
-    if me == 0:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        for f in files:
-            fsync(tmp / f)
-        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
-        fsync(tmp / "COMPLETE")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync(out)
-        steps = sorted(out.glob("step_*[0-9]"))
-        for old in steps[:max(0, len(steps) - keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-
-def hf_export(hf, sd: dict) -> tuple[dict, dict]:
-    """(HF weights, adapter) from the policy's full state dict (no LoRA: (sd, {})): W under the model's own names, or
-    with --merge-lora W + (alpha / r) B A; the adapter in peft's format (base_model.model.<module>.lora_A.weight)."""
-    if not hasattr(hf, "ares_lora"):
-        return sd, {}
-    lora, merge = hf.ares_lora
-    weights = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
-    adapter = {"base_model.model." + k.replace(".default.", "."): v for k, v in sd.items() if ".lora_" in k}
-    for k in (k for k in sd if merge and ".lora_A." in k):
-        name, A, B = k.split(".lora_A.")[0], sd[k].float(), sd[k.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
-        W = weights[name + ".weight"]
-        weights[name + ".weight"] = (W.float() + lora.lora_alpha / lora.r * B @ A).to(W.dtype)
-    return weights, adapter
-
-
-def save_adapter(hf, adapter: dict, folder: Path):
-    """<checkpoint>/adapter/: adapter_model.safetensors and adapter_config.json, as peft's save_pretrained writes them."""
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "adapter_model.safetensors")
-    hf.ares_lora[0].save_pretrained(folder)
-
-
-def damage(ckpt: Path) -> str | None:
-    """Why a complete checkpoint cannot be trusted (a file missing or of another size than written), else None."""
-    for f, size in json.loads((ckpt / "COMPLETE").read_text()).get("files", {}).items():
-        if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size:
-            return f"{f} is missing or truncated"
-    return None
-
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
-    never counts); a damaged newer one is skipped with a warning."""
-    done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
-    for ckpt in sorted(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], reverse=True):
-        problem = damage(ckpt)
-        if problem is None:
-            return ckpt
-        rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
-    return None
-
-
-
-def restore_training_state(path: Path, policy, opt, sched) -> dict:
-    """Weights, optimizer, buffers (each rank reads its own shards), scheduler, RNG and ARES state of a checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    sd = training_state(policy, opt)
-    dcp.load(sd, checkpoint_id=path / "state")  # in place, buffers included
-    set_state_dict(policy, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    sched.load_state_dict(saved["scheduler"])
-    rng_file = path / f"rng_{rank()}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return saved["state"]
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain aligned text table (numbers to 3 significant digits)."""
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# convert: any dataset -> records of spec §10.
-#
+# convert: any dataset -> records.
 # A preset names a dataset's hub location and maps its columns to ours. Each one was checked against the
 # public source in its `confirmed` entry; a dataset whose columns could not be confirmed has no preset (its
 # columns can still be given with the --*-col flags). `choices` names a column of options to render into the
 # question, `filter` keeps only rows whose columns have the given values, `extra` lists columns carried over.
+
 
 PRESETS = {
     "virl39k": dict(
         hub="TIGER-Lab/ViRL39K", config=None, split="train",
         mapping=dict(question="question", answer="answer", images="image", id="qid", source="source"),
         extra=["category", "PassRate_32BTrained", "PassRate_7BBase"],
-        notes="AEPO prompts (spec §7). `image` holds paths into the repo's images.zip: download the dataset repo, "
+        notes="AEPO prompts (README: paper settings). `image` holds paths into the repo's images.zip: download the dataset repo, "
               "unzip images.zip next to 39Krelease.parquet and convert that file (--data .../39Krelease.parquet). "
               "Answers are \\boxed{}; `source` is each problem's original dataset (AdaCS lengths are per source).",
         confirmed="columns question, answer, PassRate_32BTrained, PassRate_7BBase, category, source, qid, image "
@@ -1338,7 +762,7 @@ PRESETS = {
         hub="AI4Math/MathVerse", config="testmini", split="testmini",
         mapping=dict(question="query_cot", answer="answer", images="image", id="sample_index"),
         filter=dict(problem_version="Vision Only"), extra=["problem_version", "question_type"],
-        notes="MathVerse testmini, vision-only version (the problem is only in the image), as in spec §9.",
+        notes="MathVerse testmini, vision-only version (the problem is only in the image), as in paper §4.",
         confirmed="as mathverse-testmini; the problem_version value 'Vision Only' in MathVerse tooling on GitHub"),
     "mathvision": dict(
         hub="MathLLMs/MathVision", config=None, split="test",
@@ -1361,11 +785,14 @@ PRESETS = {
         confirmed="openai/gsm8k config main, columns question and answer with the final number after '####' "
                   "(NeMo's GSM8K processor documentation, dataset.ini files referencing main/test-*.parquet)"),
 }
-# Not shipped: ares0728/ARES-Adaptive-Coldstart (the authors' cold-start set). Its card's columns could not be
-# confirmed from any public source; use --question-col/--answer-col/--image-col/--response-col.
+
 
 FIELDS = ("question", "answer", "images", "response", "id", "source", "choices")
+
+
 IMAGE_TAG = re.compile(r"<image\s*\d*>")
+
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -1413,7 +840,7 @@ def _checked_path(path: str) -> str:
 
 
 def load_images(value, base: Path, where: str) -> list:
-    """A row's images -> list of PIL images or absolute paths, each checked readable now (spec §10: bad data
+    """A row's images -> list of PIL images or absolute paths, each checked readable now (README: data format: bad data
     fails at load time). value: None, one image or a list of PIL images, bytes, {'bytes', 'path'} dicts (how
     Parquet stores an image column) or paths (relative to `base`, the data file's folder)."""
     from PIL import Image
@@ -1475,7 +902,7 @@ def _parquet_rows(path: Path):
 
 
 def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Path, where: str, default_source: str):
-    """One row -> one record (spec §10), or None when the preset's filter drops it. cols maps our fields to
+    """One row -> one record (README: data format), or None when the preset's filter drops it. cols maps our fields to
     columns; a field in `required` must have its column. Raises DataError naming the source and row."""
     for col, value in spec.get("filter", {}).items():
         if row.get(col) != value:
@@ -1546,7 +973,7 @@ def resolve(source: str, preset: str | None, mapping: dict | None, split: str | 
 
 def load_source(source: str, *, preset: str | None = None, mapping: dict | None = None, split: str | None = None,
                 config: str | None = None, limit: int | None = None) -> list[dict]:
-    """Records of spec §10 from a hub dataset name, a JSONL/JSON/Parquet file or a saved dataset folder.
+    """Records of README: data format from a hub dataset name, a JSONL/JSON/Parquet file or a saved dataset folder.
 
     preset: a key of PRESETS (hub name, split, config and column mapping); `source` may be the preset's name
     itself, or a local copy of its dataset. mapping: our field -> column, for question, answer, images,
@@ -1583,7 +1010,7 @@ def _load(source: str, *, preset=None, mapping=None, split=None, config=None, li
 
 def write_records(records: list[dict], out: Path, copy_images: bool = True) -> Path:
     """Write records as JSONL, or Parquet when `out` ends in .parquet. Images go to <out stem>_images/ as PNG
-    and are listed relative to the output file (spec §10). copy_images=False lists an image that is already a
+    and are listed relative to the output file (README: data format). copy_images=False lists an image that is already a
     file by its relative path instead of copying it. Records sharing an image object share its file."""
     from PIL import Image
 
@@ -1615,14 +1042,6 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
     return out
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    """A plain aligned text table (numbers to 3 significant digits)."""
-    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in [headers] + rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
-
-
 def run_convert(args) -> list[dict]:
     mapping = {f: getattr(args, f"{f}_col") for f in FIELDS if f != "source" and getattr(args, f"{f}_col")}
     if args.source:
@@ -1640,17 +1059,13 @@ def run_convert(args) -> list[dict]:
     return records
 
 
-def grade(texts: list[str], answer: str) -> list[bool]:
-    """Each response's last \\boxed{} against the answer, with the grader AEPO rewards with."""
-    return [is_correct(extract_boxed(t), answer) for t in texts]
-
 
 # ----------------------------------------------------------------------------------------------------------
-# adacs: length-matched traces, equal counts per difficulty (spec §8 steps 2-5).
+# adacs: length-matched traces, equal counts per difficulty (paper §3.1; README: AdaCS curation).
 
 
 def bracket_of(p: float, k: int) -> int:
-    """Pass-rate bracket round(p * K) in 0..K; K = 8 gives the 9 brackets 0, 1/8, ..., 1 of spec §8."""
+    """Pass-rate bracket round(p * K) in 0..K; K = 8 gives the 9 brackets 0, 1/8, ..., 1 of §3.1; README: AdaCS curation."""
     return int(round(p * k))
 
 
@@ -1712,7 +1127,7 @@ def prepare_pool(pool: list[dict], tokenizer=None) -> dict[str, list[dict]]:
 
 
 def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, seed: int = 0, tokenizer=None):
-    """Spec §8 steps 2-5 on candidate traces (one record per trace, grouped by id; see prepare_pool).
+    """AdaCS steps 2-5 (§3.1) on candidate traces (one record per trace, grouped by id; see prepare_pool).
     Returns (chosen records, one per kept problem, with `target_length`, ordered by bracket; stats)."""
     problems = prepare_pool(pool, tokenizer)
     lengths = defaultdict(lambda: defaultdict(list))  # source -> bracket -> every candidate trace length
@@ -1748,13 +1163,13 @@ def tokenizer_for(name: str):
 
 
 def join_pass_rates(pool: list[dict], rated: list[dict], where: str) -> list[dict]:
-    """The paper's setting (spec §8): candidate traces from a teacher pool, pass rates from another model's samples.
+    """The paper's setting (§3.1; README: AdaCS curation): candidate traces from a teacher pool, pass rates from another model's samples.
     Each trace takes the pass rate of its problem id in `rated`; traces of problems that were not rated are
     dropped (and counted). join_pass_rates([{id: a, ...}, {id: b, ...}], [{id: a, pass_rate: .5}], f) keeps a."""
     rates = {r["id"]: r["pass_rate"] for r in rated}
     missing = [r["id"] for r in rated if r["pass_rate"] is None]
     if missing:
-        raise DataError(f"{where}: record {missing[0]}: no pass_rate (write it with `data_prep.py passrate`)")
+        raise DataError(f"{where}: record {missing[0]}: no pass_rate (write it with `eval.py passrate`)")
     joined = [dict(t, pass_rate=rates[t["id"]]) for t in pool if t["id"] in rates]
     if not joined:
         raise DataError(f"{where}: no problem id in common with the candidate traces")
@@ -1787,22 +1202,79 @@ def run_adacs(args) -> list[dict]:
     return chosen
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# demo: the offline task that `python ares.py` runs end to end.
+# demo: the offline task that `python ares.py` runs end to end, and the tiny model's tokenizer.
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [  # the demo task's words, repeated so that BPE merges them
+    "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7.</think> "
+    "The answer is \\boxed{7}. Wait, check again: 3, 2, 1. Hmm, Actually, Check, So, Thus, Yes, the answer is 7.",
+    "How long is the red bar? What is the sum of the green and blue bars? Multiply the yellow bar by the "
+    "red bar, then add the blue bar."] * 4 + [
+    "Count the red squares: 3. Subtract: 6 - 1 = 5. How many squares are in the image? in total",
+    "step first second then next finally total sum difference product number numbers count counts more less",
+    "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
+    "the a an of in on is are and or to with from for by it this that there what which how many much",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } , . : ; ? ! A B C D E x y z \\frac{1}{2}",
+])
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (512 tokens plus the Qwen special tokens) trained here on TINY_CORPUS: offline."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TINY_CORPUS], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220), "yellow": (230, 190, 0)}
+
+
 LEVELS = {1: "easy", 2: "medium", 3: "hard"}
+
+
 CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of value v is 7 v px long
+
+
 STYLES = ("terse", "steps", "recheck")  # the teacher pool: three traces of growing length per problem
+
+
 OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
+
+
 CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
+
+
 # The teacher slips, as a real one does, and AdaCS keeps only its right traces:
 MISREAD = 0.9  # it misreads a short bar (0 or 1 units: little ink) unless it re-checks: for this share of the easy
+
+
 # problems whose bar is short, its terse and steps traces read the other short length. So the cold start learns to
 # re-check short bars, which the model itself reads well: the overthinking on simple questions that AEPO should trim
 SLIP = 0.8  # its bare answer to a sum or a multiply-add (no work shown) is one off with this probability. So AdaCS
-# gives most medium and hard problems written-out steps, whatever the pass rate, and their answers stay longer than
-# the easy ones (a terse trace is right for a few, and the cold start that copies it on hard problems often fails)
 
 
 def demo_style(response: str) -> str:
@@ -1909,7 +1381,7 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
 
 
 def run_demo(args) -> dict:
-    paths = make_demo(Path(args.out), args.seed, {"sft": args.train, "rl": args.rl, "test": args.test})
+    paths = make_demo(Path(args.out), args.seed, {"sft": args.sft, "pool": args.pool, "rl": args.rl, "test": args.test})
     rows = []
     for split, path in paths.items():
         recs = [json.loads(line) for line in open(path)]
@@ -1921,7 +1393,9 @@ def run_demo(args) -> dict:
     return paths
 
 
+
 # ----------------------------------------------------------------------------------------------------------
+# Command line.
 
 
 def command_parser() -> argparse.ArgumentParser:
@@ -1929,7 +1403,7 @@ def command_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    conv = sub.add_parser("convert", help="any dataset -> records (spec §10), by presets or column flags",
+    conv = sub.add_parser("convert", help="any dataset -> records (README: data format), by presets or column flags",
                           formatter_class=fmt, epilog="presets:\n" + "\n".join(
                               f"  {k:22s} {v['hub']} [{v['split']}]: {v['notes']}" for k, v in PRESETS.items()))
     conv.add_argument("--data", help="hub dataset name, .jsonl/.json/.parquet file or saved dataset folder "
@@ -1948,30 +1422,11 @@ def command_parser() -> argparse.ArgumentParser:
     conv.add_argument("--limit", type=int, help="stop after this many records")
     conv.add_argument("--out", required=True, help="output .jsonl or .parquet; images go to <stem>_images/")
 
-    pr = sub.add_parser("passrate", help="sample K responses per problem, grade them: pass_rate (spec §8 step 1)")
-    pr.add_argument("--data", required=True, help="records: a file, folder, hub name or preset name")
-    pr.add_argument("--preset", choices=sorted(PRESETS), help="read --data with this preset's mapping")
-    pr.add_argument("--split", help="split to read")
-    pr.add_argument("--limit", type=int, help="only the first N problems")
-    pr.add_argument("--model", required=True, help="reference model: hub name, local folder or 'tiny'")
-    pr.add_argument("--k", type=int, default=8, help="responses per problem (default: 8)")
-    pr.add_argument("--max-new-tokens", type=int, default=4096, help="response budget in tokens (default: 4096)")
-    pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    pr.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    pr.add_argument("--batch-size", type=int, default=8, help="problems per sampler call (x K rows; default: 8)")
-    pr.add_argument("--max-prompt-len", type=int, default=4096, help="skip prompts longer than this (default: 4096)")
-    pr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="model dtype")
-    pr.add_argument("--attn", default="sdpa", help="attention kernel (default: sdpa)")
-    pr.add_argument("--keep-responses", action="store_true",
-                    help="write every response (with length and correct) as a candidate trace, K records per problem")
-    pr.add_argument("--out", required=True, help="output .jsonl or .parquet")
-
-    ad = sub.add_parser("adacs", help="curate length-matched traces from a candidate pool (spec §8 steps 2-5)")
+    ad = sub.add_parser("adacs", help="curate length-matched traces from a candidate pool (§3.1; README: AdaCS curation steps 2-5)")
     ad.add_argument("--data", required=True, help="candidate traces: one record per trace with id, pass_rate, "
                                                   "response, and correct / length (else computed)")
     ad.add_argument("--split", help="split to read from a dataset folder or hub name")
-    ad.add_argument("--pass-rates", help="records with pass_rate (the output of passrate): each trace of --data takes "
+    ad.add_argument("--pass-rates", help="records with pass_rate (the output of eval.py passrate): each trace of --data takes "
                                          "its problem's rate by id, so the traces may come from a teacher pool")
     ad.add_argument("--k", type=int, default=8, help="samples behind the pass rates: K + 1 brackets (default: 8)")
     ad.add_argument("--per-bracket", type=int, help="problems per bracket (default: the largest balanced count)")
@@ -1982,7 +1437,8 @@ def command_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write the offline demo task (sft / rl / test splits)")
     demo.add_argument("--out", default="data/demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--train", type=int, default=3000, help="cold-start records (with traces)")
+    demo.add_argument("--sft", type=int, default=3000, help="warm-up records (one trace each)")
+    demo.add_argument("--pool", type=int, default=1200, help="pool problems (pass rates, AdaCS's teacher traces)")
     demo.add_argument("--rl", type=int, default=1000, help="AEPO prompts")
     demo.add_argument("--test", type=int, default=300, help="held-out records")
     return parser
@@ -1994,8 +1450,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
-    if args.command == "passrate":  # it samples with the model: eval.py runs it (this file imports no model code)
-        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("eval.py")), *argv]))
     try:
         return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
     except DataError as e:

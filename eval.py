@@ -1,4 +1,4 @@
-"""Evaluate checkpoints side by side: accuracy AND response length, per benchmark and difficulty (spec §9).
+"""Evaluate checkpoints side by side: accuracy AND response length, per benchmark and difficulty (paper §4).
 
 ARES claims two things at once: higher accuracy, and fewer tokens on easy problems but more on hard ones. This
 script measures both, for one or several checkpoints in one run, so you see what AEPO did to your model:
@@ -9,13 +9,16 @@ script measures both, for one or several checkpoints in one run, so you see what
     python eval.py --model A --data some/hub-dataset --split test --question-col problem --answer-col answer
     python eval.py --model A --data aime25.jsonl --temperature 0.6 --top-p 0.95 --samples 16   # mean@16 and its SE
     python eval.py --help                                          # every knob; presets: python data_prep.py convert --help
-    python eval.py passrate ...    # what `data_prep.py passrate` runs; python eval.py demo ... what `python ares.py` runs
+    torchrun --nproc_per_node=8 eval.py passrate --data pool.jsonl --model M --k 8 --out rates.jsonl  # AdaCS step 1
+    python eval.py curves runs/aepo/metrics.jsonl                  # runs/aepo/curves.png: an AEPO run's curves
+    python eval.py demo-report runs/ares                           # the report of a `python ares.py` run
+    python eval.py --demo runs/seed0 --demo runs/seed1             # mean +- sd table over demo runs
 
-It sits at the top of the import graph (data_prep.py <- ares.py <- eval.py), so it also holds the two commands
-that need the sampler and the data tools together: passrate (spec §8 step 1) and the end-to-end demo.
+It sits at the top of the import graph (data_prep.py <- ares.py <- eval.py): it imports both, and samples with
+ares.py's sampler, so it also computes pass rates (AdaCS step 1, paper §3.1) and draws an AEPO run's curves.
 
 What it does, in order:
-  1. Read each benchmark. Local files in our record format (spec §10) go through data_prep's reader; named presets
+  1. Read each benchmark. Local files in our record format (README: data format) go through data_prep's reader; named presets
      (data_prep.PRESETS) and Hugging Face datasets through data_prep.load_source (its column mapping). Every
      record is checked on its own: one that cannot be used (missing field, unreadable image, prompt longer than
      --max-prompt-len, an error while generating) is listed in the report and counted as WRONG: never silently
@@ -37,15 +40,13 @@ benchmark, record id, sample index, decoding settings) is already there, and gen
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import hashlib
 import itertools
 import json
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -58,9 +59,10 @@ from tqdm import tqdm
 
 import ares
 import data_prep
-from ares import arg
-from data_prep import (bucket_field, bucket_of, bucket_order, check_prompts, gather, metric_row, pass_rate_bucket,  # noqa: F401
-                       response_lines, summarize)
+from ares import arg, gather
+from data_prep import bucket_field, bucket_of, bucket_order, check_prompts, metric_row, response_lines, summarize  # noqa: F401
+
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Config: one dataclass, every field a --flag with its help string (list fields repeat: --model A --model B).
@@ -103,7 +105,7 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
 
 
 def parse_config(argv=None) -> EvalConfig:
-    parser = data_prep.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
+    parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if not cfg.demo and (not cfg.model or not cfg.data):
         parser.error("give at least one --model and one --data (or --demo runs)")
@@ -114,6 +116,7 @@ def parse_config(argv=None) -> EvalConfig:
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     return cfg
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,6 +150,7 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
     failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
     records = data_prep.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
     return dict(name=name, key=key, records=records, failures=failures)
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,6 +261,7 @@ def plot_results(results: dict, png: Path) -> bool:
     return save_figure(plt, fig, png)
 
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation: fixed chunks of records, seeded per chunk, spread over ranks, gathered on every rank.
 
@@ -343,7 +348,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     """One model on one benchmark: generate what the cache lacks (chunks dealt round-robin to ranks, gathered on
     every rank after each round, appended to responses.jsonl by rank 0), then summarize.
     -> (summary, failures, responses generated, responses reused)."""
-    rank, world = data_prep.rank(), data_prep.world_size()
+    rank, world = ares.rank(), ares.world_size()
     decoding = decoding_key(cfg)
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, decoding)  # noqa: E731
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
@@ -387,7 +392,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = read_cache(out / "responses.jsonl")
-    data_prep.barrier()  # every rank has read the cache before rank 0 appends to it
+    ares.barrier()  # every rank has read the cache before rank 0 appends to it
     benches = [load_benchmark(spec, cfg) for spec in cfg.data]
     for k, b in enumerate(benches):  # two files called test.jsonl: keep both apart in the table and the JSON
         if [c["name"] for c in benches].count(b["name"]) > 1:
@@ -399,9 +404,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     writer = open(out / "responses.jsonl", "a") if rank == 0 else None
     metrics, failures, counts = {b["name"]: {} for b in benches}, [], dict(generated=0, cached=0)
     for path, name in zip(cfg.model, names):
-        model, processor = data_prep.load_model(path, load_cfg, device)
+        model, processor = ares.load_model(path, load_cfg, device)
         model.eval()
-        ids = data_prep.special_ids(model, processor)
+        ids = ares.special_ids(model, processor)
         for b in benches:
             t0 = time.time()
             summary, failed, n_new, n_cached = run_benchmark(model, processor, ids, name, model_key(path, cfg.seed), b,
@@ -410,7 +415,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             failures += [dict(model=name, benchmark=b["name"], **f) for f in failed]
             counts["generated"] += n_new
             counts["cached"] += n_cached
-            data_prep.rank0_print(f"{name} on {b['name']}: {n_cached} responses from the cache, {n_new} generated, "
+            ares.rank0_print(f"{name} on {b['name']}: {n_cached} responses from the cache, {n_new} generated, "
                              f"{len(failed)} failed records ({time.time() - t0:.0f}s)")
         del model
         gc.collect()
@@ -444,10 +449,22 @@ def compare(models: list[str], data: str, out: Path, names: list[str] | None = N
     return evaluate(cfg)
 
 
+def evaluate_and_report(cfg: EvalConfig):
+    if cfg.demo:
+        print(demo_summary(cfg.demo))
+        return None
+    results = evaluate(cfg)
+    if ares.rank() == 0:
+        print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "
+              f"{Path(cfg.out) / 'responses.jsonl'}", flush=True)
+        if cfg.plot and plot_results(results, Path(cfg.plot)):
+            print(f"plot: {cfg.plot}", flush=True)
+
+
+
 # ----------------------------------------------------------------------------------------------------------
-# passrate (`data_prep.py passrate` runs this): p(x) = (correct responses) / K from K samples of a reference
-# model (spec §8 step 1). It lives here, with the other users of ares.sample, so that data_prep.py imports no
-# model code.
+# passrate: p(x) = (correct responses) / K from K samples of a reference model (AdaCS step 1, paper §3.1).
+# It samples with ares.py's sampler, so it lives here, above ares.py.
 
 
 def rank_batches(n: int, batch: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
@@ -462,7 +479,7 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
     than --max-prompt-len."""
     import torch
 
-    ids, tok = data_prep.special_ids(model, processor), data_prep.tokenizer_of(processor)
+    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
     stop = set(ids["stop"])
     results = {}
     for b, idx in tqdm(rank_batches(len(records), args.batch_size, rank, world), desc="passrate", disable=rank != 0):
@@ -493,19 +510,22 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
 
 
 def run_passrate(args) -> list[dict] | None:
-    import torch.distributed as dist
-
     rank, world, device = ares.init_distributed()
     records = data_prep.load_source(args.data, preset=args.preset, split=args.split, limit=args.limit)
     cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
-    model, processor = data_prep.load_model(args.model, cfg, device)
+    model, processor = ares.load_model(args.model, cfg, device)
     traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)
     if world > 1:  # every rank's traces to rank 0, which writes the output
         parts = [None] * world
         dist.all_gather_object(parts, traces_of)
         traces_of = {i: t for part in parts for i, t in part.items()}
-    if rank != 0:
-        return None
+    out = write_pass_rates(records, traces_of, args, world) if rank == 0 else None
+    ares.barrier()  # both ranks close the process group together (a rank leaving early can abort in gloo's teardown)
+    return out
+
+
+def write_pass_rates(records: list[dict], traces_of: dict, args, world: int) -> list[dict]:
+    """Rank 0: the records with their pass_rate (and with --keep-responses every trace), written to --out; a table."""
     out, skipped = [], 0
     for i, rec in enumerate(records):
         traces = traces_of[i]
@@ -525,6 +545,33 @@ def run_passrate(args) -> list[dict] | None:
           f"(prompt > {args.max_prompt_len} tokens); wrote {len(out)} records to {args.out}")
     return out
 
+
+def passrate_parser() -> argparse.ArgumentParser:
+    pr = argparse.ArgumentParser(prog="eval.py passrate", description="sample K responses per problem from a model "
+                                 "and grade them: pass_rate (AdaCS step 1)")
+    pr.add_argument("--data", required=True, help="records: a file, folder, hub name or preset name")
+    pr.add_argument("--preset", choices=sorted(data_prep.PRESETS), help="read --data with this preset's mapping")
+    pr.add_argument("--split", help="split to read")
+    pr.add_argument("--limit", type=int, help="only the first N problems")
+    pr.add_argument("--model", required=True, help="reference model: hub name, local folder or 'tiny'")
+    pr.add_argument("--k", type=int, default=8, help="responses per problem (default: 8)")
+    pr.add_argument("--max-new-tokens", type=int, default=4096, help="response budget in tokens (default: 4096)")
+    pr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    pr.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    pr.add_argument("--batch-size", type=int, default=8, help="problems per sampler call (x K rows; default: 8)")
+    pr.add_argument("--max-prompt-len", type=int, default=4096, help="skip prompts longer than this (default: 4096)")
+    pr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="model dtype")
+    pr.add_argument("--attn", default="sdpa", help="attention kernel (default: sdpa)")
+    pr.add_argument("--keep-responses", action="store_true",
+                    help="write every response (with length and correct) as a candidate trace, K records per problem")
+    pr.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    return pr
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Curves of AEPO runs (`eval.py curves <out>/metrics.jsonl`) and the explore page (where ARES explores).
 
 
 def moving_mean(values: list[float], k: int) -> list[float]:
@@ -551,7 +598,7 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     if plt is None:
         return False
     runs = runs if isinstance(runs, dict) else {"": runs}
-    data = {name: data_prep.logged_rows(Path(path)) for name, path in runs.items()}
+    data = {name: ares.logged_rows(Path(path)) for name, path in runs.items()}
     levels = run_levels(next(iter(data.values())))
     per = (lambda key: [f"level_{lv}_{key}" for lv in levels]) if levels else (
         lambda key: [f"{key}_{b}" for b in ares.BUCKETS])
@@ -583,8 +630,8 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
 
 
 def bucket_shares(metrics_file: Path) -> dict:
-    """Over all AEPO steps of a run: per difficulty level, the share of its groups in each online bucket (spec §3)."""
-    rows = data_prep.logged_rows(Path(metrics_file))
+    """Over all AEPO steps of a run: per difficulty level, the share of its groups in each online bucket (App. G)."""
+    rows = ares.logged_rows(Path(metrics_file))
     shares = {}
     for lv in run_levels(rows):
         n = {b: sum(r.get(f"level_{lv}_groups_{b}", 0) for r in rows) for b in ares.BUCKETS}
@@ -603,20 +650,20 @@ table{table-layout:fixed;width:100%}td{vertical-align:top;padding:0 1em}h3{margi
 def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[dict], float]:
     """One branching rollout group (ares.rollout_groups) for a record, with each token's window entropy and HWE
     flag: [{tokens, hbar, hwe, parent, branch_at, correct, n_he}] and tau."""
-    ids, tok = data_prep.special_ids(model, processor), data_prep.tokenizer_of(processor)
+    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
     rec = dict(record, images=[data_prep.open_image(im) for im in record["images"]])
     gen = torch.Generator().manual_seed(seed)
     ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen)
-    hbar, valid = ares.window_entropy(ro["entropy"], ro["resp_mask"], cfg.window)
-    hwe = ares.hwe_mask(hbar, valid, ro["tau"])
+    hbar, valid = ares.window_entropy(ro.entropy, ro.resp_mask, cfg.window)
+    hwe = ares.hwe_mask(hbar, valid, ro.tau)
     rows = []
-    for i, n in enumerate(ro["resp_mask"].sum(1).tolist()):
-        toks = ro["tokens"][i, :n].tolist()
+    for i, n in enumerate(ro.resp_mask.sum(1).tolist()):
+        toks = ro.tokens[i, :n].tolist()
         text = tok.decode(toks, skip_special_tokens=True)
         rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
-                         parent=int(ro["parent"][i]), branch_at=int(ro["branch_at"][i]), n_he=int(hwe[i].sum()),
+                         parent=int(ro.parent[i]), branch_at=int(ro.branch_at[i]), n_he=int(hwe[i].sum()),
                          correct=data_prep.is_correct(data_prep.extract_boxed(text), record["answer"])))
-    return rows, ro["tau"]
+    return rows, ro.tau
 
 
 def explore_html(rows: list[dict], tau: float) -> str:
@@ -651,12 +698,12 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
     picked = [r for lv in levels for r in [x for x in records if x["difficulty"] == lv][:per_level]]
     cells = {}
     for m, name in zip(models, names):
-        model, processor = data_prep.load_model(str(m), cfg, torch.device("cpu"))
+        model, processor = ares.load_model(str(m), cfg, torch.device("cpu"))
         for k, rec in enumerate(picked):
             cells[name, rec["id"]] = explore_rows(model.eval(), processor, rec, cfg, seed=cfg.seed * 1000 + k)
     body = [f"<h1>Where ARES explores</h1><p>Each row is one response of a group of G = {cfg.group_size}: "
             f"{cfg.group_size - cfg.branch_samples} sampled from the prompt, {cfg.branch_samples} branched at the "
-            f"highest window-entropy tokens (spec §2). Shading: window entropy over w = {cfg.window} tokens (darker = "
+            f"highest window-entropy tokens (§3.2; README: branching rollouts). Shading: window entropy over w = {cfg.window} tokens (darker = "
             "more uncertain); outlined: HWE tokens (window entropy &ge; tau, the step's threshold); faded: a branch's "
             "prefix, inherited from its parent; blue bar: where the branch starts sampling. Hover a token for its "
             "window entropy.</p>"]
@@ -672,149 +719,30 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
     return html_out
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# The demo (`python ares.py` runs `eval.py demo`): all of ARES offline on a CPU, every stage through the command
-# a user runs on real data (data_prep.py's demo task, passrate and adacs; both stages of ares.py; eval.py), then
-# the report. It lives here, at the top of the import graph, because it uses every other file.
+# The demo's report (`eval.py demo-report <out>`, the last command of `python ares.py`), and the summary of
+# several seeds (`eval.py --demo runs/seed0 --demo runs/seed1 ...`).
 
 
-DEMO = dict(sft=16000, pool=1200, rl=1000, test=300)  # problems per split (the warm-up sees each about twice)
-
-
-DEMO_STEPS = dict(warmup=800, coldstart=300, aepo=100)  # optimizer steps of the warm-up, cold start and AEPO
-
-
-BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0"]  # plain GRPO: no entropy reward, no branching
-
-
-def demo_flags(cfg: ares.Config) -> list[str]:
-    """The flags the user gave to `ares.py` (other than the demo's own), passed on to every training command."""
-    own = {"stage", "model", "data", "out", "steps", "demo_steps", "resume", "seed"}
-    flags = []
-    for f in dataclasses.fields(ares.Config):
-        value = getattr(cfg, f.name)
-        if f.name in own or f.name not in cfg.given:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        flags += [flag if value else "--no-" + flag[2:]] if f.type == "bool" else [flag, str(value)]
-    return flags
-
-
-def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
-    """Start `python <args>` (`torchrun --nproc_per_node <nproc>` for nproc > 1), one thread per process, output to
-    `log`, and print it: the demo is a script of the commands a user runs."""
-    args = [str(a) for a in args]
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    data_prep.rank0_print(f"$ {f'torchrun --nproc_per_node={nproc}' if nproc > 1 else 'python'} " + shlex.join(args))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    script = str(Path(__file__).with_name(args[0]))  # beside eval.py, wherever it is run from
-    with open(log, "w") as fh:
-        procs.append((subprocess.Popen([sys.executable, *launch, script, *args[1:]], stdout=fh, stderr=subprocess.STDOUT,
-                                       env=env), log))
-
-
-def demo_wait(procs: list):
-    for proc, log in procs:
-        if proc.wait():
-            raise SystemExit(f"demo stage failed ({proc.returncode}); its output:\n" + log.read_text()[-3000:])
-    procs.clear()
-
-
-def run_demo(cfg: ares.Config):
-    """ARES end to end on the demo task (spec §8 then §1-6), with plain GRPO from the same cold start beside it:
-      1. data_prep.py demo     bars whose lengths are numbers; per problem three teacher traces: terse, steps,
-                               steps + re-check (the teacher slips: it misreads some short bars unless it
-                               re-checks, and most of its bare answers to arithmetic are one off)
-      2. warm-up               the random tiny model learns to read and reason on one steps trace per problem:
-                               the demo's base model (the paper starts from an Instruct VLM) and the reference
-                               policy of the pass rates
-      3. data_prep.py passrate K = 8 samples per pool problem from the base model: p(x)
-      4. data_prep.py adacs    per problem the teacher trace nearest L_target(p), equal counts per bracket
-      5. cold start            the base model on the curated traces
-      6. AEPO and GRPO         from the same cold start, same seed, KL and steps, run side by side (one core each)
-      7. eval.py               all three checkpoints on the held-out split, greedy and at T = 1, per level
-    Stages 2, 3 and 5 run under torchrun as two CPU processes (DDP over gloo): the CPU's two cores as two ranks.
-    Writes <out>/demo.json, curves.png (ARES and GRPO over the AEPO steps) and explore.html (where ARES explores)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
-    torch.set_num_threads(1)  # as the stages it starts: the same float reductions run after run
-    out, times, procs = Path(cfg.out), {}, []
-    small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
-    steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}
-    sizes = dict(sft=120, pool=150, rl=64, test=30) if small else DEMO
-    data, flags, seed = out / "data", demo_flags(cfg), ["--seed", cfg.seed]
-    tick = time.time()
-
-    def lap(name):
-        nonlocal tick
-        times[name] = time.time() - tick
-        data_prep.rank0_print(f"[demo] {name}: {times[name]:.0f}s")
-        tick = time.time()
-
-    paths = data_prep.make_demo(data, seed=cfg.seed, sizes=sizes)
-    lap("data")
-    train = ["ares.py", "--stage", "coldstart", *seed, *flags]
-    demo_command([*train, "--model", "tiny", "--data", paths["sft"], "--out", out / "warmup", "--steps",
-                  steps["warmup"]], procs, out / "warmup.log", nproc=2)
-    demo_wait(procs)
-    lap("warm-up")
-    demo_command(["data_prep.py", "passrate", "--data", paths["pool"], "--model", out / "warmup" / "final", "--k", 8,
-                  "--max-new-tokens", 128, "--batch-size", 16, *seed, "--out", data / "pass_rates.jsonl"],
-                 procs, out / "passrate.log", nproc=2)
-    demo_wait(procs)
-    lap("pass rates")
-    per_bracket = sizes["pool"] // (1 if small else 9)  # about a ninth of the pool per pass-rate bracket
-    demo_command(["data_prep.py", "adacs", "--data", paths["pool_traces"], "--pass-rates", data / "pass_rates.jsonl",
-                  "--model", "tiny", "--per-bracket", per_bracket, *seed, "--out", data / "adacs.jsonl"],
-                 procs, out / "adacs.log")
-    demo_wait(procs)
-    lap("adacs")
-    demo_command([*train, "--model", out / "warmup" / "final", "--data", data / "adacs.jsonl", "--out",
-                  out / "coldstart", "--steps", steps["coldstart"]], procs, out / "coldstart.log", nproc=2)
-    demo_wait(procs)
-    lap("coldstart")
-    cold = out / "coldstart" / "final"
-    aepo = ["ares.py", "--stage", "aepo", "--model", cold, "--data", paths["rl"], "--steps", steps["aepo"], *seed,
-            "--keep-uniform-groups", *flags]
-    demo_command([*aepo, "--out", out / "aepo"], procs, out / "aepo.log")
-    demo_command([*aepo, *BASELINE, "--out", out / "grpo"], procs, out / "grpo.log")
-    demo_wait(procs)
-    lap("aepo")
-    models = ["--model", cold, "--model", out / "aepo" / "final", "--model", out / "grpo" / "final", "--name",
-              "cold start", "--name", "ARES", "--name", "GRPO", "--data", paths["test"], "--max-new-tokens", 128]
-    decodings = dict(greedy=[], sampled=["--temperature", 1.0, "--samples", 4])
-    for mode, extra in decodings.items():
-        demo_command(["eval.py", *models, *extra, "--out", out / f"eval_{mode}"], procs, out / f"eval_{mode}.log")
-    demo_wait(procs)
-    lap("eval")
-    return demo_report(cfg, out, paths["test"], cold, times)
-
-
-def demo_report(cfg: ares.Config, out: Path, test: Path, cold: Path, times: dict) -> dict:
-    """The demo's report: <out>/demo.json (both evaluations, the stage times, per level the share of its groups in
-    each online bucket), curves.png (ARES and GRPO over the AEPO steps) and explore.html (where ARES explores)."""
+def demo_report(out: Path) -> dict:
+    """The report of a `python ares.py` run in `out`: <out>/demo.json (both evaluations, the stage times, per level the
+    share of its groups in each online bucket), curves.png (ARES and GRPO over the AEPO steps) and explore.html (where
+    ARES explores, with the AEPO run's own flags from its run record)."""
+    out = Path(out)
     report = {mode: json.loads((out / f"eval_{mode}" / "results.json").read_text()) for mode in ("greedy", "sampled")}
     report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
-    report["times"] = times
+    report["times"] = times = json.loads((out / "stage_times.json").read_text())
     report["buckets"] = bucket_shares(out / "aepo" / "metrics.jsonl")
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    data_prep.write_atomically(out / "demo.json", json.dumps(report, indent=2, default=str))
     plot_curves({"ARES": out / "aepo" / "metrics.jsonl", "GRPO": out / "grpo" / "metrics.jsonl"}, out / "curves.png")
-    explore_page([cold, out / "aepo" / "final"], ["cold start", "ARES"], test, out / "explore.html",
-                 ares.resolve_stage_defaults(cfg, "aepo"))
+    flags = json.loads((out / "aepo" / "config.json").read_text())["flags"]
+    cfg = ares.Config(**{f.name: flags[f.name] for f in dataclasses.fields(ares.Config) if f.name in flags})
+    explore_page([out / "coldstart" / "final", out / "aepo" / "final"], ["cold start", "ARES"], out / "data" / "test.jsonl",
+                 out / "explore.html", cfg)
     print("\n" + report["table"])
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f" (total {sum(times.values()):.0f}s)")
     return report
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv[:1] == ["passrate"]:
-        return ares.run_command(run_passrate, data_prep.command_parser().parse_args(argv))
-    if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png (ares.py --eval-data runs it)
-        return plot_curves(Path(argv[1]), Path(argv[1]).with_name("curves.png"))
-    if argv[:1] == ["demo"]:  # the flags of ares.py
-        return ares.run_command(run_demo, ares.parse_config(argv[1:]))
-    return ares.run_command(evaluate_and_report, parse_config(argv))
 
 
 def mean_sd(values: list[float], scale: float = 1.0, signed: bool = False) -> str:
@@ -886,16 +814,20 @@ def style_lines(runs: list[str], levels: list[str]) -> list[str]:
     return lines
 
 
-def evaluate_and_report(cfg: EvalConfig):
-    if cfg.demo:
-        print(demo_summary(cfg.demo))
-        return None
-    results = evaluate(cfg)
-    if data_prep.rank() == 0:
-        print("\n" + results["table"] + f"\n\nwritten: {Path(cfg.out) / 'results.json'}, "
-              f"{Path(cfg.out) / 'responses.jsonl'}", flush=True)
-        if cfg.plot and plot_results(results, Path(cfg.plot)):
-            print(f"plot: {cfg.plot}", flush=True)
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
+        return ares.run_command(run_passrate, passrate_parser().parse_args(argv[1:]))
+    if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png
+        return plot_curves(Path(argv[1]), Path(argv[1]).with_name("curves.png"))
+    if argv[:1] == ["demo-report"]:  # eval.py demo-report <out of a python ares.py run>
+        return ares.run_command(demo_report, Path(argv[1]))
+    return ares.run_command(evaluate_and_report, parse_config(argv))
 
 
 if __name__ == "__main__":

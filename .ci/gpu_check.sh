@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/ares_gpu_check}
 rm -rf "$OUT" && mkdir -p "$OUT"
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU: a CPU run\")"
-python data_prep.py demo --out "$OUT/data" --train 64 --rl 32 --test 8 >/dev/null
+python data_prep.py demo --out "$OUT/data" --sft 64 --pool 8 --rl 32 --test 8 >/dev/null
 run() { torchrun --standalone --nproc_per_node=1 ares.py --log-samples-every 0 --dist-timeout 120 "$@" 2>&1 | grep -vE "it/s\]|Loading weights|Writing model"; }
 AEPO=(--stage aepo --data "$OUT/data/rl.jsonl" --batch-size 4 --group-size 4 --max-response-len 32 --minibatches 2 --keep-uniform-groups)
 run --stage coldstart --model tiny --data "$OUT/data/sft.jsonl" --out "$OUT/cold" --steps 4 --batch-size 8

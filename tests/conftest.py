@@ -38,7 +38,7 @@ def demo_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor): the tiny random Qwen2.5-VL, fp32, eval mode."""
-    model, processor = data_prep.build_tiny(seed=0)
+    model, processor = ares.build_tiny(seed=0)
     return model.eval(), processor
 
 

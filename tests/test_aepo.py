@@ -223,7 +223,7 @@ def python_window_entropy(H: list[float], w: int) -> list[float | None]:
 
 
 def reference_branch_points(hbar: list[list[float | None]], hwe: list[list[bool]], budget: int, max_per: int, w: int):
-    """Spec §2 step 3 as a plain loop: candidates by decreasing Hbar (ties: row-major order), skip t = 0, at most
+    """§2 step 3 as a plain loop: candidates by decreasing Hbar (ties: row-major order), skip t = 0, at most
     max_per per parent, at least w apart within a parent, at most budget in all."""
     cands = sorted(((hbar[r][t], r, t) for r in range(len(hwe)) for t in range(len(hwe[r])) if hwe[r][t]),
                    key=lambda c: -c[0])
@@ -273,37 +273,37 @@ def test_branches_continue_their_parents_and_train_only_their_own_tokens(tiny, d
     ids = ares.special_ids(model, processor)
     ro = ares.rollout_groups(model, prompts, cfg, ids, torch.Generator().manual_seed(0))
     N = len(prompts) * G
-    assert ro["tokens"].shape[0] == N and ro["parent"].shape == (N,) and ro["branch_at"].shape == (N,)
-    lengths = ro["resp_mask"].sum(1)
+    assert ro.tokens.shape[0] == N and ro.parent.shape == (N,) and ro.branch_at.shape == (N,)
+    lengths = ro.resp_mask.sum(1)
     # tau: mean over the first-pass responses of each one's q-quantile of token entropies (numpy's linear quantile)
     first = [i for i in range(N) if i % G < G - B]
-    assert all(ro["parent"][i] < 0 and ro["branch_at"][i] == 0 for i in first)
-    quantiles = [np.quantile(ro["entropy"][i, :lengths[i]].double().numpy(), cfg.entropy_quantile) for i in first]
-    assert ro["tau"] == pytest.approx(float(np.mean(quantiles)), abs=1e-5)
+    assert all(ro.parent[i] < 0 and ro.branch_at[i] == 0 for i in first)
+    quantiles = [np.quantile(ro.entropy[i, :lengths[i]].double().numpy(), cfg.entropy_quantile) for i in first]
+    assert ro.tau == pytest.approx(float(np.mean(quantiles)), abs=1e-5)
     n_branches = 0
     for p in range(len(prompts)):
         group = range(p * G, (p + 1) * G)
-        # every branch point is a full-window HWE position of a first-pass parent in the same group, chosen as spec §2
-        hbar = [python_window_entropy(ro["entropy"][i, :lengths[i]].tolist(), w) for i in group if i % G < G - B]
-        hwe = [[h is not None and h >= ro["tau"] for h in row] for row in hbar]
+        # every branch point is a full-window HWE position of a first-pass parent in the same group, chosen as §3.2
+        hbar = [python_window_entropy(ro.entropy[i, :lengths[i]].tolist(), w) for i in group if i % G < G - B]
+        hwe = [[h is not None and h >= ro.tau for h in row] for row in hbar]
         hbar = [[h if h is not None else 0.0 for h in row] for row in hbar]
         want = reference_branch_points(hbar, hwe, B, cfg.max_branches_per_response, w)
-        got = [(int(ro["parent"][i]) - p * G, int(ro["branch_at"][i])) for i in group if ro["parent"][i] >= 0]
+        got = [(int(ro.parent[i]) - p * G, int(ro.branch_at[i])) for i in group if ro.parent[i] >= 0]
         assert got == want
         n_branches += len(got)
     assert n_branches > 0, "the test needs some branches: lower the entropy quantile"
     for i in range(N):
-        n, t, parent = int(lengths[i]), int(ro["branch_at"][i]), int(ro["parent"][i])
-        assert ro["resp_mask"][i, :n].all() and not ro["resp_mask"][i, n:].any()
-        expect_loss = torch.arange(ro["tokens"].shape[1]) >= t
-        assert torch.equal(ro["loss_mask"][i], expect_loss & ro["resp_mask"][i])  # starts at the branch point
+        n, t, parent = int(lengths[i]), int(ro.branch_at[i]), int(ro.parent[i])
+        assert ro.resp_mask[i, :n].all() and not ro.resp_mask[i, n:].any()
+        expect_loss = torch.arange(ro.tokens.shape[1]) >= t
+        assert torch.equal(ro.loss_mask[i], expect_loss & ro.resp_mask[i])  # starts at the branch point
         if parent >= 0:
-            assert parent // G == i // G and ro["parent"][parent] < 0 and 1 <= t < n
-            assert torch.equal(ro["tokens"][i, :t], ro["tokens"][parent, :t])  # the prefix is the parent's
-            assert torch.equal(ro["logprobs"][i, :t], ro["logprobs"][parent, :t])
+            assert parent // G == i // G and ro.parent[parent] < 0 and 1 <= t < n
+            assert torch.equal(ro.tokens[i, :t], ro.tokens[parent, :t])  # the prefix is the parent's
+            assert torch.equal(ro.logprobs[i, :t], ro.logprobs[parent, :t])
             # the whole branch row, prefix and continuation, is a sequence the policy could have sampled
-            logp, _ = teacher_forced(model, prompts[i // G], ro["tokens"][i, :n], 0, T_SAMPLE)
-            torch.testing.assert_close(ro["logprobs"][i, :n], logp, atol=1e-4, rtol=0)
+            logp, _ = teacher_forced(model, prompts[i // G], ro.tokens[i, :n], 0, T_SAMPLE)
+            torch.testing.assert_close(ro.logprobs[i, :n], logp, atol=1e-4, rtol=0)
         else:
             assert t == 0
 
@@ -317,10 +317,10 @@ def test_groups_have_g_responses_without_hwe_candidates(tiny, demo_data):
     ids = ares.special_ids(model, processor)
     none = torch.zeros(model.config.get_text_config().vocab_size, dtype=torch.bool)
     ro = ares.rollout_groups(model, prompts, cfg, ids, torch.Generator().manual_seed(0), triggers=none)
-    assert ro["tokens"].shape[0] == len(prompts) * cfg.group_size
-    assert (ro["parent"] == -1).all() and (ro["branch_at"] == 0).all()
-    assert torch.equal(ro["loss_mask"], ro["resp_mask"])
-    assert (ro["resp_mask"].sum(1) >= 1).all()
+    assert ro.tokens.shape[0] == len(prompts) * cfg.group_size
+    assert (ro.parent == -1).all() and (ro.branch_at == 0).all()
+    assert torch.equal(ro.loss_mask, ro.resp_mask)
+    assert (ro.resp_mask.sum(1) >= 1).all()
 
 
 def test_branch_samples_zero_is_plain_group_sampling(tiny, demo_data):
@@ -332,10 +332,10 @@ def test_branch_samples_zero_is_plain_group_sampling(tiny, demo_data):
     plain = ares.sample(model, prompts, ids=ids, max_new_tokens=cfg.max_response_len, repeats=cfg.group_size,
                         temperature=T_SAMPLE, top_p=TOP_P, generator=torch.Generator().manual_seed(5))
     R = plain["tokens"].shape[1]
-    assert ro["tokens"].shape == (len(prompts) * cfg.group_size, R)
-    assert torch.equal(ro["tokens"], plain["tokens"]) and torch.equal(ro["resp_mask"], plain["mask"])
-    assert torch.equal(ro["logprobs"], plain["logprobs"]) and torch.equal(ro["loss_mask"], plain["mask"])
-    assert (ro["parent"] == -1).all()
+    assert ro.tokens.shape == (len(prompts) * cfg.group_size, R)
+    assert torch.equal(ro.tokens, plain["tokens"]) and torch.equal(ro.resp_mask, plain["mask"])
+    assert torch.equal(ro.logprobs, plain["logprobs"]) and torch.equal(ro.loss_mask, plain["mask"])
+    assert (ro.parent == -1).all()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,13 +352,13 @@ def test_under_gradient_checkpointing_the_update_runs_whole_sequences_with_the_s
     prompts = encoded_prompts(tiny[1], demo_data["rl"], [0, 1])
     run = SimpleNamespace(hf=model, ids=ares.special_ids(model, tiny[1]))
     tokens = torch.randint(100, 300, (4, 6), generator=torch.Generator().manual_seed(0))
-    ro = dict(tokens=tokens, resp_mask=torch.arange(6)[None] < torch.tensor([[6], [3], [5], [2]]))
+    ro = SimpleNamespace(tokens=tokens, resp_mask=torch.arange(6)[None] < torch.tensor([[6], [3], [5], [2]]))
     whole = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
     with torch.no_grad():
         shared = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
         assert "prompt_index" in shared and "prompt_index" not in whole
         a, b = ares.Policy(model)(shared)[0], ares.Policy(model)(whole)[0]
-    torch.testing.assert_close(a[ro["resp_mask"]], b[ro["resp_mask"]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[ro.resp_mask], b[ro.resp_mask], atol=1e-5, rtol=0)
 
 
 def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(tiny, demo_data):
@@ -371,14 +371,14 @@ def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(ti
     ares.prepare_training(cfg, run, torch.device("cpu"), total=10)
     run.state.update(kappa=torch.ones(3, dtype=torch.float64))
     ro = ares.rollout_groups(hf, prompts, cfg, run.ids, torch.Generator().manual_seed(0))
-    N, lengths = ro["tokens"].shape[0], ro["resp_mask"].sum(1)
+    N, lengths = ro.tokens.shape[0], ro.resp_mask.sum(1)
     acc = torch.tensor([1.0, 1.0, 0.0, 0.0] * len(prompts))  # the first two responses of each group are "right"
     adv = ares.grpo_advantages(acc, G).float()
     bucket = ares.difficulty_buckets(acc, G)
-    no_hwe = torch.zeros_like(ro["resp_mask"])
+    no_hwe = torch.zeros_like(ro.resp_mask)
 
     def seq_logprobs():
-        return torch.tensor([teacher_forced(hf, prompts[i // G], ro["tokens"][i, :lengths[i]], 0, T_SAMPLE)[0].sum()
+        return torch.tensor([teacher_forced(hf, prompts[i // G], ro.tokens[i, :lengths[i]], 0, T_SAMPLE)[0].sum()
                              for i in range(N)])
 
     before = seq_logprobs()

@@ -119,7 +119,7 @@ def test_profile_of_an_update_micro_batch(tmp_path):
     ref = trace_seconds(json.loads(trace.read_text()))
     for key in ("gemm", "attention", "vision"):
         assert abs(ref[key] / ref["total"] - s[key]) < 1e-4, (key, ref[key] / ref["total"], s[key])
-    layers = data_prep.build_tiny(0)[0].config.get_text_config().num_hidden_layers
+    layers = ares.build_tiny(0)[0].config.get_text_config().num_hidden_layers
     assert ref["ranges"]["ares::recompute:layer"] == layers == prof["ranges"]["ares::recompute:layer"]
     assert ref["ranges"]["ares::vision"] == 1 and ref["ranges"]["ares::recompute:head"] == 1  # < 1024 response tokens
     assert ref["ranges"] == prof["ranges"]

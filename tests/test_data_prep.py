@@ -147,6 +147,24 @@ def test_imports_point_one_way():
     assert local_imports(ROOT / "bench.py") <= {"ares", "data_prep"}
 
 
+def test_data_prep_holds_data_and_verdicts_only():
+    """The layout rules (README, "Reading ares.py"): data_prep.py knows nothing of the trainer (no process group,
+    checkpoint, tracker, LoRA or model loading, no trainer config), and no file cites a spec a reader cannot open."""
+    import re
+
+    code = (ROOT / "data_prep.py").read_text()
+    for trainer_only in ("torch.distributed", "ForConditionalGeneration", "save_checkpoint", "peft", "tensorboard", "wandb",
+                         "AutoModel", "DistributedDataParallel"):
+        assert trainer_only not in code, trainer_only
+    assert not re.search(r"\bcfg\.", code)  # plain arguments, never ares.py's Config
+    for f in ("ares.py", "data_prep.py", "eval.py", "bench.py"):
+        assert "spec §" not in (ROOT / f).read_text().lower(), f
+    ares_code = (ROOT / "ares.py").read_text()
+    part1 = ares_code[:ares_code.index("# PART 2: THE TRAINER'S INFRASTRUCTURE")]
+    for infrastructure in ("def load_model", "def save_checkpoint", "def validate_config", "class Policy", "def main"):
+        assert infrastructure not in part1 and infrastructure in ares_code, infrastructure
+
+
 @pytest.mark.parametrize("name", sorted(data_prep.PRESETS))
 def test_preset_maps_a_mock_row_shaped_like_its_card(name, tmp_path):
     path, expected = preset_case(name, tmp_path)
@@ -391,7 +409,7 @@ def test_passrate_is_k_graded_samples_and_the_same_on_one_and_two_processes(tmp_
         ev.main(args + ["--out", str(tmp_path / "one.jsonl")])  # one process: this one (eval.py runs passrate)
     finally:
         torch.set_num_threads(threads)
-    run_script(["data_prep.py"] + args + ["--out", tmp_path / "two.jsonl"], nproc=2)
+    run_script(["eval.py"] + args + ["--out", tmp_path / "two.jsonl"], nproc=2)
     one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
     two = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
     assert one == two

@@ -53,7 +53,7 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     page = (out / "explore.html").read_text()
     assert page.count('class="t') > 100 and "branched from" in page and "tau =" in page
     assert "cold start" in res.stdout and "ARES" in res.stdout and "stage times" in res.stdout
-    assert "--nproc_per_node=2 data_prep.py passrate" in res.stdout and "$ python data_prep.py adacs" in res.stdout
+    assert "--nproc_per_node=2 eval.py passrate" in res.stdout and "$ python data_prep.py adacs" in res.stdout
     # the README's opening table (`eval.py --demo` over runs; here the same run twice): every level of both decodings,
     # and the trace styles at T = 1, whose cold-start share of re-checks on easy problems is counted here again
     summary = run_script(["eval.py", "--demo", out, "--demo", out]).stdout

@@ -276,12 +276,12 @@ dist.destroy_process_group()
 def mid_size_ckpt(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL widened to 25.7M parameters (103 MB in fp32): large enough to stand out of the noise."""
     out = tmp_path_factory.mktemp("mid")
-    sizes = dict(data_prep.TINY_SIZES)
+    sizes = dict(ares.TINY_SIZES)
     try:
-        data_prep.TINY_SIZES.update(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1536)
-        model, processor = data_prep.build_tiny(0)
+        ares.TINY_SIZES.update(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1536)
+        model, processor = ares.build_tiny(0)
     finally:
-        data_prep.TINY_SIZES.update(sizes)
+        ares.TINY_SIZES.update(sizes)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -67,9 +67,9 @@ def test_pass_at_1_standard_error_and_no_buckets():
 
 
 def test_pass_rate_buckets_use_spec_cutoffs():
-    # spec §3 with 8 samples: easy = 6-8 correct, medium = 3-5, hard = 0-2
-    assert [ev.pass_rate_bucket(k / 8) for k in range(9)] == ["hard"] * 3 + ["medium"] * 3 + ["easy"] * 3
-    assert ev.pass_rate_bucket(2 / 3) == "easy" and ev.pass_rate_bucket(1 / 3) == "medium"
+    # App. G with 8 samples: easy = 6-8 correct, medium = 3-5, hard = 0-2
+    assert [data_prep.pass_rate_bucket(k / 8) for k in range(9)] == ["hard"] * 3 + ["medium"] * 3 + ["easy"] * 3
+    assert data_prep.pass_rate_bucket(2 / 3) == "easy" and data_prep.pass_rate_bucket(1 / 3) == "medium"
     rows = [dict(pass_rate=0.9), dict(pass_rate=None)]
     assert ev.bucket_field(rows, "auto") == "pass_rate"
     assert [ev.bucket_of(r, "pass_rate") for r in rows] == ["easy", "n/a"]
@@ -172,7 +172,7 @@ def test_one_and_two_processes_agree_and_the_cache_is_reused(tmp_path, tiny_ckpt
 def terse_ckpt(tmp_path_factory) -> Path:
     """The tiny model edited to answer at once: its end-of-turn embedding (tied to the output layer) is made the
     top logit wherever the random model would repeat '\\n', so its responses are 1 token instead of 24."""
-    model, processor = data_prep.build_tiny(seed=0)
+    model, processor = ares.build_tiny(seed=0)
     tok = data_prep.tokenizer_of(processor)
     newline, eot = tok("\n", add_special_tokens=False)["input_ids"][0], tok.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():

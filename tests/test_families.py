@@ -24,12 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(family: str, seed: int = 0):
-    """(model, processor) of a random tiny model of `family`, sized like data_prep.TINY_SIZES."""
+    """(model, processor) of a random tiny model of `family`, sized like ares.TINY_SIZES."""
     import transformers as tf
 
     tok = data_prep.tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
-    s = data_prep.TINY_SIZES
+    s = ares.TINY_SIZES
     text = dict(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
                 num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=4096,
                 tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
@@ -39,7 +39,7 @@ def tiny_model(family: str, seed: int = 0):
                       tie_word_embeddings=True, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
     patch = 14
     if family == "qwen2_5_vl":
-        model, processor = data_prep.build_tiny(seed)
+        model, processor = ares.build_tiny(seed)
         model.config.ares_tiny = True
         return model, processor
     if family == "qwen2":
@@ -70,7 +70,7 @@ def tiny_model(family: str, seed: int = 0):
         return model, tok
     image_processor = tf.Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=(4 * patch) ** 2,
                                                   max_pixels=(8 * patch) ** 2)
-    return model, data_prep.processor_class()(image_processor, tok, chat_template=data_prep.TINY_CHAT_TEMPLATE)
+    return model, ares.processor_class()(image_processor, tok, chat_template=data_prep.TINY_CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

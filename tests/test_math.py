@@ -129,7 +129,7 @@ def test_window_entropy_matches_naive_loop(w):
 
 
 def test_window_entropy_is_accurate_on_a_16k_token_response():
-    R, w = 16384, 4  # spec §7: 16k response tokens
+    R, w = 16384, 4  # README: paper settings: 16k response tokens
     H, mask = ragged([R, R - 5], R, seed=1, scale=3.0)
     hbar, valid = ares.window_entropy(H, mask, w)
     Hd = H.double().numpy()
@@ -181,7 +181,7 @@ def test_trigger_table_matches_decoded_stripped_lowercased_words():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Threshold tau (spec §1)
+# Threshold tau (§3.2.1)
 
 
 @pytest.mark.parametrize("q", [0.95, 0.5])
@@ -209,7 +209,7 @@ Rk = max(lengths[i] for i in rows)  # ranks pad to different widths
 Hk = H[list(rows), :Rk]
 mask = torch.arange(Rk)[None] < torch.tensor([lengths[i] for i in rows])[:, None]
 tau = ares.hwe_threshold(Hk, mask, 0.95)
-# the bucket means behind the reward targets are global too (spec §4)
+# the bucket means behind the reward targets are global too (App. I, M)
 n_he = torch.tensor([[2.0, 4.0, 9.0], [20.0, 30.0, 1.0, 3.0, 5.0]][rank])
 bucket = torch.tensor([[0, 0, 2], [2, 2, 1, 1, 1]][rank])
 for_reward, new = ares.update_targets(torch.tensor([float("nan"), 10.0, float("nan")], dtype=torch.float64), n_he, bucket)
@@ -240,7 +240,7 @@ def test_hwe_threshold_across_two_ranks_is_the_threshold_of_the_concatenated_bat
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Difficulty buckets (spec §3)
+# Difficulty buckets (App. G)
 
 
 def test_difficulty_buckets_g8_easy_6_to_8_medium_3_to_5_hard_0_to_2():
@@ -260,7 +260,7 @@ def test_difficulty_buckets_use_exact_thirds(G):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hierarchical entropy reward and targets (spec §4)
+# Hierarchical entropy reward and targets (App. I, M)
 
 
 def sig(x, s):
@@ -396,7 +396,7 @@ def test_reward_monotonic_easy_correct_never_gains_from_more_n_he_hard_never_los
 
 
 def test_every_correct_response_outranks_every_wrong_one_at_alpha_0_4_not_0_5():
-    """Spec §4: alpha < 5/12 keeps every correct response above every wrong one in every bucket, for all N_HE and
+    """§4: alpha < 5/12 keeps every correct response above every wrong one in every bucket, for all N_HE and
     targets in 0..500; the released alpha = 0.5 breaks that for hard prompts."""
     worst = {}
     with one_thread():
@@ -418,7 +418,7 @@ def test_every_correct_response_outranks_every_wrong_one_at_alpha_0_4_not_0_5():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GRPO advantages (spec §6)
+# GRPO advantages (Eq. 2)
 
 
 def test_grpo_advantages_match_python_loop_with_unbiased_std():
@@ -435,7 +435,7 @@ def test_grpo_advantages_match_python_loop_with_unbiased_std():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dynamic KL (spec §5)
+# Dynamic KL (Eq. 1, Alg. 1)
 
 
 def test_k3_is_nonnegative_zero_when_equal_and_matches_hand_values():
@@ -464,7 +464,7 @@ def test_kl_weights_relax_inside_windows_and_equal_beta0_b_kappa_outside():
     hwe = torch.rand(6, 9, generator=g) < 0.3
     bucket = torch.tensor([EASY, MEDIUM, HARD, HARD, EASY, MEDIUM])
     kappa = torch.tensor([1.5, 0.7, 2.0], dtype=torch.float64)
-    b = {EASY: 2.0, MEDIUM: 1.0, HARD: 0.5}  # spec §5: tight on easy, loose on hard
+    b = {EASY: 2.0, MEDIUM: 1.0, HARD: 0.5}  # Eq. 1, Alg. 1: tight on easy, loose on hard
     for rho in (0.5, 0.2):
         W = ares.kl_weights(hwe, bucket, kappa, 0.01, rho)
         assert W.shape == (6, 9)

@@ -46,11 +46,11 @@ def read_jsonl(path) -> list[dict]:
 def test_run_record_holds_every_resolved_flag_versions_and_the_prompt_suffix(tmp_path):
     cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", "some/hub-model", "--data", "x",
                                                          "--out", str(tmp_path), "--lr", "3e-6"]), "aepo")
-    record = data_prep.check_run_record(cfg, ares.RESUMABLE)
+    record = ares.check_run_record(cfg, ares.RESUMABLE)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved == json.loads(json.dumps(record))
     assert saved["flags"]["lr"] == 3e-6 and saved["flags"]["batch_size"] == 512  # given, and the stage default
-    assert saved["flags"]["prompt_suffix"].startswith("You FIRST think about the reasoning process")  # spec §7
+    assert saved["flags"]["prompt_suffix"].startswith("You FIRST think about the reasoning process")  # README: paper settings
     assert saved["versions"]["torch"] == torch.__version__ and saved["versions"]["python"] == sys.version.split()[0]
     assert saved["git_commit"] is None or len(saved["git_commit"]) == 40
     tiny = ares.resolve_stage_defaults(ares.Config(model="tiny", data="x"), "aepo")
@@ -64,11 +64,11 @@ def test_resume_stops_on_changed_flags_and_lists_them_but_lets_steps_change(tmp_
         return ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", "tiny", "--data", "x",
                                                               "--out", str(tmp_path), *flags]), "aepo")
 
-    data_prep.check_run_record(cfg("--lr", "1e-4", "--steps", "5"), ares.RESUMABLE)
-    data_prep.check_run_record(cfg("--lr", "1e-4", "--steps", "9", "--save-every", "3", "--resume"), ares.RESUMABLE)  # may change
+    ares.check_run_record(cfg("--lr", "1e-4", "--steps", "5"), ares.RESUMABLE)
+    ares.check_run_record(cfg("--lr", "1e-4", "--steps", "9", "--save-every", "3", "--resume"), ares.RESUMABLE)  # may change
     assert json.loads((tmp_path / "config.json").read_text())["flags"]["steps"] == 9
     with pytest.raises(SystemExit) as e:
-        data_prep.check_run_record(cfg("--lr", "2e-4", "--window", "3", "--steps", "9", "--resume"), ares.RESUMABLE)
+        ares.check_run_record(cfg("--lr", "2e-4", "--window", "3", "--steps", "9", "--resume"), ares.RESUMABLE)
     msg = str(e.value)
     assert "--lr 0.0002 (was 0.0001)" in msg and "--window 3 (was 1)" in msg and "--steps" in msg.split("Only")[1]
     assert "\n" not in msg
@@ -106,7 +106,7 @@ def test_trackers_get_exactly_the_numbers_of_the_metrics_rows(tmp_path, monkeypa
     for kind in ("tensorboard", "wandb"):
         out = tmp_path / kind
         out.mkdir()
-        metrics = data_prep.Metrics(out, 2, 0, kind, tracker=data_prep.open_tracker(ares.Config(report_to=kind), out,
+        metrics = ares.Metrics(out, 2, 0, kind, tracker=ares.open_tracker(ares.Config(report_to=kind), out,
                                                                                 {"flags": {}}))
         for r in rows:
             metrics.log(r, ())
@@ -116,7 +116,7 @@ def test_trackers_get_exactly_the_numbers_of_the_metrics_rows(tmp_path, monkeypa
     assert tb.calls == expected and tb.closed and tb.log_dir == str(tmp_path / "tensorboard" / "tensorboard")
     assert logged[0]["config"] == {"flags": {}} and logged[0]["dir"] == str(tmp_path / "wandb")
     assert [(k, v, s) for row, s in logged[1:3] for k, v in row.items()] == expected and logged[3] == "finished"
-    assert data_prep.open_tracker(ares.Config(report_to="none"), tmp_path, {}) is None
+    assert ares.open_tracker(ares.Config(report_to="none"), tmp_path, {}) is None
 
 
 def test_a_missing_tracker_or_peft_package_is_one_line_before_anything_loads(monkeypatch, tmp_path):
@@ -134,8 +134,8 @@ def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    metrics = data_prep.Metrics(tmp_path, 2, 0, "x",
-                                tracker=data_prep.open_tracker(ares.Config(report_to="tensorboard"), tmp_path, {}))
+    metrics = ares.Metrics(tmp_path, 2, 0, "x",
+                                tracker=ares.open_tracker(ares.Config(report_to="tensorboard"), tmp_path, {}))
     for step, loss in ((1, 0.5), (2, 0.25)):
         metrics.log(dict(step=step, loss=loss), ())
     metrics.close()
@@ -147,7 +147,7 @@ def test_wandb_offline_writes_the_run_without_a_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracker = data_prep.open_tracker(ares.Config(report_to="wandb"), tmp_path, {"flags": {"lr": 0.125}})
+    tracker = ares.open_tracker(ares.Config(report_to="wandb"), tmp_path, {"flags": {"lr": 0.125}})
     for step, loss in ((1, 0.5), (2, 0.375)):
         tracker.log(dict(step=step, loss=loss, skipped_reason="text is not sent"))
     tracker.close()
@@ -167,7 +167,7 @@ def test_wandb_offline_writes_the_run_without_a_network(tmp_path, monkeypatch):
 
 def test_buckets_of_fractional_scores_follow_the_group_mean_by_hand():
     scores = torch.tensor([0.5] * 4 + [0.9] * 4 + [0.2] * 4 + [1.0, 1.0, 0.0, 0.0])  # p = 0.5, 0.9, 0.2, 0.5
-    assert ares.difficulty_buckets(scores, 4)[::4].tolist() == [1, 0, 2, 1]  # medium, easy, hard, medium (spec §3)
+    assert ares.difficulty_buckets(scores, 4)[::4].tolist() == [1, 0, 2, 1]  # medium, easy, hard, medium (App. G)
 
 
 def test_keep_first_keeps_the_first_n_kept_groups_by_hand():
@@ -210,9 +210,8 @@ def test_a_bad_reward_fn_is_one_line_naming_the_flag(spec, words, tmp_path):
 
 def test_a_reward_outside_0_1_names_the_function_and_record(tmp_path):
     (tmp_path / "bad.py").write_text("def f(record, response):\n    return 1.5\n")
-    cfg = ares.Config(reward_fn=f"{tmp_path}/bad.py:f", group_size=2)
     with pytest.raises(ValueError, match="returned 1.5 for record r1"):
-        data_prep.score_responses(cfg, [dict(id="r1", answer="1")], ["a", "b"])
+        data_prep.score_responses([dict(id="r1", answer="1")], ["a", "b"], 2, f"{tmp_path}/bad.py:f")
 
 
 REFILL_DRIVER = '''
@@ -264,6 +263,7 @@ def test_validation_logs_what_eval_py_measures_on_the_checkpoint(tiny_ckpt, demo
     ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--keep-uniform-groups", "--eval-data",
                         demo_data["test"], "--eval-every", 2, "--lr", "1e-2"))
     rows = read_jsonl(out / "metrics.jsonl")
+    evaluation.main(["curves", str(out / "metrics.jsonl")])  # the command the run prints at its end
     assert "eval_acc" not in rows[0] and (out / "curves.png").stat().st_size > 0
     res = evaluation.evaluate(evaluation.parse_config(["--model", str(out / "final"), "--data", str(demo_data["test"]),
                                                        "--out", str(tmp_path / "eval"), "--max-new-tokens", "12"]))
@@ -297,15 +297,15 @@ def test_hf_export_merges_w_plus_scaled_ba_as_the_lora_forward_computes_it():
     sd = {"m.q_proj.base_layer.weight": W, "m.q_proj.base_layer.bias": b, "m.q_proj.lora_A.default.weight": A,
           "m.q_proj.lora_B.default.weight": B, "m.norm.weight": torch.ones(3)}
     hf = types.SimpleNamespace(ares_lora=(types.SimpleNamespace(lora_alpha=8, r=2), True))
-    weights, adapter = data_prep.hf_export(hf, sd)
+    weights, adapter = ares.hf_export(hf, sd)
     assert set(weights) == {"m.q_proj.weight", "m.q_proj.bias", "m.norm.weight"}
     assert set(adapter) == {"base_model.model.m.q_proj.lora_A.weight", "base_model.model.m.q_proj.lora_B.weight"}
     x = torch.randn(4, 3)
     lora_forward = x @ W.T + b + 4.0 * (x @ A.T) @ B.T  # scale alpha / r = 8 / 2
     torch.testing.assert_close(x @ weights["m.q_proj.weight"].T + weights["m.q_proj.bias"], lora_forward)
     hf.ares_lora = (hf.ares_lora[0], False)
-    assert torch.equal(data_prep.hf_export(hf, sd)[0]["m.q_proj.weight"], W)  # unmerged: the base weights
-    assert data_prep.hf_export(types.SimpleNamespace(), sd) == (sd, {})
+    assert torch.equal(ares.hf_export(hf, sd)[0]["m.q_proj.weight"], W)  # unmerged: the base weights
+    assert ares.hf_export(types.SimpleNamespace(), sd) == (sd, {})
 
 
 def test_lora_trains_only_adapters_its_reference_is_the_base_and_peft_reads_the_checkpoint(tiny_ckpt, demo_data,
@@ -341,9 +341,9 @@ def test_lora_trains_only_adapters_its_reference_is_the_base_and_peft_reads_the_
     start = ares.Policy(AutoModelForImageTextToText.from_pretrained(tiny_ckpt).eval())
     record = data_prep.load_records(str(demo_data["rl"]))[0]
     prompt = data_prep.encode_prompt(run.processor, record)
-    batch = data_prep.make_batch(run.hf, [prompt], [torch.tensor([100, 101, 102])], run.ids["pad"], "cpu")
+    batch = ares.make_batch(run.hf, [prompt], [torch.tensor([100, 101, 102])], run.ids["pad"], "cpu")
     with torch.no_grad():
-        ref, lora, base_lp = data_prep.lora_reference(run.hf, run.model)(batch)[0], run.model(batch)[0], start(batch)[0]
+        ref, lora, base_lp = ares.lora_reference(run.hf, run.model)(batch)[0], run.model(batch)[0], start(batch)[0]
     torch.testing.assert_close(ref, base_lp)
     assert not torch.allclose(lora, base_lp)
 
