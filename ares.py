@@ -124,13 +124,16 @@ class Config:
     reward_fn: str = arg("", "file.py:function or module:function: fn(record, response) -> score in [0, 1] (default: the grader)")
     # AEPO KL and loss (Eq. 1, Eq. 2, Alg. 1)
     kl_coef: float = arg(0.01, "beta0: base KL weight (0 = no reference model)", allowed=AT_LEAST_0)
+    kl_mode: str = arg("dynamic", "dynamic: beta0 * b_d * kappa_d * rho^m per token (Eq. 1, Alg. 1); fixed: beta0 on "
+                                  "every token, no controller (plain GRPO)", ("dynamic", "fixed"))
     kl_relax: float = arg(0.5, "rho: KL weight factor inside HWE windows", allowed=AT_LEAST_0)
     kl_target: float = arg(0.01, "delta: target KL outside HWE windows for the kappa controller", allowed=ABOVE_0)
     kl_adapt_rate: float = arg(0.05, "alpha_kappa: controller step size", allowed=AT_LEAST_0)
     ref_model: str = arg("", "AEPO reference policy for the KL term (default: the starting --model)")
     clip_low: float = arg(0.2, "epsilon_low of the clipped ratio", allowed=("in [0, 1)", lambda v: 0 <= v < 1))
     clip_high: float = arg(0.3, "epsilon_high of the clipped ratio", allowed=AT_LEAST_0)
-    dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages", allowed=("> 1", lambda v: v > 1))
+    dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages (0 = off)",
+                           allowed=("0 (off) or > 1", lambda v: v == 0 or v > 1))
     loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)",
                         ("seq-mean-token-mean", "token-mean"))
     minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)", allowed=AT_LEAST_1)
@@ -409,7 +412,7 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
     """Eq. 2 with asymmetric and dual clipping (Eq. 2), plus the token-weighted KL of Eq. 1.
     logp, logp_old, logp_ref, kl_w, mask (N, R); adv (N,). Per token:
         l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  r = exp(logp - logp_old)
-        l = min(l, -c A) where A < 0,                          then  l + beta_{i,t} * k3(logp, logp_ref)
+        l = min(l, -c A) where A < 0 (c = 0: no dual clip),   then  l + beta_{i,t} * k3(logp, logp_ref)
     Aggregation divides by a GLOBAL count `denom` (all micro-batches and ranks of the optimizer step):
         seq-mean-token-mean: sum_i (sum_t l_it / L_i) / denom, denom = responses in the step
         token-mean:          sum_{i,t} l_it / denom,          denom = loss tokens in the step
@@ -421,7 +424,8 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
     ratio = torch.exp(logp - logp_old)
     a = adv[:, None].to(logp)
     pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
-    pg = torch.where(a < 0, torch.minimum(pg, -dual_clip * a), pg)
+    if dual_clip:
+        pg = torch.where(a < 0, torch.minimum(pg, -dual_clip * a), pg)
     kl = k3_kl(logp, logp_ref) if logp_ref is not None else torch.zeros_like(logp)
     per_token = pg + kl_w * kl
     if agg == "token-mean":
@@ -801,7 +805,7 @@ def train_aepo(cfg: Config) -> Path:
             upd = aepo_update(cfg, run, ref, device, prompts, ro, sc.adv, sc.bucket, sc.hwe, sc.keep,
                               torch.Generator().manual_seed(step_seed(cfg, step)))
             refresh_sampling_copy(sampler, run.hf)
-            if ref is not None:
+            if ref is not None and cfg.kl_mode == "dynamic":
                 st["kappa"] = update_kl_controller(st["kappa"], upd["kl_outside"], upd["kl_seen"], cfg.kl_target,
                                                    cfg.kl_adapt_rate)
         else:
@@ -938,7 +942,8 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     rows = keep.nonzero().squeeze(1)
     rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
     loss_mask = ro.loss_mask.float()  # (N, R) the tokens each row sampled itself
-    kl_w = kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax)  # (N, R)
+    kl_w = (kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax) if cfg.kl_mode == "dynamic"
+            else torch.full(hwe.shape, cfg.kl_coef))  # (N, R) beta_{i,t}; fixed: plain GRPO's one beta
     all_rows = list(range(len(ro.tokens)))
     old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
     ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None  # (N, R)
@@ -2148,7 +2153,8 @@ DEMO = dict(sft=16000, pool=1200, rl=1000, test=300)  # problems per split (the 
 DEMO_STEPS = dict(warmup=800, coldstart=300, aepo=100)  # optimizer steps of the warm-up, cold start and AEPO
 
 
-BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0"]  # plain GRPO: no entropy reward, no branching
+BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0", "--kl-mode", "fixed", "--clip-high", "0.2",
+            "--dual-clip", "0"]  # plain GRPO: R = acc, no branching, one fixed beta, symmetric clip 0.2, no dual clip
 
 
 def demo_flags(cfg: Config) -> list[str]:

@@ -415,6 +415,21 @@ def test_three_aepo_steps_in_one_process(tiny_ckpt, demo_data, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """The demo's GRPO (--kl-mode fixed): every loss token weighs its KL by beta0 (no bucket multiplier, no window
+    relaxation), and kappa never moves; the dynamic run of the test above moves it."""
+    seen = []
+    loss = ares.aepo_loss
+    monkeypatch.setattr(ares, "aepo_loss", lambda *a, **kw: seen.append(a[4][a[5].bool()]) or loss(*a, **kw))
+    out = tmp_path / "grpo"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--keep-uniform-groups", "--kl-mode", "fixed",
+                        "--kl-coef", "0.02", "--window", 2, "--entropy-quantile", 0.5))
+    weights = torch.cat(seen)
+    assert len(weights) > 0 and (weights == 0.02).all()
+    assert torch.equal(saved_state(out / "final")["kappa"], torch.ones(3, dtype=torch.float64))
+    assert all(r["kappa_easy"] == r["kappa_medium"] == r["kappa_hard"] == 1.0 for r in read_jsonl(out / "metrics.jsonl"))
+
+
 DRIVER = '''
 """torchrun worker: the same AEPO run with DDP, then with FSDP2, each rank dumping its final parameters and state.
 Grading is replaced by a fixed pattern so that rank 0's group is always mixed while rank 1's is all wrong on odd

@@ -565,6 +565,20 @@ def test_aepo_loss_and_gradient_match_per_token_loop(agg, with_ref):
     assert (x.grad[~mask] == 0).all()
 
 
+def test_plain_grpo_loss_is_symmetric_clip_without_dual_clip_and_one_beta():
+    """The demo's baseline (--clip-high 0.2 --dual-clip 0 --kl-mode fixed): the loop with eps = 0.2 on both sides, no
+    dual-clip bound (c = infinity) and beta0 on every token."""
+    logp, logp_old, logp_ref, adv, _, mask = loss_batch()
+    beta = torch.full(mask.shape, 0.01, dtype=torch.float64)
+    x = logp.clone().requires_grad_()
+    loss, _ = ares.aepo_loss(x, logp_old, logp_ref, adv, beta, mask, "seq-mean-token-mean", mask.shape[0],
+                             clip_low=0.2, clip_high=0.2, dual_clip=0)
+    ref = loop_loss(logp, logp_old, logp_ref, adv, beta, mask.tolist(), "seq-mean-token-mean", 0.2, 0.2, c=math.inf)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    with_dual = ares.aepo_loss(x, logp_old, logp_ref, adv, beta, mask, "seq-mean-token-mean", mask.shape[0], 0.2, 0.2, 3.0)
+    assert with_dual[0].item() < loss.item()  # the batch has r > 3 with A < 0: the dual clip binds there
+
+
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 def test_micro_batches_with_the_global_denominator_sum_to_the_full_batch(agg):
     logp, logp_old, logp_ref, adv, kl_w, mask = loss_batch()
