@@ -61,6 +61,7 @@ import functools
 import io
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -70,6 +71,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -377,30 +379,43 @@ class GraderTimeout(BaseException):  # not an Exception: math-verify's and sympy
     pass
 
 
-def _math_equal(pred: str, answer: str, timeout: float) -> bool:
-    """math-verify's equivalence, stopped after `timeout` seconds by a SIGALRM timer (main thread only)."""
-    import logging
-
-    from math_verify import parse, verify
-
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the timer is ours
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise GraderTimeout in the body once `seconds` have passed: a SIGALRM timer, so on the main thread only
+    (elsewhere the body runs unbounded) and only where Python code runs (not inside a C call that ignores signals).
+    An alarm due just as the body ends raises here too: the body did take the whole time."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def stop(*_):
         raise GraderTimeout
 
     previous = signal.signal(signal.SIGALRM, stop)
     try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _math_equal(pred: str, answer: str, timeout: float) -> bool:
+    """math-verify's equivalence, stopped after `timeout` seconds (time_limit: main thread only)."""
+    import logging
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning: the timer is ours
+    try:
+        with time_limit(timeout):
             gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
             guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
             return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm due before this line is caught just below
     except (GraderTimeout, Exception):  # noqa: BLE001 - a grader must not crash training on odd model output
         return False
-    finally:
-        signal.signal(signal.SIGALRM, previous)
 
 
 _WIDE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # fullwidth ASCII -> ASCII (as NFKC maps them)
@@ -536,6 +551,7 @@ def grader_pool(n: int) -> GraderPool:
 def grader_worker():
     """A grader process: one JSON [prediction, answer, timeout] per input line -> 'true' or 'false' per line."""
     reply, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to report; this ends when its pipe closes
     print("ready", file=reply, flush=True)
     for line in sys.stdin:
         pred, answer, timeout = json.loads(line)
@@ -563,17 +579,45 @@ def load_reward_fn(spec: str):
 def score_responses(recs: list[dict], texts: list[str], group_size: int, reward_fn: str = "", timeout: float = 3.0,
                     workers: int = 4) -> torch.Tensor:
     """acc (N,) of the len(recs) * G responses `texts` (groups of G = group_size, record-major): the score in [0, 1]
-    of `reward_fn` (ares.py's --reward-fn, 'file.py:fn'), else the grader's 0/1 (the last \\boxed{} against the
-    record's answer; `timeout` seconds per answer, `workers` grader processes)."""
+    of `reward_fn` (ares.py's --reward-fn, 'file.py:fn'; reward_score), else the grader's 0/1 (the last \\boxed{}
+    against the record's answer; `workers` grader processes). Either way an answer still being scored after
+    `timeout` seconds scores 0."""
     G = group_size
     if not reward_fn:
         return torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
                                         timeout, workers), dtype=torch.float)
-    scores = [load_reward_fn(reward_fn)(recs[i // G], t) for i, t in enumerate(texts)]
-    bad = next((i for i, v in enumerate(scores) if not isinstance(v, (int, float)) or not 0 <= v <= 1), None)
-    if bad is not None:
-        raise ValueError(f"--reward-fn {reward_fn} returned {scores[bad]!r} for record {recs[bad // G]['id']}: need [0, 1]")
-    return torch.tensor(scores, dtype=torch.float)
+    fn = load_reward_fn(reward_fn)
+    scores = [reward_score(fn, reward_fn, recs[i // G], t, timeout) for i, t in enumerate(texts)]
+    late = [recs[i // G]["id"] for i, v in enumerate(scores) if v is None]
+    if late:
+        print(f"--reward-fn {reward_fn}: {len(late)} calls ran past --grader-timeout {timeout:g} s and scored 0 "
+              f"(records {', '.join(dict.fromkeys(late))})", flush=True)
+    return torch.tensor([v or 0.0 for v in scores], dtype=torch.float)
+
+
+def reward_score(fn, spec: str, record: dict, response: str, timeout: float) -> float | None:
+    """One call of --reward-fn `spec`: its score as a float, any real number type in [0, 1] (int, float, bool, numpy,
+    a 0-d tensor); None if it ran past `timeout` seconds (time_limit). Anything else ends the run with one line
+    naming the flag, the record and the value or the error; an exception first prints the traceback of the
+    user's function alone, and a sys.exit() inside it is an error too, never the run's success."""
+    try:
+        with time_limit(timeout):
+            value = fn(record, response)
+    except GraderTimeout:
+        return None
+    except (Exception, SystemExit) as e:
+        if isinstance(e, SystemExit):
+            raise SystemExit(f"--reward-fn {spec} called sys.exit({e.code!r}) on record {record['id']}: a reward "
+                             "function must return a score in [0, 1]") from None
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the user's function down, not ours
+        raise SystemExit(f"--reward-fn {spec} raised {type(e).__name__}: {e} on record {record['id']} (its traceback "
+                         "is above)") from None
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy scalar or 0-d array, a 0-d tensor
+        value = value.item()
+    if isinstance(value, numbers.Real) and 0 <= value <= 1:  # NaN fails both comparisons
+        return float(value)
+    raise SystemExit(f"--reward-fn {spec} returned {repr(value)[:80]} ({type(value).__name__}) for record "
+                     f"{record['id']}: it must return a real number in [0, 1]")
 
 
 def format_ok(text: str) -> bool:
@@ -666,17 +710,20 @@ def summarize(responses: list[dict], failed: list[dict], samples: int = 1, field
     return dict(overall=metric_row(responses, failed, metric), buckets=buckets, bucket_field=field_name)
 
 
-def response_lines(records: list[dict], out: dict, tok, samples: int = 1) -> list[dict]:
+def response_lines(records: list[dict], out: dict, tok, samples: int = 1, reward_fn: str = "", timeout: float = 3.0,
+                   workers: int = 0) -> list[dict]:
     """The graded lines of one sample() call on `records` (`samples` responses each, prompt-major): id, sample,
-    answer, prediction, correct, format_ok, tokens (EOS included), truncated, response."""
+    answer, prediction, correct, format_ok, tokens (EOS included), truncated, response. `correct` is the grader's
+    verdict, or with `reward_fn` its score, as score_responses gives them in training (same function, same limit)."""
     lengths = out["mask"].sum(1)  # (N,)
+    texts = [tok.decode(out["tokens"][i, :lengths[i]], skip_special_tokens=True) for i in range(len(lengths))]
+    scores = score_responses(records, texts, samples, reward_fn, timeout, workers).tolist()  # (N,)
     lines = []
-    for i in range(len(lengths)):
-        rec, text = records[i // samples], tok.decode(out["tokens"][i, :lengths[i]], skip_special_tokens=True)
-        pred = extract_boxed(text)
-        lines.append(dict(id=rec["id"], sample=i % samples, answer=rec["answer"], prediction=pred,
-                          correct=is_correct(pred, rec["answer"]), format_ok=format_ok(text), tokens=int(lengths[i]),
-                          truncated=bool(out["truncated"][i]), response=text))
+    for i, text in enumerate(texts):
+        rec = records[i // samples]
+        lines.append(dict(id=rec["id"], sample=i % samples, answer=rec["answer"], prediction=extract_boxed(text),
+                          correct=scores[i] if reward_fn else scores[i] == 1, format_ok=format_ok(text),
+                          tokens=int(lengths[i]), truncated=bool(out["truncated"][i]), response=text))
     return lines
 
 
@@ -694,15 +741,29 @@ def fsync(path: Path):
         os.close(fd)
 
 
-def write_atomically(path: Path, text: str):
-    """Write a new file beside `path`, fsync it, rename it over `path`, fsync the folder."""
+@contextlib.contextmanager
+def atomic_output(path: Path, sync: bool = True):
+    """Yield a temporary path beside `path` (<name>.tmp: writers that go by the suffix need their format named) to
+    write the whole output to; then fsync it (sync=True), rename it over `path` and fsync the folder. A kill or an
+    error at any moment leaves `path` as it was, never a shorter file that a later stage would read as complete."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync(path.parent)
+    try:
+        yield tmp
+        if sync:
+            fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        fsync(path.parent)
+
+
+def write_atomically(path: Path, text: str):
+    """Write `text` to `path` through atomic_output."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -1026,19 +1087,21 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
                     saved[id(img)] = os.path.relpath(img, out.parent)
                 else:
                     img_dir.mkdir(exist_ok=True)
-                    with Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img) as im:
-                        (im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")).save(img_dir / f"{n:07d}_{k}.png")
+                    with Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img) as im, \
+                            atomic_output(img_dir / f"{n:07d}_{k}.png", sync=False) as tmp:
+                        (im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")).save(tmp, format="PNG")
                     saved[id(img)] = f"{img_dir.name}/{n:07d}_{k}.png"
             paths.append(saved[id(img)])
         rows.append(dict(rec, images=paths))
-    if out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic_output(out) as tmp:
+        if out.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), out)
-    else:
-        with open(out, "w") as fh:
-            fh.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with open(tmp, "w") as fh:
+                fh.writelines(json.dumps(r, default=str) + "\n" for r in rows)
     return out
 
 
@@ -1362,7 +1425,8 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
             level = k % 3 + 1
             prob = demo_problem(rng, level)
             rid = f"{split}-{k:05d}"
-            draw_grid(prob["cells"]).save(out / "images" / f"{rid}.png")
+            with atomic_output(out / "images" / f"{rid}.png", sync=False) as tmp:
+                draw_grid(prob["cells"]).save(tmp, format="PNG")
             style = rng.choice(STYLES) if split == "sft" else "steps"
             row = dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
                        source="demo", level=level, difficulty=LEVELS[level])
@@ -1371,12 +1435,10 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
                 slips = prob["slips"] if prob["slips"] and teacher.random() < (MISREAD if level == 1 else SLIP) else {}
                 traces += [dict(row, response=slips.get(s, prob["traces"][s]), style=s) for s in STYLES]
         paths[split] = out / f"{split}.jsonl"
-        with open(paths[split], "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        write_atomically(paths[split], "".join(json.dumps(r) + "\n" for r in rows))
     if traces:
         paths["pool_traces"] = out / "pool_traces.jsonl"
-        with open(paths["pool_traces"], "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in traces)
+        write_atomically(paths["pool_traces"], "".join(json.dumps(r) + "\n" for r in traces))
     return paths
 
 

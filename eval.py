@@ -230,7 +230,8 @@ def pyplot(what: str):
 
 def save_figure(plt, fig, png: Path) -> bool:
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    with data_prep.atomic_output(png) as tmp:
+        fig.savefig(tmp, dpi=90, format=Path(png).suffix.lstrip(".") or "png")
     plt.close(fig)
     return True
 
@@ -434,7 +435,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                                bucket_field=b["field"]) for b in benches},
                    metrics=metrics, failures=failures, table=table, **counts)
     if rank == 0:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        data_prep.write_atomically(out / "results.json", json.dumps(results, indent=2))
     return results
 
 
@@ -655,7 +656,7 @@ def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[d
     gen = torch.Generator().manual_seed(seed)
     ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen)
     hbar, valid = ares.window_entropy(ro.entropy, ro.resp_mask, cfg.window)
-    hwe = ares.hwe_mask(hbar, valid, ro.tau)
+    hwe = ares.hwe_mask(hbar, valid, ro.tau[:, None])  # (N, R): each row against its tau (one round: all equal)
     rows = []
     for i, n in enumerate(ro.resp_mask.sum(1).tolist()):
         toks = ro.tokens[i, :n].tolist()
@@ -663,7 +664,7 @@ def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[d
         rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
                          parent=int(ro.parent[i]), branch_at=int(ro.branch_at[i]), n_he=int(hwe[i].sum()),
                          correct=data_prep.is_correct(data_prep.extract_boxed(text), record["answer"])))
-    return rows, ro.tau
+    return rows, ro.tau[0].item()
 
 
 def explore_html(rows: list[dict], tau: float) -> str:
@@ -714,8 +715,8 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
             rows, tau = cells[name, rec["id"]]
             body.append(f"<td><b>{html.escape(name)}</b> (tau = {tau:.3f}){explore_html(rows, tau)}</td>")
         body.append("</tr></table>")
-    html_out.write_text(f"<!doctype html><meta charset='utf-8'><title>Where ARES explores</title>"
-                        f"<style>{EXPLORE_CSS}</style>{''.join(body)}")
+    data_prep.write_atomically(html_out, f"<!doctype html><meta charset='utf-8'><title>Where ARES explores</title>"
+                               f"<style>{EXPLORE_CSS}</style>{''.join(body)}")
     return html_out
 
 
