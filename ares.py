@@ -46,7 +46,8 @@ the default):
     nucleus (0.99): the update differentiates the full policy.
   - Alg. 1's token entropy bonus (undefined phi, b_i) and its /L_i advantage scaling are left out.
   - Groups whose accuracy is all 0 or all 1 are dropped (paper: mean reward outside [0.01, 0.99]).
-    --max-refill-rounds (off): refill prompts are drawn at random; tau is the mean of the rounds' tau.
+    --max-refill-rounds (off): refill prompts are drawn at random; each round's rows are scored against that
+    round's own tau, the one its branch points were chosen with (README: refill).
   - Answers are graded by math-verify (the released code uses mathruler), after choice-letter and string checks.
   - Cold start: lr 2e-5 with a 3% linear warm-up, then cosine decay to 10% (the paper gives no schedule).
   - AdaCS (data_prep.py): L(0), L(1) are medians over all traces, right and wrong; a source without a p = 0
@@ -55,6 +56,7 @@ the default):
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -64,6 +66,7 @@ import os
 import random
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -161,6 +164,8 @@ class Config:
     out: str = arg("runs/ares", "output folder: checkpoints, metrics.jsonl")
     seed: int = arg(0, "random seed (data order, sampling)", allowed=("in [0, 2**32)", lambda v: 0 <= v < 2**32))
     resume: bool = arg(False, "continue from the newest checkpoint in --out")
+    overwrite: bool = arg(False, "replace the run already in --out (its checkpoints and metrics.jsonl are deleted)")
+    deterministic: bool = arg(False, "deterministic GPU kernels, so that a GPU run repeats (slower; README: determinism)")
     prompt_suffix: str = arg(None, "instruction appended to every question, saved in the checkpoint's config.json for "
                                    "eval.py and passrate (default: the model's own, else the authors' (README: paper "
                                    "settings); --model tiny: none); saved in <out>/config.json")
@@ -176,12 +181,11 @@ class Config:
     fsdp: bool = arg(False, "shard policy and reference with FSDP2 fully_shard instead of DDP")
     train_vision: bool = arg(False, "also train the vision tower and merger (paper: frozen)")
     rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)", allowed=AT_LEAST_1)
-    lora_rank: int = arg(0, "train LoRA adapters of this rank (needs peft) instead of all weights; 0 = full training",
-                         allowed=AT_LEAST_0)
+    lora_rank: int = arg(0, "train LoRA adapters of this rank (needs peft) instead of all weights; 0 = full training; "
+                            "checkpoints hold the merged model and <ckpt>/adapter/ (README: LoRA)", allowed=AT_LEAST_0)
     lora_alpha: float = arg(None, "LoRA alpha: the adapters are scaled by alpha / rank (default: 2 x rank)", allowed=ABOVE_0)
     lora_targets: str = arg("all-linear", "the language model's layers with adapters: all-linear (peft's: all but the "
                                           "output head), or names: q_proj,v_proj")
-    merge_lora: bool = arg(False, "checkpoints hold W + alpha/r B A, not the base W (the adapter is in <ckpt>/adapter/)")
     dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
     # logging, checkpoints, validation, grading
     save_every: int = arg(50, "save a checkpoint every N optimizer steps (and at the end)", allowed=AT_LEAST_1)
@@ -189,7 +193,8 @@ class Config:
     log_samples_every: int = arg(10, "print one sampled response every N AEPO steps", allowed=AT_LEAST_0)
     report_to: str = arg("none", "also log the metrics.jsonl rows to tensorboard or wandb", ("none", "tensorboard", "wandb"))
     eval_data: str = arg("", "held-out records (file, folder or data_prep preset) to validate on during AEPO (default: none)")
-    eval_every: int = arg(0, "validate on --eval-data every N AEPO steps (greedy; 0 = never)", allowed=AT_LEAST_0)
+    eval_every: int = arg(None, "validate on --eval-data every N AEPO steps (greedy; 0 = never; default: at every "
+                                "--save-every with --eval-data, else never)", allowed=AT_LEAST_0)
     grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong", allowed=ABOVE_0)
     grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)", allowed=AT_LEAST_0)
     # demo (stage demo only)
@@ -273,11 +278,12 @@ def trigger_table(processor, vocab_size: int) -> torch.Tensor:
     return table
 
 
-def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau: float, tokens: torch.Tensor | None = None,
+def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau, tokens: torch.Tensor | None = None,
              triggers: torch.Tensor | None = None) -> torch.Tensor:
     """m_{i,t} = 1[Hbar_{i,t} >= tau] on full windows; with `triggers` the sampled token at t must also be a
-    reasoning word. (N, R) -> (N, R) bool. N_HE(i) = m[i].sum()."""
-    m = valid & (hbar >= tau)
+    reasoning word. (N, R) -> (N, R) bool. N_HE(i) = m[i].sum(). tau: a float, or (N, 1) one per row, compared
+    in hbar's dtype either way (a branch point chosen against a float is HWE against the same tau as a tensor)."""
+    m = valid & (hbar >= torch.as_tensor(tau, dtype=hbar.dtype))
     if triggers is not None:
         m &= triggers.to(tokens.device)[tokens]
     return m
@@ -647,7 +653,7 @@ class Rollouts:
     truncated: torch.Tensor  # (N,) bool: hit its budget without a stop token
     parent: torch.Tensor  # (N,) row of a branch's parent, -1 for a fresh sample
     branch_at: torch.Tensor  # (N,) where a branch starts sampling (0 for a fresh sample)
-    tau: float  # the HWE threshold of the first-pass responses, all ranks (§3.2.1)
+    tau: torch.Tensor  # (N,) the HWE threshold each row is scored against: its round's first-pass tau, all ranks (§3.2.1)
     texts: list[str] = field(default_factory=list)  # the decoded responses (grade_rollouts)
     acc: torch.Tensor | None = None  # (N,) the grader's 0/1, or --reward-fn's score in [0, 1] (grade_rollouts)
     rounds: int = 1  # rollout rounds of the step (refill: cat_rollouts)
@@ -710,7 +716,7 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
                     entropy=pad([r["entropy"] for r in rows])[0], resp_mask=resp_mask,
                     loss_mask=resp_mask & (torch.arange(tokens.shape[1])[None] >= branch_at[:, None]),
                     truncated=torch.tensor([r["truncated"] for r in rows]), parent=torch.tensor(parent),
-                    branch_at=branch_at, tau=tau)
+                    branch_at=branch_at, tau=torch.full((P * G,), tau, dtype=torch.float64))
 
 
 def unpadded(out: dict) -> list[dict]:
@@ -787,8 +793,10 @@ def train_aepo(cfg: Config) -> Path:
     st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))  # T_d per bucket, NaN = unseen
     st.setdefault("kappa", torch.ones(3, dtype=torch.float64))  # the KL controller, per bucket
     st.setdefault("tau_history", [])
-    lora_ref = cfg.lora_rank and lora_reference(run.hf, run.model)  # LoRA: the policy with its adapters off
-    ref = (lora_ref or load_reference(st["ref_model"], cfg, device)) if cfg.kl_coef > 0 else None
+    # LoRA: the policy with its adapters off is the starting model, unless --train-vision trains the tower under them
+    adapters_off = cfg.lora_rank and not cfg.train_vision and not cfg.ref_model  # or --ref-model names another
+    ref = (lora_reference(run.hf, run.model) if adapters_off else load_reference(st["ref_model"], cfg, device)
+           ) if cfg.kl_coef > 0 else None
     sampler = sampling_copy(cfg, run, device)
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
@@ -811,7 +819,7 @@ def train_aepo(cfg: Config) -> Path:
         else:
             upd = dict(skipped_reason="every group was filtered (all right or all wrong)")
             rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
-        st["tau_history"].append(ro.tau)
+        st["tau_history"].append(step_tau(ro))
         st["step"] = step + 1
         row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
         row.update(level_stats(levels, recs, sc, G) if levels else {})
@@ -873,7 +881,7 @@ def grade_rollouts(ro: Rollouts, recs: list[dict], cfg: Config, tok) -> Rollouts
 
 def cat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     """The graded rollouts of a step's refill rounds as one: rows concatenated (token axes padded, parents
-    re-indexed); tau the mean of the rounds' (each over as many first-pass responses), rounds their number."""
+    re-indexed, each row keeping its round's tau), rounds their number."""
     start = np.cumsum([0] + [len(p.parent) for p in parts[:-1]]).tolist()  # first row of each round
     R = max(p.tokens.shape[1] for p in parts)
     padded = lambda key, value=0: torch.cat([F.pad(getattr(p, key), (0, R - p.tokens.shape[1]), value=value)  # noqa: E731
@@ -882,8 +890,13 @@ def cat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     resp_mask=padded("resp_mask"), loss_mask=padded("loss_mask"),
                     truncated=torch.cat([p.truncated for p in parts]),
                     parent=torch.cat([torch.where(p.parent >= 0, p.parent + s, -1) for p, s in zip(parts, start)]),
-                    branch_at=torch.cat([p.branch_at for p in parts]), tau=sum(p.tau for p in parts) / len(parts),
+                    branch_at=torch.cat([p.branch_at for p in parts]), tau=torch.cat([p.tau for p in parts]),
                     texts=[t for p in parts for t in p.texts], acc=torch.cat([p.acc for p in parts]), rounds=len(parts))
+
+
+def step_tau(ro: Rollouts) -> float:
+    """The step's tau in the log: the mean of its rounds' (each round has as many rows on every rank)."""
+    return ro.tau.view(ro.rounds, -1)[:, 0].mean().item()
 
 
 @dataclass
@@ -912,7 +925,7 @@ def score_groups(ro: Rollouts, cfg: Config, targets: torch.Tensor, triggers=None
     fmt = torch.tensor([float(format_ok(t)) for t in ro.texts])  # (N,) in {0, 1}
     bucket = difficulty_buckets(acc, G)  # (N,) 0 easy, 1 medium, 2 hard: from the group's accuracy
     hbar, valid = window_entropy(ro.entropy, ro.resp_mask, cfg.window)  # (N, R) each
-    hwe = hwe_mask(hbar, valid, ro.tau, ro.tokens, triggers)  # (N, R) bool; tau of the first-pass samples
+    hwe = hwe_mask(hbar, valid, ro.tau[:, None], ro.tokens, triggers)  # (N, R) bool; each row against its round's tau
     n_he = hwe.sum(1).double()  # (N,) N_HE over the whole response
     for_reward, targets = update_targets(targets, n_he, bucket, cfg.target_momentum)  # (3,) each; all groups count
     rewards = entropy_shaped_reward(acc, n_he, bucket, for_reward, cfg.entropy_shaping, cfg.entropy_coef)  # (N,)
@@ -944,9 +957,9 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     loss_mask = ro.loss_mask.float()  # (N, R) the tokens each row sampled itself
     kl_w = (kl_weights(hwe, bucket, run.state["kappa"], cfg.kl_coef, cfg.kl_relax) if cfg.kl_mode == "dynamic"
             else torch.full(hwe.shape, cfg.kl_coef))  # (N, R) beta_{i,t}; fixed: plain GRPO's one beta
-    all_rows = list(range(len(ro.tokens)))
-    old = logprobs_for(run.model, run, cfg, device, prompts, ro, all_rows, G) if M * cfg.ppo_epochs > 1 else None
-    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, all_rows, G) if ref is not None else None  # (N, R)
+    trains = sorted(rows)  # old and reference log-probs only for the rows that train (filtered, surplus: none)
+    old = logprobs_for(run.model, run, cfg, device, prompts, ro, trains, G) if M * cfg.ppo_epochs > 1 else None
+    ref_lp = logprobs_for(ref, run, cfg, device, prompts, ro, trains, G) if ref is not None else None  # (N, R)
     kl_sums = torch.zeros(4, 3, dtype=torch.float64)  # kl_by_bucket's, over the first epoch
     stats = dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[], skipped=0, updates=0)
     chunks = [sorted(rows[k::M]) for k in range(M)]  # sorted: a group's rows share a micro-batch and its images
@@ -981,7 +994,7 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
             stats["grad_norm"].append(norm)
             stats["skipped"] += not ok
             stats["updates"] += 1
-    return update_stats(stats, all_reduce(kl_sums), old, ro)
+    return update_stats(stats, all_reduce(kl_sums), old, ro, keep)
 
 
 def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
@@ -1245,13 +1258,57 @@ def add_lora(hf, cfg):
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
-                      target_modules=cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(","),
-                      exclude_modules=r".*visual.*", base_model_name_or_path=cfg.model)  # the vision tower: none
+                      target_modules=lora_target_list(cfg.lora_targets), exclude_modules=r".*visual.*",
+                      base_model_name_or_path=cfg.model)  # the vision tower: none
     hf = inject_adapter_in_model(lora, hf)
     for n, p in hf.named_parameters():
         p.requires_grad_(".lora_" in n)
-    hf.ares_lora = (lora, cfg.merge_lora)  # read by hf_export when a checkpoint is saved
+    hf.ares_lora = lora  # read by hf_export when a checkpoint is saved
     return hf
+
+
+def lora_target_list(targets: str):
+    """--lora-targets as peft takes it: 'all-linear', or a list of names (a layer matches its own name or a suffix)."""
+    return targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+
+
+@functools.lru_cache
+def language_linear_layers(name: str) -> tuple[tuple[str, ...], str | None]:
+    """The full names of the language model's linear layers (the vision tower's left out) and, when the output head
+    shares the input embeddings, its name: from an empty (meta) model built from the config, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        if name == "tiny":
+            model = build_tiny()[0]
+        else:
+            config = AutoConfig.from_pretrained(name)
+            model = (AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM).from_config(config)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "visual" not in n)
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    return names, next((n for n, m in model.named_modules() if m is head), None) if tied else None
+
+
+def check_lora_targets(cfg):
+    """--lora-targets that match no linear layer of the language model, in whole or in part (peft would raise, or drop
+    a typo silently), or a tied output head (its merged weights could not be saved): one line before any weight loads."""
+    if not cfg.lora_rank or cfg.lora_targets == "all-linear":
+        return
+    try:
+        names, tied_head = language_linear_layers(cfg.model)
+    except (OSError, ValueError):  # a hub name offline and not cached: loading the model says so later
+        return
+    targets = lora_target_list(cfg.lora_targets)
+    match = {t: [n for n in names if n == t or n.endswith("." + t)] for t in targets}
+    missing = [t for t in targets if not match[t]]
+    if missing or not targets:
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: no linear layer of the language model is called "
+                         f"{', '.join(missing) or 'that'} (its linear layers: "
+                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}; or all-linear)")
+    if tied_head and any(tied_head in m for m in match.values()):
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: {tied_head} shares its weights with the input "
+                         "embeddings in this model, so a checkpoint could not hold its merged adapter: leave it out")
 
 
 def lora_reference(hf, model):
@@ -1450,16 +1507,18 @@ def shared_prompt_batch(model, prompts: list[dict], responses: list[torch.Tensor
 
 @torch.no_grad()
 def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
-    """log pi(o_t) of the given rows under `model`, (len(rows), R) on the CPU, in micro-batches."""
-    R = ro.tokens.shape[1]
-    out = torch.zeros(len(rows), R)
-    mb = cfg.micro_batch_size
-    for k in range(0, len(rows), mb):
-        part = rows[k:k + mb]
-        batch = teacher_forced(run, device, prompts, ro, part, G)
+    """log pi(o_t) under `model` of the given rows, in micro-batches: (N, R) on the CPU, zero in the other rows. Every
+    rank runs the global maximum number of micro-batches (a forward of a DDP-wrapped or sharded model is a
+    collective); a rank short of rows runs one row and drops its result."""
+    out, mb = torch.zeros(ro.tokens.shape), cfg.micro_batch_size
+    n_micro = int(all_reduce(torch.tensor([math.ceil(len(rows) / mb)]),
+                             dist.ReduceOp.MAX if dist.is_initialized() else None).item())
+    for k in range(n_micro):
+        part = rows[k * mb:(k + 1) * mb]
+        batch = teacher_forced(run, device, prompts, ro, part or [0], G)
         with autocast(cfg, device):
             lp, _ = model(batch, cfg.temperature)
-        out[k:k + len(part), :lp.shape[1]] = lp.float().cpu()
+        out[part, :lp.shape[1]] = lp.float().cpu()[:len(part)]
     return out
 
 
@@ -1479,16 +1538,23 @@ def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
 
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
-    every record and --eval-data's (bad data fails before the model loads), write the run record <out>/config.json
-    (on --resume, changed flags stop here), load the policy. -> (cfg, run, records, world, device)."""
+    every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
+    there), write the run record <out>/config.json (on --resume, changed flags stop here), load the policy.
+    -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
+    if cfg.deterministic:
+        make_deterministic()
     me, world, device = init_distributed(cfg.dist_timeout)
     random.seed(cfg.seed + me)
     np.random.seed(cfg.seed + me)
     torch.manual_seed(cfg.seed + me)
     split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
     records = data_prep.read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
-    held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
+    try:
+        held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
+    except DataError as e:
+        raise DataError(f"--eval-data: {e}") from None
+    rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
     record = check_run_record(cfg, RESUMABLE)
     run = dataclasses.replace(load_for_training(cfg, device), record=record, held_out=held_out)
     return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
@@ -1604,6 +1670,17 @@ def sync_context(model, last: bool):
         model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
     return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
+def make_deterministic():
+    """--deterministic (README: determinism): torch's deterministic kernels wherever it has one (index_add, scatter_add,
+    gather's and index_select's backward on a GPU, ...) and cuBLAS's fixed workspace, set before its first call;
+    cuDNN's autotuner off (it may pick another kernel per run). An op with no deterministic CUDA kernel still runs,
+    with a warning (warn_only): here the sampler's floating-point cumsum, which a strict mode would stop at the
+    first token."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def step_seed(cfg: Config, step: int) -> int:
@@ -1749,14 +1826,17 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
 
 
 def hf_export(hf, sd: dict) -> tuple[dict, dict]:
-    """(HF weights, adapter) from the policy's full state dict (no LoRA: (sd, {})): W under the model's own names, or
-    with --merge-lora W + (alpha / r) B A; the adapter in peft's format (base_model.model.<module>.lora_A.weight)."""
+    """(HF weights, adapter) from the policy's full state dict (no LoRA: (sd, {})). Under LoRA the weights are the
+    merged policy W + (alpha / r) B A under the model's own names, so that every loader (--model of the next stage,
+    eval.py, passrate, from_pretrained) gets the model that was trained, without peft; the adapter, in peft's format
+    (base_model.model.<module>.lora_A.weight), applies to the starting model (README: LoRA). --resume reads neither:
+    it restores base and adapters from state/."""
     if not hasattr(hf, "ares_lora"):
         return sd, {}
-    lora, merge = hf.ares_lora
+    lora = hf.ares_lora
     weights = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
     adapter = {"base_model.model." + k.replace(".default.", "."): v for k, v in sd.items() if ".lora_" in k}
-    for k in (k for k in sd if merge and ".lora_A." in k):
+    for k in (k for k in sd if ".lora_A." in k):
         name, A, B = k.split(".lora_A.")[0], sd[k].float(), sd[k.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
         W = weights[name + ".weight"]
         weights[name + ".weight"] = (W.float() + lora.lora_alpha / lora.r * B @ A).to(W.dtype)
@@ -1769,7 +1849,7 @@ def save_adapter(hf, adapter: dict, folder: Path):
 
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "adapter_model.safetensors")
-    hf.ares_lora[0].save_pretrained(folder)
+    hf.ares_lora.save_pretrained(folder)
 
 
 def damage(ckpt: Path) -> str | None:
@@ -1887,7 +1967,7 @@ def open_tracker(cfg, out: Path, record: dict):
 
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ares"), name=out.name, dir=str(out), config=record)
     return argparse.Namespace(close=run.finish, log=lambda row: run.log(scalars(row), step=row["step"]))
-def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: dict) -> dict:
+def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: torch.Tensor) -> dict:
     """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
     windows (per response) and inside them (per token), the largest gradient norm."""
     totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
@@ -1896,9 +1976,9 @@ def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: dict) -> dict:
                  kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
                  kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
                  grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
-    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled (a health check)
-        lm = ro.resp_mask.float()
-        stats["logprob_gap"] = ((old - ro.logprobs).abs() * lm).sum().item() / lm.sum().item()
+    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled, rows that train
+        lm = ro.resp_mask.float() * keep[:, None]
+        stats["logprob_gap"] = ((old - ro.logprobs).abs() * lm).sum().item() / max(lm.sum().item(), 1)
     return stats
 
 
@@ -1915,7 +1995,7 @@ def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tupl
                                     ro.truncated.sum()], dtype=torch.float64)).tolist()
     n, branches = sums[0], max(sums[8], 1)
     row = dict(step=step + 1, reward=sums[2] / n, acc=sums[1] / n, format=sums[3] / n, len=sums[4] / n,
-               n_he=sums[5] / n, entropy=sums[6] / max(sums[4], 1), truncated=sums[11] / n, tau=ro.tau,
+               n_he=sums[5] / n, entropy=sums[6] / max(sums[4], 1), truncated=sums[11] / n, tau=step_tau(ro),
                groups_kept=int(sc.groups[0]), groups=int(sc.groups[1]), prompts_drawn=int(sc.groups[1]),
                rollout_rounds=ro.rounds, branches=int(sums[8]),
                branch_acc=sums[9] / branches, parent_acc=sums[10] / branches, lr=lr, time_sample=times[0],
@@ -1965,16 +2045,18 @@ def mfu(tokens_per_s: float, n_params: int, device) -> float | None:
 @torch.no_grad()
 def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> dict:
     """--eval-data's held-out accuracy and mean response tokens, overall and per level, by eval.py's own metrics
-    (data_prep.response_lines, data_prep.summarize): greedy, --max-response-len new tokens, records dealt round-robin to
-    ranks in calls of --rollout-batch; a prompt over --max-prompt-len counts as wrong. -> eval_acc, eval_len,
-    eval_<level>_acc, eval_<level>_len."""
+    (data_prep.response_lines, data_prep.summarize), graded as training grades (--reward-fn or the grader, within
+    --grader-timeout): greedy, --max-response-len new tokens, records dealt round-robin to ranks in calls of
+    --rollout-batch; a prompt over --max-prompt-len counts as wrong. -> eval_acc, eval_len, eval_<level>_acc,
+    eval_<level>_len."""
     usable, failed = data_prep.check_prompts(processor, records, cfg.max_prompt_len)
     mine, lines = usable[rank()::world_size()], []
     for k in range(0, len(mine), cfg.rollout_batch):
         chunk = mine[k:k + cfg.rollout_batch]
         out = sample(model, [encode_prompt(processor, r) for r in chunk], ids=ids, max_new_tokens=cfg.max_response_len,
                      temperature=0.0)
-        lines += data_prep.response_lines(chunk, out, tokenizer_of(processor))
+        lines += data_prep.response_lines(chunk, out, tokenizer_of(processor), 1, cfg.reward_fn, cfg.grader_timeout,
+                                          cfg.grader_workers)
     by = data_prep.bucket_field(records, "auto")  # as eval.py's --bucket-by auto: difficulty, else level, else pass_rate
     level = {r["id"]: data_prep.bucket_of(r, by) for r in records}
     summary = data_prep.summarize([dict(x, bucket=level[x["id"]]) for x in gather(lines)],
@@ -1983,6 +2065,145 @@ def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> d
     for name, m in summary["buckets"].items():
         row.update({f"eval_{name}_acc": m["accuracy"], f"eval_{name}_len": m["mean_tokens"]})
     return row
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder --out: one run at a time (a lock file), and a finished or interrupted run is never replaced
+# or resumed by accident.
+
+
+LOCK = "ares.lock"  # <out>/ares.lock: {"pid", "host", "since"} of the run holding the folder
+HELD_LOCKS: list[Path] = []  # the locks this process holds, released when its run ends (run_command) or at exit
+
+
+def run_contents(out: Path) -> list[str]:
+    """What a run left in `out`: its checkpoint folders and metrics.jsonl (a config.json alone: it never started)."""
+    found = sorted(f"{p.name}/" for p in out.glob("*") if p.is_dir() and (p.name == "final" or p.name.startswith("step_")))
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        n = sum(1 for line in open(metrics, "rb") if line.strip())
+        found.append(f"metrics.jsonl ({n} step{'s' * (n != 1)})")
+    return found
+
+
+def rank0_decides(fn, *args):
+    """fn(*args) on rank 0 alone (the folder's checks and its lock); a SystemExit there stops every rank (the others
+    silently: rank 0 says why), so no rank waits in a collective for one that left."""
+    error = None
+    if rank() == 0:
+        try:
+            fn(*args)
+        except SystemExit as e:
+            error = e
+    if all_reduce(torch.tensor([float(error is not None)])).item():
+        raise error or SystemExit(1)
+
+
+def claim_out(cfg, contents=run_contents):
+    """Before anything is written to --out: take its lock, then stop on a run already there (`contents`) unless
+    --resume continues it or --overwrite replaces it (its checkpoints and metrics.jsonl are deleted here), and on
+    a --resume whose history is gone. Rank 0 only (rank0_decides)."""
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    take_lock(out)
+    there = contents(out)
+    if there and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"--out {cfg.out} holds a run ({', '.join(there)}): add --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    step = json.loads((ckpt / "COMPLETE").read_text())["step"] if ckpt else 0
+    if step and not (out / "metrics.jsonl").is_file():
+        raise SystemExit(f"--resume: {out / 'metrics.jsonl'} is missing, but {ckpt.name} is at step {step}: resuming "
+                         "would lose the history of those steps. Put it back (an empty file resumes without it)")
+    if cfg.overwrite and there:
+        print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
+        for p in [*out.glob("final*"), *out.glob("step_*"), out / "metrics.jsonl"]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def take_lock(out: Path):
+    """Hold <out>/ares.lock for this process. The file is linked into place whole, so two runs never both hold it; a
+    lock whose process is gone (same host) is stale and taken over with a warning; a live one stops this run."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock, mine = out / LOCK, out / f"{LOCK}.{os.getpid()}"
+    mine.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))))
+    try:
+        for _ in range(2):
+            try:
+                link_whole(mine, lock)
+                HELD_LOCKS.append(lock)
+                return
+            except FileExistsError:
+                holder = read_lock(lock)
+            if lock_is_live(holder):
+                raise SystemExit(f"--out {out} is in use by another run (pid {holder.get('pid')} on "
+                                 f"{holder.get('host')}, since {holder.get('since')}): wait for it, choose another "
+                                 f"--out, or delete {lock} if no such run exists")
+            if holder.get("pid") != os.getpid():
+                print(f"warning: taking over the stale lock {lock} of pid {holder.get('pid')} on {holder.get('host')} "
+                      "(that process is gone)", flush=True)
+            lock.unlink(missing_ok=True)
+        raise SystemExit(f"--out {out}: another run took {lock} at the same moment: try again")
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def link_whole(src: Path, dst: Path):
+    """Create dst holding src's bytes, or raise FileExistsError: a hard link (atomic, never seen half-written), else,
+    on a filesystem without hard links (some FUSE mounts), an exclusive create written at once."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, src.read_bytes())
+        os.close(fd)
+
+
+def read_lock(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}  # gone meanwhile, or not ours: stale
+
+
+def lock_is_live(holder: dict) -> bool:
+    """Is the lock's process still running? One on another host cannot be checked: it counts as live."""
+    if holder.get("host") != socket.gethostname():
+        return bool(holder)
+    if holder.get("pid") == os.getpid():  # an earlier run in this very process (a notebook, a test) that ended
+        return False
+    try:
+        os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        return True
+    return True
+
+
+@atexit.register
+def release_locks():
+    """Remove the locks this process holds (each only while it still names this process)."""
+    for lock in HELD_LOCKS:
+        if read_lock(lock).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+    HELD_LOCKS.clear()
+
+
+def interrupted(cfg) -> str:
+    """The line a Ctrl-C ends a training stage with: the step it stopped in and the checkpoint to resume from."""
+    out = Path(cfg.out)
+    rows = logged_rows(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    where = f"interrupted (Ctrl-C) in step {rows[-1]['step'] + 1 if rows else 1} of {out}"
+    if ckpt is None:
+        return f"{where}: no checkpoint yet (one is saved every {cfg.save_every} steps); start again with --overwrite"
+    step = json.loads((ckpt / "COMPLETE").read_text())["step"]
+    return f"{where}: the newest checkpoint is {ckpt} (step {step}); continue from it with the same command and --resume"
 
 
 
@@ -1999,19 +2220,40 @@ def run_record(cfg) -> dict:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
-    return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, git_commit=commit,
+    return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, cwd=os.getcwd(), git_commit=commit,
                 versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
                     "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}})
 
 
+PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compared on --resume as the files they name
+
+
+def same_flag(name: str, new, old, cwd_then: str) -> bool:
+    """Is a flag's value on --resume the one the run started with? Paths are compared resolved (each against its
+    run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file."""
+    if new == old or name not in PATH_FLAGS or not (isinstance(new, str) and isinstance(old, str) and new and old):
+        return new == old
+    if name == "reward_fn":  # file.py:function: the file resolved, the function by name
+        (new, _, fn_new), (old, _, fn_old) = new.rpartition(":"), old.rpartition(":")
+        if fn_new != fn_old:
+            return False
+    return (Path(os.getcwd()) / Path(new).expanduser()).resolve() == (Path(cwd_then) / Path(old).expanduser()).resolve()
+
+
 def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
     """Write <out>/config.json (rank 0) and return it; with --resume, first stop on (and list) every changed flag
-    but --resume and those in `resumable`."""
+    but --resume, --out (the folder may have moved) and those in `resumable`; a damaged record stops it too."""
     path, record = Path(cfg.out) / "config.json", run_record(cfg)
     if cfg.resume and path.is_file():
-        old = json.loads(path.read_text()).get("flags", {})
+        try:
+            saved = json.loads(path.read_text())
+            old, cwd_then = saved["flags"], saved.get("cwd", os.getcwd())
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--resume: the run record {path} is damaged ({type(e).__name__}: {e}), so the flags cannot "
+                             "be checked against the run's: restore it, or delete it to resume without that check") from None
         diff = [f"--{k.replace('_', '-')} {record['flags'][k]!r} (was {v!r})" for k, v in old.items()
-                if k in record["flags"] and k not in (*resumable, "resume") and record["flags"][k] != v]
+                if k in record["flags"] and k not in (*resumable, "resume", "overwrite", "out")
+                and not same_flag(k, record["flags"][k], v, cwd_then)]
         if diff:
             raise SystemExit(f"--resume: flags differ from {path}: {'; '.join(diff)}. Only "
                              f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume")
@@ -2083,9 +2325,10 @@ def validate_config(cfg: Config) -> Config:
         if path and path != "tiny" and (looks_local(path) or p.exists()) and not (p / "config.json").is_file():
             raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it "
                              "has no config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
-    data = Path(cfg.data).expanduser()
-    if cfg.data and (looks_local(cfg.data) or data.suffix in (".jsonl", ".json", ".parquet")) and not data.exists():
-        raise SystemExit(f"--data {cfg.data}: no such file or folder")
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        p = Path(path).expanduser()
+        if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
+            raise SystemExit(f"{flag} {path}: no such file or folder")
     out = Path(cfg.out).expanduser()
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
@@ -2107,13 +2350,17 @@ def validate_extras(cfg: Config) -> Config:
             raise SystemExit(f"{flag} needs the optional package {package}: pip install {package}")
     if cfg.lora_rank and cfg.fsdp:
         raise SystemExit("--lora-rank does not work with --fsdp (LoRA runs with DDP: the frozen base is small enough)")
+    for flag, given in (("--lora-alpha", cfg.lora_alpha is not None), ("--lora-targets", cfg.lora_targets != "all-linear")):
+        if given and not cfg.lora_rank:
+            raise SystemExit(f"{flag} needs --lora-rank R (LoRA is off without it, so {flag} would do nothing)")
+    check_lora_targets(cfg)
     if cfg.eval_every and not cfg.eval_data:
         raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
     return cfg
 
 
 RESUMABLE = ("steps", "save_every", "keep_last", "log_samples_every", "report_to", "dist_timeout", "grader_workers",
-             "eval_every")  # the flags that may change on --resume: none changes what a step computes
+             "eval_every", "deterministic")  # the flags that may change on --resume: none changes what a step computes
 
 
 def looks_local(name: str) -> bool:
@@ -2135,6 +2382,10 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
         cfg.branch_samples = cfg.group_size // 2
     if not 0 <= cfg.branch_samples < cfg.group_size:
         raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
+    if stage == "coldstart" and (cfg.eval_data or cfg.eval_every):
+        raise SystemExit("--eval-data and --eval-every validate during AEPO only: leave them out of --stage coldstart")
+    if cfg.eval_every is None:  # --eval-data alone validates at every checkpoint (README: validation)
+        cfg.eval_every = cfg.save_every if cfg.eval_data else 0
     if cfg.prompt_suffix is None:  # resolved here, so that the run record holds it
         cfg.prompt_suffix = model_prompt_suffix(cfg.model)
     return cfg
@@ -2209,6 +2460,9 @@ def run_demo(cfg: Config):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
     out, times, procs = Path(cfg.out), {}, []
+    claim_out(cfg, lambda out: [f"{s}/" for s in ("warmup", "coldstart", "aepo", "grpo") if run_contents(out / s)])
+    for cache in ("eval_greedy", "eval_sampled"):  # eval.py's caches are keyed by the checkpoints' paths
+        shutil.rmtree(out / cache, ignore_errors=True)
     small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
     steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}
     sizes = dict(sft=120, pool=150, rl=64, test=30) if small else DEMO
@@ -2265,6 +2519,7 @@ def run_command(fn, *args):
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     finally:
+        release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -2272,7 +2527,15 @@ def run_command(fn, *args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg = parse_config(argv)
-    run_command({"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
+    try:
+        run_command({"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, not a traceback
+        for bar in list(getattr(tqdm, "_instances", ())):  # the progress bar ends first, not redrawn after the line
+            bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:  # the process group is closed by now
+            print("\n" + (interrupted(cfg) if cfg.stage != "demo" else f"interrupted (Ctrl-C): the demo in {cfg.out} "
+                          "stopped; run it again with --overwrite"), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

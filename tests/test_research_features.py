@@ -210,7 +210,7 @@ def test_a_bad_reward_fn_is_one_line_naming_the_flag(spec, words, tmp_path):
 
 def test_a_reward_outside_0_1_names_the_function_and_record(tmp_path):
     (tmp_path / "bad.py").write_text("def f(record, response):\n    return 1.5\n")
-    with pytest.raises(ValueError, match="returned 1.5 for record r1"):
+    with pytest.raises(SystemExit, match="returned 1.5 .float. for record r1"):
         data_prep.score_responses([dict(id="r1", answer="1")], ["a", "b"], 2, f"{tmp_path}/bad.py:f")
 
 
@@ -296,16 +296,31 @@ def test_hf_export_merges_w_plus_scaled_ba_as_the_lora_forward_computes_it():
     W, b, A, B = torch.randn(5, 3), torch.randn(5), torch.randn(2, 3), torch.randn(5, 2)
     sd = {"m.q_proj.base_layer.weight": W, "m.q_proj.base_layer.bias": b, "m.q_proj.lora_A.default.weight": A,
           "m.q_proj.lora_B.default.weight": B, "m.norm.weight": torch.ones(3)}
-    hf = types.SimpleNamespace(ares_lora=(types.SimpleNamespace(lora_alpha=8, r=2), True))
+    hf = types.SimpleNamespace(ares_lora=types.SimpleNamespace(lora_alpha=8, r=2))
     weights, adapter = ares.hf_export(hf, sd)
     assert set(weights) == {"m.q_proj.weight", "m.q_proj.bias", "m.norm.weight"}
     assert set(adapter) == {"base_model.model.m.q_proj.lora_A.weight", "base_model.model.m.q_proj.lora_B.weight"}
     x = torch.randn(4, 3)
     lora_forward = x @ W.T + b + 4.0 * (x @ A.T) @ B.T  # scale alpha / r = 8 / 2
     torch.testing.assert_close(x @ weights["m.q_proj.weight"].T + weights["m.q_proj.bias"], lora_forward)
-    hf.ares_lora = (hf.ares_lora[0], False)
-    assert torch.equal(ares.hf_export(hf, sd)[0]["m.q_proj.weight"], W)  # unmerged: the base weights
     assert ares.hf_export(types.SimpleNamespace(), sd) == (sd, {})
+
+
+def weights(folder) -> dict:
+    """A saved model's weights under its modules' names (the file may use the family's older key layout)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+
+def merged_by_hand(base: dict, adapter: dict, scale: float) -> dict:
+    """W + scale * B A for every adapted layer of a peft adapter file, the other weights as in the base."""
+    out = dict(base)
+    for k, A in adapter.items():
+        if k.endswith(".lora_A.weight"):
+            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            out[name] = base[name] + scale * adapter[k.replace(".lora_A.", ".lora_B.")] @ A
+    return out
 
 
 def test_lora_trains_only_adapters_its_reference_is_the_base_and_peft_reads_the_checkpoint(tiny_ckpt, demo_data,
@@ -316,22 +331,22 @@ def test_lora_trains_only_adapters_its_reference_is_the_base_and_peft_reads_the_
 
     common = ["--steps", 2, "--keep-uniform-groups", "--lora-rank", 4, "--lr", "1e-2"]
     ares.main(aepo_args(demo_data["rl"], tmp_path / "plain", tiny_ckpt, *common))
-    ares.main(aepo_args(demo_data["rl"], tmp_path / "merged", tiny_ckpt, *common, "--merge-lora"))
-    base = load_file(str(tiny_ckpt / "model.safetensors"))
-    plain = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
-    assert set(plain) == set(base) and all(torch.equal(base[k], plain[k]) for k in base)  # only adapters trained
+    base = weights(tiny_ckpt)
     adapter = load_file(str(tmp_path / "plain" / "final" / "adapter" / "adapter_model.safetensors"))
+    exported = weights(tmp_path / "plain" / "final")
+    by_hand = merged_by_hand(base, adapter, 8 / 4)  # alpha 2R by default: scale 2; only the adapters trained
+    assert set(exported) == set(base) and all(torch.allclose(exported[k], by_hand[k], atol=1e-6) for k in base)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B started at 0
     assert not any("visual" in k for k in adapter)
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_ckpt),
                                       tmp_path / "plain" / "final" / "adapter").merge_and_unload()
-    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged" / "final").state_dict()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "plain" / "final").state_dict()
     for k, v in model.state_dict().items():  # peft's own merge of our adapter = our merged export
         torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
     start = AutoModelForImageTextToText.from_pretrained(tiny_ckpt).state_dict()
     assert any(not torch.equal(merged[k], start[k]) for k in start)
-    # the KL reference: the trained policy with adapters off is the starting model
-    cfg = ares.resolve_stage_defaults(ares.parse_config(aepo_args(demo_data["rl"], tmp_path / "x", tmp_path / "plain" / "final",
+    # the KL reference: the trained policy (the starting model + the trained adapter) with adapters off is the start
+    cfg = ares.resolve_stage_defaults(ares.parse_config(aepo_args(demo_data["rl"], tmp_path / "x", tiny_ckpt,
                                                                   "--lora-rank", 4)), "aepo")
     run = ares.load_for_training(cfg, torch.device("cpu"))
     run.model = ares.Policy(run.hf)
@@ -358,9 +373,9 @@ def test_lora_under_torchrun_ddp_keeps_ranks_identical_and_the_base_frozen(tiny_
     for k, v in ranks[0].items():
         assert torch.equal(v, ranks[1][k]), k
     assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in ranks[0].items())
-    base = load_file(str(tiny_ckpt / "model.safetensors"))
-    saved = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(base[k], saved[k]) for k in base)
+    base, saved = weights(tiny_ckpt), weights(out / "final")  # the merged policy: the base + its adapters only
+    by_hand = merged_by_hand(base, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")), 2.0)
+    assert all(torch.allclose(by_hand[k], saved[k], atol=1e-6) for k in base)
 
 
 def test_lora_resume_gives_the_adapters_of_an_uninterrupted_run(tiny_ckpt, demo_data, tmp_path, monkeypatch):
@@ -379,9 +394,10 @@ def test_lora_cold_start_trains_only_the_adapters(tiny_ckpt, demo_data, tmp_path
     out = tmp_path / "cold"
     ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out", str(out),
                "--steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--lora-rank", "4", "--lr", "1e-2"])
-    base, saved = (load_file(str(d / "model.safetensors")) for d in (tiny_ckpt, out / "final"))
-    assert all(torch.equal(base[k], saved[k]) for k in base)
+    base, saved = weights(tiny_ckpt), weights(out / "final")
     adapter = load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+    by_hand = merged_by_hand(base, adapter, 2.0)
+    assert all(torch.allclose(by_hand[k], saved[k], atol=1e-6) for k in base)  # the base frozen, adapters merged
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
