@@ -1,0 +1,706 @@
+"""Issue 25: every flag does what it says, and no run is lost. Each case a user tried (run folders, LoRA
+checkpoints, the reward hook, validation, refill, determinism) is a row of one of the tables below; a row names
+the case and what must happen, and the test reaches it the way a user does: ares.main, data_prep.main, eval.main,
+a subprocess of `python ares.py`, or the trainer's own functions."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ares
+import data_prep
+import eval as evaluation
+from conftest import ROOT, Killed, run_until_first_step_save
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def coldstart_args(data, out, model, *extra) -> list[str]:
+    return ["--stage", "coldstart", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "3",
+            "--batch-size", "4", "--micro-batch-size", "4", "--save-every", "1", *map(str, extra)]
+
+
+def aepo_args(data, out, model, *extra) -> list[str]:
+    return ["--stage", "aepo", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2",
+            "--group-size", "4", "--max-response-len", "12", "--log-samples-every", "0", *map(str, extra)]
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if line.strip()]
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg, msg
+    return msg
+
+
+class Stop(Exception):
+    """Ends a run where a test has seen what it needs."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Run folders. Two small cold-start runs made once: one finished (3 steps, a checkpoint after each) and one
+# killed right after its first checkpoint, its --out given relative to its own working folder.
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_ckpt, demo_data):
+    root = tmp_path_factory.mktemp("runs")
+    ares.main(coldstart_args(demo_data["sft"], root / "finished", tiny_ckpt))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            run_until_first_step_save(mp, lambda: ares.main(coldstart_args(demo_data["sft"], "runs/res", tiny_ckpt)))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def copy_run(runs: Path, tmp: Path, which: str) -> Path:
+    """A copy of a fixture run in `tmp` (its `runs/res` layout kept for the interrupted one)."""
+    src = runs / ("finished" if which == "finished" else "runs/res")
+    dst = tmp / ("finished" if which == "finished" else "runs/res")
+    shutil.copytree(src, dst)
+    return dst
+
+
+def truncate(path: Path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+# (case, which run, how it is broken, extra flags, what the one line must say, what must still be there)
+STOPS = [
+    ("a finished run in --out without --resume", "finished", None, [],
+     ["--out {out} holds a run (final/, step_000001/, step_000002/, metrics.jsonl (3 steps))", "--resume",
+      "--overwrite"], [1, 2, 3]),
+    ("an interrupted run in --out without --resume", "interrupted", None, [],
+     ["--out {out} holds a run (step_000001/, metrics.jsonl (1 step))", "--resume"], [1]),
+    ("--resume with a truncated config.json", "interrupted", lambda out: truncate(out / "config.json"), ["--resume"],
+     ["--resume: the run record {out}/config.json is damaged", "JSONDecodeError"], [1]),
+    ("--resume with metrics.jsonl deleted", "interrupted", lambda out: (out / "metrics.jsonl").unlink(), ["--resume"],
+     ["--resume: {out}/metrics.jsonl is missing, but step_000001 is at step 1", "Put it back"], None),
+    ("--resume and --overwrite at once", "interrupted", None, ["--resume", "--overwrite"],
+     ["--resume continues the run in --out and --overwrite replaces it: give one of them"], [1]),
+]
+
+
+@pytest.mark.parametrize("case, which, breaks, flags, words, kept", STOPS, ids=[s[0] for s in STOPS])
+def test_a_run_in_out_is_never_replaced_or_resumed_blindly(case, which, breaks, flags, words, kept, runs, tiny_ckpt,
+                                                          demo_data, tmp_path, monkeypatch):
+    out = copy_run(runs, tmp_path, which)
+    monkeypatch.chdir(tmp_path)  # the interrupted run's --out is relative, as it was given
+    if breaks:
+        breaks(out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, *flags))
+    msg = one_line(e)
+    for w in words:
+        assert w.format(out=out) in msg, msg
+    if kept is not None:
+        assert steps_logged(out) == kept  # the history is untouched
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written, nothing deleted
+
+
+# --resume as the user types it: (case, how --out and --data are spelled, where the run is)
+RESUMES = [
+    ("--out ./runs/res for runs/res", lambda tmp, data: ("./runs/res", data), None),
+    ("--out as an absolute path", lambda tmp, data: (str(tmp / "runs/res"), data), None),
+    ("--out moved to another folder", lambda tmp, data: (str(tmp / "moved/res"), data), "moved/res"),
+    ("--data as a relative path", lambda tmp, data: ("runs/res", os.path.relpath(data, tmp)), None),
+]
+
+
+@pytest.mark.parametrize("case, spell, move", RESUMES, ids=[r[0] for r in RESUMES])
+def test_resume_accepts_the_same_folder_and_files_however_spelled(case, spell, move, runs, tiny_ckpt, demo_data,
+                                                                  tmp_path, monkeypatch):
+    copy_run(runs, tmp_path, "interrupted")
+    if move:
+        (tmp_path / move).parent.mkdir(parents=True)
+        shutil.move(tmp_path / "runs/res", tmp_path / move)
+    monkeypatch.chdir(tmp_path)
+    out, data = spell(tmp_path, demo_data["sft"])
+    ares.main(coldstart_args(data, out, tiny_ckpt, "--resume"))
+    assert steps_logged(tmp_path / (move or "runs/res")) == [1, 2, 3]
+
+
+def test_overwrite_replaces_the_run_and_leaves_none_of_its_files(runs, tiny_ckpt, demo_data, tmp_path, capsys):
+    out = copy_run(runs, tmp_path, "finished")
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--overwrite", "--steps", "1"))
+    assert steps_logged(out) == [1]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["final"]  # no step_* of the old run beside it
+    assert json.loads((out / "final" / "COMPLETE").read_text())["step"] == 1
+    assert f"--overwrite: deleting the run in {out}" in capsys.readouterr().out
+    assert not (out / ares.LOCK).exists()  # released when the run ended
+
+
+# A run killed with -9 (no chance to clean up) leaves its lock behind.
+KILLED_AT_START = '''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import ares
+
+start = ares.Metrics.__init__
+def start_then_die(self, *args, **kw):
+    start(self, *args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+ares.Metrics.__init__ = start_then_die
+ares.main(sys.argv[2:])
+'''
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tiny_ckpt, demo_data, tmp_path, capsys):
+    out, driver = tmp_path / "run", tmp_path / "driver.py"
+    driver.write_text(KILLED_AT_START)
+    args = coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, driver, ROOT, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    dead = json.loads((out / ares.LOCK).read_text())["pid"]
+    ares.main(args)
+    assert f"warning: taking over the stale lock {out / ares.LOCK} of pid {dead}" in capsys.readouterr().out
+    assert steps_logged(out) == [1] and not (out / ares.LOCK).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real `python ares.py --stage aepo` in another process: a second run into its --out while it trains, then
+# Ctrl-C (SIGINT to its process group, as a terminal sends it), then --resume.
+
+
+@pytest.fixture(scope="module")
+def interrupted_aepo(tmp_path_factory, tiny_ckpt, demo_data):
+    tmp = tmp_path_factory.mktemp("ctrl_c")
+    out = tmp / "run"
+    args = aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 500, "--save-every", 2, "--keep-uniform-groups")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(tmp / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, ROOT / "ares.py", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not any((p / "COMPLETE").exists() for p in out.glob("step_*[0-9]")):  # it has saved a checkpoint
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp / "stderr.txt").read_text()[-3000:]
+                time.sleep(0.2)
+            logged = len(steps_logged(out))
+            with pytest.raises(SystemExit) as second:  # a second run into the same --out, while the first trains
+                ares.main(args + ["--overwrite"])
+            history = steps_logged(out)[:logged]
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return dict(out=out, args=args, pid=proc.pid, code=code, second=second, stderr=(tmp / "stderr.txt").read_text(),
+                logged=logged, history=history)
+
+
+def _second_run_stops(r):
+    msg = one_line(r["second"])
+    assert msg.startswith(f"--out {r['out']} is in use by another run (pid {r['pid']} on "), msg
+    assert r["history"] == list(range(1, r["logged"] + 1))  # its --overwrite deleted nothing of the running one
+
+
+def _ctrl_c_is_one_line(r):
+    assert r["code"] == 130, r["stderr"][-3000:]
+    assert "Traceback" not in r["stderr"] and "KeyboardInterrupt" not in r["stderr"], r["stderr"][-3000:]
+    last = r["stderr"].strip().splitlines()[-1]
+    step = max(int(p.name[5:]) for p in r["out"].glob("step_*[0-9]") if (p / "COMPLETE").exists())
+    assert last.startswith(f"interrupted (Ctrl-C) in step {steps_logged(r['out'])[-1] + 1} of {r['out']}: the newest "
+                           f"checkpoint is {r['out'] / f'step_{step:06d}'} (step {step}); continue from it"), last
+
+
+def _resume_after_ctrl_c(r):
+    assert not (r["out"] / ares.LOCK).exists()  # released on the way out
+    done = steps_logged(r["out"])[-1]
+    ares.main(r["args"] + ["--resume", "--steps", done + 1])
+    assert steps_logged(r["out"])[-1] == done + 1
+
+
+CONCURRENT = [("a second run into --out while one trains there", _second_run_stops),
+              ("Ctrl-C during AEPO: one line, the step and the checkpoint", _ctrl_c_is_one_line),
+              ("after Ctrl-C, --resume continues", _resume_after_ctrl_c)]
+
+
+@pytest.mark.parametrize("case, check", CONCURRENT, ids=[c[0] for c in CONCURRENT])
+def test_a_running_aepo_is_protected_and_ctrl_c_says_where_to_resume(case, check, interrupted_aepo):
+    check(interrupted_aepo)
+
+
+# Outputs of data_prep.py and eval.py: a kill mid-write leaves the previous file whole.
+class CrashingJson:
+    """data_prep's json module, except that the third record written dies as a kill would (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.records = 0
+
+    def __getattr__(self, name):
+        return getattr(json, name)
+
+    def dumps(self, obj, **kw):
+        if isinstance(obj, dict) and "id" in obj:
+            self.records += 1
+            if self.records == 3:
+                raise KeyboardInterrupt
+        return json.dumps(obj, **kw)
+
+
+def crash_in_parquet(monkeypatch):
+    import pyarrow.parquet as pq
+
+    def half_written(table, where, **kw):
+        Path(where).write_bytes(b"PAR1 cut short")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", half_written)
+
+
+def convert(data, out):
+    data_prep.main(["convert", "--data", data, "--out", out])
+
+
+def adacs(data, out):
+    data_prep.main(["adacs", "--data", data["pool_traces"], "--out", out, "--model", "tiny"])
+
+
+def passrate(data, out, model):
+    evaluation.main(["passrate", "--data", data["pool"], "--limit", 4, "--model", model, "--k", 2,
+                     "--max-new-tokens", 6, "--out", out])
+
+
+WRITERS = [  # (case, output file name, command, how it dies mid-write)
+    ("data_prep.py convert to JSONL", "rl.jsonl", lambda d, o, m: convert(d["rl"], o), "json"),
+    ("data_prep.py convert to Parquet", "rl.parquet", lambda d, o, m: convert(d["rl"], o), crash_in_parquet),
+    ("data_prep.py adacs", "sft.jsonl", lambda d, o, m: adacs(d, o), "json"),
+    ("eval.py passrate", "rates.jsonl", lambda d, o, m: passrate(d, o, m), "json"),
+]
+
+
+@pytest.mark.parametrize("case, name, command, crash", WRITERS, ids=[w[0] for w in WRITERS])
+def test_a_kill_mid_write_leaves_the_previous_output_whole(case, name, command, crash, demo_data, tiny_ckpt, tmp_path,
+                                                           monkeypatch):
+    out = tmp_path / name
+    command(demo_data, out, tiny_ckpt)
+    before = out.read_bytes()
+    with monkeypatch.context() as mp:
+        if crash == "json":
+            mp.setattr(data_prep, "json", CrashingJson())
+        else:
+            crash(mp)
+        with pytest.raises(KeyboardInterrupt):
+            command(demo_data, out, tiny_ckpt)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [name]  # no temporary file left beside it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. LoRA: a checkpoint holds the trained policy, whoever loads it; the KL reference is the starting model.
+
+
+def batch_logprobs(model, processor, record) -> torch.Tensor:
+    """log pi of a fixed response to one record's prompt, through the trainer's Policy: (1, 6)."""
+    prompt = data_prep.encode_prompt(processor, record)
+    batch = ares.make_batch(model, [prompt], [torch.tensor([40, 41, 42, 43, 44, 45])], 0, "cpu")
+    with torch.no_grad():
+        return ares.Policy(model.eval())(batch)[0]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny, tiny_ckpt, demo_data):
+    """A LoRA AEPO run (no other flag) and the log-probs of its trained policy, taken as it saves `final`."""
+    pytest.importorskip("peft")  # an optional package: CI installs requirements.txt only
+    out = tmp_path_factory.mktemp("lora") / "run"
+    record = data_prep.load_records(str(demo_data["rl"]))[0]
+    seen = {}
+    save = ares.save_checkpoint
+
+    def look_then_save(path, name, policy, *args, **kw):
+        if name == "final":
+            with torch.no_grad():
+                seen["trained"] = batch_logprobs(policy.hf, tiny[1], record)
+        return save(path, name, policy, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ares, "save_checkpoint", look_then_save)
+        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--keep-uniform-groups", "--lora-rank", 4,
+                            "--lr", "1e-2"))
+    seen["start"] = batch_logprobs(tiny[0], tiny[1], record)
+    return dict(ckpt=out / "final", record=record, **seen)
+
+
+def loaded_by(command, monkeypatch, processor, record) -> torch.Tensor:
+    """The log-probs of the model `command` loads (ares.load_model, whoever calls it); the command stops there."""
+    got = []
+    load = ares.load_model
+
+    def load_then_stop(*args, **kw):
+        model, proc = load(*args, **kw)
+        got.append(batch_logprobs(model, processor, record))
+        raise Stop
+
+    monkeypatch.setattr(ares, "load_model", load_then_stop)
+    with pytest.raises(Stop):
+        command()
+    return got[0]
+
+
+LOADERS = [  # (case, the command that loads the checkpoint)
+    ("ares.py --model <LoRA checkpoint>", lambda ck, d, tmp: ares.main(aepo_args(d["rl"], tmp / "next", ck, "--steps", 1))),
+    ("eval.py --model <LoRA checkpoint>", lambda ck, d, tmp: evaluation.main(["--model", ck, "--data", d["test"], "--out",
+                                                                             tmp / "eval"])),
+    ("eval.py passrate --model <LoRA checkpoint>", lambda ck, d, tmp: passrate(d, tmp / "rates.jsonl", ck)),
+]
+
+
+@pytest.mark.parametrize("case, command", LOADERS, ids=[c[0] for c in LOADERS])
+def test_a_lora_checkpoint_loads_as_the_policy_that_was_trained(case, command, lora_run, tiny, demo_data, tmp_path,
+                                                                monkeypatch):
+    loaded = loaded_by(lambda: command(lora_run["ckpt"], demo_data, tmp_path), monkeypatch, tiny[1], lora_run["record"])
+    assert not torch.allclose(lora_run["trained"], lora_run["start"], atol=1e-4)  # the adapters did train
+    torch.testing.assert_close(loaded, lora_run["trained"], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """Another tiny model (seed 1) saved as a folder: a --ref-model that is not the starting model."""
+    out = tmp_path_factory.mktemp("other")
+    model, processor = ares.build_tiny(seed=1)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out, model.eval()
+
+
+REFERENCES = [  # (case, flags, the model the KL reference must be: "start" or "ref-model")
+    ("--lora-rank with --train-vision", ["--train-vision"], "start"),
+    ("--lora-rank with --ref-model", ["--ref-model", "{other}"], "ref-model"),
+]
+
+
+@pytest.mark.parametrize("case, flags, want", REFERENCES, ids=[r[0] for r in REFERENCES])
+def test_the_lora_kl_reference_is_the_starting_model_or_the_ref_model(case, flags, want, tiny, tiny_ckpt, other_model,
+                                                                      demo_data, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    refs, update = [], ares.aepo_update
+    monkeypatch.setattr(ares, "aepo_update", lambda cfg, run, ref, *a: refs.append((ref, run)) or update(cfg, run, ref, *a))
+    flags = [f.format(other=other_model[0]) for f in flags]
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 2, "--keep-uniform-groups",
+                        "--lora-rank", 4, "--lr", "1e-2", *flags))
+    record = data_prep.load_records(str(demo_data["rl"]))[0]
+    batch = ares.make_batch(tiny[0], [data_prep.encode_prompt(tiny[1], record)],
+                            [torch.tensor([40, 41, 42, 43, 44, 45])], 0, "cpu")
+    ref, run = refs[-1]
+    with torch.no_grad():
+        got, policy = ref(batch)[0], run.model(batch)[0]
+    expected = batch_logprobs(tiny[0] if want == "start" else other_model[1], tiny[1], record)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(policy, expected, atol=1e-4)  # the policy moved away from it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags that would do nothing, or something else than they say: one line, before anything is written.
+FLAGS = [  # (case, stage, flags, the one line starts with)
+    ("--lora-targets that match nothing", "aepo", ["--lora-rank", "4", "--lora-targets", "nosuch_proj"],
+     "--lora-targets nosuch_proj: no linear layer of the language model is called nosuch_proj (its linear layers: "
+     "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj; or all-linear)"),
+    ("--lora-targets with one typo", "aepo", ["--lora-rank", "4", "--lora-targets", "q_proj,nosuch_proj"],
+     "--lora-targets q_proj,nosuch_proj: no linear layer of the language model is called nosuch_proj"),
+    ("--lora-targets a tied output head", "aepo", ["--lora-rank", "4", "--lora-targets", "q_proj,lm_head"],
+     "--lora-targets q_proj,lm_head: lm_head shares its weights with the input embeddings"),
+    ("--lora-alpha without --lora-rank", "aepo", ["--lora-alpha", "16"],
+     "--lora-alpha needs --lora-rank R (LoRA is off without it"),
+    ("--lora-targets without --lora-rank", "coldstart", ["--lora-targets", "q_proj"],
+     "--lora-targets needs --lora-rank R"),
+    ("--eval-data missing, --eval-every 1", "aepo", ["--eval-data", "{tmp}/heldout.jsonl", "--eval-every", "1"],
+     "--eval-data {tmp}/heldout.jsonl: no such file or folder"),
+    ("--eval-data missing, no --eval-every", "aepo", ["--eval-data", "heldout.jsonl"],
+     "--eval-data heldout.jsonl: no such file or folder"),
+    ("--eval-data for the cold start", "coldstart", ["--eval-data", "{test}"],
+     "--eval-data and --eval-every validate during AEPO only"),
+    ("--eval-every without --eval-data", "aepo", ["--eval-every", "2"], "--eval-every needs --eval-data"),
+]
+
+
+@pytest.mark.parametrize("case, stage, flags, message", FLAGS, ids=[f[0] for f in FLAGS])
+def test_a_flag_that_would_do_nothing_stops_with_one_line(case, stage, flags, message, tiny_ckpt, demo_data, tmp_path,
+                                                          monkeypatch):
+    if "--lora-rank" in flags:
+        pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = (coldstart_args(demo_data["sft"], out, tiny_ckpt) if stage == "coldstart"
+            else aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 1))
+    with pytest.raises(SystemExit) as e:
+        ares.main(args + [f.format(tmp=tmp_path, test=demo_data["test"]) for f in flags])
+    assert one_line(e).startswith(message.format(tmp=tmp_path)), one_line(e)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The reward hook: any real number in [0, 1]; anything else, an exception, a hang or sys.exit is one line.
+
+
+HOOK = '''
+import math, sys, time
+import numpy as np
+import torch
+
+
+def score(record, response):
+    if record["id"] == "bad":
+        return {value}
+    return 1.0
+'''
+
+VALUES = [  # (case, what the hook returns for record "bad", the score, or the words of the one line)
+    ("np.float32(0.0)", "np.float32(0.0)", 0.0),
+    ("np.int64(0)", "np.int64(0)", 0.0),
+    ("a 0-d tensor", "torch.tensor(0.25)", 0.25),
+    ("np.float64(0.5)", "np.float64(0.5)", 0.5),
+    ("True", "True", 1.0),
+    ("None", "None", "returned None (NoneType) for record bad"),
+    ("a string", "'0.5'", "returned '0.5' (str) for record bad"),
+    ("NaN", "math.nan", "returned nan (float) for record bad"),
+    ("inf", "math.inf", "returned inf (float) for record bad"),
+    ("-1", "-1", "returned -1 (int) for record bad"),
+    ("2.0", "2.0", "returned 2.0 (float) for record bad"),
+    ("a 2-element array", "np.array([0.0, 1.0])", "returned array([0., 1.]) (ndarray) for record bad"),
+    ("an exception on some records", "{}['missing']", "raised KeyError: 'missing' on record bad (its traceback is above)"),
+    ("sys.exit(0)", "sys.exit(0)", "called sys.exit(0) on record bad: a reward function must return a score"),
+]
+
+
+@pytest.mark.parametrize("case, value, want", VALUES, ids=[v[0] for v in VALUES])
+def test_the_reward_hook_takes_any_real_number_in_0_1_and_nothing_else(case, value, want, tmp_path, capsys):
+    hook = tmp_path / "hook.py"
+    hook.write_text(HOOK.format(value=value))
+    spec = f"{hook}:score"
+    recs = [dict(id="good", answer="1"), dict(id="bad", answer="1")]
+    if not isinstance(want, str):
+        scores = data_prep.score_responses(recs, ["a", "b", "c", "d"], 2, spec)
+        assert scores.tolist() == [1.0, 1.0, want, want]
+        return
+    with pytest.raises(SystemExit) as e:
+        data_prep.score_responses(recs, ["a", "b", "c", "d"], 2, spec)
+    assert one_line(e).startswith(f"--reward-fn {spec} {want}"), one_line(e)
+    err = capsys.readouterr().err
+    if "raised" in want:  # the user's frames only: their file and line, none of ours
+        assert f'File "{hook}", line 9, in score' in err and "data_prep.py" not in err, err
+    else:
+        assert "Traceback" not in err
+
+
+def test_a_hook_slower_than_the_grader_timeout_scores_0_with_a_warning(tmp_path, capsys):
+    hook = tmp_path / "hook.py"
+    hook.write_text(HOOK.format(value="time.sleep(60)"))
+    recs = [dict(id="good", answer="1"), dict(id="bad", answer="1")]
+    start = time.monotonic()
+    scores = data_prep.score_responses(recs, ["a", "b", "c", "d"], 2, f"{hook}:score", timeout=0.5)
+    assert time.monotonic() - start < 10 and scores.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert "2 calls ran past --grader-timeout 0.5 s and scored 0 (records bad)" in capsys.readouterr().out
+
+
+HOOK_RUNS = [  # (case, what the hook does on the first record it sees, what the one line says)
+    ("a hook that raises, in a training run", "raise KeyError('colour')", "raised KeyError: 'colour' on record"),
+    ("a hook that calls sys.exit(0), in a training run", "sys.exit(0)", "called sys.exit(0) on record"),
+]
+
+
+@pytest.mark.parametrize("case, action, words", HOOK_RUNS, ids=[h[0] for h in HOOK_RUNS])
+def test_a_failing_hook_ends_the_training_run_with_one_line_and_no_step(case, action, words, tiny_ckpt, demo_data,
+                                                                       tmp_path, capsys):
+    hook = tmp_path / "hook.py"
+    hook.write_text(f"import sys\n\n\ndef score(record, response):\n    {action}\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 1, "--reward-fn", f"{hook}:score"))
+    assert one_line(e).startswith(f"--reward-fn {hook}:score {words}") and e.value.code != 0
+    assert not (out / "final").exists() and not (out / "metrics.jsonl").read_text()
+    assert "ares.py" not in capsys.readouterr().err  # no frame of the trainer's
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory, tiny_ckpt, demo_data):
+    """AEPO with --eval-data and no --eval-every, --save-every 1, and a hook scoring every response 0.3, except that
+    it hangs on one held-out record (past --grader-timeout 0.5)."""
+    tmp = tmp_path_factory.mktemp("validated")
+    hook = tmp / "hook.py"
+    hook.write_text("import time\n\n\ndef score(record, response):\n    if record['id'] == 'test-00000':\n"
+                    "        time.sleep(30)\n    return 0.3\n")
+    out = tmp / "run"
+    start = time.monotonic()
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--save-every", 1, "--eval-data",
+                        demo_data["test"], "--reward-fn", f"{hook}:score", "--grader-timeout", 0.5))
+    return dict(rows=[json.loads(line) for line in open(out / "metrics.jsonl")], seconds=time.monotonic() - start,
+                n=len(data_prep.load_records(str(demo_data["test"]))))
+
+
+VALIDATION = [
+    ("--eval-data alone validates at every checkpoint",
+     lambda r: [row["step"] for row in r["rows"] if "eval_acc" in row] == [1, 2]),
+    ("validation grades with --reward-fn and --grader-timeout",
+     lambda r: all(row["eval_acc"] == pytest.approx(0.3 * (r["n"] - 1) / r["n"]) for row in r["rows"])
+     and r["seconds"] < 60),
+]
+
+
+@pytest.mark.parametrize("case, holds", VALIDATION, ids=[v[0] for v in VALIDATION])
+def test_validation_is_on_when_asked_and_grades_as_training_does(case, holds, validated_run):
+    assert holds(validated_run), validated_run["rows"]
+
+
+# The entropy shaping on fractional scores (hierarchical, alpha 0.4): a higher score outranks a lower one in the
+# same bucket whenever they differ by more than alpha * c_d * (1 + u_d) (README: reward hook), and can lose to it below.
+ORDERING = [("easy", 0, 0.64), ("medium", 1, 0.72), ("hard", 2, 0.96)]
+
+
+@pytest.mark.parametrize("case, bucket, margin", ORDERING, ids=[o[0] for o in ORDERING])
+def test_fractional_scores_keep_their_order_beyond_the_stated_margin(case, bucket, margin):
+    """By brute force over scores (a 0.02 grid), N_HE 0-200 and targets 0.5-100: the worst reward of a score against
+    the best of every lower one; a pair that can swap is at most the margin apart (at exactly the margin the sigmoid,
+    saturated to 1 in floating point, can tie them), and close pairs do swap."""
+    n_he = torch.arange(0, 201).double()  # (201,)
+    scores = torch.linspace(0, 1, 51, dtype=torch.float64)  # (51,)
+    swapped = []  # score gaps at which the higher score can get the lower reward
+    for T in (0.5, 1.0, 3.0, 10.0, 40.0, 100.0):
+        a, n = torch.meshgrid(scores, n_he, indexing="ij")  # (51, 201) each
+        R = ares.entropy_shaped_reward(a.reshape(-1), n.reshape(-1), torch.full((a.numel(),), bucket),
+                                       torch.full((3,), T, dtype=torch.float64)).view(51, 201)
+        low, high = R.min(1).values.tolist(), R.max(1).values.tolist()  # (51,) each score's worst and best reward
+        swapped += [scores[i].item() - scores[j].item() for i in range(51) for j in range(i) if low[i] <= high[j]]
+    assert max(swapped) < margin + 0.01  # the grid steps by 0.02: every pair more than the margin apart stays in order
+    assert min(swapped) < 0.05  # and close scores can swap
+
+
+def test_the_issue_example_of_a_swapped_pair():
+    """Easy bucket, T = 3: a score of 0.25 with N_HE 12 gets 0.25 - 0.4 = -0.15, a 0 with N_HE 3 gets sig(0) * 0.4 * 0.6."""
+    R = ares.entropy_shaped_reward(torch.tensor([0.25, 0.0]), torch.tensor([12.0, 3.0]), torch.tensor([0, 0]),
+                                   torch.full((3,), 3.0, dtype=torch.float64))
+    assert R.tolist() == pytest.approx([-0.15, 0.12])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Refill: each round's groups are scored against the tau their branch points were chosen with; the old and
+# reference log-probs are computed for the rows that train only.
+
+REWARD = '''
+def score(record, response):
+    """Mixed groups only for records whose id ends in 0, 3 or 6 (every other response scores 1); all right otherwise."""
+    if int(record["id"][-1]) % 3:
+        return 1.0
+    score.calls = getattr(score, "calls", 0) + 1
+    return float(score.calls % 2)
+'''
+
+
+def python_quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+@pytest.fixture(scope="module")
+def refill_run(tmp_path_factory, tiny_ckpt, demo_data):
+    tmp = tmp_path_factory.mktemp("refill")
+    (tmp / "reward.py").write_text(REWARD)
+    seen = dict(parts=[], scored=[], logprob_rows=[])
+    cat, score, logprobs = ares.cat_rollouts, ares.score_groups, ares.logprobs_for
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ares, "cat_rollouts", lambda parts, *a: seen["parts"].append(list(parts)) or cat(parts, *a))
+        mp.setattr(ares, "score_groups", lambda ro, cfg, *a: seen["scored"].append((ro, cfg, a[0].clone(),
+                                                                                   score(ro, cfg, *a))) or seen["scored"][-1][3])
+        mp.setattr(ares, "logprobs_for", lambda *a: seen["logprob_rows"].append(list(a[6])) or logprobs(*a))
+        ares.main(aepo_args(demo_data["rl"], tmp / "run", tiny_ckpt, "--steps", 3, "--reward-fn", f"{tmp}/reward.py:score",
+                            "--max-refill-rounds", 3, "--window", 1, "--entropy-quantile", 0.5, "--minibatches", 2))
+    return seen
+
+
+def _hwe_against_each_rounds_own_tau(seen):
+    """Each round's tau by hand (the mean of its first-pass rows' quantiles), each row's HWE mask by hand against its
+    round's tau (w = 1: window entropy = token entropy; ties within float error left out), and every branch point
+    HWE in the mask the rewards use."""
+    rounds_seen, taus = 0, set()
+    for (ro, cfg, _, sc), parts in zip(seen["scored"], seen["parts"]):
+        G, B, lengths, start = cfg.group_size, cfg.branch_samples, ro.resp_mask.sum(1), 0
+        for part in parts:
+            rows = range(start, start + len(part.parent))
+            fresh = [i for i in rows if (i - start) % G < G - B]
+            tau = sum(python_quantile(ro.entropy[i, :lengths[i]].tolist(), cfg.entropy_quantile) for i in fresh) / len(fresh)
+            taus.add(round(tau, 6))
+            for i in rows:
+                H = ro.entropy[i, :lengths[i]].tolist()
+                want = [h >= tau for h in H if abs(h - tau) > 1e-5]
+                got = [m for m, h in zip(sc.hwe[i, :lengths[i]].tolist(), H) if abs(h - tau) > 1e-5]
+                assert got == want, (i, tau)
+                if ro.parent[i] >= 0:  # a branch starts at a window that is HWE in the mask its rewards use
+                    assert sc.hwe[ro.parent[i], ro.branch_at[i]], i
+            start += len(part.parent)
+        rounds_seen = max(rounds_seen, len(parts))
+    assert rounds_seen > 1 and len(taus) > 1, "the test needs refilled steps whose rounds have different taus"
+
+
+def _round_0_rewards_do_not_depend_on_refill(seen):
+    checked = 0
+    for (ro, cfg, targets, sc), parts in zip(seen["scored"], seen["parts"]):
+        if len(parts) < 2 or torch.isnan(targets[sc.bucket.unique()]).any():  # a first-seen bucket takes the step's mean
+            continue
+        alone = ares.score_groups(ares.cat_rollouts(parts[:1], 0), cfg, targets)
+        n = len(parts[0].parent)
+        assert torch.equal(alone.rewards, sc.rewards[:n]) and torch.equal(alone.n_he, sc.n_he[:n])
+        checked += 1
+    assert checked, "the test needs a refilled step after every bucket was seen"
+
+
+def _logprobs_for_training_rows_only(seen):
+    kept = [sc.keep.nonzero().squeeze(1).tolist() for _, _, _, sc in seen["scored"] if sc.groups[0] > 0]
+    asked = seen["logprob_rows"]
+    assert len(asked) == 2 * len(kept)  # old and reference log-probs, once each per update
+    for k, rows in enumerate(kept):
+        assert asked[2 * k] == asked[2 * k + 1] == rows
+    assert any(len(rows) < len(ro.parent) for (ro, _, _, _), rows in zip(seen["scored"], kept))
+
+
+REFILL = [("every group is scored against its own round's tau", _hwe_against_each_rounds_own_tau),
+          ("a refill round leaves round 0's rewards as they were", _round_0_rewards_do_not_depend_on_refill),
+          ("old and reference log-probs only for the rows that train", _logprobs_for_training_rows_only)]
+
+
+@pytest.mark.parametrize("case, check", REFILL, ids=[r[0] for r in REFILL])
+def test_refill_scores_each_round_consistently(case, check, refill_run):
+    check(refill_run)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Determinism
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_turns_on_torchs_deterministic_mode_and_cublas_workspace(tiny_ckpt, demo_data, tmp_path,
+                                                                              monkeypatch, restore_determinism):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # so that the test's end restores the variable as it was
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    seen, step = [], ares.optimizer_step
+    monkeypatch.setattr(ares, "optimizer_step", lambda *a: seen.append(
+        (torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled(),
+         os.environ.get("CUBLAS_WORKSPACE_CONFIG"))) or step(*a))
+    runs = []
+    for name in ("a", "b"):
+        ares.main(coldstart_args(demo_data["sft"], tmp_path / name, tiny_ckpt, "--steps", 2, "--deterministic"))
+        runs.append((tmp_path / name / "final" / "model.safetensors").read_bytes())
+    assert seen and all(s == (True, ":4096:8") for s in seen)
+    assert runs[0] == runs[1]  # on a CPU a run repeats bit for bit
