@@ -2088,13 +2088,13 @@ def run_contents(out: Path) -> list[str]:
 
 
 def rank0_decides(fn, *args):
-    """fn(*args) on rank 0 alone (the folder's checks and its lock); a SystemExit there stops every rank (the others
-    silently: rank 0 says why), so no rank waits in a collective for one that left."""
+    """fn(*args) on rank 0 alone (the folder's checks and its lock); a SystemExit (or an error) there stops every rank
+    (the others silently: rank 0 says why), so no rank waits in a collective for one that left."""
     error = None
     if rank() == 0:
         try:
             fn(*args)
-        except SystemExit as e:
+        except (SystemExit, Exception) as e:  # noqa: BLE001 - raised again below, on rank 0
             error = e
     if all_reduce(torch.tensor([float(error is not None)])).item():
         raise error or SystemExit(1)
@@ -2119,7 +2119,7 @@ def claim_out(cfg, contents=run_contents):
                          "would lose the history of those steps. Put it back (an empty file resumes without it)")
     if cfg.overwrite and there:
         print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
-        for p in [*out.glob("final*"), *out.glob("step_*"), out / "metrics.jsonl"]:
+        for p in [out / "final", out / "final.tmp", *out.glob("step_*"), out / "metrics.jsonl"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
