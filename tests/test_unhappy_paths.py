@@ -12,14 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import ares
 import data_prep
 import eval as evaluation
-from conftest import ROOT, Killed, run_until_first_step_save
+from conftest import ROOT, run_until_first_step_save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
