@@ -1967,6 +1967,8 @@ def open_tracker(cfg, out: Path, record: dict):
 
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ares"), name=out.name, dir=str(out), config=record)
     return argparse.Namespace(close=run.finish, log=lambda row: run.log(scalars(row), step=row["step"]))
+
+
 def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: torch.Tensor) -> dict:
     """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
     windows (per response) and inside them (per token), the largest gradient norm."""
