@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, run_until_first_step_save
+from conftest import ROOT, LayerRecomputes, run_script, run_until_first_step_save
 from safetensors.torch import load_file
 
 import ares
@@ -342,23 +342,26 @@ def test_branch_samples_zero_is_plain_group_sampling(tiny, demo_data):
 # The update
 
 
-def test_under_gradient_checkpointing_the_update_runs_whole_sequences_with_the_same_logprobs(tiny, demo_data):
-    """Hugging Face's checkpointed layers drop the KV cache, so with gradients (the policy's forward) the update's
-    batch is whole sequences; without them (old and reference log-probs) it stays shared. Same log-probs."""
+def test_under_gradient_checkpointing_the_update_keeps_the_shared_prompt_forward(tiny, demo_data):
+    """With --grad-checkpointing (the trainer's make_trainable) the update's gradient forward stays the shared-prompt
+    one (each distinct prompt once; test_families checks it against whole sequences, gradients included) and every
+    decoder layer of both passes is recomputed in backward; the log-probs are those of the pass without gradients."""
     from types import SimpleNamespace
 
-    model = copy.deepcopy(tiny[0]).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ares.make_trainable(copy.deepcopy(tiny[0]), ares.Config(grad_checkpointing=True))
     prompts = encoded_prompts(tiny[1], demo_data["rl"], [0, 1])
     run = SimpleNamespace(hf=model, ids=ares.special_ids(model, tiny[1]))
     tokens = torch.randint(100, 300, (4, 6), generator=torch.Generator().manual_seed(0))
     ro = SimpleNamespace(tokens=tokens, resp_mask=torch.arange(6)[None] < torch.tensor([[6], [3], [5], [2]]))
-    whole = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
+    counts = LayerRecomputes(model)
+    batch = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
+    assert batch["input_ids"].shape[0] == 2 and "prompt_index" in batch
+    logp = ares.Policy(model)(batch)[0]
+    (logp * batch["resp_mask"]).sum().backward()
+    assert counts.recomputed == counts.layer == 2 * model.config.get_text_config().num_hidden_layers
     with torch.no_grad():
-        shared = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
-        assert "prompt_index" in shared and "prompt_index" not in whole
-        a, b = ares.Policy(model)(shared)[0], ares.Policy(model)(whole)[0]
-    torch.testing.assert_close(a[ro.resp_mask], b[ro.resp_mask], atol=1e-5, rtol=0)
+        again = ares.Policy(model)(batch)[0]
+    torch.testing.assert_close(logp[ro.resp_mask], again[ro.resp_mask], atol=1e-6, rtol=0)
 
 
 def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(tiny, demo_data):

@@ -26,7 +26,7 @@ FLAGS = [
     ("coldstart", ["--micro-batch-size", "-1"], "--micro-batch-size must be >= 1, got -1"),
     ("coldstart", ["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
     ("aepo", ["--batch-size", "-4"], "--batch-size must be >= 1, got -4"),
-    ("aepo", ["--rollout-batch", "0"], "--rollout-batch must be >= 1, got 0"),
+    ("aepo", ["--rollout-batch", "0"], "--rollout-batch must be auto or an integer >= 1, got 0"),
     ("aepo", ["--minibatches", "0"], "--minibatches must be >= 1, got 0"),
     ("aepo", ["--ppo-epochs", "0"], "--ppo-epochs must be >= 1, got 0"),
     ("coldstart", ["--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),

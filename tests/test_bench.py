@@ -4,6 +4,7 @@ suppression really made every rollout row run its full length."""
 import json
 import math
 
+import pytest
 import torch
 from conftest import run_script
 from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_properly, encoded_prompts,
@@ -11,6 +12,8 @@ from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_prop
 
 import ares
 import data_prep
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def positive(x) -> bool:
@@ -127,46 +130,64 @@ def test_profile_of_an_update_micro_batch(tmp_path):
     assert "gemm" in table and "aten::mm" in table and "Self CPU" in table  # summary, then torch.profiler's table
 
 
-def test_static_cache_path_samples_what_the_eager_path_samples(tiny, demo_data):
-    """fp32, CPU: ares.sample(static=True) (a preallocated KV cache, a full-length mask, every row kept in the batch:
-    the path whose decode step --compile turns into CUDA graphs on a GPU; run uncompiled here, as on a CPU) draws the
-    same tokens, stops and truncations as the eager path (dynamic cache, finished rows dropped), with log-probs and
-    entropies equal to 1e-5, and both equal a teacher-forced plain forward to 1e-4: images, a text-only prompt, left
-    padding, repeats, ragged stops; then per-row budgets and branch prefixes."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kv_pool_path_samples_what_the_eager_path_samples(tiny, demo_data, compiled):
+    """fp32, CPU: ares.sample on a KVPool (the --compile path: one pool reused by every call, row buckets that finished
+    rows leave, attention over the columns in use; its decode step run as is, or traced by torch.compile with the
+    aot_eager backend) draws the same tokens, stops and truncations as the eager path (a dynamic cache), with
+    log-probs and entropies equal to 1e-5, and both equal a teacher-forced plain forward to 1e-4: images, a text-only
+    prompt, prompts of three lengths, repeats, ragged stops; then per-row budgets and branch prefixes. Rows do move to
+    smaller buckets, attention never reads the whole pool, and the traced step compiles once."""
+    from torch._dynamo.utils import counters
+
     model, processor = tiny
     prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"])
     ids = special_ids_with_extra_stops(model, processor)
     kw = dict(ids=ids, temperature=T_SAMPLE, top_p=TOP_P)
+    pool = ares.KVPool(8, 400, compile=compiled, backend="aot_eager")
+    moves, lengths_read, keep = [], [], pool.keep
+
+    def watched_keep(live, t):
+        out = keep(live, t)
+        moves.append(None if out is None else (len(live), len(out)))
+        lengths_read.append(pool.Lb)
+        return out
+
+    pool.keep = watched_keep
+    graphs = counters["stats"]["unique_graphs"]
 
     def both(prompts, seed, **more):
         eager = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), **kw, **more)
-        static = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), static=True, compile=False,
-                             **kw, **more)
-        assert torch.equal(static["tokens"], eager["tokens"]) and torch.equal(static["mask"], eager["mask"])
-        assert torch.equal(static["truncated"], eager["truncated"])
+        pooled = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), pool=pool, **kw, **more)
+        assert torch.equal(pooled["tokens"], eager["tokens"]) and torch.equal(pooled["mask"], eager["mask"])
+        assert torch.equal(pooled["truncated"], eager["truncated"])
         for key in ("logprobs", "entropy"):
-            torch.testing.assert_close(static[key], eager[key], atol=1e-5, rtol=0)
-        return eager, static
+            torch.testing.assert_close(pooled[key], eager[key], atol=1e-5, rtol=0)
+        return eager, pooled
 
     for seed in range(50):  # a draw with ragged stops, some rows truncated, parents long enough to branch from
-        eager, static = both(prompts, seed, max_new_tokens=16, repeats=2)
+        eager, pooled = both(prompts, seed, max_new_tokens=16, repeats=2)
         lengths = eager["mask"].sum(1)
         if (len(set(lengths.tolist())) >= 3 and eager["truncated"].any() and not eager["truncated"].all()
                 and all(lengths[r] > t for r, t in ((0, 1), (3, 3), (6, 2)))):
             break
     assert len(set(lengths.tolist())) >= 3 and eager["truncated"].any() and not eager["truncated"].all(), lengths
-    check_rows_end_properly(static, ids["stop"], ids["pad"], [16] * 8)
+    check_rows_end_properly(pooled, ids["stop"], ids["pad"], [16] * 8)
     rows = [prompts[i // 2] for i in range(8)]
     for i in range(8):
-        logp, ent = teacher_forced(model, rows[i], static["tokens"][i, :lengths[i]], 0, T_SAMPLE)
-        torch.testing.assert_close(static["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
-        torch.testing.assert_close(static["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
+        logp, ent = teacher_forced(model, rows[i], pooled["tokens"][i, :lengths[i]], 0, T_SAMPLE)
+        torch.testing.assert_close(pooled["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(pooled["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
 
     parents, cuts, budgets = [0, 3, 6], [1, 3, 2], [5, 9, 12]  # branches of rows 0, 3, 6 with their own budgets
-    prefixes = [static["tokens"][r, :t].tolist() for r, t in zip(parents, cuts)]
+    prefixes = [pooled["tokens"][r, :t].tolist() for r, t in zip(parents, cuts)]
     _, cont = both([rows[r] for r in parents], 1, budgets=budgets, prefixes=prefixes)
     check_rows_end_properly(cont, ids["stop"], ids["pad"], budgets)
     check_continuations(model, rows, parents, cuts, prefixes, cont, entropy=False)
+    assert (8, 4) in moves or (8, 2) in moves, moves  # finished rows left the 8-row bucket for a smaller one
+    assert max(lengths_read) < pool.length, lengths_read  # attention read the columns in use, not the pool
+    if compiled:
+        assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for every bucket and call
 
 
 def test_device_script_dry_run_on_the_cpu(tmp_path):
