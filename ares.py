@@ -1692,6 +1692,18 @@ def activation_bytes(text_config, tokens: int, rows: int, checkpointing: bool) -
 RESERVE_GIB = 5.0  # kept free: CUDA context, NCCL buffers, allocator fragmentation, the sampler's logits (README: memory plan)
 
 
+def kv_room(free: float, trainable: int, params: int, shard: int, activations: float, pool: bool,
+            adam_made: bool = False, grads_made: bool = False) -> float:
+    """Bytes for the rollout KV cache (README: memory plan): the free memory less RESERVE_GIB and what the update will
+    still allocate: fp32 gradients (4 B a trainable weight, per shard; DDP's buckets hold them from the start),
+    AdamW's two fp32 moments (8 B, unless made), with a KV pool (--compile: it stays allocated through the update) a
+    micro-batch's activations; with FSDP (shard > 1) at least the bf16 weights that sampling gathers (2 B a weight),
+    which the update's memory replaces."""
+    adam = 0 if adam_made else 8 * trainable / shard
+    update = (0 if grads_made else 4 * trainable / shard) + (activations if pool else 0)
+    return free - RESERVE_GIB * 2 ** 30 - adam - max(update, 2 * params if shard > 1 else 0)
+
+
 def free_memory(device) -> int:
     """Bytes free on the device, PyTorch's cached but unused blocks included; on a CPU, the host's MemAvailable."""
     if device.type == "cuda":
@@ -1706,26 +1718,24 @@ def rollout_memory(cfg, run, device):
     (--max-prompt-len + --max-response-len tokens each) fits in the free memory of the device (of the host on a CPU)
     beside RESERVE_GIB and what the update will still allocate: gradients and, before the first step, AdamW's
     moments; with --compile (the pool stays allocated through the update) also a micro-batch's activations; with
-    --fsdp at least the weights that sampling gathers. At most the rows that a step decodes at once, the smallest over
-    ranks; printed. -> the run's KVPool of that many rows with --compile, else None."""
+    --fsdp at least the weights that sampling gathers (kv_room). At most the rows that a step decodes at once, the
+    smallest over ranks; printed. -> the run's KVPool of that many rows with --compile, else None."""
     text, shard = run.hf.config.get_text_config(), world_size() if cfg.fsdp and dist.is_initialized() else 1
     row_tokens, G, B = cfg.max_prompt_len + cfg.max_response_len, cfg.group_size, cfg.branch_samples
     per_token = kv_bytes_per_token(text, compute_dtype(cfg, device))
     step_rows = -(-cfg.batch_size // world_size()) * max(G - B, B)  # a step's largest sampler call
     if cfg.rollout_batch == "auto":
-        adam = 0 if run.opt.state else 8 * run.n_trainable / shard
-        grads = 4 * run.n_trainable / shard
+        free = free_memory(device)
         acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
-        gathered = 2 * run.n_params if shard > 1 else 0  # bf16 weights of every block, unsharded for sampling
-        pending = adam + max(grads + (acts if cfg.compile else 0), gathered)
-        room = free_memory(device) - pending - RESERVE_GIB * 2 ** 30
+        room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, bool(run.opt.state),
+                       isinstance(run.model, nn.parallel.DistributedDataParallel))
         rows = torch.tensor([float(max(1, min(step_rows, room // (per_token * row_tokens))))])
         cfg.rollout_batch = int(all_reduce(rows, dist.ReduceOp.MIN if dist.is_initialized() else None).item())
-        rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank ({room / 2 ** 30:.1f} GiB free for KV "
-                    f"after {pending / 2 ** 30:.1f} GiB the update will allocate and {RESERVE_GIB:g} GiB kept; "
-                    f"{per_token:,} B/token x {row_tokens:,} tokens a row; at most {step_rows}, a step's largest call)"
-                    + ("" if room > per_token * row_tokens else ": the update alone may not fit: consider --fsdp, "
-                       "--grad-checkpointing, a smaller --micro-batch-size or --max-response-len"))
+        rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank ({room / 2 ** 30:.1f} GiB for KV of "
+                    f"{free / 2 ** 30:.1f} GiB free; {per_token:,} B/token x {row_tokens:,} tokens a row; at most "
+                    f"{step_rows}, a step's largest call)" + ("" if room > per_token * row_tokens else ": the update "
+                    "alone may not fit: consider --fsdp, --grad-checkpointing, a smaller --micro-batch-size or "
+                    "--max-response-len"))
     cfg.rollout_batch = int(cfg.rollout_batch)
     if not cfg.compile:
         return None
@@ -1805,7 +1815,8 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         compile_layers(hf, cfg.compile_backend)
     if trainable and dist.is_initialized():
         ddp = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=cfg.train_vision)
+                                                  find_unused_parameters=cfg.train_vision,
+                                                  gradient_as_bucket_view=True)  # the gradients live in DDP's buckets
         return ddp, policy
     return policy, policy
 

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -766,39 +767,45 @@ def meta_counts(size: str) -> dict:
 
 
 def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card_gib: float = 79.6,
-                reserve_gib: float = 5.0, micro_tokens: int = 4096) -> list[dict]:
-    """Per-rank GiB at the two peaks of an AEPO step (ares.train_aepo with KL on):
-      update:   fp32 master + fp32 grads + AdamW (m, v) + bf16 sampling copy (DDP) + bf16 reference + activations
-      sampling: fp32 master + AdamW + bf16 weights to sample with (DDP: the copy; FSDP: all blocks unsharded)
-                + reference + KV cache of the rollout rows
-    DDP keeps everything whole on every rank; FSDP2 shards master, grads, AdamW and the reference by `world`.
-    Activations: measured at ~4k tokens with gradient checkpointing when given, else estimated. `reserve_gib`
-    covers the CUDA context, NCCL buffers and allocator fragmentation."""
+                reserve_gib: float = ares.RESERVE_GIB, micro_tokens: int = 4096) -> list[dict]:
+    """Per-rank GiB of AEPO (ares.train_aepo with KL on), DDP vs FSDP2:
+      resident  what a run holds from the start: fp32 master, bf16 reference; DDP also its bf16 sampling copy and its
+                gradient buckets (the gradients themselves, gradient_as_bucket_view); FSDP2 shards master and reference
+      update    peak of an update: resident + AdamW (m, v) + gradients (FSDP) + activations
+      sampling  peak of sampling without the KV cache: resident + AdamW; FSDP2 also every block unsharded (bf16)
+      KV room   ares.kv_room, the formula of --rollout-batch auto: the card less the resident set, RESERVE_GIB and what
+                the update will add (AdamW, FSDP's gradients, with --compile the activations: the KV pool stays
+                allocated through the update; under FSDP at least the gathered weights)
+    Activations: measured at ~4k tokens with gradient checkpointing when given, else estimated (ares.activation_bytes).
+    `reserve_gib` covers the CUDA context, NCCL buffers, allocator fragmentation and the sampler's logits."""
     n, tr = counts["total"], counts["trainable"]
-    c = counts["config"]
     if measured_update and measured_update.get("activations_gib") is not None:
         act, act_note = measured_update["activations_gib"] * micro_tokens / measured_update["tokens"], "measured"
-    else:  # checkpointed fp32 residual per layer + one layer's recompute + a 1024-position fp32 logits chunk (x3)
-        h, L, f, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-        act = (L * micro_tokens * h * 4 + micro_tokens * (6 * h + 4 * f) * 2 + 3 * 1024 * 4 * V * 4) / GIB
-        act_note = "estimated"
+    else:
+        text = SimpleNamespace(**{k: counts["config"][k] for k in ("hidden_size", "num_hidden_layers",
+                                                                   "intermediate_size", "vocab_size")})
+        act, act_note = ares.activation_bytes(text, micro_tokens, 4, True) / GIB, "estimated"
     rows = []
     for mode in ("ddp", "fsdp"):
         shard = world if mode == "fsdp" else 1
         master, grads, adam = 4 * n / shard / GIB, 4 * tr / shard / GIB, 8 * tr / shard / GIB
         sample_weights = 2 * n / GIB  # DDP: the bf16 copy (always resident); FSDP: unsharded for sampling only
         ref = 2 * n / shard / GIB
-        update = master + grads + adam + (sample_weights if mode == "ddp" else 0) + ref + act
-        sampling = master + adam + sample_weights + ref
-        kv_room = card_gib - reserve_gib - sampling
+        resident = master + ref + (sample_weights + grads if mode == "ddp" else 0)
+        update = resident + adam + act + (grads if mode == "fsdp" else 0)
+        sampling = resident + adam + (sample_weights if mode == "fsdp" else 0)
+        room = {pool: ares.kv_room((card_gib - resident) * GIB, tr, n, shard, act * GIB, pool,
+                                   grads_made=mode == "ddp") / GIB for pool in (False, True)}
         per_row = {ctx: ctx * counts["kv_bytes_per_token"] / GIB for ctx in (5120, 20480)}
         rows.append(dict(mode=mode, master_gib=master, grads_gib=grads, adam_gib=adam, sampling_weights_gib=sample_weights,
-                         reference_gib=ref, activations_gib=act, activations=act_note, update_peak_gib=update,
-                         sampling_base_gib=sampling, kv_room_gib=kv_room,
-                         rollout_rows_at_5k=max(0, int(kv_room / per_row[5120])),
-                         rollout_rows_at_20k=max(0, int(kv_room / per_row[20480])),
+                         reference_gib=ref, activations_gib=act, activations=act_note, resident_gib=resident,
+                         update_peak_gib=update, sampling_base_gib=sampling, kv_room_gib=room[False],
+                         kv_room_compile_gib=room[True],
+                         rollout_rows_at_5k=max(0, int(room[False] / per_row[5120])),
+                         rollout_rows_at_20k=max(0, int(room[False] / per_row[20480])),
+                         rollout_rows_at_20k_compile=max(0, int(room[True] / per_row[20480])),
                          rollout_rows_paper=512 // world * 4,  # 512 prompts x (G - B) = 4 fresh rows per rank
-                         fits=update + reserve_gib <= card_gib and kv_room > 0))
+                         fits=update + reserve_gib <= card_gib and room[False] > 0))
     return rows
 
 
@@ -951,15 +958,17 @@ def print_tables(results: dict, plan: dict | None):
         print("\n== memory plan per rank (GiB), AEPO with KL, 8 x 80 GB cards (79.6 GiB; 5 GiB kept for CUDA context, "
               "NCCL, fragmentation)")
         print(f"  {'model':<6}{'mode':<6}{'master':>7}{'grads':>7}{'adam':>7}{'sample':>7}{'ref':>6}{'act':>6}"
-              f"{'update':>8}{'KV room':>9}{'rows@5k':>8}{'rows@20k':>9}  fits")
+              f"{'update':>8}{'KV room':>9}{'compile':>8}{'rows@5k':>8}{'rows@20k':>9}{'compile':>8}  fits")
         for size, rows in plan.items():
             for row in rows:
                 print(f"  {size:<6}{row['mode']:<6}{row['master_gib']:>7.1f}{row['grads_gib']:>7.1f}{row['adam_gib']:>7.1f}"
                       f"{row['sampling_weights_gib']:>7.1f}{row['reference_gib']:>6.1f}{row['activations_gib']:>6.1f}"
-                      f"{row['update_peak_gib']:>8.1f}{row['kv_room_gib']:>9.1f}{row['rollout_rows_at_5k']:>8}"
-                      f"{row['rollout_rows_at_20k']:>9}  {'yes' if row['fits'] else 'NO'}")
-        print(f"  rows@N: rollout rows whose KV cache (prompt + response = N tokens) fits beside the weights; the "
-              f"paper's batch is {next(iter(plan.values()))[0]['rollout_rows_paper']} rows per rank per sample() call")
+                      f"{row['update_peak_gib']:>8.1f}{row['kv_room_gib']:>9.1f}{row['kv_room_compile_gib']:>8.1f}"
+                      f"{row['rollout_rows_at_5k']:>8}{row['rollout_rows_at_20k']:>9}"
+                      f"{row['rollout_rows_at_20k_compile']:>8}  {'yes' if row['fits'] else 'NO'}")
+        print(f"  KV room: what --rollout-batch auto gives the KV cache (ares.kv_room; compile: the pool stays through "
+              f"the update); rows@N: rows whose KV cache (prompt + response = N tokens) fits in it; the paper's batch is "
+              f"{next(iter(plan.values()))[0]['rollout_rows_paper']} rows per rank per sample() call")
         for size, rows in plan.items():
             for row in rows:
                 if row["fits"]:

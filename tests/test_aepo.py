@@ -418,6 +418,56 @@ def test_three_aepo_steps_in_one_process(tiny_ckpt, demo_data, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+def test_compiled_sampler_compiles_nothing_after_step_2(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """--compile with branching and --max-refill-rounds 2, under a reward that leaves some groups all right or all
+    wrong, so that sampler calls of many row counts and lengths follow each other (first passes, branches, refill
+    rounds, last chunks). torch._dynamo's own counter of compiled graphs, read at the end of every step: graphs are
+    compiled in the first two steps and none after, and the run logs the same counts (graphs_compiled). The compiled
+    sampler's log-probs are the trainer's (logprob_gap). Backend aot_eager: dynamo traces, guards and recompiles
+    as with inductor, without generating code, which would cost a cold CPU compile (inductor: test_bench)."""
+    from torch._dynamo.utils import counters
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(record, response):\n    return float(len(response) % 3 == 0)\n")
+    seen, log = [], ares.Metrics.log
+    monkeypatch.setattr(ares.Metrics, "log", lambda self, row, show: seen.append(counters["stats"]["unique_graphs"])
+                        or log(self, row, show))
+    before = counters["stats"]["unique_graphs"]
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 6, "--compile", "--compile-backend", "aot_eager",
+                        "--max-refill-rounds", 2, "--reward-fn", f"{reward}:score", "--minibatches", 2,
+                        "--batch-size", 4, "--window", 2, "--entropy-quantile", 0.5))
+    rows = read_jsonl(out / "metrics.jsonl")
+    per_step = [b - a for a, b in zip([before] + seen, seen)]
+    assert len(per_step) == 6 and sum(per_step[:2]) > 0 and per_step[2:] == [0] * 4, per_step
+    assert [r["graphs_compiled"] for r in rows] == per_step
+    assert len({r["rollout_rounds"] for r in rows}) > 1 and all(r["branches"] > 0 for r in rows)  # row counts vary
+    assert all(r["logprob_gap"] < 1e-4 for r in rows if r.get("logprob_gap") is not None)
+    assert any(r.get("logprob_gap") is not None for r in rows)
+
+
+def test_rollout_batch_auto_is_the_memory_plans_formula_and_bounds_every_sampler_call(tiny_ckpt, tiny, demo_data,
+                                                                                       tmp_path, monkeypatch, capsys):
+    """--rollout-batch auto (the default), the device's free memory fixed: the rows printed at start are
+    (free - 5 GiB kept - gradients - AdamW moments) // (KV bytes a token x (--max-prompt-len + --max-response-len)),
+    worked out here from the tiny model's config and its trainable (language-model) parameters, and no sampler call
+    decodes more rows at once."""
+    model = tiny[0]
+    text = model.config.get_text_config()
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    row = kv_per_token * (256 + 16)  # the tiny model's --max-prompt-len and this run's --max-response-len, fp32 on a CPU
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
+    free = 5 * 2 ** 30 + 12 * trainable + 5.5 * row  # room for 5 rows after 4 B of gradient and 8 B of AdamW a weight
+    monkeypatch.setattr(ares, "free_memory", lambda device: free)
+    calls, sample = [], ares.sample
+    monkeypatch.setattr(ares, "sample", lambda model, prompts, **kw: calls.append(len(prompts) * kw.get("repeats", 1))
+                        or sample(model, prompts, **kw))
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 4,
+                        "--keep-uniform-groups"))
+    assert "--rollout-batch auto: 5 rows per rank" in capsys.readouterr().out
+    assert calls and max(calls) == 5, calls  # 4 prompts x 2 fresh rows: calls of 2 prompts, then branches 5 + 3
+
+
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """The demo's GRPO (--kl-mode fixed): every loss token weighs its KL by beta0 (no bucket multiplier, no window
     relaxation), and kappa never moves; the dynamic run of the test above moves it."""

@@ -75,6 +75,22 @@ def test_bad_flag_stops_with_one_line_naming_the_flag(stage, flags, message, tin
     assert not out.exists()  # nothing was loaded, trained or written
 
 
+@pytest.mark.parametrize("package, found, need", [("transformers", "5.17.0", "5.24.0"), ("torch", "2.5.1", "2.6")])
+def test_an_old_package_stops_with_one_line_naming_the_version_needed(package, found, need, tiny_ckpt, demo_data,
+                                                                      tmp_path, monkeypatch):
+    """transformers older than the pinned 5.24 (the device image has 5.17, which lacks the cache API ares uses) or a
+    torch without FSDP2's fully_shard: one line naming what is needed, before anything loads."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: found if name == package else real(name))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(demo_data["rl"]), "--out", str(out)])
+    assert str(err.value.code) == f"ares.py needs {package} >= {need}, found {found}: pip install '{package}>={need}'"
+    assert not out.exists()
+
+
 def test_stage_defaults_are_validated_when_the_stage_starts(tiny_ckpt, demo_data, tmp_path):
     """What parse_config did not see (a caller's own Config, as the demo builds) is checked after the stage
     defaults are filled in, before the data or the model is read."""
