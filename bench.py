@@ -520,8 +520,8 @@ def profile_summary(events, on_gpu: bool, top: int = 15) -> dict:
     summing to 1); and, independently, by the ranges above it: vision (ares::vision, the vision tower's forward),
     recompute (ares::recompute:*, a checkpointed block re-run in backward; recompute_vision, the part that re-runs
     vision blocks), backward (inside an autograd node; recompute is part of it). Shares are of the units' total.
-    (Seen on the tiny model: Hugging Face's gradient_checkpointing_enable() makes the vision patch embedding's output
-    require grad, so backward runs through the frozen vision tower and re-runs its blocks: recompute_vision > 0.)"""
+    (recompute_vision was > 0 before ares ran a frozen vision tower without gradients: Hugging Face's checkpointing
+    made the patch embedding's output require grad, so backward re-ran the tower's blocks.)"""
     from torch.autograd import DeviceType
 
     def annotation(e):
