@@ -449,7 +449,7 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
 # Per step it records the sampled token, its log-prob under softmax(z / T) (the policy the update differentiates)
 # and the full-vocabulary entropy (Eq. 3). Finished rows are dropped from the batch as they accumulate. The model side
 # is here too: prompts into a KV cache (prefill, prompt_batch) and each distinct image through the vision tower once.
-# With --compile the KV cache is the run's KV pool and the decode step is compiled once (KVPool, in Part 2).
+# The KV caches themselves are infrastructure (Part 2): EagerKV, and with --compile the run's KVPool.
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor):
@@ -567,35 +567,6 @@ def next_positions(next_pos: torch.Tensor, steps: int, vlm: bool) -> torch.Tenso
     return p[None].expand(3, -1, -1) if vlm else p
 
 
-class EagerKV:
-    """The eager sampler's KV cache: prefill()'s, copied `repeats` times, grown by one column per step; once a
-    quarter of the batch is done, its finished rows leave it."""
-
-    def __init__(self, state: dict, repeats: int, compact: float = 0.75):
-        self.cache, self.att, self.compact = state["cache"], state["att"].repeat_interleave(repeats, 0), compact
-        self.cache.batch_repeat_interleave(repeats)
-        self.rows = torch.arange(len(self.att), device=self.att.device)  # the output row of each batch row
-
-    def keep(self, live: torch.Tensor, t: int) -> torch.Tensor | None:
-        """At a check (live (B,)): the batch rows that stay, or None to keep them all."""
-        if live.sum() > self.compact * len(live):
-            return None
-        keep = live.nonzero().squeeze(1)
-        self.cache.batch_select_indices(keep)
-        self.att = self.att[keep]
-        return keep
-
-    def step(self, model, tok, pos, u, t: int, temperature: float, top_p: float, banned):
-        """Feed each row's last token through the KV cache, then sample the next one."""
-        self.att = torch.cat([self.att, self.att.new_ones(len(self.att), 1)], 1)
-        # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
-        # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
-        with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
-            logits = model(input_ids=tok[:, None], attention_mask=self.att, position_ids=pos, cache=self.cache,
-                           use_cache=True).logits[:, -1]
-        return sample_token(without_banned(logits, banned), temperature, top_p, u)
-
-
 CHECK_EVERY = 8  # decode steps between looks at which rows are done: the loop's only waits for the device
 
 
@@ -611,7 +582,7 @@ def decode(model, state: dict, kv, budgets: torch.Tensor, ids: dict, temperature
     logps, ents = torch.zeros(N + 1, max(T, 1), device=device), torch.zeros(N + 1, max(T, 1), device=device)
     mask = torch.zeros(N + 1, max(T, 1), dtype=torch.bool, device=device)  # (N + 1, T)
     stop, budgets = torch.tensor(ids["stop"], device=device), torch.cat([budgets, budgets.new_zeros(1)])  # (N + 1,)
-    banned = torch.tensor(banned_tokens(model), device=device) if banned_tokens(model) else None
+    banned = torch.tensor(banned_tokens(model), device=device).view(-1) if banned_tokens(model) else None
     rows = kv.rows  # (B,)
     src = rows.clamp(max=max(N - 1, 0))  # a padding row reads row N - 1's inputs: it is never live
     next_pos, live = state["next_pos"][src], budgets[rows] > 0  # (B,) each
@@ -1534,8 +1505,38 @@ def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The sampler's KV pool (--compile): one per process, allocated once and reused by every sample() call, and a decode
-# step compiled once (CUDA graphs on a GPU) for a fixed set of row counts and key lengths.
+# The sampler's KV caches (sample, decode): EagerKV, the default, and the KV pool of --compile: one per process,
+# allocated once and reused by every sample() call, with a decode step compiled once (CUDA graphs on a GPU) for a fixed
+# set of row counts and key lengths.
+
+
+class EagerKV:
+    """The eager sampler's KV cache: prefill()'s, copied `repeats` times, grown by one column per step; once a
+    quarter of the batch is done, its finished rows leave it."""
+
+    def __init__(self, state: dict, repeats: int, compact: float = 0.75):
+        self.cache, self.att, self.compact = state["cache"], state["att"].repeat_interleave(repeats, 0), compact
+        self.cache.batch_repeat_interleave(repeats)
+        self.rows = torch.arange(len(self.att), device=self.att.device)  # the output row of each batch row
+
+    def keep(self, live: torch.Tensor, t: int) -> torch.Tensor | None:
+        """At a check (live (B,)): the batch rows that stay, or None to keep them all."""
+        if live.sum() > self.compact * len(live):
+            return None
+        keep = live.nonzero().squeeze(1)
+        self.cache.batch_select_indices(keep)
+        self.att = self.att[keep]
+        return keep
+
+    def step(self, model, tok, pos, u, t: int, temperature: float, top_p: float, banned):
+        """Feed each row's last token through the KV cache, then sample the next one."""
+        self.att = torch.cat([self.att, self.att.new_ones(len(self.att), 1)], 1)
+        # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
+        # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
+        with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
+            logits = model(input_ids=tok[:, None], attention_mask=self.att, position_ids=pos, cache=self.cache,
+                           use_cache=True).logits[:, -1]
+        return sample_token(without_banned(logits, banned), temperature, top_p, u)
 
 
 POOL_ATTENTION = "ares_pool"  # the decode step's attention function, registered with Hugging Face by KVPool
@@ -1609,7 +1610,7 @@ class KVPool:
         self.capacity, self.length, self.compile = max(rows, 2), length, compile
         self.row_buckets, self.length_buckets = buckets(self.capacity, 2), buckets(length, 64, (1, 1.5))
         self.step_fn = compiled_pool_step(backend, cuda_graphs) if compile else pool_step
-        self.keys, self.values = [], []  # per decoder layer (rows + 1, KV heads, length + 1, head dim)
+        self.cuda_graphs, self.keys, self.values = cuda_graphs, [], []  # per layer (rows + 1, KV heads, length + 1, D)
 
     def start(self, model, state: dict, budgets: torch.Tensor):
         """A call's prompts: prefill()'s KV cache (P rows, left-padded) into the pool, each row's keys and values from
@@ -1663,6 +1664,8 @@ class KVPool:
         if self.compile:  # one graph for every bucket
             for x, dim in ((tok, 0), (slot, 0), (u, 0), (cols, 0), (pos, pos.dim() - 2)):
                 torch._dynamo.mark_dynamic(x, dim)
+        if self.cuda_graphs:  # the last step's outputs are copied: its graph's memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with attention_implementation(text_decoder(model).config, POOL_ATTENTION):
             return self.step_fn(model, self, tok, pos, slot, cols, u, temperature, top_p, banned)
 
@@ -1739,6 +1742,7 @@ def rollout_memory(cfg, run, device):
     cfg.rollout_batch = int(cfg.rollout_batch)
     if not cfg.compile:
         return None
+    graphs_compiled()  # the per-step counts of this run start here
     fsdp = cfg.fsdp and dist.is_initialized()  # FSDP's hooks stay outside torch.compile; its gathered weights move
     return KVPool(cfg.rollout_batch, row_tokens, compile=not fsdp, backend=cfg.compile_backend,
                   cuda_graphs=device.type == "cuda" and cfg.compile_backend == "inductor" and not fsdp)

@@ -138,6 +138,25 @@ def test_sampler_and_trainer_logprobs_equal_teacher_forcing(family_ckpt, family_
         torch.testing.assert_close(trainer[i, :len(toks)], want, atol=1e-4, rtol=0)
 
 
+def test_kv_pool_sampler_samples_what_the_eager_sampler_samples(family_ckpt, family_data):
+    """The --compile path's KVPool (its step run eagerly here: Hugging Face's layers with the pool as their cache, the
+    pool's attention function, 3-D or 1-D rotary positions) against the eager sampler, in every family: the same
+    tokens, log-probs equal to 1e-5, from prompts of unequal lengths with ragged stops."""
+    family, ckpt = family_ckpt
+    model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
+    model.eval()
+    records = data_prep.load_records(str(family_data["text" if family in TEXT_ONLY else "vlm", "rl"]))[:3]
+    prompts = [data_prep.encode_prompt(processor, r) for r in records]
+    ids = dict(ares.special_ids(model, processor))
+    ids["stop"] = sorted(set(ids["stop"]) | set(range(100, 140)))  # ragged stops
+    kw = dict(ids=ids, max_new_tokens=12, repeats=2, temperature=T, top_p=0.95)
+    eager = ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    pooled = ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), pool=ares.KVPool(6, 400, compile=False), **kw)
+    assert len(set(eager["mask"].sum(1).tolist())) > 1
+    assert torch.equal(pooled["tokens"], eager["tokens"]) and torch.equal(pooled["mask"], eager["mask"])
+    torch.testing.assert_close(pooled["logprobs"], eager["logprobs"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_prompt_forward_gives_the_logprobs_and_gradients_of_whole_sequences(family_ckpt, family_data,
                                                                                    checkpointing):
