@@ -742,7 +742,8 @@ def train_coldstart(cfg: Config) -> Path:
         loss_val = all_reduce(loss_sum).item()
         dt = time.time() - t0
         row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
-                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt)
+                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt,
+                   **(graphs_compiled() if cfg.compile else {}))
         if not ok or not math.isfinite(loss_val):
             rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
         metrics.log(row, ("loss", "grad_norm", "lr"))
@@ -1844,9 +1845,13 @@ def compile_layers(hf: nn.Module, backend: str):
     graphs shared by all layers. Calls with a KV cache (the sampler's prefill, AEPO's shared-prompt update) run eagerly:
     a cache is indexed by layer, which would compile a graph per layer."""
     for layer in (m for m in hf.modules() if type(m).__name__.endswith("DecoderLayer")):
-        compiled = torch.compile(layer.forward, backend=backend, dynamic=True)
-        layer.forward = functools.partial(lambda eager, compiled, *a, **kw: (eager if kw.get("cache") is not None
-                                                                            else compiled)(*a, **kw), layer.forward, compiled)
+        layer.forward = functools.partial(without_cache_compiled, layer.forward,
+                                          torch.compile(layer.forward, backend=backend, dynamic=True))
+    graphs_compiled()  # the per-step counts of this run start here
+
+
+def without_cache_compiled(eager, compiled, *args, **kwargs):
+    return (eager if kwargs.get("cache") is not None else compiled)(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -288,8 +288,10 @@ def test_compile_smoke(tiny, tiny_ckpt, demo_data, tmp_path):
         total, count = reference_sft_loss(model, processor, data)
     run_script(["ares.py", *coldstart(data, tmp_path / "run", tiny_ckpt, "--compile", "--steps", 1, "--batch-size", 2,
                                       "--micro-batch-size", 2)])  # one step: each new shape costs a compilation
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in rows]
     assert len(losses) == 1 and losses[0] == pytest.approx((total / count).item(), rel=1e-4)
+    assert rows[0]["graphs_compiled"] > 0  # the decoder layers did run compiled
     start, end = checkpoint_params(tiny_ckpt), checkpoint_params(tmp_path / "run" / "final")
     assert any(not torch.equal(start[k], end[k]) for k in start)  # the compiled step did update the model
     assert (tmp_path / "run" / "final" / "COMPLETE").exists()
