@@ -815,6 +815,66 @@ def plan_flags(size: str, mode: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Host memory of an AEPO run's start under torchrun (--host-memory): what each rank holds while it loads.
+
+
+def host_memory(args) -> dict:
+    """Peak host memory per rank (VmHWM above the resident set before each phase, /proc/self/clear_refs), in units of
+    M = the model's fp32 weights, while an AEPO run with DDP starts on the CPU: the policy (fp32 master) loaded from
+    --host-memory's folder, its DDP wrap, the reference, the sampling copy, all at --dtype (bf16: the sampling copy
+    is made), then a first optimizer step on a 3-token response (gradients and AdamW's moments). Without torchrun's environment it runs itself under torchrun with 2 processes and collects their
+    rows; a warm-up on the tiny model first imports every module, so that the phases count the model only."""
+    if "RANK" not in os.environ:
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = [Path(tmp) / f"rank{r}.json" for r in range(2)]
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            __file__, "--host-memory", args.host_memory, "--dtype", args.dtype, "--out",
+                            str(Path(tmp) / "rank.json")], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            rows = [json.loads(o.read_text()) for o in outs]
+        for r in rows:
+            print(f"  rank {r['rank']}: " + ", ".join(f"{k} {v:.2f} M" for k, v in r.items() if k.endswith("_M")))
+        return dict(ranks=rows)
+    rank, _, device = ares.init_distributed(600)
+
+    def status(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    def measured(fn):
+        gc.collect()
+        before = status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
+        return fn(), status("VmHWM") - before
+
+    def start(model):
+        cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", model, "--data", "x", "--out",
+                                                             tempfile.mkdtemp(), "--dtype", args.dtype]), "aepo")
+        loaded, load = measured(lambda: ares.load_for_training(cfg, device))
+        run, wrap = measured(lambda: ares.prepare_training(cfg, loaded, device, 1))
+        with torch.no_grad():
+            for p in run.hf.parameters():
+                p.mul_(1)  # resident, as after any optimizer step (loading may leave them mapped from the file)
+        _, ref = measured(lambda: ares.load_reference(model, cfg, device))
+        _, copy = measured(lambda: ares.sampling_copy(cfg, run, device))
+        prompt = data_prep.encode_prompt(run.processor, dict(id="q", question="What is 1 + 1?", answer="2", images=[]))
+        batch = ares.make_batch(run.hf, [prompt], [torch.tensor([100, 101, 102])], run.ids["pad"], device)
+
+        def update():  # the first optimizer step: gradients (in DDP's buckets or besides them) and AdamW's moments
+            (-run.model(batch)[0].sum()).backward()
+            ares.optimizer_step(run.opt, run.sched, run.params, 1.0)
+
+        _, first_update = measured(update)
+        return run, dict(load=load, ddp_wrap=wrap, reference=ref, sampling_copy=copy, first_update=first_update)
+
+    start("tiny")
+    run, phases = start(args.host_memory)
+    M = sum(p.numel() for p in run.hf.parameters()) * 4
+    row = dict(rank=rank, model_bytes=M, **{f"{k}_M": v / M for k, v in phases.items()})
+    Path(args.out).with_name(f"rank{rank}.json").write_text(json.dumps(row))
+    torch.distributed.destroy_process_group()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Driver: one size per process for the real models (CUDA graphs and memory pools die with it), a table, the JSON.
 
 
@@ -1050,6 +1110,9 @@ def parse_args(argv=None):
     p.add_argument("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
     p.add_argument("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
     p.add_argument("--grader", action="store_true", help="only grading throughput: data_prep.grade_batch, answers/s")
+    p.add_argument("--host-memory", default=None, metavar="MODEL_DIR", help="only the peak host memory per rank of an "
+                   "AEPO run's start with DDP, 2 ranks under torchrun on the CPU (load, DDP wrap, reference, sampling "
+                   "copy), in units of the model's fp32 weights; --dtype bf16 makes the sampling copy")
     p.add_argument("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
     p.add_argument("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
     p.add_argument("--profile", action="store_true", help="after the update timings, one more micro-batch under "
@@ -1093,10 +1156,10 @@ def main(argv=None):
                      threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
                      python=platform.python_version(), compile_pool=args.compile, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     results, plan_src = {}, {}
-    if args.grader:
-        results["grader"] = bench_grader(args)
+    if args.grader or args.host_memory:
+        results["grader" if args.grader else "host_memory"] = bench_grader(args) if args.grader else host_memory(args)
         args.meta["wall_s"] = time.perf_counter() - start
-        return save_json(args, results)
+        return save_json(args, results) if "RANK" not in os.environ else None
     if not args.plan:
         if len(args.sizes) > 1:  # one process per size: CUDA graphs, compile caches and memory pools die with it
             for s in args.sizes:
