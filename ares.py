@@ -231,6 +231,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1
     logits (..., V) -> (...). Processed `chunk` rows at a time, so a float32 copy of the whole logits tensor
     is never made (8 x 4096 x 151,936 logits in float32 would be 20 GB)."""
     flat = logits.reshape(-1, logits.shape[-1])
+    if len(flat) <= chunk:  # one chunk (a decode step's rows): no loop, so torch.compile keeps the row count dynamic
+        return torch.special.entr(torch.softmax(flat.float() / temperature, -1)).sum(-1).reshape(logits.shape[:-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for s in range(0, flat.shape[0], chunk):
         z = flat[s:s + chunk].float() / temperature
@@ -470,7 +472,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torc
         cdf = sp.cumsum(-1)
         j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         tok = (si.gather(-1, j) if si is not None else j).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), torch.special.entr(probs).sum(-1)  # -p log p, 0 at p = 0
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logp)  # softmax(logp) = p
 
 
 def banned_tokens(model) -> list[int]:
@@ -1410,10 +1412,10 @@ def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, tempe
             outs.append(piece(hc, tc))
     logp = torch.cat([o[0] for o in outs], 1)
     return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
-def pad(rows: list[torch.Tensor], value=0, left: bool = False, multiple: int = 1):
-    """Stack 1-D tensors into (N, L), L = the longest (at least 1) rounded up to `multiple`, filled with `value`
+def pad(rows: list[torch.Tensor], value=0, left: bool = False):
+    """Stack 1-D tensors into (N, L), L = the longest (at least 1), filled with `value`
     on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
-    L = -(-max(max(len(r) for r in rows), 1) // multiple) * multiple
+    L = max(max(len(r) for r in rows), 1)
     out = torch.full((len(rows), L), value, dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
     for i, r in enumerate(rows):
