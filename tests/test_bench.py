@@ -231,3 +231,25 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
     assert all(positive(r["tokens_per_s"]) for r in summary["rollout"])
     assert [r["method"] for r in summary["rollout"]][:3] == ["generate", "eager", "pool"]  # generate first
     assert positive(summary["update"]["mfu"]) and summary["update"]["grad_checkpointing"] is True
+
+
+def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path):
+    """The device image's transformers (5.17) is too old for ares.py, so the GPU call must not run on it: with no
+    carried wheels, or wheels that do not install, .ci/device_check.sh stops at once with one line and exit code 3,
+    having written nothing but its (empty) step table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "transformers-5.24.0-py3-none-any.whl").write_bytes(b"not a wheel")
+    for wheels, says in ((tmp_path / "none", "no wheels in"), (broken, "the carried wheels did not install")):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), WHEELS=str(wheels),
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        res = subprocess.run(["bash", ".ci/device_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 3 and says in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [".steps.tsv"]
