@@ -1574,7 +1574,7 @@ def text_decoder(model) -> nn.Module:
 def pool_step(model, pool, tok, pos, slot, cols, u, temperature: float, top_p: float, banned):
     """KVPool's decode step, compiled once: each row's last token tok (B,) at rotary position pos, its keys and values
     written at column slot (B,), attention over the columns cols (Lb,) up to its own, then the next token sampled."""
-    pool.arange, pool.slot, pool.cols = torch.arange(len(tok), device=tok.device), slot, cols
+    pool.slot, pool.cols = slot, cols  # inputs: nothing the graph makes is kept outside it (a CUDA graph's memory)
     mask = (cols[None] <= slot[:, None])[:, None, None]  # (B, 1, 1, Lb): the prompt, the tokens so far, itself
     h = text_decoder(model)(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=pool,
                             use_cache=True).last_hidden_state[:, -1]  # (B, H)
@@ -1675,8 +1675,8 @@ class KVPool:
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Hugging Face's cache call in each attention layer: write the step's keys and values (B, KV heads, 1, D) at
         each row's column, return the first B rows x Lb columns."""
-        K, V = self.keys[layer_idx], self.values[layer_idx]
-        K[self.arange, :, self.slot], V[self.arange, :, self.slot] = key_states[:, :, 0], value_states[:, :, 0]
+        K, V, rows = self.keys[layer_idx], self.values[layer_idx], torch.arange(len(key_states), device=key_states.device)
+        K[rows, :, self.slot], V[rows, :, self.slot] = key_states[:, :, 0], value_states[:, :, 0]
         return K[:len(key_states), :, :len(self.cols)], V[:len(key_states), :, :len(self.cols)]
 
 
