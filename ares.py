@@ -1183,14 +1183,29 @@ def load_model(name: str, cfg, device, meta: bool = False):
                 model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
             with contextlib.suppress(OSError):  # the stop tokens live there
                 model.generation_config = GenerationConfig.from_pretrained(name)
-        else:  # straight onto the device, one tensor at a time: a host never holds a model per rank
-            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn, device_map={"": str(device)})
+        else:  # in the file's own dtype: mapped from disk, one copy a host whatever its ranks; cast below
+            model = cls.from_pretrained(name, dtype="auto", attn_implementation=cfg.attn)
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         processor = load_processor(name, is_vlm, cfg)
     processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", data_prep.FORMAT_PROMPT)  # the prompt it learned with
     model.config.use_cache = False
-    return (model if meta else model.to(device)), processor
+    if meta:
+        return model, processor
+    if name != "tiny" and dtype != "auto":
+        cast_weights(model, dtype, device)
+    return model.to(device), processor
+
+
+def cast_weights(model, dtype, device):
+    """Each weight onto `device` in `dtype`, one at a time, so that neither the host nor the device ever holds the
+    model twice (DDP ranks load this way: before, each built the fp32 model in host memory first), and the config
+    saying so (from_pretrained of a saved checkpoint reads it). Buffers (rotary frequencies) keep their fp32."""
+    for p in model.parameters():
+        p.data = p.data.to(device, dtype)
+    for config in (model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)):
+        if config is not None:
+            config.dtype = dtype
 
 
 def model_prompt_suffix(name: str) -> str:
