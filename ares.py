@@ -177,10 +177,15 @@ class Config:
     max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)",
                           allowed=(">= --min-pixels", None))
     grad_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    compile: bool = arg(False, "torch.compile the training forward (and a static-cache decode step on GPU)")
+    compile: bool = arg(False, "torch.compile the sampler's decode step on a KV pool (CUDA graphs on a GPU) and the cold "
+                               "start's decoder layers, each once per run (README: compile)")
+    compile_backend: str = arg("inductor", "torch.compile backend of --compile; aot_eager or eager trace and check "
+                                           "recompiles without generating code (fast on a CPU)", ("inductor", "aot_eager", "eager"))
     fsdp: bool = arg(False, "shard policy and reference with FSDP2 fully_shard instead of DDP")
     train_vision: bool = arg(False, "also train the vision tower and merger (paper: frozen)")
-    rollout_batch: int = arg(256, "most responses decoded at once per rank (bounds the KV-cache memory)", allowed=AT_LEAST_1)
+    rollout_batch: str = arg("auto", "most responses decoded at once per rank: an integer, or auto: what the free device "
+                                     "memory holds in KV cache at --max-prompt-len + --max-response-len tokens a row, "
+                                     "beside what the update will add (README: memory plan)")
     lora_rank: int = arg(0, "train LoRA adapters of this rank (needs peft) instead of all weights; 0 = full training; "
                             "checkpoints hold the merged model and <ckpt>/adapter/ (README: LoRA)", allowed=AT_LEAST_0)
     lora_alpha: float = arg(None, "LoRA alpha: the adapters are scaled by alpha / rank (default: 2 x rank)", allowed=ABOVE_0)
@@ -231,6 +236,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1
     logits (..., V) -> (...). Processed `chunk` rows at a time, so a float32 copy of the whole logits tensor
     is never made (8 x 4096 x 151,936 logits in float32 would be 20 GB)."""
     flat = logits.reshape(-1, logits.shape[-1])
+    if len(flat) <= chunk:  # one chunk (a decode step's rows): no loop, so torch.compile keeps the row count dynamic
+        return torch.special.entr(torch.softmax(flat.float() / temperature, -1)).sum(-1).reshape(logits.shape[:-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for s in range(0, flat.shape[0], chunk):
         z = flat[s:s + chunk].float() / temperature
@@ -450,18 +457,19 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
 # Per step it records the sampled token, its log-prob under softmax(z / T) (the policy the update differentiates)
 # and the full-vocabulary entropy (Eq. 3). Finished rows are dropped from the batch as they accumulate. The model side
 # is here too: prompts into a KV cache (prefill, prompt_batch) and each distinct image through the vision tower once.
+# The KV caches themselves are infrastructure (Part 2): EagerKV, and with --compile the run's KVPool.
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor):
     """One decoding step. logits (B, V), u (B,) uniform noise -> token (B,), log-prob (B,), entropy (B,).
     Sampling is by inverse CDF over the top-p nucleus (the smallest set of most likely tokens whose mass
-    reaches top_p); the log-prob and entropy are those of the untruncated softmax(z / T). T = 0 is greedy."""
+    reaches top_p); the log-prob and entropy (Eq. 3) are those of the untruncated softmax(z / T). T = 0 is greedy
+    (log-prob and entropy at T = 1)."""
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)  # (B, V)
+    probs = logp.exp()
     if temperature <= 0:
-        logp = torch.log_softmax(logits.float(), -1)
         tok = logp.argmax(-1)
     else:
-        logp = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
-        probs = logp.exp()
         if top_p < 1.0:
             sp, si = probs.sort(-1, descending=True)
             sp = sp * ((sp.cumsum(-1) - sp) < top_p)  # keep a token if the mass before it is < top_p
@@ -470,7 +478,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torc
         cdf = sp.cumsum(-1)
         j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         tok = (si.gather(-1, j) if si is not None else j).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logits, temperature if temperature > 0 else 1.0)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logp)  # softmax(logp) = p
 
 
 def banned_tokens(model) -> list[int]:
@@ -480,80 +488,55 @@ def banned_tokens(model) -> list[int]:
     return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
 
 
-def without_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
-    if not banned:
-        return logits
-    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
-
-
-def decode_step(model, tok, pos, att, cache, u, temperature: float, top_p: float, banned: tuple[int, ...]):
-    """Feed each row's last token through the KV cache, then sample the next one."""
-    logits = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
-    return sample_token(without_banned(logits, banned), temperature, top_p, u)
-
-
-@functools.cache
-def compiled_decode_step(device_type: str):
-    """decode_step, compiled once per process (CUDA graphs on a GPU)."""
-    return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)
+def without_banned(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """logits (..., V) with the banned ids (a device tensor, made once per call of the sampler or the policy) at -inf."""
+    return logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
 
 
 @torch.no_grad()
 def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, budgets: list[int] | None = None,
            prefixes: list[list[int]] | None = None, repeats: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, static: bool = False, compile: bool | None = None,
-           compact: float = 0.75) -> dict:
+           generator: torch.Generator | None = None, pool=None) -> dict:
     """Sample `repeats` continuations of each prompt (+ optional token prefix), prompt-major order.
     prompts: encode_prompt() dicts; budgets: new-token limit per output row (default max_new_tokens).
     Returns tokens, logprobs, entropy (N, T) and mask (N, T) bool of the sampled tokens (EOS included, padding
     after it), plus truncated (N,) bool (hit its budget without EOS). N = len(prompts) * repeats.
-    Eager (default): each prompt is prefilled once (vision tower included), its KV cache copied `repeats` times,
-    and rows that finished are dropped from the batch once a quarter of it is done.
-    static=True (--compile): a preallocated KV cache (its length rounded up to 256, so few shapes recur) and a
-    torch.compile'd decode step (CUDA graphs on a GPU; `compile=False` runs it eagerly); every row stays in the
-    batch so shapes never change. Both paths draw the same noise for row i at step t, so they sample the same
-    tokens up to floating-point ties. Rows sharing a prompt dict share its encoded images."""
+    Each prompt is prefilled once (vision tower included). Eager (pool=None): its KV cache is copied `repeats`
+    times and rows that finished leave the batch once a quarter of it is done (EagerKV). pool (--compile): the run's
+    KVPool takes the prompts' keys and values and decodes with a step compiled once per run (CUDA graphs on a GPU)
+    on a fixed set of row counts: finished rows leave by moving to a smaller one. Both paths draw the same noise for
+    row i at step t, so they sample the same tokens up to floating-point ties. Rows sharing a prompt dict share its
+    images."""
     device = next(model.parameters()).device
     prefixes = prefixes or [[]] * len(prompts)
-    if static and repeats > 1:  # a static cache holds every row from the start: prefill the copies
-        prompts, prefixes = [p for p in prompts for _ in range(repeats)], [x for x in prefixes for _ in range(repeats)]
-        repeats = 1
     N = len(prompts) * repeats
     budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
-    state = prefill(model, prompts, prefixes, ids, repeats, int(budgets.max()) if N else 0, static)
-    step = compiled_decode_step(device.type) if static and compile is not False else decode_step
-    return decode(model, state, budgets, ids, step, temperature, top_p, generator, compact=None if static else compact)
+    state = prefill(model, prompts, prefixes, ids, repeats)
+    kv = pool.start(model, state, budgets) if pool is not None else EagerKV(state, repeats)
+    return decode(model, state, kv, budgets, ids, temperature, top_p, generator)
 
 
-def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, repeats: int, new_tokens: int,
-            static: bool) -> dict:
-    """Run every prompt (+ prefix) through the model once, left-padded, into a KV cache copied `repeats` times
-    (static: a StaticCache with room for `new_tokens`, lengths rounded up so few shapes recur). -> cache,
-    logits (N, V) of the last position, attention mask att (N, L), next_pos (N,) the position of the first new
-    token, vlm (3-D rotary positions)."""
-    from transformers import DynamicCache, StaticCache
+def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, repeats: int) -> dict:
+    """Run every prompt (+ prefix) through the model once, left-padded, into a KV cache. -> cache (P rows),
+    att (P, L) its attention mask, logits (N, V) of the last position and next_pos (N,) the position of the first
+    new token (each prompt's repeated), vlm (3-D rotary positions)."""
+    from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    batch = prompt_batch(model, prompts, prefixes, ids, device, multiple=128 if static else 1)  # few shapes
-    att, next_pos, vlm = batch["attention_mask"], batch["next_pos"], batch["position_ids"].dim() == 3
-    if static:  # future positions are hidden by causality, so this full-length mask never changes
-        att = torch.cat([att, att.new_ones(len(att), -(-(att.shape[1] + new_tokens) // 256) * 256 - att.shape[1])], 1)
-    inputs = dict(model_inputs(batch), attention_mask=att, **encode_images(model, batch))
-    text_config = model.config.get_text_config()
-    cache = StaticCache(config=text_config, max_cache_len=att.shape[1]) if static else DynamicCache(config=text_config)
+    batch = prompt_batch(model, prompts, prefixes, ids, device)
+    inputs = dict(model_inputs(batch), **encode_images(model, batch))
+    cache = DynamicCache(config=model.config.get_text_config())
     logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
-    if repeats > 1:
-        cache.batch_repeat_interleave(repeats)
-        logits, att, next_pos = (x.repeat_interleave(repeats, 0) for x in (logits, att, next_pos))  # P -> N rows
-    return dict(cache=cache, logits=logits, att=att, next_pos=next_pos, vlm=vlm)
+    return dict(cache=cache, att=batch["attention_mask"], logits=logits.repeat_interleave(repeats, 0),
+                next_pos=batch["next_pos"].repeat_interleave(repeats, 0), vlm=batch["position_ids"].dim() == 3)
 
 
-def prompt_batch(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, device, multiple: int = 1) -> dict:
+def prompt_batch(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, device) -> dict:
     """Prompts (+ token prefixes) left-padded, so every row's last token is at the end: input_ids, attention_mask
     (P, L), position_ids (3, P, L) for Qwen-VL's 3-D rotary positions else (P, L), mm_token_type_ids, the distinct
     images (gather_images), and next_pos (P,): the position of the first token after each row."""
     input_ids, att = pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
-                         ids["pad"], left=True, multiple=multiple)  # (P, L)
+                         ids["pad"], left=True)  # (P, L)
     images = gather_images(prompts)
     pos = position_ids(model, input_ids, att.long(), images["row_grid_thw"])
     batch = dict(input_ids=input_ids, attention_mask=att.long(), position_ids=pos, **images,
@@ -571,11 +554,14 @@ def model_inputs(batch: dict) -> dict:
 def encode_images(model, images: dict) -> dict:
     """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
     gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
-    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way."""
+    inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way.
+    A frozen tower (paper; no --train-vision) runs without gradients: nothing to recompute or differentiate."""
     if images.get("pixel_values") is None:
         return {}
     base, index = model.model, images["image_index"]
-    out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in base.visual.parameters())
+    with torch.set_grad_enabled(trains):
+        out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
     out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
     if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
         out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
@@ -589,45 +575,43 @@ def next_positions(next_pos: torch.Tensor, steps: int, vlm: bool) -> torch.Tenso
     return p[None].expand(3, -1, -1) if vlm else p
 
 
-def decode(model, state: dict, budgets: torch.Tensor, ids: dict, step, temperature: float, top_p: float,
-           generator, compact: float | None) -> dict:
-    """The decoding loop from prefill()'s state: sample a token per live row, feed it through the KV cache,
-    until every row has sampled a stop token or spent its budget (N,). compact: once that share of the rows
-    is done, they leave the batch and its cache; None (static cache): every row stays, shapes never change."""
-    cache, att, next_pos, device = state["cache"], state["att"], state["next_pos"], budgets.device
+CHECK_EVERY = 8  # decode steps between looks at which rows are done: the loop's only waits for the device
+
+
+def decode(model, state: dict, kv, budgets: torch.Tensor, ids: dict, temperature: float, top_p: float,
+           generator) -> dict:
+    """The decoding loop from prefill()'s state: sample a token per live row, feed it through `kv` (EagerKV or
+    the KVPool), until every row has sampled a stop token or spent its budget (N,). Every CHECK_EVERY steps it
+    stops if no row is live and lets `kv` drop finished rows. kv.rows: the output row of each batch row (N for a
+    padding row of a pool bucket: it writes to a spare row)."""
+    device = budgets.device
     N, T = len(budgets), int(budgets.max()) if len(budgets) else 0
-    tokens = torch.full((N, max(T, 1)), ids["pad"], dtype=torch.long, device=device)  # (N, T)
-    logps, ents = torch.zeros(N, max(T, 1), device=device), torch.zeros(N, max(T, 1), device=device)  # (N, T)
-    mask = torch.zeros(N, max(T, 1), dtype=torch.bool, device=device)  # (N, T)
-    stop = torch.tensor(ids["stop"], device=device)
-    rows = torch.arange(N, device=device)  # original row of each batch row
-    live = budgets > 0  # (rows,) still generating
-    banned = tuple(banned_tokens(model))
-    tok, lp, H = sample_token(without_banned(state["logits"], banned), temperature, top_p,
-                              torch.rand(N, generator=generator, device=device))
-    # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
-    # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
-    # Not for prefill: with long queries and a mask, that mode falls back to SDPA's math kernel.
-    with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
-        for t in range(T):
-            tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
-            logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
-            live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
-            if t + 1 == T:
+    tokens = torch.full((N + 1, max(T, 1)), ids["pad"], dtype=torch.long, device=device)  # (N + 1, T)
+    logps, ents = torch.zeros(N + 1, max(T, 1), device=device), torch.zeros(N + 1, max(T, 1), device=device)
+    mask = torch.zeros(N + 1, max(T, 1), dtype=torch.bool, device=device)  # (N + 1, T)
+    stop, budgets = torch.tensor(ids["stop"], device=device), torch.cat([budgets, budgets.new_zeros(1)])  # (N + 1,)
+    banned = torch.tensor(banned_tokens(model), device=device).view(-1) if banned_tokens(model) else None
+    rows = kv.rows  # (B,)
+    src = rows.clamp(max=max(N - 1, 0))  # a padding row reads row N - 1's inputs: it is never live
+    next_pos, live = state["next_pos"][src], budgets[rows] > 0  # (B,) each
+    tok, lp, H = sample_token(without_banned(state["logits"][src], banned), temperature, top_p,
+                              torch.rand(N, generator=generator, device=device)[src])
+    for t in range(T):
+        tokens[rows, t] = torch.where(live, tok, ids["pad"])  # masked writes: no host sync per step
+        logps[rows, t], ents[rows, t], mask[rows, t] = torch.where(live, lp, 0.0), torch.where(live, H, 0.0), live
+        live = live & ~torch.isin(tok, stop) & (t + 1 < budgets[rows])
+        if t + 1 == T:
+            break
+        if t % CHECK_EVERY == CHECK_EVERY - 1:
+            if not live.any():
                 break
-            if compact is not None:
-                if not live.any():
-                    break
-                if live.sum() <= compact * len(rows):  # drop finished rows from the batch and its cache
-                    keep = live.nonzero().squeeze(1)
-                    cache.batch_select_indices(keep)
-                    rows, tok, att, next_pos, live = rows[keep], tok[keep], att[keep], next_pos[keep], live[keep]
-                att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
-            elif t % 16 == 15 and not live.any():
-                break
-            p = next_positions(next_pos + t, 1, state["vlm"])
-            u = torch.rand(N, generator=generator, device=device)[rows]
-            tok, lp, H = (x.clone() for x in step(model, tok, p, att, cache, u, temperature, top_p, banned))
+            keep = kv.keep(live, t)
+            if keep is not None:
+                rows, tok, next_pos, live = rows[keep], tok[keep], next_pos[keep], live[keep]
+        u = torch.rand(N, generator=generator, device=device)[rows.clamp(max=N - 1)]
+        p = next_positions(next_pos + t, 1, state["vlm"])
+        tok, lp, H = (x.clone() for x in kv.step(model, tok, p, u, t, temperature, top_p, banned))
+    tokens, logps, ents, mask, budgets = tokens[:N], logps[:N], ents[:N], mask[:N], budgets[:N]
     lengths = mask.sum(1)
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     truncated = (lengths >= budgets) & ~torch.isin(last, stop)
@@ -679,15 +663,15 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
     return points
 
 
-def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None) -> Rollouts:
+def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None, pool=None) -> Rollouts:
     """G responses per prompt (§3.2; README: branching rollouts): G - B fresh samples, tau over them (all ranks), then B continuations
     branched at the highest-entropy HWE windows (shortfall: fresh samples), all B in one batched call.
     -> Rollouts, every row at its final index (ungraded: texts and acc come from grade_rollouts)."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     fresh, P = G - B, len(prompts)
-    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-              static=cfg.compile and next(model.parameters()).device.type == "cuda")
-    per_call = max(1, cfg.rollout_batch // fresh)  # prompts per sampler call: bounds the KV cache
+    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=pool)
+    cap = cfg.rollout_batch if isinstance(cfg.rollout_batch, int) else P * G  # "auto" is resolved in train_aepo
+    per_call = max(1, cap // fresh)  # prompts per sampler call: bounds the KV cache
     first = [r for k in range(0, P, per_call)
              for r in unpadded(sample(model, prompts[k:k + per_call], max_new_tokens=L, repeats=fresh, **kw))]
     H, mask = pad([r["entropy"] for r in first])  # (P * fresh, R1)
@@ -702,7 +686,7 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
         for k, (r, t) in enumerate(points + [(-1, 0)] * (B - len(points))):  # shortfall: fresh samples (t = 0)
             parent[p * G + fresh + k], branch_at[p * G + fresh + k] = (p * G + r if r >= 0 else -1), t
     jobs = [i for i in range(P * G) if i % G >= fresh]  # the branch rows, each continued from its parent's prefix
-    for part in (jobs[k:k + cfg.rollout_batch] for k in range(0, len(jobs), cfg.rollout_batch)):
+    for part in (jobs[k:k + cap] for k in range(0, len(jobs), cap)):
         prefix = [rows[parent[i]]["tokens"][:branch_at[i]] if parent[i] >= 0 else torch.zeros(0, dtype=torch.long)
                   for i in part]
         out = sample(model, [prompts[i // G] for i in part], budgets=[L - branch_at[i] for i in part],
@@ -766,7 +750,8 @@ def train_coldstart(cfg: Config) -> Path:
         loss_val = all_reduce(loss_sum).item()
         dt = time.time() - t0
         row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
-                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt)
+                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt,
+                   **(graphs_compiled() if cfg.compile else {}))
         if not ok or not math.isfinite(loss_val):
             rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
         metrics.log(row, ("loss", "grad_norm", "lr"))
@@ -798,13 +783,14 @@ def train_aepo(cfg: Config) -> Path:
     ref = (lora_reference(run.hf, run.model) if adapters_off else load_reference(st["ref_model"], cfg, device)
            ) if cfg.kl_coef > 0 else None
     sampler = sampling_copy(cfg, run, device)
+    pool = rollout_memory(cfg, run, device)  # resolves --rollout-batch auto; with --compile, the run's KV pool
     triggers = trigger_table(run.processor, run.hf.config.get_text_config().vocab_size) if cfg.trigger_words else None
     levels = sorted({str(r["difficulty"]) for r in records}) if all(r.get("difficulty") for r in records) else []
     rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
                 f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
                 f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
     metrics = Metrics(run.out, cfg.steps, st["step"], "aepo", rank() == 0, open_tracker(cfg, run.out, run.record))
-    for step, recs, prompts, ro, time_sample in rollouts(cfg, run, sampler, records, device, triggers):
+    for step, recs, prompts, ro, time_sample in rollouts(cfg, run, sampler, records, device, triggers, pool):
         t1 = time.time()
         sc = score_groups(ro, cfg, st["targets"], triggers)
         st["targets"] = sc.targets
@@ -824,8 +810,9 @@ def train_aepo(cfg: Config) -> Path:
         row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
         row.update(level_stats(levels, recs, sc, G) if levels else {})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            with gathered(run.policy), autocast(cfg, device):
+            with gathered(run.policy), autocast(cfg, device), evaluating(sampler):
                 row.update(validate(cfg, sampler, run.processor, run.ids, run.held_out))
+        row.update(graphs_compiled() if cfg.compile else {})  # torch.compile's new graphs this step (0 after warm-up)
         metrics.log(row, ("reward", "acc", "len", "tau"))
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
             rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {sc.acc[0]:.0f}, reward "
@@ -837,7 +824,7 @@ def train_aepo(cfg: Config) -> Path:
     return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
 
 
-def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, triggers=None):
+def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, triggers=None, pool=None):
     """Each step's rollouts from the resumed step on, graded: (step, its records, their encoded prompts,
     rollout_groups() output with texts and acc, seconds spent sampling and grading). A generator: step s + 1 is
     sampled only after step s's update. Refill (DAPO's dynamic sampling): while fewer than --batch-size groups of
@@ -851,9 +838,9 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
         for rnd in range(cfg.max_refill_rounds + 1):
             new = [records[i] for i in draw(len(records), step, rnd, cfg)]
             recs, prompts = recs + new, prompts + [encode_prompt(run.processor, r) for r in new]
-            with gathered(run.policy), autocast(cfg, device):
-                parts.append(grade_rollouts(rollout_groups(sampler, prompts[-len(new):], cfg, run.ids, gen, triggers),
-                                            new, cfg, tok))
+            with gathered(run.policy), autocast(cfg, device), evaluating(sampler):
+                ro = rollout_groups(sampler, prompts[-len(new):], cfg, run.ids, gen, triggers, pool)
+            parts.append(grade_rollouts(ro, new, cfg, tok))
             p = group_mean(torch.cat([x.acc for x in parts]), cfg.group_size)  # (P,) accuracy per group so far
             if cfg.keep_uniform_groups or all_reduce(torch.tensor([float(((p > 0) & (p < 1)).sum())])) >= cfg.batch_size:
                 break
@@ -1209,16 +1196,29 @@ def load_model(name: str, cfg, device, meta: bool = False):
                 model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
             with contextlib.suppress(OSError):  # the stop tokens live there
                 model.generation_config = GenerationConfig.from_pretrained(name)
-        else:
-            model = cls.from_pretrained(name, dtype=dtype, attn_implementation=cfg.attn)
+        else:  # in the file's own dtype: mapped from disk, one copy a host whatever its ranks; cast below
+            model = cls.from_pretrained(name, dtype="auto", attn_implementation=cfg.attn)
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         processor = load_processor(name, is_vlm, cfg)
     processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", data_prep.FORMAT_PROMPT)  # the prompt it learned with
     model.config.use_cache = False
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (model if meta else model.to(device)), processor
+    if meta:
+        return model, processor
+    if name != "tiny" and dtype != "auto":
+        cast_weights(model, dtype, device)
+    return model.to(device), processor
+
+
+def cast_weights(model, dtype, device):
+    """Each weight onto `device` in `dtype`, one at a time, so that neither the host nor the device ever holds the
+    model twice (DDP ranks load this way: before, each built the fp32 model in host memory first), and the config
+    saying so (from_pretrained of a saved checkpoint reads it). Buffers (rotary frequencies) keep their fp32."""
+    for p in model.parameters():
+        p.data = p.data.to(device, dtype)
+    for config in (model.config, *(getattr(model.config, k, None) for k in model.config.sub_configs)):
+        if config is not None:
+            config.dtype = dtype
 
 
 def model_prompt_suffix(name: str) -> str:
@@ -1242,6 +1242,35 @@ def special_ids(model, processor) -> dict:
                 image=getattr(model.config, "image_token_id", None))
 def vision_params(model):
     return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
+
+
+def make_trainable(hf, cfg):
+    """The policy as the trainer trains it: in training mode (from_pretrained returns eval mode, and Hugging Face
+    checkpoints a layer only in training mode), with --grad-checkpointing, LoRA adapters (--lora-rank), and the vision
+    tower frozen unless --train-vision. Passes without gradients (sampling, old and reference log-probs) switch to
+    eval mode themselves (evaluating). Under checkpointing the decoder layers keep the update's KV cache
+    (shared_prompt_cache): a recompute sees what the forward saw."""
+    hf.train()
+    if cfg.grad_checkpointing:
+        hf.activation_checkpointing_enable({"use_reentrant": False})
+        for layer in (m for m in hf.modules() if type(m).__name__.endswith("DecoderLayer")):
+            layer._can_checkpoint_with_cache = True
+    hf = add_lora(hf, cfg) if cfg.lora_rank else hf
+    for p in vision_params(hf):
+        p.requires_grad_(cfg.train_vision)
+    return hf
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode for a pass without gradients (sampling, old and reference log-probs): no dropout, no checkpointing;
+    the mode it had after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def load_for_fsdp(name: str, cfg: Config, device):
@@ -1341,13 +1370,16 @@ def load_reference(name: str, cfg: Config, device) -> nn.Module:
 def sampling_copy(cfg: Config, run, device):
     """What the sampler runs on. Training keeps fp32 master weights; decoding them under autocast would cast
     every weight every step, so on a GPU without FSDP a bf16 copy is kept and refreshed after each update.
-    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.)"""
+    (FSDP all-gathers bf16 weights for sampling; the CPU computes in fp32 anyway.) The copy is made one parameter at
+    a time, each cast as it is copied, so a second fp32 copy never exists; buffers (rotary frequencies) keep their
+    dtype, as in the trainer's forward."""
     dtype = compute_dtype(cfg, device)
     if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
         return run.hf
     import copy
 
-    return copy.deepcopy(run.hf).to(dtype).eval().requires_grad_(False)
+    cast = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in run.hf.parameters()}
+    return copy.deepcopy(run.hf, memo=cast).eval()  # deepcopy takes each parameter from the memo: tied ones stay tied
 
 
 @torch.no_grad()
@@ -1381,28 +1413,55 @@ class Policy(nn.Module):
             hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
             idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
             h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
+        banned = torch.tensor(self.banned, device=h.device) if self.banned else None
         return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
-                             banned=self.banned)
+                             banned=banned)
 
     def shared_prompt_hidden(self, batch: dict, inputs: dict) -> torch.Tensor:
         """Each distinct prompt runs once into a KV cache (as prefill does), each response row gets its prompt's
         keys and values (an index: gradients flow back into the prompt), then all responses run as one right-padded
-        continuation. -> the hidden state that predicts each response token, (N, R, H)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.hf.config.get_text_config())
-        last = self.hf.model(**inputs, cache=cache, use_cache=True).last_hidden_state[:, -1]  # (P, H) predicts o_1
+        continuation. Under gradient checkpointing both passes are checkpointed layer by layer (shared_prompt_cache).
+        -> the hidden state that predicts each response token, (N, R, H)."""
+        prompt = shared_prompt_cache(self.hf.config.get_text_config())
+        last = self.hf.model(**inputs, cache=prompt, use_cache=False).last_hidden_state[:, -1]  # (P, H) predicts o_1
         idx, resp = batch["prompt_index"], batch["resp_tokens"]  # (N,), (N, R)
-        cache.batch_select_indices(idx)
+        cache = shared_prompt_cache(self.hf.config.get_text_config(), prompt, idx)
         att = torch.cat([batch["attention_mask"][idx], batch["resp_mask"].long()], 1)  # (N, L + R)
         pos = next_positions(batch["next_pos"][idx], resp.shape[1], batch["position_ids"].dim() == 3)
         hidden = self.hf.model(input_ids=resp, attention_mask=att, position_ids=pos, cache=cache,
-                               use_cache=True).last_hidden_state  # (N, R, H); position t predicts o_{t+1}
+                               use_cache=False).last_hidden_state  # (N, R, H); position t predicts o_{t+1}
         return torch.cat([last[idx, None], hidden[:, :-1]], 1)  # (N, R, H)
 
 
+def shared_prompt_cache(config, prompt=None, index: torch.Tensor | None = None):
+    """The KV caches of Policy.shared_prompt_hidden, DynamicCaches that never grow twice. prompt=None: the prompt
+    pass's, which stores each layer's keys and values once (its recompute in backward stores nothing new). Else the
+    response pass's: each layer holds the prompt's keys and values of every response row (`index` (N,): its prompt)
+    and returns them followed by the responses' own, storing nothing. Each pass has its own cache, so a recompute
+    under gradient checkpointing sees what its forward saw, and the decoder layers may keep it (make_trainable)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    if prompt is not None:
+        for mine, theirs in zip(cache.layers, prompt.layers):  # (N, KV heads, L, D): differentiable gathers
+            mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys, mine.values = theirs.keys[index], theirs.values[index]
+
+    def update(key_states, value_states, layer_idx, *args, **kwargs):  # (n, KV heads, q, D) each
+        layer = cache.layers[layer_idx]
+        if prompt is not None:
+            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+            layer.keys, layer.values = key_states, value_states
+        return key_states, value_states
+
+    cache.update = update
+    return cache
+
+
 def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
-                  with_entropy: bool = False, chunk: int = 1024, banned: list[int] = ()):
+                  with_entropy: bool = False, chunk: int = 1024, banned: torch.Tensor | None = None):
     """log softmax(head(h) / T)[target] in chunks of `chunk` positions; each chunk's logits are recomputed in
     backward (activation checkpointing), so peak memory is one (N, chunk, V) block. h (N, R, H), targets (N, R)."""
 
@@ -1425,10 +1484,10 @@ def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, tempe
             outs.append(piece(hc, tc))
     logp = torch.cat([o[0] for o in outs], 1)
     return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
-def pad(rows: list[torch.Tensor], value=0, left: bool = False, multiple: int = 1):
-    """Stack 1-D tensors into (N, L), L = the longest (at least 1) rounded up to `multiple`, filled with `value`
+def pad(rows: list[torch.Tensor], value=0, left: bool = False):
+    """Stack 1-D tensors into (N, L), L = the longest (at least 1), filled with `value`
     on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
-    L = -(-max(max(len(r) for r in rows), 1) // multiple) * multiple
+    L = max(max(len(r) for r in rows), 1)
     out = torch.full((len(rows), L), value, dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -1486,11 +1545,9 @@ def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id
             for k, v in batch.items()}
 def teacher_forced(run, device, prompts, ro, rows, G):
     """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context), each
-    distinct prompt once. Whole sequences under gradient checkpointing: Hugging Face drops the KV cache there."""
+    distinct prompt once (shared_prompt_batch)."""
     lengths = ro.resp_mask.sum(1)
     rows_prompts, responses = [prompts[i // G] for i in rows], [ro.tokens[i, :lengths[i]] for i in rows]
-    if torch.is_grad_enabled() and getattr(run.hf, "is_gradient_checkpointing", False):
-        return make_batch(run.hf, rows_prompts, responses, run.ids["pad"], device)
     return shared_prompt_batch(run.hf, rows_prompts, responses, run.ids, device)
 
 
@@ -1507,19 +1564,277 @@ def shared_prompt_batch(model, prompts: list[dict], responses: list[torch.Tensor
 
 @torch.no_grad()
 def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
-    """log pi(o_t) under `model` of the given rows, in micro-batches: (N, R) on the CPU, zero in the other rows. Every
-    rank runs the global maximum number of micro-batches (a forward of a DDP-wrapped or sharded model is a
-    collective); a rank short of rows runs one row and drops its result."""
+    """log pi(o_t) under `model` of the given rows, in micro-batches, in eval mode (the LoRA reference is the policy's
+    own module): (N, R) on the CPU, zero in the other rows. Every rank runs the global maximum number of
+    micro-batches (a forward of a DDP-wrapped or sharded model is a collective); a rank short of rows runs one row
+    and drops its result."""
     out, mb = torch.zeros(ro.tokens.shape), cfg.micro_batch_size
     n_micro = int(all_reduce(torch.tensor([math.ceil(len(rows) / mb)]),
                              dist.ReduceOp.MAX if dist.is_initialized() else None).item())
     for k in range(n_micro):
         part = rows[k * mb:(k + 1) * mb]
         batch = teacher_forced(run, device, prompts, ro, part or [0], G)
-        with autocast(cfg, device):
+        with autocast(cfg, device), evaluating(run.model):
             lp, _ = model(batch, cfg.temperature)
         out[part, :lp.shape[1]] = lp.float().cpu()[:len(part)]
     return out
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler's KV caches (sample, decode): EagerKV, the default, and the KV pool of --compile: one per process,
+# allocated once and reused by every sample() call, with a decode step compiled once (CUDA graphs on a GPU) for a fixed
+# set of row counts and key lengths.
+
+
+class EagerKV:
+    """The eager sampler's KV cache: prefill()'s, copied `repeats` times, grown by one column per step; once a
+    quarter of the batch is done, its finished rows leave it."""
+
+    def __init__(self, state: dict, repeats: int, compact: float = 0.75):
+        self.cache, self.att, self.compact = state["cache"], state["att"].repeat_interleave(repeats, 0), compact
+        self.cache.batch_repeat_interleave(repeats)
+        self.rows = torch.arange(len(self.att), device=self.att.device)  # the output row of each batch row
+
+    def keep(self, live: torch.Tensor, t: int) -> torch.Tensor | None:
+        """At a check (live (B,)): the batch rows that stay, or None to keep them all."""
+        if live.sum() > self.compact * len(live):
+            return None
+        keep = live.nonzero().squeeze(1)
+        self.cache.batch_select_indices(keep)
+        self.att = self.att[keep]
+        return keep
+
+    def step(self, model, tok, pos, u, t: int, temperature: float, top_p: float, banned):
+        """Feed each row's last token through the KV cache, then sample the next one."""
+        self.att = torch.cat([self.att, self.att.new_ones(len(self.att), 1)], 1)
+        # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
+        # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
+        with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
+            logits = model(input_ids=tok[:, None], attention_mask=self.att, position_ids=pos, cache=self.cache,
+                           use_cache=True).logits[:, -1]
+        return sample_token(without_banned(logits, banned), temperature, top_p, u)
+
+
+POOL_ATTENTION = "ares_pool"  # the decode step's attention function, registered with Hugging Face by KVPool
+
+
+def pool_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention of one query token per row over the pool's keys: the query heads of each KV head side by side
+    (B, kv heads, group, D), so SDPA reads every key once for the whole group (Hugging Face's compiled path copies
+    each KV head per query head) and takes the pool's mask as it is. query (B, heads, 1, D), key and value
+    (B, kv heads, L, D), attention_mask (B, 1, 1, L) bool -> (B, 1, heads, D)."""
+    B, H, _, D = query.shape
+    group = query.reshape(B, key.shape[1], H // key.shape[1], D)  # head h belongs to KV head h // (H / kv heads)
+    out = F.scaled_dot_product_attention(group, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, 1, H, D), None
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str):
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def text_decoder(model) -> nn.Module:
+    """The decoder stack without the output head: the language model of a VLM, `.model` of a causal LM."""
+    return getattr(model.model, "language_model", model.model)
+
+
+def pool_step(model, pool, tok, pos, slot, cols, u, temperature: float, top_p: float, banned):
+    """KVPool's decode step, compiled once: each row's last token tok (B,) at rotary position pos, its keys and values
+    written at column slot (B,), attention over the columns cols (Lb,) up to its own, then the next token sampled."""
+    pool.slot, pool.cols = slot, cols  # inputs: nothing the graph makes is kept outside it (a CUDA graph's memory)
+    mask = (cols[None] <= slot[:, None])[:, None, None]  # (B, 1, 1, Lb): the prompt, the tokens so far, itself
+    h = text_decoder(model)(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=pool,
+                            use_cache=True).last_hidden_state[:, -1]  # (B, H)
+    return sample_token(without_banned(model.get_output_embeddings()(h), banned), temperature, top_p, u)
+
+
+@functools.cache
+def compiled_pool_step(backend: str, cuda_graphs: bool):
+    """pool_step compiled once per process. Rows and key length are marked dynamic at every call, so every bucket runs
+    the one graph (on a GPU, each (rows, length) bucket records its CUDA graph once)."""
+    return torch.compile(pool_step, backend=backend, mode="reduce-overhead" if cuda_graphs else None)
+
+
+def buckets(top: int, smallest: int, steps: tuple = (1,)) -> list[int]:
+    """smallest * s * 2^k for s in steps, below top, then top: buckets(20, 2) = [2, 4, 8, 16, 20],
+    buckets(352, 64, (1, 1.5)) = [64, 96, 128, 192, 256, 352]."""
+    return sorted({int(smallest * s * 2 ** k) for k in range(48) for s in steps if smallest * s * 2 ** k < top}) + [top]
+
+
+class KVPool:
+    """The sampler's KV cache under --compile: per decoder layer one key and one value tensor of (rows + 1, KV heads,
+    length + 1, head dim), allocated at the first call and reused by every sample() call of the run, so the compiled
+    decode step (and a GPU's CUDA graphs) always reads and writes the same memory. A row holds its prompt (+ prefix)
+    from column 0, then its new tokens. A call's rows sit in the first B pool rows, B the smallest row bucket that holds
+    them (2, 4, 8, ..., rows); at a check, once the live rows fit a smaller bucket, they move there (keep). Attention
+    reads the first Lb columns, Lb the smallest length bucket (64, 96, 128, 192, ..., length) that holds every live
+    row's tokens up to the next check. One row and column more than it uses: no slice spans a whole tensor (a compiled
+    graph would fix that size), and the spare column takes the writes of finished rows past the length. Hugging
+    Face's layers see the pool as their cache (update). compile=False runs the same step eagerly."""
+
+    def __init__(self, rows: int, length: int, compile: bool = True, backend: str = "inductor",
+                 cuda_graphs: bool = False):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(POOL_ATTENTION, pool_attention)
+        self.capacity, self.length, self.compile = max(rows, 2), length, compile
+        self.row_buckets, self.length_buckets = buckets(self.capacity, 2), buckets(length, 64, (1, 1.5))
+        self.step_fn = compiled_pool_step(backend, cuda_graphs) if compile else pool_step
+        self.cuda_graphs, self.keys, self.values = cuda_graphs, [], []  # per layer (rows + 1, KV heads, length + 1, D)
+
+    def start(self, model, state: dict, budgets: torch.Tensor):
+        """A call's prompts: prefill()'s KV cache (P rows, left-padded) into the pool, each row's keys and values from
+        column 0 (N = P x repeats rows; row i takes prompt i // repeats). -> self, with rows (B,): the output row of
+        each batch row (N for a padding row)."""
+        cache, att = state.pop("cache"), state["att"]  # (P, Lp): the real tokens of each prompt, left-padded
+        N, (P, Lp), device = len(budgets), att.shape, att.device
+        lens = att.sum(1).repeat_interleave(N // P)  # (N,) tokens of each row's prompt + prefix
+        if N > self.capacity or int((lens + budgets).max()) > self.length:
+            raise ValueError(f"KVPool of {self.capacity} rows x {self.length} tokens: a call of {N} rows needs "
+                             f"{int((lens + budgets).max())} tokens a row (--rollout-batch, --max-prompt-len and "
+                             "--max-response-len size the pool)")
+        if not self.keys:  # the first call: allocate, at a fixed address (CUDA graphs replay on it)
+            for layer in cache.layers:
+                for store, x in ((self.keys, layer.keys), (self.values, layer.values)):
+                    store.append(x.new_zeros(self.capacity + 1, x.shape[1], self.length + 1, x.shape[3]))
+                    torch._dynamo.mark_static_address(store[-1])
+            self.columns = torch.arange(self.length + 1, device=device)
+        src = torch.arange(P, device=device).repeat_interleave(N // P)  # (N,) the prompt of each row
+        shift = (self.columns[None, :Lp] + (Lp - lens)[:, None]).clamp(max=Lp - 1)  # (N, Lp): real tokens first
+        for layer, K, V in zip(cache.layers, self.keys, self.values):
+            for pooled, kv in ((K, layer.keys), (V, layer.values)):
+                pooled[:N, :, :Lp] = kv[src].gather(2, shift[:, None, :, None].expand(-1, kv.shape[1], -1, kv.shape[3]))
+        B = next(b for b in self.row_buckets if b >= N)
+        self.rows = torch.cat([torch.arange(N, device=device), torch.full((B - N,), N, device=device)])  # (B,)
+        self.lens = torch.cat([lens, lens.new_zeros(B - N)])  # (B,)
+        self.set_length(int(lens.max()), 0)
+        return self
+
+    def set_length(self, longest: int, t: int):
+        """Lb: the columns that the next CHECK_EVERY decode steps from step t read, for prompts of up to `longest`."""
+        self.Lb = next(b for b in self.length_buckets if b >= min(longest + t + CHECK_EVERY, self.length))
+
+    def keep(self, live: torch.Tensor, t: int) -> torch.Tensor | None:
+        """At a check (live (B,)): the batch rows that stay, live ones first, padded with finished ones to the smallest
+        bucket that holds them, or None when that is the bucket they are in; their pool rows move to the front."""
+        n = int(live.sum())
+        self.set_length(int(self.lens[live].max()), t)
+        B = next(b for b in self.row_buckets if b >= n)
+        if B >= len(live):
+            return None
+        keep = torch.cat([live.nonzero()[:, 0], (~live).nonzero()[:, 0][:B - n]])  # (B,)
+        for pooled in self.keys + self.values:  # the columns written so far (Lb holds them)
+            pooled[:B, :, :self.Lb] = pooled[keep, :, :self.Lb]
+        self.lens = self.lens[keep]
+        return keep
+
+    def step(self, model, tok, pos, u, t: int, temperature: float, top_p: float, banned):
+        """Decode step t of the batch rows: writes at column len + t (finished rows past the length: the spare one)."""
+        slot, cols = (self.lens + t).clamp(max=self.length), self.columns[:self.Lb]
+        if self.compile:  # one graph for every bucket
+            for x, dim in ((tok, 0), (slot, 0), (u, 0), (cols, 0), (pos, pos.dim() - 2)):
+                torch._dynamo.mark_dynamic(x, dim)
+        if self.cuda_graphs:  # the last step's outputs are copied: its graph's memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        with attention_implementation(text_decoder(model).config, POOL_ATTENTION):
+            return self.step_fn(model, self, tok, pos, slot, cols, u, temperature, top_p, banned)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Hugging Face's cache call in each attention layer: write the step's keys and values (B, KV heads, 1, D) at
+        each row's column, return the first B rows x Lb columns."""
+        K, V, rows = self.keys[layer_idx], self.values[layer_idx], torch.arange(len(key_states), device=key_states.device)
+        K[rows, :, self.slot], V[rows, :, self.slot] = key_states[:, :, 0], value_states[:, :, 0]
+        return K[:len(key_states), :, :len(self.cols)], V[:len(key_states), :, :len(self.cols)]
+
+
+def kv_bytes_per_token(text_config, dtype) -> int:
+    """Bytes of keys and values that one token takes in all decoder layers."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def activation_bytes(text_config, tokens: int, rows: int, checkpointing: bool) -> int:
+    """Estimated activations of one update micro-batch of `tokens` tokens in `rows` rows: with checkpointing, each
+    layer's fp32 input plus one layer's recompute (6 hidden + 4 MLP-width values a token, bf16), else every layer's;
+    plus the log-prob head's (rows, 1024, vocab) fp32 chunk three times (logits, softmax, gradient)."""
+    h, L, f, V = (getattr(text_config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    layer = tokens * (6 * h + 4 * f) * 2
+    return (L * tokens * h * 4 + layer if checkpointing else L * (tokens * h * 4 + layer)) + 3 * rows * 1024 * V * 4
+
+
+RESERVE_GIB = 5.0  # kept free: CUDA context, NCCL buffers, allocator fragmentation, the sampler's logits (README: memory plan)
+
+
+def kv_room(free: float, trainable: int, params: int, shard: int, activations: float, pool: bool,
+            adam_made: bool = False, grads_made: bool = False) -> float:
+    """Bytes for the rollout KV cache (README: memory plan): the free memory less RESERVE_GIB and what the update will
+    still allocate: fp32 gradients (4 B a trainable weight, per shard; DDP's buckets hold them from the start),
+    AdamW's two fp32 moments (8 B, unless made), with a KV pool (--compile: it stays allocated through the update) a
+    micro-batch's activations; with FSDP (shard > 1) at least the bf16 weights that sampling gathers (2 B a weight),
+    which the update's memory replaces."""
+    adam = 0 if adam_made else 8 * trainable / shard
+    update = (0 if grads_made else 4 * trainable / shard) + (activations if pool else 0)
+    return free - RESERVE_GIB * 2 ** 30 - adam - max(update, 2 * params if shard > 1 else 0)
+
+
+def free_memory(device) -> int:
+    """Bytes free on the device, PyTorch's cached but unused blocks included; on a CPU, the host's MemAvailable."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+def rollout_memory(cfg, run, device):
+    """--rollout-batch auto, by the memory plan's formula (README: memory plan): the rows whose KV cache
+    (--max-prompt-len + --max-response-len tokens each) fits in the free memory of the device (of the host on a CPU)
+    beside RESERVE_GIB and what the update will still allocate: gradients and, before the first step, AdamW's
+    moments; with --compile (the pool stays allocated through the update) also a micro-batch's activations; with
+    --fsdp at least the weights that sampling gathers (kv_room). At most the rows that a step decodes at once, the
+    smallest over ranks; printed. -> the run's KVPool of that many rows with --compile, else None."""
+    text, shard = run.hf.config.get_text_config(), world_size() if cfg.fsdp and dist.is_initialized() else 1
+    row_tokens, G, B = cfg.max_prompt_len + cfg.max_response_len, cfg.group_size, cfg.branch_samples
+    per_token = kv_bytes_per_token(text, compute_dtype(cfg, device))
+    step_rows = -(-cfg.batch_size // world_size()) * max(G - B, B)  # a step's largest sampler call
+    if cfg.rollout_batch == "auto":
+        free = free_memory(device)
+        acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
+        room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, bool(run.opt.state),
+                       isinstance(run.model, nn.parallel.DistributedDataParallel))
+        rows = torch.tensor([float(max(1, min(step_rows, room // (per_token * row_tokens))))])
+        cfg.rollout_batch = int(all_reduce(rows, dist.ReduceOp.MIN if dist.is_initialized() else None).item())
+        rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank ({room / 2 ** 30:.1f} GiB for KV of "
+                    f"{free / 2 ** 30:.1f} GiB free; {per_token:,} B/token x {row_tokens:,} tokens a row; at most "
+                    f"{step_rows}, a step's largest call)" + ("" if room > per_token * row_tokens else ": the update "
+                    "alone may not fit: consider --fsdp, --grad-checkpointing, a smaller --micro-batch-size or "
+                    "--max-response-len"))
+    cfg.rollout_batch = int(cfg.rollout_batch)
+    if not cfg.compile:
+        return None
+    graphs_compiled()  # the per-step counts of this run start here
+    fsdp = cfg.fsdp and dist.is_initialized()  # FSDP's hooks stay outside torch.compile; its gathered weights move
+    return KVPool(cfg.rollout_batch, row_tokens, compile=not fsdp, backend=cfg.compile_backend,
+                  cuda_graphs=device.type == "cuda" and cfg.compile_backend == "inductor" and not fsdp)
+
+
+def graphs_compiled() -> dict:
+    """torch.compile's graphs compiled since the last call (logged per AEPO step with --compile: 0 once warm)."""
+    from torch._dynamo.utils import counters
+
+    total = counters["stats"]["unique_graphs"]
+    new, GRAPHS_SEEN[0] = total - GRAPHS_SEEN[0], total
+    return dict(graphs_compiled=new)
+
+
+GRAPHS_SEEN = [0]
 
 
 
@@ -1584,11 +1899,12 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         if skeleton:
             policy.to_empty(device=device)  # allocates this rank's shards
         return policy, policy
-    if cfg.compile:
-        policy.compile()
+    if cfg.compile and trainable and cfg.stage == "coldstart":  # AEPO compiles its decode step instead (KVPool)
+        compile_layers(hf, cfg.compile_backend)
     if trainable and dist.is_initialized():
         ddp = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=cfg.train_vision)
+                                                  find_unused_parameters=cfg.train_vision,
+                                                  gradient_as_bucket_view=True)  # the gradients live in DDP's buckets
         return ddp, policy
     return policy, policy
 
@@ -1605,6 +1921,20 @@ def fill_shards(policy: Policy, full: nn.Module | None):
         if full is not None:
             buf.copy_(buffers[name])
         dist.broadcast(buf, 0)
+
+
+def compile_layers(hf: nn.Module, backend: str):
+    """--compile for the cold start: each decoder layer compiled once for any batch and length (dynamic shapes), the
+    graphs shared by all layers. Calls with a KV cache (the sampler's prefill, AEPO's shared-prompt update) run eagerly:
+    a cache is indexed by layer, which would compile a graph per layer."""
+    for layer in (m for m in hf.modules() if type(m).__name__.endswith("DecoderLayer")):
+        layer.forward = functools.partial(without_cache_compiled, layer.forward,
+                                          torch.compile(layer.forward, backend=backend, dynamic=True))
+    graphs_compiled()  # the per-step counts of this run start here
+
+
+def without_cache_compiled(eager, compiled, *args, **kwargs):
+    return (eager if kwargs.get("cache") is not None else compiled)(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -1738,9 +2068,7 @@ def load_for_training(cfg: Config, device):
         full = None if ckpt else full
     else:
         (hf, processor), full = load_model(name, master, device), None
-    hf = add_lora(hf, cfg) if cfg.lora_rank else hf
-    for p in vision_params(hf):
-        p.requires_grad_(cfg.train_vision)
+    hf = make_trainable(hf, cfg)
     if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
         hf.config.ares_prompt_suffix = processor.prompt_suffix = cfg.prompt_suffix
     return Run(hf=hf, processor=processor, ids=special_ids(hf, processor), out=out, ckpt=ckpt, full=full)
@@ -2358,6 +2686,8 @@ def validate_extras(cfg: Config) -> Config:
     check_lora_targets(cfg)
     if cfg.eval_every and not cfg.eval_data:
         raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
+    if cfg.rollout_batch != "auto" and not (str(cfg.rollout_batch).isdigit() and int(cfg.rollout_batch) >= 1):
+        raise SystemExit(f"--rollout-batch must be auto or an integer >= 1, got {cfg.rollout_batch}")
     return cfg
 
 
@@ -2512,10 +2842,25 @@ def run_demo(cfg: Config):
 # Entry point.
 
 
+NEEDS = {"transformers": "5.24.0", "torch": "2.6"}  # transformers: the cache API; torch: FSDP2's fully_shard
+
+
+def check_versions():
+    """One line and stop when an installed package is older than this file needs (README: dependencies)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    for package, need in NEEDS.items():
+        if Version(version(package)) < Version(need):
+            raise SystemExit(f"ares.py needs {package} >= {need}, found {version(package)}: pip install '{package}>={need}'")
+
+
 def run_command(fn, *args):
     """Run a command-line entry point (this file's, eval.py's): bad data ends it with one clear line instead of a
     traceback, and the process group is always closed."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_versions()
     try:
         return fn(*args)
     except DataError as e:

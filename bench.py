@@ -7,13 +7,15 @@
 
 What it measures, with the same code at every size (tiny on the CPU, Qwen2.5-VL-3B/7B at their published sizes with
 random weights, bf16, on a GPU):
-  rollout  new tokens/s of ares.sample (eager, dynamic KV cache), ares.sample(static=True) (preallocated KV cache and
-           a torch.compile'd decode step: CUDA graphs on a GPU) and model.generate, on the same prompts (one image
-           each), EOS suppressed so that every row runs the full length; prefill timed apart; against the memory-
-           bandwidth bound: (decoder weights + mean KV cache) bytes per decode step / measured copy bandwidth.
-  update   tokens/s and MFU of forward+backward of ares.Policy over a ~4k-token micro-batch with gradient
-           checkpointing, fp32 master weights under bf16 autocast (as ares trains), vision tower frozen (paper), MFU
-           against the card's bf16 peak measured with a large matmul (fp32 peak on a CPU).
+  rollout  new tokens/s of model.generate, ares.sample (eager: a dynamic KV cache) and ares.sample on a KVPool (pool:
+           the run's preallocated KV cache, row and length buckets, a decode step torch.compile'd once with --compile,
+           the default on a GPU: CUDA graphs), on the same prompts (one image each), EOS suppressed so that every row
+           runs the full length; prefill timed apart; against the memory-bandwidth bound: (decoder weights + mean KV
+           cache) bytes per decode step / measured copy bandwidth. One pool serves every batch size (compiled once).
+  update   tokens/s and MFU of forward+backward of ares.Policy over a ~4k-token micro-batch, made trainable by the
+           trainer's own ares.make_trainable (training mode, gradient checkpointing, vision tower frozen as in the
+           paper) and batched by its shared_prompt_batch, fp32 master weights under bf16 autocast (as ares trains),
+           MFU against the card's bf16 peak measured with a large matmul (fp32 peak on a CPU).
   aepo     (tiny) seconds per ares.train_aepo step, 4 prompts x G = 8, 64 new tokens, KL on (beta0 0.01),
            branching on and off; with --trl, TRL's GRPOTrainer (HF-generate rollouts) on the identical model.
   plan     per-rank memory of AEPO for 3B and 7B on 8 x 80 GB, DDP vs --fsdp, and the flags to use.
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -270,7 +273,7 @@ def matmul_peak(device, dtype) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollouts: ares.sample eager vs static vs model.generate on the same prompts, EOS suppressed.
+# Rollouts: model.generate vs ares.sample eager vs ares.sample on a KVPool, on the same prompts, EOS suppressed.
 
 
 def generate_inputs(model, prompts: list[dict], ids: dict, device) -> dict:
@@ -283,13 +286,13 @@ def generate_inputs(model, prompts: list[dict], ids: dict, device) -> dict:
 
 
 def run_method(method: str, model, prompts, ids, new_tokens: int, seed: int, device, top_p: float,
-               compile: bool = True) -> dict:
+               pool: ares.KVPool | None = None) -> dict:
     """One call of a rollout method -> {'tokens': (N, <=T) new tokens, 'lengths': (N,)}. EOS is suppressed: ares
     gets an empty stop list, generate a min_new_tokens equal to max_new_tokens."""
     gen = torch.Generator(device).manual_seed(seed)
-    if method in ("eager", "static"):
+    if method in ("eager", "pool"):
         out = ares.sample(model, prompts, ids=ids, max_new_tokens=new_tokens, temperature=1.0, top_p=top_p,
-                          generator=gen, static=method == "static", compile=compile)
+                          generator=gen, pool=pool if method == "pool" else None)
         return dict(tokens=out["tokens"], lengths=out["mask"].sum(1), entropy=out["entropy"], logprobs=out["logprobs"])
     torch.manual_seed(seed)  # generate draws from the global generator
     inputs = generate_inputs(model, prompts, ids, device)
@@ -299,12 +302,6 @@ def run_method(method: str, model, prompts, ids, new_tokens: int, seed: int, dev
     new = seqs[:, inputs["input_ids"].shape[1]:].cpu()
     lengths = (new != ids["pad"]).sum(1) if new.shape[1] < new_tokens else torch.full((len(new),), new.shape[1])
     return dict(tokens=new, lengths=lengths)
-
-
-def kv_bytes_per_token(model, dtype) -> int:
-    c = model.config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 def rollout_results(res: dict, ready: list[str], runs: dict, ids: dict, device, bound: float):
@@ -331,22 +328,25 @@ def rollout_results(res: dict, ready: list[str], runs: dict, ids: dict, device, 
             r["finite_logprobs"] = bool(torch.isfinite(out["logprobs"]).all())
             if reference is None:
                 reference = (method, out["tokens"])
-            else:  # same noise for row i at step t: eager and static agree up to floating-point ties
+            else:  # same noise for row i at step t: eager and pool agree up to floating-point ties
                 same = reference[1].shape == out["tokens"].shape
                 r[f"same_tokens_as_{reference[0]}"] = float((reference[1] == out["tokens"]).float().mean()) if same else 0.0
 
 
-def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device, bandwidth: float, counts: dict) -> dict:
+def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device, bandwidth: float, counts: dict,
+                  pool: ares.KVPool) -> dict:
     """Tokens/s of each method on the same `batch` prompts, the bandwidth bound of a decode step, peak memory.
-    Each method is warmed up (the static path: compiled) and its prefill timed alone; then the timed runs go round
-    the methods `repeats` times, so that a shared machine's load drifts over all of them alike (median reported)."""
+    Each method is warmed up (pool: compiled at its first batch size; later ones reuse the graph) and its prefill
+    timed alone; then the timed runs go round the methods `repeats` times, so that a shared machine's load drifts
+    over all of them alike (median reported). On a GPU a pool bucket records its CUDA graph the first time it runs,
+    inside the timed run for the buckets that the warm-up's 8 steps did not reach."""
     dtype = next(model.parameters()).dtype
     prompts = prompts[:batch]
     no_stop = dict(ids, stop=[])
     vocab = model.config.get_text_config().vocab_size
     prompt_len = sum(len(p["ids"]) for p in prompts) / batch
     weights = counts["decode_read"] * torch.tensor([], dtype=dtype).element_size()
-    kv_token = kv_bytes_per_token(model, dtype)
+    kv_token = ares.kv_bytes_per_token(model.config.get_text_config(), dtype)
     # decode step t (1..T-1; the first token comes from the prefill) reads every decoder weight once and the KV
     # cache of prompt + t tokens of every row: on average prompt + T/2
     step_bytes = weights + batch * (prompt_len + new_tokens / 2) * kv_token
@@ -357,7 +357,7 @@ def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device
                bound_tokens_per_s=bound, methods={m: {} for m in args.methods})
 
     def call(method, stop_ids, tokens, seed, subset=None):
-        return run_method(method, model, prompts[:subset], stop_ids, tokens, seed, device, args.top_p, args.compile)
+        return run_method(method, model, prompts[:subset], stop_ids, tokens, seed, device, args.top_p, pool)
 
     def failed(r, e):
         r["error"] = f"{type(e).__name__}: {str(e)[:500]}"
@@ -373,12 +373,12 @@ def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device
         log(f"rollout {batch} x {new_tokens}: warm-up {method}")
         try:
             t0 = time.perf_counter()
-            if method == "static":  # the timed run's shapes (no recompile) with every token a stop: 16 steps
+            if method == "pool":  # the timed run's rows with every token a stop: its first check, 8 steps
                 call(method, dict(ids, stop=list(range(vocab))), new_tokens, 0)
             else:
                 call(method, no_stop, 2, 0, subset=min(8, batch))
             sync(device)
-            r["warmup_s"] = time.perf_counter() - t0  # the static path: compilation and CUDA-graph capture
+            r["warmup_s"] = time.perf_counter() - t0  # the pool: compilation (once) and CUDA-graph capture
             first = next((m for m in ready if "prefill_s" in res["methods"][m]), None)
             if args.prefill == "first" and first:  # the vision tower dominates a prefill: about equal for all
                 r.update(prefill_s=res["methods"][first]["prefill_s"], prefill_from=first)
@@ -413,30 +413,35 @@ def bench_rollout(model, prompts, ids, batch: int, new_tokens: int, args, device
 
 
 def train_flops(model, batch: dict) -> float:
-    """Model FLOPs of one forward+backward: 6 x body params x all tokens, 6 x LM-head params x response tokens (ares
-    only projects response positions), 2 x vision params x patches (frozen: forward only), and causal attention
-    6 x layers x S^2 x width per sequence. Recomputation by checkpointing is not counted (as in MFU)."""
+    """Model FLOPs of one forward+backward of a shared-prompt batch (ares.shared_prompt_batch): 6 x body params x
+    tokens (each distinct prompt once, every response), 6 x LM-head params x response tokens (ares only projects
+    response positions), 2 x vision params x patches (frozen: forward only), and causal attention 6 x layers x S^2 x
+    width per sequence of S = prompt + response (a shared prompt's own S_p^2 once). Recomputation by checkpointing is
+    not counted (as in MFU)."""
     c = model.config.get_text_config()
     counts = param_counts(model)
-    tokens = float(batch["attention_mask"].sum())
-    resp = float(batch["resp_mask"].sum())
+    prompt_len = batch["attention_mask"].sum(1).double()  # (P,)
+    resp_len = batch["resp_mask"].sum(1).double()  # (N,)
+    tokens, resp = float(prompt_len.sum() + resp_len.sum()), float(resp_len.sum())
     patches = batch["pixel_values"].shape[0] if batch.get("pixel_values") is not None else 0
     width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    attn = sum(6 * c.num_hidden_layers * float(s) ** 2 * width for s in batch["attention_mask"].sum(1))
+    lp = prompt_len[batch["prompt_index"]]  # (N,) each row's prompt length
+    squares = float((prompt_len ** 2).sum() + (2 * lp * resp_len + resp_len ** 2).sum())
+    attn = 6 * c.num_hidden_layers * squares * width
     return 6 * counts["body"] * tokens + 6 * counts["lm_head"] * resp + 2 * counts["vision"] * patches + attn
 
 
 def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
-    """tokens/s and MFU of forward+backward over ~args.update_tokens tokens in args.update_rows sequences."""
+    """tokens/s and MFU of forward+backward over ~args.update_tokens tokens in args.update_rows sequences, each with
+    its own prompt, on the model as the trainer makes it trainable (ares.make_trainable: training mode, gradient
+    checkpointing, vision tower frozen) and batched as the trainer batches an update (ares.shared_prompt_batch)."""
     if time.perf_counter() > args.deadline:
         return dict(skipped="--budget-s reached")
     log(f"update: building {size} in fp32")
     model, processor, _ = build_model(size, device, torch.float32, args, seed=1)  # fp32 master weights
     ids = ares.special_ids(model, processor)
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for p in ares.vision_params(model):
-        p.requires_grad_(False)  # the paper trains the language model only
+    cfg = ares.Config(dtype="auto", grad_checkpointing=True)
+    model = ares.make_trainable(model, cfg)
     policy = ares.Policy(model)
     rows = args.update_rows
     prompts = prompts_all[:rows]
@@ -445,8 +450,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
     plain = sorted(set(range(len(tok))) - set(tok.added_tokens_decoder))  # no image/special tokens in responses
     g = torch.Generator().manual_seed(0)
     responses = [torch.tensor(plain)[torch.randint(len(plain), (resp_len,), generator=g)] for _ in prompts]
-    batch = ares.make_batch(model, prompts, responses, ids["pad"], device)
-    cfg = ares.Config(dtype="auto")
+    batch = ares.shared_prompt_batch(model, prompts, responses, ids, device)
     n_rows = len(prompts)
     adv = torch.randn(n_rows, generator=g).to(device)
     kl_w = torch.zeros_like(batch["resp_mask"], dtype=torch.float32)
@@ -465,8 +469,9 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
         return loss
 
     reset_peak(device)
-    res = dict(rows=n_rows, tokens=int(batch["attention_mask"].sum()), response_tokens=int(batch["resp_mask"].sum()),
-               padded_shape=list(batch["input_ids"].shape), grad_checkpointing=True, master_dtype="float32",
+    res = dict(rows=n_rows, tokens=int(batch["attention_mask"].sum() + batch["resp_mask"].sum()),
+               response_tokens=int(batch["resp_mask"].sum()), grad_checkpointing=model.is_activation_checkpointing,
+               padded_shape=[n_rows, batch["input_ids"].shape[1] + batch["resp_mask"].shape[1]], master_dtype="float32",
                compute_dtype=str(ares.compute_dtype(cfg, device)).replace("torch.", ""))
     try:
         _, res["warmup_s"] = timed(step, device)
@@ -515,8 +520,8 @@ def profile_summary(events, on_gpu: bool, top: int = 15) -> dict:
     summing to 1); and, independently, by the ranges above it: vision (ares::vision, the vision tower's forward),
     recompute (ares::recompute:*, a checkpointed block re-run in backward; recompute_vision, the part that re-runs
     vision blocks), backward (inside an autograd node; recompute is part of it). Shares are of the units' total.
-    (Seen on the tiny model: Hugging Face's gradient_checkpointing_enable() makes the vision patch embedding's output
-    require grad, so backward runs through the frozen vision tower and re-runs its blocks: recompute_vision > 0.)"""
+    (recompute_vision was > 0 before ares ran a frozen vision tower without gradients: Hugging Face's checkpointing
+    made the patch embedding's output require grad, so backward re-ran the tower's blocks.)"""
     from torch.autograd import DeviceType
 
     def annotation(e):
@@ -756,51 +761,117 @@ def meta_counts(size: str) -> dict:
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(size))
     counts = param_counts(model)
-    counts["kv_bytes_per_token"] = kv_bytes_per_token(model, torch.bfloat16)
+    counts["kv_bytes_per_token"] = ares.kv_bytes_per_token(model.config.get_text_config(), torch.bfloat16)
     counts["config"] = dict(QWEN25_VL[size])
     return counts
 
 
 def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card_gib: float = 79.6,
-                reserve_gib: float = 5.0, micro_tokens: int = 4096) -> list[dict]:
-    """Per-rank GiB at the two peaks of an AEPO step (ares.train_aepo with KL on):
-      update:   fp32 master + fp32 grads + AdamW (m, v) + bf16 sampling copy (DDP) + bf16 reference + activations
-      sampling: fp32 master + AdamW + bf16 weights to sample with (DDP: the copy; FSDP: all blocks unsharded)
-                + reference + KV cache of the rollout rows
-    DDP keeps everything whole on every rank; FSDP2 shards master, grads, AdamW and the reference by `world`.
-    Activations: measured at ~4k tokens with gradient checkpointing when given, else estimated. `reserve_gib`
-    covers the CUDA context, NCCL buffers and allocator fragmentation."""
+                reserve_gib: float = ares.RESERVE_GIB, micro_tokens: int = 4096) -> list[dict]:
+    """Per-rank GiB of AEPO (ares.train_aepo with KL on), DDP vs FSDP2:
+      resident  what a run holds from the start: fp32 master, bf16 reference; DDP also its bf16 sampling copy and its
+                gradient buckets (the gradients themselves, gradient_as_bucket_view); FSDP2 shards master and reference
+      update    peak of an update: resident + AdamW (m, v) + gradients (FSDP) + activations
+      sampling  peak of sampling without the KV cache: resident + AdamW; FSDP2 also every block unsharded (bf16)
+      KV room   ares.kv_room, the formula of --rollout-batch auto: the card less the resident set, RESERVE_GIB and what
+                the update will add (AdamW, FSDP's gradients, with --compile the activations: the KV pool stays
+                allocated through the update; under FSDP at least the gathered weights)
+    Activations: measured at ~4k tokens with gradient checkpointing when given, else estimated (ares.activation_bytes).
+    `reserve_gib` covers the CUDA context, NCCL buffers, allocator fragmentation and the sampler's logits."""
     n, tr = counts["total"], counts["trainable"]
-    c = counts["config"]
     if measured_update and measured_update.get("activations_gib") is not None:
         act, act_note = measured_update["activations_gib"] * micro_tokens / measured_update["tokens"], "measured"
-    else:  # checkpointed fp32 residual per layer + one layer's recompute + a 1024-position fp32 logits chunk (x3)
-        h, L, f, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-        act = (L * micro_tokens * h * 4 + micro_tokens * (6 * h + 4 * f) * 2 + 3 * 1024 * 4 * V * 4) / GIB
-        act_note = "estimated"
+    else:
+        text = SimpleNamespace(**{k: counts["config"][k] for k in ("hidden_size", "num_hidden_layers",
+                                                                   "intermediate_size", "vocab_size")})
+        act, act_note = ares.activation_bytes(text, micro_tokens, 4, True) / GIB, "estimated"
     rows = []
     for mode in ("ddp", "fsdp"):
         shard = world if mode == "fsdp" else 1
         master, grads, adam = 4 * n / shard / GIB, 4 * tr / shard / GIB, 8 * tr / shard / GIB
         sample_weights = 2 * n / GIB  # DDP: the bf16 copy (always resident); FSDP: unsharded for sampling only
         ref = 2 * n / shard / GIB
-        update = master + grads + adam + (sample_weights if mode == "ddp" else 0) + ref + act
-        sampling = master + adam + sample_weights + ref
-        kv_room = card_gib - reserve_gib - sampling
+        resident = master + ref + (sample_weights + grads if mode == "ddp" else 0)
+        update = resident + adam + act + (grads if mode == "fsdp" else 0)
+        sampling = resident + adam + (sample_weights if mode == "fsdp" else 0)
+        room = {pool: ares.kv_room((card_gib - resident) * GIB, tr, n, shard, act * GIB, pool,
+                                   grads_made=mode == "ddp") / GIB for pool in (False, True)}
         per_row = {ctx: ctx * counts["kv_bytes_per_token"] / GIB for ctx in (5120, 20480)}
         rows.append(dict(mode=mode, master_gib=master, grads_gib=grads, adam_gib=adam, sampling_weights_gib=sample_weights,
-                         reference_gib=ref, activations_gib=act, activations=act_note, update_peak_gib=update,
-                         sampling_base_gib=sampling, kv_room_gib=kv_room,
-                         rollout_rows_at_5k=max(0, int(kv_room / per_row[5120])),
-                         rollout_rows_at_20k=max(0, int(kv_room / per_row[20480])),
+                         reference_gib=ref, activations_gib=act, activations=act_note, resident_gib=resident,
+                         update_peak_gib=update, sampling_base_gib=sampling, kv_room_gib=room[False],
+                         kv_room_compile_gib=room[True],
+                         rollout_rows_at_5k=max(0, int(room[False] / per_row[5120])),
+                         rollout_rows_at_20k=max(0, int(room[False] / per_row[20480])),
+                         rollout_rows_at_20k_compile=max(0, int(room[True] / per_row[20480])),
                          rollout_rows_paper=512 // world * 4,  # 512 prompts x (G - B) = 4 fresh rows per rank
-                         fits=update + reserve_gib <= card_gib and kv_room > 0))
+                         fits=update + reserve_gib <= card_gib and room[False] > 0))
     return rows
 
 
 def plan_flags(size: str, mode: str) -> str:
     return (f"torchrun --nproc_per_node=8 ares.py --stage aepo --model <{size} cold-start ckpt> --data <rl data> "
             f"--grad-checkpointing{' --fsdp' if mode == 'fsdp' else ''} --micro-batch-size 4")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host memory of an AEPO run's start under torchrun (--host-memory): what each rank holds while it loads.
+
+
+def host_memory(args) -> dict:
+    """Peak host memory per rank (VmHWM above the resident set before each phase, /proc/self/clear_refs), in units of
+    M = the model's fp32 weights, while an AEPO run with DDP starts on the CPU: the policy (fp32 master) loaded from
+    --host-memory's folder, its DDP wrap, the reference, the sampling copy, all at --dtype (bf16: the sampling copy
+    is made), then a first optimizer step on a 3-token response (gradients and AdamW's moments). Without torchrun's environment it runs itself under torchrun with 2 processes and collects their
+    rows; a warm-up on the tiny model first imports every module, so that the phases count the model only."""
+    if "RANK" not in os.environ:
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = [Path(tmp) / f"rank{r}.json" for r in range(2)]
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            __file__, "--host-memory", args.host_memory, "--dtype", args.dtype, "--out",
+                            str(Path(tmp) / "rank.json")], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            rows = [json.loads(o.read_text()) for o in outs]
+        for r in rows:
+            print(f"  rank {r['rank']}: " + ", ".join(f"{k} {v:.2f} M" for k, v in r.items() if k.endswith("_M")))
+        return dict(ranks=rows)
+    rank, _, device = ares.init_distributed(600)
+
+    def status(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    def measured(fn):
+        gc.collect()
+        before = status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
+        return fn(), status("VmHWM") - before
+
+    def start(model):
+        cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", model, "--data", "x", "--out",
+                                                             tempfile.mkdtemp(), "--dtype", args.dtype]), "aepo")
+        loaded, load = measured(lambda: ares.load_for_training(cfg, device))
+        run, wrap = measured(lambda: ares.prepare_training(cfg, loaded, device, 1))
+        with torch.no_grad():
+            for p in run.hf.parameters():
+                p.mul_(1)  # resident, as after any optimizer step (loading may leave them mapped from the file)
+        _, ref = measured(lambda: ares.load_reference(model, cfg, device))
+        _, copy = measured(lambda: ares.sampling_copy(cfg, run, device))
+        prompt = data_prep.encode_prompt(run.processor, dict(id="q", question="What is 1 + 1?", answer="2", images=[]))
+        batch = ares.make_batch(run.hf, [prompt], [torch.tensor([100, 101, 102])], run.ids["pad"], device)
+
+        def update():  # the first optimizer step: gradients (in DDP's buckets or besides them) and AdamW's moments
+            (-run.model(batch)[0].sum()).backward()
+            ares.optimizer_step(run.opt, run.sched, run.params, 1.0)
+
+        _, first_update = measured(update)
+        return run, dict(load=load, ddp_wrap=wrap, reference=ref, sampling_copy=copy, first_update=first_update)
+
+    start("tiny")
+    run, phases = start(args.host_memory)
+    M = sum(p.numel() for p in run.hf.parameters()) * 4
+    row = dict(rank=rank, model_bytes=M, **{f"{k}_M": v / M for k, v in phases.items()})
+    Path(args.out).with_name(f"rank{rank}.json").write_text(json.dumps(row))
+    torch.distributed.destroy_process_group()
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -835,10 +906,14 @@ def run_size(size: str, args, device) -> dict:
     out["prompt_tokens"] = statistics.mean(len(p["ids"]) for p in prompts)
     if "rollout" in args.what:
         out["rollout"] = []
+        pool = ares.KVPool(max(batches), max(len(p["ids"]) for p in prompts) + new_tokens, compile=args.compile,
+                           backend=args.compile_backend,
+                           cuda_graphs=device.type == "cuda" and args.compile and args.compile_backend == "inductor")
         for b in batches:
             out["rollout"].append(bench_rollout(model, prompts, ids, b, new_tokens, args, device,
-                                                out["device"]["bandwidth_bytes_per_s"], out["params"]))
+                                                out["device"]["bandwidth_bytes_per_s"], out["params"], pool))
             save_json(args, {size: out})
+        del pool
     del model
     reset_peak(device)
     if "aepo" in args.what and size == "tiny":
@@ -943,15 +1018,17 @@ def print_tables(results: dict, plan: dict | None):
         print("\n== memory plan per rank (GiB), AEPO with KL, 8 x 80 GB cards (79.6 GiB; 5 GiB kept for CUDA context, "
               "NCCL, fragmentation)")
         print(f"  {'model':<6}{'mode':<6}{'master':>7}{'grads':>7}{'adam':>7}{'sample':>7}{'ref':>6}{'act':>6}"
-              f"{'update':>8}{'KV room':>9}{'rows@5k':>8}{'rows@20k':>9}  fits")
+              f"{'update':>8}{'KV room':>9}{'compile':>8}{'rows@5k':>8}{'rows@20k':>9}{'compile':>8}  fits")
         for size, rows in plan.items():
             for row in rows:
                 print(f"  {size:<6}{row['mode']:<6}{row['master_gib']:>7.1f}{row['grads_gib']:>7.1f}{row['adam_gib']:>7.1f}"
                       f"{row['sampling_weights_gib']:>7.1f}{row['reference_gib']:>6.1f}{row['activations_gib']:>6.1f}"
-                      f"{row['update_peak_gib']:>8.1f}{row['kv_room_gib']:>9.1f}{row['rollout_rows_at_5k']:>8}"
-                      f"{row['rollout_rows_at_20k']:>9}  {'yes' if row['fits'] else 'NO'}")
-        print(f"  rows@N: rollout rows whose KV cache (prompt + response = N tokens) fits beside the weights; the "
-              f"paper's batch is {next(iter(plan.values()))[0]['rollout_rows_paper']} rows per rank per sample() call")
+                      f"{row['update_peak_gib']:>8.1f}{row['kv_room_gib']:>9.1f}{row['kv_room_compile_gib']:>8.1f}"
+                      f"{row['rollout_rows_at_5k']:>8}{row['rollout_rows_at_20k']:>9}"
+                      f"{row['rollout_rows_at_20k_compile']:>8}  {'yes' if row['fits'] else 'NO'}")
+        print(f"  KV room: what --rollout-batch auto gives the KV cache (ares.kv_room; compile: the pool stays through "
+              f"the update); rows@N: rows whose KV cache (prompt + response = N tokens) fits in it; the paper's batch is "
+              f"{next(iter(plan.values()))[0]['rollout_rows_paper']} rows per rank per sample() call")
         for size, rows in plan.items():
             for row in rows:
                 if row["fits"]:
@@ -1005,11 +1082,14 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="rollout batch sizes, comma list (tiny 32; 3b/7b 64,256)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per rollout row (tiny 64, 3b/7b 1024)")
     p.add_argument("--image", type=int, default=None, help="image side in px (tiny 112, 3b/7b 448 = 256 tokens)")
-    p.add_argument("--methods", default="eager,static,generate", help="rollout methods, comma list")
+    p.add_argument("--methods", default="generate,eager,pool", help="rollout methods, comma list, run in this order "
+                                                                    "(generate first: a slow compile cannot starve it)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per method, median reported (tiny 3, else 1)")
     p.add_argument("--top-p", type=float, default=ares.Config().top_p, help="nucleus mass for every method")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the static decode step (default: on a GPU only; costs 30-80 s on a CPU)")
+                   help="compile the pool's decode step (default: on a GPU only; about 40 s on a CPU with inductor)")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="torch.compile backend of the pool method (inductor: CUDA graphs on a GPU)")
     p.add_argument("--prefill", default=None, choices=["all", "first", "none"],
                    help="time each method's prefill alone (all), only the first method's (first: --quick), or none")
     p.add_argument("--update-tokens", type=int, default=4096, help="tokens in the update micro-batch")
@@ -1030,6 +1110,9 @@ def parse_args(argv=None):
     p.add_argument("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
     p.add_argument("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
     p.add_argument("--grader", action="store_true", help="only grading throughput: data_prep.grade_batch, answers/s")
+    p.add_argument("--host-memory", default=None, metavar="MODEL_DIR", help="only the peak host memory per rank of an "
+                   "AEPO run's start with DDP, 2 ranks under torchrun on the CPU (load, DDP wrap, reference, sampling "
+                   "copy), in units of the model's fp32 weights; --dtype bf16 makes the sampling copy")
     p.add_argument("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
     p.add_argument("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
     p.add_argument("--profile", action="store_true", help="after the update timings, one more micro-batch under "
@@ -1071,12 +1154,12 @@ def main(argv=None):
     args.meta = dict(argv=sys.argv if argv is None else ["bench.py", *argv], device=torch.cuda.get_device_name(device)
                      if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
                      threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-                     python=platform.python_version(), compile_static=args.compile, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                     python=platform.python_version(), compile_pool=args.compile, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     results, plan_src = {}, {}
-    if args.grader:
-        results["grader"] = bench_grader(args)
+    if args.grader or args.host_memory:
+        results["grader" if args.grader else "host_memory"] = bench_grader(args) if args.grader else host_memory(args)
         args.meta["wall_s"] = time.perf_counter() - start
-        return save_json(args, results)
+        return save_json(args, results) if "RANK" not in os.environ else None
     if not args.plan:
         if len(args.sizes) > 1:  # one process per size: CUDA graphs, compile caches and memory pools die with it
             for s in args.sizes:

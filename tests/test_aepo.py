@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, run_until_first_step_save
+from conftest import ROOT, LayerRecomputes, run_script, run_until_first_step_save
 from safetensors.torch import load_file
 
 import ares
@@ -342,23 +342,26 @@ def test_branch_samples_zero_is_plain_group_sampling(tiny, demo_data):
 # The update
 
 
-def test_under_gradient_checkpointing_the_update_runs_whole_sequences_with_the_same_logprobs(tiny, demo_data):
-    """Hugging Face's checkpointed layers drop the KV cache, so with gradients (the policy's forward) the update's
-    batch is whole sequences; without them (old and reference log-probs) it stays shared. Same log-probs."""
+def test_under_gradient_checkpointing_the_update_keeps_the_shared_prompt_forward(tiny, demo_data):
+    """With --grad-checkpointing (the trainer's make_trainable) the update's gradient forward stays the shared-prompt
+    one (each distinct prompt once; test_families checks it against whole sequences, gradients included) and every
+    decoder layer of both passes is recomputed in backward; the log-probs are those of the pass without gradients."""
     from types import SimpleNamespace
 
-    model = copy.deepcopy(tiny[0]).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ares.make_trainable(copy.deepcopy(tiny[0]), ares.Config(grad_checkpointing=True))
     prompts = encoded_prompts(tiny[1], demo_data["rl"], [0, 1])
     run = SimpleNamespace(hf=model, ids=ares.special_ids(model, tiny[1]))
     tokens = torch.randint(100, 300, (4, 6), generator=torch.Generator().manual_seed(0))
     ro = SimpleNamespace(tokens=tokens, resp_mask=torch.arange(6)[None] < torch.tensor([[6], [3], [5], [2]]))
-    whole = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
+    counts = LayerRecomputes(model)
+    batch = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
+    assert batch["input_ids"].shape[0] == 2 and "prompt_index" in batch
+    logp = ares.Policy(model)(batch)[0]
+    (logp * batch["resp_mask"]).sum().backward()
+    assert counts.recomputed == counts.layer == 2 * model.config.get_text_config().num_hidden_layers
     with torch.no_grad():
-        shared = ares.teacher_forced(run, "cpu", prompts, ro, [0, 1, 2, 3], 2)
-        assert "prompt_index" in shared and "prompt_index" not in whole
-        a, b = ares.Policy(model)(shared)[0], ares.Policy(model)(whole)[0]
-    torch.testing.assert_close(a[ro.resp_mask], b[ro.resp_mask], atol=1e-5, rtol=0)
+        again = ares.Policy(model)(batch)[0]
+    torch.testing.assert_close(logp[ro.resp_mask], again[ro.resp_mask], atol=1e-6, rtol=0)
 
 
 def test_updates_raise_the_logprob_of_rewarded_responses_and_lower_the_others(tiny, demo_data):
@@ -413,6 +416,56 @@ def test_three_aepo_steps_in_one_process(tiny_ckpt, demo_data, tmp_path):
     assert not torch.equal(state["kappa"], torch.ones(3, dtype=torch.float64))  # the KL controller ran
     start, end = checkpoint_params(tiny_ckpt), checkpoint_params(out / "final")
     assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_compiled_sampler_compiles_nothing_after_step_2(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """--compile with branching and --max-refill-rounds 2, under a reward that leaves some groups all right or all
+    wrong, so that sampler calls of many row counts and lengths follow each other (first passes, branches, refill
+    rounds, last chunks). torch._dynamo's own counter of compiled graphs, read at the end of every step: graphs are
+    compiled in the first two steps and none after, and the run logs the same counts (graphs_compiled). The compiled
+    sampler's log-probs are the trainer's (logprob_gap). Backend aot_eager: dynamo traces, guards and recompiles
+    as with inductor, without generating code, which would cost a cold CPU compile (inductor: test_bench)."""
+    from torch._dynamo.utils import counters
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(record, response):\n    return float(len(response) % 3 == 0)\n")
+    seen, log = [], ares.Metrics.log
+    monkeypatch.setattr(ares.Metrics, "log", lambda self, row, show: seen.append(counters["stats"]["unique_graphs"])
+                        or log(self, row, show))
+    before = counters["stats"]["unique_graphs"]
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 6, "--compile", "--compile-backend", "aot_eager",
+                        "--max-refill-rounds", 2, "--reward-fn", f"{reward}:score", "--minibatches", 2,
+                        "--batch-size", 4, "--window", 2, "--entropy-quantile", 0.5))
+    rows = read_jsonl(out / "metrics.jsonl")
+    per_step = [b - a for a, b in zip([before] + seen, seen)]
+    assert len(per_step) == 6 and sum(per_step[:2]) > 0 and per_step[2:] == [0] * 4, per_step
+    assert [r["graphs_compiled"] for r in rows] == per_step
+    assert len({r["rollout_rounds"] for r in rows}) > 1 and all(r["branches"] > 0 for r in rows)  # row counts vary
+    assert all(r["logprob_gap"] < 1e-4 for r in rows if r.get("logprob_gap") is not None)
+    assert any(r.get("logprob_gap") is not None for r in rows)
+
+
+def test_rollout_batch_auto_is_the_memory_plans_formula_and_bounds_every_sampler_call(tiny_ckpt, tiny, demo_data,
+                                                                                       tmp_path, monkeypatch, capsys):
+    """--rollout-batch auto (the default), the device's free memory fixed: the rows printed at start are
+    (free - 5 GiB kept - gradients - AdamW moments) // (KV bytes a token x (--max-prompt-len + --max-response-len)),
+    worked out here from the tiny model's config and its trainable (language-model) parameters, and no sampler call
+    decodes more rows at once."""
+    model = tiny[0]
+    text = model.config.get_text_config()
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    row = kv_per_token * (256 + 16)  # the tiny model's --max-prompt-len and this run's --max-response-len, fp32 on a CPU
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
+    free = 5 * 2 ** 30 + 12 * trainable + 5.5 * row  # room for 5 rows after 4 B of gradient and 8 B of AdamW a weight
+    monkeypatch.setattr(ares, "free_memory", lambda device: free)
+    calls, sample = [], ares.sample
+    monkeypatch.setattr(ares, "sample", lambda model, prompts, **kw: calls.append(len(prompts) * kw.get("repeats", 1))
+                        or sample(model, prompts, **kw))
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 4,
+                        "--keep-uniform-groups"))
+    assert "--rollout-batch auto: 5 rows per rank" in capsys.readouterr().out
+    assert calls and max(calls) == 5, calls  # 4 prompts x 2 fresh rows: calls of 2 prompts, then branches 5 + 3
 
 
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):

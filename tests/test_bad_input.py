@@ -26,7 +26,7 @@ FLAGS = [
     ("coldstart", ["--micro-batch-size", "-1"], "--micro-batch-size must be >= 1, got -1"),
     ("coldstart", ["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
     ("aepo", ["--batch-size", "-4"], "--batch-size must be >= 1, got -4"),
-    ("aepo", ["--rollout-batch", "0"], "--rollout-batch must be >= 1, got 0"),
+    ("aepo", ["--rollout-batch", "0"], "--rollout-batch must be auto or an integer >= 1, got 0"),
     ("aepo", ["--minibatches", "0"], "--minibatches must be >= 1, got 0"),
     ("aepo", ["--ppo-epochs", "0"], "--ppo-epochs must be >= 1, got 0"),
     ("coldstart", ["--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
@@ -73,6 +73,22 @@ def test_bad_flag_stops_with_one_line_naming_the_flag(stage, flags, message, tin
     msg = str(err.value.code)
     assert msg.startswith(message.format(tmp=tmp_path)) and "\n" not in msg, msg
     assert not out.exists()  # nothing was loaded, trained or written
+
+
+@pytest.mark.parametrize("package, found, need", [("transformers", "5.17.0", "5.24.0"), ("torch", "2.5.1", "2.6")])
+def test_an_old_package_stops_with_one_line_naming_the_version_needed(package, found, need, tiny_ckpt, demo_data,
+                                                                      tmp_path, monkeypatch):
+    """transformers older than the pinned 5.24 (the device image has 5.17, which lacks the cache API ares uses) or a
+    torch without FSDP2's fully_shard: one line naming what is needed, before anything loads."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: found if name == package else real(name))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(demo_data["rl"]), "--out", str(out)])
+    assert str(err.value.code) == f"ares.py needs {package} >= {need}, found {found}: pip install '{package}>={need}'"
+    assert not out.exists()
 
 
 def test_stage_defaults_are_validated_when_the_stage_starts(tiny_ckpt, demo_data, tmp_path):

@@ -4,6 +4,7 @@ suppression really made every rollout row run its full length."""
 import json
 import math
 
+import pytest
 import torch
 from conftest import run_script
 from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_properly, encoded_prompts,
@@ -11,6 +12,8 @@ from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_prop
 
 import ares
 import data_prep
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def positive(x) -> bool:
@@ -25,7 +28,7 @@ def test_bench_tiny_writes_every_number(tmp_path):
                       "--aepo-steps", "2", "--aepo-new-tokens", "16"], timeout=300)
     assert "rollout 8 x 16" in res.stdout and "AEPO step" in res.stdout
     data = json.loads(out.read_text())
-    assert data["meta"]["device"].startswith("cpu") and data["meta"]["compile_static"] is False
+    assert data["meta"]["device"].startswith("cpu") and data["meta"]["compile_pool"] is False
     tiny = data["results"]["tiny"]
     assert positive(tiny["device"]["bandwidth_bytes_per_s"]) and positive(tiny["device"]["matmul_peak_flops"])
     assert tiny["params"]["total"] == tiny["params"]["vision"] + tiny["params"]["trainable"]
@@ -33,22 +36,23 @@ def test_bench_tiny_writes_every_number(tmp_path):
     (rollout,) = tiny["rollout"]
     assert rollout["batch"] == 8 and rollout["new_tokens"] == new_tokens and rollout["image_tokens"] == 16
     assert positive(rollout["bound_tokens_per_s"]) and positive(rollout["prompt_tokens"])
-    assert set(rollout["methods"]) == {"eager", "static", "generate"}
+    assert list(rollout["methods"]) == ["generate", "eager", "pool"]  # generate first
     for name, m in rollout["methods"].items():
         assert "error" not in m, (name, m)
         assert positive(m["tokens_per_s"]) and positive(m["seconds"]) and positive(m["prefill_s"]), (name, m)
         assert m["tokens"] == 8 * new_tokens and m["full_length"] and m["min_length"] == new_tokens, (name, m)
         assert 0 < m["bound_fraction"] < 1 and positive(m["vs_generate"]), (name, m)
-    for name in ("eager", "static"):  # what ares.sample returns beyond the tokens
+    for name in ("eager", "pool"):  # what ares.sample returns beyond the tokens
         m = rollout["methods"][name]
         assert m["finite_logprobs"] and 0 < m["mean_entropy"] <= math.log(512), (name, m)
-    # fp32 on a CPU, same noise per row and step: the static-cache path samples exactly what the eager one does
-    assert rollout["methods"]["static"]["same_tokens_as_eager"] == 1.0
+    # fp32 on a CPU, same noise per row and step: the KV-pool path samples exactly what the eager one does
+    assert rollout["methods"]["pool"]["same_tokens_as_eager"] == 1.0
 
     update = tiny["update"]
     assert "error" not in update, update
     assert update["rows"] == 2 and 400 <= update["tokens"] <= 512 and update["master_dtype"] == "float32"
     assert positive(update["tokens_per_s"]) and positive(update["model_flops"]) and 0 < update["mfu"] < 1.5
+    assert update["grad_checkpointing"] is True  # the trainer's make_trainable, not a .train() of bench's own
 
     aepo = tiny["aepo"]
     assert set(aepo) == {"branching", "no_branching"}  # no --trl
@@ -95,7 +99,8 @@ def trace_seconds(trace: dict) -> dict:
 def test_profile_of_an_update_micro_batch(tmp_path):
     """bench.py --profile on the tiny model, CPU: every field there, shares in [0, 1] that add up where they
     partition the time, the top list sorted; the GEMM, attention and vision shares equal an independent count over
-    the raw trace, and the recompute ranges occur once per checkpointed decoder layer."""
+    the raw trace, and the recompute ranges occur once per checkpointed decoder layer and pass (the update's shared
+    prompt, then its responses); the frozen vision tower runs once, without gradients: nothing of it is recomputed."""
     out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
     run_script(["bench.py", "--size", "tiny", "--what", "update", "--out", out, "--update-tokens", "512",
                 "--update-rows", "2", "--update-repeats", "1", "--profile", "--profile-trace", trace], timeout=300)
@@ -120,59 +125,82 @@ def test_profile_of_an_update_micro_batch(tmp_path):
     for key in ("gemm", "attention", "vision"):
         assert abs(ref[key] / ref["total"] - s[key]) < 1e-4, (key, ref[key] / ref["total"], s[key])
     layers = ares.build_tiny(0)[0].config.get_text_config().num_hidden_layers
-    assert ref["ranges"]["ares::recompute:layer"] == layers == prof["ranges"]["ares::recompute:layer"]
+    assert ref["ranges"]["ares::recompute:layer"] == 2 * layers == prof["ranges"]["ares::recompute:layer"]
+    assert s["recompute_vision"] == 0 and "ares::recompute:vision_block" not in ref["ranges"]
     assert ref["ranges"]["ares::vision"] == 1 and ref["ranges"]["ares::recompute:head"] == 1  # < 1024 response tokens
     assert ref["ranges"] == prof["ranges"]
     table = (tmp_path / "bench.profile.txt").read_text()
     assert "gemm" in table and "aten::mm" in table and "Self CPU" in table  # summary, then torch.profiler's table
 
 
-def test_static_cache_path_samples_what_the_eager_path_samples(tiny, demo_data):
-    """fp32, CPU: ares.sample(static=True) (a preallocated KV cache, a full-length mask, every row kept in the batch:
-    the path whose decode step --compile turns into CUDA graphs on a GPU; run uncompiled here, as on a CPU) draws the
-    same tokens, stops and truncations as the eager path (dynamic cache, finished rows dropped), with log-probs and
-    entropies equal to 1e-5, and both equal a teacher-forced plain forward to 1e-4: images, a text-only prompt, left
-    padding, repeats, ragged stops; then per-row budgets and branch prefixes."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kv_pool_path_samples_what_the_eager_path_samples(tiny, demo_data, compiled):
+    """fp32, CPU: ares.sample on a KVPool (the --compile path: one pool reused by every call, row buckets that finished
+    rows leave, attention over the columns in use; its decode step run as is, or traced by torch.compile with the
+    aot_eager backend) draws the same tokens, stops and truncations as the eager path (a dynamic cache), with
+    log-probs and entropies equal to 1e-5, and both equal a teacher-forced plain forward to 1e-4: images, a text-only
+    prompt, prompts of three lengths, repeats, ragged stops; then per-row budgets and branch prefixes. Rows do move to
+    smaller buckets, attention never reads the whole pool, and the traced step compiles once."""
+    from torch._dynamo.utils import counters
+
     model, processor = tiny
     prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"])
     ids = special_ids_with_extra_stops(model, processor)
     kw = dict(ids=ids, temperature=T_SAMPLE, top_p=TOP_P)
+    pool = ares.KVPool(8, 400, compile=compiled, backend="aot_eager")
+    moves, lengths_read, keep = [], [], pool.keep
+
+    def watched_keep(live, t):
+        out = keep(live, t)
+        moves.append(None if out is None else (len(live), len(out)))
+        lengths_read.append(pool.Lb)
+        return out
+
+    pool.keep = watched_keep
+    graphs = counters["stats"]["unique_graphs"]
 
     def both(prompts, seed, **more):
         eager = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), **kw, **more)
-        static = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), static=True, compile=False,
-                             **kw, **more)
-        assert torch.equal(static["tokens"], eager["tokens"]) and torch.equal(static["mask"], eager["mask"])
-        assert torch.equal(static["truncated"], eager["truncated"])
+        pooled = ares.sample(model, prompts, generator=torch.Generator().manual_seed(seed), pool=pool, **kw, **more)
+        assert torch.equal(pooled["tokens"], eager["tokens"]) and torch.equal(pooled["mask"], eager["mask"])
+        assert torch.equal(pooled["truncated"], eager["truncated"])
         for key in ("logprobs", "entropy"):
-            torch.testing.assert_close(static[key], eager[key], atol=1e-5, rtol=0)
-        return eager, static
+            torch.testing.assert_close(pooled[key], eager[key], atol=1e-5, rtol=0)
+        return eager, pooled
 
     for seed in range(50):  # a draw with ragged stops, some rows truncated, parents long enough to branch from
-        eager, static = both(prompts, seed, max_new_tokens=16, repeats=2)
+        eager, pooled = both(prompts, seed, max_new_tokens=16, repeats=2)
         lengths = eager["mask"].sum(1)
         if (len(set(lengths.tolist())) >= 3 and eager["truncated"].any() and not eager["truncated"].all()
                 and all(lengths[r] > t for r, t in ((0, 1), (3, 3), (6, 2)))):
             break
     assert len(set(lengths.tolist())) >= 3 and eager["truncated"].any() and not eager["truncated"].all(), lengths
-    check_rows_end_properly(static, ids["stop"], ids["pad"], [16] * 8)
+    check_rows_end_properly(pooled, ids["stop"], ids["pad"], [16] * 8)
     rows = [prompts[i // 2] for i in range(8)]
     for i in range(8):
-        logp, ent = teacher_forced(model, rows[i], static["tokens"][i, :lengths[i]], 0, T_SAMPLE)
-        torch.testing.assert_close(static["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
-        torch.testing.assert_close(static["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
+        logp, ent = teacher_forced(model, rows[i], pooled["tokens"][i, :lengths[i]], 0, T_SAMPLE)
+        torch.testing.assert_close(pooled["logprobs"][i, :lengths[i]], logp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(pooled["entropy"][i, :lengths[i]], ent, atol=1e-4, rtol=0)
 
     parents, cuts, budgets = [0, 3, 6], [1, 3, 2], [5, 9, 12]  # branches of rows 0, 3, 6 with their own budgets
-    prefixes = [static["tokens"][r, :t].tolist() for r, t in zip(parents, cuts)]
+    prefixes = [pooled["tokens"][r, :t].tolist() for r, t in zip(parents, cuts)]
     _, cont = both([rows[r] for r in parents], 1, budgets=budgets, prefixes=prefixes)
     check_rows_end_properly(cont, ids["stop"], ids["pad"], budgets)
     check_continuations(model, rows, parents, cuts, prefixes, cont, entropy=False)
+    assert (8, 4) in moves or (8, 2) in moves, moves  # finished rows left the 8-row bucket for a smaller one
+    assert max(lengths_read) < pool.length, lengths_read  # attention read the columns in use, not the pool
+    if compiled:
+        assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for every bucket and call
 
 
 def test_device_script_dry_run_on_the_cpu(tmp_path):
-    """.ci/device_check.sh tiny: every piece of the one-call device script at tiny size on the CPU, and what it
-    leaves under $OUT fits what the device tool brings back (at most 8 plain files, names of letters, digits, '.',
-    '_' and '-'), with every step's exit code 0 and the headline numbers in summary.json."""
+    """.ci/device_check.sh tiny: every step of the one-call device script at tiny size on the CPU (the 3-step AEPO run
+    with --compile under torchrun, the LoRA step, bench's update and rollouts), and what it leaves under $OUT fits what
+    the device tool brings back (at most 8 plain files, names of letters, digits, '.', '_' and '-'), with every step's
+    exit code 0 and the headline numbers in summary.json: graphs compiled in step 1 and none after, the compiled
+    sampler's log-probs equal to the trainer's, every rollout method at both batch sizes, the update's MFU with
+    checkpointing on."""
+    import importlib.util
     import os
     import re
     import subprocess
@@ -188,13 +216,40 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and (out / f).is_file() for f in files), files
-    assert {"summary.json", "bench_tiny.json", "bench_tiny.profile.txt", "bench_tiny_cuda.json"} <= set(files)
+    assert {"summary.json", "bench_tiny.json", "compile.log"} <= set(files)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["steps"]) == {"cuda_exact", "gpu_check", "bench_tiny"}
-    assert all(s["rc"] == 0 for s in summary["steps"].values()), summary["steps"]
-    assert summary["cuda_exact"]["static"]["same_tokens_as_eager"] == 1.0
-    assert {(r["batch"], r["method"]) for r in summary["rollout"]} == {(8, m) for m in ("eager", "static", "generate")}
+    steps = summary["steps"]
+    assert set(steps) == {"compile", "lora", "bench_tiny"}
+    assert steps["compile"]["rc"] == steps["bench_tiny"]["rc"] == 0, steps
+    peft = importlib.util.find_spec("peft") is not None  # not in requirements.txt (CI): the step says so
+    assert steps["lora"]["rc"] == (0 if peft else "skipped: peft is not installed"), steps
+    graphs = summary["compile"]["graphs_per_step"]
+    assert len(graphs) == 3 and graphs[0] > 0 and graphs[1:] == [0, 0], graphs
+    assert all(gap < 1e-4 for gap in summary["compile"]["logprob_gap_per_step"])
+    assert {(r["batch"], r["method"]) for r in summary["rollout"]} == {(b, m) for b in (8, 4)
+                                                                      for m in ("generate", "eager", "pool")}
     assert all(positive(r["tokens_per_s"]) for r in summary["rollout"])
-    assert positive(summary["update"]["mfu"]) and set(summary["update"]["profile"]["shares"]) >= {
-        "gemm", "attention", "vision", "recompute"}
-    assert '"step": 2' in (out / "gpu_check.log").read_text()  # the smoke run's AEPO reached its second step
+    assert [r["method"] for r in summary["rollout"]][:3] == ["generate", "eager", "pool"]  # generate first
+    assert positive(summary["update"]["mfu"]) and summary["update"]["grad_checkpointing"] is True
+
+
+def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path):
+    """The device image's transformers (5.17) is too old for ares.py, so the GPU call must not run on it: with no
+    carried wheels, or wheels that do not install, .ci/device_check.sh stops at once with one line and exit code 3,
+    having written nothing but its (empty) step table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "transformers-5.24.0-py3-none-any.whl").write_bytes(b"not a wheel")
+    for wheels, says in ((tmp_path / "none", "no wheels in"), (broken, "the carried wheels did not install")):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), WHEELS=str(wheels),
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        res = subprocess.run(["bash", ".ci/device_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 3 and says in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [".steps.tsv"]

@@ -337,3 +337,35 @@ def test_fsdp_fills_fp32_master_shards_from_a_bf16_checkpoint_read_once(tiny, tm
             assert torch.equal(b, want), name  # rotary inverse frequencies, computed at construction
     finally:
         dist.destroy_process_group()
+
+
+def test_the_bf16_sampling_copy_is_cast_weight_by_weight_never_a_second_fp32_copy(mid_size_ckpt):
+    """A bf16 run on one device (no --fsdp) samples from a bf16 copy of the fp32 policy (sampling_copy). Peak host
+    memory (VmHWM, reset before) above the resident set while the copy of the 25.7M-parameter model is made: its
+    bf16 weights, 0.5 M (M = the fp32 weights), not an fp32 deep copy first (1 M and more). The copy holds the
+    policy's weights cast to bf16, keeps the rotary buffers in fp32 as the trainer's forward does, and keeps the tied
+    input and output embeddings one tensor."""
+    import gc
+    from types import SimpleNamespace
+
+    def status(key: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    cpu = torch.device("cpu")
+    hf, _ = ares.load_model(str(mid_size_ckpt), ares.Config(dtype="fp32"), cpu)
+    with torch.no_grad():  # resident, as after any optimizer step (loading may leave them mapped from the file)
+        for p in hf.parameters():
+            p.mul_(1)
+    M = sum(p.numel() for p in hf.parameters()) * 4
+    gc.collect()
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+    copy = ares.sampling_copy(ares.Config(dtype="bf16"), SimpleNamespace(hf=hf), cpu)
+    peak = (status("VmHWM") - before) / M
+    assert peak < 0.75, f"{peak:.2f} M"
+    for (name, p), (_, q) in zip(hf.named_parameters(), copy.named_parameters()):
+        assert q.dtype == torch.bfloat16 and not q.requires_grad and torch.equal(q, p.detach().to(torch.bfloat16)), name
+    for (name, b), (_, c) in zip(hf.named_buffers(), copy.named_buffers()):
+        assert c.dtype == b.dtype and torch.equal(b, c), name
+    assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
+    assert not copy.training

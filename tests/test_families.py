@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import LayerRecomputes
+
 import ares
 import data_prep
 
@@ -136,11 +138,34 @@ def test_sampler_and_trainer_logprobs_equal_teacher_forcing(family_ckpt, family_
         torch.testing.assert_close(trainer[i, :len(toks)], want, atol=1e-4, rtol=0)
 
 
-def test_shared_prompt_forward_gives_the_logprobs_and_gradients_of_whole_sequences(family_ckpt, family_data):
+def test_kv_pool_sampler_samples_what_the_eager_sampler_samples(family_ckpt, family_data):
+    """The --compile path's KVPool (its step run eagerly here: Hugging Face's layers with the pool as their cache, the
+    pool's attention function, 3-D or 1-D rotary positions) against the eager sampler, in every family: the same
+    tokens, log-probs equal to 1e-5, from prompts of unequal lengths with ragged stops."""
+    family, ckpt = family_ckpt
+    model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
+    model.eval()
+    records = data_prep.load_records(str(family_data["text" if family in TEXT_ONLY else "vlm", "rl"]))[:3]
+    prompts = [data_prep.encode_prompt(processor, r) for r in records]
+    ids = dict(ares.special_ids(model, processor))
+    ids["stop"] = sorted(set(ids["stop"]) | set(range(100, 140)))  # ragged stops
+    kw = dict(ids=ids, max_new_tokens=12, repeats=2, temperature=T, top_p=0.95)
+    eager = ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    pooled = ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), pool=ares.KVPool(6, 400, compile=False), **kw)
+    assert len(set(eager["mask"].sum(1).tolist())) > 1
+    assert torch.equal(pooled["tokens"], eager["tokens"]) and torch.equal(pooled["mask"], eager["mask"])
+    torch.testing.assert_close(pooled["logprobs"], eager["logprobs"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_forward_gives_the_logprobs_and_gradients_of_whole_sequences(family_ckpt, family_data,
+                                                                                   checkpointing):
     """The update's forward (each distinct prompt once into a KV cache, then every response as one continuation)
     against a plain forward of each row's unpadded prompt + response: log-probs to 1e-5 and the gradients of a few
     parameters (embedding/head, attention, MLP, vision) of the summed log-probs, fp32. One micro-batch holds two
-    prompts of unequal lengths (3 and 2 responses, all of unequal lengths), as a group's rows sorted together do."""
+    prompts of unequal lengths (3 and 2 responses, all of unequal lengths), as a group's rows sorted together do.
+    With --grad-checkpointing (the trainer's make_trainable, every weight trained) the same forward runs with every
+    decoder layer checkpointed, prompt and responses alike: each is recomputed in backward."""
     family, ckpt = family_ckpt
     model, processor = ares.load_model(str(ckpt), ares.Config(), torch.device("cpu"))
     model.eval()
@@ -167,10 +192,16 @@ def test_shared_prompt_forward_gives_the_logprobs_and_gradients_of_whole_sequenc
         want.append(plain_logprobs(model, prompts[p], toks, T))
         want[-1].sum().backward()
     want_grads = grads()
+    if checkpointing:
+        model = ares.make_trainable(model, ares.Config(grad_checkpointing=True, train_vision=True))
+        assert model.training and model.is_activation_checkpointing
+    counts = LayerRecomputes(model)
     batch = ares.shared_prompt_batch(model, [prompts[p] for p, _ in rows], [t for _, t in rows], ids, "cpu")
     assert batch["input_ids"].shape[0] == 2  # each prompt once
     got, _ = ares.Policy(model)(batch, T)
     (got * batch["resp_mask"]).sum().backward()
+    layers = model.config.get_text_config().num_hidden_layers
+    assert counts.layer == 2 * layers and counts.recomputed == (2 * layers if checkpointing else 0)  # two passes
     for i, (p, toks) in enumerate(rows):
         torch.testing.assert_close(got[i, :len(toks)], want[i], atol=1e-5, rtol=0)
     for n, g in grads().items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script, run_until_first_step_save
+from conftest import ROOT, LayerRecomputes, run_script, run_until_first_step_save
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -288,8 +288,10 @@ def test_compile_smoke(tiny, tiny_ckpt, demo_data, tmp_path):
         total, count = reference_sft_loss(model, processor, data)
     run_script(["ares.py", *coldstart(data, tmp_path / "run", tiny_ckpt, "--compile", "--steps", 1, "--batch-size", 2,
                                       "--micro-batch-size", 2)])  # one step: each new shape costs a compilation
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in rows]
     assert len(losses) == 1 and losses[0] == pytest.approx((total / count).item(), rel=1e-4)
+    assert rows[0]["graphs_compiled"] > 0  # the decoder layers did run compiled
     start, end = checkpoint_params(tiny_ckpt), checkpoint_params(tmp_path / "run" / "final")
     assert any(not torch.equal(start[k], end[k]) for k in start)  # the compiled step did update the model
     assert (tmp_path / "run" / "final" / "COMPLETE").exists()
@@ -372,3 +374,70 @@ def test_every_checkpoint_file_reaches_the_disk_before_the_rename(tiny_ckpt, dem
     assert any(f.suffix == ".distcp" for f in files)
     assert files <= before, sorted(str(f) for f in files - before)
     assert out in synced[len(before):]  # the folder entry of the rename
+
+
+@pytest.mark.parametrize("path", ["one process", "ddp", "fsdp", "resume", "aepo"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_grad_checkpointing_recomputes_every_layer_of_a_saved_model_through_the_trainer(path, flag, tiny_ckpt, demo_data,
+                                                                                        tmp_path, monkeypatch):
+    """A saved model (--model <folder>) comes back from from_pretrained in eval mode, and Hugging Face checkpoints a
+    layer only in training mode: the trainer must train in training mode. Through ares.main (DDP and --fsdp under
+    torchrun's environment at world size 1; --resume from a saved run; an AEPO step, whose update runs the
+    shared-prompt forward), counted by hooks (LayerRecomputes) on the model the trainer trains: with
+    --grad-checkpointing every decoder-layer call of a gradient forward is recomputed in backward, without it none."""
+    import socket
+
+    counts = []
+    prepare = ares.prepare_training
+
+    def counted(cfg, run, device, total):
+        run = prepare(cfg, run, device, total)
+        counts.append(LayerRecomputes(run.hf))
+        return run
+
+    monkeypatch.setattr(ares, "prepare_training", counted)
+    data = subset(Path(demo_data["sft"]), tmp_path / "two.jsonl", [0, 3])
+    flags = ["--grad-checkpointing"] if flag else []
+    args = coldstart(data, tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 2, "--micro-batch-size", 1, *flags)
+    if path in ("ddp", "fsdp"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        args += ["--fsdp"] if path == "fsdp" else []
+    if path == "resume":  # a run saved at step 1, resumed to step 2: the model comes from its checkpoint
+        ares.main(args)
+        args[args.index("--steps") + 1] = "2"
+        args += ["--resume"]
+    if path == "aepo":
+        args = ["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(demo_data["rl"]), "--out", str(tmp_path / "run"),
+                "--steps", "1", "--batch-size", "2", "--group-size", "4", "--max-response-len", "8",
+                "--keep-uniform-groups", "--micro-batch-size", "4", "--log-samples-every", "0", *flags]
+    ares.main(args)
+    assert (tmp_path / "run" / "final" / "COMPLETE").exists()
+    grad_layer_calls, recomputed = counts[-1].layer, counts[-1].recomputed
+    assert grad_layer_calls > 0
+    assert recomputed == (grad_layer_calls if flag else 0), (grad_layer_calls, recomputed)
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_a_frozen_vision_tower_runs_once_without_gradients_in_the_update(train_vision, tiny, demo_data):
+    """Paper: the vision tower is frozen. The update (the trainer's make_trainable, --grad-checkpointing, the
+    shared-prompt batch) then runs it once without gradients: nothing of it is recorded, recomputed or differentiated
+    in backward. With --train-vision it runs with gradients and its weights get them."""
+    model = ares.make_trainable(copy.deepcopy(tiny[0]), ares.Config(grad_checkpointing=True, train_vision=train_vision))
+    block = model.model.visual.blocks[0]
+    calls = []  # grad mode of each call of the first vision block's MLP (a recompute calls it again)
+    block.mlp.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    processor = tiny[1]
+    prompts = [data_prep.encode_prompt(processor, r) for r in data_prep.load_records(str(demo_data["rl"]))[:2]]
+    responses = [torch.randint(100, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 6, 5)]
+    batch = ares.shared_prompt_batch(model, [prompts[0], prompts[0], prompts[1]], responses,
+                                     ares.special_ids(model, processor), "cpu")
+    logp, _ = ares.Policy(model)(batch)
+    (logp * batch["resp_mask"]).sum().backward()
+    assert calls == ([True, True] if train_vision else [False]), calls  # trained: its forward, then its recompute
+    vision = [p for n, p in model.named_parameters() if "visual" in n]
+    assert all((p.grad is not None) == train_vision for p in vision)
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0  # the language model learns either way
