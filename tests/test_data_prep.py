@@ -572,8 +572,8 @@ def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_dat
 def test_demo_colours_and_recheck_words_are_one_token_each(demo_data, tiny):
     """The tiny tokenizer (trained on TINY_CORPUS) gives every colour name, in the question and in a trace wherever it
     stands, one token, and so every opener and verb of a re-check: reading a bar means finding one token by its
-    colour (a colour split differently at the start of the thinking made reading slow to learn), and
-    --trigger-words finds a reasoning word by decoding one token (ares.TRIGGER_WORDS)."""
+    colour, the same token wherever the name stands, and --trigger-words finds a reasoning word by decoding one
+    token (ares.TRIGGER_WORDS)."""
     tok = data_prep.tokenizer_of(tiny[1])
     words = {c for c in data_prep.COLOURS} | {c.capitalize() for c in data_prep.COLOURS} | set(data_prep.OPENERS) \
         | set(data_prep.VERBS)
