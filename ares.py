@@ -218,9 +218,9 @@ STAGE_DEFAULTS = {  # the paper's settings (README: paper settings): AEPO, and t
 
 
 TINY_DEFAULTS = {  # CPU-sized: the tiny model learns the demo task in minutes
-    "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=96, steps=800,
+    "coldstart": dict(lr=2e-3, batch_size=32, micro_batch_size=32, max_response_len=128, steps=800,
                       max_prompt_len=256, warmup_steps=20, lr_schedule="constant"),  # reading is learned late
-    "aepo": dict(lr=1e-4, batch_size=16, micro_batch_size=64, max_response_len=96, steps=150, minibatches=1,
+    "aepo": dict(lr=1e-4, batch_size=16, micro_batch_size=64, max_response_len=128, steps=150, minibatches=1,
                  max_prompt_len=256, warmup_steps=0, save_every=50, window=1),  # w=1: see README, demo
 }
 
@@ -2304,6 +2304,7 @@ def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: to
     stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
                  kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
                  kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
+                 kl_inside_by_bucket=kl_sums[2] / kl_sums[3].clamp(min=1),  # (3,) per token inside windows
                  kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
                  grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
     if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled, rows that train
@@ -2316,8 +2317,8 @@ def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tupl
     """Global (all-rank) means of what a researcher watches, one JSON line per step. sc: score_groups(); times:
     seconds sampling (and grading), scoring, updating."""
     acc, lengths, n_he = sc.acc, sc.lengths, sc.n_he
-    per_bucket = all_reduce(bucket_sums([torch.ones_like(acc), lengths, n_he, acc], sc.bucket))  # (4, 3)
     branch = ro.parent >= 0  # (N,)
+    per_bucket = all_reduce(bucket_sums([torch.ones_like(acc), lengths, n_he, acc, branch.double()], sc.bucket))  # (5, 3)
     parent_acc = acc[ro.parent.clamp(min=0)]  # (N,) the accuracy of each branch's parent
     sums = all_reduce(torch.tensor([float(len(acc)), acc.sum(), sc.rewards.sum(), sc.format.sum(), lengths.sum(),
                                     n_he.sum(), (ro.entropy * ro.resp_mask).sum(), ro.loss_mask.sum(),
@@ -2333,7 +2334,9 @@ def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tupl
     for d, name in enumerate(BUCKETS):
         c = per_bucket[0, d].item()
         row.update({f"{key}_{name}": per_bucket[k, d].item() / c if c else None
-                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"))})
+                    for k, key in ((1, "len"), (2, "n_he"), (3, "acc"), (4, "branched"))})  # branched: share of rows
+        row.update({f"{key}_{name}": upd[src][d].item() if src in upd and upd["kl_seen"][d] else None
+                    for key, src in (("kl_outside", "kl_outside"), ("kl_inside", "kl_inside_by_bucket"))})  # None: none kept
         row.update({f"n_{name}": int(c), f"kappa_{name}": st["kappa"][d].item(),
                     f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item()})
     row.update({k: upd[k] for k in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap",
@@ -2736,6 +2739,10 @@ DEMO = dict(sft=16000, pool=1200, rl=1000, test=300)  # problems per split (the 
 DEMO_STEPS = dict(warmup=800, coldstart=300, aepo=100)  # optimizer steps of the warm-up, cold start and AEPO
 
 
+DEMO_AEPO = ["--keep-uniform-groups", "--trigger-words"]  # both runs: all-right groups carry ARES's length signal;
+# HWE windows start at a reasoning word (the paper's appendix), so N_HE counts re-checks, not uncertain digits
+
+
 BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0", "--kl-mode", "fixed", "--clip-high", "0.2",
             "--dual-clip", "0"]  # plain GRPO: R = acc, no branching, one fixed beta, symmetric clip 0.2, no dual clip
 
@@ -2776,16 +2783,19 @@ def demo_wait(procs: list):
 def run_demo(cfg: Config):
     """ARES end to end on the demo task (AdaCS, paper §3.1, then AEPO, Alg. 1), with plain GRPO from the same cold
     start beside it, as the list of commands a user runs on real data, each printed as it starts:
-      1. data_prep.py demo      bars whose lengths are numbers; per problem three teacher traces: terse, steps,
-                                steps + re-check (the teacher slips: it misreads some short bars unless it
-                                re-checks, and most of its bare answers to arithmetic are one off)
+      1. data_prep.py demo      bars whose lengths are numbers: read one, add two, multiply two sums; per problem
+                                three teacher traces: terse, steps (the arithmetic in one line), steps + a
+                                re-check that works it out (the teacher slips: it misreads some short bars unless
+                                it re-checks, most of its bare answers are one off, and some of its hard lines are
+                                off, which its re-check catches)
       2. ares.py coldstart      warm-up: the random tiny model learns to read and reason on one trace per problem:
                                 the demo's base model (the paper starts from an Instruct VLM) and the reference
                                 policy of the pass rates
       3. eval.py passrate       K = 8 samples per pool problem from the base model: p(x)
       4. data_prep.py adacs     per problem the teacher trace nearest L_target(p), equal counts per bracket
       5. ares.py coldstart      the cold start: the base model on the curated traces
-      6. ares.py aepo, twice    ARES and GRPO from the same cold start, seed, KL and steps, side by side (a core each)
+      6. ares.py aepo, twice    ARES and GRPO from the same cold start, seed, KL and steps, side by side (a core each;
+                                DEMO_AEPO for both, BASELINE for GRPO)
       7. eval.py, twice         all three checkpoints on the held-out split, greedy and at T = 1, per level
       8. eval.py demo-report    <out>/demo.json, curves.png (ARES and GRPO over the AEPO steps), explore.html
     Stages 2, 3 and 5 run under torchrun as two CPU processes (DDP over gloo): the CPU's two cores as two ranks."""
@@ -2827,7 +2837,7 @@ def run_demo(cfg: Config):
                        out / "coldstart", "--steps", steps["coldstart"]], "coldstart", 2))
     cold = out / "coldstart" / "final"
     aepo = ["ares.py", "--stage", "aepo", "--model", cold, "--data", data / "rl.jsonl", "--steps", steps["aepo"], *seed,
-            "--keep-uniform-groups", *flags]
+            *DEMO_AEPO, *flags]
     run("aepo", ([*aepo, "--out", out / "aepo"], "aepo"), ([*aepo, *BASELINE, "--out", out / "grpo"], "grpo"))
     models = ["--model", cold, "--model", out / "aepo" / "final", "--model", out / "grpo" / "final", "--name",
               "cold start", "--name", "ARES", "--name", "GRPO", "--data", data / "test.jsonl", "--max-new-tokens", 128]

@@ -21,7 +21,7 @@ The data pipeline of a real run (paper §3.1), ending in the two stages of ares.
             "\\nChoices:\\n(A) ...\\n(B) ..." and the answer becomes the option's letter. Images are written as PNGs.
   adacs     AdaCS on a pool of candidate traces: per source L(0), L(1); L_target(p) = (1-p) L(0) + p L(1);
             per problem the correct trace nearest its target; then equal counts per pass-rate bracket.
-  demo      coloured bars whose lengths are numbers: read one (easy), add two (medium), multiply-add (hard);
+  demo      coloured bars whose lengths are numbers: read one (easy), add two (medium), multiply two sums (hard);
             three teacher traces per problem (terse, steps, steps + re-check) for AdaCS to choose from.
 Pass rates (K graded samples of a model per problem) need the sampler: `eval.py passrate` computes them.
 
@@ -39,12 +39,14 @@ Choices made here, where the paper and the released code are silent:
     count of its text (adacs --model, for pools without a `length`).
 
 The demo task: four bars (red, green, blue, yellow) in a column, in random order, each as long as the number it
-stands for (0-4). Three levels ask for one length (easy), the sum of two (medium), or the product of two plus a
-third (hard). Each problem comes with three correct teacher traces of growing length: terse ("<think>7.</think>
-The answer is \\boxed{7}."), steps (every length read and every operation written out) and recheck (steps, then
-the lengths read again after a transition word: "Wait, check again: 3, 2, 1."). For the tiny model a terse answer
-loses little on easy problems (89% against 99% for the steps), while on hard ones only the steps get it right (12%
-against 91%; README, "Why this task"): that is what AdaCS and AEPO can adapt the length to.
+stands for (0-4). Three levels ask for one length (easy), the sum of two (medium), or the product of two sums
+(hard: (a + b) * (c + d)). Each problem comes with three correct teacher traces of growing length: terse
+("<think>7.</think> The answer is \\boxed{7}."), steps (every length read, then the arithmetic in one line:
+"Compute: (3 + 2) * (4 + 1) = 25.") and recheck (steps, then after a reasoning word the arithmetic again, one
+operation at a time: "Wait, check again: 3 + 2 = 5, 4 + 1 = 5, 5 * 5 = 25."; on an easy problem the length again).
+For the tiny model the re-check is worth nothing on an easy problem and little on a medium one (one operation), but
+on a hard one the worked-out operations are right more often than the one line (README, "Why this task"): the
+right length depends on the difficulty, and that is what AdaCS and AEPO adapt.
 Each 28 x 28 pixel cell is exactly one merged vision token of Qwen2.5-VL (14-pixel patches, 2 x 2 merge): its top half is the bar's colour, its bottom half a black bar 7 px per unit, so
 colour and length sit in separate patches and every bar's colour is visible, even at length 0. Reading a length is
 reading one token found by its colour: the tiny model learns it on a CPU in minutes. (Two earlier versions were
@@ -684,8 +686,9 @@ def metric_row(responses: list[dict], failed: list[dict], metric: str) -> dict:
       accuracy     A  = (1/n) sum_i a_i                               (pass@1 for N = 1, mean@N otherwise)
       accuracy_se  SE = sqrt(sum_i (a_i - A)^2 / (n (n - 1)))          (standard error of the mean over problems:
                    it holds both which problems were drawn and the decoding randomness; None when n < 2)
-    tokens (EOS included, as in training logs), truncated (hit --max-new-tokens without EOS) and format_ok are
-    over all responses. Example: two records, correct [1, 1] and [1, 0] -> A = 0.75, SE = sqrt(0.125 / 2) = 0.25."""
+    tokens (EOS included, as in training logs: their mean, median and spread, length_spread), truncated (hit
+    --max-new-tokens without EOS) and format_ok are over all responses. Example: two records, correct [1, 1] and
+    [1, 0] -> A = 0.75, SE = sqrt(0.125 / 2) = 0.25."""
     per_record: dict[str, list[float]] = {}
     for r in responses:
         per_record.setdefault(r["id"], []).append(float(r["correct"]))
@@ -696,8 +699,19 @@ def metric_row(responses: list[dict], failed: list[dict], metric: str) -> dict:
     share = (lambda key: sum(bool(r[key]) for r in responses) / len(responses)) if responses else (lambda key: None)
     return dict(metric=metric, records=n, failed=len(failed), responses=len(responses), accuracy=mean,
                 accuracy_se=se, mean_tokens=sum(tokens) / len(tokens) if tokens else None,
-                median_tokens=float(statistics.median(tokens)) if tokens else None,
+                median_tokens=float(statistics.median(tokens)) if tokens else None, **length_spread(tokens),
                 truncated=share("truncated"), format_ok=share("format_ok"))
+
+
+def length_spread(tokens: list[int]) -> dict:
+    """How much the response lengths vary: sd_tokens (the population sd: sqrt of the mean squared distance to the
+    mean) and iqr_tokens (the 75th minus the 25th percentile, each interpolated linearly between the sorted lengths
+    at position q (n - 1), as numpy's default). A spread near 0 leaves AEPO no length to choose from.
+    length_spread([10, 20, 30, 40]) == {'sd_tokens': 11.18..., 'iqr_tokens': 15.0}."""
+    if not tokens:
+        return dict(sd_tokens=None, iqr_tokens=None)
+    q = statistics.quantiles(tokens, n=4, method="inclusive") if len(tokens) > 1 else [tokens[0]] * 3
+    return dict(sd_tokens=statistics.pstdev(tokens), iqr_tokens=q[2] - q[0])
 
 
 def summarize(responses: list[dict], failed: list[dict], samples: int = 1, field_name: str | None = None) -> dict:
@@ -1142,6 +1156,22 @@ def anchor_lengths(lengths: dict[int, list[int]]) -> tuple[float, float, int, in
     return statistics.median(lengths[lo]), statistics.median(lengths[hi]), lo, hi
 
 
+ANCHOR_RATIO = 1.2  # L(0) must exceed L(1) by this factor for the targets to tell hard problems from easy ones
+
+
+def anchor_warning(source: str, l0: float, l1: float, ratio: float = ANCHOR_RATIO) -> str | None:
+    """A warning, in words a user acts on, when a source's L(0) is not clearly above its L(1) (L(0) < ratio * L(1)):
+    then L_target(p) barely changes with p, every problem gets about the same length of trace, the cold start writes
+    one length everywhere, and AEPO has no length to adapt (README: AdaCS curation). None when the anchors differ."""
+    if l0 >= ratio * l1:
+        return None
+    return (f"warning: source {source!r}: L(0) = {l0:g} tokens is not clearly above L(1) = {l1:g} (less than "
+            f"{ratio:g}x): its traces are no longer on the problems the model fails than on those it solves, so the "
+            f"length targets cannot differ with difficulty and the cold start will write one length everywhere. Give "
+            f"its hard problems longer candidate traces (more steps, a re-check), or measure the pass rates with a "
+            f"model that finds some of them hard, before training on this data.")
+
+
 def target_length(p: float, l0: float, l1: float) -> float:
     """Step 3: L_target(p) = (1 - p) L(0) + p L(1): the hardest problems get the length of hard traces."""
     return (1 - p) * l0 + p * l1
@@ -1253,6 +1283,9 @@ def run_adacs(args) -> list[dict]:
     print(table(["source", "problems", "dropped (no correct trace)", "L(0)", "from p", "L(1)", "from p"],
                 [[s, st["problems"][s], st["dropped"].get(s, 0), a[0], f"{a[2]}/{args.k}", a[1], f"{a[3]}/{args.k}"]
                  for s, a in sorted(st["anchors"].items())]))
+    for s, a in sorted(st["anchors"].items()):
+        if warning := anchor_warning(s, a[0], a[1]):
+            print(warning)
     rows = []
     for b in range(args.k + 1):
         n0, m0 = st["before"].get(b, (0, None))
@@ -1282,10 +1315,13 @@ TINY_CHAT_TEMPLATE = (
 
 
 TINY_CORPUS = " ".join([FORMAT_PROMPT] * 4 + [  # the demo task's words, repeated so that BPE merges them
-    "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Multiply: 3 * 2 = 6. Add: 6 + 1 = 7.</think> "
-    "The answer is \\boxed{7}. Wait, check again: 3, 2, 1. Hmm, Actually, Check, So, Thus, Yes, the answer is 7.",
-    "How long is the red bar? What is the sum of the green and blue bars? Multiply the yellow bar by the "
-    "red bar, then add the blue bar."] * 4 + [
+    "<think>Red is 3. Blue is 2. Green is 0. Yellow is 4. Compute: (3 + 2) * (0 + 4) = 20.</think> "
+    "<think>Yellow is 1. Green is 2. Red is 3. Blue is 4.</think> <think>Green is 1. Yellow is 2.</think> "
+    "<think>Blue is 1. Red is 2.</think> "
+    "The answer is \\boxed{20}. Wait, check again: 3 + 2 = 5, 0 + 4 = 4, 5 * 4 = 20. Hmm, Actually, verify again: "
+    "So, Thus, Yes, the answer is 20.",
+    "How long is the red bar? What is the sum of the green and blue bars? Add the green and blue bars and the red "
+    "and yellow bars, then multiply the sums."] * 4 + [
     "Count the red squares: 3. Subtract: 6 - 1 = 5. How many squares are in the image? in total",
     "step first second then next finally total sum difference product number numbers count counts more less",
     "wait however but alternatively check verify actually perhaps maybe therefore thus hmm so because",
@@ -1325,63 +1361,75 @@ CELL, UNIT = 28, 7  # one 28-px cell per bar (one merged vision token); a bar of
 STYLES = ("terse", "steps", "recheck")  # the teacher pool: three traces of growing length per problem
 
 
-OPENERS = ("Wait", "Hmm", "Actually", "Check")  # a re-check opens and closes with a free choice of words, as real
+OPENERS = ("Wait", "Hmm", "Actually")  # a re-check opens, names itself and closes with a free choice of words, as
+VERBS = ("check", "verify")  # real overthinking does ('Hmm, verify again: ... Thus, the answer is 3.'): each choice
+CLOSERS = ("So", "Thus", "Yes")  # is a high-entropy token, the opener and the verb reasoning words (--trigger-words)
 
-
-CLOSERS = ("So", "Thus", "Yes")  # overthinking does: each choice is a high-entropy token
-
-
-# The teacher slips, as a real one does, and AdaCS keeps only its right traces:
+# The teacher slips, as a real one does, and AdaCS keeps only its right traces (README: the teacher pool):
 MISREAD = 0.9  # it misreads a short bar (0 or 1 units: little ink) unless it re-checks: for this share of the easy
-
-
 # problems whose bar is short, its terse and steps traces read the other short length. So the cold start learns to
-# re-check short bars, which the model itself reads well: the overthinking on simple questions that AEPO should trim
-SLIP = 0.8  # its bare answer to a sum or a multiply-add (no work shown) is one off with this probability. So AdaCS
+# re-check short bars, which the model itself reads well: the overthinking on simple questions that AEPO should trim.
+SLIP = 0.8  # its bare answer to a medium or hard problem (no work shown) is one off with this probability, so AdaCS
+# mostly gives those problems a trace with the work.
+LINE_SLIP = 0.4  # its one-line arithmetic (the steps trace of a medium or hard problem) is off with this probability;
+# its re-check, which works the operations out one at a time, catches the slip and answers right. So AdaCS gives
+# the hardest problems a re-check where the line slipped, and the warm-up's re-checks show that a re-check recomputes.
 
 
 def demo_style(response: str) -> str:
-    """Which of the STYLES a demo response follows, read from its thinking: a re-check says 'check again', the steps
-    read a length ('Red is 3.'), a terse trace does neither."""
+    """Which of the STYLES a demo response follows, read from its thinking: a re-check says ' again:' ('check
+    again:'), the steps read a length ('Red is 3.'), a terse trace does neither."""
     think = response.split("</think>")[0]
-    return "recheck" if "check again" in think else "steps" if " is " in think else "terse"
+    return "recheck" if " again:" in think else "steps" if " is " in think else "terse"
 
 
 def demo_problem(rng: random.Random, level: int) -> dict:
     """One problem: four coloured bars in a column, in random order, whose lengths are the numbers 0-4, the question,
-    the answer and its candidate traces, one per style: terse (the answer alone), steps (every length read and
-    every operation written out) and recheck (steps, then the lengths read again after a transition word). A trace
-    is '<think> ... </think> The answer is \\boxed{N}.' Also the teacher's wrong traces, `slips` (make_demo draws
-    which it writes): on an easy problem whose bar is 0 or 1 units long, terse and steps reading the other short
-    length; on a medium or hard one, a terse answer one off; none on other easy problems."""
+    the answer and its candidate traces, one per style, each '<think> ... </think> The answer is \\boxed{N}.':
+      terse    the answer alone
+      steps    every length read, then the arithmetic in one line ('Compute: 3 * 2 + 4 * 1 = 10.')
+      recheck  steps, then after a transition word the arithmetic again, one operation at a time ('Wait, check
+               again: 3 * 2 = 6, 4 * 1 = 4, 6 + 4 = 10.'; on an easy problem the length again), and its answer
+    Levels: easy reads one bar, medium adds two (a + b: one operation, so the re-check only repeats it), hard
+    multiplies two sums ((a + b) * (c + d): three operations, which a small model gets right more often worked out
+    one at a time than in one line). Also the teacher's slips, which make_demo draws: `slips`, wrong traces (on an easy
+    problem whose bar is 0 or 1 units long, terse and steps reading the other short length; on a medium or hard
+    one, a terse answer one off, and `line`: a steps trace whose line is off), and on a hard problem `caught`: the
+    re-check that catches that slipped line."""
     order = rng.sample(list(COLOURS), len(COLOURS))
     v = {c: rng.randint(0, 4) for c in order}
-    a, b, c = rng.sample(order, 3)
+    a, b, c, d = rng.sample(order, 4)
     if level == 1:
-        question, answer, used, ops = f"How long is the {a} bar?", v[a], [a], []
+        question, answer, used, expr, ops = f"How long is the {a} bar?", v[a], [a], "", []
     elif level == 2:
         answer, used = v[a] + v[b], [a, b]
         question = f"What is the sum of the {a} and {b} bars?"
-        ops = [f"Add: {v[a]} + {v[b]} = {answer}."]
+        expr, ops = f"{v[a]} + {v[b]}", [f"{v[a]} + {v[b]} = {answer}"]
     else:
-        product = v[a] * v[b]
-        answer, used = product + v[c], [a, b, c]
-        question = f"Multiply the {a} bar by the {b} bar, then add the {c} bar."
-        ops = [f"Multiply: {v[a]} * {v[b]} = {product}.", f"Add: {product} + {v[c]} = {answer}."]
-    steps = [f"{s.capitalize()} is {v[s]}." for s in used] + ops
-    recheck = steps + [f"{rng.choice(OPENERS)}, check again: " + ", ".join(str(v[s]) for s in used) + ".",
-                       f"{rng.choice(CLOSERS)}, the answer is {answer}."]
-    trace = lambda think, n: f"<think>{think}</think> The answer is \\boxed{{{n}}}."  # noqa: E731
-    traces = {"terse": trace(f"{answer}.", answer), "steps": trace(" ".join(steps), answer),
-              "recheck": trace(" ".join(recheck), answer)}
+        p, q = v[a] + v[b], v[c] + v[d]
+        answer, used = p * q, [a, b, c, d]
+        question = f"Add the {a} and {b} bars and the {c} and {d} bars, then multiply the sums."
+        expr, ops = f"({v[a]} + {v[b]}) * ({v[c]} + {v[d]})", [f"{v[a]} + {v[b]} = {p}", f"{v[c]} + {v[d]} = {q}",
+                                                               f"{p} * {q} = {answer}"]
+    reads = [f"{s.capitalize()} is {v[s]}." for s in used]
+    opener, verb, closer = rng.choice(OPENERS), rng.choice(VERBS), rng.choice(CLOSERS)
+    check = ", ".join(ops) if ops else ", ".join(str(v[s]) for s in used)
+    steps = lambda line: reads + ([f"Compute: {expr} = {line}."] if ops else [])  # noqa: E731
+    recheck = lambda line: steps(line) + [f"{opener}, {verb} again: {check}.", f"{closer}, the answer is {answer}."]  # noqa
+    trace = lambda think, n: f"<think>{' '.join(think)}</think> The answer is \\boxed{{{n}}}."  # noqa: E731
+    traces = {"terse": trace([f"{answer}."], answer), "steps": trace(steps(answer), answer),
+              "recheck": trace(recheck(answer), answer)}
     if level > 1:
-        slips = {"terse": trace(f"{answer + 1}.", answer + 1)}
+        off = answer + rng.choice([d for d in (-2, -1, 1, 2) if answer + d >= 0])  # a slipped line's value
+        slips = {"terse": trace([f"{answer + 1}."], answer + 1), "line": trace(steps(off), off)}
+        caught = trace(recheck(off), answer) if level == 3 else None
     else:
         misread = 1 - answer
-        slips = {"terse": trace(f"{misread}.", misread), "steps": trace(f"{a.capitalize()} is {misread}.", misread)
+        slips = {"terse": trace([f"{misread}."], misread), "steps": trace([f"{a.capitalize()} is {misread}."], misread)
                  } if answer <= 1 else {}
+        caught = None
     return dict(cells=[(col, v[col]) for col in order], question=question, answer=str(answer), traces=traces,
-                slips=slips)
+                slips=slips, caught=caught)
 
 
 def draw_grid(cells: list[tuple[str, int]]):
@@ -1410,14 +1458,14 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
       pool   the problems whose pass rates the reference policy measures (one record each), and beside it
              pool_traces.jsonl: every candidate trace of each (one record per trace, `style` says which), the
              teacher pool that AdaCS chooses from, joined with the pass rates by id. The teacher slips as a real
-             one does (MISREAD, SLIP): some of its traces are wrong, and AdaCS keeps only right ones
+             one does (MISREAD, SLIP, LINE_SLIP): some of its traces are wrong, and AdaCS keeps only right ones
       rl, test   prompts for AEPO and held-out evaluation
     Every record of pool, rl and test carries its steps trace as `response`."""
     sizes = sizes or {"sft": 1500, "pool": 1200, "rl": 1000, "test": 300}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on MISREAD and SLIP
+    teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on the slip rates
     paths, traces = {}, []
     for split, n in sizes.items():
         rows = []
@@ -1430,10 +1478,17 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
             style = rng.choice(STYLES) if split == "sft" else "steps"
             row = dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
                        source="demo", level=level, difficulty=LEVELS[level])
-            rows.append(dict(row, response=prob["traces"][style], style=style))
+            caught = split == "sft" and style == "recheck" and level == 3 and teacher.random() < LINE_SLIP
+            rows.append(dict(row, response=prob["caught"] if caught else prob["traces"][style], style=style))
             if split == "pool":
-                slips = prob["slips"] if prob["slips"] and teacher.random() < (MISREAD if level == 1 else SLIP) else {}
-                traces += [dict(row, response=slips.get(s, prob["traces"][s]), style=s) for s in STYLES]
+                written = dict(prob["traces"])
+                if level == 1 and prob["slips"] and teacher.random() < MISREAD:
+                    written.update(prob["slips"])  # a short bar misread: terse and steps wrong, the re-check right
+                if level > 1 and teacher.random() < SLIP:
+                    written["terse"] = prob["slips"]["terse"]  # a bare answer one off
+                if level == 3 and teacher.random() < LINE_SLIP:
+                    written.update(steps=prob["slips"]["line"], recheck=prob["caught"])  # the line off, re-check right
+                traces += [dict(row, response=written[s], style=s) for s in STYLES]
         paths[split] = out / f"{split}.jsonl"
         write_atomically(paths[split], "".join(json.dumps(r) + "\n" for r in rows))
     if traces:

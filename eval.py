@@ -46,6 +46,7 @@ import gc
 import hashlib
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -200,6 +201,11 @@ def bench_table(bench: str, per_model: dict[str, dict], names: list[str], decodi
         rows.append([label, str(ms[0].get("records", "-"))] + [pct(x) for x in a] + [delta_pct(a[0], x) for x in a[1:]]
                     + [num(x) for x in t] + [delta_num(t[0], x, relative=True) for x in t[1:]])
     lines.append(render(rows))
+    spread = [[first["bucket_field"] or ""] + names]  # how much the lengths vary: near 0, AEPO has none to choose from
+    for label in list(first["buckets"]) + ["overall"]:
+        ms = [per_model[n]["overall"] if label == "overall" else per_model[n]["buckets"].get(label, {}) for n in names]
+        spread.append([label] + [f"{num(m.get('sd_tokens'))} / {num(m.get('iqr_tokens'))}" for m in ms])
+    lines += ["", "response tokens, sd / IQR (near 0: one length everywhere, no length for AEPO to adapt)", render(spread)]
     ms = [per_model[n]["overall"] for n in names]
     detail = [["overall"] + names + dnames]
     acc_se = [pct(m["accuracy"]) + ("" if m["accuracy_se"] is None else f" ± {pct(m['accuracy_se'])}") for m in ms]
@@ -593,8 +599,10 @@ def run_levels(rows: list[dict]) -> list[str]:
 def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     """AEPO curves of one or several runs ({name: metrics.jsonl}; solid, dashed, dotted lines in run order): reward
     and accuracy, and per difficulty level (per online bucket when the records have no level) response length,
-    N_HE and accuracy, then tau and kappa, and with ares.py's --eval-data the held-out accuracy and response tokens
-    per level (points at the validated steps). Each step faint, a 10-step moving mean on top (needs matplotlib)."""
+    N_HE and accuracy, then tau and kappa, and per online bucket (App. G) N_HE, the share of branched responses and
+    the KL outside HWE windows (the controller's signal), and with ares.py's --eval-data the held-out accuracy and
+    response tokens per level (points at the validated steps). Each step faint, a 10-step moving mean on top (needs
+    matplotlib)."""
     plt = pyplot("curves.png")
     if plt is None:
         return False
@@ -604,13 +612,19 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     per = (lambda key: [f"level_{lv}_{key}" for lv in levels]) if levels else (
         lambda key: [f"{key}_{b}" for b in ares.BUCKETS])
     by = "level" if levels else "bucket"
+    by_bucket = lambda key: [f"{key}_{b}" for b in ares.BUCKETS]  # noqa: E731
     panels = [("reward / accuracy", ["reward", "acc"]), (f"response tokens per {by}", per("len")),
               (f"N_HE per response, per {by}", per("n_he")), (f"accuracy per {by}", per("acc")), ("tau", ["tau"]),
-              ("kappa (KL controller)", [f"kappa_{b}" for b in ares.BUCKETS])]
+              ("kappa (KL controller)", by_bucket("kappa")), ("N_HE per response, per online bucket", by_bucket("n_he")),
+              ("share of responses branched, per online bucket", by_bucket("branched")),
+              ("KL outside HWE windows, per online bucket", by_bucket("kl_outside"))]
     evals = sorted({k for r in next(iter(data.values())) for k in r if k.startswith("eval_") and k.endswith("_acc")})
     if evals:  # --eval-data: held-out accuracy and length, overall and per level
         panels += [("held-out accuracy (--eval-data)", evals), ("held-out response tokens", [k[:-4] + "_len" for k in evals])]
-    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(14 * len(panels) / 6, 7.5))
+    cols = math.ceil(len(panels) / 3)
+    fig, axes = plt.subplots(3, cols, figsize=(4.7 * cols, 11))
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     for ax, (title, keys) in zip(axes.flat, panels):
         for (name, rows), style in zip(data.items(), ("-", "--", ":", "-.")):
             steps = [r["step"] for r in rows]
@@ -630,9 +644,11 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     return save_figure(plt, fig, png)
 
 
-def bucket_shares(metrics_file: Path) -> dict:
-    """Over all AEPO steps of a run: per difficulty level, the share of its groups in each online bucket (App. G)."""
+def bucket_shares(metrics_file: Path, part: float = 1.0) -> dict:
+    """Over the first `part` of a run's AEPO steps (default: all): per difficulty level, the share of its groups in
+    each online bucket (App. G)."""
     rows = ares.logged_rows(Path(metrics_file))
+    rows = rows[:math.ceil(len(rows) * part)]
     shares = {}
     for lv in run_levels(rows):
         n = {b: sum(r.get(f"level_{lv}_groups_{b}", 0) for r in rows) for b in ares.BUCKETS}
@@ -654,9 +670,10 @@ def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[d
     ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
     rec = dict(record, images=[data_prep.open_image(im) for im in record["images"]])
     gen = torch.Generator().manual_seed(seed)
-    ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen)
+    triggers = ares.trigger_table(processor, model.config.get_text_config().vocab_size) if cfg.trigger_words else None
+    ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen, triggers)
     hbar, valid = ares.window_entropy(ro.entropy, ro.resp_mask, cfg.window)
-    hwe = ares.hwe_mask(hbar, valid, ro.tau[:, None])  # (N, R): each row against its tau (one round: all equal)
+    hwe = ares.hwe_mask(hbar, valid, ro.tau[:, None], ro.tokens, triggers)  # as the run counted (--trigger-words)
     rows = []
     for i, n in enumerate(ro.resp_mask.sum(1).tolist()):
         toks = ro.tokens[i, :n].tolist()
@@ -728,13 +745,16 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
 
 def demo_report(out: Path) -> dict:
     """The report of a `python ares.py` run in `out`: <out>/demo.json (both evaluations, the stage times, per level the
-    share of its groups in each online bucket), curves.png (ARES and GRPO over the AEPO steps) and explore.html (where
+    share of its groups in each online bucket, for ARES over all and over the first half of the steps, for GRPO over
+    all), curves.png (ARES and GRPO over the AEPO steps) and explore.html (where
     ARES explores, with the AEPO run's own flags from its run record)."""
     out = Path(out)
     report = {mode: json.loads((out / f"eval_{mode}" / "results.json").read_text()) for mode in ("greedy", "sampled")}
     report["table"] = report["greedy"]["table"] + "\n\n" + report["sampled"]["table"]
     report["times"] = times = json.loads((out / "stage_times.json").read_text())
     report["buckets"] = bucket_shares(out / "aepo" / "metrics.jsonl")
+    report["buckets_first_half"] = bucket_shares(out / "aepo" / "metrics.jsonl", 0.5)
+    report["grpo_buckets"] = bucket_shares(out / "grpo" / "metrics.jsonl")
     data_prep.write_atomically(out / "demo.json", json.dumps(report, indent=2, default=str))
     plot_curves({"ARES": out / "aepo" / "metrics.jsonl", "GRPO": out / "grpo" / "metrics.jsonl"}, out / "curves.png")
     flags = json.loads((out / "aepo" / "config.json").read_text())["flags"]
@@ -755,7 +775,8 @@ def mean_sd(values: list[float], scale: float = 1.0, signed: bool = False) -> st
 def demo_summary(runs: list[str]) -> str:
     """The README's opening table from `python ares.py --seed S --out runs/seedS` runs (their demo.json): per level and
     overall, mean ± sd over the runs of accuracy (%) and mean response tokens of the cold start, ARES and GRPO, the
-    per-seed changes ARES - cold start and ARES - GRPO, and the share of each level's groups in each online bucket."""
+    per-seed changes ARES - cold start and ARES - GRPO; then each seed's accuracy per level, the length spread (sd of
+    response tokens) per level, the trace styles, and the share of each level's groups in each online bucket."""
     reports = [json.loads((Path(r) / "demo.json").read_text()) for r in runs]
     levels = [*reports[0]["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
     row_of = lambda rep, mode, model, lv: (rep[mode]["metrics"]["test"][model]["overall"] if lv == "overall"  # noqa
@@ -780,11 +801,25 @@ def demo_summary(runs: list[str]) -> str:
         acc = [row_of(rep, "greedy", m, "overall")["accuracy"] * 100 for m in ("cold start", "ARES", "GRPO")]
         lines.append(f"{run}: {acc[0]:.1f} -> {acc[1]:.1f} / {acc[2]:.1f}; " + ", ".join(
             f"{k} {v:.0f}s" for k, v in rep["times"].items()) + f" (total {sum(rep['times'].values()):.0f}s)")
-    lines += style_lines(runs, levels[:-1])
-    lines += ["\ngroups per online bucket over the AEPO steps (ARES), mean share over seeds: easy / medium / hard"]
+    lines += ["\nper seed and level, accuracy % greedy | T = 1: cold start -> ARES (GRPO)"]
     for lv in levels[:-1]:
-        lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(rep['buckets'][lv][b] for rep in reports):.0f}%"
-                                            for b in ares.BUCKETS))
+        for run, rep in zip(runs, reports):
+            acc = {mode: [100 * row_of(rep, mode, m, lv)["accuracy"] for m in ("cold start", "ARES", "GRPO")]
+                   for mode in ("greedy", "sampled")}
+            lines.append(f"{lv}, {run}: " + " | ".join(f"{a[0]:.1f} -> {a[1]:.1f} ({a[2]:.1f})" for a in acc.values()))
+    lines += ["\nresponse tokens, sd per level (mean over seeds; near 0: one length, none for AEPO to choose from), "
+              "cold start / ARES / GRPO: greedy | T = 1"]
+    sd = lambda mode, m, lv: statistics.mean(row_of(rep, mode, m, lv)["sd_tokens"] for rep in reports)  # noqa: E731
+    for lv in levels:
+        lines.append(f"{lv}: " + " | ".join(" / ".join(f"{sd(mode, m, lv):.1f}" for m in ("cold start", "ARES", "GRPO"))
+                                           for mode in ("greedy", "sampled")))
+    lines += style_lines(runs, levels[:-1])
+    for key, what in (("buckets", "ARES, all AEPO steps"), ("buckets_first_half", "ARES, first half of the steps"),
+                      ("grpo_buckets", "GRPO, all steps")):
+        lines += [f"\ngroups per online bucket ({what}), mean share over seeds: easy / medium / hard"]
+        for lv in levels[:-1]:
+            lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(rep[key][lv][b] for rep in reports):.0f}%"
+                                                for b in ares.BUCKETS))
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ the pipeline ran through its command and left what the next one reads; the learn
 (README), not asserted here."""
 import json
 
+import pytest
 from conftest import run_script
 
 LEVELS = ("easy", "medium", "hard")
@@ -33,10 +34,14 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
         assert [r["step"] for r in read_jsonl(out / stage / "metrics.jsonl")] == list(range(1, steps + 1)), stage
     ares_row, grpo_row = read_jsonl(out / "aepo" / "metrics.jsonl")[-1], read_jsonl(out / "grpo" / "metrics.jsonl")[-1]
     for key in ("reward", "acc", "len", "n_he", "tau", "groups_kept", "branches", "time_sample", "time_update",
-                *(f"{k}_{b}" for k in ("n", "len", "n_he", "acc", "target", "kappa") for b in LEVELS),
+                *(f"{k}_{b}" for k in ("n", "len", "n_he", "acc", "target", "kappa", "branched", "kl_outside",
+                                       "kl_inside") for b in LEVELS),
                 *(f"level_{lv}_{k}" for lv in LEVELS for k in ("len", "n_he", "acc", "groups_easy"))):
         assert key in ares_row, key
     assert ares_row["branches"] > 0 and grpo_row["branches"] == 0  # the GRPO baseline does not branch
+    for row in read_jsonl(out / "aepo" / "metrics.jsonl"):  # branched share x responses, summed over buckets
+        assert sum(row[f"branched_{b}"] * row[f"n_{b}"] for b in LEVELS if row[f"n_{b}"]) == pytest.approx(row["branches"])
+    assert all(grpo_row[f"branched_{b}"] in (0, None) for b in LEVELS)
     # the final table: the three checkpoints, every level and overall, greedy and sampled
     report = json.loads((out / "demo.json").read_text())
     for mode in ("greedy", "sampled"):
@@ -48,7 +53,8 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
                 assert 0 <= row["accuracy"] <= 1 and row["mean_tokens"] > 0 and row["records"] > 0
         assert all(level in report[mode]["table"] for level in (*LEVELS, "overall"))
     assert set(report["times"]) == {"data", "warm-up", "pass rates", "adacs", "coldstart", "aepo", "eval"}
-    assert set(report["buckets"]) == set(LEVELS)
+    for key in ("buckets", "buckets_first_half", "grpo_buckets"):  # per level, the share of its groups in each bucket
+        assert set(report[key]) == set(LEVELS) and all(sum(v.values()) == pytest.approx(1) for v in report[key].values())
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "explore.html").read_text()
     assert page.count('class="t') > 100 and "branched from" in page and "tau =" in page
@@ -57,10 +63,15 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     # the README's opening table (`eval.py --demo` over runs; here the same run twice): every level of both decodings,
     # and the trace styles at T = 1, whose cold-start share of re-checks on easy problems is counted here again
     summary = run_script(["eval.py", "--demo", out, "--demo", out]).stdout
-    for head in ("greedy, 2 seeds", "T = 1, mean@4, 2 seeds", "trace styles at T = 1", "groups per online bucket"):
+    for head in ("greedy, 2 seeds", "T = 1, mean@4, 2 seeds", "trace styles at T = 1", "per seed and level",
+                 "response tokens, sd per level", "groups per online bucket (ARES, first half of the steps)"):
         assert head in summary, head
+    spread = summary.split("response tokens, sd per level")[1].splitlines()
+    hard = next(x for x in spread if x.startswith("hard: "))  # greedy | T = 1; the same run twice: its own sd
+    assert hard.split(" | ")[1] == " / ".join(
+        f"{report['sampled']['metrics']['test'][m]['buckets']['hard']['sd_tokens']:.1f}" for m in MODELS), hard
     easy = {r["id"] for r in read_jsonl(data / "test.jsonl") if r["difficulty"] == "easy"}
     cold = [r for r in read_jsonl(out / "eval_sampled" / "responses.jsonl") if r["model"] == "cold start" and r["id"] in easy]
-    share = sum("check again" in r["response"].split("</think>")[0] for r in cold) / len(cold)
+    share = sum(" again:" in r["response"].split("</think>")[0] for r in cold) / len(cold)
     row = [line for line in summary.splitlines() if line.startswith("easy | ")][-1]  # the styles table's
     assert row.split(" | ")[3].split(" / ")[0].startswith(f"{100 * share:.0f}%"), row

@@ -44,17 +44,25 @@ def test_metrics_match_hand_computed_values_per_bucket_and_mean_at_n(tmp_path):
     # per-record accuracy a = e1 1, e2 .5, h1 0, h2 .5, e3 0 (failed counts as wrong); A = 2/5
     # SE = sqrt(sum (a - .4)^2 / (5 * 4)) = sqrt((.36 + .01 + .16 + .01 + .16) / 20) = sqrt(.035)
     # tokens 10 20 30 40 50 100 60 70: mean 380/8, median (40 + 50)/2; truncated 2/8; format 4/8
+    # spread: sd = sqrt(mean squared distance to 47.5) = sqrt((37.5^2 + 27.5^2 + 17.5^2 + 7.5^2 + 2.5^2 + 12.5^2
+    # + 22.5^2 + 52.5^2) / 8) = sqrt(5950 / 8); sorted 10 20 30 40 50 60 70 100, quartiles at positions 7/4 and 21/4:
+    # 20 + .75 * 10 = 27.5 and 60 + .25 * 10 = 62.5, IQR 35
     assert got["overall"] == pytest.approx(dict(
         metric="mean@2", records=5, failed=1, responses=8, accuracy=0.4, accuracy_se=math.sqrt(0.035),
-        mean_tokens=47.5, median_tokens=45.0, truncated=0.25, format_ok=0.5))
+        mean_tokens=47.5, median_tokens=45.0, sd_tokens=math.sqrt(5950 / 8), iqr_tokens=35.0, truncated=0.25,
+        format_ok=0.5))
     # easy: a = 1, .5, 0 -> A = .5, SE = sqrt(.5 / 6); tokens 10 20 30 40; truncated 1/4; format 3/4
+    # spread: sd = sqrt((15^2 + 5^2 + 5^2 + 15^2) / 4) = sqrt(125); quartiles at 3/4 and 9/4: 17.5, 32.5 -> IQR 15
     assert got["buckets"]["easy"] == pytest.approx(dict(
         metric="mean@2", records=3, failed=1, responses=4, accuracy=0.5, accuracy_se=math.sqrt(0.5 / 6),
-        mean_tokens=25.0, median_tokens=25.0, truncated=0.25, format_ok=0.75))
+        mean_tokens=25.0, median_tokens=25.0, sd_tokens=math.sqrt(125), iqr_tokens=15.0, truncated=0.25,
+        format_ok=0.75))
     # hard: a = 0, .5 -> A = .25, SE = sqrt(.125 / 2) = .25; tokens 50 100 60 70
+    # spread: sd = sqrt((20^2 + 30^2 + 10^2 + 0^2) / 4) = sqrt(350); sorted 50 60 70 100: 57.5, 77.5 -> IQR 20
     assert got["buckets"]["hard"] == pytest.approx(dict(
         metric="mean@2", records=2, failed=0, responses=4, accuracy=0.25, accuracy_se=0.25,
-        mean_tokens=70.0, median_tokens=65.0, truncated=0.25, format_ok=0.25))
+        mean_tokens=70.0, median_tokens=65.0, sd_tokens=math.sqrt(350), iqr_tokens=20.0, truncated=0.25,
+        format_ok=0.25))
     assert list(got["buckets"]) == ["easy", "hard"] and got["bucket_field"] == "difficulty"
 
 
@@ -91,6 +99,12 @@ def test_table_shows_models_side_by_side_with_differences(tmp_path):
     assert rows["hard"] == ["hard", "2", "25.0", "100.0", "+75.0", "70.0", "10.0", "-60.0", "(-86%)"]
     assert rows["overall"] == ["overall", "5", "40.0", "100.0", "+60.0", "47.5", "10.0", "-37.5", "(-79%)"]
     assert "A" in table.splitlines()[2] and "B" in table.splitlines()[2] and "Δ" in table.splitlines()[2]
+    # the length spread per bucket, sd / IQR (hand-computed in the test above); B writes 10 tokens everywhere: 0 / 0
+    lines = table.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("response tokens, sd / IQR")))
+    spread = {r.split()[0]: r.split()[1:] for r in lines[start + 2:start + 5]}
+    assert spread == {"easy": ["11.2", "/", "15.0", "0.0", "/", "0.0"], "hard": ["18.7", "/", "20.0", "0.0", "/", "0.0"],
+                      "overall": ["27.3", "/", "35.0", "0.0", "/", "0.0"]}
 
 
 def test_a_failing_record_is_reported_not_fatal(monkeypatch):
