@@ -11,7 +11,6 @@ from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_prop
                        special_ids_with_extra_stops, teacher_forced)
 
 import ares
-import data_prep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

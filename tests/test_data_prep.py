@@ -6,7 +6,6 @@ import importlib
 import io
 import json
 import re
-import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 

@@ -22,7 +22,6 @@ from conftest import ROOT, run_script
 from torch.distributed.distributed_c10d import BackendConfig
 
 import ares
-import data_prep
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
