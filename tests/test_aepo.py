@@ -556,8 +556,15 @@ def test_aepo_under_torchrun_ddp_and_fsdp_keeps_ranks_identical(tiny_ckpt, demo_
         start = checkpoint_params(tiny_ckpt)
         assert any(not torch.equal(start[k], saved[k]) for k in start)
         final[name] = saved
-    for k in final["ddp"]:  # the same run sharded or replicated (fp32 on CPU: only reduction order differs)
-        torch.testing.assert_close(final["fsdp"][k], final["ddp"][k], atol=1e-5, rtol=1e-4)
+    # The same run sharded or replicated: fp32 on CPU, only the order of the gradient reductions differs. AdamW
+    # divides each gradient by its running RMS, so an element whose gradient is as small as that rounding (the
+    # embedding rows of tokens the batch hardly uses) moves up to lr an update either way: compare each tensor's
+    # update as a whole (a rank out of sync or a shard not stepped is off by O(1)), and almost every element alone.
+    start = checkpoint_params(tiny_ckpt)
+    for k in final["ddp"]:
+        fsdp, ddp = final["fsdp"][k], final["ddp"][k]
+        assert (fsdp - ddp).norm() <= 2e-2 * (ddp - start[k]).norm(), k
+        assert torch.isclose(fsdp, ddp, atol=1e-5, rtol=1e-4).double().mean() >= 0.99, k
 
 
 def test_resume_gives_the_parameters_and_controller_state_of_an_uninterrupted_run(tiny_ckpt, demo_data, tmp_path,
