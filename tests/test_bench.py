@@ -220,7 +220,7 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
     steps = summary["steps"]
     assert set(steps) == {"compile", "lora", "bench_tiny"}
     assert steps["compile"]["rc"] == steps["bench_tiny"]["rc"] == 0, steps
-    peft = importlib.util.find_spec("peft") is not None  # not in requirements.txt (CI): the step says so
+    peft = importlib.util.find_spec("peft") is not None  # pinned in requirements.txt; without it the step says so
     assert steps["lora"]["rc"] == (0 if peft else "skipped: peft is not installed"), steps
     graphs = summary["compile"]["graphs_per_step"]
     assert len(graphs) == 3 and graphs[0] > 0 and graphs[1:] == [0, 0], graphs

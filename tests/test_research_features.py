@@ -1,7 +1,8 @@
 """Issue 13: what a researcher forking ares.py expects of a GRPO trainer: a run record checked on --resume, trackers,
 a reward hook, refilled batches, validation during AEPO, LoRA, hub data through data_prep's presets, and the
 prompt template in the run record. Each feature is tested without its optional package where it can be (a fake
-writer, a hand-built state dict); the tests that need peft or tensorboard skip where they are not installed (CI)."""
+writer, a hand-built state dict); the tests that need peft, tensorboard or wandb skip where they are not installed (requirements.txt pins peft and
+tensorboard, so CI runs those; wandb is not in it)."""
 import json
 import sys
 import time
