@@ -236,6 +236,65 @@ def test_a_running_aepo_is_protected_and_ctrl_c_says_where_to_resume(case, check
     check(interrupted_aepo)
 
 
+def ctrl_c_while_saving(monkeypatch):
+    """Ctrl-C while step 2's checkpoint is written (inside torch.distributed.checkpoint's save, which turns a
+    KeyboardInterrupt raised there into its own exception: a traceback and exit 1, before the fix)."""
+    state, calls = ares.training_state, [0]
+
+    def interrupted_state(policy, opt):  # called once per save, the first at step 2
+        calls[0] += 1
+        if calls[0] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return state(policy, opt)
+
+    monkeypatch.setattr(ares, "training_state", interrupted_state)
+    return 2, 2  # (step whose save is interrupted, steps logged when the run stops)
+
+
+def ctrl_c_swallowed(monkeypatch):
+    """Ctrl-C during step 3's grading, inside library code that swallows the KeyboardInterrupt (as Python does with
+    one raised in a finalizer: printed and dropped); before the fix the run went on to its last step, exit 0."""
+    grade, calls = data_prep.grade_batch, [0]
+
+    def swallowing(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                pass
+        return grade(*args)
+
+    monkeypatch.setattr(data_prep, "grade_batch", swallowing)
+    return 2, 3
+
+
+@pytest.mark.parametrize("case, arrange", [("Ctrl-C while a checkpoint is written", ctrl_c_while_saving),
+                                           ("Ctrl-C that library code swallows", ctrl_c_swallowed)],
+                         ids=["while saving", "swallowed"])
+def test_ctrl_c_at_any_moment_stops_with_one_line_and_whole_checkpoints(case, arrange, tiny_ckpt, demo_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Ctrl-C (a real SIGINT to this process, through ares.main's handler) where a KeyboardInterrupt would be lost:
+    exit 130 with the one line, no traceback, the newest checkpoint whole, and the run resumes from it."""
+    saved, stopped_after = arrange(monkeypatch)
+    out = tmp_path / "run"
+    args = aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 8, "--save-every", 2, "--keep-uniform-groups")
+    with pytest.raises(SystemExit) as stop:
+        ares.main(args)
+    assert stop.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "CheckpointException" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"interrupted (Ctrl-C) in step {stopped_after + 1} of {out}: the "
+                                                   f"newest checkpoint is {out / f'step_{saved:06d}'} (step {saved})")
+    assert steps_logged(out) == list(range(1, stopped_after + 1))
+    assert ares.latest_checkpoint(out) == out / f"step_{saved:06d}" and not (out / f"step_{saved:06d}.tmp").exists()
+    monkeypatch.undo()
+    ares.main(args + ["--resume", "--steps", stopped_after + 1])
+    assert steps_logged(out) == list(range(1, stopped_after + 2))
+
+
 # Outputs of data_prep.py and eval.py: a kill mid-write leaves the previous file whole.
 class CrashingJson:
     """data_prep's json module, except that the third record written dies as a kill would (KeyboardInterrupt)."""
