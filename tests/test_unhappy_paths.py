@@ -177,6 +177,12 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tiny_ckpt, de
 # Ctrl-C (SIGINT to its process group, as a terminal sends it), then --resume.
 
 
+def foreground():
+    """SIGINT as a terminal's foreground job has it: a background job of a non-interactive shell (`cmd &`) starts
+    with it ignored, and Python and ares.py keep it ignored there, so these tests would not see a Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def interrupted_aepo(tmp_path_factory, tiny_ckpt, demo_data):
     tmp = tmp_path_factory.mktemp("ctrl_c")
@@ -185,7 +191,7 @@ def interrupted_aepo(tmp_path_factory, tiny_ckpt, demo_data):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(tmp / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, ROOT / "ares.py", *args], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+                                stderr=err, start_new_session=True, preexec_fn=foreground)
         try:
             deadline = time.monotonic() + 300
             while not any((p / "COMPLETE").exists() for p in out.glob("step_*[0-9]")):  # it has saved a checkpoint
@@ -278,12 +284,16 @@ def test_ctrl_c_at_any_moment_stops_with_one_line_and_whole_checkpoints(case, ar
     """Ctrl-C (a real SIGINT to this process, through ares.main's handler) where a KeyboardInterrupt would be lost:
     exit 130 with the one line, no traceback, the newest checkpoint whole, and the run resumes from it."""
     saved, stopped_after = arrange(monkeypatch)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground run (foreground())
     out = tmp_path / "run"
     args = aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 8, "--save-every", 2, "--keep-uniform-groups")
-    with pytest.raises(SystemExit) as stop:
-        ares.main(args)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            ares.main(args)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stop.value.code == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
     err = capsys.readouterr().err
     assert "Traceback" not in err and "CheckpointException" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith(f"interrupted (Ctrl-C) in step {stopped_after + 1} of {out}: the "
