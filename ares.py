@@ -2108,6 +2108,35 @@ def training_state(policy, opt) -> dict:
     return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
 
 
+CTRL_C = dict(seen=False, held=0)  # a Ctrl-C arrived; how many ctrl_c_after blocks are open
+
+
+def on_ctrl_c(signum, frame):
+    """The trainer's SIGINT handler: Python's KeyboardInterrupt at once, except inside ctrl_c_after. It also
+    remembers the Ctrl-C, because library code can swallow the KeyboardInterrupt: torch.distributed.checkpoint
+    turns it into its own exception (a traceback), and one raised inside a finalizer is printed and dropped."""
+    CTRL_C["seen"] = True
+    if not CTRL_C["held"]:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_after():
+    """Hold a Ctrl-C until the block (a checkpoint being written) is done, then stop the run."""
+    CTRL_C["held"] += 1
+    try:
+        yield
+    finally:
+        CTRL_C["held"] -= 1
+    stop_if_ctrl_c()
+
+
+def stop_if_ctrl_c():
+    if CTRL_C["seen"] and not CTRL_C["held"]:
+        raise KeyboardInterrupt
+
+
+@ctrl_c_after()  # a Ctrl-C while it writes stops the run once the checkpoint is whole (README: run folders)
 def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: dict, keep_last: int):
     """<out>/<name>/: the HF model + processor (from_pretrained loads them), state/ (master weights, AdamW moments,
     buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
@@ -2117,43 +2146,42 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    with ctrl_c_after():  # a Ctrl-C now stops the run once this checkpoint is whole (README: run folders)
-        me = rank()
-        final, tmp = out / name, out / f"{name}.tmp"
-        if me == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
-        # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
-        hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-        torch.save(rng, tmp / f"rng_{me}.pt")
-        data_prep.fsync(tmp / f"rng_{me}.pt")
-        if me == 0:
-            weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
-            policy.hf.save_pretrained(tmp, state_dict=weights)
-            if adapter:
-                save_adapter(policy.hf, adapter, tmp / "adapter")
-            processor.save_pretrained(tmp)
-            torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
-        del hf_sd
-        barrier()  # every rank's files are on disk
-        if me == 0:
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            for f in files:
-                data_prep.fsync(tmp / f)
-            (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
-            data_prep.fsync(tmp / "COMPLETE")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            data_prep.fsync(out)
-            steps = sorted(out.glob("step_*[0-9]"))
-            for old in steps[:max(0, len(steps) - keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
+    me = rank()
+    final, tmp = out / name, out / f"{name}.tmp"
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
+    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
+    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(rng, tmp / f"rng_{me}.pt")
+    data_prep.fsync(tmp / f"rng_{me}.pt")
+    if me == 0:
+        weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
+        policy.hf.save_pretrained(tmp, state_dict=weights)
+        if adapter:
+            save_adapter(policy.hf, adapter, tmp / "adapter")
+        processor.save_pretrained(tmp)
+        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+    del hf_sd
+    barrier()  # every rank's files are on disk
+    if me == 0:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        for f in files:
+            data_prep.fsync(tmp / f)
+        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
+        data_prep.fsync(tmp / "COMPLETE")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        data_prep.fsync(out)
+        steps = sorted(out.glob("step_*[0-9]"))
+        for old in steps[:max(0, len(steps) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
 
 
 def hf_export(hf, sd: dict) -> tuple[dict, dict]:
@@ -2883,34 +2911,6 @@ def run_command(fn, *args):
         release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-CTRL_C = dict(seen=False, held=0)  # a Ctrl-C arrived; how many ctrl_c_after blocks are open
-
-
-def on_ctrl_c(signum, frame):
-    """The trainer's SIGINT handler: Python's KeyboardInterrupt at once, except inside ctrl_c_after. It also
-    remembers the Ctrl-C, because library code can swallow the KeyboardInterrupt: torch.distributed.checkpoint
-    turns it into its own exception (a traceback), and one raised inside a finalizer is printed and dropped."""
-    CTRL_C["seen"] = True
-    if not CTRL_C["held"]:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def ctrl_c_after():
-    """Hold a Ctrl-C until the block (a checkpoint being written) is done, then stop the run."""
-    CTRL_C["held"] += 1
-    try:
-        yield
-    finally:
-        CTRL_C["held"] -= 1
-    stop_if_ctrl_c()
-
-
-def stop_if_ctrl_c():
-    if CTRL_C["seen"] and not CTRL_C["held"]:
-        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
