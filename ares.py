@@ -2560,7 +2560,9 @@ def release_locks():
 
 
 def interrupted(cfg) -> str:
-    """The line a Ctrl-C ends a training stage with: the step it stopped in and the checkpoint to resume from."""
+    """The line a Ctrl-C ends a training stage with: the step it stopped in and the checkpoint to resume from, or, for
+    a Ctrl-C during the final save, that the run is whole. A final/ of an earlier, shorter run that --resume extends
+    is older than the last logged step, so it gets the first line."""
     out = Path(cfg.out)
     rows = logged_rows(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
     ckpt = latest_checkpoint(out) if out.is_dir() else None
@@ -2568,6 +2570,8 @@ def interrupted(cfg) -> str:
     if ckpt is None:
         return f"{where}: no checkpoint yet (one is saved every {cfg.save_every} steps); start again with --overwrite"
     step = json.loads((ckpt / "COMPLETE").read_text())["step"]
+    if ckpt.name == "final" and rows and rows[-1]["step"] == step:  # held by ctrl_c_after until the final save was whole
+        return f"Ctrl-C (exit 130) as the run ended: its last step is logged and {ckpt} is complete; nothing to resume"
     return f"{where}: the newest checkpoint is {ckpt} (step {step}); continue from it with the same command and --resume"
 
 

@@ -305,6 +305,50 @@ def test_ctrl_c_at_any_moment_stops_with_one_line_and_whole_checkpoints(case, ar
     assert steps_logged(out) == list(range(1, stopped_after + 2))
 
 
+def test_ctrl_c_during_the_final_save_says_the_run_is_whole(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C held until the final checkpoint is whole is not reported as an interruption to resume from; a Ctrl-C
+    in a run that --resume extends past an earlier final/ still is (that final/ is older than the last step)."""
+    state, grade, calls = ares.training_state, data_prep.grade_batch, dict(save=0, grade=0)
+
+    def interrupted_state(policy, opt):  # the only save of a 2-step run with --save-every 4 is the final one
+        calls["save"] += 1
+        os.kill(os.getpid(), signal.SIGINT)
+        return state(policy, opt)
+
+    def swallowing(*args):  # the resumed run's first step (step 3), as in ctrl_c_swallowed
+        calls["grade"] += 1
+        if calls["grade"] == 1:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                pass
+        return grade(*args)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground run (foreground())
+    out = tmp_path / "run"
+    args = aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--save-every", 4, "--keep-uniform-groups")
+    try:
+        monkeypatch.setattr(ares, "training_state", interrupted_state)
+        with pytest.raises(SystemExit) as stop:
+            ares.main(args)
+        assert stop.value.code == 130 and calls["save"] == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == (f"Ctrl-C (exit 130) as the run ended: its last step is logged and {out / 'final'} is complete; "
+                        "nothing to resume"), last
+        assert steps_logged(out) == [1, 2] and ares.latest_checkpoint(out) == out / "final"
+        monkeypatch.setattr(ares, "training_state", state)
+        monkeypatch.setattr(data_prep, "grade_batch", swallowing)
+        with pytest.raises(SystemExit) as stop:
+            ares.main(args[:-5] + ["--steps", 4, "--save-every", 4, "--keep-uniform-groups", "--resume"])
+        assert stop.value.code == 130
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"interrupted (Ctrl-C) in step 4 of {out}: the newest checkpoint is {out / 'final'} "
+                               "(step 2); continue from it"), last
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # Outputs of data_prep.py and eval.py: a kill mid-write leaves the previous file whole.
 class CrashingJson:
     """data_prep's json module, except that the third record written dies as a kill would (KeyboardInterrupt)."""
