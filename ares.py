@@ -123,7 +123,10 @@ class Config:
     entropy_coef: float = arg(0.4, "alpha: scale of the entropy reward", allowed=AT_LEAST_0)
     target_momentum: float = arg(0.9, "EMA momentum of the per-bucket N_HE targets", allowed=("in [0, 1]", lambda v: 0 <= v <= 1))
     format_weight: float = arg(0.0, "weight of the <think>...</think> + \\boxed{} format reward")
-    keep_uniform_groups: bool = arg(False, "keep groups whose answers are all right or all wrong")
+    group_filter: str = arg("accuracy", "online filter (Eq. 2): accuracy drops groups all right or all wrong; reward "
+                                        "(the paper's) drops groups whose mean shaped reward is outside [0.01, 0.99]",
+                            ("accuracy", "reward"))
+    keep_uniform_groups: bool = arg(False, "keep every group (no online filter)")
     max_refill_rounds: int = arg(0, "dynamic sampling (DAPO): while fewer than --batch-size groups survive the filter, "
                                     "roll out --batch-size more prompts, at most this many times (0 = off)", allowed=AT_LEAST_0)
     reward_fn: str = arg("", "file.py:function or module:function: fn(record, response) -> score in [0, 1] (default: the grader)")
@@ -830,7 +833,8 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
     """Each step's rollouts from the resumed step on, graded: (step, its records, their encoded prompts,
     rollout_groups() output with texts and acc, seconds spent sampling and grading). A generator: step s + 1 is
     sampled only after step s's update. Refill (DAPO's dynamic sampling): while fewer than --batch-size groups of
-    all ranks are mixed (some right, some wrong), --batch-size more prompts are rolled out, at most
+    all ranks are mixed (some right, some wrong: --group-filter reward keeps them too), --batch-size more prompts
+    are rolled out, at most
     --max-refill-rounds times (the same decision on every rank: a global count); ro.rounds says how many."""
     tok = tokenizer_of(run.processor)
     for step in range(run.state["step"], cfg.steps):
@@ -920,11 +924,23 @@ def score_groups(ro: Rollouts, cfg: Config, targets: torch.Tensor, triggers=None
     rewards = entropy_shaped_reward(acc, n_he, bucket, for_reward, cfg.entropy_shaping, cfg.entropy_coef)  # (N,)
     rewards = rewards + cfg.format_weight * fmt  # (N,)
     adv = grpo_advantages(rewards, G).float()  # (N,) normalised within each group of G
-    group_acc = group_mean(acc, G)  # (P,)
-    keep_group = keep_first(((group_acc > 0) & (group_acc < 1)) | cfg.keep_uniform_groups, cfg.batch_size)  # (P,)
+    keep_group = keep_first(informative_groups(acc, rewards, G, cfg.group_filter) | cfg.keep_uniform_groups,
+                            cfg.batch_size)  # (P,)
     groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all
     return Scores(acc=acc, format=fmt, lengths=lengths, bucket=bucket, hwe=hwe, n_he=n_he, rewards=rewards, adv=adv,
                   keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
+
+
+def informative_groups(acc: torch.Tensor, rewards: torch.Tensor, G: int, rule: str = "accuracy") -> torch.Tensor:
+    """The online filter (Eq. 2), (N,) -> (P,) bool, a group kept. accuracy (README: choices): some answers right and
+    some wrong. reward (the paper's): the group's mean shaped reward in [0.01, 0.99], so an all-right group is kept
+    when its entropy penalties average over 0.01 and an all-wrong one when its exploration bonus does. Example, G = 2:
+    acc [1, 1, 0, 0], rewards [1.0, 0.96, 0.0, 0.0] -> accuracy [False, False], reward [True, False]."""
+    if rule == "reward":
+        mean = group_mean(rewards, G)  # (P,)
+        return (mean >= 0.01) & (mean <= 0.99)
+    p = group_mean(acc, G)  # (P,)
+    return (p > 0) & (p < 1)
 
 
 def keep_first(keep_group: torch.Tensor, n: int) -> torch.Tensor:
@@ -2725,6 +2741,9 @@ def validate_extras(cfg: Config) -> Config:
     check_lora_targets(cfg)
     if cfg.eval_every and not cfg.eval_data:
         raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
+    if cfg.group_filter == "reward" and (cfg.format_weight or cfg.keep_uniform_groups):
+        raise SystemExit("--group-filter reward needs --format-weight 0 (its [0.01, 0.99] is for rewards near [0, 1]) and "
+                         "no --keep-uniform-groups (which keeps every group)")
     if cfg.rollout_batch != "auto" and not (str(cfg.rollout_batch).isdigit() and int(cfg.rollout_batch) >= 1):
         raise SystemExit(f"--rollout-batch must be auto or an integer >= 1, got {cfg.rollout_batch}")
     return cfg

@@ -601,6 +601,19 @@ def test_all_filtered_and_all_truncated_batches_skip_the_update_with_a_reason(ti
     assert saved_state(out / "final")["step"] == 2
 
 
+def test_the_papers_reward_filter_keeps_all_wrong_groups_that_the_shaping_moves(tiny_ckpt, demo_data, tmp_path):
+    """Every response truncated, so every group is all wrong: --group-filter reward keeps them under the hierarchical
+    reward (each wrong answer's exploration bonus is at least sig(0) * alpha * u = 0.12 > 0.01, README: entropy
+    reward) and drops them under R = acc (mean 0), as the accuracy filter does."""
+    for shaping, kept in (("hierarchical", 2), ("none", 0)):
+        out = tmp_path / shaping
+        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--max-response-len", 3, "--group-filter",
+                            "reward", "--entropy-shaping", shaping))
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert [(r["acc"], r["groups_kept"], r["groups"]) for r in rows] == [(0, kept, 2)] * 2
+        assert ("skipped_reason" in rows[0]) == (kept == 0)
+
+
 def test_empty_responses_do_not_crash_the_loop(tiny, tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """A policy that ends every response at once (only <|im_end|>): skipped when filtered; with
     --keep-uniform-groups the update runs on one-token responses without producing NaNs."""

@@ -171,6 +171,18 @@ def test_buckets_of_fractional_scores_follow_the_group_mean_by_hand():
     assert ares.difficulty_buckets(scores, 4)[::4].tolist() == [1, 0, 2, 1]  # medium, easy, hard, medium (App. G)
 
 
+def test_group_filters_by_hand():
+    """G = 4, four groups: all right with penalties averaging 0.05; all right with one 0.02 penalty (mean 0.995);
+    all wrong with exploration bonuses (mean 0.12); 2 of 4 right. Accuracy keeps only the mixed one; the paper's
+    reward rule keeps a group whose mean shaped reward is in [0.01, 0.99]."""
+    acc = torch.tensor([1.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1, 1, 0, 0])
+    rewards = torch.tensor([1.0, 0.9, 0.9, 1.0] + [1.0, 1.0, 1.0, 0.98] + [0.12] * 4 + [1.0, 1.0, 0.12, 0.12],
+                           dtype=torch.float64)
+    assert ares.informative_groups(acc, rewards, 4, "accuracy").tolist() == [False, False, False, True]
+    assert ares.informative_groups(acc, rewards, 4, "reward").tolist() == [True, False, True, True]
+    assert ares.informative_groups(acc, acc.double(), 4, "reward").tolist() == [False, False, False, True]  # R = acc
+
+
 def test_keep_first_keeps_the_first_n_kept_groups_by_hand():
     keep = torch.tensor([False, True, True, False, True])
     assert ares.keep_first(keep, 2).tolist() == [False, True, True, False, False]

@@ -539,6 +539,10 @@ FLAGS = [  # (case, stage, flags, the one line starts with)
     ("--eval-data for the cold start", "coldstart", ["--eval-data", "{test}"],
      "--eval-data and --eval-every validate during AEPO only"),
     ("--eval-every without --eval-data", "aepo", ["--eval-every", "2"], "--eval-every needs --eval-data"),
+    ("--group-filter reward with a format reward", "aepo", ["--group-filter", "reward", "--format-weight", "0.5"],
+     "--group-filter reward needs --format-weight 0"),
+    ("--group-filter reward with --keep-uniform-groups", "aepo", ["--group-filter", "reward", "--keep-uniform-groups"],
+     "--group-filter reward needs --format-weight 0"),
 ]
 
 
