@@ -257,14 +257,14 @@ def ctrl_c_while_saving(monkeypatch):
     return 2, 2  # (step whose save is interrupted, steps logged when the run stops)
 
 
-def ctrl_c_swallowed(monkeypatch):
-    """Ctrl-C during step 3's grading, inside library code that swallows the KeyboardInterrupt (as Python does with
-    one raised in a finalizer: printed and dropped); before the fix the run went on to its last step, exit 0."""
+def swallowing_grader(at: int):
+    """data_prep.grade_batch, except that its call number `at` gets a Ctrl-C inside library code that swallows the
+    KeyboardInterrupt (as Python does with one raised in a finalizer: printed and dropped)."""
     grade, calls = data_prep.grade_batch, [0]
 
     def swallowing(*args):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == at:
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.1)
@@ -272,7 +272,13 @@ def ctrl_c_swallowed(monkeypatch):
                 pass
         return grade(*args)
 
-    monkeypatch.setattr(data_prep, "grade_batch", swallowing)
+    return swallowing
+
+
+def ctrl_c_swallowed(monkeypatch):
+    """Ctrl-C during step 3's grading, swallowed (swallowing_grader); before the fix the run went on to its last
+    step, exit 0."""
+    monkeypatch.setattr(data_prep, "grade_batch", swallowing_grader(3))
     return 2, 3
 
 
@@ -308,22 +314,12 @@ def test_ctrl_c_at_any_moment_stops_with_one_line_and_whole_checkpoints(case, ar
 def test_ctrl_c_during_the_final_save_says_the_run_is_whole(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
     """A Ctrl-C held until the final checkpoint is whole is not reported as an interruption to resume from; a Ctrl-C
     in a run that --resume extends past an earlier final/ still is (that final/ is older than the last step)."""
-    state, grade, calls = ares.training_state, data_prep.grade_batch, dict(save=0, grade=0)
+    state, calls = ares.training_state, dict(save=0)
 
     def interrupted_state(policy, opt):  # the only save of a 2-step run with --save-every 4 is the final one
         calls["save"] += 1
         os.kill(os.getpid(), signal.SIGINT)
         return state(policy, opt)
-
-    def swallowing(*args):  # the resumed run's first step (step 3), as in ctrl_c_swallowed
-        calls["grade"] += 1
-        if calls["grade"] == 1:
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.1)
-            except KeyboardInterrupt:
-                pass
-        return grade(*args)
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground run (foreground())
     out = tmp_path / "run"
@@ -338,7 +334,7 @@ def test_ctrl_c_during_the_final_save_says_the_run_is_whole(tiny_ckpt, demo_data
                         "nothing to resume"), last
         assert steps_logged(out) == [1, 2] and ares.latest_checkpoint(out) == out / "final"
         monkeypatch.setattr(ares, "training_state", state)
-        monkeypatch.setattr(data_prep, "grade_batch", swallowing)
+        monkeypatch.setattr(data_prep, "grade_batch", swallowing_grader(1))  # the resumed run's first step, step 3
         with pytest.raises(SystemExit) as stop:
             ares.main(args[:-5] + ["--steps", 4, "--save-every", 4, "--keep-uniform-groups", "--resume"])
         assert stop.value.code == 130
