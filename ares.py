@@ -847,8 +847,8 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
             with gathered(run.policy), autocast(cfg, device), evaluating(sampler):
                 ro = rollout_groups(sampler, prompts[-len(new):], cfg, run.ids, gen, triggers, pool)
             parts.append(grade_rollouts(ro, new, cfg, tok))
-            p = group_mean(torch.cat([x.acc for x in parts]), cfg.group_size)  # (P,) accuracy per group so far
-            if cfg.keep_uniform_groups or all_reduce(torch.tensor([float(((p > 0) & (p < 1)).sum())])) >= cfg.batch_size:
+            mixed = informative_groups(torch.cat([x.acc for x in parts]), None, cfg.group_size)  # (P,) so far
+            if cfg.keep_uniform_groups or all_reduce(torch.tensor([float(mixed.sum())])) >= cfg.batch_size:
                 break
         yield step, recs, prompts, cat_rollouts(parts, run.ids["pad"]), time.time() - t0
 
@@ -931,7 +931,7 @@ def score_groups(ro: Rollouts, cfg: Config, targets: torch.Tensor, triggers=None
                   keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
 
 
-def informative_groups(acc: torch.Tensor, rewards: torch.Tensor, G: int, rule: str = "accuracy") -> torch.Tensor:
+def informative_groups(acc: torch.Tensor, rewards: torch.Tensor | None, G: int, rule: str = "accuracy") -> torch.Tensor:
     """The online filter (Eq. 2), (N,) -> (P,) bool, a group kept. accuracy (README: choices): some answers right and
     some wrong. reward (the paper's): the group's mean shaped reward in [0.01, 0.99], so an all-right group is kept
     when its entropy penalties average over 0.01 and an all-wrong one when its exploration bonus does. Example, G = 2:

@@ -242,18 +242,25 @@ def test_a_running_aepo_is_protected_and_ctrl_c_says_where_to_resume(case, check
     check(interrupted_aepo)
 
 
-def ctrl_c_while_saving(monkeypatch):
-    """Ctrl-C while step 2's checkpoint is written (inside torch.distributed.checkpoint's save, which turns a
-    KeyboardInterrupt raised there into its own exception: a traceback and exit 1, before the fix)."""
+def interrupting_save():
+    """ares.training_state, called once per checkpoint save, except that its first call gets a Ctrl-C (inside
+    torch.distributed.checkpoint's save, which turns a KeyboardInterrupt raised there into its own exception: a
+    traceback and exit 1, before the fix). Its `calls` counts the saves."""
     state, calls = ares.training_state, [0]
 
-    def interrupted_state(policy, opt):  # called once per save, the first at step 2
+    def interrupted_state(policy, opt):
         calls[0] += 1
         if calls[0] == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return state(policy, opt)
 
-    monkeypatch.setattr(ares, "training_state", interrupted_state)
+    interrupted_state.calls = calls
+    return interrupted_state
+
+
+def ctrl_c_while_saving(monkeypatch):
+    """Ctrl-C while step 2's checkpoint is written (interrupting_save)."""
+    monkeypatch.setattr(ares, "training_state", interrupting_save())
     return 2, 2  # (step whose save is interrupted, steps logged when the run stops)
 
 
@@ -314,21 +321,16 @@ def test_ctrl_c_at_any_moment_stops_with_one_line_and_whole_checkpoints(case, ar
 def test_ctrl_c_during_the_final_save_says_the_run_is_whole(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
     """A Ctrl-C held until the final checkpoint is whole is not reported as an interruption to resume from; a Ctrl-C
     in a run that --resume extends past an earlier final/ still is (that final/ is older than the last step)."""
-    state, calls = ares.training_state, dict(save=0)
-
-    def interrupted_state(policy, opt):  # the only save of a 2-step run with --save-every 4 is the final one
-        calls["save"] += 1
-        os.kill(os.getpid(), signal.SIGINT)
-        return state(policy, opt)
-
+    state, saving = ares.training_state, interrupting_save()  # the only save of 2 steps, --save-every 4: the final
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground run (foreground())
     out = tmp_path / "run"
-    args = aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--save-every", 4, "--keep-uniform-groups")
+    args = lambda steps, *more: aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", steps, "--save-every", 4,  # noqa
+                                          "--keep-uniform-groups", *more)
     try:
-        monkeypatch.setattr(ares, "training_state", interrupted_state)
+        monkeypatch.setattr(ares, "training_state", saving)
         with pytest.raises(SystemExit) as stop:
-            ares.main(args)
-        assert stop.value.code == 130 and calls["save"] == 1
+            ares.main(args(2))
+        assert stop.value.code == 130 and saving.calls == [1]
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last == (f"Ctrl-C (exit 130) as the run ended: its last step is logged and {out / 'final'} is complete; "
                         "nothing to resume"), last
@@ -336,7 +338,7 @@ def test_ctrl_c_during_the_final_save_says_the_run_is_whole(tiny_ckpt, demo_data
         monkeypatch.setattr(ares, "training_state", state)
         monkeypatch.setattr(data_prep, "grade_batch", swallowing_grader(1))  # the resumed run's first step, step 3
         with pytest.raises(SystemExit) as stop:
-            ares.main(args[:-5] + ["--steps", 4, "--save-every", 4, "--keep-uniform-groups", "--resume"])
+            ares.main(args(4, "--resume"))
         assert stop.value.code == 130
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith(f"interrupted (Ctrl-C) in step 4 of {out}: the newest checkpoint is {out / 'final'} "
