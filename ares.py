@@ -556,13 +556,17 @@ def model_inputs(batch: dict) -> dict:
             if batch.get(k) is not None}
 
 
-def encode_images(model, images: dict) -> dict:
+def encode_images(model, images: dict, every_rank: bool = False) -> dict:
     """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
     gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
     inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way.
-    A frozen tower (paper; no --train-vision) runs without gradients: nothing to recompute or differentiate."""
+    A frozen tower (paper; no --train-vision) runs without gradients: nothing to recompute or differentiate.
+    every_rank (FSDP2, whose vision blocks are sharded units: each forward gathers a unit's weights with a collective
+    that every rank joins): a batch without images runs the tower on one blank image of the smallest grid, at the
+    same point of the forward as a batch with images, and returns `vision_anchor`, 0 x its features, for the caller
+    to add to its output, so that a trained tower's gradients (zero) are reduced on every rank too."""
     if images.get("pixel_values") is None:
-        return {}
+        return {"vision_anchor": blank_image_features(model.model)} if every_rank else {}
     base, index = model.model, images["image_index"]
     trains = torch.is_grad_enabled() and any(p.requires_grad for p in base.visual.parameters())
     with torch.set_grad_enabled(trains):
@@ -571,6 +575,21 @@ def encode_images(model, images: dict) -> dict:
     if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
         out.deepstack_features = [[layer[j] for j in index] for layer in out.deepstack_features]
     return {"mm_encoder_outputs": {"image": out}}
+
+
+def blank_image_features(base: nn.Module) -> torch.Tensor:
+    """0 x the sum of every feature the vision tower makes of a blank image of its smallest grid (1 frame, one merged
+    token): a scalar that carries gradients (all zero) to every weight of the tower."""
+    vc = base.visual.config
+    merge, patch = vc.spatial_merge_size, vc.patch_size
+    grid = torch.tensor([[1, merge, merge]], device=base.visual.device)
+    pixels = torch.zeros(merge * merge, vc.in_channels * vc.temporal_patch_size * patch * patch,
+                         device=base.visual.device, dtype=base.visual.dtype)
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in base.visual.parameters())
+    with torch.set_grad_enabled(trains):
+        out = base.get_image_features(pixels, grid)
+        layers = getattr(out, "deepstack_features", None) or []
+        return 0.0 * sum(t.float().sum() for t in [*out.pooler_output, *(t for layer in layers for t in layer)])
 
 
 def next_positions(next_pos: torch.Tensor, steps: int, vlm: bool) -> torch.Tensor:
@@ -1420,11 +1439,13 @@ class Policy(nn.Module):
         super().__init__()
         self.hf = hf
         self.banned = banned_tokens(hf)
+        self.vision_every_rank = False  # wrap_policy: FSDP2 shards the vision tower's blocks (see encode_images)
 
     def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
         """batch from `shared_prompt_batch` or `make_batch` (whole sequences). Returns log p(o_t | o_<t) and,
         without grad, the entropy: each (N, R)."""
-        inputs = dict(model_inputs(batch), **encode_images(self.hf, batch))
+        inputs = dict(model_inputs(batch), **encode_images(self.hf, batch, self.vision_every_rank))
+        anchor = inputs.pop("vision_anchor", 0.0)
         if "prompt_index" in batch:
             h = self.shared_prompt_hidden(batch, inputs)
         else:
@@ -1432,8 +1453,9 @@ class Policy(nn.Module):
             idx = batch["resp_index"]  # (N, R): position of each response token; the one before predicts it
             h = hidden.gather(1, (idx - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
         banned = torch.tensor(self.banned, device=h.device) if self.banned else None
-        return head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
-                             banned=banned)
+        logp, ent = head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
+                                  banned=banned)
+        return logp + anchor, ent
 
     def shared_prompt_hidden(self, batch: dict, inputs: dict) -> torch.Tensor:
         """Each distinct prompt runs once into a KV cache (as prefill does), each response row gets its prompt's
@@ -1914,6 +1936,7 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         for block in decoder_blocks(hf):
             fully_shard(block, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)
+        policy.vision_every_rank = hasattr(getattr(hf, "model", None), "visual")  # a rank without images joins too
         if skeleton:
             policy.to_empty(device=device)  # allocates this rank's shards
         return policy, policy

@@ -368,3 +368,47 @@ def test_the_bf16_sampling_copy_is_cast_weight_by_weight_never_a_second_fp32_cop
         assert c.dtype == b.dtype and torch.equal(b, c), name
     assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
     assert not copy.training
+
+
+MIXED = '''
+"""torchrun worker, --fsdp on 2 ranks, on two records, one with an image and one text-only: in every step one rank's
+micro-batches have an image and the other's none. A cold-start step, then an AEPO step (old and reference log-probs,
+rollouts and the update) from it, with the vision tower frozen (paper) and trained (--train-vision)."""
+import sys
+
+sys.path.insert(0, sys.argv[1])
+import ares
+
+out, model, sft, rl, vision = sys.argv[2:7]
+extra = ["--fsdp", "--dist-timeout", "60"] + (["--train-vision"] if vision == "train" else [])
+ares.train_coldstart(ares.parse_config(["--stage", "coldstart", "--model", model, "--data", sft, "--steps", "1",
+                                        "--batch-size", "2", "--micro-batch-size", "1", "--out", f"{out}/cold", *extra]))
+ares.train_aepo(ares.parse_config(["--stage", "aepo", "--model", f"{out}/cold/final", "--data", rl, "--steps", "1",
+                                   "--batch-size", "2", "--group-size", "4", "--max-response-len", "8", "--minibatches",
+                                   "2", "--keep-uniform-groups", "--log-samples-every", "0", "--out", f"{out}/aepo",
+                                   *extra]))
+ares.dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("vision", ["frozen", "train"])
+def test_fsdp_trains_when_one_ranks_micro_batches_have_no_image(vision, tiny_ckpt, demo_data, tmp_path):
+    """FSDP2 gathers each sharded unit's weights with a collective that every rank must join. A rank whose micro-batch
+    has no image skips the vision tower, so its blocks must not be units of their own (frozen tower), and a trained
+    tower must still run (on a dummy image, weight 0) so that its gradients are reduced on every rank. Before: the
+    ranks' collectives paired up wrongly and the run died with gloo's size mismatch (on GPUs, NCCL hangs)."""
+    data = {}
+    for split in ("sft", "rl"):
+        first = json.loads(Path(demo_data[split]).read_text().splitlines()[0])
+        first["images"] = [str(Path(demo_data[split]).parent / p) for p in first["images"]]
+        text = dict(first, id="text-only", images=[], question="What is 2 + 3?", answer="5")
+        if split == "sft":
+            text["response"] = "<think>2 + 3 = 5.</think> The answer is \\\\boxed{5}."
+        data[split] = tmp_path / f"{split}.jsonl"
+        data[split].write_text("".join(json.dumps(r) + "\n" for r in (first, text)))
+    script = tmp_path / "mixed.py"
+    script.write_text(MIXED)
+    run_script([script, ROOT, tmp_path, tiny_ckpt, data["sft"], data["rl"], vision], nproc=2, timeout=300)
+    rows = [json.loads(line) for line in open(tmp_path / "aepo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1]
+    assert (tmp_path / "aepo" / "final" / "COMPLETE").exists()

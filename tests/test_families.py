@@ -259,3 +259,17 @@ def test_an_unsupported_family_fails_clearly_at_load(model_type, tmp_path):
     with pytest.raises(SystemExit, match=f"model type '{model_type}' is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, "
                                          "Qwen3-VL and text-only causal LMs"):
         ares.load_model(str(tmp_path), ares.Config(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in TEXT_ONLY])
+def test_a_blank_image_reaches_every_vision_weight_with_a_zero_gradient(family):
+    """FSDP2's rank without images runs the tower on a blank image (ares.blank_image_features): the scalar is 0, and its
+    backward gives every weight of the tower a gradient, all zeros (a weight left without one would leave that rank
+    out of the gradient reduction). Qwen3-VL's deepstack mergers included."""
+    model, _ = tiny_model(family)
+    anchor = ares.blank_image_features(model.model)
+    assert anchor.item() == 0.0
+    anchor.backward()
+    missing = [n for n, p in model.model.visual.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(not p.grad.any() for p in model.model.visual.parameters())
