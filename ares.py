@@ -175,7 +175,8 @@ class Config:
                                    "eval.py and passrate (default: the model's own, else the authors' (README: paper "
                                    "settings); --model tiny: none); saved in <out>/config.json")
     # model, memory and speed
-    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32",
+    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 (fp16 is refused: it "
+                     "would need loss scaling)",
                      ("auto", "bf16", "fp16", "fp32"))
     attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
     min_pixels: int = arg(56 * 56, "smallest image area after resizing", allowed=AT_LEAST_1)
@@ -770,7 +771,7 @@ def train_coldstart(cfg: Config) -> Path:
                 loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
             loss_sum += loss.detach().double().cpu()
-        norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip)
+        norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip, run.model)
         loss_val = all_reduce(loss_sum).item()
         dt = time.time() - t0
         row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
@@ -1014,7 +1015,7 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
                     if lp_ref is not None:  # the controller's input: KL on the policy being updated, kept rows only
                         kl_sums += kl_by_bucket(k3_kl(logp.detach(), lp_ref), loss_mask[part, :R], hwe[part, :R],
                                                 bucket[part])
-            norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip)
+            norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip, run.model)
             stats["grad_norm"].append(norm)
             stats["skipped"] += not ok
             stats["updates"] += 1
@@ -1617,6 +1618,8 @@ def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
         with autocast(cfg, device), evaluating(run.model):
             lp, _ = model(batch, cfg.temperature)
         out[part, :lp.shape[1]] = lp.float().cpu()[:len(part)]
+    if hasattr(model, "reshard"):  # FSDP2 keeps its root unit (embeddings, head) gathered after a forward, for a
+        model.reshard()  # backward; none follows here (the reference never runs one)
     return out
 
 
@@ -1981,7 +1984,8 @@ def without_cache_compiled(eager, compiled, *args, **kwargs):
 @contextlib.contextmanager
 def autocast(cfg: Config, device):
     dtype = compute_dtype(cfg, device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not cfg.fsdp):
+    fsdp = cfg.fsdp and dist.is_initialized()  # FSDP2 casts by its MixedPrecisionPolicy; --fsdp alone is a plain model
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not fsdp):
         yield
 
 
@@ -2023,24 +2027,27 @@ def make_optimizer(params, cfg: Config, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(opt, sched, params, clip: float) -> tuple[float, bool]:
-    """Clip, step, schedule. A non-finite gradient norm skips the update (and is reported)."""
+def optimizer_step(opt, sched, params, clip: float, model=None) -> tuple[float, bool]:
+    """Clip, step, schedule. A non-finite gradient norm skips the update (and is reported). Under DDP the gradients
+    are zeroed in place, not freed: they are views of DDP's buckets, and a freed one comes back as a second tensor
+    beside its bucket in every no_sync micro-batch (twice the gradients' memory)."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     ok = math.isfinite(norm)
     if ok:
         opt.step()
     sched.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=not isinstance(model, nn.parallel.DistributedDataParallel))
     return norm, ok
 
 
 def sync_context(model, last: bool):
-    """Gradient sync only on the last micro-batch of an optimizer step (DDP no_sync / FSDP2 requires-sync)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+    """DDP: gradient sync only on the last micro-batch of an optimizer step (no_sync: the others add into DDP's
+    buckets). FSDP2 reduce-scatters every micro-batch: without the sync it would keep a full-size fp32 gradient of
+    every weight on every rank until the last micro-batch, memory the plan (kv_room) gives to the KV cache."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def make_deterministic():
@@ -2767,6 +2774,9 @@ def validate_extras(cfg: Config) -> Config:
     if cfg.group_filter == "reward" and (cfg.format_weight or cfg.keep_uniform_groups):
         raise SystemExit("--group-filter reward needs --format-weight 0 (its [0.01, 0.99] is for rewards near [0, 1]) and "
                          "no --keep-uniform-groups (which keeps every group)")
+    if cfg.dtype == "fp16":
+        raise SystemExit("--dtype fp16: training in fp16 needs loss scaling, which ares.py does not do (small gradients "
+                         "would round to zero without an error); use bf16 (on Ampere or newer GPUs) or fp32")
     if cfg.rollout_batch != "auto" and not (str(cfg.rollout_batch).isdigit() and int(cfg.rollout_batch) >= 1):
         raise SystemExit(f"--rollout-batch must be auto or an integer >= 1, got {cfg.rollout_batch}")
     return cfg

@@ -860,7 +860,7 @@ def host_memory(args) -> dict:
 
         def update():  # the first optimizer step: gradients (in DDP's buckets or besides them) and AdamW's moments
             (-run.model(batch)[0].sum()).backward()
-            ares.optimizer_step(run.opt, run.sched, run.params, 1.0)
+            ares.optimizer_step(run.opt, run.sched, run.params, 1.0, run.model)
 
         _, first_update = measured(update)
         return run, dict(load=load, ddp_wrap=wrap, reference=ref, sampling_copy=copy, first_update=first_update)

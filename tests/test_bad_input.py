@@ -50,6 +50,7 @@ FLAGS = [
     ("aepo", ["--entropy-coef", "nan"], "--entropy-coef must be >= 0 and finite, got nan"),
     ("aepo", ["--format-weight", "nan"], "--format-weight must be finite, got nan"),
     ("aepo", ["--dual-clip", "1"], "--dual-clip must be 0 (off) or > 1, got 1.0"),
+    ("coldstart", ["--dtype", "fp16"], "--dtype fp16: training in fp16 needs loss scaling"),
     ("coldstart", ["--max-pixels", "100", "--min-pixels", "200"], "--max-pixels must be >= --min-pixels, got 100"),
     ("coldstart", ["--model", "{tmp}/no/such/model"], "--model {tmp}/no/such/model: no such folder"),
     ("coldstart", ["--model", "{tmp}"], "--model {tmp}: not a model folder (it has no config.json)"),

@@ -412,3 +412,72 @@ def test_fsdp_trains_when_one_ranks_micro_batches_have_no_image(vision, tiny_ckp
     rows = [json.loads(line) for line in open(tmp_path / "aepo" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1]
     assert (tmp_path / "aepo" / "final" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_gradient_accumulation_keeps_one_gradient_per_weight_sharded_under_fsdp(sharding, tiny_ckpt, demo_data,
+                                                                                 tmp_path, monkeypatch):
+    """Three cold-start steps of two micro-batches each, under torchrun (world size 1). DDP: once it has rebuilt its
+    buckets (after the first step), every micro-batch's gradients stay in one tensor per weight, the view of DDP's
+    bucket (before, the optimizer freed them, and each no_sync micro-batch made a second tensor beside the bucket:
+    twice the gradients' memory). FSDP2: after every
+    micro-batch each weight's gradient is its reduced shard (before, FSDP2 kept a full-size fp32 gradient per rank
+    until the last micro-batch, and the shard stayed empty)."""
+    from torch.distributed.tensor import DTensor
+
+    seen, real = [], ares.sync_context
+
+    @__import__("contextlib").contextmanager
+    def recording(model, last):
+        with real(model, last):
+            yield
+        seen.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+
+    monkeypatch.setattr(ares, "sync_context", recording)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    cold, _ = small_runs(tiny_ckpt, demo_data, tmp_path)
+    ares.main(cold + ["--steps", "3"] + (["--fsdp"] if sharding == "fsdp" else []))
+    assert len(seen) == 6  # 3 steps x 2 micro-batches
+    if sharding == "ddp":
+        for name in seen[0]:
+            assert len({micro[name].data_ptr() for micro in seen[2:]}) == 1, name
+    else:
+        assert all(isinstance(g, DTensor) for micro in seen for g in micro.values())
+
+
+def test_fsdp_reshards_the_reference_and_the_old_policy_after_their_log_probs(tiny_ckpt, demo_data, tmp_path,
+                                                                            monkeypatch):
+    """An AEPO step under --fsdp (torchrun, world size 1), with the KL reference and 2 updates (old log-probs
+    recomputed): after each no-grad log-prob pass every weight is its shard again. Before, FSDP2 kept the root unit
+    (embeddings, head, the vision tower's patch embedding and merger) gathered, waiting for a backward that a
+    reference never runs: 2.2 GiB a rank for 7B that the memory plan does not count."""
+    from torch.distributed.tensor import DTensor
+
+    checked, real = [], ares.logprobs_for
+
+    def checking(model, *args, **kw):
+        out = real(model, *args, **kw)
+        checked.append([n for n, p in model.named_parameters() if not isinstance(p, DTensor)])
+        return out
+
+    monkeypatch.setattr(ares, "logprobs_for", checking)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    _, aepo = small_runs(tiny_ckpt, demo_data, tmp_path)
+    aepo[aepo.index("--model") + 1] = str(tiny_ckpt)
+    ares.main(aepo + ["--out", str(tmp_path / "aepo"), "--fsdp"])
+    assert len(checked) == 2 and checked == [[], []]  # the reference's pass and the old policy's
+
+
+def test_fsdp_flag_without_a_process_group_still_autocasts():
+    """`python ares.py --fsdp` (no torchrun) trains a plain model: its bf16 autocast must stay on (before, --fsdp turned
+    it off even there, and the run computed silently in fp32)."""
+    cfg = ares.Config(model="tiny", fsdp=True, dtype="bf16")
+    assert not dist.is_initialized()
+    with ares.autocast(cfg, torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu")
+    with ares.autocast(ares.Config(model="tiny", dtype="fp32"), torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
