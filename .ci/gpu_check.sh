@@ -2,8 +2,8 @@
 # Issue 12's check on one GPU (a few minutes; run where a GPU is lent): the used-by command's path at world size 1,
 # i.e. torchrun with the cpu:gloo,cuda:nccl process group, cold start then AEPO on the tiny model (DDP, then
 # --fsdp with --resume from its own checkpoint), then one AEPO step of every model family the README names.
-# SMOKE_ONLY=1 stops after the cold start and the first AEPO run. .ci/device_check.sh runs this with issue 14's
-# measurements in one device call.
+# SMOKE_ONLY=1 stops after the cold start and the first AEPO run. (.ci/device_check.sh, the prepared device call,
+# does not run this script: its `paths` step covers the bf16, accumulation and --fsdp paths in less device time.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -194,7 +194,8 @@ def test_kv_pool_path_samples_what_the_eager_path_samples(tiny, demo_data, compi
 
 def test_device_script_dry_run_on_the_cpu(tmp_path):
     """.ci/device_check.sh tiny: every step of the one-call device script at tiny size on the CPU (the 3-step AEPO run
-    with --compile under torchrun, the LoRA step, bench's update and rollouts), and what it leaves under $OUT fits what
+    with --compile under torchrun, the LoRA step, the bf16 / accumulation / --fsdp paths on data with text-only records,
+    bench's update and rollouts), and what it leaves under $OUT fits what
     the device tool brings back (at most 8 plain files, names of letters, digits, '.', '_' and '-'), with every step's
     exit code 0 and the headline numbers in summary.json: graphs compiled in step 1 and none after, the compiled
     sampler's log-probs equal to the trainer's, every rollout method at both batch sizes, the update's MFU with
@@ -218,8 +219,9 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
     assert {"summary.json", "bench_tiny.json", "compile.log"} <= set(files)
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
-    assert set(steps) == {"compile", "lora", "bench_tiny"}
-    assert steps["compile"]["rc"] == steps["bench_tiny"]["rc"] == 0, steps
+    assert set(steps) == {"compile", "lora", "paths", "bench_tiny"}
+    assert steps["compile"]["rc"] == steps["paths"]["rc"] == steps["bench_tiny"]["rc"] == 0, steps
+    assert {run: [r["step"] for r in rows] for run, rows in summary["paths"].items()} == {"bf16": [1, 2], "fsdp": [1, 2]}
     peft = importlib.util.find_spec("peft") is not None  # pinned in requirements.txt; without it the step says so
     assert steps["lora"]["rc"] == (0 if peft else "skipped: peft is not installed"), steps
     graphs = summary["compile"]["graphs_per_step"]
