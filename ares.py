@@ -175,8 +175,8 @@ class Config:
                                    "eval.py and passrate (default: the model's own, else the authors' (README: paper "
                                    "settings); --model tiny: none); saved in <out>/config.json")
     # model, memory and speed
-    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 (fp16 is refused: it "
-                     "would need loss scaling)",
+    dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (evaluation only: training "
+                     "in fp16 would need loss scaling) or fp32",
                      ("auto", "bf16", "fp16", "fp32"))
     attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
     min_pixels: int = arg(56 * 56, "smallest image area after resizing", allowed=AT_LEAST_1)
@@ -2725,7 +2725,27 @@ HINTS = {"steps": " (leave --steps out to train for --epochs)", "temperature": "
 def validate_config(cfg: Config) -> Config:
     """Stop with one line naming the flag and its allowed values before anything loads. A stage default still
     None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
-    for f in dataclasses.fields(Config):
+    check_numbers(cfg)
+    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        check_model_path(flag, path)
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        p = Path(path).expanduser()
+        if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
+            raise SystemExit(f"{flag} {path}: no such file or folder")
+    out = Path(cfg.out).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
+    saved = next((p for p in (out, *out.parents) if p.exists() and model_folder_kind(p) in ("model", "adapter")), None)
+    if saved is not None:
+        raise SystemExit(f"--out {cfg.out}: " + ("it is" if saved == out else f"{saved} is") + " a saved model, not a "
+                         "run folder (a run there would overwrite its files); give a new folder")
+    return validate_extras(cfg)
+
+
+def check_numbers(cfg):
+    """Every number of a config dataclass (Config, eval.py's EvalConfig) finite and inside its field's `allowed`."""
+    for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, bool) or not isinstance(v, (int, float)):  # numbers only (not None, text, `given`)
             continue
@@ -2735,20 +2755,36 @@ def validate_config(cfg: Config) -> Config:
         if not (math.isfinite(v) and test(v)):
             finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
             raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{HINTS.get(f.name, '')}")
-    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
-        p = Path(path).expanduser()
-        if path and path != "tiny" and (looks_local(path) or p.exists()) and not (p / "config.json").is_file():
-            raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it "
-                             "has no config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
-    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        p = Path(path).expanduser()
-        if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
-            raise SystemExit(f"{flag} {path}: no such file or folder")
-    out = Path(cfg.out).expanduser()
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
-    return validate_extras(cfg)
+
+
+def model_folder_kind(p: Path) -> str | None:
+    """What a folder holds: 'model' (a Hugging Face model or checkpoint: config.json with a model_type), 'adapter'
+    (a LoRA adapter alone), 'run' (a run folder: its config.json is the run record), or None (none of these)."""
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        return "adapter"
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return "model" if (p / "COMPLETE").is_file() else None
+    return "model" if "model_type" in config or (p / "COMPLETE").is_file() else "run" if "flags" in config else None
+
+
+def check_model_path(flag: str, path: str | None):
+    """A --model (--ref-model) that names a local folder must hold a model: one line naming the flag otherwise (a run
+    folder or a LoRA adapter says which folder to give instead). Hub names pass (they load later)."""
+    p = Path(path or "").expanduser()
+    if not path or path == "tiny" or not (looks_local(path) or p.exists()):
+        return
+    kind = model_folder_kind(p) if p.is_dir() else None
+    if kind == "model":
+        return
+    if kind == "run":
+        raise SystemExit(f"{flag} {path}: a run folder, not a checkpoint: give {p / 'final'} (or one of its step_* folders)")
+    if kind == "adapter":
+        raise SystemExit(f"{flag} {path}: a LoRA adapter alone: give the checkpoint that holds it, {p.parent} (its "
+                         "merged model)")
+    raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it has no "
+                     "config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
 
 
 def validate_extras(cfg: Config) -> Config:

@@ -213,7 +213,8 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
         if not isinstance(row, dict):
             fail(f"#{n}", row, f"is {json.dumps(row, default=repr)[:60]}, not an object with id, question, answer")
             continue
-        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) else f"#{n}"
+        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) else ""
+        rid = rid or f"#{n}"  # a missing or empty id: named by its row
         images = row.get("images") or []
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         try:
@@ -254,7 +255,9 @@ def record_problem(row: dict, need_response: bool) -> str | None:
     """What is wrong with a record's fields, or None: id text or an integer; question and response text;
     answer text or a finite number; none of them empty or holding a chat-template token (the model would read
     '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]."""
-    if "id" in row and not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
+    if row.get("id") is None or isinstance(row["id"], str) and not row["id"].strip():
+        return "missing or empty field 'id'"
+    if not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
         return f"field 'id' must be text or an integer, got {json.dumps(row['id'], default=repr)[:60]}"
     for k in ("question", "answer", "response"):
         v = row.get(k)
@@ -1046,6 +1049,16 @@ def resolve(source: str, preset: str | None, mapping: dict | None, split: str | 
     return source, spec, cols, required, split or spec.get("split"), config or spec.get("config"), name
 
 
+def check_problems(records: list[dict], where: str) -> list[dict]:
+    """load_source's records through record_problem (empty fields, chat-template tokens), as read_records checks
+    training data: the first bad one stops the command (passrate, convert) with one line naming it."""
+    for r in records:
+        problem = record_problem(r, need_response=False)
+        if problem:
+            raise DataError(f"{where}: record {r['id']}: {problem}")
+    return records
+
+
 def load_source(source: str, *, preset: str | None = None, mapping: dict | None = None, split: str | None = None,
                 config: str | None = None, limit: int | None = None) -> list[dict]:
     """Records of README: data format from a hub dataset name, a JSONL/JSON/Parquet file or a saved dataset folder.
@@ -1125,6 +1138,7 @@ def run_convert(args) -> list[dict]:
         mapping["source"] = args.source
     records = _load(args.data or "", preset=args.preset, mapping=mapping or None, split=args.split,
                     config=args.config, limit=args.limit, progress=True)
+    check_problems(records, args.data or args.preset)
     out = write_records(records, Path(args.out))
     per = defaultdict(Counter)
     for r in records:
@@ -1561,12 +1575,31 @@ def command_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args):
+    """The subcommands' numbers and paths, one line naming the first bad flag, before anything is read or written."""
+    counts = {"convert": ["limit"], "adacs": ["k", "per_bracket"], "demo": ["sft", "pool", "rl", "test"]}[args.command]
+    for name in counts:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    out = Path(args.out)
+    if args.command == "demo" and out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {args.out}: a file, not a folder")
+    if args.command != "demo" and out.is_dir():
+        raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
+    if args.command == "adacs" and args.model and args.model != "tiny":
+        import ares  # the model checks are the trainer's (a run folder, a LoRA adapter alone, no such folder)
+
+        ares.check_model_path("--model", args.model)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = command_parser()
     args = parser.parse_args(argv)
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
+    check_args(args)
     try:
         return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
     except DataError as e:

@@ -88,10 +88,10 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
     image_col: str = arg("", "column holding the image(s) (hub datasets)")
     id_col: str = arg("", "column holding a unique record id (hub datasets)")
     choices_col: str = arg("", "column of multiple-choice options, rendered into the question (hub datasets)")
-    limit: int = arg(0, "evaluate only the first N records of each benchmark (0 = all)")
+    limit: int = arg(0, "evaluate only the first N records of each benchmark (0 = all)", allowed=ares.AT_LEAST_0)
     # decoding
     max_new_tokens: int = arg(8192, "response token limit; a response that reaches it counts as truncated")
-    temperature: float = arg(0.0, "0 = greedy; > 0 samples")
+    temperature: float = arg(0.0, "0 = greedy; > 0 samples", allowed=ares.AT_LEAST_0)
     top_p: float = arg(1.0, "nucleus mass when sampling")
     samples: int = arg(1, "responses per prompt: accuracy is mean@N (needs --temperature > 0 when N > 1)")
     batch_size: int = arg(64, "prompts per sampler call (each with --samples responses)")
@@ -116,7 +116,18 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error("need --samples >= 1, --batch-size >= 1, --max-new-tokens >= 1 and 0 < --top-p <= 1")
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
+    check_paths(cfg.model, cfg.out)
+    ares.check_numbers(cfg)
     return cfg
+
+
+def check_paths(models: list[str], out: str):
+    """Before anything loads: each --model a model (one line naming a run folder or a LoRA adapter otherwise), and
+    --out not a file."""
+    for m in models:
+        ares.check_model_path("--model", m)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SystemExit(f"--out {out}: a file, not a folder")
 
 
 
@@ -286,10 +297,21 @@ def model_names(paths: list[str], names: list[str]) -> list[str]:
 
 
 def model_key(path: str, seed: int) -> str:
-    """What a model is called in the cache: the absolute folder, the hub name, or 'tiny' with its seed."""
+    """What a model is called in the cache: the absolute folder with the weights it holds now, the hub name, or
+    'tiny' with its seed. The weights are named by the checkpoint's COMPLETE record (step and time, written by each
+    save) or, for any other folder, the size and modification time of its files: a run retrained into the same
+    folder (--overwrite) is a new model, never served the old one's responses."""
     if path == "tiny":
         return f"tiny:seed{seed}"
-    return str(Path(path).resolve()) if Path(path).exists() else path
+    folder = Path(path)
+    if not folder.exists():
+        return path
+    if (folder / "COMPLETE").is_file():
+        done = json.loads((folder / "COMPLETE").read_text())
+        return f"{folder.resolve()}@step{done.get('step')}:{done.get('time')}"
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
+    stamp = hashlib.sha256(repr([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()).hexdigest()
+    return f"{folder.resolve()}@{stamp[:12]}"
 
 
 def decoding_key(cfg: EvalConfig) -> str:
@@ -516,9 +538,26 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
     return results
 
 
+def check_passrate_args(args):
+    """eval.py passrate's flags, one line naming the first bad one, before the data or the model is read."""
+    ares.check_model_path("--model", args.model)
+    for flag, ok, need in (("--k", args.k >= 1, ">= 1"), ("--limit", args.limit is None or args.limit >= 1, ">= 1"),
+                           ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+                           ("--batch-size", args.batch_size >= 1, ">= 1"),
+                           ("--max-prompt-len", args.max_prompt_len >= 1, ">= 1"),
+                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise SystemExit(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
+
+
 def run_passrate(args) -> list[dict] | None:
+    check_passrate_args(args)
     rank, world, device = ares.init_distributed()
-    records = data_prep.load_source(args.data, preset=args.preset, split=args.split, limit=args.limit)
+    records = data_prep.check_problems(data_prep.load_source(args.data, preset=args.preset, split=args.split,
+                                                             limit=args.limit), args.data)
     cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
     model, processor = ares.load_model(args.model, cfg, device)
     traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)

@@ -136,7 +136,10 @@ RECORDS = [
     ("answer true", "aepo", _set("answer", True), ["answer", "must be text or a finite number, got true"]),
     ("answer NaN", "aepo", _set("answer", math.nan), ["answer", "got NaN"]),
     ("answer a list", "aepo", _set("answer", [5]), ["answer", "got [5]"]),
-    ("id null", "aepo", _set("id", None), ["field 'id' must be text or an integer, got null"]),
+    ("id null", "aepo", _set("id", None), ["missing or empty field 'id'"]),
+    ("id missing", "aepo", lambda row, tmp: {k: v for k, v in row.items() if k != "id"}, ["missing or empty field 'id'"]),
+    ("id empty", "aepo", _set("id", " "), ["missing or empty field 'id'"]),
+    ("id a list", "aepo", _set("id", [3]), ["field 'id' must be text or an integer, got [3]"]),
     ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
     ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
     ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
@@ -148,7 +151,8 @@ RECORDS = [
 def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(name, stage, breaks, words, tiny_ckpt,
                                                                              demo_data, tmp_path):
     rows = _rows(Path(demo_data["sft"]))
-    bad = dict(breaks(rows[-1], tmp_path), **({} if name == "id null" else {"id": "broken-7"}))
+    broken = breaks(rows[-1], tmp_path)
+    bad = broken if name.startswith("id ") else dict(broken, id="broken-7")
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1] + [bad]))
     out = tmp_path / "out"
@@ -156,7 +160,7 @@ def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(na
         ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(path), "--out", str(out), "--steps", "1",
                    "--batch-size", "2"])
     msg = str(err.value.code)
-    record = "#3" if name == "id null" else "broken-7"
+    record = "#3" if name.startswith("id ") else "broken-7"
     assert msg.startswith(f"data error: {path}: record {record}: ") and "\n" not in msg, msg
     assert all(w.lower() in msg.lower() for w in words), msg
     assert not out.exists()
@@ -317,3 +321,97 @@ def test_grader_time_limit_is_a_hard_one_even_for_a_stuck_worker(monkeypatch):
     assert all(p.poll() is not None for p in first) and not set(pool.procs) & set(first)
     for p in pool.procs:
         p.kill()
+
+
+@pytest.mark.parametrize("case", ["out is a checkpoint", "out inside a checkpoint", "model is a run folder",
+                                  "model is a LoRA adapter"])
+def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(case, tiny_ckpt, demo_data, tmp_path):
+    """--out naming a saved model (or a folder inside one) would have had its config.json replaced by the run record
+    (the checkpoint then no longer loaded); --model naming a run folder or a LoRA adapter folder gave a traceback after
+    the run record was written. Each now stops with one line saying what to give instead, before anything is written."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "adapter").mkdir()
+    (ckpt / "adapter" / "adapter_config.json").write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"flags": {}}))
+    before = {p: p.read_bytes() for p in [*ckpt.rglob("*.json"), run / "config.json"]}
+    model, out = str(tiny_ckpt), tmp_path / "out"
+    message = {"out is a checkpoint": f"--out {ckpt}: it is a saved model, not a run folder",
+               "out inside a checkpoint": f"--out {ckpt / 'sub'}: {ckpt} is a saved model, not a run folder",
+               "model is a run folder": f"--model {run}: a run folder, not a checkpoint: give {run / 'final'}",
+               "model is a LoRA adapter": f"--model {ckpt / 'adapter'}: a LoRA adapter alone: give the checkpoint "
+                                          f"that holds it, {ckpt}"}[case]
+    if case.startswith("out"):
+        out = ckpt if case == "out is a checkpoint" else ckpt / "sub"
+    else:
+        model = str(run if case == "model is a run folder" else ckpt / "adapter")
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "aepo", "--model", model, "--data", str(demo_data["rl"]), "--out", str(out), "--steps", "1"])
+    msg = str(err.value.code)
+    assert msg.startswith(message) and "\n" not in msg, msg
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "out").exists() and not (ckpt / "sub").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval.py (evaluation and passrate) and data_prep.py: the same one-line rule, before anything is read or written.
+
+def _tool_cases():
+    import eval as ev
+
+    ev_args = lambda *a: ["--data", "{bench}", "--out", "{tmp}/eval", *a]  # noqa: E731
+    pr_args = lambda *a: ["passrate", "--data", "{bench}", "--model", "{ckpt}", "--out", "{tmp}/rates.jsonl", *a]  # noqa
+    return [
+        (ev.main, ["--model", "{run}", *ev_args()], "--model {run}: a run folder, not a checkpoint: give {run}/final"),
+        (ev.main, ["--model", "{tmp}/nope/dir", *ev_args()], "--model {tmp}/nope/dir: no such folder"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--limit", "-1")], "--limit must be >= 0, got -1"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--temperature", "nan")], "--temperature must be >= 0 and finite, got nan"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--max-pixels", "10")], "--max-pixels must be >= --min-pixels, got 10"),
+        (ev.main, ["--model", "{ckpt}", "--data", "{bench}", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
+        (ev.main, pr_args("--k", "0"), "--k must be >= 1, got 0"),
+        (ev.main, pr_args("--limit", "-3"), "--limit must be >= 1, got -3"),
+        (ev.main, ["passrate", "--data", "{bench}", "--model", "{tmp}/nope", "--out", "{tmp}/r.jsonl"],
+         "--model {tmp}/nope: no such folder"),
+        (ev.main, ["passrate", "--data", "{pad}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
+         "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
+        (ev.main, ["passrate", "--data", "{bench}", "--model", "{ckpt}", "--out", "{tmp}"],
+         "--out {tmp}: a folder; give the output file"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--k", "-2", "--out", "{tmp}/a.jsonl"], "--k must be >= 1, got -2"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--per-bracket", "0", "--out", "{tmp}/a.jsonl"],
+         "--per-bracket must be >= 1, got 0"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--model", "{run}", "--out", "{tmp}/a.jsonl"],
+         "--model {run}: a run folder, not a checkpoint"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}"], "--out {tmp}: a folder; give the output file"),
+        (data_prep.main, ["convert", "--data", "{bench}", "--limit", "0", "--out", "{tmp}/c.jsonl"],
+         "--limit must be >= 1, got 0"),
+        (data_prep.main, ["convert", "--data", "{pad}", "--out", "{tmp}/c.jsonl"],
+         "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
+        (data_prep.main, ["demo", "--sft", "0", "--out", "{tmp}/demo"], "--sft must be >= 1, got 0"),
+        (data_prep.main, ["demo", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_tool_cases())))
+def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_ckpt, demo_data, tmp_path):
+    """Before: tracebacks after the model had loaded (a run folder or a LoRA adapter as --model, --k 0, a chat-template
+    token in passrate's data), runs on nonsense (--temperature nan, --max-pixels under --min-pixels, convert --limit 0
+    writing a record, demo --sft 0 writing empty splits), or a checkpoint written into by convert."""
+    fn, argv, message = _tool_cases()[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"flags": {}}))
+    rows = _rows(Path(demo_data["rl"]))
+    bench, pad = tmp_path / "bench.jsonl", tmp_path / "pad.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pad.write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id="pad", question="What <|image_pad|>?")]))
+    names = dict(tmp=tmp_path, run=run, ckpt=tiny_ckpt, bench=bench, pad=pad)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as err:
+        fn([a.format(**names) for a in argv])
+    msg = str(err.value.code)
+    assert msg.startswith(message.format(**names)) and "\n" not in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

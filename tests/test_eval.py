@@ -230,3 +230,26 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert not ev.plot_results(dict(metrics={}), tmp_path / "p.png")
     assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
+
+
+def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_responses(tmp_path, tiny_ckpt, terse_ckpt,
+                                                                                  bench):
+    """The cache names a model by its folder AND the weights in it: after new weights are saved into the folder (a run
+    retrained with --overwrite), the same eval command generates again and reports the new model (before, every
+    response came from the cache: the old model's, silently)."""
+    import shutil
+
+    folder, out = tmp_path / "final", tmp_path / "eval"
+    args = ["--model", str(folder), "--data", str(bench), "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out)]
+    shutil.copytree(tiny_ckpt, folder)
+    ev.main(args)
+    before = json.loads((out / "results.json").read_text())
+    shutil.rmtree(folder)
+    shutil.copytree(terse_ckpt, folder)  # the terse model answers in 1 token where the tiny one writes 24
+    ev.main(args)
+    after = json.loads((out / "results.json").read_text())
+    assert (before["generated"], after["generated"], after["cached"]) == (7, 7, 0)  # the 6 + "too-long" (under 4096)
+    (b,), (a,) = before["metrics"]["six"].values(), after["metrics"]["six"].values()
+    assert a["overall"]["mean_tokens"] < b["overall"]["mean_tokens"]
+    ev.main(args)  # unchanged weights: all from the cache
+    assert json.loads((out / "results.json").read_text())["cached"] == 7
