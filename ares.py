@@ -2220,9 +2220,13 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
             data_prep.fsync(tmp / f)
         (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
         data_prep.fsync(tmp / "COMPLETE")
-        shutil.rmtree(final, ignore_errors=True)
+        stale = out / f"{name}.old"  # the previous checkpoint of this name stays whole until the new one is in place:
+        shutil.rmtree(stale, ignore_errors=True)  # a kill between the renames leaves it as <name>.old, still complete
+        if final.exists():
+            os.replace(final, stale)
         os.replace(tmp, final)
         data_prep.fsync(out)
+        shutil.rmtree(stale, ignore_errors=True)
         steps = sorted(out.glob("step_*[0-9]"))
         for old in steps[:max(0, len(steps) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)

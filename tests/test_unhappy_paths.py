@@ -18,7 +18,7 @@ import torch
 import ares
 import data_prep
 import eval as evaluation
-from conftest import ROOT, run_until_first_step_save
+from conftest import ROOT, Killed, run_until_first_step_save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -818,3 +818,29 @@ def test_deterministic_turns_on_torchs_deterministic_mode_and_cublas_workspace(t
         runs.append((tmp_path / name / "final" / "model.safetensors").read_bytes())
     assert seen and all(s == (True, ":4096:8") for s in seen)
     assert runs[0] == runs[1]  # on a CPU a run repeats bit for bit
+
+
+def test_a_kill_while_final_is_replaced_leaves_the_previous_final_whole(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """A finished run extended with --resume saves final/ again. The new one goes in by renames: the previous final
+    becomes final.old, then final.tmp becomes final. A kill between them leaves final.old complete, and --resume
+    continues from it (before, final was deleted first: a kill there left no checkpoint of the run at all)."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out, tiny_ckpt, "--save-every", "100")
+    ares.main(args + ["--steps", "2"])
+    real = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        if Path(src).name == "final.tmp":
+            raise Killed("between the renames")
+        return real(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ares.os, "replace", killed_at_the_second_rename)
+        with pytest.raises(Killed):
+            ares.main(args + ["--steps", "3", "--resume"])
+    ckpt = ares.latest_checkpoint(out)
+    assert ckpt is not None and ares.damage(ckpt) is None
+    assert json.loads((ckpt / "COMPLETE").read_text())["step"] == 2
+    ares.main(args + ["--steps", "3", "--resume"])
+    assert steps_logged(out) == [1, 2, 3] and (out / "final" / "COMPLETE").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["final"]
