@@ -1587,10 +1587,11 @@ def check_args(args):
         raise SystemExit(f"--out {args.out}: a file, not a folder")
     if args.command != "demo" and out.is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
-    if args.command == "adacs" and args.model and args.model != "tiny":
-        import ares  # the model checks are the trainer's (a run folder, a LoRA adapter alone, no such folder)
-
-        ares.check_model_path("--model", args.model)
+    model = Path(args.model).expanduser() if args.command == "adacs" and args.model else None
+    if model and args.model != "tiny" and (model.exists() or str(model).startswith((".", "/", "~"))):
+        if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):  # a run folder, an adapter
+            raise SystemExit(f"--model {args.model}: " + ("no such folder" if not model.exists() else "no tokenizer "
+                             "there (tokenizer.json)") + "; give a checkpoint folder (e.g. runs/x/final) or a hub name")
 
 
 def main(argv=None):

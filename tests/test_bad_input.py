@@ -384,7 +384,7 @@ def _tool_cases():
         (data_prep.main, ["adacs", "--data", "{bench}", "--per-bracket", "0", "--out", "{tmp}/a.jsonl"],
          "--per-bracket must be >= 1, got 0"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--model", "{run}", "--out", "{tmp}/a.jsonl"],
-         "--model {run}: a run folder, not a checkpoint"),
+         "--model {run}: no tokenizer there (tokenizer.json); give a checkpoint folder"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}"], "--out {tmp}: a folder; give the output file"),
         (data_prep.main, ["convert", "--data", "{bench}", "--limit", "0", "--out", "{tmp}/c.jsonl"],
          "--limit must be >= 1, got 0"),
