@@ -2494,7 +2494,8 @@ HELD_LOCKS: list[Path] = []  # the locks this process holds, released when its r
 
 def run_contents(out: Path) -> list[str]:
     """What a run left in `out`: its checkpoint folders and metrics.jsonl (a config.json alone: it never started)."""
-    found = sorted(f"{p.name}/" for p in out.glob("*") if p.is_dir() and (p.name == "final" or p.name.startswith("step_")))
+    found = sorted(f"{p.name}/" for p in out.glob("*") if p.is_dir() and (p.name in ("final", "final.old") or
+                                                                          p.name.startswith("step_")))
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         n = sum(1 for line in open(metrics, "rb") if line.strip())
@@ -2534,7 +2535,7 @@ def claim_out(cfg, contents=run_contents):
                          "would lose the history of those steps. Put it back (an empty file resumes without it)")
     if cfg.overwrite and there:
         print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
-        for p in [out / "final", out / "final.tmp", *out.glob("step_*"), out / "metrics.jsonl"]:
+        for p in [out / "final", out / "final.tmp", out / "final.old", *out.glob("step_*"), out / "metrics.jsonl"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 

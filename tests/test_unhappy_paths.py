@@ -841,6 +841,10 @@ def test_a_kill_while_final_is_replaced_leaves_the_previous_final_whole(tiny_ckp
     ckpt = ares.latest_checkpoint(out)
     assert ckpt is not None and ares.damage(ckpt) is None
     assert json.loads((ckpt / "COMPLETE").read_text())["step"] == 2
+    assert "final.old/" in ares.run_contents(out)  # a run is there: a new one needs --resume or --overwrite
     ares.main(args + ["--steps", "3", "--resume"])
     assert steps_logged(out) == [1, 2, 3] and (out / "final" / "COMPLETE").exists()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["final"]
+    shutil.copytree(out / "final", out / "final.old")  # left by a kill, then the run is replaced: no step 3 from it
+    ares.main(args + ["--steps", "1", "--overwrite"])
+    assert steps_logged(out) == [1] and not (out / "final.old").exists()
