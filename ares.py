@@ -2030,14 +2030,17 @@ def make_optimizer(params, cfg: Config, total_steps: int):
 def optimizer_step(opt, sched, params, clip: float, model=None) -> tuple[float, bool]:
     """Clip, step, schedule. A non-finite gradient norm skips the update (and is reported). Under DDP the gradients
     are zeroed in place, not freed: they are views of DDP's buckets, and a freed one comes back as a second tensor
-    beside its bucket in every no_sync micro-batch (twice the gradients' memory)."""
+    beside its bucket in every no_sync micro-batch (twice the gradients' memory). (Under FSDP2 a trained vision tower
+    always gets a gradient, zero on a step without images: see encode_images.)"""
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     ok = math.isfinite(norm)
     if ok:
         opt.step()
     sched.step()
-    opt.zero_grad(set_to_none=not isinstance(model, nn.parallel.DistributedDataParallel))
+    in_buckets = isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters
+    opt.zero_grad(set_to_none=not in_buckets)  # --train-vision (find_unused_parameters): None, so AdamW skips a weight
+    # that no rank used this step (a zero gradient would still move it by momentum and weight decay)
     return norm, ok
 
 
@@ -2226,7 +2229,8 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
             os.replace(final, stale)
         os.replace(tmp, final)
         data_prep.fsync(out)
-        shutil.rmtree(stale, ignore_errors=True)
+        for left in out.glob("*.old"):  # this one, and any a kill left: each older than the checkpoint just saved
+            shutil.rmtree(left, ignore_errors=True)
         steps = sorted(out.glob("step_*[0-9]"))
         for old in steps[:max(0, len(steps) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -2741,14 +2745,15 @@ def validate_config(cfg: Config) -> Config:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
-    saved = next((p for p in (out, *out.parents) if p.exists() and model_folder_kind(p) in ("model", "adapter")), None)
-    if saved is not None:
+    saved = next((p for p in (out, *out.parents) if p.exists() and (model_folder_kind(p) in ("model", "adapter") if p == out
+                                                                  else (p / "COMPLETE").is_file())), None)
+    if saved is not None:  # --out a saved model, or a folder inside a checkpoint (which keep_last may delete)
         raise SystemExit(f"--out {cfg.out}: " + ("it is" if saved == out else f"{saved} is") + " a saved model, not a "
                          "run folder (a run there would overwrite its files); give a new folder")
     return validate_extras(cfg)
 
 
-def check_numbers(cfg):
+def check_numbers(cfg, hints: dict = HINTS):
     """Every number of a config dataclass (Config, eval.py's EvalConfig) finite and inside its field's `allowed`."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
@@ -2759,7 +2764,7 @@ def check_numbers(cfg):
             test = lambda v: v >= cfg.min_pixels  # noqa: E731
         if not (math.isfinite(v) and test(v)):
             finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
-            raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{HINTS.get(f.name, '')}")
+            raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{hints.get(f.name, '')}")
 
 
 def model_folder_kind(p: Path) -> str | None:
@@ -2771,7 +2776,7 @@ def model_folder_kind(p: Path) -> str | None:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return "model" if (p / "COMPLETE").is_file() else None
-    return "model" if "model_type" in config or (p / "COMPLETE").is_file() else "run" if "flags" in config else None
+    return "run" if "flags" in config and "model_type" not in config and not (p / "COMPLETE").is_file() else "model"
 
 
 def check_model_path(flag: str, path: str | None):

@@ -117,7 +117,7 @@ def parse_config(argv=None) -> EvalConfig:
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
-    ares.check_numbers(cfg)
+    ares.check_numbers(cfg, hints={})
     return cfg
 
 
@@ -306,9 +306,12 @@ def model_key(path: str, seed: int) -> str:
     folder = Path(path)
     if not folder.exists():
         return path
-    if (folder / "COMPLETE").is_file():
+    try:
         done = json.loads((folder / "COMPLETE").read_text())
-        return f"{folder.resolve()}@step{done.get('step')}:{done.get('time')}"
+        if done.get("time") is not None:
+            return f"{folder.resolve()}@step{done.get('step')}:{done['time']}"
+    except (OSError, ValueError, AttributeError):  # no COMPLETE, or another tool's marker: the files' stamps
+        pass
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
     stamp = hashlib.sha256(repr([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()).hexdigest()
     return f"{folder.resolve()}@{stamp[:12]}"

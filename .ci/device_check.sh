@@ -124,7 +124,7 @@ rows[1::2] = [dict(r, id=f"text-{k}", images=[], question=f"What is 2 + {k}?", a
               for k, r in enumerate(rows[1::2])]
 open(sys.argv[2], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
-  step paths 60 "$OUT/paths.log" bash -c '"$@" --out "$0/bf16" && "$@" --out "$0/fsdp" --fsdp --data "$0/data/mixed.jsonl"' \
+  step paths 90 "$OUT/paths.log" bash -c '"$@" --out "$0/bf16" && "$@" --out "$0/fsdp" --fsdp --data "$0/data/mixed.jsonl"' \
     "$WORK" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --steps 2 --micro-batch-size 2 --grad-checkpointing --minibatches 2
 fi
 if [[ " $STEPS " == *" bench "* ]]; then

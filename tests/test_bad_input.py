@@ -333,6 +333,7 @@ def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(ca
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 1, "time": 0.0, "files": {}}))  # one of ares.py's checkpoints
     (ckpt / "adapter").mkdir()
     (ckpt / "adapter" / "adapter_config.json").write_text("{}")
     run = tmp_path / "run"

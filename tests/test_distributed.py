@@ -394,9 +394,9 @@ ares.dist.destroy_process_group()
 @pytest.mark.parametrize("vision", ["frozen", "train"])
 def test_fsdp_trains_when_one_ranks_micro_batches_have_no_image(vision, tiny_ckpt, demo_data, tmp_path):
     """FSDP2 gathers each sharded unit's weights with a collective that every rank must join. A rank whose micro-batch
-    has no image skips the vision tower, so its blocks must not be units of their own (frozen tower), and a trained
-    tower must still run (on a dummy image, weight 0) so that its gradients are reduced on every rank. Before: the
-    ranks' collectives paired up wrongly and the run died with gloo's size mismatch (on GPUs, NCCL hangs)."""
+    has no image would skip the vision tower's blocks, so it runs them on a blank image (weight 0), frozen or trained:
+    a trained tower's gradients are then reduced on every rank too. Before: the ranks' collectives paired up wrongly
+    and the run died with gloo's size mismatch (on GPUs, NCCL hangs)."""
     data = {}
     for split in ("sft", "rl"):
         first = json.loads(Path(demo_data[split]).read_text().splitlines()[0])

@@ -232,8 +232,9 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "p.png").exists()
 
 
-def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_responses(tmp_path, tiny_ckpt, terse_ckpt,
-                                                                                  bench):
+@pytest.mark.parametrize("marker", ["files", "COMPLETE"])
+def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_responses(marker, tmp_path, tiny_ckpt,
+                                                                                  terse_ckpt, bench):
     """The cache names a model by its folder AND the weights in it: after new weights are saved into the folder (a run
     retrained with --overwrite), the same eval command generates again and reports the new model (before, every
     response came from the cache: the old model's, silently)."""
@@ -242,12 +243,18 @@ def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_response
     folder, out = tmp_path / "final", tmp_path / "eval"
     args = ["--model", str(folder), "--data", str(bench), "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out)]
     shutil.copytree(tiny_ckpt, folder)
+    if marker == "COMPLETE":  # one of ares.py's checkpoints: named by its save (a retrain saves the same step anew)
+        (folder / "COMPLETE").write_text(json.dumps({"step": 3, "time": 1.0, "files": {}}))
     ev.main(args)
     before = json.loads((out / "results.json").read_text())
     shutil.rmtree(folder)
     shutil.copytree(terse_ckpt, folder)  # the terse model answers in 1 token where the tiny one writes 24
+    if marker == "COMPLETE":
+        (folder / "COMPLETE").write_text(json.dumps({"step": 3, "time": 2.0, "files": {}}))
     ev.main(args)
     after = json.loads((out / "results.json").read_text())
+    if marker == "COMPLETE":
+        assert [m["key"].endswith("@step3:2.0") for m in after["models"]] == [True]
     assert (before["generated"], after["generated"], after["cached"]) == (7, 7, 0)  # the 6 + "too-long" (under 4096)
     (b,), (a,) = before["metrics"]["six"].values(), after["metrics"]["six"].values()
     assert a["overall"]["mean_tokens"] < b["overall"]["mean_tokens"]
