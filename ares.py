@@ -557,20 +557,15 @@ def model_inputs(batch: dict) -> dict:
             if batch.get(k) is not None}
 
 
-def encode_images(model, images: dict, every_rank: bool = False) -> dict:
+def encode_images(model, images: dict) -> dict:
     """Model inputs for gather_images() output: the vision tower runs once per distinct image, and each row
     gets its features (the model places them at its <|image_pad|> tokens). Qwen3-VL also adds features of
     inner vision layers to early decoder layers (its `deepstack_features`): they are re-indexed the same way.
-    A frozen tower (paper; no --train-vision) runs without gradients: nothing to recompute or differentiate.
-    every_rank (FSDP2, whose vision blocks are sharded units: each forward gathers a unit's weights with a collective
-    that every rank joins): a batch without images runs the tower on one blank image of the smallest grid, at the
-    same point of the forward as a batch with images, and returns `vision_anchor`, 0 x its features, for the caller
-    to add to its output, so that a trained tower's gradients (zero) are reduced on every rank too."""
+    A frozen tower (paper; no --train-vision) runs without gradients: nothing to recompute or differentiate."""
     if images.get("pixel_values") is None:
-        return {"vision_anchor": blank_image_features(model.model)} if every_rank else {}
+        return {}
     base, index = model.model, images["image_index"]
-    trains = torch.is_grad_enabled() and any(p.requires_grad for p in base.visual.parameters())
-    with torch.set_grad_enabled(trains):
+    with torch.set_grad_enabled(tower_trains(base)):
         out = base.get_image_features(images["pixel_values"].to(base.visual.dtype), images["image_grid_thw"])
     out.pooler_output = [out.pooler_output[j] for j in index]  # one tensor per image: (tokens, H)
     if getattr(out, "deepstack_features", None) is not None:  # per vision layer, one tensor per image
@@ -578,19 +573,9 @@ def encode_images(model, images: dict, every_rank: bool = False) -> dict:
     return {"mm_encoder_outputs": {"image": out}}
 
 
-def blank_image_features(base: nn.Module) -> torch.Tensor:
-    """0 x the sum of every feature the vision tower makes of a blank image of its smallest grid (1 frame, one merged
-    token): a scalar that carries gradients (all zero) to every weight of the tower."""
-    vc = base.visual.config
-    merge, patch = vc.spatial_merge_size, vc.patch_size
-    grid = torch.tensor([[1, merge, merge]], device=base.visual.device)
-    pixels = torch.zeros(merge * merge, vc.in_channels * vc.temporal_patch_size * patch * patch,
-                         device=base.visual.device, dtype=base.visual.dtype)
-    trains = torch.is_grad_enabled() and any(p.requires_grad for p in base.visual.parameters())
-    with torch.set_grad_enabled(trains):
-        out = base.get_image_features(pixels, grid)
-        layers = getattr(out, "deepstack_features", None) or []
-        return 0.0 * sum(t.float().sum() for t in [*out.pooler_output, *(t for layer in layers for t in layer)])
+def tower_trains(base: nn.Module) -> bool:
+    """Whether this forward differentiates the vision tower: grad enabled and --train-vision."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in base.visual.parameters())
 
 
 def next_positions(next_pos: torch.Tensor, steps: int, vlm: bool) -> torch.Tensor:
@@ -1397,7 +1382,7 @@ def lora_reference(hf, model):
     return forward
 def load_reference(name: str, cfg: Config, device) -> nn.Module:
     """The frozen KL reference (Eq. 1, Alg. 1): the starting policy in the compute dtype, sharded like it with --fsdp."""
-    if cfg.fsdp and dist.is_initialized():
+    if sharded(cfg):
         hf, _, full = load_for_fsdp(name, cfg, device)
         ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
         fill_shards(ref, full)
@@ -1412,7 +1397,7 @@ def sampling_copy(cfg: Config, run, device):
     a time, each cast as it is copied, so a second fp32 copy never exists; buffers (rotary frequencies) keep their
     dtype, as in the trainer's forward."""
     dtype = compute_dtype(cfg, device)
-    if cfg.fsdp and dist.is_initialized() or dtype == torch.float32:
+    if sharded(cfg) or dtype == torch.float32:
         return run.hf
     import copy
 
@@ -1440,13 +1425,14 @@ class Policy(nn.Module):
         super().__init__()
         self.hf = hf
         self.banned = banned_tokens(hf)
-        self.vision_every_rank = False  # wrap_policy: FSDP2 shards the vision tower's blocks (see encode_images)
+        self.vision_every_rank = False  # wrap_policy: FSDP2 shards the vision tower's blocks (blank_image_features)
 
     def forward(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
         """batch from `shared_prompt_batch` or `make_batch` (whole sequences). Returns log p(o_t | o_<t) and,
         without grad, the entropy: each (N, R)."""
-        inputs = dict(model_inputs(batch), **encode_images(self.hf, batch, self.vision_every_rank))
-        anchor = inputs.pop("vision_anchor", 0.0)
+        blank = self.vision_every_rank and batch.get("pixel_values") is None  # where the images would run
+        anchor = blank_image_features(self.hf.model) if blank else None
+        inputs = dict(model_inputs(batch), **encode_images(self.hf, batch))
         if "prompt_index" in batch:
             h = self.shared_prompt_hidden(batch, inputs)
         else:
@@ -1456,7 +1442,7 @@ class Policy(nn.Module):
         banned = torch.tensor(self.banned, device=h.device) if self.banned else None
         logp, ent = head_logprobs(self.hf.get_output_embeddings(), h, batch["resp_tokens"], temperature, with_entropy,
                                   banned=banned)
-        return logp + anchor, ent
+        return (logp if anchor is None else logp + anchor), ent
 
     def shared_prompt_hidden(self, batch: dict, inputs: dict) -> torch.Tensor:
         """Each distinct prompt runs once into a KV cache (as prefill does), each response row gets its prompt's
@@ -1472,6 +1458,22 @@ class Policy(nn.Module):
         hidden = self.hf.model(input_ids=resp, attention_mask=att, position_ids=pos, cache=cache,
                                use_cache=False).last_hidden_state  # (N, R, H); position t predicts o_{t+1}
         return torch.cat([last[idx, None], hidden[:, :-1]], 1)  # (N, R, H)
+
+
+def blank_image_features(base: nn.Module) -> torch.Tensor:
+    """FSDP2 shards the vision tower block by block, and each forward gathers a block's weights with a collective that
+    every rank joins. A rank whose batch has no image runs the tower on one blank image of its smallest grid (1 frame,
+    one merged token), where the images would run, and adds this to its output: 0 x the sum of every feature, so that
+    a trained tower's gradients (zero) are reduced on every rank too."""
+    vc = base.visual.config
+    merge, patch = vc.spatial_merge_size, vc.patch_size
+    grid = torch.tensor([[1, merge, merge]], device=base.visual.device)
+    pixels = torch.zeros(merge * merge, vc.in_channels * vc.temporal_patch_size * patch * patch,
+                         device=base.visual.device, dtype=base.visual.dtype)
+    with torch.set_grad_enabled(tower_trains(base)):
+        out = base.get_image_features(pixels, grid)
+        layers = getattr(out, "deepstack_features", None) or []
+        return 0.0 * sum(t.float().sum() for t in [*out.pooler_output, *(t for layer in layers for t in layer)])
 
 
 def shared_prompt_cache(config, prompt=None, index: torch.Tensor | None = None):
@@ -1843,7 +1845,7 @@ def rollout_memory(cfg, run, device):
     moments; with --compile (the pool stays allocated through the update) also a micro-batch's activations; with
     --fsdp at least the weights that sampling gathers (kv_room). At most the rows that a step decodes at once, the
     smallest over ranks; printed. -> the run's KVPool of that many rows with --compile, else None."""
-    text, shard = run.hf.config.get_text_config(), world_size() if cfg.fsdp and dist.is_initialized() else 1
+    text, shard = run.hf.config.get_text_config(), world_size() if sharded(cfg) else 1
     row_tokens, G, B = cfg.max_prompt_len + cfg.max_response_len, cfg.group_size, cfg.branch_samples
     per_token = kv_bytes_per_token(text, compute_dtype(cfg, device))
     step_rows = -(-cfg.batch_size // world_size()) * max(G - B, B)  # a step's largest sampler call
@@ -1863,7 +1865,7 @@ def rollout_memory(cfg, run, device):
     if not cfg.compile:
         return None
     graphs_compiled()  # the per-step counts of this run start here
-    fsdp = cfg.fsdp and dist.is_initialized()  # FSDP's hooks stay outside torch.compile; its gathered weights move
+    fsdp = sharded(cfg)  # FSDP's hooks stay outside torch.compile; its gathered weights move
     return KVPool(cfg.rollout_batch, row_tokens, compile=not fsdp, backend=cfg.compile_backend,
                   cuda_graphs=device.type == "cuda" and cfg.compile_backend == "inductor" and not fsdp)
 
@@ -1918,6 +1920,11 @@ def start_stage(cfg: Config, stage: str):
     return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
 
 
+def sharded(cfg) -> bool:
+    """--fsdp under torchrun (even at world size 1). Without a process group --fsdp is a plain model, in autocast."""
+    return cfg.fsdp and dist.is_initialized()
+
+
 def decoder_blocks(hf: nn.Module) -> list[nn.Module]:
     """Transformer blocks of the language model and the vision tower: the units FSDP shards one by one."""
     return [m for m in hf.modules() if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))]  # Qwen, Llama, ...
@@ -1931,7 +1938,7 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         for p in policy.parameters():
             p.requires_grad_(False)
     dtype = compute_dtype(cfg, device)
-    if cfg.fsdp and dist.is_initialized():  # under torchrun even at world size 1: one GPU runs the path of eight
+    if sharded(cfg):  # under torchrun even at world size 1: one GPU runs the path of eight
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -1984,8 +1991,7 @@ def without_cache_compiled(eager, compiled, *args, **kwargs):
 @contextlib.contextmanager
 def autocast(cfg: Config, device):
     dtype = compute_dtype(cfg, device)
-    fsdp = cfg.fsdp and dist.is_initialized()  # FSDP2 casts by its MixedPrecisionPolicy; --fsdp alone is a plain model
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not fsdp):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded(cfg)):  # FSDP2 casts
         yield
 
 
@@ -2114,7 +2120,7 @@ def load_for_training(cfg: Config, device):
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {out}: starting fresh")
     name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
-    if cfg.fsdp and dist.is_initialized():  # a resume reads its shards from state/: nothing to send then
+    if sharded(cfg):  # a resume reads its shards from state/: nothing to send then
         hf, processor, full = load_for_fsdp(name, master, device)
         full = None if ckpt else full
     else:
@@ -2128,7 +2134,7 @@ def load_for_training(cfg: Config, device):
 def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
     """Wrap (DDP/FSDP2), build the optimizer for `total` steps, restore the checkpoint's state if resuming."""
     run.model, run.policy = wrap_policy(run.hf, cfg, device)
-    if cfg.fsdp and dist.is_initialized() and not run.ckpt:
+    if sharded(cfg) and not run.ckpt:
         fill_shards(run.policy, run.full)
     run.full = None
     run.params = [p for p in run.policy.parameters() if p.requires_grad]
@@ -2768,8 +2774,8 @@ def check_numbers(cfg, hints: dict = HINTS):
 
 
 def model_folder_kind(p: Path) -> str | None:
-    """What a folder holds: 'model' (a Hugging Face model or checkpoint: config.json with a model_type), 'adapter'
-    (a LoRA adapter alone), 'run' (a run folder: its config.json is the run record), or None (none of these)."""
+    """What a folder holds: 'adapter' (a LoRA adapter alone), 'run' (a run folder: its config.json is the run record),
+    'model' (any other config.json, or one of our checkpoints: COMPLETE), or None (none of these)."""
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         return "adapter"
     try:
