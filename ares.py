@@ -282,7 +282,8 @@ TRIGGER_WORDS = ("wait", "however", "but", "alternatively", "hmm", "check", "ver
 
 
 def trigger_table(processor, vocab_size: int) -> torch.Tensor:
-    """(V,) bool: token v decodes (stripped, lower-cased) to one of TRIGGER_WORDS (§3.2.1, optional)."""
+    """(V,) bool: token v decodes (stripped, lower-cased) to one of TRIGGER_WORDS (the paper's appendix and released
+    code: "validated" windows, optional, --trigger-words)."""
     tok = tokenizer_of(processor)
     words = set(TRIGGER_WORDS)
     table = torch.zeros(vocab_size, dtype=torch.bool)
@@ -307,7 +308,8 @@ def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau, tokens: torch.Tensor 
 # Difficulty and the hierarchical entropy reward (paper App. G, I, M): "how much to explore".
 
 
-# App. I, M; README: entropy reward table, per bucket: margin f, Huber kappa, sigmoid scale s, cap scale c, wrong-answer scale u
+# App. I, M and the released reward function (README choices: "Entropy reward"), per bucket: margin f, Huber kappa,
+# sigmoid scale s, cap scale c, wrong-answer scale u
 SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], [0.35, 4.0, 3.0, 1.2, 1.0]],
                        dtype=torch.float64)
 
@@ -373,7 +375,7 @@ def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.T
         return acc
     if mode == "incorrect-only":
         g = torch.stack([delta.clamp(min=0), delta.abs(), (-delta).clamp(min=0)], 1).gather(1, bucket[:, None])[:, 0]
-        return acc - (1 - acc) * alpha * (g / T.clamp(min=1)).clamp(max=1)
+        return acc - (acc == 0).double() * alpha * (g / T.clamp(min=1)).clamp(max=1)  # only a wrong answer (score 0) pays
     f, k, s, c, u = SHAPING[bucket].unbind(1)  # (N,) each
     m = (f * T.clamp(min=1)).clamp(min=1)
     cap = alpha * c
@@ -428,7 +430,7 @@ def update_kl_controller(kappa: torch.Tensor, kl_outside: torch.Tensor, seen: to
 
 def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float, clip_low: float = 0.2,
               clip_high: float = 0.3, dual_clip: float = 3.0):
-    """Eq. 2 with asymmetric and dual clipping (Eq. 2), plus the token-weighted KL of Eq. 1.
+    """Eq. 2 with asymmetric and dual clipping (as released), plus the token-weighted KL of Eq. 1.
     logp, logp_old, logp_ref, kl_w, mask (N, R); adv (N,). Per token:
         l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  r = exp(logp - logp_old)
         l = min(l, -c A) where A < 0 (c = 0: no dual clip),   then  l + beta_{i,t} * k3(logp, logp_ref)
@@ -1009,12 +1011,14 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
 
 def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
     """A micro-batch's KL per bucket (this rank): rows = the sum over responses of each one's mean KL OUTSIDE HWE
-    windows (the controller's signal, Alg. 1), responses, KL summed inside windows, tokens inside.
+    windows (the controller's signal, Alg. 1), responses with a token outside (one wholly inside windows has no such
+    KL and is not counted), KL summed inside windows, tokens inside.
     kl, loss_mask, hwe (n, R); bucket (n,) -> (4, 3) float64."""
     kl, lm, inside = kl.double().cpu(), loss_mask.double().cpu(), hwe.double().cpu()
     outside = lm * (1 - inside)  # (n, R)
     out_mean = (kl * outside).sum(1) / outside.sum(1).clamp(min=1)  # (n,) mean over the response's outside tokens
-    return bucket_sums([out_mean, torch.ones_like(out_mean), (kl * lm * inside).sum(1), (lm * inside).sum(1)], bucket)
+    counted = (outside.sum(1) > 0).double()  # (n,)
+    return bucket_sums([out_mean, counted, (kl * lm * inside).sum(1), (lm * inside).sum(1)], bucket)
 
 
 # ==========================================================================================================

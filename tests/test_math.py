@@ -340,6 +340,14 @@ def test_incorrect_only_and_none_modes():
     assert none.tolist() == acc.tolist()
 
 
+def test_incorrect_only_charges_only_a_score_of_zero():
+    # The main-text form R = acc - 1[acc = 0] alpha min(1, g / max(T, 1)): a fractional --reward-fn score is not wrong.
+    targets = torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)
+    R = ares.entropy_shaped_reward(torch.tensor([0.5, 0.0, 0.25]), torch.tensor([10.0, 10.0, 0.0]),
+                                   torch.tensor([EASY, EASY, HARD]), targets, "incorrect-only", 0.4)
+    assert R.tolist() == pytest.approx([0.5, 0.0 - 0.4 * 1, 0.25])  # easy g = 8: min(1, 8 / 2) = 1
+
+
 def test_targets_use_previous_ema_and_first_sighting_uses_current_mean():
     nan = float("nan")
     targets = torch.tensor([nan, nan, nan], dtype=torch.float64)
@@ -473,6 +481,21 @@ def test_kl_weights_relax_inside_windows_and_equal_beta0_b_kappa_outside():
             outside = 0.01 * b[d] * float(kappa[d])
             for t in range(9):
                 assert float(W[i, t]) == pytest.approx(rho * outside if hwe[i, t] else outside, rel=1e-6)
+
+
+def test_kl_by_bucket_averages_out_of_window_kl_over_responses_that_have_such_tokens():
+    # Two easy responses: one with KL 0.02 on its two tokens outside windows (0.5 inside), one whose every loss-masked
+    # token is inside a window (possible with --window 1). The controller's input is the mean over responses of each
+    # one's mean KL outside windows: 0.02, not (0.02 + 0) / 2. A medium response has one outside token (0.04) and a
+    # padded token outside the loss mask (KL 9, ignored).
+    kl = torch.tensor([[0.02, 0.02, 0.5], [0.3, 0.3, 0.0], [0.04, 9.0, 0.0]])
+    loss_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    hwe = torch.tensor([[0, 0, 1], [1, 1, 0], [0, 0, 0]])
+    sums = ares.kl_by_bucket(kl, loss_mask, hwe, torch.tensor([EASY, EASY, MEDIUM]))
+    kl_outside = sums[0] / sums[1].clamp(min=1)
+    assert kl_outside.tolist() == pytest.approx([0.02, 0.04, 0.0])
+    assert sums[1].tolist() == [1.0, 1.0, 0.0]  # responses counted; the hard bucket is unseen (kappa kept)
+    assert sums[2].tolist() == pytest.approx([0.5 + 0.3 + 0.3, 0.0, 0.0]) and sums[3].tolist() == [3.0, 0.0, 0.0]
 
 
 def test_kl_controller_raises_kappa_above_target_lowers_below_within_bounds():
