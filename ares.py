@@ -786,7 +786,11 @@ def train_aepo(cfg: Config) -> Path:
     check_batch(cfg, len(records), "prompts")
     prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
     G, B, st = cfg.group_size, cfg.branch_samples, run.state
-    st.setdefault("ref_model", cfg.ref_model or cfg.model)  # the starting weights, also after a resume
+    # The starting weights. On --resume the flags name the same files (check_run_record), maybe spelled from another
+    # working folder: take them as given now, a local folder made absolute, never the spelling saved in the state.
+    start = cfg.ref_model or cfg.model
+    st["ref_model"] = str(Path(start).expanduser().resolve()) if start != "tiny" and Path(start).expanduser().exists() \
+        else start
     st.setdefault("targets", torch.full((3,), float("nan"), dtype=torch.float64))  # T_d per bucket, NaN = unseen
     st.setdefault("kappa", torch.ones(3, dtype=torch.float64))  # the KL controller, per bucket
     st.setdefault("tau_history", [])
@@ -2025,15 +2029,17 @@ def make_optimizer(params, cfg: Config, total_steps: int):
     """AdamW, linear warm-up, then cosine decay to 10% (coldstart) or constant (AEPO, as in the paper; --lr-schedule)."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, int(0.03 * total_steps))
+    plan = dict(total=total_steps, warm=warm)  # kept in the training state: a resumed run keeps its first plan
 
     def factor(step):
-        if step < warm:
-            return (step + 1) / warm
+        if step < plan["warm"]:
+            return (step + 1) / plan["warm"]
         if cfg.lr_schedule == "constant":
             return 1.0
-        done = (step - warm) / max(1, total_steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        done = (step - plan["warm"]) / max(1, plan["total"] - plan["warm"])
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))  # past the plan: its final 10%
 
+    factor.plan = plan  # on the function, which the scheduler's state_dict leaves out (its own attributes go in)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -2147,6 +2153,14 @@ def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
     run.state = restore_training_state(run.ckpt, run.policy, run.opt, run.sched) if run.ckpt else {"step": 0}
     if run.ckpt:
         rank0_print(f"resumed from {run.ckpt} at step {run.state['step']}")
+    # --steps may change on --resume (to extend or shorten a run); the learning-rate schedule may not: a step computes
+    # what it did in the first run. Past the first plan's steps the rate stays at its end (10% of --lr for cosine).
+    plan = run.sched.lr_lambdas[0].plan
+    first = run.state.setdefault("lr_plan", dict(plan))  # a checkpoint saved before lr_plan existed: the plan now
+    if first != plan:
+        rank0_print(f"--steps {cfg.steps} on --resume: the learning-rate schedule stays the run's first, over "
+                    f"{first['total']} optimizer steps (warm-up {first['warm']}), not {plan['total']}")
+        plan.update(first)  # the optimizer's current rate came back with its state, under that plan
     run.n_params = sum(p.numel() for p in run.hf.parameters())  # DTensor.numel() is the global size
     run.n_trainable = sum(p.numel() for p in run.params)
     return run

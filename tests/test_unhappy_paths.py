@@ -134,6 +134,39 @@ def test_resume_accepts_the_same_folder_and_files_however_spelled(case, spell, m
     assert steps_logged(tmp_path / (move or "runs/res")) == [1, 2, 3]
 
 
+def test_aepo_resumed_from_another_working_folder_finds_its_starting_model(tiny_ckpt, demo_data, tmp_path,
+                                                                          monkeypatch):
+    # The run starts with --model ./start (relative). Resumed from elsewhere with the same folder spelled absolute,
+    # the KL reference must be that folder, not './start' of the new working folder (there, none: it used to crash;
+    # where one existed, it loaded the wrong model silently).
+    first, elsewhere = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_ckpt, first / "start")
+    elsewhere.mkdir()
+    monkeypatch.chdir(first)
+    ares.main(aepo_args(demo_data["rl"], "run", "./start", "--steps", 1))
+    monkeypatch.chdir(elsewhere)
+    ares.main(aepo_args(demo_data["rl"], first / "run", first / "start", "--steps", 2, "--resume"))
+    assert steps_logged(first / "run") == [1, 2]
+    state = torch.load(first / "run" / "final" / "trainer_state.pt", weights_only=False)["state"]
+    assert state["ref_model"] == str((first / "start").resolve())
+
+
+def test_more_steps_on_resume_keep_the_first_runs_learning_rate_schedule(runs, tiny_ckpt, demo_data, tmp_path, capsys):
+    # A 3-step cosine run (warm-up 1), extended to 5 with --resume. By hand: lr_k = lr (0.1 + 0.45 (1 + cos(pi (k - 1)
+    # / (3 - 1)))) after optimizer step k, so 1e-3 (0.1 + 0.45 (1 + cos(pi))) = 1e-4 after step 3, and the extension
+    # stays at that end value. A schedule re-planned over 5 steps would give 2.3e-4 after step 4 (cos(3 pi / 4)).
+    out = tmp_path / "run"
+    flags = ("--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps", "1")
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, *flags))
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, *flags, "--steps", "5", "--resume"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    by_hand = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * min(k - 1, 2) / 2))) for k in range(1, 6)]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in rows] == pytest.approx(by_hand, rel=1e-9)
+    assert "the learning-rate schedule stays the run's first, over 3 optimizer steps (warm-up 1), not 5" in \
+        capsys.readouterr().out
+
+
 def test_overwrite_replaces_the_run_and_leaves_none_of_its_files(runs, tiny_ckpt, demo_data, tmp_path, capsys):
     out = copy_run(runs, tmp_path, "finished")
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--overwrite", "--steps", "1"))
