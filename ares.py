@@ -2679,6 +2679,8 @@ PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compare
 def same_flag(name: str, new, old, cwd_then: str) -> bool:
     """Is a flag's value on --resume the one the run started with? Paths are compared resolved (each against its
     run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file."""
+    if name == "lora_targets" and isinstance(new, str) and isinstance(old, str):  # a set of layer names
+        return sorted(set(lora_target_list(new))) == sorted(set(lora_target_list(old)))
     if new == old or name not in PATH_FLAGS or not (isinstance(new, str) and isinstance(old, str) and new and old):
         return new == old
     if name == "reward_fn":  # file.py:function: the file resolved, the function by name
@@ -2866,6 +2868,8 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
     dataclass default; then the tiny model's CPU-sized defaults, then the stage's paper defaults."""
     cfg = dataclasses.replace(cfg, stage=stage)
     changed = set(cfg.given) | {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
+    if stage == "coldstart" and "epochs" in changed:  # --epochs sets the length: no default --steps may override it
+        changed.add("steps")
     for layer in ([TINY_DEFAULTS[stage]] if is_tiny(cfg.model) else []) + [STAGE_DEFAULTS[stage]]:
         for k, v in layer.items():
             if k not in changed:

@@ -73,6 +73,14 @@ def test_resume_stops_on_changed_flags_and_lists_them_but_lets_steps_change(tmp_
     msg = str(e.value)
     assert "--lr 0.0002 (was 0.0001)" in msg and "--window 3 (was 1)" in msg and "--steps" in msg.split("Only")[1]
     assert "\n" not in msg
+    # --lora-targets names a set of layers: another order or spacing is the same run, another layer is not
+    ares.check_run_record(cfg("--lr", "1e-4", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj"), ares.RESUMABLE)
+    ares.check_run_record(cfg("--lr", "1e-4", "--lora-rank", "4", "--lora-targets", "v_proj, q_proj", "--resume"),
+                          ares.RESUMABLE)
+    with pytest.raises(SystemExit) as e:
+        ares.check_run_record(cfg("--lr", "1e-4", "--lora-rank", "4", "--lora-targets", "q_proj,k_proj", "--resume"),
+                              ares.RESUMABLE)
+    assert "--lora-targets 'q_proj,k_proj' (was 'v_proj, q_proj')" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------------

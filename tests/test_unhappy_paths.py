@@ -167,6 +167,20 @@ def test_more_steps_on_resume_keep_the_first_runs_learning_rate_schedule(runs, t
         capsys.readouterr().out
 
 
+def test_epochs_given_for_a_tiny_model_folder_sets_the_cold_starts_length(tiny_ckpt, demo_data, tmp_path):
+    # The tiny model's CPU defaults include --steps 800; a user's --epochs must win over it ("a flag given on the
+    # command line always wins"). 1 epoch of the demo's sft records at batch 4 is len // 4 optimizer steps.
+    n = sum(1 for line in open(demo_data["sft"]) if line.strip())
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data",
+                                                         str(demo_data["sft"]), "--epochs", "1", "--batch-size", "4"]),
+                                      "coldstart")
+    assert cfg.steps is None and cfg.epochs == 1
+    out = tmp_path / "run"
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--epochs", "1",
+               "--batch-size", "4", "--micro-batch-size", "4", "--out", str(out)])
+    assert steps_logged(out) == list(range(1, n // 4 + 1))
+
+
 def test_overwrite_replaces_the_run_and_leaves_none_of_its_files(runs, tiny_ckpt, demo_data, tmp_path, capsys):
     out = copy_run(runs, tmp_path, "finished")
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--overwrite", "--steps", "1"))
