@@ -35,8 +35,11 @@ What it does, in order:
   5. Write <out>/responses.jsonl (every response with its verdict), <out>/results.json (every number, the
      config) and print the table; --plot draws accuracy against mean response tokens.
 
-responses.jsonl is also the cache: re-running with the same --out reuses every response whose key (model path,
-benchmark, record id, sample index, decoding settings) is already there, and generates only the rest.
+responses.jsonl is also the cache: re-running with the same --out reuses every response whose key is already there,
+and generates only the rest. The key (`response_key`) covers everything a response and its verdict depend on: the
+model (its folder and the weights in it), the benchmark, the record id and sample index, the decoding and loading
+settings, and the record's own content (its prompt text, answer and image bytes): a record edited in place, or a
+run with another --dtype or --max-pixels, is generated again.
 """
 from __future__ import annotations
 
@@ -324,8 +327,41 @@ def decoding_key(cfg: EvalConfig) -> str:
     return f"T={cfg.temperature}, top-p={cfg.top_p}, seed={cfg.seed}, max {cfg.max_new_tokens} new tokens"
 
 
-def response_key(model: str, bench: str, rid: str, sample: int, decoding: str) -> str:
-    return json.dumps([model, bench, rid, sample, decoding])
+def settings_key(cfg: EvalConfig, model) -> str:
+    """Every flag that changes a response: the decoding settings, and how the model runs and sees images (the dtype
+    it was loaded in, so --dtype auto is bf16 on a GPU and fp32 on the CPU; --attn, --min-pixels, --max-pixels).
+    --samples and --batch-size are left out on purpose: they change which random draw a sampled response is, not
+    what it is drawn from, so a run with more --samples reuses the first ones; --max-prompt-len only decides which
+    records are evaluated."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return (f"{decoding_key(cfg)}; dtype={dtype}, attn={cfg.attn}, min_pixels={cfg.min_pixels}, "
+            f"max_pixels={cfg.max_pixels}")
+
+
+def image_digest(img) -> str:
+    """sha256 of an image as a record keeps it (data_prep.image_source): a file's bytes, encoded bytes, or a PIL
+    image's pixels."""
+    if isinstance(img, str):
+        data = Path(img).read_bytes()
+    elif isinstance(img, (bytes, bytearray)):
+        data = bytes(img)
+    else:
+        data = f"{img.mode} {img.size}".encode() + img.tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_key(processor, record: dict) -> str:
+    """A record's content as the model and the grader see it: the prompt text (question, choices rendered into it,
+    the model's instruction and chat template), the answer, and the bytes of each image. An edited record gets a
+    new key, so its cached responses, and verdicts against the old answer, are not reused."""
+    content = [data_prep.prompt_text(processor, record), record["answer"], [image_digest(im) for im in record["images"]]]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def response_key(model: str, bench: str, rid: str, sample: int, settings: str, content: str) -> str:
+    """A response's name in the cache (module docstring): model_key, the benchmark's key, the record id, the sample
+    index, settings_key and record_key."""
+    return json.dumps([model, bench, rid, sample, settings, content])
 
 
 def chunk_seed(seed: int, bench: str, ids: list[str]) -> int:
@@ -381,9 +417,10 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     every rank after each round, appended to responses.jsonl by rank 0), then summarize.
     -> (summary, failures, responses generated, responses reused)."""
     rank, world = ares.rank(), ares.world_size()
-    decoding = decoding_key(cfg)
-    key = lambda rid, k: response_key(mkey, bench["key"], rid, k, decoding)  # noqa: E731
+    decoding, settings = decoding_key(cfg), settings_key(cfg, model)
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
+    content = {r["id"]: record_key(processor, r) for r in usable}
+    key = lambda rid, k: response_key(mkey, bench["key"], rid, k, settings, content[rid])  # noqa: E731
     failed = [dict(id=f["id"], error=f["error"]) for f in bench["failures"]] + failed
     chunks = [usable[i:i + cfg.batch_size] for i in range(0, len(usable), cfg.batch_size)]  # fixed by the data alone
     todo = [c for c in chunks if any(key(r["id"], k) not in cache for r in c for k in range(cfg.samples))]

@@ -260,3 +260,62 @@ def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_response
     assert a["overall"]["mean_tokens"] < b["overall"]["mean_tokens"]
     ev.main(args)  # unchanged weights: all from the cache
     assert json.loads((out / "results.json").read_text())["cached"] == 7
+
+
+def _own_bench(bench: Path, folder: Path) -> Path:
+    """The usable records of `bench` (the 6 + "too-long") in `folder`, with their own copies of the images, so that a
+    test can edit a record or an image in place."""
+    import shutil
+
+    folder.mkdir()
+    rows = [json.loads(x) for x in open(bench) if json.loads(x)["id"] != "bad-image"]
+    for r in rows:
+        copies = []
+        for im in r["images"]:
+            copies.append(str(folder / f"{r['id']}-{Path(im).name}"))
+            shutil.copy(im, copies[-1])
+        r["images"] = copies
+    path = folder / "own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_record_edited_in_place_is_generated_again_and_graded_against_its_new_answer(tmp_path, tiny_ckpt, bench):
+    """The cache names a response by the record's content too (question, answer, image bytes): after one record's
+    question and answer, and another's image, are edited in the same file, those two are generated again and graded
+    against the new answer; the other five still come from the cache (before, all 7 did, with the old verdicts)."""
+    from PIL import Image
+
+    path, out = _own_bench(bench, tmp_path / "bench"), tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(path), "--max-new-tokens", "8", "--batch-size", "4", "--out", str(out)]
+    ev.main(args)
+    rows = [json.loads(x) for x in open(path)]
+    rows[1] = dict(rows[1], question="What is 40 + 2?", answer="42")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with Image.open(rows[2]["images"][0]) as im:  # same size, one pixel changed
+        im = im.convert("RGB")
+        im.putpixel((0, 0), tuple(255 - c for c in im.getpixel((0, 0))))
+        im.save(rows[2]["images"][0])
+    ev.main(args)
+    res = json.loads((out / "results.json").read_text())
+    assert (res["generated"], res["cached"]) == (2, 5)
+    edited = [json.loads(x) for x in open(out / "responses.jsonl")][-2:]  # the two lines this run appended
+    assert sorted(x["id"] for x in edited) == sorted([rows[1]["id"], rows[2]["id"]])
+    new = next(x for x in edited if x["id"] == rows[1]["id"])
+    assert new["answer"] == "42" and new["correct"] == data_prep.is_correct(data_prep.extract_boxed(new["response"]), "42")
+    ev.main(args)  # nothing changed since: all from the cache
+    assert json.loads((out / "results.json").read_text())["cached"] == 7
+
+
+@pytest.mark.parametrize("flag", [["--max-pixels", str(64 * 28 * 28)], ["--min-pixels", str(28 * 28)],
+                                  ["--dtype", "bf16"], ["--attn", "eager"]])
+def test_a_run_with_another_loading_flag_is_not_served_the_cached_responses(flag, tmp_path, tiny_ckpt, bench):
+    """--max-pixels and --min-pixels change the image tokens the model reads, --dtype and --attn its arithmetic: a
+    rerun that changes one generates again (before, every response came from the cache)."""
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(bench), "--max-new-tokens", "4", "--batch-size", "8", "--out", str(out)]
+    ev.main(args)
+    ev.main(args + flag)
+    assert json.loads((out / "results.json").read_text())["generated"] == 7
+    ev.main(args + ["--dtype", "fp32"])  # what --dtype auto loads on the CPU: the same responses, from the cache
+    assert json.loads((out / "results.json").read_text())["cached"] == 7
