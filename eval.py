@@ -108,8 +108,15 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
                                                                "several seeds: prints their mean +- sd table"})
 
 
+SUBCOMMANDS = """subcommands (each with its own --help):
+  eval.py passrate --data D --model M --out rates.jsonl   K samples per problem, graded: pass_rate (AdaCS step 1)
+  eval.py curves runs/ares/aepo/metrics.jsonl             an AEPO run's curves into curves.png beside it
+  eval.py demo-report runs/ares                           the report of a `python ares.py` run"""
+
+
 def parse_config(argv=None) -> EvalConfig:
     parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
+    parser.epilog = SUBCOMMANDS
     cfg = EvalConfig(**vars(parser.parse_args(argv)))
     if not cfg.demo and (not cfg.model or not cfg.data):
         parser.error("give at least one --model and one --data (or --demo runs)")
@@ -660,6 +667,37 @@ def passrate_parser() -> argparse.ArgumentParser:
 # Curves of AEPO runs (`eval.py curves <out>/metrics.jsonl`) and the explore page (where ARES explores).
 
 
+def curves_parser() -> argparse.ArgumentParser:
+    pc = argparse.ArgumentParser(prog="eval.py curves", description="draw an AEPO run's curves (reward, accuracy, "
+                                 "response tokens and N_HE per level, tau, kappa, ...) into curves.png beside its "
+                                 "metrics.jsonl (needs matplotlib)")
+    pc.add_argument("metrics", help="an AEPO run's metrics.jsonl, e.g. runs/ares/aepo/metrics.jsonl")
+    return pc
+
+
+def run_curves(args):
+    """eval.py curves: one line naming the path when it is not an AEPO run's metrics.jsonl; else the png's path."""
+    path = Path(args.metrics)
+    if path.is_dir():
+        hint = f" ({path / 'metrics.jsonl'})" if (path / "metrics.jsonl").is_file() else ""
+        raise SystemExit(f"curves {path}: a folder; give an AEPO run's metrics.jsonl{hint}")
+    if not path.is_file():
+        raise SystemExit(f"curves {path}: no such file; give an AEPO run's metrics.jsonl")
+    rows = map(json_or_none, path.read_bytes().decode("utf-8", "replace").splitlines())  # as ares.logged_rows reads it
+    if not any(isinstance(row, dict) and isinstance(row.get("step"), int) for row in rows):
+        raise SystemExit(f"curves {path}: no AEPO step rows in it; give an AEPO run's metrics.jsonl")
+    png = path.with_name("curves.png")
+    if plot_curves(path, png):
+        print(f"curves: {png}", flush=True)
+
+
+def json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def moving_mean(values: list[float], k: int) -> list[float]:
     """Mean of the last k finite values at each position (NaN where there is none yet)."""
     out = []
@@ -822,6 +860,31 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
 # several seeds (`eval.py --demo runs/seed0 --demo runs/seed1 ...`).
 
 
+DEMO_FILES = ("eval_greedy/results.json", "eval_sampled/results.json", "stage_times.json",  # what demo_report reads
+              "aepo/metrics.jsonl", "aepo/config.json", "grpo/metrics.jsonl", "coldstart/final", "aepo/final",
+              "data/test.jsonl")
+
+
+def demo_report_parser() -> argparse.ArgumentParser:
+    pd = argparse.ArgumentParser(prog="eval.py demo-report", description="the report of a `python ares.py` run: "
+                                 "demo.json, curves.png and explore.html in its folder, and its tables printed")
+    pd.add_argument("out", help="the --out folder of a finished `python ares.py` run, e.g. runs/ares")
+    return pd
+
+
+def run_demo_report(args) -> dict:
+    """eval.py demo-report: one line naming the folder, or the first file of the run it lacks, before anything loads."""
+    out = Path(args.out)
+    if not out.is_dir():
+        raise SystemExit(f"demo-report {out}: {'a file' if out.exists() else 'no such folder'}; give the --out folder "
+                         "of a `python ares.py` run")
+    missing = next((f for f in DEMO_FILES if not (out / f).exists()), None)
+    if missing:
+        raise SystemExit(f"demo-report {out}: no {missing} in it; give the --out folder of a finished `python ares.py` "
+                         "run")
+    return demo_report(out)
+
+
 def demo_report(out: Path) -> dict:
     """The report of a `python ares.py` run in `out`: <out>/demo.json (both evaluations, the stage times, per level the
     share of its groups in each online bucket, for ARES over all and over the first half of the steps, for GRPO over
@@ -939,9 +1002,9 @@ def main(argv=None):
     if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
         return ares.run_command(run_passrate, passrate_parser().parse_args(argv[1:]))
     if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png
-        return plot_curves(Path(argv[1]), Path(argv[1]).with_name("curves.png"))
+        return ares.run_command(run_curves, curves_parser().parse_args(argv[1:]))
     if argv[:1] == ["demo-report"]:  # eval.py demo-report <out of a python ares.py run>
-        return ares.run_command(demo_report, Path(argv[1]))
+        return ares.run_command(run_demo_report, demo_report_parser().parse_args(argv[1:]))
     return ares.run_command(evaluate_and_report, parse_config(argv))
 
 

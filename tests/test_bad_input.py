@@ -381,6 +381,12 @@ def _tool_cases():
          "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
         (ev.main, ["passrate", "--data", "{bench}", "--model", "{ckpt}", "--out", "{tmp}"],
          "--out {tmp}: a folder; give the output file"),
+        (ev.main, ["curves", "{tmp}"], "curves {tmp}: a folder; give an AEPO run's metrics.jsonl"),
+        (ev.main, ["curves", "{tmp}/nope.jsonl"], "curves {tmp}/nope.jsonl: no such file; give an AEPO run's metrics.jsonl"),
+        (ev.main, ["curves", "{bench}"], "curves {bench}: no AEPO step rows in it; give an AEPO run's metrics.jsonl"),
+        (ev.main, ["demo-report", "{tmp}/nope"], "demo-report {tmp}/nope: no such folder; give the --out folder"),
+        (ev.main, ["demo-report", "{bench}"], "demo-report {bench}: a file; give the --out folder"),
+        (ev.main, ["demo-report", "{run}"], "demo-report {run}: no eval_greedy/results.json in it; give the --out folder"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--k", "-2", "--out", "{tmp}/a.jsonl"], "--k must be >= 1, got -2"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--per-bracket", "0", "--out", "{tmp}/a.jsonl"],
          "--per-bracket must be >= 1, got 0"),
@@ -400,7 +406,9 @@ def _tool_cases():
 def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_ckpt, demo_data, tmp_path):
     """Before: tracebacks after the model had loaded (a run folder or a LoRA adapter as --model, --k 0, a chat-template
     token in passrate's data), runs on nonsense (--temperature nan, --max-pixels under --min-pixels, convert --limit 0
-    writing a record, demo --sft 0 writing empty splits), or a checkpoint written into by convert."""
+    writing a record, demo --sft 0 writing empty splits), or a checkpoint written into by convert; `eval.py curves`
+    and `demo-report` on a folder, a missing path or the wrong file ended in IsADirectoryError, FileNotFoundError or
+    a KeyError."""
     fn, argv, message = _tool_cases()[case]
     run = tmp_path / "run"
     run.mkdir()

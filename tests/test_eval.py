@@ -319,3 +319,33 @@ def test_a_run_with_another_loading_flag_is_not_served_the_cached_responses(flag
     assert json.loads((out / "results.json").read_text())["generated"] == 7
     ev.main(args + ["--dtype", "fp32"])  # what --dtype auto loads on the CPU: the same responses, from the cache
     assert json.loads((out / "results.json").read_text())["cached"] == 7
+
+
+@pytest.mark.parametrize("sub", ["passrate", "curves", "demo-report"])
+def test_each_subcommand_has_a_help_and_names_what_it_misses(sub, capsys):
+    """Before, `eval.py curves --help` read a file called '--help' (FileNotFoundError), and `eval.py curves` or
+    `eval.py demo-report` alone ended in an IndexError; passrate already parsed its flags."""
+    with pytest.raises(SystemExit) as err:
+        ev.main([sub, "--help"])
+    assert err.value.code == 0 and capsys.readouterr().out.startswith(f"usage: eval.py {sub}")
+    with pytest.raises(SystemExit) as err:
+        ev.main([sub])
+    assert err.value.code == 2 and "the following arguments are required" in capsys.readouterr().err
+
+
+def test_the_main_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as err:
+        ev.main(["--help"])
+    printed = capsys.readouterr().out
+    assert err.value.code == 0
+    assert all(f"eval.py {sub} " in printed for sub in ("passrate", "curves", "demo-report")), printed
+
+
+def test_curves_says_where_it_drew_them(tmp_path, capsys):
+    """Before, a successful `eval.py curves` printed nothing, not even the file it wrote."""
+    pytest.importorskip("matplotlib")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(dict(step=s, reward=0.1 * s, acc=0.1 * s, tau=1.0)) + "\n" for s in (1, 2, 3)))
+    ev.main(["curves", str(metrics)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"curves: {tmp_path / 'curves.png'}"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
