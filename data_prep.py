@@ -254,7 +254,8 @@ CHAT_TOKEN = re.compile(r"<\|[A-Za-z][A-Za-z0-9_]{2,}\|>")  # SPECIAL_TOKENS, an
 def record_problem(row: dict, need_response: bool) -> str | None:
     """What is wrong with a record's fields, or None: id text or an integer; question and response text;
     answer text or a finite number; none of them empty or holding a chat-template token (the model would read
-    '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]."""
+    '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]; difficulty, when
+    present, text (a list or a number would become log keys such as level_['hard']_acc)."""
     if row.get("id") is None or isinstance(row["id"], str) and not row["id"].strip():
         return "missing or empty field 'id'"
     if not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
@@ -274,6 +275,9 @@ def record_problem(row: dict, need_response: bool) -> str | None:
     rate = row.get("pass_rate")
     if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
         return f"field 'pass_rate' must be a number in [0, 1], got {rate!r}"
+    level = row.get("difficulty")
+    if level is not None and not isinstance(level, str):
+        return f"field 'difficulty' must be text, got {json.dumps(level, default=repr)[:60]}"
     return None
 
 

@@ -143,6 +143,8 @@ RECORDS = [
     ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
     ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
     ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
+    ("difficulty a list", "aepo", _set("difficulty", ["hard"]), ["field 'difficulty' must be text, got [\"hard\"]"]),
+    ("difficulty an int", "coldstart", _set("difficulty", 2), ["field 'difficulty' must be text, got 2"]),
     ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
 ]
 
@@ -397,6 +399,10 @@ def _tool_cases():
          "--limit must be >= 1, got 0"),
         (data_prep.main, ["convert", "--data", "{pad}", "--out", "{tmp}/c.jsonl"],
          "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
+        (data_prep.main, ["convert", "--data", "{level}", "--out", "{tmp}/c.jsonl"],
+         "data error: {level}: record level: field 'difficulty' must be text, got 3"),
+        (ev.main, ["passrate", "--data", "{level}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
+         "data error: {level}: record level: field 'difficulty' must be text, got 3"),
         (data_prep.main, ["demo", "--sft", "0", "--out", "{tmp}/demo"], "--sft must be >= 1, got 0"),
         (data_prep.main, ["demo", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
     ]
@@ -417,7 +423,11 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     bench, pad = tmp_path / "bench.jsonl", tmp_path / "pad.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pad.write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id="pad", question="What <|image_pad|>?")]))
-    names = dict(tmp=tmp_path, run=run, ckpt=tiny_ckpt, bench=bench, pad=pad)
+    broken = dict(level=dict(difficulty=3))
+    for name, fields in broken.items():  # the rows, then one more with the bad field, as the file's last record
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id=name,
+                                                                                                   **fields)]))
+    names = dict(tmp=tmp_path, run=run, ckpt=tiny_ckpt, bench=bench, pad=pad, **{n: tmp_path / f"{n}.jsonl" for n in broken})
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SystemExit) as err:
         fn([a.format(**names) for a in argv])
