@@ -35,6 +35,8 @@ Choices made here, where the paper and the released code are silent:
     (brackets with no correct trace, typically p = 0 when the pool's traces come from the graded model, are
     empty and do not force the count to zero). Over-full brackets are subsampled with --seed.
   - A problem without a pass_rate takes the fraction of its traces that are correct.
+  - An empty response (passrate's sample that ended at once) is a wrong trace of 0 tokens: it counts toward L(0) and
+    L(1) like every other sample behind p, and is never chosen. A missing or non-text response stops the pool.
   - A trace's length is its sampled tokens without the end-of-turn token (passrate), or the tokenizer's
     count of its text (adacs --model, for pools without a `length`).
 
@@ -1023,8 +1025,10 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
     if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
         raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
     response = get("response")
+    if response is not None and not isinstance(response, str):  # str() would turn garbage into a trace
+        raise DataError(f"{where}: field 'response' must be text, got {json.dumps(response, default=repr)[:60]}")
     record = dict(id=rid, question=question, answer=answer, images=load_images(get("images"), base, where),
-                  source=source, response=None if response is None else str(response), pass_rate=pass_rate)
+                  source=source, response=response, pass_rate=pass_rate)
     used = {cols.get(f) for f in FIELDS}
     extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and
                                                     isinstance(v, (str, int, float, bool)) and k not in record]
@@ -1211,16 +1215,22 @@ def balance(chosen: dict[int, list], per_bracket: int | None, seed: int) -> dict
             for b, v in sorted(chosen.items())}
 
 
-def prepare_pool(pool: list[dict], tokenizer=None) -> dict[str, list[dict]]:
+def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool") -> dict[str, list[dict]]:
     """{problem id: its traces}, each with `correct` (graded now if absent) and `length` in tokens (counted with
-    `tokenizer` if absent), and the problem's pass rate (its traces' fraction correct if absent)."""
+    `tokenizer` if absent), and the problem's pass rate (its traces' fraction correct if absent). An empty response
+    is a wrong trace of length 0; a missing one stops the pool (`source` names its file)."""
     problems = defaultdict(list)
     for rec in pool:
-        where = f"trace of problem {rec['id']!r}"
-        if not rec.get("response"):
-            raise DataError(f"{where}: no response")
+        where = f"{source}: trace of problem {rec['id']!r}"
+        if rec.get("response") is None:
+            raise DataError(f"{where}: field 'response' is missing")
         correct = rec.get("correct")
         correct = bool(correct) if correct is not None else grade([rec["response"]], rec["answer"])[0]
+        # An empty response (a sample that ended at once) stays a wrong trace of its length, 0 tokens: it is one of the
+        # K samples behind p, and L(0), L(1) are medians over all of them, right or wrong (skipping it would measure
+        # the anchors on other samples than p counts, and raise L(0) most: an empty sample is a wrong one).
+        if correct and not rec["response"]:  # it would be chosen, and the cold start refuses an empty response
+            raise DataError(f"{where}: field 'response' is empty but 'correct' is true")
         length = rec.get("length")
         if length is None:
             if tokenizer is None:
@@ -1230,17 +1240,19 @@ def prepare_pool(pool: list[dict], tokenizer=None) -> dict[str, list[dict]]:
     for pid, traces in problems.items():
         rates = {t["pass_rate"] for t in traces}
         if len(rates) > 1:
-            raise DataError(f"problem {pid!r}: its traces disagree on the pass rate ({sorted(rates, key=str)})")
+            raise DataError(f"{source}: problem {pid!r}: its traces disagree on the pass rate ({sorted(rates, key=str)})")
         if None in rates:
             for t in traces:
                 t["pass_rate"] = sum(x["correct"] for x in traces) / len(traces)
     return problems
 
 
-def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, seed: int = 0, tokenizer=None):
-    """AdaCS steps 2-5 (§3.1) on candidate traces (one record per trace, grouped by id; see prepare_pool).
-    Returns (chosen records, one per kept problem, with `target_length`, ordered by bracket; stats)."""
-    problems = prepare_pool(pool, tokenizer)
+def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, seed: int = 0, tokenizer=None,
+                 source: str = "the pool"):
+    """AdaCS steps 2-5 (§3.1) on candidate traces (one record per trace, grouped by id; see prepare_pool; `source`
+    names the pool's file in errors). Returns (chosen records, one per kept problem, with `target_length`, ordered
+    by bracket; stats)."""
+    problems = prepare_pool(pool, tokenizer, source)
     lengths = defaultdict(lambda: defaultdict(list))  # source -> bracket -> every candidate trace length
     for traces in problems.values():
         lengths[traces[0]["source"]][bracket_of(traces[0]["pass_rate"], k)] += [t["length"] for t in traces]
@@ -1294,7 +1306,8 @@ def run_adacs(args) -> list[dict]:
     pool = _load(args.data, split=args.split, progress=True, unique=False)
     if args.pass_rates:
         pool = join_pass_rates(pool, _load(args.pass_rates), args.pass_rates)
-    chosen, st = adacs_curate(pool, args.k, args.per_bracket, args.seed, tokenizer_for(args.model) if args.model else None)
+    chosen, st = adacs_curate(pool, args.k, args.per_bracket, args.seed, tokenizer_for(args.model) if args.model else None,
+                              args.data)
     if not chosen:
         raise DataError(f"{args.data}: no problem has a correct trace")
     write_records(chosen, Path(args.out), copy_images=False)

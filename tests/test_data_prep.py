@@ -397,6 +397,34 @@ def test_adacs_warns_when_hard_problems_have_no_longer_traces(tmp_path, capsys):
     assert "cold start will write one length everywhere" in warnings[1] and "longer candidate traces" in warnings[1]
 
 
+def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
+    """A sample that ends at once (passrate writes response "", length 0) is one of the K samples behind p, so it counts
+    toward the anchors like any wrong trace and is never chosen; the pool is not rejected. By hand (K = 4):
+    L(0) = median(0, 80, 100, 120) = 90 (z, its empty trace included; 100 without it), L(1) = median(10, 20, 30, 40)
+    = 25 (e); h (p = 1/4) gets its one correct trace, 90, e the trace nearest 25: 20 (a tie with 30, to the shorter)."""
+    def trace(pid, p, n, correct):
+        return dict(id=pid, question=f"q {pid}", answer="7", images=[], source="s", pass_rate=p, length=n,
+                    correct=correct, response=f"<think>{'x' * n}</think> \\boxed{{{7 if correct else 5}}}" if n else "")
+    pool = [trace("z", 0.0, n, False) for n in (0, 80, 100, 120)] + [trace("e", 1.0, n, True) for n in (20, 30, 40, 10)]
+    pool += [trace("h", 0.25, n, c) for n, c in ((0, False), (50, False), (70, False), (90, True))]
+    jsonl(tmp_path / "pool.jsonl", pool)
+    data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "4", "--per-bracket", "5",
+                    "--out", str(tmp_path / "sft.jsonl")])
+    got = {r["id"]: (r["length"], r["target_length"]) for r in map(json.loads, open(tmp_path / "sft.jsonl"))}
+    assert got == {"e": (20, 25), "h": (90, 0.75 * 90 + 0.25 * 25)}  # with L(0) = 100, h's target would be 81.25
+
+    bad = tmp_path / "bad.jsonl"
+    garbage = [({k: v for k, v in pool[0].items() if k != "response"}, "trace of problem 'z': field 'response' is missing"),
+               (dict(pool[0], response=5), "row 11 (id z): field 'response' must be text, got 5"),
+               (dict(pool[0], correct=True), "trace of problem 'z': field 'response' is empty but 'correct' is true")]
+    for row, message in garbage:  # still stops the pool, with one line naming the file, the problem and the field
+        jsonl(bad, pool[1:] + [row])
+        with pytest.raises(SystemExit) as err:
+            data_prep.main(["adacs", "--data", str(bad), "--k", "4", "--out", str(tmp_path / "x.jsonl")])
+        assert str(err.value.code) == f"data error: {bad}: {message}"
+        assert not (tmp_path / "x.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # passrate
 
