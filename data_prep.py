@@ -26,7 +26,8 @@ The data pipeline of a real run (paper §3.1), ending in the two stages of ares.
 Pass rates (K graded samples of a model per problem) need the sampler: `eval.py passrate` computes them.
 
 Choices made here, where the paper and the released code are silent:
-  - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets 0, 1/8, ..., 1).
+  - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets 0, 1/8, ..., 1). Every pass rate read
+    must be a multiple of 1/K (check_pass_rates): K is the flag's, not guessed from the data.
   - L(0) (L(1)) is the median length of ALL candidate traces (right or wrong) of the source's problems with
     p = 0 (p = 1). A source with no p = 0 (p = 1) problem takes it from its lowest (highest) bracket present:
     the nearest difficulty it has. With one bracket only, both anchors are its median and the target is flat.
@@ -1168,6 +1169,24 @@ def bracket_of(p: float, k: int) -> int:
     return int(round(p * k))
 
 
+def check_pass_rates(records: list[dict], k: int, where: str, most: int = 1024) -> list[dict]:
+    """Every pass rate read (None: computed later) is c/K for K = --k, so that round(p K) is its bracket: K = 16 rates
+    read with K = 8 put p = 1/16 in bracket 0, counted toward L(0), and fill the brackets unevenly. The first that is
+    not stops the command, naming the smallest K <= `most` all of them fit. K is checked, not inferred from the data:
+    rates that all happen to be multiples of 1/4 may come from K = 8, and the brackets would change with the data."""
+    def fits(p, n):
+        return abs(p * n - round(p * n)) < 1e-9  # c / K * K is c within a few ulps
+    rated = [r for r in records if r.get("pass_rate") is not None]
+    bad = next((r for r in rated if not fits(r["pass_rate"], k)), None)
+    if bad is None:
+        return records
+    rates = {r["pass_rate"] for r in rated}
+    like = next((n for n in range(1, most + 1) if all(fits(p, n) for p in rates)), None)
+    raise DataError(f"{where}: record {bad['id']}: pass_rate {bad['pass_rate']:g} is not a multiple of 1/{k} (--k {k})"
+                    + (f": the pass rates look like K = {like} (pass --k {like})" if like else f", nor are the pass "
+                       f"rates multiples of 1/K for any K up to {most} (a pass rate is c/K: c right of K samples)"))
+
+
 def anchor_lengths(lengths: dict[int, list[int]]) -> tuple[float, float, int, int]:
     """Step 2 for one source: L(0), L(1) = median length of the candidate traces (right or wrong) of its problems
     with p = 0 and p = 1. lengths: {bracket: trace lengths}. A missing end falls back to the nearest bracket
@@ -1305,7 +1324,10 @@ def join_pass_rates(pool: list[dict], rated: list[dict], where: str) -> list[dic
 def run_adacs(args) -> list[dict]:
     pool = _load(args.data, split=args.split, progress=True, unique=False)
     if args.pass_rates:
-        pool = join_pass_rates(pool, _load(args.pass_rates), args.pass_rates)
+        rated = check_pass_rates(_load(args.pass_rates), args.k, args.pass_rates)
+        pool = join_pass_rates(pool, rated, args.pass_rates)
+    else:
+        pool = check_pass_rates(pool, args.k, args.data)
     chosen, st = adacs_curate(pool, args.k, args.per_bracket, args.seed, tokenizer_for(args.model) if args.model else None,
                               args.data)
     if not chosen:

@@ -403,6 +403,15 @@ def _tool_cases():
          "data error: {level}: record level: field 'difficulty' must be text, got 3"),
         (ev.main, ["passrate", "--data", "{level}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
          "data error: {level}: record level: field 'difficulty' must be text, got 3"),
+        (data_prep.main, ["adacs", "--data", "{k16}", "--out", "{tmp}/a.jsonl"],  # K = 16 rates read as K = 8
+         "data error: {k16}: record k16: pass_rate 0.0625 is not a multiple of 1/8 (--k 8): the pass rates look like "
+         "K = 16 (pass --k 16)"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--pass-rates", "{k16}", "--k", "4", "--out", "{tmp}/a.jsonl"],
+         "data error: {k16}: record k16: pass_rate 0.0625 is not a multiple of 1/4 (--k 4): the pass rates look like "
+         "K = 16 (pass --k 16)"),
+        (data_prep.main, ["adacs", "--data", "{odd}", "--out", "{tmp}/a.jsonl"],
+         "data error: {odd}: record odd: pass_rate 0.314159 is not a multiple of 1/8 (--k 8), nor are the pass rates "
+         "multiples of 1/K for any K up to 1024"),
         (data_prep.main, ["demo", "--sft", "0", "--out", "{tmp}/demo"], "--sft must be >= 1, got 0"),
         (data_prep.main, ["demo", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
     ]
@@ -423,7 +432,7 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     bench, pad = tmp_path / "bench.jsonl", tmp_path / "pad.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pad.write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id="pad", question="What <|image_pad|>?")]))
-    broken = dict(level=dict(difficulty=3))
+    broken = dict(level=dict(difficulty=3), k16=dict(pass_rate=1 / 16), odd=dict(pass_rate=0.314159))
     for name, fields in broken.items():  # the rows, then one more with the bad field, as the file's last record
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id=name,
                                                                                                    **fields)]))
