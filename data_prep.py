@@ -924,10 +924,16 @@ def _checked_path(path: str) -> str:
     return path
 
 
+class RelativePath(str):
+    """An image path the data gave relative to its file, held absolute so that it opens from any working folder;
+    write_records lists it relative to its output file again (an absolute path stays as it is)."""
+
+
 def load_images(value, base: Path, where: str) -> list:
-    """A row's images -> list of PIL images or absolute paths, each checked readable now (README: data format: bad data
-    fails at load time). value: None, one image or a list of PIL images, bytes, {'bytes', 'path'} dicts (how
-    Parquet stores an image column) or paths (relative to `base`, the data file's folder)."""
+    """A row's images -> list of PIL images or absolute paths (a RelativePath where the row's was relative), each
+    checked readable now (README: data format: bad data fails at load time). value: None, one image or a list of PIL
+    images, bytes, {'bytes', 'path'} dicts (how Parquet stores an image column) or paths (relative to `base`, the data
+    file's folder)."""
     from PIL import Image
 
     items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
@@ -943,8 +949,9 @@ def load_images(value, base: Path, where: str) -> list:
                 im.load()  # decode now: a truncated image fails here, not in the middle of training
                 out.append(im)
             elif isinstance(img, (str, os.PathLike)):
-                path = Path(img) if Path(img).is_absolute() else base / img
-                out.append(_checked_path(str(path.resolve())))
+                given_absolute = Path(img).is_absolute()
+                path = _checked_path(str((Path(img) if given_absolute else base / img).resolve()))
+                out.append(path if given_absolute else RelativePath(path))
             else:
                 raise TypeError(f"unsupported image type {type(img).__name__}")
         except Exception as e:  # noqa: BLE001 - any failure to decode is the same user error
@@ -1108,7 +1115,8 @@ def _load(source: str, *, preset=None, mapping=None, split=None, config=None, li
 def write_records(records: list[dict], out: Path, copy_images: bool = True) -> Path:
     """Write records as JSONL, or Parquet when `out` ends in .parquet. Images go to <out stem>_images/ as PNG
     and are listed relative to the output file (README: data format). copy_images=False lists an image that is already a
-    file by its relative path instead of copying it. Records sharing an image object share its file."""
+    file by its path instead of copying it: an absolute one as it is (the output can move), one the input gave relative
+    (a RelativePath) relative to the output file. Records sharing an image object share its file."""
     from PIL import Image
 
     out = Path(out)
@@ -1120,7 +1128,7 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
         for k, img in enumerate(rec.get("images") or []):
             if id(img) not in saved:
                 if isinstance(img, str) and not copy_images:
-                    saved[id(img)] = os.path.relpath(img, out.parent)
+                    saved[id(img)] = os.path.relpath(img, out.parent) if isinstance(img, RelativePath) else img
                 else:
                     img_dir.mkdir(exist_ok=True)
                     with Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img) as im, \

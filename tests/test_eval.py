@@ -131,6 +131,32 @@ def test_column_mapping_goes_through_data_prep(tmp_path):
     assert (rec["id"], rec["question"], rec["answer"], rec["images"], rec["level"]) == ("b", "What is 2*3?", "6", [], 3)
 
 
+def test_passrate_keeps_absolute_image_paths_absolute(tmp_path):
+    """An image the data gave by an absolute path is written as that path (the output still opens it after a move); one
+    given relative to the data file is written relative to the output file, as before. Traces as sample_traces returns."""
+    from argparse import Namespace
+
+    from PIL import Image
+
+    (tmp_path / "my" / "imgs").mkdir(parents=True)
+    for name, colour in (("abs", (200, 0, 0)), ("rel", (0, 0, 200))):
+        Image.new("RGB", (28, 28), colour).save(tmp_path / "my" / "imgs" / f"{name}.png")
+    data = tmp_path / "my" / "data.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="q", answer="1", images=[str(tmp_path / "my/imgs/abs.png")])) + "\n"
+                    + json.dumps(dict(id="r", question="q", answer="1", images=["imgs/rel.png"])) + "\n")
+    records = data_prep.load_source(str(data))
+    traces = {i: [dict(response="\\boxed{1}", length=3, correct=True)] for i in range(2)}
+    out = tmp_path / "pa" / "pool.jsonl"
+    ev.write_pass_rates(records, traces, Namespace(k=1, keep_responses=True, out=str(out), max_prompt_len=9), world=1)
+    images = {r["id"]: r["images"] for r in map(json.loads, open(out))}
+    assert images == {"a": [str(tmp_path / "my/imgs/abs.png")], "r": ["../my/imgs/rel.png"]}
+    moved = tmp_path / "elsewhere" / "pool.jsonl"
+    moved.parent.mkdir()
+    out.rename(moved)
+    (rec,) = [r for r in data_prep.load_source(str(moved), limit=1)]  # "a" opens from anywhere
+    assert rec["id"] == "a" and Image.open(rec["images"][0]).getpixel((0, 0)) == (200, 0, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end on the tiny model: six demo records plus one with an unreadable image and one over-long prompt.
 
