@@ -1895,8 +1895,11 @@ GRAPHS_SEEN = [0]
 # Training: wrapping (DDP or FSDP2), optimizer, data order, the run's state.
 
 
-def filter_prompts(processor, records: list[dict], max_len: int) -> list[dict]:
-    kept = [r for r in records if data_prep.prompt_length(processor, r) <= max_len]
+def filter_prompts(processor, records: list[dict], max_len: int, source: str) -> list[dict]:
+    try:
+        kept = [r for r in records if data_prep.prompt_length(processor, r) <= max_len]
+    except DataError as e:  # e.g. a record with images for a text-only model: say which file it is in
+        raise DataError(f"{source}: {e}") from None
     if len(kept) < len(records):
         rank0_print(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {max_len} tokens")
     if not kept:
@@ -1925,7 +1928,7 @@ def start_stage(cfg: Config, stage: str):
     rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
     record = check_run_record(cfg, RESUMABLE)
     run = dataclasses.replace(load_for_training(cfg, device), record=record, held_out=held_out)
-    return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len), world, device
+    return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len, cfg.data), world, device
 
 
 def sharded(cfg) -> bool:

@@ -222,6 +222,12 @@ def test_cold_start_then_aepo_with_branching_then_from_pretrained(family_ckpt, f
         total -= plain_logprobs(model, data_prep.encode_prompt(processor, r), response).sum().item()
         count += len(response)
     cold = tmp_path / "cold"
+    if family in TEXT_ONLY:  # records with images, for a text-only model: one line naming the file and the record
+        with pytest.raises(SystemExit) as e:
+            ares.main(["--stage", "coldstart", "--model", str(ckpt), "--data", str(family_data["vlm", "sft"]), "--out",
+                       str(tmp_path / "images"), "--steps", "1"])
+        assert str(e.value).startswith(f"data error: {family_data['vlm', 'sft']}: record ") and \
+            str(e.value).endswith("has images but the model is text-only"), e.value
     ares.main(["--stage", "coldstart", "--model", str(ckpt), "--data", str(family_data[kind, "sft"]), "--out", str(cold),
                "--steps", "1", "--batch-size", "2", "--micro-batch-size", "2"])
     logged = [json.loads(line) for line in open(cold / "metrics.jsonl")]
