@@ -2159,7 +2159,10 @@ def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
     # --steps may change on --resume (to extend or shorten a run); the learning-rate schedule may not: a step computes
     # what it did in the first run. Past the first plan's steps the rate stays at its end (10% of --lr for cosine).
     plan = run.sched.lr_lambdas[0].plan
-    first = run.state.setdefault("lr_plan", dict(plan))  # a checkpoint saved before lr_plan existed: the plan now
+    if run.ckpt and "lr_plan" not in run.state:
+        rank0_print(f"warning: {run.ckpt} holds no learning-rate plan (saved by an older ares.py): the schedule is "
+                    f"planned over this run's {plan['total']} optimizer steps")
+    first = run.state.setdefault("lr_plan", dict(plan))
     if first != plan:
         rank0_print(f"--steps {cfg.steps} on --resume: the learning-rate schedule stays the run's first, over "
                     f"{first['total']} optimizer steps (warm-up {first['warm']}), not {plan['total']}")
@@ -2416,6 +2419,7 @@ def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: to
     totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
     stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
                  kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
+                 kl_inside_seen=kl_sums[3] > 0,
                  kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
                  kl_inside_by_bucket=kl_sums[2] / kl_sums[3].clamp(min=1),  # (3,) per token inside windows
                  kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
@@ -2448,8 +2452,9 @@ def aepo_log_row(step: int, ro: dict, sc: dict, st: dict, upd: dict, times: tupl
         c = per_bucket[0, d].item()
         row.update({f"{key}_{name}": per_bucket[k, d].item() / c if c else None
                     for k, key in ((1, "len"), (2, "n_he"), (3, "acc"), (4, "branched"))})  # branched: share of rows
-        row.update({f"{key}_{name}": upd[src][d].item() if src in upd and upd["kl_seen"][d] else None
-                    for key, src in (("kl_outside", "kl_outside"), ("kl_inside", "kl_inside_by_bucket"))})  # None: none kept
+        row.update({f"{key}_{name}": upd[src][d].item() if src in upd and upd[seen][d] else None  # None: no such token
+                    for key, src, seen in (("kl_outside", "kl_outside", "kl_seen"),
+                                           ("kl_inside", "kl_inside_by_bucket", "kl_inside_seen"))})
         row.update({f"n_{name}": int(c), f"kappa_{name}": st["kappa"][d].item(),
                     f"target_{name}": None if math.isnan(st["targets"][d]) else st["targets"][d].item()})
     row.update({k: upd[k] for k in ("clip_frac", "kl", "kl_inside", "kl_outside_mean", "grad_norm", "logprob_gap",
@@ -2682,8 +2687,9 @@ PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compare
 def same_flag(name: str, new, old, cwd_then: str) -> bool:
     """Is a flag's value on --resume the one the run started with? Paths are compared resolved (each against its
     run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file."""
-    if name == "lora_targets" and isinstance(new, str) and isinstance(old, str):  # a set of layer names
-        return sorted(set(lora_target_list(new))) == sorted(set(lora_target_list(old)))
+    if name == "lora_targets" and isinstance(new, str) and isinstance(old, str):  # all-linear, or a set of layer names
+        layers = lambda t: t if t == "all-linear" else sorted(set(lora_target_list(t)))  # noqa: E731
+        return layers(new) == layers(old)
     if new == old or name not in PATH_FLAGS or not (isinstance(new, str) and isinstance(old, str) and new and old):
         return new == old
     if name == "reward_fn":  # file.py:function: the file resolved, the function by name

@@ -258,7 +258,7 @@ def record_problem(row: dict, need_response: bool) -> str | None:
     """What is wrong with a record's fields, or None: id text or an integer; question and response text;
     answer text or a finite number; none of them empty or holding a chat-template token (the model would read
     '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]; difficulty, when
-    present, text (a list or a number would become log keys such as level_['hard']_acc)."""
+    present, text or an integer level (a list would become log keys such as level_['hard']_acc)."""
     if row.get("id") is None or isinstance(row["id"], str) and not row["id"].strip():
         return "missing or empty field 'id'"
     if not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
@@ -279,8 +279,8 @@ def record_problem(row: dict, need_response: bool) -> str | None:
     if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
         return f"field 'pass_rate' must be a number in [0, 1], got {rate!r}"
     level = row.get("difficulty")
-    if level is not None and not isinstance(level, str):
-        return f"field 'difficulty' must be text, got {json.dumps(level, default=repr)[:60]}"
+    if level is not None and not (isinstance(level, (str, int)) and not isinstance(level, bool)):
+        return f"field 'difficulty' must be text or an integer, got {json.dumps(level, default=repr)[:60]}"
     return None
 
 
@@ -1177,22 +1177,24 @@ def bracket_of(p: float, k: int) -> int:
     return int(round(p * k))
 
 
-def check_pass_rates(records: list[dict], k: int, where: str, most: int = 1024) -> list[dict]:
+def check_pass_rates(records: list[dict], k: int, where: str, most: int = 64) -> list[dict]:
     """Every pass rate read (None: computed later) is c/K for K = --k, so that round(p K) is its bracket: K = 16 rates
-    read with K = 8 put p = 1/16 in bracket 0, counted toward L(0), and fill the brackets unevenly. The first that is
-    not stops the command, naming the smallest K <= `most` all of them fit. K is checked, not inferred from the data:
-    rates that all happen to be multiples of 1/4 may come from K = 8, and the brackets would change with the data."""
-    def fits(p, n):
-        return abs(p * n - round(p * n)) < 1e-9  # c / K * K is c within a few ulps
+    read with K = 8 put p = 1/16 in bracket 0, counted toward L(0), and fill the brackets unevenly. A rate written
+    rounded to 2 decimals or finer passes (0.38 for 3/8, 0.33 for 1/3). The first that does not stops the command,
+    naming the smallest K <= `most` of which every rate is an exact multiple, if there is one (rounded rates fit
+    K = 100 exactly, which would be no advice). K is checked, not inferred from the data: rates that all happen to be
+    multiples of 1/4 may come from K = 8, and the brackets would change with the data."""
+    def near(p, n, tol):
+        return abs(p - round(p * n) / n) <= tol
     rated = [r for r in records if r.get("pass_rate") is not None]
-    bad = next((r for r in rated if not fits(r["pass_rate"], k)), None)
+    bad = next((r for r in rated if not near(r["pass_rate"], k, 0.005 + 1e-9)), None)
     if bad is None:
         return records
     rates = {r["pass_rate"] for r in rated}
-    like = next((n for n in range(1, most + 1) if all(fits(p, n) for p in rates)), None)
+    like = next((n for n in range(1, most + 1) if all(near(p, n, 1e-9) for p in rates)), None)
     raise DataError(f"{where}: record {bad['id']}: pass_rate {bad['pass_rate']:g} is not a multiple of 1/{k} (--k {k})"
-                    + (f": the pass rates look like K = {like} (pass --k {like})" if like else f", nor are the pass "
-                       f"rates multiples of 1/K for any K up to {most} (a pass rate is c/K: c right of K samples)"))
+                    + (f": the pass rates look like K = {like} (pass --k {like})" if like else ": give --k the number "
+                       "of samples per problem the pass rates were measured with (a pass rate is c/K: c right of K)"))
 
 
 def anchor_lengths(lengths: dict[int, list[int]]) -> tuple[float, float, int, int]:

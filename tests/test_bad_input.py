@@ -143,8 +143,9 @@ RECORDS = [
     ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
     ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
     ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
-    ("difficulty a list", "aepo", _set("difficulty", ["hard"]), ["field 'difficulty' must be text, got [\"hard\"]"]),
-    ("difficulty an int", "coldstart", _set("difficulty", 2), ["field 'difficulty' must be text, got 2"]),
+    ("difficulty a list", "aepo", _set("difficulty", ["hard"]),
+     ["field 'difficulty' must be text or an integer, got [\"hard\"]"]),
+    ("difficulty a float", "coldstart", _set("difficulty", 2.5), ["field 'difficulty' must be text or an integer, got 2.5"]),
     ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
 ]
 
@@ -400,9 +401,9 @@ def _tool_cases():
         (data_prep.main, ["convert", "--data", "{pad}", "--out", "{tmp}/c.jsonl"],
          "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
         (data_prep.main, ["convert", "--data", "{level}", "--out", "{tmp}/c.jsonl"],
-         "data error: {level}: record level: field 'difficulty' must be text, got 3"),
+         "data error: {level}: record level: field 'difficulty' must be text or an integer, got [3]"),
         (ev.main, ["passrate", "--data", "{level}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
-         "data error: {level}: record level: field 'difficulty' must be text, got 3"),
+         "data error: {level}: record level: field 'difficulty' must be text or an integer, got [3]"),
         (data_prep.main, ["adacs", "--data", "{k16}", "--out", "{tmp}/a.jsonl"],  # K = 16 rates read as K = 8
          "data error: {k16}: record k16: pass_rate 0.0625 is not a multiple of 1/8 (--k 8): the pass rates look like "
          "K = 16 (pass --k 16)"),
@@ -410,8 +411,8 @@ def _tool_cases():
          "data error: {k16}: record k16: pass_rate 0.0625 is not a multiple of 1/4 (--k 4): the pass rates look like "
          "K = 16 (pass --k 16)"),
         (data_prep.main, ["adacs", "--data", "{odd}", "--out", "{tmp}/a.jsonl"],
-         "data error: {odd}: record odd: pass_rate 0.314159 is not a multiple of 1/8 (--k 8), nor are the pass rates "
-         "multiples of 1/K for any K up to 1024"),
+         "data error: {odd}: record odd: pass_rate 0.314159 is not a multiple of 1/8 (--k 8): give --k the number of "
+         "samples per problem the pass rates were measured with"),
         (data_prep.main, ["demo", "--sft", "0", "--out", "{tmp}/demo"], "--sft must be >= 1, got 0"),
         (data_prep.main, ["demo", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
     ]
@@ -432,7 +433,7 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     bench, pad = tmp_path / "bench.jsonl", tmp_path / "pad.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pad.write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id="pad", question="What <|image_pad|>?")]))
-    broken = dict(level=dict(difficulty=3), k16=dict(pass_rate=1 / 16), odd=dict(pass_rate=0.314159))
+    broken = dict(level=dict(difficulty=[3]), k16=dict(pass_rate=1 / 16), odd=dict(pass_rate=0.314159))
     for name, fields in broken.items():  # the rows, then one more with the bad field, as the file's last record
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id=name,
                                                                                                    **fields)]))

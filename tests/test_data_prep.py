@@ -397,6 +397,19 @@ def test_adacs_warns_when_hard_problems_have_no_longer_traces(tmp_path, capsys):
     assert "cold start will write one length everywhere" in warnings[1] and "longer candidate traces" in warnings[1]
 
 
+def test_pass_rates_rounded_to_two_decimals_pass_and_a_wrong_k_gets_honest_advice():
+    rows = lambda *rates: [dict(id=f"r{i}", pass_rate=p) for i, p in enumerate(rates)]  # noqa: E731
+    for k, rates in ((8, (0.38, 0.13, 0.875, 0, 1)), (3, (0.33, 0.67)), (6, (0.17, 0.83)), (16, (1 / 16, 0.5))):
+        assert data_prep.check_pass_rates(rows(*rates), k, "f") == rows(*rates)  # c/K, rounded or exact
+    with pytest.raises(data_prep.DataError) as e:  # K = 16 read as K = 8: 1/16 is 0.0625 from both neighbours
+        data_prep.check_pass_rates(rows(0.5, 1 / 16), 8, "f")
+    assert str(e.value) == "f: record r1: pass_rate 0.0625 is not a multiple of 1/8 (--k 8): the pass rates look like " \
+                           "K = 16 (pass --k 16)"
+    with pytest.raises(data_prep.DataError) as e:  # rounded thirds read as K = 8: 0.33 is exactly 33/100, no advice
+        data_prep.check_pass_rates(rows(0, 0.33, 0.67, 1), 8, "f")
+    assert "pass_rate 0.33 is not a multiple of 1/8 (--k 8): give --k the number of samples" in str(e.value)
+
+
 def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
     """A sample that ends at once (passrate writes response "", length 0) is one of the K samples behind p, so it counts
     toward the anchors like any wrong trace and is never chosen; the pool is not rejected. By hand (K = 4):

@@ -165,6 +165,17 @@ def test_more_steps_on_resume_keep_the_first_runs_learning_rate_schedule(runs, t
     assert [r["lr"] for r in rows] == pytest.approx(by_hand, rel=1e-9)
     assert "the learning-rate schedule stays the run's first, over 3 optimizer steps (warm-up 1), not 5" in \
         capsys.readouterr().out
+    # A checkpoint of an older ares.py has no plan: it is planned over the new --steps, and the run says so.
+    final = out / "final"
+    saved = torch.load(final / "trainer_state.pt", weights_only=False)
+    del saved["state"]["lr_plan"]
+    torch.save(saved, final / "trainer_state.pt")
+    complete = json.loads((final / "COMPLETE").read_text())
+    complete["files"]["trainer_state.pt"] = (final / "trainer_state.pt").stat().st_size
+    (final / "COMPLETE").write_text(json.dumps(complete))
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, *flags, "--steps", "6", "--resume"))
+    assert f"warning: {final} holds no learning-rate plan (saved by an older ares.py): the schedule is planned over " \
+           "this run's 6 optimizer steps" in capsys.readouterr().out
 
 
 def test_epochs_given_for_a_tiny_model_folder_sets_the_cold_starts_length(tiny_ckpt, demo_data, tmp_path):
