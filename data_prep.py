@@ -1038,8 +1038,8 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
     record = dict(id=rid, question=question, answer=answer, images=load_images(get("images"), base, where),
                   source=source, response=response, pass_rate=pass_rate)
     used = {cols.get(f) for f in FIELDS}
-    extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and
-                                                    isinstance(v, (str, int, float, bool)) and k not in record]
+    extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and k not in record and
+                                                    (isinstance(v, (str, int, float, bool)) or k == "difficulty")]
     record.update({k: row[k] for k in extra if k in row and k not in record})
     return record
 

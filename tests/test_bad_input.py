@@ -401,9 +401,11 @@ def _tool_cases():
         (data_prep.main, ["convert", "--data", "{pad}", "--out", "{tmp}/c.jsonl"],
          "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
         (data_prep.main, ["convert", "--data", "{level}", "--out", "{tmp}/c.jsonl"],
-         "data error: {level}: record level: field 'difficulty' must be text or an integer, got [3]"),
+         "data error: {level}: record level: field 'difficulty' must be text or an integer, got 2.5"),
+        (data_prep.main, ["convert", "--data", "{levels}", "--out", "{tmp}/c.jsonl"],  # a list is not left out
+         "data error: {levels}: record levels: field 'difficulty' must be text or an integer, got [\"hard\"]"),
         (ev.main, ["passrate", "--data", "{level}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
-         "data error: {level}: record level: field 'difficulty' must be text or an integer, got [3]"),
+         "data error: {level}: record level: field 'difficulty' must be text or an integer, got 2.5"),
         (data_prep.main, ["adacs", "--data", "{k16}", "--out", "{tmp}/a.jsonl"],  # K = 16 rates read as K = 8
          "data error: {k16}: record k16: pass_rate 0.0625 is not a multiple of 1/8 (--k 8): the pass rates look like "
          "K = 16 (pass --k 16)"),
@@ -433,7 +435,8 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     bench, pad = tmp_path / "bench.jsonl", tmp_path / "pad.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pad.write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id="pad", question="What <|image_pad|>?")]))
-    broken = dict(level=dict(difficulty=[3]), k16=dict(pass_rate=1 / 16), odd=dict(pass_rate=0.314159))
+    broken = dict(level=dict(difficulty=2.5), levels=dict(difficulty=["hard"]), k16=dict(pass_rate=1 / 16),
+                  odd=dict(pass_rate=0.314159))
     for name, fields in broken.items():  # the rows, then one more with the bad field, as the file's last record
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id=name,
                                                                                                    **fields)]))
