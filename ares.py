@@ -204,8 +204,8 @@ class Config:
     log_samples_every: int = arg(10, "print one sampled response every N AEPO steps", allowed=AT_LEAST_0)
     report_to: str = arg("none", "also log the metrics.jsonl rows to tensorboard or wandb", ("none", "tensorboard", "wandb"))
     eval_data: str = arg("", "held-out records (file, folder or data_prep preset) to validate on during AEPO (default: none)")
-    eval_every: int = arg(None, "validate on --eval-data every N AEPO steps (greedy; 0 = never; default: at every "
-                                "--save-every with --eval-data, else never)", allowed=AT_LEAST_0)
+    eval_every: int = arg(None, "validate on --eval-data every N AEPO steps and at the last (greedy; 0 = never; "
+                                "default: at every --save-every with --eval-data, else never)", allowed=AT_LEAST_0)
     grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong", allowed=ABOVE_0)
     grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)", allowed=AT_LEAST_0)
     # demo (stage demo only)
@@ -825,7 +825,7 @@ def train_aepo(cfg: Config) -> Path:
         st["step"] = step + 1
         row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
         row.update(level_stats(levels, recs, sc, G) if levels else {})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):  # and the final checkpoint
             with gathered(run.policy), autocast(cfg, device), evaluating(sampler):
                 row.update(validate(cfg, sampler, run.processor, run.ids, run.held_out))
         row.update(graphs_compiled() if cfg.compile else {})  # torch.compile's new graphs this step (0 after warm-up)
@@ -836,7 +836,7 @@ def train_aepo(cfg: Config) -> Path:
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
     metrics.close()
-    rank0_print(f"curves of this run: python eval.py curves {run.out / 'metrics.jsonl'}")
+    rank0_print(f"curves of this run: python eval.py curves {shlex.quote(str(run.out / 'metrics.jsonl'))}")
     return save_checkpoint(run.out, "final", run.policy, run.opt, run.sched, run.processor, st, cfg.keep_last)
 
 

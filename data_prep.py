@@ -978,8 +978,8 @@ def read_rows(source: str, split: str | None, config: str | None):
         ds = datasets.load_dataset(source, config, split=split or "train")
         base = p.resolve() if p.is_dir() else Path.cwd()
     if isinstance(ds, datasets.DatasetDict):
-        if split is None and len(ds) == 1:
-            split = next(iter(ds))
+        if split is None:  # its only split, else train, as for a hub name
+            split = next(iter(ds)) if len(ds) == 1 else "train"
         if split not in ds:
             raise DataError(f"{source}: no split {split!r} (it has {', '.join(ds)}); pass --split")
         ds = ds[split]

@@ -257,6 +257,7 @@ def pyplot(what: str):
 
 def save_figure(plt, fig, png: Path) -> bool:
     fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)  # --plot may name a new folder, as --out may
     with data_prep.atomic_output(png) as tmp:
         fig.savefig(tmp, dpi=90, format=Path(png).suffix.lstrip(".") or "png")
     plt.close(fig)
@@ -1005,7 +1006,12 @@ def main(argv=None):
         return ares.run_command(run_curves, curves_parser().parse_args(argv[1:]))
     if argv[:1] == ["demo-report"]:  # eval.py demo-report <out of a python ares.py run>
         return ares.run_command(run_demo_report, demo_report_parser().parse_args(argv[1:]))
-    return ares.run_command(evaluate_and_report, parse_config(argv))
+    cfg = parse_config(argv)
+    try:
+        return ares.run_command(evaluate_and_report, cfg)
+    except KeyboardInterrupt:  # Ctrl-C: what was generated is in the cache, appended round by round
+        raise SystemExit(f"interrupted: the responses generated so far are in {Path(cfg.out) / 'responses.jsonl'}; "
+                         "the same command goes on from them") from None
 
 
 if __name__ == "__main__":

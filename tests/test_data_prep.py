@@ -225,6 +225,14 @@ def test_saved_dataset_folder_with_image_objects_and_rendered_choices(tmp_path):
     (rec,) = data_prep.load_source(str(tmp_path / "saved"), mapping=dict(images="image", choices="opts"))
     assert rec["question"] == "Which colour?\nChoices:\n(A) red\n(B) blue" and rec["answer"] == "B"
     assert solid(rec["images"][0], BLUE) and rec["level"] == 3
+    # A saved DatasetDict reads train unless --split names another, as a hub name does (it asked for --split)
+    splits = {name: datasets.Dataset.from_dict({"question": [f"{name}?"], "answer": ["1"]}) for name in ("test", "train")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dict"))
+    assert [r["question"] for r in data_prep.load_source(str(tmp_path / "dict"))] == ["train?"]
+    assert [r["question"] for r in data_prep.load_source(str(tmp_path / "dict"), split="test")] == ["test?"]
+    datasets.DatasetDict(dict(a=splits["test"], b=splits["train"])).save_to_disk(str(tmp_path / "ab"))
+    with pytest.raises(data_prep.DataError, match=r"no split 'train' \(it has a, b\); pass --split"):
+        data_prep.load_source(str(tmp_path / "ab"))
 
 
 def test_convert_cli_writes_records_ares_loads_with_the_same_pixels(tmp_path):

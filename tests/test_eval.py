@@ -242,13 +242,23 @@ def test_two_models_side_by_side_then_compare_reads_the_cache(tmp_path, tiny_ckp
     assert again["generated"] == 0 and again["cached"] == 2 * 7 and again["table"] == res["table"]
 
 
+def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "evaluate_and_report", interrupted)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "ev")])
+    assert str(e.value) == f"interrupted: the responses generated so far are in {tmp_path / 'ev' / 'responses.jsonl'}; " \
+                          "the same command goes on from them"
+
+
 def test_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     responses = [json.loads(x) for x in open(hand_jsonl(tmp_path / "r.jsonl"))]
     results = dict(metrics={"hand": {"A": ev.summarize(responses, [], 2, "difficulty"),
                                      "B": ev.summarize(responses[:4], [], 2, "difficulty")}})
-    assert ev.plot_results(results, tmp_path / "p.png")
-    data = (tmp_path / "p.png").read_bytes()
+    assert ev.plot_results(results, tmp_path / "new" / "p.png")  # into a folder that does not exist yet
+    data = (tmp_path / "new" / "p.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
 
 

@@ -277,29 +277,35 @@ def test_refill_under_torchrun_takes_the_same_decisions_on_both_ranks(tiny_ckpt,
 # 5. Validation during AEPO
 
 
-def test_validation_logs_what_eval_py_measures_on_the_checkpoint(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+def test_validation_logs_what_eval_py_measures_on_the_checkpoint(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    import shlex
+
     import eval as evaluation
 
-    out = tmp_path / "run"
-    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--keep-uniform-groups", "--eval-data",
+    out = tmp_path / "my run"  # a space: the command printed at the end must still work when pasted
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 3, "--keep-uniform-groups", "--eval-data",
                         demo_data["test"], "--eval-every", 2, "--lr", "1e-2"))
     rows = read_jsonl(out / "metrics.jsonl")
-    evaluation.main(["curves", str(out / "metrics.jsonl")])  # the command the run prints at its end
-    assert "eval_acc" not in rows[0] and (out / "curves.png").stat().st_size > 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("curves of this run: "))
+    python, script, *argv = shlex.split(printed.removeprefix("curves of this run: "))
+    assert (python, script, argv) == ("python", "eval.py", ["curves", str(out / "metrics.jsonl")])
+    evaluation.main(argv)
+    assert "eval_acc" not in rows[0] and "eval_acc" in rows[1] and (out / "curves.png").stat().st_size > 0
+    last = rows[2]  # every 2nd step and the last, whose checkpoint is final/: eval.py measures it below
     res = evaluation.evaluate(evaluation.parse_config(["--model", str(out / "final"), "--data", str(demo_data["test"]),
                                                        "--out", str(tmp_path / "eval"), "--max-new-tokens", "12"]))
     summary = next(iter(next(iter(res["metrics"].values())).values()))
-    assert rows[1]["eval_acc"] == summary["overall"]["accuracy"]
-    assert rows[1]["eval_len"] == summary["overall"]["mean_tokens"]
+    assert last["eval_acc"] == summary["overall"]["accuracy"]
+    assert last["eval_len"] == summary["overall"]["mean_tokens"]
     for level, m in summary["buckets"].items():
-        assert (rows[1][f"eval_{level}_acc"], rows[1][f"eval_{level}_len"]) == (m["accuracy"], m["mean_tokens"])
+        assert (last[f"eval_{level}_acc"], last[f"eval_{level}_len"]) == (m["accuracy"], m["mean_tokens"])
     assert len(summary["buckets"]) == 3
     figures = []
     monkeypatch.setattr(evaluation, "save_figure", lambda plt, fig, png: figures.append(fig) or True)
     evaluation.plot_curves(out / "metrics.jsonl", tmp_path / "c.png")
     ax = next(a for a in figures[0].axes if a.get_title() == "held-out accuracy (--eval-data)")
     line = next(ln for ln in ax.get_lines() if ln.get_label() == "acc")
-    assert list(line.get_xdata()) == [2] and list(line.get_ydata()) == [rows[1]["eval_acc"]]  # the validated step
+    assert list(line.get_xdata()) == [2, 3] and line.get_ydata()[-1] == last["eval_acc"]  # the validated steps
 
 
 def test_eval_every_without_eval_data_is_refused(tmp_path):
