@@ -171,7 +171,8 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
                               split=cfg.split, config=cfg.config))
     failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
     records = data_prep.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
-    return dict(name=name, key=key, records=records, failures=failures)
+    images = {r["id"]: [image_digest(im) for im in r["images"]] for r in records}  # once, for every model's cache key
+    return dict(name=name, key=key, records=records, failures=failures, image_digests=images)
 
 
 
@@ -358,11 +359,12 @@ def image_digest(img) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def record_key(processor, record: dict) -> str:
+def record_key(processor, record: dict, image_digests: list[str]) -> str:
     """A record's content as the model and the grader see it: the prompt text (question, choices rendered into it,
-    the model's instruction and chat template), the answer, and the bytes of each image. An edited record gets a
-    new key, so its cached responses, and verdicts against the old answer, are not reused."""
-    content = [data_prep.prompt_text(processor, record), record["answer"], [image_digest(im) for im in record["images"]]]
+    the model's instruction and chat template), the answer, and the bytes of each image (`image_digest`, taken once
+    per benchmark). An edited record gets a new key, so its cached responses, and verdicts against the old answer,
+    are not reused."""
+    content = [data_prep.prompt_text(processor, record), record["answer"], image_digests]
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
@@ -427,7 +429,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     rank, world = ares.rank(), ares.world_size()
     decoding, settings = decoding_key(cfg), settings_key(cfg, model)
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
-    content = {r["id"]: record_key(processor, r) for r in usable}
+    content = {r["id"]: record_key(processor, r, bench["image_digests"][r["id"]]) for r in usable}
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, settings, content[rid])  # noqa: E731
     failed = [dict(id=f["id"], error=f["error"]) for f in bench["failures"]] + failed
     chunks = [usable[i:i + cfg.batch_size] for i in range(0, len(usable), cfg.batch_size)]  # fixed by the data alone
