@@ -1184,8 +1184,8 @@ def check_pass_rates(records: list[dict], k: int, where: str, most: int = 64) ->
     naming the smallest K <= `most` of which every rate is an exact multiple, if there is one (rounded rates fit
     K = 100 exactly, which would be no advice). K is checked, not inferred from the data: rates that all happen to be
     multiples of 1/4 may come from K = 8, and the brackets would change with the data."""
-    def near(p, n, tol):
-        return abs(p - round(p * n) / n) <= tol
+    def near(p, n, tol):  # within tol of its bracket's rate
+        return abs(p - bracket_of(p, n) / n) <= tol
     rated = [r for r in records if r.get("pass_rate") is not None]
     bad = next((r for r in rated if not near(r["pass_rate"], k, 0.005 + 1e-9)), None)
     if bad is None:
