@@ -2374,9 +2374,9 @@ class Metrics:
             self.tracker.close()
 
 
-def logged_rows(path: Path) -> list[dict]:
+def logged_rows(path: Path, warn: bool = True) -> list[dict]:
     """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
-    warning."""
+    warning (warn=False: silently, for a caller that only asks whether the file is a run's log)."""
     rows = []
     for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
         try:
@@ -2385,7 +2385,7 @@ def logged_rows(path: Path) -> list[dict]:
             row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
-        elif line.strip():
+        elif line.strip() and warn:
             print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
     return rows
 

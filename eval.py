@@ -686,19 +686,11 @@ def run_curves(args):
         raise SystemExit(f"curves {path}: a folder; give an AEPO run's metrics.jsonl{hint}")
     if not path.is_file():
         raise SystemExit(f"curves {path}: no such file; give an AEPO run's metrics.jsonl")
-    rows = map(json_or_none, path.read_bytes().decode("utf-8", "replace").splitlines())  # as ares.logged_rows reads it
-    if not any(isinstance(row, dict) and isinstance(row.get("step"), int) for row in rows):
+    if not ares.logged_rows(path, warn=False):  # another JSONL file: one line, not a warning for each of its lines
         raise SystemExit(f"curves {path}: no AEPO step rows in it; give an AEPO run's metrics.jsonl")
     png = path.with_name("curves.png")
     if plot_curves(path, png):
         print(f"curves: {png}", flush=True)
-
-
-def json_or_none(line: str):
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
 
 
 def moving_mean(values: list[float], k: int) -> list[float]:
