@@ -2562,8 +2562,10 @@ def claim_out(cfg, contents=run_contents):
     take_lock(out)
     there = contents(out)
     if there and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"--out {cfg.out} holds a run ({', '.join(there)}): add --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
+        how = ("add --overwrite to run it again there" if cfg.stage == "demo"  # the demo starts over (validate_config)
+               else "add --resume to continue it, --overwrite to replace it")
+        raise SystemExit(f"--out {cfg.out} holds a {'demo' if cfg.stage == 'demo' else 'run'} ({', '.join(there)}): "
+                         f"{how}, or choose another --out")
     ckpt = latest_checkpoint(out) if cfg.resume else None
     step = json.loads((ckpt / "COMPLETE").read_text())["step"] if ckpt else 0
     if step and not (out / "metrics.jsonl").is_file():
@@ -2776,6 +2778,9 @@ def validate_config(cfg: Config) -> Config:
         p = Path(path).expanduser()
         if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
             raise SystemExit(f"{flag} {path}: no such file or folder")
+    if cfg.stage == "demo" and cfg.resume:
+        raise SystemExit("--resume: the demo does not continue a stopped demo; run it again with --overwrite (it "
+                         "starts over), or give another --out")
     out = Path(cfg.out).expanduser()
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():

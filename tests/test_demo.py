@@ -3,6 +3,7 @@ the pipeline ran through its command and left what the next one reads; the learn
 (README), not asserted here."""
 import json
 
+import ares
 import pytest
 from conftest import run_script
 
@@ -39,6 +40,18 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
                 *(f"level_{lv}_{k}" for lv in LEVELS for k in ("len", "n_he", "acc", "groups_easy"))):
         assert key in ares_row, key
     assert ares_row["branches"] > 0 and grpo_row["branches"] == 0  # the GRPO baseline does not branch
+    # both runs got the demo's AEPO flags and the same cold start, seed and steps; GRPO also got BASELINE's settings
+    ares_flags, grpo_flags = (json.loads((out / run / "config.json").read_text())["flags"] for run in ("aepo", "grpo"))
+    for flags in (ares_flags, grpo_flags):
+        assert flags["keep_uniform_groups"] is True and flags["trigger_words"] is True
+    assert {k: ares_flags[k] for k in ("entropy_shaping", "kl_mode", "clip_high", "dual_clip")} == dict(
+        entropy_shaping="hierarchical", kl_mode="dynamic", clip_high=0.3, dual_clip=3.0)
+    assert {k: grpo_flags[k] for k in ("entropy_shaping", "branch_samples", "kl_mode", "clip_high", "dual_clip")} == dict(
+        entropy_shaping="none", branch_samples=0, kl_mode="fixed", clip_high=0.2, dual_clip=0.0)
+    assert {k: v for k, v in grpo_flags.items() if k not in ("entropy_shaping", "branch_samples", "kl_mode", "clip_high",
+                                                             "dual_clip", "out")} == \
+        {k: v for k, v in ares_flags.items() if k not in ("entropy_shaping", "branch_samples", "kl_mode", "clip_high",
+                                                          "dual_clip", "out")}
     for row in read_jsonl(out / "aepo" / "metrics.jsonl"):  # branched share x responses, summed over buckets
         assert sum(row[f"branched_{b}"] * row[f"n_{b}"] for b in LEVELS if row[f"n_{b}"]) == pytest.approx(row["branches"])
     assert all(grpo_row[f"branched_{b}"] in (0, None) for b in LEVELS)
@@ -60,6 +73,17 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     assert page.count('class="t') > 100 and "branched from" in page and "tau =" in page
     assert "cold start" in res.stdout and "ARES" in res.stdout and "stage times" in res.stdout
     assert "--nproc_per_node=2 eval.py passrate" in res.stdout and "$ python data_prep.py adacs" in res.stdout
+    # the same command again stops with one line and changes nothing; the demo does not resume (README: two commands)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit) as again:
+        ares.main(["--demo-steps", "2", "--out", out])
+    assert str(again.value.code) == (f"--out {out} holds a demo (warmup/, coldstart/, aepo/, grpo/): add --overwrite "
+                                     "to run it again there, or choose another --out")
+    with pytest.raises(SystemExit) as resumed:
+        ares.main(["--demo-steps", "2", "--out", out, "--resume"])
+    assert str(resumed.value.code).startswith("--resume: the demo does not continue a stopped demo; run it again with "
+                                              "--overwrite")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     # the README's opening table (`eval.py --demo` over runs; here the same run twice): every level of both decodings,
     # and the trace styles at T = 1, whose cold-start share of re-checks on easy problems is counted here again
     summary = run_script(["eval.py", "--demo", out, "--demo", out]).stdout

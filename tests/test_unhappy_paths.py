@@ -202,6 +202,31 @@ def test_overwrite_replaces_the_run_and_leaves_none_of_its_files(runs, tiny_ckpt
     assert not (out / ares.LOCK).exists()  # released when the run ended
 
 
+def test_demo_overwrite_passes_overwrite_to_every_training_stage_and_deletes_the_eval_caches(tmp_path, monkeypatch):
+    # README "Two commands": `--overwrite` on a folder holding a demo makes each stage replace its own run and deletes
+    # eval.py's response caches (keyed by checkpoint paths, so they would serve the old checkpoints' answers). The
+    # stages' commands are recorded here, not run (test_demo.py runs them).
+    out = tmp_path / "demo"
+    for stage in ("warmup", "coldstart", "aepo", "grpo"):
+        (out / stage / "final").mkdir(parents=True)
+    for cache in ("eval_greedy", "eval_sampled"):
+        (out / cache).mkdir()
+        (out / cache / "responses.jsonl").write_text('{"id": "old"}\n')
+    commands = []
+
+    def record(args, procs, log, nproc=1):
+        commands.append([str(a) for a in args])
+        log.write_text("")
+
+    monkeypatch.setattr(ares, "demo_command", record)
+    monkeypatch.setattr(ares, "demo_wait", lambda procs: None)
+    ares.main(["--out", out, "--overwrite", "--demo-steps", "1"])
+    assert not (out / "eval_greedy").exists() and not (out / "eval_sampled").exists()
+    training = [c for c in commands if c[0] == "ares.py"]
+    assert [c[c.index("--out") + 1] for c in training] == [str(out / s) for s in ("warmup", "coldstart", "aepo", "grpo")]
+    assert all("--overwrite" in c for c in training)
+
+
 # A run killed with -9 (no chance to clean up) leaves its lock behind.
 KILLED_AT_START = '''
 import os, signal, sys
