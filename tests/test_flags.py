@@ -1,5 +1,6 @@
-"""Issue 12: a flag the user gives always wins over the stage and tiny-model defaults, even when its value equals the
-dataclass default (which used to read as "not given")."""
+"""Flags through the command line: one the user gives always wins over the stage and tiny-model defaults, even when its
+value equals the dataclass default (issue 12: it used to read as "not given"), and each AEPO knob reaches the function
+of Part 1 that uses it."""
 import pytest
 
 import ares
@@ -33,3 +34,56 @@ def test_stage_defaults_fill_what_was_not_given_and_a_caller_set_value_still_win
     paper = ares.resolve_stage_defaults(ares.parse_config(["--model", "some/hub-model", "--data", "x", "--stage",
                                                            "aepo", "--lr", "1e-6"]), "aepo")
     assert (paper.lr, paper.batch_size, paper.window, paper.max_prompt_len) == (1e-6, 512, 4, 4096)
+
+
+# Each AEPO knob below, given through the command line with a value other than its default, must reach the function of
+# Part 1 that uses it: the math tests call those functions with values directly, so only this checks the wiring.
+KNOBS = {  # flag: (value, the function, its parameter)
+    "--window": (2, "window_entropy", "w"),
+    "--entropy-quantile": (0.9, "hwe_threshold", "q"),
+    "--max-branches-per-response": (1, "choose_branch_points", "max_per_response"),
+    "--target-momentum": (0.7, "update_targets", "momentum"),
+    "--entropy-shaping": ("incorrect-only", "entropy_shaped_reward", "mode"),
+    "--entropy-coef": (0.3, "entropy_shaped_reward", "alpha"),
+    "--kl-coef": (0.02, "kl_weights", "beta0"),
+    "--kl-relax": (0.25, "kl_weights", "relax"),
+    "--kl-target": (0.02, "update_kl_controller", "target"),
+    "--kl-adapt-rate": (0.1, "update_kl_controller", "rate"),
+    "--clip-low": (0.15, "aepo_loss", "clip_low"),
+    "--clip-high": (0.25, "aepo_loss", "clip_high"),
+    "--dual-clip": (2.5, "aepo_loss", "dual_clip"),
+    "--loss-agg": ("token-mean", "aepo_loss", "agg"),
+    "--temperature": (0.9, "sample_token", "temperature"),
+    "--top-p": (0.95, "sample_token", "top_p"),
+}
+
+
+def test_every_aepo_knob_given_on_the_command_line_reaches_the_function_that_uses_it(tiny_ckpt, demo_data, tmp_path,
+                                                                                      monkeypatch):
+    import inspect
+
+    import torch
+
+    calls = {}
+    for name in {fn for _, fn, _ in KNOBS.values()}:
+        real = getattr(ares, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.setdefault(_name, []).append(inspect.signature(_real).bind(*args, **kw).arguments)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ares, name, spy)
+    adamw, real_adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: adamw.append(kw) or real_adamw(params, **kw))
+    steps = []
+    real_step = ares.optimizer_step
+    monkeypatch.setattr(ares, "optimizer_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
+    flags = [str(x) for flag, (value, _, _) in KNOBS.items() for x in (flag, value)]
+    ares.main(["--stage", "aepo", "--model", tiny_ckpt, "--data", demo_data["rl"], "--out", tmp_path / "run", "--steps",
+               1, "--batch-size", 2, "--group-size", 4, "--branch-samples", 2, "--max-response-len", 12,
+               "--log-samples-every", 0, "--keep-uniform-groups", "--weight-decay", 0.05, "--ppo-epochs", 2, *flags])
+    for flag, (value, fn, param) in KNOBS.items():
+        assert calls.get(fn), f"{fn} was never called"
+        assert {c[param] for c in calls[fn]} == {value}, (flag, {c[param] for c in calls[fn]})
+    assert [kw["weight_decay"] for kw in adamw] == [0.05]
+    assert len(steps) == 2  # --ppo-epochs 2: two passes over the one rollout batch (one minibatch each)
