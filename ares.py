@@ -486,7 +486,9 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, u: torc
         cdf = sp.cumsum(-1)
         j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         tok = (si.gather(-1, j) if si is not None else j).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logp)  # softmax(logp) = p
+    # softmax(logp) = p; one chunk of all B rows (their float32 copy exists already): a chunk loop would fix B under
+    # torch.compile, whose KV pool marks it dynamic (an error past 1,024 rows)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), token_entropy(logp, chunk=max(len(logp), 1))
 
 
 def banned_tokens(model) -> list[int]:

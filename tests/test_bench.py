@@ -192,6 +192,27 @@ def test_kv_pool_path_samples_what_the_eager_path_samples(tiny, demo_data, compi
         assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for every bucket and call
 
 
+def test_compiled_kv_pool_samples_more_rows_than_an_entropy_chunk(tiny, demo_data):
+    """A decode step over more than 1,024 rows (token_entropy's chunk: its loop would fix the row count that the pool
+    marks dynamic, and torch.compile stops with an error) compiles, a second call compiles nothing more, and it draws what the eager path draws, but for
+    a rare near-tie of the inverse CDF (the two paths' float sums differ by ~1e-6: 1 row in 1,100 here)."""
+    from torch._dynamo.utils import counters
+
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], ["What is 2 + 3?"])
+    kw = dict(ids=special_ids_with_extra_stops(model, processor), temperature=T_SAMPLE, top_p=TOP_P, max_new_tokens=3,
+              repeats=1100)
+    pool = ares.KVPool(1100, 64, compile=True, backend="aot_eager")
+    ares.sample(model, prompts, generator=torch.Generator().manual_seed(1), pool=pool, **kw)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    pooled = ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), pool=pool, **kw)
+    eager = ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    same = (pooled["tokens"] == eager["tokens"]).all(1)  # (1100,)
+    assert pooled["tokens"].shape[0] == 1100 and same.sum() >= 1095, same.sum()
+    torch.testing.assert_close(pooled["entropy"][same], eager["entropy"][same], atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs  # the second call reuses the first call's graph
+
+
 def test_device_script_dry_run_on_the_cpu(tmp_path):
     """.ci/device_check.sh tiny: every step of the one-call device script at tiny size on the CPU (the 3-step AEPO run
     with --compile under torchrun, the LoRA step, the bf16 / accumulation / --fsdp paths on data with text-only records,
