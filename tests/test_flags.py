@@ -65,7 +65,7 @@ def test_every_aepo_knob_given_on_the_command_line_reaches_the_function_that_use
     import torch
 
     calls = {}
-    for name in {fn for _, fn, _ in KNOBS.values()}:
+    for name in {fn for _, fn, _ in KNOBS.values()} | {"hwe_mask"}:
         real = getattr(ares, name)
 
         def spy(*args, _real=real, _name=name, **kw):
@@ -81,9 +81,19 @@ def test_every_aepo_knob_given_on_the_command_line_reaches_the_function_that_use
     flags = [str(x) for flag, (value, _, _) in KNOBS.items() for x in (flag, value)]
     ares.main(["--stage", "aepo", "--model", tiny_ckpt, "--data", demo_data["rl"], "--out", tmp_path / "run", "--steps",
                1, "--batch-size", 2, "--group-size", 4, "--branch-samples", 2, "--max-response-len", 12,
-               "--log-samples-every", 0, "--keep-uniform-groups", "--weight-decay", 0.05, "--ppo-epochs", 2, *flags])
+               "--log-samples-every", 0, "--keep-uniform-groups", "--weight-decay", 0.05, "--ppo-epochs", 2,
+               "--trigger-words", *flags])
     for flag, (value, fn, param) in KNOBS.items():
         assert calls.get(fn), f"{fn} was never called"
         assert {c[param] for c in calls[fn]} == {value}, (flag, {c[param] for c in calls[fn]})
     assert [kw["weight_decay"] for kw in adamw] == [0.05]
+    # --trigger-words: every HWE mask (branch points and N_HE) keeps only windows that start at a reasoning word,
+    # judged on the token sampled there; the table, rebuilt here from the tokenizer, marks exactly those words
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    words = {v for v in range(len(tok)) if tok.decode([v]).strip().lower() in ares.TRIGGER_WORDS}
+    assert words and calls["hwe_mask"]
+    for c in calls["hwe_mask"]:
+        assert c["tokens"] is not None and set(c["triggers"].nonzero().flatten().tolist()) == words
     assert len(steps) == 2  # --ppo-epochs 2: two passes over the one rollout batch (one minibatch each)
