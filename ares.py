@@ -2236,8 +2236,8 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
     # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
     hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),  # this rank's GPU only:
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)  # a resume may see fewer GPUs
     torch.save(rng, tmp / f"rng_{me}.pt")
     data_prep.fsync(tmp / f"rng_{me}.pt")
     if me == 0:
@@ -2333,8 +2333,8 @@ def restore_training_state(path: Path, policy, opt, sched) -> dict:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if isinstance(rng["cuda"], torch.Tensor) and torch.cuda.is_available():  # a list: every GPU's (older checkpoints)
+            torch.cuda.set_rng_state(rng["cuda"])  # the current device: this rank's
     return saved["state"]
 
 

@@ -11,7 +11,8 @@
 #   2. lora        one LoRA AEPO step (--lora-rank 8; peft is in the device image), the same group. lora.log
 #   3. paths       the default GPU path that the compile step's fp32 leaves out, 2 AEPO steps each, the same group:
 #                  bf16 (the sampling copy and its refresh, autocast) with gradient accumulation (--micro-batch-size
-#                  2: DDP's no_sync) and --grad-checkpointing; then --fsdp the same way on data whose every other
+#                  2: DDP's no_sync) and --grad-checkpointing, then --resume to a third step (the checkpoint's CUDA RNG
+#                  state restored); then --fsdp the same way on data whose every other
 #                  record is text-only (the blank-image path of a micro-batch without images). paths.log
 #   4. bench_3b    Qwen2.5-VL-3B (published config, random weights, bf16 rollouts, fp32-master update): the update's MFU
 #                  on a ~4k-token micro-batch with gradient checkpointing (the trainer's make_trainable and shared-prompt
@@ -124,7 +125,8 @@ rows[1::2] = [dict(r, id=f"text-{k}", images=[], question=f"What is 2 + {k}?", a
               for k, r in enumerate(rows[1::2])]
 open(sys.argv[2], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
-  step paths 90 "$OUT/paths.log" bash -c '"$@" --out "$0/bf16" && "$@" --out "$0/fsdp" --fsdp --data "$0/data/mixed.jsonl"' \
+  step paths 90 "$OUT/paths.log" bash -c '"$@" --out "$0/bf16" && "$@" --out "$0/bf16" --resume --steps 3 &&
+    "$@" --out "$0/fsdp" --fsdp --data "$0/data/mixed.jsonl"' \
     "$WORK" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --steps 2 --micro-batch-size 2 --grad-checkpointing --minibatches 2
 fi
 if [[ " $STEPS " == *" bench "* ]]; then

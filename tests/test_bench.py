@@ -215,7 +215,7 @@ def test_compiled_kv_pool_samples_more_rows_than_an_entropy_chunk(tiny, demo_dat
 
 def test_device_script_dry_run_on_the_cpu(tmp_path):
     """.ci/device_check.sh tiny: every step of the one-call device script at tiny size on the CPU (the 3-step AEPO run
-    with --compile under torchrun, the LoRA step, the bf16 / accumulation / --fsdp paths on data with text-only records,
+    with --compile under torchrun, the LoRA step, the bf16 / accumulation / resume / --fsdp paths on data with text-only records,
     bench's update and rollouts), and what it leaves under $OUT fits what
     the device tool brings back (at most 8 plain files, names of letters, digits, '.', '_' and '-'), with every step's
     exit code 0 and the headline numbers in summary.json: graphs compiled in step 1 and none after, the compiled
@@ -242,7 +242,7 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
     steps = summary["steps"]
     assert set(steps) == {"compile", "lora", "paths", "bench_tiny"}
     assert steps["compile"]["rc"] == steps["paths"]["rc"] == steps["bench_tiny"]["rc"] == 0, steps
-    assert {run: [r["step"] for r in rows] for run, rows in summary["paths"].items()} == {"bf16": [1, 2], "fsdp": [1, 2]}
+    assert {run: [r["step"] for r in rows] for run, rows in summary["paths"].items()} == {"bf16": [1, 2, 3], "fsdp": [1, 2]}
     peft = importlib.util.find_spec("peft") is not None  # pinned in requirements.txt; without it the step says so
     assert steps["lora"]["rc"] == (0 if peft else "skipped: peft is not installed"), steps
     graphs = summary["compile"]["graphs_per_step"]
