@@ -506,7 +506,7 @@ def without_banned(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.T
 @torch.no_grad()
 def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, budgets: list[int] | None = None,
            prefixes: list[list[int]] | None = None, repeats: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, pool=None) -> dict:
+           generator: torch.Generator | None = None, pool=None, prefill_tokens: int | None = None) -> dict:
     """Sample `repeats` continuations of each prompt (+ optional token prefix), prompt-major order.
     prompts: encode_prompt() dicts; budgets: new-token limit per output row (default max_new_tokens).
     Returns tokens, logprobs, entropy (N, T) and mask (N, T) bool of the sampled tokens (EOS included, padding
@@ -516,37 +516,56 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
     KVPool takes the prompts' keys and values and decodes with a step compiled once per run (CUDA graphs on a GPU)
     on a fixed set of row counts: finished rows leave by moving to a smaller one. Both paths draw the same noise for
     row i at step t, so they sample the same tokens up to floating-point ties. Rows sharing a prompt dict share its
-    images."""
+    images. prefill_tokens: the most (padded) tokens of one prefill forward (prefill)."""
     device = next(model.parameters()).device
     prefixes = prefixes or [[]] * len(prompts)
     N = len(prompts) * repeats
     budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
-    state = prefill(model, prompts, prefixes, ids, repeats)
+    state = prefill(model, prompts, prefixes, ids, repeats, prefill_tokens)
     kv = pool.start(model, state, budgets) if pool is not None else EagerKV(state, repeats)
     return decode(model, state, kv, budgets, ids, temperature, top_p, generator)
 
 
-def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, repeats: int) -> dict:
+def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, repeats: int,
+            max_tokens: int | None = None) -> dict:
     """Run every prompt (+ prefix) through the model once, left-padded, into a KV cache. -> cache (P rows),
     att (P, L) its attention mask, logits (N, V) of the last position and next_pos (N,) the position of the first
-    new token (each prompt's repeated), vlm (3-D rotary positions)."""
+    new token (each prompt's repeated), vlm (3-D rotary positions). With max_tokens, the rows go through in parts of
+    at most that many (padded) tokens, every part padded to the longest row, and their keys and values are copied into
+    one cache: a forward's activations grow with its tokens, and a branch call's rows carry long prefixes."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    batch = prompt_batch(model, prompts, prefixes, ids, device)
-    inputs = dict(model_inputs(batch), **encode_images(model, batch))
-    cache = DynamicCache(config=model.config.get_text_config())
-    logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (P, V)
-    return dict(cache=cache, att=batch["attention_mask"], logits=logits.repeat_interleave(repeats, 0),
-                next_pos=batch["next_pos"].repeat_interleave(repeats, 0), vlm=batch["position_ids"].dim() == 3)
+    P, L = len(prompts), max(max(len(p["ids"]) + len(x) for p, x in zip(prompts, prefixes)), 1)
+    per = P if not max_tokens else max(1, max_tokens // L)  # rows per forward
+    full, logits, att, next_pos = None, [], [], []
+    for s in range(0, P, per):
+        batch = prompt_batch(model, prompts[s:s + per], prefixes[s:s + per], ids, device, length=L)  # (p, L)
+        inputs = dict(model_inputs(batch), **encode_images(model, batch))
+        cache = DynamicCache(config=model.config.get_text_config())
+        logits.append(model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1])  # (p, V)
+        att.append(batch["attention_mask"])
+        next_pos.append(batch["next_pos"])
+        if per < P:  # each layer's keys and values (p, kv heads, L, head dim) into the (P, ...) whole
+            full = full or [[x.new_empty(P, *x.shape[1:]) for x in (layer.keys, layer.values)] for layer in cache.layers]
+            for (K, V), layer in zip(full, cache.layers):
+                K[s:s + per], V[s:s + per] = layer.keys, layer.values
+            del cache
+    if full is not None:
+        cache = DynamicCache(config=model.config.get_text_config())
+        for i, (K, V) in enumerate(full):
+            cache.update(K, V, i)
+    return dict(cache=cache, att=torch.cat(att), logits=torch.cat(logits).repeat_interleave(repeats, 0),
+                next_pos=torch.cat(next_pos).repeat_interleave(repeats, 0), vlm=batch["position_ids"].dim() == 3)
 
 
-def prompt_batch(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, device) -> dict:
+def prompt_batch(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, device, length: int = 1) -> dict:
     """Prompts (+ token prefixes) left-padded, so every row's last token is at the end: input_ids, attention_mask
-    (P, L), position_ids (3, P, L) for Qwen-VL's 3-D rotary positions else (P, L), mm_token_type_ids, the distinct
-    images (gather_images), and next_pos (P,): the position of the first token after each row."""
+    (P, L) (L at least `length`), position_ids (3, P, L) for Qwen-VL's 3-D rotary positions else (P, L),
+    mm_token_type_ids, the distinct images (gather_images), and next_pos (P,): the position of the first token after
+    each row."""
     input_ids, att = pad([torch.cat([p["ids"], torch.tensor(x, dtype=torch.long)]) for p, x in zip(prompts, prefixes)],
-                         ids["pad"], left=True)  # (P, L)
+                         ids["pad"], left=True, length=length)  # (P, L)
     images = gather_images(prompts)
     pos = position_ids(model, input_ids, att.long(), images["row_grid_thw"])
     batch = dict(input_ids=input_ids, attention_mask=att.long(), position_ids=pos, **images,
@@ -683,7 +702,8 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
     -> Rollouts, every row at its final index (ungraded: texts and acc come from grade_rollouts)."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     fresh, P = G - B, len(prompts)
-    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=pool)
+    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=pool,  # a prefill
+              prefill_tokens=cfg.micro_batch_size * (cfg.max_prompt_len + L))  # reads at most an update micro-batch
     cap = cfg.rollout_batch if isinstance(cfg.rollout_batch, int) else P * G  # "auto" is resolved in train_aepo
     per_call = max(1, cap // fresh)  # prompts per sampler call: bounds the KV cache
     first = [r for k in range(0, P, per_call)
@@ -751,7 +771,7 @@ def train_coldstart(cfg: Config) -> Path:
         mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
         n_tok = all_reduce(torch.tensor(float(sum(len(responses[i]) for i in mine)))).item()
         micro = [mine[k:k + cfg.micro_batch_size] for k in range(0, len(mine), cfg.micro_batch_size)]
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64)  # the loss, and every token the model read (prompts too: MFU)
         for k, part in enumerate(micro):
             batch = make_batch(run.hf, [encode_prompt(run.processor, records[i]) for i in part],
                                [responses[i] for i in part], run.ids["pad"], device)
@@ -759,12 +779,12 @@ def train_coldstart(cfg: Config) -> Path:
                 logp, _ = run.model(batch)
                 loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
-            loss_sum += loss.detach().double().cpu()
+            sums += torch.stack([loss.detach().double().cpu(), batch["attention_mask"].sum().double().cpu()])
         norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip, run.model)
-        loss_val = all_reduce(loss_sum).item()
+        loss_val, read = all_reduce(sums).tolist()
         dt = time.time() - t0
         row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
-                   tokens_per_s=n_tok / dt, mfu=mfu(n_tok / dt, run.n_trainable, device), time=dt,
+                   tokens_per_s=n_tok / dt, mfu=mfu(read / dt, run.n_lm, run.n_lm_trained, device), time=dt,
                    **(graphs_compiled() if cfg.compile else {}))
         if not ok or not math.isfinite(loss_val):
             rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
@@ -1537,10 +1557,10 @@ def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, tempe
             outs.append(piece(hc, tc))
     logp = torch.cat([o[0] for o in outs], 1)
     return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
-def pad(rows: list[torch.Tensor], value=0, left: bool = False):
-    """Stack 1-D tensors into (N, L), L = the longest (at least 1), filled with `value`
+def pad(rows: list[torch.Tensor], value=0, left: bool = False, length: int = 1):
+    """Stack 1-D tensors into (N, L), L = the longest (at least `length`), filled with `value`
     on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
-    L = max(max(len(r) for r in rows), 1)
+    L = max(max(len(r) for r in rows), length)
     out = torch.full((len(rows), L), value, dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -2123,6 +2143,8 @@ class Run:
     state: dict = field(default_factory=dict)  # what a checkpoint restores besides weights: step, AEPO's targets, kappa
     n_params: int = 0
     n_trainable: int = 0
+    n_lm: int = 0  # the language model's parameters (outside the vision tower), and those of them that train
+    n_lm_trained: int = 0
     record: dict = field(default_factory=dict)  # <out>/config.json: the flags, versions and commit of the run
     held_out: list = field(default_factory=list)  # --eval-data's records (validated every --eval-every AEPO steps)
 
@@ -2171,6 +2193,9 @@ def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
         plan.update(first)  # the optimizer's current rate came back with its state, under that plan
     run.n_params = sum(p.numel() for p in run.hf.parameters())  # DTensor.numel() is the global size
     run.n_trainable = sum(p.numel() for p in run.params)
+    vision = {id(p) for p in vision_params(run.hf)}
+    run.n_lm = sum(p.numel() for p in run.hf.parameters() if id(p) not in vision)  # the language model (MFU)
+    run.n_lm_trained = sum(p.numel() for p in run.params if id(p) not in vision)
     return run
 
 
@@ -2483,16 +2508,20 @@ def level_stats(levels: list[str], recs: list[dict], sc: dict, G: int) -> dict:
     return row
 
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "4090": 165.0}  # dense bf16 by device name, the first match (H100: SXM)
 
 
-def mfu(tokens_per_s: float, n_params: int, device) -> float | None:
-    """Model FLOPs utilisation: 6 N flops per trained token over the card's dense bf16 peak (GPU only)."""
+def mfu(tokens_per_s: float, n_lm: int, n_lm_trained: int, device) -> float | None:
+    """Model FLOPs utilisation of a cold-start step (GPU only): (4 N + 2 N_trained) FLOPs per token through the
+    language model (forward 2 N, backward to the activations 2 N, weight gradients 2 N for the weights that train:
+    6 N in full fine-tuning, about 4 N under LoRA) for every prompt and response token, over the card's dense bf16
+    peak. The vision tower and attention's S^2 term are left out, so it is a lower bound (bench.py counts both)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return 6 * n_params * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
+    return (4 * n_lm + 2 * n_lm_trained) * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
 
 
 @torch.no_grad()

@@ -482,7 +482,7 @@ def bench_update(size, args, device, prompts_all, peak_flops: float) -> dict:
         res.update(seconds=dt, seconds_all=times, tokens_per_s=res["tokens"] / dt, model_flops=flops,
                    achieved_tflops=flops / dt / 1e12, mfu=flops / dt / peak_flops, peak_gib=peak_gib(device),
                    weights_gib=counts["total"] * 4 / GIB, grads_gib=counts["trainable"] * 4 / GIB,
-                   mfu_ares_formula=ares.mfu(res["tokens"] / dt, counts["trainable"], device))
+                   mfu_ares_formula=ares.mfu(res["tokens"] / dt, counts["trainable"], counts["trainable"], device))
         if res["peak_gib"] is not None:
             res["activations_gib"] = res["peak_gib"] - res["weights_gib"] - res["grads_gib"]
     except Exception as e:  # noqa: BLE001

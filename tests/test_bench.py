@@ -213,6 +213,40 @@ def test_compiled_kv_pool_samples_more_rows_than_an_entropy_chunk(tiny, demo_dat
     assert counters["stats"]["unique_graphs"] == graphs  # the second call reuses the first call's graph
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_prefill_in_parts_samples_what_one_prefill_samples(tiny, demo_data, pooled):
+    """sample(prefill_tokens=...) as a branch call makes it (rows of images, a text-only prompt and prefixes of
+    several lengths): the prompts go through the model a few rows at a time, and the tokens, log-probs and entropies
+    are those of one prefill of every row, on the eager path and on a KV pool."""
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"]) * 2  # 8 rows
+    prefixes = [[], [11, 12], [13], [14, 15, 16, 17], [18] * 9, [], [19, 20, 21], [22] * 5]
+    L = max(len(p["ids"]) + len(x) for p, x in zip(prompts, prefixes))
+    kw = dict(ids=special_ids_with_extra_stops(model, processor), temperature=T_SAMPLE, top_p=TOP_P,
+              budgets=[12, 8, 10, 12, 6, 12, 9, 11], prefixes=prefixes)
+    calls, forward = [], model.forward
+
+    def counted(*args, **more):
+        calls.append(more["input_ids"].shape)
+        return forward(*args, **more)
+
+    outs = []
+    for parts in (None, 3 * L):  # one forward of 8 rows, or forwards of at most 3 rows
+        calls.clear()
+        model.forward = counted
+        try:
+            outs.append(ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), prefill_tokens=parts,
+                                    pool=ares.KVPool(8, 400, compile=False) if pooled else None, **kw))
+        finally:
+            model.forward = forward
+        prefill_rows = [shape[0] for shape in calls if shape[1] > 1]  # decode steps feed one token a row
+        assert prefill_rows == ([8] if parts is None else [3, 3, 2]), prefill_rows
+    one, parts = outs
+    assert torch.equal(one["tokens"], parts["tokens"]) and torch.equal(one["mask"], parts["mask"])
+    for key in ("logprobs", "entropy"):
+        torch.testing.assert_close(parts[key], one[key], atol=1e-5, rtol=0)
+
+
 def test_device_script_dry_run_on_the_cpu(tmp_path):
     """.ci/device_check.sh tiny: every step of the one-call device script at tiny size on the CPU (the 3-step AEPO run
     with --compile under torchrun, the LoRA step, the bf16 / accumulation / resume / --fsdp paths on data with text-only records,

@@ -441,3 +441,18 @@ def test_a_frozen_vision_tower_runs_once_without_gradients_in_the_update(train_v
     vision = [p for n, p in model.named_parameters() if "visual" in n]
     assert all((p.grad is not None) == train_vision for p in vision)
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0  # the language model learns either way
+
+
+def test_cold_start_mfu_counts_every_token_the_language_model_reads_against_the_cards_own_peak(monkeypatch):
+    # (4 N + 2 N_trained) FLOPs per token, by hand: full fine-tuning is 6 N, LoRA about 4 N; the PCIe H100's peak is
+    # 756 TFLOP/s, the SXM one's 989; on a CPU there is no MFU
+    class Cuda:
+        type = "cuda"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names.pop(0))
+    names = ["NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "Some Future GPU"]
+    assert ares.mfu(1e4, 3e9, 3e9, Cuda()) == pytest.approx(6 * 3e9 * 1e4 / 756e12)
+    assert ares.mfu(1e4, 3e9, 3e9, Cuda()) == pytest.approx(6 * 3e9 * 1e4 / 989e12)
+    assert ares.mfu(1e4, 3e9, 1e7, Cuda()) == pytest.approx((12e9 + 2e7) * 1e4 / 989e12)  # LoRA: 1e7 adapter weights
+    assert ares.mfu(1e4, 3e9, 3e9, Cuda()) is None  # an unknown card: no peak to compare with
+    assert ares.mfu(1e4, 3e9, 3e9, torch.device("cpu")) is None
