@@ -521,18 +521,22 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
     prefixes = prefixes or [[]] * len(prompts)
     N = len(prompts) * repeats
     budgets = torch.tensor(budgets if budgets is not None else [max_new_tokens] * N, device=device)
-    state = prefill(model, prompts, prefixes, ids, repeats, prefill_tokens)
+    if pool is not None:  # fits, before any forward
+        pool.check(torch.tensor([len(p["ids"]) + len(x) for p, x in zip(prompts, prefixes)],
+                                device=device).repeat_interleave(repeats), budgets)
+    state = prefill(model, prompts, prefixes, ids, repeats, prefill_tokens, pool)
     kv = pool.start(model, state, budgets) if pool is not None else EagerKV(state, repeats)
     return decode(model, state, kv, budgets, ids, temperature, top_p, generator)
 
 
 def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, repeats: int,
-            max_tokens: int | None = None) -> dict:
+            max_tokens: int | None = None, pool=None) -> dict:
     """Run every prompt (+ prefix) through the model once, left-padded, into a KV cache. -> cache (P rows),
     att (P, L) its attention mask, logits (N, V) of the last position and next_pos (N,) the position of the first
     new token (each prompt's repeated), vlm (3-D rotary positions). With max_tokens, the rows go through in parts of
     at most that many (padded) tokens, every part padded to the longest row, and their keys and values are copied into
-    one cache: a forward's activations grow with its tokens, and a branch call's rows carry long prefixes."""
+    one cache: a forward's activations grow with its tokens, and a branch call's rows carry long prefixes. With a
+    KVPool, each part goes into the pool as it is computed (KVPool.write), and cache is None."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -546,7 +550,10 @@ def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, re
         logits.append(model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1])  # (p, V)
         att.append(batch["attention_mask"])
         next_pos.append(batch["next_pos"])
-        if per < P:  # each layer's keys and values (p, kv heads, L, head dim) into the (P, ...) whole
+        if pool is not None:
+            pool.write(cache, att[-1], s * repeats, repeats)
+            cache = None
+        elif per < P:  # each layer's keys and values (p, kv heads, L, head dim) into the (P, ...) whole
             full = full or [[x.new_empty(P, *x.shape[1:]) for x in (layer.keys, layer.values)] for layer in cache.layers]
             for (K, V), layer in zip(full, cache.layers):
                 K[s:s + per], V[s:s + per] = layer.keys, layer.values
@@ -1764,28 +1771,38 @@ class KVPool:
         self.step_fn = compiled_pool_step(backend, cuda_graphs) if compile else pool_step
         self.cuda_graphs, self.keys, self.values = cuda_graphs, [], []  # per layer (rows + 1, KV heads, length + 1, D)
 
-    def start(self, model, state: dict, budgets: torch.Tensor):
-        """A call's prompts: prefill()'s KV cache (P rows, left-padded) into the pool, each row's keys and values from
-        column 0 (N = P x repeats rows; row i takes prompt i // repeats). -> self, with rows (B,): the output row of
-        each batch row (N for a padding row)."""
-        cache, att = state.pop("cache"), state["att"]  # (P, Lp): the real tokens of each prompt, left-padded
-        N, (P, Lp), device = len(budgets), att.shape, att.device
-        lens = att.sum(1).repeat_interleave(N // P)  # (N,) tokens of each row's prompt + prefix
-        if N > self.capacity or int((lens + budgets).max()) > self.length:
-            raise ValueError(f"KVPool of {self.capacity} rows x {self.length} tokens: a call of {N} rows needs "
-                             f"{int((lens + budgets).max())} tokens a row (--rollout-batch, --max-prompt-len and "
+    def check(self, lens: torch.Tensor, budgets: torch.Tensor):
+        """Before a call's prefill: its N rows (budgets (N,)) of lens (N,) prompt + prefix tokens fit the pool."""
+        if len(budgets) > self.capacity or int((lens + budgets).max()) > self.length:
+            raise ValueError(f"KVPool of {self.capacity} rows x {self.length} tokens: a call of {len(budgets)} rows "
+                             f"needs {int((lens + budgets).max())} tokens a row (--rollout-batch, --max-prompt-len and "
                              "--max-response-len size the pool)")
+
+    def write(self, cache, att: torch.Tensor, first: int, repeats: int):
+        """A part of a call's prompts as prefill() runs it: its KV cache (p rows, left-padded; att (p, Lp)) into pool
+        rows first .. first + p x repeats, each row's keys and values from column 0 (row first + i takes prompt
+        i // repeats): the call's whole prefill cache never exists beside the pool."""
+        (p, Lp), device = att.shape, att.device
         if not self.keys:  # the first call: allocate, at a fixed address (CUDA graphs replay on it)
             for layer in cache.layers:
                 for store, x in ((self.keys, layer.keys), (self.values, layer.values)):
                     store.append(x.new_zeros(self.capacity + 1, x.shape[1], self.length + 1, x.shape[3]))
                     torch._dynamo.mark_static_address(store[-1])
             self.columns = torch.arange(self.length + 1, device=device)
-        src = torch.arange(P, device=device).repeat_interleave(N // P)  # (N,) the prompt of each row
-        shift = (self.columns[None, :Lp] + (Lp - lens)[:, None]).clamp(max=Lp - 1)  # (N, Lp): real tokens first
+        lens = att.sum(1).repeat_interleave(repeats)  # (n,) tokens of each row's prompt + prefix
+        src = torch.arange(p, device=device).repeat_interleave(repeats)  # (n,) the prompt of each row
+        shift = (self.columns[None, :Lp] + (Lp - lens)[:, None]).clamp(max=Lp - 1)  # (n, Lp): real tokens first
+        rows = slice(first, first + p * repeats)
         for layer, K, V in zip(cache.layers, self.keys, self.values):
             for pooled, kv in ((K, layer.keys), (V, layer.values)):
-                pooled[:N, :, :Lp] = kv[src].gather(2, shift[:, None, :, None].expand(-1, kv.shape[1], -1, kv.shape[3]))
+                pooled[rows, :, :Lp] = kv[src].gather(2, shift[:, None, :, None].expand(-1, kv.shape[1], -1, kv.shape[3]))
+
+    def start(self, model, state: dict, budgets: torch.Tensor):
+        """A call whose prompts prefill() has written into the pool (write): its N = P x repeats rows decode from
+        here. -> self, with rows (B,): the output row of each batch row (N for a padding row)."""
+        att = state["att"]  # (P, Lp): the real tokens of each prompt, left-padded
+        N, P, device = len(budgets), len(state["att"]), att.device
+        lens = att.sum(1).repeat_interleave(N // P)  # (N,) tokens of each row's prompt + prefix
         B = next(b for b in self.row_buckets if b >= N)
         self.rows = torch.cat([torch.arange(N, device=device), torch.full((B - N,), N, device=device)])  # (B,)
         self.lens = torch.cat([lens, lens.new_zeros(B - N)])  # (B,)

@@ -217,7 +217,7 @@ def test_compiled_kv_pool_samples_more_rows_than_an_entropy_chunk(tiny, demo_dat
 def test_a_prefill_in_parts_samples_what_one_prefill_samples(tiny, demo_data, pooled):
     """sample(prefill_tokens=...) as a branch call makes it (rows of images, a text-only prompt and prefixes of
     several lengths): the prompts go through the model a few rows at a time, and the tokens, log-probs and entropies
-    are those of one prefill of every row, on the eager path and on a KV pool."""
+    are those of one prefill of every row, on the eager path and on a KV pool, which takes each part as it comes."""
     model, processor = tiny
     prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"]) * 2  # 8 rows
     prefixes = [[], [11, 12], [13], [14, 15, 16, 17], [18] * 9, [], [19, 20, 21], [22] * 5]
@@ -234,17 +234,30 @@ def test_a_prefill_in_parts_samples_what_one_prefill_samples(tiny, demo_data, po
     for parts in (None, 3 * L):  # one forward of 8 rows, or forwards of at most 3 rows
         calls.clear()
         model.forward = counted
+        pool, written = ares.KVPool(8, 400, compile=False) if pooled else None, []
+        if pooled:
+            write = pool.write
+            pool.write = lambda cache, att, first, repeats: written.append((first, len(att))) or write(cache, att,
+                                                                                                         first, repeats)
         try:
             outs.append(ares.sample(model, prompts, generator=torch.Generator().manual_seed(0), prefill_tokens=parts,
-                                    pool=ares.KVPool(8, 400, compile=False) if pooled else None, **kw))
+                                    pool=pool, **kw))
         finally:
             model.forward = forward
         prefill_rows = [shape[0] for shape in calls if shape[1] > 1]  # decode steps feed one token a row
         assert prefill_rows == ([8] if parts is None else [3, 3, 2]), prefill_rows
+        if pooled:  # each part into its pool rows as soon as it is computed
+            assert written == ([(0, 8)] if parts is None else [(0, 3), (3, 3), (6, 2)]), written
     one, parts = outs
     assert torch.equal(one["tokens"], parts["tokens"]) and torch.equal(one["mask"], parts["mask"])
     for key in ("logprobs", "entropy"):
         torch.testing.assert_close(parts[key], one[key], atol=1e-5, rtol=0)
+    # a first-round call: 4 distinct prompts x 2 repeats, prefilled 1 prompt at a time, each into its 2 rows
+    kw = dict(kw, prefixes=None, budgets=None, max_new_tokens=10, repeats=2)
+    one, parts = (ares.sample(model, prompts[:4], generator=torch.Generator().manual_seed(1), prefill_tokens=n,
+                              pool=ares.KVPool(8, 400, compile=False) if pooled else None, **kw) for n in (None, 1))
+    assert torch.equal(one["tokens"], parts["tokens"])
+    torch.testing.assert_close(parts["logprobs"], one["logprobs"], atol=1e-5, rtol=0)
 
 
 def test_device_script_dry_run_on_the_cpu(tmp_path):
