@@ -151,6 +151,30 @@ def test_aepo_resumed_from_another_working_folder_finds_its_starting_model(tiny_
     assert state["ref_model"] == str((first / "start").resolve())
 
 
+def test_the_flags_the_readme_lets_change_on_resume_change_and_another_stops_the_resume(runs, tiny_ckpt, demo_data,
+                                                                                         tmp_path, monkeypatch,
+                                                                                         restore_determinism):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # --deterministic's variable, restored at the end
+    # README "The real pipeline": the list of flags that may change on --resume is the code's, and through ares.main a
+    # resume with every one of them changed (--steps and --save-every: their own rows; --eval-every needs --eval-data)
+    # goes on; a changed --lr stops it
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("unless the flag is one that may\nchange on resume:")[1].split("(none of them")[0]
+    assert set(re.findall(r"`--([a-z-]+)`", listed)) == {f.replace("_", "-") for f in ares.RESUMABLE}
+    out = copy_run(runs, tmp_path, "finished")
+    changed = ["--keep-last", 5, "--log-samples-every", 3, "--report-to", "tensorboard", "--dist-timeout", 999,
+               "--grader-workers", 2, "--deterministic"]
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--resume", *changed))
+    record = json.loads((out / "config.json").read_text())["flags"]
+    assert (record["keep_last"], record["report_to"], record["grader_workers"], record["deterministic"]) == (
+        5, "tensorboard", 2, True)
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--resume", "--lr", "0.5"))
+    assert "--lr 0.5 (was " in one_line(e)
+
+
 def test_more_steps_on_resume_keep_the_first_runs_learning_rate_schedule(runs, tiny_ckpt, demo_data, tmp_path, capsys):
     # A 3-step cosine run (warm-up 1), extended to 5 with --resume. By hand: lr_k = lr (0.1 + 0.45 (1 + cos(pi (k - 1)
     # / (3 - 1)))) after optimizer step k, so 1e-3 (0.1 + 0.45 (1 + cos(pi))) = 1e-4 after step 3, and the extension
@@ -901,6 +925,27 @@ def test_deterministic_turns_on_torchs_deterministic_mode_and_cublas_workspace(t
         runs.append((tmp_path / name / "final" / "model.safetensors").read_bytes())
     assert seen and all(s == (True, ":4096:8") for s in seen)
     assert runs[0] == runs[1]  # on a CPU a run repeats bit for bit
+    seen.clear()  # a workspace setting the user made is kept ("unless already set"), and cuDNN's autotuner is off
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    torch.backends.cudnn.benchmark = True
+    try:
+        ares.main(coldstart_args(demo_data["sft"], tmp_path / "c", tiny_ckpt, "--steps", 1, "--deterministic"))
+        assert seen == [(True, ":16:8")] and torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+def test_without_deterministic_an_aepo_run_on_the_cpu_repeats_bit_for_bit(tiny_ckpt, demo_data, tmp_path):
+    # README "Determinism": on a CPU, same seed and flags, the checkpoint is byte-identical and metrics.jsonl equal
+    # but for the timings, with sampling, branching and the update in the step
+    rows = []
+    for name in ("a", "b"):
+        ares.main(aepo_args(demo_data["rl"], tmp_path / name, tiny_ckpt, "--steps", 2, "--branch-samples", 2,
+                            "--keep-uniform-groups"))
+        rows.append([{k: v for k, v in json.loads(line).items() if not k.startswith("time") and "per_s" not in k}
+                     for line in open(tmp_path / name / "metrics.jsonl")])
+    assert (tmp_path / "a/final/model.safetensors").read_bytes() == (tmp_path / "b/final/model.safetensors").read_bytes()
+    assert rows[0] == rows[1] and rows[0][-1]["branches"] > 0
 
 
 def test_a_kill_while_final_is_replaced_leaves_the_previous_final_whole(tiny_ckpt, demo_data, tmp_path, monkeypatch):
