@@ -251,6 +251,72 @@ def test_demo_overwrite_passes_overwrite_to_every_training_stage_and_deletes_the
     assert all("--overwrite" in c for c in training)
 
 
+def test_a_config_json_alone_is_a_run_that_never_started_and_a_resume_without_one_writes_it(runs, tiny_ckpt, demo_data,
+                                                                                              tmp_path):
+    # README "Run folders": a folder holding only a run record trains without --resume or --overwrite; a run folder
+    # from before the record existed (checkpoints, no config.json) resumes, and the resume writes its record
+    never = tmp_path / "never"
+    never.mkdir()
+    (never / "config.json").write_text(json.dumps({"flags": {"lr": 123.0}}))
+    ares.main(coldstart_args(demo_data["sft"], never, tiny_ckpt, "--steps", 1))
+    assert steps_logged(never) == [1] and json.loads((never / "config.json").read_text())["flags"]["lr"] != 123.0
+    old = copy_run(runs, tmp_path, "interrupted")
+    (old / "config.json").unlink()
+    ares.main(coldstart_args(demo_data["sft"], old, tiny_ckpt, "--resume", "--steps", 2))
+    assert steps_logged(old) == [1, 2] and json.loads((old / "config.json").read_text())["flags"]["steps"] == 2
+
+
+def test_a_lock_from_another_host_counts_as_held_and_says_how_to_free_it(tiny_ckpt, demo_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ares.LOCK).write_text(json.dumps(dict(pid=1, host="some-other-host", since="2026-01-01 00:00:00")))
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1))
+    assert one_line(e) == (f"--out {out} is in use by another run (pid 1 on some-other-host, since 2026-01-01 00:00:00): "
+                           f"wait for it, choose another --out, or delete {out / ares.LOCK} if no such run exists")
+    assert sorted(p.name for p in out.iterdir()) == [ares.LOCK]  # nothing written
+
+
+def test_without_hard_links_the_lock_is_an_exclusive_create_that_one_run_holds(tmp_path, monkeypatch):
+    # a filesystem without hard links (os.link raises OSError): the lock is still created whole and held by one run
+    def no_links(src, dst):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "run"
+    ares.take_lock(out)
+    try:
+        assert json.loads((out / ares.LOCK).read_text())["pid"] == os.getpid()
+        monkeypatch.setattr(ares, "lock_is_live", lambda holder: True)  # another process's: live
+        with pytest.raises(SystemExit) as e:
+            ares.take_lock(out)
+        assert "is in use by another run" in one_line(e)
+    finally:
+        ares.release_locks()
+    assert not (out / ares.LOCK).exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_to_start_again_with_overwrite(tiny_ckpt, demo_data, tmp_path,
+                                                                               monkeypatch, capsys):
+    out, step = tmp_path / "run", ares.optimizer_step
+
+    def ctrl_c_in_step_2(*args, **kw):
+        if steps_logged(out) == [1]:
+            raise KeyboardInterrupt
+        return step(*args, **kw)
+
+    monkeypatch.setattr(ares, "optimizer_step", ctrl_c_in_step_2)
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--save-every", 5, "--steps", 6))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted (Ctrl-C) in step 2 of {out}: no checkpoint yet (one is saved every 5 steps); start again with "
+        "--overwrite")
+    monkeypatch.undo()
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1, "--overwrite"))
+    assert steps_logged(out) == [1]
+
+
 # A run killed with -9 (no chance to clean up) leaves its lock behind.
 KILLED_AT_START = '''
 import os, signal, sys
