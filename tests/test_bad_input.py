@@ -447,3 +447,46 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     msg = str(err.value.code)
     assert msg.startswith(message.format(**names)) and "\n" not in msg, msg
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+GRADERS_UNDER_CTRL_C = '''
+import signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import data_prep
+seen = []
+signal.signal(signal.SIGINT, lambda *a: seen.append(1))  # the trainer reports the Ctrl-C (ares.on_ctrl_c)
+pool = data_prep.grader_pool(2)
+print(" ".join(str(p.pid) for p in pool.procs), flush=True)
+while not seen:
+    time.sleep(0.05)
+time.sleep(0.5)
+print("alive" if all(p.poll() is None for p in pool.procs) else "dead", flush=True)
+print(pool.map([("1/2", "0.5")], 5.0), flush=True)  # and still grading
+'''
+
+
+def test_grader_processes_ignore_ctrl_c_and_end_with_the_trainer(tmp_path):
+    # README "Run folders, Ctrl-C and kills": a terminal's Ctrl-C reaches the whole process group; the graders ignore
+    # it (the trainer says where it stopped), and they end when the trainer does, killed or not
+    import signal
+
+    script = tmp_path / "trainer.py"
+    script.write_text(GRADERS_UNDER_CTRL_C)
+    proc = subprocess.Popen([sys.executable, script, ROOT], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to every process of the foreground group
+    assert proc.stdout.readline().strip() == "alive" and proc.stdout.readline().strip() == "[True]"
+    assert proc.wait(timeout=30) == 0
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is gone too: it only waits for its exit status to be read
+            return f.read().split(") ")[1].startswith("Z")
+
+    deadline = time.time() + 10
+    while not all(gone(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert all(gone(p) for p in pids), pids
