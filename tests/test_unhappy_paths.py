@@ -415,6 +415,25 @@ def test_a_running_aepo_is_protected_and_ctrl_c_says_where_to_resume(case, check
     check(interrupted_aepo)
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    # README: as under nohup or as a background job of a script (`cmd &`), where Python starts with SIGINT ignored
+    out, step, sent = tmp_path / "run", ares.optimizer_step, []
+
+    def sigint_in_step_1(*args, **kw):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return step(*args, **kw)
+
+    monkeypatch.setattr(ares, "optimizer_step", sigint_in_step_1)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 2))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent and steps_logged(out) == [1, 2] and (out / "final" / "COMPLETE").exists()
+
+
 def interrupting_save():
     """ares.training_state, called once per checkpoint save, except that its first call gets a Ctrl-C (inside
     torch.distributed.checkpoint's save, which turns a KeyboardInterrupt raised there into its own exception: a
