@@ -605,6 +605,25 @@ def test_a_kill_mid_write_leaves_the_previous_output_whole(case, name, command, 
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [name]  # no temporary file left beside it
 
 
+def test_a_kill_mid_write_of_the_demo_task_leaves_its_previous_files_whole(tmp_path, monkeypatch):
+    # data_prep.py demo: its JSONL files and its images, each written to a .tmp and renamed (README "Run folders")
+    out, sizes = tmp_path / "data", ["--sft", 6, "--pool", 6, "--rl", 6, "--test", 6]
+    data_prep.main(["demo", "--out", out, "--seed", 1, *sizes])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.suffix == ".png" for p in before) and any(p.suffix == ".jsonl" for p in before)
+    with monkeypatch.context() as mp:
+        mp.setattr(data_prep, "json", CrashingJson())
+        with pytest.raises(KeyboardInterrupt):
+            data_prep.main(["demo", "--out", out, "--seed", 2, *sizes])  # another seed: other bytes everywhere
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changed = [p for p in before if after.get(p) not in (before[p], None)]
+    assert set(after) <= set(before) | {p for p in after if p.suffix == ".png"}, set(after) - set(before)
+    for p in changed:  # only files the second run finished (whole images of its own) may differ
+        assert p.suffix == ".png" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in after if ".tmp" in p.name]
+    assert all(after[p] == before[p] for p in before if p.suffix == ".jsonl")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. LoRA: a checkpoint holds the trained policy, whoever loads it; the KL reference is the starting model.
 
