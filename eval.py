@@ -50,6 +50,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -408,6 +409,22 @@ def generate_or_report(model, processor, ids, chunk, cfg, bench_key) -> tuple[li
     return lines, failures
 
 
+def end_last_line(path: Path):
+    """Before appending to responses.jsonl: a last line a kill left without its newline is ended (whole JSON) or cut
+    off (a fragment, which read_cache skipped), so the first appended line starts a line of its own."""
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    tail = data[data.rfind(b"\n") + 1:]
+    try:
+        json.loads(tail)
+    except ValueError:
+        os.truncate(path, len(data) - len(tail))
+    else:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+
+
 def read_cache(path: Path) -> dict:
     """key -> response line of an earlier run (a line cut short by a crash is skipped)."""
     cache = {}
@@ -480,6 +497,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         b["field"] = bucket_field(b["records"] + [f["row"] for f in b["failures"]], cfg.bucket_by)
     names, decoding = model_names(cfg.model, cfg.name), decoding_key(cfg)
     load_cfg = ares.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ares.ModelConfig)}, seed=cfg.seed)
+    if rank == 0:
+        end_last_line(out / "responses.jsonl")
     writer = open(out / "responses.jsonl", "a") if rank == 0 else None
     metrics, failures, counts = {b["name"]: {} for b in benches}, [], dict(generated=0, cached=0)
     for path, name in zip(cfg.model, names):

@@ -385,3 +385,216 @@ def test_curves_says_where_it_drew_them(tmp_path, capsys):
     ev.main(["curves", str(metrics)])
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"curves: {tmp_path / 'curves.png'}"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# README "Run folders, Ctrl-C and kills" and "Dependencies": the cache after a kill, its key, --plot through the
+# command line, outputs written whole, and the version check. Four records of `bench` (--limit 4), a few tokens.
+
+
+def _cache_lines(path: Path) -> list[dict]:
+    """The responses a plain reader finds in responses.jsonl: each line that parses as JSON (no eval.py code)."""
+    rows = []
+    for text in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(text))
+        except ValueError:
+            pass
+    return rows
+
+
+def test_a_response_line_cut_short_by_a_kill_is_skipped_and_only_that_response_is_generated_again(tmp_path, tiny_ckpt,
+                                                                                                    bench, capsys):
+    """A kill while responses.jsonl is appended to leaves its last line cut short: the next run skips that line,
+    generates that one response again (greedy: the same line, byte for byte) on a line of its own, in place of the
+    fragment, and takes the other three, untouched, from the cache; a third run generates nothing. A kill just before
+    a line's newline leaves that line whole: it is kept, and ended before anything is appended."""
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(bench), "--limit", "4", "--max-new-tokens", "4", "--batch-size",
+            "2", "--out", str(out)]
+    ev.main(args)
+    cache = out / "responses.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    assert len(lines) == 4  # 4 records x 1 greedy sample
+    whole, last = lines[:3], lines[3]
+    cache.write_text("".join(whole) + last[:len(last) // 2])  # the kill: half of the last line, no newline
+    capsys.readouterr()
+    ev.main(args)
+    assert "3 responses from the cache, 1 generated" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert (res["generated"], res["cached"]) == (1, 3)
+    assert cache.read_text() == "".join(whole) + last  # the three kept as they were; the cut one again, whole
+    (m,) = res["metrics"]["six"].values()
+    assert m["overall"]["records"] == 4 and m["overall"]["failed"] == 0
+    ev.main(args)  # before, the new line was glued to the fragment: lost again, and generated once more here
+    assert json.loads((out / "results.json").read_text())["generated"] == 0
+    cache.write_text("".join(whole) + last.rstrip("\n"))  # the kill: after the last line's JSON, before its newline
+    ev.main(args)
+    assert (json.loads((out / "results.json").read_text())["generated"], cache.read_text()) == (0, "".join(whole) + last)
+
+
+DECODING = ["--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "4"]
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "0.7"), ("--top-p", "0.9"), ("--max-new-tokens", "5")])
+def test_a_run_with_other_decoding_settings_is_not_served_the_cached_responses(flag, value, tmp_path, tiny_ckpt, bench):
+    """The cache key holds the decoding settings: changing --temperature, --top-p or --max-new-tokens generates all four
+    responses again (appended: 4 + 4 lines), and going back to the first settings takes all four from the cache."""
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(bench), "--limit", "4", "--batch-size", "4", "--out", str(out)]
+    ev.main(args + DECODING)
+    other = list(DECODING)
+    other[other.index(flag) + 1] = value
+    ev.main(args + other)
+    res = json.loads((out / "results.json").read_text())
+    assert (res["generated"], res["cached"]) == (4, 0)
+    rows = _cache_lines(out / "responses.jsonl")
+    assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
+    assert sorted(r["id"] for r in rows) == sorted(2 * [r["id"] for r in rows[:4]])  # the same 4 records, twice
+    ev.main(args + DECODING)
+    assert json.loads((out / "results.json").read_text())["cached"] == 4
+    assert len(_cache_lines(out / "responses.jsonl")) == 8
+
+
+def test_batch_size_is_not_in_the_cache_key_and_more_samples_add_only_the_missing_ones(tmp_path, tiny_ckpt, bench):
+    """--batch-size and --samples are not in the key: another --batch-size takes every response from the cache, and
+    --samples 3 after --samples 1 generates only samples 1 and 2 of each record (4 x 2), keeping the first ones."""
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(bench), "--limit", "4", "--out", str(out)] + DECODING
+    ev.main(args + ["--samples", "1", "--batch-size", "4"])
+    first = (out / "responses.jsonl").read_text()
+    ev.main(args + ["--samples", "1", "--batch-size", "1"])
+    res = json.loads((out / "results.json").read_text())
+    assert (res["generated"], res["cached"]) == (0, 4) and (out / "responses.jsonl").read_text() == first
+    ev.main(args + ["--samples", "3", "--batch-size", "4"])
+    res = json.loads((out / "results.json").read_text())
+    assert (res["generated"], res["cached"]) == (8, 4)
+    text = (out / "responses.jsonl").read_text()
+    assert text.startswith(first)  # the first samples stay as they were
+    ids = [r["id"] for r in map(json.loads, first.splitlines())]
+    added = [(r["id"], r["sample"]) for r in map(json.loads, text[len(first):].splitlines())]
+    assert sorted(added) == sorted((i, k) for i in ids for k in (1, 2))
+    (m,) = res["metrics"]["six"].values()
+    assert m["overall"]["metric"] == "mean@3" and m["overall"]["responses"] == 12
+
+
+def test_plot_flag_on_the_command_line_writes_a_png(tmp_path, tiny_ckpt, bench, capsys):
+    """`eval.py ... --plot <file>` (through main, into a folder that does not exist yet): a PNG with something drawn on
+    it, and the line that names it."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    png = tmp_path / "plots" / "acc_vs_len.png"
+    ev.main(["--model", str(tiny_ckpt), "--data", str(bench), "--limit", "4", "--max-new-tokens", "4", "--out",
+             str(tmp_path / "eval"), "--plot", str(png)])
+    assert f"plot: {png}" in capsys.readouterr().out.splitlines()
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    with Image.open(png) as im:
+        assert len(im.convert("L").getcolors(maxcolors=1 << 16)) > 1  # not a blank canvas
+
+
+def _crash_half_way(monkeypatch, cls, method: str, seen: list):
+    """cls.method writes half of what it was given to a `.tmp` file, then dies as a kill would (KeyboardInterrupt)."""
+    real = getattr(cls, method)
+
+    def half(self, target, *args, **kw):
+        where = Path(self if method == "write_text" else target)
+        if not where.name.endswith(".tmp"):
+            return real(self, target, *args, **kw)
+        seen.append(where.name)
+        if method == "write_text":
+            where.write_bytes(target[:len(target) // 2].encode())
+        else:  # Figure.savefig
+            where.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, method, half)
+
+
+def _results(tmp_path, ckpt, bench, tokens):
+    ev.main(["--model", str(ckpt), "--data", str(bench), "--limit", "2", "--max-new-tokens", str(tokens), "--out",
+             str(tmp_path / "eval")])
+
+
+def _plot(tmp_path, ckpt, bench, tokens):
+    ev.main(["--model", str(ckpt), "--data", str(bench), "--limit", "2", "--max-new-tokens", str(tokens), "--out",
+             str(tmp_path / "eval"), "--plot", str(tmp_path / "plot" / "p.png")])
+
+
+def _curves(tmp_path, ckpt, bench, tokens):
+    metrics = tmp_path / "curves" / "metrics.jsonl"
+    metrics.parent.mkdir(exist_ok=True)
+    metrics.write_bytes("".join(json.dumps(dict(step=s, reward=s / tokens, acc=s / tokens, tau=1.0)) + "\n"
+                                for s in range(1, 4)).encode())
+    ev.main(["curves", str(metrics)])
+
+
+def _explore(tmp_path, ckpt, bench, tokens):
+    data = tmp_path / "explore" / "one.jsonl"
+    data.parent.mkdir(exist_ok=True)
+    data.write_bytes(bench.read_bytes().splitlines(keepends=True)[0])
+    cfg = ares.resolve_stage_defaults(ares.Config(group_size=2, branch_samples=1, micro_batch_size=2,
+                                                  max_response_len=tokens), "aepo")
+    ev.explore_page([ckpt], ["tiny"], data, tmp_path / "explore" / "explore.html", cfg, per_level=1)
+
+
+OUTPUTS = [  # (output, where it is written, how it is written, the .tmp writer that dies half way)
+    ("results.json", "eval/results.json", _results, ("pathlib", "write_text")),
+    ("--plot", "plot/p.png", _plot, ("matplotlib", "savefig")),
+    ("curves.png", "curves/curves.png", _curves, ("matplotlib", "savefig")),
+    ("explore.html", "explore/explore.html", _explore, ("pathlib", "write_text")),
+]
+
+
+@pytest.mark.parametrize("what, name, command, crash", OUTPUTS, ids=[o[0] for o in OUTPUTS])
+def test_a_kill_mid_write_leaves_the_previous_eval_output_whole(what, name, command, crash, tmp_path, tiny_ckpt,
+                                                                 bench, monkeypatch):
+    """eval.py's outputs go to <name>.tmp and are renamed over the target: a kill half way through writing a new one
+    (other settings, so other contents) leaves the previous file byte for byte, and no .tmp file beside it."""
+    if crash[0] == "matplotlib":
+        pytest.importorskip("matplotlib")
+        from matplotlib.figure import Figure as cls
+    else:
+        cls = Path
+    out = tmp_path / name
+    command(tmp_path, tiny_ckpt, bench, 3)
+    before = out.read_bytes()
+    folder = sorted(p.name for p in out.parent.iterdir())
+    seen = []
+    with monkeypatch.context() as mp:
+        _crash_half_way(mp, cls, crash[1], seen)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):  # eval.py's main turns Ctrl-C into its one line
+            command(tmp_path, tiny_ckpt, bench, 5)
+    assert seen == [out.name + ".tmp"]  # it did die while writing this output
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == folder  # no temporary file left beside it
+
+
+def _pinned(package: str) -> str:
+    """The version requirements.txt pins (the README: 'transformers >= 5.24.0 (the pinned version)')."""
+    for text in (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().splitlines():
+        if text.startswith(package + "=="):
+            return text.split("==")[1].strip()
+    raise AssertionError(f"{package} is not pinned in requirements.txt")
+
+
+@pytest.mark.parametrize("sub", ["evaluation", "passrate"])
+def test_eval_stops_with_one_line_when_transformers_is_too_old(sub, tmp_path, tiny_ckpt, bench, monkeypatch):
+    """eval.py checks the installed transformers at start, as ares.py does: an older one than the pin (the device
+    image's 5.17) stops it with one line naming the version needed and the one found, before anything is written."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.17.0" if name == "transformers" else real(name))
+    out, need = tmp_path / "out", _pinned("transformers")
+    argv = (["--model", str(tiny_ckpt), "--data", str(bench), "--limit", "1", "--max-new-tokens", "2", "--out", str(out)]
+            if sub == "evaluation" else
+            ["passrate", "--data", str(bench), "--limit", "1", "--model", str(tiny_ckpt), "--k", "1", "--max-new-tokens",
+             "2", "--out", str(out / "rates.jsonl")])
+    with pytest.raises(SystemExit) as err:
+        ev.main(argv)
+    msg = str(err.value.code)
+    assert "\n" not in msg and msg.endswith(f"needs transformers >= {need}, found 5.17.0: "
+                                            f"pip install 'transformers>={need}'"), msg
+    assert not out.exists()
