@@ -787,10 +787,11 @@ def train_coldstart(cfg: Config) -> Path:
                 loss = -(logp * batch["resp_mask"]).sum() / n_tok  # this micro-batch's share of the global mean
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks; undo the 1/world
             sums += torch.stack([loss.detach().double().cpu(), batch["attention_mask"].sum().double().cpu()])
+        lr = run.sched.get_last_lr()[0]  # the rate this step's update uses (the scheduler then moves to the next)
         norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip, run.model)
         loss_val, read = all_reduce(sums).tolist()
         dt = time.time() - t0
-        row = dict(step=step + 1, loss=loss_val, lr=run.sched.get_last_lr()[0], grad_norm=norm, skipped=not ok,
+        row = dict(step=step + 1, loss=loss_val, lr=lr, grad_norm=norm, skipped=not ok,
                    tokens_per_s=n_tok / dt, mfu=mfu(read / dt, run.n_lm, run.n_lm_trained, device), time=dt,
                    **(graphs_compiled() if cfg.compile else {}))
         if not ok or not math.isfinite(loss_val):
@@ -840,6 +841,7 @@ def train_aepo(cfg: Config) -> Path:
         sc = score_groups(ro, cfg, st["targets"], triggers)
         st["targets"] = sc.targets
         t2 = time.time()
+        lr = run.sched.get_last_lr()[0]  # the rate of this step's first optimizer step
         if sc.groups[0] > 0:
             upd = aepo_update(cfg, run, ref, device, prompts, ro, sc.adv, sc.bucket, sc.hwe, sc.keep,
                               torch.Generator().manual_seed(step_seed(cfg, step)))
@@ -852,7 +854,7 @@ def train_aepo(cfg: Config) -> Path:
             rank0_print(f"step {step + 1}: {upd['skipped_reason']}: no update")
         st["tau_history"].append(step_tau(ro))
         st["step"] = step + 1
-        row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), run.sched.get_last_lr()[0])
+        row = aepo_log_row(step, ro, sc, st, upd, (time_sample, t2 - t1, time.time() - t2), lr)
         row.update(level_stats(levels, recs, sc, G) if levels else {})
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):  # and the final checkpoint
             with gathered(run.policy), autocast(cfg, device), evaluating(sampler):

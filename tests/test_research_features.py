@@ -4,6 +4,7 @@ prompt template in the run record. Each feature is tested without its optional p
 writer, a hand-built state dict); the tests that need peft, tensorboard or wandb skip where they are not installed (requirements.txt pins peft and
 tensorboard, so CI runs those; wandb is not in it)."""
 import json
+import math
 import sys
 import time
 import types
@@ -460,3 +461,201 @@ def test_geometry3k_columns_train_with_the_preset_and_fail_clearly_without(tiny_
         ares.main(aepo_args(tmp_path / "geo", tmp_path / "bad", tiny_ckpt, "--steps", 1))
     with pytest.raises(SystemExit, match="--preset nope: unknown; presets: virl39k, geometry3k"):
         ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), "--preset", "nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# README claims checked through the user's path (ares.main): logged keys, --eval-every 0, --report-to tensorboard,
+# --lora-targets, LoRA with --train-vision, the prompt suffix, and the run record's versions and commit.
+
+
+def test_cold_start_logs_lr_grad_norm_skipped_tokens_per_s_and_mfu_and_tensorboard_gets_every_number(
+        tiny, tiny_ckpt, demo_data, tmp_path):
+    """README "What is logged": the cold start logs loss, lr, grad_norm, skipped, tokens_per_s (response tokens) and
+    mfu (on a GPU); --report-to tensorboard sends every number of each row at its step to <out>/tensorboard."""
+    pytest.importorskip("tensorboard")
+    import copy
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train import reference_sft_loss, subset
+
+    data = subset(Path(demo_data["sft"]), tmp_path / "two.jsonl", [0, 2])
+    model = copy.deepcopy(tiny[0])  # by hand: the first step's gradient, one plain model(...) call per record
+    loss_sum, count = reference_sft_loss(model, tiny[1], data)
+    (loss_sum / count).backward()
+    norm = torch.stack([p.grad.norm() for n, p in model.named_parameters() if "visual" not in n]).norm().item()
+    out = tmp_path / "run"  # warm-up 4 of a constant schedule: optimizer step k (from 0) uses 1e-3 (k + 1) / 4
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(data), "--out", str(out),
+               "--steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--lr", "1e-3", "--warmup-steps", "4",
+               "--lr-schedule", "constant", "--report-to", "tensorboard"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4], rel=1e-12)
+    assert rows[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)  # the norm before clipping (--grad-clip 1)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    assert [r["skipped"] for r in rows] == [False, False] and [r["mfu"] for r in rows] == [None, None]  # CPU: no peak
+    for r in rows:  # both records every step: the response tokens (trace + <|im_end|>) counted by hand, per second
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s"] * r["time"] == pytest.approx(count, rel=1e-9)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    numbers = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}  # bools too
+    assert set(events.Tags()["scalars"]) == numbers and "loss" in numbers and "mfu" not in numbers
+    for k in numbers:  # float32 in the event file
+        assert [(e.step, e.value) for e in events.Scalars(k)] == [(r["step"], pytest.approx(float(r[k]), rel=1e-6))
+                                                                   for r in rows], k
+
+
+LOGGING_REWARD = '''
+import json
+
+
+def score(record, response):
+    """Every response to a file, by hand; scores 0, 1, 0, 1, ... in grading order: every group of 4 is mixed."""
+    with open(__file__ + ".log", "a") as f:
+        f.write(json.dumps(response) + "\\n")
+    with open(__file__ + ".log") as f:
+        return float(sum(1 for _ in f) % 2 == 0)
+'''
+
+
+def test_eval_every_0_turns_validation_off_with_eval_data_and_aepo_logs_format_kl_grad_norm_and_lr(
+        tiny_ckpt, demo_data, tmp_path):
+    """README: "--eval-every 0 turns it off" (no eval_* keys even with --eval-data); AEPO logs format (share of
+    responses with <think>..</think> then \\boxed{}), kl, grad_norm and lr (after the step's optimizer steps)."""
+    import re
+
+    hook = tmp_path / "hook.py"
+    hook.write_text(LOGGING_REWARD)
+    out = tmp_path / "run"  # 2 minibatches x 2 steps = 4 optimizer steps, cosine after 1 warm-up step
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--keep-uniform-groups", "--eval-data",
+                        demo_data["test"], "--eval-every", 0, "--reward-fn", f"{hook}:score", "--lr", "1e-2",
+                        "--minibatches", 2, "--ppo-epochs", 1, "--warmup-steps", 1, "--lr-schedule", "cosine"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not [k for r in rows for k in r if k.startswith("eval_")]
+    assert json.loads((out / "config.json").read_text())["flags"]["eval_every"] == 0
+    # by hand: each step logs the rate of its first optimizer step k (from 0; 2 per step): warm-up (k = 0) 1, then
+    # 0.1 + 0.45 (1 + cos(pi (k - 1) / 3)) for k = 2
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2, 1e-2 * (0.1 + 0.45 * 1.5)], rel=1e-12)
+    responses = [json.loads(line) for line in open(f"{hook}.log")]
+    assert len(responses) == 2 * 8  # 2 prompts x G = 4 per step, each graded once (no validation calls)
+    formatted = [bool(re.match(r"\s*<think>.*\S.*</think>.*\\boxed\{", t, re.S)) for t in responses]
+    for k, r in enumerate(rows):
+        assert r["format"] == pytest.approx(sum(formatted[8 * k:8 * k + 8]) / 8)
+        assert r["acc"] == 0.5  # the hook's alternating scores: every group mixed, so the update has a gradient
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert math.isfinite(r["kl"]) and r["kl"] >= 0
+    assert rows[1]["kl"] > 0  # the policy has moved away from the reference by the second step
+
+
+def lora_run(tiny_ckpt, demo_data, out, *extra) -> dict:
+    """One LoRA AEPO step with --lora-targets q_proj,v_proj (weight decay 0: only a gradient moves a weight; mixed
+    groups: a gradient) -> the saved adapter and the merged export."""
+    out.mkdir()
+    (out / "hook.py").write_text(LOGGING_REWARD)
+    ares.main(aepo_args(demo_data["rl"], out / "run", tiny_ckpt, "--steps", 1, "--keep-uniform-groups",
+                        "--lora-rank", 4, "--lora-targets", "q_proj,v_proj", "--lr", "1e-2", "--weight-decay", 0,
+                        "--reward-fn", f"{out / 'hook.py'}:score", *extra))
+    out = out / "run"
+    return dict(adapter=load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")),
+                config=json.loads((out / "final" / "adapter" / "adapter_config.json").read_text()),
+                merged=load_file(str(out / "final" / "model.safetensors")))
+
+
+def test_lora_targets_q_v_adapt_only_q_proj_and_v_proj_and_train_vision_also_trains_the_vision_tower(
+        tiny, tiny_ckpt, demo_data, tmp_path):
+    """README (flags, LoRA): --lora-targets q_proj,v_proj puts adapters on those layers only (the vision tower never
+    gets one); --train-vision also trains the vision tower, which stays as it was without it. Against the starting
+    model's own file: which weights of the merged export moved after one step."""
+    pytest.importorskip("peft")
+    start = load_file(str(tiny_ckpt / "model.safetensors"))  # the starting model's file, as written
+    layers = tiny[0].config.get_text_config().num_hidden_layers
+    runs = {flag: lora_run(tiny_ckpt, demo_data, tmp_path / (flag.strip("-") or "frozen"), *([flag] if flag else []))
+            for flag in ("", "--train-vision")}
+    for flag, run in runs.items():
+        adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in run["adapter"]}
+        assert adapted == {f"model.language_model.layers.{i}.self_attn.{p}" for i in range(layers)
+                           for p in ("q_proj", "v_proj")}, flag
+        assert {k.split(".lora_")[1] for k in run["adapter"]} == {"A.weight", "B.weight"}
+        assert sorted(run["config"]["target_modules"]) == ["q_proj", "v_proj"]
+        assert run["merged"].keys() == start.keys()
+        moved = {k for k in start if not torch.equal(run["merged"][k], start[k])}
+        language = {k for k in moved if "visual" not in k}  # the merged W + s B A: only the adapted layers move
+        assert language and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in language), (flag, language)
+        vision = {k for k in start if "visual" in k}
+        if flag:  # the vision tower trains too (no adapter: its own weights)
+            assert vision & moved, "--train-vision: the vision tower did not move"
+        else:
+            assert not vision & moved, vision & moved
+
+
+def test_the_prompt_suffix_of_the_flag_or_the_model_folder_reaches_every_prompt_and_the_run_record_holds_it(
+        tiny, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README (flags, prompt): --prompt-suffix, default the model's own (`ares_prompt_suffix` in its config.json),
+    else the authors' "You FIRST think ..."; the resolved text is in the run record and saved with the checkpoint.
+    By hand: the token ids of every prompt the model is given, decoded by the tokenizer, end the question with it."""
+    import shutil
+
+    seen = []  # (question, the decoded prompt ids) of every prompt encoded during a run
+    encode = ares.encode_prompt
+
+    def spy(processor, record):
+        prompt = encode(processor, record)
+        seen.append((record["question"], tiny[1].tokenizer.decode(prompt["ids"])))
+        return prompt
+
+    monkeypatch.setattr(ares, "encode_prompt", spy)
+    folder_says, flag_says = "Folder: end with \\boxed{} please.", "Flag: think, then answer."
+    models = {}
+    for name, suffix in (("own", folder_says), ("none", None)):  # a model folder with its own suffix, one without
+        models[name] = shutil.copytree(tiny_ckpt, tmp_path / name)
+        config = json.loads((models[name] / "config.json").read_text())
+        config.pop("ares_prompt_suffix", None)
+        own = {"ares_prompt_suffix": suffix} if suffix else {}
+        (models[name] / "config.json").write_text(json.dumps({**config, **own}))
+
+    def coldstart(model, out):
+        return ["--stage", "coldstart", "--model", str(model), "--data", str(demo_data["sft"]), "--out", str(out),
+                "--steps", "1", "--batch-size", "2", "--micro-batch-size", "2"]
+
+    def aepo_with_flag(model, out):
+        return aepo_args(demo_data["rl"], out, model, "--steps", 1, "--keep-uniform-groups", "--prompt-suffix",
+                         flag_says)
+
+    cases = [("own", coldstart, folder_says), ("none", coldstart, data_prep.FORMAT_PROMPT),
+             ("own", aepo_with_flag, flag_says)]  # the flag wins over the folder's own
+    for k, (model, args, want) in enumerate(cases):
+        seen.clear()
+        out = tmp_path / f"run{k}"
+        ares.main(args(models[model], out))
+        assert seen and all(text.endswith(f"{q}\n{want}<|im_end|>\n<|im_start|>assistant\n") for q, text in seen), \
+            (k, seen[0][1][-300:])
+        assert json.loads((out / "config.json").read_text())["flags"]["prompt_suffix"] == want
+        assert json.loads((out / "final" / "config.json").read_text())["ares_prompt_suffix"] == want
+
+
+def test_the_run_record_holds_the_package_versions_and_the_git_commit_of_the_code(tiny_ckpt, demo_data, tmp_path,
+                                                                                   monkeypatch):
+    """README (run record): <out>/config.json holds the versions of Python, torch, transformers, datasets,
+    math-verify and the optional packages, and the git commit of the code, here against git's own answer and each
+    package's own __version__, with the run started from a folder outside the checkout."""
+    import importlib
+    import importlib.metadata
+    import importlib.util
+    import platform
+    import subprocess
+
+    import datasets
+    import transformers
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout: the commit is the code's, not the working folder's
+    out = tmp_path / "run"
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out", str(out),
+               "--steps", "1", "--batch-size", "2", "--micro-batch-size", "2"])
+    record = json.loads((out / "config.json").read_text())
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert record["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)  # None: not a checkout
+    want = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__, "math-verify": importlib.metadata.version("math-verify")}
+    for optional in ("peft", "tensorboard", "wandb"):  # None where it is not installed (wandb is not in requirements)
+        want[optional] = importlib.import_module(optional).__version__ if importlib.util.find_spec(optional) else None
+    assert record["versions"] == want

@@ -176,15 +176,15 @@ def test_the_flags_the_readme_lets_change_on_resume_change_and_another_stops_the
 
 
 def test_more_steps_on_resume_keep_the_first_runs_learning_rate_schedule(runs, tiny_ckpt, demo_data, tmp_path, capsys):
-    # A 3-step cosine run (warm-up 1), extended to 5 with --resume. By hand: lr_k = lr (0.1 + 0.45 (1 + cos(pi (k - 1)
-    # / (3 - 1)))) after optimizer step k, so 1e-3 (0.1 + 0.45 (1 + cos(pi))) = 1e-4 after step 3, and the extension
-    # stays at that end value. A schedule re-planned over 5 steps would give 2.3e-4 after step 4 (cos(3 pi / 4)).
+    # A 3-step cosine run (warm-up 1), extended to 5 with --resume. By hand, step 1 (the warm-up) trains at lr and step
+    # k >= 2 at lr (0.1 + 0.45 (1 + cos(pi min(k - 2, 2) / 2))): 1e-4 from step 4 on, the plan's end, which the
+    # extension keeps. Re-planned over 5 steps, step 4 would train at 5.5e-4 (cos(pi / 2)).
     out = tmp_path / "run"
     flags = ("--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps", "1")
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, *flags))
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, *flags, "--steps", "5", "--resume"))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    by_hand = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * min(k - 1, 2) / 2))) for k in range(1, 6)]
+    by_hand = [1e-3] + [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * min(k - 2, 2) / 2))) for k in range(2, 6)]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in rows] == pytest.approx(by_hand, rel=1e-9)
     assert "the learning-rate schedule stays the run's first, over 3 optimizer steps (warm-up 1), not 5" in \
