@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 from test_aepo import (T_SAMPLE, TOP_P, check_continuations, check_rows_end_properly, encoded_prompts,
                        special_ids_with_extra_stops, teacher_forced)
 
@@ -322,3 +322,32 @@ def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path)
                              timeout=120)
         assert res.returncode == 3 and says in res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
         assert [p.name for p in (tmp_path / "out").iterdir()] == [".steps.tsv"]
+
+
+def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path):
+    """README "Memory plan": each row's weights, gradients, AdamW, sampling copy, reference, KV room without
+    --compile and the rows at 5k / 20k tokens are `python bench.py --plan`'s (they do not depend on the activations,
+    which the 3B rows take from an H200 measurement); the 7B rows, estimated, match in every column, and the text's
+    3B estimate (KV room 12.1 / 3.6 GiB) too."""
+    import re
+
+    run_script(["bench.py", "--plan", "--out", tmp_path / "plan.json"], timeout=300)
+    plan = json.loads((tmp_path / "plan.json").read_text())["memory_plan"]
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (3B|7B) \| (DDP|`--fsdp`) \| (.+) \|$", readme, re.M)
+    assert len(rows) == 4, rows
+    for size, mode, cells in rows:
+        cells = [c.strip() for c in cells.split("|")]
+        p = next(r for r in plan[size.lower()] if r["mode"] == ("ddp" if mode == "DDP" else "fsdp"))
+        mine = [f"{p[k]:.1f}" for k in ("master_gib", "grads_gib", "adam_gib", "sampling_weights_gib", "reference_gib")]
+        assert cells[:5] == mine, (size, mode, cells)
+        kv = f"{p['kv_room_gib']:.1f} GiB" if p["kv_room_gib"] > 0 else "-"
+        assert cells[7] == kv and cells[9].replace("0 / 0", "0") == (
+            f"{p['rollout_rows_at_5k']} / {p['rollout_rows_at_20k']}" if p["fits"] else "0"), (size, mode, cells)
+        if size == "7B":  # estimated activations there too: every column
+            assert cells[5] == f"{p['activations_gib']:.1f}" and cells[6] == f"{p['update_peak_gib']:.3g} GiB"
+            assert cells[8] == (f"{p['kv_room_compile_gib']:.1f} GiB" if p["fits"] else "-")
+            assert cells[10] == f"{p['rollout_rows_at_20k_compile']}" and (cells[11] == "yes") == p["fits"]
+    ddp3 = next(r for r in plan["3b"] if r["mode"] == "ddp")
+    assert (f"`python bench.py --plan` alone estimates {ddp3['activations_gib']:.1f} GiB for 3B, KV room "
+            f"{ddp3['kv_room_gib']:.1f} / {ddp3['kv_room_compile_gib']:.1f} GiB") in " ".join(readme.split())
