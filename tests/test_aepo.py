@@ -521,10 +521,9 @@ def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
 
 data_prep.grade_batch = lambda preds, answers, *limits: [graded(p, a) for p, a in zip(preds, answers)]  # in order
 ares.save_checkpoint = dump_then_save
-for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # the command line's entry point, as `torchrun ares.py` runs it
     calls[0] = 0
-    ares.train_aepo(ares.parse_config(sys.argv[3:] + ["--out", str(out / name)] + extra))
-dist.destroy_process_group()
+    ares.main(sys.argv[3:] + ["--out", str(out / name)] + extra)  # which closes the process group at its end
 '''
 
 

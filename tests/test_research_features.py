@@ -254,8 +254,7 @@ def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
 
 
 ares.save_checkpoint = dump_then_save
-ares.train_aepo(ares.parse_config(sys.argv[2:]))
-dist.destroy_process_group()
+ares.main(sys.argv[2:])  # the command line's entry point, as `torchrun ares.py` runs it
 '''
 
 
