@@ -146,6 +146,7 @@ RECORDS = [
     ("difficulty a list", "aepo", _set("difficulty", ["hard"]),
      ["field 'difficulty' must be text or an integer, got [\"hard\"]"]),
     ("difficulty a float", "coldstart", _set("difficulty", 2.5), ["field 'difficulty' must be text or an integer, got 2.5"]),
+    ("difficulty a bool", "aepo", _set("difficulty", True), ["field 'difficulty' must be text or an integer, got true"]),
     ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
 ]
 
