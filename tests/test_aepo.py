@@ -521,9 +521,10 @@ def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
 
 data_prep.grade_batch = lambda preds, answers, *limits: [graded(p, a) for p, a in zip(preds, answers)]  # in order
 ares.save_checkpoint = dump_then_save
-for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # the command line's entry point, as `torchrun ares.py` runs it
-    calls[0] = 0
-    ares.main(sys.argv[3:] + ["--out", str(out / name)] + extra)  # which closes the process group at its end
+for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # two runs in one process: ares.main (the command line's
+    calls[0] = 0  # entry, one per process) would close the group between them, and a new one can hang on re-creation
+    ares.train_aepo(ares.parse_config(sys.argv[3:] + ["--out", str(out / name)] + extra))
+dist.destroy_process_group()
 '''
 
 

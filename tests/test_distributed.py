@@ -180,9 +180,10 @@ sys.path.insert(0, sys.argv[1])
 import ares
 
 out, args = sys.argv[2], sys.argv[3:]
-for more in (["--steps", "2", "--out", f"{out}/straight"], ["--steps", "1", "--out", f"{out}/resumed"],
-             ["--steps", "2", "--out", f"{out}/resumed", "--resume"]):
-    ares.main(args + more)  # the command line's entry point, as `torchrun ares.py` runs it (it closes the group)
+ares.train_aepo(ares.parse_config(args + ["--steps", "2", "--out", f"{out}/straight"]))
+ares.train_aepo(ares.parse_config(args + ["--steps", "1", "--out", f"{out}/resumed"]))
+ares.train_aepo(ares.parse_config(args + ["--steps", "2", "--out", f"{out}/resumed", "--resume"]))
+ares.dist.destroy_process_group()
 '''
 
 
