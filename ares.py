@@ -1803,7 +1803,7 @@ class KVPool:
         """A call whose prompts prefill() has written into the pool (write): its N = P x repeats rows decode from
         here. -> self, with rows (B,): the output row of each batch row (N for a padding row)."""
         att = state["att"]  # (P, Lp): the real tokens of each prompt, left-padded
-        N, P, device = len(budgets), len(state["att"]), att.device
+        N, P, device = len(budgets), len(att), att.device
         lens = att.sum(1).repeat_interleave(N // P)  # (N,) tokens of each row's prompt + prefix
         B = next(b for b in self.row_buckets if b >= N)
         self.rows = torch.cat([torch.arange(N, device=device), torch.full((B - N,), N, device=device)])  # (B,)
@@ -2212,8 +2212,8 @@ def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
         plan.update(first)  # the optimizer's current rate came back with its state, under that plan
     run.n_params = sum(p.numel() for p in run.hf.parameters())  # DTensor.numel() is the global size
     run.n_trainable = sum(p.numel() for p in run.params)
-    vision = {id(p) for p in vision_params(run.hf)}
-    run.n_lm = sum(p.numel() for p in run.hf.parameters() if id(p) not in vision)  # the language model (MFU)
+    vision = {id(p): p.numel() for p in vision_params(run.hf)}
+    run.n_lm = run.n_params - sum(vision.values())  # the language model, and what of it trains (MFU)
     run.n_lm_trained = sum(p.numel() for p in run.params if id(p) not in vision)
     return run
 
