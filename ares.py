@@ -86,7 +86,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 import data_prep
-from data_prep import BUCKETS, DataError, difficulty_of, encode_prompt, format_ok, tokenizer_of
+from data_prep import BUCKETS, DataError, difficulty_of, encode_prompts, format_ok, tokenizer_of
 
 warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")  # DCP, one process
 
@@ -508,7 +508,7 @@ def sample(model, prompts: list[dict], *, ids: dict, max_new_tokens: int = 0, bu
            prefixes: list[list[int]] | None = None, repeats: int = 1, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, pool=None, prefill_tokens: int | None = None) -> dict:
     """Sample `repeats` continuations of each prompt (+ optional token prefix), prompt-major order.
-    prompts: encode_prompt() dicts; budgets: new-token limit per output row (default max_new_tokens).
+    prompts: encode_prompts() dicts; budgets: new-token limit per output row (default max_new_tokens).
     Returns tokens, logprobs, entropy (N, T) and mask (N, T) bool of the sampled tokens (EOS included, padding
     after it), plus truncated (N,) bool (hit its budget without EOS). N = len(prompts) * repeats.
     Each prompt is prefilled once (vision tower included). Eager (pool=None): its KV cache is copied `repeats`
@@ -780,7 +780,7 @@ def train_coldstart(cfg: Config) -> Path:
         micro = [mine[k:k + cfg.micro_batch_size] for k in range(0, len(mine), cfg.micro_batch_size)]
         sums = torch.zeros(2, dtype=torch.float64)  # the loss, and every token the model read (prompts too: MFU)
         for k, part in enumerate(micro):
-            batch = make_batch(run.hf, [encode_prompt(run.processor, records[i]) for i in part],
+            batch = make_batch(run.hf, encode_prompts(run.processor, [records[i] for i in part]),
                                [responses[i] for i in part], run.ids["pad"], device)
             with sync_context(run.model, k == len(micro) - 1), autocast(cfg, device):
                 logp, _ = run.model(batch)
@@ -885,7 +885,7 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
         recs, prompts, parts = [], [], []
         for rnd in range(cfg.max_refill_rounds + 1):
             new = [records[i] for i in draw(len(records), step, rnd, cfg)]
-            recs, prompts = recs + new, prompts + [encode_prompt(run.processor, r) for r in new]
+            recs, prompts = recs + new, prompts + encode_prompts(run.processor, new)
             with gathered(run.policy), autocast(cfg, device), evaluating(sampler):
                 ro = rollout_groups(sampler, prompts[-len(new):], cfg, run.ids, gen, triggers, pool)
             parts.append(grade_rollouts(ro, new, cfg, tok))
@@ -2554,7 +2554,7 @@ def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> d
     mine, lines = usable[rank()::world_size()], []
     for k in range(0, len(mine), cfg.rollout_batch):
         chunk = mine[k:k + cfg.rollout_batch]
-        out = sample(model, [encode_prompt(processor, r) for r in chunk], ids=ids, max_new_tokens=cfg.max_response_len,
+        out = sample(model, encode_prompts(processor, chunk), ids=ids, max_new_tokens=cfg.max_response_len,
                      temperature=0.0)
         lines += data_prep.response_lines(chunk, out, tokenizer_of(processor), 1, cfg.reward_fn, cfg.grader_timeout,
                                           cfg.grader_workers)

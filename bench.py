@@ -198,7 +198,7 @@ def param_counts(model) -> dict:
 
 
 def demo_prompts(processor, n: int, side: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """n demo-task records (one grid image each, resized to side x side px) and their encode_prompt() dicts."""
+    """n demo-task records (one grid image each, resized to side x side px) and their encode_prompts() dicts."""
     from PIL import Image
 
     rng = random.Random(seed)
@@ -209,7 +209,7 @@ def demo_prompts(processor, n: int, side: int, seed: int = 0) -> tuple[list[dict
         if img.size != (side, side):
             img = img.resize((side, side), Image.NEAREST)
         records.append(dict(id=f"bench-{k}", question=prob["question"], answer=prob["answer"], images=[img]))
-    return records, [data_prep.encode_prompt(processor, r) for r in records]
+    return records, data_prep.encode_prompts(processor, records)
 
 
 # ----------------------------------------------------------------------------------------------------------

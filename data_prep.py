@@ -80,9 +80,12 @@ import traceback
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch is imported by the one function that makes tensors: a grader process starts without it
+    import torch
 
 
 
@@ -235,8 +238,11 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
             records.append(dict(row, id=rid, question=row["question"], answer=str(row["answer"]), images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
                                 pass_rate=row.get("pass_rate")))
-    with ThreadPoolExecutor(8) as pool:  # PIL decodes without the GIL
-        sizes = list(pool.map(lambda r: [_try(_decoded_size, im) for im in r["images"]], records))
+    def decode(part):  # a thread per part of 64 records: a task per small image costs more than its decode
+        return [[_try(_decoded_size, im) for im in r["images"]] for r in part]
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL: a thread per core
+        sizes = [sz for part in pool.map(decode, [records[k:k + 64] for k in range(0, len(records), 64)]) for sz in part]
     good = []
     for r, sz in zip(records, sizes):
         bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception) or max(e) > 200 * min(e)), None)
@@ -312,12 +318,30 @@ def prompt_text(processor, record: dict) -> str:
 
 def encode_prompt(processor, record: dict) -> dict:
     """-> {'ids': (L,) long, 'pixel_values': (patches, D) or None, 'image_grid_thw': (images, 3) or None}."""
-    text = prompt_text(processor, record)
-    if record["images"]:
-        enc = processor(text=[text], images=[open_image(im) for im in record["images"]], return_tensors="pt")
-        return dict(ids=enc["input_ids"][0], pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
-    ids = tokenizer_of(processor)(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return dict(ids=ids, pixel_values=None, image_grid_thw=None)
+    return encode_prompts(processor, [record])[0]
+
+
+def encode_prompts(processor, records: list[dict]) -> list[dict]:
+    """encode_prompt of each record, with one processor call for all the records with images (the processor's
+    per-call overhead is most of a small image's cost; every image is still processed on its own, so each record
+    gets what a call of its own gives)."""
+    import torch
+
+    texts = [prompt_text(processor, r) for r in records]
+    out = [dict(ids=torch.tensor(tokenizer_of(processor)(t, add_special_tokens=False)["input_ids"]), pixel_values=None,
+                image_grid_thw=None) if not r["images"] else None for r, t in zip(records, texts)]
+    seen = [k for k, r in enumerate(records) if r["images"]]
+    if seen:
+        enc = processor(text=[texts[k] for k in seen], images=[open_image(im) for k in seen for im in records[k]["images"]])
+        grids = torch.from_numpy(enc["image_grid_thw"])  # (images, 3): each image's patches are t * h * w rows
+        pixels = torch.from_numpy(enc["pixel_values"]).split(grids.prod(-1).tolist())
+        first = 0
+        for j, k in enumerate(seen):
+            n = len(records[k]["images"])
+            out[k] = dict(ids=torch.tensor(enc["input_ids"][j]), pixel_values=torch.cat(pixels[first:first + n]),
+                          image_grid_thw=grids[first:first + n])
+            first += n
+    return out
 
 
 def prompt_length(processor, record: dict) -> int:
@@ -326,7 +350,11 @@ def prompt_length(processor, record: dict) -> int:
     n = len(tok(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
     if record["images"]:
         sizes = record.get("image_sizes") or [_decoded_size(im) for im in record["images"]]
-        n += sum(processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]) - len(sizes)
+        known = vars(processor).setdefault("_image_tokens", {})  # per image size: a dataset has few sizes
+        for size in sizes:
+            if tuple(size) not in known:
+                known[tuple(size)] = processor._get_num_multimodal_tokens(image_sizes=[size])["num_image_tokens"][0]
+        n += sum(known[tuple(size)] - 1 for size in sizes)
     return n
 
 
@@ -594,6 +622,8 @@ def score_responses(recs: list[dict], texts: list[str], group_size: int, reward_
     of `reward_fn` (ares.py's --reward-fn, 'file.py:fn'; reward_score), else the grader's 0/1 (the last \\boxed{}
     against the record's answer; `workers` grader processes). Either way an answer still being scored after
     `timeout` seconds scores 0."""
+    import torch
+
     G = group_size
     if not reward_fn:
         return torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],

@@ -384,7 +384,7 @@ def chunk_seed(seed: int, bench: str, ids: list[str]) -> int:
 def generate_chunk(model, processor, ids: dict, chunk: list[dict], cfg: EvalConfig, seed: int) -> list[dict]:
     """One sampler call: len(chunk) prompts x --samples responses, graded. -> one line per response."""
     device = next(model.parameters()).device
-    prompts = [data_prep.encode_prompt(processor, r) for r in chunk]
+    prompts = data_prep.encode_prompts(processor, chunk)
     gen = torch.Generator(device).manual_seed(seed)
     out = ares.sample(model, prompts, ids=ids, max_new_tokens=cfg.max_new_tokens, repeats=cfg.samples,
                       temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
@@ -582,9 +582,8 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
     results = {}
     for b, idx in tqdm(rank_batches(len(records), args.batch_size, rank, world), desc="passrate", disable=rank != 0):
         prompts, kept = [], []
-        for i in idx:
-            rec = dict(records[i], images=[data_prep.open_image(im, Path(".")) for im in records[i]["images"]])
-            enc = data_prep.encode_prompt(processor, rec)
+        recs = [dict(records[i], images=[data_prep.open_image(im, Path(".")) for im in records[i]["images"]]) for i in idx]
+        for i, enc in zip(idx, data_prep.encode_prompts(processor, recs)):
             if len(enc["ids"]) > args.max_prompt_len:
                 results[i] = None
                 continue

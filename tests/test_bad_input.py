@@ -311,6 +311,19 @@ def test_grade_batch_matches_the_hand_graded_table_in_workers_and_in_process():
         assert data_prep.grade_batch(preds, answers, 3.0, workers) == list(verdicts), workers
 
 
+def test_a_grader_process_grades_without_loading_torch():
+    """data_prep.py imports torch only where it makes tensors: each grader process (one per --grader-workers, per
+    training or evaluation process) starts with math-verify alone, not torch's libraries too."""
+    pool = data_prep.GraderPool(1)
+    try:
+        assert pool.map([("\\frac{1}{2}", "0.5")], timeout=3.0) == [True]
+        maps = Path(f"/proc/{pool.procs[0].pid}/maps").read_text()  # the shared libraries the process has loaded
+        assert "libtorch" not in maps
+    finally:
+        for p in pool.procs:
+            p.kill()
+
+
 def test_grader_time_limit_is_a_hard_one_even_for_a_stuck_worker(monkeypatch):
     """A worker stuck where no signal reaches it is killed at the limit (+2 s) and replaced."""
     stuck = "print('ready', flush=True); import time; time.sleep(1000)"

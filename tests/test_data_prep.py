@@ -450,6 +450,31 @@ def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
 # passrate
 
 
+def test_prompts_encoded_together_are_what_the_processor_gives_each_alone(demo_data, tiny, tmp_path):
+    """encode_prompts makes one processor call for many records; each record gets the ids, pixels and grid that the
+    processor gives it called on its own, whatever its neighbours are: one image, two images of other sizes, none.
+    prompt_length (which counts from the image sizes alone, without pixels) agrees with the encoded length."""
+    _, processor = tiny
+    recs = data_prep.load_records(str(demo_data["test"]))[:4]
+    Image.new("RGB", (56, 84), RED).save(tmp_path / "wide.png")
+    recs[1] = dict(recs[1], images=[recs[1]["images"][0], str(tmp_path / "wide.png")], image_sizes=None)
+    recs[2] = dict(recs[2], images=[], question="What is 2 + 2?")
+    for batch in (recs, recs[1:3], recs[2:3]):
+        for rec, got in zip(batch, data_prep.encode_prompts(processor, batch)):
+            text = data_prep.prompt_text(processor, rec)
+            if rec["images"]:
+                alone = processor(text=[text], images=[data_prep.open_image(im) for im in rec["images"]],
+                                  return_tensors="pt")
+                want = dict(ids=alone["input_ids"][0], pixel_values=alone["pixel_values"],
+                            image_grid_thw=alone["image_grid_thw"])
+            else:
+                want = dict(ids=torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                            pixel_values=None, image_grid_thw=None)
+            for key, value in want.items():
+                assert (got[key] is None) if value is None else torch.equal(got[key], value), (rec["id"], key)
+            assert data_prep.prompt_length(processor, rec) == len(want["ids"]), rec["id"]
+
+
 def test_grading_by_hand():
     texts = ["<think>..</think> \\boxed{3}", "\\boxed{4}", "the answer is 3", "\\boxed{1} no, \\boxed{3.0}"]
     assert data_prep.grade(texts, "3") == [True, False, False, True]

@@ -595,14 +595,14 @@ def test_the_prompt_suffix_of_the_flag_or_the_model_folder_reaches_every_prompt_
     import shutil
 
     seen = []  # (question, the decoded prompt ids) of every prompt encoded during a run
-    encode = ares.encode_prompt
+    encode = ares.encode_prompts
 
-    def spy(processor, record):
-        prompt = encode(processor, record)
-        seen.append((record["question"], tiny[1].tokenizer.decode(prompt["ids"])))
-        return prompt
+    def spy(processor, records):
+        prompts = encode(processor, records)
+        seen.extend((r["question"], tiny[1].tokenizer.decode(p["ids"])) for r, p in zip(records, prompts))
+        return prompts
 
-    monkeypatch.setattr(ares, "encode_prompt", spy)
+    monkeypatch.setattr(ares, "encode_prompts", spy)
     folder_says, flag_says = "Folder: end with \\boxed{} please.", "Flag: think, then answer."
     models = {}
     for name, suffix in (("own", folder_says), ("none", None)):  # a model folder with its own suffix, one without
