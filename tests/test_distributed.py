@@ -447,6 +447,45 @@ def test_gradient_accumulation_keeps_one_gradient_per_weight_sharded_under_fsdp(
         assert all(isinstance(g, DTensor) for micro in seen for g in micro.values())
 
 
+def test_ddp_with_train_vision_leaves_a_tower_no_micro_batch_used_where_it_was(tiny_ckpt, demo_data, tmp_path,
+                                                                               monkeypatch):
+    """README (three faults): with --train-vision DDP looks for unused weights, and the optimizer frees the gradients
+    instead of zeroing them in DDP's buckets, so AdamW skips a vision tower that no micro-batch used in a step. A zeroed
+    gradient would still move it, by the momentum of an earlier step with images and by weight decay. Cold start under
+    torchrun (world size 1), one record a step, an image record and a text-only one: after every text-only step the
+    tower is exactly what it was, after an image step it moved, and the language model moves every step."""
+    first = json.loads(Path(demo_data["sft"]).read_text().splitlines()[0])
+    first["images"] = [str(Path(demo_data["sft"]).parent / p) for p in first["images"]]
+    text = dict(first, id="text-only", images=[], question="What is 2 + 3?", answer="5",
+                response="<think>2 + 3 = 5.</think> The answer is \\boxed{5}.")
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps(first) + "\n" + json.dumps(text) + "\n")
+    used, weights, real = [], [], ares.optimizer_step
+
+    def stepping(opt, sched, params, clip, model=None):
+        out = real(opt, sched, params, clip, model)
+        weights.append({n: p.detach().clone() for n, p in model.module.hf.named_parameters()})
+        return out
+
+    real_indices = ares.step_indices
+    monkeypatch.setattr(ares, "step_indices", lambda *a: used.append(real_indices(*a)) or used[-1])
+    monkeypatch.setattr(ares, "optimizer_step", stepping)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "cold"),
+               "--steps", "6", "--batch-size", "1", "--train-vision", "--weight-decay", "0.1", "--warmup-steps", "0"])
+    start = {n: p.detach() for n, p in ares.load_model(str(tiny_ckpt), ares.Config(), torch.device("cpu"))[0]
+             .named_parameters()}
+    before = [start] + weights[:-1]
+    has_image = [bool(first["images"]) if i == 0 else False for [i] in used]  # record 0 has the image
+    assert True in has_image[:-1] and any(a and not b for a, b in zip(has_image, has_image[1:])), used  # image, then text
+    for step, (image, old, new) in enumerate(zip(has_image, before, weights)):
+        tower = [n for n in new if ".visual." in f".{n}"]
+        assert tower and all(torch.equal(old[n], new[n]) for n in tower) != image, (step, image)
+        assert not any(torch.equal(old[n], new[n]) for n in new if n.endswith("embed_tokens.weight")), step
+
+
 def test_fsdp_reshards_the_reference_and_the_old_policy_after_their_log_probs(tiny_ckpt, demo_data, tmp_path,
                                                                             monkeypatch):
     """An AEPO step under --fsdp (torchrun, world size 1), with the KL reference and 2 updates (old log-probs
