@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # torch is imported by the one function that makes tensors: a grader process starts without it
+if TYPE_CHECKING:  # torch is imported by the functions that make tensors: a grader process starts without it
     import torch
 
 

@@ -411,17 +411,29 @@ def generate_or_report(model, processor, ids, chunk, cfg, bench_key) -> tuple[li
 
 def end_last_line(path: Path):
     """Before appending to responses.jsonl: a last line a kill left without its newline is ended (whole JSON) or cut
-    off (a fragment, which read_cache skipped), so the first appended line starts a line of its own."""
-    data = path.read_bytes() if path.is_file() else b""
-    if not data or data.endswith(b"\n"):
+    off (a fragment, which read_cache skipped), so the first appended line starts a line of its own. Reads the file
+    back from its end to the last newline only, not the whole file again."""
+    if not path.is_file():
         return
-    tail = data[data.rfind(b"\n") + 1:]
-    try:
-        json.loads(tail)
-    except ValueError:
-        os.truncate(path, len(data) - len(tail))
-    else:
-        with open(path, "ab") as f:
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = size
+        while start > 0:  # back a block at a time until the block holds a newline
+            start = max(0, start - (1 << 16))
+            f.seek(start)
+            block = f.read(size - start)
+            if b"\n" in block:
+                start += block.rindex(b"\n") + 1
+                break
+        f.seek(start)
+        tail = f.read()
+        if not tail:  # empty, or it ends with a newline
+            return
+        try:
+            json.loads(tail)
+        except ValueError:
+            f.truncate(start)
+        else:
             f.write(b"\n")
 
 
