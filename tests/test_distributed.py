@@ -338,6 +338,57 @@ def test_fsdp_fills_fp32_master_shards_from_a_bf16_checkpoint_read_once(tiny, tm
         dist.destroy_process_group()
 
 
+def test_ddp_loads_a_bf16_checkpoint_as_it_is_and_casts_each_weight_to_the_fp32_master(tiny, tmp_path, monkeypatch):
+    """Without --fsdp every rank reads the file in its own dtype (bf16 for the released models) and casts the weights
+    one by one (README: memory at load and save). World size 1 under torchrun's environment, DDP-wrapped: the policy's
+    weights are fp32 and equal to the file's values, each cast on its own (every weight converted in a call of its
+    own size, never the model at once), the rotary buffers are the fp32 ones the model computes, and the
+    config says fp32, so that a checkpoint saved from it says what it holds."""
+    import copy
+
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = tiny
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    processor.save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    casts = []  # numel of every tensor cast from bf16 to fp32 while ares casts the loaded weights
+    real_to, real_cast = torch.Tensor.to, ares.cast_weights
+
+    def spy(t, *args, **kwargs):
+        out = real_to(t, *args, **kwargs)
+        if t.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            casts.append(t.numel())
+        return out
+
+    def cast_weights(*args):
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "to", spy)
+            real_cast(*args)
+
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", str(tmp_path / "bf16"), "--data",
+                                                         "x", "--out", str(tmp_path / "out"), "--dtype", "bf16"]), "aepo")
+    ares.init_distributed()
+    try:
+        monkeypatch.setattr(ares, "cast_weights", cast_weights)
+        run = ares.prepare_training(cfg, ares.load_for_training(cfg, torch.device("cpu")), torch.device("cpu"), 1)
+        assert isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+        saved = dict(AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).named_parameters())
+        assert all(p.dtype == torch.bfloat16 for p in saved.values())
+        params = dict(run.hf.named_parameters())
+        for name, p in params.items():
+            assert p.dtype == torch.float32 and torch.equal(p.detach(), saved[name].float()), name
+        assert sorted(casts) == sorted(p.numel() for p in params.values())  # one cast per weight, none of the whole
+        for (name, b), (_, want) in zip(run.hf.named_buffers(), model.named_buffers()):
+            assert b.dtype == torch.float32 and torch.equal(b, want), name  # rotary inverse frequencies
+        configs = [run.hf.config, *(getattr(run.hf.config, k) for k in run.hf.config.sub_configs)]
+        assert [c.dtype for c in configs] == [torch.float32] * len(configs)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_bf16_sampling_copy_is_cast_weight_by_weight_never_a_second_fp32_copy(mid_size_ckpt):
     """A bf16 run on one device (no --fsdp) samples from a bf16 copy of the fp32 policy (sampling_copy). Peak host
     memory (VmHWM, reset before) above the resident set while the copy of the 25.7M-parameter model is made: its
