@@ -2738,17 +2738,19 @@ PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compare
 
 def same_flag(name: str, new, old, cwd_then: str) -> bool:
     """Is a flag's value on --resume the one the run started with? Paths are compared resolved (each against its
-    run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file."""
+    run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file, and data.jsonl in
+    another working folder is another file. A name that is no path in either folder (a hub model) is compared as text."""
     if name == "lora_targets" and isinstance(new, str) and isinstance(old, str):  # all-linear, or a set of layer names
         layers = lambda t: t if t == "all-linear" else sorted(set(lora_target_list(t)))  # noqa: E731
         return layers(new) == layers(old)
-    if new == old or name not in PATH_FLAGS or not (isinstance(new, str) and isinstance(old, str) and new and old):
+    if name not in PATH_FLAGS or not (isinstance(new, str) and isinstance(old, str) and new and old):
         return new == old
     if name == "reward_fn":  # file.py:function: the file resolved, the function by name
         (new, _, fn_new), (old, _, fn_old) = new.rpartition(":"), old.rpartition(":")
         if fn_new != fn_old:
             return False
-    return (Path(os.getcwd()) / Path(new).expanduser()).resolve() == (Path(cwd_then) / Path(old).expanduser()).resolve()
+    here, then = ((Path(cwd) / Path(p).expanduser()).resolve() for cwd, p in ((os.getcwd(), new), (cwd_then, old)))
+    return here == then if here.exists() or then.exists() else new == old
 
 
 def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:

@@ -855,25 +855,25 @@ def test_a_failing_hook_ends_the_training_run_with_one_line_and_no_step(case, ac
 
 @pytest.fixture(scope="module")
 def validated_run(tmp_path_factory, tiny_ckpt, demo_data):
-    """AEPO with --eval-data and no --eval-every, --save-every 1, and a hook scoring every response 0.3, except that
-    it hangs on one held-out record (past --grader-timeout 0.5)."""
+    """AEPO with --eval-data and no --eval-every, --save-every 2 over 3 steps, and a hook scoring every response 0.3,
+    except that it hangs on one held-out record (past --grader-timeout 0.5)."""
     tmp = tmp_path_factory.mktemp("validated")
     hook = tmp / "hook.py"
     hook.write_text("import time\n\n\ndef score(record, response):\n    if record['id'] == 'test-00000':\n"
                     "        time.sleep(30)\n    return 0.3\n")
     out = tmp / "run"
     start = time.monotonic()
-    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--save-every", 1, "--eval-data",
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 3, "--save-every", 2, "--eval-data",
                         demo_data["test"], "--reward-fn", f"{hook}:score", "--grader-timeout", 0.5))
     return dict(rows=[json.loads(line) for line in open(out / "metrics.jsonl")], seconds=time.monotonic() - start,
                 n=len(data_prep.load_records(str(demo_data["test"]))))
 
 
 VALIDATION = [
-    ("--eval-data alone validates at every checkpoint",
-     lambda r: [row["step"] for row in r["rows"] if "eval_acc" in row] == [1, 2]),
+    ("--eval-data alone validates at every checkpoint",  # --eval-every defaults to --save-every, and the final
+     lambda r: [row["step"] for row in r["rows"] if "eval_acc" in row] == [2, 3]),
     ("validation grades with --reward-fn and --grader-timeout",
-     lambda r: all(row["eval_acc"] == pytest.approx(0.3 * (r["n"] - 1) / r["n"]) for row in r["rows"])
+     lambda r: all(row["eval_acc"] == pytest.approx(0.3 * (r["n"] - 1) / r["n"]) for row in r["rows"] if "eval_acc" in row)
      and r["seconds"] < 60),
 ]
 
@@ -1080,3 +1080,106 @@ def test_a_kill_while_final_is_replaced_leaves_the_previous_final_whole(tiny_ckp
     shutil.copytree(out / "final", out / "final.old")  # left by a kill, then the run is replaced: no step 3 from it
     ares.main(args + ["--steps", "1", "--overwrite"])
     assert steps_logged(out) == [1] and not (out / "final.old").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# README claims about flags that no test reached before, each through ares.main.
+
+
+def test_resume_stops_when_a_file_flag_names_another_file_even_spelled_the_same(tiny_ckpt, demo_data, tmp_path,
+                                                                              monkeypatch):
+    """README (run folders): --resume compares the flags that name files by the file they resolve to, each relative
+    path against its own run's working folder. Spelled the same from another working folder, `data.jsonl` is another
+    file and the resume stops; spelled otherwise, the same file resumes."""
+    first, elsewhere = tmp_path / "a", tmp_path / "b"
+    for folder, n in ((first, None), (elsewhere, 8)):  # b's data.jsonl: the first 8 records of a's
+        folder.mkdir()
+        lines = Path(demo_data["sft"]).read_text().splitlines(keepends=True)
+        (folder / "data.jsonl").write_text("".join(lines[:n]))
+    shutil.copy(first / "data.jsonl", tmp_path / "copy.jsonl")
+    for folder in (first, elsewhere, tmp_path):  # the records' image paths are relative to their file
+        (folder / "images").symlink_to(Path(demo_data["sft"]).parent / "images")
+    monkeypatch.chdir(first)
+    ares.main(coldstart_args("data.jsonl", "run", tiny_ckpt, "--steps", 1))
+    monkeypatch.chdir(elsewhere)
+    for data in ("data.jsonl", tmp_path / "copy.jsonl"):  # another file: same spelling; same bytes, other path
+        before = {p.name: p.stat().st_mtime_ns for p in (first / "run").iterdir()}
+        with pytest.raises(SystemExit) as e:
+            ares.main(coldstart_args(data, first / "run", tiny_ckpt, "--steps", 2, "--resume"))
+        assert f"--data {str(data)!r} (was 'data.jsonl')" in one_line(e)
+        assert {p.name: p.stat().st_mtime_ns for p in (first / "run").iterdir()} == before
+    ares.main(coldstart_args("../a/data.jsonl", first / "run", tiny_ckpt, "--steps", 2, "--resume"))
+    assert steps_logged(first / "run") == [1, 2]
+    # --reward-fn is file.py:function: the file resolved, the function by name (hand cases)
+    (tmp_path / "f.py").write_text("def score(r, s):\n    return 1.0\n")
+    here = str(tmp_path)
+    assert ares.same_flag("reward_fn", f"{tmp_path}/f.py:score", "./f.py:score", here)
+    assert not ares.same_flag("reward_fn", f"{tmp_path}/f.py:other", "f.py:score", here)
+    assert not ares.same_flag("reward_fn", f"{tmp_path}/b/f.py:score", "f.py:score", here)
+    assert not ares.same_flag("reward_fn", "f.py:score", "f.py:score", here)  # from b: b/f.py, which is not there
+    assert ares.same_flag("model", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", here)  # a hub name
+
+
+def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final(tiny_ckpt, demo_data, tmp_path):
+    """--keep-last N (README: flags): a checkpoint every step of 5, only the newest N step_* folders stay, beside final/,
+    and nothing half-written is left."""
+    for n in (2, 1):
+        out = tmp_path / f"keep{n}"
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 5, "--keep-last", n))
+        folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+        assert folders == sorted([f"step_{k:06d}" for k in range(5 - n, 5)] + ["final"]), folders
+        assert steps_logged(out) == [1, 2, 3, 4, 5]
+
+
+def test_a_duplicate_id_in_the_training_data_stops_before_the_model_loads(tiny_ckpt, demo_data, tmp_path,
+                                                                          monkeypatch):
+    """README (data format): `id` is unique. Two records sharing one stop the run with one line naming the file, the
+    record and its row, before the model loads and before --out is made."""
+    lines = Path(demo_data["sft"]).read_text().splitlines()
+    data = tmp_path / "dup.jsonl"
+    data.write_text("\n".join([lines[0], lines[1], lines[0]]) + "\n")
+    rid = json.loads(lines[0])["id"]
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(data, tmp_path / "run", tiny_ckpt))
+    msg = one_line(e)
+    assert str(data) in msg and f"record {rid} (row 2)" in msg and "duplicate id" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_grad_clip_bounds_the_norm_adamw_steps_with_and_the_log_keeps_the_norm_before(tiny_ckpt, demo_data, tmp_path,
+                                                                                     monkeypatch):
+    """--grad-clip (README: flags): the gradients AdamW steps with have a global norm of at most the flag's value, and
+    metrics.jsonl's grad_norm is the norm before clipping. The norm is computed here from the gradients themselves."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for clip in (1e-3, 1e9):
+        seen.clear()
+        out = tmp_path / f"clip{clip}"
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--grad-clip", clip))
+        logged = [json.loads(line)["grad_norm"] for line in open(out / "metrics.jsonl")]
+        assert len(seen) == len(logged) == 3
+        if clip < 1:
+            assert all(n <= clip * (1 + 1e-4) for n in seen) and all(n > 10 * clip for n in logged), (seen, logged)
+        else:  # no clipping: the norm AdamW sees is the logged one
+            assert seen == pytest.approx(logged, rel=1e-4), (seen, logged)
+
+
+def test_an_explicit_rollout_batch_wins_over_auto(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    """README (memory plan): --rollout-batch auto sizes the sampler's calls from free memory; an explicit integer still
+    wins: no call decodes more rows than it, whatever the memory, and no auto line is printed."""
+    monkeypatch.setattr(ares, "free_memory", lambda device: 2 ** 50)  # auto would take every row at once
+    calls, sample = [], ares.sample
+    monkeypatch.setattr(ares, "sample", lambda model, prompts, **kw: calls.append(len(prompts) * kw.get("repeats", 1))
+                        or sample(model, prompts, **kw))
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 4,
+                        "--keep-uniform-groups", "--rollout-batch", 3))
+    assert calls and max(calls) == 3, calls
+    assert "--rollout-batch auto" not in capsys.readouterr().out
