@@ -110,6 +110,7 @@ def test_trackers_get_exactly_the_numbers_of_the_metrics_rows(tmp_path, monkeypa
                 if k != "step" and v is not None and not isinstance(v, str)]  # by hand: numbers and bools only
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
     logged = []
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
     fake_wandb = types.SimpleNamespace(init=lambda **kw: logged.append(kw) or types.SimpleNamespace(
         log=lambda row, step: logged.append((row, step)), finish=lambda: logged.append("finished")))
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
@@ -125,6 +126,10 @@ def test_trackers_get_exactly_the_numbers_of_the_metrics_rows(tmp_path, monkeypa
     tb = FakeWriter.made[-1]
     assert tb.calls == expected and tb.closed and tb.log_dir == str(tmp_path / "tensorboard" / "tensorboard")
     assert logged[0]["config"] == {"flags": {}} and logged[0]["dir"] == str(tmp_path / "wandb")
+    assert logged[0]["project"] == "ares"  # $WANDB_PROJECT unset (below); README: the project
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    ares.open_tracker(ares.Config(report_to="wandb"), tmp_path / "wandb", {}).close()
+    assert logged[-2]["project"] == "mine" and logged[-1] == "finished"
     assert [(k, v, s) for row, s in logged[1:3] for k, v in row.items()] == expected and logged[3] == "finished"
     assert ares.open_tracker(ares.Config(report_to="none"), tmp_path, {}) is None
 

@@ -1183,3 +1183,14 @@ def test_an_explicit_rollout_batch_wins_over_auto(tiny_ckpt, demo_data, tmp_path
                         "--keep-uniform-groups", "--rollout-batch", 3))
     assert calls and max(calls) == 3, calls
     assert "--rollout-batch auto" not in capsys.readouterr().out
+
+
+def test_kl_coef_0_loads_no_reference_model(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README (choices): with --kl-coef 0 no reference model is loaded (no memory for it, no log-prob pass); with the
+    default one is, the starting model."""
+    loads, load = [], ares.load_reference
+    monkeypatch.setattr(ares, "load_reference", lambda name, *a: loads.append(name) or load(name, *a))
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "none", tiny_ckpt, "--steps", 1, "--kl-coef", 0))
+    assert loads == []
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "default", tiny_ckpt, "--steps", 1))
+    assert loads == [str(Path(tiny_ckpt).resolve())]
