@@ -1245,8 +1245,9 @@ def load_model(name: str, cfg, device, meta: bool = False):
     dtype = compute_dtype(cfg, device)
     if name == "tiny":
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model, processor = build_tiny(cfg.seed)
-        model.to(torch.float32 if dtype == "auto" else dtype)
+            model, processor = build_tiny(cfg.seed)  # fp32
+        if dtype not in ("auto", torch.float32):  # its weights only: the rotary buffers stay fp32, as for a checkpoint
+            cast_weights(model, dtype, torch.device("meta") if meta else torch.device("cpu"))
     else:
         config = AutoConfig.from_pretrained(name)
         is_vlm = hasattr(config, "vision_config")

@@ -389,6 +389,22 @@ def test_ddp_loads_a_bf16_checkpoint_as_it_is_and_casts_each_weight_to_the_fp32_
         dist.destroy_process_group()
 
 
+def test_the_tiny_model_in_bf16_keeps_its_rotary_buffers_in_fp32_as_a_checkpoint_does(tiny_ckpt):
+    """--model tiny with --dtype bf16 (the device check's runs, and the KL reference of an AEPO run started from tiny)
+    loads as a bf16 checkpoint folder does: bf16 weights, the rotary inverse frequencies in fp32 (before, tiny cast
+    them to bf16 too, so its reference turned at other angles than its fp32-master policy), meta skeleton included."""
+    cfg, cpu = ares.Config(dtype="bf16"), torch.device("cpu")
+    folder = ares.load_model(str(tiny_ckpt), cfg, cpu)[0]
+    for meta in (False, True):
+        tiny = ares.load_model("tiny", cfg, cpu, meta=meta)[0]
+        assert all(p.dtype == torch.bfloat16 for p in tiny.parameters())
+        assert [(n, b.dtype) for n, b in tiny.named_buffers()] == [(n, b.dtype) for n, b in folder.named_buffers()]
+        assert all(b.dtype == torch.float32 for b in tiny.buffers())
+        assert tiny.config.dtype == torch.bfloat16
+    for (name, b), (_, want) in zip(ares.load_model("tiny", cfg, cpu)[0].named_buffers(), folder.named_buffers()):
+        assert torch.equal(b, want), name
+
+
 def test_the_bf16_sampling_copy_is_cast_weight_by_weight_never_a_second_fp32_copy(mid_size_ckpt):
     """A bf16 run on one device (no --fsdp) samples from a bf16 copy of the fp32 policy (sampling_copy). Peak host
     memory (VmHWM, reset before) above the resident set while the copy of the 25.7M-parameter model is made: its
