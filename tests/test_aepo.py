@@ -214,6 +214,39 @@ def test_sample_token_at_temperature_zero_is_greedy():
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).max(-1).values)
 
 
+def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkeypatch):
+    """The eager sampler's steps queue work and read nothing back: the loop looks at the device only at its checks
+    (every CHECK_EVERY steps). Given a 2-D attention mask, Hugging Face's SDPA mask code read it on the host (a
+    tensor's truth value) in every step, which on a GPU stalls the host until the step before has run. Counted here:
+    every truth value, .item(), .tolist() or int()/float() of a tensor inside EagerKV.step, on prompts of three lengths
+    (left padding) and on prompts of one length (no padding), with rows leaving the batch as they finish."""
+    model, processor = tiny
+    inside, reads, step = [False], [], ares.EagerKV.step
+
+    def counted_step(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(ares.EagerKV, "step", counted_step)
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        def read(t, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _real(t, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    ids = ares.special_ids(model, processor)
+    for picks in ([0, 1, "What is 2 + 3?"], [0, 0, 0]):
+        prompts = encoded_prompts(processor, demo_data["rl"], picks)
+        budgets = [3, 20, 5, 20, 2, 4]  # most rows done by the first check: they leave the batch there
+        with torch.no_grad():
+            out = ares.sample(model, prompts, ids=ids, budgets=budgets, repeats=2, generator=torch.Generator().manual_seed(0))
+        assert out["mask"].sum(1).tolist() == budgets  # the random model never stops on its own
+    assert reads == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Branching
 
