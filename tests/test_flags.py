@@ -1,7 +1,10 @@
 """Flags through the command line: one the user gives always wins over the stage and tiny-model defaults, even when its
 value equals the dataclass default (issue 12: it used to read as "not given"), and each AEPO knob reaches the function
 of Part 1 that uses it."""
+import math
+
 import pytest
+import torch
 
 import ares
 
@@ -97,3 +100,24 @@ def test_every_aepo_knob_given_on_the_command_line_reaches_the_function_that_use
     for c in calls["hwe_mask"]:
         assert c["tokens"] is not None and set(c["triggers"].nonzero().flatten().tolist()) == words
     assert len(steps) == 2  # --ppo-epochs 2: two passes over the one rollout batch (one minibatch each)
+
+
+def test_the_cold_starts_default_warm_up_is_3_percent_of_its_steps():
+    """README (paper settings): without --warmup-steps a cold start of a real model warms up over 3% of its optimizer
+    steps (at least 1), then decays by cosine to 10%; the tiny model's defaults set 20. Worked out by hand for 200
+    steps: warm-up 6, the rate at step k < 6 is (k + 1) / 6 of --lr, and 1e-5 of 1e-5 at step 6."""
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--model", "some/hub-model", "--data", "x.jsonl", "--stage",
+                                                         "coldstart", "--lr", "1e-5"]), "coldstart")
+    assert cfg.warmup_steps is None
+    p = torch.nn.Parameter(torch.zeros(1))
+    _, sched = ares.make_optimizer([p], cfg, 200)
+    rates = []
+    for _ in range(8):
+        rates.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert rates == pytest.approx([1e-5 * (k + 1) / 6 for k in range(6)] + [1e-5, 1e-5 * (0.1 + 0.45 * (1 + math.cos(math.pi / 194)))])
+    assert ares.make_optimizer([p], cfg, 10)[1].lr_lambdas[0].plan["warm"] == 1  # 3% of 10 rounds to 0: at least 1
+    tiny = ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", "coldstart"]),
+                                       "coldstart")
+    assert ares.make_optimizer([p], tiny, 200)[1].lr_lambdas[0].plan["warm"] == 20

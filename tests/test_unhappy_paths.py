@@ -1194,3 +1194,17 @@ def test_kl_coef_0_loads_no_reference_model(tiny_ckpt, demo_data, tmp_path, monk
     assert loads == []
     ares.main(aepo_args(demo_data["rl"], tmp_path / "default", tiny_ckpt, "--steps", 1))
     assert loads == [str(Path(tiny_ckpt).resolve())]
+
+
+def test_an_empty_metrics_file_resumes_without_the_lost_history(runs, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README (run folders): with metrics.jsonl missing, --resume stops and says an empty file resumes without the
+    history. Doing so resumes: the steps after the checkpoint are logged, the lost ones are not made up."""
+    out = copy_run(runs, tmp_path, "interrupted")
+    monkeypatch.chdir(tmp_path)
+    (out / "metrics.jsonl").unlink()
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], "runs/res", tiny_ckpt, "--resume"))
+    assert "an empty file resumes without it" in one_line(e)
+    (out / "metrics.jsonl").write_text("")
+    ares.main(coldstart_args(demo_data["sft"], "runs/res", tiny_ckpt, "--resume"))
+    assert steps_logged(out) == [2, 3]
