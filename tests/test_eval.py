@@ -344,10 +344,11 @@ def test_a_record_edited_in_place_is_generated_again_and_graded_against_its_new_
 
 
 @pytest.mark.parametrize("flag", [["--max-pixels", str(64 * 28 * 28)], ["--min-pixels", str(28 * 28)],
-                                  ["--dtype", "bf16"], ["--attn", "eager"]])
+                                  ["--dtype", "bf16"], ["--dtype", "fp16"], ["--attn", "eager"]])
 def test_a_run_with_another_loading_flag_is_not_served_the_cached_responses(flag, tmp_path, tiny_ckpt, bench):
     """--max-pixels and --min-pixels change the image tokens the model reads, --dtype and --attn its arithmetic: a
-    rerun that changes one generates again (before, every response came from the cache)."""
+    rerun that changes one generates again (before, every response came from the cache). --dtype fp16, which training
+    refuses, evaluates (README: multi-GPU)."""
     out = tmp_path / "eval"
     args = ["--model", str(tiny_ckpt), "--data", str(bench), "--max-new-tokens", "4", "--batch-size", "8", "--out", str(out)]
     ev.main(args)
