@@ -554,9 +554,13 @@ def dump_then_save(path, name, policy, opt, sched, processor, state, keep_last):
 
 data_prep.grade_batch = lambda preds, answers, *limits: [graded(p, a) for p, a in zip(preds, answers)]  # in order
 ares.save_checkpoint = dump_then_save
-for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):  # two runs in one process: ares.main (the command line's
-    calls[0] = 0  # entry, one per process) would close the group between them, and a new one can hang on re-creation
-    ares.train_aepo(ares.parse_config(sys.argv[3:] + ["--out", str(out / name)] + extra))
+pool_calls, start = [0], ares.KVPool.start
+ares.KVPool.start = lambda self, *a: pool_calls.__setitem__(0, pool_calls[0] + 1) or start(self, *a)
+for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]),  # three runs in one process: ares.main (the command line's
+                    ("fsdp_compile", ["--fsdp", "--compile", "--compile-backend", "aot_eager"])):
+    calls[0] = pool_calls[0] = 0  # entry, one per process) would close the group between them, and a new one can hang
+    ares.train_aepo(ares.parse_config(sys.argv[3:] + ["--out", str(out / name)] + extra))  # on re-creation
+    (out / name / f"pool_calls{dist.get_rank()}").write_text(str(pool_calls[0]))
 dist.destroy_process_group()
 '''
 
@@ -570,8 +574,9 @@ def test_aepo_under_torchrun_ddp_and_fsdp_keeps_ranks_identical(tiny_ckpt, demo_
                      "--window", 2, "--entropy-quantile", 0.5)
     run_script([driver, ROOT, tmp_path, *args], nproc=2)
     final = {}
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp_compile"):  # README (compile): under --fsdp the KV pool runs uncompiled
         out = tmp_path / name
+        assert [int((out / f"pool_calls{r}").read_text()) > 0 for r in (0, 1)] == [name == "fsdp_compile"] * 2
         ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
         for k, v in ranks[0]["params"].items():
             assert torch.equal(v, ranks[1]["params"][k]), f"{name}: {k} differs between ranks"
@@ -582,6 +587,7 @@ def test_aepo_under_torchrun_ddp_and_fsdp_keeps_ranks_identical(tiny_ckpt, demo_
         assert torch.equal(s0["kappa"], s1["kappa"])
         rows = read_jsonl(out / "metrics.jsonl")
         assert [r["groups_kept"] for r in rows] == [1, 2, 1] and all(r["groups"] == 2 for r in rows)
+        assert [r.get("graphs_compiled") for r in rows] == [0 if name == "fsdp_compile" else None] * 3
         saved = dict(AutoModelForImageTextToText.from_pretrained(out / "final").named_parameters())
         for k, v in ranks[0]["params"].items():  # what rank 0 wrote is what the ranks hold
             assert torch.equal(saved[k.removeprefix("hf.")], v), f"{name}: saved {k} differs"
