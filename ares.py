@@ -2745,7 +2745,8 @@ PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compare
 def same_flag(name: str, new, old, cwd_then: str) -> bool:
     """Is a flag's value on --resume the one the run started with? Paths are compared resolved (each against its
     run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file, and data.jsonl in
-    another working folder is another file. A name that is no path in either folder (a hub model) is compared as text."""
+    another working folder is another file. Where the run's path is gone (a hub model name; a project moved with its
+    files) there is nothing to compare with: the same text is taken as the same."""
     if name == "lora_targets" and isinstance(new, str) and isinstance(old, str):  # all-linear, or a set of layer names
         layers = lambda t: t if t == "all-linear" else sorted(set(lora_target_list(t)))  # noqa: E731
         return layers(new) == layers(old)
@@ -2756,7 +2757,7 @@ def same_flag(name: str, new, old, cwd_then: str) -> bool:
         if fn_new != fn_old:
             return False
     here, then = ((Path(cwd) / Path(p).expanduser()).resolve() for cwd, p in ((os.getcwd(), new), (cwd_then, old)))
-    return here == then if here.exists() or then.exists() else new == old
+    return here == then if then.exists() else new == old
 
 
 def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:

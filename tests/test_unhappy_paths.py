@@ -1090,7 +1090,7 @@ def test_resume_stops_when_a_file_flag_names_another_file_even_spelled_the_same(
                                                                               monkeypatch):
     """README (run folders): --resume compares the flags that name files by the file they resolve to, each relative
     path against its own run's working folder. Spelled the same from another working folder, `data.jsonl` is another
-    file and the resume stops; spelled otherwise, the same file resumes."""
+    file and the resume stops; spelled otherwise, the same file resumes, and so does a project moved with its files."""
     first, elsewhere = tmp_path / "a", tmp_path / "b"
     for folder, n in ((first, None), (elsewhere, 8)):  # b's data.jsonl: the first 8 records of a's
         folder.mkdir()
@@ -1110,6 +1110,14 @@ def test_resume_stops_when_a_file_flag_names_another_file_even_spelled_the_same(
         assert {p.name: p.stat().st_mtime_ns for p in (first / "run").iterdir()} == before
     ares.main(coldstart_args("../a/data.jsonl", first / "run", tiny_ckpt, "--steps", 2, "--resume"))
     assert steps_logged(first / "run") == [1, 2]
+    project, moved = tmp_path / "c", tmp_path / "moved"  # a project moved with its files: the run's data.jsonl is
+    shutil.copytree(first, project, symlinks=True, ignore=shutil.ignore_patterns("run"))  # gone, nothing to compare
+    monkeypatch.chdir(project)
+    ares.main(coldstart_args("data.jsonl", "run", tiny_ckpt, "--steps", 1))
+    shutil.move(project, moved)
+    monkeypatch.chdir(moved)
+    ares.main(coldstart_args("data.jsonl", "run", tiny_ckpt, "--steps", 2, "--resume"))
+    assert steps_logged(moved / "run") == [1, 2]
     # --reward-fn is file.py:function: the file resolved, the function by name (hand cases)
     (tmp_path / "f.py").write_text("def score(r, s):\n    return 1.0\n")
     here = str(tmp_path)
