@@ -1695,9 +1695,11 @@ class EagerKV:
     def step(self, model, tok, pos, u, t: int, temperature: float, top_p: float, banned):
         """Feed each row's last token through the KV cache, then sample the next one."""
         self.att = torch.cat([self.att, self.att.new_ones(len(self.att), 1)], 1)
-        # The mask as Hugging Face would build it for one query token: none without padding, else each row's keys
-        # (B, 1, 1, L). Given the 2-D mask, its SDPA path reads it on the host every step to decide (a device wait).
-        mask = self.att.bool()[:, None, None, :] if self.padded else None
+        # SDPA: the mask as Hugging Face would build it for one query token, none without padding, else each row's
+        # keys (B, 1, 1, L) bool. Given the 2-D mask, its SDPA path reads it on the host every step (a device wait).
+        # Other attentions take the 2-D mask (eager adds a 4-D mask to the scores; flash wants (B, L)).
+        sdpa = text_decoder(model).config._attn_implementation == "sdpa"
+        mask = (self.att.bool()[:, None, None, :] if self.padded else None) if sdpa else self.att
         # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
         # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
         with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
@@ -2745,8 +2747,9 @@ PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compare
 def same_flag(name: str, new, old, cwd_then: str) -> bool:
     """Is a flag's value on --resume the one the run started with? Paths are compared resolved (each against its
     run's working folder), so ./data.jsonl, data.jsonl and /abs/data.jsonl are the same file, and data.jsonl in
-    another working folder is another file. Where the run's path is gone (a hub model name; a project moved with its
-    files) there is nothing to compare with: the same text is taken as the same."""
+    another working folder is another file. Where the run's value is no path in its working folder (a hub model
+    name, a module:function hook) or no longer one (a project moved with its files, a file deleted), there is nothing
+    to compare with: the same text is taken as the same."""
     if name == "lora_targets" and isinstance(new, str) and isinstance(old, str):  # all-linear, or a set of layer names
         layers = lambda t: t if t == "all-linear" else sorted(set(lora_target_list(t)))  # noqa: E731
         return layers(new) == layers(old)
@@ -2756,7 +2759,10 @@ def same_flag(name: str, new, old, cwd_then: str) -> bool:
         (new, _, fn_new), (old, _, fn_old) = new.rpartition(":"), old.rpartition(":")
         if fn_new != fn_old:
             return False
-    here, then = ((Path(cwd) / Path(p).expanduser()).resolve() for cwd, p in ((os.getcwd(), new), (cwd_then, old)))
+    try:
+        here, then = ((Path(cwd) / Path(p).expanduser()).resolve() for cwd, p in ((os.getcwd(), new), (cwd_then, old)))
+    except RuntimeError:  # ~user/... of no such user: no path
+        return new == old
     return here == then if then.exists() else new == old
 
 

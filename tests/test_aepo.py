@@ -247,6 +247,23 @@ def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkey
     assert reads == []
 
 
+def test_every_attention_implementation_samples_what_sdpa_samples(tiny_ckpt, demo_data):
+    """--attn eager and sdpa (the default) give the same rollouts on left-padded prompts, rows leaving the batch: each
+    attention gets the mask form it reads (eager adds a 4-D mask to its scores, so the bool mask SDPA takes would let
+    every row attend to its padding)."""
+    cpu, out = torch.device("cpu"), {}
+    for attn in ("sdpa", "eager"):
+        model, processor = ares.load_model(str(tiny_ckpt), ares.Config(attn=attn, dtype="fp32"), cpu)
+        assert ares.text_decoder(model).config._attn_implementation == attn
+        prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, "What is 2 + 3?"])
+        assert len({len(p["ids"]) for p in prompts}) == 3
+        with torch.no_grad():
+            out[attn] = ares.sample(model.eval(), prompts, ids=ares.special_ids(model, processor),
+                                    budgets=[3, 20, 5, 20, 2, 4], repeats=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["sdpa"]["tokens"], out["eager"]["tokens"])
+    assert (out["sdpa"]["logprobs"] - out["eager"]["logprobs"]).abs().max() < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Branching
 

@@ -870,7 +870,7 @@ def validated_run(tmp_path_factory, tiny_ckpt, demo_data):
 
 
 VALIDATION = [
-    ("--eval-data alone validates at every checkpoint",  # --eval-every defaults to --save-every, and the final
+    ("--eval-data alone validates at every checkpoint",  # --eval-every defaults to --save-every, and at the end
      lambda r: [row["step"] for row in r["rows"] if "eval_acc" in row] == [2, 3]),
     ("validation grades with --reward-fn and --grader-timeout",
      lambda r: all(row["eval_acc"] == pytest.approx(0.3 * (r["n"] - 1) / r["n"]) for row in r["rows"] if "eval_acc" in row)
@@ -1124,7 +1124,10 @@ def test_resume_stops_when_a_file_flag_names_another_file_even_spelled_the_same(
     assert ares.same_flag("reward_fn", f"{tmp_path}/f.py:score", "./f.py:score", here)
     assert not ares.same_flag("reward_fn", f"{tmp_path}/f.py:other", "f.py:score", here)
     assert not ares.same_flag("reward_fn", f"{tmp_path}/b/f.py:score", "f.py:score", here)
+    monkeypatch.chdir(elsewhere)
     assert not ares.same_flag("reward_fn", "f.py:score", "f.py:score", here)  # from b: b/f.py, which is not there
+    assert ares.same_flag("reward_fn", "hooks:score", "hooks:score", here)  # a module: compared by name
+    assert ares.same_flag("data", "~nosuchuser/x.jsonl", "~nosuchuser/x.jsonl", here)  # no path: as written
     assert ares.same_flag("model", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", here)  # a hub name
 
 
