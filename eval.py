@@ -416,15 +416,15 @@ def end_last_line(path: Path):
     if not path.is_file():
         return
     with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        start = size
-        while start > 0:  # back a block at a time until the block holds a newline
+        end = start = f.seek(0, os.SEEK_END)
+        while start > 0:  # back a block at a time, each read once, until a block holds a newline
             start = max(0, start - (1 << 16))
             f.seek(start)
-            block = f.read(size - start)
+            block = f.read(end - start)
             if b"\n" in block:
                 start += block.rindex(b"\n") + 1
                 break
+            end = start
         f.seek(start)
         tail = f.read()
         if not tail:  # empty, or it ends with a newline
