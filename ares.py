@@ -765,6 +765,9 @@ def train_coldstart(cfg: Config) -> Path:
     keep = [i for i, r in enumerate(responses) if len(r) <= cfg.max_response_len]
     if len(keep) < len(records):
         rank0_print(f"dropped {len(records) - len(keep)} traces longer than --max-response-len {cfg.max_response_len}")
+    if not keep:  # not the batch check's "0 usable records", which would blame --batch-size
+        raise DataError(f"{cfg.data}: every trace is longer than --max-response-len {cfg.max_response_len} tokens "
+                        f"(the shortest has {min(map(len, responses))}, its end-of-turn token included)")
     records, responses = [records[i] for i in keep], [responses[i] for i in keep]
     check_batch(cfg, len(records), "records")
     prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
@@ -1946,13 +1949,15 @@ GRAPHS_SEEN = [0]
 
 def filter_prompts(processor, records: list[dict], max_len: int, source: str) -> list[dict]:
     try:
-        kept = [r for r in records if data_prep.prompt_length(processor, r) <= max_len]
+        lengths = [data_prep.prompt_length(processor, r) for r in records]
     except DataError as e:  # e.g. a record with images for a text-only model: say which file it is in
         raise DataError(f"{source}: {e}") from None
+    kept = [r for r, n in zip(records, lengths) if n <= max_len]
     if len(kept) < len(records):
         rank0_print(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {max_len} tokens")
     if not kept:
-        raise DataError(f"every prompt is longer than --max-prompt-len {max_len}")
+        raise DataError(f"{source}: every prompt is longer than --max-prompt-len {max_len} tokens (the shortest has "
+                        f"{min(lengths)}, images included): raise --max-prompt-len, or lower --max-pixels")
     return kept
 
 

@@ -61,6 +61,7 @@ here, and reading was learned at a step the seed decided.)
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import functools
 import io
@@ -106,7 +107,7 @@ class DataError(ValueError):
 def json_rows(path):
     """Rows of a JSON-lines file, or of a file holding one JSON list; a bad line names its number."""
     with open(path, "rb") as fh:
-        if fh.read(4096).lstrip().startswith(b"["):
+        if fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):  # a list, after a byte-order mark too
             fh.seek(0)
             yield from _json(fh.read(), path, "the file")
             return
@@ -124,6 +125,8 @@ def _json(raw: bytes, path, where: str):
         raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: {where}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # an integer of over 4,300 digits: Python refuses to read it
+        raise DataError(f"{path}: {where}: not valid JSON ({str(e).split(';')[0]})") from None
 
 
 def record_rows(path: str, split: str):
@@ -275,9 +278,12 @@ def record_problem(row: dict, need_response: bool) -> str | None:
             if k == "response" and not need_response:  # only the cold start trains on it
                 continue
             return f"missing or empty field '{k}'"
-        number = k == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        number = k == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool) and (
+            isinstance(v, int) or math.isfinite(v))  # an int of any size is finite (math.isfinite overflows on 10**400)
         if not isinstance(v, str) and not number:
             return f"field '{k}' must be text{' or a finite number' * (k == 'answer')}, got {json.dumps(v, default=repr)[:60]}"
+        if k == "answer" and isinstance(v, str) and extract_boxed(v) == "":
+            return "field 'answer' is an empty \\boxed{}"
         token = CHAT_TOKEN.search(v) if isinstance(v, str) else None
         if token:
             return f"field '{k}' contains the chat-template token {token.group()!r}: remove it or spell it differently"
@@ -695,14 +701,14 @@ def bucket_field(rows: list[dict], by: str) -> str | None:
     if by == "none":
         return None
     for name in (("difficulty", "level", "pass_rate") if by == "auto" else (by,)):
-        if any(r.get(name) is not None for r in rows):
+        if any(isinstance(r, dict) and r.get(name) is not None for r in rows):  # a failed row may be any JSON
             return name
     return None
 
 
 def bucket_of(row: dict, field_name: str | None) -> str | None:
     """A record's bucket label: the field's value as text ('easy', '3'), or pass_rate bucketed (App. G)."""
-    value = row.get(field_name) if field_name else None
+    value = row.get(field_name) if field_name and isinstance(row, dict) else None  # a failed row may be any JSON
     if value is None:
         return None if field_name is None else "n/a"
     return pass_rate_bucket(value) if field_name == "pass_rate" else str(value)
@@ -944,13 +950,23 @@ def choice_letter(answer: str, choices: list) -> str | None:
     return m.group(1).upper() if m and m.group(1).upper() in LETTERS[:len(choices)] else None
 
 
+def _check_shape(im):
+    """An image Qwen-VL's processor takes: one side at most 200 times the other (check_records' rule too)."""
+    if max(im.size) > 200 * min(im.size):
+        raise ValueError(f"it is {im.width}x{im.height} pixels: an aspect ratio over 200, which Qwen-VL's image "
+                         "processor refuses")
+    return im
+
+
 @functools.lru_cache(maxsize=100_000)
 def _checked_path(path: str) -> str:
-    """An image file that exists and decodes (checked once per path: candidate traces share their images)."""
+    """An image file that exists and decodes in full (verify() does not decode a JPEG, so a truncated one passed),
+    with a shape the processor takes; checked once per path: candidate traces share their images."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im.verify()
+        im.load()
+        _check_shape(im)
     return path
 
 
@@ -973,11 +989,11 @@ def load_images(value, base: Path, where: str) -> list:
             if isinstance(img, dict):
                 img = img.get("bytes") or img.get("path")
             if isinstance(img, Image.Image):
-                out.append(img)
+                out.append(_check_shape(img))
             elif isinstance(img, (bytes, bytearray)):
                 im = Image.open(io.BytesIO(img))
                 im.load()  # decode now: a truncated image fails here, not in the middle of training
-                out.append(im)
+                out.append(_check_shape(im))
             elif isinstance(img, (str, os.PathLike)):
                 given_absolute = Path(img).is_absolute()
                 path = _checked_path(str((Path(img) if given_absolute else base / img).resolve()))
@@ -1002,11 +1018,15 @@ def read_rows(source: str, split: str | None, config: str | None):
         return _parquet_rows(p), p.parent.resolve()
     import datasets
 
-    if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        ds, base = datasets.load_from_disk(str(p)), p.resolve()  # saved with save_to_disk
-    else:  # a hub name, or a folder of data files (a downloaded hub repo)
-        ds = datasets.load_dataset(source, config, split=split or "train")
-        base = p.resolve() if p.is_dir() else Path.cwd()
+    try:
+        if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds, base = datasets.load_from_disk(str(p)), p.resolve()  # saved with save_to_disk
+        else:  # a hub name, or a folder of data files (a downloaded hub repo)
+            ds = datasets.load_dataset(source, config, split=split or "train")
+            base = p.resolve() if p.is_dir() else Path.cwd()
+    except (OSError, ValueError, ImportError) as e:  # not found, offline, corrupt (record_rows says it the same way)
+        first_line = str(e).split("\n")[0][:200]
+        raise DataError(f"{source}: cannot be read as a dataset: {type(e).__name__}: {first_line}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split is None:  # its only split, else train, as for a hub name
             split = next(iter(ds)) if len(ds) == 1 else "train"
@@ -1019,13 +1039,19 @@ def read_rows(source: str, split: str | None, config: str | None):
 def _parquet_rows(path: Path):
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):  # streamed: image bytes stay bounded
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=256)  # streamed: image bytes stay bounded
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: cannot be read as Parquet: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    for batch in batches:
         yield from batch.to_pylist()
 
 
 def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Path, where: str, default_source: str):
     """One row -> one record (README: data format), or None when the preset's filter drops it. cols maps our fields to
     columns; a field in `required` must have its column. Raises DataError naming the source and row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: is {json.dumps(row, default=repr)[:60]}, not an object with a question and an answer")
     for col, value in spec.get("filter", {}).items():
         if row.get(col) != value:
             return None
@@ -1038,10 +1064,25 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
             return None
         return row[col]
 
+    def wrong_type(field, expected):  # str() would turn it into text that passes every later check
+        shown = json.dumps(get(field), default=repr)[:60]
+        return DataError(f"{where}: the {field} (column {cols.get(field)!r}) must be {expected}, got {shown}")
+
     rid = get("id")
-    rid = str(rid).strip() if rid is not None and str(rid).strip() else f"{default_source}-{n}"
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise wrong_type("id", "text or an integer")
+    if rid is None or not str(rid).strip():
+        if "id" in required:  # a pool's traces are grouped into problems by id
+            raise DataError(f"{where}: missing or empty id (column {cols.get('id')!r}): traces are grouped by it")
+        rid = f"{default_source}-{n}"
+    rid = str(rid).strip()
     where = f"{where} (id {rid})"
     question, answer = get("question"), get("answer")
+    if question is not None and not isinstance(question, str):
+        raise wrong_type("question", "text")
+    if answer is not None and not (isinstance(answer, str) or isinstance(answer, (int, float)) and not isinstance(
+            answer, bool) and (isinstance(answer, int) or math.isfinite(answer))):
+        raise wrong_type("answer", "text or a finite number")
     question = "" if question is None else clean_question(question)
     answer = "" if answer is None else normalise_answer(answer)
     if not question or not answer:
@@ -1060,7 +1101,8 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
     else:
         source = default_source
     pass_rate = row.get("pass_rate")
-    if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and 0 <= pass_rate <= 1):
+    if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and not isinstance(pass_rate, bool)
+                                      and 0 <= pass_rate <= 1):
         raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
     response = get("response")
     if response is not None and not isinstance(response, str):  # str() would turn garbage into a trace
@@ -1076,8 +1118,8 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
 
 def resolve(source: str, preset: str | None, mapping: dict | None, split: str | None, config: str | None):
     """-> (source, spec, cols, required, split, config, default source name) for a source, preset and mapping."""
-    if preset is None and source in PRESETS:  # load_source("mathvista-testmini") reads the preset's hub dataset
-        source, preset = "", source
+    if source in PRESETS and preset in (None, source):  # load_source("mathvista-testmini"), with or without
+        source, preset = "", source  # preset="mathvista-testmini", reads the preset's hub dataset
     if preset is not None and preset not in PRESETS:
         raise DataError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     spec = PRESETS.get(preset, {})
@@ -1124,6 +1166,7 @@ def _load(source: str, *, preset=None, mapping=None, split=None, config=None, li
           unique=True) -> list[dict]:
     """load_source, with a progress bar, and `unique=False` for pools of traces (several records per id)."""
     source, spec, cols, required, split, config, name = resolve(source, preset, mapping, split, config)
+    required = required if unique else required | {"id"}  # a pool's traces need the id of their problem
     rows, base = read_rows(source, split, config)
     label = source + (f" (preset {preset})" if preset else "")
     records, seen = [], {}
@@ -1274,16 +1317,19 @@ def balance(chosen: dict[int, list], per_bracket: int | None, seed: int) -> dict
             for b, v in sorted(chosen.items())}
 
 
-def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool") -> dict[str, list[dict]]:
+def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool", k: int | None = None) -> dict[str, list[dict]]:
     """{problem id: its traces}, each with `correct` (graded now if absent) and `length` in tokens (counted with
-    `tokenizer` if absent), and the problem's pass rate (its traces' fraction correct if absent). An empty response
-    is a wrong trace of length 0; a missing one stops the pool (`source` names its file)."""
+    `tokenizer` if absent), and the problem's pass rate (its traces' fraction correct if absent; with `k`, that must be
+    a multiple of 1/k). An empty response is a wrong trace of length 0; a missing one stops the pool (`source` names
+    its file)."""
     problems = defaultdict(list)
     for rec in pool:
         where = f"{source}: trace of problem {rec['id']!r}"
         if rec.get("response") is None:
             raise DataError(f"{where}: field 'response' is missing")
         correct = rec.get("correct")
+        if correct is not None and correct not in (True, False):  # bool("false") is True: a wrong trace chosen
+            raise DataError(f"{where}: field 'correct' must be true or false, got {json.dumps(correct, default=repr)[:60]}")
         correct = bool(correct) if correct is not None else grade([rec["response"]], rec["answer"])[0]
         # An empty response (a sample that ended at once) stays a wrong trace of its length, 0 tokens: it is one of the
         # K samples behind p, and L(0), L(1) are medians over all of them, right or wrong (skipping it would measure
@@ -1295,15 +1341,24 @@ def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool") -> 
             if tokenizer is None:
                 raise DataError(f"{where}: no 'length'; pass --model to count tokens with its tokenizer")
             length = len(tokenizer(rec["response"], add_special_tokens=False)["input_ids"])
+        elif isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise DataError(f"{where}: field 'length' must be a count of tokens (an integer >= 0), got "
+                            f"{json.dumps(length, default=repr)[:60]}; leave it out and pass --model to count them")
         problems[rec["id"]].append(dict(rec, correct=correct, length=int(length)))
     for pid, traces in problems.items():
         rates = {t["pass_rate"] for t in traces}
         if len(rates) > 1:
             raise DataError(f"{source}: problem {pid!r}: its traces disagree on the pass rate ({sorted(rates, key=str)})")
         if None in rates:
+            right = sum(x["correct"] for x in traces)
+            if k and right * k % len(traces):  # c / n must be a multiple of 1/K, as check_pass_rates asks of a rate read
+                raise DataError(f"{source}: problem {pid!r}: {right} of its {len(traces)} traces are right, a pass rate "
+                                f"that is not a multiple of 1/{k} (--k {k}), so it has no bracket: give --k the number "
+                                f"of samples per problem, or each trace a pass_rate")
             for t in traces:
-                t["pass_rate"] = sum(x["correct"] for x in traces) / len(traces)
+                t["pass_rate"] = right / len(traces)
     return problems
+
 
 
 def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, seed: int = 0, tokenizer=None,
@@ -1311,7 +1366,7 @@ def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, s
     """AdaCS steps 2-5 (§3.1) on candidate traces (one record per trace, grouped by id; see prepare_pool; `source`
     names the pool's file in errors). Returns (chosen records, one per kept problem, with `target_length`, ordered
     by bracket; stats)."""
-    problems = prepare_pool(pool, tokenizer, source)
+    problems = prepare_pool(pool, tokenizer, source, k)
     lengths = defaultdict(lambda: defaultdict(list))  # source -> bracket -> every candidate trace length
     for traces in problems.values():
         lengths[traces[0]["source"]][bracket_of(traces[0]["pass_rate"], k)] += [t["length"] for t in traces]

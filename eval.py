@@ -497,11 +497,11 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every model on every benchmark and return the results dict (on every rank; rank 0 writes the files)."""
     rank, world, device = ares.init_distributed()
+    benches = [load_benchmark(spec, cfg) for spec in cfg.data]  # a missing dataset stops before --out is made
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = read_cache(out / "responses.jsonl")
     ares.barrier()  # every rank has read the cache before rank 0 appends to it
-    benches = [load_benchmark(spec, cfg) for spec in cfg.data]
     for k, b in enumerate(benches):  # two files called test.jsonl: keep both apart in the table and the JSON
         if [c["name"] for c in benches].count(b["name"]) > 1:
             b["name"] = f"{b['name']}#{k + 1}"

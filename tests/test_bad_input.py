@@ -1,6 +1,7 @@
 """Every bad flag or input record stops before anything loads, with one line naming the flag (and its allowed
 values) or the file, record and field; logs survive a kill; the grader is bounded in time wherever it runs.
 One case per defect of issue 15, each a row of a table."""
+import io
 import json
 import math
 import os
@@ -148,6 +149,7 @@ RECORDS = [
     ("difficulty a float", "coldstart", _set("difficulty", 2.5), ["field 'difficulty' must be text or an integer, got 2.5"]),
     ("difficulty a bool", "aepo", _set("difficulty", True), ["field 'difficulty' must be text or an integer, got true"]),
     ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
+    ("answer an empty boxed", "aepo", _set("answer", "\\boxed{}"), ["answer", "is an empty \\boxed{}"]),
 ]
 
 
@@ -170,6 +172,21 @@ def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(na
     assert not out.exists()
 
 
+@pytest.mark.parametrize("stage, flag", [("aepo", "--max-prompt-len"), ("coldstart", "--max-response-len")])
+def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage, flag, tiny_ckpt, demo_data, tmp_path):
+    """Before: 'every prompt is longer than --max-prompt-len 8' named no file, and a cold start whose every trace was
+    too long blamed the batch size ('--batch-size 2 is larger than the 0 usable records')."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(Path(demo_data["sft"]))))
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "out"),
+                   "--steps", "1", "--batch-size", "2", flag, "2"])
+    what = "prompt" if stage == "aepo" else "trace"
+    msg = str(err.value.code)
+    assert msg.startswith(f"data error: {path}: every {what} is longer than {flag} 2 tokens (the shortest has "), msg
+    assert "\n" not in msg and "batch-size" not in msg, msg
+
+
 # Files that are not records at all: (name, file name, content, words).
 FILES = [
     ("line is a list", "data.jsonl", b'["a", "b"]\n', ['record #4: is ["a", "b"], not an object']),
@@ -181,6 +198,8 @@ FILES = [
     ("broken json list", "broken.json", b'[{"id": "a"', ["the file", "not valid JSON"]),
     ("corrupt parquet", "bad.parquet", b"PAR1 this is not parquet PAR1", ["cannot be read as a dataset"]),
     ("a file of another kind", "data.csv", b"id,question,answer\n", ["not a .jsonl"]),
+    ("an integer of 5,000 digits", "data.jsonl", b'{"id": "big", "question": "q", "answer": ' + b"1" * 5000 + b"}\n",
+     ["line 5", "not valid JSON", "4300 digits"]),  # Python's json refuses it with a ValueError, not a decode error
 ]
 
 
@@ -210,11 +229,15 @@ def test_ordinary_records_still_pass(demo_data, tmp_path):
     rows[0].update(id=17, answer=5, response="<think>so</think> \\boxed{5}")
     rows[1].update(question="Is 3 <|x|> 2 for x = 1?", answer=0.5)
     rows[2].update(response="")
+    rows[3].update(answer=int("7" * 400))  # finite, though math.isfinite cannot take it (it overflowed)
     path = tmp_path / "ok.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = data_prep.load_records(str(path))
     assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
-    assert records[1]["answer"] == "0.5" and len(records) == 4
+    assert records[1]["answer"] == "0.5" and records[3]["answer"] == "7" * 400 and len(records) == 4
+    listed = tmp_path / "listed.json"  # one JSON list after a byte-order mark, as Windows editors save it
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert [r["id"] for r in data_prep.load_records(str(listed))] == [r["id"] for r in records]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -461,6 +484,110 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     msg = str(err.value.code)
     assert msg.startswith(message.format(**names)) and "\n" not in msg, msg
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+# convert, passrate and adacs read data through data_prep's column mapping (load_source), not check_records: each row
+# below broke one of them, and the message is what the user now reads. (name, tool, the file's last line or lines,
+# message after "data error: <file>: ").
+def _pool(**fields):  # a candidate trace of problem p9, right and counted, with the fields given
+    return dict(dict(id="p9", question="q", answer="3", response="\\boxed{3}", correct=True, length=5), **fields)
+
+
+TOOL_ROWS = [
+    ("answer true", "convert", [dict(id="t", question="q", answer=True)],
+     "row 4 (id t): the answer (column 'answer') must be text or a finite number, got true"),  # was written as "True"
+    ("answer NaN", "passrate", [dict(id="t", question="q", answer=math.nan)],
+     "row 4 (id t): the answer (column 'answer') must be text or a finite number, got NaN"),
+    ("answer a list", "convert", [dict(id="t", question="q", answer=[5])],
+     "row 4 (id t): the answer (column 'answer') must be text or a finite number, got [5]"),
+    ("question a number", "convert", [dict(id="t", question=7, answer="1")],
+     "row 4 (id t): the question (column 'question') must be text, got 7"),
+    ("id a list", "passrate", [dict(id=[3], question="q", answer="1")],
+     "row 4: the id (column 'id') must be text or an integer, got [3]"),
+    ("line is a number", "convert", [5], "row 4: is 5, not an object with a question and an answer"),  # was a TypeError
+    ("line is null", "passrate", [None], "row 4: is null, not an object with a question and an answer"),
+    ("truncated JPEG", "convert", [dict(id="t", question="q", answer="1", images=["trunc.jpg"])],
+     "row 4 (id t): image 0 ('trunc.jpg') cannot be read: "),  # verify() passed it; PIL's words vary with the cut
+    ("300x1 image", "passrate", [dict(id="t", question="q", answer="1", images=["wide.png"])],
+     "row 4 (id t): image 0 ('wide.png') cannot be read: it is 300x1 pixels: an aspect ratio over 200"),
+    ("correct the text false", "adacs", [_pool(correct="false")],
+     "trace of problem 'p9': field 'correct' must be true or false, got \"false\""),  # bool("false") chose it
+    ("length a word", "adacs", [_pool(length="abc")],
+     "trace of problem 'p9': field 'length' must be a count of tokens (an integer >= 0), got \"abc\""),
+    ("length negative", "adacs", [_pool(length=-50)],
+     "trace of problem 'p9': field 'length' must be a count of tokens (an integer >= 0), got -50"),
+    ("1 of 3 traces right, --k 8", "adacs", [_pool(), _pool(correct=False), _pool(correct=False)],
+     "problem 'p9': 1 of its 3 traces are right, a pass rate that is not a multiple of 1/8 (--k 8)"),
+    ("a trace without an id", "adacs", [{k: v for k, v in _pool().items() if k != "id"}],
+     "row 4: no column 'id' for the id"),  # each trace was its own problem
+]
+
+
+@pytest.mark.parametrize("name, tool, last, message", TOOL_ROWS, ids=[r[0] for r in TOOL_ROWS])
+def test_convert_passrate_and_adacs_refuse_what_training_refuses(name, tool, last, message, tiny_ckpt, tmp_path):
+    """Before: convert and passrate wrote true, NaN, [5] and 7 as the text "True", "nan", "[5]", "7" (which then passed
+    every check of ares.py), crashed with a TypeError on a line that is not an object, and let a truncated JPEG and a
+    300x1 image through (the cold start or passrate failed later, after the model had loaded); adacs took the text
+    "false" for a right trace, crashed on a length "abc", counted a trace without an id as a problem of its own, and
+    put a pass rate of 1/3 in bracket 3/8. Now one line names the file and row, and nothing is written."""
+    import eval as ev
+
+    Image.new("RGB", (300, 1), (200, 0, 0)).save(tmp_path / "wide.png")
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="JPEG")  # one whose cut header verify() passes
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    good = [_pool(id=f"p{k}") if tool == "adacs" else dict(id=f"g{k}", question="q", answer="2") for k in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good + last))
+    out = tmp_path / "out.jsonl"
+    argv = {"convert": (data_prep.main, ["convert", "--data", str(data), "--out", str(out)]),
+            "adacs": (data_prep.main, ["adacs", "--data", str(data), "--out", str(out)]),
+            "passrate": (ev.main, ["passrate", "--data", str(data), "--model", str(tiny_ckpt), "--k", "2", "--out",
+                                   str(out)])}
+    fn, args = argv[tool]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as err:
+        fn(args)
+    msg = str(err.value.code)
+    assert msg.startswith(f"data error: {data}: {message}") and "\n" not in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_missing_dataset_or_a_corrupt_parquet_file_is_one_line_in_every_tool(tiny_ckpt, tmp_path):
+    """Before: data_prep.py convert, adacs and eval.py (evaluation, passrate) ended a missing hub dataset, a missing
+    folder or a file that is not Parquet with a traceback (ConnectionError, FileNotFoundError, ArrowInvalid), and
+    `eval.py --data mathvista-testmini` asked the hub for a dataset of that name instead of the preset's AI4Math/MathVista
+    (and made --out first). Offline here, so the hub answers as a missing dataset does."""
+    import eval as ev
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet PAR1")
+    out = tmp_path / "out"
+    cases = [
+        (data_prep.main, ["convert", "--data", "no_such_org/no_such_dataset", "--out", f"{out}.jsonl"],
+         "data error: no_such_org/no_such_dataset: cannot be read as a dataset: "),
+        (data_prep.main, ["convert", "--preset", "geometry3k", "--out", f"{out}.jsonl"],
+         "data error: hiyouga/geometry3k: cannot be read as a dataset: "),
+        (data_prep.main, ["convert", "--data", str(tmp_path / "no_such_folder"), "--out", f"{out}.jsonl"],
+         f"data error: {tmp_path / 'no_such_folder'}: cannot be read as a dataset: "),
+        (data_prep.main, ["convert", "--data", str(bad), "--out", f"{out}.jsonl"],
+         f"data error: {bad}: cannot be read as Parquet: ArrowInvalid: "),
+        (data_prep.main, ["adacs", "--data", "no_such_org/no_such_dataset", "--out", f"{out}.jsonl"],
+         "data error: no_such_org/no_such_dataset: cannot be read as a dataset: "),
+        (ev.main, ["passrate", "--data", "no_such_org/no_such_dataset", "--model", str(tiny_ckpt), "--out", f"{out}.jsonl"],
+         "data error: no_such_org/no_such_dataset: cannot be read as a dataset: "),
+        (ev.main, ["--model", str(tiny_ckpt), "--data", "mathvista-testmini", "--out", str(out)],
+         "data error: AI4Math/MathVista: cannot be read as a dataset: "),
+        (ev.main, ["--model", str(tiny_ckpt), "--data", "no_such_org/no_such_dataset", "--out", str(out)],
+         "data error: no_such_org/no_such_dataset: cannot be read as a dataset: "),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for fn, argv, message in cases:
+        with pytest.raises(SystemExit) as err:
+            fn(argv)
+        msg = str(err.value.code)
+        assert msg.startswith(message) and "\n" not in msg, (argv, msg)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, argv  # nothing written, --out not made
 
 
 GRADERS_UNDER_CTRL_C = '''

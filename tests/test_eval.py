@@ -242,6 +242,21 @@ def test_two_models_side_by_side_then_compare_reads_the_cache(tmp_path, tiny_ckp
     assert again["generated"] == 0 and again["cached"] == 2 * 7 and again["table"] == res["table"]
 
 
+def test_a_benchmark_line_that_is_not_an_object_is_a_failed_record(tmp_path, tiny_ckpt, demo_data):
+    """A benchmark line `5` (valid JSON, not a record) is reported as a failed record, counted as wrong, and the rest is
+    evaluated; before, bucketing the failures called 5.get() and eval.py ended in an AttributeError after the model
+    had generated every response."""
+    src = Path(demo_data["test"])
+    rows = [dict(r, images=[str(src.parent / p) for p in r["images"]]) for r in map(json.loads, open(src))][:2]
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "5\n")
+    ev.main(["--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "ev"), "--max-new-tokens", "2"])
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    (m,) = res["metrics"]["b"].values()
+    assert m["overall"]["records"] == 3 and m["overall"]["failed"] == 1 and m["overall"]["responses"] == 2
+    assert [(f["id"], f["error"]) for f in res["failures"]] == [("#2", "is 5, not an object with id, question, answer")]
+
+
 def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch):
     def interrupted(cfg):
         raise KeyboardInterrupt
