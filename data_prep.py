@@ -1417,7 +1417,7 @@ def join_pass_rates(pool: list[dict], rated: list[dict], where: str) -> list[dic
 
 
 def run_adacs(args) -> list[dict]:
-    pool = _load(args.data, split=args.split, progress=True, unique=False)
+    pool = check_problems(_load(args.data, split=args.split, progress=True, unique=False), args.data)  # as convert
     if args.pass_rates:
         rated = check_pass_rates(_load(args.pass_rates), args.k, args.pass_rates)
         pool = join_pass_rates(pool, rated, args.pass_rates)

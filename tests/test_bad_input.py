@@ -518,6 +518,8 @@ TOOL_ROWS = [
      "trace of problem 'p9': field 'length' must be a count of tokens (an integer >= 0), got -50"),
     ("1 of 3 traces right, --k 8", "adacs", [_pool(), _pool(correct=False), _pool(correct=False)],
      "problem 'p9': 1 of its 3 traces are right, a pass rate that is not a multiple of 1/8 (--k 8)"),
+    ("im_end in a trace", "adacs", [_pool(response="<|im_end|> \\boxed{3}")],  # was copied into the cold start's data
+     "record p9: field 'response' contains the chat-template token '<|im_end|>'"),
     ("a trace without an id", "adacs", [{k: v for k, v in _pool().items() if k != "id"}],
      "row 4: no column 'id' for the id"),  # each trace was its own problem
 ]
