@@ -178,7 +178,8 @@ class Config:
     dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (evaluation only: training "
                      "in fp16 would need loss scaling) or fp32",
                      ("auto", "bf16", "fp16", "fp32"))
-    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)")
+    attn: str = arg("sdpa", "attention kernel: sdpa, eager, or flash_attention_2 (if installed)",
+                    choices=["sdpa", "eager", "flash_attention_2"])
     min_pixels: int = arg(56 * 56, "smallest image area after resizing", allowed=AT_LEAST_1)
     max_pixels: int = arg(1280 * 28 * 28, "largest image area after resizing (caps image tokens)",
                           allowed=(">= --min-pixels", None))
@@ -197,7 +198,8 @@ class Config:
     lora_alpha: float = arg(None, "LoRA alpha: the adapters are scaled by alpha / rank (default: 2 x rank)", allowed=ABOVE_0)
     lora_targets: str = arg("all-linear", "the language model's layers with adapters: all-linear (peft's: all but the "
                                           "output head), or names: q_proj,v_proj")
-    dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)")
+    dist_timeout: int = arg(1800, "seconds a collective waits for the other ranks before the job fails (a dead rank)",
+                            allowed=AT_LEAST_1)
     # logging, checkpoints, validation, grading
     save_every: int = arg(50, "save a checkpoint every N optimizer steps (and at the end)", allowed=AT_LEAST_1)
     keep_last: int = arg(2, "keep only the newest N step checkpoints", allowed=AT_LEAST_1)
@@ -2354,9 +2356,22 @@ def save_adapter(hf, adapter: dict, folder: Path):
     hf.ares_lora.save_pretrained(folder)
 
 
+def complete_record(ckpt: Path) -> dict | None:
+    """A checkpoint's COMPLETE record ({step, files: {name: size}}), or None where it is unreadable (cut or emptied)."""
+    try:
+        record = json.loads((ckpt / "COMPLETE").read_text())
+        return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
 def damage(ckpt: Path) -> str | None:
-    """Why a complete checkpoint cannot be trusted (a file missing or of another size than written), else None."""
-    for f, size in json.loads((ckpt / "COMPLETE").read_text()).get("files", {}).items():
+    """Why a complete checkpoint cannot be trusted (its COMPLETE unreadable, a file missing or of another size than
+    written), else None."""
+    record = complete_record(ckpt)
+    if record is None:
+        return "its COMPLETE file is unreadable"
+    for f, size in record.get("files", {}).items():
         if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size:
             return f"{f} is missing or truncated"
     return None
@@ -2366,7 +2381,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
     never counts); a damaged newer one is skipped with a warning."""
     done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
-    for ckpt in sorted(done, key=lambda p: json.loads((p / "COMPLETE").read_text())["step"], reverse=True):
+    for ckpt in sorted(done, key=lambda p: (complete_record(p) or {}).get("step", math.inf), reverse=True):  # an
+        # unreadable COMPLETE first: it may be the newest, and its warning says why an older one is resumed
         problem = damage(ckpt)
         if problem is None:
             return ckpt
@@ -2720,6 +2736,8 @@ def interrupted(cfg) -> str:
     ckpt = latest_checkpoint(out) if out.is_dir() else None
     where = f"interrupted (Ctrl-C) in step {rows[-1]['step'] + 1 if rows else 1} of {out}"
     if ckpt is None:
+        if not rows:  # stopped before its first step: a config.json alone is a run that never started
+            return f"interrupted (Ctrl-C) before the first step of {out}: nothing to resume; the same command starts it"
         return f"{where}: no checkpoint yet (one is saved every {cfg.save_every} steps); start again with --overwrite"
     step = json.loads((ckpt / "COMPLETE").read_text())["step"]
     if ckpt.name == "final" and rows and rows[-1]["step"] == step:  # held by ctrl_c_after until the final save was whole
@@ -2842,8 +2860,8 @@ def validate_config(cfg: Config) -> Config:
     """Stop with one line naming the flag and its allowed values before anything loads. A stage default still
     None is checked after resolve_stage_defaults fills it (each stage calls this again)."""
     check_numbers(cfg)
-    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
-        check_model_path(flag, path)
+    check_model_path("--model", cfg.model)
+    check_model_path("--ref-model", cfg.ref_model, optional=True)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         p = Path(path).expanduser()
         if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
@@ -2851,10 +2869,8 @@ def validate_config(cfg: Config) -> Config:
     if cfg.stage == "demo" and cfg.resume:
         raise SystemExit("--resume: the demo does not continue a stopped demo; run it again with --overwrite (it "
                          "starts over), or give another --out")
+    data_prep.check_writable("--out", cfg.out)  # not empty (it would be the working folder), under a folder, writable
     out = Path(cfg.out).expanduser()
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"--out {cfg.out}: {existing} is a file, not a folder")
     saved = next((p for p in (out, *out.parents) if p.exists() and (model_folder_kind(p) in ("model", "adapter") if p == out
                                                                   else (p / "COMPLETE").is_file())), None)
     if saved is not None:  # --out a saved model, or a folder inside a checkpoint (which keep_last may delete)
@@ -2885,15 +2901,28 @@ def model_folder_kind(p: Path) -> str | None:
     try:
         config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
-        return "model" if (p / "COMPLETE").is_file() else None
+        config = None
+    if not isinstance(config, dict) or not ("model_type" in config or "flags" in config):  # none, cut, or neither's
+        return "model" if (p / "COMPLETE").is_file() else None  # (a run record damaged to {} says so on --resume)
     return "run" if "flags" in config and "model_type" not in config and not (p / "COMPLETE").is_file() else "model"
 
 
-def check_model_path(flag: str, path: str | None):
+def check_model_path(flag: str, path: str | None, optional: bool = False):
     """A --model (--ref-model) that names a local folder must hold a model: one line naming the flag otherwise (a run
     folder or a LoRA adapter says which folder to give instead). Hub names pass (they load later)."""
     p = Path(path or "").expanduser()
-    if not path or path == "tiny" or not (looks_local(path) or p.exists()):
+    if not optional and path is not None and not path.strip():  # --ref-model "" is the default: the starting model
+        raise SystemExit(f"{flag} is empty: give a checkpoint folder or a hub name like Org/Model")
+    if not path or path == "tiny":
+        return
+    if not (looks_local(path) or p.exists()):  # a hub name (runs/x looks like one): its config must load, now
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{flag} {path}: no such folder, and no model of that name on the hub (or in its cache, "
+                             f"offline): {str(e).splitlines()[0][:160]}") from None
         return
     kind = model_folder_kind(p) if p.is_dir() else None
     if kind == "model":
@@ -2905,6 +2934,15 @@ def check_model_path(flag: str, path: str | None):
                          "merged model)")
     raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it has no "
                      "config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
+
+
+def check_attn(attn: str):
+    """--attn flash_attention_2 without its package: one line now, not an ImportError when the model loads."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise SystemExit("--attn flash_attention_2 needs the optional package flash-attn: pip install flash-attn "
+                         "(or use --attn sdpa)")
 
 
 def validate_extras(cfg: Config) -> Config:
@@ -2933,6 +2971,11 @@ def validate_extras(cfg: Config) -> Config:
     if cfg.dtype == "fp16":
         raise SystemExit("--dtype fp16: training in fp16 needs loss scaling, which ares.py does not do (small gradients "
                          "would round to zero without an error); use bf16 (on Ampere or newer GPUs) or fp32")
+    token = data_prep.CHAT_TOKEN.search(cfg.prompt_suffix or "")
+    if token:  # as in a record's text: the model would read '<|im_end|>' as the end of its turn
+        raise SystemExit(f"--prompt-suffix contains the chat-template token {token.group()!r}: remove it or spell it "
+                         "differently")
+    check_attn(cfg.attn)
     if cfg.rollout_batch != "auto" and not (str(cfg.rollout_batch).isdigit() and int(cfg.rollout_batch) >= 1):
         raise SystemExit(f"--rollout-batch must be auto or an integer >= 1, got {cfg.rollout_batch}")
     return cfg

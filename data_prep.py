@@ -820,6 +820,21 @@ def atomic_output(path: Path, sync: bool = True):
         fsync(path.parent)
 
 
+def check_writable(flag: str, path, folder: bool = True):
+    """Before a model loads or anything is written: `path` (a folder to make, or with folder=False a file's) can be made
+    and written there. The nearest existing folder above it must be a folder, not a file, and writable (a read-only
+    mount fails here, not after the work is done). One line naming the flag otherwise."""
+    if not str(path).strip():
+        raise SystemExit(f"{flag} is empty: give a {'folder' if folder else 'file'}")
+    target = Path(path).expanduser().absolute()
+    target = target if folder else target.parent
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {path}: {existing} is not writable (a read-only folder or file system)")
+
+
 def write_atomically(path: Path, text: str):
     """Write `text` to `path` through atomic_output."""
     with atomic_output(path) as tmp:
@@ -1721,11 +1736,18 @@ def check_args(args):
         raise SystemExit(f"--out {args.out}: a file, not a folder")
     if args.command != "demo" and out.is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
+    check_writable("--out", args.out, folder=args.command == "demo")
     model = Path(args.model).expanduser() if args.command == "adacs" and args.model else None
     if model and args.model != "tiny" and (model.exists() or str(model).startswith((".", "/", "~"))):
         if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):  # a run folder, an adapter
             raise SystemExit(f"--model {args.model}: " + ("no such folder" if not model.exists() else "no tokenizer "
                              "there (tokenizer.json)") + "; give a checkpoint folder (e.g. runs/x/final) or a hub name")
+    elif model and args.model != "tiny":  # a hub name (runs/x looks like one): its tokenizer must load, now
+        try:
+            tokenizer_for(args.model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--model {args.model}: no such folder, and no tokenizer of that name on the hub (or in its "
+                             f"cache, offline): {str(e).splitlines()[0][:160]}") from None
 
 
 def main(argv=None):

@@ -129,6 +129,7 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
     ares.check_numbers(cfg, hints={})
+    ares.check_attn(cfg.attn)
     return cfg
 
 
@@ -139,6 +140,7 @@ def check_paths(models: list[str], out: str):
         ares.check_model_path("--model", m)
     if Path(out).exists() and not Path(out).is_dir():
         raise SystemExit(f"--out {out}: a file, not a folder")
+    data_prep.check_writable("--out", out)
 
 
 
@@ -631,6 +633,7 @@ def check_passrate_args(args):
             raise SystemExit(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
     if Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
+    data_prep.check_writable("--out", args.out, folder=False)
 
 
 def run_passrate(args) -> list[dict] | None:

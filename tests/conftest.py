@@ -1,4 +1,5 @@
 """Shared fixtures: everything offline, on the CPU, small enough for a 2-core CI machine."""
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def tiny_ckpt(tmp_path_factory, tiny) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def full_size_model(tmp_path_factory) -> str:
+    """A folder that passes for a real (not tiny) model without weights: a Qwen2 config.json alone. The flag tests
+    used a made-up hub name for this; --model now checks that a name that is not a folder is on the hub."""
+    folder = tmp_path_factory.mktemp("full_size_model")
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    return str(folder)
 
 
 def run_script(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:

@@ -60,6 +60,17 @@ FLAGS = [
     ("coldstart", ["--out", "{tmp}/a_file/run"], "--out {tmp}/a_file/run: {tmp}/a_file is a file, not a folder"),
     ("coldstart", ["--data", "{tmp}/missing.jsonl"], "--data {tmp}/missing.jsonl: no such file or folder"),
     ("aepo", ["--data", "{tmp}/missing/folder"], "--data {tmp}/missing/folder: no such file or folder"),
+    # found by trying them (each was a traceback, or trained on it):
+    ("coldstart", ["--model", "runs/no_such_run"],  # the README's own example: taken for a hub name, two tracebacks
+     "--model runs/no_such_run: no such folder, and no model of that name on the hub (or in its cache, offline)"),
+    ("aepo", ["--ref-model", "no_such_org/no_such_model"],  # failed after the policy had loaded
+     "--ref-model no_such_org/no_such_model: no such folder, and no model of that name on the hub"),
+    ("coldstart", ["--model", ""], "--model is empty"),
+    ("coldstart", ["--out", ""], "--out is empty: give a folder"),  # the run went into the working folder
+    ("coldstart", ["--dist-timeout", "0"], "--dist-timeout must be >= 1, got 0"),  # a C++ trace under torchrun
+    ("aepo", ["--prompt-suffix", " <|im_end|>"],  # trained with an end of turn after every question
+     "--prompt-suffix contains the chat-template token '<|im_end|>'"),
+    ("coldstart", ["--attn", "flash_attention_2"], "--attn flash_attention_2 needs the optional package flash-attn"),
 ]
 
 
@@ -590,6 +601,43 @@ def test_a_missing_dataset_or_a_corrupt_parquet_file_is_one_line_in_every_tool(t
         msg = str(err.value.code)
         assert msg.startswith(message) and "\n" not in msg, (argv, msg)
         assert sorted(p.name for p in tmp_path.iterdir()) == before, argv  # nothing written, --out not made
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_every_tool_checks_that_out_can_be_written_before_it_starts(where, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """Before: eval.py, passrate, convert, adacs and demo wrote under a file or into a read-only folder only at the end
+    (passrate after sampling every problem, adacs after curating) and ended in FileExistsError, NotADirectoryError or
+    OSError; ares.py, into a read-only folder, in an OSError. Read-only is what os.access says (this test's user may
+    be root, whom chmod does not stop), so the folder is made read-only by os.access's answer."""
+    import eval as ev
+
+    blocker = tmp_path / "blocker"
+    if where == "under a file":
+        blocker.write_text("a file")
+    else:
+        blocker.mkdir()
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != blocker and real(p, mode, **kw))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in _rows(Path(demo_data["rl"]))))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(dict(r, correct=True, length=3)) + "\n" for r in _rows(Path(demo_data["rl"]))))
+    cases = [
+        (ares.main, ["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", demo_data["sft"], "--out",
+                     str(blocker / "run")]),
+        (ev.main, ["--model", str(tiny_ckpt), "--data", str(bench), "--out", str(blocker / "ev")]),
+        (ev.main, ["passrate", "--model", str(tiny_ckpt), "--data", str(bench), "--out", str(blocker / "r.jsonl")]),
+        (data_prep.main, ["convert", "--data", str(bench), "--out", str(blocker / "c.jsonl")]),
+        (data_prep.main, ["adacs", "--data", str(pool), "--out", str(blocker / "a.jsonl")]),
+        (data_prep.main, ["demo", "--out", str(blocker / "demo")]),
+    ]
+    why = "is a file, not a folder" if where == "under a file" else "is not writable (a read-only folder or file system)"
+    for fn, argv in cases:
+        with pytest.raises(SystemExit) as err:
+            fn(argv)
+        msg = str(err.value.code)
+        assert msg == f"--out {argv[argv.index('--out') + 1]}: {blocker} {why}", (argv[:2], msg)
+    assert (blocker.is_file() or not any(blocker.iterdir())) and not (tmp_path / "ares.lock").exists()
 
 
 GRADERS_UNDER_CTRL_C = '''

@@ -27,14 +27,14 @@ def test_an_explicit_flag_wins_even_when_it_equals_the_dataclass_default(flags, 
     assert getattr(ares.resolve_stage_defaults(cfg, "aepo"), field) == expected
 
 
-def test_stage_defaults_fill_what_was_not_given_and_a_caller_set_value_still_wins():
+def test_stage_defaults_fill_what_was_not_given_and_a_caller_set_value_still_wins(full_size_model):
     cfg = ares.parse_config(["--model", "tiny", "--stage", "aepo", "--data", "x.jsonl", "--lr", "0.001"])
     assert cfg.given == ("data", "lr", "model", "stage")
     aepo = ares.resolve_stage_defaults(cfg, "aepo")
     assert (aepo.lr, aepo.window, aepo.batch_size, aepo.steps) == (1e-3, 1, 16, 150)  # lr given, the rest tiny AEPO
     cold = ares.resolve_stage_defaults(ares.Config(model="tiny", steps=7), "coldstart")  # a programmatic value
     assert (cold.steps, cold.lr, cold.window) == (7, 2e-3, 4)
-    paper = ares.resolve_stage_defaults(ares.parse_config(["--model", "some/hub-model", "--data", "x", "--stage",
+    paper = ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x", "--stage",
                                                            "aepo", "--lr", "1e-6"]), "aepo")
     assert (paper.lr, paper.batch_size, paper.window, paper.max_prompt_len) == (1e-6, 512, 4, 4096)
 
@@ -102,11 +102,11 @@ def test_every_aepo_knob_given_on_the_command_line_reaches_the_function_that_use
     assert len(steps) == 2  # --ppo-epochs 2: two passes over the one rollout batch (one minibatch each)
 
 
-def test_the_cold_starts_default_warm_up_is_3_percent_of_its_steps():
+def test_the_cold_starts_default_warm_up_is_3_percent_of_its_steps(full_size_model):
     """README (paper settings): without --warmup-steps a cold start of a real model warms up over 3% of its optimizer
     steps (at least 1), then decays by cosine to 10%; the tiny model's defaults set 20. Worked out by hand for 200
     steps: warm-up 6, the rate at step k < 6 is (k + 1) / 6 of --lr, and 1e-5 of 1e-5 at step 6."""
-    cfg = ares.resolve_stage_defaults(ares.parse_config(["--model", "some/hub-model", "--data", "x.jsonl", "--stage",
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x.jsonl", "--stage",
                                                          "coldstart", "--lr", "1e-5"]), "coldstart")
     assert cfg.warmup_steps is None
     p = torch.nn.Parameter(torch.zeros(1))

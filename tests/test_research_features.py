@@ -45,8 +45,8 @@ def read_jsonl(path) -> list[dict]:
 # 1. Run record, 8. prompt template
 
 
-def test_run_record_holds_every_resolved_flag_versions_and_the_prompt_suffix(tmp_path):
-    cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", "some/hub-model", "--data", "x",
+def test_run_record_holds_every_resolved_flag_versions_and_the_prompt_suffix(tmp_path, full_size_model):
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", full_size_model, "--data", "x",
                                                          "--out", str(tmp_path), "--lr", "3e-6"]), "aepo")
     record = ares.check_run_record(cfg, ares.RESUMABLE)
     saved = json.loads((tmp_path / "config.json").read_text())

@@ -332,7 +332,7 @@ def test_help_lists_every_config_field_with_its_default():
                 assert f"{stage} {layer[f.name]}" in entry, f"{flag}: {stage} default missing: {entry!r}"
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt", "state/__0_0.distcp"])
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt", "state/__0_0.distcp", "COMPLETE"])
 def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(damaged, tiny_ckpt, demo_data, tmp_path, capsys):
     data = subset(Path(demo_data["sft"]), tmp_path / "data.jsonl", list(range(4)))
     common = ["--batch-size", 2, "--micro-batch-size", 2, "--save-every", 1, "--keep-last", 3]
@@ -344,7 +344,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(damaged, tiny_c
     capsys.readouterr()
     ares.main(coldstart(data, out, tiny_ckpt, "--steps", 3, *common, "--resume"))
     printed = capsys.readouterr().out
-    assert f"checkpoint {out / 'final'} is damaged ({damaged} is missing or truncated)" in printed, printed
+    why = "its COMPLETE file is unreadable" if damaged == "COMPLETE" else f"{damaged} is missing or truncated"
+    assert f"checkpoint {out / 'final'} is damaged ({why})" in printed, printed  # a cut COMPLETE was a JSONDecodeError
     assert f"resumed from {out / 'step_000001'} at step 1" in printed, printed
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 

@@ -87,6 +87,8 @@ STOPS = [
      ["--out {out} holds a run (step_000001/, metrics.jsonl (1 step))", "--resume"], [1]),
     ("--resume with a truncated config.json", "interrupted", lambda out: truncate(out / "config.json"), ["--resume"],
      ["--resume: the run record {out}/config.json is damaged", "JSONDecodeError"], [1]),
+    ("--resume with a config.json of {}", "interrupted", lambda out: (out / "config.json").write_text("{}"), ["--resume"],
+     ["--resume: the run record {out}/config.json is damaged", "KeyError"], [1]),  # was "it is a saved model"
     ("--resume with metrics.jsonl deleted", "interrupted", lambda out: (out / "metrics.jsonl").unlink(), ["--resume"],
      ["--resume: {out}/metrics.jsonl is missing, but step_000001 is at step 1", "Put it back"], None),
     ("--resume and --overwrite at once", "interrupted", None, ["--resume", "--overwrite"],
@@ -314,6 +316,27 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_start_again_with_overwrite(t
         "--overwrite")
     monkeypatch.undo()
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1, "--overwrite"))
+    assert steps_logged(out) == [1]
+
+
+def test_ctrl_c_before_the_first_step_says_the_same_command_starts_it(tiny_ckpt, demo_data, tmp_path, monkeypatch,
+                                                                      capsys):
+    """A Ctrl-C while the model loads, before any step: the folder holds the run record alone, a run that never started,
+    so the same command starts it (before, the line said to add --overwrite, which was not needed)."""
+    out, load = tmp_path / "run", ares.load_for_training
+
+    def ctrl_c_while_loading(*args, **kw):
+        load(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ares, "load_for_training", ctrl_c_while_loading)
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted (Ctrl-C) before the first step of {out}: nothing to resume; the same command starts it")
+    monkeypatch.undo()
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1))  # no --overwrite, no --resume
     assert steps_logged(out) == [1]
 
 
@@ -572,7 +595,8 @@ def convert(data, out):
 
 
 def adacs(data, out):
-    data_prep.main(["adacs", "--data", data["pool_traces"], "--out", out, "--model", "tiny"])
+    data_prep.main(["adacs", "--data", data["pool_traces"], "--out", out, "--model", "tiny", "--k", "3"])  # 3 traces
+    # per problem, no pass rates: each is c/3
 
 
 def passrate(data, out, model):
