@@ -120,10 +120,10 @@ def test_a_failing_record_is_reported_not_fatal(monkeypatch):
     assert failures == [dict(id="bad", error="generation failed: RuntimeError: boom")]
 
 
-def test_column_mapping_goes_through_data_prep(tmp_path):
+def test_column_mapping_goes_through_data_prep(tmp_path, full_size_model):
     path = tmp_path / "mapped.jsonl"
     path.write_text(json.dumps(dict(problem="What is 2*3?", final="6", uid="b", level=3)) + "\n")
-    cfg = ev.parse_config(["--model", "m", "--data", str(path), "--question-col", "problem", "--answer-col", "final",
+    cfg = ev.parse_config(["--model", full_size_model, "--data", str(path), "--question-col", "problem", "--answer-col", "final",
                            "--id-col", "uid"])
     got = ev.load_benchmark(str(path), cfg)
     assert got["name"] == "mapped" and got["failures"] == []
@@ -257,12 +257,12 @@ def test_a_benchmark_line_that_is_not_an_object_is_a_failed_record(tmp_path, tin
     assert [(f["id"], f["error"]) for f in res["failures"]] == [("#2", "is 5, not an object with id, question, answer")]
 
 
-def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch):
+def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, full_size_model):
     def interrupted(cfg):
         raise KeyboardInterrupt
     monkeypatch.setattr(ev, "evaluate_and_report", interrupted)
     with pytest.raises(SystemExit) as e:
-        ev.main(["--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "ev")])
+        ev.main(["--model", full_size_model, "--data", "d.jsonl", "--out", str(tmp_path / "ev")])
     assert str(e.value) == f"interrupted: the responses generated so far are in {tmp_path / 'ev' / 'responses.jsonl'}; " \
                           "the same command goes on from them"
 
