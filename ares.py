@@ -64,6 +64,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -2320,9 +2321,9 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
             os.replace(final, stale)
         os.replace(tmp, final)
         data_prep.fsync(out)
-        for left in out.glob("*.old"):  # this one, and any a kill left: each older than the checkpoint just saved
+        for left in checkpoint_folders(out, ".old"):  # this one, and any a kill left: older than the one just saved
             shutil.rmtree(left, ignore_errors=True)
-        steps = sorted(out.glob("step_*[0-9]"))
+        steps = checkpoint_folders(out, "", finals=False)
         for old in steps[:max(0, len(steps) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -2356,6 +2357,15 @@ def save_adapter(hf, adapter: dict, folder: Path):
     hf.ares_lora.save_pretrained(folder)
 
 
+def checkpoint_folders(out: Path, *suffixes: str, finals: bool = True) -> list[Path]:
+    """The folders save_checkpoint writes in `out`, in name order: final/ (unless finals=False) and step_<digits>/,
+    each with one of `suffixes` ("": whole, ".old": the one being replaced, ".tmp": the one being written). A folder
+    of the user's beside them (step_backup1/, plots.old/) is never one: nothing here deletes or resumes it."""
+    names = "(final|step_[0-9]+)" if finals else "step_[0-9]+"
+    ends = "|".join(re.escape(s) for s in suffixes)
+    return sorted(p for p in out.glob("*") if p.is_dir() and re.fullmatch(f"{names}({ends})", p.name))
+
+
 def complete_record(ckpt: Path) -> dict | None:
     """A checkpoint's COMPLETE record ({step, files: {name: size}}), or None where it is unreadable (cut or emptied)."""
     try:
@@ -2377,16 +2387,21 @@ def damage(ckpt: Path) -> str | None:
     return None
 
 
+WARNED: set = set()  # the damaged checkpoints this process has warned of
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The complete checkpoint with the highest step whose files are intact (a .tmp folder or one without COMPLETE
     never counts); a damaged newer one is skipped with a warning."""
-    done = [p for p in out.glob("*") if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".tmp")]
+    done = [p for p in checkpoint_folders(out, "", ".old") if (p / "COMPLETE").exists()]
     for ckpt in sorted(done, key=lambda p: (complete_record(p) or {}).get("step", math.inf), reverse=True):  # an
         # unreadable COMPLETE first: it may be the newest, and its warning says why an older one is resumed
         problem = damage(ckpt)
         if problem is None:
             return ckpt
-        rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
+        if (ckpt, problem) not in WARNED:  # the run's checks and its resume both look: one warning
+            WARNED.add((ckpt, problem))
+            rank0_print(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to an older one")
     return None
 
 
@@ -2609,8 +2624,7 @@ HELD_LOCKS: list[Path] = []  # the locks this process holds, released when its r
 
 def run_contents(out: Path) -> list[str]:
     """What a run left in `out`: its checkpoint folders and metrics.jsonl (a config.json alone: it never started)."""
-    found = sorted(f"{p.name}/" for p in out.glob("*") if p.is_dir() and (p.name in ("final", "final.old") or
-                                                                          p.name.startswith("step_")))
+    found = [f"{p.name}/" for p in checkpoint_folders(out, "", ".old", ".tmp")]
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         n = sum(1 for line in open(metrics, "rb") if line.strip())
@@ -2646,13 +2660,13 @@ def claim_out(cfg, contents=run_contents):
         raise SystemExit(f"--out {cfg.out} holds a {'demo' if cfg.stage == 'demo' else 'run'} ({', '.join(there)}): "
                          f"{how}, or choose another --out")
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    step = json.loads((ckpt / "COMPLETE").read_text())["step"] if ckpt else 0
+    step = complete_record(ckpt)["step"] if ckpt else 0
     if step and not (out / "metrics.jsonl").is_file():
         raise SystemExit(f"--resume: {out / 'metrics.jsonl'} is missing, but {ckpt.name} is at step {step}: resuming "
                          "would lose the history of those steps. Put it back (an empty file resumes without it)")
     if cfg.overwrite and there:
         print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
-        for p in [out / "final", out / "final.tmp", out / "final.old", *out.glob("step_*"), out / "metrics.jsonl"]:
+        for p in [*checkpoint_folders(out, "", ".old", ".tmp"), out / "metrics.jsonl"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -2739,7 +2753,7 @@ def interrupted(cfg) -> str:
         if not rows:  # stopped before its first step: a config.json alone is a run that never started
             return f"interrupted (Ctrl-C) before the first step of {out}: nothing to resume; the same command starts it"
         return f"{where}: no checkpoint yet (one is saved every {cfg.save_every} steps); start again with --overwrite"
-    step = json.loads((ckpt / "COMPLETE").read_text())["step"]
+    step = complete_record(ckpt)["step"]
     if ckpt.name == "final" and rows and rows[-1]["step"] == step:  # held by ctrl_c_after until the final save was whole
         return f"Ctrl-C (exit 130) as the run ended: its last step is logged and {ckpt} is complete; nothing to resume"
     return f"{where}: the newest checkpoint is {ckpt} (step {step}); continue from it with the same command and --resume"

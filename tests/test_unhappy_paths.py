@@ -218,11 +218,18 @@ def test_epochs_given_for_a_tiny_model_folder_sets_the_cold_starts_length(tiny_c
     assert steps_logged(out) == list(range(1, n // 4 + 1))
 
 
+USERS_FOLDERS = ["step_backup1", "step_000099_mine", "final_notes", "plots.old"]  # a user's, in a run folder
+
+
 def test_overwrite_replaces_the_run_and_leaves_none_of_its_files(runs, tiny_ckpt, demo_data, tmp_path, capsys):
     out = copy_run(runs, tmp_path, "finished")
+    for name in USERS_FOLDERS:  # not the run's: --overwrite replaces the run, never what the user keeps beside it
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("mine")
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--overwrite", "--steps", "1"))
     assert steps_logged(out) == [1]
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["final"]  # no step_* of the old run beside it
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(["final", *USERS_FOLDERS])  # no step_* of
+    assert all((out / name / "notes.txt").read_text() == "mine" for name in USERS_FOLDERS)  # the old run beside it
     assert json.loads((out / "final" / "COMPLETE").read_text())["step"] == 1
     assert f"--overwrite: deleting the run in {out}" in capsys.readouterr().out
     assert not (out / ares.LOCK).exists()  # released when the run ended
@@ -1160,9 +1167,11 @@ def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final(tiny_ckpt, de
     and nothing half-written is left."""
     for n in (2, 1):
         out = tmp_path / f"keep{n}"
+        for name in USERS_FOLDERS:  # a user's folders in --out are not the run's: neither a run there nor deleted
+            (out / name).mkdir(parents=True)
         ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 5, "--keep-last", n))
         folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-        assert folders == sorted([f"step_{k:06d}" for k in range(5 - n, 5)] + ["final"]), folders
+        assert folders == sorted([f"step_{k:06d}" for k in range(5 - n, 5)] + ["final", *USERS_FOLDERS]), folders
         assert steps_logged(out) == [1, 2, 3, 4, 5]
 
 
