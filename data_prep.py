@@ -184,7 +184,7 @@ def open_image(img, base: Path | None = None):
 
 
 def _decoded_size(img) -> tuple[int, int]:
-    im = open_image(img)  # a full decode: a truncated file fails here, not mid-training
+    im = _check_shape(open_image(img))  # a full decode: a truncated file fails here, not mid-training
     return im.height, im.width
 
 
@@ -248,11 +248,9 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
         sizes = [sz for part in pool.map(decode, [records[k:k + 64] for k in range(0, len(records), 64)]) for sz in part]
     good = []
     for r, sz in zip(records, sizes):
-        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception) or max(e) > 200 * min(e)), None)
+        bad = next(((k, e) for k, e in enumerate(sz) if isinstance(e, Exception)), None)
         if bad:
-            what = (f"cannot be read: {bad[1]}" if isinstance(bad[1], Exception) else f"is {bad[1][1]}x{bad[1][0]} "
-                    "pixels: an aspect ratio over 200, which Qwen-VL's image processor refuses")
-            fail(r["id"], r, f"field 'images': image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) {what}")
+            fail(r["id"], r, f"field 'images': image {bad[0]} ({str(r['images'][bad[0]])[:80]!r}) cannot be read: {bad[1]}")
         else:
             good.append(dict(r, image_sizes=sz))
     if not good and errors is None:
@@ -263,36 +261,48 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
 CHAT_TOKEN = re.compile(r"<\|[A-Za-z][A-Za-z0-9_]{2,}\|>")  # SPECIAL_TOKENS, and Qwen/Llama/Phi's other ones
 
 
+MUST_BE = dict(id="text or an integer", question="text", answer="text or a finite number", response="text",
+               pass_rate="a number in [0, 1]", difficulty="text or an integer")  # a record's field types (README: data format)
+
+
+def wrong_type(field: str, v) -> bool:
+    """Whether `v` (not None) is not what MUST_BE[field] says. A bool is not a number (str() would make it "True"), and
+    an int of any size is finite (math.isfinite overflows on 10**400)."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if field == "pass_rate":
+        return not (number and 0 <= v <= 1)  # NaN too
+    if isinstance(v, str):
+        return False
+    if field == "answer":
+        return not (number and (isinstance(v, int) or math.isfinite(v)))
+    return not (number and isinstance(v, int) and field in ("id", "difficulty"))
+
+
+def shown(v) -> str:
+    return json.dumps(v, default=repr)[:60]
+
+
 def record_problem(row: dict, need_response: bool) -> str | None:
     """What is wrong with a record's fields, or None: id text or an integer; question and response text;
     answer text or a finite number; none of them empty or holding a chat-template token (the model would read
     '<|im_end|>' as the end of its turn, '<|image_pad|>' as an image); pass_rate a number in [0, 1]; difficulty, when
     present, text or an integer level (a list would become log keys such as level_['hard']_acc)."""
-    if row.get("id") is None or isinstance(row["id"], str) and not row["id"].strip():
-        return "missing or empty field 'id'"
-    if not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)):
-        return f"field 'id' must be text or an integer, got {json.dumps(row['id'], default=repr)[:60]}"
-    for k in ("question", "answer", "response"):
+    for k in ("id", "question", "answer", "response"):
         v = row.get(k)
         if v is None or isinstance(v, str) and not v.strip():
             if k == "response" and not need_response:  # only the cold start trains on it
                 continue
             return f"missing or empty field '{k}'"
-        number = k == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool) and (
-            isinstance(v, int) or math.isfinite(v))  # an int of any size is finite (math.isfinite overflows on 10**400)
-        if not isinstance(v, str) and not number:
-            return f"field '{k}' must be text{' or a finite number' * (k == 'answer')}, got {json.dumps(v, default=repr)[:60]}"
+        if wrong_type(k, v):
+            return f"field '{k}' must be {MUST_BE[k]}, got {shown(v)}"
         if k == "answer" and isinstance(v, str) and extract_boxed(v) == "":
             return "field 'answer' is an empty \\boxed{}"
-        token = CHAT_TOKEN.search(v) if isinstance(v, str) else None
+        token = CHAT_TOKEN.search(v) if isinstance(v, str) and k != "id" else None
         if token:
             return f"field '{k}' contains the chat-template token {token.group()!r}: remove it or spell it differently"
-    rate = row.get("pass_rate")
-    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= 1):
-        return f"field 'pass_rate' must be a number in [0, 1], got {rate!r}"
-    level = row.get("difficulty")
-    if level is not None and not (isinstance(level, (str, int)) and not isinstance(level, bool)):
-        return f"field 'difficulty' must be text or an integer, got {json.dumps(level, default=repr)[:60]}"
+    for k in ("pass_rate", "difficulty"):
+        if row.get(k) is not None and wrong_type(k, row[k]):
+            return f"field '{k}' must be {MUST_BE[k]}, got {shown(row[k])}"
     return None
 
 
@@ -966,7 +976,7 @@ def choice_letter(answer: str, choices: list) -> str | None:
 
 
 def _check_shape(im):
-    """An image Qwen-VL's processor takes: one side at most 200 times the other (check_records' rule too)."""
+    """An image Qwen-VL's processor takes: one side at most 200 times the other (the tools' and training's rule)."""
     if max(im.size) > 200 * min(im.size):
         raise ValueError(f"it is {im.width}x{im.height} pixels: an aspect ratio over 200, which Qwen-VL's image "
                          "processor refuses")
@@ -1079,25 +1089,20 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
             return None
         return row[col]
 
-    def wrong_type(field, expected):  # str() would turn it into text that passes every later check
-        shown = json.dumps(get(field), default=repr)[:60]
-        return DataError(f"{where}: the {field} (column {cols.get(field)!r}) must be {expected}, got {shown}")
-
     rid = get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise wrong_type("id", "text or an integer")
+    if rid is not None and wrong_type("id", rid):  # str() would turn it into text that passes every later check
+        raise DataError(f"{where}: the id (column {cols.get('id')!r}) must be {MUST_BE['id']}, got {shown(rid)}")
     if rid is None or not str(rid).strip():
         if "id" in required:  # a pool's traces are grouped into problems by id
             raise DataError(f"{where}: missing or empty id (column {cols.get('id')!r}): traces are grouped by it")
         rid = f"{default_source}-{n}"
     rid = str(rid).strip()
     where = f"{where} (id {rid})"
+    for field in ("question", "answer", "response"):
+        if get(field) is not None and wrong_type(field, get(field)):
+            raise DataError(f"{where}: the {field} (column {cols.get(field)!r}) must be {MUST_BE[field]}, got "
+                            f"{shown(get(field))}")
     question, answer = get("question"), get("answer")
-    if question is not None and not isinstance(question, str):
-        raise wrong_type("question", "text")
-    if answer is not None and not (isinstance(answer, str) or isinstance(answer, (int, float)) and not isinstance(
-            answer, bool) and (isinstance(answer, int) or math.isfinite(answer))):
-        raise wrong_type("answer", "text or a finite number")
     question = "" if question is None else clean_question(question)
     answer = "" if answer is None else normalise_answer(answer)
     if not question or not answer:
@@ -1115,13 +1120,9 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
         source = src_col  # the rows have no such column: it is the name itself (--source NAME)
     else:
         source = default_source
-    pass_rate = row.get("pass_rate")
-    if pass_rate is not None and not (isinstance(pass_rate, (int, float)) and not isinstance(pass_rate, bool)
-                                      and 0 <= pass_rate <= 1):
-        raise DataError(f"{where}: pass_rate must be a number in [0, 1], got {pass_rate!r}")
-    response = get("response")
-    if response is not None and not isinstance(response, str):  # str() would turn garbage into a trace
-        raise DataError(f"{where}: field 'response' must be text, got {json.dumps(response, default=repr)[:60]}")
+    pass_rate, response = row.get("pass_rate"), get("response")
+    if pass_rate is not None and wrong_type("pass_rate", pass_rate):
+        raise DataError(f"{where}: pass_rate must be {MUST_BE['pass_rate']}, got {shown(pass_rate)}")
     record = dict(id=rid, question=question, answer=answer, images=load_images(get("images"), base, where),
                   source=source, response=response, pass_rate=pass_rate)
     used = {cols.get(f) for f in FIELDS}
@@ -1373,7 +1374,6 @@ def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool", k: 
             for t in traces:
                 t["pass_rate"] = right / len(traces)
     return problems
-
 
 
 def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, seed: int = 0, tokenizer=None,

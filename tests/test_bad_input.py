@@ -515,6 +515,10 @@ TOOL_ROWS = [
      "row 4 (id t): the question (column 'question') must be text, got 7"),
     ("id a list", "passrate", [dict(id=[3], question="q", answer="1")],
      "row 4: the id (column 'id') must be text or an integer, got [3]"),
+    ("pass_rate NaN", "convert", [dict(id="t", question="q", answer="1", pass_rate=math.nan)],
+     "row 4 (id t): pass_rate must be a number in [0, 1], got NaN"),
+    ("response a list", "convert", [dict(id="t", question="q", answer="1", response=["a"])],
+     "row 4 (id t): the response (column 'response') must be text, got [\"a\"]"),
     ("line is a number", "convert", [5], "row 4: is 5, not an object with a question and an answer"),  # was a TypeError
     ("line is null", "passrate", [None], "row 4: is null, not an object with a question and an answer"),
     ("truncated JPEG", "convert", [dict(id="t", question="q", answer="1", images=["trunc.jpg"])],

@@ -436,7 +436,7 @@ def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     garbage = [({k: v for k, v in pool[0].items() if k != "response"}, "trace of problem 'z': field 'response' is missing"),
-               (dict(pool[0], response=5), "row 11 (id z): field 'response' must be text, got 5"),
+               (dict(pool[0], response=5), "row 11 (id z): the response (column 'response') must be text, got 5"),
                (dict(pool[0], correct=True), "trace of problem 'z': field 'response' is empty but 'correct' is true")]
     for row, message in garbage:  # still stops the pool, with one line naming the file, the problem and the field
         jsonl(bad, pool[1:] + [row])
