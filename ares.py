@@ -105,6 +105,7 @@ def arg(default, help, choices=None, allowed=None):
 
 AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
 IN_0_1 = ("in (0, 1]", lambda v: 0 < v <= 1)
+SEED = ("in [0, 2**32)", lambda v: 0 <= v < 2**32)  # numpy's seeds
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Config:
     preset: str = arg("", "read --data with this data_prep.py preset's columns, e.g. geometry3k (default: our field names)")
     split: str = arg("train", "split to read from a Hugging Face dataset")
     out: str = arg("runs/ares", "output folder: checkpoints, metrics.jsonl")
-    seed: int = arg(0, "random seed (data order, sampling)", allowed=("in [0, 2**32)", lambda v: 0 <= v < 2**32))
+    seed: int = arg(0, "random seed (data order, sampling)", allowed=SEED)
     resume: bool = arg(False, "continue from the newest checkpoint in --out")
     overwrite: bool = arg(False, "replace the run already in --out (its checkpoints and metrics.jsonl are deleted)")
     deterministic: bool = arg(False, "deterministic GPU kernels, so that a GPU run repeats (slower; README: determinism)")
@@ -2467,16 +2468,18 @@ class Metrics:
 def logged_rows(path: Path, warn: bool = True) -> list[dict]:
     """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
     warning (warn=False: silently, for a caller that only asks whether the file is a run's log)."""
-    rows = []
-    for n, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+    rows, lines = [], path.read_bytes().decode("utf-8", "replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
-        elif line.strip() and warn:
-            print(f"warning: {path} line {n} is not a complete step row (cut short by a kill?): dropped")
+        elif line.strip() and warn:  # a kill cuts only the last line short: one before it was edited or damaged
+            why = "cut short by a kill?" if n == last else "the file was edited or damaged"
+            print(f"warning: {path} line {n} is not a complete step row ({why}): dropped")
     return rows
 
 

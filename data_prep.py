@@ -1731,6 +1731,8 @@ def check_args(args):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not 0 <= getattr(args, "seed", 0) < 2**32:  # as ares.py's and eval.py's --seed
+        raise SystemExit(f"--seed must be in [0, 2**32), got {args.seed}")
     out = Path(args.out)
     if args.command == "demo" and out.exists() and not out.is_dir():
         raise SystemExit(f"--out {args.out}: a file, not a folder")

@@ -94,13 +94,16 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
     choices_col: str = arg("", "column of multiple-choice options, rendered into the question (hub datasets)")
     limit: int = arg(0, "evaluate only the first N records of each benchmark (0 = all)", allowed=ares.AT_LEAST_0)
     # decoding
-    max_new_tokens: int = arg(8192, "response token limit; a response that reaches it counts as truncated")
+    max_new_tokens: int = arg(8192, "response token limit; a response that reaches it counts as truncated",
+                              allowed=ares.AT_LEAST_1)
     temperature: float = arg(0.0, "0 = greedy; > 0 samples", allowed=ares.AT_LEAST_0)
-    top_p: float = arg(1.0, "nucleus mass when sampling")
-    samples: int = arg(1, "responses per prompt: accuracy is mean@N (needs --temperature > 0 when N > 1)")
-    batch_size: int = arg(64, "prompts per sampler call (each with --samples responses)")
-    max_prompt_len: int = arg(4096, "a prompt longer than this many tokens (images included) is a failed record")
-    seed: int = arg(0, "seed of the sampled decoding")
+    top_p: float = arg(1.0, "nucleus mass when sampling", allowed=ares.IN_0_1)
+    samples: int = arg(1, "responses per prompt: accuracy is mean@N (needs --temperature > 0 when N > 1)",
+                       allowed=ares.AT_LEAST_1)
+    batch_size: int = arg(64, "prompts per sampler call (each with --samples responses)", allowed=ares.AT_LEAST_1)
+    max_prompt_len: int = arg(4096, "a prompt longer than this many tokens (images included) is a failed record",
+                              allowed=ares.AT_LEAST_1)
+    seed: int = arg(0, "seed of the sampled decoding", allowed=ares.SEED)
     # report
     bucket_by: str = arg("auto", "difficulty buckets from: auto (difficulty, else level, else pass_rate), "
                                  "difficulty, level, pass_rate, or none", ("auto", "difficulty", "level", "pass_rate", "none"))
@@ -123,12 +126,10 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error("give at least one --model and one --data (or --demo runs)")
     if cfg.name and len(cfg.name) != len(cfg.model):
         parser.error(f"{len(cfg.name)} --name for {len(cfg.model)} --model")
-    if cfg.samples < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1 or not 0 < cfg.top_p <= 1:
-        parser.error("need --samples >= 1, --batch-size >= 1, --max-new-tokens >= 1 and 0 < --top-p <= 1")
+    ares.check_numbers(cfg, hints={})
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
-    ares.check_numbers(cfg, hints={})
     ares.check_attn(cfg.attn)
     return cfg
 
@@ -628,7 +629,8 @@ def check_passrate_args(args):
                            ("--batch-size", args.batch_size >= 1, ">= 1"),
                            ("--max-prompt-len", args.max_prompt_len >= 1, ">= 1"),
                            ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
-                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]")):
+                           ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
+                           ("--seed", ares.SEED[1](args.seed), ares.SEED[0])):
         if not ok:
             raise SystemExit(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
     if Path(args.out).is_dir():
@@ -1037,8 +1039,9 @@ def main(argv=None):
     try:
         return ares.run_command(evaluate_and_report, cfg)
     except KeyboardInterrupt:  # Ctrl-C: what was generated is in the cache, appended round by round
-        raise SystemExit(f"interrupted: the responses generated so far are in {Path(cfg.out) / 'responses.jsonl'}; "
-                         "the same command goes on from them") from None
+        print(f"\ninterrupted (Ctrl-C): the responses generated so far are in {Path(cfg.out) / 'responses.jsonl'}; "
+              "the same command goes on from them", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None  # as ares.py: the shell's code for a Ctrl-C
 
 
 if __name__ == "__main__":

@@ -303,6 +303,17 @@ def test_resume_drops_a_partial_last_metrics_line_with_a_warning(tiny_ckpt, demo
     assert "metrics.jsonl line 3 is not a complete step row" in capsys.readouterr().out
 
 
+def test_a_damaged_metrics_line_is_dropped_with_a_warning_that_says_which_kind(tmp_path, capsys):
+    """Only the last line of metrics.jsonl can be cut short by a kill; a bad line before it was edited or damaged."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n["step", 2]\n{"step": 3}\n\n{"step": 4, "lo\n')
+    assert [r["step"] for r in ares.logged_rows(path)] == [1, 3]
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: {path} line 2 is not a complete step row (the file was edited or damaged): dropped",
+        f"warning: {path} line 3 is not a complete step row (the file was edited or damaged): dropped",
+        f"warning: {path} line 6 is not a complete step row (cut short by a kill?): dropped"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The grader: right on Unicode digits, bounded off the main thread, parallel, and its time limit is a hard one.
 
@@ -424,6 +435,11 @@ def _tool_cases():
         (ev.main, ["--model", "{ckpt}", *ev_args("--temperature", "nan")], "--temperature must be >= 0 and finite, got nan"),
         (ev.main, ["--model", "{ckpt}", *ev_args("--max-pixels", "10")], "--max-pixels must be >= --min-pixels, got 10"),
         (ev.main, ["--model", "{ckpt}", "--data", "{bench}", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--max-prompt-len", "0")], "--max-prompt-len must be >= 1, got 0"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--seed", "-1")], "--seed must be in [0, 2**32), got -1"),  # were
+        (ev.main, ["--model", "{ckpt}", *ev_args("--samples", "0")], "--samples must be >= 1, got 0"),  # accepted; one
+        (ev.main, ["--model", "{ckpt}", *ev_args("--top-p", "0")], "--top-p must be in (0, 1], got 0.0"),  # line for 4
+        (ev.main, pr_args("--seed", "-1"), "--seed must be in [0, 2**32), got -1"),
         (ev.main, pr_args("--k", "0"), "--k must be >= 1, got 0"),
         (ev.main, pr_args("--limit", "-3"), "--limit must be >= 1, got -3"),
         (ev.main, ["passrate", "--data", "{bench}", "--model", "{tmp}/nope", "--out", "{tmp}/r.jsonl"],
@@ -439,6 +455,9 @@ def _tool_cases():
         (ev.main, ["demo-report", "{bench}"], "demo-report {bench}: a file; give the --out folder"),
         (ev.main, ["demo-report", "{run}"], "demo-report {run}: no eval_greedy/results.json in it; give the --out folder"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--k", "-2", "--out", "{tmp}/a.jsonl"], "--k must be >= 1, got -2"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--seed", "-5", "--out", "{tmp}/a.jsonl"],
+         "--seed must be in [0, 2**32), got -5"),
+        (data_prep.main, ["demo", "--seed", "-5", "--out", "{tmp}/d"], "--seed must be in [0, 2**32), got -5"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--per-bracket", "0", "--out", "{tmp}/a.jsonl"],
          "--per-bracket must be >= 1, got 0"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--model", "{run}", "--out", "{tmp}/a.jsonl"],

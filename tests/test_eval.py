@@ -257,14 +257,15 @@ def test_a_benchmark_line_that_is_not_an_object_is_a_failed_record(tmp_path, tin
     assert [(f["id"], f["error"]) for f in res["failures"]] == [("#2", "is 5, not an object with id, question, answer")]
 
 
-def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, full_size_model):
+def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, full_size_model, capsys):
     def interrupted(cfg):
         raise KeyboardInterrupt
     monkeypatch.setattr(ev, "evaluate_and_report", interrupted)
     with pytest.raises(SystemExit) as e:
         ev.main(["--model", full_size_model, "--data", "d.jsonl", "--out", str(tmp_path / "ev")])
-    assert str(e.value) == f"interrupted: the responses generated so far are in {tmp_path / 'ev' / 'responses.jsonl'}; " \
-                          "the same command goes on from them"
+    assert e.value.code == 130  # as ares.py's Ctrl-C (it was 1, an error's)
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C): the responses generated so far are in " \
+                                              f"{tmp_path / 'ev' / 'responses.jsonl'}; the same command goes on from them"
 
 
 def test_plot_is_a_png(tmp_path):
