@@ -764,15 +764,7 @@ def unpadded(out: dict) -> list[dict]:
 
 def train_coldstart(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "coldstart")
-    tok = tokenizer_of(run.processor)
-    responses = [torch.tensor(tok(r["response"], add_special_tokens=False)["input_ids"] + [run.ids["eot"]]) for r in records]
-    keep = [i for i, r in enumerate(responses) if len(r) <= cfg.max_response_len]
-    if len(keep) < len(records):
-        rank0_print(f"dropped {len(records) - len(keep)} traces longer than --max-response-len {cfg.max_response_len}")
-    if not keep:  # not the batch check's "0 usable records", which would blame --batch-size
-        raise DataError(f"{cfg.data}: every trace is longer than --max-response-len {cfg.max_response_len} tokens "
-                        f"(the shortest has {min(map(len, responses))}, its end-of-turn token included)")
-    records, responses = [records[i] for i in keep], [responses[i] for i in keep]
+    responses = [torch.tensor(r["response_ids"]) for r in records]  # (filter_traces)
     check_batch(cfg, len(records), "records")
     prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
     rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
@@ -1207,11 +1199,24 @@ def processor_class():
     return ImageTextProcessor
 
 
-def build_tiny(seed: int = 0):
-    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+def tiny_processor():
+    """The tiny model's processor: the tiny tokenizer, images of 56x56 to 112x112 pixels, and no answer-format
+    instruction (its 60 tokens would make up most of the prompt, and the tiny model learns to read the image several
+    times faster when the image tokens are a larger part of what it attends to)."""
+    from transformers import Qwen2VLImageProcessorPil
 
-    tok = data_prep.tiny_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    processor = processor_class()(image_processor, data_prep.tiny_tokenizer(), chat_template=data_prep.TINY_CHAT_TEMPLATE)
+    processor.prompt_suffix = ""
+    return processor
+
+
+def build_tiny(seed: int = 0):
+    """A tiny random Qwen2.5-VL (~0.5M parameters) with the tiny tokenizer: fully offline. -> (model, processor)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = tiny_processor()
+    tok = tokenizer_of(processor)
     ids = tok.convert_tokens_to_ids
     s = TINY_SIZES
     head_dim = s["hidden"] // s["heads"]
@@ -1229,17 +1234,12 @@ def build_tiny(seed: int = 0):
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
     config.ares_tiny = True  # saved in config.json: later stages pick the CPU-sized defaults
-    # No answer-format instruction: its 60 tokens would make up most of the prompt, and the tiny model learns to
-    # read the image several times faster when the image tokens are a larger part of what it attends to.
-    config.ares_prompt_suffix = ""
+    config.ares_prompt_suffix = processor.prompt_suffix  # none (tiny_processor says why)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
     model.generation_config.bos_token_id = None
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    processor = processor_class()(image_processor, tok, chat_template=data_prep.TINY_CHAT_TEMPLATE)
-    processor.prompt_suffix = config.ares_prompt_suffix
     return model, processor
 
 
@@ -1274,22 +1274,44 @@ def compute_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
 
 
-def load_model(name: str, cfg, device, meta: bool = False):
-    """Returns (model, processor). bf16 on GPU and fp32 on CPU unless --dtype says otherwise (dtype 'file': the
-    checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP to shard and fill (fill_shards)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+def model_config(name: str):
+    """A model's config.json, and whether it is a vision-language model; a VLM of another family stops here."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    is_vlm = hasattr(config, "vision_config")
+    if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
+        raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+    return config, is_vlm
+
+
+def processor_for(name: str, cfg):
+    """The processor load_model gives with a model, without its weights (the training data's prompts are measured
+    with it before they load), prompting with the instruction the model was trained with (`ares_prompt_suffix` in its
+    config.json), else the authors' (README: paper settings)."""
+    if name == "tiny":
+        return tiny_processor()
+    config, is_vlm = model_config(name)
+    processor = load_processor(name, is_vlm, cfg)
+    processor.prompt_suffix = getattr(config, "ares_prompt_suffix", data_prep.FORMAT_PROMPT)
+    return processor
+
+
+def load_model(name: str, cfg, device, meta: bool = False, processor=None):
+    """Returns (model, processor): `processor`, else processor_for(name). bf16 on GPU and fp32 on CPU unless --dtype
+    says otherwise (dtype 'file': the checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP
+    to shard and fill (fill_shards)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     dtype = compute_dtype(cfg, device)
     if name == "tiny":
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model, processor = build_tiny(cfg.seed)  # fp32
+            model, tiny = build_tiny(cfg.seed)  # fp32
+        processor = processor or tiny
         if dtype not in ("auto", torch.float32):  # its weights only: the rotary buffers stay fp32, as for a checkpoint
             cast_weights(model, dtype, torch.device("meta") if meta else torch.device("cpu"))
     else:
-        config = AutoConfig.from_pretrained(name)
-        is_vlm = hasattr(config, "vision_config")
-        if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
-            raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+        config, is_vlm = model_config(name)
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         if meta:
             with torch.device("meta"):
@@ -1300,8 +1322,7 @@ def load_model(name: str, cfg, device, meta: bool = False):
             model = cls.from_pretrained(name, dtype="auto", attn_implementation=cfg.attn)
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        processor = load_processor(name, is_vlm, cfg)
-    processor.prompt_suffix = getattr(model.config, "ares_prompt_suffix", data_prep.FORMAT_PROMPT)  # the prompt it learned with
+        processor = processor or processor_for(name, cfg)
     model.config.use_cache = False
     if meta:
         return model, processor
@@ -1331,15 +1352,19 @@ def model_prompt_suffix(name: str) -> str:
     return data_prep.FORMAT_PROMPT
 
 
+def special_ids_of(tok) -> dict:
+    """pad and end-of-turn token ids of a tokenizer."""
+    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    return dict(pad=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, eot=eot)
+
+
 def special_ids(model, processor) -> dict:
     """pad, end-of-turn, stop set and image token ids of a model/processor pair."""
     tok = tokenizer_of(processor)
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    ids = special_ids_of(tok)
     gen_eos = model.generation_config.eos_token_id
-    stops = {eot, tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return dict(pad=pad, eot=eot, stop=sorted(i for i in stops if i is not None),
-                image=getattr(model.config, "image_token_id", None))
+    stops = {ids["eot"], tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return dict(ids, stop=sorted(i for i in stops if i is not None), image=getattr(model.config, "image_token_id", None))
 def vision_params(model):
     return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
 
@@ -1373,12 +1398,13 @@ def evaluating(model):
         model.train(was)
 
 
-def load_for_fsdp(name: str, cfg: Config, device):
+def load_for_fsdp(name: str, cfg: Config, device, processor=None):
     """Loading for FSDP2 without a full copy per rank: every rank builds an empty (meta) skeleton to shard, and rank 0
     alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
     one tensor at a time. -> (skeleton, processor, rank 0's full model or None)."""
-    skeleton, processor = load_model(name, cfg, device, meta=True)
-    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"))[0] if rank() == 0 else None
+    skeleton, processor = load_model(name, cfg, device, meta=True, processor=processor)
+    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"), processor=processor)[0] \
+        if rank() == 0 else None
     return skeleton, processor, full
 def add_lora(hf, cfg):
     """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
@@ -1995,6 +2021,21 @@ def filter_prompts(processor, records: list[dict], max_len: int, source: str) ->
     return kept
 
 
+def filter_traces(processor, records: list[dict], max_len: int, source: str) -> list[dict]:
+    """The cold start's records whose trace fits --max-response-len, each with its `response_ids` (the trace's tokens
+    and the end of turn)."""
+    tok = tokenizer_of(processor)
+    eot = special_ids_of(tok)["eot"]
+    ids = [tok(r["response"], add_special_tokens=False)["input_ids"] + [eot] for r in records]
+    kept = [dict(r, response_ids=x) for r, x in zip(records, ids) if len(x) <= max_len]
+    if len(kept) < len(records):
+        rank0_print(f"dropped {len(records) - len(kept)} traces longer than --max-response-len {max_len}")
+    if not kept:  # not the batch check's "0 usable records", which would blame --batch-size
+        raise DataError(f"{source}: every trace is longer than --max-response-len {max_len} tokens (the shortest has "
+                        f"{min(map(len, ids))}, its end-of-turn token included)")
+    return kept
+
+
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
     every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
@@ -2015,8 +2056,15 @@ def start_stage(cfg: Config, stage: str):
         raise DataError(f"--eval-data: {e}") from None
     rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
     record = check_run_record(cfg, RESUMABLE)
-    run = dataclasses.replace(load_for_training(cfg, device), record=record, held_out=held_out)
-    return cfg, run, filter_prompts(run.processor, records, cfg.max_prompt_len, cfg.data), world, device
+    ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
+    processor = training_processor(cfg, ckpt)  # the data's lengths are checked with it before the weights load
+    records = filter_prompts(processor, records, cfg.max_prompt_len, cfg.data)
+    if stage == "coldstart":
+        records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
+    run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record, held_out=held_out)
+    return cfg, run, records, world, device
 
 
 def sharded(cfg) -> bool:
@@ -2215,22 +2263,29 @@ class Run:
     held_out: list = field(default_factory=list)  # --eval-data's records (validated every --eval-every AEPO steps)
 
 
-def load_for_training(cfg: Config, device):
-    """The policy's weights (fp32 master copy) and processor: from the newest checkpoint when resuming."""
+def training_processor(cfg: Config, ckpt: Path | None):
+    """The processor of the model that trains (--model, or the checkpoint a --resume starts from), with --prompt-suffix."""
+    processor = processor_for(str(ckpt) if ckpt else cfg.model, cfg)
+    if cfg.prompt_suffix is not None:
+        processor.prompt_suffix = cfg.prompt_suffix
+    return processor
+
+
+def load_for_training(cfg: Config, device, ckpt: Path | None = None, processor=None):
+    """The policy's weights (fp32 master copy), from the newest checkpoint `ckpt` when resuming, and its processor
+    (training_processor's, unless given)."""
+    processor = processor or training_processor(cfg, ckpt)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        rank0_print(f"--resume: no complete checkpoint in {out}: starting fresh")
     name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
     if sharded(cfg):  # a resume reads its shards from state/: nothing to send then
-        hf, processor, full = load_for_fsdp(name, master, device)
+        hf, processor, full = load_for_fsdp(name, master, device, processor)
         full = None if ckpt else full
     else:
-        (hf, processor), full = load_model(name, master, device), None
+        (hf, processor), full = load_model(name, master, device, processor=processor), None
     hf = make_trainable(hf, cfg)
     if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
-        hf.config.ares_prompt_suffix = processor.prompt_suffix = cfg.prompt_suffix
+        hf.config.ares_prompt_suffix = cfg.prompt_suffix
     return Run(hf=hf, processor=processor, ids=special_ids(hf, processor), out=out, ckpt=ckpt, full=full)
 
 

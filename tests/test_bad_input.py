@@ -184,11 +184,14 @@ def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(na
 
 
 @pytest.mark.parametrize("stage, flag", [("aepo", "--max-prompt-len"), ("coldstart", "--max-response-len")])
-def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage, flag, tiny_ckpt, demo_data, tmp_path):
+def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage, flag, tiny_ckpt, demo_data, tmp_path,
+                                                                          monkeypatch):
     """Before: 'every prompt is longer than --max-prompt-len 8' named no file, and a cold start whose every trace was
-    too long blamed the batch size ('--batch-size 2 is larger than the 0 usable records')."""
+    too long blamed the batch size ('--batch-size 2 is larger than the 0 usable records'), both after the model had
+    loaded. Now they are measured with the processor alone, before any weights load."""
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _rows(Path(demo_data["sft"]))))
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as err:
         ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "out"),
                    "--steps", "1", "--batch-size", "2", flag, "2"])

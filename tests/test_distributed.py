@@ -361,8 +361,8 @@ def test_fsdp_fills_fp32_master_shards_from_a_bf16_checkpoint_read_once(tiny, tm
     processor.save_pretrained(tmp_path / "bf16")
     reads = []
     real_load = ares.load_model
-    monkeypatch.setattr(ares, "load_model", lambda name, cfg, device, meta=False: reads.append((cfg.dtype, meta)) or
-                        real_load(name, cfg, device, meta))
+    monkeypatch.setattr(ares, "load_model", lambda name, cfg, device, meta=False, **kw: reads.append((cfg.dtype, meta))
+                        or real_load(name, cfg, device, meta, **kw))
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", str(tmp_path / "bf16"), "--data",
