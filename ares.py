@@ -144,6 +144,8 @@ class Config:
     clip_high: float = arg(0.3, "epsilon_high of the clipped ratio", allowed=AT_LEAST_0)
     dual_clip: float = arg(3.0, "c: dual-clip bound for negative advantages (0 = off)",
                            allowed=("0 (off) or > 1", lambda v: v == 0 or v > 1))
+    adv_norm: str = arg("std", "group advantage: std ((R - mean) / std, GRPO and the paper) or mean (R - mean, Dr. GRPO)",
+                        ("std", "mean"))
     loss_agg: str = arg("seq-mean-token-mean", "seq-mean-token-mean (Eq. 2) or token-mean (DAPO)",
                         ("seq-mean-token-mean", "token-mean"))
     minibatches: int = arg(None, "optimizer steps per rollout batch (paper: 4)", allowed=AT_LEAST_1)
@@ -392,10 +394,13 @@ def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.T
     return acc + torch.where(acc > 0, correct, wrong)
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G consecutive responses."""
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
+    """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G consecutive responses;
+    std=False: R_i - mean_G R (Dr. GRPO, --adv-norm mean: a group whose rewards differ only a little, as an all-right
+    group's shaped rewards do, keeps a small advantage instead of one of size 1)."""
     r = rearrange(rewards, "(p g) -> p g", g=group_size).double()  # (P, G)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    centred = r - r.mean(1, keepdim=True)
+    return (centred / (r.std(1, keepdim=True) + eps) if std else centred).view(-1)
 
 
 def group_mean(x: torch.Tensor, G: int) -> torch.Tensor:
@@ -964,7 +969,7 @@ def score_groups(ro: Rollouts, cfg: Config, targets: torch.Tensor, triggers=None
     for_reward, targets = update_targets(targets, n_he, bucket, cfg.target_momentum)  # (3,) each; all groups count
     rewards = entropy_shaped_reward(acc, n_he, bucket, for_reward, cfg.entropy_shaping, cfg.entropy_coef)  # (N,)
     rewards = rewards + cfg.format_weight * fmt  # (N,)
-    adv = grpo_advantages(rewards, G).float()  # (N,) normalised within each group of G
+    adv = grpo_advantages(rewards, G, std=cfg.adv_norm == "std").float()  # (N,) normalised within each group of G
     keep_group = keep_first(informative_groups(acc, rewards, G, cfg.group_filter) | cfg.keep_uniform_groups,
                             cfg.batch_size)  # (P,)
     groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all

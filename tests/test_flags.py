@@ -56,6 +56,7 @@ KNOBS = {  # flag: (value, the function, its parameter)
     "--clip-high": (0.25, "aepo_loss", "clip_high"),
     "--dual-clip": (2.5, "aepo_loss", "dual_clip"),
     "--loss-agg": ("token-mean", "aepo_loss", "agg"),
+    "--adv-norm": ("mean", "grpo_advantages", "std"),  # its value reaches the function as std=False: checked below
     "--temperature": (0.9, "sample_token", "temperature"),
     "--top-p": (0.95, "sample_token", "top_p"),
 }
@@ -88,7 +89,8 @@ def test_every_aepo_knob_given_on_the_command_line_reaches_the_function_that_use
                "--trigger-words", *flags])
     for flag, (value, fn, param) in KNOBS.items():
         assert calls.get(fn), f"{fn} was never called"
-        assert {c[param] for c in calls[fn]} == {value}, (flag, {c[param] for c in calls[fn]})
+        want = {value != "mean"} if flag == "--adv-norm" else {value}  # mean: std=False
+        assert {c[param] for c in calls[fn]} == want, (flag, {c[param] for c in calls[fn]})
     assert [kw["weight_decay"] for kw in adamw] == [0.05]
     # --trigger-words: every HWE mask (branch points and N_HE) keeps only windows that start at a reasoning word,
     # judged on the token sampled there; the table, rebuilt here from the tokenizer, marks exactly those words

@@ -442,6 +442,15 @@ def test_grpo_advantages_match_python_loop_with_unbiased_std():
     assert A[24:].abs().max() < 1e-6
 
 
+def test_mean_only_advantages_subtract_the_group_mean_and_nothing_else():
+    """--adv-norm mean (Dr. GRPO): a hand-worked group of 4. Rewards 1, 1, 1, 0.6 (all right, one charged 0.4) have
+    mean 0.9, so A = 0.1, 0.1, 0.1, -0.3; the std form makes the same group 0.5, 0.5, 0.5, -1.5."""
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.6, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    A = ares.grpo_advantages(rewards, 4, std=False)
+    assert A.tolist() == pytest.approx([0.1, 0.1, 0.1, -0.3, -0.5, 0.5, -0.5, 0.5], abs=1e-12)
+    assert ares.grpo_advantages(rewards, 4)[:4].tolist() == pytest.approx([0.5, 0.5, 0.5, -1.5], abs=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dynamic KL (Eq. 1, Alg. 1)
 
