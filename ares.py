@@ -1296,9 +1296,8 @@ def processor_for(name: str, cfg):
     config.json), else the authors' (README: paper settings)."""
     if name == "tiny":
         return tiny_processor()
-    config, is_vlm = model_config(name)
-    processor = load_processor(name, is_vlm, cfg)
-    processor.prompt_suffix = getattr(config, "ares_prompt_suffix", data_prep.FORMAT_PROMPT)
+    processor = load_processor(name, model_config(name)[1], cfg)
+    processor.prompt_suffix = model_prompt_suffix(name)
     return processor
 
 
@@ -2593,8 +2592,8 @@ def logged_rows(path: Path, warn: bool = True) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
         elif line.strip() and warn:  # a kill cuts only the last line short: one before it was edited or damaged
-            why = "cut short by a kill?" if n == last else "the file was edited or damaged"
-            print(f"warning: {path} line {n} is not a complete step row ({why}): dropped")
+            cause = "cut short by a kill?" if n == last else "the file was edited or damaged"
+            print(f"warning: {path} line {n} is not a complete step row ({cause}): dropped")
     return rows
 
 
