@@ -1128,36 +1128,6 @@ def barrier():
         dist.barrier()
 
 
-class RankFailed(SystemExit):
-    """What `together` raises on the ranks where fn went through when it failed on another: exit 1, silently (that
-    rank says why), with `failed_rank` and `why` for a rank 0 that reports it."""
-
-    def __init__(self, failed_rank: int, why: str):
-        super().__init__(1)
-        self.failed_rank, self.why = failed_rank, why
-
-
-def why(e: BaseException) -> str:
-    """An error in a few words: an OSError's own text ("No space left on device"), else its type and message."""
-    return e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-
-
-def together(fn, *args):
-    """fn(*args) on every rank, then a check that it went through on all of them: a SystemExit or an error on one
-    rank is raised again there, and RankFailed on the others, so no rank waits in a collective for one that left."""
-    error = None
-    try:
-        fn(*args)
-    except (SystemExit, Exception) as e:  # noqa: BLE001 - raised again below, on its rank
-        error = e
-    if not all_reduce(torch.tensor([float(error is not None)])).item():
-        return
-    failed = gather([(rank(), why(error))] if error is not None else [])
-    if error is not None:
-        raise error
-    raise RankFailed(*failed[0])
-
-
 def gather(items: list) -> list:
     """Every rank's list, concatenated in rank order, on every rank (the list itself on one process)."""
     if not dist.is_initialized():
@@ -2373,37 +2343,33 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
     step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
     of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
-    detected (latest_checkpoint). A write that fails on any rank (a full disk, a quota) stops every rank, rank 0
-    with one line, and <name>.tmp is removed: the earlier checkpoints stay whole for --resume. Peak host memory: the
-    full weights for the HF export, on rank 0 only."""
+    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     me = rank()
     final, tmp = out / name, out / f"{name}.tmp"
-
-    def start():
-        if me == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-
-    def write_rest(hf_sd):  # every rank its RNG state; rank 0 the HF model, the processor and the trainer state
-        rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),  # this rank's
-                   cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)  # GPU only: a resume may
-        torch.save(rng, tmp / f"rng_{me}.pt")  # see fewer GPUs
-        data_prep.fsync(tmp / f"rng_{me}.pt")
-        if me == 0:
-            weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
-            policy.hf.save_pretrained(tmp, state_dict=weights)
-            if adapter:
-                save_adapter(policy.hf, adapter, tmp / "adapter")
-            processor.save_pretrained(tmp)
-            torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
-
-    def finish():  # rank 0, once every rank's files are written: flushed, COMPLETE, the rename, older ones deleted
-        if me != 0:
-            return
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
+    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
+    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),  # this rank's GPU only:
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)  # a resume may see fewer GPUs
+    torch.save(rng, tmp / f"rng_{me}.pt")
+    data_prep.fsync(tmp / f"rng_{me}.pt")
+    if me == 0:
+        weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
+        policy.hf.save_pretrained(tmp, state_dict=weights)
+        if adapter:
+            save_adapter(policy.hf, adapter, tmp / "adapter")
+        processor.save_pretrained(tmp)
+        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+    del hf_sd
+    barrier()  # every rank's files are on disk
+    if me == 0:
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         for f in files:
             data_prep.fsync(tmp / f)
@@ -2420,28 +2386,7 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
         steps = checkpoint_folders(out, "", finals=False)
         for old in steps[:max(0, len(steps) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
-
-    try:
-        together(start)
-        dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files; a failed write on any
-        # rank raises CheckpointException on every rank. Then the full weights, one tensor at a time onto rank 0's CPU
-        # (the other ranks get nothing): never the optimizer
-        hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        together(write_rest, hf_sd)
-        del hf_sd
-        together(finish)
-    except (OSError, CheckpointException, RankFailed) as e:  # on any rank: every rank is here
-        if me != 0:
-            raise SystemExit(1) from None  # rank 0 says why
-        shutil.rmtree(tmp, ignore_errors=True)  # what it wrote of this one: the space a full disk needs back
-        if isinstance(e, CheckpointException):
-            where, (error, _) = next(iter(e.failures.items()))  # {rank: (error, its traceback)}
-            cause = why(error)
-        else:
-            where, cause = (e.failed_rank, e.why) if isinstance(e, RankFailed) else (0, why(e))
-        on = f", on rank {where}" if world_size() > 1 else ""
-        raise SystemExit(f"checkpoint {final} could not be written ({cause}{on}): the run stopped, {tmp.name} is "
-                         "removed and the checkpoints before it are whole; free the space, then continue with --resume") from None
+    barrier()
     return final
 
 
@@ -2750,8 +2695,16 @@ def run_contents(out: Path) -> list[str]:
 
 
 def rank0_decides(fn, *args):
-    """fn(*args) on rank 0 alone (the folder's checks and its lock); a SystemExit (or an error) there stops every rank."""
-    together(lambda: fn(*args) if rank() == 0 else None)
+    """fn(*args) on rank 0 alone (the folder's checks and its lock); a SystemExit (or an error) there stops every rank
+    (the others silently: rank 0 says why), so no rank waits in a collective for one that left."""
+    error = None
+    if rank() == 0:
+        try:
+            fn(*args)
+        except (SystemExit, Exception) as e:  # noqa: BLE001 - raised again below, on rank 0
+            error = e
+    if all_reduce(torch.tensor([float(error is not None)])).item():
+        raise error or SystemExit(1)
 
 
 def claim_out(cfg, contents=run_contents):
