@@ -2343,38 +2343,55 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     buffers) in torch.distributed.checkpoint format, each rank writing its own shard, trainer_state.pt (scheduler,
     step, ARES controller state) and rng_<rank>.pt. Written to <name>.tmp, flushed to disk, then COMPLETE (the size
     of every file) and a rename, so a kill mid-save leaves the previous checkpoint intact and a damaged one is
-    detected (latest_checkpoint). Peak host memory: the full weights for the HF export, on rank 0 only."""
+    detected (latest_checkpoint). A write that fails (a full disk, a quota) ends the run with one line
+    (`unwritable`); the checkpoints before it stay whole. Peak host memory: the full weights for the HF export, on
+    rank 0 only."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     me = rank()
     final, tmp = out / name, out / f"{name}.tmp"
+
+    def wait_for_every_rank():  # a rank whose write failed has said why and left (gloo sees it at once; under NCCL,
+        try:  # torchrun stops the ranks still waiting)
+            barrier()
+        except RuntimeError as e:  # its first sentence, without gloo's source location
+            cause = re.sub(r"^\[[^]]*\] *", "", str(e).splitlines()[0]).split(". ")[0]
+            raise SystemExit(f"rank {me} stopped while {final} was being written: another rank left or stalled "
+                             f"({cause})") from None
+
+    try:
+        if me == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        wait_for_every_rank()
+        dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files; a write that fails on
+        # any rank raises CheckpointException on every rank. Then the full weights, one tensor at a time onto rank 0's
+        # CPU (the other ranks get nothing): never the optimizer
+        hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),  # this rank's
+                   cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)  # GPU only: a resume may
+        torch.save(rng, tmp / f"rng_{me}.pt")  # see fewer GPUs
+        data_prep.fsync(tmp / f"rng_{me}.pt")
+        if me == 0:
+            weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
+            policy.hf.save_pretrained(tmp, state_dict=weights)
+            if adapter:
+                save_adapter(policy.hf, adapter, tmp / "adapter")
+            processor.save_pretrained(tmp)
+            torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
+        del hf_sd
+        wait_for_every_rank()  # every rank's files are on disk
+        if me == 0:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            for f in files:
+                data_prep.fsync(tmp / f)
+            (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
+            data_prep.fsync(tmp / "COMPLETE")
+    except (OSError, CheckpointException) as e:  # CheckpointException is a BaseException: past `except Exception`
+        raise SystemExit(unwritable(final, tmp, e)) from None
     if me == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    dcp.save(training_state(policy, opt), checkpoint_id=tmp / "state")  # fsyncs its files
-    # one tensor at a time onto rank 0's CPU (the other ranks get nothing): never the optimizer
-    hf_sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),  # this rank's GPU only:
-               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)  # a resume may see fewer GPUs
-    torch.save(rng, tmp / f"rng_{me}.pt")
-    data_prep.fsync(tmp / f"rng_{me}.pt")
-    if me == 0:
-        weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
-        policy.hf.save_pretrained(tmp, state_dict=weights)
-        if adapter:
-            save_adapter(policy.hf, adapter, tmp / "adapter")
-        processor.save_pretrained(tmp)
-        torch.save(dict(scheduler=sched.state_dict(), state=state), tmp / "trainer_state.pt")
-    del hf_sd
-    barrier()  # every rank's files are on disk
-    if me == 0:
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        for f in files:
-            data_prep.fsync(tmp / f)
-        (tmp / "COMPLETE").write_text(json.dumps({"step": state["step"], "time": time.time(), "files": files}))
-        data_prep.fsync(tmp / "COMPLETE")
         stale = out / f"{name}.old"  # the previous checkpoint of this name stays whole until the new one is in place:
         shutil.rmtree(stale, ignore_errors=True)  # a kill between the renames leaves it as <name>.old, still complete
         if final.exists():
@@ -2388,6 +2405,27 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def unwritable(final: Path, tmp: Path, e: BaseException) -> str | int:
+    """How a checkpoint whose write failed (a full disk, a quota) ends the run: one line, from one rank, saying which
+    checkpoint, why and (with several ranks) on which rank. dcp's CheckpointException reaches every rank: rank 0
+    speaks for the rank that failed and removes the .tmp, the others exit 1 without a word. An OSError is its own
+    rank's: rank 0 removes the .tmp, another rank leaves it (rank 0 may still be writing there) and says so; a rank
+    waiting for it in the checkpoint's barrier stops with a line of its own (save_checkpoint)."""
+    where = rank()
+    if not isinstance(e, OSError):  # CheckpointException: {rank: (its error, its traceback)}
+        if where != 0:
+            return 1
+        where, (e, _) = next(iter(e.failures.items()))
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    on = f", on rank {where}" if world_size() > 1 else ""
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space a full disk needs back
+        left = f"{tmp.name} is removed and the checkpoints before it are whole; free the space"
+    else:
+        left = f"the checkpoints before it are whole; free the space (delete the half-written {tmp} too)"
+    return f"checkpoint {final} could not be written ({cause}{on}): the run stopped, {left}, then continue with --resume"
 
 
 def hf_export(hf, sd: dict) -> tuple[dict, dict]:

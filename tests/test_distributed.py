@@ -208,6 +208,64 @@ def test_fsdp_checkpoint_is_sharded_per_rank_and_resume_is_exact(tiny_ckpt, demo
     assert [r["step"] for r in rows] == [1, 2]
 
 
+FULL_DISK_ON_RANK_1 = '''
+"""torchrun worker: a cold start whose second checkpoint fails on rank 1 alone, as a node-local disk or a quota
+would: in its shard of the sharded state (dcp), or as it flushes its RNG file."""
+import os
+import sys
+
+sys.path.insert(0, sys.argv[1])
+from torch.distributed.checkpoint import filesystem
+
+import ares
+import data_prep
+
+
+def fails_on_rank_1(real, tmp):
+    def write(*a, **k):
+        if os.environ["RANK"] == "1" and tmp.exists():
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+    return write
+
+
+where, tmp = sys.argv[2], ares.Path(sys.argv[sys.argv.index("--out") + 1]) / "step_000002.tmp"
+if where == "dcp":
+    filesystem._write_item = fails_on_rank_1(filesystem._write_item, tmp)
+else:
+    data_prep.fsync = fails_on_rank_1(data_prep.fsync, tmp)
+ares.main(sys.argv[3:])
+'''
+
+
+@pytest.mark.parametrize("where", ["dcp", "rng"])
+def test_a_full_disk_on_one_rank_stops_the_run_with_one_line(where, tiny_ckpt, demo_data, tmp_path):
+    """Before: an OSError or CheckpointException traceback from every rank (a BaseException: past every `except
+    Exception`), and the half-written step_000002.tmp kept its space. Now one line names the checkpoint, the cause and
+    the rank, and the run stops; the checkpoint before it is whole. A dcp write that fails reaches every rank, so
+    rank 0 speaks and removes the .tmp; an RNG file is rank 1's own, so rank 1 speaks, leaves the .tmp (rank 0 may
+    still be writing there) and says so, and torchrun stops rank 0."""
+    script, out = tmp_path / "full.py", tmp_path / "run"
+    script.write_text(FULL_DISK_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, ROOT, where,
+           "--stage", "coldstart", "--model", tiny_ckpt, "--data", demo_data["sft"], "--out", out, "--steps", "3",
+           "--batch-size", "4", "--micro-batch-size", "2", "--save-every", "1", "--dist-timeout", "600"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([str(a) for a in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    start = f"checkpoint {out / 'step_000002'} could not be written (No space left on device, on rank 1): the run stopped, "
+    left = "step_000002.tmp is removed and the checkpoints before it are whole; free the space" if where == "dcp" else \
+        f"the checkpoints before it are whole; free the space (delete the half-written {out / 'step_000002.tmp'} too)"
+    assert res.stderr.count(start) == 1 and f"{start}{left}, then continue with --resume" in res.stderr, res.stderr[-3000:]
+    ours = res.stderr.split("elastic/multiprocessing/api.py")[0]  # before torchrun's own report of the failed ranks
+    assert "Traceback" not in ours, ours[-3000:]
+    waited = f"rank 0 stopped while {out / 'step_000002'} was being written: another rank left or stalled (Connection"
+    assert (waited in ours) == (where == "rng"), ours[-3000:]  # gloo sees rank 1 leave the barrier at once
+    kept = ["step_000001"] + (["step_000002.tmp"] if where == "rng" else [])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == kept
+    assert ares.damage(out / "step_000001") is None
+
+
 MEMORY = '''
 """torchrun worker: the peak host memory of each rank (VmHWM, reset before each phase) while loading a model with
 --fsdp, saving a checkpoint after one optimizer step, and (mode 'resume', a fresh process) resuming from it.

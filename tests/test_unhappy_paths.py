@@ -1252,3 +1252,39 @@ def test_an_empty_metrics_file_resumes_without_the_lost_history(runs, tiny_ckpt,
     (out / "metrics.jsonl").write_text("")
     ares.main(coldstart_args(demo_data["sft"], "runs/res", tiny_ckpt, "--resume"))
     assert steps_logged(out) == [2, 3]
+
+
+@pytest.mark.parametrize("where", ["rng file (fsync)", "sharded state (dcp)"])
+def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_goes_on(where, tiny_ckpt, demo_data, tmp_path,
+                                                                           monkeypatch):
+    """Before: a disk that filled up while a checkpoint was written ended the run in a CheckpointException traceback
+    (a BaseException: past every `except Exception`) or an OSError one, and left the half-written <name>.tmp taking the
+    space. Now one line says which checkpoint and why, the .tmp is gone, the earlier checkpoint is whole, and the same
+    command with --resume finishes the run."""
+    from torch.distributed.checkpoint import filesystem
+
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", "3", "--save-every", "1", "--keep-last", "3")
+
+    def fails_on_the_second_save(real):
+        def write(*a, **k):
+            if (out / "step_000002.tmp").exists():  # the first checkpoint's writes go through
+                raise OSError(28, "No space left on device")
+            return real(*a, **k)
+        return write
+
+    if where.startswith("rng"):
+        monkeypatch.setattr(data_prep, "fsync", fails_on_the_second_save(data_prep.fsync))
+    else:
+        monkeypatch.setattr(filesystem, "_write_item", fails_on_the_second_save(filesystem._write_item))
+    with pytest.raises(SystemExit) as e:
+        ares.main(args)
+    assert str(e.value.code) == f"checkpoint {out / 'step_000002'} could not be written (No space left on device): the " \
+        "run stopped, step_000002.tmp is removed and the checkpoints before it are whole; free the space, then " \
+        "continue with --resume"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["step_000001"]
+    assert ares.damage(out / "step_000001") is None
+    monkeypatch.undo()
+    ares.main(args + ["--resume"])
+    assert steps_logged(out) == [1, 2, 3]
+    assert ares.damage(out / "final") is None
