@@ -811,24 +811,32 @@ EXPLORE_CSS = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;co
 table{table-layout:fixed;width:100%}td{vertical-align:top;padding:0 1em}h3{margin-bottom:.2em}"""
 
 
-def explore_rows(model, processor, record: dict, cfg, seed: int) -> tuple[list[dict], float]:
-    """One branching rollout group (ares.rollout_groups) for a record, with each token's window entropy and HWE
-    flag: [{tokens, hbar, hwe, parent, branch_at, correct, n_he}] and tau."""
-    ids, tok = ares.special_ids(model, processor), data_prep.tokenizer_of(processor)
-    rec = dict(record, images=[data_prep.open_image(im) for im in record["images"]])
+def explore_rows(model, processor, records: list[dict], cfg, seed: int) -> tuple[list[list[dict]], float]:
+    """One branching rollout group (ares.rollout_groups) per record, all in one call as in a training step (tau is
+    the step's, over every record's fresh samples), with each token's window entropy and HWE flag: per record
+    [{tokens, hbar, hwe, parent, branch_at, correct, n_he}] (parent: a row of the same group), and tau."""
+    ids, tok, G = ares.special_ids(model, processor), data_prep.tokenizer_of(processor), cfg.group_size
+    prompts = [data_prep.encode_prompt(processor, dict(r, images=[data_prep.open_image(im) for im in r["images"]]))
+               for r in records]
     gen = torch.Generator().manual_seed(seed)
     triggers = ares.trigger_table(processor, model.config.get_text_config().vocab_size) if cfg.trigger_words else None
-    ro = ares.rollout_groups(model, [data_prep.encode_prompt(processor, rec)], cfg, ids, gen, triggers)
+    ro = ares.rollout_groups(model, prompts, cfg, ids, gen, triggers)
     hbar, valid = ares.window_entropy(ro.entropy, ro.resp_mask, cfg.window)
     hwe = ares.hwe_mask(hbar, valid, ro.tau[:, None], ro.tokens, triggers)  # as the run counted (--trigger-words)
-    rows = []
-    for i, n in enumerate(ro.resp_mask.sum(1).tolist()):
-        toks = ro.tokens[i, :n].tolist()
-        text = tok.decode(toks, skip_special_tokens=True)
-        rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
-                         parent=int(ro.parent[i]), branch_at=int(ro.branch_at[i]), n_he=int(hwe[i].sum()),
-                         correct=data_prep.is_correct(data_prep.extract_boxed(text), record["answer"])))
-    return rows, ro.tau[0].item()
+    groups = []
+    for p, record in enumerate(records):
+        rows = []
+        for i in range(p * G, (p + 1) * G):
+            n = int(ro.resp_mask[i].sum())
+            toks = ro.tokens[i, :n].tolist()
+            text = tok.decode(toks, skip_special_tokens=True)
+            parent = int(ro.parent[i])
+            rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
+                             parent=parent - p * G if parent >= 0 else -1, branch_at=int(ro.branch_at[i]),
+                             n_he=int(hwe[i].sum()),
+                             correct=data_prep.is_correct(data_prep.extract_boxed(text), record["answer"])))
+        groups.append(rows)
+    return groups, ro.tau[0].item()
 
 
 def explore_html(rows: list[dict], tau: float) -> str:
@@ -855,17 +863,18 @@ def explore_html(rows: list[dict], tau: float) -> str:
 
 def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg, per_level: int = 2) -> Path:
     """A self-contained HTML page: for `per_level` held-out problems of each difficulty level, one branching rollout
-    group of every model side by side, tokens shaded by window entropy (Eq. 4), HWE tokens and branch points marked."""
+    group of every model side by side (a model's groups sampled together, as one AEPO step samples its prompts), tokens
+    shaded by window entropy (Eq. 4), HWE tokens and branch points marked."""
     import html
 
     records = data_prep.load_records(str(data))
     levels = sorted({str(r["difficulty"]) for r in records}, key=bucket_order)
     picked = [r for lv in levels for r in [x for x in records if x["difficulty"] == lv][:per_level]]
-    cells = {}
+    cells, taus = {}, {}
     for m, name in zip(models, names):
         model, processor = ares.load_model(str(m), cfg, torch.device("cpu"))
-        for k, rec in enumerate(picked):
-            cells[name, rec["id"]] = explore_rows(model.eval(), processor, rec, cfg, seed=cfg.seed * 1000 + k)
+        groups, taus[name] = explore_rows(model.eval(), processor, picked, cfg, seed=cfg.seed)
+        cells.update({(name, rec["id"]): rows for rec, rows in zip(picked, groups)})
     body = [f"<h1>Where ARES explores</h1><p>Each row is one response of a group of G = {cfg.group_size}: "
             f"{cfg.group_size - cfg.branch_samples} sampled from the prompt, {cfg.branch_samples} branched at the "
             f"highest window-entropy tokens (§3.2; README: branching rollouts). Shading: window entropy over w = {cfg.window} tokens (darker = "
@@ -876,8 +885,8 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
         body.append(f"<h3>{html.escape(rec['difficulty'])}: {html.escape(rec['question'])} (answer "
                     f"{html.escape(rec['answer'])})</h3><table><tr>")
         for name in names:
-            rows, tau = cells[name, rec["id"]]
-            body.append(f"<td><b>{html.escape(name)}</b> (tau = {tau:.3f}){explore_html(rows, tau)}</td>")
+            body.append(f"<td><b>{html.escape(name)}</b> (tau = {taus[name]:.3f})"
+                        f"{explore_html(cells[name, rec['id']], taus[name])}</td>")
         body.append("</tr></table>")
     data_prep.write_atomically(html_out, f"<!doctype html><meta charset='utf-8'><title>Where ARES explores</title>"
                                f"<style>{EXPLORE_CSS}</style>{''.join(body)}")
