@@ -3300,15 +3300,25 @@ def ctrl_c_handled():
         CTRL_C.update(seen=False, held=0)
 
 
+def close_progress_bars():
+    """End any open progress bar on its own line first, so that it is not drawn again after the line that stops the
+    run (tqdm redraws a bar it has not closed when the process exits)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg = parse_config(argv)
     try:
         with ctrl_c_handled():
             run_command({"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a line that stops the run mid-stage (a checkpoint that cannot be written)
+            close_progress_bars()
+        raise
     except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, not a traceback
-        for bar in list(getattr(tqdm, "_instances", ())):  # the progress bar ends first, not redrawn after the line
-            bar.close()
+        close_progress_bars()
         if int(os.environ.get("RANK", 0)) == 0:  # the process group is closed by now
             print("\n" + (interrupted(cfg) if cfg.stage != "demo" else f"interrupted (Ctrl-C): the demo in {cfg.out} "
                           "stopped; run it again with --overwrite"), file=sys.stderr, flush=True)

@@ -1259,9 +1259,11 @@ def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_goes_on(where
                                                                            monkeypatch):
     """Before: a disk that filled up while a checkpoint was written ended the run in a CheckpointException traceback
     (a BaseException: past every `except Exception`) or an OSError one, and left the half-written <name>.tmp taking the
-    space. Now one line says which checkpoint and why, the .tmp is gone, the earlier checkpoint is whole, and the same
-    command with --resume finishes the run."""
+    space. Now one line says which checkpoint and why (after the progress bar, which is closed first: left open, tqdm
+    drew it again after the line as the process exited), the .tmp is gone, the earlier checkpoint is whole, and the
+    same command with --resume finishes the run."""
     from torch.distributed.checkpoint import filesystem
+    from tqdm import tqdm
 
     out = tmp_path / "run"
     args = coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", "3", "--save-every", "1", "--keep-last", "3")
@@ -1279,6 +1281,7 @@ def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_goes_on(where
         monkeypatch.setattr(filesystem, "_write_item", fails_on_the_second_save(filesystem._write_item))
     with pytest.raises(SystemExit) as e:
         ares.main(args)
+    assert not list(tqdm._instances)  # the bar is closed first: not drawn again after the line, at exit
     assert str(e.value.code) == f"checkpoint {out / 'step_000002'} could not be written (No space left on device): the " \
         "run stopped, step_000002.tmp is removed and the checkpoints before it are whole; free the space, then " \
         "continue with --resume"
