@@ -1048,6 +1048,7 @@ def main(argv=None):
     try:
         return ares.run_command(evaluate_and_report, cfg)
     except KeyboardInterrupt:  # Ctrl-C: what was generated is in the cache, appended round by round
+        ares.close_progress_bars()
         print(f"\ninterrupted (Ctrl-C): the responses generated so far are in {Path(cfg.out) / 'responses.jsonl'}; "
               "the same command goes on from them", file=sys.stderr, flush=True)
         raise SystemExit(130) from None  # as ares.py: the shell's code for a Ctrl-C

@@ -258,14 +258,21 @@ def test_a_benchmark_line_that_is_not_an_object_is_a_failed_record(tmp_path, tin
 
 
 def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, full_size_model, capsys):
+    """Exit 130 and one line, after the progress bar (closed first: left open, tqdm drew it again after the line as
+    the process exited)."""
+    from tqdm import tqdm
+
     def interrupted(cfg):
+        bar = tqdm(total=4, desc="generating")  # the generation's bar, open when the Ctrl-C comes
+        bar.update(1)
         raise KeyboardInterrupt
     monkeypatch.setattr(ev, "evaluate_and_report", interrupted)
     with pytest.raises(SystemExit) as e:
         ev.main(["--model", full_size_model, "--data", "d.jsonl", "--out", str(tmp_path / "ev")])
     assert e.value.code == 130  # as ares.py's Ctrl-C (it was 1, an error's)
-    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C): the responses generated so far are in " \
-                                              f"{tmp_path / 'ev' / 'responses.jsonl'}; the same command goes on from them"
+    assert not list(tqdm._instances)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted (Ctrl-C): the responses generated so far " \
+        f"are in {tmp_path / 'ev' / 'responses.jsonl'}; the same command goes on from them"
 
 
 def test_plot_is_a_png(tmp_path):
