@@ -622,3 +622,19 @@ def test_eval_stops_with_one_line_when_transformers_is_too_old(sub, tmp_path, ti
     assert "\n" not in msg and msg.endswith(f"needs transformers >= {need}, found 5.17.0: "
                                             f"pip install 'transformers>={need}'"), msg
     assert not out.exists()
+
+
+def test_explore_groups_sampled_together_keep_each_branch_in_its_own_group(tiny, bench):
+    """explore_rows samples the groups of several problems in one rollout call: each group has G rows, and each
+    branch names a fresh row of its own group (0 .. G-B-1) whose first branch_at tokens it repeats, token for token."""
+    model, processor = tiny
+    records = [json.loads(x) for x in open(bench)][:3]
+    cfg = ares.resolve_stage_defaults(ares.Config(group_size=4, branch_samples=2, max_response_len=12,
+                                                  entropy_quantile=0.5), "aepo")
+    groups, tau = ev.explore_rows(model, processor, records, cfg, seed=0)
+    assert len(groups) == 3 and all(len(rows) == 4 for rows in groups) and tau > 0
+    branched = [(rows, r) for rows in groups for r in rows[2:] if r["parent"] >= 0]
+    assert branched  # a random model is unsure everywhere: every group has its branch points
+    for rows, r in branched:
+        assert 0 <= r["parent"] < 2 and r["branch_at"] >= 1
+        assert r["tokens"][:r["branch_at"]] == rows[r["parent"]]["tokens"][:r["branch_at"]]
