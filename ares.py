@@ -2413,14 +2413,14 @@ def unwritable(final: Path, tmp: Path, e: BaseException) -> str | int:
     speaks for the rank that failed and removes the .tmp, the others exit 1 without a word. An OSError is its own
     rank's: rank 0 removes the .tmp, another rank leaves it (rank 0 may still be writing there) and says so; a rank
     waiting for it in the checkpoint's barrier stops with a line of its own (save_checkpoint)."""
-    where = rank()
+    me = where = rank()  # this rank, and the one whose write failed
     if not isinstance(e, OSError):  # CheckpointException: {rank: (its error, its traceback)}
-        if where != 0:
+        if me != 0:
             return 1
         where, (e, _) = next(iter(e.failures.items()))
     cause = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
     on = f", on rank {where}" if world_size() > 1 else ""
-    if rank() == 0:
+    if me == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # the space a full disk needs back
         left = f"{tmp.name} is removed and the checkpoints before it are whole; free the space"
     else:

@@ -244,7 +244,7 @@ def test_a_full_disk_on_one_rank_stops_the_run_with_one_line(where, tiny_ckpt, d
     Exception`), and the half-written step_000002.tmp kept its space. Now one line names the checkpoint, the cause and
     the rank, and the run stops; the checkpoint before it is whole. A dcp write that fails reaches every rank, so
     rank 0 speaks and removes the .tmp; an RNG file is rank 1's own, so rank 1 speaks, leaves the .tmp (rank 0 may
-    still be writing there) and says so, and torchrun stops rank 0."""
+    still be writing there) and says so, and rank 0, waiting at the save's barrier, stops with a line of its own."""
     script, out = tmp_path / "full.py", tmp_path / "run"
     script.write_text(FULL_DISK_ON_RANK_1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, ROOT, where,
