@@ -1074,12 +1074,6 @@ def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, b
 # One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
 # denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
 # "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
-
-
-# Distributed: rank and world size from torchrun's environment; world size 1 is the same code path.
-# One process group serves both devices: the global statistics (tau, bucket means, token counts, loss
-# denominators) are small CPU tensors reduced by gloo, the gradients CUDA tensors reduced by NCCL. (A plain
-# "nccl" group serves CUDA tensors only: its first CPU all_reduce fails.)
 BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
