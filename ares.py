@@ -27,7 +27,8 @@ to a row of the README's table of choices, where the paper, its released code an
 
 Every place where the paper, its released code and this file differ, or where both are silent (the choice here is
 the default):
-  - Token entropy is exact over the full vocabulary from the logits (code: top-10 approximation).
+  - Token entropy is exact over the full vocabulary from the logits (code: top-10 approximation), less the
+    image and video placeholder ids, which are never sampled (README: image placeholder tokens).
   - Window entropy uses the forward window [t, t+w-1] of Eq. 4, full windows only (code: [t+1, t+w]).
   - tau = mean over ALL responses of the step, on all ranks, of each response's 0.95 entropy quantile, taken over
     the first-pass (fresh) responses only: the branches are sampled after it and are scored against it.
@@ -129,8 +130,9 @@ class Config:
                                         "(the paper's) drops groups whose mean shaped reward is outside [0.01, 0.99]",
                             ("accuracy", "reward"))
     keep_uniform_groups: bool = arg(False, "keep every group (no online filter)")
-    max_refill_rounds: int = arg(0, "dynamic sampling (DAPO): while fewer than --batch-size groups survive the filter, "
-                                    "roll out --batch-size more prompts, at most this many times (0 = off)", allowed=AT_LEAST_0)
+    max_refill_rounds: int = arg(0, "dynamic sampling (DAPO): while fewer than --batch-size groups are mixed (some answers "
+                                    "right, some wrong), roll out --batch-size more prompts, at most this many times "
+                                    "(0 = off)", allowed=AT_LEAST_0)
     reward_fn: str = arg("", "file.py:function or module:function: fn(record, response) -> score in [0, 1] (default: the grader)")
     # AEPO KL and loss (Eq. 1, Eq. 2, Alg. 1)
     kl_coef: float = arg(0.01, "beta0: base KL weight (0 = no reference model)", allowed=AT_LEAST_0)
@@ -346,7 +348,7 @@ def bucket_means(values: torch.Tensor, bucket: torch.Tensor) -> tuple[torch.Tens
 
 
 def update_targets(targets: torch.Tensor, n_he: torch.Tensor, bucket: torch.Tensor, momentum: float = 0.9):
-    """Per-bucket N_HE targets T_d (App. I, M; README: entropy reward). targets (3,) float64, NaN = never seen.
+    """Per-bucket N_HE targets T_d (App. I, M; README: N_HE target T_d). targets (3,) float64, NaN = never seen.
     Returns (targets used for THIS step's rewards, targets after the EMA update): a bucket seen before uses its
     previous target; a bucket seen for the first time uses its current global mean."""
     means, counts = bucket_means(n_he, bucket)
@@ -714,7 +716,8 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
 
 def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None, pool=None) -> Rollouts:
     """G responses per prompt (§3.2; README: branching rollouts): G - B fresh samples, tau over them (all ranks), then B continuations
-    branched at the highest-entropy HWE windows (shortfall: fresh samples), all B in one batched call.
+    branched at the highest-entropy HWE windows (shortfall: fresh samples), all branch rows batched together
+    (at most --rollout-batch rows a call).
     -> Rollouts, every row at its final index (ungraded: texts and acc come from grade_rollouts)."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     fresh, P = G - B, len(prompts)
@@ -879,9 +882,9 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
     """Each step's rollouts from the resumed step on, graded: (step, its records, their encoded prompts,
     rollout_groups() output with texts and acc, seconds spent sampling and grading). A generator: step s + 1 is
     sampled only after step s's update. Refill (DAPO's dynamic sampling): while fewer than --batch-size groups of
-    all ranks are mixed (some right, some wrong: --group-filter reward keeps them too), --batch-size more prompts
-    are rolled out, at most
-    --max-refill-rounds times (the same decision on every rank: a global count); ro.rounds says how many."""
+    all ranks are mixed (some right, some wrong, whatever --group-filter says: both rules keep nearly all of those),
+    --batch-size more prompts are rolled out, at most --max-refill-rounds times (the same decision on every rank: a
+    global count); ro.rounds says how many."""
     tok = tokenizer_of(run.processor)
     for step in range(run.state["step"], cfg.steps):
         t0 = time.time()
