@@ -773,7 +773,6 @@ def unpadded(out: dict) -> list[dict]:
 def train_coldstart(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "coldstart")
     responses = [torch.tensor(r["response_ids"]) for r in records]  # (filter_traces)
-    check_batch(cfg, len(records), "records")
     prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
     rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
                 f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
@@ -820,7 +819,6 @@ def train_coldstart(cfg: Config) -> Path:
 
 def train_aepo(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "aepo")
-    check_batch(cfg, len(records), "prompts")
     prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
     G, B, st = cfg.group_size, cfg.branch_samples, run.state
     # The starting weights. On --resume the flags name the same files (check_run_record), maybe spelled from another
@@ -2009,8 +2007,9 @@ def filter_traces(processor, records: list[dict], max_len: int, source: str) -> 
 
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
-    every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
-    there), write the run record <out>/config.json (on --resume, changed flags stop here), load the policy.
+    every record and --eval-data's (bad data fails before the model loads), measure their lengths and check the
+    batch against them (the processor alone), claim --out (its lock; a run already there; --overwrite deletes the
+    old run), write the run record <out>/config.json (on --resume, changed flags stop here), load the policy.
     -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
@@ -2025,15 +2024,18 @@ def start_stage(cfg: Config, stage: str):
         held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
     except DataError as e:
         raise DataError(f"--eval-data: {e}") from None
-    rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
-    record = check_run_record(cfg, RESUMABLE)
     ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
     processor = training_processor(cfg, ckpt)  # the data's lengths are checked with it before the weights load
     records = filter_prompts(processor, records, cfg.max_prompt_len, cfg.data)
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
+    check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
+    # only now --out: a run already there, or another one running there, stops this one; --overwrite deletes the
+    # old run here, so every check of the flags and the data comes first
+    rank0_decides(claim_out, cfg)
+    record = check_run_record(cfg, RESUMABLE)
+    if cfg.resume and ckpt is None:
+        rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
     run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record, held_out=held_out)
     return cfg, run, records, world, device
 

@@ -147,6 +147,9 @@ def record_rows(path: str, split: str):
         first_line = str(e).split("\n")[0][:200]
         raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {first_line}") from None
     if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (it has {', '.join(ds)}): name one with --split "
+                            "(ares.py's --eval-data reads 'test')")
         ds = ds[split]
     for name, feature in ds.features.items():  # keep images encoded; load_records decodes each once to check it
         inner = getattr(feature, "feature", feature)

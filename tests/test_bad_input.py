@@ -201,6 +201,31 @@ def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage,
     assert "\n" not in msg and "batch-size" not in msg, msg
 
 
+@pytest.mark.parametrize("stage, world, words", [
+    ("coldstart", 1, "--batch-size 5 is larger than the 4 usable records"),
+    ("aepo", 1, "--batch-size 5 is larger than the 4 usable prompts"),
+    ("aepo", 2, "--batch-size 5 must be divisible by the number of ranks 2"),
+])
+def test_a_batch_the_data_or_the_ranks_cannot_fill_stops_before_the_weights_load_and_before_overwrite(
+        stage, world, words, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """Before, the batch was checked after the weights had loaded (on 8 GPUs and a 7B model, minutes for a typo), and
+    after --overwrite had deleted the run in --out. Now it stops with one line first, and the old run is untouched."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(Path(demo_data["sft"]))))  # 4 records
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "COMPLETE").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(ares, "world_size", lambda: world)
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(path), "--out", str(out), "--steps", "1",
+                   "--batch-size", "5", "--overwrite"])
+    assert str(err.value.code) == words
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and (out / "metrics.jsonl").read_text()
+
+
 # Files that are not records at all: (name, file name, content, words).
 FILES = [
     ("line is a list", "data.jsonl", b'["a", "b"]\n', ['record #4: is ["a", "b"], not an object']),
@@ -421,6 +446,31 @@ def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(ca
     assert msg.startswith(message) and "\n" not in msg, msg
     assert {p: p.read_bytes() for p in before} == before
     assert not (tmp_path / "out").exists() and not (ckpt / "sub").exists()
+
+
+@pytest.mark.parametrize("tool", ["ares --split", "ares --eval-data", "eval.py --split"])
+def test_a_saved_dataset_without_the_split_asked_for_is_one_line_naming_its_splits(tool, tiny_ckpt, demo_data,
+                                                                                    tmp_path, monkeypatch):
+    """A saved DatasetDict (save_to_disk) read through --split, or as --eval-data (which reads 'test'), ended in
+    KeyError and a traceback when the split was not there; data_prep.py convert already said which splits it has."""
+    import datasets
+    import eval as ev
+
+    saved = tmp_path / "saved"
+    rows = datasets.Dataset.from_dict(dict(id=["a", "b"], question=["What is 1 + 1?", "What is 2 + 2?"], answer=["2", "4"]))
+    datasets.DatasetDict(train=rows, validation=rows).save_to_disk(str(saved))
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "out"
+    argv = {"ares --split": (ares.main, ["--stage", "aepo", "--data", saved, "--split", "nosuch"]),
+            "ares --eval-data": (ares.main, ["--stage", "aepo", "--data", demo_data["rl"], "--eval-data", saved]),
+            "eval.py --split": (ev.main, ["--data", saved, "--split", "nosuch"])}
+    fn, args = argv[tool]
+    with pytest.raises(SystemExit) as err:
+        fn([str(a) for a in [*args, "--model", tiny_ckpt, "--out", out]])
+    split, flag = ("test", "--eval-data: ") if tool == "ares --eval-data" else ("nosuch", "")
+    assert str(err.value.code) == (f"data error: {flag}{saved}: no split '{split}' (it has train, validation): name "
+                                   "one with --split (ares.py's --eval-data reads 'test')")
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
