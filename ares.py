@@ -778,7 +778,8 @@ def train_coldstart(cfg: Config) -> Path:
                 f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
                 f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
                 f"| {run.total} steps | device {device}")
-    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart", rank() == 0, open_tracker(cfg, run.out, run.record))
+    metrics = Metrics(run.out, run.total, run.state["step"], "coldstart", rank() == 0,
+                      open_tracker(cfg, run.out, run.record, run.state["step"]))
     for step in range(run.state["step"], run.total):
         t0 = time.time()
         mine = step_indices(len(records), step, cfg.batch_size, cfg.seed)
@@ -840,7 +841,7 @@ def train_aepo(cfg: Config) -> Path:
     rank0_print(f"aepo: {cfg.model} | params {run.n_params / 1e6:.2f}M | {len(records)} prompts | world {world} | "
                 f"{cfg.batch_size} prompts x G={G} ({G - B} fresh + {B} branched) per step | {cfg.minibatches} "
                 f"updates/step | {cfg.steps} steps | KL {'on' if ref else 'off'} | device {device}")
-    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo", rank() == 0, open_tracker(cfg, run.out, run.record))
+    metrics = Metrics(run.out, cfg.steps, st["step"], "aepo", rank() == 0, open_tracker(cfg, run.out, run.record, st["step"]))
     for step, recs, prompts, ro, time_sample in rollouts(cfg, run, sampler, records, device, triggers, pool):
         t1 = time.time()
         sc = score_groups(ro, cfg, st["targets"], triggers)
@@ -1220,7 +1221,8 @@ def load_processor(name: str, is_vlm: bool, cfg):
     if not is_vlm:
         return tok
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
-    if not is_tiny(name):
+    # a tiny checkpoint keeps the image size it learned on (56 x 56 to 112 x 112 pixels) unless a flag names another
+    if not is_tiny(name) or {"min_pixels", "max_pixels"} & set(cfg.given):
         image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     template = tok.chat_template
     for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
@@ -2584,16 +2586,17 @@ def scalars(row: dict) -> dict:
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
 
 
-def open_tracker(cfg, out: Path, record: dict):
+def open_tracker(cfg, out: Path, record: dict, start: int = 0):
     """--report-to: log(row) sends a metrics.jsonl row's scalars at its step to TensorBoard (<out>/tensorboard) or W&B
     (project $WANDB_PROJECT or 'ares', the run record as config; WANDB_MODE=offline: no network); close() ends it.
-    None for 'none' and on every rank but 0."""
+    None for 'none' and on every rank but 0. A run that starts (or resumes) at step `start` hides TensorBoard's
+    events of the later steps (purge_step), as metrics.jsonl drops its rows: the steps run again are not shown twice."""
     if cfg.report_to == "none" or rank() != 0:
         return None
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"))
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
         return argparse.Namespace(close=writer.close, log=lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in
                                                                        scalars(row).items()])
     import wandb
@@ -2764,8 +2767,9 @@ def claim_out(cfg, contents=run_contents):
         raise SystemExit(f"--resume: {out / 'metrics.jsonl'} is missing, but {ckpt.name} is at step {step}: resuming "
                          "would lose the history of those steps. Put it back (an empty file resumes without it)")
     if cfg.overwrite and there:
+        there += ["tensorboard/"] if (out / "tensorboard").is_dir() else []  # --report-to's events of the old run
         print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
-        for p in [*checkpoint_folders(out, "", ".old", ".tmp"), out / "metrics.jsonl"]:
+        for p in [*checkpoint_folders(out, "", ".old", ".tmp"), out / "metrics.jsonl", out / "tensorboard"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -2935,7 +2939,7 @@ def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_
     """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
     stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
     given_only=True: no defaults, so the parsed namespace holds only the flags on the command line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data_prep.OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):  # fields without help are not flags
         flag = "--" + f.name.replace("_", "-")
         shown = ([str(f.default)] if f.default not in (None, "", dataclasses.MISSING) else []) + staged_defaults(f)

@@ -1075,7 +1075,7 @@ def bench_grader(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data_prep.OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help="tiny, 3b, 7b, or a comma list (each real size in its own process)")
     p.add_argument("--what", default=None, help="comma list of rollout, update, aepo (default: all for tiny, "
                                                 "rollout,update for 3b/7b)")

@@ -1681,8 +1681,16 @@ def run_demo(args) -> dict:
 # Command line.
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for every tool of the project (ares.py, eval.py, bench.py use it too): a flag of the wrong type or
+    choice is one line naming the flag and what it takes, where argparse prints its whole usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def command_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 

@@ -110,6 +110,8 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
     plot: str = arg("", "PNG file: accuracy against mean response tokens per benchmark and model (needs matplotlib)")
     demo: list = field(default_factory=list, metadata={"help": "--out folder of a `python ares.py` run; repeat for "
                                                                "several seeds: prints their mean +- sd table"})
+    # not a flag: the flags given on the command line (a tiny checkpoint takes --min-pixels / --max-pixels only then)
+    given: tuple = field(default=(), repr=False)
 
 
 SUBCOMMANDS = """subcommands (each with its own --help):
@@ -121,7 +123,9 @@ SUBCOMMANDS = """subcommands (each with its own --help):
 def parse_config(argv=None) -> EvalConfig:
     parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     parser.epilog = SUBCOMMANDS
-    cfg = EvalConfig(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    given = vars(ares.dataclass_parser(EvalConfig, "", given_only=True).parse_args(argv))  # only what the user typed
+    cfg = EvalConfig(**args, given=tuple(sorted(given)))
     if not cfg.demo and (not cfg.model or not cfg.data):
         parser.error("give at least one --model and one --data (or --demo runs)")
     if cfg.name and len(cfg.name) != len(cfg.model):
@@ -340,15 +344,17 @@ def decoding_key(cfg: EvalConfig) -> str:
     return f"T={cfg.temperature}, top-p={cfg.top_p}, seed={cfg.seed}, max {cfg.max_new_tokens} new tokens"
 
 
-def settings_key(cfg: EvalConfig, model) -> str:
+def settings_key(cfg: EvalConfig, model, processor) -> str:
     """Every flag that changes a response: the decoding settings, and how the model runs and sees images (the dtype
-    it was loaded in, so --dtype auto is bf16 on a GPU and fp32 on the CPU; --attn, --min-pixels, --max-pixels).
+    it was loaded in, so --dtype auto is bf16 on a GPU and fp32 on the CPU; --attn; the image sizes its processor
+    resizes to: --min-pixels and --max-pixels, or a tiny checkpoint's own when they are not given).
     --samples and --batch-size are left out on purpose: they change which random draw a sampled response is, not
     what it is drawn from, so a run with more --samples reuses the first ones; --max-prompt-len only decides which
     records are evaluated."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return (f"{decoding_key(cfg)}; dtype={dtype}, attn={cfg.attn}, min_pixels={cfg.min_pixels}, "
-            f"max_pixels={cfg.max_pixels}")
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}  # None: a text-only model
+    return (f"{decoding_key(cfg)}; dtype={dtype}, attn={cfg.attn}, min_pixels={size.get('shortest_edge', cfg.min_pixels)}, "
+            f"max_pixels={size.get('longest_edge', cfg.max_pixels)}")
 
 
 def image_digest(img) -> str:
@@ -459,7 +465,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     every rank after each round, appended to responses.jsonl by rank 0), then summarize.
     -> (summary, failures, responses generated, responses reused)."""
     rank, world = ares.rank(), ares.world_size()
-    decoding, settings = decoding_key(cfg), settings_key(cfg, model)
+    decoding, settings = decoding_key(cfg), settings_key(cfg, model, processor)
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
     content = {r["id"]: record_key(processor, r, bench["image_digests"][r["id"]]) for r in usable}
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, settings, content[rid])  # noqa: E731
@@ -511,7 +517,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     for b in benches:
         b["field"] = bucket_field(b["records"] + [f["row"] for f in b["failures"]], cfg.bucket_by)
     names, decoding = model_names(cfg.model, cfg.name), decoding_key(cfg)
-    load_cfg = ares.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ares.ModelConfig)}, seed=cfg.seed)
+    load_cfg = ares.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ares.ModelConfig)}, seed=cfg.seed,
+                           given=cfg.given)
     if rank == 0:
         end_last_line(out / "responses.jsonl")
     writer = open(out / "responses.jsonl", "a") if rank == 0 else None
@@ -678,7 +685,7 @@ def write_pass_rates(records: list[dict], traces_of: dict, args, world: int) -> 
 
 
 def passrate_parser() -> argparse.ArgumentParser:
-    pr = argparse.ArgumentParser(prog="eval.py passrate", description="sample K responses per problem from a model "
+    pr = data_prep.OneLineParser(prog="eval.py passrate", description="sample K responses per problem from a model "
                                  "and grade them: pass_rate (AdaCS step 1)")
     pr.add_argument("--data", required=True, help="records: a file, folder, hub name or preset name")
     pr.add_argument("--preset", choices=sorted(data_prep.PRESETS), help="read --data with this preset's mapping")
@@ -706,7 +713,7 @@ def passrate_parser() -> argparse.ArgumentParser:
 
 
 def curves_parser() -> argparse.ArgumentParser:
-    pc = argparse.ArgumentParser(prog="eval.py curves", description="draw an AEPO run's curves (reward, accuracy, "
+    pc = data_prep.OneLineParser(prog="eval.py curves", description="draw an AEPO run's curves (reward, accuracy, "
                                  "response tokens and N_HE per level, tau, kappa, ...) into curves.png beside its "
                                  "metrics.jsonl (needs matplotlib)")
     pc.add_argument("metrics", help="an AEPO run's metrics.jsonl, e.g. runs/ares/aepo/metrics.jsonl")
@@ -905,7 +912,7 @@ DEMO_FILES = ("eval_greedy/results.json", "eval_sampled/results.json", "stage_ti
 
 
 def demo_report_parser() -> argparse.ArgumentParser:
-    pd = argparse.ArgumentParser(prog="eval.py demo-report", description="the report of a `python ares.py` run: "
+    pd = data_prep.OneLineParser(prog="eval.py demo-report", description="the report of a `python ares.py` run: "
                                  "demo.json, curves.png and explore.html in its folder, and its tables printed")
     pd.add_argument("out", help="the --out folder of a finished `python ares.py` run, e.g. runs/ares")
     return pd

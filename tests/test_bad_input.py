@@ -88,6 +88,32 @@ def test_bad_flag_stops_with_one_line_naming_the_flag(stage, flags, message, tin
     assert not out.exists()  # nothing was loaded, trained or written
 
 
+@pytest.mark.parametrize("tool, argv, message", [
+    ("ares", ["--lr", "abc"], "ares.py: error: argument --lr: invalid float value: 'abc'"),
+    ("ares", ["--kl-mode", "foo"], "ares.py: error: argument --kl-mode: invalid choice: 'foo' (choose from 'dynamic', "
+                                   "'fixed')"),
+    ("eval", ["--model", "m", "--data", "d", "--samples", "two"], "eval.py: error: argument --samples: invalid int "
+                                                                 "value: 'two'"),
+    ("eval", ["passrate", "--data", "d", "--model", "m", "--k", "x"], "eval.py passrate: error: argument --k: invalid "
+                                                                       "int value: 'x'"),
+    ("data_prep", ["demo", "--sft", "x"], "data_prep.py demo: error: argument --sft: invalid int value: 'x'"),
+    ("data_prep", ["nosuch"], "data_prep.py: error: argument command: invalid choice: 'nosuch'"),
+    ("bench", ["--repeats", "x"], "bench.py: error: argument --repeats: invalid int value: 'x'"),
+])
+def test_a_flag_of_the_wrong_type_or_choice_is_one_line_not_the_whole_usage(tool, argv, message, capsys, monkeypatch):
+    """argparse printed every tool's whole usage (31 lines for ares.py) above its error, where the README promises one
+    line naming the flag and what it takes."""
+    import importlib
+
+    module = importlib.import_module(tool)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py"])  # argparse names the program after it
+    parse = module.parse_args if tool == "bench" else module.main
+    with pytest.raises(SystemExit) as err:
+        parse(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    assert lines[0].endswith("(--help lists every flag)"), lines
+
 @pytest.mark.parametrize("package, found, need", [("transformers", "5.17.0", "5.24.0"), ("torch", "2.5.1", "2.6")])
 def test_an_old_package_stops_with_one_line_naming_the_version_needed(package, found, need, tiny_ckpt, demo_data,
                                                                       tmp_path, monkeypatch):

@@ -366,6 +366,40 @@ def test_a_record_edited_in_place_is_generated_again_and_graded_against_its_new_
     assert json.loads((out / "results.json").read_text())["cached"] == 7
 
 
+def test_the_pixel_flags_reach_the_image_processor_and_a_tiny_checkpoint_keeps_its_own_size_without_them(tiny_ckpt,
+                                                                                                        bench, tmp_path):
+    """--min-pixels / --max-pixels were never applied to a tiny checkpoint, even when given, and the cache test above
+    only checked its key. A 448 x 448 image is 32 x 32 patches of 14 px at the flags' defaults (1280 x 28 x 28 pixels
+    at most); a tiny checkpoint resizes it to at most 112 x 112 pixels (8 x 8) unless a flag is given, in ares.py and
+    eval.py alike."""
+    import shutil
+
+    from PIL import Image
+
+    real = tmp_path / "not_tiny"  # the same checkpoint without the mark of the tiny model
+    shutil.copytree(tiny_ckpt, real)
+    config = json.loads((real / "config.json").read_text())
+    del config["ares_tiny"]
+    (real / "config.json").write_text(json.dumps(config))
+    image = Image.new("RGB", (448, 448), "red")
+
+    def grid(model, *flags, tool="ares"):
+        if tool == "ares":
+            cfg = ares.parse_config(["--stage", "aepo", "--model", str(model), "--data", str(bench), *flags])
+        else:  # eval.py's flags, as run_benchmark's loading config takes them
+            e = ev.parse_config(["--model", str(model), "--data", str(bench), "--out", str(tmp_path / "e"), *flags])
+            cfg = ares.Config(min_pixels=e.min_pixels, max_pixels=e.max_pixels, given=e.given)
+        processor = ares.processor_for(str(model), cfg)
+        return processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"].tolist()
+
+    small = ["--max-pixels", str(112 * 112)]
+    for tool in ("ares", "eval"):
+        assert grid(tiny_ckpt, tool=tool) == [[1, 8, 8]], tool  # its own size
+        assert grid(tiny_ckpt, "--max-pixels", str(224 * 224), tool=tool) == [[1, 16, 16]], tool
+        assert grid(real, tool=tool) == [[1, 32, 32]], tool  # the flags' defaults
+        assert grid(real, *small, tool=tool) == [[1, 8, 8]], tool
+
+
 @pytest.mark.parametrize("flag", [["--max-pixels", str(64 * 28 * 28)], ["--min-pixels", str(28 * 28)],
                                   ["--dtype", "bf16"], ["--dtype", "fp16"], ["--attn", "eager"]])
 def test_a_run_with_another_loading_flag_is_not_served_the_cached_responses(flag, tmp_path, tiny_ckpt, bench):

@@ -92,8 +92,8 @@ class FakeWriter:
     """Records add_scalar calls as TensorBoard's SummaryWriter would receive them."""
     made = []
 
-    def __init__(self, log_dir):
-        self.log_dir, self.calls, self.closed = log_dir, [], False
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.calls, self.closed, self.purge_step = log_dir, [], False, purge_step
         FakeWriter.made.append(self)
 
     def add_scalar(self, tag, value, step):
@@ -156,6 +156,29 @@ def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path):
     metrics.close()
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume_and_none_of_the_old_run_after_overwrite(tmp_path, capsys):
+    """A resume re-runs the steps after its checkpoint, and metrics.jsonl drops their old rows; TensorBoard's event
+    files kept them, so a resumed run showed two values at one step, and --overwrite left the old run's events under
+    the new run's. Now a resumed writer purges the steps it runs again and --overwrite deletes <out>/tensorboard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(start, losses):  # Metrics and its tracker as train_aepo makes them, resumed at step `start`
+        metrics = ares.Metrics(tmp_path, 3, start, "x", tracker=ares.open_tracker(ares.Config(report_to="tensorboard"),
+                                                                                  tmp_path, {}, start))
+        for step, loss in losses:
+            metrics.log(dict(step=step, loss=loss), ())
+        metrics.close()
+        return [(e.step, e.value) for e in EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("loss")]
+
+    assert run(0, [(1, 0.5), (2, 0.25), (3, 0.125)]) == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert run(1, [(2, 0.75), (3, 0.375)]) == [(1, 0.5), (2, 0.75), (3, 0.375)]  # resumed from step 1's checkpoint
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    ares.claim_out(ares.Config(stage="aepo", out=str(tmp_path), overwrite=True))
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert "(metrics.jsonl (3 steps), tensorboard/)" in capsys.readouterr().out
 
 
 def test_wandb_offline_writes_the_run_without_a_network(tmp_path, monkeypatch):
