@@ -225,14 +225,14 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
         if not isinstance(row, dict):
             fail(f"#{n}", row, f"is {json.dumps(row, default=repr)[:60]}, not an object with id, question, answer")
             continue
-        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) else ""
+        rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) and not isinstance(row["id"], bool) else ""
         rid = rid or f"#{n}"  # a missing or empty id: named by its row
         images = row.get("images") or []
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         try:
             images = [image_source(img, base) for img in images]
         except TypeError as e:
-            fail(rid, row, str(e))
+            fail(rid, row, f"field 'images': {e} (give a path, encoded bytes or a {{'bytes' | 'path'}} object)")
             continue
         problem = record_problem(row, need_response)
         if problem:
