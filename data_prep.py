@@ -1696,7 +1696,7 @@ def command_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="any dataset -> records (README: data format), by presets or column flags",
                           formatter_class=fmt, epilog="presets:\n" + "\n".join(
-                              f"  {k:22s} {v['hub']} [{v['split']}]: {v['notes']}" for k, v in PRESETS.items()))
+                              f"  {k:22s} {v['hub']} [{v['split']}]: {v.get('notes', '')}" for k, v in PRESETS.items()))
     conv.add_argument("--data", help="hub dataset name, .jsonl/.json/.parquet file or saved dataset folder "
                                      "(default: the preset's hub dataset)")
     conv.add_argument("--preset", choices=sorted(PRESETS), help="column mapping, split and hub name of a known dataset")

@@ -186,6 +186,20 @@ def test_every_preset_names_its_source_and_a_hub_split():
         assert (source, split, config, label) == (spec["hub"], spec["split"], spec["config"], name)
 
 
+def test_a_preset_added_as_the_readme_says_works_in_every_command(tmp_path, monkeypatch, capsys):
+    """README (forking: a dataset): a new PRESETS entry needs a hub name, a split and a mapping. One without `notes`
+    broke every data_prep.py command (the convert help listed each preset's notes), `demo` included."""
+    monkeypatch.setitem(data_prep.PRESETS, "yourname", dict(hub="org/name", split="train",
+                                                             mapping=dict(question="problem", answer="solution")))
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["convert", "--help"])
+    assert err.value.code == 0 and "yourname" in capsys.readouterr().out
+    path = jsonl(tmp_path / "theirs.jsonl", [dict(problem="What is 2 + 2?", solution="4")])
+    data_prep.main(["convert", "--data", str(path), "--preset", "yourname", "--out", str(tmp_path / "ours.jsonl")])
+    [rec] = [json.loads(line) for line in open(tmp_path / "ours.jsonl")]
+    assert (rec["question"], rec["answer"]) == ("What is 2 + 2?", "4")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # convert: the generic mapping, every shape of image column, the CLI, and bad rows.
 
