@@ -1134,6 +1134,14 @@ def parse_args(argv=None):
         args.repeats, args.prefill = args.repeats or QUICK["repeats"], args.prefill or QUICK["prefill"]
     args.prefill = args.prefill or "all"
     args.methods = args.methods.split(",")
+    args.plan_results = {}
+    if args.plan_from is not None:  # read now: a missing or foreign file is one line, before anything runs
+        try:
+            args.plan_results = json.loads(args.plan_from.read_text())["results"]
+            assert isinstance(args.plan_results, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            p.error(f"--plan-from {args.plan_from}: not a bench.py JSON with results "
+                    f"({type(e).__name__}{': ' + str(e) if str(e) else ''})")
     return args
 
 
@@ -1183,9 +1191,8 @@ def main(argv=None):
     for s, r in results.items():
         if r.get("update"):
             plan_src[s] = r["update"]
-    if args.plan_from:
-        for s, r in json.loads(args.plan_from.read_text())["results"].items():
-            plan_src.setdefault(s, r.get("update"))
+    for s, r in args.plan_results.items():  # --plan-from's measured activations, where this run has none
+        plan_src.setdefault(s, r.get("update"))
     plan = None
     if args.plan or any(s != "tiny" for s in args.sizes):
         plan = {s: memory_plan(meta_counts(s), plan_src.get(s) if args.layers is None else None) for s in ("3b", "7b")}

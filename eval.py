@@ -965,6 +965,9 @@ def demo_summary(runs: list[str]) -> str:
     overall, mean ± sd over the runs of accuracy (%) and mean response tokens of the cold start, ARES and GRPO, the
     per-seed changes ARES - cold start and ARES - GRPO; then each seed's accuracy per level, the length spread (sd of
     response tokens) per level, the trace styles, and the share of each level's groups in each online bucket."""
+    missing = [r for r in runs if not (Path(r) / "demo.json").is_file()]
+    if missing:
+        raise SystemExit(f"--demo {missing[0]}: no demo.json in it; give the --out folder of a finished `python ares.py`")
     reports = [json.loads((Path(r) / "demo.json").read_text()) for r in runs]
     levels = [*reports[0]["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
     row_of = lambda rep, mode, model, lv: (rep[mode]["metrics"]["test"][model]["overall"] if lv == "overall"  # noqa
@@ -995,6 +998,12 @@ def demo_summary(runs: list[str]) -> str:
             acc = {mode: [100 * row_of(rep, mode, m, lv)["accuracy"] for m in ("cold start", "ARES", "GRPO")]
                    for mode in ("greedy", "sampled")}
             lines.append(f"{lv}, {run}: " + " | ".join(f"{a[0]:.1f} -> {a[1]:.1f} ({a[2]:.1f})" for a in acc.values()))
+    lines += ["\nper seed and level, response tokens greedy | T = 1: cold start -> ARES (GRPO)"]
+    for lv in levels[:-1]:
+        for run, rep in zip(runs, reports):
+            tok = {mode: [row_of(rep, mode, m, lv)["mean_tokens"] for m in ("cold start", "ARES", "GRPO")]
+                   for mode in ("greedy", "sampled")}
+            lines.append(f"{lv}, {run}: " + " | ".join(f"{t[0]:.1f} -> {t[1]:.1f} ({t[2]:.1f})" for t in tok.values()))
     lines += ["\nresponse tokens, sd per level (mean over seeds; near 0: one length, none for AEPO to choose from), "
               "cold start / ARES / GRPO: greedy | T = 1"]
     sd = lambda mode, m, lv: statistics.mean(row_of(rep, mode, m, lv)["sd_tokens"] for rep in reports)  # noqa: E731
@@ -1005,9 +1014,12 @@ def demo_summary(runs: list[str]) -> str:
     for key, what in (("buckets", "ARES, all AEPO steps"), ("buckets_first_half", "ARES, first half of the steps"),
                       ("grpo_buckets", "GRPO, all steps")):
         lines += [f"\ngroups per online bucket ({what}), mean share over seeds: easy / medium / hard"]
-        for lv in levels[:-1]:
-            lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(rep[key][lv][b] for rep in reports):.0f}%"
-                                                for b in ares.BUCKETS))
+        for lv in levels[:-1]:  # a level with no group in that part of a run has no shares (None): n/a
+            share = lambda rep, b: rep[key].get(lv, {}).get(b)  # noqa: E731
+            mean = lambda b: [share(rep, b) for rep in reports if share(rep, b) is not None]  # noqa: E731
+            lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(mean(b)):.0f}%" if mean(b) else "n/a"
+                                                for b in ares.BUCKETS) + " (hard, per seed: " + ", ".join(
+                "n/a" if share(rep, "hard") is None else f"{100 * share(rep, 'hard'):.0f}%" for rep in reports) + ")")
     return "\n".join(lines)
 
 

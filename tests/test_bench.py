@@ -324,11 +324,11 @@ def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path)
         assert [p.name for p in (tmp_path / "out").iterdir()] == [".steps.tsv"]
 
 
-def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path):
+def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
     """README "Memory plan": each row's weights, gradients, AdamW, sampling copy, reference, KV room without
     --compile and the rows at 5k / 20k tokens are `python bench.py --plan`'s (they do not depend on the activations,
     which the 3B rows take from an H200 measurement); the 7B rows, estimated, match in every column, and the text's
-    3B estimate (KV room 12.1 / 3.6 GiB) too."""
+    3B estimate (KV room 12.1 / 3.6 GiB) too. With that measurement as --plan-from, the 3B rows match in every column."""
     import re
 
     run_script(["bench.py", "--plan", "--out", tmp_path / "plan.json"], timeout=300)
@@ -351,3 +351,25 @@ def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path):
     ddp3 = next(r for r in plan["3b"] if r["mode"] == "ddp")
     assert (f"`python bench.py --plan` alone estimates {ddp3['activations_gib']:.1f} GiB for 3B, KV room "
             f"{ddp3['kv_room_gib']:.1f} / {ddp3['kv_room_compile_gib']:.1f} GiB") in " ".join(readme.split())
+    # the 3B rows in every column, from the H200 run's measured activations (README: 1.8 GiB for a 4k-token
+    # micro-batch with --grad-checkpointing) given as --plan-from; a file that is not there is one line
+    measured = tmp_path / "h200.json"
+    measured.write_text(json.dumps({"results": {"3b": {"update": {"activations_gib": 1.8, "tokens": 4096}}}}))
+    run_script(["bench.py", "--plan", "--plan-from", measured, "--out", tmp_path / "plan3b.json"], timeout=300)
+    plan = json.loads((tmp_path / "plan3b.json").read_text())["memory_plan"]
+    for size, mode, cells in rows[:2]:
+        cells = [c.strip() for c in cells.split("|")]
+        p = next(r for r in plan["3b"] if r["mode"] == ("ddp" if mode == "DDP" else "fsdp"))
+        assert cells[5:9] == [f"{p['activations_gib']:.1f}", f"{p['update_peak_gib']:.1f} GiB",
+                              f"{p['kv_room_gib']:.1f} GiB", f"{p['kv_room_compile_gib']:.1f} GiB"], (mode, cells)
+        assert cells[10] == f"{p['rollout_rows_at_20k_compile']}" and cells[11] == ("yes" if p["fits"] else "**no**")
+    import bench
+
+    foreign = tmp_path / "list.json"
+    foreign.write_text("[1, 2]")
+    for bad, why in ((tmp_path / "nope.json", "FileNotFoundError"), (foreign, "TypeError")):
+        with pytest.raises(SystemExit) as err:
+            bench.parse_args(["--plan", "--plan-from", str(bad)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert err.value.code == 2 and len(lines) == 1, lines
+        assert f"--plan-from {bad}: not a bench.py JSON with results ({why}" in lines[0], lines

@@ -1,6 +1,7 @@
 """The embedded default, end to end at a reduced size: `python ares.py --demo-steps 2`. It checks that every stage of
 the pipeline ran through its command and left what the next one reads; the learning results are benchmark figures
 (README), not asserted here."""
+import importlib
 import json
 
 import ares
@@ -99,3 +100,26 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     share = sum(" again:" in r["response"].split("</think>")[0] for r in cold) / len(cold)
     row = [line for line in summary.splitlines() if line.startswith("easy | ")][-1]  # the styles table's
     assert row.split(" | ")[3].split(" / ")[0].startswith(f"{100 * share:.0f}%"), row
+    # each seed's tokens per level, and each seed's hard-bucket share (the issue's "in every seed" criteria)
+    tokens = summary.split("per seed and level, response tokens")[1].splitlines()
+    hard_tokens = next(x for x in tokens if x.startswith(f"hard, {out}: "))
+    assert hard_tokens.split(": ", 1)[1] == " | ".join(" -> ".join(
+        f"{report[mode]['metrics']['test'][m]['buckets']['hard']['mean_tokens']:.1f}" for m in MODELS[:2]) +
+        f" ({report[mode]['metrics']['test']['GRPO']['buckets']['hard']['mean_tokens']:.1f})" for mode in ("greedy", "sampled"))
+    first = summary.split("(ARES, first half of the steps)")[1].splitlines()
+    hard_share = f"{100 * report['buckets_first_half']['hard']['hard']:.0f}"
+    assert next(x for x in first if x.startswith("hard: ")).endswith(f"(hard, per seed: {hard_share}%, {hard_share}%)")
+    # a run whose hard level drew no group in the first half of its steps (shares None) reads n/a, not a TypeError;
+    # a folder without demo.json is one line
+    other = tmp_path / "other"
+    for part in ("data/test.jsonl", "eval_sampled/responses.jsonl"):
+        (other / part).parent.mkdir(parents=True, exist_ok=True)
+        (other / part).write_bytes((out / part).read_bytes())
+    report["buckets_first_half"]["hard"] = dict.fromkeys(ares.BUCKETS)
+    (other / "demo.json").write_text(json.dumps(report))
+    summary = run_script(["eval.py", "--demo", out, "--demo", other]).stdout
+    first = summary.split("(ARES, first half of the steps)")[1].splitlines()
+    assert next(x for x in first if x.startswith("hard: ")).endswith(f"(hard, per seed: {hard_share}%, n/a)")
+    with pytest.raises(SystemExit) as missing:
+        importlib.import_module("eval").main(["--demo", str(out), "--demo", str(data)])
+    assert str(missing.value.code) == f"--demo {data}: no demo.json in it; give the --out folder of a finished `python ares.py`"
