@@ -2009,9 +2009,10 @@ def filter_traces(processor, records: list[dict], max_len: int, source: str) -> 
 
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
-    every record and --eval-data's (bad data fails before the model loads), measure their lengths and check the
-    batch against them (the processor alone), claim --out (its lock; a run already there; --overwrite deletes the
-    old run), write the run record <out>/config.json (on --resume, changed flags stop here), load the policy.
+    every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
+    there), measure the data's lengths and check the batch against them (the processor alone), only then let
+    --overwrite delete the old run, write the run record <out>/config.json (on --resume, changed flags stop here), load
+    the policy.
     -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
@@ -2026,15 +2027,14 @@ def start_stage(cfg: Config, stage: str):
         held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
     except DataError as e:
         raise DataError(f"--eval-data: {e}") from None
-    ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
+    rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
+    ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None  # under the lock: no other run deletes it now
     processor = training_processor(cfg, ckpt)  # the data's lengths are checked with it before the weights load
     records = filter_prompts(processor, records, cfg.max_prompt_len, cfg.data)
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
-    # only now --out: a run already there, or another one running there, stops this one; --overwrite deletes the
-    # old run here, so every check of the flags and the data comes first
-    rank0_decides(claim_out, cfg)
+    rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
     record = check_run_record(cfg, RESUMABLE)
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
@@ -2748,9 +2748,9 @@ def rank0_decides(fn, *args):
 
 
 def claim_out(cfg, contents=run_contents):
-    """Before anything is written to --out: take its lock, then stop on a run already there (`contents`) unless
-    --resume continues it or --overwrite replaces it (its checkpoints and metrics.jsonl are deleted here), and on
-    a --resume whose history is gone. Rank 0 only (rank0_decides)."""
+    """Before anything is read from or written to --out: take its lock, then stop on a run already there (`contents`)
+    unless --resume continues it or --overwrite replaces it (clear_old_run deletes it, once every check has passed),
+    and on a --resume whose history is gone. Rank 0 only (rank0_decides)."""
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
@@ -2766,8 +2766,14 @@ def claim_out(cfg, contents=run_contents):
     if step and not (out / "metrics.jsonl").is_file():
         raise SystemExit(f"--resume: {out / 'metrics.jsonl'} is missing, but {ckpt.name} is at step {step}: resuming "
                          "would lose the history of those steps. Put it back (an empty file resumes without it)")
+
+
+def clear_old_run(cfg, contents=run_contents):
+    """--overwrite: delete the run in --out (its checkpoints, metrics.jsonl, --report-to's tensorboard/), after
+    claim_out took the lock and every check of the flags and the data has passed. Rank 0 only (rank0_decides)."""
+    out, there = Path(cfg.out), contents(Path(cfg.out))
     if cfg.overwrite and there:
-        there += ["tensorboard/"] if (out / "tensorboard").is_dir() else []  # --report-to's events of the old run
+        there += ["tensorboard/"] if (out / "tensorboard").is_dir() else []
         print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
         for p in [*checkpoint_folders(out, "", ".old", ".tmp"), out / "metrics.jsonl", out / "tensorboard"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -3208,7 +3214,9 @@ def run_demo(cfg: Config):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("run the demo with `python ares.py`: it starts torchrun itself where a stage uses two ranks")
     out, times, procs = Path(cfg.out), {}, []
-    claim_out(cfg, lambda out: [f"{s}/" for s in ("warmup", "coldstart", "aepo", "grpo") if run_contents(out / s)])
+    demo_contents = lambda out: [f"{s}/" for s in ("warmup", "coldstart", "aepo", "grpo") if run_contents(out / s)]  # noqa: E731
+    claim_out(cfg, demo_contents)
+    clear_old_run(cfg, demo_contents)
     for cache in ("eval_greedy", "eval_sampled"):  # eval.py's caches are keyed by the checkpoints' paths
         shutil.rmtree(out / cache, ignore_errors=True)
     small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too

@@ -176,7 +176,7 @@ def test_tensorboard_shows_each_step_once_after_a_resume_and_none_of_the_old_run
     assert run(0, [(1, 0.5), (2, 0.25), (3, 0.125)]) == [(1, 0.5), (2, 0.25), (3, 0.125)]
     assert run(1, [(2, 0.75), (3, 0.375)]) == [(1, 0.5), (2, 0.75), (3, 0.375)]  # resumed from step 1's checkpoint
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-    ares.claim_out(ares.Config(stage="aepo", out=str(tmp_path), overwrite=True))
+    ares.clear_old_run(ares.Config(stage="aepo", out=str(tmp_path), overwrite=True))
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.jsonl").exists()
     assert "(metrics.jsonl (3 steps), tensorboard/)" in capsys.readouterr().out
 

@@ -286,6 +286,20 @@ def test_a_lock_from_another_host_counts_as_held_and_says_how_to_free_it(tiny_ck
     assert sorted(p.name for p in out.iterdir()) == [ares.LOCK]  # nothing written
 
 
+def test_a_resume_into_a_folder_in_use_stops_at_the_lock_before_reading_a_checkpoint(tiny_ckpt, demo_data, tmp_path,
+                                                                                    monkeypatch):
+    """A second --resume into a running folder read the newest checkpoint's processor before it looked at the lock;
+    when the running job's --keep-last deleted that checkpoint meanwhile, it ended in a hub-download traceback. The
+    lock comes first: nothing of the folder is read while another run holds it."""
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / ares.LOCK).write_text(json.dumps(dict(pid=1, host="some-other-host", since="2026-01-01 00:00:00")))
+    monkeypatch.setattr(ares, "processor_for", lambda *a, **k: pytest.fail("read before the lock"))
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1, "--resume"))
+    assert one_line(e).startswith(f"--out {out} is in use by another run (pid 1 on some-other-host")
+
+
 def test_without_hard_links_the_lock_is_an_exclusive_create_that_one_run_holds(tmp_path, monkeypatch):
     # a filesystem without hard links (os.link raises OSError): the lock is still created whole and held by one run
     def no_links(src, dst):
