@@ -1247,14 +1247,29 @@ def compute_dtype(cfg, device):
 
 
 def model_config(name: str):
-    """A model's config.json, and whether it is a vision-language model; a VLM of another family stops here."""
+    """A model's config.json, and whether it is a vision-language model; a model of another family stops here, before
+    its tokenizer or weights are read: a VLM not in VLM_FAMILIES, or a causal LM whose decoder is not `.model`."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name)
     is_vlm = hasattr(config, "vision_config")
     if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
         raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+    if not is_vlm and not decoder_is_model(name):
+        raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
     return config, is_vlm
+
+
+@functools.lru_cache
+def decoder_is_model(name: str) -> bool:
+    """Does a text-only model's causal LM hold its decoder as `.model` (Qwen2, Llama), not `.transformer` (GPT-2)?"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):  # the module tree alone: no weights, no memory
+            return hasattr(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name)), "model")
+    except ValueError:  # not a causal LM at all (an encoder, ...)
+        return False
 
 
 def processor_for(name: str, cfg):
@@ -1264,6 +1279,9 @@ def processor_for(name: str, cfg):
     if name == "tiny":
         return tiny_processor()
     processor = load_processor(name, model_config(name)[1], cfg)
+    if getattr(processor, "chat_template", None) is None:  # a base model's tokenizer: prompts could not be built
+        raise SystemExit(f"--model {name}: its tokenizer has no chat template, and ARES builds every prompt with it: use "
+                         "a chat or Instruct model, or add a template (chat_template.jinja beside the tokenizer)")
     processor.prompt_suffix = model_prompt_suffix(name)
     return processor
 

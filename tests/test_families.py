@@ -267,6 +267,34 @@ def test_an_unsupported_family_fails_clearly_at_load(model_type, tmp_path):
         ares.load_model(str(tmp_path), ares.Config(), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("case", ["gpt2", "no chat template"])
+def test_a_model_ares_cannot_prompt_or_train_stops_in_one_line_through_the_command(case, tmp_path):
+    """Through `ares.py --model`, not load_model: a GPT-2 folder (decoder `.transformer`) whose tokenizer has no chat
+    template ended in a chat-template traceback before the family check ran; a supported text model without a chat
+    template (a base model) ended in the same traceback. Both now stop in one line before any weight is read."""
+    import transformers as tf
+
+    folder = tmp_path / "model"
+    model, tok = tiny_model("qwen2")
+    if case == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tok), n_positions=32))
+    tok.chat_template = None
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="What is 1 + 1?", answer="2", response="<think>1 + 1 = 2.</think> "
+                                                                                      "\\boxed{2}")) + "\n")
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "coldstart", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "out"),
+                   "--steps", "1", "--batch-size", "1"])
+    msg = str(err.value.code)
+    assert "\n" not in msg and msg == (f"{folder}: model type 'gpt2' {ares.UNSUPPORTED}" if case == "gpt2" else
+                                       f"--model {folder}: its tokenizer has no chat template, and ARES builds every "
+                                       "prompt with it: use a chat or Instruct model, or add a template "
+                                       "(chat_template.jinja beside the tokenizer)"), msg
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in TEXT_ONLY])
 def test_a_blank_image_reaches_every_vision_weight_with_a_zero_gradient(family):
     """FSDP2's rank without images runs the tower on a blank image (ares.blank_image_features): the scalar is 0, and its
