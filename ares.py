@@ -1099,12 +1099,8 @@ def init_distributed(timeout_s: float = 1800):
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     """Sum (or op) over ranks, in place; a no-op without a process group. CPU tensors of float/long (gloo)."""
-    if dist.is_initialized():
-        try:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        except RuntimeError as e:  # typically a timeout: say which knob bounds it
-            raise RuntimeError(f"rank {dist.get_rank()}: all_reduce failed; did another rank die or stall longer "
-                               f"than --dist-timeout? ({e})") from e
+    if dist.is_initialized():  # a rank that stalls past --dist-timeout or dies: run_command's collective_failure
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -3307,10 +3303,32 @@ def run_command(fn, *args):
         return fn(*args)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    except RuntimeError as e:  # gloo's error in any collective (DDP's backward, FSDP's gathers, ours): one line
+        line = collective_failure(e, getattr(args[0], "dist_timeout", None) if args else None)
+        if line is None:
+            raise
+        raise SystemExit(line) from None
     finally:
         release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+COLLECTIVE_ERRORS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")  # gloo's words
+
+
+def collective_failure(e: RuntimeError, timeout_s) -> str | None:
+    """The line for a collective that failed because another rank stalled past --dist-timeout or left (died, or
+    stopped with its own line), else None. Under NCCL, its watchdog ends a stalled job with a message of its own."""
+    text = str(e)
+    if not dist.is_initialized() or not any(w in text for w in COLLECTIVE_ERRORS):
+        return None
+    cause = re.sub(r"^\[[^]]*\] *", "", text.splitlines()[0]).split(". ")[0]  # without gloo's source location
+    limit = f"--dist-timeout {timeout_s} s" if timeout_s else "its time limit (30 min)"  # eval.py: the default
+    how = (f"waited more than {limit} for another rank, which died or stalls" if "Timed out" in text
+           else "lost another rank, which died or stopped (its own line says why)")
+    return (f"rank {dist.get_rank()}: a collective {how}: the run stopped, and the checkpoints before this step are "
+            f"whole; continue with --resume ({cause})")
 
 
 @contextlib.contextmanager
