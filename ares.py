@@ -79,6 +79,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+
+
+def ctrl_c_while_starting(*_):
+    """A Ctrl-C in the first seconds, while torch and transformers import: one line (rank 0), not a traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("\ninterrupted (Ctrl-C) while starting: nothing was read or written; the same command starts it",
+              file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+EARLY_CTRL_C = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if EARLY_CTRL_C:  # until main() is reached (the bottom of this file); not where Ctrl-C is ignored (nohup)
+    signal.signal(signal.SIGINT, ctrl_c_while_starting)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -3373,4 +3387,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if EARLY_CTRL_C:  # imported: Python's own handler again, which main's ctrl_c_handled replaces with on_ctrl_c
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     main()

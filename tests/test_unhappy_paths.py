@@ -525,6 +525,21 @@ def ctrl_c_swallowed(monkeypatch):
     return 2, 3
 
 
+def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(tmp_path):
+    """README (Ctrl-C): one line, exit 130, no traceback, at any moment. In the first seconds of `python ares.py`,
+    while torch imports, a Ctrl-C gave a KeyboardInterrupt traceback and exit -2 (an audit sent it at 1 and 2 s).
+    Sent here 0.4 s after the start: importing torch alone takes longer on any machine this runs on."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ares.py"), "--stage", "coldstart", "--data", "x.jsonl",
+                             "--out", str(tmp_path / "out")], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "interrupted (Ctrl-C) while starting: nothing was read or written; the same command starts it"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case, arrange", [("Ctrl-C while a checkpoint is written", ctrl_c_while_saving),
                                            ("Ctrl-C that library code swallows", ctrl_c_swallowed)],
                          ids=["while saving", "swallowed"])
