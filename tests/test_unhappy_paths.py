@@ -525,14 +525,39 @@ def ctrl_c_swallowed(monkeypatch):
     return 2, 3
 
 
+SLOW_IMPORT = '''
+"""sitecustomize for one test: the first `import numpy` (ares.py's first heavy import) says so, then takes 60 s."""
+import os, sys, time
+
+
+class SlowNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            open(os.environ["ARES_TEST_IMPORTING"], "w").close()
+            time.sleep(60)
+        return None
+
+
+sys.meta_path.insert(0, SlowNumpy())
+'''
+
+
 def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(tmp_path):
     """README (Ctrl-C): one line, exit 130, no traceback, at any moment. In the first seconds of `python ares.py`,
     while torch imports, a Ctrl-C gave a KeyboardInterrupt traceback and exit -2 (an audit sent it at 1 and 2 s).
-    Sent here 0.4 s after the start: importing torch alone takes longer on any machine this runs on."""
+    Here the heavy imports are held (a sitecustomize makes the first `import numpy` wait) and the Ctrl-C is sent
+    once they have begun, whatever the machine's speed."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_IMPORT)
+    importing = tmp_path / "importing"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tmp_path / "hook"), ARES_TEST_IMPORTING=str(importing))
     proc = subprocess.Popen([sys.executable, str(ROOT / "ares.py"), "--stage", "coldstart", "--data", "x.jsonl",
-                             "--out", str(tmp_path / "out")], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    time.sleep(0.4)
+                             "--out", str(tmp_path / "out")], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+    for _ in range(600):
+        if importing.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and "Traceback" not in err, err
