@@ -553,7 +553,8 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(tmp_path):
     importing = tmp_path / "importing"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tmp_path / "hook"), ARES_TEST_IMPORTING=str(importing))
     proc = subprocess.Popen([sys.executable, str(ROOT / "ares.py"), "--stage", "coldstart", "--data", "x.jsonl",
-                             "--out", str(tmp_path / "out")], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+                             "--out", str(tmp_path / "out")], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=foreground)  # SIGINT as a terminal's foreground job has it
     for _ in range(600):
         if importing.exists() or proc.poll() is not None:
             break
