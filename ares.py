@@ -80,7 +80,6 @@ from pathlib import Path
 from unittest import mock
 
 
-
 def ctrl_c_while_starting(*_):
     """A Ctrl-C in the first seconds, while torch and transformers import: one line (rank 0), not a traceback."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -1263,10 +1262,8 @@ def model_config(name: str):
 
     config = AutoConfig.from_pretrained(name)
     is_vlm = hasattr(config, "vision_config")
-    if is_vlm and config.model_type not in VLM_FAMILIES:  # other VLMs: other processors, positions, features
-        raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-    if not is_vlm and not decoder_is_model(name):
-        raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
+    if config.model_type not in VLM_FAMILIES if is_vlm else not decoder_is_model(name):  # other VLMs: other
+        raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")  # processors, positions, features
     return config, is_vlm
 
 
@@ -2385,10 +2382,9 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
     def wait_for_every_rank():  # a rank whose write failed has said why and left (gloo sees it at once; under NCCL,
         try:  # torchrun stops the ranks still waiting)
             barrier()
-        except RuntimeError as e:  # its first sentence, without gloo's source location
-            cause = re.sub(r"^\[[^]]*\] *", "", str(e).splitlines()[0]).split(". ")[0]
+        except RuntimeError as e:
             raise SystemExit(f"rank {me} stopped while {final} was being written: another rank left or stalled "
-                             f"({cause})") from None
+                             f"({gloo_cause(e)})") from None
 
     try:
         if me == 0:
@@ -3337,12 +3333,16 @@ def collective_failure(e: RuntimeError, timeout_s) -> str | None:
     text = str(e)
     if not dist.is_initialized() or not any(w in text for w in COLLECTIVE_ERRORS):
         return None
-    cause = re.sub(r"^\[[^]]*\] *", "", text.splitlines()[0]).split(". ")[0]  # without gloo's source location
     limit = f"--dist-timeout {timeout_s} s" if timeout_s else "its time limit (30 min)"  # eval.py: the default
     how = (f"waited more than {limit} for another rank, which died or stalls" if "Timed out" in text
            else "lost another rank, which died or stopped (its own line says why)")
     return (f"rank {dist.get_rank()}: a collective {how}: the run stopped, and the checkpoints before this step are "
-            f"whole; continue with --resume ({cause})")
+            f"whole; continue with --resume ({gloo_cause(e)})")
+
+
+def gloo_cause(e: RuntimeError) -> str:
+    """A collective's error in a few words: its first sentence, without gloo's source location."""
+    return re.sub(r"^\[[^]]*\] *", "", str(e).splitlines()[0]).split(". ")[0]
 
 
 @contextlib.contextmanager

@@ -1138,8 +1138,9 @@ def parse_args(argv=None):
     if args.plan_from is not None:  # read now: a missing or foreign file is one line, before anything runs
         try:
             args.plan_results = json.loads(args.plan_from.read_text())["results"]
-            assert isinstance(args.plan_results, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            if not isinstance(args.plan_results, dict):
+                raise TypeError(f"its results are a {type(args.plan_results).__name__}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             p.error(f"--plan-from {args.plan_from}: not a bench.py JSON with results "
                     f"({type(e).__name__}{': ' + str(e) if str(e) else ''})")
     return args

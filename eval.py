@@ -992,18 +992,13 @@ def demo_summary(runs: list[str]) -> str:
         acc = [row_of(rep, "greedy", m, "overall")["accuracy"] * 100 for m in ("cold start", "ARES", "GRPO")]
         lines.append(f"{run}: {acc[0]:.1f} -> {acc[1]:.1f} / {acc[2]:.1f}; " + ", ".join(
             f"{k} {v:.0f}s" for k, v in rep["times"].items()) + f" (total {sum(rep['times'].values()):.0f}s)")
-    lines += ["\nper seed and level, accuracy % greedy | T = 1: cold start -> ARES (GRPO)"]
-    for lv in levels[:-1]:
-        for run, rep in zip(runs, reports):
-            acc = {mode: [100 * row_of(rep, mode, m, lv)["accuracy"] for m in ("cold start", "ARES", "GRPO")]
-                   for mode in ("greedy", "sampled")}
-            lines.append(f"{lv}, {run}: " + " | ".join(f"{a[0]:.1f} -> {a[1]:.1f} ({a[2]:.1f})" for a in acc.values()))
-    lines += ["\nper seed and level, response tokens greedy | T = 1: cold start -> ARES (GRPO)"]
-    for lv in levels[:-1]:
-        for run, rep in zip(runs, reports):
-            tok = {mode: [row_of(rep, mode, m, lv)["mean_tokens"] for m in ("cold start", "ARES", "GRPO")]
-                   for mode in ("greedy", "sampled")}
-            lines.append(f"{lv}, {run}: " + " | ".join(f"{t[0]:.1f} -> {t[1]:.1f} ({t[2]:.1f})" for t in tok.values()))
+    for what, key, scale in (("accuracy %", "accuracy", 100), ("response tokens", "mean_tokens", 1)):
+        lines += [f"\nper seed and level, {what} greedy | T = 1: cold start -> ARES (GRPO)"]
+        for lv in levels[:-1]:
+            for run, rep in zip(runs, reports):
+                x = {mode: [scale * row_of(rep, mode, m, lv)[key] for m in ("cold start", "ARES", "GRPO")]
+                     for mode in ("greedy", "sampled")}
+                lines.append(f"{lv}, {run}: " + " | ".join(f"{v[0]:.1f} -> {v[1]:.1f} ({v[2]:.1f})" for v in x.values()))
     lines += ["\nresponse tokens, sd per level (mean over seeds; near 0: one length, none for AEPO to choose from), "
               "cold start / ARES / GRPO: greedy | T = 1"]
     sd = lambda mode, m, lv: statistics.mean(row_of(rep, mode, m, lv)["sd_tokens"] for rep in reports)  # noqa: E731
@@ -1015,11 +1010,12 @@ def demo_summary(runs: list[str]) -> str:
                       ("grpo_buckets", "GRPO, all steps")):
         lines += [f"\ngroups per online bucket ({what}), mean share over seeds: easy / medium / hard"]
         for lv in levels[:-1]:  # a level with no group in that part of a run has no shares (None): n/a
-            share = lambda rep, b: rep[key].get(lv, {}).get(b)  # noqa: E731
-            mean = lambda b: [share(rep, b) for rep in reports if share(rep, b) is not None]  # noqa: E731
-            lines.append(f"{lv}: " + " / ".join(f"{100 * statistics.mean(mean(b)):.0f}%" if mean(b) else "n/a"
-                                                for b in ares.BUCKETS) + " (hard, per seed: " + ", ".join(
-                "n/a" if share(rep, "hard") is None else f"{100 * share(rep, 'hard'):.0f}%" for rep in reports) + ")")
+            shares = {b: [rep[key].get(lv, {}).get(b) for rep in reports] for b in ares.BUCKETS}  # per seed
+            pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+            means = [statistics.mean(seen) if seen else None for seen in
+                     ([v for v in shares[b] if v is not None] for b in ares.BUCKETS)]
+            lines.append(f"{lv}: " + " / ".join(map(pct, means))
+                         + f" (hard, per seed: {', '.join(map(pct, shares['hard']))})")
     return "\n".join(lines)
 
 
