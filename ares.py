@@ -120,6 +120,8 @@ def arg(default, help, choices=None, allowed=None):
 AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0), ("> 0", lambda v: v > 0)
 IN_0_1 = ("in (0, 1]", lambda v: 0 < v <= 1)
 SEED = ("in [0, 2**32)", lambda v: 0 <= v < 2**32)  # numpy's seeds
+INT_LIMIT = 2**31 - 1  # the largest count or size any flag may take (a C int)
+GRADER_TIMEOUT = ("in (0, 3600]", lambda v: 0 < v <= 3600)  # from 1e10 s setitimer overflows: every answer wrong
 
 
 @dataclass
@@ -227,13 +229,20 @@ class Config:
     eval_data: str = arg("", "held-out records (file, folder or data_prep preset) to validate on during AEPO (default: none)")
     eval_every: int = arg(None, "validate on --eval-data every N AEPO steps and at the last (greedy; 0 = never; "
                                 "default: at every --save-every with --eval-data, else never)", allowed=AT_LEAST_0)
-    grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong", allowed=ABOVE_0)
+    grader_timeout: float = arg(3.0, "seconds one answer's math check may take before it is graded wrong",
+                                allowed=GRADER_TIMEOUT)
     grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)", allowed=AT_LEAST_0)
     # demo (stage demo only)
     demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)",
                           allowed=AT_LEAST_1)
     # not a flag: the flags given on the command line, so that an explicit value wins even when it equals the default
     given: tuple = field(default=(), repr=False)
+
+
+AEPO_FLAGS = frozenset([f.name for f in dataclasses.fields(Config)][:[f.name for f in dataclasses.fields(Config)].index("lr")]
+                       + ["eval_data", "eval_every", "log_samples_every", "grader_timeout", "grader_workers"])
+STAGE_FLAGS = {"aepo": AEPO_FLAGS, "coldstart": frozenset({"epochs"}), "demo": frozenset({"demo_steps"})}  # read by
+# that stage alone: given to another, a flag would do nothing, silently (resolve_stage_defaults stops instead)
 
 
 STAGE_DEFAULTS = {  # the paper's settings (README: paper settings): AEPO, and the AdaCS cold start
@@ -817,6 +826,7 @@ def train_coldstart(cfg: Config) -> Path:
         if not ok or not math.isfinite(loss_val):
             rank0_print(f"step {step + 1}: non-finite loss {loss_val} or grad norm {norm}: update skipped")
         metrics.log(row, ("loss", "grad_norm", "lr"))
+        stop_if_diverged(run.state, step + 1, not ok or not math.isfinite(loss_val), lr)
         run.state["step"] = step + 1
         if (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
             save_checkpoint(run.out, f"step_{step + 1:06d}", run.policy, run.opt, run.sched, run.processor,
@@ -880,6 +890,7 @@ def train_aepo(cfg: Config) -> Path:
                 row.update(validate(cfg, sampler, run.processor, run.ids, run.held_out))
         row.update(graphs_compiled() if cfg.compile else {})  # torch.compile's new graphs this step (0 after warm-up)
         metrics.log(row, ("reward", "acc", "len", "tau"))
+        stop_if_diverged(st, step + 1, upd.get("updates", 0) > 0 and upd["skipped"] == upd["updates"], lr)
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
             rank0_print(f"\n[step {step + 1}] answer {recs[0]['answer']!r}, acc {sc.acc[0]:.0f}, reward "
                         f"{sc.rewards[0]:.3f}: {ro.texts[0][:400]!r}")
@@ -1315,7 +1326,13 @@ def load_model(name: str, cfg, device, meta: bool = False, processor=None):
             with contextlib.suppress(OSError):  # the stop tokens live there
                 model.generation_config = GenerationConfig.from_pretrained(name)
         else:  # in the file's own dtype: mapped from disk, one copy a host whatever its ranks; cast below
-            model = cls.from_pretrained(name, dtype="auto", attn_implementation=cfg.attn)
+            from safetensors import SafetensorError
+
+            try:
+                model = cls.from_pretrained(name, dtype="auto", attn_implementation=cfg.attn)
+            except (SafetensorError, OSError) as e:  # a cut copy or a damaged disk: one line, not 30 of traceback
+                raise SystemExit(f"{name}: its weights could not be read ({str(e).splitlines()[0][:200]}): the folder "
+                                 "is damaged or incomplete; copy it again, or give another checkpoint") from None
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
         processor = processor or processor_for(name, cfg)
@@ -2199,6 +2216,21 @@ def optimizer_step(opt, sched, params, clip: float, model=None) -> tuple[float, 
     return norm, ok
 
 
+DIVERGED_AFTER = 3  # steps in a row whose every update had a non-finite loss or gradient norm
+
+
+def stop_if_diverged(state: dict, step: int, bad: bool, lr: float):
+    """One non-finite step is skipped (optimizer_step) and the run goes on. Several in a row mean the weights
+    themselves are broken (a learning rate far too high): every later update would be skipped too, and the
+    checkpoints would save the broken weights. Stop with one line, before any of them is saved. The count is
+    trainer state, so a resumed run counts on where it stopped."""
+    state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1 if bad else 0
+    if state["nonfinite_steps"] >= DIVERGED_AFTER:
+        raise SystemExit(f"step {step}: the loss or gradient norm was not finite in {DIVERGED_AFTER} steps in a row: "
+                         f"the run diverged and stopped (no final checkpoint); lower --lr (this step's: {lr:g}) and start "
+                         "again, from a checkpoint saved before the divergence if there is one")
+
+
 def sync_context(model, last: bool):
     """DDP: gradient sync only on the last micro-batch of an optimizer step (no_sync: the others add into DDP's
     buckets). FSDP2 reduce-scatters every micro-batch: without the sync it would keep a full-size fp32 gradient of
@@ -3016,6 +3048,8 @@ def validate_config(cfg: Config) -> Config:
     if cfg.stage == "demo" and cfg.resume:
         raise SystemExit("--resume: the demo does not continue a stopped demo; run it again with --overwrite (it "
                          "starts over), or give another --out")
+    if cfg.stage == "demo":
+        check_demo(cfg)
     data_prep.check_writable("--out", cfg.out)  # not empty (it would be the working folder), under a folder, writable
     out = Path(cfg.out).expanduser()
     saved = next((p for p in (out, *out.parents) if p.exists() and (model_folder_kind(p) in ("model", "adapter") if p == out
@@ -3038,6 +3072,8 @@ def check_numbers(cfg, hints: dict = HINTS):
         if not (math.isfinite(v) and test(v)):
             finite = "" if math.isfinite(v) or allowed == "finite" else " and finite"
             raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{hints.get(f.name, '')}")
+        if isinstance(v, int) and abs(v) > INT_LIMIT and f.name != "seed":  # past it: OverflowError deep in torch or C
+            raise SystemExit(f"--{f.name.replace('_', '-')} must be at most {INT_LIMIT}, got {v}")
 
 
 def model_folder_kind(p: Path) -> str | None:
@@ -3141,6 +3177,11 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
     """Fill the stage-dependent knobs: a flag the user gave (or a value a caller set) wins, even one equal to the
     dataclass default; then the tiny model's CPU-sized defaults, then the stage's paper defaults."""
     cfg = dataclasses.replace(cfg, stage=stage)
+    for name in cfg.given:
+        owner = next((s for s, names in STAGE_FLAGS.items() if name in names), stage)
+        if owner != stage:
+            raise SystemExit(f"--{name.replace('_', '-')}: only --stage {owner} reads it; with --stage {stage} it would "
+                             "do nothing: leave it out")
     changed = set(cfg.given) | {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
     if stage == "coldstart" and "epochs" in changed:  # --epochs sets the length: no default --steps may override it
         changed.add("steps")
@@ -3153,8 +3194,6 @@ def resolve_stage_defaults(cfg: Config, stage: str) -> Config:
         cfg.branch_samples = cfg.group_size // 2
     if not 0 <= cfg.branch_samples < cfg.group_size:
         raise SystemExit(f"--branch-samples must be in [0, group size {cfg.group_size}), got {cfg.branch_samples}")
-    if stage == "coldstart" and (cfg.eval_data or cfg.eval_every):
-        raise SystemExit("--eval-data and --eval-every validate during AEPO only: leave them out of --stage coldstart")
     if cfg.eval_every is None:  # --eval-data alone validates at every checkpoint (README: validation)
         cfg.eval_every = cfg.save_every if cfg.eval_data else 0
     if cfg.prompt_suffix is None:  # resolved here, so that the run record holds it
@@ -3183,16 +3222,33 @@ BASELINE = ["--entropy-shaping", "none", "--branch-samples", "0", "--kl-mode", "
             "--dual-clip", "0"]  # plain GRPO: R = acc, no branching, one fixed beta, symmetric clip 0.2, no dual clip
 
 
-def demo_flags(cfg: Config) -> list[str]:
-    """The flags the user gave to `ares.py` (other than the demo's own), passed on to every training command."""
-    own = {"stage", "model", "data", "out", "steps", "demo_steps", "resume", "seed"}
-    flags = []
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        if f.name in own or f.name not in cfg.given:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        flags += [flag if value else "--no-" + flag[2:]] if f.type == "bool" else [flag, str(value)]
+DEMO_SETS = ("model", "data", "preset", "split", "steps", "epochs")  # the demo's own: given to it, one line (check_demo)
+
+
+def demo_given(cfg: Config, stage: str) -> list[str]:
+    """The flags the user gave to the demo that `stage` reads (STAGE_FLAGS), other than those the demo sets itself."""
+    other = {name for s, names in STAGE_FLAGS.items() if s != stage for name in names}
+    return [name for name in cfg.given if name not in {"stage", "out", "resume", "seed", *DEMO_SETS, *other}]
+
+
+def check_demo(cfg: Config):
+    """Before the demo writes anything: a flag it sets itself stops it, and the flags it passes on to each stage's
+    commands must make a valid run of that stage (else the demo would stop after minutes, at that stage)."""
+    mine = [name for name in DEMO_SETS if name in cfg.given]
+    if mine:
+        raise SystemExit(f"--{mine[0].replace('_', '-')}: the demo sets it itself (its tiny model, its task, its steps; "
+                         "--demo-steps N shortens it): for your own, run --stage coldstart or --stage aepo")
+    for stage in ("coldstart", "aepo"):
+        check_numbers(resolve_stage_defaults(dataclasses.replace(cfg, model="tiny", given=tuple(demo_given(cfg, stage))),
+                                             stage))
+
+
+def demo_flags(cfg: Config, stage: str) -> list[str]:
+    """The flags the user gave to `ares.py` that `stage` reads, passed on to each of its training commands."""
+    flags, kind = [], {f.name: f.type for f in dataclasses.fields(Config)}
+    for name in demo_given(cfg, stage):
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if kind[name] == "bool" else [flag, str(value)]
     return flags
 
 
@@ -3246,7 +3302,7 @@ def run_demo(cfg: Config):
     small = bool(cfg.demo_steps)  # --demo-steps N: a quick look, on a smaller task too
     steps = {k: (cfg.demo_steps * (5 if k != "aepo" else 1) if small else v) for k, v in DEMO_STEPS.items()}
     sizes = dict(sft=120, pool=150, rl=64, test=30) if small else DEMO
-    data, flags, seed = out / "data", demo_flags(cfg), ["--seed", cfg.seed]
+    data, seed = out / "data", ["--seed", cfg.seed]
     tick = time.time()
 
     def run(name, *commands):  # start each command (args, log name[, ranks]) side by side, wait, time the stage
@@ -3261,7 +3317,7 @@ def run_demo(cfg: Config):
     out.mkdir(parents=True, exist_ok=True)
     run("data", (["data_prep.py", "demo", "--out", data, *seed, *(x for k, n in sizes.items() for x in (f"--{k}", n))],
                  "data"))
-    train = ["ares.py", "--stage", "coldstart", *seed, *flags]
+    train = ["ares.py", "--stage", "coldstart", *seed, *demo_flags(cfg, "coldstart")]
     run("warm-up", ([*train, "--model", "tiny", "--data", data / "sft.jsonl", "--out", out / "warmup", "--steps",
                      steps["warmup"]], "warmup", 2))
     run("pass rates", (["eval.py", "passrate", "--data", data / "pool.jsonl", "--model", out / "warmup" / "final",
@@ -3275,7 +3331,7 @@ def run_demo(cfg: Config):
                        out / "coldstart", "--steps", steps["coldstart"]], "coldstart", 2))
     cold = out / "coldstart" / "final"
     aepo = ["ares.py", "--stage", "aepo", "--model", cold, "--data", data / "rl.jsonl", "--steps", steps["aepo"], *seed,
-            *DEMO_AEPO, *flags]
+            *DEMO_AEPO, *demo_flags(cfg, "aepo")]
     run("aepo", ([*aepo, "--out", out / "aepo"], "aepo"), ([*aepo, *BASELINE, "--out", out / "grpo"], "grpo"))
     models = ["--model", cold, "--model", out / "aepo" / "final", "--model", out / "grpo" / "final", "--name",
               "cold start", "--name", "ARES", "--name", "GRPO", "--data", data / "test.jsonl", "--max-new-tokens", 128]

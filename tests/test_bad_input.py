@@ -43,7 +43,7 @@ FLAGS = [
     ("coldstart", ["--save-every", "-1"], "--save-every must be >= 1, got -1"),
     ("coldstart", ["--steps", "0"], "--steps must be >= 1, got 0 (leave --steps out to train for --epochs)"),
     ("coldstart", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
-    ("aepo", ["--grader-timeout", "0"], "--grader-timeout must be > 0, got 0.0"),
+    ("aepo", ["--grader-timeout", "0"], "--grader-timeout must be in (0, 3600], got 0.0"),
     ("aepo", ["--grader-workers", "-1"], "--grader-workers must be >= 0, got -1"),
     ("aepo", ["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     ("aepo", ["--group-size", "1"], "--group-size must be >= 2, got 1"),
@@ -71,6 +71,11 @@ FLAGS = [
     ("aepo", ["--prompt-suffix", " <|im_end|>"],  # trained with an end of turn after every question
      "--prompt-suffix contains the chat-template token '<|im_end|>'"),
     ("coldstart", ["--attn", "flash_attention_2"], "--attn flash_attention_2 needs the optional package flash-attn"),
+    # past a C int or setitimer's range: an OverflowError after the model loaded, or every sympy-checked answer wrong
+    ("aepo", ["--grader-timeout", "1e10"], "--grader-timeout must be in (0, 3600], got 10000000000.0"),
+    ("aepo", ["--group-size", "99999999999999999999"], "--group-size must be at most 2147483647, got 99999999999999999999"),
+    ("aepo", ["--lora-rank", "4294967296"], "--lora-rank must be at most 2147483647, got 4294967296"),
+    ("coldstart", ["--dist-timeout", "99999999999999999999"], "--dist-timeout must be at most 2147483647"),
 ]
 
 
@@ -785,3 +790,58 @@ def test_grader_processes_ignore_ctrl_c_and_end_with_the_trainer(tmp_path):
     while not all(gone(p) for p in pids) and time.time() < deadline:
         time.sleep(0.1)
     assert all(gone(p) for p in pids), pids
+
+
+@pytest.mark.parametrize("stage", ["coldstart", "aepo"])
+def test_a_diverged_run_stops_with_one_line_and_saves_no_final_checkpoint(stage, tiny_ckpt, demo_data, tmp_path):
+    """--lr 1e30: step 1's update breaks the weights, and every later loss is NaN. The run used to skip each such update
+    and go on to save the broken weights as final/ with exit 0. Now three non-finite steps in a row stop it."""
+    out = tmp_path / "out"
+    data = demo_data["sft" if stage == "coldstart" else "rl"]
+    extra = ["--group-size", "4", "--max-response-len", "32", "--keep-uniform-groups"] if stage == "aepo" else []
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", stage, "--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--steps", "8",
+                   "--batch-size", "4", "--lr", "1e30", *extra])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    loss = "loss" if stage == "coldstart" else "grad_norm"
+    finite = [r[loss] is not None and math.isfinite(r[loss]) for r in rows]
+    assert finite == [True, False, False, False], rows  # step 1 trained; steps 2-4 were NaN, and 4 stopped the run
+    assert str(err.value.code).startswith("step 4: the loss or gradient norm was not finite in 3 steps in a row: the run "
+                                          "diverged and stopped (no final checkpoint); lower --lr"), err.value.code
+    assert not (out / "final").exists()
+
+
+def test_one_non_finite_step_is_skipped_and_three_in_a_row_stop_the_run():
+    """The count behind the stop, against a hand-worked sequence: a lone NaN step (a bf16 spike) is skipped and the run
+    goes on; the count restarts after a finite step, and is trainer state, so a resume continues it."""
+    state, seen = {}, []
+    for step, bad in enumerate([True, False, True, True, False, True, True], 1):
+        ares.stop_if_diverged(state, step, bad, 1e-4)
+        seen.append(state["nonfinite_steps"])
+    assert seen == [1, 0, 1, 2, 0, 1, 2]
+    resumed = json.loads(json.dumps(state))  # as a checkpoint's trainer state holds it
+    with pytest.raises(SystemExit, match="^step 8: the loss or gradient norm was not finite in 3 steps in a row"):
+        ares.stop_if_diverged(resumed, 8, True, 1e-4)
+
+
+@pytest.mark.parametrize("tool", ["ares", "eval"])
+def test_a_checkpoint_with_damaged_weights_is_one_line_naming_the_folder(tool, tiny_ckpt, demo_data, tmp_path):
+    """A copy cut short (a full disk, an interrupted scp) gave safetensors' 30-line traceback in every tool."""
+    import shutil
+
+    import eval as evaluation
+
+    model = tmp_path / "cut"
+    shutil.copytree(tiny_ckpt, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        if tool == "ares":
+            ares.main(["--stage", "coldstart", "--model", model, "--data", demo_data["sft"], "--out", out, "--steps", "1",
+                       "--batch-size", "2"])
+        else:
+            evaluation.main(["--model", str(model), "--data", str(demo_data["test"]), "--out", str(out)])
+    assert str(err.value.code) == (f"{model}: its weights could not be read (Error while deserializing header: incomplete "
+                                   "metadata, file not fully covered): the folder is damaged or incomplete; copy it "
+                                   "again, or give another checkpoint")

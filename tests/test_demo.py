@@ -123,3 +123,28 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     with pytest.raises(SystemExit) as missing:
         importlib.import_module("eval").main(["--demo", str(out), "--demo", str(data)])
     assert str(missing.value.code) == f"--demo {data}: no demo.json in it; give the --out folder of a finished `python ares.py`"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "tiny"], "--model: the demo sets it itself"),  # it used to be ignored, silently
+    (["--steps", "3"], "--steps: the demo sets it itself"),
+    (["--epochs", "2"], "--epochs: the demo sets it itself"),
+    (["--preset", "geometry3k"], "--preset: the demo sets it itself"),
+    # a bad pair for AEPO stopped the demo only at its AEPO stage, minutes in, with torchrun's traceback
+    (["--group-size", "2", "--branch-samples", "5"], "--branch-samples must be in [0, group size 2), got 5"),
+    (["--lr", "1e-3", "--grader-timeout", "1e10"], "--grader-timeout must be in (0, 3600]"),
+])
+def test_a_flag_the_demo_sets_itself_or_a_bad_stage_flag_stops_it_before_it_writes(flags, message, tmp_path):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--demo-steps", "1", "--out", out, *flags])
+    assert str(err.value.code).startswith(message) and "\n" not in str(err.value.code), err.value.code
+    assert not out.exists()
+
+
+def test_the_demo_passes_each_flag_to_the_stage_that_reads_it():
+    """An AEPO flag given to the demo goes to its two AEPO runs, not to the warm-up and cold start (where it stops the
+    run: a flag that would do nothing there); a flag of both stages goes to all four."""
+    cfg = ares.parse_config(["--kl-coef", "0.05", "--batch-size", "8", "--trigger-words", "--out", "x"])
+    assert ares.demo_flags(cfg, "coldstart") == ["--batch-size", "8"]
+    assert ares.demo_flags(cfg, "aepo") == ["--batch-size", "8", "--kl-coef", "0.05", "--trigger-words"]

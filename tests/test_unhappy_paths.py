@@ -166,12 +166,17 @@ def test_the_flags_the_readme_lets_change_on_resume_change_and_another_stops_the
     listed = readme.split("unless the flag is one that may\nchange on resume:")[1].split("(none of them")[0]
     assert set(re.findall(r"`--([a-z-]+)`", listed)) == {f.replace("_", "-") for f in ares.RESUMABLE}
     out = copy_run(runs, tmp_path, "finished")
-    changed = ["--keep-last", 5, "--log-samples-every", 3, "--report-to", "tensorboard", "--dist-timeout", 999,
-               "--grader-workers", 2, "--deterministic"]
+    changed = ["--keep-last", 5, "--report-to", "tensorboard", "--dist-timeout", 999, "--deterministic"]
     ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--resume", *changed))
     record = json.loads((out / "config.json").read_text())["flags"]
-    assert (record["keep_last"], record["report_to"], record["grader_workers"], record["deterministic"]) == (
-        5, "tensorboard", 2, True)
+    assert (record["keep_last"], record["report_to"], record["dist_timeout"], record["deterministic"]) == (
+        5, "tensorboard", 999, True)
+    aepo = tmp_path / "aepo"  # the two that only AEPO reads (the cold start refuses them), on an AEPO run
+    ares.main(aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--steps", 1))
+    ares.main(aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--steps", 2, "--resume", "--log-samples-every", 3,
+                        "--grader-workers", 0))
+    record = json.loads((aepo / "config.json").read_text())["flags"]
+    assert (record["steps"], record["log_samples_every"], record["grader_workers"]) == (2, 3, 0)
     with pytest.raises(SystemExit) as e:
         ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--resume", "--lr", "0.5"))
     assert "--lr 0.5 (was " in one_line(e)
@@ -832,7 +837,14 @@ FLAGS = [  # (case, stage, flags, the one line starts with)
     ("--eval-data missing, no --eval-every", "aepo", ["--eval-data", "heldout.jsonl"],
      "--eval-data heldout.jsonl: no such file or folder"),
     ("--eval-data for the cold start", "coldstart", ["--eval-data", "{test}"],
-     "--eval-data and --eval-every validate during AEPO only"),
+     "--eval-data: only --stage aepo reads it; with --stage coldstart it would do nothing: leave it out"),
+    # flags one stage reads, given to the other: they did nothing, silently (found by an audit, 2026-12-07)
+    ("an AEPO flag for the cold start", "coldstart", ["--kl-coef", "0.05"],
+     "--kl-coef: only --stage aepo reads it; with --stage coldstart it would do nothing: leave it out"),
+    ("a grader flag for the cold start", "coldstart", ["--grader-workers", "0"],
+     "--grader-workers: only --stage aepo reads it"),
+    ("--epochs for AEPO", "aepo", ["--epochs", "3"], "--epochs: only --stage coldstart reads it; with --stage aepo"),
+    ("--demo-steps for AEPO", "aepo", ["--demo-steps", "2"], "--demo-steps: only --stage demo reads it"),
     ("--eval-every without --eval-data", "aepo", ["--eval-every", "2"], "--eval-every needs --eval-data"),
     ("--group-filter reward with a format reward", "aepo", ["--group-filter", "reward", "--format-weight", "0.5"],
      "--group-filter reward needs --format-weight 0"),
