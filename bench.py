@@ -586,6 +586,7 @@ def write_profile_table(summary: dict, table: str, wall: float, table_path: Path
              f"{'share':>7} {'seconds':>10} {'calls':>6}  {'class':<9} name"]
     lines += [f"{t['share']:>7.1%} {t['seconds']:>10.5f} {t['calls']:>6}  {t['category']:<9} {t['name'][:120]}"
               for t in summary["top"]]
+    table_path.parent.mkdir(parents=True, exist_ok=True)
     table_path.write_text("\n".join(lines) + "\n\n" + table + "\n")
     summary["table"] = str(table_path)
 
@@ -656,6 +657,7 @@ def profile_update(model, step, device, table_path, trace_path=None) -> dict:
     if table_path:
         write_profile_table(summary, table, wall, Path(table_path))
     if trace_path:
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace_path))
         summary["trace"] = str(trace_path)
     return summary
@@ -961,6 +963,7 @@ def save_json(args, results: dict):
         data = dict(meta=args.meta, results=results)
         if getattr(args, "plan_rows", None):
             data["memory_plan"] = args.plan_rows
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # parse_args checked that it can be made
         Path(args.out).write_text(json.dumps(data, indent=1, default=float))
 
 
@@ -1074,6 +1077,46 @@ def bench_grader(args) -> dict:
     return out
 
 
+AT_LEAST_2 = (">= 2", lambda v: v >= 2)
+NUMBER_FLAGS = {  # every number flag: (allowed, test), finite besides; None (the size's default) passes
+    "new_tokens": ares.AT_LEAST_1, "image": ares.AT_LEAST_1, "repeats": ares.AT_LEAST_1, "top_p": ares.IN_0_1,
+    "update_tokens": ares.AT_LEAST_1, "update_rows": ares.AT_LEAST_1, "update_repeats": ares.AT_LEAST_1,
+    "aepo_steps": AT_LEAST_2,  # the first is warm-up: the mean is over the rest
+    "aepo_new_tokens": ares.AT_LEAST_1, "aepo_kl": ares.AT_LEAST_0,
+    "budget_s": (">= 0 (0: no budget)", lambda v: v >= 0),  # the per-size share passed on may round to 0 (= none)
+    "layers": ares.AT_LEAST_1, "threads": ares.AT_LEAST_1, "grader_answers": ares.AT_LEAST_1,
+    "grader_timeout": ares.GRADER_TIMEOUT,
+}
+LIST_FLAGS = {  # comma-list flags: the items each may be
+    "size": tuple(SIZE_DEFAULTS), "what": ("rollout", "update", "aepo"), "methods": ("generate", "eager", "pool"),
+}
+
+
+def check_flags(p, args):
+    """Every flag's value allowed, before anything is built: one line naming the flag and what it takes otherwise."""
+    for name, (allowed, test) in NUMBER_FLAGS.items():
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and test(v)):
+            p.error(f"--{name.replace('_', '-')} must be {allowed}{'' if math.isfinite(v) else ' and finite'}, got {v}")
+    for name, items in LIST_FLAGS.items():
+        value = getattr(args, name)
+        for x in [] if value is None else value.split(","):
+            if x not in items:
+                p.error(f"--{name} must be a comma list of {', '.join(items)}, not {x!r}")
+    for x in args.batches.split(",") if args.batches else []:  # "": the size's default
+        if not x.strip().isdecimal() or int(x) < 1:
+            p.error(f"--batches must be a comma list of integers >= 1, not {x!r}")
+    for flag, path in (("--out", args.out), ("--profile-table", args.profile_table),
+                       ("--profile-trace", args.profile_trace)):
+        if path:  # --out "": no JSON
+            if Path(path).expanduser().is_dir():
+                p.error(f"{flag} {path} is a folder: give a file name")
+            try:
+                data_prep.check_writable(flag, path, folder=False)
+            except SystemExit as e:
+                p.error(str(e))
+
+
 def parse_args(argv=None):
     p = data_prep.OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help="tiny, 3b, 7b, or a comma list (each real size in its own process)")
@@ -1122,12 +1165,10 @@ def parse_args(argv=None):
     p.add_argument("--profile-trace", type=Path, default=None, help="--profile: also write the Chrome trace here")
     p.add_argument("--out", default="bench.json", help="JSON with every number")
     args = p.parse_args(argv)
+    check_flags(p, args)
     if args.profile and args.profile_table is None:
         args.profile_table = Path(args.out).with_suffix(".profile.txt")
     args.sizes = args.size.split(",")
-    for s in args.sizes:
-        if s not in SIZE_DEFAULTS:
-            p.error(f"--size must be tiny, 3b or 7b, not {s!r}")
     args.batches = [int(x) for x in args.batches.split(",")] if args.batches else None
     if args.quick and args.sizes != ["tiny"]:
         args.batches = args.batches or QUICK["batches"]

@@ -64,6 +64,50 @@ def test_bench_tiny_writes_every_number(tmp_path):
     assert aepo["no_branching"]["branches"] == 0
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--batches", "a"], "--batches must be a comma list of integers >= 1, not 'a'"),
+    (["--batches", "64,0"], "--batches must be a comma list of integers >= 1, not '0'"),
+    (["--batches", "-2"], "--batches must be a comma list of integers >= 1, not '-2'"),
+    (["--repeats", "-1"], "--repeats must be >= 1, got -1"),
+    (["--image", "-5"], "--image must be >= 1, got -5"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--update-rows", "0"], "--update-rows must be >= 1, got 0"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1] and finite, got nan"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
+    (["--new-tokens", "-3"], "--new-tokens must be >= 1, got -3"),
+    (["--what", "rollout,bogus"], "--what must be a comma list of rollout, update, aepo, not 'bogus'"),
+    (["--methods", "bogus"], "--methods must be a comma list of generate, eager, pool, not 'bogus'"),
+    (["--budget-s", "-5"], "--budget-s must be >= 0 (0: no budget), got -5.0"),
+    (["--budget-s", "nan"], "--budget-s must be >= 0 (0: no budget) and finite, got nan"),
+    (["--grader", "--grader-answers", "-5"], "--grader-answers must be >= 1, got -5"),
+    (["--grader", "--grader-timeout", "-1"], "--grader-timeout must be in (0, 3600], got -1.0"),
+    (["--grader", "--grader-timeout", "nan"], "--grader-timeout must be in (0, 3600] and finite, got nan"),
+    (["--grader", "--grader-timeout", "1e30"], "--grader-timeout must be in (0, 3600], got 1e+30"),
+    (["--aepo-steps", "0"], "--aepo-steps must be >= 2, got 0"),
+])
+def test_a_bad_flag_is_one_line_naming_it_before_any_model_is_built(argv, says, tmp_path):
+    """Each of these was a traceback (some after the model built or the whole run), or silently ran something else:
+    now one line on stderr naming the flag and what it takes, exit code 2, nothing built or run (no progress line)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    argv, says = [a.replace("{tmp}", str(tmp_path)) for a in argv], says.replace("{tmp}", str(tmp_path))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "b.json")]  # (never the repository's bench.json)
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "bench.py", *argv, *out], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].strip(), (res.returncode, res.stderr[-3000:])
+    assert says in lines[0] and "Traceback" not in res.stderr, lines
+    assert res.stdout == "" and not list(tmp_path.iterdir()), res.stdout[-2000:]  # no table, no JSON: nothing ran
+    assert time.perf_counter() - t < 60  # the imports alone: no model built
+
+
 # Op names of matrix products, written out here (not bench.GEMM_OPS) for the independent count below.
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
