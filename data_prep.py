@@ -135,12 +135,15 @@ def record_rows(path: str, split: str):
         yield from json_rows(p)
         return
     import datasets
+    import pyarrow.parquet as pq
 
     parquet = p.suffix == ".parquet" and p.is_file()
     saved = p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
     if p.exists() and not (parquet or saved):
         raise DataError(f"{path}: not a .jsonl, .json, .parquet or saved dataset folder")
     try:
+        if parquet and pq.read_metadata(p).num_rows == 0:  # datasets' reader fails on it with a traceback
+            return  # no rows: the caller says "no records", naming the file
         ds = (datasets.Dataset.from_parquet(str(p)) if parquet else datasets.load_from_disk(str(p)) if saved
               else datasets.load_dataset(path, split=split))
     except (OSError, ValueError, ImportError) as e:  # pyarrow's and datasets' errors derive from these
@@ -151,13 +154,21 @@ def record_rows(path: str, split: str):
             raise DataError(f"{path}: no split {split!r} (it has {', '.join(ds)}): name one with --split "
                             "(ares.py's --eval-data reads 'test')")
         ds = ds[split]
-    for name, feature in ds.features.items():  # keep images encoded; load_records decodes each once to check it
+    yield from encoded_images(ds)  # load_records decodes each once to check it
+
+
+def encoded_images(ds):
+    """A dataset whose Image columns give their encoded bytes ({'bytes', 'path'}) instead of PIL images: a corrupt
+    image is then reported by the record checks, naming the record, not raised by datasets while iterating."""
+    import datasets
+
+    for name, feature in ds.features.items():
         inner = getattr(feature, "feature", feature)
         if isinstance(inner, datasets.Image):
             image = datasets.Image(decode=False)
             ds = ds.cast_column(name, image if inner is feature else datasets.Sequence(image) if isinstance(
                 feature, datasets.Sequence) else [image])
-    yield from ds
+    return ds
 
 
 def image_source(img, base: Path):
@@ -1061,7 +1072,7 @@ def read_rows(source: str, split: str | None, config: str | None):
         if split not in ds:
             raise DataError(f"{source}: no split {split!r} (it has {', '.join(ds)}); pass --split")
         ds = ds[split]
-    return iter(ds), base
+    return iter(encoded_images(ds)), base
 
 
 def _parquet_rows(path: Path):
@@ -1111,7 +1122,10 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
     if not question or not answer:
         raise DataError(f"{where}: missing or empty {'question' if not question else 'answer'}")
     choices = get("choices")
-    if choices is not None and len(choices) > 0:
+    if choices not in (None, "") and not isinstance(choices, (list, tuple)):  # a string would give one option per letter
+        raise DataError(f"{where}: the choices (column {cols.get('choices')!r}) must be a list of options, got "
+                        f"{shown(choices)}")
+    if choices:
         letter = choice_letter(answer, list(choices))
         if letter is None:
             raise DataError(f"{where}: answer {answer!r} is neither an option nor an option letter of {list(choices)}")
@@ -1262,6 +1276,9 @@ def run_convert(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------
 # adacs: length-matched traces, equal counts per difficulty (paper §3.1; README: AdaCS curation).
+
+
+MAX_K = 1024  # adacs --k: samples per problem; far more than any pass rate is measured with (the paper's K is 8)
 
 
 def bracket_of(p: float, k: int) -> int:
@@ -1744,7 +1761,13 @@ def check_args(args):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if not 0 <= getattr(args, "seed", 0) < 2**32:  # as ares.py's and eval.py's --seed
         raise SystemExit(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.command == "adacs" and args.k > MAX_K:  # run_adacs lists every one of the K + 1 brackets
+        raise SystemExit(f"--k must be <= {MAX_K} (the samples per problem behind the pass rates), got {args.k}")
     out = Path(args.out)
+    for flag in ("--data", "--pass-rates"):  # the output is written over its target: never over an input
+        given = getattr(args, flag[2:].replace("-", "_"), None)
+        if given and Path(given).expanduser().resolve() == out.expanduser().resolve():
+            raise SystemExit(f"--out {args.out}: the same file as {flag}; give another output file")
     if args.command == "demo" and out.exists() and not out.is_dir():
         raise SystemExit(f"--out {args.out}: a file, not a folder")
     if args.command != "demo" and out.is_dir():

@@ -22,7 +22,7 @@ What it does, in order:
      (data_prep.PRESETS) and Hugging Face datasets through data_prep.load_source (its column mapping). Every
      record is checked on its own: one that cannot be used (missing field, unreadable image, prompt longer than
      --max-prompt-len, an error while generating) is listed in the report and counted as WRONG: never silently
-     dropped, never the end of the run.
+     dropped, never the end of the run. A benchmark with no usable record at all stops the run, before any model loads.
   2. Generate with ares.sample, the trainer's own sampler: greedy by default, or sampled (--temperature,
      --top-p) with --samples N responses per prompt. The usable records are cut, in benchmark order, into
      fixed chunks of --batch-size prompts; a chunk is one sampler call whose generator is seeded from --seed and
@@ -135,6 +135,10 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
     ares.check_attn(cfg.attn)
+    if cfg.plot and Path(cfg.plot).is_dir():  # checked now: it is written only after the whole evaluation
+        raise SystemExit(f"--plot {cfg.plot}: a folder; give the PNG file to write")
+    if cfg.plot:
+        data_prep.check_writable("--plot", cfg.plot, folder=False)
     return cfg
 
 
@@ -179,6 +183,10 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
                               split=cfg.split, config=cfg.config))
     failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
     records = data_prep.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
+    if not records:  # bad records are counted as wrong, but with none usable there is nothing to load a model for
+        raise data_prep.DataError(f"{spec}: " + (f"no usable record: all {len(failures)} failed their check, the first: "
+                                                 f"record {failures[0]['id']}: {failures[0]['error']}" if failures
+                                                 else "no records"))
     images = {r["id"]: [image_digest(im) for im in r["images"]] for r in records}  # once, for every model's cache key
     return dict(name=name, key=key, records=records, failures=failures, image_digests=images)
 
@@ -640,6 +648,10 @@ def check_passrate_args(args):
                            ("--seed", ares.SEED[1](args.seed), ares.SEED[0])):
         if not ok:
             raise SystemExit(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.k > 1 and args.temperature == 0:  # as the evaluation's --samples
+        raise SystemExit("--k > 1 needs --temperature > 0 (greedy responses would all be the same: every pass rate "
+                         "0 or 1)")
+    ares.check_attn(args.attn)
     if Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
     data_prep.check_writable("--out", args.out, folder=False)
@@ -700,7 +712,8 @@ def passrate_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-prompt-len", type=int, default=4096, help="skip prompts longer than this (default: 4096)")
     pr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="model dtype")
-    pr.add_argument("--attn", default="sdpa", help="attention kernel (default: sdpa)")
+    pr.add_argument("--attn", default="sdpa", choices=ares.ModelConfig.__dataclass_fields__["attn"].metadata["choices"],
+                    help="attention kernel (default: sdpa)")  # ares.py's choices
     pr.add_argument("--keep-responses", action="store_true",
                     help="write every response (with length and correct) as a candidate trace, K records per problem")
     pr.add_argument("--out", required=True, help="output .jsonl or .parquet")
@@ -728,8 +741,11 @@ def run_curves(args):
         raise SystemExit(f"curves {path}: a folder; give an AEPO run's metrics.jsonl{hint}")
     if not path.is_file():
         raise SystemExit(f"curves {path}: no such file; give an AEPO run's metrics.jsonl")
-    if not ares.logged_rows(path, warn=False):  # another JSONL file: one line, not a warning for each of its lines
+    rows = ares.logged_rows(path, warn=False)
+    if not rows:  # another JSONL file: one line, not a warning for each of its lines
         raise SystemExit(f"curves {path}: no AEPO step rows in it; give an AEPO run's metrics.jsonl")
+    if problem := curve_problem(rows):
+        raise SystemExit(f"curves {path}: {problem}; give an AEPO run's metrics.jsonl")
     png = path.with_name("curves.png")
     if plot_curves(path, png):
         print(f"curves: {png}", flush=True)
@@ -750,6 +766,36 @@ def run_levels(rows: list[dict]) -> list[str]:
     return sorted(labels, key=bucket_order)
 
 
+def curve_panels(rows: list[dict]) -> list[tuple[str, list[str]]]:
+    """plot_curves' panels, (title, keys of the rows), for a run's rows (the first run's, when it draws several)."""
+    levels = run_levels(rows)
+    per = (lambda key: [f"level_{lv}_{key}" for lv in levels]) if levels else (
+        lambda key: [f"{key}_{b}" for b in ares.BUCKETS])
+    by = "level" if levels else "bucket"
+    by_bucket = lambda key: [f"{key}_{b}" for b in ares.BUCKETS]  # noqa: E731
+    panels = [("reward / accuracy", ["reward", "acc"]), (f"response tokens per {by}", per("len")),
+              (f"N_HE per response, per {by}", per("n_he")), (f"accuracy per {by}", per("acc")), ("tau", ["tau"]),
+              ("kappa (KL controller)", by_bucket("kappa")), ("N_HE per response, per online bucket", by_bucket("n_he")),
+              ("share of responses branched, per online bucket", by_bucket("branched")),
+              ("KL outside HWE windows, per online bucket", by_bucket("kl_outside"))]
+    evals = sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_acc")})
+    if evals:  # --eval-data: held-out accuracy and length, overall and per level
+        panels += [("held-out accuracy (--eval-data)", evals), ("held-out response tokens", [k[:-4] + "_len" for k in evals])]
+    return panels
+
+
+def curve_problem(rows: list[dict]) -> str | None:
+    """The first value of a run's rows that the curves plot (or bucket_shares counts) and that is not a number (null is
+    a gap), or None: matplotlib would end in a TypeError."""
+    keys = {k for _, ks in curve_panels(rows) for k in ks}
+    for r in rows:
+        for k, v in r.items():
+            read = k in keys or k.startswith("level_") and "_groups_" in k  # bucket_shares sums the groups
+            if read and v is not None and not isinstance(v, (int, float)):
+                return f"step {r['step']}: {k} is {data_prep.shown(v)}, not a number"
+    return None
+
+
 def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
     """AEPO curves of one or several runs ({name: metrics.jsonl}; solid, dashed, dotted lines in run order): reward
     and accuracy, and per difficulty level (per online bucket when the records have no level) response length,
@@ -762,19 +808,7 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
         return False
     runs = runs if isinstance(runs, dict) else {"": runs}
     data = {name: ares.logged_rows(Path(path)) for name, path in runs.items()}
-    levels = run_levels(next(iter(data.values())))
-    per = (lambda key: [f"level_{lv}_{key}" for lv in levels]) if levels else (
-        lambda key: [f"{key}_{b}" for b in ares.BUCKETS])
-    by = "level" if levels else "bucket"
-    by_bucket = lambda key: [f"{key}_{b}" for b in ares.BUCKETS]  # noqa: E731
-    panels = [("reward / accuracy", ["reward", "acc"]), (f"response tokens per {by}", per("len")),
-              (f"N_HE per response, per {by}", per("n_he")), (f"accuracy per {by}", per("acc")), ("tau", ["tau"]),
-              ("kappa (KL controller)", by_bucket("kappa")), ("N_HE per response, per online bucket", by_bucket("n_he")),
-              ("share of responses branched, per online bucket", by_bucket("branched")),
-              ("KL outside HWE windows, per online bucket", by_bucket("kl_outside"))]
-    evals = sorted({k for r in next(iter(data.values())) for k in r if k.startswith("eval_") and k.endswith("_acc")})
-    if evals:  # --eval-data: held-out accuracy and length, overall and per level
-        panels += [("held-out accuracy (--eval-data)", evals), ("held-out response tokens", [k[:-4] + "_len" for k in evals])]
+    panels = curve_panels(next(iter(data.values())))
     cols = math.ceil(len(panels) / 3)
     fig, axes = plt.subplots(3, cols, figsize=(4.7 * cols, 11))
     for ax in axes.flat[len(panels):]:
@@ -928,7 +962,29 @@ def run_demo_report(args) -> dict:
     if missing:
         raise SystemExit(f"demo-report {out}: no {missing} in it; give the --out folder of a finished `python ares.py` "
                          "run")
+    if problem := demo_run_problem(out):
+        raise SystemExit(f"demo-report {out}: {problem}; give the --out folder of a finished `python ares.py` run")
     return demo_report(out)
+
+
+def demo_run_problem(out: Path) -> str | None:
+    """What demo_report would end in a KeyError or TypeError on, in the files of a run that has them all: a JSON file
+    without what it reads, or a value the curves plot that is not a number. None when there is none."""
+    need = {"eval_greedy/results.json": ("its 'table' text", lambda v: isinstance(v.get("table"), str)),
+            "eval_sampled/results.json": ("its 'table' text", lambda v: isinstance(v.get("table"), str)),
+            "stage_times.json": ("seconds per stage", lambda v: all(isinstance(t, (int, float)) for t in v.values())),
+            "aepo/config.json": ("the run's 'flags'", lambda v: isinstance(v.get("flags"), dict))}
+    for name, (what, ok) in need.items():
+        try:
+            value = json.loads((out / name).read_bytes())
+        except ValueError as e:  # not JSON, or not UTF-8
+            return f"{name} is not JSON ({str(e).splitlines()[0][:80]})"
+        if not isinstance(value, dict) or not ok(value):
+            return f"{name} lacks {what}"
+    for name in ("aepo/metrics.jsonl", "grpo/metrics.jsonl"):
+        if problem := curve_problem(ares.logged_rows(out / name, warn=False)):
+            return f"{name}: {problem}"
+    return None
 
 
 def demo_report(out: Path) -> dict:
@@ -954,6 +1010,35 @@ def demo_report(out: Path) -> dict:
     return report
 
 
+DEMO_MODELS = ("cold start", "ARES", "GRPO")
+
+
+def demo_row(rep: dict, mode: str, model: str, level: str) -> dict:
+    """A checkpoint's metrics on one level (or 'overall') in a run's demo.json; mode: greedy or sampled."""
+    got = rep[mode]["metrics"]["test"][model]
+    return got["overall"] if level == "overall" else got["buckets"][level]
+
+
+def demo_json(run: str, levels: list[str] | None = None) -> tuple[dict, list[str]]:
+    """(a run's demo.json, its levels + 'overall'), with every value demo_summary reads there (`levels`: those of the
+    first run) checked to be a number: one line naming the file otherwise, not a KeyError or TypeError."""
+    path = Path(run) / "demo.json"
+    try:
+        rep = json.loads(path.read_bytes())
+        levels = levels or [*rep["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
+        values = [demo_row(rep, mode, m, lv)[k] for mode in ("greedy", "sampled") for m in DEMO_MODELS for lv in levels
+                  for k in ("accuracy", "mean_tokens", "sd_tokens")] + list(rep["times"].values())
+        values += [rep[key].get(lv, {}).get(b, 0) or 0 for key in ("buckets", "buckets_first_half", "grpo_buckets")
+                   for lv in levels[:-1] for b in ares.BUCKETS]  # a share is None where a level had no group
+        bad = [v for v in values if not isinstance(v, (int, float))]
+        if bad:
+            raise TypeError(f"{data_prep.shown(bad[0])} where a number goes")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--demo {run}: {path} is not the report of a finished `python ares.py` run: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:80]}") from None
+    return rep, levels
+
+
 def mean_sd(values: list[float], scale: float = 1.0, signed: bool = False) -> str:
     m = statistics.mean(values) * scale
     sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
@@ -965,20 +1050,22 @@ def demo_summary(runs: list[str]) -> str:
     overall, mean ± sd over the runs of accuracy (%) and mean response tokens of the cold start, ARES and GRPO, the
     per-seed changes ARES - cold start and ARES - GRPO; then each seed's accuracy per level, the length spread (sd of
     response tokens) per level, the trace styles, and the share of each level's groups in each online bucket."""
-    missing = [r for r in runs if not (Path(r) / "demo.json").is_file()]
-    if missing:
-        raise SystemExit(f"--demo {missing[0]}: no demo.json in it; give the --out folder of a finished `python ares.py`")
-    reports = [json.loads((Path(r) / "demo.json").read_text()) for r in runs]
-    levels = [*reports[0]["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
-    row_of = lambda rep, mode, model, lv: (rep[mode]["metrics"]["test"][model]["overall"] if lv == "overall"  # noqa
-                                           else rep[mode]["metrics"]["test"][model]["buckets"][lv])
+    for r in runs:
+        missing = next((f for f in ("demo.json", "data/test.jsonl", "eval_sampled/responses.jsonl")
+                        if not (Path(r) / f).is_file()), None)
+        if missing:
+            raise SystemExit(f"--demo {r}: no {missing} in it; give the --out folder of a finished `python ares.py`")
+    reports, levels = [], None
+    for r in runs:  # the levels are the first run's: every run must have them
+        rep, levels = demo_json(r, levels)
+        reports.append(rep)
     lines = []
     for mode, title in (("greedy", "greedy"), ("sampled", "T = 1, mean@4")):
         lines += [f"\n{title}, {len(runs)} seeds, mean ± sd | accuracy % (cold start / ARES / GRPO) | ARES - cold | "
                   "ARES - GRPO | tokens (cold start / ARES / GRPO) | tokens: ARES vs cold | ARES vs GRPO",
                   "|".join(["---"] * 7)]
         for lv in levels:
-            get = lambda model, key: [row_of(rep, mode, model, lv)[key] for rep in reports]  # noqa: E731
+            get = lambda model, key: [demo_row(rep, mode, model, lv)[key] for rep in reports]  # noqa: E731
             acc = {m: get(m, "accuracy") for m in ("cold start", "ARES", "GRPO")}
             tok = {m: get(m, "mean_tokens") for m in ("cold start", "ARES", "GRPO")}
             rel = lambda a, b: [x / y - 1 for x, y in zip(tok[a], tok[b])]  # noqa: E731
@@ -989,19 +1076,19 @@ def demo_summary(runs: list[str]) -> str:
                                      mean_sd(rel("ARES", "GRPO"), 100, True) + "%"]))
     lines += ["\nper seed (greedy overall accuracy %: cold start -> ARES / GRPO; stage times)"]
     for run, rep in zip(runs, reports):
-        acc = [row_of(rep, "greedy", m, "overall")["accuracy"] * 100 for m in ("cold start", "ARES", "GRPO")]
+        acc = [demo_row(rep, "greedy", m, "overall")["accuracy"] * 100 for m in ("cold start", "ARES", "GRPO")]
         lines.append(f"{run}: {acc[0]:.1f} -> {acc[1]:.1f} / {acc[2]:.1f}; " + ", ".join(
             f"{k} {v:.0f}s" for k, v in rep["times"].items()) + f" (total {sum(rep['times'].values()):.0f}s)")
     for what, key, scale in (("accuracy %", "accuracy", 100), ("response tokens", "mean_tokens", 1)):
         lines += [f"\nper seed and level, {what} greedy | T = 1: cold start -> ARES (GRPO)"]
         for lv in levels[:-1]:
             for run, rep in zip(runs, reports):
-                x = {mode: [scale * row_of(rep, mode, m, lv)[key] for m in ("cold start", "ARES", "GRPO")]
+                x = {mode: [scale * demo_row(rep, mode, m, lv)[key] for m in ("cold start", "ARES", "GRPO")]
                      for mode in ("greedy", "sampled")}
                 lines.append(f"{lv}, {run}: " + " | ".join(f"{v[0]:.1f} -> {v[1]:.1f} ({v[2]:.1f})" for v in x.values()))
     lines += ["\nresponse tokens, sd per level (mean over seeds; near 0: one length, none for AEPO to choose from), "
               "cold start / ARES / GRPO: greedy | T = 1"]
-    sd = lambda mode, m, lv: statistics.mean(row_of(rep, mode, m, lv)["sd_tokens"] for rep in reports)  # noqa: E731
+    sd = lambda mode, m, lv: statistics.mean(demo_row(rep, mode, m, lv)["sd_tokens"] for rep in reports)  # noqa: E731
     for lv in levels:
         lines.append(f"{lv}: " + " | ".join(" / ".join(f"{sd(mode, m, lv):.1f}" for m in ("cold start", "ARES", "GRPO"))
                                            for mode in ("greedy", "sampled")))

@@ -301,6 +301,56 @@ def test_json_list_files_and_a_broken_json_line(tmp_path):
         data_prep.load_source(str(tmp_path / "broken.jsonl"))
 
 
+def corrupt_image_dataset(path: Path) -> Path:
+    """A save_to_disk folder whose Image column holds one good image (record a) and bytes that are no image (record b),
+    with our column names and geometry3k's (problem, images)."""
+    import datasets
+
+    features = datasets.Features(id=datasets.Value("string"), question=datasets.Value("string"),
+                                 problem=datasets.Value("string"), answer=datasets.Value("string"),
+                                 images=datasets.Sequence(datasets.Image()))
+    datasets.Dataset.from_dict(dict(id=["a", "b"], question=["Q1", "Q2"], problem=["Q1", "Q2"], answer=["1", "2"],
+                                    images=[[{"bytes": png(RED), "path": None}], [{"bytes": b"garbage", "path": None}]]),
+                               features=features).save_to_disk(str(path))
+    return path
+
+
+CONVERT_STOPS = [  # (case, argv, message): {x} are the test's files; each was a traceback, or ran on
+    ("a corrupt image in a saved dataset", ["convert", "--data", "{saved}"],  # PIL's UnidentifiedImageError
+     "data error: {saved}: row 1 (id b): image 0 (7 bytes) cannot be read: "),
+    ("choices an int", ["convert", "--data", "{choices_int}"],  # TypeError: object of type 'int' has no len()
+     "data error: {choices_int}: row 0 (id a): the choices (column 'choices') must be a list of options, got 5"),
+    ("choices a string", ["convert", "--data", "{choices_str}"],  # split into the options 'A' and 'B'
+     'data error: {choices_str}: row 0 (id a): the choices (column \'choices\') must be a list of options, got "AB"'),
+    ("--choices-col naming a number", ["convert", "--data", "{good}", "--choices-col", "level"],
+     "data error: {good}: row 0 (id a): the choices (column 'level') must be a list of options, got 3"),
+    ("--out the same file as --data", ["convert", "--data", "{good}", "--limit", "1", "--out", "{tmp}/./good.jsonl"],
+     "--out {tmp}/./good.jsonl: the same file as --data; give another output file"),  # overwrote its input
+    ("adacs --out the same file as --pass-rates", ["adacs", "--data", "{good}", "--pass-rates", "{rates}", "--out",
+                                                   "{rates}"], "--out {rates}: the same file as --pass-rates"),
+    ("adacs --k past any K", ["adacs", "--data", "{tmp}/never_read.jsonl", "--k", "99999999999999999999"],  # hung
+     "--k must be <= 1024 (the samples per problem behind the pass rates), got 99999999999999999999"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CONVERT_STOPS], ids=[c[0] for c in CONVERT_STOPS])
+def test_bad_data_or_flags_stop_convert_and_adacs_with_one_line_before_writing(argv, message, tmp_path):
+    """Bad input is one line naming the file, record and field (or the flag), and nothing is written: the inputs are
+    left as they were."""
+    files = dict(tmp=tmp_path, saved=corrupt_image_dataset(tmp_path / "saved"),
+                 choices_int=jsonl(tmp_path / "choices_int.jsonl", [dict(id="a", question="Q", answer="1", choices=5)]),
+                 choices_str=jsonl(tmp_path / "choices_str.jsonl", [dict(id="a", question="Q", answer="A", choices="AB")]),
+                 good=jsonl(tmp_path / "good.jsonl", [dict(id="a", question="Q", answer="1", level=3, response="r")]),
+                 rates=jsonl(tmp_path / "rates.jsonl", [dict(id="a", question="Q", answer="1", pass_rate=0.5)]))
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")}
+    argv = [a.format(**files) for a in argv] + ([] if "--out" in argv else ["--out", str(tmp_path / "out.jsonl")])
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(argv)
+    msg = str(err.value.code)
+    assert msg.startswith(message.format(**files)) and "\n" not in msg, msg
+    assert {p: p.read_bytes() for p in tmp_path.glob("*.jsonl")} == before and not (tmp_path / "out.jsonl").exists()
+
+
 def test_answers_are_normalised_and_options_rendered_one_way():
     assert data_prep.normalise_answer(" \\boxed{\\frac{1}{2}} ") == "\\frac{1}{2}"
     assert data_prep.normalise_answer("so 2 + 2 = 4.\n#### 12,345,678") == "12345678"

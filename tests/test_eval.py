@@ -445,6 +445,94 @@ def test_curves_says_where_it_drew_them(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+STOPS = [  # (case, argv, message): an argv starting with "ares" runs ares.py, else eval.py; {x} are bad_inputs' files
+    # each was a traceback, or loaded the model (and evaluated garbage) before this check
+    ("zero-row parquet", ["--data", "{zero}", "--model", "{model}", "--out", "{out}"],  # DatasetGenerationError
+     "data error: {zero}: no records"),
+    ("parquet without columns", ["--data", "{bare}", "--model", "{model}", "--out", "{out}"], "data error: {bare}: no records"),
+    ("zero-row parquet, coldstart", ["ares", "--stage", "coldstart", "--data", "{zero}", "--model", "{model}", "--out",
+                                     "{out}"], "data error: {zero}: no records"),
+    ("an empty file", ["--data", "{empty}", "--model", "{model}", "--out", "{out}"],  # a table of "-"
+     "data error: {empty}: no records"),
+    ("every record bad", ["--data", "{allbad}", "--model", "{model}", "--out", "{out}"],  # pass@1 0.0%
+     "data error: {allbad}: no usable record: all 2 failed their check, the first: record a: missing or empty field "
+     "'question'"),
+    ("a corrupt image in a saved dataset, passrate", ["passrate", "--data", "{saved}", "--model", "{model}", "--out",
+                                                      "{out}/r.jsonl"],  # PIL's UnidentifiedImageError
+     "data error: {saved}: row 1 (id b): image 0 (7 bytes) cannot be read: "),
+    ("a corrupt image, coldstart --preset geometry3k", ["ares", "--stage", "coldstart", "--preset", "geometry3k", "--data",
+                                                        "{saved}", "--model", "{model}", "--out", "{out}"],
+     "data error: {saved} (preset geometry3k): row 1 (id b): image 0 (7 bytes) cannot be read: "),
+    ("choices an int, passrate", ["passrate", "--data", "{choices}", "--model", "{model}", "--out", "{out}/r.jsonl"],
+     "data error: {choices}: row 0 (id a): the choices (column 'choices') must be a list of options, got 5"),
+    ("passrate --attn bogus", ["passrate", "--data", "{good}", "--model", "{model}", "--out", "{out}/r.jsonl", "--attn",
+                               "bogus"], "eval.py passrate: error: argument --attn: invalid choice: 'bogus'"),
+    ("passrate --attn flash_attention_2", ["passrate", "--data", "{good}", "--model", "{model}", "--out", "{out}/r.jsonl",
+                                           "--attn", "flash_attention_2"],  # ImportError as the model loaded
+     "--attn flash_attention_2 needs the optional package flash-attn"),
+    ("passrate --temperature 0 --k 2", ["passrate", "--data", "{good}", "--model", "{model}", "--out", "{out}/r.jsonl",
+                                        "--temperature", "0", "--k", "2"],  # K identical greedy samples
+     "--k > 1 needs --temperature > 0"),
+    ("--plot a folder", ["--data", "{good}", "--model", "{model}", "--out", "{out}", "--plot", "{tmp}"],  # IsADirectoryError
+     "--plot {tmp}: a folder; give the PNG file to write"),  # after the whole evaluation
+    ("--plot under a file", ["--data", "{good}", "--model", "{model}", "--out", "{out}", "--plot", "{good}/p.png"],
+     "--plot {good}/p.png: {good} is a file, not a folder"),  # FileExistsError
+    ("curves on text values", ["curves", "{run}/aepo/metrics.jsonl"],  # TypeError
+     'curves {run}/aepo/metrics.jsonl: step 1: reward is "x", not a number'),
+    ("demo-report on files without their keys", ["demo-report", "{run}"],  # KeyError
+     "demo-report {run}: eval_greedy/results.json lacks its 'table' text"),
+    ("--demo on a demo.json without its keys", ["--demo", "{run}"],  # KeyError
+     "--demo {run}: {run}/demo.json is not the report of a finished `python ares.py` run: KeyError: 'greedy'"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict:
+    """STOPS' files: Parquet without rows, bad records, a saved dataset with a corrupt image, and a finished-looking
+    run folder whose JSON files lack what the reports read and whose metrics hold text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_data_prep import corrupt_image_dataset
+
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    files = dict(tmp=tmp, zero=tmp / "zero.parquet", bare=tmp / "bare.parquet", empty=tmp / "empty.jsonl",
+                 allbad=tmp / "allbad.jsonl", choices=tmp / "choices.jsonl", good=tmp / "good.jsonl", run=tmp / "run",
+                 saved=corrupt_image_dataset(tmp / "saved"))
+    pq.write_table(pa.table(dict(id=pa.array([], pa.string()), question=pa.array([], pa.string()),
+                                 answer=pa.array([], pa.string()))), files["zero"])
+    pq.write_table(pa.table({}), files["bare"])
+    files["empty"].write_text("")
+    rows = dict(allbad=[dict(id="a", question="", answer="1"), dict(id="b", question="Q")],
+                choices=[dict(id="a", question="Q", answer="1", choices=5)],
+                good=[dict(id="a", question="What is 1 + 1?", answer="2")])
+    for name, rs in rows.items():
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rs))
+    for part in (*ev.DEMO_FILES, "demo.json", "eval_sampled/responses.jsonl"):
+        (files["run"] / part).parent.mkdir(parents=True, exist_ok=True)
+        (files["run"] / part).write_text("{}")
+    (files["run"] / "aepo" / "metrics.jsonl").write_text(json.dumps(dict(step=1, reward="x")) + "\n")
+    return files
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in STOPS], ids=[c[0] for c in STOPS])
+def test_bad_data_or_flags_stop_with_one_line_before_the_model_loads(argv, message, bad_inputs, full_size_model,
+                                                                     tmp_path, monkeypatch, capsys):
+    """One line naming the file, record and field (or the flag), before any model loads or output is made; --model is
+    a folder without weights, so a load would end otherwise."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # flash-attn is never installed here, even where it is
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else find_spec(name, *a))
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    names = dict(bad_inputs, model=full_size_model, out=tmp_path / "out")
+    argv = [a.format(**names) for a in argv]
+    with pytest.raises(SystemExit) as err:
+        (ares.main(argv[1:]) if argv[0] == "ares" else ev.main(argv))
+    msg = err.value.code if isinstance(err.value.code, str) else capsys.readouterr().err.strip()  # argparse's: printed
+    assert err.value.code != 0 and msg.startswith(message.format(**names)) and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # README "Run folders, Ctrl-C and kills" and "Dependencies": the cache after a kill, its key, --plot through the
 # command line, outputs written whole, and the version check. Four records of `bench` (--limit 4), a few tokens.
