@@ -3146,6 +3146,9 @@ def validate_extras(cfg: Config) -> Config:
         if given and not cfg.lora_rank:
             raise SystemExit(f"{flag} needs --lora-rank R (LoRA is off without it, so {flag} would do nothing)")
     check_lora_targets(cfg)
+    if cfg.ref_model and cfg.kl_coef == 0:
+        raise SystemExit(f"--ref-model {cfg.ref_model} needs --kl-coef > 0 (the reference is only read by the KL term, "
+                         "which --kl-coef 0 turns off)")
     if cfg.eval_every and not cfg.eval_data:
         raise SystemExit("--eval-every needs --eval-data (the held-out records to validate on)")
     if cfg.group_filter == "reward" and (cfg.format_weight or cfg.keep_uniform_groups):

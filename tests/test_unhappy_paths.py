@@ -845,6 +845,8 @@ FLAGS = [  # (case, stage, flags, the one line starts with)
      "--grader-workers: only --stage aepo reads it"),
     ("--epochs for AEPO", "aepo", ["--epochs", "3"], "--epochs: only --stage coldstart reads it; with --stage aepo"),
     ("--demo-steps for AEPO", "aepo", ["--demo-steps", "2"], "--demo-steps: only --stage demo reads it"),
+    ("--ref-model with --kl-coef 0", "aepo", ["--ref-model", "{test_model}", "--kl-coef", "0"],
+     "--ref-model {test_model} needs --kl-coef > 0"),
     ("--eval-every without --eval-data", "aepo", ["--eval-every", "2"], "--eval-every needs --eval-data"),
     ("--group-filter reward with a format reward", "aepo", ["--group-filter", "reward", "--format-weight", "0.5"],
      "--group-filter reward needs --format-weight 0"),
@@ -863,8 +865,8 @@ def test_a_flag_that_would_do_nothing_stops_with_one_line(case, stage, flags, me
     args = (coldstart_args(demo_data["sft"], out, tiny_ckpt) if stage == "coldstart"
             else aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 1))
     with pytest.raises(SystemExit) as e:
-        ares.main(args + [f.format(tmp=tmp_path, test=demo_data["test"]) for f in flags])
-    assert one_line(e).startswith(message.format(tmp=tmp_path)), one_line(e)
+        ares.main(args + [f.format(tmp=tmp_path, test=demo_data["test"], test_model=tiny_ckpt) for f in flags])
+    assert one_line(e).startswith(message.format(tmp=tmp_path, test_model=tiny_ckpt)), one_line(e)
     assert not out.exists()
 
 
