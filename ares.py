@@ -3448,4 +3448,7 @@ def main(argv=None):
 if __name__ == "__main__":
     if EARLY_CTRL_C:  # imported: Python's own handler again, which main's ctrl_c_handled replaces with on_ctrl_c
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    main()
+    try:
+        main()
+    finally:  # the run is over, whole: a Ctrl-C while Python shuts down would end it with exit -2 and no word
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

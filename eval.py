@@ -51,6 +51,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -1157,4 +1158,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # as ares.py: a Ctrl-C while Python shuts down would end it with exit -2 and no word
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1360,3 +1360,34 @@ def test_a_full_disk_mid_checkpoint_stops_with_one_line_and_resume_goes_on(where
     ares.main(args + ["--resume"])
     assert steps_logged(out) == [1, 2, 3]
     assert ares.damage(out / "final") is None
+
+
+CTRL_C_AT_EXIT = '''
+"""sitecustomize for one test: once the script is done and Python shuts down (atexit), a Ctrl-C arrives."""
+import atexit, os, signal, time
+
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)  # where a handler would run
+
+
+atexit.register(ctrl_c)
+'''
+
+
+@pytest.mark.parametrize("tool", ["ares.py", "eval.py"])
+def test_ctrl_c_after_the_run_has_ended_leaves_its_exit_code(tool, tiny_ckpt, demo_data, tmp_path):
+    """An audit sent Ctrl-C 0.2-0.7 s after the final checkpoint was whole, while Python shut down: 11 of 14 runs ended
+    with exit -2 and no word (for a caller: the run failed). The run is over and whole by then, so the Ctrl-C is
+    ignored: exit 0, no traceback."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CTRL_C_AT_EXIT)
+    out = tmp_path / "out"
+    args = (coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1) if tool == "ares.py"
+            else ["--model", str(tiny_ckpt), "--data", str(demo_data["test"]), "--limit", "2", "--max-new-tokens", "8",
+                  "--out", str(out)])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(tmp_path / "hook"))
+    res = subprocess.run([sys.executable, str(ROOT / tool), *args], cwd=tmp_path, capture_output=True, text=True,
+                         env=env, preexec_fn=foreground, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-2000:]
