@@ -239,10 +239,13 @@ class Config:
     given: tuple = field(default=(), repr=False)
 
 
-AEPO_FLAGS = frozenset([f.name for f in dataclasses.fields(Config)][:[f.name for f in dataclasses.fields(Config)].index("lr")]
-                       + ["eval_data", "eval_every", "log_samples_every", "grader_timeout", "grader_workers"])
-STAGE_FLAGS = {"aepo": AEPO_FLAGS, "coldstart": frozenset({"epochs"}), "demo": frozenset({"demo_steps"})}  # read by
-# that stage alone: given to another, a flag would do nothing, silently (resolve_stage_defaults stops instead)
+FLAG_NAMES = [f.name for f in dataclasses.fields(Config)]
+STAGE_FLAGS = {  # the flags one stage alone reads: given to another, they would do nothing (resolve_stage_defaults stops)
+    "aepo": frozenset(FLAG_NAMES[:FLAG_NAMES.index("lr")]  # Config's AEPO sections, then validation and grading
+                      + ["eval_data", "eval_every", "log_samples_every", "grader_timeout", "grader_workers"]),
+    "coldstart": frozenset({"epochs"}),
+    "demo": frozenset({"demo_steps"}),
+}
 
 
 STAGE_DEFAULTS = {  # the paper's settings (README: paper settings): AEPO, and the AdaCS cold start
