@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -252,7 +253,13 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
             fail(f"{rid} (row {n})", row, "duplicate id")
         else:
             seen.add(rid)
-            records.append(dict(row, id=rid, question=row["question"], answer=str(row["answer"]), images=images,
+            question, answer = row["question"], str(row["answer"])
+            if row.get("choices"):  # options: shown in the prompt once, the answer their letter (record_problem checked it)
+                choices = [str(c).strip() for c in row["choices"]]
+                question = question if question.endswith(render_choices("", choices)) else render_choices(question, choices)
+                answer = choice_letter(answer, choices)
+                row = dict(row, choices=choices)
+            records.append(dict(row, id=rid, question=question, answer=answer, images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
                                 pass_rate=row.get("pass_rate")))
     def decode(part):  # a thread per part of 64 records: a task per small image costs more than its decode
@@ -276,7 +283,8 @@ CHAT_TOKEN = re.compile(r"<\|[A-Za-z][A-Za-z0-9_]{2,}\|>")  # SPECIAL_TOKENS, an
 
 
 MUST_BE = dict(id="text or an integer", question="text", answer="text or a finite number", response="text",
-               pass_rate="a number in [0, 1]", difficulty="text or an integer")  # a record's field types (README: data format)
+               pass_rate="a number in [0, 1]", difficulty="text or an integer",
+               choices="a list of 2 to 26 options, each text or a finite number")  # a record's field types (README: data format)
 
 
 def wrong_type(field: str, v) -> bool:
@@ -317,6 +325,13 @@ def record_problem(row: dict, need_response: bool) -> str | None:
     for k in ("pass_rate", "difficulty"):
         if row.get(k) is not None and wrong_type(k, row[k]):
             return f"field '{k}' must be {MUST_BE[k]}, got {shown(row[k])}"
+    choices = row.get("choices")
+    if choices not in (None, "", []):
+        if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS) or any(
+                wrong_type("answer", c) or not str(c).strip() or CHAT_TOKEN.search(str(c)) for c in choices):
+            return f"field 'choices' must be {MUST_BE['choices']}, got {shown(choices)}"
+        if choice_letter(str(row["answer"]), [str(c).strip() for c in choices]) is None:
+            return f"field 'answer' {shown(row['answer'])} is neither an option nor an option letter of {shown(choices)}"
     return None
 
 
@@ -427,10 +442,11 @@ def extract_boxed(text: str) -> str | None:
     return text[i:j - 1].strip() if depth == 0 else None
 
 
-_CHOICE = re.compile(r"^\(?([A-Za-z])\)?[.:]?$")
+_CHOICE = re.compile(r"^(?:option\s*)?\(?([A-Za-z])\)?[.:]?$", re.I)  # B, (B), b., Option B
+_CHOICE_SAID = re.compile(r"^(?:option\s*)?(?:\(([A-Za-z])\)|([A-Za-z])[.:)])\s*\S", re.I)  # (B) 8/11, B. 8/11, B:45°
 
 
-_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathbf|mathrm|mbox)\{([^{}]*)\}")
 
 
 def _normalise(s: str) -> str:
@@ -440,9 +456,12 @@ def _normalise(s: str) -> str:
     return s
 
 
-def _choice_letter(s: str) -> str | None:
-    m = _CHOICE.match(_TEXT_WRAP.sub(r"\1", s.strip().strip("$")).strip())
-    return m.group(1).upper() if m else None
+def _choice_letter(s: str, said: bool = False) -> str | None:
+    """The option letter `s` is ("(B)", "b.", "\\text{B}", "Option B"), or, with `said`, the letter it starts with
+    before the option's text ("B. 8/11", "(B) No", "B:45^\\circ": how MathVerse shows its options)."""
+    s = _TEXT_WRAP.sub(r"\1", s.strip().strip("$")).strip()
+    m = _CHOICE.match(s) or (_CHOICE_SAID.match(s) if said else None)
+    return next(g for g in m.groups() if g).upper() if m else None
 
 
 class GraderTimeout(BaseException):  # not an Exception: math-verify's and sympy's `except Exception` let it pass
@@ -494,23 +513,67 @@ _WIDE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # fullw
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
-def _ascii_digits(s: str) -> str:
-    """Fullwidth forms ('１２', '（Ａ）') and every Unicode decimal digit ('٣', '३') -> ASCII, so they grade equal to
-    ASCII answers. (Full NFKC also turns '10²' into '102', and leaves Arabic-Indic digits alone.)"""
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
+
+
+_UNICODE_MATH = {"°": "^\\circ", "√": "\\sqrt", "π": "\\pi", "∞": "\\infty", "−": "-", "≤": "\\le ", "≥": "\\ge ",
+                 "×": "\\times ", "·": "\\cdot ", "÷": "/", "。": "."}  # what models write for LaTeX they mean
+
+
+def _ascii_math(s: str) -> str:
+    """Fullwidth forms ('１２', '（Ａ）'), every Unicode decimal digit ('٣', '३') and the math signs models write in
+    Unicode ('30°', '2√3', 'π', '−5') -> ASCII and LaTeX, so they grade equal to the LaTeX answers ('30^\\circ',
+    '2\\sqrt{3}'). (Full NFKC also turns '10²' into '102', and leaves Arabic-Indic digits alone.)"""
     if s.isascii():
         return s
     s = s.translate(_WIDE)
+    s = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z])", r"\\sqrt{\1}", s)  # √3 -> \sqrt{3}; √(x+1) -> \sqrt(x+1), as sympy reads it
+    s = "".join(_UNICODE_MATH.get(c, c) for c in s)
     return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
 
 
-def quick_verdict(pred: str | None, answer: str) -> bool | None:
-    """The cheap checks of is_correct: choice letters, equal normalised strings, integers; None = needs sympy."""
+GRADER_VERSION = 2  # raised whenever a verdict can change: eval.py's cache keys hold it, so old verdicts are not reused
+
+
+@dataclasses.dataclass(frozen=True)
+class Gold:
+    """What a response is graded against, when the record holds more than its answer: the options of a
+    multiple-choice record (its answer is their letter; the text of the right option is right too), and the
+    `precision` of a decimal answer (MathVista: the prediction is rounded to it first, as MathVista's scorer does).
+    The grader's functions take a Gold or a plain answer."""
+    answer: str
+    choices: tuple = ()
+    precision: int | None = None
+
+
+def gold_of(record: dict) -> Gold:
+    """A record's Gold: its answer, its `choices` and its `precision` (an integer number of decimals, 0-15)."""
+    digits = record.get("precision")
+    ok = isinstance(digits, (int, float)) and not isinstance(digits, bool) and digits == digits and 0 <= digits <= 15 \
+        and digits == int(digits)
+    return Gold(str(record["answer"]), tuple(str(c) for c in record.get("choices") or ()), int(digits) if ok else None)
+
+
+def _gold(answer) -> Gold:
+    return answer if isinstance(answer, Gold) else Gold(str(answer))
+
+
+def quick_verdict(pred: str | None, answer: str | Gold) -> bool | None:
+    """The cheap checks of is_correct: choice letters (and the options' texts), equal normalised strings, integers,
+    decimals at the answer's precision; None = needs sympy (against `math_target(answer)`)."""
+    gold = _gold(answer)
     if pred is None or not str(pred).strip():
         return False
-    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
-    gold_letter, pred_letter = _choice_letter(answer), _choice_letter(pred)
-    if gold_letter:  # multiple choice: (B), B., b, \text{B} are all B
-        return pred_letter == gold_letter
+    pred, answer = _ascii_math(str(pred)), _ascii_math(gold.answer)
+    gold_letter = _choice_letter(answer)
+    if gold_letter:  # multiple choice: (B), B., b, \text{B}, "B. 8/11" are all B
+        pred_letter = _choice_letter(pred, said=True)
+        if pred_letter or gold_letter not in LETTERS[:len(gold.choices)]:
+            return pred_letter == gold_letter
+        texts = [_normalise(_ascii_math(c)) for c in gold.choices]  # no letter: the option's text, "8/11" or "No"
+        if _normalise(pred) in texts:
+            return LETTERS[texts.index(_normalise(pred))] == gold_letter
+        answer = _ascii_math(gold.choices[LETTERS.index(gold_letter)])  # "\frac{8}{11}": equal to the option's value?
     p, a = _normalise(pred), _normalise(answer)
     if p == a:
         return True
@@ -518,22 +581,33 @@ def quick_verdict(pred: str | None, answer: str) -> bool | None:
         return False
     if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(a):
         return int(p) == int(a)
+    if gold.precision is not None and _DECIMAL.fullmatch(p) and _DECIMAL.fullmatch(a):
+        return round(float(p), gold.precision) == round(float(a), gold.precision)
     return None
 
 
-def is_correct(pred: str | None, answer: str, timeout: float = 3.0) -> bool:
+def math_target(pred: str, answer: str | Gold) -> tuple[str, str]:
+    """The pair sympy compares when quick_verdict cannot tell: the prediction and the answer, or, for a
+    multiple-choice answer with options, the text of the right option."""
+    gold = _gold(answer)
+    letter = _choice_letter(_ascii_math(gold.answer))
+    target = gold.choices[LETTERS.index(letter)] if letter and letter in LETTERS[:len(gold.choices)] else gold.answer
+    return _ascii_math(str(pred)), _ascii_math(target)
+
+
+def is_correct(pred: str | None, answer: str | Gold, timeout: float = 3.0) -> bool:
     """Does the extracted prediction match the answer? Never raises, and returns within about `timeout` seconds
     wherever it runs: on the main thread a timer stops sympy; on any other thread a grader process does it."""
     verdict = quick_verdict(pred, answer)
     if verdict is not None:
         return verdict
-    pred, answer = _ascii_digits(str(pred)), _ascii_digits(str(answer))
+    pred, answer = math_target(pred, answer)
     if threading.current_thread() is threading.main_thread():
         return _math_equal(pred, answer, timeout)
     return grader_pool(1).map([(pred, answer)], timeout)[0]
 
 
-def grade(texts: list[str], answer: str) -> list[bool]:
+def grade(texts: list[str], answer: str | Gold) -> list[bool]:
     """Each response's last \\boxed{} against the answer, with the grader AEPO rewards with."""
     return [is_correct(extract_boxed(t), answer) for t in texts]
 
@@ -546,7 +620,7 @@ def grade_batch(preds: list, answers: list, timeout: float = 3.0, workers: int =
     verdicts = [quick_verdict(p, a) for p, a in zip(preds, answers)]
     slow = [i for i, v in enumerate(verdicts) if v is None]
     if slow:
-        jobs = [(_ascii_digits(str(preds[i])), _ascii_digits(str(answers[i]))) for i in slow]
+        jobs = [math_target(preds[i], answers[i]) for i in slow]
         for i, v in zip(slow, grader_pool(workers).map(jobs, timeout)):
             verdicts[i] = v
     return verdicts
@@ -656,7 +730,7 @@ def score_responses(recs: list[dict], texts: list[str], group_size: int, reward_
 
     G = group_size
     if not reward_fn:
-        return torch.tensor(grade_batch([extract_boxed(t) for t in texts], [recs[i // G]["answer"] for i in range(len(texts))],
+        return torch.tensor(grade_batch([extract_boxed(t) for t in texts], [gold_of(recs[i // G]) for i in range(len(texts))],
                                         timeout, workers), dtype=torch.float)
     fn = load_reward_fn(reward_fn)
     scores = [reward_score(fn, reward_fn, recs[i // G], t, timeout) for i, t in enumerate(texts)]
@@ -1142,6 +1216,8 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
         raise DataError(f"{where}: pass_rate must be {MUST_BE['pass_rate']}, got {shown(pass_rate)}")
     record = dict(id=rid, question=question, answer=answer, images=load_images(get("images"), base, where),
                   source=source, response=response, pass_rate=pass_rate)
+    if choices:  # kept beside the rendered question: the grader also takes the right option's text (Gold)
+        record["choices"] = [str(c).strip() for c in choices]
     used = {cols.get(f) for f in FIELDS}
     extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and k not in record and
                                                     (isinstance(v, (str, int, float, bool)) or k == "difficulty")]
@@ -1366,7 +1442,7 @@ def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool", k: 
         correct = rec.get("correct")
         if correct is not None and correct not in (True, False):  # bool("false") is True: a wrong trace chosen
             raise DataError(f"{where}: field 'correct' must be true or false, got {json.dumps(correct, default=repr)[:60]}")
-        correct = bool(correct) if correct is not None else grade([rec["response"]], rec["answer"])[0]
+        correct = bool(correct) if correct is not None else grade([rec["response"]], gold_of(rec))[0]
         # An empty response (a sample that ended at once) stays a wrong trace of its length, 0 tokens: it is one of the
         # K samples behind p, and L(0), L(1) are medians over all of them, right or wrong (skipping it would measure
         # the anchors on other samples than p counts, and raise L(0) most: an empty sample is a wrong one).

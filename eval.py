@@ -380,10 +380,13 @@ def image_digest(img) -> str:
 
 def record_key(processor, record: dict, image_digests: list[str]) -> str:
     """A record's content as the model and the grader see it: the prompt text (question, choices rendered into it,
-    the model's instruction and chat template), the answer, and the bytes of each image (`image_digest`, taken once
-    per benchmark). An edited record gets a new key, so its cached responses, and verdicts against the old answer,
-    are not reused."""
-    content = [data_prep.prompt_text(processor, record), record["answer"], image_digests]
+    the model's instruction and chat template), the answer, the bytes of each image (`image_digest`, taken once
+    per benchmark), the options and precision the grader reads (data_prep.Gold) and the grader's version. An edited
+    record, or a grader whose verdicts changed, gets a new key, so its cached responses, and verdicts against the
+    old answer, are not reused."""
+    gold = data_prep.gold_of(record)  # what the verdict is taken against, and by which grader
+    content = [data_prep.prompt_text(processor, record), record["answer"], image_digests, list(gold.choices),
+               gold.precision, data_prep.GRADER_VERSION]
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
@@ -633,7 +636,7 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
                 lens.append(len(toks) - (bool(toks) and toks[-1] in stop))  # the end-of-turn token is not reasoning
                 texts.append(tok.decode(toks, skip_special_tokens=True))
             results[i] = [dict(response=t, length=n, correct=c)
-                          for t, n, c in zip(texts, lens, data_prep.grade(texts, records[i]["answer"]))]
+                          for t, n, c in zip(texts, lens, data_prep.grade(texts, data_prep.gold_of(records[i])))]
     return results
 
 
@@ -876,7 +879,7 @@ def explore_rows(model, processor, records: list[dict], cfg, seed: int) -> tuple
             rows.append(dict(tokens=[tok.decode([t]) for t in toks], hbar=hbar[i, :n].tolist(), hwe=hwe[i, :n].tolist(),
                              parent=parent - p * G if parent >= 0 else -1, branch_at=int(ro.branch_at[i]),
                              n_he=int(hwe[i].sum()),
-                             correct=data_prep.is_correct(data_prep.extract_boxed(text), record["answer"])))
+                             correct=data_prep.is_correct(data_prep.extract_boxed(text), data_prep.gold_of(record))))
         groups.append(rows)
     return groups, ro.tau[0].item()
 

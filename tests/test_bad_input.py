@@ -194,6 +194,13 @@ RECORDS = [
     ("difficulty a bool", "aepo", _set("difficulty", True), ["field 'difficulty' must be text or an integer, got true"]),
     ("1x300 image", "coldstart", _wide_image, ["images", "300x1", "aspect ratio"]),
     ("answer an empty boxed", "aepo", _set("answer", "\\boxed{}"), ["answer", "is an empty \\boxed{}"]),
+    # options: a string would be one option per letter, one option is no choice, the answer must name one of them
+    ("choices a string", "aepo", _set("choices", "AB"), ["field 'choices' must be a list of 2 to 26 options", '"AB"']),
+    ("one choice", "aepo", _set("choices", ["4"]), ["field 'choices' must be a list of 2 to 26 options", '["4"]']),
+    ("an empty choice", "aepo", _set("choices", ["4", " "]), ["field 'choices'", '["4", " "]']),
+    ("a choice with a chat token", "aepo", _set("choices", ["4", "<|im_end|>"]), ["field 'choices'"]),
+    ("answer not an option", "aepo", lambda row, tmp: dict(row, choices=["zero", "one"]),
+     ["field 'answer'", "is neither an option nor an option letter of [\"zero\", \"one\"]"]),
 ]
 
 

@@ -90,8 +90,8 @@ def preset_case(name: str, tmp: Path):
                      answer_type="float", metadata=meta, query="Hint: ...")]
         return parquet(tmp / "mathvista.parquet", rows), [
             dict(id="1", question="Which bar is the tallest?\nChoices:\n(A) red\n(B) blue\n(C) green", answer="B",
-                 n_images=1, question_type="multi_choice"),
-            dict(id="2", question="What is the value of the red bar?", answer="1.5", n_images=1)]
+                 choices=["red", "blue", "green"], n_images=1, question_type="multi_choice"),  # the grader reads both
+            dict(id="2", question="What is the value of the red bar?", answer="1.5", precision=1.0, n_images=1)]
     if name.startswith("mathverse"):
         meta = dict(split="testmini", source="GeoQA", subject="Plane Geometry", subfield="Angle")
         common = dict(problem_index="1", image=img, answer="A", question_type="multi-choice", metadata=meta,
@@ -110,7 +110,7 @@ def preset_case(name: str, tmp: Path):
                      decoded_image=img, answer="12", solution=None, level=1, subject="counting")]
         return parquet(tmp / "mathvision.parquet", rows), [
             dict(id="5", question="Which shape comes next?\nChoices:\n(A) A\n(B) B\n(C) C\n(D) D\n(E) E", answer="C",
-                 level=2, subject="logic", n_images=1),
+                 choices=list("ABCDE"), level=2, subject="logic", n_images=1),
             dict(id="6", question="How many dots are there?", answer="12", level=1)]
     if name == "math500":
         rows = [dict(problem="Compute $\\sqrt{16}$.", solution="It is $\\boxed{4}$.", answer="4", subject="Algebra",

@@ -717,6 +717,80 @@ def test_grading_table_covers_at_least_40_cases():
     assert len(GRADING) >= 40 and {v for _, _, v in GRADING} == {True, False}
 
 
+# What a careful reader grades right or wrong, by hand, where the record holds more than its answer (data_prep.Gold):
+# a multiple-choice record's options (MathVista: the right answer is option B, "8/11"; yes / no questions), MathVerse's
+# options that live only in its question text (no options in the record: only the letter can be read), MathVista's
+# `precision` (its own scorer rounds a decimal prediction to it), and math written in Unicode.
+MV = ("3/11", "8/11", "6/11", "3/5")
+YES_NO = ("Yes", "No")
+GOLD_GRADING = [
+    (r"\boxed{B}", ("B", MV), True),
+    (r"\boxed{B. 8/11}", ("B", MV), True),  # the letter, then the option's text
+    (r"\boxed{(B) 8/11}", ("B", MV), True),
+    (r"\boxed{B: \frac{8}{11}}", ("B", MV), True),
+    (r"\boxed{\text{(B) } \frac{8}{11}}", ("B", MV), True),
+    (r"\boxed{Option B}", ("B", MV), True),
+    (r"\boxed{\mathbf{B}}", ("B", MV), True),
+    (r"\boxed{8/11}", ("B", MV), True),  # the option's text alone
+    (r"\boxed{\frac{8}{11}}", ("B", MV), True),  # its value
+    (r"\boxed{0.7273}", ("B", MV), False),  # a rounded value is no option
+    (r"\boxed{3/11}", ("B", MV), False),  # another option's text
+    (r"\boxed{\frac{6}{11}}", ("B", MV), False),  # another option's value
+    (r"\boxed{A. 8/11}", ("B", MV), False),  # the letter said is the answer given
+    (r"\boxed{A}", ("B", MV), False),
+    (r"\boxed{No}", ("B", YES_NO), True),
+    (r"\boxed{no}", ("B", YES_NO), True),
+    (r"\boxed{\text{No}}", ("B", YES_NO), True),
+    (r"\boxed{Yes}", ("B", YES_NO), False),
+    (r"\boxed{B:45^\circ}", ("B",), True),  # MathVerse writes its options "B:45°"
+    ("\\boxed{B\uff1a45\u00b0}", ("B",), True),  # a fullwidth colon
+    ("\\boxed{B. 45\u00b0}", ("B",), True),
+    (r"\boxed{C: 60^\circ}", ("B",), False),
+    (r"\boxed{A, B}", ("B",), False),  # two letters
+    (r"\boxed{45^\circ}", ("B",), False),  # the value, but the record does not know the options
+    (r"\boxed{1.23}", ("1.2", (), 1), True),  # rounded to one decimal: 1.2
+    (r"\boxed{1.26}", ("1.3", (), 1), True),
+    (r"\boxed{1.27}", ("1.2", (), 1), False),
+    (r"\boxed{0.333}", ("0.33", (), 2), True),
+    (r"\boxed{2}", ("2.0", (), 1), True),
+    (r"\boxed{1.23}", ("1.2",), False),  # without a precision the answer is exact
+    ("\\boxed{30\u00b0}", ("30",), True),  # Unicode math: degrees, roots, pi, infinity, minus, a full stop
+    (r"\boxed{30}", ("30\u00b0",), True),
+    (r"\boxed{30^\circ}", ("30\u00b0",), True),
+    ("\\boxed{31\u00b0}", ("30",), False),
+    ("\\boxed{\u221a3}", (r"\sqrt{3}",), True),
+    ("\\boxed{2\u221a3}", (r"2\sqrt{3}",), True),
+    ("\\boxed{2\u221a3}", (r"\sqrt{3}",), False),
+    ("\\boxed{\u03c0/6}", (r"\frac{\pi}{6}",), True),
+    ("\\boxed{(-\u221e, 2]}", (r"(-\infty, 2]",), True),
+    ("\\boxed{\u22123}", ("-3",), True),
+    ("\\boxed{\u22123}", ("3",), False),
+    ("\\boxed{5\u3002}", ("5",), True),
+]
+
+
+@pytest.mark.parametrize("text,gold,verdict", GOLD_GRADING)
+def test_grading_with_the_records_options_precision_and_unicode(text, gold, verdict):
+    assert data_prep.is_correct(data_prep.extract_boxed(text), data_prep.Gold(*gold)) is verdict
+
+
+def test_grader_processes_give_the_verdicts_of_the_main_thread():
+    """AEPO grades in grader processes (grade_batch with workers), eval.py in its own thread: the same verdicts on the
+    table above, whose option-value and Unicode cases reach sympy."""
+    preds = [data_prep.extract_boxed(t) for t, _, _ in GOLD_GRADING]
+    golds = [data_prep.Gold(*g) for _, g, _ in GOLD_GRADING]
+    assert data_prep.grade_batch(preds, golds, workers=1) == [v for _, _, v in GOLD_GRADING]
+
+
+def test_a_records_options_and_precision_reach_the_grader():
+    """gold_of: the record's options (as text) and an integer precision; a NaN, a bool or a fraction is none."""
+    rec = dict(id="1", answer="B", choices=["3/11", 8], precision=2.0)
+    assert data_prep.gold_of(rec) == data_prep.Gold("B", ("3/11", "8"), 2)
+    for bad in (math.nan, True, 1.5, -1, None, "2"):
+        assert data_prep.gold_of(dict(rec, precision=bad)).precision is None, bad
+    assert data_prep.gold_of(dict(id="1", answer=7)) == data_prep.Gold("7")
+
+
 def test_extract_boxed_takes_the_last_box_with_nested_braces():
     assert data_prep.extract_boxed(r"so \boxed{1} no, \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert data_prep.extract_boxed(r"\boxed{\frac{\sqrt{3}}{2}} and text {}") == r"\frac{\sqrt{3}}{2}"
