@@ -822,6 +822,7 @@ def train_coldstart(cfg: Config) -> Path:
         lr = run.sched.get_last_lr()[0]  # the rate this step's update uses (the scheduler then moves to the next)
         norm, ok = optimizer_step(run.opt, run.sched, run.params, cfg.grad_clip, run.model)
         loss_val, read = all_reduce(sums).tolist()
+        wait_for_device(device)  # AdamW's kernels are still queued on a GPU: they are this step's time
         dt = time.time() - t0
         row = dict(step=step + 1, loss=loss_val, lr=lr, grad_norm=norm, skipped=not ok,
                    tokens_per_s=n_tok / dt, mfu=mfu(read / dt, run.n_lm, run.n_lm_trained, device), time=dt,
@@ -878,6 +879,7 @@ def train_aepo(cfg: Config) -> Path:
             upd = aepo_update(cfg, run, ref, device, prompts, ro, sc.adv, sc.bucket, sc.hwe, sc.keep,
                               torch.Generator().manual_seed(step_seed(cfg, step)))
             refresh_sampling_copy(sampler, run.hf)
+            wait_for_device(device)  # the last AdamW step and the copy's refresh are queued: time_update's, not sampling's
             if ref is not None and cfg.kl_mode == "dynamic":
                 st["kappa"] = update_kl_controller(st["kappa"], upd["kl_outside"], upd["kl_seen"], cfg.kl_target,
                                                    cfg.kl_adapt_rate)
@@ -2200,6 +2202,12 @@ def make_optimizer(params, cfg: Config, total_steps: int):
 
     factor.plan = plan  # on the function, which the scheduler's state_dict leaves out (its own attributes go in)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def wait_for_device(device):
+    """Wait for the GPU's queued kernels, so that a clock read after it times them (a CPU runs each op as it comes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def optimizer_step(opt, sched, params, clip: float, model=None) -> tuple[float, bool]:

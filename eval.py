@@ -418,6 +418,12 @@ def generate_or_report(model, processor, ids, chunk, cfg, bench_key) -> tuple[li
     try:
         return generate_chunk(model, processor, ids, chunk, cfg, chunk_seed(cfg.seed, bench_key, [r["id"] for r in chunk])), []
     except Exception as e:  # noqa: BLE001 - one bad record (or an out-of-memory batch) must not end the run
+        if isinstance(e, getattr(torch, "AcceleratorError", ())) or str(e).startswith("CUDA error"):
+            # a device-side assert or a bad memory access leaves the GPU unusable in this process: every later record
+            # would fail the same way and be counted wrong
+            raise SystemExit(f"eval: the GPU failed on benchmark {bench_key} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}): it cannot go on in this process. The responses so far are in "
+                             "--out's responses.jsonl: the same command continues from them") from None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(chunk) == 1:

@@ -692,3 +692,22 @@ def test_empty_responses_do_not_crash_the_loop(tiny, tiny_ckpt, demo_data, tmp_p
         end = checkpoint_params(out / "final")
         assert all(torch.isfinite(v).all() for v in end.values())
         assert all(v is None or np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+
+
+def test_each_step_waits_for_the_device_before_its_clock_is_read(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """On a GPU the optimizer's kernels are still queued when the step's clock is read: a cold-start step and an AEPO
+    update wait for them (ares.wait_for_device: a no-op on the CPU, torch.cuda.synchronize on a GPU), once each, so
+    that the update's time is not billed to the next step's sampling."""
+    seen = []
+    monkeypatch.setattr(ares, "wait_for_device", lambda device: seen.append(device.type))
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out",
+               str(tmp_path / "cold"), "--steps", "2", "--batch-size", "2"])
+    assert seen == ["cpu", "cpu"]
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "aepo", tiny_ckpt, "--steps", "2", "--keep-uniform-groups"))
+    assert seen == ["cpu"] * 4
+    monkeypatch.undo()  # the real wait_for_device, with torch.cuda.synchronize spied
+    cuda = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: cuda.append(str(device)))
+    ares.wait_for_device(torch.device("cpu"))
+    ares.wait_for_device(torch.device("cuda", 1))
+    assert cuda == ["cuda:1"]

@@ -120,6 +120,20 @@ def test_a_failing_record_is_reported_not_fatal(monkeypatch):
     assert failures == [dict(id="bad", error="generation failed: RuntimeError: boom")]
 
 
+def test_a_failed_gpu_ends_the_evaluation_with_one_line(monkeypatch):
+    """A device-side assert or an illegal memory access leaves CUDA unusable in the process: retrying record by record
+    (as for an out-of-memory batch) made every later record a failure, counted wrong, and the table meaningless."""
+    def fake(model, processor, ids, chunk, cfg, seed):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(ev, "generate_chunk", fake)
+    with pytest.raises(SystemExit) as err:
+        ev.generate_or_report(None, None, None, [dict(id="a"), dict(id="b")], ev.EvalConfig(), "math500")
+    assert str(err.value.code) == ("eval: the GPU failed on benchmark math500 (RuntimeError: CUDA error: an illegal memory "
+                                   "access was encountered): it cannot go on in this process. The responses so far are "
+                                   "in --out's responses.jsonl: the same command continues from them")
+
+
 def test_column_mapping_goes_through_data_prep(tmp_path, full_size_model):
     path = tmp_path / "mapped.jsonl"
     path.write_text(json.dumps(dict(problem="What is 2*3?", final="6", uid="b", level=3)) + "\n")
