@@ -256,8 +256,8 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
             question, answer = row["question"], str(row["answer"])
             if row.get("choices"):  # options: shown in the prompt once, the answer their letter (record_problem checked it)
                 choices = [str(c).strip() for c in row["choices"]]
-                question = question if question.endswith(render_choices("", choices)) else render_choices(question, choices)
-                answer = choice_letter(answer, choices)
+                answer = record_choice_letter(question, answer, choices)
+                question = question if shows_choices(question) else render_choices(question, choices)
                 row = dict(row, choices=choices)
             records.append(dict(row, id=rid, question=question, answer=answer, images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
@@ -330,7 +330,7 @@ def record_problem(row: dict, need_response: bool) -> str | None:
         if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS) or any(
                 wrong_type("answer", c) or not str(c).strip() or CHAT_TOKEN.search(str(c)) for c in choices):
             return f"field 'choices' must be {MUST_BE['choices']}, got {shown(choices)}"
-        if choice_letter(str(row["answer"]), [str(c).strip() for c in choices]) is None:
+        if record_choice_letter(str(row["question"]), str(row["answer"]), [str(c).strip() for c in choices]) is None:
             return f"field 'answer' {shown(row['answer'])} is neither an option nor an option letter of {shown(choices)}"
     return None
 
@@ -442,8 +442,9 @@ def extract_boxed(text: str) -> str | None:
     return text[i:j - 1].strip() if depth == 0 else None
 
 
-_CHOICE = re.compile(r"^(?:option\s*)?\(?([A-Za-z])\)?[.:]?$", re.I)  # B, (B), b., Option B
-_CHOICE_SAID = re.compile(r"^(?:option\s*)?(?:\(([A-Za-z])\)|([A-Za-z])[.:)])\s*\S", re.I)  # (B) 8/11, B. 8/11, B:45°
+_CHOICE = re.compile(r"^(?:option\s+)?\(?([A-Za-z])\)?[.:]?$", re.I)  # B, (B), b., Option B
+_CHOICE_SAID = re.compile(r"^(?:option\s+)?(?:\(([A-Za-z])\)|([A-Za-z])(?:[:)]|\.(?=\s)))\s*(\S.*)$", re.I | re.S)  # B. 8/11
+_ANOTHER_CHOICE = re.compile(r"(?:^|[\s,;/&])(?:\([A-Za-z]\)|[A-Za-z][.:)](?=\s|$))|^[A-Za-z]$")  # "(A) and (C)", "A:B"
 
 
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathbf|mathrm|mbox)\{([^{}]*)\}")
@@ -460,8 +461,13 @@ def _choice_letter(s: str, said: bool = False) -> str | None:
     """The option letter `s` is ("(B)", "b.", "\\text{B}", "Option B"), or, with `said`, the letter it starts with
     before the option's text ("B. 8/11", "(B) No", "B:45^\\circ": how MathVerse shows its options)."""
     s = _TEXT_WRAP.sub(r"\1", s.strip().strip("$")).strip()
-    m = _CHOICE.match(s) or (_CHOICE_SAID.match(s) if said else None)
-    return next(g for g in m.groups() if g).upper() if m else None
+    m = _CHOICE.match(s)
+    if m:
+        return m.group(1).upper()
+    m = _CHOICE_SAID.match(s) if said else None
+    if m is None or _ANOTHER_CHOICE.search(m.group(3)):  # "(A) and (C)", "A) x B) y": two answers, none of them
+        return None
+    return (m.group(1) or m.group(2)).upper()
 
 
 class GraderTimeout(BaseException):  # not an Exception: math-verify's and sympy's `except Exception` let it pass
@@ -516,7 +522,7 @@ _INTEGER = re.compile(r"[+-]?\d+")
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 
 
-_UNICODE_MATH = {"°": "^\\circ", "√": "\\sqrt", "π": "\\pi", "∞": "\\infty", "−": "-", "≤": "\\le ", "≥": "\\ge ",
+_UNICODE_MATH = {"°": "^\\circ", "√": "\\sqrt", "π": "\\pi ", "∞": "\\infty", "−": "-", "≤": "\\le ", "≥": "\\ge ",
                  "×": "\\times ", "·": "\\cdot ", "÷": "/", "。": "."}  # what models write for LaTeX they mean
 
 
@@ -527,12 +533,12 @@ def _ascii_math(s: str) -> str:
     if s.isascii():
         return s
     s = s.translate(_WIDE)
-    s = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z])", r"\\sqrt{\1}", s)  # √3 -> \sqrt{3}; √(x+1) -> \sqrt(x+1), as sympy reads it
+    s = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\(([^()]*)\))", lambda m: f"\\sqrt{{{m.group(2) or m.group(1)}}}", s)  # √3, √(x+1)
     s = "".join(_UNICODE_MATH.get(c, c) for c in s)
     return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
 
 
-GRADER_VERSION = 2  # raised whenever a verdict can change: eval.py's cache keys hold it, so old verdicts are not reused
+GRADER_VERSION = 2  # raised whenever a verdict can change: eval.py grades its cached responses again under a new one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1055,12 +1061,46 @@ def render_choices(question: str, choices: list) -> str:
 
 def choice_letter(answer: str, choices: list) -> str | None:
     """The correct option's letter: of the option whose text is the answer (MathVista stores the text), or the
-    answer itself when it is a letter of an option, "(B)" or "b." included (MathVision). None if neither."""
-    texts = [str(c).strip() for c in choices]
-    if answer.strip() in texts:
-        return LETTERS[texts.index(answer.strip())]
+    answer itself when it is a letter of an option, "(B)" or "b." included (MathVision), or else of the one option
+    equal to it as a number ("1" and 1.0) or but for case ("yes" and "Yes"). None if none of these."""
+    texts, answer = [str(c).strip() for c in choices], answer.strip()
+    if answer in texts:
+        return LETTERS[texts.index(answer)]
+    letter = _option_letter(answer, len(choices))
+    if letter:
+        return letter
+    for same in (lambda t: _number(t) is not None and _number(t) == _number(answer), lambda t: t.casefold() == answer.casefold()):
+        hits = [k for k, t in enumerate(texts) if same(t)]
+        if len(hits) == 1:
+            return LETTERS[hits[0]]
+    return None
+
+
+def _option_letter(answer: str, n: int) -> str | None:
     m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", answer.strip())
-    return m.group(1).upper() if m and m.group(1).upper() in LETTERS[:len(choices)] else None
+    return m.group(1).upper() if m and m.group(1).upper() in LETTERS[:n] else None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def shows_choices(question: str) -> bool:
+    """Does the question already list its options: rendered by render_choices (a record written by convert,
+    passrate or adacs), or in its own words (MathVerse's "Choices:\nA:30°", inline "(A) 1 (B) 2")?"""
+    return bool(re.search(r"(?im)^\s*choices?\s*:", question) or ("(A)" in question and "(B)" in question))
+
+
+def record_choice_letter(question: str, answer: str, choices: list) -> str | None:
+    """choice_letter of a record's answer. Once its options are shown (shows_choices) the answer is read as their
+    letter first: options ["B", "A"] with answer "A" mean option A, the text "B", and stay so however many stages
+    read the record again (read as a text first, "A" would be option B, then A, then B)."""
+    if shows_choices(question):
+        return _option_letter(answer, len(choices)) or choice_letter(answer, choices)
+    return choice_letter(answer, choices)
 
 
 def _check_shape(im):

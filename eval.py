@@ -380,14 +380,26 @@ def image_digest(img) -> str:
 
 def record_key(processor, record: dict, image_digests: list[str]) -> str:
     """A record's content as the model and the grader see it: the prompt text (question, choices rendered into it,
-    the model's instruction and chat template), the answer, the bytes of each image (`image_digest`, taken once
-    per benchmark), the options and precision the grader reads (data_prep.Gold) and the grader's version. An edited
-    record, or a grader whose verdicts changed, gets a new key, so its cached responses, and verdicts against the
-    old answer, are not reused."""
-    gold = data_prep.gold_of(record)  # what the verdict is taken against, and by which grader
-    content = [data_prep.prompt_text(processor, record), record["answer"], image_digests, list(gold.choices),
-               gold.precision, data_prep.GRADER_VERSION]
+    the model's instruction and chat template), the answer, and the bytes of each image (`image_digest`, taken once
+    per benchmark). An edited record gets a new key, so its cached responses, and verdicts against the old answer,
+    are not reused. (What else a verdict depends on, the grader's version and the record's options and precision,
+    is kept with each response: `graded_by`; a cached response graded otherwise is graded again, not generated.)"""
+    content = [data_prep.prompt_text(processor, record), record["answer"], image_digests]
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def graded_by(record: dict) -> list:
+    """What a verdict was taken with: the grader's version and the options and precision of the record (Gold)."""
+    gold = data_prep.gold_of(record)
+    return [data_prep.GRADER_VERSION, list(gold.choices), gold.precision]
+
+
+def grade_again(lines: list[dict], records: dict) -> list[dict]:
+    """Cached response lines whose verdict an older grader, or other options or precision, took: graded again."""
+    golds = [data_prep.gold_of(records[x["id"]]) for x in lines]
+    preds = [data_prep.extract_boxed(x["response"]) for x in lines]
+    return [dict(x, prediction=p, correct=c, graded_by=graded_by(records[x["id"]]))
+            for x, p, c in zip(lines, preds, data_prep.grade_batch(preds, golds, workers=0))]
 
 
 def response_key(model: str, bench: str, rid: str, sample: int, settings: str, content: str) -> str:
@@ -485,6 +497,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     rank, world = ares.rank(), ares.world_size()
     decoding, settings = decoding_key(cfg), settings_key(cfg, model, processor)
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
+    by_id = {r["id"]: r for r in usable}
     content = {r["id"]: record_key(processor, r, bench["image_digests"][r["id"]]) for r in usable}
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, settings, content[rid])  # noqa: E731
     failed = [dict(id=f["id"], error=f["error"]) for f in bench["failures"]] + failed
@@ -501,7 +514,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
         failed += bad
         for line in lines:
             line = dict(key=key(line["id"], line["sample"]), model=name, model_path=mkey, benchmark=bench["name"],
-                        benchmark_key=bench["key"], decoding=decoding, **line)
+                        benchmark_key=bench["key"], decoding=decoding, graded_by=graded_by(by_id[line["id"]]), **line)
             if line["key"] in cache:  # a chunk regenerated for a missing sample: keep what was cached
                 continue
             cache[line["key"]] = line
@@ -512,6 +525,14 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
             writer.flush()  # a crash loses at most one round
         bar.update(sum(map(len, todo[start:start + world])))
     bar.close()
+    stale = [cache[key(r["id"], k)] for r in usable for k in range(cfg.samples)  # a line of before graded_by too
+             if key(r["id"], k) in cache and cache[key(r["id"], k)].get("graded_by") != graded_by(r)]
+    for line in grade_again(stale, by_id) if stale else []:  # every rank grades them; rank 0 appends the new verdicts
+        cache[line["key"]] = line
+        if writer:
+            writer.write(json.dumps(line) + "\n")
+    if stale and writer:
+        writer.flush()
     labels = {r["id"]: bucket_of(r, bench["field"]) for r in bench["records"]}
     labels.update({f["id"]: bucket_of(f["row"], bench["field"]) for f in bench["failures"]})
     failed_ids = {f["id"] for f in failed}

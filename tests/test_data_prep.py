@@ -736,3 +736,25 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
 
     assert files(5, "a") == files(5, "b")
     assert files(5, "a") != files(6, "c")
+
+
+def test_a_records_options_are_shown_once_and_its_answer_letter_stays_put_over_stages(tmp_path):
+    """A JSONL record with `choices`: the options go into the question as (A) lines and the answer becomes their
+    letter, once. Read again (the records passrate and adacs write), nothing moves: options ["B", "A", "C"] with answer
+    "A" mean option B first, and B stays B (read as a text again, "B" would become option A, then B, then A). A
+    question that lists its options in its own words (MathVerse's "Choices:\\nA:30°") is not given a second list;
+    an answer equal to one option as a number or but for case names it."""
+    rows = [dict(id="p", question="Which point is the vertex?", answer="A", choices=["B", "A", "C"]),
+            dict(id="v", question="Find x.\nChoices:\nA:30°\nB:60°", answer="60°", choices=["30°", "60°"]),
+            dict(id="n", question="How many?", answer=1, choices=[1.0, 2]),
+            dict(id="y", question="Is it red?", answer="yes", choices=["Yes", "No"])]
+    first = data_prep.load_records(str(jsonl(tmp_path / "a.jsonl", rows)))
+    assert [(r["answer"], r["choices"]) for r in first] == [("B", ["B", "A", "C"]), ("B", ["30°", "60°"]),
+                                                           ("A", ["1.0", "2"]), ("A", ["Yes", "No"])]
+    assert first[0]["question"] == "Which point is the vertex?\nChoices:\n(A) B\n(B) A\n(C) C"
+    assert first[1]["question"] == rows[1]["question"]  # its own list, not a second one
+    again = data_prep.load_records(str(jsonl(tmp_path / "b.jsonl", [
+        {k: r[k] for k in ("id", "question", "answer", "choices")} for r in first])))
+    assert [(r["question"], r["answer"]) for r in again] == [(r["question"], r["answer"]) for r in first]
+    assert data_prep.is_correct("B", data_prep.gold_of(first[0])) is True  # a letter is read as a letter
+    assert data_prep.is_correct("A", data_prep.gold_of(first[0])) is False

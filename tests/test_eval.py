@@ -638,6 +638,32 @@ def test_batch_size_is_not_in_the_cache_key_and_more_samples_add_only_the_missin
     assert m["overall"]["metric"] == "mean@3" and m["overall"]["responses"] == 12
 
 
+def test_a_response_graded_by_an_older_grader_is_graded_again_not_generated(tmp_path, tiny_ckpt, bench, monkeypatch):
+    """Each cached response keeps what its verdict was taken with (`graded_by`: the grader's version, the record's
+    options and precision). A response graded otherwise (an older grader, or a cache from before graded_by) is graded
+    again from its text, with nothing generated, and the new verdict is appended; an up-to-date one is left alone."""
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(bench), "--limit", "4", "--out", str(out)] + DECODING
+    ev.main(args)
+    lines = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(x["graded_by"] == [data_prep.GRADER_VERSION, [], None] for x in lines)
+    for k, x in enumerate(lines):  # each response now holds its right answer; the stored verdict says wrong
+        x.update(response=f"so \\boxed{{{x['answer']}}}", correct=False)
+        if k < 2:
+            x["graded_by"] = [1, [], None]
+        elif k == 2:
+            del x["graded_by"]
+    (out / "responses.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    monkeypatch.setattr(ev, "generate_chunk", lambda *a: pytest.fail("generated again"))
+    ev.main(args)
+    res = json.loads((out / "results.json").read_text())
+    (m,) = res["metrics"]["six"].values()
+    assert (res["generated"], res["cached"]) == (0, 4) and m["overall"]["accuracy"] == 0.75  # 3 graded again: right
+    again = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()][4:]
+    assert [(x["id"], x["correct"], x["graded_by"][0]) for x in again] == [(x["id"], True, data_prep.GRADER_VERSION)
+                                                                          for x in lines[:3]]
+
+
 def test_plot_flag_on_the_command_line_writes_a_png(tmp_path, tiny_ckpt, bench, capsys):
     """`eval.py ... --plot <file>` (through main, into a folder that does not exist yet): a PNG with something drawn on
     it, and the line that names it."""

@@ -766,6 +766,19 @@ GOLD_GRADING = [
     ("\\boxed{\u22123}", ("-3",), True),
     ("\\boxed{\u22123}", ("3",), False),
     ("\\boxed{5\u3002}", ("5",), True),
+    ("\\boxed{\u221a(3)}", (r"\sqrt{3}",), True),
+    ("\\boxed{\u221a(x+1)}", (r"\sqrt{x+1}",), True),
+    # a letter said with text is read only when it is one letter, then its option's text: not two answers, not a word
+    (r"\boxed{(A) and (C)}", ("A",), False),
+    (r"\boxed{(A), (C)}", ("A",), False),
+    (r"\boxed{A. and C.}", ("A",), False),
+    (r"\boxed{A) x B) y}", ("A",), False),
+    (r"\boxed{A.B}", ("A",), False),
+    (r"\boxed{A:B}", ("A",), False),
+    (r"\boxed{a.m.}", ("A",), False),
+    (r"\boxed{e.g. 5}", ("e",), False),
+    (r"\boxed{options}", ("S",), False),
+    (r"\boxed{(A), (B)}", ("A", ("1", "2")), False),
 ]
 
 
