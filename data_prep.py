@@ -1240,10 +1240,10 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
         raise DataError(f"{where}: the choices (column {cols.get('choices')!r}) must be a list of options, got "
                         f"{shown(choices)}")
     if choices:
-        letter = choice_letter(answer, list(choices))
+        letter = record_choice_letter(question, answer, [str(c).strip() for c in choices])
         if letter is None:
             raise DataError(f"{where}: answer {answer!r} is neither an option nor an option letter of {list(choices)}")
-        question, answer = render_choices(question, list(choices)), letter
+        question, answer = question if shows_choices(question) else render_choices(question, list(choices)), letter
     src_col = cols.get("source")
     if src_col and row.get(src_col) not in (None, ""):
         source = str(row[src_col])  # a column of the rows
