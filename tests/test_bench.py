@@ -78,7 +78,7 @@ def test_bench_tiny_writes_every_number(tmp_path):
     (["--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
     (["--new-tokens", "-3"], "--new-tokens must be >= 1, got -3"),
     (["--what", "rollout,bogus"], "--what must be a comma list of rollout, update, aepo, not 'bogus'"),
-    (["--methods", "bogus"], "--methods must be a comma list of generate, eager, pool, not 'bogus'"),
+    (["--methods", "bogus"], "--methods must be a comma list of generate, eager, eager_packed, pool, not 'bogus'"),
     (["--budget-s", "-5"], "--budget-s must be >= 0 (0: no budget), got -5.0"),
     (["--budget-s", "nan"], "--budget-s must be >= 0 (0: no budget) and finite, got nan"),
     (["--grader", "--grader-answers", "-5"], "--grader-answers must be >= 1, got -5"),
