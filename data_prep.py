@@ -257,7 +257,7 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
             if row.get("choices"):  # options: shown in the prompt once, the answer their letter (record_problem checked it)
                 choices = [str(c).strip() for c in row["choices"]]
                 answer = record_choice_letter(question, answer, choices)
-                question = question if shows_choices(question) else render_choices(question, choices)
+                question = question if shows_choices(question, choices) else render_choices(question, choices)
                 row = dict(row, choices=choices)
             records.append(dict(row, id=rid, question=question, answer=answer, images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
@@ -1088,17 +1088,20 @@ def _number(text: str) -> float | None:
         return None
 
 
-def shows_choices(question: str) -> bool:
+def shows_choices(question: str, choices: list) -> bool:
     """Does the question already list its options: rendered by render_choices (a record written by convert,
-    passrate or adacs), or in its own words (MathVerse's "Choices:\nA:30°", inline "(A) 1 (B) 2")?"""
-    return bool(re.search(r"(?im)^\s*choices?\s*:", question) or ("(A)" in question and "(B)" in question))
+    passrate or adacs), or in its own words (MathVerse's "Choices:\nA:30°", inline "(A) 1 (B) 2")? In its own words
+    only when a "Choices:" line or every option's "(A)"-style label is there, and the text of every option: a question
+    that names a statement "(A)" still gets its options shown."""
+    listed = re.search(r"(?im)^\s*choices?\s*:", question) or all(f"({x})" in question for x in LETTERS[:len(choices)])
+    return bool(listed) and all(str(c).strip() in question for c in choices)
 
 
 def record_choice_letter(question: str, answer: str, choices: list) -> str | None:
     """choice_letter of a record's answer. Once its options are shown (shows_choices) the answer is read as their
     letter first: options ["B", "A"] with answer "A" mean option A, the text "B", and stay so however many stages
     read the record again (read as a text first, "A" would be option B, then A, then B)."""
-    if shows_choices(question):
+    if shows_choices(question, choices):
         return _option_letter(answer, len(choices)) or choice_letter(answer, choices)
     return choice_letter(answer, choices)
 
@@ -1243,7 +1246,7 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
         letter = record_choice_letter(question, answer, [str(c).strip() for c in choices])
         if letter is None:
             raise DataError(f"{where}: answer {answer!r} is neither an option nor an option letter of {list(choices)}")
-        question, answer = question if shows_choices(question) else render_choices(question, list(choices)), letter
+        question, answer = question if shows_choices(question, choices) else render_choices(question, list(choices)), letter
     src_col = cols.get("source")
     if src_col and row.get(src_col) not in (None, ""):
         source = str(row[src_col])  # a column of the rows

@@ -747,10 +747,13 @@ def test_a_records_options_are_shown_once_and_its_answer_letter_stays_put_over_s
     rows = [dict(id="p", question="Which point is the vertex?", answer="A", choices=["B", "A", "C"]),
             dict(id="v", question="Find x.\nChoices:\nA:30°\nB:60°", answer="60°", choices=["30°", "60°"]),
             dict(id="n", question="How many?", answer=1, choices=[1.0, 2]),
-            dict(id="y", question="Is it red?", answer="yes", choices=["Yes", "No"])]
+            dict(id="y", question="Is it red?", answer="yes", choices=["Yes", "No"]),
+            dict(id="s", question="Which of statements (A) and (B) holds?", answer="Both", choices=["Only (A)", "Both"])]
     first = data_prep.load_records(str(jsonl(tmp_path / "a.jsonl", rows)))
     assert [(r["answer"], r["choices"]) for r in first] == [("B", ["B", "A", "C"]), ("B", ["30°", "60°"]),
-                                                           ("A", ["1.0", "2"]), ("A", ["Yes", "No"])]
+                                                           ("A", ["1.0", "2"]), ("A", ["Yes", "No"]),
+                                                           ("B", ["Only (A)", "Both"])]
+    assert first[4]["question"].endswith("\nChoices:\n(A) Only (A)\n(B) Both")  # "(A)", "(B)" alone are no list
     assert first[0]["question"] == "Which point is the vertex?\nChoices:\n(A) B\n(B) A\n(C) C"
     assert first[1]["question"] == rows[1]["question"]  # its own list, not a second one
     again = data_prep.load_records(str(jsonl(tmp_path / "b.jsonl", [
