@@ -1753,6 +1753,9 @@ def logprobs_for(model, run, cfg, device, prompts, ro, rows, G) -> torch.Tensor:
 # set of row counts and key lengths.
 
 
+SDPA_GQA_DECODE = True  # the eager decode step forces SDPA's grouped-query mode (EagerKV.step)
+
+
 class EagerKV:
     """The eager sampler's KV cache: prefill()'s, copied `repeats` times, grown by one column per step; once a
     quarter of the batch is done, its finished rows leave it."""
@@ -1789,9 +1792,6 @@ class EagerKV:
             logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, cache=self.cache,
                            use_cache=True).logits[:, -1]
         return sample_token(without_banned(logits, banned), temperature, top_p, u)
-
-
-SDPA_GQA_DECODE = True  # the eager decode step forces SDPA's grouped-query mode (EagerKV.step)
 
 
 POOL_ATTENTION = "ares_pool"  # the decode step's attention function, registered with Hugging Face by KVPool

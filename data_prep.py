@@ -254,10 +254,8 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
         else:
             seen.add(rid)
             question, answer = row["question"], str(row["answer"])
-            if row.get("choices"):  # options: shown in the prompt once, the answer their letter (record_problem checked it)
-                choices = [str(c).strip() for c in row["choices"]]
-                answer = record_choice_letter(question, answer, choices)
-                question = question if shows_choices(question, choices) else render_choices(question, choices)
+            if row.get("choices"):  # record_problem checked them
+                question, answer, choices = with_choices(question, answer, row["choices"])
                 row = dict(row, choices=choices)
             records.append(dict(row, id=rid, question=question, answer=answer, images=images,
                                 source=row.get("source") or default_source, response=row.get("response"),
@@ -330,7 +328,7 @@ def record_problem(row: dict, need_response: bool) -> str | None:
         if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(LETTERS) or any(
                 wrong_type("answer", c) or not str(c).strip() or CHAT_TOKEN.search(str(c)) for c in choices):
             return f"field 'choices' must be {MUST_BE['choices']}, got {shown(choices)}"
-        if record_choice_letter(str(row["question"]), str(row["answer"]), [str(c).strip() for c in choices]) is None:
+        if with_choices(str(row["question"]), str(row["answer"]), choices)[1] is None:
             return f"field 'answer' {shown(row['answer'])} is neither an option nor an option letter of {shown(choices)}"
     return None
 
@@ -573,13 +571,13 @@ def quick_verdict(pred: str | None, answer: str | Gold) -> bool | None:
     pred, answer = _ascii_math(str(pred)), _ascii_math(gold.answer)
     gold_letter = _choice_letter(answer)
     if gold_letter:  # multiple choice: (B), B., b, \text{B}, "B. 8/11" are all B
-        pred_letter = _choice_letter(pred, said=True)
-        if pred_letter or gold_letter not in LETTERS[:len(gold.choices)]:
+        pred_letter, option = _choice_letter(pred, said=True), right_option(gold)
+        if pred_letter or option is None:
             return pred_letter == gold_letter
         texts = [_normalise(_ascii_math(c)) for c in gold.choices]  # no letter: the option's text, "8/11" or "No"
         if _normalise(pred) in texts:
             return LETTERS[texts.index(_normalise(pred))] == gold_letter
-        answer = _ascii_math(gold.choices[LETTERS.index(gold_letter)])  # "\frac{8}{11}": equal to the option's value?
+        answer = _ascii_math(option)  # "\frac{8}{11}": equal to the option's value?
     p, a = _normalise(pred), _normalise(answer)
     if p == a:
         return True
@@ -592,13 +590,17 @@ def quick_verdict(pred: str | None, answer: str | Gold) -> bool | None:
     return None
 
 
+def right_option(gold: Gold) -> str | None:
+    """The text of the option a multiple-choice answer's letter names, when the record lists its options."""
+    letter = _choice_letter(_ascii_math(gold.answer))
+    return gold.choices[LETTERS.index(letter)] if letter and letter in LETTERS[:len(gold.choices)] else None
+
+
 def math_target(pred: str, answer: str | Gold) -> tuple[str, str]:
     """The pair sympy compares when quick_verdict cannot tell: the prediction and the answer, or, for a
     multiple-choice answer with options, the text of the right option."""
     gold = _gold(answer)
-    letter = _choice_letter(_ascii_math(gold.answer))
-    target = gold.choices[LETTERS.index(letter)] if letter and letter in LETTERS[:len(gold.choices)] else gold.answer
-    return _ascii_math(str(pred)), _ascii_math(target)
+    return _ascii_math(str(pred)), _ascii_math(right_option(gold) or gold.answer)
 
 
 def is_correct(pred: str | None, answer: str | Gold, timeout: float = 3.0) -> bool:
@@ -1097,6 +1099,15 @@ def shows_choices(question: str, choices: list) -> bool:
     return bool(listed) and all(str(c).strip() in question for c in choices)
 
 
+def with_choices(question: str, answer: str, choices: list) -> tuple[str, str | None, list[str]]:
+    """A multiple-choice record as the model and the grader see it: (the question with its options shown once
+    (render_choices, unless shows_choices), the answer's letter (record_choice_letter; None: no option),
+    the options as text)."""
+    options = [str(c).strip() for c in choices]
+    shown_once = question if shows_choices(question, options) else render_choices(question, options)
+    return shown_once, record_choice_letter(question, answer, options), options
+
+
 def record_choice_letter(question: str, answer: str, choices: list) -> str | None:
     """choice_letter of a record's answer. Once its options are shown (shows_choices) the answer is read as their
     letter first: options ["B", "A"] with answer "A" mean option A, the text "B", and stay so however many stages
@@ -1243,10 +1254,10 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
         raise DataError(f"{where}: the choices (column {cols.get('choices')!r}) must be a list of options, got "
                         f"{shown(choices)}")
     if choices:
-        letter = record_choice_letter(question, answer, [str(c).strip() for c in choices])
+        question, letter, options = with_choices(question, answer, choices)
         if letter is None:
             raise DataError(f"{where}: answer {answer!r} is neither an option nor an option letter of {list(choices)}")
-        question, answer = question if shows_choices(question, choices) else render_choices(question, list(choices)), letter
+        answer, choices = letter, options
     src_col = cols.get("source")
     if src_col and row.get(src_col) not in (None, ""):
         source = str(row[src_col])  # a column of the rows
@@ -1260,7 +1271,7 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
     record = dict(id=rid, question=question, answer=answer, images=load_images(get("images"), base, where),
                   source=source, response=response, pass_rate=pass_rate)
     if choices:  # kept beside the rendered question: the grader also takes the right option's text (Gold)
-        record["choices"] = [str(c).strip() for c in choices]
+        record["choices"] = choices
     used = {cols.get(f) for f in FIELDS}
     extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and k not in record and
                                                     (isinstance(v, (str, int, float, bool)) or k == "difficulty")]

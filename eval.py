@@ -394,11 +394,12 @@ def graded_by(record: dict) -> list:
     return [data_prep.GRADER_VERSION, list(gold.choices), gold.precision]
 
 
-def grade_again(lines: list[dict], records: dict) -> list[dict]:
-    """Cached response lines whose verdict an older grader, or other options or precision, took: graded again."""
+def grade_again(lines: list[dict], records: dict, marks: dict) -> list[dict]:
+    """Cached response lines whose verdict an older grader, or other options or precision, took: graded again
+    (`marks`: each record's graded_by now)."""
     golds = [data_prep.gold_of(records[x["id"]]) for x in lines]
     preds = [data_prep.extract_boxed(x["response"]) for x in lines]
-    return [dict(x, prediction=p, correct=c, graded_by=graded_by(records[x["id"]]))
+    return [dict(x, prediction=p, correct=c, graded_by=marks[x["id"]])
             for x, p, c in zip(lines, preds, data_prep.grade_batch(preds, golds, workers=0))]
 
 
@@ -498,6 +499,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     decoding, settings = decoding_key(cfg), settings_key(cfg, model, processor)
     usable, failed = check_prompts(processor, bench["records"], cfg.max_prompt_len)
     by_id = {r["id"]: r for r in usable}
+    marks = {rid: graded_by(r) for rid, r in by_id.items()}
     content = {r["id"]: record_key(processor, r, bench["image_digests"][r["id"]]) for r in usable}
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, settings, content[rid])  # noqa: E731
     failed = [dict(id=f["id"], error=f["error"]) for f in bench["failures"]] + failed
@@ -514,7 +516,7 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
         failed += bad
         for line in lines:
             line = dict(key=key(line["id"], line["sample"]), model=name, model_path=mkey, benchmark=bench["name"],
-                        benchmark_key=bench["key"], decoding=decoding, graded_by=graded_by(by_id[line["id"]]), **line)
+                        benchmark_key=bench["key"], decoding=decoding, graded_by=marks[line["id"]], **line)
             if line["key"] in cache:  # a chunk regenerated for a missing sample: keep what was cached
                 continue
             cache[line["key"]] = line
@@ -525,9 +527,9 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
             writer.flush()  # a crash loses at most one round
         bar.update(sum(map(len, todo[start:start + world])))
     bar.close()
-    stale = [cache[key(r["id"], k)] for r in usable for k in range(cfg.samples)  # a line of before graded_by too
-             if key(r["id"], k) in cache and cache[key(r["id"], k)].get("graded_by") != graded_by(r)]
-    for line in grade_again(stale, by_id) if stale else []:  # every rank grades them; rank 0 appends the new verdicts
+    cached = [cache[key(r["id"], k)] for r in usable for k in range(cfg.samples) if key(r["id"], k) in cache]
+    stale = [x for x in cached if x.get("graded_by") != marks[x["id"]]]  # a line of before graded_by too
+    for line in grade_again(stale, by_id, marks) if stale else []:  # every rank grades them; rank 0 appends the new verdicts
         cache[line["key"]] = line
         if writer:
             writer.write(json.dumps(line) + "\n")
