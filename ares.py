@@ -11,7 +11,8 @@ and more on hard ones, in two stages:
 
 Run it:
     python ares.py                                   # the whole method offline on a CPU demo (minutes)
-    python ares.py --stage coldstart --model tiny --data demo/train.jsonl
+    python data_prep.py demo --out data/demo         # the demo task as JSONL records; then one stage on it:
+    python ares.py --stage coldstart --model tiny --data data/demo/sft.jsonl --out runs/mine
     torchrun --nproc_per_node=8 ares.py --stage coldstart --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl
     torchrun --nproc_per_node=8 ares.py --stage aepo --model runs/coldstart/final --data rl.jsonl [--fsdp]
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint <node 0>:29500 ares.py ...  # 2 nodes
@@ -38,11 +39,17 @@ the default):
   - --trigger-words checks the token sampled at the window's start (decoded, stripped, lower-cased).
   - Bucket targets T_d are an EMA (momentum 0.9) over steps, fed by every group, filtered ones too; the paper's
     batch mean makes its reward zero.
+  - The entropy reward has the per-bucket shape of the paper's appendix case study and of its released reward
+    function (--entropy-shaping hierarchical); the main text's equation is --entropy-shaping incorrect-only
+    (README: entropy reward).
   - Entropy-reward scale alpha = 0.4 (code: 0.5), so that a correct answer always outranks a wrong one.
   - KL is per token: beta0 * bucket multiplier * kappa_d * rho^(inside HWE window) (code: per sequence,
     window relaxation unreachable). kappa_d adapts to the KL measured OUTSIDE windows only (Alg. 1), on the
     kept responses during the update (first epoch), and is clipped to [0.01, 100].
   - Ratio uses pi_old, not pi_ref (Eq. 2 typo). Asymmetric clip 0.2/0.3 and dual clip 3, as released.
+  - The loss is Eq. 2's mean over each response's tokens, then over the responses, with the global batch's counts
+    (code: one mean over a micro-batch's tokens; --loss-agg token-mean is that mean over the global batch; README:
+    loss aggregation).
   - Log-probs and entropies are those of the untruncated softmax(z / T), while sampling draws from the top-p
     nucleus (0.99): the update differentiates the full policy.
   - Alg. 1's token entropy bonus (undefined phi, b_i) and its /L_i advantage scaling are left out.
@@ -233,7 +240,8 @@ class Config:
                                 allowed=GRADER_TIMEOUT)
     grader_workers: int = arg(4, "processes that grade a step's answers in parallel (0 = in this process)", allowed=AT_LEAST_0)
     # demo (stage demo only)
-    demo_steps: int = arg(None, "AEPO steps of the demo, coldstart steps 5x that (default: each stage's --steps)",
+    demo_steps: int = arg(None, "a quick demo on a smaller task: N AEPO steps, the warm-up and the cold start 5N each "
+                               "(default: the full demo, DEMO_STEPS: 800 / 300 / 100)",
                           allowed=AT_LEAST_1)
     # not a flag: the flags given on the command line, so that an explicit value wins even when it equals the default
     given: tuple = field(default=(), repr=False)
@@ -3285,10 +3293,28 @@ def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
 
 
 def demo_wait(procs: list):
-    for proc, log in procs:
-        if proc.wait():
-            raise SystemExit(f"demo stage failed ({proc.returncode}); its output:\n" + log.read_text()[-3000:])
-    procs.clear()
+    """Wait for a stage's processes. The first that fails ends the demo with its output, and so does a Ctrl-C; either
+    way the others are stopped first, with a Ctrl-C of their own (each releases its --out and says where it stopped),
+    so that no stage goes on writing into the demo's folder, or holds its lock, after the demo has ended."""
+    try:
+        while procs:
+            for proc, log in list(procs):
+                if proc.poll() is None:
+                    continue
+                procs.remove((proc, log))
+                if proc.returncode:
+                    raise SystemExit(f"demo stage failed ({proc.returncode}); its output:\n" + log.read_text()[-3000:])
+            time.sleep(0.2)
+    finally:
+        for proc, _ in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # it did not stop at its Ctrl-C
+                proc.kill()
+                proc.wait()
+        procs.clear()
 
 
 def run_demo(cfg: Config):

@@ -265,6 +265,31 @@ def test_demo_overwrite_passes_overwrite_to_every_training_stage_and_deletes_the
     assert all("--overwrite" in c for c in training)
 
 
+def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_path, monkeypatch):
+    """The demo runs ARES and GRPO side by side. When GRPO failed, the demo ended with its output while ARES's run went
+    on alone, writing into the demo's folder and holding its lock, so the `--overwrite` rerun the message suggests
+    stopped at that lock. Now the failure stops the other stage with a Ctrl-C of its own, and only then ends. Each
+    stage here is a stand-in process; the demo's own run_demo and demo_wait start and wait for them."""
+    out, started, stopped = tmp_path / "demo", tmp_path / "aepo.started", tmp_path / "aepo.ctrl-c"
+    scripts = {  # the ARES run: long, and marks a Ctrl-C; the GRPO run fails once the ARES run is under way
+        "aepo": f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntry:\n    time.sleep(120)\n"
+                f"except KeyboardInterrupt:\n    pathlib.Path({str(stopped)!r}).touch()\n    raise SystemExit(130)",
+        "grpo": f"import os, time\nwhile not os.path.exists({str(started)!r}):\n    time.sleep(0.05)\n"
+                "print('grpo broke')\nraise SystemExit(3)"}
+
+    def stand_in(args, procs, log, nproc=1):
+        fh = open(log, "w")
+        procs.append((subprocess.Popen([sys.executable, "-c", scripts.get(log.stem, "pass")], stdout=fh,
+                                       stderr=subprocess.STDOUT), log))
+
+    monkeypatch.setattr(ares, "demo_command", stand_in)
+    tick = time.time()
+    with pytest.raises(SystemExit) as e:
+        ares.main(["--out", out, "--demo-steps", "1"])
+    assert str(e.value.code).startswith("demo stage failed (3); its output:\ngrpo broke")
+    assert stopped.exists() and time.time() - tick < 60  # the ARES stage got its Ctrl-C; the demo did not wait for it
+
+
 def test_a_config_json_alone_is_a_run_that_never_started_and_a_resume_without_one_writes_it(runs, tiny_ckpt, demo_data,
                                                                                               tmp_path):
     # README "Run folders": a folder holding only a run record trains without --resume or --overwrite; a run folder
