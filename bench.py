@@ -2,7 +2,7 @@
 
     python bench.py --size tiny                             # CPU, ~30 s: sampler vs generate, update, AEPO step
     /tmp/trlvenv/bin/python bench.py --size tiny --trl      # + TRL's GRPOTrainer, same model/prompts/config (needs trl)
-    python bench.py --size 3b,7b --quick --cache-dir .bench_cache --out bench_gpu.json   # one GPU, ~7 min
+    python bench.py --size 3b,7b --quick --cache-dir .bench_cache --out bench_gpu.json   # one GPU
     python bench.py --plan                                  # only the 8 x 80 GB memory plan, from parameter counts
 
 What it measures, with the same code at every size (tiny on the CPU, Qwen2.5-VL-3B/7B at their published sizes with

@@ -1872,13 +1872,13 @@ def command_parser() -> argparse.ArgumentParser:
     ad.add_argument("--seed", type=int, default=0, help="seed of the per-bracket subsampling (default: 0)")
     ad.add_argument("--out", required=True, help="output .jsonl or .parquet (the cold-start data)")
 
-    demo = sub.add_parser("demo", help="write the offline demo task (sft / rl / test splits)")
-    demo.add_argument("--out", default="data/demo", help="output folder")
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--sft", type=int, default=3000, help="warm-up records (one trace each)")
-    demo.add_argument("--pool", type=int, default=1200, help="pool problems (pass rates, AdaCS's teacher traces)")
-    demo.add_argument("--rl", type=int, default=1000, help="AEPO prompts")
-    demo.add_argument("--test", type=int, default=300, help="held-out records")
+    demo = sub.add_parser("demo", help="write the offline demo task: sft, pool, pool_traces, rl and test .jsonl, and their images")
+    demo.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--sft", type=int, default=3000, help="warm-up records, one trace each (default: 3000)")
+    demo.add_argument("--pool", type=int, default=1200, help="pool problems: pass rates, AdaCS's teacher traces (default: 1200)")
+    demo.add_argument("--rl", type=int, default=1000, help="AEPO prompts (default: 1000)")
+    demo.add_argument("--test", type=int, default=300, help="held-out records (default: 300)")
     return parser
 
 
