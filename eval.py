@@ -544,6 +544,23 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     return summarize(responses, failed, cfg.samples, bench["field"]), failed, n_new, n_cached
 
 
+def load_with_key(path: str, load_cfg, device, seed: int):
+    """The model in `path`, its processor, and the cache key of the weights it holds (model_key), the same on every
+    rank. A training run that saves into the folder while it loads would file one model's responses under the other's
+    key, and serve them again as the new model's: that stops the evaluation instead."""
+    key = model_key(path, seed)
+    model, processor = ares.load_model(path, load_cfg, device)
+    seen = {key, model_key(path, seed)}  # before and after the load
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, seen)
+        seen = set().union(*every)
+    if len(seen) > 1:
+        raise SystemExit(f"--model {path} changed while it loaded (a run saved a checkpoint into it): run the same "
+                         "command again once that save is done")
+    return model, processor, key
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every model on every benchmark and return the results dict (on every rank; rank 0 writes the files)."""
     rank, world, device = ares.init_distributed()
@@ -564,13 +581,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         end_last_line(out / "responses.jsonl")
     writer = open(out / "responses.jsonl", "a") if rank == 0 else None
     metrics, failures, counts = {b["name"]: {} for b in benches}, [], dict(generated=0, cached=0)
+    keys = []
     for path, name in zip(cfg.model, names):
-        model, processor = ares.load_model(path, load_cfg, device)
+        model, processor, mkey = load_with_key(path, load_cfg, device, cfg.seed)
+        keys.append(mkey)
         model.eval()
         ids = ares.special_ids(model, processor)
         for b in benches:
             t0 = time.time()
-            summary, failed, n_new, n_cached = run_benchmark(model, processor, ids, name, model_key(path, cfg.seed), b,
+            summary, failed, n_new, n_cached = run_benchmark(model, processor, ids, name, mkey, b,
                                                              cfg, cache, writer)
             metrics[b["name"]][name] = summary
             failures += [dict(model=name, benchmark=b["name"], **f) for f in failed]
@@ -590,7 +609,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             f"  {f['model']} | {f['benchmark']} | {f['id']}: {f['error']}" for f in failures[:10])
         table += "\n  ..." if len(failures) > 10 else ""
     results = dict(config=dataclasses.asdict(cfg), world_size=world, decoding=decoding,
-                   models=[dict(name=n, path=p, key=model_key(p, cfg.seed)) for n, p in zip(names, cfg.model)],
+                   models=[dict(name=n, path=p, key=k) for n, p, k in zip(names, cfg.model, keys)],
                    benchmarks={b["name"]: dict(key=b["key"], records=len(b["records"]) + len(b["failures"]),
                                                bucket_field=b["field"]) for b in benches},
                    metrics=metrics, failures=failures, table=table, **counts)

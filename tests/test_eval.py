@@ -238,6 +238,31 @@ def terse_ckpt(tmp_path_factory) -> Path:
     return out
 
 
+def test_a_checkpoint_saved_into_while_it_loads_stops_the_evaluation_instead_of_mixing_models(tmp_path, tiny_ckpt,
+                                                                                               bench, monkeypatch):
+    """eval.py named the weights (the cache key) after loading them: a training run that saved into the folder
+    meanwhile filed the old weights' responses under the new weights' key, and the same command served them again
+    as the new model's. Here the "save" lands while the model loads: one line, and nothing is cached."""
+    import os
+    import shutil
+
+    model = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, model)
+    load = ares.load_model
+
+    def load_then_a_save_lands(path, *args, **kw):
+        loaded = load(path, *args, **kw)
+        os.utime(model / "config.json", (1, 1))  # the folder now holds other weights than the ones loaded
+        return loaded
+
+    monkeypatch.setattr(ares, "load_model", load_then_a_save_lands)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(model), "--data", str(bench), "--max-new-tokens", "4", "--out", str(tmp_path / "ev")])
+    assert str(e.value.code) == (f"--model {model} changed while it loaded (a run saved a checkpoint into it): run the "
+                                 "same command again once that save is done")
+    assert not (tmp_path / "ev" / "responses.jsonl").read_text().strip()
+
+
 def test_two_models_side_by_side_then_compare_reads_the_cache(tmp_path, tiny_ckpt, terse_ckpt, bench, capsys):
     out = tmp_path / "eval"
     ev.main(["--model", str(tiny_ckpt), "--model", str(terse_ckpt), "--name", "tiny", "--name", "terse",
