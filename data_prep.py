@@ -191,11 +191,23 @@ def open_image(img, base: Path | None = None):
     if isinstance(img, dict) or isinstance(img, str) and base is not None:
         img = image_source(img, base or Path("."))
     if isinstance(img, (bytes, bytearray)):
-        return Image.open(io.BytesIO(img)).convert("RGB")
+        return on_white(Image.open(io.BytesIO(img)))
     if isinstance(img, str):
         with Image.open(img) as im:
-            return im.convert("RGB")
-    return img.convert("RGB")
+            return on_white(im)
+    return on_white(img)
+
+
+def on_white(im):
+    """PIL image -> RGB, a transparent one laid on white first, as Qwen-VL's own processor does (convert_to_rgb): a
+    plain .convert("RGB") drops the alpha and keeps the hidden colour, black in most files, so a black drawing on a
+    transparent background (common in MathVista's PNGs) became an all-black image."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
+        return im.convert("RGB")
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def _decoded_size(img) -> tuple[int, int]:

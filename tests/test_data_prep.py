@@ -293,6 +293,36 @@ def test_undecodable_image_bytes_and_the_cli_error(tmp_path):
         data_prep.main(["convert", "--data", str(path), "--out", str(tmp_path / "o.jsonl")])
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_transparent_image_is_laid_on_white_as_the_models_own_processor_does(mode, tmp_path, tiny):
+    """A black drawing on a transparent background (MathVista has such PNGs) became an all-black image: the alpha was
+    dropped and the hidden colour, black, kept. Each pixel must be colour * a + white * (1 - a), worked out here by
+    hand, in what the model is given (the records' prompts as the trainer and eval.py encode them)."""
+    rgba = np.zeros((28, 28, 4), np.uint8)  # transparent black everywhere
+    rgba[4:24, 12:16] = (0, 0, 0, 255)  # an opaque black stroke
+    rgba[4:8, 20:24] = (200, 0, 0, 128) if mode == "RGBA" else (0, 0, 0, 255)
+    im = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    if mode == "P":  # a palette with one transparent entry, as PNG optimisers write
+        im = Image.fromarray(rgba[..., 3] // 255, "P")
+        im.putpalette([255, 0, 255, 0, 0, 0] + [0] * 762)  # index 0: magenta, hidden; 1: black
+        im.info["transparency"] = 0
+    im.save(tmp_path / "drawing.png")
+    rgba = np.asarray(Image.open(tmp_path / "drawing.png").convert("RGBA")).astype(float)
+    a = rgba[..., 3:] / 255
+    want = np.round(rgba[..., :3] * a + 255 * (1 - a)).astype(np.uint8)  # (28, 28, 3), by hand
+    (tmp_path / "r.jsonl").write_text(json.dumps(dict(id="r", question="What is drawn?", answer="1",
+                                                      images=["drawing.png"])) + "\n")
+    records = data_prep.load_records(str(tmp_path / "r.jsonl"))
+    got = np.asarray(data_prep.open_image(records[0]["images"][0]))
+    assert np.abs(got.astype(int) - want).max() <= 1 and got[0, 0].tolist() == [255, 255, 255]
+    _, processor = tiny
+    (enc,) = data_prep.encode_prompts(processor, records)
+    ref = processor(text=[data_prep.prompt_text(processor, records[0])], images=[Image.fromarray(want)])
+    assert torch.allclose(enc["pixel_values"], torch.from_numpy(ref["pixel_values"]), atol=0.05)
+
+
 def test_json_list_files_and_a_broken_json_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
     assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
