@@ -3081,6 +3081,11 @@ def validate_config(cfg: Config) -> Config:
     if saved is not None:  # --out a saved model, or a folder inside a checkpoint (which keep_last may delete)
         raise SystemExit(f"--out {cfg.out}: " + ("it is" if saved == out else f"{saved} is") + " a saved model, not a "
                          "run folder (a run there would overwrite its files); give a new folder")
+    for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
+        if path and Path(path).expanduser().exists() and out.resolve() in Path(path).expanduser().resolve().parents:
+            raise SystemExit(f"{flag} {path} lies inside --out {cfg.out}, where this run saves its checkpoints and "
+                             "deletes old ones (--keep-last, --overwrite): it would lose the model it starts from; "
+                             "copy it out of --out, or give another --out")
     return validate_extras(cfg)
 
 

@@ -290,6 +290,23 @@ def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_
     assert stopped.exists() and time.time() - tick < 60  # the ARES stage got its Ctrl-C; the demo did not wait for it
 
 
+@pytest.mark.parametrize("flag", ["--model", "--ref-model"])
+def test_a_model_inside_out_stops_before_overwrite_deletes_it(flag, tiny_ckpt, demo_data, tmp_path):
+    """AEPO from a cold start's final/ with --out the cold start's own folder: the refusal said to add --overwrite, and
+    --overwrite then deleted the whole cold-start run, final/ included, before the model loaded (a hub-name traceback
+    followed). A model inside --out stops with one line, with or without --overwrite, and the run is left whole."""
+    out = tmp_path / "run"
+    ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 1))
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    model = {"--model": out / "final", "--ref-model": tiny_ckpt}[flag]
+    extra = ["--ref-model", out / "final", "--kl-coef", 0.01] if flag == "--ref-model" else []
+    for again in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            ares.main(aepo_args(demo_data["rl"], out, model, "--steps", 1, *extra, *again))
+        assert one_line(e).startswith(f"{flag} {out / 'final'} lies inside --out {out}, where this run saves"), one_line(e)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
 def test_a_config_json_alone_is_a_run_that_never_started_and_a_resume_without_one_writes_it(runs, tiny_ckpt, demo_data,
                                                                                               tmp_path):
     # README "Run folders": a folder holding only a run record trains without --resume or --overwrite; a run folder
