@@ -1251,9 +1251,17 @@ def load_processor(name: str, is_vlm: bool, cfg):
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     tok = AutoTokenizer.from_pretrained(name)
+    if not tok("a b", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one where files are missing
+        raise SystemExit(f"{name}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt): the tokenizer "
+                         f"made without them ({len(tok)} tokens) reads all text as nothing; save the model's tokenizer "
+                         "in the folder (processor.save_pretrained)")
     if not is_vlm:
         return tok
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    try:
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+    except OSError:
+        raise SystemExit(f"{name}: no image processor settings (processor_config.json or preprocessor_config.json): "
+                         "save the model's processor in the folder (processor.save_pretrained)") from None
     # a tiny checkpoint keeps the image size it learned on (56 x 56 to 112 x 112 pixels) unless a flag names another
     if not is_tiny(name) or {"min_pixels", "max_pixels"} & set(cfg.given):
         image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}

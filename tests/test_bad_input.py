@@ -453,6 +453,37 @@ def test_grader_time_limit_is_a_hard_one_even_for_a_stuck_worker(monkeypatch):
         p.kill()
 
 
+@pytest.mark.parametrize("tool", ["ares.py", "eval.py"])
+@pytest.mark.parametrize("missing", ["tokenizer", "image processor"])
+def test_a_model_folder_without_its_tokenizer_or_processor_files_stops_with_one_line(missing, tool, tiny_ckpt, demo_data,
+                                                                                    tmp_path):
+    """A model folder saved without its tokenizer (weights and config only) loaded an empty tokenizer that reads all
+    text as nothing: training went on, on the special tokens alone, and eval.py scored empty answers. A VLM folder
+    without its processor settings ended in transformers' hub-download traceback. Each now stops with one line naming
+    the folder and the files it lacks, before the weights load."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, model)
+    gone = ["tokenizer.json", "vocab.json", "merges.txt"] if missing == "tokenizer" else \
+        ["processor_config.json", "preprocessor_config.json"]
+    for name in gone:
+        (model / name).unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as err:
+        if tool == "ares.py":
+            ares.main(["--stage", "aepo", "--model", model, "--data", demo_data["rl"], "--out", tmp_path / "out",
+                       "--steps", "1"])
+        else:
+            import eval as ev
+
+            ev.main(["--model", str(model), "--data", str(demo_data["test"]), "--out", str(tmp_path / "ev")])
+    msg = str(err.value.code)
+    want = {"tokenizer": f"{model}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
+            "image processor": f"{model}: no image processor settings (processor_config.json or "
+                               "preprocessor_config.json)"}[missing]
+    assert msg.startswith(want) and "\n" not in msg, msg
+
+
 @pytest.mark.parametrize("case", ["out is a checkpoint", "out inside a checkpoint", "model is a run folder",
                                   "model is a LoRA adapter"])
 def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(case, tiny_ckpt, demo_data, tmp_path):
