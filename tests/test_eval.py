@@ -263,6 +263,38 @@ def test_a_checkpoint_saved_into_while_it_loads_stops_the_evaluation_instead_of_
     assert not (tmp_path / "ev" / "responses.jsonl").read_text().strip()
 
 
+def test_after_a_failed_gpu_the_same_command_continues_from_the_cached_responses(tmp_path, tiny_ckpt, bench,
+                                                                                 monkeypatch):
+    """The line a failed GPU ends eval.py with says the same command continues from the responses so far. Here the
+    second chunk fails as a CUDA error would; the same command, run again, generates only the chunks after the first,
+    and its results are those of a run that never failed."""
+    args = ["--model", str(tiny_ckpt), "--data", str(bench), "--max-new-tokens", "8", "--batch-size", "2",
+            "--temperature", "1.0"]
+    results = lambda out: json.loads((Path(out) / "results.json").read_text())  # noqa: E731
+    ev.main(args + ["--out", str(tmp_path / "clean")])
+    clean = results(tmp_path / "clean")
+    real, calls = ev.generate_chunk, []
+
+    def second_chunk_fails(model, processor, ids, chunk, cfg, seed):
+        calls.append([r["id"] for r in chunk])
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, processor, ids, chunk, cfg, seed)
+
+    monkeypatch.setattr(ev, "generate_chunk", second_chunk_fails)
+    out = str(tmp_path / "failed")
+    with pytest.raises(SystemExit, match="the same command continues from them"):
+        ev.main(args + ["--out", out])
+    first = calls[0]
+    calls.clear()
+    monkeypatch.setattr(ev, "generate_chunk", lambda *a: calls.append([r["id"] for r in a[3]]) or real(*a))
+    ev.main(args + ["--out", out])
+    again = results(out)
+    assert first not in calls and sum(map(len, calls)) == clean["generated"] - len(first)
+    assert (again["cached"], again["generated"]) == (len(first), clean["generated"] - len(first))
+    assert again["metrics"] == clean["metrics"] and again["failures"] == clean["failures"]
+
+
 def test_two_models_side_by_side_then_compare_reads_the_cache(tmp_path, tiny_ckpt, terse_ckpt, bench, capsys):
     out = tmp_path / "eval"
     ev.main(["--model", str(tiny_ckpt), "--model", str(terse_ckpt), "--name", "tiny", "--name", "terse",
