@@ -250,6 +250,29 @@ def test_reward_fn_replaces_the_grader_and_refill_fills_every_batch(tiny_ckpt, d
     assert json.loads((out / "config.json").read_text())["flags"]["reward_fn"].endswith("my_reward.py:score")
 
 
+def test_reward_fn_by_module_name_from_pythonpath_in_the_command_line_run(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README "Forking": --reward-fn module:function takes a module importable from where ares.py runs (installed, or
+    on PYTHONPATH), not only a file.py. `python ares.py` itself, in its own process: every response is scored by the
+    hook, and each step's accuracy is the hook's scores, recomputed here from the ids it was called with."""
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "my_scores.py").write_text(
+        "import os\n\n\ndef score(record, response):\n    with open(os.environ['ARES_TEST_CALLS'], 'a') as f:\n"
+        "        f.write(record['id'] + '\\n')\n    return float(int(record['id'][-1]) % 3 == 0)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hooks"))
+    monkeypatch.setenv("ARES_TEST_CALLS", str(tmp_path / "calls.txt"))
+    out = tmp_path / "run"
+    run_script(["ares.py", *aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--reward-fn", "my_scores:score",
+                                      "--entropy-shaping", "none", "--keep-uniform-groups")])
+    ids = (tmp_path / "calls.txt").read_text().split()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(ids) == sum(4 * r["groups"] for r in rows) == 2 * 2 * 4  # 2 steps x 2 prompts x G = 4
+    for k, r in enumerate(rows):
+        step = ids[8 * k:8 * (k + 1)]  # the step's 2 prompts x 4 responses, in order
+        assert r["acc"] == pytest.approx(sum(int(i[-1]) % 3 == 0 for i in step) / len(step))
+        assert r["reward"] == pytest.approx(r["acc"])
+    assert json.loads((out / "config.json").read_text())["flags"]["reward_fn"] == "my_scores:score"
+
+
 @pytest.mark.parametrize("spec, words", [("nofile.py:f", "no such file nofile.py"), ("json:nope", "has no function 'nope'"),
                                          ("no_such_module_x:f", "cannot import no_such_module_x"), ("justaname", "give file.py:fn or module:fn")])
 def test_a_bad_reward_fn_is_one_line_naming_the_flag(spec, words, tmp_path):
