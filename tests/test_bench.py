@@ -139,6 +139,32 @@ def trace_seconds(trace: dict) -> dict:
     return dict(out, ranges=ranges)
 
 
+def test_grader_throughput_grades_alike_in_process_and_in_worker_processes(tmp_path):
+    """README "Grading throughput": `bench.py --grader` runs (no test ran it before) and its verdicts do not depend on
+    where the grading runs: as many answers graded right in this process as in 1 or 2 worker processes; the
+    adversarial answers (built to stall a parser) are cut at the timeout and score 0."""
+    run_script(["bench.py", "--grader", "--grader-answers", 20, "--out", tmp_path / "g.json"])  # the 3 s default: at
+    # 0.5 s a worker's first answer (it imports the parser) could time out under load
+    rows = json.loads((tmp_path / "g.json").read_text())["results"]["grader"].values()
+    realistic = [r for r in rows if r["set"] == "realistic"]
+    assert sorted(r["workers"] for r in realistic) == [0, 1, 2] and all(r["answers"] == 20 for r in realistic)
+    assert len({r["correct"] for r in realistic}) == 1 and 0 < realistic[0]["correct"] < 20
+    assert all(r["correct"] == 0 and positive(r["answers_per_s"]) for r in rows if r["set"] == "adversarial")
+
+
+def test_host_memory_measures_every_phase_on_two_ranks(tiny_ckpt, tmp_path):
+    """README "Memory at load and save": `bench.py --host-memory <folder>` starts itself under torchrun on 2 ranks and
+    reports each phase per rank in units of M, the model's fp32 bytes (counted here from the checkpoint's file)."""
+    from safetensors.torch import load_file
+
+    run_script(["bench.py", "--host-memory", tiny_ckpt, "--dtype", "bf16", "--out", tmp_path / "h.json"])
+    ranks = json.loads((tmp_path / "h.json").read_text())["results"]["host_memory"]["ranks"]
+    M = sum(t.numel() for t in load_file(str(tiny_ckpt / "model.safetensors")).values()) * 4
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["model_bytes"] == M for r in ranks)
+    phases = ("load_M", "ddp_wrap_M", "reference_M", "sampling_copy_M", "first_update_M")
+    assert all(math.isfinite(r[k]) and r[k] >= 0 for r in ranks for k in phases) and all(r["load_M"] > 0 for r in ranks)
+
+
 def test_profile_of_an_update_micro_batch(tmp_path):
     """bench.py --profile on the tiny model, CPU: every field there, shares in [0, 1] that add up where they
     partition the time, the top list sorted; the GEMM, attention and vision shares equal an independent count over
