@@ -1432,13 +1432,14 @@ def evaluating(model):
         model.train(was)
 
 
-def load_for_fsdp(name: str, cfg: Config, device, processor=None):
+def load_for_fsdp(name: str, cfg: Config, device, processor=None, fill: bool = True):
     """Loading for FSDP2 without a full copy per rank: every rank builds an empty (meta) skeleton to shard, and rank 0
     alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
-    one tensor at a time. -> (skeleton, processor, rank 0's full model or None)."""
+    one tensor at a time. fill=False (a resume, whose shards come from the checkpoint's state/): no rank reads them.
+    -> (skeleton, processor, rank 0's full model or None)."""
     skeleton, processor = load_model(name, cfg, device, meta=True, processor=processor)
     full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"), processor=processor)[0] \
-        if rank() == 0 else None
+        if fill and rank() == 0 else None
     return skeleton, processor, full
 def add_lora(hf, cfg):
     """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
@@ -2343,8 +2344,7 @@ def load_for_training(cfg: Config, device, ckpt: Path | None = None, processor=N
     out.mkdir(parents=True, exist_ok=True)
     name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
     if sharded(cfg):  # a resume reads its shards from state/: nothing to send then
-        hf, processor, full = load_for_fsdp(name, master, device, processor)
-        full = None if ckpt else full
+        hf, processor, full = load_for_fsdp(name, master, device, processor, fill=not ckpt)
     else:
         (hf, processor), full = load_model(name, master, device, processor=processor), None
     hf = make_trainable(hf, cfg)

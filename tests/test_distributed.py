@@ -313,8 +313,9 @@ def test_a_stalled_rank_stops_a_torchrun_stage_with_one_line_naming_dist_timeout
 
 MEMORY = '''
 """torchrun worker: the peak host memory of each rank (VmHWM, reset before each phase) while loading a model with
---fsdp, saving a checkpoint after one optimizer step, and (mode 'resume', a fresh process) resuming from it.
-A warm-up on the tiny model first imports every module and warms the allocator, so the deltas are the model's."""
+--fsdp, saving a checkpoint after one optimizer step, and (mode 'resume', a fresh process) resuming from it as the
+trainer does (load_for_training given the newest checkpoint); and the whole-model reads (load_model without meta) of
+each. A warm-up on the tiny model first imports every module and warms the allocator, so the deltas are the model's."""
 import gc
 import json
 import sys
@@ -327,6 +328,17 @@ import torch.distributed as dist
 import ares
 
 mode, model_dir, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
+full_loads = []  # the models this rank read whole: mapped from disk, a read's peak memory does not show them
+real_load_model = ares.load_model
+
+
+def counted_load_model(name, cfg, device, meta=False, processor=None):
+    if not meta:
+        full_loads.append(name)
+    return real_load_model(name, cfg, device, meta=meta, processor=processor)
+
+
+ares.load_model = counted_load_model
 
 
 def status(key: str) -> int:
@@ -346,7 +358,8 @@ def load(model, resume):
     cfg = ares.resolve_stage_defaults(ares.parse_config(
         ["--stage", "aepo", "--model", model, "--data", "x", "--out", str(out / model.replace("/", "_")), "--fsdp",
          "--lr", "1e-3"] + (["--resume"] if resume else [])), "aepo")
-    run = ares.load_for_training(cfg, torch.device("cpu"))
+    ckpt = ares.latest_checkpoint(Path(cfg.out)) if resume else None  # what the trainer's --resume passes
+    run = ares.load_for_training(cfg, torch.device("cpu"), ckpt)
     return ares.prepare_training(cfg, run, torch.device("cpu"), 10)
 
 
@@ -364,11 +377,13 @@ warm = load("tiny", resume=mode == "resume")
 if mode == "fresh":
     step_and_save(warm)
 del warm
+full_loads.clear()
 report = {"model_bytes": None}
 run, report["load" if mode == "fresh" else "resume"] = measured(lambda: load(model_dir, resume=mode == "resume"))
 if mode == "fresh":
     report["save"] = step_and_save(run)
 report["model_bytes"] = sum(p.numel() * 4 for p in run.policy.parameters())  # DTensor numel: the global size
+report["full_loads"] = len(full_loads)
 (out / f"{mode}_rank{rank}.json").write_text(json.dumps(report))
 dist.destroy_process_group()
 '''
@@ -394,7 +409,8 @@ def test_fsdp_load_save_and_resume_never_hold_a_full_copy_per_rank(mid_size_ckpt
     shards live in host memory too). Fresh load: rank 0 reads the model once (1 M) and keeps its shard (0.5 M), rank 1
     only its shard; save: rank 0 gathers the weights for the HF export (1 M), never the optimizer (before: every rank
     loaded the whole model, 1.2-1.4 M, and a save gathered weights plus AdamW onto rank 0, 3 M); resume: each rank
-    reads only its own shards of weights and AdamW (1.5 M, plus read buffers: before, 4.5 M)."""
+    reads only its own shards of weights and AdamW (1.5 M, plus read buffers: before, 4.5 M), and no rank reads the
+    whole model (before: rank 0 read the checkpoint's, for fill_shards(), which a resume skips, to drop it unused)."""
     script = tmp_path / "memory.py"
     script.write_text(MEMORY)
     for mode in ("fresh", "resume"):
@@ -408,6 +424,8 @@ def test_fsdp_load_save_and_resume_never_hold_a_full_copy_per_rank(mid_size_ckpt
     for (mode, rank, phase), need in limits.items():
         peak = got[mode, rank][phase] / M
         assert peak < need + 0.35 if phase != "resume" else peak < need + 1.0, f"{phase} on rank {rank}: {peak:.2f} M"
+    full_loads = {(mode, r): got[mode, r]["full_loads"] for mode in ("fresh", "resume") for r in (0, 1)}
+    assert full_loads == {("fresh", 0): 1, ("fresh", 1): 0, ("resume", 0): 0, ("resume", 1): 0}, full_loads
 
 
 def test_fsdp_fills_fp32_master_shards_from_a_bf16_checkpoint_read_once(tiny, tmp_path, monkeypatch):
