@@ -54,8 +54,8 @@ the default):
     nucleus (0.99): the update differentiates the full policy.
   - Alg. 1's token entropy bonus (undefined phi, b_i) and its /L_i advantage scaling are left out.
   - Groups whose accuracy is all 0 or all 1 are dropped (paper: mean reward outside [0.01, 0.99]).
-    --max-refill-rounds (off): refill prompts are drawn at random; each round's rows are scored against that
-    round's own tau, the one its branch points were chosen with (README: refill).
+    --max-refill-rounds (off): refill prompts are drawn at random, none that the step drew before; each round's rows
+    are scored against that round's own tau, the one its branch points were chosen with (README: refill).
   - Answers are graded by math-verify (the released code uses mathruler), after choice-letter and string checks.
   - Cold start: lr 2e-5 with a 3% linear warm-up, then cosine decay to 10% (the paper gives no schedule).
   - AdaCS (data_prep.py): L(0), L(1) are medians over all traces, right and wrong; a source without a p = 0
@@ -940,11 +940,18 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
 
 def draw(n: int, step: int, rnd: int, cfg: Config) -> list[int]:
     """This rank's records in refill round `rnd` of a step: round 0 the step's share of the epoch (step_indices);
-    a refill round --batch-size records at random (seeded by seed, step and round), dealt round-robin."""
+    a refill round --batch-size records at random (seeded by seed, step and round) among those no earlier round of
+    the step drew, on any rank (a data set too small for that: then those drawn before), dealt round-robin. Each
+    round's list is the same on every rank and for any number of ranks. Example, 6 records, --batch-size 2: rounds
+    0, 1, 2 draw each record once."""
     if rnd == 0:
         return step_indices(n, step, cfg.batch_size, cfg.seed)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rnd))
-    return order[:cfg.batch_size].tolist()[rank()::world_size()]
+    drawn = set(step_batch(n, step, cfg.batch_size, cfg.seed))  # round 0's, all ranks'
+    for r in range(1, rnd + 1):  # each refill round's list depends on the rounds before it
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + r))
+        batch = sorted(order.tolist(), key=lambda i: i in drawn)[:cfg.batch_size]  # stable: undrawn ones first
+        drawn.update(batch)
+    return batch[rank()::world_size()]
 
 
 def grade_rollouts(ro: Rollouts, recs: list[dict], cfg: Config, tok) -> Rollouts:
@@ -2289,12 +2296,16 @@ def step_seed(cfg: Config, step: int) -> int:
     return cfg.seed * 1_000_003 + step * world_size() + rank()
 
 
-def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
-    """This rank's records for a global step: the step's slice of its epoch's permutation, dealt round-robin."""
+def step_batch(n: int, step: int, batch: int, seed: int) -> list[int]:
+    """The records of a global step, all ranks': the step's slice of its epoch's permutation."""
     per_epoch = n // batch
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + step // per_epoch))
-    idx = order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
-    return idx[rank()::world_size()]
+    return order[(step % per_epoch) * batch:(step % per_epoch + 1) * batch].tolist()
+
+
+def step_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
+    """This rank's records for a global step: its share of step_batch, dealt round-robin."""
+    return step_batch(n, step, batch, seed)[rank()::world_size()]
 
 
 def check_batch(cfg: Config, n_records: int, what: str):

@@ -227,6 +227,27 @@ def test_keep_first_keeps_the_first_n_kept_groups_by_hand():
     assert ares.keep_first(keep, 0).tolist() == [False] * 5
 
 
+def test_a_refill_round_draws_only_records_its_step_has_not_drawn(monkeypatch):
+    """--batch-size 2, 6 records: round 0 and two refill rounds draw each record once, at every step (before, a refill
+    round drew from all records and could repeat one that round 0 had drawn). 5 records: the third round draws the one
+    left, then one drawn before, never one twice. 2 ranks deal each round's list of 1 rank round-robin."""
+    cfg = ares.Config(batch_size=2, seed=0)
+    for step in range(10):
+        rounds = [ares.draw(6, step, rnd, cfg) for rnd in range(3)]
+        assert rounds[0] == ares.step_indices(6, step, 2, 0) and sorted(sum(rounds, [])) == [0, 1, 2, 3, 4, 5], rounds
+        rounds = [ares.draw(5, step, rnd, cfg) for rnd in range(3)]
+        first_two = sum(rounds[:2], [])
+        assert len(set(first_two)) == 4 and len(set(rounds[2])) == 2, rounds
+        assert len(set(rounds[2]) - set(first_two)) == 1 and set(sum(rounds, [])) == {0, 1, 2, 3, 4}, rounds
+    one = [ares.draw(6, 3, rnd, cfg) for rnd in range(3)]
+    monkeypatch.setattr(ares, "world_size", lambda: 2)
+    shares = []
+    for r in (0, 1):
+        monkeypatch.setattr(ares, "rank", lambda r=r: r)
+        shares.append([ares.draw(6, 3, rnd, cfg) for rnd in range(3)])
+    assert [[a, b] for (a,), (b,) in zip(*shares)] == one  # rank 0 the first of each round's two, rank 1 the second
+
+
 def test_reward_fn_replaces_the_grader_and_refill_fills_every_batch(tiny_ckpt, demo_data, tmp_path):
     (tmp_path / "my_reward.py").write_text(REWARD)
     out = tmp_path / "run"
