@@ -1017,7 +1017,7 @@ def score_groups(ro: Rollouts, cfg: Config, targets: torch.Tensor, triggers=None
     rewards = rewards + cfg.format_weight * fmt  # (N,)
     adv = grpo_advantages(rewards, G, std=cfg.adv_norm == "std").float()  # (N,) normalised within each group of G
     keep_group = keep_first(informative_groups(acc, rewards, G, cfg.group_filter) | cfg.keep_uniform_groups,
-                            cfg.batch_size)  # (P,)
+                            cfg.batch_size, ro.rounds)  # (P,)
     groups = all_reduce(torch.tensor([float(keep_group.sum()), float(len(keep_group))]))  # (2,) kept, all
     return Scores(acc=acc, format=fmt, lengths=lengths, bucket=bucket, hwe=hwe, n_he=n_he, rewards=rewards, adv=adv,
                   keep=keep_group.repeat_interleave(G), targets=targets, groups=groups)
@@ -1035,12 +1035,28 @@ def informative_groups(acc: torch.Tensor, rewards: torch.Tensor | None, G: int, 
     return (p > 0) & (p < 1)
 
 
-def keep_first(keep_group: torch.Tensor, n: int) -> torch.Tensor:
-    """keep_group (P,) of this rank -> only the first n kept groups of all ranks, rank-major: the same cut everywhere."""
-    per_rank = torch.zeros(world_size(), dtype=torch.float64)
-    per_rank[rank()] = float(keep_group.sum())
-    before = int(all_reduce(per_rank)[:rank()].sum())  # kept groups of the ranks before this one
-    return keep_group & (keep_group.cumsum(0) <= n - before)
+def keep_first(keep_group: torch.Tensor, n: int, rounds: int = 1) -> torch.Tensor:
+    """keep_group (P,) of this rank, `rounds` rounds of P / rounds groups -> only the first n kept groups in the order
+    one rank would have drawn them (drawn_position): the same cut on every rank, whatever their number, and no rank's
+    refill groups before another's round 0. Example, n = 4, 2 ranks, 2 rounds: keep_group [T, F, T, T] on rank 0 and
+    [T, T, T, T] on rank 1 are, drawn in order, round 0 [T, T, F, T] and round 1 [T, T, T, T], whose first 4 kept
+    groups are 0, 1, 3 and 4: rank 0 keeps [T, F, T, F] and rank 1 [T, T, F, F]."""
+    P, world = len(keep_group), world_size()
+    at = drawn_position(P, rounds, rank(), world)  # (P,)
+    kept = torch.zeros(P * world, dtype=torch.float64)  # (P * world,) every rank's groups, in drawn order
+    kept[at] = keep_group.double()
+    first = all_reduce(kept).cumsum(0) <= n  # (P * world,) at most n kept groups up to and including this one
+    return keep_group & first[at]
+
+
+def drawn_position(P: int, rounds: int, rank: int, world: int) -> torch.Tensor:
+    """Where a rank's P groups (`rounds` rounds of P / rounds, round by round) stand in the step's groups of all ranks,
+    ordered as one rank draws them: round by round, each round in the order of its list, which step_indices and draw
+    deal round-robin, so the rank's i-th group of a round is the round's (i * world + rank)-th. -> (P,). Example,
+    P = 4, rounds = 2, rank 1 of 2: [1, 3, 5, 7]."""
+    per_round = P // rounds  # groups of a round on each rank: --batch-size / world
+    i = torch.arange(P)  # (P,)
+    return (i // per_round) * per_round * world + (i % per_round) * world + rank  # (P,)
 
 
 def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:

@@ -221,10 +221,57 @@ def test_group_filters_by_hand():
 
 
 def test_keep_first_keeps_the_first_n_kept_groups_by_hand():
+    """One rank: the first n kept groups in the order they were drawn, round 0's then each refill round's."""
     keep = torch.tensor([False, True, True, False, True])
     assert ares.keep_first(keep, 2).tolist() == [False, True, True, False, False]
     assert ares.keep_first(keep, 5).tolist() == keep.tolist()
     assert ares.keep_first(keep, 0).tolist() == [False] * 5
+    keep = torch.tensor([True, False, True, True, True, False])  # 3 rounds of 2 groups
+    assert ares.keep_first(keep, 3, rounds=3).tolist() == [True, False, True, True, False, False]
+
+
+def test_drawn_position_is_where_a_round_robin_deal_put_each_group():
+    """Each round's list of one rank (W * per_round groups, numbered in drawn order) dealt to W ranks as draw and
+    step_indices deal it, list[rank::W]: a rank's groups, round by round, are the numbers drawn_position gives."""
+    for world, per_round, rounds in ((1, 3, 2), (2, 2, 3), (4, 1, 2), (3, 2, 1)):
+        one_rank = list(range(world * per_round * rounds))  # every group of the step, in drawn order
+        for rank in range(world):
+            rounds_of_one = [one_rank[r * world * per_round:(r + 1) * world * per_round] for r in range(rounds)]
+            dealt = [g for round_list in rounds_of_one for g in round_list[rank::world]]
+            assert ares.drawn_position(per_round * rounds, rounds, rank, world).tolist() == dealt, (world, rank)
+
+
+KEEP_FIRST = '''
+import json
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import ares
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+keep = torch.tensor([[True, False, True, True], [True, True, True, True]][rank])  # 2 groups of round 0, 2 of a refill
+print("kept", json.dumps([rank] + [ares.keep_first(keep, n, rounds=2).tolist() for n in (2, 4, 8)]), flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_keep_first_under_torchrun_keeps_what_one_rank_keeps_round_by_round(tmp_path):
+    """--batch-size 4 on 2 ranks, one refill round: each rank holds 2 groups of round 0, then 2 of the refill round
+    (rank 0's filter keeps [T, F, T, T], rank 1's [T, T, T, T]). Dealt round-robin, one rank's drawn order is round 0
+    [T, T, F, T] (rank 0's first, rank 1's first, rank 0's second, ...), then the refill round [T, T, T, T]. By hand:
+    n = 2 keeps groups 0 and 1 of that order, one on each rank; n = 4 keeps 0, 1, 3 and 4 (before: rank-major, rank
+    0 kept 3 groups, its refill ones before rank 1's round 0, and rank 1 only 1); n = 8 keeps all 7."""
+    (tmp_path / "keep_first.py").write_text(KEEP_FIRST)
+    out = run_script([tmp_path / "keep_first.py", ROOT], nproc=2).stdout
+    got = {}
+    for line in out.splitlines():
+        if line.startswith("kept "):
+            rank, *kept = json.loads(line[len("kept "):])
+            got[rank] = kept
+    T, F = True, False
+    assert got[0] == [[T, F, F, F], [T, F, T, F], [T, F, T, T]]  # n = 2, 4, 8
+    assert got[1] == [[T, F, F, F], [T, T, F, F], [T, T, T, T]]
 
 
 def test_a_refill_round_draws_only_records_its_step_has_not_drawn(monkeypatch):
