@@ -2722,8 +2722,13 @@ def open_tracker(cfg, out: Path, record: dict, start: int = 0):
 
 def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: torch.Tensor) -> dict:
     """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
-    windows (per response) and inside them (per token), the largest gradient norm."""
-    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"]], dtype=torch.float64))
+    windows (per response) and inside them (per token), the largest gradient norm, and (old log-probs recomputed) the
+    sampler's mean |log-prob - the trainer's| per response token of the kept rows."""
+    gap = 0.0, 0.0
+    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled, rows that train
+        lm = ro.resp_mask.float() * keep[:, None]  # (N, R)
+        gap = ((old - ro.logprobs).abs() * lm).sum().item(), lm.sum().item()
+    totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"], *gap], dtype=torch.float64))
     stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
                  kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
                  kl_inside_seen=kl_sums[3] > 0,
@@ -2731,9 +2736,8 @@ def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: to
                  kl_inside_by_bucket=kl_sums[2] / kl_sums[3].clamp(min=1),  # (3,) per token inside windows
                  kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
                  grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
-    if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled, rows that train
-        lm = ro.resp_mask.float() * keep[:, None]
-        stats["logprob_gap"] = ((old - ro.logprobs).abs() * lm).sum().item() / max(lm.sum().item(), 1)
+    if old is not None:
+        stats["logprob_gap"] = (totals[3] / totals[4].clamp(min=1)).item()  # per response token, all ranks
     return stats
 
 

@@ -711,3 +711,36 @@ def test_fsdp_flag_without_a_process_group_still_autocasts():
         assert torch.is_autocast_enabled("cpu")
     with ares.autocast(ares.Config(model="tiny", dtype="fp32"), torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
+
+
+GAP = '''
+import json
+import sys
+import types
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import ares
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if rank == 0:  # one kept row, 2 response tokens, each 0.1 off the sampler's
+    mask, sampled, old, keep = [[1, 1, 0, 0]], [[-1.0, -2.0, 0.0, 0.0]], [[-1.1, -1.9, 5.0, 5.0]], [True]
+else:  # a kept row of 4 tokens, each 0.4 off, and a filtered row far off
+    mask, sampled, old, keep = [[1] * 4] * 2, [[-1.0] * 4] * 2, [[-1.4, -0.6, -1.4, -0.6], [-9.0] * 4], [True, False]
+ro = types.SimpleNamespace(resp_mask=torch.tensor(mask), logprobs=torch.tensor(sampled))
+stats = ares.update_stats(dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[]), torch.zeros(4, 3, dtype=torch.float64),
+                          torch.tensor(old), ro, torch.tensor(keep))
+print("gap", json.dumps([rank, stats["logprob_gap"]]), flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_the_logprob_gap_in_the_log_is_over_the_kept_tokens_of_all_ranks(tmp_path):
+    """logprob_gap (the sampler's log-probs against the trainer's recomputed old ones) on 2 ranks, by hand: rank 0 keeps
+    2 response tokens 0.1 off each, rank 1 keeps 4 tokens 0.4 off each (and filters a row far off): (2 x 0.1 + 4 x 0.4)
+    / 6 = 0.3 on both ranks, as one rank holding all the rows computes it (before: each rank's own, 0.1 and 0.4, and
+    the log took rank 0's)."""
+    (tmp_path / "gap.py").write_text(GAP)
+    out = run_script([tmp_path / "gap.py", ROOT], nproc=2).stdout
+    got = dict(json.loads(line[len("gap "):]) for line in out.splitlines() if line.startswith("gap "))
+    assert got == {0: pytest.approx(0.3), 1: pytest.approx(0.3)}
