@@ -1,6 +1,7 @@
 """Shared fixtures: everything offline, on the CPU, small enough for a 2-core CI machine."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,18 @@ def run_script(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None) ->
     res = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     return res
+
+
+def foreground():
+    """SIGINT as a terminal's foreground job has it (a subprocess's preexec_fn): a background job of a non-interactive
+    shell (`cmd &`) starts with it ignored, and Python and ares.py keep it ignored there, so a test would not see a
+    Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def steps_logged(out: Path) -> list[int]:
+    """The steps of <out>/metrics.jsonl's rows, in the order they were logged."""
+    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if line.strip()]
 
 
 class Killed(Exception):

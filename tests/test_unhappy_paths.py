@@ -18,7 +18,7 @@ import torch
 import ares
 import data_prep
 import eval as evaluation
-from conftest import ROOT, Killed, run_until_first_step_save
+from conftest import ROOT, Killed, foreground, run_until_first_step_save, steps_logged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,10 +31,6 @@ def coldstart_args(data, out, model, *extra) -> list[str]:
 def aepo_args(data, out, model, *extra) -> list[str]:
     return ["--stage", "aepo", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2",
             "--group-size", "4", "--max-response-len", "12", "--log-samples-every", "0", *map(str, extra)]
-
-
-def steps_logged(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if line.strip()]
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -439,12 +435,6 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over_with_a_warning(tiny_ckpt, de
 # ----------------------------------------------------------------------------------------------------------
 # A real `python ares.py --stage aepo` in another process: a second run into its --out while it trains, then
 # Ctrl-C (SIGINT to its process group, as a terminal sends it), then --resume.
-
-
-def foreground():
-    """SIGINT as a terminal's foreground job has it: a background job of a non-interactive shell (`cmd &`) starts
-    with it ignored, and Python and ares.py keep it ignored there, so these tests would not see a Ctrl-C."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
