@@ -4,21 +4,25 @@ On a GPU the trainer's one process group must reduce CPU tensors (every global s
 gradients). This machine has no GPU, so the device map a GPU run initialises is emulated with gloo standing in for
 each backend: the map decides which device types the group serves, and a CPU statistic sent to a group that does
 not serve the CPU fails exactly as on a GPU ("No backend type associated with device type cpu"). Then a stuck rank
-must end the job within --dist-timeout, and two torchrun agents on one machine (two "nodes") must train to identical
-parameters.
+must end the job within --dist-timeout; the README's two-node AEPO command, as two torchrun agents on one machine (two
+"nodes"), must train to the weights of one agent running both ranks; and a Ctrl-C under torchrun must stop every rank
+with one line, so that a new launch with --resume goes on to those same weights.
 """
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, run_script
+from conftest import ROOT, foreground, run_script, steps_logged
 from torch.distributed.distributed_c10d import BackendConfig
 
 import ares
@@ -115,61 +119,125 @@ def test_a_stalled_rank_ends_the_collective_within_the_timeout_with_a_clear_erro
     assert message.startswith("rank 0: a collective waited more than --dist-timeout 2 s for another rank"), message
 
 
-TWO_NODES = '''
-"""One torchrun agent's worker: one stage (cold start or AEPO); each rank dumps its final parameters."""
-import sys
-from pathlib import Path
-
-import torch
-import torch.distributed as dist
-
-sys.path.insert(0, sys.argv[1])
-import ares
-
-stage = sys.argv[2].split()
-save = ares.save_checkpoint
+def readme_aepo(tiny_ckpt, demo_data, out: Path, steps: int, *extra) -> list[str]:
+    """The README's multi-node command, `ares.py --stage aepo ... --fsdp --grad-checkpointing`, on the tiny model and
+    the demo's RL split at small_runs' sizes (2 updates a step, with the KL reference)."""
+    return [str(a) for a in (ROOT / "ares.py", "--stage", "aepo", "--model", tiny_ckpt, "--data", demo_data["rl"],
+                             "--out", out, "--steps", steps, "--batch-size", "2", "--group-size", "4",
+                             "--max-response-len", "12", "--minibatches", "2", "--keep-uniform-groups",
+                             "--log-samples-every", "0", "--fsdp", "--grad-checkpointing", *extra)]
 
 
-def dump_then_save(path, name, policy, *args):
-    if name == "final":
-        params = {n: p.detach().clone() for n, p in policy.named_parameters()}
-        torch.save(params, path / f"params_rank{dist.get_rank()}_of_{dist.get_world_size()}.pt")
-    return save(path, name, policy, *args)
+def weights_in(folder: Path) -> dict:
+    """A saved model's weights (its model.safetensors): a checkpoint's final/, or the tiny model's folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
 
 
-ares.save_checkpoint = dump_then_save
-cfg = ares.parse_config(stage)
-ares.run_command({"coldstart": ares.train_coldstart, "aepo": ares.train_aepo}[cfg.stage], cfg)
-'''
+def assert_same_weights(got: dict, want: dict, what: str):
+    assert got.keys() == want.keys(), what
+    for k in want:
+        assert torch.equal(got[k], want[k]), f"{what}: {k} differs"
 
 
-def test_two_torchrun_agents_on_one_machine_train_like_two_nodes(tiny_ckpt, demo_data, tmp_path):
-    """The README's two-node command on 127.0.0.1: --nnodes 2, one process each, c10d rendezvous, gloo; a cold
-    start, then AEPO from its checkpoint, each stage its own launch (as a user runs them: a process group is
-    started once per process)."""
-    script = tmp_path / "node.py"
-    script.write_text(TWO_NODES)
-    cold, aepo = small_runs(tiny_ckpt, demo_data, tmp_path)
-    aepo += ["--out", str(tmp_path / "aepo")]
+@pytest.fixture(scope="module")
+def one_agent_aepo(tmp_path_factory, tiny_ckpt, demo_data):
+    """steps -> the final weights of readme_aepo run straight by one torchrun agent with 2 ranks (`--standalone
+    --nproc_per_node=2`): the reference of the two-node and the Ctrl-C tests, run once per step count for both. They
+    differ from the tiny model's (AEPO trained), or weights equal to them would prove nothing."""
+    runs = {}
+
+    def final(steps: int) -> dict:
+        if steps not in runs:
+            out = tmp_path_factory.mktemp(f"one_agent_{steps}_steps")
+            run_script(readme_aepo(tiny_ckpt, demo_data, out, steps), nproc=2)
+            runs[steps] = weights_in(out / "final")
+            start = weights_in(tiny_ckpt)  # (without the tied lm_head.weight, which the trainer's export holds too)
+            assert any(not torch.equal(w, runs[steps][k]) for k, w in start.items())
+        return runs[steps]
+
+    return final
+
+
+def test_the_readme_two_node_command_as_two_torchrun_agents_trains_like_one_agent(one_agent_aepo, tiny_ckpt,
+                                                                                  demo_data, tmp_path):
+    """README (multi-node): `torchrun --nnodes 2 --nproc_per_node 8 --node_rank <0 or 1> --rdzv_backend c10d
+    --rdzv_endpoint <addr>:29500 ares.py --stage aepo ... --fsdp --grad-checkpointing` on each node. Here that command,
+    ares.py itself, as two torchrun agents on 127.0.0.1 with one CPU process each (gloo, 2 AEPO steps): its final
+    weights equal, bit for bit, those of one agent running both ranks. Agents that each trained alone (two worlds of
+    one) or ranks that saw other data or skipped a collective would end on other weights, or not at all."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for stage in (cold, aepo):
-        port = free_port()
-        agents = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-             str(n), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf",
-             f"is_host={int(n == 0)}", "--local_addr", "127.0.0.1", str(script), str(ROOT), " ".join(stage)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
-        logs = [a.communicate(timeout=600)[0] for a in agents]
-        for n, (a, log) in enumerate(zip(agents, logs)):
-            assert a.returncode == 0, f"node {n} failed:\n{log[-5000:]}"
-    for stage in ("cold", "aepo"):
-        ranks = [torch.load(tmp_path / stage / f"params_rank{r}_of_2.pt") for r in (0, 1)]
-        assert ranks[0].keys() == ranks[1].keys()
-        for k, v in ranks[0].items():
-            assert torch.equal(v, ranks[1][k]), f"{stage}: {k} differs between the nodes"
-    start = torch.load(tmp_path / "cold" / "params_rank0_of_2.pt")
-    end = torch.load(tmp_path / "aepo" / "params_rank0_of_2.pt")
-    assert any(not torch.equal(start[k], end[k]) for k in start)  # AEPO trained
+    port, out = free_port(), tmp_path / "aepo"
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf", f"is_host={int(n == 0)}",
+         "--local_addr", "127.0.0.1", *readme_aepo(tiny_ckpt, demo_data, out, 2)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    logs = [a.communicate(timeout=600)[0] for a in agents]
+    for n, (a, log) in enumerate(zip(agents, logs)):
+        assert a.returncode == 0, f"node {n} failed:\n{log[-5000:]}"
+    assert "| world 2 |" in "".join(logs), logs  # rank 0's banner: one world of two ranks
+    assert_same_weights(weights_in(out / "final"), one_agent_aepo(2), "two agents vs one")
+
+
+def what_the_ranks_said(output: str) -> list[str]:
+    """A torchrun launch's output lines but torchrun's own (its log lines, `W1207 09:55:28.404000 ...`, and the
+    traceback of a signal it got, which ends its output: it waits for the ranks first) and progress bars."""
+    output = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output.split("Traceback (most recent call last):")[0])
+    return [line for line in re.split(r"[\r\n]", output) if line.strip() and not re.match(r"[IWE]\d{4} \d\d:", line)
+            and not re.search(r"\d+%\|", line)]
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_and_a_new_launch_resumes_exactly(one_agent_aepo, tiny_ckpt, demo_data,
+                                                                               tmp_path):
+    """README (run folders, Ctrl-C and kills): a Ctrl-C under torchrun reaches torchrun and every rank (a terminal
+    sends SIGINT to its foreground process group); rank 0 prints the one line naming the step and the newest
+    checkpoint, every rank stops on its own, the checkpoints stay whole, the lock is released, and the same command
+    with --resume, a new torchrun launch, continues exactly where it stopped. The README's AEPO command on 2 ranks,
+    --save-every 1, interrupted once a step checkpoint is complete; then resumed to one step past that checkpoint
+    (AEPO's learning rate is constant, so --steps may grow on --resume) and compared, bit for bit, with a straight run
+    of as many steps."""
+    out, log = tmp_path / "run", tmp_path / "torchrun.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command + readme_aepo(tiny_ckpt, demo_data, out, 1000, "--save-every", "1"), cwd=ROOT,
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=foreground)
+        try:
+            deadline = time.monotonic() + 300
+            while not out.is_dir() or ares.latest_checkpoint(out) is None:  # a complete step checkpoint
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            before, sent = log.stat().st_size, time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: torchrun and both ranks
+            proc.wait(120)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode != 0, text[-3000:]  # torchrun's own code (1): it reports the signal
+    assert took < 20, text[-3000:]  # torchrun kills a rank still running 30 s after it passed the signal on
+    ckpt, logged = ares.latest_checkpoint(out), steps_logged(out)
+    s = ares.complete_record(ckpt)["step"]
+    assert ckpt == out / f"step_{s:06d}" and logged == list(range(1, len(logged) + 1)) and s in logged, logged
+    assert f'File "{ROOT / "ares.py"}"' not in text and "KeyboardInterrupt" not in text, text[-3000:]  # no rank's
+    # traceback (torchrun's, of the signal it got, names no ares.py line)
+    said = what_the_ranks_said(log.read_bytes()[before:].decode())  # after the Ctrl-C
+    assert said == [f"interrupted (Ctrl-C) in step {logged[-1] + 1} of {out}: the newest checkpoint is {ckpt} (step "
+                    f"{s}); continue from it with the same command and --resume"], said  # rank 0's; nothing from rank 1
+    assert not list(out.glob(f"{ares.LOCK}*")), list(out.iterdir())  # released, by the rank that took it
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert folders and all(p.name.startswith("step_") and ares.damage(p) is None for p in folders), folders  # no .tmp
+
+    history = [json.loads(line) for line in open(out / "metrics.jsonl")][:s]  # the steps the checkpoint holds
+    res = run_script(readme_aepo(tiny_ckpt, demo_data, out, s + 1, "--save-every", "1", "--resume"), nproc=2)
+    assert f"resumed from {ckpt} at step {s}" in res.stdout, res.stdout[-3000:]  # not started over
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, s + 2)) and rows[:s] == history  # each step once, kept as run
+    assert_same_weights(weights_in(out / "final"), one_agent_aepo(s + 1), "interrupted and resumed vs straight")
 
 
 FSDP_RESUME = '''
