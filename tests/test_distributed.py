@@ -798,7 +798,8 @@ else:  # a kept row of 4 tokens, each 0.4 off, and a filtered row far off
 ro = types.SimpleNamespace(resp_mask=torch.tensor(mask), logprobs=torch.tensor(sampled))
 stats = ares.update_stats(dict(clip_frac=0.0, tokens=0.0, kl=0.0, grad_norm=[]), torch.zeros(4, 3, dtype=torch.float64),
                           torch.tensor(old), ro, torch.tensor(keep))
-print("gap", json.dumps([rank, stats["logprob_gap"]]), flush=True)
+with open(f"{sys.argv[2]}/gap{rank}.json", "w") as f:  # a file per rank: two ranks' printed lines can interleave
+    json.dump(stats["logprob_gap"], f)
 dist.destroy_process_group()
 '''
 
@@ -809,6 +810,6 @@ def test_the_logprob_gap_in_the_log_is_over_the_kept_tokens_of_all_ranks(tmp_pat
     / 6 = 0.3 on both ranks, as one rank holding all the rows computes it (before: each rank's own, 0.1 and 0.4, and
     the log took rank 0's)."""
     (tmp_path / "gap.py").write_text(GAP)
-    out = run_script([tmp_path / "gap.py", ROOT], nproc=2).stdout
-    got = dict(json.loads(line[len("gap "):]) for line in out.splitlines() if line.startswith("gap "))
+    run_script([tmp_path / "gap.py", ROOT, tmp_path], nproc=2)
+    got = {rank: json.loads((tmp_path / f"gap{rank}.json").read_text()) for rank in (0, 1)}
     assert got == {0: pytest.approx(0.3), 1: pytest.approx(0.3)}

@@ -251,7 +251,8 @@ import ares
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 keep = torch.tensor([[True, False, True, True], [True, True, True, True]][rank])  # 2 groups of round 0, 2 of a refill
-print("kept", json.dumps([rank] + [ares.keep_first(keep, n, rounds=2).tolist() for n in (2, 4, 8)]), flush=True)
+with open(f"{sys.argv[2]}/kept{rank}.json", "w") as f:  # a file per rank: two ranks' printed lines can interleave
+    json.dump([ares.keep_first(keep, n, rounds=2).tolist() for n in (2, 4, 8)], f)
 dist.destroy_process_group()
 '''
 
@@ -263,12 +264,8 @@ def test_keep_first_under_torchrun_keeps_what_one_rank_keeps_round_by_round(tmp_
     n = 2 keeps groups 0 and 1 of that order, one on each rank; n = 4 keeps 0, 1, 3 and 4 (before: rank-major, rank
     0 kept 3 groups, its refill ones before rank 1's round 0, and rank 1 only 1); n = 8 keeps all 7."""
     (tmp_path / "keep_first.py").write_text(KEEP_FIRST)
-    out = run_script([tmp_path / "keep_first.py", ROOT], nproc=2).stdout
-    got = {}
-    for line in out.splitlines():
-        if line.startswith("kept "):
-            rank, *kept = json.loads(line[len("kept "):])
-            got[rank] = kept
+    run_script([tmp_path / "keep_first.py", ROOT, tmp_path], nproc=2)
+    got = {rank: json.loads((tmp_path / f"kept{rank}.json").read_text()) for rank in (0, 1)}
     T, F = True, False
     assert got[0] == [[T, F, F, F], [T, F, T, F], [T, F, T, T]]  # n = 2, 4, 8
     assert got[1] == [[T, F, F, F], [T, T, F, F], [T, T, T, T]]
