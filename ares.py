@@ -129,6 +129,9 @@ IN_0_1 = ("in (0, 1]", lambda v: 0 < v <= 1)
 SEED = ("in [0, 2**32)", lambda v: 0 <= v < 2**32)  # numpy's seeds
 INT_LIMIT = 2**31 - 1  # the largest count or size any flag may take (a C int)
 GRADER_TIMEOUT = ("in (0, 3600]", lambda v: 0 < v <= 3600)  # from 1e10 s setitimer overflows: every answer wrong
+MIN_TEMPERATURE = 0.01  # lower is greedy in all but name; at 1e-40 z / T overflowed: NaN, every token the last one
+SAMPLED_T = (f">= {MIN_TEMPERATURE}", lambda v: v >= MIN_TEMPERATURE)  # AEPO samples: no greedy T = 0 in training
+GREEDY_OR_SAMPLED_T = (f"0 (greedy) or >= {MIN_TEMPERATURE}", lambda v: v == 0 or v >= MIN_TEMPERATURE)  # eval.py's
 
 
 @dataclass
@@ -140,7 +143,7 @@ class Config:
     window: int = arg(4, "w: window length of Eq. 4", allowed=AT_LEAST_1)
     entropy_quantile: float = arg(0.95, "q: per-response entropy quantile behind tau", allowed=IN_0_1)
     trigger_words: bool = arg(False, "HWE windows must also start at a reasoning word ('wait', 'however', ...)")
-    temperature: float = arg(1.0, "sampling temperature (also the T of the entropy, Eq. 3)", allowed=ABOVE_0)
+    temperature: float = arg(1.0, "sampling temperature (also the T of the entropy, Eq. 3)", allowed=SAMPLED_T)
     top_p: float = arg(0.99, "nucleus sampling mass", allowed=IN_0_1)
     # AEPO reward: how much to explore (App. G, I, M)
     entropy_shaping: str = arg("hierarchical", "hierarchical, incorrect-only, or none (README: entropy reward)",

@@ -97,7 +97,7 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
     # decoding
     max_new_tokens: int = arg(8192, "response token limit; a response that reaches it counts as truncated",
                               allowed=ares.AT_LEAST_1)
-    temperature: float = arg(0.0, "0 = greedy; > 0 samples", allowed=ares.AT_LEAST_0)
+    temperature: float = arg(0.0, "0 = greedy; >= 0.01 samples", allowed=ares.GREEDY_OR_SAMPLED_T)
     top_p: float = arg(1.0, "nucleus mass when sampling", allowed=ares.IN_0_1)
     samples: int = arg(1, "responses per prompt: accuracy is mean@N (needs --temperature > 0 when N > 1)",
                        allowed=ares.AT_LEAST_1)
@@ -691,11 +691,13 @@ def sample_traces(model, processor, records: list[dict], args, rank: int, world:
 def check_passrate_args(args):
     """eval.py passrate's flags, one line naming the first bad one, before the data or the model is read."""
     ares.check_model_path("--model", args.model)
+    temperatures, temperature_ok = ares.GREEDY_OR_SAMPLED_T
     for flag, ok, need in (("--k", args.k >= 1, ">= 1"), ("--limit", args.limit is None or args.limit >= 1, ">= 1"),
                            ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
                            ("--batch-size", args.batch_size >= 1, ">= 1"),
                            ("--max-prompt-len", args.max_prompt_len >= 1, ">= 1"),
-                           ("--temperature", math.isfinite(args.temperature) and args.temperature >= 0, ">= 0"),
+                           ("--temperature", math.isfinite(args.temperature) and temperature_ok(args.temperature),
+                            temperatures),
                            ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"),
                            ("--seed", ares.SEED[1](args.seed), ares.SEED[0])):
         if not ok:

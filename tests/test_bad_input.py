@@ -32,8 +32,10 @@ FLAGS = [
     ("aepo", ["--ppo-epochs", "0"], "--ppo-epochs must be >= 1, got 0"),
     ("coldstart", ["--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
     ("coldstart", ["--grad-clip", "0"], "--grad-clip must be > 0, got 0.0"),
-    ("aepo", ["--temperature", "0"], "--temperature must be > 0, got 0.0"),
-    ("aepo", ["--temperature", "-0.5"], "--temperature must be > 0, got -0.5"),
+    ("aepo", ["--temperature", "0"], "--temperature must be >= 0.01, got 0.0"),
+    ("aepo", ["--temperature", "-0.5"], "--temperature must be >= 0.01, got -0.5"),
+    ("aepo", ["--temperature", "1e-40"], "--temperature must be >= 0.01, got 1e-40"),  # z / T overflowed: NaN, every
+    ("aepo", ["--temperature", "0.009"], "--temperature must be >= 0.01, got 0.009"),  # response the last token, exit 0
     ("coldstart", ["--lr", "-1"], "--lr must be > 0, got -1.0"),
     ("coldstart", ["--lr", "nan"], "--lr must be > 0 and finite, got nan"),
     ("aepo", ["--lr", "inf"], "--lr must be > 0 and finite, got inf"),
@@ -556,7 +558,11 @@ def _tool_cases():
         (ev.main, ["--model", "{run}", *ev_args()], "--model {run}: a run folder, not a checkpoint: give {run}/final"),
         (ev.main, ["--model", "{tmp}/nope/dir", *ev_args()], "--model {tmp}/nope/dir: no such folder"),
         (ev.main, ["--model", "{ckpt}", *ev_args("--limit", "-1")], "--limit must be >= 0, got -1"),
-        (ev.main, ["--model", "{ckpt}", *ev_args("--temperature", "nan")], "--temperature must be >= 0 and finite, got nan"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--temperature", "nan")],
+         "--temperature must be 0 (greedy) or >= 0.01 and finite, got nan"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--temperature", "1e-40")],  # every response the last vocabulary token
+         "--temperature must be 0 (greedy) or >= 0.01, got 1e-40"),
+        (ev.main, pr_args("--temperature", "1e-40"), "--temperature must be 0 (greedy) or >= 0.01, got 1e-40"),
         (ev.main, ["--model", "{ckpt}", *ev_args("--max-pixels", "10")], "--max-pixels must be >= --min-pixels, got 10"),
         (ev.main, ["--model", "{ckpt}", "--data", "{bench}", "--out", "{bench}"], "--out {bench}: a file, not a folder"),
         (ev.main, ["--model", "{ckpt}", *ev_args("--max-prompt-len", "0")], "--max-prompt-len must be >= 1, got 0"),
