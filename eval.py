@@ -150,7 +150,19 @@ def check_paths(models: list[str], out: str):
         ares.check_model_path("--model", m)
     if Path(out).exists() and not Path(out).is_dir():
         raise SystemExit(f"--out {out}: a file, not a folder")
+    check_outside_checkpoints(out)
     data_prep.check_writable("--out", out)
+
+
+def check_outside_checkpoints(out: str):
+    """--out (passrate's: the file) neither one of ares.py's checkpoints nor inside one: the run's next save of that
+    name, --keep-last or --overwrite replaces the folder whole, with what eval.py wrote there (ares.py refuses the
+    same for its own --out)."""
+    p = Path(out).expanduser().absolute()
+    ckpt = next((q for q in (p, *p.parents) if (q / "COMPLETE").is_file()), None)
+    if ckpt is not None:
+        raise SystemExit(f"--out {out}: " + ("it is" if ckpt == p else f"{ckpt} is") + " a checkpoint of a training "
+                         "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
 
 
 
@@ -708,6 +720,7 @@ def check_passrate_args(args):
     ares.check_attn(args.attn)
     if Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
+    check_outside_checkpoints(args.out)
     data_prep.check_writable("--out", args.out, folder=False)
 
 

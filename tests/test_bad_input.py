@@ -578,6 +578,13 @@ def _tool_cases():
          "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
         (ev.main, ["passrate", "--data", "{bench}", "--model", "{ckpt}", "--out", "{tmp}"],
          "--out {tmp}: a folder; give the output file"),
+        # inside a checkpoint: the run's next save (a --resume that extends it), --keep-last or --overwrite deleted it
+        (ev.main, ["--model", "{ckpt}", "--data", "{bench}", "--out", "{final}/eval"],
+         "--out {final}/eval: {final} is a checkpoint of a training run, which its next save, --keep-last or --overwrite "
+         "replaces whole: give a folder outside it"),
+        (ev.main, ["--model", "{ckpt}", "--data", "{bench}", "--out", "{final}"], "--out {final}: it is a checkpoint"),
+        (ev.main, ["passrate", "--data", "{bench}", "--model", "{ckpt}", "--out", "{final}/rates.jsonl"],
+         "--out {final}/rates.jsonl: {final} is a checkpoint of a training run"),
         (ev.main, ["curves", "{tmp}"], "curves {tmp}: a folder; give an AEPO run's metrics.jsonl"),
         (ev.main, ["curves", "{tmp}/nope.jsonl"], "curves {tmp}/nope.jsonl: no such file; give an AEPO run's metrics.jsonl"),
         (ev.main, ["curves", "{bench}"], "curves {bench}: no AEPO step rows in it; give an AEPO run's metrics.jsonl"),
@@ -628,6 +635,8 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"flags": {}}))
+    (run / "final").mkdir()  # one of its checkpoints, as save_checkpoint leaves it
+    (run / "final" / "COMPLETE").write_text(json.dumps({"step": 3, "time": 0.0, "files": {}}))
     rows = _rows(Path(demo_data["rl"]))
     bench, pad = tmp_path / "bench.jsonl", tmp_path / "pad.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -637,13 +646,14 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     for name, fields in broken.items():  # the rows, then one more with the bad field, as the file's last record
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id=name,
                                                                                                    **fields)]))
-    names = dict(tmp=tmp_path, run=run, ckpt=tiny_ckpt, bench=bench, pad=pad, **{n: tmp_path / f"{n}.jsonl" for n in broken})
-    before = sorted(p.name for p in tmp_path.iterdir())
+    names = dict(tmp=tmp_path, run=run, final=run / "final", ckpt=tiny_ckpt, bench=bench, pad=pad,
+                 **{n: tmp_path / f"{n}.jsonl" for n in broken})
+    before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as err:
         fn([a.format(**names) for a in argv])
     msg = str(err.value.code)
     assert msg.startswith(message.format(**names)) and "\n" not in msg, msg
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
 # convert, passrate and adacs read data through data_prep's column mapping (load_source), not check_records: each row
