@@ -1473,9 +1473,11 @@ def add_lora(hf, cfg):
     the base model."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    start = Path(cfg.model).expanduser()  # saved in adapter_config.json: a local folder absolute, so that the adapter
+    start = str(start.resolve()) if cfg.model != "tiny" and start.is_dir() else cfg.model  # finds it from anywhere
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
                       target_modules=lora_target_list(cfg.lora_targets), exclude_modules=r".*visual.*",
-                      base_model_name_or_path=cfg.model)  # the vision tower: none
+                      base_model_name_or_path=start)  # the vision tower: none
     hf = inject_adapter_in_model(lora, hf)
     for n, p in hf.named_parameters():
         p.requires_grad_(".lora_" in n)

@@ -814,6 +814,17 @@ def test_a_lora_checkpoint_loads_as_the_policy_that_was_trained(case, command, l
     torch.testing.assert_close(loaded, lora_run["trained"], atol=1e-5, rtol=0)
 
 
+def test_a_lora_adapter_names_its_starting_model_from_any_working_folder(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    # --model ./start, relative to the training's working folder, was written into adapter_config.json as it was
+    # typed: from any other folder base_model_name_or_path named nothing there (or another model)
+    pytest.importorskip("peft")
+    shutil.copytree(tiny_ckpt, tmp_path / "project" / "start")
+    monkeypatch.chdir(tmp_path / "project")
+    ares.main(aepo_args(demo_data["rl"], "run", "./start", "--steps", 1, "--lora-rank", 4))
+    config = json.loads((tmp_path / "project" / "run" / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.realpath(tmp_path / "project" / "start")
+
+
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     """Another tiny model (seed 1) saved as a folder: a --ref-model that is not the starting model."""
