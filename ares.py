@@ -2874,7 +2874,8 @@ def rank0_decides(fn, *args):
 def claim_out(cfg, contents=run_contents):
     """Before anything is read from or written to --out: take its lock, then stop on a run already there (`contents`)
     unless --resume continues it or --overwrite replaces it (clear_old_run deletes it, once every check has passed),
-    and on a --resume whose history is gone. Rank 0 only (rank0_decides)."""
+    on a config.json of the user's own in a folder that holds no run (the run record would replace it), and on a
+    --resume whose history is gone. Rank 0 only (rank0_decides)."""
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
@@ -2885,6 +2886,9 @@ def claim_out(cfg, contents=run_contents):
                else "add --resume to continue it, --overwrite to replace it")
         raise SystemExit(f"--out {cfg.out} holds a {'demo' if cfg.stage == 'demo' else 'run'} ({', '.join(there)}): "
                          f"{how}, or choose another --out")
+    if not there and cfg.stage != "demo" and (out / "config.json").is_file() and model_folder_kind(out) != "run":
+        raise SystemExit(f"--out {cfg.out}: its config.json is not a run record of ares.py (no \"flags\"), and the run "
+                         "would write its own over it: move the file, or choose another --out")
     ckpt = latest_checkpoint(out) if cfg.resume else None
     step = complete_record(ckpt)["step"] if ckpt else 0
     if step and not (out / "metrics.jsonl").is_file():

@@ -74,6 +74,13 @@ def truncate(path: Path):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
+def own_config_only(out: Path):
+    """--out as a user's project folder: a config.json of their own (no run record), nothing else."""
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"project": "geometry", "lr": 3e-4}))
+
+
 # (case, which run, how it is broken, extra flags, what the one line must say, what must still be there)
 STOPS = [
     ("a finished run in --out without --resume", "finished", None, [],
@@ -89,6 +96,12 @@ STOPS = [
      ["--resume: {out}/metrics.jsonl is missing, but step_000001 is at step 1", "Put it back"], None),
     ("--resume and --overwrite at once", "interrupted", None, ["--resume", "--overwrite"],
      ["--resume continues the run in --out and --overwrite replaces it: give one of them"], [1]),
+    ("a config.json of the user's own in --out", "interrupted", own_config_only, [],  # was replaced by the run record
+     ["--out {out}: its config.json is not a run record of ares.py", "move the file"], None),
+    ("--resume into a config.json of the user's own", "interrupted", own_config_only, ["--resume"],  # said "damaged"
+     ["--out {out}: its config.json is not a run record of ares.py"], None),
+    ("--overwrite of a config.json of the user's own", "interrupted", own_config_only, ["--overwrite"],
+     ["--out {out}: its config.json is not a run record of ares.py"], None),
 ]
 
 
