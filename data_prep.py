@@ -215,10 +215,18 @@ def _decoded_size(img) -> tuple[int, int]:
     return im.height, im.width
 
 
+def data_folder(path) -> Path:
+    """The folder a data file's relative image paths start from (README: data format): the file's folder as its path
+    gives it, so that a symbolic link to the file reads them next to the link, not next to its target (as a Hugging
+    Face cache snapshot holds its files); a dataset folder itself. Training, eval.py, passrate, convert and adacs all
+    read through it."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
 def load_records(path: str, split: str = "train", need_response: bool = False, errors: list | None = None) -> list[dict]:
     """Read and validate every record of a file or dataset (README: data format); see check_records."""
-    base = Path(path).parent if Path(path).is_file() else Path(path)
-    return check_records(record_rows(path, split), str(path), base, Path(path).stem, need_response, errors)
+    return check_records(record_rows(path, split), str(path), data_folder(path), Path(path).stem, need_response, errors)
 
 
 def read_records(data: str, split: str | None = None, preset: str = "", need_response: bool = False) -> list[dict]:
@@ -1192,14 +1200,14 @@ def read_rows(source: str, split: str | None, config: str | None):
     if p.suffix in (".jsonl", ".json", ".parquet") and not p.is_file():
         raise DataError(f"{source}: no such file")
     if p.suffix in (".jsonl", ".json"):
-        return json_rows(p), p.parent.resolve()
+        return json_rows(p), data_folder(p).resolve()
     if p.suffix == ".parquet":
-        return _parquet_rows(p), p.parent.resolve()
+        return _parquet_rows(p), data_folder(p).resolve()
     import datasets
 
     try:
         if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            ds, base = datasets.load_from_disk(str(p)), p.resolve()  # saved with save_to_disk
+            ds, base = datasets.load_from_disk(str(p)), data_folder(p).resolve()  # saved with save_to_disk
         else:  # a hub name, or a folder of data files (a downloaded hub repo)
             ds = datasets.load_dataset(source, config, split=split or "train")
             base = p.resolve() if p.is_dir() else Path.cwd()

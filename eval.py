@@ -185,7 +185,7 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
     if Path(spec).exists() and not cfg.preset and not mapping:  # our own record format
         path = Path(spec).resolve()
         rows = data_prep.record_rows(str(path), cfg.split or "test")
-        base, name, key = (path.parent if path.is_file() else path), path.stem, str(path)
+        base, name, key = data_prep.data_folder(spec).resolve(), path.stem, str(path)  # images: as training finds them
     else:  # a preset or a hub dataset: data_prep owns the column mapping
         preset = cfg.preset or (spec if spec in data_prep.PRESETS else None)  # `--data mathvista-testmini` alone works
         rows = data_prep.load_source(spec, preset=preset, mapping=mapping or None, split=cfg.split or None,

@@ -1447,3 +1447,46 @@ def test_ctrl_c_after_the_run_has_ended_leaves_its_exit_code(tool, tiny_ckpt, de
     res = subprocess.run([sys.executable, str(ROOT / tool), *args], cwd=tmp_path, capture_output=True, text=True,
                          env=env, preexec_fn=foreground, timeout=300)
     assert res.returncode == 0 and "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. A data file that is a symbolic link (as a Hugging Face cache snapshot holds its files): every tool reads its
+# relative image paths next to the link, as given. Training did; eval.py followed the link and read them next to its
+# target, so that one file trained and failed to evaluate, or the other way round.
+LINKED = [  # (tool, the data file it reads, its command; a model load ends it)
+    ("ares.py --data", "rl.jsonl", lambda f, d, m, tmp: ares.main(aepo_args(f, tmp / "run", m, "--steps", 1))),
+    ("ares.py --eval-data", "test.jsonl",
+     lambda f, d, m, tmp: ares.main(aepo_args(d["rl"], tmp / "run", m, "--steps", 1, "--eval-data", f))),
+    ("eval.py", "test.jsonl", lambda f, d, m, tmp: evaluation.main(["--model", m, "--data", f, "--out", tmp / "eval"])),
+    ("eval.py passrate", "test.jsonl", lambda f, d, m, tmp: passrate(dict(pool=f), tmp / "rates.jsonl", m)),
+    ("data_prep.py convert", "test.jsonl", lambda f, d, m, tmp: convert(f, tmp / "converted.jsonl")),
+    ("data_prep.py adacs", "pool_traces.jsonl", lambda f, d, m, tmp: adacs(dict(pool_traces=f), tmp / "sft.jsonl")),
+]
+
+
+@pytest.mark.parametrize("tool, name, command", LINKED, ids=[c[0] for c in LINKED])
+@pytest.mark.parametrize("images_beside", ["the link", "its target"])
+def test_a_linked_data_file_has_its_images_beside_the_link_in_every_tool(images_beside, tool, name, command, tiny_ckpt,
+                                                                         demo_data, tmp_path, monkeypatch):
+    demo = Path(demo_data["rl"]).parent
+    store, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    store.mkdir()
+    snapshot.mkdir()
+    shutil.copy(demo / name, store / name)
+    (snapshot / name).symlink_to(Path("..") / "blobs" / name)  # snapshot/test.jsonl -> ../blobs/test.jsonl
+    shutil.copytree(demo / "images", (snapshot if images_beside == "the link" else store) / "images")
+
+    def no_model(*args, **kw):
+        raise Stop
+
+    monkeypatch.setattr(ares, "load_model", no_model)
+    if images_beside == "the link":
+        try:
+            command(snapshot / name, demo_data, tiny_ckpt, tmp_path)  # convert and adacs write their output
+        except Stop:  # the others got past their records to the model
+            pass
+        return
+    with pytest.raises(SystemExit) as e:
+        command(snapshot / name, demo_data, tiny_ckpt, tmp_path)
+    msg = one_line(e)
+    assert "cannot be read" in msg and f"{snapshot}/images/" in msg and "blobs" not in msg, msg
