@@ -2107,9 +2107,9 @@ def filter_traces(processor, records: list[dict], max_len: int, source: str) -> 
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
     every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
-    there), measure the data's lengths and check the batch against them (the processor alone), only then let
-    --overwrite delete the old run, write the run record <out>/config.json (on --resume, changed flags stop here), load
-    the policy.
+    there), measure the data's lengths and check the batch against them and that the model can read --eval-data's
+    prompts (the processor alone), only then let --overwrite delete the old run, write the run record
+    <out>/config.json (on --resume, changed flags stop here), load the policy.
     -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
@@ -2128,6 +2128,11 @@ def start_stage(cfg: Config, stage: str):
     ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None  # under the lock: no other run deletes it now
     processor = training_processor(cfg, ckpt)  # the data's lengths are checked with it before the weights load
     records = filter_prompts(processor, records, cfg.max_prompt_len, cfg.data)
+    for r in held_out:  # one the model cannot read (images for a text-only model) was a silent 0% at every validation
+        try:
+            data_prep.prompt_text(processor, r)
+        except DataError as e:
+            raise DataError(f"--eval-data: {cfg.eval_data}: {e}") from None
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")

@@ -249,6 +249,22 @@ def test_cold_start_then_aepo_with_branching_then_from_pretrained(family_ckpt, f
     assert AutoTokenizer.from_pretrained(aepo / "final")("\\boxed{7}")["input_ids"] == tok("\\boxed{7}")["input_ids"]
 
 
+def test_eval_data_a_text_only_model_cannot_read_stops_before_the_weights_load(family_data, tmp_path, monkeypatch):
+    # --eval-data of image records for a text-only model: validate counted every one as wrong, a silent 0% at every
+    # validation. Now it stops as --data does, naming --eval-data, the file and the record.
+    model, tok = tiny_model("qwen3")
+    model.save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    held_out = family_data["vlm", "rl"]
+    first = json.loads(open(held_out).readline())["id"]
+    with pytest.raises(SystemExit) as e:
+        ares.main(["--stage", "aepo", "--model", str(tmp_path / "qwen3"), "--data", str(family_data["text", "rl"]),
+                   "--eval-data", str(held_out), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2"])
+    assert str(e.value) == (f"data error: --eval-data: {held_out}: record {first}: has images but the model is "
+                            "text-only")
+
+
 def ids_eot(tok) -> int:
     return tok.convert_tokens_to_ids("<|im_end|>")
 
