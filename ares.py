@@ -1481,7 +1481,9 @@ def add_lora(hf, cfg):
     hf = inject_adapter_in_model(lora, hf)
     for n, p in hf.named_parameters():
         p.requires_grad_(".lora_" in n)
-    hf.ares_lora = lora  # read by hf_export when a checkpoint is saved
+    hf.ares_lora = lora  # read by hf_export and save_adapter when a checkpoint is saved
+    if cfg.train_vision and vision_params(hf):  # the tower trains whole, with no adapter: saved with the adapters as
+        hf.ares_lora = dataclasses.replace(lora, modules_to_save=["visual"])  # peft saves a module it trains whole
     return hf
 
 
@@ -2558,13 +2560,16 @@ def hf_export(hf, sd: dict) -> tuple[dict, dict]:
     """(HF weights, adapter) from the policy's full state dict (no LoRA: (sd, {})). Under LoRA the weights are the
     merged policy W + (alpha / r) B A under the model's own names, so that every loader (--model of the next stage,
     eval.py, passrate, from_pretrained) gets the model that was trained, without peft; the adapter, in peft's format
-    (base_model.model.<module>.lora_A.weight), applies to the starting model (README: LoRA). --resume reads neither:
-    it restores base and adapters from state/."""
+    (base_model.model.<module>.lora_A.weight, and with --train-vision the vision tower's own weights, peft's
+    modules_to_save), applies to the starting model (README: LoRA). --resume reads neither: it restores base and
+    adapters from state/."""
     if not hasattr(hf, "ares_lora"):
         return sd, {}
     lora = hf.ares_lora
     weights = {k.replace(".base_layer.", "."): v for k, v in sd.items() if ".lora_" not in k}
     adapter = {"base_model.model." + k.replace(".default.", "."): v for k, v in sd.items() if ".lora_" in k}
+    if getattr(lora, "modules_to_save", None):  # the trained tower: PeftModel.from_pretrained puts it in place
+        adapter.update({"base_model.model." + k: v for k, v in weights.items() if ".visual." in f".{k}"})
     for k in (k for k in sd if ".lora_A." in k):
         name, A, B = k.split(".lora_A.")[0], sd[k].float(), sd[k.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
         W = weights[name + ".weight"]

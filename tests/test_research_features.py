@@ -673,7 +673,7 @@ def lora_run(tiny_ckpt, demo_data, out, *extra) -> dict:
     out = out / "run"
     return dict(adapter=load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")),
                 config=json.loads((out / "final" / "adapter" / "adapter_config.json").read_text()),
-                merged=load_file(str(out / "final" / "model.safetensors")))
+                merged=load_file(str(out / "final" / "model.safetensors")), final=out / "final")
 
 
 def test_lora_targets_q_v_adapt_only_q_proj_and_v_proj_and_train_vision_also_trains_the_vision_tower(
@@ -687,10 +687,11 @@ def test_lora_targets_q_v_adapt_only_q_proj_and_v_proj_and_train_vision_also_tra
     runs = {flag: lora_run(tiny_ckpt, demo_data, tmp_path / (flag.strip("-") or "frozen"), *([flag] if flag else []))
             for flag in ("", "--train-vision")}
     for flag, run in runs.items():
-        adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in run["adapter"]}
+        lora = {k for k in run["adapter"] if ".lora_" in k}
+        adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in lora}
         assert adapted == {f"model.language_model.layers.{i}.self_attn.{p}" for i in range(layers)
                            for p in ("q_proj", "v_proj")}, flag
-        assert {k.split(".lora_")[1] for k in run["adapter"]} == {"A.weight", "B.weight"}
+        assert {k.split(".lora_")[1] for k in lora} == {"A.weight", "B.weight"}
         assert sorted(run["config"]["target_modules"]) == ["q_proj", "v_proj"]
         assert run["merged"].keys() == start.keys()
         moved = {k for k in start if not torch.equal(run["merged"][k], start[k])}
@@ -701,6 +702,34 @@ def test_lora_targets_q_v_adapt_only_q_proj_and_v_proj_and_train_vision_also_tra
             assert vision & moved, "--train-vision: the vision tower did not move"
         else:
             assert not vision & moved, vision & moved
+
+
+@pytest.mark.parametrize("flag", ["", "--train-vision"])
+def test_peft_rebuilds_the_trained_model_from_the_starting_model_and_the_adapter(flag, tiny, tiny_ckpt, demo_data,
+                                                                                  tmp_path):
+    """README (LoRA): PeftModel.from_pretrained(<starting model>, "<checkpoint>/adapter") is the trained policy. With
+    --train-vision the tower trains whole, and adapter/ held none of it: peft rebuilt the starting model's tower, a
+    model that was never trained, silently. Against the merged export (the trained policy, whoever loads it): every
+    weight of peft's merge, and the logits of an image prompt through peft's unmerged model."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    run = lora_run(tiny_ckpt, demo_data, tmp_path / "lora", *([flag] if flag else []))
+    start = lambda: AutoModelForImageTextToText.from_pretrained(tiny_ckpt).eval()  # noqa: E731
+    trained = AutoModelForImageTextToText.from_pretrained(run["final"]).eval()
+    rebuilt = PeftModel.from_pretrained(start(), run["final"] / "adapter").eval()
+    record = data_prep.load_records(str(demo_data["rl"]))[0]
+    prompt = data_prep.encode_prompt(tiny[1], record)
+    image = dict(input_ids=prompt["ids"][None], pixel_values=prompt["pixel_values"],
+                 image_grid_thw=prompt["image_grid_thw"])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**image).logits, trained(**image).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(start()(**image).logits, trained(**image).logits, atol=1e-4)  # it did train
+    merged, expected = rebuilt.merge_and_unload().state_dict(), trained.state_dict()
+    assert merged.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_the_prompt_suffix_of_the_flag_or_the_model_folder_reaches_every_prompt_and_the_run_record_holds_it(
