@@ -2504,7 +2504,8 @@ def save_checkpoint(out: Path, name: str, policy, opt, sched, processor, state: 
         data_prep.fsync(tmp / f"rng_{me}.pt")
         if me == 0:
             weights, adapter = hf_export(policy.hf, {k.removeprefix("hf."): v for k, v in hf_sd.items()})
-            policy.hf.save_pretrained(tmp, state_dict=weights)
+            tied = tied_copies(policy.hf)  # gathered, a tied weight (lm_head = embed_tokens) is a copy of its own
+            policy.hf.save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if k not in tied})
             if adapter:
                 save_adapter(policy.hf, adapter, tmp / "adapter")
             processor.save_pretrained(tmp)
@@ -2575,6 +2576,19 @@ def hf_export(hf, sd: dict) -> tuple[dict, dict]:
         W = weights[name + ".weight"]
         weights[name + ".weight"] = (W.float() + lora.lora_alpha / lora.r * B @ A).to(W.dtype)
     return weights, adapter
+
+
+def tied_copies(hf: nn.Module) -> set[str]:
+    """Names of the parameters that are another's (a tied output head, lm_head = embed_tokens, as in Qwen2.5-VL-3B),
+    all but the first in module order. Their gathered copies are left out of model.safetensors, as save_pretrained
+    leaves them out of a model's own state dict (it ties them again at load): else every export of a 3B model carried
+    a second 1.2 GB embedding in fp32."""
+    first, copies = {}, set()
+    for name, p in hf.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            copies.add(name)
+        first.setdefault(id(p), name)
+    return copies
 
 
 def save_adapter(hf, adapter: dict, folder: Path):
