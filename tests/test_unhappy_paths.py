@@ -716,6 +716,27 @@ def passrate(data, out, model):
                      "--max-new-tokens", 6, "--out", out])
 
 
+@pytest.mark.parametrize("tool", ["adacs", "passrate"])
+def test_an_output_in_another_folder_keeps_every_image_reachable(tool, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README data format: adacs and passrate write an image path given relative to their input relative to their
+    OUTPUT file instead. With --out two folders down (the demo writes beside its input, where any rule works) and run
+    from another working folder, every image of every output record must be the very file its input record names."""
+    out = tmp_path / "sub" / "deeper" / "out.jsonl"
+    monkeypatch.chdir(tmp_path)
+    if tool == "adacs":
+        adacs(demo_data, out)
+    else:
+        passrate(demo_data, out, tiny_ckpt)
+    source = Path(demo_data["pool_traces" if tool == "adacs" else "pool"])
+    want = {r["id"]: [(source.parent / i).resolve() for i in r["images"]] for r in map(json.loads, open(source))}
+    rows = [json.loads(line) for line in open(out)]
+    assert rows and all(r["images"] and not Path(r["images"][0]).is_absolute() for r in rows)
+    for r in rows:
+        assert [(out.parent / i).resolve() for i in r["images"]] == want[r["id"]], r["id"]
+    records = data_prep.load_records(str(out))  # and the next stage reads them
+    assert all(data_prep.open_image(i).size for r in records for i in r["images"])
+
+
 WRITERS = [  # (case, output file name, command, how it dies mid-write)
     ("data_prep.py convert to JSONL", "rl.jsonl", lambda d, o, m: convert(d["rl"], o), "json"),
     ("data_prep.py convert to Parquet", "rl.parquet", lambda d, o, m: convert(d["rl"], o), crash_in_parquet),
