@@ -2438,14 +2438,15 @@ def training_state(policy, opt) -> dict:
     return {"model": model_sd, "optim": optim_sd, "buffers": dict(policy.named_buffers())}
 
 
-CTRL_C = dict(seen=False, held=0)  # a Ctrl-C arrived; how many ctrl_c_after blocks are open
+CTRL_C = dict(seen=False, held=0, signal=signal.SIGINT)  # a Ctrl-C (or SIGTERM) arrived; open ctrl_c_after blocks
 
 
 def on_ctrl_c(signum, frame):
-    """The trainer's SIGINT handler: Python's KeyboardInterrupt at once, except inside ctrl_c_after. It also
-    remembers the Ctrl-C, because library code can swallow the KeyboardInterrupt: torch.distributed.checkpoint
-    turns it into its own exception (a traceback), and one raised inside a finalizer is printed and dropped."""
-    CTRL_C["seen"] = True
+    """The trainer's SIGINT and SIGTERM handler (a cluster's scheduler stops a job with SIGTERM, then kills it): Python's
+    KeyboardInterrupt at once, except inside ctrl_c_after. It also remembers the signal, because library code can
+    swallow the KeyboardInterrupt: torch.distributed.checkpoint turns it into its own exception (a traceback), and one
+    raised inside a finalizer is printed and dropped."""
+    CTRL_C.update(seen=True, signal=signum)
     if not CTRL_C["held"]:
         raise KeyboardInterrupt
 
@@ -3002,21 +3003,21 @@ def release_locks():
     HELD_LOCKS.clear()
 
 
-def interrupted(cfg) -> str:
-    """The line a Ctrl-C ends a training stage with: the step it stopped in and the checkpoint to resume from, or, for
-    a Ctrl-C during the final save, that the run is whole. A final/ of an earlier, shorter run that --resume extends
-    is older than the last logged step, so it gets the first line."""
+def interrupted(cfg, how: str = "Ctrl-C", code: int = 130) -> str:
+    """The line a Ctrl-C (or a SIGTERM: `how`, exit `code`) ends a training stage with: the step it stopped in and the
+    checkpoint to resume from, or, for one during the final save, that the run is whole. A final/ of an earlier,
+    shorter run that --resume extends is older than the last logged step, so it gets the first line."""
     out = Path(cfg.out)
     rows = logged_rows(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
     ckpt = latest_checkpoint(out) if out.is_dir() else None
-    where = f"interrupted (Ctrl-C) in step {rows[-1]['step'] + 1 if rows else 1} of {out}"
+    where = f"interrupted ({how}) in step {rows[-1]['step'] + 1 if rows else 1} of {out}"
     if ckpt is None:
         if not rows:  # stopped before its first step: a config.json alone is a run that never started
-            return f"interrupted (Ctrl-C) before the first step of {out}: nothing to resume; the same command starts it"
+            return f"interrupted ({how}) before the first step of {out}: nothing to resume; the same command starts it"
         return f"{where}: no checkpoint yet (one is saved every {cfg.save_every} steps); start again with --overwrite"
     step = complete_record(ckpt)["step"]
     if ckpt.name == "final" and rows and rows[-1]["step"] == step:  # held by ctrl_c_after until the final save was whole
-        return f"Ctrl-C (exit 130) as the run ended: its last step is logged and {ckpt} is complete; nothing to resume"
+        return f"{how} (exit {code}) as the run ended: its last step is logged and {ckpt} is complete; nothing to resume"
     return f"{where}: the newest checkpoint is {ckpt} (step {step}); continue from it with the same command and --resume"
 
 
@@ -3525,18 +3526,21 @@ def gloo_cause(e: RuntimeError) -> str:
 
 @contextlib.contextmanager
 def ctrl_c_handled():
-    """on_ctrl_c for the command, where Python's own handler is in place (not where Ctrl-C is ignored, as under
-    nohup, or off the main thread); the previous handler afterwards."""
-    previous = signal.getsignal(signal.SIGINT)
-    ours = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    if ours:
-        signal.signal(signal.SIGINT, on_ctrl_c)
+    """on_ctrl_c for the command, for SIGINT where Python's own handler is in place (not where Ctrl-C is ignored, as
+    under nohup) and for SIGTERM where it would kill the process outright; on the main thread only. The previous
+    handlers afterwards."""
+    CTRL_C.update(seen=False, held=0, signal=signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()
+    ours = {sig: previous for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+            if main_thread and (previous := signal.getsignal(sig)) is default}
+    for sig in ours:
+        signal.signal(sig, on_ctrl_c)
     try:
         yield
     finally:
-        if ours:
-            signal.signal(signal.SIGINT, previous)
-        CTRL_C.update(seen=False, held=0)
+        for sig, previous in ours.items():
+            signal.signal(sig, previous)
+        CTRL_C.update(seen=False, held=0)  # the signal stays: main's line names it
 
 
 def close_progress_bars():
@@ -3556,12 +3560,13 @@ def main(argv=None):
         if isinstance(e.code, str):  # a line that stops the run mid-stage (a checkpoint that cannot be written)
             close_progress_bars()
         raise
-    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, not a traceback
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: where it stopped and how to go on, not a traceback
         close_progress_bars()
+        how, code = ("SIGTERM", 143) if CTRL_C["signal"] == signal.SIGTERM else ("Ctrl-C", 130)  # the shells' codes
         if int(os.environ.get("RANK", 0)) == 0:  # the process group is closed by now
-            print("\n" + (interrupted(cfg) if cfg.stage != "demo" else f"interrupted (Ctrl-C): the demo in {cfg.out} "
-                          "stopped; run it again with --overwrite"), file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+            print("\n" + (interrupted(cfg, how, code) if cfg.stage != "demo" else f"interrupted ({how}): the demo in "
+                          f"{cfg.out} stopped; run it again with --overwrite"), file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -509,6 +509,35 @@ def test_a_running_aepo_is_protected_and_ctrl_c_says_where_to_resume(case, check
     check(interrupted_aepo)
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_ckpt, demo_data, tmp_path):
+    """A cluster's scheduler stops a job with SIGTERM (then kills it). It ended the run at once, mid-save as often as
+    not: exit -15, no word, its lock left (on another node a live lock: the requeued job refused to resume) and a .tmp
+    checkpoint. Now it stops as a Ctrl-C does: the checkpoint being written is finished, the lock released, one line
+    names the signal and where to resume, and the exit code is the shells' 143."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 500, "--save-every", 1)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, ROOT / "ares.py", *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not any((p / "COMPLETE").exists() for p in out.glob("step_*[0-9]")):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert code == 143 and "Traceback" not in stderr, stderr[-3000:]
+    step = max(int(p.name[5:]) for p in out.glob("step_*[0-9]") if (p / "COMPLETE").exists())
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"interrupted (SIGTERM) in step {steps_logged(out)[-1] + 1} of {out}: the newest checkpoint is "
+        f"{out / f'step_{step:06d}'} (step {step}); continue from it with the same command and --resume"), stderr[-3000:]
+    assert not (out / ares.LOCK).exists() and not list(out.glob("*.tmp"))
+
+
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     # README: as under nohup or as a background job of a script (`cmd &`), where Python starts with SIGINT ignored
     out, step, sent = tmp_path / "run", ares.optimizer_step, []
