@@ -2922,14 +2922,19 @@ def claim_out(cfg, contents=run_contents):
 
 
 def clear_old_run(cfg, contents=run_contents):
-    """--overwrite: delete the run in --out (its checkpoints, metrics.jsonl, --report-to's tensorboard/), after
-    claim_out took the lock and every check of the flags and the data has passed. Rank 0 only (rank0_decides)."""
+    """--overwrite: delete the run in --out (its checkpoints, metrics.jsonl, --report-to's tensorboard/); --resume:
+    delete the checkpoints a kill left half-written (<name>.tmp: save_checkpoint only clears the one it writes again,
+    and a run resumed with other --steps or --save-every may never write that name). After claim_out took the lock
+    and every check of the flags and the data has passed. Rank 0 only (rank0_decides)."""
     out, there = Path(cfg.out), contents(Path(cfg.out))
     if cfg.overwrite and there:
         there += ["tensorboard/"] if (out / "tensorboard").is_dir() else []
         print(f"--overwrite: deleting the run in {out} ({', '.join(there)})", flush=True)
         for p in [*checkpoint_folders(out, "", ".old", ".tmp"), out / "metrics.jsonl", out / "tensorboard"]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in checkpoint_folders(out, ".tmp") if cfg.resume else []:
+        print(f"--resume: deleting {p}, a checkpoint a stopped run left half-written", flush=True)
+        shutil.rmtree(p)
 
 
 def take_lock(out: Path):

@@ -642,6 +642,7 @@ def test_resume_gives_the_parameters_and_controller_state_of_an_uninterrupted_ru
     assert torch.equal(sa["targets"].nan_to_num(-1), sb["targets"].nan_to_num(-1))
     assert torch.equal(sa["kappa"], sb["kappa"]) and not torch.equal(sa["kappa"], torch.ones(3, dtype=torch.float64))
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not (out / "step_000003.tmp").exists()  # deleted by the resume (--save-every 2 never writes that name again)
 
 
 def test_all_filtered_and_all_truncated_batches_skip_the_update_with_a_reason(tiny_ckpt, demo_data, tmp_path):
