@@ -2692,8 +2692,7 @@ class Metrics:
 
     def log(self, row: dict, show: tuple[str, ...]):
         if self.rank0:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            data_prep.append_lines(self.file, [json.dumps(row) + "\n"])
             if self.tracker:
                 self.tracker.log(row)
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if k in row and row[k] is not None})
@@ -3497,6 +3496,11 @@ def run_command(fn, *args):
         return fn(*args)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    except OSError as e:
+        line = data_prep.disk_failure(e, "--resume continues a training run, the same command an evaluation")
+        if line is None:
+            raise
+        raise SystemExit(line) from None
     except RuntimeError as e:  # gloo's error in any collective (DDP's backward, FSDP's gathers, ours): one line
         line = collective_failure(e, getattr(args[0], "dist_timeout", None) if args else None)
         if line is None:

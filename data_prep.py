@@ -64,6 +64,7 @@ import argparse
 import codecs
 import contextlib
 import dataclasses
+import errno
 import functools
 import io
 import json
@@ -940,10 +941,22 @@ def atomic_output(path: Path, sync: bool = True):
             fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only folder this fails too, and would hide the first error
+            tmp.unlink(missing_ok=True)
         raise
     if sync:
         fsync(path.parent)
+
+
+def append_lines(f, lines: list[str]):
+    """Append whole lines to an open log (metrics.jsonl, eval.py's responses.jsonl) and flush them; an OSError (a full
+    disk) names the file, which a write error on an open file does not. A line cut short is dropped when read."""
+    try:
+        f.write("".join(lines))
+        f.flush()
+    except OSError as e:
+        e.filename = e.filename or f.name
+        raise
 
 
 def check_writable(flag: str, path, folder: bool = True):
@@ -1935,6 +1948,18 @@ def check_args(args):
             raise SystemExit(f"--model {args.model}: no such folder, and no tokenizer of that name on the hub (or in its "
                              f"cache, offline): {str(e).splitlines()[0][:160]}") from None
 
+DISK_ERRORS = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EROFS: "make it writable",
+               errno.EACCES: "make it writable"}  # a full disk or quota, a read-only or forbidden folder
+
+
+def disk_failure(e: OSError, again: str) -> str | None:
+    """The one line for a write that a full disk, a quota or a read-only or forbidden folder stopped midway (every
+    output is written whole or not at all, so what was written before stands), else None."""
+    if e.errno not in DISK_ERRORS:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror}: the outputs written before are whole; {DISK_ERRORS[e.errno]}, then {again}"
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -1947,6 +1972,11 @@ def main(argv=None):
         return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    except OSError as e:
+        line = disk_failure(e, "the same command writes them again")
+        if line is None:
+            raise
+        raise SystemExit(line) from None
 
 
 if __name__ == "__main__":

@@ -526,27 +526,26 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
         lines, bad = generate_or_report(model, processor, ids, mine, cfg, bench["name"]) if mine else ([], [])
         lines, bad = gather(lines), gather(bad)
         failed += bad
+        new = []
         for line in lines:
             line = dict(key=key(line["id"], line["sample"]), model=name, model_path=mkey, benchmark=bench["name"],
                         benchmark_key=bench["key"], decoding=decoding, graded_by=marks[line["id"]], **line)
             if line["key"] in cache:  # a chunk regenerated for a missing sample: keep what was cached
                 continue
             cache[line["key"]] = line
-            n_new += 1
-            if writer:
-                writer.write(json.dumps(line) + "\n")
+            new.append(json.dumps(line) + "\n")
+        n_new += len(new)
         if writer:
-            writer.flush()  # a crash loses at most one round
+            data_prep.append_lines(writer, new)  # flushed: a crash loses at most one round
         bar.update(sum(map(len, todo[start:start + world])))
     bar.close()
     cached = [cache[key(r["id"], k)] for r in usable for k in range(cfg.samples) if key(r["id"], k) in cache]
     stale = [x for x in cached if x.get("graded_by") != marks[x["id"]]]  # a line of before graded_by too
-    for line in grade_again(stale, by_id, marks) if stale else []:  # every rank grades them; rank 0 appends the new verdicts
+    again = grade_again(stale, by_id, marks) if stale else []  # every rank grades them; rank 0 appends the new verdicts
+    for line in again:
         cache[line["key"]] = line
-        if writer:
-            writer.write(json.dumps(line) + "\n")
-    if stale and writer:
-        writer.flush()
+    if again and writer:
+        data_prep.append_lines(writer, [json.dumps(line) + "\n" for line in again])
     labels = {r["id"]: bucket_of(r, bench["field"]) for r in bench["records"]}
     labels.update({f["id"]: bucket_of(f["row"], bench["field"]) for f in bench["failures"]})
     failed_ids = {f["id"] for f in failed}

@@ -2,6 +2,7 @@
 checkpoints, the reward hook, validation, refill, determinism) is a row of one of the tables below; a row names
 the case and what must happen, and the test reaches it the way a user does: ares.main, data_prep.main, eval.main,
 a subprocess of `python ares.py`, or the trainer's own functions."""
+import errno
 import json
 import math
 import os
@@ -507,6 +508,50 @@ CONCURRENT = [("a second run into --out while one trains there", _second_run_sto
 @pytest.mark.parametrize("case, check", CONCURRENT, ids=[c[0] for c in CONCURRENT])
 def test_a_running_aepo_is_protected_and_ctrl_c_says_where_to_resume(case, check, interrupted_aepo):
     check(interrupted_aepo)
+
+
+class FullDisk:
+    """A file whose every write after the first `room` lines fails as on a full disk (ENOSPC), as the OS reports it."""
+
+    def __init__(self, real, room: int):
+        self.real, self.room = real, room
+
+    def write(self, text):
+        self.room -= 1
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("tool", ["ares.py", "eval.py"])
+def test_a_full_disk_outside_a_checkpoint_stops_with_one_line(tool, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """A full disk met writing metrics.jsonl (ares.py) or responses.jsonl (eval.py) ended in an OSError traceback.
+    It is one line naming the file and what to do; the lines before stay whole, and the lock is released."""
+    import builtins
+
+    target = "metrics.jsonl" if tool == "ares.py" else "responses.jsonl"
+    module = ares if tool == "ares.py" else evaluation
+
+    def opening(path, *args, **kw):
+        f = builtins.open(path, *args, **kw)
+        return FullDisk(f, 1) if Path(path).name == target else f
+
+    monkeypatch.setattr(module, "open", opening, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        if tool == "ares.py":
+            ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--steps", 3))
+        else:
+            evaluation.main(["--model", tiny_ckpt, "--data", demo_data["test"], "--max-new-tokens", 4, "--batch-size",
+                             2, "--out", out])
+    assert one_line(e).startswith(f"{out / target}: No space left on device: the outputs written before are whole; "
+                                  "free space, then "), one_line(e)
+    lines = (out / target).read_text().splitlines()  # the first write's: a step's row, or a round's responses
+    assert len(lines) == (1 if tool == "ares.py" else 2) and all(json.loads(x) for x in lines)
+    assert not (out / ares.LOCK).exists()
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_ckpt, demo_data, tmp_path):
