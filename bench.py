@@ -851,9 +851,9 @@ def host_memory(args) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
         return fn(), status("VmHWM") - before
 
-    def start(model):
+    def start(model, scratch):
         cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "aepo", "--model", model, "--data", "x", "--out",
-                                                             tempfile.mkdtemp(), "--dtype", args.dtype]), "aepo")
+                                                             scratch, "--dtype", args.dtype]), "aepo")
         loaded, load = measured(lambda: ares.load_for_training(cfg, device))
         run, wrap = measured(lambda: ares.prepare_training(cfg, loaded, device, 1))
         with torch.no_grad():
@@ -871,11 +871,12 @@ def host_memory(args) -> dict:
         _, first_update = measured(update)
         return run, dict(load=load, ddp_wrap=wrap, reference=ref, sampling_copy=copy, first_update=first_update)
 
-    start("tiny")
-    run, phases = start(args.host_memory)
+    with tempfile.TemporaryDirectory() as scratch:  # the runs' --out: nothing is saved there, but it is made
+        start("tiny", f"{scratch}/warm-up")
+        run, phases = start(args.host_memory, f"{scratch}/run")
     M = sum(p.numel() for p in run.hf.parameters()) * 4
     row = dict(rank=rank, model_bytes=M, **{f"{k}_M": v / M for k, v in phases.items()})
-    Path(args.out).with_name(f"rank{rank}.json").write_text(json.dumps(row))
+    data_prep.write_atomically(Path(args.out).with_name(f"rank{rank}.json"), json.dumps(row))
     torch.distributed.destroy_process_group()
     return row
 
@@ -968,7 +969,7 @@ def save_json(args, results: dict):
         if getattr(args, "plan_rows", None):
             data["memory_plan"] = args.plan_rows
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # parse_args checked that it can be made
-        Path(args.out).write_text(json.dumps(data, indent=1, default=float))
+        data_prep.write_atomically(Path(args.out), json.dumps(data, indent=1, default=float))  # a kill: the old file
 
 
 def fmt(x, spec=".3g"):
@@ -1226,9 +1227,11 @@ def main(argv=None):
                     left = max(1.0, args.deadline - time.perf_counter())
                     share = left / (len(args.sizes) - args.sizes.index(s))
                     rest = _replace_flag(rest, "--budget-s", f"{share:.0f}")
+                part.unlink(missing_ok=True)  # an earlier run's numbers are never taken for this one's
                 code = subprocess.call([sys.executable, __file__, *rest])
-                if part.is_file():
+                with contextlib.suppress(OSError, ValueError, KeyError):  # what the size got to before it failed
                     results.update(json.loads(part.read_text())["results"])
+                part.unlink(missing_ok=True)
                 if code:
                     results.setdefault(s, {})["error"] = f"exit code {code}"
         else:

@@ -152,17 +152,33 @@ def test_grader_throughput_grades_alike_in_process_and_in_worker_processes(tmp_p
     assert all(r["correct"] == 0 and positive(r["answers_per_s"]) for r in rows if r["set"] == "adversarial")
 
 
-def test_host_memory_measures_every_phase_on_two_ranks(tiny_ckpt, tmp_path):
+def test_host_memory_measures_every_phase_on_two_ranks(tiny_ckpt, tmp_path, monkeypatch):
     """README "Memory at load and save": `bench.py --host-memory <folder>` starts itself under torchrun on 2 ranks and
-    reports each phase per rank in units of M, the model's fp32 bytes (counted here from the checkpoint's file)."""
+    reports each phase per rank in units of M, the model's fp32 bytes (counted here from the checkpoint's file). It
+    leaves no folder of its own in the temporary directory (it left one per run and rank)."""
     from safetensors.torch import load_file
 
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     run_script(["bench.py", "--host-memory", tiny_ckpt, "--dtype", "bf16", "--out", tmp_path / "h.json"])
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchelastic_")] == []
     ranks = json.loads((tmp_path / "h.json").read_text())["results"]["host_memory"]["ranks"]
     M = sum(t.numel() for t in load_file(str(tiny_ckpt / "model.safetensors")).values()) * 4
     assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["model_bytes"] == M for r in ranks)
     phases = ("load_M", "ddp_wrap_M", "reference_M", "sampling_copy_M", "first_update_M")
     assert all(math.isfinite(r[k]) and r[k] >= 0 for r in ranks for k in phases) and all(r["load_M"] > 0 for r in ranks)
+
+
+def test_a_size_that_fails_reports_its_error_never_an_earlier_runs_numbers(tmp_path):
+    """bench.py runs each size of --size in a process of its own, which writes <out>.<size>.json. A part file left by
+    an earlier run was read as this run's when the size failed before writing its own: the old numbers were reported
+    (and could feed the memory plan). Here 3b cannot build offline; its stale part must not reach the results."""
+    (tmp_path / "b.3b.json").write_text(json.dumps({"results": {"3b": {"rollout": {"from_an_earlier_run": 1}}}}))
+    run_script(["bench.py", "--size", "tiny,3b", "--what", "rollout", "--batches", 2, "--new-tokens", 4, "--repeats", 1,
+                "--methods", "eager", "--out", tmp_path / "b.json"])
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert results["3b"] == {"error": "exit code 1"} and "rollout" in results["tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # the parts are merged, then removed
 
 
 def test_profile_of_an_update_micro_batch(tmp_path):
