@@ -1391,6 +1391,8 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
     out = Path(out)
     img_dir = out.parent / f"{out.stem}_images"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if copy_images and any(rec.get("images") for rec in records):  # an earlier output's images are about to be
+        out.unlink(missing_ok=True)  # replaced one by one: a kill midway must not leave its records on the new ones
     saved, rows = {}, []
     for n, rec in enumerate(tqdm(records, desc=f"write {out.name}", unit=" records", leave=False)):
         paths = []
@@ -1809,6 +1811,8 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     Every record of pool, rl and test carries its steps trace as `response`."""
     sizes = sizes or {"sft": 1500, "pool": 1200, "rl": 1000, "test": 300}
     out = Path(out)
+    for name in [*sizes, "pool_traces"]:  # an earlier demo's records go before its images are replaced one by one: a
+        (out / f"{name}.jsonl").unlink(missing_ok=True)  # kill midway leaves no record on another problem's image
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on the slip rates

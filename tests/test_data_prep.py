@@ -323,6 +323,39 @@ def test_a_transparent_image_is_laid_on_white_as_the_models_own_processor_does(m
     assert torch.allclose(enc["pixel_values"], torch.from_numpy(ref["pixel_values"]), atol=0.05)
 
 
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("tool", ["demo", "convert"])
+def test_a_rewrite_killed_midway_leaves_no_record_on_another_records_image(tool, tmp_path, monkeypatch):
+    """`data_prep.py demo` (or convert) again into the same place, killed while it replaced the images one by one,
+    left the earlier run's JSONL beside the new images: 128 of 156 rewritten pool records then had another problem's
+    answer. The earlier records are removed before the first image is replaced, so nothing reads a mixed pair."""
+    out = tmp_path / "demo"
+    data_prep.make_demo(out, seed=0, sizes=dict(sft=6, pool=6, rl=6, test=6))
+    src = tmp_path / "src.jsonl"
+    if tool == "convert":
+        src.write_text((out / "rl.jsonl").read_text().replace('"images/', f'"{out}/images/'))
+        data_prep.main(["convert", "--data", src, "--out", tmp_path / "conv.jsonl"])
+    save, calls = Image.Image.save, []
+
+    def dies_on_the_third(self, *args, **kw):  # a kill after two images of the new run are in place
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return save(self, *args, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", dies_on_the_third)
+    with pytest.raises(Killed):
+        if tool == "demo":
+            data_prep.make_demo(out, seed=1, sizes=dict(sft=6, pool=6, rl=6, test=6))
+        else:
+            data_prep.main(["convert", "--data", src, "--out", tmp_path / "conv.jsonl"])
+    left = sorted(out.glob("*.jsonl")) if tool == "demo" else [p for p in [tmp_path / "conv.jsonl"] if p.exists()]
+    assert left == []
+
+
 def test_json_list_files_and_a_broken_json_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
     assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
