@@ -73,6 +73,7 @@ import numbers
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -1386,13 +1387,18 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
     and are listed relative to the output file (README: data format). copy_images=False lists an image that is already a
     file by its path instead of copying it: an absolute one as it is (the output can move), one the input gave relative
     (a RelativePath) relative to the output file. Records sharing an image object share its file."""
-    from PIL import Image
-
     out = Path(out)
     img_dir = out.parent / f"{out.stem}_images"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if copy_images and any(rec.get("images") for rec in records):  # an earlier output's images are about to be
-        out.unlink(missing_ok=True)  # replaced one by one: a kill midway must not leave its records on the new ones
+    with staging(img_dir.with_name(img_dir.name + ".tmp")) as staged:  # the images, until the records are written
+        return write_staged(records, out, img_dir, staged, copy_images)
+
+
+def write_staged(records: list[dict], out: Path, img_dir: Path, staged: Path, copy_images: bool) -> Path:
+    """write_records' work: the images into `staged`, the records into a temporary file, then swap_in_images, then the
+    records in place."""
+    from PIL import Image
+
     saved, rows = {}, []
     for n, rec in enumerate(tqdm(records, desc=f"write {out.name}", unit=" records", leave=False)):
         paths = []
@@ -1401,10 +1407,9 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
                 if isinstance(img, str) and not copy_images:
                     saved[id(img)] = os.path.relpath(img, out.parent) if isinstance(img, RelativePath) else img
                 else:
-                    img_dir.mkdir(exist_ok=True)
-                    with Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img) as im, \
-                            atomic_output(img_dir / f"{n:07d}_{k}.png", sync=False) as tmp:
-                        (im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")).save(tmp, format="PNG")
+                    with Image.open(img) if isinstance(img, str) else contextlib.nullcontext(img) as im:
+                        (im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")).save(staged / f"{n:07d}_{k}.png",
+                                                                                           format="PNG")
                     saved[id(img)] = f"{img_dir.name}/{n:07d}_{k}.png"
             paths.append(saved[id(img)])
         rows.append(dict(rec, images=paths))
@@ -1417,6 +1422,8 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
         else:
             with open(tmp, "w") as fh:
                 fh.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+        if any(staged.iterdir()):  # the records are whole in tmp: now the images, then (leaving the block) the records
+            swap_in_images(staged, img_dir, [out])
     return out
 
 
@@ -1811,40 +1818,67 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     Every record of pool, rl and test carries its steps trace as `response`."""
     sizes = sizes or {"sft": 1500, "pool": 1200, "rl": 1000, "test": 300}
     out = Path(out)
-    for name in [*sizes, "pool_traces"]:  # an earlier demo's records go before its images are replaced one by one: a
-        (out / f"{name}.jsonl").unlink(missing_ok=True)  # kill midway leaves no record on another problem's image
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on the slip rates
-    paths, traces = {}, []
-    for split, n in sizes.items():
-        rows = []
-        for k in tqdm(range(n), desc=f"demo {split}", leave=False):
-            level = k % 3 + 1
-            prob = demo_problem(rng, level)
-            rid = f"{split}-{k:05d}"
-            with atomic_output(out / "images" / f"{rid}.png", sync=False) as tmp:
-                draw_grid(prob["cells"]).save(tmp, format="PNG")
-            style = rng.choice(STYLES) if split == "sft" else "steps"
-            row = dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
-                       source="demo", level=level, difficulty=LEVELS[level])
-            caught = split == "sft" and style == "recheck" and level == 3 and teacher.random() < LINE_SLIP
-            rows.append(dict(row, response=prob["caught"] if caught else prob["traces"][style], style=style))
-            if split == "pool":
-                written = dict(prob["traces"])
-                if level == 1 and prob["slips"] and teacher.random() < MISREAD:
-                    written.update(prob["slips"])  # a short bar misread: terse and steps wrong, the re-check right
-                if level > 1 and teacher.random() < SLIP:
-                    written["terse"] = prob["slips"]["terse"]  # a bare answer one off
-                if level == 3 and teacher.random() < LINE_SLIP:
-                    written.update(steps=prob["slips"]["line"], recheck=prob["caught"])  # the line off, re-check right
-                traces += [dict(row, response=written[s], style=s) for s in STYLES]
-        paths[split] = out / f"{split}.jsonl"
-        write_atomically(paths[split], "".join(json.dumps(r) + "\n" for r in rows))
-    if traces:
-        paths["pool_traces"] = out / "pool_traces.jsonl"
-        write_atomically(paths["pool_traces"], "".join(json.dumps(r) + "\n" for r in traces))
-    return paths
+    with staging(out / "images.tmp") as staged:  # the images, until the records are written: see swap_in_images
+        rng = random.Random(seed)
+        teacher = random.Random(f"teacher-{seed}")  # its own stream: the problems do not depend on the slip rates
+        splits, traces = {}, []  # {split: its records}
+        for split, n in sizes.items():
+            rows = []
+            for k in tqdm(range(n), desc=f"demo {split}", leave=False):
+                level = k % 3 + 1
+                prob = demo_problem(rng, level)
+                rid = f"{split}-{k:05d}"
+                draw_grid(prob["cells"]).save(staged / f"{rid}.png", format="PNG")
+                style = rng.choice(STYLES) if split == "sft" else "steps"
+                row = dict(id=rid, question=prob["question"], answer=prob["answer"], images=[f"images/{rid}.png"],
+                           source="demo", level=level, difficulty=LEVELS[level])
+                caught = split == "sft" and style == "recheck" and level == 3 and teacher.random() < LINE_SLIP
+                rows.append(dict(row, response=prob["caught"] if caught else prob["traces"][style], style=style))
+                if split == "pool":
+                    written = dict(prob["traces"])
+                    if level == 1 and prob["slips"] and teacher.random() < MISREAD:
+                        written.update(prob["slips"])  # a short bar misread: terse and steps wrong, the re-check right
+                    if level > 1 and teacher.random() < SLIP:
+                        written["terse"] = prob["slips"]["terse"]  # a bare answer one off
+                    if level == 3 and teacher.random() < LINE_SLIP:
+                        written.update(steps=prob["slips"]["line"], recheck=prob["caught"])  # the line off, re-check right
+                    traces += [dict(row, response=written[s], style=s) for s in STYLES]
+            splits[split] = rows
+        if traces:
+            splits["pool_traces"] = traces
+        texts = {name: "".join(json.dumps(r) + "\n" for r in rows) for name, rows in splits.items()}  # all, then swap
+        swap_in_images(staged, out / "images", [out / f"{name}.jsonl" for name in [*sizes, "pool_traces"]])
+        for name, text in texts.items():
+            write_atomically(out / f"{name}.jsonl", text)
+    return {name: out / f"{name}.jsonl" for name in texts}
+
+
+@contextlib.contextmanager
+def staging(path: Path):
+    """An empty folder at `path` for a rewrite's images (one a killed run left is emptied first); removed at the end
+    unless swap_in_images took it (a failed rewrite, or one without images)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def swap_in_images(staged: Path, images: Path, records: list[Path]):
+    """Put a rewrite's images in place, whose records are written next: first the earlier `records` go (they name
+    images by path, and the paths stay), then the staged folder replaces `images` (renamed aside, then deleted). A
+    kill before this leaves the earlier output whole; during it or before the new records are written, no records:
+    never records beside another record's image (README: outputs)."""
+    for path in records:
+        path.unlink(missing_ok=True)
+    old = images.with_name(images.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if images.exists():
+        images.rename(old)
+    staged.rename(images)
+    fsync(images.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_demo(args) -> dict:

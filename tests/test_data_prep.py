@@ -327,33 +327,55 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("tool", ["demo", "convert"])
-def test_a_rewrite_killed_midway_leaves_no_record_on_another_records_image(tool, tmp_path, monkeypatch):
-    """`data_prep.py demo` (or convert) again into the same place, killed while it replaced the images one by one,
-    left the earlier run's JSONL beside the new images: 128 of 156 rewritten pool records then had another problem's
-    answer. The earlier records are removed before the first image is replaced, so nothing reads a mixed pair."""
-    out = tmp_path / "demo"
-    data_prep.make_demo(out, seed=0, sizes=dict(sft=6, pool=6, rl=6, test=6))
-    src = tmp_path / "src.jsonl"
-    if tool == "convert":
-        src.write_text((out / "rl.jsonl").read_text().replace('"images/', f'"{out}/images/'))
-        data_prep.main(["convert", "--data", src, "--out", tmp_path / "conv.jsonl"])
-    save, calls = Image.Image.save, []
+def files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    def dies_on_the_third(self, *args, **kw):  # a kill after two images of the new run are in place
+
+@pytest.mark.parametrize("tool", ["demo", "convert"])
+@pytest.mark.parametrize("kill", ["while it draws the images", "while it puts them in place"])
+def test_a_rewrite_killed_midway_leaves_no_record_on_another_records_image(kill, tool, tmp_path, monkeypatch):
+    """`data_prep.py demo` again into the same folder (another seed), killed while it replaced the images one by one,
+    left the earlier run's records beside the new images: 128 of 156 rewritten pool records then had another problem's
+    answer. Now a kill while the new images are drawn leaves the earlier output as it was, every byte; a kill while
+    they are put in place leaves no records at all (never records beside another record's image). convert the same."""
+    out = tmp_path / "demo"
+    sizes = dict(sft=6, pool=6, rl=6, test=6)
+    data_prep.make_demo(out, seed=0, sizes=sizes)
+    src = tmp_path / "src.jsonl"
+    other = data_prep.make_demo(tmp_path / "other", seed=1, sizes=sizes)["rl"]  # other problems, other images
+    src.write_text(Path(other).read_text().replace('"images/', f'"{tmp_path}/other/images/'))
+    if tool == "convert":
+        (tmp_path / "first.jsonl").write_text((out / "rl.jsonl").read_text().replace('"images/', f'"{out}/images/'))
+        data_prep.main(["convert", "--data", tmp_path / "first.jsonl", "--out", tmp_path / "conv" / "rl.jsonl"])
+        out = tmp_path / "conv"
+    before = files(out)
+    save, rename, calls = Image.Image.save, Path.rename, []
+
+    def dies_on_the_third(self, *args, **kw):
         calls.append(1)
         if len(calls) == 3:
             raise Killed
         return save(self, *args, **kw)
 
-    monkeypatch.setattr(Image.Image, "save", dies_on_the_third)
+    def dies_on_the_swap(self, target):
+        if Path(target).name.startswith(("images", "rl_images")) and not Path(target).name.endswith(".old"):
+            raise Killed  # the earlier records are gone, the earlier images set aside, the new ones not yet in place
+        return rename(self, target)
+
+    if kill == "while it draws the images":
+        monkeypatch.setattr(Image.Image, "save", dies_on_the_third)
+    else:
+        monkeypatch.setattr(Path, "rename", dies_on_the_swap)
     with pytest.raises(Killed):
         if tool == "demo":
-            data_prep.make_demo(out, seed=1, sizes=dict(sft=6, pool=6, rl=6, test=6))
+            data_prep.make_demo(out, seed=1, sizes=sizes)
         else:
-            data_prep.main(["convert", "--data", src, "--out", tmp_path / "conv.jsonl"])
-    left = sorted(out.glob("*.jsonl")) if tool == "demo" else [p for p in [tmp_path / "conv.jsonl"] if p.exists()]
-    assert left == []
+            data_prep.main(["convert", "--data", src, "--out", out / "rl.jsonl"])
+    after = files(out)
+    if kill == "while it draws the images":
+        assert after == before
+    else:
+        assert not [name for name in after if name.endswith(".jsonl")]
 
 
 def test_json_list_files_and_a_broken_json_line(tmp_path):
