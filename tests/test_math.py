@@ -390,6 +390,64 @@ def rewards_on_grid(T: float, alpha: float = 0.4) -> torch.Tensor:
     return R.view(3, 2, len(N_GRID))
 
 
+SHAPE = {0: (0.15, 2, 2.0, 1.0, 0.6), 1: (0.25, 3, 2.5, 1.0, 0.8), 2: (0.35, 4, 3.0, 1.2, 1.0)}  # f, kappa, s, c, u
+
+
+def spec_reward(bucket: int, acc: int, n_he: float, T: float, alpha: float = 0.4) -> float:
+    """The hierarchical reward written out from the spec's table, one response at a time."""
+    f, k, s, c, u = SHAPE[bucket]
+    m, cap, d = max(1.0, f * max(T, 1.0)), alpha * c, n_he - T
+    hub = lambda x: x * x / (2 * k) if x <= k else x - k / 2  # noqa: E731
+    if not acc:
+        return sig(max(d - m, 0.0), s) * cap * u
+    if bucket == 0:
+        return 1 - min(cap, hub(max(d - m, 0.0)) / (m + k) * cap)
+    if bucket == 1:
+        return 1 - min(cap, hub(max(abs(d) - m, 0.0)) / (m + k) * cap)
+    return 1 + sig(d + m, s) * cap if d >= -m else 1 - min(cap, 0.5 * hub(-d - m) / (m + k) * cap)
+
+
+def test_score_groups_joins_buckets_hwe_counts_rewards_format_and_advantages_as_a_hand_loop():
+    """The training loop's step from graded rollouts to advantages (score_groups), against a plain loop: each group's
+    bucket from its accuracy by exact thirds, each response's N_HE from its entropies against its tau (a window entropy
+    equal to tau counts: >=), the reward of the spec's table with the targets from BEFORE the step, the format reward
+    at --format-weight, GRPO advantages with the unbiased std, the accuracy filter and the EMA of the targets. Each
+    piece is tested alone above; this is what ties them together in the loop (a mutation feeding accuracy in place of
+    the shaped reward to the advantages, or swapping easy for hard, passed every other test)."""
+    G, hi, lo = 4, 2.0, 0.5
+    acc = [1, 1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 1]  # easy (3 of 4), hard (1 of 4), all right (easy, filtered)
+    entropy = [[lo] * 4, [hi, lo, lo, lo], [hi, 1.0, hi, lo], [hi, hi, lo, lo],  # 1.0 = tau: counted
+               [hi, hi, lo, lo], [lo] * 4, [hi, lo, lo, lo], [hi] * 4,
+               [hi, lo, lo, lo], [lo, hi, lo, lo], [lo, lo, hi, lo], [lo, lo, lo, hi]]
+    texts = ["<think>a</think> \\boxed{1}", "1"] * 6  # format_ok, not
+    N = len(acc)
+    ro = ares.Rollouts(tokens=torch.arange(N * 4).view(N, 4) % 50 + 10, logprobs=torch.zeros(N, 4),
+                       entropy=torch.tensor(entropy), resp_mask=torch.ones(N, 4, dtype=torch.bool),
+                       loss_mask=torch.ones(N, 4, dtype=torch.bool), truncated=torch.zeros(N, dtype=torch.bool),
+                       parent=torch.full((N,), -1), branch_at=torch.zeros(N, dtype=torch.long), tau=torch.ones(N),
+                       texts=texts, acc=torch.tensor(acc, dtype=torch.float))
+    before = torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64)  # T_easy, T_medium, T_hard: each seen before
+    cfg = ares.Config(group_size=G, window=1, batch_size=3, format_weight=0.5)
+    sc = ares.score_groups(ro, cfg, before)
+
+    n_he = [sum(h >= 1.0 for h in row) for row in entropy]
+    assert n_he == [0, 1, 3, 2, 2, 0, 1, 4, 1, 1, 1, 1] and sc.n_he.tolist() == n_he
+    bucket = [0 if Fraction(sum(acc[g:g + G]), G) >= Fraction(2, 3) else 1 if Fraction(sum(acc[g:g + G]), G)
+              >= Fraction(1, 3) else 2 for g in range(0, N, G) for _ in range(G)]
+    assert bucket == [0] * 4 + [2] * 4 + [0] * 4 and sc.bucket.tolist() == bucket
+    fmt = [1.0, 0.0] * 6
+    R = [spec_reward(b, a, n, before[b].item()) + 0.5 * f for b, a, n, f in zip(bucket, acc, n_he, fmt)]
+    assert sc.rewards.tolist() == pytest.approx(R, abs=1e-9)
+    adv = []
+    for g in range(0, N, G):
+        mean, sd = statistics.mean(R[g:g + G]), statistics.stdev(R[g:g + G])
+        adv += [(r - mean) / (sd + 1e-6) for r in R[g:g + G]]
+    assert sc.adv.tolist() == pytest.approx(adv, abs=1e-5)
+    assert sc.keep.tolist() == [True] * 8 + [False] * 4 and sc.groups.tolist() == [2, 3]
+    easy = statistics.mean(n_he[0:4] + n_he[8:12])  # every group feeds the targets, the filtered one too
+    assert sc.targets.tolist() == pytest.approx([0.9 * 0.5 + 0.1 * easy, 2.0, 0.9 * 3.0 + 0.1 * statistics.mean(n_he[4:8])])
+
+
 def test_reward_monotonic_easy_correct_never_gains_from_more_n_he_hard_never_loses():
     with one_thread():
         for T in T_GRID:
