@@ -862,6 +862,15 @@ def test_a_records_options_and_precision_reach_the_grader():
     assert data_prep.gold_of(dict(id="1", answer=7)) == data_prep.Gold("7")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_response_is_graded_against_its_own_records_answer(workers):
+    """score_responses takes G responses per record, record-major: response i is graded against record i // G. With
+    the tiny model never right, the loop's accuracy could not show a misalignment (i % records passed every test)."""
+    recs = [dict(id="a", answer="3"), dict(id="b", answer="7"), dict(id="c", answer="5")]
+    texts = ["\\boxed{3}", "\\boxed{7}", "\\boxed{3}", "\\boxed{7}", "\\boxed{5}", "\\boxed{3}"]  # G = 2
+    assert data_prep.score_responses(recs, texts, 2, workers=workers).tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
 def test_extract_boxed_takes_the_last_box_with_nested_braces():
     assert data_prep.extract_boxed(r"so \boxed{1} no, \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert data_prep.extract_boxed(r"\boxed{\frac{\sqrt{3}}{2}} and text {}") == r"\frac{\sqrt{3}}{2}"
