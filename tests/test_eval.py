@@ -857,3 +857,34 @@ def test_explore_groups_sampled_together_keep_each_branch_in_its_own_group(tiny,
     for rows, r in branched:
         assert 0 <= r["parent"] < 2 and r["branch_at"] >= 1
         assert r["tokens"][:r["branch_at"]] == rows[r["parent"]]["tokens"][:r["branch_at"]]
+
+
+def test_bucket_shares_sum_each_levels_groups_over_all_rows_and_the_first_half(tmp_path):
+    """The demo report's "buckets" and "buckets_first_half" (App. G: how a level's groups move between the online
+    buckets as training goes): per level, its groups in each bucket over all step rows, and over the first
+    ceil(half) of them, as shares. A level with no groups has no shares. 5 rows, counted by hand below."""
+    counts = [  # per step: easy-level groups (easy, medium, hard), hard-level groups (easy, medium, hard)
+        ((2, 1, 0), (0, 0, 1)),
+        ((1, 0, 1), (0, 1, 2)),
+        ((3, 0, 0), (0, 0, 0)),
+        ((0, 2, 2), (1, 1, 1)),
+        ((0, 0, 4), (0, 0, 3)),
+    ]
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as fh:
+        for step, per_level in enumerate(counts, 1):
+            row = {"step": step, "level_medium_len": 5.0, **{f"level_medium_groups_{b}": 0 for b in ares.BUCKETS}}
+            for lv, groups in zip(("easy", "hard"), per_level):
+                row[f"level_{lv}_len"] = 10.0
+                row.update({f"level_{lv}_groups_{b}": n for b, n in zip(ares.BUCKETS, groups)})
+            fh.write(json.dumps(row) + "\n")
+    # all 5 rows: easy level 6, 3, 7 of 16; hard level 1, 2, 7 of 10
+    assert ev.bucket_shares(path) == {
+        "easy": {"easy": pytest.approx(6 / 16), "medium": pytest.approx(3 / 16), "hard": pytest.approx(7 / 16)},
+        "medium": {"easy": None, "medium": None, "hard": None},
+        "hard": {"easy": pytest.approx(0.1), "medium": pytest.approx(0.2), "hard": pytest.approx(0.7)}}
+    # the first half: ceil(5 / 2) = 3 rows; easy level 6, 1, 1 of 8; hard level 0, 1, 3 of 4
+    assert ev.bucket_shares(path, 0.5) == {
+        "easy": {"easy": pytest.approx(6 / 8), "medium": pytest.approx(1 / 8), "hard": pytest.approx(1 / 8)},
+        "medium": {"easy": None, "medium": None, "hard": None},
+        "hard": {"easy": pytest.approx(0.0), "medium": pytest.approx(0.25), "hard": pytest.approx(0.75)}}

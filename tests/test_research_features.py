@@ -292,6 +292,34 @@ def test_a_refill_round_draws_only_records_its_step_has_not_drawn(monkeypatch):
     assert [[a, b] for (a,), (b,) in zip(*shares)] == one  # rank 0 the first of each round's two, rank 1 the second
 
 
+def test_level_stats_count_each_group_once_in_its_online_bucket_by_hand():
+    """The demo's per-level rows (level_<label>_len/n_he/acc and _groups_<bucket>, App. G): G = 4, four groups of
+    three levels. Each group counts once, in the online bucket of its own responses (not of other rows); the means are
+    over the level's responses. Every value is worked out by hand below."""
+    G = 4
+    recs = [{"difficulty": "hard"}, {"difficulty": "easy"}, {"difficulty": "hard"}, {"difficulty": "medium"}]
+    acc = [1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]  # 4/4 easy, 1/4 hard, 2/4 medium, 3/4 easy
+    bucket = [0] * 4 + [2] * 4 + [1] * 4 + [0] * 4  # App. G: easy >= 2/3, medium >= 1/3, else hard
+    lengths = [10, 20, 30, 40, 3, 5, 7, 9, 6, 2, 4, 4, 10, 10, 12, 16]
+    n_he = [1, 0, 2, 1, 0, 0, 1, 0, 3, 3, 0, 2, 2, 2, 2, 2]
+    sc = types.SimpleNamespace(acc=torch.tensor(acc, dtype=torch.float64), lengths=torch.tensor(lengths),
+                               n_he=torch.tensor(n_he, dtype=torch.float64), bucket=torch.tensor(bucket))
+    row = ares.level_stats(["easy", "medium", "hard"], recs, sc, G)
+    want = {
+        # "hard": groups 0 and 2 -> lengths (100 + 16) / 8, N_HE (4 + 8) / 8, acc (4 + 2) / 8; one easy, one medium
+        "level_hard_len": 14.5, "level_hard_n_he": 1.5, "level_hard_acc": 0.75,
+        "level_hard_groups_easy": 1, "level_hard_groups_medium": 1, "level_hard_groups_hard": 0,
+        # "easy": group 1 -> 24 / 4, 1 / 4, 1 / 4; its group fell in the hard bucket
+        "level_easy_len": 6.0, "level_easy_n_he": 0.25, "level_easy_acc": 0.25,
+        "level_easy_groups_easy": 0, "level_easy_groups_medium": 0, "level_easy_groups_hard": 1,
+        # "medium": group 3 -> 48 / 4, 8 / 4, 3 / 4; its group fell in the easy bucket
+        "level_medium_len": 12.0, "level_medium_n_he": 2.0, "level_medium_acc": 0.75,
+        "level_medium_groups_easy": 1, "level_medium_groups_medium": 0, "level_medium_groups_hard": 0,
+    }
+    assert row == pytest.approx(want)
+    assert {k for k in row if "_groups_" in k} == {k for k in want if "_groups_" in k}
+
+
 def test_reward_fn_replaces_the_grader_and_refill_fills_every_batch(tiny_ckpt, demo_data, tmp_path):
     (tmp_path / "my_reward.py").write_text(REWARD)
     out = tmp_path / "run"
