@@ -359,6 +359,45 @@ def test_branches_continue_their_parents_and_train_only_their_own_tokens(tiny, d
             assert t == 0
 
 
+def test_a_branch_resumes_from_exactly_its_parents_first_branch_at_tokens(tiny, demo_data, monkeypatch):
+    """§3.2 branching: a branch at t keeps the parent's tokens 0..t-1 (t tokens, not t + 1) and samples its own from
+    position t on, with the budget left, --max-response-len - t, so no row is longer than --max-response-len. The
+    sampler's calls are recorded: the prefix each branch was given, its budget, and what it sampled, which must be
+    the branch row's tokens from t on."""
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2])
+    cfg = rollout_config()
+    G, L = cfg.group_size, cfg.max_response_len
+    calls, real_sample = [], ares.sample
+
+    def spy(*args, **kw):
+        out = real_sample(*args, **kw)
+        calls.append((kw.get("prefixes"), kw.get("budgets"), out))
+        return out
+
+    monkeypatch.setattr(ares, "sample", spy)
+    ro = ares.rollout_groups(model, prompts, cfg, ares.special_ids(model, processor), torch.Generator().manual_seed(0))
+    N = len(prompts) * G
+    lengths = ro.resp_mask.sum(1).tolist()
+    assert max(lengths) <= L
+    branch_calls = [c for c in calls if c[0] is not None]
+    assert len(branch_calls) == 1  # one batch of branch rows (the default --rollout-batch holds them all)
+    prefixes, budgets, out = branch_calls[0]
+    rows = [i for i in range(N) if i % G >= G - cfg.branch_samples]  # the branch slots, in the order they are sampled
+    assert len(prefixes) == len(budgets) == len(rows)
+    n_branches = 0
+    for k, i in enumerate(rows):
+        t, parent, n = int(ro.branch_at[i]), int(ro.parent[i]), lengths[i]
+        want_prefix = [] if parent < 0 else ro.tokens[parent, :t].tolist()  # a shortfall slot: a fresh sample
+        assert prefixes[k] == want_prefix and len(prefixes[k]) == t, (i, t)
+        assert budgets[k] == L - t, (i, t)
+        m = int(out["mask"][k].sum())
+        assert m <= L - t and n == t + m, (i, t, m, n)
+        assert ro.tokens[i, t:n].tolist() == out["tokens"][k, :m].tolist()  # its own tokens start at t
+        n_branches += parent >= 0
+    assert n_branches > 0, "the test needs some branches"
+
+
 def test_groups_have_g_responses_without_hwe_candidates(tiny, demo_data):
     """With no HWE window at all (a trigger-word table that matches nothing) the whole branch budget is spent on
     fresh samples: still exactly G per group, none a branch, every token trained."""
