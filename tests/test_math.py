@@ -164,6 +164,22 @@ def test_hwe_mask_and_n_he_match_naive_loop(w):
             assert int(m[i].sum()) == len(flagged)  # N_HE(i)
 
 
+def test_hwe_mask_flags_a_window_exactly_at_tau():
+    """Spec §3.1: a token is HWE where its window entropy Hbar >= tau, so a window exactly at tau counts (N_HE), for
+    a float tau and for one tau per row; windows below tau and positions without a full window do not. Values are
+    exact in float32, so the tie is a real tie."""
+    hbar = torch.tensor([[0.5, 1.25, 0.25, 0.5], [0.75, 0.5, 0.5, 2.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    T, F = True, False
+    want = [[T, T, F, F], [T, T, T, T]]  # tau 0.5: 0.5 and above, full windows only
+    assert ares.hwe_mask(hbar, valid, 0.5).tolist() == want
+    assert ares.hwe_mask(hbar.double(), valid, 0.5).tolist() == want
+    # one tau per row: row 0 at 1.25 (its maximum: one HWE token), row 1 at 0.75
+    assert ares.hwe_mask(hbar, valid, torch.tensor([[1.25], [0.75]], dtype=torch.float64)).tolist() == \
+        [[F, T, F, F], [T, F, F, T]]
+    assert ares.hwe_mask(hbar, valid, 0.5).sum(1).tolist() == [2, 4]  # N_HE
+
+
 class WordTokenizer:
     """Stand-in tokenizer: token v decodes to WORDS[v]."""
     WORDS = [" Wait", "wait,", "HOWEVER ", "\n alternatively\n", "Check", "butter", "x", "checking", ""]
