@@ -273,12 +273,18 @@ def test_keep_first_under_torchrun_keeps_what_one_rank_keeps_round_by_round(tmp_
 
 def test_a_refill_round_draws_only_records_its_step_has_not_drawn(monkeypatch):
     """--batch-size 2, 6 records: round 0 and two refill rounds draw each record once, at every step (before, a refill
-    round drew from all records and could repeat one that round 0 had drawn). 5 records: the third round draws the one
+    round drew from all records and could repeat one that round 0 had drawn); round 0 is the step's slice of its epoch's
+shuffle, worked out here with torch.randperm. 5 records: the third round draws the one
     left, then one drawn before, never one twice. 2 ranks deal each round's list of 1 rank round-robin."""
     cfg = ares.Config(batch_size=2, seed=0)
     for step in range(10):
         rounds = [ares.draw(6, step, rnd, cfg) for rnd in range(3)]
-        assert rounds[0] == ares.step_indices(6, step, 2, 0) and sorted(sum(rounds, [])) == [0, 1, 2, 3, 4, 5], rounds
+        # round 0: the step's slice of its epoch's shuffle (3 steps of 2 an epoch), seeded by seed * 100_003 + epoch
+        epoch_order = torch.randperm(6, generator=torch.Generator().manual_seed(0 * 100_003 + step // 3)).tolist()
+        assert rounds[0] == epoch_order[2 * (step % 3):2 * (step % 3) + 2], (step, rounds)
+        assert sorted(sum(rounds, [])) == [0, 1, 2, 3, 4, 5], rounds
+    for epoch in range(3):  # the round-0 draws of an epoch's 3 steps: each record once
+        assert sorted(sum((ares.draw(6, step, 0, cfg) for step in range(3 * epoch, 3 * epoch + 3)), [])) == list(range(6))
         rounds = [ares.draw(5, step, rnd, cfg) for rnd in range(3)]
         first_two = sum(rounds[:2], [])
         assert len(set(first_two)) == 4 and len(set(rounds[2])) == 2, rounds
