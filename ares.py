@@ -2370,6 +2370,10 @@ class Run:
 def training_processor(cfg: Config, ckpt: Path | None):
     """The processor of the model that trains (--model, or the checkpoint a --resume starts from), with --prompt-suffix."""
     processor = processor_for(str(ckpt) if ckpt else cfg.model, cfg)
+    vision_flags = [f for f in ("train_vision", "min_pixels", "max_pixels") if f in cfg.given]
+    if vision_flags and not hasattr(processor, "image_processor"):  # a tokenizer alone: a text-only model
+        raise SystemExit(f"--{vision_flags[0].replace('_', '-')}: --model {cfg.model} is a text-only model (no vision "
+                         "tower, no images), so the flag would do nothing: leave it out")
     if cfg.prompt_suffix is not None:
         processor.prompt_suffix = cfg.prompt_suffix
     return processor
@@ -3153,8 +3157,7 @@ def validate_config(cfg: Config) -> Config:
         check_demo(cfg)
     data_prep.check_writable("--out", cfg.out)  # not empty (it would be the working folder), under a folder, writable
     out = Path(cfg.out).expanduser()
-    saved = next((p for p in (out, *out.parents) if p.exists() and (model_folder_kind(p) in ("model", "adapter") if p == out
-                                                                  else (p / "COMPLETE").is_file())), None)
+    saved = out if out.exists() and model_folder_kind(out) in ("model", "adapter") else checkpoint_holding(out)
     if saved is not None:  # --out a saved model, or a folder inside a checkpoint (which keep_last may delete)
         raise SystemExit(f"--out {cfg.out}: " + ("it is" if saved == out else f"{saved} is") + " a saved model, not a "
                          "run folder (a run there would overwrite its files); give a new folder")
@@ -3180,6 +3183,13 @@ def check_numbers(cfg, hints: dict = HINTS):
             raise SystemExit(f"--{f.name.replace('_', '-')} must be {allowed}{finite}, got {v}{hints.get(f.name, '')}")
         if isinstance(v, int) and abs(v) > INT_LIMIT and f.name != "seed":  # past it: OverflowError deep in torch or C
             raise SystemExit(f"--{f.name.replace('_', '-')} must be at most {INT_LIMIT}, got {v}")
+
+
+def checkpoint_holding(path) -> Path | None:
+    """The checkpoint of a training run that `path` is, or lies inside (a folder with a COMPLETE record), else None:
+    an output written there would go with the checkpoint when a later save, --keep-last or --overwrite replaces it."""
+    p = Path(path).expanduser().absolute()
+    return next((q for q in (p, *p.parents) if (q / "COMPLETE").is_file()), None)
 
 
 def model_folder_kind(p: Path) -> str | None:

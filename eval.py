@@ -159,7 +159,7 @@ def check_outside_checkpoints(out: str):
     name, --keep-last or --overwrite replaces the folder whole, with what eval.py wrote there (ares.py refuses the
     same for its own --out)."""
     p = Path(out).expanduser().absolute()
-    ckpt = next((q for q in (p, *p.parents) if (q / "COMPLETE").is_file()), None)
+    ckpt = ares.checkpoint_holding(p)
     if ckpt is not None:
         raise SystemExit(f"--out {out}: " + ("it is" if ckpt == p else f"{ckpt} is") + " a checkpoint of a training "
                          "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")

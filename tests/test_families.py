@@ -265,6 +265,21 @@ def test_eval_data_a_text_only_model_cannot_read_stops_before_the_weights_load(f
                             "text-only")
 
 
+@pytest.mark.parametrize("flags", [["--train-vision"], ["--min-pixels", "3136"], ["--max-pixels", "50176"]])
+def test_a_vision_flag_for_a_text_only_model_stops_before_the_weights_load(flags, family_data, tmp_path, monkeypatch):
+    # a text-only model has no tower to train and no images to resize: the flag was accepted and did nothing
+    model, tok = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "qwen2")
+    tok.save_pretrained(tmp_path / "qwen2")
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    with pytest.raises(SystemExit) as e:
+        ares.main(["--stage", "aepo", "--model", str(tmp_path / "qwen2"), "--data", str(family_data["text", "rl"]),
+                   "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", *flags])
+    assert str(e.value) == (f"{flags[0]}: --model {tmp_path / 'qwen2'} is a text-only model (no vision tower, no "
+                            "images), so the flag would do nothing: leave it out")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def ids_eot(tok) -> int:
     return tok.convert_tokens_to_ids("<|im_end|>")
 
