@@ -717,7 +717,8 @@ class Rollouts:
     """One step's responses: N = P * G rows, prompt-major; prompt p's fresh samples are rows p*G .. p*G + G-B-1, its
     branches the B rows after them (rollout_groups). A branch's row holds its parent's prefix, then its own tokens."""
     tokens: torch.Tensor  # (N, R) the whole response, right-padded
-    logprobs: torch.Tensor  # (N, R) log pi_old(o_t) under softmax(z / T), as sampled
+    logprobs: torch.Tensor  # (N, R) the sampler's log pi(o_t) under softmax(z / T), only logged (logprob_gap): the
+    # ratio's pi_old is the trainer's recompute, or the live log-prob when one optimizer step uses a batch (aepo_update)
     entropy: torch.Tensor  # (N, R) token entropy H_t (Eq. 3)
     resp_mask: torch.Tensor  # (N, R) bool: the whole response (a branch: its parent's prefix too)
     loss_mask: torch.Tensor  # (N, R) bool: the tokens this row sampled itself (a branch skips the prefix)
