@@ -1067,7 +1067,8 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     """The clipped policy update on the kept rows: `minibatches` optimizer steps per epoch, each over an equal
     share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
     runs the global maximum number of micro-batches; a rank short of rows repeats one with weight 0 (every rank
-    must run the same forward/backward calls). Returns statistics, KL per bucket included."""
+    must run the same forward/backward calls). Returns statistics (update_stats) and the kappa controller's input:
+    kl_outside (3,), each bucket's mean KL outside HWE windows (all ranks), and kl_seen (3,), the buckets measured."""
     G, world, M, mb = cfg.group_size, world_size(), cfg.minibatches, cfg.micro_batch_size
     rows = keep.nonzero().squeeze(1)
     rows = rows[torch.randperm(len(rows), generator=generator)].tolist()
@@ -1111,7 +1112,10 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
             stats["grad_norm"].append(norm)
             stats["skipped"] += not ok
             stats["updates"] += 1
-    return update_stats(stats, all_reduce(kl_sums), old, ro, keep)
+    kl_sums = all_reduce(kl_sums)  # (4, 3) all ranks
+    # Alg. 1's controller input, per bucket: the mean over its responses of each one's mean KL outside HWE windows
+    kl_outside, kl_seen = kl_sums[0] / kl_sums[1].clamp(min=1), kl_sums[1] > 0  # (3,) each
+    return dict(update_stats(stats, kl_sums, old, ro, keep), kl_outside=kl_outside, kl_seen=kl_seen)
 
 
 def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
@@ -2755,16 +2759,16 @@ def open_tracker(cfg, out: Path, record: dict, start: int = 0):
 
 
 def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: torch.Tensor) -> dict:
-    """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL per bucket outside HWE
-    windows (per response) and inside them (per token), the largest gradient norm, and (old log-probs recomputed) the
-    sampler's mean |log-prob - the trainer's| per response token of the kept rows."""
+    """aepo_update's statistics over all ranks: clip fraction and KL per loss token, KL outside HWE windows (per
+    response; per bucket it is the controller's input, which aepo_update adds) and inside them (per token), the largest
+    gradient norm, and (old log-probs recomputed) the sampler's mean |log-prob - the trainer's| per response token of
+    the kept rows."""
     gap = 0.0, 0.0
     if old is not None:  # sampler vs trainer log-prob agreement on the policy that sampled, rows that train
         lm = ro.resp_mask.float() * keep[:, None]  # (N, R)
         gap = ((old - ro.logprobs).abs() * lm).sum().item(), lm.sum().item()
     totals = all_reduce(torch.tensor([stats["clip_frac"], stats["tokens"], stats["kl"], *gap], dtype=torch.float64))
     stats.update(clip_frac=(totals[0] / totals[1].clamp(min=1)).item(), kl=(totals[2] / totals[1].clamp(min=1)).item(),
-                 kl_outside=(kl_sums[0] / kl_sums[1].clamp(min=1)), kl_seen=kl_sums[1] > 0,
                  kl_inside_seen=kl_sums[3] > 0,
                  kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
                  kl_inside_by_bucket=kl_sums[2] / kl_sums[3].clamp(min=1),  # (3,) per token inside windows
