@@ -361,9 +361,9 @@ SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], 
 def difficulty_buckets(acc: torch.Tensor, group_size: int) -> torch.Tensor:
     """App. G, from the group's accuracy p: easy (0) if p >= 2/3, medium (1) if p >= 1/3, else hard (2).
     acc (N,) in {0, 1} (or --reward-fn scores in [0, 1]), groups of G consecutive responses -> (N,) bucket per
-    response. Compared as 3 * sum >= G (exact for 0/1), so that G = 8 gives easy = 6-8 correct, medium = 3-5,
-    hard = 0-2. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0] -> [1, 1, 1, 1, 2, 2, 2, 2] (2 of 4 right: medium;
-    1 of 4: hard)."""
+    response. Compared as 3 * sum >= 2G (easy) and 3 * sum >= G (medium), exact for 0/1, so that G = 8 gives easy =
+    6-8 correct, medium = 3-5, hard = 0-2. Example, G = 4: acc [1, 1, 0, 0, 1, 0, 0, 0] -> [1, 1, 1, 1, 2, 2, 2, 2]
+    (2 of 4 right: medium; 1 of 4: hard)."""
     correct = rearrange(acc.double(), "(p g) -> p g", g=group_size).sum(1)  # (P,)
     return difficulty_of(correct, group_size).long().repeat_interleave(group_size)  # 3 * correct vs G and 2G
 
