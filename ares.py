@@ -352,7 +352,7 @@ def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau, tokens: torch.Tensor 
 # Difficulty and the hierarchical entropy reward (paper App. G, I, M): "how much to explore".
 
 
-# App. I, M and the released reward function (README choices: "Entropy reward"), per bucket: margin f, Huber kappa,
+# App. I, M and the released reward function (README: entropy reward), per bucket: margin f, Huber kappa,
 # sigmoid scale s, cap scale c, wrong-answer scale u
 SHAPING = torch.tensor([[0.15, 2.0, 2.0, 1.0, 0.6], [0.25, 3.0, 2.5, 1.0, 0.8], [0.35, 4.0, 3.0, 1.2, 1.0]],
                        dtype=torch.float64)
@@ -469,7 +469,7 @@ def kl_weights(hwe: torch.Tensor, bucket: torch.Tensor, kappa: torch.Tensor, bet
 
 def update_kl_controller(kappa: torch.Tensor, kl_outside: torch.Tensor, seen: torch.Tensor, target: float = 0.01,
                          rate: float = 0.05) -> torch.Tensor:
-    """Alg. 1 / App. K: kappa_d <- clip(kappa_d * (1 + rate * clip(KL_out_d / target - 1, -1, 1)), 0.01, 100),
+    """Alg. 1 / App. K/L: kappa_d <- clip(kappa_d * (1 + rate * clip(KL_out_d / target - 1, -1, 1)), 0.01, 100),
     for each bucket d seen this step. kl_outside (3,): global mean KL outside HWE windows per bucket."""
     e = (kl_outside / target - 1).clamp(-1, 1)
     return torch.where(seen, (kappa * (1 + rate * e)).clamp(0.01, 100), kappa)
@@ -760,7 +760,7 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
     fresh, P = G - B, len(prompts)
     kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=pool,  # a prefill
               prefill_tokens=cfg.micro_batch_size * (cfg.max_prompt_len + L))  # reads at most an update micro-batch
-    cap = cfg.rollout_batch if isinstance(cfg.rollout_batch, int) else P * G  # "auto" is resolved in train_aepo
+    cap = cfg.rollout_batch if isinstance(cfg.rollout_batch, int) else P * G  # "auto": resolved by rollout_memory
     per_call = max(1, cap // fresh)  # prompts per sampler call: bounds the KV cache
     first = [r for k in range(0, P, per_call)
              for r in unpadded(sample(model, prompts[k:k + per_call], max_new_tokens=L, repeats=fresh, **kw))]
@@ -854,7 +854,7 @@ def train_coldstart(cfg: Config) -> Path:
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage 2: AEPO (Alg. 1). Each step: branching rollouts -> grade -> buckets -> HWE counts -> shaped
-# rewards -> filter -> GRPO advantages -> clipped update with token-wise dynamic KL -> kappa controller.
+# rewards -> GRPO advantages -> filter -> clipped update with token-wise dynamic KL -> kappa controller.
 
 
 def train_aepo(cfg: Config) -> Path:
@@ -1084,7 +1084,7 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
     for epoch in range(cfg.ppo_epochs):
         for mb_rows in chunks:
             count = len(mb_rows) if cfg.loss_agg == "seq-mean-token-mean" else loss_mask[mb_rows].sum().item()
-            denom = all_reduce(torch.tensor([float(count)])).item()  # responses (or tokens) of the step, all ranks
+            denom = all_reduce(torch.tensor([float(count)])).item()  # responses (tokens) per optimizer step, all ranks
             n_micro = int(all_reduce(torch.tensor([math.ceil(len(mb_rows) / mb)]),
                                      dist.ReduceOp.MAX if dist.is_initialized() else None).item())
             if denom == 0:
