@@ -57,7 +57,8 @@ the default):
     --max-refill-rounds (off): refill prompts are drawn at random, none that the step drew before; each round's rows
     are scored against that round's own tau, the one its branch points were chosen with (README: refill).
   - Answers are graded by math-verify (the released code uses mathruler), after choice-letter and string checks.
-  - Cold start: lr 2e-5 with a 3% linear warm-up, then cosine decay to 10% (the paper gives no schedule).
+  - Cold start: lr 2e-5 with a 3% linear warm-up, then cosine decay to 10% (the paper gives no schedule); prompts up
+    to 4k and traces up to 16k tokens, as in AEPO, a longer trace dropped (paper: 32k-token sequences).
   - AdaCS (data_prep.py): L(0), L(1) are medians over all traces, right and wrong; a source without a p = 0
     (p = 1) problem takes its lowest (highest) bracket; ties for the nearest trace go to the shorter one.
 """
