@@ -3258,7 +3258,8 @@ def validate_extras(cfg: Config) -> Config:
         data_prep.load_reward_fn(cfg.reward_fn)
     if cfg.preset and cfg.preset not in data_prep.PRESETS:
         raise SystemExit(f"--preset {cfg.preset}: unknown; presets: {', '.join(data_prep.PRESETS)}")
-    for flag, package, asked in (("--report-to " + cfg.report_to, cfg.report_to, cfg.report_to != "none"),
+    tracker_package = cfg.report_to in ("tensorboard", "wandb")  # a tracker a fork adds may need none (README: forking)
+    for flag, package, asked in (("--report-to " + cfg.report_to, cfg.report_to, tracker_package),
                                  ("--lora-rank", "peft", cfg.lora_rank)):
         if asked and importlib.util.find_spec(package) is None:
             raise SystemExit(f"{flag} needs the optional package {package}: pip install {package}")

@@ -145,6 +145,14 @@ def test_a_missing_tracker_or_peft_package_is_one_line_before_anything_loads(mon
             ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), *flags])
 
 
+def test_a_tracker_added_as_the_readme_says_passes_the_flag_checks(tmp_path):
+    """README (forking: a tracker): a fork adds a --report-to choice and its open_tracker branch. The check before
+    anything loads looks for tensorboard's and wandb's packages only; it looked for a package named after any choice,
+    so the recipe's `--report-to stdout` (a tracker that prints) stopped with 'needs the optional package stdout'."""
+    cfg = ares.Config(stage="aepo", data="x", out=str(tmp_path), report_to="stdout")  # the choice the fork added
+    assert ares.validate_extras(cfg) is cfg
+
+
 def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
