@@ -1171,6 +1171,8 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized():  # a rank that stalls past --dist-timeout or dies: run_command's collective_failure
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -1431,6 +1433,8 @@ def special_ids(model, processor) -> dict:
     gen_eos = model.generation_config.eos_token_id
     stops = {ids["eot"], tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return dict(ids, stop=sorted(i for i in stops if i is not None), image=getattr(model.config, "image_token_id", None))
+
+
 def vision_params(model):
     return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
 
@@ -1473,6 +1477,8 @@ def load_for_fsdp(name: str, cfg: Config, device, processor=None, fill: bool = T
     full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"), processor=processor)[0] \
         if fill and rank() == 0 else None
     return skeleton, processor, full
+
+
 def add_lora(hf, cfg):
     """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
     class); only they train (and the vision tower with --train-vision). B = 0 at the start, so the policy starts as
@@ -1554,6 +1560,8 @@ def lora_reference(hf, model):
                 m.enable_adapters(True)
 
     return forward
+
+
 def load_reference(name: str, cfg: Config, device) -> nn.Module:
     """The frozen KL reference (Eq. 1, Alg. 1): the starting policy in the compute dtype, sharded like it with --fsdp."""
     if sharded(cfg):
@@ -1701,6 +1709,8 @@ def head_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, tempe
             outs.append(piece(hc, tc))
     logp = torch.cat([o[0] for o in outs], 1)
     return logp, (torch.cat([o[1] for o in outs], 1) if with_entropy else None)
+
+
 def pad(rows: list[torch.Tensor], value=0, left: bool = False, length: int = 1):
     """Stack 1-D tensors into (N, L), L = the longest (at least `length`), filled with `value`
     on the right (left=True: on the left). -> (padded (N, L), mask (N, L) bool of the real entries)."""
@@ -1760,6 +1770,8 @@ def make_batch(model, prompts: list[dict], responses: list[torch.Tensor], pad_id
     dtype = next(model.parameters()).dtype
     return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
+
+
 def teacher_forced(run, device, prompts, ro, rows, G):
     """Batch of rollout rows for a forward pass: prompt + whole response (a branch's prefix is context), each
     distinct prompt once (shared_prompt_batch)."""
@@ -3108,6 +3120,8 @@ MODEL_FLAGS = ("dtype", "attn", "min_pixels", "max_pixels")  # how a checkpoint 
 ModelConfig = dataclasses.make_dataclass(  # Config's loading flags alone: the first fields of eval.py's EvalConfig
     "ModelConfig", [(f.name, f.type, field(default=f.default, metadata=f.metadata))
                     for f in dataclasses.fields(Config) if f.name in MODEL_FLAGS])
+
+
 def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_only=False) -> argparse.ArgumentParser:
     """One --flag per field of a config dataclass, with its help string, type, choices and default (plus the
     stage-dependent defaults `staged_defaults(field)` names); list fields repeat (--model A --model B).
@@ -3127,6 +3141,8 @@ def dataclass_parser(cls, description: str, staged_defaults=lambda f: [], given_
             parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text,
                                 choices=f.metadata.get("choices"))
     return parser
+
+
 def parse_config(argv=None) -> Config:
     def staged(f):  # "coldstart 2e-05, aepo 1e-06" and "--model tiny: ..." beside the flags they set
         return [where + ", ".join(f"{s} {d[f.name]}" for s, d in layer.items() if f.name in d)
