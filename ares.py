@@ -993,7 +993,7 @@ def step_tau(ro: Rollouts) -> float:
 class Scores:
     """What score_groups makes of a step's graded Rollouts (N rows, P = N / G groups)."""
     acc: torch.Tensor  # (N,) the grader's 0/1 or --reward-fn's score
-    format: torch.Tensor  # (N,) 1 where the response is <think>...</think> then \\boxed{}
+    format: torch.Tensor  # (N,) 1 where the response is <think>...</think> then \boxed{}
     lengths: torch.Tensor  # (N,) tokens of the whole response
     bucket: torch.Tensor  # (N,) the group's online difficulty: 0 easy, 1 medium, 2 hard (App. G)
     hwe: torch.Tensor  # (N, R) bool: the HWE mask m_{i,t}
