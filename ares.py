@@ -69,6 +69,7 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -3063,7 +3064,8 @@ def run_record(cfg) -> dict:
                                 text=True, timeout=10).stdout.strip() or None
     return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, cwd=os.getcwd(), git_commit=commit,
                 versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
-                    "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}})
+                    "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}},
+                contents={k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS})
 
 
 PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compared on --resume as the files they name
@@ -3091,9 +3093,76 @@ def same_flag(name: str, new, old, cwd_then: str) -> bool:
     return here == then if then.exists() else new == old
 
 
+MiB = 1 << 20
+
+
+def digest(path: Path, sampled: bool = False) -> str:
+    """sha256 of a file's bytes, streamed; sampled=True: of its size and ten 1 MiB pieces (the first, the last and 8
+    evenly spaced between them) of a file over 16 MiB, the bytes of a smaller one."""
+    h, size = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as f:
+        if not sampled or size <= 16 * MiB:
+            while chunk := f.read(MiB):
+                h.update(chunk)
+            return h.hexdigest()
+        h.update(str(size).encode())
+        for k in range(10):
+            f.seek((size - MiB) * k // 9)
+            h.update(f.read(MiB))
+    return h.hexdigest()
+
+
+def flag_path(name: str, value) -> Path | None:
+    """The local file or folder a path flag names now (--reward-fn module:function: the module's source file), or
+    None ('tiny', a hub model or data set, a preset, an installed module without a file)."""
+    import importlib.util
+
+    if name == "reward_fn" and isinstance(value, str):
+        value = value.rpartition(":")[0]
+        if value and not value.endswith(".py"):
+            with contextlib.suppress(ImportError, ValueError):
+                value = getattr(importlib.util.find_spec(value), "origin", None)
+    if not isinstance(value, str) or value in ("", "tiny"):
+        return None
+    p = Path(value).expanduser()
+    return p.resolve() if p.exists() else None
+
+
+def fingerprint(name: str, value) -> str | None:
+    """What a path flag's file or folder holds, recorded at a run's start and compared on --resume, so that a file
+    edited in place (or a model retrained in place) under the same path does not slip into a run. None where nothing
+    local is named (flag_path; compared by name). --data, --eval-data, --reward-fn's file: every byte (a data set is
+    tens of MB, and start_stage reads it whole anyway). --model, --ref-model: a checkpoint of ours by its COMPLETE
+    record, which every save writes anew (its time, each file's size), so a retrain into that folder changes it; any
+    other model folder by each file's name and digest, sampled past 16 MiB (config.json and the tokenizer whole; a
+    weight file by its size and ten 1 MiB pieces: a retrain moves nearly every trained weight, so pieces of each
+    trained shard change, while hashing GBs on each resume would not be cheap). Paths and file times are left out:
+    a folder copied to another machine keeps its fingerprint."""
+    p = flag_path(name, value)
+    if p is None:
+        return None
+    if p.is_file():
+        return digest(p)
+    model = name in ("model", "ref_model")
+    if model and complete_record(p) is not None:
+        return "COMPLETE " + digest(p / "COMPLETE")
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    named = [(str(f.relative_to(p)), digest(f, sampled=model)) for f in files]  # the names too: a renamed shard
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()
+
+
+def changed_contents(saved: dict, record: dict) -> list[str]:
+    """The path flags whose file or folder holds other contents than the saved run record says, one entry each
+    naming the flag and the file. A record written before fingerprints (no "contents") has none to compare."""
+    old, new, flags = saved.get("contents") or {}, record["contents"], record["flags"]
+    return [f"--{k.replace('_', '-')} {flags[k]} ({flag_path(k, flags[k])})" for k in PATH_FLAGS
+            if old.get(k) is not None and new.get(k) != old[k]]
+
+
 def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
     """Write <out>/config.json (rank 0) and return it; with --resume, first stop on (and list) every changed flag
-    but --resume, --out (the folder may have moved) and those in `resumable`; a damaged record stops it too."""
+    but --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a
+    path flag still names but whose contents changed (fingerprint); a damaged record stops it too."""
     path, record = Path(cfg.out) / "config.json", run_record(cfg)
     if cfg.resume and path.is_file():
         try:
@@ -3108,6 +3177,13 @@ def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
         if diff:
             raise SystemExit(f"--resume: flags differ from {path}: {'; '.join(diff)}. Only "
                              f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume")
+        changed = changed_contents(saved, record)
+        if changed:
+            raise SystemExit(f"--resume: {'; '.join(changed)}: other contents than when the run started ({path} holds "
+                             "their fingerprint): put the run's files back, or start a new run in another --out")
+        if "contents" not in saved:
+            rank0_print(f"--resume: {path} predates content fingerprints: the files the flags name are checked by "
+                        "path only this time, and by contents from now on")
     if rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         data_prep.write_atomically(path, json.dumps(record, indent=2, default=str))

@@ -3,6 +3,7 @@ checkpoints, the reward hook, validation, refill, determinism) is a row of one o
 the case and what must happen, and the test reaches it the way a user does: ares.main, data_prep.main, eval.main,
 a subprocess of `python ares.py`, or the trainer's own functions."""
 import errno
+import hashlib
 import json
 import math
 import os
@@ -1376,6 +1377,81 @@ def test_resume_stops_when_a_file_flag_names_another_file_even_spelled_the_same(
     assert ares.same_flag("reward_fn", "hooks:score", "hooks:score", here)  # a module: compared by name
     assert ares.same_flag("data", "~nosuchuser/x.jsonl", "~nosuchuser/x.jsonl", here)  # no path: as written
     assert ares.same_flag("model", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", here)  # a hub name
+
+
+def test_resume_stops_when_a_file_it_names_changed_in_place_before_the_model_loads(tiny_ckpt, demo_data, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """README (run folders): --resume compares what the files hold too, not only their paths. Each of --data (its
+    lines reordered: same size, same records), --model (retrained in place: another model's weights of the same
+    shapes) and --reward-fn's file (one character) changed in place stops the resume with one line naming the flag
+    and the file, before any model loads and with the run folder untouched; put back, it resumes. A record written
+    before fingerprints resumes with one line and holds them afterwards (the data's: sha256 of its bytes)."""
+    (tmp_path / "images").symlink_to(Path(demo_data["rl"]).parent / "images")  # the records' paths are relative
+    data, model, hook, out = tmp_path / "rl.jsonl", tmp_path / "model", tmp_path / "hook.py", tmp_path / "run"
+    shutil.copy(demo_data["rl"], data)
+    shutil.copytree(tiny_ckpt, model)
+    hook.write_text("def score(record, response):\n    return float(len(response) % 2)\n")
+    args = aepo_args(data, out, model, "--reward-fn", f"{hook}:score")
+    ares.main(args + ["--steps", 1])
+    lines = data.read_bytes().splitlines(keepends=True)
+    other = tmp_path / "other"
+    ares.build_tiny(seed=1)[0].save_pretrained(other)
+    edits = [("--data", data, lambda: data.write_bytes(b"".join(lines[1:] + lines[:1]))),
+             ("--model", model, lambda: shutil.copy(other / "model.safetensors", model / "model.safetensors")),
+             ("--reward-fn", hook, lambda: hook.write_text(hook.read_text().replace("% 2", "% 3")))]
+    for flag, path, edit in edits:
+        kept = path.with_name(path.name + ".kept")
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, kept)
+        edit()
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+            m.setattr(ares, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
+            ares.main(args + ["--steps", 2, "--resume"])
+        shown = path if flag != "--reward-fn" else f"{hook}:score"
+        assert one_line(e).startswith(f"--resume: {flag} {shown} ({path.resolve()}): other contents than when the run "
+                                      "started"), one_line(e)
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        (shutil.rmtree if path.is_dir() else Path.unlink)(path)
+        kept.rename(path)
+    record = json.loads((out / "config.json").read_text())
+    del record["contents"]  # as ares.py wrote it before fingerprints
+    (out / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    ares.main(args + ["--steps", 2, "--resume"])
+    assert f"--resume: {out / 'config.json'} predates content fingerprints" in capsys.readouterr().out
+    assert steps_logged(out) == [1, 2]
+    contents = json.loads((out / "config.json").read_text())["contents"]
+    assert contents["data"] == hashlib.sha256(data.read_bytes()).hexdigest() and contents["eval_data"] is None
+
+
+def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_changes_it(runs, tmp_path):
+    """What --resume compares a model folder by (README: run folders). One of our checkpoints: a copy elsewhere (another
+    machine) has the same fingerprint, and the same run saved again into it (here: resumed and extended, as a retrain
+    in place would) another. Any other folder: its files' names and bytes, a weight file past 16 MiB by its size and
+    ten 1 MiB pieces at 0, 1/9, ..., 9/9 of the way to its last MiB (worked by hand for 19 MiB: every 2 MiB)."""
+    finished = copy_run(runs, tmp_path, "finished")
+    copy = tmp_path / "elsewhere" / "final"
+    shutil.copytree(finished / "final", copy)
+    first = ares.fingerprint("model", str(finished / "final"))
+    assert ares.fingerprint("model", str(copy)) == first is not None
+    flags = json.loads((finished / "config.json").read_text())["flags"]
+    ares.main(coldstart_args(flags["data"], finished, flags["model"], "--steps", flags["steps"] + 1, "--resume"))
+    assert ares.fingerprint("model", str(finished / "final")) != first
+    folder = tmp_path / "hub_model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    blob = bytearray(os.urandom(19 << 20))  # (19 MiB,)
+    (folder / "model.safetensors").write_bytes(blob)
+    pieces = b"".join(blob[k << 21:(k << 21) + (1 << 20)] for k in range(10))  # at 0, 2, 4, ..., 18 MiB
+    assert ares.digest(folder / "model.safetensors", sampled=True) == hashlib.sha256(b"19922944" + pieces).hexdigest()
+    seen = ares.fingerprint("model", str(folder))
+    blob[(1 << 20) + 5] ^= 1  # a byte between two pieces: not seen (the documented price of not reading GBs)
+    (folder / "model.safetensors").write_bytes(blob)
+    assert ares.fingerprint("model", str(folder)) == seen
+    blob[(4 << 20) + 5] ^= 1  # a byte in a piece
+    (folder / "model.safetensors").write_bytes(blob)
+    assert ares.fingerprint("model", str(folder)) != seen
+    assert ares.fingerprint("data", str(folder / "model.safetensors")) == hashlib.sha256(blob).hexdigest()  # whole
 
 
 def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final(tiny_ckpt, demo_data, tmp_path):
