@@ -813,6 +813,8 @@ def train_coldstart(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "coldstart")
     responses = [torch.tensor(r["response_ids"]) for r in records]  # (filter_traces)
     prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
+    if finished(run, run.total):
+        return run.ckpt
     rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
                 f"{len(records)} records | world {world} | batch {cfg.batch_size} = {world} ranks x "
                 f"{math.ceil(cfg.batch_size / world / cfg.micro_batch_size)} micro-batches of <= {cfg.micro_batch_size} "
@@ -862,6 +864,8 @@ def train_coldstart(cfg: Config) -> Path:
 def train_aepo(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "aepo")
     prepare_training(cfg, run, device, cfg.steps * cfg.minibatches * cfg.ppo_epochs)
+    if finished(run, cfg.steps):
+        return run.ckpt
     G, B, st = cfg.group_size, cfg.branch_samples, run.state
     # The starting weights. On --resume the flags name the same files (check_run_record), maybe spelled from another
     # working folder: take them as given now, a local folder made absolute, never the spelling saved in the state.
@@ -2445,6 +2449,16 @@ def prepare_training(cfg: Config, run: Run, device, total: int) -> Run:
     run.n_lm_trained = sum(p.numel() for p in run.params if id(p) not in vision)
     return run
 
+
+def finished(run: Run, last: int) -> bool:
+    """Is this a --resume of a run that is already whole (its final/ at step `last` or past it)? Then there is
+    nothing to train, and final/ stays as it is: saved again, it got a new COMPLETE record (a new time), so eval.py's
+    cache and the --resume of a run started from it (fingerprint) took the same weights for another model."""
+    done = run.ckpt is not None and run.ckpt.name == "final" and run.state["step"] >= last
+    if done:
+        rank0_print(f"--resume: {run.ckpt} is this run's final checkpoint, at step {run.state['step']} of {last}: "
+                    "nothing to train, and it stays as it is (a larger --steps extends the run)")
+    return done
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1454,6 +1454,33 @@ def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_c
     assert ares.fingerprint("data", str(folder / "model.safetensors")) == hashlib.sha256(blob).hexdigest()  # whole
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_leaves_its_final_checkpoint_as_it_is(runs, tiny_ckpt, demo_data,
+                                                                                           tmp_path, capsys):
+    """A --resume of a whole run (a job requeued after it ended, a script that always adds --resume) has nothing to
+    train. It saved final/ again: the same weights under a new COMPLETE record (a new time), so eval.py's cache and
+    the resume of an AEPO run started from it (fingerprint) took them for another model, and final/ was moved aside
+    while an evaluation might read it. Now every file of final/ and metrics.jsonl stays byte for byte, for both
+    stages, and the AEPO run started from it resumes."""
+    finished = copy_run(runs, tmp_path, "finished")
+    aepo = tmp_path / "aepo"
+    ares.main(aepo_args(demo_data["rl"], aepo, finished / "final", "--steps", 1))
+
+    def files(out):
+        return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file() and f.name != "config.json"}
+
+    for out, args in ((finished, coldstart_args(demo_data["sft"], finished, tiny_ckpt)),
+                      (aepo, aepo_args(demo_data["rl"], aepo, finished / "final", "--steps", 1))):
+        before = files(out)
+        capsys.readouterr()
+        ares.main(args + ["--resume"])
+        assert files(out) == before
+        step = json.loads((out / "final" / "COMPLETE").read_text())["step"]
+        assert f"--resume: {out / 'final'} is this run's final checkpoint, at step {step} of {step}: nothing to " \
+               "train" in capsys.readouterr().out
+    ares.main(aepo_args(demo_data["rl"], aepo, finished / "final", "--steps", 2, "--resume"))  # more --steps: trains
+    assert steps_logged(aepo) == [1, 2]
+
+
 def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final(tiny_ckpt, demo_data, tmp_path):
     """--keep-last N (README: flags): a checkpoint every step of 5, only the newest N step_* folders stay, beside final/,
     and nothing half-written is left."""
