@@ -2057,11 +2057,18 @@ def rollout_memory(cfg, run, device):
     beside RESERVE_GIB and what the update will still allocate: gradients and, before the first step, AdamW's
     moments; with --compile (the pool stays allocated through the update) also a micro-batch's activations; with
     --fsdp at least the weights that sampling gathers (kv_room). At most the rows that a step decodes at once, the
-    smallest over ranks; printed. -> the run's KVPool of that many rows with --compile, else None."""
+    smallest over ranks; printed. A resume keeps the value the run started with (its training state): a step's
+    draws depend on how its rows are split into sampler calls, and the free memory differs from one start to the
+    next (AdamW's moments are already allocated then). -> the run's KVPool of that many rows with --compile, else
+    None."""
     text, shard = run.hf.config.get_text_config(), world_size() if sharded(cfg) else 1
     row_tokens, G, B = cfg.max_prompt_len + cfg.max_response_len, cfg.group_size, cfg.branch_samples
     per_token = kv_bytes_per_token(text, compute_dtype(cfg, device))
     step_rows = -(-cfg.batch_size // world_size()) * max(G - B, B)  # a step's largest sampler call
+    if cfg.rollout_batch == "auto" and "rollout_batch" in run.state:
+        cfg.rollout_batch = run.state["rollout_batch"]
+        rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank, as the run started with (a step's "
+                    "samples depend on it)")
     if cfg.rollout_batch == "auto":
         free = free_memory(device)
         acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
@@ -2074,7 +2081,7 @@ def rollout_memory(cfg, run, device):
                     f"{step_rows}, a step's largest call)" + ("" if room > per_token * row_tokens else ": the update "
                     "alone may not fit: consider --fsdp, --grad-checkpointing, a smaller --micro-batch-size or "
                     "--max-response-len"))
-    cfg.rollout_batch = int(cfg.rollout_batch)
+    cfg.rollout_batch = run.state["rollout_batch"] = int(cfg.rollout_batch)
     if not cfg.compile:
         return None
     graphs_compiled()  # the per-step counts of this run start here

@@ -685,6 +685,27 @@ def test_resume_gives_the_parameters_and_controller_state_of_an_uninterrupted_ru
     assert not (out / "step_000003.tmp").exists()  # deleted by the resume (--save-every 2 never writes that name again)
 
 
+def test_resume_samples_in_the_rollout_batch_the_run_started_with(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    """--rollout-batch auto is resolved from the device's free memory, which differs at a resume (other processes,
+    AdamW's moments already allocated). A step's draws depend on how its rows are split into sampler calls, so a
+    resume that resolved it anew sampled other responses than the run it continues. Here the device had room for 1
+    row a call at the start and for a whole step's 4 at the resume: the resumed run must still end on the weights and
+    logged rewards of a straight run with 1 row a call."""
+    common = ["--steps", 2, "--save-every", 1, "--lr", "1e-3", "--keep-uniform-groups"]
+    with monkeypatch.context() as m:
+        m.setattr(ares, "kv_room", lambda *a, **k: 0)  # no room: 1 row a call
+        ares.main(aepo_args(demo_data["rl"], tmp_path / "straight", tiny_ckpt, *common))
+        out = tmp_path / "interrupted"
+        run_until_first_step_save(monkeypatch, lambda: ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common)))
+    capsys.readouterr()
+    ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--resume"))
+    assert [r["reward"] for r in read_jsonl(out / "metrics.jsonl")] == \
+           [r["reward"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    a, b = checkpoint_params(tmp_path / "straight" / "final"), checkpoint_params(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "--rollout-batch auto: 1 rows per rank, as the run started with" in capsys.readouterr().out
+
+
 def test_all_filtered_and_all_truncated_batches_skip_the_update_with_a_reason(tiny_ckpt, demo_data, tmp_path):
     out = tmp_path / "run"
     ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 2, "--max-response-len", 3))
