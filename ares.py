@@ -3086,7 +3086,7 @@ def run_record(cfg) -> dict:
     return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, cwd=os.getcwd(), git_commit=commit,
                 versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
                     "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}},
-                contents={k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS})
+                contents={k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS}, world_size=world_size())
 
 
 PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compared on --resume as the files they name
@@ -3202,6 +3202,10 @@ def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
         if changed:
             raise SystemExit(f"--resume: {'; '.join(changed)}: other contents than when the run started ({path} holds "
                              "their fingerprint): put the run's files back, or start a new run in another --out")
+        if saved.get("world_size", record["world_size"]) != record["world_size"]:  # allowed: a job requeued on fewer nodes
+            rank0_print(f"--resume: the run started on {saved['world_size']} ranks and goes on on {record['world_size']}: "
+                        "from here it samples other responses than the run would have on its first ranks (README: "
+                        "Determinism)")
         if "contents" not in saved:
             rank0_print(f"--resume: {path} predates content fingerprints: the files the flags name are checked by "
                         "path only this time, and by contents from now on")

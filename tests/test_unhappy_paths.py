@@ -1422,6 +1422,14 @@ def test_resume_stops_when_a_file_it_names_changed_in_place_before_the_model_loa
     assert steps_logged(out) == [1, 2]
     contents = json.loads((out / "config.json").read_text())["contents"]
     assert contents["data"] == hashlib.sha256(data.read_bytes()).hexdigest() and contents["eval_data"] is None
+    # a job requeued on another number of ranks goes on, and says that its sampling differs from here on
+    record = json.loads((out / "config.json").read_text())
+    assert record["world_size"] == 1
+    (out / "config.json").write_text(json.dumps(dict(record, world_size=2)))
+    capsys.readouterr()
+    ares.main(args + ["--steps", 3, "--resume"])
+    assert "--resume: the run started on 2 ranks and goes on on 1" in capsys.readouterr().out
+    assert steps_logged(out) == [1, 2, 3]
 
 
 def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_changes_it(runs, tmp_path):
