@@ -756,7 +756,7 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
 def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None, pool=None) -> Rollouts:
     """G responses per prompt (§3.2; README: branching rollouts): G - B fresh samples, tau over them (all ranks), then B continuations
     branched at the highest-entropy HWE windows (shortfall: fresh samples), all branch rows batched together
-    (at most --rollout-batch rows a call).
+    (at most --rollout-batch rows a call, and eagerly at most their KV of full rows: sampler_calls).
     -> Rollouts, every row at its final index (ungraded: texts and acc come from grade_rollouts)."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     fresh, P = G - B, len(prompts)
@@ -778,7 +778,9 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
         for k, (r, t) in enumerate(points + [(-1, 0)] * (B - len(points))):  # shortfall: fresh samples (t = 0)
             parent[p * G + fresh + k], branch_at[p * G + fresh + k] = (p * G + r if r >= 0 else -1), t
     jobs = [i for i in range(P * G) if i % G >= fresh]  # the branch rows, each continued from its parent's prefix
-    for part in (jobs[k:k + cap] for k in range(0, len(jobs), cap)):
+    heads = [len(prompts[i // G]["ids"]) + branch_at[i] for i in jobs]  # prompt + prefix tokens of each
+    eager_room = None if pool is not None else cap * (cfg.max_prompt_len + L)  # the pool's rows use their own columns
+    for part in sampler_calls(jobs, heads, [L - branch_at[i] for i in jobs], cap, eager_room):
         prefix = [rows[parent[i]]["tokens"][:branch_at[i]] if parent[i] >= 0 else torch.zeros(0, dtype=torch.long)
                   for i in part]
         out = sample(model, [prompts[i // G] for i in part], budgets=[L - branch_at[i] for i in part],
@@ -793,6 +795,24 @@ def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator
                     loss_mask=resp_mask & (torch.arange(tokens.shape[1])[None] >= branch_at[:, None]),
                     truncated=torch.tensor([r["truncated"] for r in rows]), parent=torch.tensor(parent),
                     branch_at=branch_at, tau=torch.full((P * G,), tau, dtype=torch.float64))
+
+
+def sampler_calls(jobs: list, heads: list[int], budgets: list[int], cap: int, room: int | None = None) -> list[list]:
+    """The branch rows `jobs` (heads: prompt + prefix tokens, budgets: new tokens, each) in sampler calls of at most
+    `cap` rows, filled shortest heads first, each call's rows in their order in `jobs`. room (the eager sampler): also
+    at most that many KV columns a call, counted as its cache holds them: rows x (longest head + largest budget), every
+    row padded to both. A call mixing long prefixes (small budgets) with short ones (large budgets) would otherwise hold
+    up to --max-prompt-len + 2 x --max-response-len columns a row, not the --max-prompt-len + --max-response-len that
+    --rollout-batch is sized for. Example, cap 4, room 4 x 10: heads [2, 8, 3], budgets [8, 2, 7] -> [[0, 2], [1]]
+    (all three: 3 x (8 + 8) > 40)."""
+    calls, part, top, most = [], [], 0, 0
+    for k in sorted(range(len(jobs)), key=lambda k: heads[k]):
+        wide, deep = max(top, heads[k]), max(most, budgets[k])
+        if part and (len(part) == cap or room is not None and (len(part) + 1) * (wide + deep) > room):
+            calls.append(part)
+            part, wide, deep = [], heads[k], budgets[k]
+        part, top, most = part + [k], wide, deep
+    return [[jobs[k] for k in sorted(c)] for c in calls + [part] if c]
 
 
 def unpadded(out: dict) -> list[dict]:

@@ -398,6 +398,62 @@ def test_a_branch_resumes_from_exactly_its_parents_first_branch_at_tokens(tiny, 
     assert n_branches > 0, "the test needs some branches"
 
 
+def test_an_eager_branch_call_holds_no_more_kv_than_rollout_batch_full_rows(tiny, demo_data, monkeypatch):
+    """--rollout-batch rows of --max-prompt-len + --max-response-len tokens each is the KV the plan gives the sampler.
+    The eager cache pads every row of a call to its longest prompt + prefix and its largest budget, so branch rows
+    with a long prefix (small budget) beside rows with a short one (large budget) held up to a prompt + 2 L columns a
+    row: here one branch at t = 40 among seven at t = 1 (a first pass whose entropy peaks are set), 8 rows in one
+    call, 1.4 x the plan. The cache's own tensors are measured at every decode step (stop tokens off: every row
+    spends its budget)."""
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, 3])
+    L, G = 48, 4
+    cfg = rollout_config(max_response_len=L, window=1, entropy_quantile=0.95, max_branches_per_response=2,
+                         rollout_batch=8, max_prompt_len=max(len(p["ids"]) for p in prompts))
+    ids = dict(ares.special_ids(model, processor), stop=[])
+    text = data_prep.tokenizer_of(processor)("1", add_special_tokens=False)["input_ids"][0]
+    real_sample, peak = ares.sample, []
+
+    def first_pass_then_real(model, prompts, **kw):  # prompt p's 2 fresh rows: entropy 0.01, one peak of 1
+        if kw.get("prefixes") is not None:
+            return real_sample(model, prompts, **kw)
+        n = len(prompts) * kw["repeats"]
+        entropy = torch.full((n, L), 0.01)
+        for row in range(n):
+            entropy[row, 40 if row == 0 else 1] = 1.0  # prompt 0's first row peaks late: its branch starts at 40
+        return dict(tokens=torch.full((n, L), text), logprobs=torch.zeros(n, L), entropy=entropy,
+                    mask=torch.ones(n, L, dtype=torch.bool), truncated=torch.ones(n, dtype=torch.bool))
+
+    step = ares.EagerKV.step
+
+    def measured(self, *args):
+        keys = self.cache.layers[0].keys  # (rows, KV heads, columns, head dim)
+        peak.append(keys.shape[0] * keys.shape[2])
+        return step(self, *args)
+
+    monkeypatch.setattr(ares, "sample", first_pass_then_real)
+    monkeypatch.setattr(ares.EagerKV, "step", measured)
+    ro = ares.rollout_groups(model, prompts, cfg, ids, torch.Generator().manual_seed(0))
+    assert sorted(ro.branch_at[ro.parent >= 0].tolist()) == [1] * 7 + [40]  # the mix the test is about
+    assert ro.resp_mask.sum(1).eq(L).all()  # every branch row spent its budget: L tokens with its prefix
+    assert max(peak) <= cfg.rollout_batch * (cfg.max_prompt_len + L), (max(peak), cfg.rollout_batch * (cfg.max_prompt_len + L))
+
+
+def test_sampler_calls_split_branch_rows_by_the_columns_their_cache_pads_to():
+    """sampler_calls on random rows: each row in one call, in the rows' order, at most `cap` rows a call, and each call's
+    KV columns, counted here from its rows (rows x (longest head + largest budget)), within `room`; no room: rows only."""
+    random.seed(1)
+    for _ in range(40):
+        heads, budgets = [random.randint(1, 30) for _ in range(5)], [random.randint(1, 30) for _ in range(5)]
+        room = random.randint(60, 200)
+        jobs = list(range(10, 15))
+        calls = ares.sampler_calls(jobs, heads, budgets, 3, room)
+        assert sorted(j for c in calls for j in c) == jobs and all(c == sorted(c) and len(c) <= 3 for c in calls)
+        cost = lambda c: len(c) * (max(heads[j - 10] for j in c) + max(budgets[j - 10] for j in c))  # noqa: E731
+        assert all(cost(c) <= room or len(c) == 1 for c in calls), (heads, budgets, room, calls)
+        assert ares.sampler_calls(jobs, heads, budgets, 3) == ares.sampler_calls(jobs, heads, budgets, 3, 10**9)
+
+
 def test_groups_have_g_responses_without_hwe_candidates(tiny, demo_data):
     """With no HWE window at all (a trigger-word table that matches nothing) the whole branch budget is spent on
     fresh samples: still exactly G per group, none a branch, every token trained."""
