@@ -2079,8 +2079,9 @@ def rollout_memory(cfg, run, device):
     --fsdp at least the weights that sampling gathers (kv_room). At most the rows that a step decodes at once, the
     smallest over ranks; printed. A resume keeps the value the run started with (its training state): a step's
     draws depend on how its rows are split into sampler calls, and the free memory differs from one start to the
-    next (AdamW's moments are already allocated then). -> the run's KVPool of that many rows with --compile, else
-    None."""
+    next (AdamW's moments are already allocated then). A warning when a micro-batch of full rows (--micro-batch-size x
+    (--max-prompt-len + --max-response-len) tokens) would need more activations than the update has left (the KV
+    pool's taken with --compile). -> the run's KVPool of that many rows with --compile, else None."""
     text, shard = run.hf.config.get_text_config(), world_size() if sharded(cfg) else 1
     row_tokens, G, B = cfg.max_prompt_len + cfg.max_response_len, cfg.group_size, cfg.branch_samples
     per_token = kv_bytes_per_token(text, compute_dtype(cfg, device))
@@ -2089,11 +2090,10 @@ def rollout_memory(cfg, run, device):
         cfg.rollout_batch = run.state["rollout_batch"]
         rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank, as the run started with (a step's "
                     "samples depend on it)")
+    free, made = free_memory(device), (bool(run.opt.state), isinstance(run.model, nn.parallel.DistributedDataParallel))
+    acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
     if cfg.rollout_batch == "auto":
-        free = free_memory(device)
-        acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
-        room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, bool(run.opt.state),
-                       isinstance(run.model, nn.parallel.DistributedDataParallel))
+        room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, *made)
         rows = torch.tensor([float(max(1, min(step_rows, room // (per_token * row_tokens))))])
         cfg.rollout_batch = int(all_reduce(rows, dist.ReduceOp.MIN if dist.is_initialized() else None).item())
         rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank ({room / 2 ** 30:.1f} GiB for KV of "
@@ -2102,6 +2102,15 @@ def rollout_memory(cfg, run, device):
                     "alone may not fit: consider --fsdp, --grad-checkpointing, a smaller --micro-batch-size or "
                     "--max-response-len"))
     cfg.rollout_batch = run.state["rollout_batch"] = int(cfg.rollout_batch)
+    # the update's own room: what AdamW's moments, gradients not yet made and (--compile) the KV pool leave of it
+    left = (free - RESERVE_GIB * 2 ** 30 - (0 if made[0] else 8 * run.n_trainable / shard)
+            - (0 if made[1] else 4 * run.n_trainable / shard) - cfg.compile * cfg.rollout_batch * per_token * row_tokens)
+    if acts > left:  # the defaults at real size: 2 rows of 20k tokens without checkpointing, ~170 GiB for 3B
+        rank0_print(f"warning: an update micro-batch of --micro-batch-size {cfg.micro_batch_size} rows of --max-prompt-len "
+                    f"+ --max-response-len tokens ({cfg.micro_batch_size * row_tokens:,}) needs about {acts / 2 ** 30:.1f} "
+                    f"GiB of activations{'' if cfg.grad_checkpointing else ' without --grad-checkpointing'}, and "
+                    f"{max(left, 0) / 2 ** 30:.1f} GiB are left for them: long responses will run out of memory; use "
+                    "--grad-checkpointing, a smaller --micro-batch-size or --max-response-len, or --fsdp")
     if not cfg.compile:
         return None
     graphs_compiled()  # the per-step counts of this run start here

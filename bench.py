@@ -817,7 +817,7 @@ def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card
 
 def plan_flags(size: str, mode: str) -> str:
     return (f"torchrun --nproc_per_node=8 ares.py --stage aepo --model <{size} cold-start ckpt> --data <rl data> "
-            f"--grad-checkpointing{' --fsdp' if mode == 'fsdp' else ''} --micro-batch-size 4")
+            f"--grad-checkpointing{' --fsdp' if mode == 'fsdp' else ''} --micro-batch-size {4 if mode == 'fsdp' else 1}")
 
 
 # ----------------------------------------------------------------------------------------------------------

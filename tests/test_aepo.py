@@ -15,6 +15,7 @@ import shutil
 import statistics
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -407,7 +408,7 @@ def test_an_eager_branch_call_holds_no_more_kv_than_rollout_batch_full_rows(tiny
     spends its budget)."""
     model, processor = tiny
     prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, 3])
-    L, G = 48, 4
+    L = 48
     cfg = rollout_config(max_response_len=L, window=1, entropy_quantile=0.95, max_branches_per_response=2,
                          rollout_batch=8, max_prompt_len=max(len(p["ids"]) for p in prompts))
     ids = dict(ares.special_ids(model, processor), stop=[])
@@ -615,6 +616,33 @@ def test_rollout_batch_auto_is_the_memory_plans_formula_and_bounds_every_sampler
                         "--keep-uniform-groups"))
     assert "--rollout-batch auto: 5 rows per rank" in capsys.readouterr().out
     assert calls and max(calls) == 5, calls  # 4 prompts x 2 fresh rows: calls of 2 prompts, then branches 5 + 3
+
+
+def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_of_at_start(tiny, monkeypatch, capsys):
+    """The defaults at real size (2 rows of 4,096 + 16,384 tokens, no --grad-checkpointing: ~170 GiB of activations for
+    3B) ran out of memory only at the first long update, on a GPU; without --compile nothing at start compared them with
+    the memory left. Here the free memory is set between the activations of a full micro-batch with and without
+    checkpointing, worked out by hand from the tiny model's config (fp32 input of each layer + one layer's 6 hidden and
+    4 MLP-width values a token in bf16, or every layer's; 3 fp32 (rows, 1024, vocab) head chunks), beside the 5 GiB
+    reserve and 12 B (gradients, AdamW) a trainable weight: a warning without checkpointing, none with it."""
+    model = tiny[0]
+    text = model.config.get_text_config()
+    h, n_layers, f, V = text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size
+    cfg = ares.resolve_stage_defaults(ares.Config(stage="aepo", model="tiny", data="x", rollout_batch="4"), "aepo")
+    rows, tokens = cfg.micro_batch_size, cfg.micro_batch_size * (cfg.max_prompt_len + cfg.max_response_len)
+    head, layer = 3 * rows * 1024 * V * 4, tokens * (6 * h + 4 * f) * 2
+    with_ckpt, without = n_layers * tokens * h * 4 + layer + head, n_layers * (tokens * h * 4 + layer) + head
+    assert with_ckpt < without
+    trainable = 1000
+    free = 5 * 2 ** 30 + 12 * trainable + (with_ckpt + without) / 2
+    monkeypatch.setattr(ares, "free_memory", lambda device: free)
+    run = SimpleNamespace(hf=model, n_trainable=trainable, n_params=trainable, opt=SimpleNamespace(state={}), model=None)
+    for checkpointing in (False, True):
+        ares.rollout_memory(dataclasses.replace(cfg, grad_checkpointing=checkpointing), run, torch.device("cpu"))
+        said = capsys.readouterr().out
+        assert ("warning: an update micro-batch" in said) == (not checkpointing), said
+        if not checkpointing:
+            assert f"needs about {without / 2 ** 30:.1f} GiB" in said, said
 
 
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
