@@ -2080,8 +2080,8 @@ def rollout_memory(cfg, run, device):
     smallest over ranks; printed. A resume keeps the value the run started with (its training state): a step's
     draws depend on how its rows are split into sampler calls, and the free memory differs from one start to the
     next (AdamW's moments are already allocated then). A warning when a micro-batch of full rows (--micro-batch-size x
-    (--max-prompt-len + --max-response-len) tokens) would need more activations than the update has left (the KV
-    pool's taken with --compile). -> the run's KVPool of that many rows with --compile, else None."""
+    (--max-prompt-len + --max-response-len) tokens) would need more activations than the update has left on the GPU
+    (the KV pool's taken with --compile). -> the run's KVPool of that many rows with --compile, else None."""
     text, shard = run.hf.config.get_text_config(), world_size() if sharded(cfg) else 1
     row_tokens, G, B = cfg.max_prompt_len + cfg.max_response_len, cfg.group_size, cfg.branch_samples
     per_token = kv_bytes_per_token(text, compute_dtype(cfg, device))
@@ -2105,7 +2105,8 @@ def rollout_memory(cfg, run, device):
     # the update's own room: what AdamW's moments, gradients not yet made and (--compile) the KV pool leave of it
     left = (free - RESERVE_GIB * 2 ** 30 - (0 if made[0] else 8 * run.n_trainable / shard)
             - (0 if made[1] else 4 * run.n_trainable / shard) - cfg.compile * cfg.rollout_batch * per_token * row_tokens)
-    if acts > left:  # the defaults at real size: 2 rows of 20k tokens without checkpointing, ~170 GiB for 3B
+    # a GPU's (RESERVE_GIB is CUDA's); it fires for the defaults at real size: 2 rows of 20k tokens, ~170 GiB for 3B
+    if device.type == "cuda" and acts > left:
         rank0_print(f"warning: an update micro-batch of --micro-batch-size {cfg.micro_batch_size} rows of --max-prompt-len "
                     f"+ --max-response-len tokens ({cfg.micro_batch_size * row_tokens:,}) needs about {acts / 2 ** 30:.1f} "
                     f"GiB of activations{'' if cfg.grad_checkpointing else ' without --grad-checkpointing'}, and "

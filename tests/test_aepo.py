@@ -624,7 +624,8 @@ def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_
     the memory left. Here the free memory is set between the activations of a full micro-batch with and without
     checkpointing, worked out by hand from the tiny model's config (fp32 input of each layer + one layer's 6 hidden and
     4 MLP-width values a token in bf16, or every layer's; 3 fp32 (rows, 1024, vocab) head chunks), beside the 5 GiB
-    reserve and 12 B (gradients, AdamW) a trainable weight: a warning without checkpointing, none with it."""
+    reserve and 12 B (gradients, AdamW) a trainable weight: a warning without checkpointing, none with it. (A GPU's plan:
+    nothing here touches the device; on a CPU the host's memory is not warned of.)"""
     model = tiny[0]
     text = model.config.get_text_config()
     h, n_layers, f, V = text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size
@@ -638,7 +639,7 @@ def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_
     monkeypatch.setattr(ares, "free_memory", lambda device: free)
     run = SimpleNamespace(hf=model, n_trainable=trainable, n_params=trainable, opt=SimpleNamespace(state={}), model=None)
     for checkpointing in (False, True):
-        ares.rollout_memory(dataclasses.replace(cfg, grad_checkpointing=checkpointing), run, torch.device("cpu"))
+        ares.rollout_memory(dataclasses.replace(cfg, grad_checkpointing=checkpointing), run, torch.device("cuda"))
         said = capsys.readouterr().out
         assert ("warning: an update micro-batch" in said) == (not checkpointing), said
         if not checkpointing:
