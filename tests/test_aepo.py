@@ -637,7 +637,8 @@ def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_
     trainable = 1000
     free = 5 * 2 ** 30 + 12 * trainable + (with_ckpt + without) / 2
     monkeypatch.setattr(ares, "free_memory", lambda device: free)
-    run = SimpleNamespace(hf=model, n_trainable=trainable, n_params=trainable, opt=SimpleNamespace(state={}), model=None)
+    run = SimpleNamespace(hf=model, n_trainable=trainable, n_params=trainable, opt=SimpleNamespace(state={}), model=None,
+                          state={})
     for checkpointing in (False, True):
         ares.rollout_memory(dataclasses.replace(cfg, grad_checkpointing=checkpointing), run, torch.device("cuda"))
         said = capsys.readouterr().out
