@@ -131,6 +131,9 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error("give at least one --model and one --data (or --demo runs)")
     if cfg.name and len(cfg.name) != len(cfg.model):
         parser.error(f"{len(cfg.name)} --name for {len(cfg.model)} --model")
+    if twice := next((n for n in cfg.name if cfg.name.count(n) > 1), None):  # results are filed by name
+        parser.error(f"--name {twice} given twice: the second model's numbers would replace the first's in the table "
+                     "and results.json; give each --model its own name")
     ares.check_numbers(cfg, hints={})
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")

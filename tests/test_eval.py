@@ -134,6 +134,17 @@ def test_a_failed_gpu_ends_the_evaluation_with_one_line(monkeypatch):
                                    "in --out's responses.jsonl: the same command continues from them")
 
 
+def test_two_models_under_one_name_stop_before_anything_loads(full_size_model, tmp_path, capsys):
+    """The metrics and the table file each model under its --name: with one name given twice, the second model's numbers
+    replaced the first's, and the table showed the second model in both columns with a difference of 0."""
+    with pytest.raises(SystemExit) as err:
+        ev.parse_config(["--model", full_size_model, "--model", full_size_model, "--name", "a", "--name", "a",
+                         "--data", "d.jsonl", "--out", str(tmp_path / "out")])
+    assert err.value.code == 2 and "error: --name a given twice" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert ev.parse_config(["--model", full_size_model, "--model", full_size_model, "--name", "a", "--name", "b",
+                            "--data", "d.jsonl", "--out", str(tmp_path / "out")]).name == ["a", "b"]
+
 def test_column_mapping_goes_through_data_prep(tmp_path, full_size_model):
     path = tmp_path / "mapped.jsonl"
     path.write_text(json.dumps(dict(problem="What is 2*3?", final="6", uid="b", level=3)) + "\n")
