@@ -240,6 +240,36 @@ def test_ctrl_c_under_torchrun_stops_every_rank_and_a_new_launch_resumes_exactly
     assert_same_weights(weights_in(out / "final"), one_agent_aepo(s + 1), "interrupted and resumed vs straight")
 
 
+GROUP_CLOSED = '''
+"""A launched rank (torchrun's variables, one process) that loads a model, as eval.py and ares.py do: the OS threads
+left once run_command has closed the process group."""
+import json, os, sys
+
+sys.path.insert(0, sys.argv[1])
+import ares
+
+ares.run_command(lambda: ares.load_model(sys.argv[2], ares.Config(), ares.init_distributed()[2]))
+print(json.dumps([open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]))
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc (Linux)")
+def test_closing_the_process_group_after_a_model_loaded_stops_gloos_threads(tiny_ckpt, tmp_path):
+    """Loading a model imports torch.distributed.nn, whose functions bound the live group as a default argument: the
+    group outlived destroy_process_group, and each rank exited with gloo's threads (gloo_tcp_loop, pt_gloo_runloop) and
+    sockets still running, where a two-rank eval.py once aborted (exit -6). Read from the OS, not from torch."""
+    script = tmp_path / "closed.py"
+    script.write_text(GROUP_CLOSED)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, script, ROOT, tiny_ckpt], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    threads = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not [t for t in threads if "gloo" in t], threads
+
 FSDP_RESUME = '''
 """torchrun worker, --fsdp on 2 ranks: AEPO straight for 2 steps; then 1 step, and --resume to 2 steps."""
 import sys
