@@ -543,22 +543,30 @@ _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 
 
 _UNICODE_MATH = {"°": "^\\circ", "√": "\\sqrt", "π": "\\pi ", "∞": "\\infty", "−": "-", "≤": "\\le ", "≥": "\\ge ",
-                 "×": "\\times ", "·": "\\cdot ", "÷": "/", "。": "."}  # what models write for LaTeX they mean
+                 "×": "\\times ", "·": "\\cdot ", "÷": "/", "。": ".", "⁄": "/"}  # what models write for LaTeX they mean
+
+
+_VULGAR = {c: "\\frac{%s}{%s}" % tuple(unicodedata.normalize("NFKC", c).split("⁄")) for c in "¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞↉"}
+
+
+_MIXED = re.compile(r"(\d+) ?([%s])" % "".join(_VULGAR))  # "1½", "2 ¾": a whole number and a fraction
 
 
 def _ascii_math(s: str) -> str:
     """Fullwidth forms ('１２', '（Ａ）'), every Unicode decimal digit ('٣', '३') and the math signs models write in
     Unicode ('30°', '2√3', 'π', '−5') -> ASCII and LaTeX, so they grade equal to the LaTeX answers ('30^\\circ',
-    '2\\sqrt{3}'). (Full NFKC also turns '10²' into '102', and leaves Arabic-Indic digits alone.)"""
+    '2\\sqrt{3}'), and vulgar fractions ('½', '1½') -> fractions. (Full NFKC also turns '10²' into '102', and leaves
+    Arabic-Indic digits alone.)"""
     if s.isascii():
         return s
     s = s.translate(_WIDE)
     s = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\(([^()]*)\))", lambda m: f"\\sqrt{{{m.group(2) or m.group(1)}}}", s)  # √3, √(x+1)
-    s = "".join(_UNICODE_MATH.get(c, c) for c in s)
+    s = _MIXED.sub(lambda m: f"({m.group(1)}+{_VULGAR[m.group(2)]})", s)  # a sum: never read as 1 * 1/2
+    s = "".join(_UNICODE_MATH.get(c) or _VULGAR.get(c, c) for c in s)
     return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
 
 
-GRADER_VERSION = 2  # raised whenever a verdict can change: eval.py grades its cached responses again under a new one
+GRADER_VERSION = 3  # raised whenever a verdict can change: eval.py grades its cached responses again under a new one
 
 
 @dataclasses.dataclass(frozen=True)

@@ -842,6 +842,21 @@ GOLD_GRADING = [
     ("\\boxed{5\u3002}", ("5",), True),
     ("\\boxed{\u221a(3)}", (r"\sqrt{3}",), True),
     ("\\boxed{\u221a(x+1)}", (r"\sqrt{x+1}",), True),
+    # vulgar fractions, and a whole number before one is a mixed number (a sum), never a product
+    ("\\boxed{\u00bd}", ("1/2",), True),
+    ("\\boxed{\u00bd}", ("0.5",), True),
+    ("\\boxed{\u00be}", (r"\frac{3}{4}",), True),
+    ("\\boxed{\u2153}", (r"\frac{1}{3}",), True),
+    ("\\boxed{\u2154\u03c0}", (r"\frac{2\pi}{3}",), True),
+    ("\\boxed{1\u00bd}", ("1.5",), True),
+    ("\\boxed{1 \u00bd}", (r"\frac{3}{2}",), True),
+    ("\\boxed{-2\u00be}", ("-2.75",), True),
+    (r"\boxed{3/2}", ("1\u00bd",), True),  # in the gold too
+    ("\\boxed{1\u00bd}", ("1",), False),  # not the whole number alone
+    ("\\boxed{1\u00bd}", ("12",), False),  # nor its digits
+    ("\\boxed{1\u00bd}", ("0.5",), False),  # nor 1 * 1/2
+    ("\\boxed{\u00bc}", ("1/2",), False),
+    ("\\boxed{2\u2153}", ("2.5",), False),
     # a letter said with text is read only when it is one letter, then its option's text: not two answers, not a word
     (r"\boxed{(A) and (C)}", ("A",), False),
     (r"\boxed{(A), (C)}", ("A",), False),
