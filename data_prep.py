@@ -552,6 +552,22 @@ _VULGAR = {c: "\\frac{%s}{%s}" % tuple(unicodedata.normalize("NFKC", c).split("�
 _MIXED = re.compile(r"(\d+) ?([%s])" % "".join(_VULGAR))  # "1½", "2 ¾": a whole number and a fraction
 
 
+_UNIT_WORD = (r"(?:(?:square|sq\.?|cubic)\s*)?(?:units?|(?:milli|centi|kilo)?(?:meters?|metres?)|mm|cm|dm|km|inch(?:es)?|"
+              r"ft|feet|foot|yd|yards?|mi|miles?|degrees?|radians?)")  # several letters: never a variable's name
+
+
+_UNIT = re.compile(  # a unit after a number (or "}", ")", "\\pi"): "5 cm", "12 \\text{ cm}^2", "6 units^2", "12 in", "24 m²"
+    rf"(?:(?<=[\d}}).])|(?<=\\pi))(?:\s|\\[,;:! ]|~)*"
+    rf"(?:\\(?:text|mathrm|textrm|mbox)\{{\s*(?:{_UNIT_WORD}|m|in)\s*(?:\^\{{?[23]\}}?)?\s*\}}|{_UNIT_WORD}|\s(?:m|in))"
+    r"(?:\^?\{?[23]\}?|[²³])?\s*$")  # "m" and "in" only after a space or in \text{}: "5m" may be 5 times m
+
+
+def _without_unit(s: str) -> str:
+    """The answer without a unit written after its number: benchmarks' answers are bare numbers, and math-verify
+    reads "5 cm^2" as 5 c m^2 and "12 in" as 12 i n. Units are dropped, not compared ("5 m" = "5 cm")."""
+    return _UNIT.sub("", s) if len(s) <= 300 else s
+
+
 def _ascii_math(s: str) -> str:
     """Fullwidth forms ('１２', '（Ａ）'), every Unicode decimal digit ('٣', '३') and the math signs models write in
     Unicode ('30°', '2√3', 'π', '−5') -> ASCII and LaTeX, so they grade equal to the LaTeX answers ('30^\\circ',
@@ -608,6 +624,7 @@ def quick_verdict(pred: str | None, answer: str | Gold) -> bool | None:
         if _normalise(pred) in texts:
             return LETTERS[texts.index(_normalise(pred))] == gold_letter
         answer = _ascii_math(option)  # "\frac{8}{11}": equal to the option's value?
+    pred, answer = _without_unit(pred), _without_unit(answer)
     p, a = _normalise(pred), _normalise(answer)
     if p == a:
         return True
@@ -628,9 +645,9 @@ def right_option(gold: Gold) -> str | None:
 
 def math_target(pred: str, answer: str | Gold) -> tuple[str, str]:
     """The pair sympy compares when quick_verdict cannot tell: the prediction and the answer, or, for a
-    multiple-choice answer with options, the text of the right option."""
+    multiple-choice answer with options, the text of the right option; both without a unit after the number."""
     gold = _gold(answer)
-    return _ascii_math(str(pred)), _ascii_math(right_option(gold) or gold.answer)
+    return _without_unit(_ascii_math(str(pred))), _without_unit(_ascii_math(right_option(gold) or gold.answer))
 
 
 def is_correct(pred: str | None, answer: str | Gold, timeout: float = 3.0) -> bool:

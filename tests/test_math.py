@@ -736,6 +736,28 @@ GRADING = [
     (r"\boxed{30^\circ}", "30", True),
     (r"\boxed{\$5}", "5", True),
     (r"\boxed{5\text{ cm}}", "6", False),
+    ("\\boxed{5 cm}", "5", True),
+    (r"\boxed{30 degrees}", "30", True),
+    (r"\boxed{12 units}", "12", True),
+    (r"\boxed{12 square units}", "12", True),
+    (r"\boxed{12 \text{ cm}^2}", "12", True),
+    (r"\boxed{5 cm^2}", "5", True),  # math-verify alone reads 5 c m^2
+    (r"\boxed{6 units^2}", "6", True),
+    ("\\boxed{24 m\u00b2}", "24", True),
+    (r"\boxed{12 in}", "12", True),  # and 12 i n
+    (r"\boxed{16\pi \text{ cm}^2}", r"16\pi", True),
+    (r"\boxed{45^\circ}", "45", True),
+    (r"\boxed{5}", "5 cm", True),  # a unit in the gold
+    (r"\boxed{30}", "30 degrees", True),
+    (r"\boxed{12}", r"12 \text{ cm}^2", True),
+    (r"\boxed{5 cm}", "50", False),  # the number still counts
+    (r"\boxed{50}", "5 cm", False),
+    (r"\boxed{5 cm^2}", "25", False),  # a unit's square is not the number's
+    (r"\boxed{12 \text{ cm}^2}", "2", False),
+    (r"\boxed{12 in}", "1", False),
+    (r"\boxed{30 degrees}", "3", False),
+    (r"\boxed{5x}", "5", False),  # a variable is no unit
+    (r"\boxed{5 x^2}", "5", False),
     # multiple choice
     (r"\boxed{(B)}", "B", True),
     (r"\boxed{B.}", "B", True),
