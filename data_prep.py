@@ -83,6 +83,7 @@ import time
 import traceback
 import unicodedata
 from collections import Counter, defaultdict
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -517,8 +518,10 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _math_equal(pred: str, answer: str, timeout: float) -> bool:
-    """math-verify's equivalence, stopped after `timeout` seconds (time_limit: main thread only)."""
+def _math_equal(pred: str, answer: str, timeout: float, digits: int | None = None) -> bool:
+    """math-verify's equivalence, stopped after `timeout` seconds (time_limit: main thread only); with `digits` (the
+    answer is a decimal rounded to them: _places), also a number within half a unit of its last place (\\sqrt{6}
+    for 2.4)."""
     import logging
 
     from math_verify import parse, verify
@@ -528,9 +531,26 @@ def _math_equal(pred: str, answer: str, timeout: float) -> bool:
         with time_limit(timeout):
             gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
             guess = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
-            return bool(gold and guess and verify(gold, guess, timeout_seconds=None))
+            if gold and guess and verify(gold, guess, timeout_seconds=None):
+                return True
+            return digits is not None and bool(guess) and _rounds_to(guess[0], answer, digits)
     except (GraderTimeout, Exception):  # noqa: BLE001 - a grader must not crash training on odd model output
         return False
+
+
+def _rounds_to(expr, answer: str, digits: int) -> bool:
+    """Is the sympy number `expr` (or the right side of "x = ...") the decimal `answer` at `digits` decimals?"""
+    import sympy
+
+    expr = expr.rhs if isinstance(expr, sympy.Eq) else expr
+    if not isinstance(expr, sympy.Expr) or not expr.is_number:
+        return False
+    value = complex(expr.evalf(digits + 15))
+    return value.imag == 0 and abs(value.real - float(_nearest(answer, digits))) * 2 * 10 ** digits <= 1 + 1e-9
+
+
+def _nearest(answer: str, digits: int) -> Fraction:
+    return round(Fraction(_normalise(answer)), digits)
 
 
 _WIDE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # fullwidth ASCII -> ASCII (as NFKC maps them)
@@ -632,9 +652,17 @@ def quick_verdict(pred: str | None, answer: str | Gold) -> bool | None:
         return False
     if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(a):
         return int(p) == int(a)
-    if gold.precision is not None and _DECIMAL.fullmatch(p) and _DECIMAL.fullmatch(a):
-        return round(float(p), gold.precision) == round(float(a), gold.precision)
+    digits = None if gold_letter else _places(gold, a)
+    if digits is not None and _DECIMAL.fullmatch(p):  # "15.59" for 15.6: half a unit of its last place away at most
+        return abs(Fraction(p) - _nearest(a, digits)) * 2 * 10 ** digits <= 1
     return None
+
+
+def _places(gold: Gold, answer: str) -> int | None:
+    """The decimals a decimal answer is rounded to: the record's `precision` (MathVista's; geometry3k's decimal
+    answers, its options' rounded values, get theirs from convert: `precision_from_answer`). None: compared exactly,
+    as a decimal answer without one is ("0.51" is not 0.5: most data sets' decimals are exact)."""
+    return gold.precision if gold.precision is not None and _DECIMAL.fullmatch(_normalise(answer)) else None
 
 
 def right_option(gold: Gold) -> str | None:
@@ -643,11 +671,14 @@ def right_option(gold: Gold) -> str | None:
     return gold.choices[LETTERS.index(letter)] if letter and letter in LETTERS[:len(gold.choices)] else None
 
 
-def math_target(pred: str, answer: str | Gold) -> tuple[str, str]:
-    """The pair sympy compares when quick_verdict cannot tell: the prediction and the answer, or, for a
-    multiple-choice answer with options, the text of the right option; both without a unit after the number."""
+def math_target(pred: str, answer: str | Gold) -> tuple[str, str, int | None]:
+    """What sympy compares when quick_verdict cannot tell: the prediction and the answer, or, for a multiple-choice
+    answer with options, the text of the right option (both without a unit after the number), and the decimals a
+    decimal answer is rounded to (_places; None for an option, whose value must be met exactly)."""
     gold = _gold(answer)
-    return _without_unit(_ascii_math(str(pred))), _without_unit(_ascii_math(right_option(gold) or gold.answer))
+    option = right_option(gold)
+    target = _without_unit(_ascii_math(option or gold.answer))
+    return _without_unit(_ascii_math(str(pred))), target, None if option else _places(gold, target)
 
 
 def is_correct(pred: str | None, answer: str | Gold, timeout: float = 3.0) -> bool:
@@ -656,10 +687,10 @@ def is_correct(pred: str | None, answer: str | Gold, timeout: float = 3.0) -> bo
     verdict = quick_verdict(pred, answer)
     if verdict is not None:
         return verdict
-    pred, answer = math_target(pred, answer)
+    pred, answer, digits = math_target(pred, answer)
     if threading.current_thread() is threading.main_thread():
-        return _math_equal(pred, answer, timeout)
-    return grader_pool(1).map([(pred, answer)], timeout)[0]
+        return _math_equal(pred, answer, timeout, digits)
+    return grader_pool(1).map([(pred, answer, digits)], timeout)[0]
 
 
 def grade(texts: list[str], answer: str | Gold) -> list[bool]:
@@ -704,7 +735,7 @@ class GraderPool:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"a grader process failed to start (exit code {proc.poll()})")
 
-    def map(self, jobs: list[tuple[str, str]], timeout: float) -> list[bool]:
+    def map(self, jobs: list[tuple], timeout: float) -> list[bool]:  # (prediction, answer[, digits])
         from multiprocessing.connection import wait
 
         verdicts, todo, busy = [False] * len(jobs), list(range(len(jobs)))[::-1], {}  # busy: worker -> (job, deadline)
@@ -713,7 +744,8 @@ class GraderPool:
                 for w in range(len(self.procs)):
                     if w not in busy and todo:
                         busy[w] = (todo.pop(), time.monotonic() + timeout + 2)
-                        self.procs[w].stdin.write(json.dumps([*jobs[busy[w][0]], timeout]) + "\n")
+                        pred, answer, *digits = jobs[busy[w][0]]
+                        self.procs[w].stdin.write(json.dumps([pred, answer, timeout, *digits]) + "\n")
                         self.procs[w].stdin.flush()
                 pipes = {self.procs[w].stdout: w for w in busy}
                 for pipe in wait(list(pipes), max(0.0, min(d for _, d in busy.values()) - time.monotonic())):
@@ -748,13 +780,14 @@ def grader_pool(n: int) -> GraderPool:
 
 
 def grader_worker():
-    """A grader process: one JSON [prediction, answer, timeout] per input line -> 'true' or 'false' per line."""
+    """A grader process: one JSON [prediction, answer, timeout(, digits)] per input line -> 'true' or 'false' per
+    line."""
     reply, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the replies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to report; this ends when its pipe closes
     print("ready", file=reply, flush=True)
     for line in sys.stdin:
-        pred, answer, timeout = json.loads(line)
-        print(json.dumps(_math_equal(pred, answer, timeout)), file=reply, flush=True)
+        pred, answer, timeout, *digits = json.loads(line)
+        print(json.dumps(_math_equal(pred, answer, timeout, *digits)), file=reply, flush=True)
 
 
 @functools.lru_cache
@@ -1020,7 +1053,8 @@ def table(headers: list[str], rows: list[list]) -> str:
 # A preset names a dataset's hub location and maps its columns to ours. Each one was checked against the
 # public source in its `confirmed` entry; a dataset whose columns could not be confirmed has no preset (its
 # columns can still be given with the --*-col flags). `choices` names a column of options to render into the
-# question, `filter` keeps only rows whose columns have the given values, `extra` lists columns carried over.
+# question, `filter` keeps only rows whose columns have the given values, `extra` lists columns carried over,
+# `precision_from_answer` gives a decimal answer a `precision` of its own decimals (its data set rounds them).
 
 
 PRESETS = {
@@ -1036,9 +1070,11 @@ PRESETS = {
                   "39Krelease.parquet + images.zip)"),
     "geometry3k": dict(
         hub="hiyouga/geometry3k", config=None, split="train",
-        mapping=dict(question="problem", answer="answer", images="images", id="id"),
+        mapping=dict(question="problem", answer="answer", images="images", id="id"), precision_from_answer=True,
         notes="Geometry3K (InterGPS), free-form as in EasyR1 and the ARES authors' RL scripts (the card's "
-              "`choices` / `ground_truth` columns are not used). Splits train / validation / test.",
+              "`choices` / `ground_truth` columns are not used). Splits train / validation / test. A decimal "
+              "answer is the value of InterGPS's right option, rounded (2.4 for sqrt(6), 15.7 for 5 pi): its "
+              "record's `precision` is its decimals, so the grader takes any answer that rounds to it.",
         confirmed="hub card features images (sequence of image), problem, answer, id, choices, ground_truth; "
                   "prompt_key problem / answer_key answer / image_key images in github.com/shawn0728/ARES "
                   "examples/config.yaml (commit 89e1908), whose loader splits `problem` on '<image>'"),
@@ -1331,6 +1367,9 @@ def to_record(row: dict, n: int, cols: dict, required: set, spec: dict, base: Pa
                   source=source, response=response, pass_rate=pass_rate)
     if choices:  # kept beside the rendered question: the grader also takes the right option's text (Gold)
         record["choices"] = choices
+    rounded = re.fullmatch(r"[+-]?\d*\.(\d+)", answer) if spec.get("precision_from_answer") else None
+    if rounded:  # a rounded decimal answer (geometry3k): held to its own decimals, as MathVista's `precision`
+        record["precision"] = len(rounded.group(1))
     used = {cols.get(f) for f in FIELDS}
     extra = spec["extra"] if "extra" in spec else [k for k, v in row.items() if k not in used and k not in record and
                                                     (isinstance(v, (str, int, float, bool)) or k == "difficulty")]

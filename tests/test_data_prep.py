@@ -164,6 +164,20 @@ def test_data_prep_holds_data_and_verdicts_only():
         assert infrastructure not in part1 and infrastructure in ares_code, infrastructure
 
 
+def test_geometry3k_holds_a_decimal_answer_to_its_own_decimals(tmp_path):
+    """Geometry3K's decimal answers are its options' rounded values (2.4 for sqrt(6)): their records get a `precision`
+    of their decimals, so the grader takes what rounds to them; an integer or an expression stays exact."""
+    img = {"bytes": png(RED), "path": None}
+    rows = [dict(images=[img], problem="<image>Find x.", answer=a, id=k) for k, a in
+            enumerate(["2.4", "15.60", "3", "2\\sqrt{6}"])]
+    recs = data_prep.load_source(str(parquet(tmp_path / "geo.parquet", rows)), preset="geometry3k")
+    assert [r.get("precision") for r in recs] == [1, 2, None, None]
+    golds = [data_prep.gold_of(r) for r in recs]
+    assert data_prep.is_correct("\\sqrt{6}", golds[0]) and data_prep.is_correct("15.6", golds[1])
+    assert not data_prep.is_correct("2.5", golds[0]) and not data_prep.is_correct("3.4", golds[2])
+    assert data_prep.gold_of(dict(id="1", answer="2.4")).precision is None  # other data: exact
+
+
 @pytest.mark.parametrize("name", sorted(data_prep.PRESETS))
 def test_preset_maps_a_mock_row_shaped_like_its_card(name, tmp_path):
     path, expected = preset_case(name, tmp_path)

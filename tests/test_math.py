@@ -850,6 +850,29 @@ GOLD_GRADING = [
     (r"\boxed{0.333}", ("0.33", (), 2), True),
     (r"\boxed{2}", ("2.0", (), 1), True),
     (r"\boxed{1.23}", ("1.2",), False),  # without a precision the answer is exact
+    # a precision also takes an exact value, or one with more decimals, that rounds to the answer (geometry3k's
+    # decimals are rounded option values: convert gives them a precision of their own decimals)
+    (r"\boxed{\frac{12}{5}}", ("2.4", (), 1), True),
+    (r"\boxed{15.59}", ("15.6", (), 1), True),
+    (r"\boxed{\frac{78}{5}}", ("15.6", (), 1), True),
+    (r"\boxed{\sqrt{6}}", ("2.4", (), 1), True),  # 2.449...
+    (r"\boxed{2\sqrt{6}}", ("4.9", (), 1), True),  # 4.898...
+    (r"\boxed{5\pi}", ("15.7", (), 1), True),  # 15.707...
+    (r"\boxed{x = \sqrt{6}}", ("2.4", (), 1), True),
+    (r"\boxed{15.59 \text{ cm}}", ("15.6", (), 1), True),
+    (r"\boxed{1.499}", ("1.50", (), 2), True),
+    (r"\boxed{15.5}", ("15.6", (), 1), False),  # another tenth
+    (r"\boxed{15.66}", ("15.6", (), 1), False),  # rounds to 15.7
+    (r"\boxed{16}", ("15.6", (), 1), False),
+    (r"\boxed{156}", ("15.6", (), 1), False),
+    (r"\boxed{15.6}", ("15.59", (), 2), False),  # fewer decimals than asked for: 15.60
+    (r"\boxed{\sqrt{7}}", ("2.4", (), 1), False),  # 2.645...
+    (r"\boxed{\sqrt{6}}", ("2.44", (), 2), False),  # 2.449...: 2.45 at two decimals
+    (r"\boxed{x}", ("2.4", (), 1), False),
+    (r"\boxed{2.4i}", ("2.4", (), 1), False),
+    (r"\boxed{\{2.4, 3\}}", ("2.4", (), 1), False),
+    (r"\boxed{\sqrt{6}}", ("2.4",), False),  # without a precision a decimal is exact: 0.51 is not 0.5
+    (r"\boxed{2.44}", ("A", ("2.4", "2.5"), 1), False),  # an option's value is met exactly, not rounded
     ("\\boxed{30\u00b0}", ("30",), True),  # Unicode math: degrees, roots, pi, infinity, minus, a full stop
     (r"\boxed{30}", ("30\u00b0",), True),
     (r"\boxed{30^\circ}", ("30\u00b0",), True),
