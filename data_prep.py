@@ -617,11 +617,30 @@ class Gold:
 
 
 def gold_of(record: dict) -> Gold:
-    """A record's Gold: its answer, its `choices` and its `precision` (an integer number of decimals, 0-15)."""
+    """A record's Gold: its answer, its `choices` (else, for a letter answer, the options its question lists under a
+    "Choices:" line: MathVerse's) and its `precision` (an integer number of decimals, 0-15)."""
     digits = record.get("precision")
     ok = isinstance(digits, (int, float)) and not isinstance(digits, bool) and digits == digits and 0 <= digits <= 15 \
         and digits == int(digits)
-    return Gold(str(record["answer"]), tuple(str(c) for c in record.get("choices") or ()), int(digits) if ok else None)
+    choices = record.get("choices") or (listed_options(str(record.get("question", "")))
+                                        if _choice_letter(_ascii_math(str(record["answer"]))) else ())
+    return Gold(str(record["answer"]), tuple(str(c) for c in choices), int(digits) if ok else None)
+
+
+_OPTION_LINE = re.compile(r"\s*(?:\(([A-Z])\)|([A-Z])\s*[:.：)])\s*(\S.*?)\s*")  # "A:30°", "(A) 30°", "A. 30°"
+
+
+def listed_options(question: str) -> tuple[str, ...]:
+    """The options a question lists one per line after its last "Choices:" line, lettered A, B, ... in order
+    (MathVerse's "Choices:\\nA:30°\\nB:45°"); () unless there are two or more."""
+    head = list(re.finditer(r"(?im)^\s*choices?\s*[:：]\s*$", question))
+    options = []
+    for line in question[head[-1].end():].lstrip("\r\n").splitlines() if head else ():
+        m = _OPTION_LINE.fullmatch(line)
+        if not m or (m.group(1) or m.group(2)) != LETTERS[len(options)]:
+            break
+        options.append(m.group(3))
+    return tuple(options) if len(options) >= 2 else ()
 
 
 def _gold(answer) -> Gold:

@@ -819,6 +819,7 @@ def test_grading_table_covers_at_least_40_cases():
 # `precision` (its own scorer rounds a decimal prediction to it), and math written in Unicode.
 MV = ("3/11", "8/11", "6/11", "3/5")
 YES_NO = ("Yes", "No")
+ANGLES = ("30\u00b0", "45\u00b0", "60\u00b0", "90\u00b0")
 GOLD_GRADING = [
     (r"\boxed{B}", ("B", MV), True),
     (r"\boxed{B. 8/11}", ("B", MV), True),  # the letter, then the option's text
@@ -844,6 +845,15 @@ GOLD_GRADING = [
     (r"\boxed{C: 60^\circ}", ("B",), False),
     (r"\boxed{A, B}", ("B",), False),  # two letters
     (r"\boxed{45^\circ}", ("B",), False),  # the value, but the record does not know the options
+    # MathVerse's options live in its question ("Choices:\nA:30°\nB:45°..."): gold_of reads them, then the value is right
+    ("\\boxed{45\u00b0}", ("B", ANGLES), True),
+    (r"\boxed{45^\circ}", ("B", ANGLES), True),
+    (r"\boxed{45}", ("B", ANGLES), True),
+    ("\\boxed{B:45\u00b0}", ("B", ANGLES), True),
+    ("\\boxed{30\u00b0}", ("B", ANGLES), False),  # another option's value
+    (r"\boxed{60}", ("B", ANGLES), False),
+    (r"\boxed{44}", ("B", ANGLES), False),
+    ("\\boxed{C:45\u00b0}", ("B", ANGLES), False),  # the letter said is the answer given
     (r"\boxed{1.23}", ("1.2", (), 1), True),  # rounded to one decimal: 1.2
     (r"\boxed{1.26}", ("1.3", (), 1), True),
     (r"\boxed{1.27}", ("1.2", (), 1), False),
@@ -936,6 +946,20 @@ def test_a_records_options_and_precision_reach_the_grader():
     for bad in (math.nan, True, 1.5, -1, None, "2"):
         assert data_prep.gold_of(dict(rec, precision=bad)).precision is None, bad
     assert data_prep.gold_of(dict(id="1", answer=7)) == data_prep.Gold("7")
+
+
+def test_a_multiple_choice_questions_listed_options_reach_the_grader():
+    """A letter answer without `choices` takes the options its question lists after a "Choices:" line (MathVerse's
+    query_cot), lettered from A in order; a question without such a list (MathVerse's Vision Only) gives none."""
+    mathverse = "Question: As shown, find the angle.\nChoices:\nA:30\u00b0\nB:45\u00b0\nC:60\u00b0\nD:90\u00b0"
+    assert data_prep.gold_of(dict(id="1", question=mathverse, answer="B")).choices == ANGLES
+    assert data_prep.gold_of(dict(id="1", question="Find x.\nChoices:\n(A) 1\n(B) 2\nWhy?", answer="A")).choices == ("1", "2")
+    for question in ("Answer with the option letter in the image.", "Choices:\nA:30\u00b0", "Choices:\nB:1\nC:2",
+                     "Choices: A:1 B:2"):
+        assert data_prep.gold_of(dict(id="1", question=question, answer="B")).choices == (), question
+    assert data_prep.gold_of(dict(id="1", question=mathverse, answer="45")).choices == ()  # not a letter answer
+    record = dict(id="1", question=mathverse, answer="B", choices=["1", "2"])
+    assert data_prep.gold_of(record).choices == ("1", "2")  # the record's own options first
 
 
 @pytest.mark.parametrize("workers", [0, 2])
