@@ -609,7 +609,7 @@ GRADER_VERSION = 3  # raised whenever a verdict can change: eval.py grades its c
 class Gold:
     """What a response is graded against, when the record holds more than its answer: the options of a
     multiple-choice record (its answer is their letter; the text of the right option is right too), and the
-    `precision` of a decimal answer (MathVista: the prediction is rounded to it first, as MathVista's scorer does).
+    `precision` of a decimal answer (MathVista's, geometry3k's: a number that rounds to the answer at it is right).
     The grader's functions take a Gold or a plain answer."""
     answer: str
     choices: tuple = ()
