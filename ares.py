@@ -3189,10 +3189,10 @@ def fingerprint(name: str, value) -> str | None:
     local is named (flag_path; compared by name). --data, --eval-data, --reward-fn's file: every byte (a data set is
     tens of MB, and start_stage reads it whole anyway). --model, --ref-model: a checkpoint of ours by its COMPLETE
     record, which every save writes anew (its time, each file's size), so a retrain into that folder changes it; any
-    other model folder by each file's name and digest, sampled past 16 MiB (config.json and the tokenizer whole; a
-    weight file by its size and ten 1 MiB pieces: a retrain moves nearly every trained weight, so pieces of each
-    trained shard change, while hashing GBs on each resume would not be cheap). Paths and file times are left out:
-    a folder copied to another machine keeps its fingerprint."""
+    other folder by each file's name and digest (but a tool_file's), a model's sampled past 16 MiB (config.json and
+    the tokenizer whole; a weight file by its size and ten 1 MiB pieces: a retrain moves nearly every trained weight,
+    so pieces of each trained shard change, while hashing GBs on each resume would not be cheap). Paths and file
+    times are left out: a folder copied to another machine keeps its fingerprint."""
     p = flag_path(name, value)
     if p is None:
         return None
@@ -3201,9 +3201,19 @@ def fingerprint(name: str, value) -> str | None:
     model = name in ("model", "ref_model")
     if model and complete_record(p) is not None:
         return "COMPLETE " + digest(p / "COMPLETE")
-    files = sorted(f for f in p.rglob("*") if f.is_file())
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not tool_file(f.relative_to(p)))
     named = [(str(f.relative_to(p)), digest(f, sampled=model)) for f in files]  # the names too: a renamed shard
     return hashlib.sha256(json.dumps(named).encode()).hexdigest()
+
+
+def tool_file(relative: Path) -> bool:
+    """A file that tools write into a folder beside its contents, left out of its fingerprint: hidden ones (a
+    --local-dir download's .cache/huggingface, with the time of each download; .git, whose index `git status`
+    rewrites) and datasets' cache of a save_to_disk folder that was read (cache-*.arrow, and the tmp* file it is
+    written through while another rank reads)."""
+    name = relative.name
+    return (any(part.startswith(".") for part in relative.parts) or name.startswith("cache-") and name.endswith(".arrow")
+            or re.fullmatch(r"tmp[a-z0-9_]{8}", name) is not None)
 
 
 def changed_contents(saved: dict, record: dict) -> list[str]:

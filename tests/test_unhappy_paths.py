@@ -1462,6 +1462,37 @@ def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_c
     assert ares.fingerprint("data", str(folder / "model.safetensors")) == hashlib.sha256(blob).hexdigest()  # whole
 
 
+def test_a_folders_fingerprint_leaves_out_what_tools_write_beside_its_contents(tmp_path, demo_data):
+    """A folder gains files that are not its contents: a model downloaded with `huggingface-cli download --local-dir`
+    keeps .cache/huggingface/download/<file>.metadata, holding the time of the download (rewritten when the repo gets
+    a new commit; another on every node that downloads its own copy), a cloned one .git (its index rewritten by `git
+    status`); a save_to_disk data folder gets datasets' cache-*.arrow when it is read (ares.py's own read writes one)
+    and the tmp* file it is written through (another rank reading at the same moment). Each of them stopped a
+    --resume as "other contents". A change to the folder's own files still shows."""
+    import datasets
+
+    model = tmp_path / "model"
+    (model / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    meta = model / ".cache" / "huggingface" / "download" / "model.safetensors.metadata"
+    meta.write_text("abc\netag\n1700000000.0\n")
+    data = tmp_path / "data"
+    datasets.Dataset.from_list(data_prep.load_records(str(demo_data["rl"]))[:4]).remove_columns("images").save_to_disk(data)
+    seen = ares.fingerprint("model", str(model)), ares.fingerprint("data", str(data))
+    meta.write_text("abc\netag\n1800000000.0\n")
+    (model / ".git").mkdir()
+    (model / ".git" / "index").write_bytes(b"index")
+    datasets.load_from_disk(str(data)).map(lambda r: dict(r, answer=r["answer"] + "!"))  # writes a cache-*.arrow there
+    assert any(f.name.startswith("cache-") for f in data.iterdir())
+    (data / "tmpab_cd123").write_bytes(b"half a cache file")
+    assert (ares.fingerprint("model", str(model)), ares.fingerprint("data", str(data))) == seen
+    (model / "model.safetensors").write_bytes(b"retrained")
+    arrow = next(data.glob("data-*.arrow"))
+    arrow.write_bytes(arrow.read_bytes() + b"\0")
+    assert all(a != b for a, b in zip((ares.fingerprint("model", str(model)), ares.fingerprint("data", str(data))), seen))
+
+
 def test_resume_of_a_finished_run_trains_nothing_and_leaves_its_final_checkpoint_as_it_is(runs, tiny_ckpt, demo_data,
                                                                                            tmp_path, capsys):
     """A --resume of a whole run (a job requeued after it ended, a script that always adds --resume) has nothing to
