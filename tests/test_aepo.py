@@ -645,6 +645,8 @@ def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_
         assert ("warning: an update micro-batch" in said) == (not checkpointing), said
         if not checkpointing:
             assert f"needs about {without / 2 ** 30:.1f} GiB" in said, said
+    ares.rollout_memory(cfg, run, torch.device("cpu"))  # the host's memory is no GPU's: its 5 GiB reserve is CUDA's
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
