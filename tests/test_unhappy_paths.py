@@ -1462,6 +1462,18 @@ def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_c
     assert ares.fingerprint("data", str(folder / "model.safetensors")) == hashlib.sha256(blob).hexdigest()  # whole
 
 
+def test_a_reward_fn_module_is_fingerprinted_by_its_source_file(tmp_path, monkeypatch):
+    """--reward-fn module:function (README: run folders): the module's source file is what --resume compares, found
+    as the import finds it; a built-in module has no file (compared by name)."""
+    (tmp_path / "my_reward_mod.py").write_text("def score(record, response):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = ares.fingerprint("reward_fn", "my_reward_mod:score")
+    assert seen == hashlib.sha256((tmp_path / "my_reward_mod.py").read_bytes()).hexdigest()
+    (tmp_path / "my_reward_mod.py").write_text("def score(record, response):\n    return 0.0\n")
+    assert ares.fingerprint("reward_fn", "my_reward_mod:score") not in (seen, None)
+    assert ares.fingerprint("reward_fn", "sys:exit") is None
+
+
 def test_a_folders_fingerprint_leaves_out_what_tools_write_beside_its_contents(tmp_path, demo_data):
     """A folder gains files that are not its contents: a model downloaded with `huggingface-cli download --local-dir`
     keeps .cache/huggingface/download/<file>.metadata, holding the time of the download (rewritten when the repo gets
