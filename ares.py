@@ -3210,7 +3210,7 @@ def tool_file(relative: Path) -> bool:
     """A file that tools write into a folder beside its contents, left out of its fingerprint: hidden ones (a
     --local-dir download's .cache/huggingface, with the time of each download; .git, whose index `git status`
     rewrites) and datasets' cache of a save_to_disk folder that was read (cache-*.arrow, and the tmp* file it is
-    written through while another rank reads)."""
+    written through, seen while another process (eval.py, another run) reads the folder)."""
     name = relative.name
     return (any(part.startswith(".") for part in relative.parts) or name.startswith("cache-") and name.endswith(".arrow")
             or re.fullmatch(r"tmp[a-z0-9_]{8}", name) is not None)

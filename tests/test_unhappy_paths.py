@@ -1479,7 +1479,7 @@ def test_a_folders_fingerprint_leaves_out_what_tools_write_beside_its_contents(t
     keeps .cache/huggingface/download/<file>.metadata, holding the time of the download (rewritten when the repo gets
     a new commit; another on every node that downloads its own copy), a cloned one .git (its index rewritten by `git
     status`); a save_to_disk data folder gets datasets' cache-*.arrow when it is read (ares.py's own read writes one)
-    and the tmp* file it is written through (another rank reading at the same moment). Each of them stopped a
+    and the tmp* file it is written through (another process reading it at that moment). Each of them stopped a
     --resume as "other contents". A change to the folder's own files still shows."""
     import datasets
 
