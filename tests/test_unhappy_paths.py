@@ -1458,7 +1458,11 @@ def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_c
     assert ares.fingerprint("model", str(folder)) == seen
     blob[(4 << 20) + 5] ^= 1  # a byte in a piece
     (folder / "model.safetensors").write_bytes(blob)
-    assert ares.fingerprint("model", str(folder)) != seen
+    changed = ares.fingerprint("model", str(folder))
+    assert changed != seen
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")  # the same bytes, another name
+    assert ares.fingerprint("model", str(folder)) != changed
+    (folder / "model-00001-of-00002.safetensors").rename(folder / "model.safetensors")
     assert ares.fingerprint("data", str(folder / "model.safetensors")) == hashlib.sha256(blob).hexdigest()  # whole
 
 
