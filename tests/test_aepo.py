@@ -452,6 +452,8 @@ def test_sampler_calls_split_branch_rows_by_the_columns_their_cache_pads_to():
         assert sorted(j for c in calls for j in c) == jobs and all(c == sorted(c) and len(c) <= 3 for c in calls)
         cost = lambda c: len(c) * (max(heads[j - 10] for j in c) + max(budgets[j - 10] for j in c))  # noqa: E731
         assert all(cost(c) <= room or len(c) == 1 for c in calls), (heads, budgets, room, calls)
+        firsts = [min(c, key=lambda j: (heads[j - 10], j)) for c in calls[1:]]  # filled shortest heads first: each
+        assert all(len(c) == 3 or cost(c + [j]) > room for c, j in zip(calls, firsts))  # call took all it could
         assert ares.sampler_calls(jobs, heads, budgets, 3) == ares.sampler_calls(jobs, heads, budgets, 3, 10**9)
 
 
