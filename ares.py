@@ -1184,12 +1184,13 @@ def init_distributed(timeout_s: float = 1800):
         torch.cuda.set_device(device)
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     if (launched or world > 1) and not dist.is_initialized():
+        import importlib
         from datetime import timedelta
 
         # before the group exists: its functions take `group=group.WORLD` as a default argument, bound at import; imported
         # later (loading a model does, through torch.distributed.fsdp) they hold the group, and destroy_process_group
         # leaves its gloo threads and sockets running into the exit of the process, where a rare abort was seen (README)
-        import torch.distributed.nn as _  # noqa: F401 (as _: a plain import would make `torch` local here)
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
