@@ -3150,6 +3150,7 @@ def same_flag(name: str, new, old, cwd_then: str) -> bool:
 
 
 MiB = 1 << 20
+DATA_WHOLE = 1 << 30  # a data set up to this size is fingerprinted whole, past it sampled (fingerprint)
 
 
 def digest(path: Path, sampled: bool = False) -> str:
@@ -3188,7 +3189,8 @@ def fingerprint(name: str, value) -> str | None:
     """What a path flag's file or folder holds, recorded at a run's start and compared on --resume, so that a file
     edited in place (or a model retrained in place) under the same path does not slip into a run. None where nothing
     local is named (flag_path; compared by name). --data, --eval-data, --reward-fn's file: every byte (a data set is
-    tens of MB, and start_stage reads it whole anyway). --model, --ref-model: a checkpoint of ours by its COMPLETE
+    tens of MB, and start_stage reads it whole anyway), but a data set over DATA_WHOLE in all is sampled as a model is
+    (a saved data folder with its images embedded can hold tens of GB, read by every rank at every start). --model, --ref-model: a checkpoint of ours by its COMPLETE
     record, which every save writes anew (its time, each file's size), so a retrain into that folder changes it; any
     other folder by each file's name and digest (but a tool_file's), a model's sampled past 16 MiB (config.json and
     the tokenizer whole; a weight file by its size and ten 1 MiB pieces: a retrain moves nearly every trained weight,
@@ -3198,12 +3200,13 @@ def fingerprint(name: str, value) -> str | None:
     if p is None:
         return None
     if p.is_file():
-        return digest(p)
+        return digest(p, sampled=p.stat().st_size > DATA_WHOLE)
     model = name in ("model", "ref_model")
     if model and complete_record(p) is not None:
         return "COMPLETE " + digest(p / "COMPLETE")
     files = sorted(f for f in p.rglob("*") if f.is_file() and not tool_file(f.relative_to(p)))
-    named = [(str(f.relative_to(p)), digest(f, sampled=model)) for f in files]  # the names too: a renamed shard
+    sampled = model or sum(f.stat().st_size for f in files) > DATA_WHOLE
+    named = [(str(f.relative_to(p)), digest(f, sampled=sampled)) for f in files]  # the names too: a renamed shard
     return hashlib.sha256(json.dumps(named).encode()).hexdigest()
 
 

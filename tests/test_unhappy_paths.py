@@ -1466,6 +1466,26 @@ def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_c
     assert ares.fingerprint("data", str(folder / "model.safetensors")) == hashlib.sha256(blob).hexdigest()  # whole
 
 
+def test_a_data_set_past_data_whole_is_fingerprinted_by_pieces_not_read_whole(tmp_path, monkeypatch):
+    """README (run folders): a data set is hashed whole up to 1 GiB in all; past it (a saved folder with embedded
+    images: tens of GB, read by every rank at every start) each file past 16 MiB by its size and ten 1 MiB pieces.
+    The limit is lowered here to 20 MiB, so that 19 MiB is whole and two such files are sampled."""
+    monkeypatch.setattr(ares, "DATA_WHOLE", 20 << 20)
+    blob = os.urandom(19 << 20)  # (19 MiB,)
+    (tmp_path / "one.arrow").write_bytes(blob)
+    assert ares.fingerprint("data", str(tmp_path / "one.arrow")) == hashlib.sha256(blob).hexdigest()  # whole
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for name in ("data-00000-of-00002.arrow", "data-00001-of-00002.arrow"):  # 38 MiB in all: past the limit
+        (folder / name).write_bytes(blob)
+    pieces = hashlib.sha256(b"19922944" + b"".join(blob[k << 21:(k << 21) + (1 << 20)] for k in range(10))).hexdigest()
+    named = [[name, pieces] for name in ("data-00000-of-00002.arrow", "data-00001-of-00002.arrow")]
+    assert ares.fingerprint("data", str(folder)) == hashlib.sha256(json.dumps(named).encode()).hexdigest()
+    (folder / "data-00001-of-00002.arrow").unlink()  # 19 MiB in all: whole again
+    assert ares.fingerprint("data", str(folder)) == hashlib.sha256(json.dumps(
+        [["data-00000-of-00002.arrow", hashlib.sha256(blob).hexdigest()]]).encode()).hexdigest()
+
+
 def test_a_reward_fn_module_is_fingerprinted_by_its_source_file(tmp_path, monkeypatch):
     """--reward-fn module:function (README: run folders): the module's source file is what --resume compares, found
     as the import finds it; a built-in module has no file (compared by name)."""
