@@ -3674,6 +3674,7 @@ def run_command(fn, *args):
     traceback, and the process group is always closed."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_versions()
+    broken = False  # a collective failed: its gloo work may wait on forever, and destroying the group would join it
     try:
         return fn(*args)
     except DataError as e:
@@ -3687,10 +3688,11 @@ def run_command(fn, *args):
         line = collective_failure(e, getattr(args[0], "dist_timeout", None) if args else None)
         if line is None:
             raise
+        broken = True
         raise SystemExit(line) from None
     finally:
         release_locks()
-        if dist.is_initialized():
+        if dist.is_initialized() and not broken:  # a broken group is left to the exit of the process
             dist.destroy_process_group()
 
 
