@@ -526,7 +526,8 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     for start in range(0, len(todo), world):  # one round: every rank one chunk, then gather
         mine = todo[start + rank] if start + rank < len(todo) else []
         # the sampling seed comes from the benchmark's name, not its path: the same file anywhere draws the same
-        lines, bad = generate_or_report(model, processor, ids, mine, cfg, bench["name"]) if mine else ([], [])
+        lines, bad = (generate_or_report(model, processor, ids, mine, cfg, bench.get("seed_name", bench["name"]))
+                      if mine else ([], []))
         lines, bad = gather(lines), gather(bad)
         failed += bad
         new = []
@@ -575,6 +576,18 @@ def load_with_key(path: str, load_cfg, device, seed: int):
     return model, processor, key
 
 
+def distinct_names(benches: list[dict]) -> None:
+    """Two files called test.jsonl: keep both apart in the table and the JSON, as test#1 and test#2 (their place
+    among the --data). The counts are taken before any is renamed: counted as it went, the last of them kept the
+    bare name (test#1 and test). Each keeps its stem as `seed_name`, which seeds its sampling: the same file draws
+    the same responses whether or not another file of that name is evaluated beside it."""
+    stems = [b["name"] for b in benches]
+    for k, b in enumerate(benches):
+        b["seed_name"] = b["name"]
+        if stems.count(b["name"]) > 1:
+            b["name"] = f"{b['name']}#{k + 1}"
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every model on every benchmark and return the results dict (on every rank; rank 0 writes the files)."""
     rank, world, device = ares.init_distributed()
@@ -583,9 +596,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = read_cache(out / "responses.jsonl")
     ares.barrier()  # every rank has read the cache before rank 0 appends to it
-    for k, b in enumerate(benches):  # two files called test.jsonl: keep both apart in the table and the JSON
-        if [c["name"] for c in benches].count(b["name"]) > 1:
-            b["name"] = f"{b['name']}#{k + 1}"
+    distinct_names(benches)
     for b in benches:
         b["field"] = bucket_field(b["records"] + [f["row"] for f in b["failures"]], cfg.bucket_by)
     names, decoding = model_names(cfg.model, cfg.name), decoding_key(cfg)

@@ -339,6 +339,28 @@ def test_a_benchmark_line_that_is_not_an_object_is_a_failed_record(tmp_path, tin
     assert [(f["id"], f["error"]) for f in res["failures"]] == [("#2", "is 5, not an object with id, question, answer")]
 
 
+def test_two_benchmark_files_of_one_name_are_numbered_both_and_sample_as_they_do_alone(tmp_path, tiny_ckpt, demo_data):
+    """--data a/test.jsonl --data b/test.jsonl: test#1 and test#2 in the table and the JSON. Before, the names were
+    counted while they were being changed, so the first became test#1 and the second kept the bare name, which reads
+    as the first file's. Each still samples as it does when evaluated alone (its seed comes from the file's stem)."""
+    src = Path(demo_data["test"])
+    rows = [dict(r, images=[str(src.parent / p) for p in r["images"]]) for r in map(json.loads, open(src))]
+    for sub, part in (("a", rows[:2]), ("b", rows[2:3])):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    flags = ["--model", str(tiny_ckpt), "--max-new-tokens", "3", "--temperature", "1"]
+    ev.main(flags + ["--data", str(tmp_path / "a" / "test.jsonl"), "--data", str(tmp_path / "b" / "test.jsonl"),
+                     "--out", str(tmp_path / "both")])
+    res = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert list(res["metrics"]) == list(res["benchmarks"]) == ["test#1", "test#2"]
+    assert [res["benchmarks"][n]["records"] for n in ("test#1", "test#2")] == [2, 1]
+    assert "== test#1:" in res["table"] and "== test#2:" in res["table"]
+    ev.main(flags + ["--data", str(tmp_path / "b" / "test.jsonl"), "--out", str(tmp_path / "alone")])
+    responses = lambda out: sorted(json.loads(x)["response"] for x in open(tmp_path / out / "responses.jsonl")
+                                   if json.loads(x)["id"] == rows[2]["id"])  # noqa: E731
+    assert responses("both") == responses("alone")
+
+
 def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, full_size_model, capsys):
     """Exit 130 and one line, after the progress bar (closed first: left open, tqdm drew it again after the line as
     the process exited)."""
