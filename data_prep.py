@@ -2091,6 +2091,10 @@ def main(argv=None):
     check_args(args)
     try:
         return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
+    except KeyboardInterrupt:  # one line and the shell's code, as ares.py and eval.py (it was a traceback, exit -2)
+        print(f"\ninterrupted (Ctrl-C): {args.out} holds what it held before or nothing (every output is written "
+              "whole, then renamed into place); the same command writes it", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except OSError as e:

@@ -1221,18 +1221,28 @@ def style_lines(runs: list[str], levels: list[str]) -> list[str]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
-        return ares.run_command(run_passrate, passrate_parser().parse_args(argv[1:]))
+        args = passrate_parser().parse_args(argv[1:])
+        return ctrl_c_line(run_passrate, args, f"{args.out} is as it was: passrate writes it once every problem is "
+                                               "sampled; the same command starts it again")
     if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png
-        return ares.run_command(run_curves, curves_parser().parse_args(argv[1:]))
+        return ctrl_c_line(run_curves, curves_parser().parse_args(argv[1:]), "the same command draws the curves")
     if argv[:1] == ["demo-report"]:  # eval.py demo-report <out of a python ares.py run>
-        return ares.run_command(run_demo_report, demo_report_parser().parse_args(argv[1:]))
-    cfg = parse_config(argv)
+        return ctrl_c_line(run_demo_report, demo_report_parser().parse_args(argv[1:]),
+                           "the same command writes the report")
+    cfg = parse_config(argv)  # Ctrl-C: what was generated is in the cache, appended round by round
+    return ctrl_c_line(evaluate_and_report, cfg, f"the responses generated so far are in "
+                                                 f"{Path(cfg.out) / 'responses.jsonl'}; the same command goes on from them")
+
+
+def ctrl_c_line(fn, args, what_now: str):
+    """ares.run_command(fn, args), where a Ctrl-C ends the command with one line on rank 0 (every rank gets the
+    signal under torchrun) and exit code 130, as in ares.py, instead of a traceback (passrate's was one, exit -2)."""
     try:
-        return ares.run_command(evaluate_and_report, cfg)
-    except KeyboardInterrupt:  # Ctrl-C: what was generated is in the cache, appended round by round
+        return ares.run_command(fn, args)
+    except KeyboardInterrupt:
         ares.close_progress_bars()
-        print(f"\ninterrupted (Ctrl-C): the responses generated so far are in {Path(cfg.out) / 'responses.jsonl'}; "
-              "the same command goes on from them", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\ninterrupted (Ctrl-C): {what_now}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None  # as ares.py: the shell's code for a Ctrl-C
 
 

@@ -860,3 +860,21 @@ def test_a_records_options_are_shown_once_and_its_answer_letter_stays_put_over_s
     assert [(r["question"], r["answer"]) for r in again] == [(r["question"], r["answer"]) for r in first]
     assert data_prep.is_correct("B", data_prep.gold_of(first[0])) is True  # a letter is read as a letter
     assert data_prep.is_correct("A", data_prep.gold_of(first[0])) is False
+
+
+def test_ctrl_c_in_data_prep_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """convert of a large set (ViRL39K: 39k images) takes minutes: a Ctrl-C ended it in a traceback with exit -2."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data_prep, "run_convert", interrupted)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(dict(id=1, question="q", answer="1")) + "\n")
+    with pytest.raises(SystemExit) as e:
+        try:
+            data_prep.main(["convert", "--data", str(src), "--out", str(tmp_path / "out.jsonl")])
+        except KeyboardInterrupt:  # the code before: a traceback
+            pytest.fail("the Ctrl-C escaped as a KeyboardInterrupt")
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted (Ctrl-C): {tmp_path / 'out.jsonl'} holds what it held before or nothing (every output is written "
+        "whole, then renamed into place); the same command writes it")

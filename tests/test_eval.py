@@ -379,6 +379,31 @@ def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, 
         f"are in {tmp_path / 'ev' / 'responses.jsonl'}; the same command goes on from them"
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_in_passrate_is_one_line_on_rank_0_and_exit_130(rank, tmp_path, monkeypatch, capsys):
+    """passrate is the long multi-GPU step of the pipeline: a Ctrl-C ended it in a KeyboardInterrupt traceback with
+    exit -2 (and, as the evaluation's line, every rank said it under torchrun). Now one line on rank 0, exit 130."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "run_passrate", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    for argv in (["passrate", "--data", "d.jsonl", "--model", "tiny", "--out", str(tmp_path / "rates.jsonl")],
+                 ["--model", "tiny", "--data", "d.jsonl", "--out", str(tmp_path / "ev")]):
+        monkeypatch.setattr(ev, "evaluate_and_report", interrupted)
+        with pytest.raises(SystemExit) as e:
+            try:
+                ev.main(argv)
+            except KeyboardInterrupt:  # the code before: a traceback
+                pytest.fail("the Ctrl-C escaped as a KeyboardInterrupt")
+        assert e.value.code == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        if rank == "1":
+            assert err == []
+        elif argv[0] == "passrate":
+            assert err[-1] == (f"interrupted (Ctrl-C): {tmp_path / 'rates.jsonl'} is as it was: passrate writes it once "
+                               "every problem is sampled; the same command starts it again")
+
+
 def test_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     responses = [json.loads(x) for x in open(hand_jsonl(tmp_path / "r.jsonl"))]
