@@ -681,11 +681,34 @@ def aepo_config(model_dir: Path, data: Path, out: Path, steps: int, branch_sampl
                        kl_coef=kl_coef, save_every=10 ** 6, log_samples_every=0, seed=0)
 
 
+class WithoutCurvesHint:
+    """sys.stderr for ares.train_aepo's progress, less its closing line `curves of this run: python eval.py curves
+    <out>/metrics.jsonl`: that <out> is bench's temporary folder, deleted when the bench ends, so the command it
+    printed named a file that no longer existed."""
+    HINT = "curves of this run:"
+
+    def __init__(self):
+        self.dropping = False
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.HINT):
+            self.dropping = True  # print() writes the line, then its end "\n" in a second call
+        elif not (self.dropping and text == "\n"):
+            sys.stderr.write(text)
+            self.dropping = False
+        else:
+            self.dropping = False
+        return len(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
 def bench_aepo(model_dir, data, work: Path, steps: int, branch_samples, new_tokens: int, kl_coef: float) -> dict:
     """Seconds per step = time_sample + time_score + time_update of metrics.jsonl, mean over steps 2..steps."""
     cfg = aepo_config(model_dir, data, work, steps, branch_samples, new_tokens, kl_coef)
     t = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(WithoutCurvesHint()):
         ares.train_aepo(cfg)
     wall = time.perf_counter() - t
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]

@@ -26,6 +26,7 @@ def test_bench_tiny_writes_every_number(tmp_path):
                       "--repeats", "1", "--update-tokens", "512", "--update-rows", "2", "--update-repeats", "1",
                       "--aepo-steps", "2", "--aepo-new-tokens", "16"], timeout=300)
     assert "rollout 8 x 16" in res.stdout and "AEPO step" in res.stdout
+    assert "curves of this run" not in res.stdout + res.stderr  # a command on bench's deleted temporary folder
     data = json.loads(out.read_text())
     assert data["meta"]["device"].startswith("cpu") and data["meta"]["compile_pool"] is False
     tiny = data["results"]["tiny"]
