@@ -844,3 +844,27 @@ def test_the_logprob_gap_in_the_log_is_over_the_kept_tokens_of_all_ranks(tmp_pat
     run_script([tmp_path / "gap.py", ROOT, tmp_path], nproc=2)
     got = {rank: json.loads((tmp_path / f"gap{rank}.json").read_text()) for rank in (0, 1)}
     assert got == {0: pytest.approx(0.3), 1: pytest.approx(0.3)}
+
+
+def test_a_broken_group_is_left_to_the_exit_and_a_whole_one_is_closed(monkeypatch):
+    """run_command closes the process group when a command ends (its gloo threads must not outlive it), but not after
+    a collective failed: the group's work may still wait on the stalled peer, and destroying the group joins it. Under
+    load, rank 0 of the stalled-rank test above then blocked there, so its line was never printed (one run) or the job
+    hung past 300 s (another). Here the group is a stand-in that records whether it was destroyed."""
+    closed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: closed.append(1))
+
+    def stalled():
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms for recv operation to "
+                           "complete")
+
+    with pytest.raises(SystemExit) as e:
+        ares.run_command(stalled)
+    assert str(e.value).startswith("rank 0: a collective waited more than its time limit (30 min)")
+    assert closed == []
+    assert ares.run_command(lambda: 7) == 7 and closed == [1]
+    with pytest.raises(SystemExit):  # a command's own stop (a bad flag, a data error) closes it too
+        ares.run_command(lambda: sys.exit("bad flag"))
+    assert closed == [1, 1]
