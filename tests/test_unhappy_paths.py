@@ -832,8 +832,9 @@ def test_a_kill_mid_write_leaves_the_previous_output_whole(case, name, command, 
             mp.setattr(data_prep, "json", CrashingJson())
         else:
             crash(mp)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as e:  # the interrupt ends the tool with its Ctrl-C line and exit 130
             command(demo_data, out, tiny_ckpt)
+    assert e.value.code == 130
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [name]  # no temporary file left beside it
 
@@ -846,8 +847,9 @@ def test_a_kill_mid_write_of_the_demo_task_leaves_its_previous_files_whole(tmp_p
     assert any(p.suffix == ".png" for p in before) and any(p.suffix == ".jsonl" for p in before)
     with monkeypatch.context() as mp:
         mp.setattr(data_prep, "json", CrashingJson())
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as e:  # exit 130, with the Ctrl-C line
             data_prep.main(["demo", "--out", out, "--seed", 2, *sizes])  # another seed: other bytes everywhere
+    assert e.value.code == 130
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # images included: the earlier records stay beside their own images (it let the second
     # run's whole images in, beside the first run's records), and nothing half-written or staged is left
