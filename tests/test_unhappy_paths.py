@@ -283,7 +283,8 @@ def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_
     stage here is a stand-in process; the demo's own run_demo and demo_wait start and wait for them."""
     out, started, stopped = tmp_path / "demo", tmp_path / "aepo.started", tmp_path / "aepo.ctrl-c"
     scripts = {  # the ARES run: long, and marks a Ctrl-C; the GRPO run fails once the ARES run is under way
-        "aepo": f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntry:\n    time.sleep(120)\n"
+        # (marked started inside the try: a Ctrl-C met on a loaded machine still inside touch() went uncaught)
+        "aepo": f"import pathlib, time\ntry:\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n"
                 f"except KeyboardInterrupt:\n    pathlib.Path({str(stopped)!r}).touch()\n    raise SystemExit(130)",
         "grpo": f"import os, time\nwhile not os.path.exists({str(started)!r}):\n    time.sleep(0.05)\n"
                 "print('grpo broke')\nraise SystemExit(3)"}
