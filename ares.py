@@ -3558,8 +3558,9 @@ def demo_command(args: list, procs: list, log: Path, nproc: int = 1):
 
 def demo_wait(procs: list):
     """Wait for a stage's processes. The first that fails ends the demo with its output, and so does a Ctrl-C; either
-    way the others are stopped first, with a Ctrl-C of their own (each releases its --out and says where it stopped),
-    so that no stage goes on writing into the demo's folder, or holds its lock, after the demo has ended."""
+    way the others are stopped first, with a SIGTERM, which a stage takes as a Ctrl-C (it releases its --out and says
+    where it stopped) even where Ctrl-C is ignored (`python ares.py &`, nohup), so that no stage goes on writing into
+    the demo's folder, or holds its lock, after the demo has ended."""
     try:
         while procs:
             for proc, log in list(procs):
@@ -3571,11 +3572,11 @@ def demo_wait(procs: list):
             time.sleep(0.2)
     finally:
         for proc, _ in procs:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
         for proc, _ in procs:
             try:
                 proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:  # it did not stop at its Ctrl-C
+            except subprocess.TimeoutExpired:  # it did not stop at its SIGTERM
                 proc.kill()
                 proc.wait()
         procs.clear()

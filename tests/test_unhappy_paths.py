@@ -279,13 +279,15 @@ def test_demo_overwrite_passes_overwrite_to_every_training_stage_and_deletes_the
 def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_path, monkeypatch):
     """The demo runs ARES and GRPO side by side. When GRPO failed, the demo ended with its output while ARES's run went
     on alone, writing into the demo's folder and holding its lock, so the `--overwrite` rerun the message suggests
-    stopped at that lock. Now the failure stops the other stage with a Ctrl-C of its own, and only then ends. Each
-    stage here is a stand-in process; the demo's own run_demo and demo_wait start and wait for them."""
-    out, started, stopped = tmp_path / "demo", tmp_path / "aepo.started", tmp_path / "aepo.ctrl-c"
-    scripts = {  # the ARES run: long, and marks a Ctrl-C; the GRPO run fails once the ARES run is under way
-        # (marked started inside the try: a Ctrl-C met on a loaded machine still inside touch() went uncaught)
-        "aepo": f"import pathlib, time\ntry:\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n"
-                f"except KeyboardInterrupt:\n    pathlib.Path({str(stopped)!r}).touch()\n    raise SystemExit(130)",
+    stopped at that lock. Now the failure stops the other stage with a SIGTERM, which a stage takes as its Ctrl-C, and
+    only then ends. It was a SIGINT, which a demo started in the background (`python ares.py &`, as `.ci/run` was run
+    here) passes on ignored: the stage went on until it was killed. Each stage here is a stand-in process that takes
+    SIGTERM as ares.py does; the demo's own run_demo and demo_wait start and wait for them."""
+    out, started, stopped = tmp_path / "demo", tmp_path / "aepo.started", tmp_path / "aepo.sigterm"
+    scripts = {  # the ARES run: long, and marks a SIGTERM; the GRPO run fails once the ARES run is under way
+        "aepo": f"import pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                f"try:\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n"
+                f"except SystemExit:\n    pathlib.Path({str(stopped)!r}).touch()\n    raise",
         "grpo": f"import os, time\nwhile not os.path.exists({str(started)!r}):\n    time.sleep(0.05)\n"
                 "print('grpo broke')\nraise SystemExit(3)"}
 
@@ -299,7 +301,7 @@ def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_
     with pytest.raises(SystemExit) as e:
         ares.main(["--out", out, "--demo-steps", "1"])
     assert str(e.value.code).startswith("demo stage failed (3); its output:\ngrpo broke")
-    assert stopped.exists() and time.time() - tick < 60  # the ARES stage got its Ctrl-C; the demo did not wait for it
+    assert stopped.exists() and time.time() - tick < 60  # the ARES stage got its SIGTERM; the demo did not wait for it
 
 
 @pytest.mark.parametrize("flag", ["--model", "--ref-model"])
