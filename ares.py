@@ -3190,8 +3190,8 @@ def fingerprint(name: str, value) -> str | None:
     edited in place (or a model retrained in place) under the same path does not slip into a run. None where nothing
     local is named (flag_path; compared by name). --data, --eval-data, --reward-fn's file: every byte (a data set is
     tens of MB, and start_stage reads it whole anyway), but a data set over DATA_WHOLE in all is sampled as a model is
-    (a saved data folder with its images embedded can hold tens of GB, read by every rank at every start). --model, --ref-model: a checkpoint of ours by its COMPLETE
-    record, which every save writes anew (its time, each file's size), so a retrain into that folder changes it; any
+    (a saved data folder with its images embedded can hold tens of GB, read by every rank at every start). --model,
+    --ref-model: a checkpoint of ours by its COMPLETE record, which every save writes anew (its time, each file's size), so a retrain into that folder changes it; any
     other folder by each file's name and digest (but a tool_file's), a model's sampled past 16 MiB (config.json and
     the tokenizer whole; a weight file by its size and ten 1 MiB pieces: a retrain moves nearly every trained weight,
     so pieces of each trained shard change, while hashing GBs on each resume would not be cheap). Paths and file
