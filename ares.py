@@ -2204,10 +2204,10 @@ def start_stage(cfg: Config, stage: str):
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
     rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
-    record = check_run_record(cfg, RESUMABLE)
+    record = rank0_decides(check_run_record, cfg, RESUMABLE)  # one rank reads the files for their fingerprints
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
-    run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record, held_out=held_out)
+    run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record or {}, held_out=held_out)
     return cfg, run, records, world, device
 
 
@@ -2428,7 +2428,7 @@ class Run:
     n_trainable: int = 0
     n_lm: int = 0  # the language model's parameters (outside the vision tower), and those of them that train
     n_lm_trained: int = 0
-    record: dict = field(default_factory=dict)  # <out>/config.json: the flags, versions and commit of the run
+    record: dict = field(default_factory=dict)  # <out>/config.json (rank 0, which logs it; {} on the other ranks)
     held_out: list = field(default_factory=list)  # --eval-data's records (validated every --eval-every AEPO steps)
 
 
@@ -2962,16 +2962,18 @@ def run_contents(out: Path) -> list[str]:
 
 
 def rank0_decides(fn, *args):
-    """fn(*args) on rank 0 alone (the folder's checks and its lock); a SystemExit (or an error) there stops every rank
-    (the others silently: rank 0 says why), so no rank waits in a collective for one that left."""
-    error = None
+    """fn(*args) on rank 0 alone (the folder's checks and its lock, the run record); a SystemExit (or an error) there
+    stops every rank (the others silently: rank 0 says why), so no rank waits in a collective for one that left.
+    -> fn's result on rank 0, None on the others."""
+    error = result = None
     if rank() == 0:
         try:
-            fn(*args)
+            result = fn(*args)
         except (SystemExit, Exception) as e:  # noqa: BLE001 - raised again below, on rank 0
             error = e
     if all_reduce(torch.tensor([float(error is not None)])).item():
         raise error or SystemExit(1)
+    return result
 
 
 def claim_out(cfg, contents=run_contents):
@@ -3190,7 +3192,7 @@ def fingerprint(name: str, value) -> str | None:
     edited in place (or a model retrained in place) under the same path does not slip into a run. None where nothing
     local is named (flag_path; compared by name). --data, --eval-data, --reward-fn's file: every byte (a data set is
     tens of MB, and start_stage reads it whole anyway), but a data set over DATA_WHOLE in all is sampled as a model is
-    (a saved data folder with its images embedded can hold tens of GB, read by every rank at every start). --model,
+    (a saved data folder with its images embedded can hold tens of GB, hashed at every start). --model,
     --ref-model: a checkpoint of ours by its COMPLETE record, which every save writes anew (its time, each file's size), so a retrain into that folder changes it; any
     other folder by each file's name and digest (but a tool_file's), a model's sampled past 16 MiB (config.json and
     the tokenizer whole; a weight file by its size and ten 1 MiB pieces: a retrain moves nearly every trained weight,
@@ -3229,9 +3231,10 @@ def changed_contents(saved: dict, record: dict) -> list[str]:
 
 
 def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
-    """Write <out>/config.json (rank 0) and return it; with --resume, first stop on (and list) every changed flag
-    but --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a
-    path flag still names but whose contents changed (fingerprint); a damaged record stops it too."""
+    """Write <out>/config.json and return it; with --resume, first stop on (and list) every changed flag but
+    --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a path
+    flag still names but whose contents changed (fingerprint); a damaged record stops it too. Rank 0 only
+    (rank0_decides): the fingerprints read every data file, once per run, not once per rank."""
     path, record = Path(cfg.out) / "config.json", run_record(cfg)
     if cfg.resume and path.is_file():
         try:
@@ -3251,15 +3254,14 @@ def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
             raise SystemExit(f"--resume: {'; '.join(changed)}: other contents than when the run started ({path} holds "
                              "their fingerprint): put the run's files back, or start a new run in another --out")
         if saved.get("world_size", record["world_size"]) != record["world_size"]:  # allowed: a job requeued on fewer nodes
-            rank0_print(f"--resume: the run started on {saved['world_size']} ranks and goes on on {record['world_size']}: "
-                        "from here it samples other responses than the run would have on its first ranks (README: "
-                        "Determinism)")
+            print(f"--resume: the run started on {saved['world_size']} ranks and goes on on {record['world_size']}: "
+                  "from here it samples other responses than the run would have on its first ranks (README: "
+                  "Determinism)", flush=True)
         if "contents" not in saved:
-            rank0_print(f"--resume: {path} predates content fingerprints: the files the flags name are checked by "
-                        "path only this time, and by contents from now on")
-    if rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data_prep.write_atomically(path, json.dumps(record, indent=2, default=str))
+            print(f"--resume: {path} predates content fingerprints: the files the flags name are checked by path only "
+                  "this time, and by contents from now on", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_prep.write_atomically(path, json.dumps(record, indent=2, default=str))
     return record
 
 

@@ -11,6 +11,7 @@ with one line, so that a new launch with --resume goes on to those same weights.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -408,6 +409,70 @@ def test_a_stalled_rank_stops_a_torchrun_stage_with_one_line_naming_dist_timeout
            "stopped, and the checkpoints before this step are whole; continue with --resume (Timed out waiting" in ours, \
         ours[-3000:]
     assert "Traceback" not in ours, ours[-3000:]
+
+
+FINGERPRINTS_COUNTED = """
+\"\"\"torchrun worker: ares.main with ares.fingerprint counted; each rank writes {"fingerprints": the path flags it
+fingerprinted, "exit": how it ended} to <argv[2]>/rank<RANK>.json.\"\"\"
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import ares
+
+calls, real, ended = [], ares.fingerprint, "returned"
+
+
+def counted(name, value):
+    calls.append(name)
+    return real(name, value)
+
+
+ares.fingerprint = counted
+try:
+    ares.main(sys.argv[3:])
+except SystemExit as e:
+    ended = e.code
+    raise
+finally:
+    (Path(sys.argv[2]) / f"rank{os.environ['RANK']}.json").write_text(json.dumps(dict(fingerprints=calls, exit=ended)))
+"""
+
+
+def test_rank_0_alone_fingerprints_the_files_and_a_changed_one_stops_every_rank_with_one_line(tiny_ckpt, demo_data,
+                                                                                            tmp_path):
+    """Every rank hashed each file a path flag names (a data set whole, up to 1 GiB) at every start: 8 ranks on a node
+    read it 8 times over. Now rank 0 alone does, once per flag, at a cold start on 2 ranks and at its --resume; with
+    --data reordered in place, that resume stops every rank, rank 0 with the one line and rank 1 silently (exit 1),
+    none left waiting in a collective, and the run folder is as it was."""
+    script, out, data = tmp_path / "counted.py", tmp_path / "run", tmp_path / "sft.jsonl"
+    script.write_text(FINGERPRINTS_COUNTED)
+    shutil.copy(demo_data["sft"], data)
+    (tmp_path / "images").symlink_to(Path(demo_data["sft"]).parent / "images")  # the records' paths are relative
+    args = ["--stage", "coldstart", "--model", tiny_ckpt, "--data", data, "--out", out, "--steps", "1",
+            "--batch-size", "4", "--micro-batch-size", "2", "--dist-timeout", "60"]
+    said = lambda launch: [json.loads((tmp_path / launch / f"rank{r}.json").read_text()) for r in (0, 1)]  # noqa: E731
+    (tmp_path / "start").mkdir()
+    run_script([script, ROOT, tmp_path / "start", *args], nproc=2)
+    assert [r["fingerprints"] for r in said("start")] == [list(ares.PATH_FLAGS), []]
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(lines[1:] + lines[:1]))  # the same records, in another order
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (tmp_path / "resume").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, ROOT,
+           tmp_path / "resume", *args, "--resume"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([str(a) for a in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    line = f"--resume: --data {data} ({data.resolve()}): other contents than when the run started"
+    ours = res.stderr.split("elastic/multiprocessing/api.py")[0]  # before torchrun's own report of the failed ranks
+    assert ours.count(line) == 1 and "Traceback" not in ours, ours[-3000:]
+    rank0, rank1 = said("resume")
+    assert rank0["fingerprints"] == list(ares.PATH_FLAGS) and rank1["fingerprints"] == [], (rank0, rank1)
+    assert rank0["exit"].startswith(line) and rank1["exit"] == 1, (rank0, rank1)  # each stopped on its own
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 MEMORY = '''
