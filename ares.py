@@ -2949,6 +2949,7 @@ def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> d
 
 LOCK = "ares.lock"  # <out>/ares.lock: {"pid", "host", "since"} of the run holding the folder
 HELD_LOCKS: list[Path] = []  # the locks this process holds, released when its run ends (run_command) or at exit
+MADE_FOLDERS: list[Path] = []  # --out (and its parents) as take_lock created them, removed then while they are empty
 
 
 def run_contents(out: Path) -> list[str]:
@@ -3020,7 +3021,9 @@ def clear_old_run(cfg, contents=run_contents):
 def take_lock(out: Path):
     """Hold <out>/ares.lock for this process. The file is linked into place whole, so two runs never both hold it; a
     lock whose process is gone (same host) is stale and taken over with a warning; a live one stops this run."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the deepest first
     out.mkdir(parents=True, exist_ok=True)
+    MADE_FOLDERS.extend(made)
     lock, mine = out / LOCK, out / f"{LOCK}.{os.getpid()}"
     mine.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))))
     try:
@@ -3081,11 +3084,17 @@ def lock_is_live(holder: dict) -> bool:
 
 @atexit.register
 def release_locks():
-    """Remove the locks this process holds (each only while it still names this process)."""
+    """Remove the locks this process holds (each only while it still names this process), then the folders take_lock
+    created that hold nothing else: a run that a check stopped before it wrote anything leaves no empty --out behind.
+    A folder that was there before, or that holds anything, stays."""
     for lock in HELD_LOCKS:
         if read_lock(lock).get("pid") == os.getpid():
             lock.unlink(missing_ok=True)
+    for folder in MADE_FOLDERS:
+        with contextlib.suppress(OSError):  # not empty (or gone): kept
+            folder.rmdir()
     HELD_LOCKS.clear()
+    MADE_FOLDERS.clear()
 
 
 def interrupted(cfg, how: str = "Ctrl-C", code: int = 130) -> str:

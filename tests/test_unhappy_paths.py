@@ -347,6 +347,32 @@ def test_a_lock_from_another_host_counts_as_held_and_says_how_to_free_it(tiny_ck
     assert sorted(p.name for p in out.iterdir()) == [ares.LOCK]  # nothing written
 
 
+def folder_as_it_is(folder: Path) -> dict:
+    """Every file's bytes and every folder (None) under `folder`, by path."""
+    return {p.relative_to(folder): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_a_check_after_the_lock_leaves_no_folder_the_run_made_and_any_other_as_it_was(runs, tiny_ckpt, demo_data,
+                                                                                      tmp_path):
+    """A check that stops a run after it took the lock in --out (here the batch check, then a changed flag on
+    --resume) left the folder the lock had made, empty, under the run's name. Now the run that made --out (and the
+    parents it made) removes them with its lock when it wrote nothing there; an empty --out that was there stays, and
+    so does a run that a --resume could not continue, byte for byte."""
+    made, kept = tmp_path / "new" / "x", tmp_path / "kept"
+    kept.mkdir()
+    for out in (made, kept):
+        with pytest.raises(SystemExit) as e:
+            ares.main(coldstart_args(demo_data["sft"], out, tiny_ckpt, "--batch-size", 512))
+        assert one_line(e) == "--batch-size 512 is larger than the 96 usable records"
+    assert not (tmp_path / "new").exists() and kept.is_dir() and not any(kept.iterdir())
+    old = copy_run(runs, tmp_path, "interrupted")
+    before = folder_as_it_is(old)
+    with pytest.raises(SystemExit) as e:
+        ares.main(coldstart_args(demo_data["sft"], old, tiny_ckpt, "--lr", 3e-4, "--resume"))
+    assert one_line(e).startswith(f"--resume: flags differ from {old / 'config.json'}: --lr 0.0003"), one_line(e)
+    assert folder_as_it_is(old) == before
+
+
 def test_a_resume_into_a_folder_in_use_stops_at_the_lock_before_reading_a_checkpoint(tiny_ckpt, demo_data, tmp_path,
                                                                                     monkeypatch):
     """A second --resume into a running folder read the newest checkpoint's processor before it looked at the lock;
