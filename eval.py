@@ -731,10 +731,19 @@ def check_passrate_args(args):
         raise SystemExit("--k > 1 needs --temperature > 0 (greedy responses would all be the same: every pass rate "
                          "0 or 1)")
     ares.check_attn(args.attn)
+    ares.check_numbers(passrate_load_config(args), hints={})  # --min-pixels, --max-pixels: ares.py's ranges and lines
     if Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
     check_outside_checkpoints(args.out)
     data_prep.check_writable("--out", args.out, folder=False)
+
+
+def passrate_load_config(args) -> ares.Config:
+    """How passrate loads --model: ares.py's --dtype, --attn, --min-pixels and --max-pixels. A pixel flag left out
+    (None) takes ares.py's default, and is not in `given`: a tiny checkpoint then keeps its own size, as in training."""
+    pixels = {name: v for name in ("min_pixels", "max_pixels") if (v := getattr(args, name)) is not None}
+    return ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed, **pixels,
+                       given=tuple(pixels))
 
 
 def run_passrate(args) -> list[dict] | None:
@@ -742,8 +751,9 @@ def run_passrate(args) -> list[dict] | None:
     rank, world, device = ares.init_distributed()
     records = data_prep.check_problems(data_prep.load_source(args.data, preset=args.preset, split=args.split,
                                                              limit=args.limit), args.data)
-    cfg = ares.Config(model=args.model, dtype=args.dtype, attn=args.attn, seed=args.seed)
-    model, processor = ares.load_model(args.model, cfg, device)
+    cfg = passrate_load_config(args)
+    processor = ares.training_processor(cfg, None)  # training's images; a pixel flag for a text-only model stops here
+    model, processor = ares.load_model(args.model, cfg, device, processor=processor)
     traces_of = sample_traces(model.eval(), processor, records, args, rank, world, device)
     if world > 1:  # every rank's traces to rank 0, which writes the output
         parts = [None] * world
@@ -794,6 +804,10 @@ def passrate_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="model dtype")
     pr.add_argument("--attn", default="sdpa", choices=ares.ModelConfig.__dataclass_fields__["attn"].metadata["choices"],
                     help="attention kernel (default: sdpa)")  # ares.py's choices
+    for name in ("min_pixels", "max_pixels"):  # ares.py's help and default; None: not given (passrate_load_config)
+        f = ares.ModelConfig.__dataclass_fields__[name]
+        pr.add_argument("--" + name.replace("_", "-"), type=int, metavar="INT", help=f"{f.metadata['help']} (default: "
+                        f"{f.default}); give training's, so the pass rates come from the images it trains on")
     pr.add_argument("--keep-responses", action="store_true",
                     help="write every response (with length and correct) as a candidate trace, K records per problem")
     pr.add_argument("--out", required=True, help="output .jsonl or .parquet")

@@ -495,21 +495,29 @@ def test_a_record_edited_in_place_is_generated_again_and_graded_against_its_new_
     assert json.loads((out / "results.json").read_text())["cached"] == 7
 
 
+@pytest.fixture(scope="module")
+def not_tiny_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint without the mark of the tiny model: loaded as any other model (the pixel flags' defaults)."""
+    import shutil
+
+    real = tmp_path_factory.mktemp("not_tiny") / "model"
+    shutil.copytree(tiny_ckpt, real)
+    config = json.loads((real / "config.json").read_text())
+    del config["ares_tiny"]
+    (real / "config.json").write_text(json.dumps(config))
+    return real
+
+
 def test_the_pixel_flags_reach_the_image_processor_and_a_tiny_checkpoint_keeps_its_own_size_without_them(tiny_ckpt,
+                                                                                                        not_tiny_ckpt,
                                                                                                         bench, tmp_path):
     """--min-pixels / --max-pixels were never applied to a tiny checkpoint, even when given, and the cache test above
     only checked its key. A 448 x 448 image is 32 x 32 patches of 14 px at the flags' defaults (1280 x 28 x 28 pixels
     at most); a tiny checkpoint resizes it to at most 112 x 112 pixels (8 x 8) unless a flag is given, in ares.py and
     eval.py alike."""
-    import shutil
-
     from PIL import Image
 
-    real = tmp_path / "not_tiny"  # the same checkpoint without the mark of the tiny model
-    shutil.copytree(tiny_ckpt, real)
-    config = json.loads((real / "config.json").read_text())
-    del config["ares_tiny"]
-    (real / "config.json").write_text(json.dumps(config))
+    real = not_tiny_ckpt
     image = Image.new("RGB", (448, 448), "red")
 
     def grid(model, *flags, tool="ares"):
@@ -527,6 +535,44 @@ def test_the_pixel_flags_reach_the_image_processor_and_a_tiny_checkpoint_keeps_i
         assert grid(tiny_ckpt, "--max-pixels", str(224 * 224), tool=tool) == [[1, 16, 16]], tool
         assert grid(real, tool=tool) == [[1, 32, 32]], tool  # the flags' defaults
         assert grid(real, *small, tool=tool) == [[1, 8, 8]], tool
+
+
+def test_passrate_samples_the_image_tokens_of_its_pixel_flags_and_a_tiny_checkpoint_its_own_without_them(
+        tiny, tiny_ckpt, not_tiny_ckpt, tmp_path, monkeypatch):
+    """passrate had no --min-pixels / --max-pixels: it sampled at ares.py's defaults whatever training was given, so
+    the pass rates behind AdaCS came from other images than the model trains on. The image tokens of the prompt it
+    samples, counted by hand: Qwen2.5-VL resizes each side to a multiple of 28 px (a 14 px patch, 2 x 2 patches merged
+    into one token) so that the area lies between the two bounds, one token per 28 x 28 cell."""
+    from PIL import Image
+
+    Image.new("RGB", (448, 448), "red").save(tmp_path / "red.png")
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="What colour?", answer="red", images=[str(tmp_path / "red.png")])))
+    pad = tiny[1].tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    class Sampled(Exception):
+        pass
+
+    def image_tokens(model, *flags) -> int:
+        prompts = []
+
+        def sample(model, batch, **kw):  # the prompts passrate samples, then stop
+            prompts.extend(batch)
+            raise Sampled
+
+        monkeypatch.setattr(ares, "sample", sample)
+        args = ev.passrate_parser().parse_args(["--data", str(data), "--model", str(model), "--k", "1", "--out",
+                                                str(tmp_path / "rates.jsonl"), *flags])
+        with pytest.raises(Sampled):
+            ev.run_passrate(args)
+        (prompt,) = prompts
+        return int((prompt["ids"] == pad).sum())
+
+    assert image_tokens(not_tiny_ckpt) == 16 * 16  # 448 px = 16 cells a side: inside the defaults (3136 to 1003520)
+    assert image_tokens(not_tiny_ckpt, "--max-pixels", str(224 * 224)) == 8 * 8  # down to 224 px a side
+    assert image_tokens(not_tiny_ckpt, "--min-pixels", str(896 * 896)) == 32 * 32  # up to 896 px a side
+    assert image_tokens(tiny_ckpt) == 4 * 4  # its own 112 x 112 pixels at most
+    assert image_tokens(tiny_ckpt, "--max-pixels", str(224 * 224)) == 8 * 8  # a flag given: the flag's
 
 
 @pytest.mark.parametrize("flag", [["--max-pixels", str(64 * 28 * 28)], ["--min-pixels", str(28 * 28)],
@@ -599,6 +645,11 @@ STOPS = [  # (case, argv, message): an argv starting with "ares" runs ares.py, e
     ("passrate --attn flash_attention_2", ["passrate", "--data", "{good}", "--model", "{model}", "--out", "{out}/r.jsonl",
                                            "--attn", "flash_attention_2"],  # ImportError as the model loaded
      "--attn flash_attention_2 needs the optional package flash-attn"),
+    ("passrate --max-pixels under --min-pixels", ["passrate", "--data", "{good}", "--model", "{model}", "--out",
+                                                  "{out}/r.jsonl", "--min-pixels", "5000", "--max-pixels", "4000"],
+     "--max-pixels must be >= --min-pixels, got 4000"),  # passrate had neither flag (the defaults, whatever training's)
+    ("passrate --min-pixels 0", ["passrate", "--data", "{good}", "--model", "{model}", "--out", "{out}/r.jsonl",
+                                 "--min-pixels", "0"], "--min-pixels must be >= 1, got 0"),
     ("passrate --temperature 0 --k 2", ["passrate", "--data", "{good}", "--model", "{model}", "--out", "{out}/r.jsonl",
                                         "--temperature", "0", "--k", "2"],  # K identical greedy samples
      "--k > 1 needs --temperature > 0"),

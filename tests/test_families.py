@@ -6,6 +6,7 @@ saved as an ordinary Hugging Face folder and passed as --model.
 References: one plain `model(...)` forward over the unpadded sequence (the model computes its own positions and
 vision features), a hand-written log-softmax and gather; and `from_pretrained` of the saved folder.
 """
+import importlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from conftest import LayerRecomputes
 import ares
 import data_prep
 
+ev = importlib.import_module("eval")  # `import eval` would shadow the builtin eval() here
 T = 0.8
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3"]
 TEXT_ONLY = {"qwen2", "qwen3"}
@@ -265,19 +267,27 @@ def test_eval_data_a_text_only_model_cannot_read_stops_before_the_weights_load(f
                             "text-only")
 
 
-@pytest.mark.parametrize("flags", [["--train-vision"], ["--min-pixels", "3136"], ["--max-pixels", "50176"]])
-def test_a_vision_flag_for_a_text_only_model_stops_before_the_weights_load(flags, family_data, tmp_path, monkeypatch):
-    # a text-only model has no tower to train and no images to resize: the flag was accepted and did nothing
+@pytest.mark.parametrize("tool, flags", [("ares", ["--train-vision"]), ("ares", ["--min-pixels", "3136"]),
+                                         ("ares", ["--max-pixels", "50176"]), ("passrate", ["--min-pixels", "3136"]),
+                                         ("passrate", ["--max-pixels", "50176"])])
+def test_a_vision_flag_for_a_text_only_model_stops_before_the_weights_load(tool, flags, family_data, tmp_path,
+                                                                            monkeypatch):
+    # a text-only model has no tower to train and no images to resize: the flag was accepted and did nothing (passrate
+    # had no pixel flags: it sampled at the defaults whatever training got)
     model, tok = tiny_model("qwen2")
     model.save_pretrained(tmp_path / "qwen2")
     tok.save_pretrained(tmp_path / "qwen2")
     monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
     with pytest.raises(SystemExit) as e:
-        ares.main(["--stage", "aepo", "--model", str(tmp_path / "qwen2"), "--data", str(family_data["text", "rl"]),
-                   "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", *flags])
+        if tool == "ares":
+            ares.main(["--stage", "aepo", "--model", str(tmp_path / "qwen2"), "--data", str(family_data["text", "rl"]),
+                       "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", *flags])
+        else:
+            ev.main(["passrate", "--data", str(family_data["text", "rl"]), "--model", str(tmp_path / "qwen2"), "--out",
+                     str(tmp_path / "rates.jsonl"), *flags])
     assert str(e.value) == (f"{flags[0]}: --model {tmp_path / 'qwen2'} is a text-only model (no vision tower, no "
                             "images), so the flag would do nothing: leave it out")
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "rates.jsonl").exists()
 
 
 def ids_eot(tok) -> int:
