@@ -138,6 +138,7 @@ def parse_config(argv=None) -> EvalConfig:
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
+    check_pixel_flags(cfg)
     ares.check_attn(cfg.attn)
     if cfg.plot and Path(cfg.plot).is_dir():  # checked now: it is written only after the whole evaluation
         raise SystemExit(f"--plot {cfg.plot}: a folder; give the PNG file to write")
@@ -155,6 +156,17 @@ def check_paths(models: list[str], out: str):
         raise SystemExit(f"--out {out}: a file, not a folder")
     check_outside_checkpoints(out)
     data_prep.check_writable("--out", out)
+
+
+def check_pixel_flags(cfg: EvalConfig):
+    """--min-pixels / --max-pixels where no --model takes images: the flags would do nothing (ares.py and passrate
+    stop on the same, training_processor). One vision-language model among them is enough: the flags are its."""
+    flags = [f for f in ("min_pixels", "max_pixels") if f in cfg.given]
+    if flags and cfg.model and not any(m == "tiny" or ares.model_config(m)[1] for m in cfg.model):
+        which = f"--model {cfg.model[0]} is a text-only model" if len(cfg.model) == 1 else \
+            f"every --model ({', '.join(cfg.model)}) is a text-only model"
+        raise SystemExit(f"--{flags[0].replace('_', '-')}: {which} (no vision tower, no images), so the flag would do "
+                         "nothing: leave it out")
 
 
 def check_outside_checkpoints(out: str):

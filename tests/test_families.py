@@ -269,7 +269,8 @@ def test_eval_data_a_text_only_model_cannot_read_stops_before_the_weights_load(f
 
 @pytest.mark.parametrize("tool, flags", [("ares", ["--train-vision"]), ("ares", ["--min-pixels", "3136"]),
                                          ("ares", ["--max-pixels", "50176"]), ("passrate", ["--min-pixels", "3136"]),
-                                         ("passrate", ["--max-pixels", "50176"])])
+                                         ("passrate", ["--max-pixels", "50176"]), ("eval", ["--min-pixels", "3136"]),
+                                         ("eval", ["--max-pixels", "50176"])])
 def test_a_vision_flag_for_a_text_only_model_stops_before_the_weights_load(tool, flags, family_data, tmp_path,
                                                                             monkeypatch):
     # a text-only model has no tower to train and no images to resize: the flag was accepted and did nothing (passrate
@@ -282,12 +283,20 @@ def test_a_vision_flag_for_a_text_only_model_stops_before_the_weights_load(tool,
         if tool == "ares":
             ares.main(["--stage", "aepo", "--model", str(tmp_path / "qwen2"), "--data", str(family_data["text", "rl"]),
                        "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", *flags])
-        else:
+        elif tool == "passrate":
             ev.main(["passrate", "--data", str(family_data["text", "rl"]), "--model", str(tmp_path / "qwen2"), "--out",
                      str(tmp_path / "rates.jsonl"), *flags])
+        else:  # the evaluation ran to the end and ignored the flag
+            ev.main(["--model", str(tmp_path / "qwen2"), "--data", str(family_data["text", "rl"]), "--out",
+                     str(tmp_path / "eval"), *flags])
     assert str(e.value) == (f"{flags[0]}: --model {tmp_path / 'qwen2'} is a text-only model (no vision tower, no "
                             "images), so the flag would do nothing: leave it out")
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "rates.jsonl").exists()
+    assert not (tmp_path / "eval").exists()
+    if tool == "eval":  # beside a vision-language model the flags are that model's: no stop
+        cfg = ev.parse_config(["--model", str(tmp_path / "qwen2"), "--model", "tiny", "--data", "d.jsonl", "--out",
+                               str(tmp_path / "eval"), *flags])
+        assert flags[0][2:].replace("-", "_") in cfg.given and len(cfg.model) == 2
 
 
 def ids_eot(tok) -> int:
