@@ -1311,6 +1311,13 @@ def build_tiny(seed: int = 0):
     return model, processor
 
 
+def resize_images(image_processor, cfg, tiny: bool):
+    """--min-pixels / --max-pixels onto a model's image processor. A tiny model (`tiny`, or a checkpoint of one)
+    keeps the image size it learned on (56 x 56 to 112 x 112 pixels) unless a flag names another."""
+    if not tiny or {"min_pixels", "max_pixels"} & set(cfg.given):
+        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+
+
 def load_processor(name: str, is_vlm: bool, cfg):
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
@@ -1326,9 +1333,7 @@ def load_processor(name: str, is_vlm: bool, cfg):
     except OSError:
         raise SystemExit(f"{name}: no image processor settings (processor_config.json or preprocessor_config.json): "
                          "save the model's processor in the folder (processor.save_pretrained)") from None
-    # a tiny checkpoint keeps the image size it learned on (56 x 56 to 112 x 112 pixels) unless a flag names another
-    if not is_tiny(name) or {"min_pixels", "max_pixels"} & set(cfg.given):
-        image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    resize_images(image_processor, cfg, is_tiny(name))
     template = tok.chat_template
     for fname in ("chat_template.jinja", "chat_template.json"):  # VLM repos keep it beside the processor
         path = Path(name) / fname
@@ -1380,7 +1385,9 @@ def processor_for(name: str, cfg):
     with it before they load), prompting with the instruction the model was trained with (`ares_prompt_suffix` in its
     config.json), else the authors' (README: paper settings)."""
     if name == "tiny":
-        return tiny_processor()
+        processor = tiny_processor()
+        resize_images(processor.image_processor, cfg, tiny=True)
+        return processor
     processor = load_processor(name, model_config(name)[1], cfg)
     if getattr(processor, "chat_template", None) is None:  # a base model's tokenizer: prompts could not be built
         raise SystemExit(f"--model {name}: its tokenizer has no chat template, and ARES builds every prompt with it: use "
@@ -1399,7 +1406,9 @@ def load_model(name: str, cfg, device, meta: bool = False, processor=None):
     if name == "tiny":
         with torch.device("meta") if meta else contextlib.nullcontext():
             model, tiny = build_tiny(cfg.seed)  # fp32
-        processor = processor or tiny
+        if processor is None:
+            processor = tiny
+            resize_images(processor.image_processor, cfg, tiny=True)
         if dtype not in ("auto", torch.float32):  # its weights only: the rotary buffers stay fp32, as for a checkpoint
             cast_weights(model, dtype, torch.device("meta") if meta else torch.device("cpu"))
     else:

@@ -357,3 +357,17 @@ def test_a_blank_image_reaches_every_vision_weight_with_a_zero_gradient(family):
     missing = [n for n, p in model.model.visual.named_parameters() if p.grad is None]
     assert not missing
     assert all(not p.grad.any() for p in model.model.visual.parameters())
+
+
+def test_the_tiny_name_takes_the_pixel_flags_as_a_tiny_checkpoint_does():
+    # `--model tiny` kept 56x56 to 112x112 pixels whatever --min-pixels / --max-pixels said; a saved tiny checkpoint
+    # takes them when given. A 448 x 448 image is one vision token per 28 x 28 pixels after resizing (patch 14, merge
+    # 2): 112 x 112 -> 4 x 4 tokens, 224 x 224 -> 8 x 8
+    from PIL import Image
+
+    image = Image.new("RGB", (448, 448), "white")
+    for given, tokens in (((), 4 * 4), (("max_pixels",), 8 * 8)):
+        cfg = ares.Config(max_pixels=224 * 224, given=given)
+        for processor in (ares.processor_for("tiny", cfg), ares.load_model("tiny", cfg, torch.device("cpu"))[1]):
+            grid = processor.image_processor(images=[image])["image_grid_thw"]
+            assert int(grid.prod()) // 4 == tokens, (given, grid)
