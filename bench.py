@@ -856,9 +856,12 @@ def host_memory(args) -> dict:
     if "RANK" not in os.environ:
         with tempfile.TemporaryDirectory() as tmp:
             outs = [Path(tmp) / f"rank{r}.json" for r in range(2)]
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            __file__, "--host-memory", args.host_memory, "--dtype", args.dtype, "--out",
-                            str(Path(tmp) / "rank.json")], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                    __file__, "--host-memory", args.host_memory, "--dtype", args.dtype, "--out",
+                                    str(Path(tmp) / "rank.json")], env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if code:  # the ranks said why above: one line here, not a CalledProcessError traceback
+                raise SystemExit(f"--host-memory {args.host_memory}: the 2-rank run under torchrun failed (exit code "
+                                 f"{code}; its output is above)")
             rows = [json.loads(o.read_text()) for o in outs]
         for r in rows:
             print(f"  rank {r['rank']}: " + ", ".join(f"{k} {v:.2f} M" for k, v in r.items() if k.endswith("_M")))
@@ -1143,6 +1146,11 @@ def check_flags(p, args):
                 data_prep.check_writable(flag, path, folder=False)
             except SystemExit as e:
                 p.error(str(e))
+    if args.host_memory is not None:  # a folder that holds no model failed on both ranks, under torchrun's traceback
+        try:
+            ares.check_model_path("--host-memory", args.host_memory)
+        except SystemExit as e:
+            p.error(str(e))
 
 
 def parse_args(argv=None):
@@ -1196,7 +1204,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench.json", help="JSON with every number")
     args = p.parse_args(argv)
     check_flags(p, args)
-    if args.profile and args.profile_table is None:
+    if args.profile and args.profile_table is None and args.out:  # --out "": no files, the table too
         args.profile_table = Path(args.out).with_suffix(".profile.txt")
     args.sizes = args.size.split(",")
     args.batches = [int(x) for x in args.batches.split(",")] if args.batches else None
@@ -1274,7 +1282,7 @@ def main(argv=None):
     args.meta["wall_s"] = time.perf_counter() - start
     save_json(args, results)
     print_tables(results, plan)
-    print(f"\n{time.perf_counter() - start:.0f}s; numbers in {args.out}")
+    print(f"\n{time.perf_counter() - start:.0f}s; " + (f"numbers in {args.out}" if args.out else "no JSON (--out \"\")"))
 
 
 def _replace_flag(argv: list[str], flag: str, value: str) -> list[str]:

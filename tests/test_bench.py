@@ -87,6 +87,8 @@ def test_bench_tiny_writes_every_number(tmp_path):
     (["--grader", "--grader-timeout", "nan"], "--grader-timeout must be in (0, 3600] and finite, got nan"),
     (["--grader", "--grader-timeout", "1e30"], "--grader-timeout must be in (0, 3600], got 1e+30"),
     (["--aepo-steps", "0"], "--aepo-steps must be >= 2, got 0"),
+    (["--host-memory", "{tmp}/none"], "--host-memory {tmp}/none: no such folder"),
+    (["--host-memory", ""], "--host-memory is empty"),
 ])
 def test_a_bad_flag_is_one_line_naming_it_before_any_model_is_built(argv, says, tmp_path):
     """Each of these was a traceback (some after the model built or the whole run), or silently ran something else:
@@ -168,6 +170,33 @@ def test_host_memory_measures_every_phase_on_two_ranks(tiny_ckpt, tmp_path, monk
     assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["model_bytes"] == M for r in ranks)
     phases = ("load_M", "ddp_wrap_M", "reference_M", "sampling_copy_M", "first_update_M")
     assert all(math.isfinite(r[k]) and r[k] >= 0 for r in ranks for k in phases) and all(r["load_M"] > 0 for r in ranks)
+
+
+def test_host_memory_on_a_folder_that_fails_to_load_ends_in_one_line_of_its_own(full_size_model, tmp_path):
+    """A model folder that passes the flag check but cannot load (here a config.json alone) fails on both ranks under
+    torchrun: bench.py then ends with one line naming the flag and torchrun's exit code, not with a CalledProcessError
+    traceback of its own (the ranks' lines and torchrun's report stay above it)."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "bench.py", "--host-memory", full_size_model, "--out", str(tmp_path / "h.json")],
+                         cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=300)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "CalledProcessError" not in res.stderr, res.stderr[-3000:]
+    assert last == f"--host-memory {full_size_model}: the 2-rank run under torchrun failed (exit code 1; its output is " \
+                   "above)", last
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_profile_with_no_json_writes_no_file(tmp_path):
+    """--out "" writes no JSON; --profile's table defaults to a name made from --out, which "" has not: it was a
+    ValueError traceback after the update had run. Now the profile is printed and nothing is written."""
+    res = run_script([ROOT / "bench.py", "--size", "tiny", "--what", "update", "--update-tokens", "64", "--update-rows",
+                      "1", "--update-repeats", "1", "--profile", "--out", ""], cwd=tmp_path, timeout=300)
+    assert "profile (CPU self time" in res.stdout and 'no JSON (--out "")' in res.stdout, res.stdout[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_size_that_fails_reports_its_error_never_an_earlier_runs_numbers(tmp_path):
