@@ -2238,6 +2238,8 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         for p in policy.parameters():
             p.requires_grad_(False)
     dtype = compute_dtype(cfg, device)
+    if cfg.compile and trainable and cfg.stage == "coldstart":  # AEPO compiles its decode step instead (KVPool);
+        compile_layers(hf, cfg.compile_backend)  # under FSDP, each layer's hooks (its gathers) stay outside the graph
     if sharded(cfg):  # under torchrun even at world size 1: one GPU runs the path of eight
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -2250,8 +2252,6 @@ def wrap_policy(hf: nn.Module, cfg: Config, device, trainable: bool = True):
         if skeleton:
             policy.to_empty(device=device)  # allocates this rank's shards
         return policy, policy
-    if cfg.compile and trainable and cfg.stage == "coldstart":  # AEPO compiles its decode step instead (KVPool)
-        compile_layers(hf, cfg.compile_backend)
     if trainable and dist.is_initialized():
         ddp = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=cfg.train_vision,
