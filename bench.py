@@ -965,12 +965,17 @@ def run_aepo_parts(args) -> dict:
         data = data_prep.make_demo(tmp / "data", seed=0, sizes={"rl": 32})["rl"]
         new_tokens = args.aepo_new_tokens
         for name, b in (("branching", None), ("no_branching", 0)):
+            if time.perf_counter() > args.deadline:  # as every other part: before, AEPO and TRL ran past the budget
+                res[name] = dict(skipped="--budget-s reached")
+                continue
             log(f"AEPO steps, {name}")
             res[name] = bench_aepo(tmp / "model", data, tmp / name, args.aepo_steps, b, new_tokens, args.aepo_kl)
         if args.trl:
             import importlib.util
 
-            if importlib.util.find_spec("trl") is None:
+            if time.perf_counter() > args.deadline:
+                res["trl"] = dict(skipped="--budget-s reached")
+            elif importlib.util.find_spec("trl") is None:
                 res["trl"] = dict(skipped="trl is not importable (install it in a scratch venv)")
             else:
                 lr, beta = res["branching"]["lr"], res["branching"]["kl_coef"]

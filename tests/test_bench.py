@@ -199,6 +199,18 @@ def test_profile_with_no_json_writes_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_budget_reached_skips_the_aepo_steps_as_every_other_part(tmp_path):
+    """--budget-s "skips what is left after this many seconds": the rollout and update parts did, but the AEPO steps
+    (and --trl's GRPOTrainer after them) always ran to the end. With a budget spent before they start, each is marked
+    skipped in the JSON and the table, and no AEPO step runs."""
+    out = tmp_path / "b.json"
+    res = run_script(["bench.py", "--size", "tiny", "--what", "aepo", "--aepo-steps", "2", "--aepo-new-tokens", "8",
+                      "--trl", "--budget-s", "0.001", "--out", out], timeout=300)
+    aepo = json.loads(out.read_text())["results"]["tiny"]["aepo"]
+    assert aepo == {k: {"skipped": "--budget-s reached"} for k in ("branching", "no_branching", "trl")}, aepo
+    assert "AEPO steps" not in res.stdout + res.stderr and "branching    --budget-s reached" in res.stdout, res.stdout
+
+
 def test_a_size_that_fails_reports_its_error_never_an_earlier_runs_numbers(tmp_path):
     """bench.py runs each size of --size in a process of its own, which writes <out>.<size>.json. A part file left by
     an earlier run was read as this run's when the size failed before writing its own: the old numbers were reported
