@@ -3272,9 +3272,9 @@ def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
             raise SystemExit(f"--resume: {'; '.join(changed)}: other contents than when the run started ({path} holds "
                              "their fingerprint): put the run's files back, or start a new run in another --out")
         if saved.get("world_size", record["world_size"]) != record["world_size"]:  # allowed: a job requeued on fewer nodes
-            print(f"--resume: the run started on {saved['world_size']} ranks and goes on on {record['world_size']}: "
-                  "from here it samples other responses than the run would have on its first ranks (README: "
-                  "Determinism)", flush=True)
+            print(f"--resume: the run's last launch ran on {saved['world_size']} ranks and this one on "
+                  f"{record['world_size']}: from here it samples other responses than it would have on "
+                  f"{saved['world_size']} (README: Determinism)", flush=True)  # the record holds the last launch's ranks
         if "contents" not in saved:
             print(f"--resume: {path} predates content fingerprints: the files the flags name are checked by path only "
                   "this time, and by contents from now on", flush=True)

@@ -1460,8 +1460,14 @@ def test_resume_stops_when_a_file_it_names_changed_in_place_before_the_model_loa
     (out / "config.json").write_text(json.dumps(dict(record, world_size=2)))
     capsys.readouterr()
     ares.main(args + ["--steps", 3, "--resume"])
-    assert "--resume: the run started on 2 ranks and goes on on 1" in capsys.readouterr().out
+    assert "--resume: the run's last launch ran on 2 ranks and this one on 1" in capsys.readouterr().out
     assert steps_logged(out) == [1, 2, 3]
+    # the record now holds this launch's 1 rank: a run started on 1, requeued on 2 and back on 1 was said to have
+    # "started on 2 ranks", and the next launch on 1 is not a change
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
+    capsys.readouterr()
+    ares.main(args + ["--steps", 4, "--resume"])
+    assert "ranks" not in capsys.readouterr().out and steps_logged(out) == [1, 2, 3, 4]
 
 
 def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_changes_it(runs, tmp_path):
