@@ -2212,6 +2212,12 @@ def start_stage(cfg: Config, stage: str):
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
+    last = cfg.steps or cfg.epochs * (len(records) // cfg.batch_size)  # the stage's last step (train_coldstart's)
+    if ckpt is not None and ckpt.name != "final" and complete_record(ckpt)["step"] > last:  # (a final: finished())
+        raise SystemExit(f"--resume: the newest checkpoint {ckpt} is at step {complete_record(ckpt)['step']}, past "
+                         f"this run's last step {last} (--steps{' or --epochs' if stage == 'coldstart' else ''}): a run "
+                         "is shortened only to a step it has not passed; give more steps (before, it saved that "
+                         "checkpoint as final/ of the shorter run)")
     rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
     record = rank0_decides(check_run_record, cfg, RESUMABLE)  # one rank reads the files for their fingerprints
     if cfg.resume and ckpt is None:

@@ -1594,6 +1594,29 @@ def test_resume_of_a_finished_run_trains_nothing_and_leaves_its_final_checkpoint
     assert steps_logged(aepo) == [1, 2]
 
 
+def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anything_is_written(runs, tiny_ckpt,
+                                                                                              demo_data, tmp_path):
+    """README: --steps on --resume "extends or shortens the run". A run killed after step_000002 and resumed with
+    --steps 1 trained nothing and saved step 2's weights as final/ of a 1-step run (its metrics.jsonl two rows long),
+    silently. Now one line, before the model loads and before the run record is rewritten, for both stages; --steps 2
+    (the checkpoint's own step) still ends the run there."""
+    finished = copy_run(runs, tmp_path, "finished")
+    aepo = tmp_path / "aepo"
+    ares.main(aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--steps", 3, "--save-every", 1))  # as the cold start's
+    for out, args in ((finished, coldstart_args(demo_data["sft"], finished, tiny_ckpt)),
+                      (aepo, aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--save-every", 1))):
+        shutil.rmtree(out / "final")  # killed before its last save: the newest checkpoint is step_000002
+        before = {str(f): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+        with pytest.MonkeyPatch.context() as m, pytest.raises(SystemExit) as e:
+            m.setattr(ares, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
+            ares.main(args + ["--steps", 1, "--resume"])
+        assert one_line(e).startswith(f"--resume: the newest checkpoint {out / 'step_000002'} is at step 2, past this "
+                                      "run's last step 1 (--steps"), one_line(e)
+        assert {str(f): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+        ares.main(args + ["--steps", 2, "--resume"])
+        assert json.loads((out / "final" / "COMPLETE").read_text())["step"] == 2 and steps_logged(out) == [1, 2]
+
+
 def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final(tiny_ckpt, demo_data, tmp_path):
     """--keep-last N (README: flags): a checkpoint every step of 5, only the newest N step_* folders stay, beside final/,
     and nothing half-written is left."""
