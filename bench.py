@@ -1224,6 +1224,9 @@ def parse_args(argv=None):
             args.plan_results = json.loads(args.plan_from.read_text())["results"]
             if not isinstance(args.plan_results, dict):
                 raise TypeError(f"its results are a {type(args.plan_results).__name__}")
+            for size, r in args.plan_results.items():  # each size's entry and its update are read as dicts
+                if not isinstance(r, dict) or not isinstance(r.get("update") or {}, dict):
+                    raise TypeError(f"its {size!r} entry is not a size's results")
         except (OSError, ValueError, KeyError, TypeError) as e:
             p.error(f"--plan-from {args.plan_from}: not a bench.py JSON with results "
                     f"({type(e).__name__}{': ' + str(e) if str(e) else ''})")

@@ -199,6 +199,26 @@ def test_profile_with_no_json_writes_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("results", [{"3b": 5}, {"3b": {"update": 5}}, {"3b": ["update"]}])
+def test_plan_from_a_json_whose_sizes_are_not_results_is_one_line(results, tmp_path):
+    """--plan-from is read before anything runs, and a file that is not a bench.py JSON is one line: a results table
+    of the wrong shape inside (a size's entry or its update not an object) was an AttributeError traceback instead."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    plan_from = tmp_path / "in" / "other.json"
+    plan_from.write_text(json.dumps({"results": results}))
+    res = subprocess.run([sys.executable, "bench.py", "--plan", "--plan-from", str(plan_from), "--out",
+                          str(tmp_path / "b.json")], cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"--plan-from {plan_from}: not a bench.py JSON with results (TypeError: its '3b' entry" in lines[0], lines
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_budget_reached_skips_the_aepo_steps_as_every_other_part(tmp_path):
     """--budget-s "skips what is left after this many seconds": the rollout and update parts did, but the AEPO steps
     (and --trl's GRPOTrainer after them) always ran to the end. With a budget spent before they start, each is marked
