@@ -832,7 +832,7 @@ def unpadded(out: dict) -> list[dict]:
 def train_coldstart(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "coldstart")
     responses = [torch.tensor(r["response_ids"]) for r in records]  # (filter_traces)
-    prepare_training(cfg, run, device, cfg.steps or cfg.epochs * (len(records) // cfg.batch_size))
+    prepare_training(cfg, run, device, last_step(cfg, len(records)))
     if finished(run, run.total):
         return run.ckpt
     rank0_print(f"coldstart: {cfg.model} | params {run.n_params / 1e6:.2f}M, trainable {run.n_trainable / 1e6:.2f}M | "
@@ -2212,18 +2212,22 @@ def start_stage(cfg: Config, stage: str):
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
-    last = cfg.steps or cfg.epochs * (len(records) // cfg.batch_size)  # the stage's last step (train_coldstart's)
+    last = last_step(cfg, len(records))
     if ckpt is not None and ckpt.name != "final" and complete_record(ckpt)["step"] > last:  # (a final: finished())
         raise SystemExit(f"--resume: the newest checkpoint {ckpt} is at step {complete_record(ckpt)['step']}, past "
                          f"this run's last step {last} (--steps{' or --epochs' if stage == 'coldstart' else ''}): a run "
-                         "is shortened only to a step it has not passed; give more steps (before, it saved that "
-                         "checkpoint as final/ of the shorter run)")
+                         "is shortened only to a step it has not passed: give more steps")
     rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
     record = rank0_decides(check_run_record, cfg, RESUMABLE)  # one rank reads the files for their fingerprints
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
     run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record or {}, held_out=held_out)
     return cfg, run, records, world, device
+
+
+def last_step(cfg, n_records: int) -> int:
+    """The stage's last step: --steps, else (the cold start) --epochs over the records in whole batches."""
+    return cfg.steps or cfg.epochs * (n_records // cfg.batch_size)
 
 
 def sharded(cfg) -> bool:
