@@ -11,11 +11,11 @@ OUT=${OUT:-/tmp/ares_gpu_check}
 rm -rf "$OUT" && mkdir -p "$OUT"
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU: a CPU run\")"
 python data_prep.py demo --out "$OUT/data" --sft 64 --pool 8 --rl 32 --test 8 >/dev/null
-run() { torchrun --standalone --nproc_per_node=1 ares.py --log-samples-every 0 --dist-timeout 120 "$@" 2>&1 | grep -vE "it/s\]|Loading weights|Writing model"; }
-AEPO=(--stage aepo --data "$OUT/data/rl.jsonl" --batch-size 4 --group-size 4 --max-response-len 32 --minibatches 2 --keep-uniform-groups)
+run() { torchrun --standalone --nproc_per_node=1 ares.py --dist-timeout 120 "$@" 2>&1 | grep -vE "it/s\]|Loading weights|Writing model"; }
+AEPO=(--stage aepo --log-samples-every 0 --data "$OUT/data/rl.jsonl" --batch-size 4 --group-size 4 --max-response-len 32 --minibatches 2 --keep-uniform-groups)
 run --stage coldstart --model tiny --data "$OUT/data/sft.jsonl" --out "$OUT/cold" --steps 4 --batch-size 8
 run "${AEPO[@]}" --model "$OUT/cold/final" --out "$OUT/aepo_ddp" --steps 2
-if [ "${SMOKE_ONLY:-0}" = 1 ]; then  # the smoke run alone (cold start + AEPO): .ci/device_check.sh tiny
+if [ "${SMOKE_ONLY:-0}" = 1 ]; then  # the smoke run alone (cold start + AEPO; tests/test_bench.py runs it)
   tail -n 1 "$OUT"/aepo_ddp/metrics.jsonl | cut -c1-200
   exit 0
 fi

@@ -472,6 +472,26 @@ def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path)
         assert [p.name for p in (tmp_path / "out").iterdir()] == [".steps.tsv"]
 
 
+def test_gpu_check_script_smoke_run_passes_on_the_cpu(tmp_path):
+    """README (multi-GPU): .ci/gpu_check.sh has run on the CPU. Its smoke run (SMOKE_ONLY=1: the cold start, then
+    AEPO from it, each under torchrun at world size 1) exits 0 and both runs write their metrics. It gave every
+    stage --log-samples-every, which only AEPO reads, so the cold start stopped with one line and exit 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), SMOKE_ONLY="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # python, torchrun: this venv's
+    res = subprocess.run(["bash", ".ci/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for run, steps in (("cold", 4), ("aepo_ddp", 2)):
+        rows = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, steps + 1)), run
+
+
 def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
     """README "Memory plan": each row's weights, gradients, AdamW, sampling copy, reference, KV room without
     --compile and the rows at 5k / 20k tokens are `python bench.py --plan`'s (they do not depend on the activations,
