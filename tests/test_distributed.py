@@ -163,15 +163,15 @@ def one_agent_aepo(tmp_path_factory, tiny_ckpt, demo_data):
 
 def test_the_readme_two_node_command_as_two_torchrun_agents_trains_like_one_agent(one_agent_aepo, tiny_ckpt,
                                                                                   demo_data, tmp_path):
-    """README (multi-node): `torchrun --nnodes 2 --nproc_per_node 8 --node_rank <0 or 1> --rdzv_backend c10d
-    --rdzv_endpoint <addr>:29500 ares.py --stage aepo ... --fsdp --grad-checkpointing` on each node. Here that command,
+    """README (multi-node): `torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint <addr>:29500
+    ares.py --stage aepo ... --fsdp --grad-checkpointing`, the same on each node. Here that command,
     ares.py itself, as two torchrun agents on 127.0.0.1 with one CPU process each (gloo, 2 AEPO steps): its final
     weights equal, bit for bit, those of one agent running both ranks. Agents that each trained alone (two worlds of
     one) or ranks that saw other data or skipped a collective would end on other weights, or not at all."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     port, out = free_port(), tmp_path / "aepo"
     agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
          "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_conf", f"is_host={int(n == 0)}",
          "--local_addr", "127.0.0.1", *readme_aepo(tiny_ckpt, demo_data, out, 2)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
