@@ -1008,6 +1008,7 @@ def fmt(x, spec=".3g"):
 
 
 def print_tables(results: dict, plan: dict | None):
+    method_w = max(map(len, LIST_FLAGS["methods"])) + 1  # the rollout table's first column: the longest name, a space
     for size, r in results.items():
         if "error" in r:
             print(f"\n== {size}: {r['error']}")
@@ -1019,13 +1020,13 @@ def print_tables(results: dict, plan: dict | None):
               f"matmul {dev['matmul_peak_flops'] / 1e12:.3g} TFLOP/s {dev['matmul_dtype']}")
         for ro in r.get("rollout", []):
             print(f"rollout {ro['batch']} x {ro['new_tokens']} (bound {ro['bound_tokens_per_s']:.0f} tok/s)")
-            print(f"  {'method':<9}{'tok/s':>10}{'decode':>10}{'vs gen':>8}{'bound':>7}{'prefill':>9}{'warmup':>8}"
-                  f"{'peak GiB':>9}  full")
+            print(f"  {'method':<{method_w}}{'tok/s':>10}{'decode':>10}{'vs gen':>8}{'bound':>7}{'prefill':>9}"
+                  f"{'warmup':>8}{'peak GiB':>9}  full")
             for name, m in ro["methods"].items():
                 if "tokens_per_s" not in m:
-                    print(f"  {name:<9}{m.get('error') or m.get('skipped')}")
+                    print(f"  {name:<{method_w}}{m.get('error') or m.get('skipped')}")
                     continue
-                print(f"  {name:<9}{m['tokens_per_s']:>10.0f}{fmt(m.get('decode_tokens_per_s'), '.0f'):>10}"
+                print(f"  {name:<{method_w}}{m['tokens_per_s']:>10.0f}{fmt(m.get('decode_tokens_per_s'), '.0f'):>10}"
                       f"{fmt(m.get('vs_generate'), '.2f'):>8}{m['bound_fraction']:>7.1%}{fmt(m.get('prefill_s'), '.2f'):>9}"
                       f"{m['warmup_s']:>8.1f}{fmt(m['peak_gib'], '.1f'):>9}  {m['full_length']}")
         u = r.get("update")
