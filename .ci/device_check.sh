@@ -99,7 +99,8 @@ AEPO=(--stage aepo --model "$WORK/tiny" --data "$WORK/data/rl.jsonl" --batch-siz
       --keep-uniform-groups --log-samples-every 0 --dist-timeout 120)
 STEPS=${STEPS:-compile lora paths bench}
 if [ "$MODE" = gpu ]; then
-  SIZE=3b; BENCH=(--batches "${BATCHES:-256,64}" --repeats 1 --prefill first --update-repeats 2); BENCH_MARGIN_S=45
+  SIZE=3b; BENCH=(--batches "${BATCHES:-256,64}" --repeats 1 --prefill first --update-repeats 2
+                 --cache-dir /tmp/ares_bench_cache); BENCH_MARGIN_S=45  # --cache-dir: the Qwen tokenizer (tiny has none)
   BACKEND=inductor
 else  # the same steps at tiny size on the CPU
   SIZE=tiny; BENCH=(--batches "${BATCHES:-8,4}" --new-tokens 16 --repeats 1 --prefill first --update-tokens 512
@@ -137,7 +138,6 @@ if [[ " $STEPS " == *" bench "* ]]; then
   ((BENCH_BUDGET < 30)) && BENCH_BUDGET=30
   step bench_$SIZE "$(left)" "$OUT/bench_$SIZE.log" \
     python3 bench.py --size $SIZE --what update,rollout "${BENCH[@]}" --methods "${METHODS:-generate,eager,pool}" \
-    --cache-dir /tmp/ares_bench_cache \
     --budget-s "$BENCH_BUDGET" --out "$OUT/bench_$SIZE.json"
 fi
 
