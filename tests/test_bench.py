@@ -616,3 +616,22 @@ def test_eager_packed_decodes_through_transformers_own_one_token_path(monkeypatc
             assert all(not gqa and q[1:3] == (kv_heads, heads // kv_heads) for q, gqa, _ in decode)
         assert ares.SDPA_GQA_DECODE is True
     assert torch.equal(out["eager"]["tokens"], out["eager_packed"]["tokens"])
+
+
+def test_rollout_table_keeps_every_method_name_in_its_column(capsys):
+    """The rollout table's method column was 9 characters wide, so `eager_packed` (12) pushed its row's figures two
+    places right of their headers. Each row's tok/s now ends where the header's does."""
+    import bench
+
+    method = dict(tokens_per_s=1234.0, bound_fraction=0.5, warmup_s=1.0, peak_gib=None, full_length=True)
+    size = dict(params=dict(total=1e6, vision=1e5), dtype="float32", prompt_tokens=40,
+                device=dict(bandwidth_bytes_per_s=1e10, matmul_peak_flops=1e11, matmul_dtype="float32"),
+                rollout=[dict(batch=1, new_tokens=2, bound_tokens_per_s=100.0,
+                              methods={m: dict(method) for m in ("generate", "eager", "eager_packed", "pool")})])
+    bench.print_tables({"tiny": size}, None)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["method", "tok/s"])
+    rows = [line for line in lines if line.split()[:1] in (["generate"], ["eager"], ["eager_packed"], ["pool"])]
+    assert len(rows) == 4
+    for row in rows:
+        assert row.index("1234") + 4 == header.index("tok/s") + 5, (header, row)
