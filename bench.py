@@ -967,7 +967,7 @@ def run_aepo_parts(args) -> dict:
         data = data_prep.make_demo(tmp / "data", seed=0, sizes={"rl": 32})["rl"]
         new_tokens = args.aepo_new_tokens
         for name, b in (("branching", None), ("no_branching", 0)):
-            if time.perf_counter() > args.deadline:  # as every other part: before, AEPO and TRL ran past the budget
+            if time.perf_counter() > args.deadline:  # as every other part
                 res[name] = dict(skipped="--budget-s reached")
                 continue
             log(f"AEPO steps, {name}")
