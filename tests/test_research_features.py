@@ -134,6 +134,25 @@ def test_trackers_get_exactly_the_numbers_of_the_metrics_rows(tmp_path, monkeypa
     assert ares.open_tracker(ares.Config(report_to="none"), tmp_path, {}) is None
 
 
+def test_a_training_run_gives_wandb_its_run_record_as_config(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README: W&B gets the run record as its config. The record comes back from check_run_record, which only rank 0
+    runs (rank0_decides hands rank 0 its result): a cold start's wandb.init gets <out>/config.json as written."""
+    import importlib.machinery
+
+    inits = []
+    fake_wandb = types.ModuleType("wandb")
+    fake_wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # importable, for the check before the run
+    fake_wandb.init = lambda **kw: inits.append(kw) or types.SimpleNamespace(log=lambda row, step: None,
+                                                                             finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    out = tmp_path / "run"
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out", str(out),
+               "--steps", "1", "--batch-size", "4", "--micro-batch-size", "4", "--report-to", "wandb"])
+    (init,) = inits
+    assert json.loads(json.dumps(init["config"], default=str)) == json.loads((out / "config.json").read_text())
+    assert init["config"]["flags"]["report_to"] == "wandb"
+
+
 def test_a_missing_tracker_or_peft_package_is_one_line_before_anything_loads(monkeypatch, tmp_path):
     import importlib.util
 
