@@ -1595,16 +1595,24 @@ def test_resume_of_a_finished_run_trains_nothing_and_leaves_its_final_checkpoint
 
 
 def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anything_is_written(runs, tiny_ckpt,
-                                                                                              demo_data, tmp_path):
+                                                                                              demo_data, tmp_path,
+                                                                                              capsys):
     """README: --steps on --resume "extends or shortens the run". A run killed after step_000002 and resumed with
     --steps 1 trained nothing and saved step 2's weights as final/ of a 1-step run (its metrics.jsonl two rows long),
     silently. Now one line, before the model loads and before the run record is rewritten, for both stages; --steps 2
-    (the checkpoint's own step) still ends the run there."""
+    (the checkpoint's own step) still ends the run there. A finished run (its final/ at step 3) resumed with --steps 1
+    is whole, not stopped: nothing to train, final/ as it was (finished())."""
     finished = copy_run(runs, tmp_path, "finished")
     aepo = tmp_path / "aepo"
     ares.main(aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--steps", 3, "--save-every", 1))  # as the cold start's
     for out, args in ((finished, coldstart_args(demo_data["sft"], finished, tiny_ckpt)),
                       (aepo, aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--save-every", 1))):
+        complete = (out / "final" / "COMPLETE").read_bytes()
+        capsys.readouterr()
+        ares.main(args + ["--steps", 1, "--resume"])
+        assert f"--resume: {out / 'final'} is this run's final checkpoint, at step 3 of 1: nothing to train" in \
+            capsys.readouterr().out
+        assert (out / "final" / "COMPLETE").read_bytes() == complete and steps_logged(out) == [1, 2, 3]
         shutil.rmtree(out / "final")  # killed before its last save: the newest checkpoint is step_000002
         before = {str(f): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
         with pytest.MonkeyPatch.context() as m, pytest.raises(SystemExit) as e:
