@@ -2185,7 +2185,8 @@ def start_stage(cfg: Config, stage: str):
     every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
     there), measure the data's lengths and check the batch against them and that the model can read --eval-data's
     prompts (the processor alone), only then let --overwrite delete the old run, write the run record
-    <out>/config.json (on --resume, changed flags stop here), load the policy.
+    <out>/config.json (on --resume, changed flags stop here, then a --steps below the newest step checkpoint's),
+    load the policy.
     -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
@@ -2212,13 +2213,9 @@ def start_stage(cfg: Config, stage: str):
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
-    last = last_step(cfg, len(records))
-    if ckpt is not None and ckpt.name != "final" and complete_record(ckpt)["step"] > last:  # (a final: finished())
-        raise SystemExit(f"--resume: the newest checkpoint {ckpt} is at step {complete_record(ckpt)['step']}, past "
-                         f"this run's last step {last} (--steps{' or --epochs' if stage == 'coldstart' else ''}): a run "
-                         "is shortened only to a step it has not passed: give more steps")
     rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
-    record = rank0_decides(check_run_record, cfg, RESUMABLE)  # one rank reads the files for their fingerprints
+    last = last_step(cfg, len(records))
+    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last)  # one rank reads the files for their fingerprints
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
     run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record or {}, held_out=held_out)
@@ -3258,11 +3255,12 @@ def changed_contents(saved: dict, record: dict) -> list[str]:
             if old.get(k) is not None and new.get(k) != old[k]]
 
 
-def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
+def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, last: int = 0) -> dict:
     """Write <out>/config.json and return it; with --resume, first stop on (and list) every changed flag but
     --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a path
-    flag still names but whose contents changed (fingerprint); a damaged record stops it too. Rank 0 only
-    (rank0_decides): the fingerprints read every data file, once per run, not once per rank."""
+    flag still names but whose contents changed (fingerprint); a damaged record stops it too. Then on a step
+    checkpoint `ckpt` past the stage's `last` step (only --steps can move it once those pass; a final/: finished()).
+    Rank 0 only (rank0_decides): the fingerprints read every data file, once per run, not once per rank."""
     path, record = Path(cfg.out) / "config.json", run_record(cfg)
     if cfg.resume and path.is_file():
         try:
@@ -3288,6 +3286,9 @@ def check_run_record(cfg, resumable: tuple[str, ...]) -> dict:
         if "contents" not in saved:
             print(f"--resume: {path} predates content fingerprints: the files the flags name are checked by path only "
                   "this time, and by contents from now on", flush=True)
+    if ckpt is not None and ckpt.name != "final" and (at := complete_record(ckpt)["step"]) > last:
+        raise SystemExit(f"--resume: the newest checkpoint {ckpt} is at step {at}, past this run's last step {last} "
+                         "(--steps): a run is shortened only to a step it has not passed: give more steps")
     path.parent.mkdir(parents=True, exist_ok=True)
     data_prep.write_atomically(path, json.dumps(record, indent=2, default=str))
     return record

@@ -1625,6 +1625,29 @@ def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anythin
         assert json.loads((out / "final" / "COMPLETE").read_text())["step"] == 2 and steps_logged(out) == [1, 2]
 
 
+def test_resume_whose_last_step_moved_with_another_flag_or_the_data_names_that_not_steps(tiny_ckpt, demo_data,
+                                                                                          tmp_path):
+    """A cold start's last step comes from --epochs, the batch and the records. A resume that changed the batch or the
+    data stopped on the --steps check (its last step fell below the newest checkpoint's: "give more steps"), which
+    more --steps did not fix: the flag or file that moved it may not change on resume. The record's checks come
+    first now, and name it."""
+    data = tmp_path / "sft.jsonl"
+    data.write_bytes(Path(demo_data["sft"]).read_bytes())
+    (tmp_path / "images").symlink_to(Path(demo_data["sft"]).parent / "images")  # the records' paths are relative
+    out = tmp_path / "run"
+    args = ["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--micro-batch-size", "32", "--save-every", "1", "--resume"]
+    ares.main(args + ["--batch-size", "32"])  # 96 records: 3 steps
+    shutil.rmtree(out / "final")  # killed before its last save: the newest checkpoint is step_000002
+    with pytest.raises(SystemExit) as e:
+        ares.main(args + ["--batch-size", "64"])  # 1 step
+    assert one_line(e).startswith(f"--resume: flags differ from {out / 'config.json'}: --batch-size 64 (was 32)")
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))  # 40 records: 1 step
+    with pytest.raises(SystemExit) as e:
+        ares.main(args + ["--batch-size", "32"])
+    assert one_line(e).startswith(f"--resume: --data {data} ({data.resolve()}): other contents"), one_line(e)
+
+
 def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final(tiny_ckpt, demo_data, tmp_path):
     """--keep-last N (README: flags): a checkpoint every step of 5, only the newest N step_* folders stay, beside final/,
     and nothing half-written is left."""
