@@ -1600,7 +1600,7 @@ def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anythin
     """README: --steps on --resume "extends or shortens the run". A run killed after step_000002 and resumed with
     --steps 1 trained nothing and saved step 2's weights as final/ of a 1-step run (its metrics.jsonl two rows long),
     silently. Now one line, before the model loads and before the run record is rewritten, for both stages; --steps 2
-    (the checkpoint's own step) still ends the run there. A finished run (its final/ at step 3) resumed with --steps 1
+    (the checkpoint's own step) still ends the run there. A finished run (its final/ at step 3) resumed with --steps 2
     is whole, not stopped: nothing to train, final/ as it was (finished())."""
     finished = copy_run(runs, tmp_path, "finished")
     aepo = tmp_path / "aepo"
@@ -1609,8 +1609,8 @@ def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anythin
                       (aepo, aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--save-every", 1))):
         complete = (out / "final" / "COMPLETE").read_bytes()
         capsys.readouterr()
-        ares.main(args + ["--steps", 1, "--resume"])
-        assert f"--resume: {out / 'final'} is this run's final checkpoint, at step 3 of 1: nothing to train" in \
+        ares.main(args + ["--steps", 2, "--resume"])  # 2, not 1: the record it writes is not the stopped resume's
+        assert f"--resume: {out / 'final'} is this run's final checkpoint, at step 3 of 2: nothing to train" in \
             capsys.readouterr().out
         assert (out / "final" / "COMPLETE").read_bytes() == complete and steps_logged(out) == [1, 2, 3]
         shutil.rmtree(out / "final")  # killed before its last save: the newest checkpoint is step_000002
