@@ -2215,7 +2215,7 @@ def start_stage(cfg: Config, stage: str):
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
     rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
     last = last_step(cfg, len(records))
-    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last)  # one rank reads the files for their fingerprints
+    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last)  # one rank reads the files (fingerprints)
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
     run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record or {}, held_out=held_out)
