@@ -220,18 +220,21 @@ def test_more_steps_on_resume_keep_the_first_runs_learning_rate_schedule(runs, t
            "this run's 6 optimizer steps" in capsys.readouterr().out
 
 
-def test_epochs_given_for_a_tiny_model_folder_sets_the_cold_starts_length(tiny_ckpt, demo_data, tmp_path):
+@pytest.mark.parametrize("epochs, batch", [(1, 4), (2, 5)])
+def test_epochs_given_for_a_tiny_model_folder_sets_the_cold_starts_length(epochs, batch, tiny_ckpt, demo_data,
+                                                                          tmp_path):
     # The tiny model's CPU defaults include --steps 800; a user's --epochs must win over it ("a flag given on the
-    # command line always wins"). 1 epoch of the demo's sft records at batch 4 is len // 4 optimizer steps.
-    n = sum(1 for line in open(demo_data["sft"]) if line.strip())
+    # command line always wins"). An epoch is the whole batches of the records: the demo's 96 sft records make 24
+    # steps at batch 4, and at batch 5 19 per epoch (one record left over), 38 in 2 epochs
+    assert sum(1 for line in open(demo_data["sft"]) if line.strip()) == 96
     cfg = ares.resolve_stage_defaults(ares.parse_config(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data",
-                                                         str(demo_data["sft"]), "--epochs", "1", "--batch-size", "4"]),
-                                      "coldstart")
-    assert cfg.steps is None and cfg.epochs == 1
+                                                         str(demo_data["sft"]), "--epochs", str(epochs), "--batch-size",
+                                                         str(batch)]), "coldstart")
+    assert cfg.steps is None and cfg.epochs == epochs
     out = tmp_path / "run"
-    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--epochs", "1",
-               "--batch-size", "4", "--micro-batch-size", "4", "--out", str(out)])
-    assert steps_logged(out) == list(range(1, n // 4 + 1))
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--epochs",
+               str(epochs), "--batch-size", str(batch), "--micro-batch-size", str(batch), "--out", str(out)])
+    assert steps_logged(out) == list(range(1, {(1, 4): 24, (2, 5): 38}[epochs, batch] + 1))
 
 
 USERS_FOLDERS = ["step_backup1", "step_000099_mine", "final_notes", "plots.old"]  # a user's, in a run folder
