@@ -359,8 +359,9 @@ def test_a_full_disk_on_one_rank_stops_the_run_with_one_line(where, tiny_ckpt, d
     assert res.stderr.count(start) == 1 and f"{start}{left}, then continue with --resume" in res.stderr, res.stderr[-3000:]
     ours = res.stderr.split("elastic/multiprocessing/api.py")[0]  # before torchrun's own report of the failed ranks
     assert "Traceback" not in ours, ours[-3000:]
-    waited = f"rank 0 stopped while {out / 'step_000002'} was being written: another rank left or stalled (Connection"
-    assert (waited in ours) == (where == "rng"), ours[-3000:]  # gloo sees rank 1 leave the barrier at once
+    waited = re.escape(f"rank 0 stopped while {out / 'step_000002'} was being written: another rank left or stalled (")
+    waited += r"[^)\n]*Connection"  # gloo's words vary: "Connection closed by peer", "Read error [...]: Connection reset"
+    assert bool(re.search(waited, ours)) == (where == "rng"), ours[-3000:]  # gloo sees rank 1 leave the barrier at once
     kept = ["step_000001"] + (["step_000002.tmp"] if where == "rng" else [])
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == kept
     assert ares.damage(out / "step_000001") is None
