@@ -2453,11 +2453,17 @@ def training_processor(cfg: Config, ckpt: Path | None):
     processor = processor_for(str(ckpt) if ckpt else cfg.model, cfg)
     vision_flags = [f for f in ("train_vision", "min_pixels", "max_pixels") if f in cfg.given]
     if vision_flags and not hasattr(processor, "image_processor"):  # a tokenizer alone: a text-only model
-        raise SystemExit(f"--{vision_flags[0].replace('_', '-')}: --model {cfg.model} is a text-only model (no vision "
-                         "tower, no images), so the flag would do nothing: leave it out")
+        raise vision_flag_unused(vision_flags[0], f"--model {cfg.model} is a text-only model")
     if cfg.prompt_suffix is not None:
         processor.prompt_suffix = cfg.prompt_suffix
     return processor
+
+
+def vision_flag_unused(flag: str, which: str) -> SystemExit:
+    """The one line for a vision flag (`flag`, a field name) where no model takes images: `which` says so ('--model M
+    is a text-only model'). Training, eval.py and its passrate stop with it."""
+    return SystemExit(f"--{flag.replace('_', '-')}: {which} (no vision tower, no images), so the flag would do "
+                      "nothing: leave it out")
 
 
 def load_for_training(cfg: Config, device, ckpt: Path | None = None, processor=None):

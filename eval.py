@@ -165,8 +165,7 @@ def check_pixel_flags(cfg: EvalConfig):
     if flags and cfg.model and not any(m == "tiny" or ares.model_config(m)[1] for m in cfg.model):
         which = f"--model {cfg.model[0]} is a text-only model" if len(cfg.model) == 1 else \
             f"every --model ({', '.join(cfg.model)}) is a text-only model"
-        raise SystemExit(f"--{flags[0].replace('_', '-')}: {which} (no vision tower, no images), so the flag would do "
-                         "nothing: leave it out")
+        raise ares.vision_flag_unused(flags[0], which)
 
 
 def check_outside_checkpoints(out: str):
