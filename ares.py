@@ -2213,8 +2213,7 @@ def start_stage(cfg: Config, stage: str):
     if stage == "coldstart":
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
-    rank0_decides(clear_old_run, cfg)  # --overwrite deletes the old run only now, every check passed
-    last = last_step(cfg, len(records))
+    last = last_step(cfg, len(records))  # then the run record's checks; --overwrite deletes the old run only after them
     record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last)  # one rank reads the files (fingerprints)
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
@@ -3028,7 +3027,7 @@ def clear_old_run(cfg, contents=run_contents):
     """--overwrite: delete the run in --out (its checkpoints, metrics.jsonl, --report-to's tensorboard/); --resume:
     delete the checkpoints a kill left half-written (<name>.tmp: save_checkpoint only clears the one it writes again,
     and a run resumed with other --steps or --save-every may never write that name). After claim_out took the lock
-    and every check of the flags and the data has passed. Rank 0 only (rank0_decides)."""
+    and every check of the flags, the data and the run record has passed (check_run_record calls it). Rank 0 only."""
     out, there = Path(cfg.out), contents(Path(cfg.out))
     if cfg.overwrite and there:
         there += ["tensorboard/"] if (out / "tensorboard").is_dir() else []
@@ -3266,7 +3265,9 @@ def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, 
     --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a path
     flag still names but whose contents changed (fingerprint); a damaged record stops it too. Then on a step
     checkpoint `ckpt` past the stage's `last` step (only --steps can move it once those pass; a final/: finished()).
-    Rank 0 only (rank0_decides): the fingerprints read every data file, once per run, not once per rank."""
+    Every check passed, clear_old_run deletes what --overwrite replaces or a kill left half-written, so a resume that
+    stops here leaves the folder as it was. Rank 0 only (rank0_decides): the fingerprints read every data file, once
+    per run, not once per rank."""
     path, record = Path(cfg.out) / "config.json", run_record(cfg)
     if cfg.resume and path.is_file():
         try:
@@ -3295,6 +3296,7 @@ def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, 
     if ckpt is not None and ckpt.name != "final" and (at := complete_record(ckpt)["step"]) > last:
         raise SystemExit(f"--resume: the newest checkpoint {ckpt} is at step {at}, past this run's last step {last} "
                          "(--steps): a run is shortened only to a step it has not passed: give more steps")
+    clear_old_run(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_prep.write_atomically(path, json.dumps(record, indent=2, default=str))
     return record

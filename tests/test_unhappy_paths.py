@@ -1604,7 +1604,8 @@ def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anythin
     --steps 1 trained nothing and saved step 2's weights as final/ of a 1-step run (its metrics.jsonl two rows long),
     silently. Now one line, before the model loads and before the run record is rewritten, for both stages; --steps 2
     (the checkpoint's own step) still ends the run there. A finished run (its final/ at step 3) resumed with --steps 2
-    is whole, not stopped: nothing to train, final/ as it was (finished())."""
+    is whole, not stopped: nothing to train, final/ as it was (finished()). The stopped resume also kept the .tmp a
+    kill left (it deleted it before the check); the resume that goes on deletes it."""
     finished = copy_run(runs, tmp_path, "finished")
     aepo = tmp_path / "aepo"
     ares.main(aepo_args(demo_data["rl"], aepo, tiny_ckpt, "--steps", 3, "--save-every", 1))  # as the cold start's
@@ -1617,6 +1618,7 @@ def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anythin
             capsys.readouterr().out
         assert (out / "final" / "COMPLETE").read_bytes() == complete and steps_logged(out) == [1, 2, 3]
         shutil.rmtree(out / "final")  # killed before its last save: the newest checkpoint is step_000002
+        shutil.copytree(out / "step_000002", out / "final.tmp")  # ... while writing final/: kept by a stopped resume
         before = {str(f): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
         with pytest.MonkeyPatch.context() as m, pytest.raises(SystemExit) as e:
             m.setattr(ares, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
@@ -1626,6 +1628,7 @@ def test_resume_with_fewer_steps_than_its_newest_checkpoint_stops_before_anythin
         assert {str(f): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
         ares.main(args + ["--steps", 2, "--resume"])
         assert json.loads((out / "final" / "COMPLETE").read_text())["step"] == 2 and steps_logged(out) == [1, 2]
+        assert not (out / "final.tmp").exists()
 
 
 def test_resume_whose_last_step_moved_with_another_flag_or_the_data_names_that_not_steps(tiny_ckpt, demo_data,
