@@ -1179,6 +1179,7 @@ def init_distributed(timeout_s: float = 1800):
     the other ranks (one died or hangs) raises instead of blocking forever."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
+    GROUP["formed"] = True  # from here a line that stops a rank may be its own (one_line_per_node)
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1194,6 +1195,23 @@ def init_distributed(timeout_s: float = 1800):
         dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
+
+
+GROUP = {"formed": False}  # whether this command reached init_distributed
+
+
+@contextlib.contextmanager
+def one_line_per_node():
+    """Until the process group forms, every rank torchrun starts on a node checks the same flags and reads the same
+    files, so a line that stops the run would be printed once per rank (8 times on 8 GPUs): local rank 0 prints it,
+    the others stop with exit 1 and no word. After that a line may be one rank's own, and each rank prints its own."""
+    GROUP["formed"] = False
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and not GROUP["formed"] and os.environ.get("LOCAL_RANK", "0") != "0":
+            raise SystemExit(1) from None
+        raise
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -2191,16 +2209,16 @@ def start_stage(cfg: Config, stage: str):
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
         make_deterministic()
-    me, world, device = init_distributed(cfg.dist_timeout)
-    random.seed(cfg.seed + me)
-    np.random.seed(cfg.seed + me)
-    torch.manual_seed(cfg.seed + me)
     split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
     records = data_prep.read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
     try:
         held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
     except DataError as e:
         raise DataError(f"--eval-data: {e}") from None
+    me, world, device = init_distributed(cfg.dist_timeout)  # after the data, whose errors are every rank's
+    random.seed(cfg.seed + me)
+    np.random.seed(cfg.seed + me)
+    torch.manual_seed(cfg.seed + me)
     rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
     ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None  # under the lock: no other run deletes it now
     processor = training_processor(cfg, ckpt)  # the data's lengths are checked with it before the weights load
@@ -3785,9 +3803,10 @@ def close_progress_bars():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    cfg = parse_config(argv)
+    with one_line_per_node():
+        cfg = parse_config(argv)
     try:
-        with ctrl_c_handled():
+        with ctrl_c_handled(), one_line_per_node():
             run_command({"demo": run_demo, "coldstart": train_coldstart, "aepo": train_aepo}[cfg.stage], cfg)
     except SystemExit as e:
         if isinstance(e.code, str):  # a line that stops the run mid-stage (a checkpoint that cannot be written)

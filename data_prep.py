@@ -1986,8 +1986,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse for every tool of the project (ares.py, eval.py, bench.py use it too): a flag of the wrong type or
     choice is one line naming the flag and what it takes, where argparse prints its whole usage first."""
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+    def error(self, message):  # under torchrun every rank parses the same flags: local rank 0 says it (one line a node)
+        said = os.environ.get("LOCAL_RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n" if said else None)
 
 
 def command_parser() -> argparse.ArgumentParser:

@@ -601,8 +601,8 @@ def distinct_names(benches: list[dict]) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every model on every benchmark and return the results dict (on every rank; rank 0 writes the files)."""
-    rank, world, device = ares.init_distributed()
     benches = [load_benchmark(spec, cfg) for spec in cfg.data]  # a missing dataset stops before --out is made
+    rank, world, device = ares.init_distributed()  # after the data: its errors are every rank's (one_line_per_node)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = read_cache(out / "responses.jsonl")
@@ -759,9 +759,9 @@ def passrate_load_config(args) -> ares.Config:
 
 def run_passrate(args) -> list[dict] | None:
     check_passrate_args(args)
-    rank, world, device = ares.init_distributed()
     records = data_prep.check_problems(data_prep.load_source(args.data, preset=args.preset, split=args.split,
                                                              limit=args.limit), args.data)
+    rank, world, device = ares.init_distributed()  # after the data: its errors are every rank's (one_line_per_node)
     cfg = passrate_load_config(args)
     processor = ares.training_processor(cfg, None)  # training's images; a pixel flag for a text-only model stops here
     model, processor = ares.load_model(args.model, cfg, device, processor=processor)
@@ -1245,18 +1245,20 @@ def style_lines(runs: list[str], levels: list[str]) -> list[str]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
-        args = passrate_parser().parse_args(argv[1:])
-        return ctrl_c_line(run_passrate, args, f"{args.out} is as it was: passrate writes it once every problem is "
-                                               "sampled; the same command starts it again")
-    if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png
-        return ctrl_c_line(run_curves, curves_parser().parse_args(argv[1:]), "the same command draws the curves")
-    if argv[:1] == ["demo-report"]:  # eval.py demo-report <out of a python ares.py run>
-        return ctrl_c_line(run_demo_report, demo_report_parser().parse_args(argv[1:]),
-                           "the same command writes the report")
-    cfg = parse_config(argv)  # Ctrl-C: what was generated is in the cache, appended round by round
-    return ctrl_c_line(evaluate_and_report, cfg, f"the responses generated so far are in "
-                                                 f"{Path(cfg.out) / 'responses.jsonl'}; the same command goes on from them")
+    with ares.one_line_per_node():  # under torchrun a flag's or a file's error is printed once a node, not once a rank
+        if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
+            args = passrate_parser().parse_args(argv[1:])
+            return ctrl_c_line(run_passrate, args, f"{args.out} is as it was: passrate writes it once every problem is "
+                                                   "sampled; the same command starts it again")
+        if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png
+            return ctrl_c_line(run_curves, curves_parser().parse_args(argv[1:]), "the same command draws the curves")
+        if argv[:1] == ["demo-report"]:  # eval.py demo-report <out of a python ares.py run>
+            return ctrl_c_line(run_demo_report, demo_report_parser().parse_args(argv[1:]),
+                               "the same command writes the report")
+        cfg = parse_config(argv)  # Ctrl-C: what was generated is in the cache, appended round by round
+        cache = Path(cfg.out) / "responses.jsonl"
+        return ctrl_c_line(evaluate_and_report, cfg, f"the responses generated so far are in {cache}; the same "
+                                                     "command goes on from them")
 
 
 def ctrl_c_line(fn, args, what_now: str):

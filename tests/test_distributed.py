@@ -412,6 +412,27 @@ def test_a_stalled_rank_stops_a_torchrun_stage_with_one_line_naming_dist_timeout
     assert "Traceback" not in ours, ours[-3000:]
 
 
+
+def test_bad_input_under_torchrun_is_one_line_not_one_per_rank(tmp_path):
+    """Every rank torchrun starts checks the same flags and reads the same data, so a bad flag or record printed the
+    same line once per rank (8 times on 8 GPUs). Now local rank 0 prints it and the others stop silently: a flag out
+    of range, a flag argparse cannot read, a record missing its id, and eval.py passrate's own check."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    aepo = ["ares.py", "--stage", "aepo", "--model", "tiny", "--data", bad, "--out", tmp_path / "run"]
+    cases = [(aepo + ["--lr", "-1"], "--lr must be > 0, got -1.0"),
+             (aepo + ["--lr", "abc"], "ares.py: error: argument --lr: invalid float value: 'abc'"),
+             (aepo, f"data error: {bad}: record #0: missing or empty field 'id'"),
+             (["eval.py", "passrate", "--model", "tiny", "--data", bad, "--out", tmp_path / "r.jsonl", "--k", "0"],
+              "--k must be >= 1, got 0")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for args, line in cases:
+        res = subprocess.run([str(a) for a in launch + args], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode != 0 and res.stderr.count(line) == 1, (args, res.stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
 FINGERPRINTS_COUNTED = """
 \"\"\"torchrun worker: ares.main with ares.fingerprint counted; each rank writes {"fingerprints": the path flags it
 fingerprinted, "exit": how it ended} to <argv[2]>/rank<RANK>.json.\"\"\"
