@@ -121,10 +121,20 @@ def json_rows(path):
                 yield _json(line, path, f"line {n}")
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # a JSON escape of half a UTF-16 pair (an emoji is two)
+
+
 def _json(raw: bytes, path, where: str):
-    """Bytes -> JSON value; non-UTF-8 bytes and bad JSON raise DataError naming the file and line."""
+    """Bytes -> JSON value; non-UTF-8 bytes and bad JSON raise DataError naming the file and line, and so does an escape
+    of a lone surrogate ("\\ud800"): it is no character, and the tokenizer and Parquet stop on it with a traceback."""
     try:
-        return json.loads(raw.decode("utf-8-sig"))
+        value = json.loads(raw.decode("utf-8-sig"))
+        if _SURROGATE.search(raw):  # a pair of escapes reads as one character; one alone stays a surrogate
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path}: {where}: not UTF-8 text (the escape \\u{ord(e.object[e.start]):04x}: half of a "
+                        "UTF-16 surrogate pair, no character)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: {where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
     except json.JSONDecodeError as e:

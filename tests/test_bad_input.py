@@ -275,6 +275,8 @@ FILES = [
     ("line is a string", "data.jsonl", b'"hello"\n', ['record #4: is "hello", not an object']),
     ("line is null", "data.jsonl", b"null\n", ["record #4: is null, not an object"]),
     ("non-UTF-8 bytes", "data.jsonl", b'{"id": "x", "question": "caf\xe9", "answer": "1"}\n', ["line 5", "UTF-8", "0xe9"]),
+    ("a lone surrogate escape", "data.jsonl", b'{"id": "x", "question": "caf\\ud800", "answer": "1"}\n',  # was a
+     ["line 5", "not UTF-8 text", "\\ud800"]),  # TypeError from the tokenizer (an emoji's pair of escapes is fine)
     ("json list of ints", "ints.json", b"[1, 2, 3]", ["record #0: is 1, not an object"]),
     ("broken json list", "broken.json", b'[{"id": "a"', ["the file", "not valid JSON"]),
     ("corrupt parquet", "bad.parquet", b"PAR1 this is not parquet PAR1", ["cannot be read as a dataset"]),
@@ -305,9 +307,10 @@ def test_missing_hub_dataset_is_a_data_error(tmp_path):
 
 def test_ordinary_records_still_pass(demo_data, tmp_path):
     """The checks do not reject what a dataset legitimately holds: <think> tags, numeric answers and ids, an
-    absolute value written '<|x|>', a response-less record outside the cold start."""
+    absolute value written '<|x|>', a response-less record outside the cold start, an emoji (json.dumps writes it as
+    a pair of surrogate escapes)."""
     rows = _rows(Path(demo_data["sft"]))
-    rows[0].update(id=17, answer=5, response="<think>so</think> \\boxed{5}")
+    rows[0].update(id=17, answer=5, response="<think>so \U0001F600</think> \\boxed{5}")
     rows[1].update(question="Is 3 <|x|> 2 for x = 1?", answer=0.5)
     rows[2].update(response="")
     rows[3].update(answer=int("7" * 400))  # finite, though math.isfinite cannot take it (it overflowed)
@@ -315,6 +318,7 @@ def test_ordinary_records_still_pass(demo_data, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = data_prep.load_records(str(path))
     assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
+    assert records[0]["response"] == "<think>so \U0001F600</think> \\boxed{5}" and "\\ud83d" in path.read_text()
     assert records[1]["answer"] == "0.5" and records[3]["answer"] == "7" * 400 and len(records) == 4
     listed = tmp_path / "listed.json"  # one JSON list after a byte-order mark, as Windows editors save it
     listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
@@ -680,6 +684,8 @@ TOOL_ROWS = [
      "row 4 (id t): the response (column 'response') must be text, got [\"a\"]"),
     ("line is a number", "convert", [5], "row 4: is 5, not an object with a question and an answer"),  # was a TypeError
     ("line is null", "passrate", [None], "row 4: is null, not an object with a question and an answer"),
+    ("a lone surrogate", "convert", [dict(id="t", question="caf\ud800", answer="1")],  # was written; to Parquet, a
+     "line 5: not UTF-8 text (the escape \\ud800: half of a UTF-16 surrogate pair"),  # UnicodeEncodeError traceback
     ("truncated JPEG", "convert", [dict(id="t", question="q", answer="1", images=["trunc.jpg"])],
      "row 4 (id t): image 0 ('trunc.jpg') cannot be read: "),  # verify() passed it; PIL's words vary with the cut
     ("300x1 image", "passrate", [dict(id="t", question="q", answer="1", images=["wide.png"])],
