@@ -2067,6 +2067,9 @@ def check_args(args):
         raise SystemExit(f"--out {args.out}: a file, not a folder")
     if args.command != "demo" and out.is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
+    if args.command != "demo" and out.suffix not in (".jsonl", ".json", ".parquet"):  # what record_rows reads
+        raise SystemExit(f"--out {args.out}: give a .jsonl or .parquet file (no stage reads "
+                         f"{f'a *{out.suffix} file' if out.suffix else 'a file without a suffix'})")
     check_writable("--out", args.out, folder=args.command == "demo")
     model = Path(args.model).expanduser() if args.command == "adacs" and args.model else None
     if model and args.model != "tiny" and (model.exists() or str(model).startswith((".", "/", "~"))):

@@ -604,6 +604,10 @@ def _tool_cases():
         (data_prep.main, ["adacs", "--data", "{bench}", "--model", "{run}", "--out", "{tmp}/a.jsonl"],
          "--model {run}: no tokenizer there (tokenizer.json); give a checkpoint folder"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}"], "--out {tmp}: a folder; give the output file"),
+        (data_prep.main, ["convert", "--data", "{bench}", "--out", "{tmp}/c.txt"],  # JSON lines were written to it,
+         "--out {tmp}/c.txt: give a .jsonl or .parquet file (no stage reads a *.txt file)"),  # which no stage read
+        (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}/a"],
+         "--out {tmp}/a: give a .jsonl or .parquet file (no stage reads a file without a suffix)"),
         (data_prep.main, ["convert", "--data", "{bench}", "--limit", "0", "--out", "{tmp}/c.jsonl"],
          "--limit must be >= 1, got 0"),
         (data_prep.main, ["convert", "--data", "{pad}", "--out", "{tmp}/c.jsonl"],
