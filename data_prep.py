@@ -1481,10 +1481,16 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
     file by its path instead of copying it: an absolute one as it is (the output can move), one the input gave relative
     (a RelativePath) relative to the output file. Records sharing an image object share its file."""
     out = Path(out)
-    img_dir = out.parent / f"{out.stem}_images"
+    img_dir = images_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging(img_dir.with_name(img_dir.name + ".tmp")) as staged:  # the images, until the records are written
         return write_staged(records, out, img_dir, staged, copy_images)
+
+
+def images_folder(out: Path) -> Path:
+    """Where write_records puts the images of `out`: <out stem>_images/ beside it (x.jsonl, x.json and x.parquet share
+    one, so check_args lets no output replace another's)."""
+    return out.parent / f"{out.stem}_images"
 
 
 def write_staged(records: list[dict], out: Path, img_dir: Path, staged: Path, copy_images: bool) -> Path:
@@ -2070,6 +2076,11 @@ def check_args(args):
     if args.command != "demo" and out.suffix not in (".jsonl", ".json", ".parquet"):  # what record_rows reads
         raise SystemExit(f"--out {args.out}: give a .jsonl or .parquet file (no stage reads "
                          f"{f'a *{out.suffix} file' if out.suffix else 'a file without a suffix'})")
+    others = [out.with_suffix(s) for s in (".jsonl", ".json", ".parquet") if s != out.suffix and args.command != "demo"]
+    shared = next((p for p in others if p.exists()), None)
+    if shared and images_folder(out).is_dir():  # writing out replaces the folder: shared's records would show its images
+        raise SystemExit(f"--out {args.out}: its images go to {images_folder(out)}, where {shared} keeps its own: give "
+                         "--out another name")
     check_writable("--out", args.out, folder=args.command == "demo")
     model = Path(args.model).expanduser() if args.command == "adacs" and args.model else None
     if model and args.model != "tiny" and (model.exists() or str(model).startswith((".", "/", "~"))):

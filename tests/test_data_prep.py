@@ -267,7 +267,7 @@ def test_convert_cli_writes_records_ares_loads_with_the_same_pixels(tmp_path):
     Image.new("RGB", (8, 6), RED).save(tmp_path / "red.png")
     src = parquet(tmp_path / "in.parquet", [dict(prompt="<image>Q1", sol="\\boxed{2}", img=png(BLUE), uid="a", trace="t"),
                                             dict(prompt="Q2", sol="3", img=png(RED), uid="b", trace="u")])
-    for out in (tmp_path / "out" / "c.jsonl", tmp_path / "out" / "c.parquet"):
+    for out in (tmp_path / "out" / "c.jsonl", tmp_path / "out" / "d.parquet"):  # c.parquet would share c_images/
         data_prep.main(["convert", "--data", str(src), "--question-col", "prompt", "--answer-col", "sol",
                         "--image-col", "img", "--id-col", "uid", "--response-col", "trace", "--source", "mine",
                         "--out", str(out)])
@@ -277,7 +277,7 @@ def test_convert_cli_writes_records_ares_loads_with_the_same_pixels(tmp_path):
         assert solid(recs[0]["images"][0], BLUE) and solid(recs[1]["images"][0], RED)
         stored = json.loads(out.read_text().splitlines()[0])["images"] if out.suffix == ".jsonl" else \
             pq.read_table(out).to_pylist()[0]["images"]
-        assert stored == ["c_images/0000000_0.png"] and (out.parent / stored[0]).is_file()
+        assert stored == [f"{out.stem}_images/0000000_0.png"] and (out.parent / stored[0]).is_file()
 
 
 BAD_ROWS = [  # (rows, mapping, message)
@@ -390,6 +390,25 @@ def test_a_rewrite_killed_midway_leaves_no_record_on_another_records_image(kill,
         assert after == before
     else:
         assert not [name for name in after if name.endswith(".jsonl")]
+
+
+def test_convert_never_gives_another_files_records_new_images(tmp_path):
+    """x.jsonl and x.parquet keep their images in the same x_images/: converting b to x.parquet after a to x.jsonl
+    replaced the folder, and x.jsonl's record 'What colour? red' was then shown b's blue picture (with --limit, its
+    other records named images that were gone). Now the second convert stops with one line naming --out and the file
+    that shares the folder, before it reads anything, and every file is left as it was."""
+    Image.new("RGB", (8, 6), RED).save(tmp_path / "red.png")
+    Image.new("RGB", (8, 6), BLUE).save(tmp_path / "blue.png")
+    a = jsonl(tmp_path / "a.jsonl", [dict(id="a", question="What colour?", answer="red", images=["red.png"])])
+    b = jsonl(tmp_path / "b.jsonl", [dict(id="b", question="What colour?", answer="blue", images=["blue.png"])])
+    data_prep.main(["convert", "--data", a, "--out", tmp_path / "x.jsonl"])
+    before = files(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["convert", "--data", b, "--out", tmp_path / "x.parquet"])
+    assert str(err.value.code) == (f"--out {tmp_path / 'x.parquet'}: its images go to {tmp_path / 'x_images'}, where "
+                                   f"{tmp_path / 'x.jsonl'} keeps its own: give --out another name")
+    assert files(tmp_path) == before
+    assert solid(data_prep.load_records(str(tmp_path / "x.jsonl"))[0]["images"][0], RED)
 
 
 def test_json_list_files_and_a_broken_json_line(tmp_path):
