@@ -1952,6 +1952,30 @@ def make_demo(out: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     return {name: out / f"{name}.jsonl" for name in texts}
 
 
+DEMO_FILES = ("sft", "pool", "pool_traces", "rl", "test")  # the .jsonl files make_demo writes, beside images/
+
+
+def not_the_demos(out: Path) -> Path | None:
+    """The first file in `out` that make_demo would replace but did not write (a user's images/photo.png or test.jsonl:
+    an image not named as the demo names its own, records whose first is not the demo's), or None."""
+    images = out / "images"
+    if images.exists() and not images.is_dir():
+        return images
+    theirs = [p for p in images.iterdir() if not re.fullmatch(r"(sft|pool|rl|test)-\d{5,}\.png", p.name)] if \
+        images.is_dir() else []
+    theirs += [p for p in (out / f"{name}.jsonl" for name in DEMO_FILES) if p.exists() and not demo_records(p)]
+    return theirs[0] if theirs else None
+
+
+def demo_records(path: Path) -> bool:
+    """Is the first record of `path` one that make_demo wrote?"""
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.readline()).get("source") == "demo"
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not the demo's
+        return False
+
+
 @contextlib.contextmanager
 def staging(path: Path):
     """An empty folder at `path` for a rewrite's images (one a killed run left is emptied first); removed at the end
@@ -2071,6 +2095,10 @@ def check_args(args):
             raise SystemExit(f"--out {args.out}: the same file as {flag}; give another output file")
     if args.command == "demo" and out.exists() and not out.is_dir():
         raise SystemExit(f"--out {args.out}: a file, not a folder")
+    theirs = not_the_demos(out) if args.command == "demo" and out.is_dir() else None
+    if theirs:  # make_demo replaces images/ and its .jsonl files whole
+        raise SystemExit(f"--out {args.out}: {theirs} is not the demo's, and the demo replaces images/ and its .jsonl "
+                         "files there: give a new folder")
     if args.command != "demo" and out.is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
     if args.command != "demo" and out.suffix not in (".jsonl", ".json", ".parquet"):  # what record_rows reads

@@ -856,6 +856,29 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
     assert files(5, "a") != files(6, "c")
 
 
+@pytest.mark.parametrize("mine", ["images/photo.png", "test.jsonl"])
+def test_demo_replaces_its_own_output_and_nothing_else(mine, tmp_path):
+    """demo --out a folder that already held a user's data (an images/ folder of their own, their test.jsonl) deleted
+    it without a word: the demo replaces images/ and its five .jsonl files whole. Now it stops with one line naming the
+    file, before anything is written; into a folder the demo wrote (another seed, as ares.py's demo reruns it) it goes
+    on, and leaves every other file there alone."""
+    small = ["--sft", "3", "--pool", "3", "--rl", "3", "--test", "3"]
+    out = tmp_path / "data"
+    data_prep.main(["demo", "--out", out, *small])
+    (out / "pass_rates.jsonl").write_text("{}\n")  # what the later stages of ares.py's demo add beside it
+    data_prep.main(["demo", "--out", out, "--seed", "1", *small])
+    assert (out / "pass_rates.jsonl").read_text() == "{}\n" and len(list((out / "images").iterdir())) == 12
+    theirs = tmp_path / "theirs"
+    (theirs / mine).parent.mkdir(parents=True, exist_ok=True)
+    (theirs / mine).write_bytes(png(RED) if mine.endswith(".png") else b'{"id": "q", "question": "Q", "answer": "1"}\n')
+    before = files(theirs)
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["demo", "--out", theirs, *small])
+    assert str(err.value.code) == (f"--out {theirs}: {theirs / mine} is not the demo's, and the demo replaces images/ "
+                                   "and its .jsonl files there: give a new folder")
+    assert files(theirs) == before
+
+
 def test_a_records_options_are_shown_once_and_its_answer_letter_stays_put_over_stages(tmp_path):
     """A JSONL record with `choices`: the options go into the question as (A) lines and the answer becomes their
     letter, once. Read again (the records passrate and adacs write), nothing moves: options ["B", "A", "C"] with answer
