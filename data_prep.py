@@ -1488,8 +1488,8 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
 
 
 def images_folder(out: Path) -> Path:
-    """Where write_records puts the images of `out`: <out stem>_images/ beside it (x.jsonl, x.json and x.parquet share
-    one, so check_args lets no output replace another's)."""
+    """Where write_records puts the images of `out`: <out stem>_images/ beside it, named 0000000_0.png, ... (x.jsonl,
+    x.json and x.parquet share one, so check_args lets no output replace another's, nor a folder of the user's own)."""
     return out.parent / f"{out.stem}_images"
 
 
@@ -2104,11 +2104,14 @@ def check_args(args):
     if args.command != "demo" and out.suffix not in (".jsonl", ".json", ".parquet"):  # what record_rows reads
         raise SystemExit(f"--out {args.out}: give a .jsonl or .parquet file (no stage reads "
                          f"{f'a *{out.suffix} file' if out.suffix else 'a file without a suffix'})")
-    others = [out.with_suffix(s) for s in (".jsonl", ".json", ".parquet") if s != out.suffix and args.command != "demo"]
-    shared = next((p for p in others if p.exists()), None)
-    if shared and images_folder(out).is_dir():  # writing out replaces the folder: shared's records would show its images
-        raise SystemExit(f"--out {args.out}: its images go to {images_folder(out)}, where {shared} keeps its own: give "
-                         "--out another name")
+    folder = images_folder(out) if args.command != "demo" else None
+    if folder and folder.is_dir():  # write_records replaces it whole
+        shared = next((p for p in map(out.with_suffix, (".jsonl", ".json", ".parquet")) if p != out and p.exists()), None)
+        theirs = next((p for p in folder.iterdir() if not re.fullmatch(r"\d{7,}_\d+\.png", p.name)), None)
+        if shared or theirs:  # shared's records would show the new images; a user's own images would be gone
+            raise SystemExit(f"--out {args.out}: its images go to {folder}, " + (
+                f"where {shared} keeps its own" if shared else f"which holds {theirs.name}, not written by convert or "
+                "adacs") + ": give --out another name")
     check_writable("--out", args.out, folder=args.command == "demo")
     model = Path(args.model).expanduser() if args.command == "adacs" and args.model else None
     if model and args.model != "tiny" and (model.exists() or str(model).startswith((".", "/", "~"))):

@@ -411,6 +411,24 @@ def test_convert_never_gives_another_files_records_new_images(tmp_path):
     assert solid(data_prep.load_records(str(tmp_path / "x.jsonl"))[0]["images"][0], RED)
 
 
+def test_convert_never_deletes_a_folder_of_the_users_own_images(tmp_path):
+    """convert --out geo.jsonl writes its images to geo_images/, replacing the folder whole: where the user's own images
+    were (raw.jsonl's diagram1.png), they were deleted without a word. Now it stops with one line, before anything is
+    read; into a geo_images/ that convert wrote it goes on, as a rewrite."""
+    (tmp_path / "geo_images").mkdir()
+    Image.new("RGB", (8, 6), RED).save(tmp_path / "geo_images" / "diagram1.png")
+    raw = jsonl(tmp_path / "raw.jsonl", [dict(id="g", question="Q", answer="1", images=["geo_images/diagram1.png"])])
+    before = files(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["convert", "--data", raw, "--out", tmp_path / "geo.jsonl"])
+    assert str(err.value.code) == (f"--out {tmp_path / 'geo.jsonl'}: its images go to {tmp_path / 'geo_images'}, which "
+                                   "holds diagram1.png, not written by convert or adacs: give --out another name")
+    assert files(tmp_path) == before
+    data_prep.main(["convert", "--data", raw, "--out", tmp_path / "out.jsonl"])
+    data_prep.main(["convert", "--data", raw, "--out", tmp_path / "out.jsonl"])  # its own folder: rewritten
+    assert solid(data_prep.load_records(str(tmp_path / "out.jsonl"))[0]["images"][0], RED)
+
+
 def test_json_list_files_and_a_broken_json_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
     assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
