@@ -2088,6 +2088,10 @@ def check_args(args):
         raise SystemExit(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.command == "adacs" and args.k > MAX_K:  # run_adacs lists every one of the K + 1 brackets
         raise SystemExit(f"--k must be <= {MAX_K} (the samples per problem behind the pass rates), got {args.k}")
+    for flag in ("split", "config"):  # read_rows reads a file whole: the flag would do nothing
+        if getattr(args, flag, None) and Path(args.data or "").suffix in (".jsonl", ".json", ".parquet"):
+            raise SystemExit(f"--{flag} {getattr(args, flag)}: --data {args.data} is one file, without {flag}s: leave "
+                             f"--{flag} out")
     out = Path(args.out)
     for flag in ("--data", "--pass-rates"):  # the output is written over its target: never over an input
         given = getattr(args, flag[2:].replace("-", "_"), None)

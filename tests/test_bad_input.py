@@ -608,6 +608,12 @@ def _tool_cases():
          "--out {tmp}/c.txt: give a .jsonl or .parquet file (no stage reads a *.txt file)"),  # which no stage read
         (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}/a"],
          "--out {tmp}/a: give a .jsonl or .parquet file (no stage reads a file without a suffix)"),
+        (data_prep.main, ["convert", "--data", "{bench}", "--split", "test", "--out", "{tmp}/c.jsonl"],  # every row was
+         "--split test: --data {bench} is one file, without splits: leave --split out"),  # written, as if the test split
+        (data_prep.main, ["convert", "--data", "{bench}", "--config", "testmini", "--out", "{tmp}/c.jsonl"],
+         "--config testmini: --data {bench} is one file, without configs: leave --config out"),
+        (data_prep.main, ["adacs", "--data", "{bench}", "--split", "test", "--out", "{tmp}/a.jsonl"],
+         "--split test: --data {bench} is one file, without splits: leave --split out"),
         (data_prep.main, ["convert", "--data", "{bench}", "--limit", "0", "--out", "{tmp}/c.jsonl"],
          "--limit must be >= 1, got 0"),
         (data_prep.main, ["convert", "--data", "{pad}", "--out", "{tmp}/c.jsonl"],
