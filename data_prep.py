@@ -272,8 +272,9 @@ def check_records(rows, where: str, base: Path, default_source: str, need_respon
             continue
         rid = str(row["id"]).strip() if isinstance(row.get("id"), (str, int)) and not isinstance(row["id"], bool) else ""
         rid = rid or f"#{n}"  # a missing or empty id: named by its row
-        images = row.get("images") or []
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = row.get("images")  # none: null, "" or []; false or 0 are no image and stop below, as in convert
+        images = [] if images is None or images in ("", []) else list(images) if isinstance(images, (list, tuple)) \
+            else [images]
         try:
             images = [image_source(img, base) for img in images]
         except TypeError as e:

@@ -187,6 +187,8 @@ RECORDS = [
     ("id a list", "aepo", _set("id", [3]), ["field 'id' must be text or an integer, got [3]"]),
     ("id a bool", "aepo", _set("id", True), ["field 'id' must be text or an integer, got true"]),  # was "record True"
     ("an image a number", "aepo", _set("images", [5]), ["field 'images': unsupported image type int"]),
+    ("images false", "aepo", _set("images", False), ["field 'images': unsupported image type bool"]),  # were read as
+    ("images 0", "aepo", _set("images", 0), ["field 'images': unsupported image type int"]),  # no image (convert refused)
     ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
     ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
     ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
