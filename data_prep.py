@@ -1482,10 +1482,32 @@ def write_records(records: list[dict], out: Path, copy_images: bool = True) -> P
     file by its path instead of copying it: an absolute one as it is (the output can move), one the input gave relative
     (a RelativePath) relative to the output file. Records sharing an image object share its file."""
     out = Path(out)
+    if out.suffix == ".parquet":
+        check_columns(records, out)
     img_dir = images_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging(img_dir.with_name(img_dir.name + ".tmp")) as staged:  # the images, until the records are written
         return write_staged(records, out, img_dir, staged, copy_images)
+
+
+def check_columns(records: list[dict], out: Path):
+    """A Parquet column holds one type, and integers of 64 bits: JSON lines may give a field a number in one record and
+    text in another (a `difficulty` of 1 and "hard"), or an integer of any size. DataError naming the records and the
+    field, before anything is written (pyarrow's error names neither). Integers and floats share a column."""
+    first = {}  # field -> (its kind, the record that set it)
+    for r in records:
+        for k, v in r.items():
+            if v is None or k == "images":
+                continue
+            if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+                raise DataError(f"{out}: record {r['id']}: field {k!r} is {shown(v)}, past Parquet's 64-bit integers: "
+                                "write .jsonl")
+            kind = ("true or false" if isinstance(v, bool) else "a number" if isinstance(v, (int, float)) else
+                    "text" if isinstance(v, str) else f"a {type(v).__name__}")
+            was, rid = first.setdefault(k, (kind, r["id"]))
+            if kind != was:
+                raise DataError(f"{out}: field {k!r} is {was} in record {rid} and {kind} in record {r['id']}: a Parquet "
+                                "column holds one type: give the field one type, or write .jsonl")
 
 
 def images_folder(out: Path) -> Path:

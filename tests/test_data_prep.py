@@ -429,6 +429,27 @@ def test_convert_never_deletes_a_folder_of_the_users_own_images(tmp_path):
     assert solid(data_prep.load_records(str(tmp_path / "out.jsonl"))[0]["images"][0], RED)
 
 
+@pytest.mark.parametrize("values, message", [
+    ((3, "hard"), "field 'level' is a number in record a and text in record b: a Parquet column holds one type"),
+    ((True, 1), "field 'level' is true or false in record a and a number in record b: a Parquet column holds one type"),
+    ((1, 10**20), "record b: field 'level' is 100000000000000000000, past Parquet's 64-bit integers"),
+])
+def test_convert_to_parquet_names_a_field_parquet_cannot_hold(values, message, tmp_path):
+    """JSON lines hold a field that is a number in one record and text in another (`difficulty` may be either), and an
+    integer of any size; a Parquet column holds one type of 64 bits at most. convert to .parquet ended in pyarrow's
+    ArrowInvalid, ArrowTypeError or OverflowError traceback; now one line names the output, the records and the field,
+    and nothing is written. Numbers of both kinds (1 and 0.5) still share a column."""
+    data = jsonl(tmp_path / "d.jsonl", [dict(id=rid, question="Q", answer="1", level=v, score=s)
+                                       for rid, v, s in zip("ab", values, (1, 0.5))])
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["convert", "--data", data, "--out", tmp_path / "d.parquet"])
+    assert str(err.value.code).startswith(f"data error: {tmp_path / 'd.parquet'}: {message}"), err.value.code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    ok = jsonl(tmp_path / "ok.jsonl", [dict(id=rid, question="Q", answer="1", score=s) for rid, s in zip("ab", (1, 0.5))])
+    data_prep.main(["convert", "--data", ok, "--out", tmp_path / "ok.parquet"])
+    assert pq.read_table(tmp_path / "ok.parquet").column("score").to_pylist() == [1.0, 0.5]
+
+
 def test_json_list_files_and_a_broken_json_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
     assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
