@@ -1308,6 +1308,8 @@ def read_rows(source: str, split: str | None, config: str | None):
         return json_rows(p), data_folder(p).resolve()
     if p.suffix == ".parquet":
         return _parquet_rows(p), data_folder(p).resolve()
+    if p.is_file():  # a .csv, a .gz: load_dataset would ask the hub for a dataset of that name
+        raise DataError(f"{source}: not a .jsonl, .json, .parquet or saved dataset folder")
     import datasets
 
     try:

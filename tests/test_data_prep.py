@@ -485,6 +485,10 @@ CONVERT_STOPS = [  # (case, argv, message): {x} are the test's files; each was a
      "--out {tmp}/./good.jsonl: the same file as --data; give another output file"),  # overwrote its input
     ("adacs --out the same file as --pass-rates", ["adacs", "--data", "{good}", "--pass-rates", "{rates}", "--out",
                                                    "{rates}"], "--out {rates}: the same file as --pass-rates"),
+    ("a file of another kind", ["convert", "--data", "{csv}"],  # was "Couldn't reach 'd.csv' on the Hub"
+     "data error: {csv}: not a .jsonl, .json, .parquet or saved dataset folder"),
+    ("adacs, a file of another kind", ["adacs", "--data", "{csv}"],
+     "data error: {csv}: not a .jsonl, .json, .parquet or saved dataset folder"),
     ("adacs --k past any K", ["adacs", "--data", "{tmp}/never_read.jsonl", "--k", "99999999999999999999"],  # hung
      "--k must be <= 1024 (the samples per problem behind the pass rates), got 99999999999999999999"),
 ]
@@ -494,7 +498,8 @@ CONVERT_STOPS = [  # (case, argv, message): {x} are the test's files; each was a
 def test_bad_data_or_flags_stop_convert_and_adacs_with_one_line_before_writing(argv, message, tmp_path):
     """Bad input is one line naming the file, record and field (or the flag), and nothing is written: the inputs are
     left as they were."""
-    files = dict(tmp=tmp_path, saved=corrupt_image_dataset(tmp_path / "saved"),
+    (tmp_path / "d.csv").write_text("id,question,answer\na,Q,1\n")
+    files = dict(tmp=tmp_path, saved=corrupt_image_dataset(tmp_path / "saved"), csv=tmp_path / "d.csv",
                  choices_int=jsonl(tmp_path / "choices_int.jsonl", [dict(id="a", question="Q", answer="1", choices=5)]),
                  choices_str=jsonl(tmp_path / "choices_str.jsonl", [dict(id="a", question="Q", answer="A", choices="AB")]),
                  good=jsonl(tmp_path / "good.jsonl", [dict(id="a", question="Q", answer="1", level=3, response="r")]),
