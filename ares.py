@@ -2212,7 +2212,7 @@ def start_stage(cfg: Config, stage: str):
     split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
     records = data_prep.read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
     try:
-        held_out = data_prep.read_records(cfg.eval_data, None if cfg.eval_data in data_prep.PRESETS else "test") if cfg.eval_every else []
+        held_out = data_prep.read_records(cfg.eval_data, held_out_split(cfg.eval_data)) if cfg.eval_every else []
     except DataError as e:
         raise DataError(f"--eval-data: {e}") from None
     me, world, device = init_distributed(cfg.dist_timeout)  # after the data, whose errors are every rank's
@@ -2953,6 +2953,13 @@ def mfu(tokens_per_s: float, n_lm: int, n_lm_trained: int, device) -> float | No
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     return (4 * n_lm + 2 * n_lm_trained) * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
+
+
+def held_out_split(eval_data: str) -> str:
+    """The split --eval-data reads: test (a saved folder's, or a training preset's: geometry3k's own split is train,
+    the one --data trains on), or a benchmark preset's own held-out split (mathvista-testmini: testmini)."""
+    split = data_prep.PRESETS.get(eval_data, {}).get("split", "test")
+    return "test" if split == "train" else split
 
 
 @torch.no_grad()

@@ -639,6 +639,44 @@ def test_geometry3k_columns_train_with_the_preset_and_fail_clearly_without(tiny_
         ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), "--preset", "nope"])
 
 
+ID_REWARD = '''
+def score(record, response):
+    """Every record graded, by id, to a file: training's and validation's calls alike."""
+    with open(__file__ + ".log", "a") as f:
+        f.write(record["id"] + "\\n")
+    return 0.0
+'''
+
+
+def test_eval_data_a_preset_name_validates_on_its_test_split_not_on_the_split_data_trains_on(tiny_ckpt, demo_data,
+                                                                                             tmp_path, monkeypatch):
+    """README (flags): --eval-data takes a data_prep preset name and validates on held-out records. geometry3k's preset
+    split is train, which --data hiyouga/geometry3k --preset geometry3k trains on: --eval-data geometry3k read it too,
+    so validation graded the training problems. Now a training preset is read from its test split (a folder's
+    --eval-data reads test too). A stand-in hub serves geometry3k's columns by split, ids train0.. and test0.."""
+    import datasets
+
+    rows, base = [json.loads(line) for line in open(demo_data["rl"])][:8], demo_data["rl"].parent
+    hub = {split: datasets.Dataset.from_dict(
+        {"problem": ["<image>" + r["question"] for r in part], "answer": [r["answer"] for r in part],
+         "images": [[str(base / im) for im in r["images"]] for r in part], "id": [f"{split}{k}" for k in range(4)]},
+    ).cast_column("images", datasets.Sequence(datasets.Image()))
+        for split, part in (("train", rows[:4]), ("test", rows[4:]))}
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None, **kw: asked.append(
+        (name, split)) or hub[split])
+    hook = tmp_path / "hook.py"
+    hook.write_text(ID_REWARD)
+    out = tmp_path / "run"
+    ares.main(aepo_args("hiyouga/geometry3k", out, tiny_ckpt, "--steps", 1, "--preset", "geometry3k", "--eval-data",
+                        "geometry3k", "--reward-fn", f"{hook}:score", "--keep-uniform-groups"))
+    assert sorted(asked) == [("hiyouga/geometry3k", "test"), ("hiyouga/geometry3k", "train")]
+    graded = open(f"{hook}.log").read().split()
+    assert len(graded) == 2 * 4 + 4  # 2 prompts x G = 4 in training, then the 4 held-out records once each (greedy)
+    assert all(i.startswith("train") for i in graded[:8]) and sorted(graded[8:]) == ["test0", "test1", "test2", "test3"]
+    assert read_jsonl(out / "metrics.jsonl")[-1]["eval_acc"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # README claims checked through the user's path (ares.main): logged keys, --eval-every 0, --report-to tensorboard,
 # --lora-targets, LoRA with --train-vision, the prompt suffix, and the run record's versions and commit.
