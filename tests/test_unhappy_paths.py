@@ -1323,16 +1323,22 @@ def test_deterministic_turns_on_torchs_deterministic_mode_and_cublas_workspace(t
 
 
 def test_without_deterministic_an_aepo_run_on_the_cpu_repeats_bit_for_bit(tiny_ckpt, demo_data, tmp_path):
-    # README "Determinism": on a CPU, same seed and flags, the checkpoint is byte-identical and metrics.jsonl equal
-    # but for the timings, with sampling, branching and the update in the step
-    rows = []
-    for name in ("a", "b"):
+    # README "Determinism": on a CPU, same seed and flags, every checkpoint's weights, optimizer state and RNG files
+    # are byte-identical (not dcp's .metadata, a random save id, nor COMPLETE, a time) and metrics.jsonl equal but for
+    # the timings, with sampling, branching and the update in the step; another --seed is another run
+    rows, files = [], []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         ares.main(aepo_args(demo_data["rl"], tmp_path / name, tiny_ckpt, "--steps", 2, "--branch-samples", 2,
-                            "--keep-uniform-groups"))
+                            "--keep-uniform-groups", "--save-every", 1, "--seed", seed))
         rows.append([{k: v for k, v in json.loads(line).items() if not k.startswith("time") and "per_s" not in k}
                      for line in open(tmp_path / name / "metrics.jsonl")])
-    assert (tmp_path / "a/final/model.safetensors").read_bytes() == (tmp_path / "b/final/model.safetensors").read_bytes()
+        files.append({str(p.relative_to(tmp_path / name)): p.read_bytes() for p in (tmp_path / name).glob("*/**/*")
+                      if p.is_file() and p.name not in (".metadata", "COMPLETE")})
+    assert {"step_000001/model.safetensors", "final/model.safetensors", "final/trainer_state.pt", "final/rng_0.pt",
+            "step_000001/state/__0_0.distcp", "final/state/__0_0.distcp"} <= set(files[0])
+    assert files[0] == files[1]
     assert rows[0] == rows[1] and rows[0][-1]["branches"] > 0
+    assert files[2]["final/model.safetensors"] != files[0]["final/model.safetensors"] and rows[2] != rows[0]
 
 
 def test_a_kill_while_final_is_replaced_leaves_the_previous_final_whole(tiny_ckpt, demo_data, tmp_path, monkeypatch):
