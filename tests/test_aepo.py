@@ -567,6 +567,62 @@ def test_three_aepo_steps_in_one_process(tiny_ckpt, demo_data, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+BUCKET_REWARD = '''
+seen = []
+
+
+def score(record, response):
+    """By the order records are first seen: the first all right, the second's first 2 responses right (its fresh
+    samples: the branches are graded after them) and the rest wrong, the others all wrong. A step of 3 prompts has
+    one easy, one medium and one hard group, and the medium group's branches are wrong where their parents are right."""
+    seen.append(record["id"])
+    first = list(dict.fromkeys(seen))
+    return [1.0, float(seen.count(record["id"]) <= 2), 0.0][min(first.index(record["id"]), 2)]
+'''
+
+
+def test_each_logged_number_is_its_readme_definition_over_the_steps_responses(tiny_ckpt, demo_data, tmp_path,
+                                                                             monkeypatch):
+    """README "What is logged", worked out by Python loops over the rollouts and scores the step logged: reward, acc,
+    len (response tokens), entropy (mean token entropy), n_he (HWE tokens per response), truncated, branches,
+    branch_acc vs parent_acc, and per bucket n_, len_, n_he_, acc_ and branched_ (share of the bucket's responses
+    that are branches) over every group drawn; kl_outside_ / kl_inside_ None where no kept response of the bucket
+    had such a token. The hook makes one easy, one medium and one hard group; the filter drops the easy and hard."""
+    seen = []
+    real = ares.score_groups
+    monkeypatch.setattr(ares, "score_groups", lambda ro, *a, **kw: seen.append((ro, real(ro, *a, **kw))) or seen[-1][1])
+    hook = tmp_path / "hook.py"
+    hook.write_text(BUCKET_REWARD)
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 3,
+                        "--branch-samples", 2, "--reward-fn", f"{hook}:score"))
+    (row,), ((ro, sc),) = read_jsonl(tmp_path / "run" / "metrics.jsonl"), seen
+    N = len(ro.texts)
+    acc, parent, mask = ro.acc.tolist(), ro.parent.tolist(), ro.resp_mask.tolist()
+    length = [sum(m) for m in mask]
+    n_he = [sum(h) for h in sc.hwe.tolist()]
+    branch = [i for i in range(N) if parent[i] >= 0]
+    assert branch and sorted(set(sc.bucket.tolist())) == [0, 1, 2]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    entropy = sum(e for i in range(N) for e, m in zip(ro.entropy[i].tolist(), mask[i]) if m) / sum(length)
+    expected = dict(reward=mean(sc.rewards.tolist()), acc=mean(acc), len=mean(length), n_he=mean(n_he),
+                    entropy=entropy, truncated=mean([float(t) for t in ro.truncated.tolist()]), branches=len(branch),
+                    branch_acc=mean([acc[i] for i in branch]), parent_acc=mean([acc[parent[i]] for i in branch]),
+                    groups=3, groups_kept=1)
+    for b, name in enumerate(ares.BUCKETS):
+        rows = [i for i in range(N) if sc.bucket[i] == b]
+        expected.update({f"n_{name}": len(rows), f"len_{name}": mean([length[i] for i in rows]),
+                         f"n_he_{name}": mean([n_he[i] for i in rows]), f"acc_{name}": mean([acc[i] for i in rows]),
+                         f"branched_{name}": mean([float(parent[i] >= 0) for i in rows])})
+        kept = [i for i in rows if sc.keep[i]]
+        trained = [(h and m) for i in kept for h, m in zip(sc.hwe[i].tolist(), ro.loss_mask[i].tolist())]
+        outside = [(not h and m) for i in kept for h, m in zip(sc.hwe[i].tolist(), ro.loss_mask[i].tolist())]
+        assert (row[f"kl_inside_{name}"] is None) == (not any(trained)), name
+        assert (row[f"kl_outside_{name}"] is None) == (not any(outside)), name
+    assert [row[f"acc_{name}"] for name in ares.BUCKETS] == [1.0, 0.5, 0.0] and row["branch_acc"] < row["parent_acc"]
+    assert row["kl_outside_easy"] is None and row["kl_outside_hard"] is None and row["kl_outside_medium"] is not None
+    assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-6)  # entropy: float32 sums in the trainer
+
+
 def test_compiled_sampler_compiles_nothing_after_step_2(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """--compile with branching and --max-refill-rounds 2, under a reward that leaves some groups all right or all
     wrong, so that sampler calls of many row counts and lengths follow each other (first passes, branches, refill
