@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import ares
 import data_prep
-from conftest import ROOT, run_script, run_until_first_step_save
+from conftest import ROOT, Killed, run_script, run_until_first_step_save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,6 +206,41 @@ def test_tensorboard_shows_each_step_once_after_a_resume_and_none_of_the_old_run
     ares.clear_old_run(ares.Config(stage="aepo", out=str(tmp_path), overwrite=True))
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "metrics.jsonl").exists()
     assert "(metrics.jsonl (3 steps), tensorboard/)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["coldstart", "aepo"])
+def test_a_run_killed_and_resumed_shows_tensorboard_each_step_once_with_the_rows_of_metrics_jsonl(
+        stage, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README "What is logged": a resumed run hides TensorBoard's events of the steps it runs again, as metrics.jsonl
+    drops their rows. Through ares.main: a run killed while it saves step 2's checkpoint (step 2 already logged)
+    resumes from step 1's and runs step 2 again; each step then shows once, with the value metrics.jsonl holds."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = (["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out", str(out),
+             "--batch-size", "2", "--micro-batch-size", "2", "--lr", "1e-3"] if stage == "coldstart" else
+            aepo_args(demo_data["rl"], out, tiny_ckpt, "--keep-uniform-groups", "--lr", "1e-2"))
+    args += ["--steps", "3", "--save-every", "1", "--report-to", "tensorboard"]
+    save = ares.save_checkpoint
+
+    def killed_saving_step_2(path, name, *a, **kw):
+        if name == "step_000002":
+            raise Killed(name)
+        return save(path, name, *a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ares, "save_checkpoint", killed_saving_step_2)
+        with pytest.raises(Killed):
+            ares.main(args)
+    before = {e.step: e.value for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars("lr")}
+    assert sorted(before) == [1, 2]
+    ares.main(args + ["--resume"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    key = "loss" if stage == "coldstart" else "reward"
+    shown = [(e.step, e.value) for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars(key)]
+    assert shown == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows]
 
 
 def test_wandb_offline_writes_the_run_without_a_network(tmp_path, monkeypatch):
