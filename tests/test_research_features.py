@@ -213,7 +213,8 @@ def test_a_run_killed_and_resumed_shows_tensorboard_each_step_once_with_the_rows
         stage, tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """README "What is logged": a resumed run hides TensorBoard's events of the steps it runs again, as metrics.jsonl
     drops their rows. Through ares.main: a run killed while it saves step 2's checkpoint (step 2 already logged)
-    resumes from step 1's and runs step 2 again; each step then shows once, with the value metrics.jsonl holds."""
+    resumes from step 1's and runs step 2 again; each step then shows once, with the value metrics.jsonl holds. And
+    --overwrite deletes <out>/tensorboard with the old run: a new 1-step run shows its one step alone."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -241,6 +242,13 @@ def test_a_run_killed_and_resumed_shows_tensorboard_each_step_once_with_the_rows
     key = "loss" if stage == "coldstart" else "reward"
     shown = [(e.step, e.value) for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars(key)]
     assert shown == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows]
+    old = set((out / "tensorboard").iterdir())
+    assert len(old) == 2  # an event file per writer: the killed run's and the resumed run's
+    ares.main(args[:-6] + ["--steps", "1", "--report-to", "tensorboard", "--overwrite"])  # and none of the old run
+    assert not old & set((out / "tensorboard").iterdir())
+    (row,) = read_jsonl(out / "metrics.jsonl")
+    assert [(e.step, e.value) for e in EventAccumulator(str(out / "tensorboard")).Reload().Scalars(key)] == [
+        (1, pytest.approx(row[key], rel=1e-6))]
 
 
 def test_wandb_offline_writes_the_run_without_a_network(tmp_path, monkeypatch):
