@@ -1117,6 +1117,25 @@ def test_a_hook_slower_than_the_grader_timeout_scores_0_with_a_warning(tmp_path,
     assert "2 calls ran past --grader-timeout 0.5 s and scored 0 (records bad)" in capsys.readouterr().out
 
 
+def test_a_hook_past_the_grader_timeout_in_a_training_step_scores_0_and_the_step_says_how_many(tiny_ckpt, demo_data,
+                                                                                                tmp_path, capsys):
+    """README (forking: a reward): each call has the grader's time limit in training too: past --grader-timeout it
+    scores 0 and a line per step says how many calls did. The hook hangs on every response to the first record it
+    sees (G = 4 calls) and scores the other record's 1."""
+    hook = tmp_path / "hook.py"
+    hook.write_text("import time\n\nfirst = []\n\n\ndef score(record, response):\n    first.append(first[0] if first "
+                    "else record['id'])\n    if record['id'] == first[0]:\n        time.sleep(30)\n    return 1.0\n")
+    start = time.monotonic()
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--keep-uniform-groups",
+                        "--reward-fn", f"{hook}:score", "--grader-timeout", 0.5))
+    assert time.monotonic() - start < 30
+    (row,) = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert (row["acc"], row["n_easy"], row["n_hard"]) == (0.5, 4, 4)  # the hung group scored 0: hard
+    late = [line for line in capsys.readouterr().out.splitlines() if "ran past" in line]
+    assert len(late) == 1 and late[0].startswith(f"--reward-fn {hook}:score: 4 calls ran past --grader-timeout 0.5 s "
+                                                 "and scored 0 (records "), late
+
+
 HOOK_RUNS = [  # (case, what the hook does on the first record it sees, what the one line says)
     ("a hook that raises, in a training run", "raise KeyError('colour')", "raised KeyError: 'colour' on record"),
     ("a hook that calls sys.exit(0), in a training run", "sys.exit(0)", "called sys.exit(0) on record"),
