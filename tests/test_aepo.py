@@ -574,7 +574,9 @@ seen = []
 def score(record, response):
     """By the order records are first seen: the first all right, the second's first 2 responses right (its fresh
     samples: the branches are graded after them) and the rest wrong, the others all wrong. A step of 3 prompts has
-    one easy, one medium and one hard group, and the medium group's branches are wrong where their parents are right."""
+    one easy, one medium and one hard group, and the medium group's branches are wrong where their parents are right.
+    README (forking: a reward): the record holds every field of the JSONL row, the demo's own too."""
+    assert {"id", "question", "answer", "images", "difficulty", "style"} <= set(record), sorted(record)
     seen.append(record["id"])
     first = list(dict.fromkeys(seen))
     return [1.0, float(seen.count(record["id"]) <= 2), 0.0][min(first.index(record["id"]), 2)]
