@@ -589,14 +589,15 @@ def test_each_logged_number_is_its_readme_definition_over_the_steps_responses(ti
     len (response tokens), entropy (mean token entropy), n_he (HWE tokens per response), truncated, branches,
     branch_acc vs parent_acc, and per bucket n_, len_, n_he_, acc_ and branched_ (share of the bucket's responses
     that are branches) over every group drawn; kl_outside_ / kl_inside_ None where no kept response of the bucket
-    had such a token. The hook makes one easy, one medium and one hard group; the filter drops the easy and hard."""
+    had such a token; per difficulty label level_<label>_len, _n_he, _acc and _groups_<bucket>. The hook makes one
+    easy, one medium and one hard group; the filter drops the easy and hard."""
     seen = []
     real = ares.score_groups
     monkeypatch.setattr(ares, "score_groups", lambda ro, *a, **kw: seen.append((ro, real(ro, *a, **kw))) or seen[-1][1])
     hook = tmp_path / "hook.py"
     hook.write_text(BUCKET_REWARD)
     ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 3,
-                        "--branch-samples", 2, "--reward-fn", f"{hook}:score"))
+                        "--branch-samples", 2, "--reward-fn", f"{hook}:score", "--seed", 1))  # draws 3 levels
     (row,), ((ro, sc),) = read_jsonl(tmp_path / "run" / "metrics.jsonl"), seen
     N = len(ro.texts)
     acc, parent, mask = ro.acc.tolist(), ro.parent.tolist(), ro.resp_mask.tolist()
@@ -622,7 +623,22 @@ def test_each_logged_number_is_its_readme_definition_over_the_steps_responses(ti
         assert (row[f"kl_outside_{name}"] is None) == (not any(outside)), name
     assert [row[f"acc_{name}"] for name in ares.BUCKETS] == [1.0, 0.5, 0.0] and row["branch_acc"] < row["parent_acc"]
     assert row["kl_outside_easy"] is None and row["kl_outside_hard"] is None and row["kl_outside_medium"] is not None
-    assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-6)  # entropy: float32 sums in the trainer
+    # the records carry a difficulty label: per label, the means over its responses and its groups per online bucket
+    level_of = {r["id"]: r["difficulty"] for r in data_prep.load_records(str(demo_data["rl"]))}
+    graded = data_prep.load_reward_fn(f"{hook}:score").__globals__["seen"]  # record ids, one per response in row order
+    level = [level_of[i] for i in graded]
+    assert len(level) == N and len({level[i] for i in range(0, N, 4)}) == 3  # each prompt's level differs
+    for label in ("easy", "medium", "hard"):
+        rows = [i for i in range(N) if level[i] == label]
+        expected.update({f"level_{label}_len": mean([length[i] for i in rows]),
+                         f"level_{label}_n_he": mean([n_he[i] for i in rows]),
+                         f"level_{label}_acc": mean([acc[i] for i in rows])})
+        expected.update({f"level_{label}_groups_{name}": sum(level[i] == label and int(sc.bucket[i]) == b
+                                                             for i in range(0, N, 4))  # a group: G = 4 rows
+                         for b, name in enumerate(ares.BUCKETS)})
+    numbers = {k: v for k, v in expected.items() if v is not None}  # None: a label no prompt of the step had
+    assert {k: row[k] for k in expected if k not in numbers} == {k: None for k in expected if k not in numbers}
+    assert {k: row[k] for k in numbers} == pytest.approx(numbers, rel=1e-6)  # entropy: float32 sums in the trainer
 
 
 def test_compiled_sampler_compiles_nothing_after_step_2(tiny_ckpt, demo_data, tmp_path, monkeypatch):
