@@ -720,6 +720,24 @@ def test_eval_data_a_preset_name_validates_on_its_test_split_not_on_the_split_da
     assert read_jsonl(out / "metrics.jsonl")[-1]["eval_acc"] == 0.0
 
 
+def test_split_picks_the_split_of_a_saved_dataset_that_training_reads(tiny_ckpt, tmp_path):
+    """README (flags): --split names the split of --data to train on. A saved DatasetDict with a train and a
+    validation split of other records, --split validation: every graded response is to a validation record."""
+    import datasets
+
+    def split(name):
+        return datasets.Dataset.from_dict(dict(id=[f"{name}{k}" for k in range(4)], answer=[str(k) for k in range(4)],
+                                               question=[f"What is {k} + 0?" for k in range(4)]))
+
+    datasets.DatasetDict(train=split("train"), validation=split("validation")).save_to_disk(str(tmp_path / "saved"))
+    hook = tmp_path / "hook.py"
+    hook.write_text(ID_REWARD)
+    ares.main(aepo_args(tmp_path / "saved", tmp_path / "run", tiny_ckpt, "--steps", 2, "--split", "validation",
+                        "--reward-fn", f"{hook}:score", "--keep-uniform-groups"))
+    graded = open(f"{hook}.log").read().split()
+    assert len(graded) == 2 * 2 * 4 and all(i.startswith("validation") for i in graded), graded
+
+
 # ----------------------------------------------------------------------------------------------------------
 # README claims checked through the user's path (ares.main): logged keys, --eval-every 0, --report-to tensorboard,
 # --lora-targets, LoRA with --train-vision, the prompt suffix, and the run record's versions and commit.
