@@ -1,6 +1,7 @@
 """Flags through the command line: one the user gives always wins over the stage and tiny-model defaults, even when its
 value equals the dataclass default (issue 12: it used to read as "not given"), and each AEPO knob reaches the function
-of Part 1 that uses it."""
+of Part 1 that uses it, or (--format-weight, --log-samples-every) shows in the run's log."""
+import json
 import math
 
 import pytest
@@ -123,3 +124,22 @@ def test_the_cold_starts_default_warm_up_is_3_percent_of_its_steps(full_size_mod
     tiny = ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", "coldstart"]),
                                        "coldstart")
     assert ares.make_optimizer([p], tiny, 200)[1].lr_lambdas[0].plan["warm"] == 20
+
+
+def test_format_weight_adds_its_share_of_formatted_responses_to_the_reward_and_log_samples_every_prints(
+        tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    """--format-weight w: R = the score + w for a response in the <think>..</think> \\boxed{} format. The tiny model
+    never writes one, so here a response 'is formatted' when its text has an even length; a hook scoring 0 and
+    --entropy-shaping none leave R = w * formatted, whose step mean is w * the logged format share. And
+    --log-samples-every 2 prints a sample at step 2 alone."""
+    (tmp_path / "hook.py").write_text("def score(record, response):\n    return 0.0\n")
+    monkeypatch.setattr(ares, "format_ok", lambda text: len(text) % 2 == 0)
+    ares.main(["--stage", "aepo", "--model", tiny_ckpt, "--data", demo_data["rl"], "--out", tmp_path / "run",
+               "--steps", 3, "--batch-size", 2, "--group-size", 4, "--max-response-len", 12, "--keep-uniform-groups",
+               "--format-weight", 0.5, "--entropy-shaping", "none", "--reward-fn", f"{tmp_path / 'hook.py'}:score",
+               "--log-samples-every", 2])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any(0 < r["format"] < 1 for r in rows)
+    assert [r["reward"] for r in rows] == pytest.approx([0.5 * r["format"] for r in rows], rel=1e-12)
+    printed = capsys.readouterr().out
+    assert "\n[step 2] answer " in printed and "[step 1]" not in printed and "[step 3]" not in printed
