@@ -878,6 +878,9 @@ def test_a_diverged_run_stops_with_one_line_and_saves_no_final_checkpoint(stage,
     loss = "loss" if stage == "coldstart" else "grad_norm"
     finite = [r[loss] is not None and math.isfinite(r[loss]) for r in rows]
     assert finite == [True, False, False, False], rows  # step 1 trained; steps 2-4 were NaN, and 4 stopped the run
+    # README (what is logged): skipped, the step's optimizer steps skipped (here one a step; the cold start: a bool)
+    assert [r["skipped"] for r in rows] == [False, True, True, True]
+    assert {type(r["skipped"]) for r in rows} == {bool if stage == "coldstart" else int}
     assert str(err.value.code).startswith("step 4: the loss or gradient norm was not finite in 3 steps in a row: the run "
                                           "diverged and stopped (no final checkpoint); lower --lr"), err.value.code
     assert not (out / "final").exists()
