@@ -143,3 +143,20 @@ def test_format_weight_adds_its_share_of_formatted_responses_to_the_reward_and_l
     assert [r["reward"] for r in rows] == pytest.approx([0.5 * r["format"] for r in rows], rel=1e-12)
     printed = capsys.readouterr().out
     assert "\n[step 2] answer " in printed and "[step 1]" not in printed and "[step 3]" not in printed
+
+
+@pytest.mark.parametrize("tool, argv", [("data_prep", ["--help"]), ("data_prep", ["convert", "--help"]),
+                                        ("data_prep", ["adacs", "--help"]), ("data_prep", ["demo", "--help"]),
+                                        ("bench", ["--help"])])
+def test_data_prep_its_subcommands_and_bench_each_have_a_help(tool, argv, capsys):
+    """README (flags): data_prep.py, eval.py and bench.py each have --help, and data_prep.py SUBCOMMAND --help
+    (eval.py's are in test_eval.py): each prints its usage and exits 0."""
+    import importlib
+
+    with pytest.raises(SystemExit) as err:
+        importlib.import_module(tool).main(argv)
+    printed = capsys.readouterr().out  # "usage: <the program's name>[ SUBCOMMAND] [-h] ...", then every flag
+    first = printed.split("\n")[0].split()
+    assert err.value.code == 0 and first[0] == "usage:", printed[:200]
+    assert first[2:2 + len(argv)] == [*argv[:-1], "[-h]"], printed[:200]
+    assert "-h, --help" in printed
