@@ -164,6 +164,20 @@ def test_a_missing_tracker_or_peft_package_is_one_line_before_anything_loads(mon
             ares.parse_config(["--stage", "aepo", "--data", "x", "--out", str(tmp_path), *flags])
 
 
+def test_a_run_without_lora_or_a_tracker_imports_neither_package(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """README (flags): peft is imported only with --lora-rank, tensorboard and wandb only with --report-to. With each
+    made unimportable (None in sys.modules: `import` raises ImportError), ares.py imports in a fresh process, and a
+    cold start and an AEPO step run."""
+    names = ["peft", "tensorboard", "torch.utils.tensorboard", "wandb"]
+    run_script(["-c", f"import sys; sys.modules.update(dict.fromkeys({names})); import ares"])
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(demo_data["sft"]), "--out",
+               str(tmp_path / "cold"), "--steps", "1", "--batch-size", "2", "--micro-batch-size", "2"])
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "aepo", tiny_ckpt, "--steps", 1, "--keep-uniform-groups"))
+    assert [r["step"] for r in read_jsonl(tmp_path / "aepo" / "metrics.jsonl")] == [1]
+
+
 def test_a_tracker_added_as_the_readme_says_passes_the_flag_checks(tmp_path):
     """README (forking: a tracker): a fork adds a --report-to choice and its open_tracker branch. The check before
     anything loads looks for tensorboard's and wandb's packages only; it looked for a package named after any choice,
