@@ -200,9 +200,10 @@ def test_every_preset_names_its_source_and_a_hub_split():
         assert (source, split, config, label) == (spec["hub"], spec["split"], spec["config"], name)
 
 
-def test_a_preset_added_as_the_readme_says_works_in_every_command(tmp_path, monkeypatch, capsys):
+def test_a_preset_added_as_the_readme_says_works_in_every_command(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """README (forking: a dataset): a new PRESETS entry needs a hub name, a split and a mapping. One without `notes`
-    broke every data_prep.py command (the convert help listed each preset's notes), `demo` included."""
+    broke every data_prep.py command (the convert help listed each preset's notes), `demo` included. And ares.py
+    trains on a copy of its data with --preset yourname (its columns mapped: the hook sees our field names)."""
     monkeypatch.setitem(data_prep.PRESETS, "yourname", dict(hub="org/name", split="train",
                                                              mapping=dict(question="problem", answer="solution")))
     with pytest.raises(SystemExit) as err:
@@ -212,6 +213,15 @@ def test_a_preset_added_as_the_readme_says_works_in_every_command(tmp_path, monk
     data_prep.main(["convert", "--data", str(path), "--preset", "yourname", "--out", str(tmp_path / "ours.jsonl")])
     [rec] = [json.loads(line) for line in open(tmp_path / "ours.jsonl")]
     assert (rec["question"], rec["answer"]) == ("What is 2 + 2?", "4")
+    path = jsonl(tmp_path / "theirs.jsonl", [dict(problem=f"What is {k} + 2?", solution=str(k + 2)) for k in range(2)])
+    (tmp_path / "hook.py").write_text("def score(record, response):\n    with open(__file__ + '.log', 'a') as f:\n"
+                                      "        f.write(record['question'] + '=' + record['answer'] + '\\n')\n"
+                                      "    return 0.0\n")
+    ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(path), "--preset", "yourname", "--out",
+               str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--group-size", "2", "--max-response-len",
+               "8", "--keep-uniform-groups", "--reward-fn", f"{tmp_path / 'hook.py'}:score"])
+    graded = (tmp_path / "hook.py.log").read_text().splitlines()
+    assert sorted(set(graded)) == ["What is 0 + 2?=2", "What is 1 + 2?=3"] and len(graded) == 4
 
 
 # ----------------------------------------------------------------------------------------------------------
