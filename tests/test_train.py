@@ -345,6 +345,16 @@ def test_help_lists_every_config_field_with_its_default():
         for stage, layer in ares.STAGE_DEFAULTS.items():
             if f.default is None and f.name in layer:
                 assert f"{stage} {layer[f.name]}" in entry, f"{flag}: {stage} default missing: {entry!r}"
+    # README "Flags": every flag its table names is one --help lists, with the choices the table gives it
+    table = (ROOT / "README.md").read_text().split("\n## Flags\n")[1].split("\n### LoRA\n")[0]
+    named = re.findall(r"`(--[a-z][a-z0-9-]*)( [a-z-]+(?:\\\|[a-z-]+)+)?", table)
+    assert len(named) > 60
+    for flag, choices in named:
+        if flag not in ("--help", "--demo"):  # ares.py's own --help; eval.py's --demo
+            assert flag in entries, f"the README's {flag} is not an ares.py flag"
+        if choices:  # `--flag a\|b`: exactly the flag's choices
+            field = next(f for f in dataclasses.fields(ares.Config) if f.name == flag[2:].replace("-", "_"))
+            assert set(choices.strip().split("\\|")) == set(field.metadata["choices"]), flag
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt", "state/__0_0.distcp", "COMPLETE"])
