@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import random
+import re
 import shutil
 import statistics
 import textwrap
@@ -597,7 +598,8 @@ def test_each_logged_number_is_its_readme_definition_over_the_steps_responses(ti
     hook = tmp_path / "hook.py"
     hook.write_text(BUCKET_REWARD)
     ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 3,
-                        "--branch-samples", 2, "--reward-fn", f"{hook}:score", "--seed", 1))  # draws 3 levels
+                        "--branch-samples", 2, "--reward-fn", f"{hook}:score", "--seed", 1,  # draws 3 levels
+                        "--ppo-epochs", 2))  # 2 updates: old log-probs recomputed, logprob_gap logged
     (row,), ((ro, sc),) = read_jsonl(tmp_path / "run" / "metrics.jsonl"), seen
     N = len(ro.texts)
     acc, parent, mask = ro.acc.tolist(), ro.parent.tolist(), ro.resp_mask.tolist()
@@ -636,6 +638,14 @@ def test_each_logged_number_is_its_readme_definition_over_the_steps_responses(ti
         expected.update({f"level_{label}_groups_{name}": sum(level[i] == label and int(sc.bucket[i]) == b
                                                              for i in range(0, N, 4))  # a group: G = 4 rows
                          for b, name in enumerate(ares.BUCKETS)})
+    # and every key the README's paragraph names is in the row (<label>, <bucket> and * a level or bucket; `_n_he`
+    # and `_acc` short for level_<label>_n_he and _acc), but for those of a step that did not occur here
+    readme = (ROOT / "README.md").read_text().split("### What is logged (AEPO, one JSON line per step)\n")[1]
+    named = set(re.findall(r"`([a-z_<>*]+)`", readme.split("\n\n")[0])) - {"difficulty", "skipped_reason"}
+    assert len(named) > 35
+    for key in named:
+        key = re.sub(r"<label>|<bucket>|\*", "(easy|medium|hard)", "level_<label>" + key if key[0] == "_" else key)
+        assert any(re.fullmatch(key, k) for k in row), key
     numbers = {k: v for k, v in expected.items() if v is not None}  # None: a label no prompt of the step had
     assert {k: row[k] for k in expected if k not in numbers} == {k: None for k in expected if k not in numbers}
     assert {k: row[k] for k in numbers} == pytest.approx(numbers, rel=1e-6)  # entropy: float32 sums in the trainer
