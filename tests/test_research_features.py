@@ -850,6 +850,22 @@ def lora_run(tiny_ckpt, demo_data, out, *extra) -> dict:
                 merged=load_file(str(out / "final" / "model.safetensors")), final=out / "final")
 
 
+def test_lora_alpha_scales_the_adapters_by_alpha_over_rank(tiny_ckpt, demo_data, tmp_path):
+    """README (flags): --lora-alpha (default 2R, which the test above checks; scale alpha/R). After one step of rank 4
+    with --lora-alpha 3, an adapted weight of the merged export is the starting weight + 3/4 B A of the saved
+    adapter, worked out here, and the adapter's config holds alpha 3."""
+    pytest.importorskip("peft")
+    run = lora_run(tiny_ckpt, demo_data, tmp_path / "lora", "--lora-alpha", 3)
+    want = 3
+    assert (run["config"]["lora_alpha"], run["config"]["r"]) == (want, 4)
+    start = load_file(str(tiny_ckpt / "model.safetensors"))
+    A, B = (run["adapter"][f"base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_{m}.weight"]
+            for m in "AB")
+    assert B.abs().max() > 0  # trained: B starts at 0
+    name = "model.layers.0.self_attn.q_proj.weight"  # the file's name of that weight (the starting model's too)
+    torch.testing.assert_close(run["merged"][name], start[name] + want / 4 * B @ A)
+
+
 def test_lora_targets_q_v_adapt_only_q_proj_and_v_proj_and_train_vision_also_trains_the_vision_tower(
         tiny, tiny_ckpt, demo_data, tmp_path):
     """README (flags, LoRA): --lora-targets q_proj,v_proj puts adapters on those layers only (the vision tower never
