@@ -492,6 +492,19 @@ ares.main(sys.argv[2:])  # the command line's entry point, as `torchrun ares.py`
 '''
 
 
+def test_refill_draws_nothing_more_with_keep_uniform_groups(tiny_ckpt, demo_data, tmp_path):
+    """README (flags, dynamic sampling): with --keep-uniform-groups nothing is filtered, so nothing is refilled. A hook
+    scoring every response 1 leaves no group mixed, which without the flag refills up to --max-refill-rounds."""
+    (tmp_path / "hook.py").write_text("def score(record, response):\n    return 1.0\n")
+    for flags, rounds in (([], 3), (["--keep-uniform-groups"], 1)):
+        out = tmp_path / f"run{rounds}"
+        ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, "--steps", 1, "--max-refill-rounds", 2, "--reward-fn",
+                            f"{tmp_path / 'hook.py'}:score", *flags))
+        (row,) = read_jsonl(out / "metrics.jsonl")
+        assert (row["rollout_rounds"], row["prompts_drawn"]) == (rounds, 2 * rounds), flags
+        assert row["groups_kept"] == (2 if flags else 0)
+
+
 def test_refill_under_torchrun_takes_the_same_decisions_on_both_ranks(tiny_ckpt, demo_data, tmp_path):
     (tmp_path / "my_reward.py").write_text(REWARD)
     (tmp_path / "driver.py").write_text(REFILL_DRIVER)
