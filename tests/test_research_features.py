@@ -747,22 +747,26 @@ def test_eval_data_a_preset_name_validates_on_its_test_split_not_on_the_split_da
     assert read_jsonl(out / "metrics.jsonl")[-1]["eval_acc"] == 0.0
 
 
-def test_split_picks_the_split_of_a_saved_dataset_that_training_reads(tiny_ckpt, tmp_path):
-    """README (flags): --split names the split of --data to train on. A saved DatasetDict with a train and a
-    validation split of other records, --split validation: every graded response is to a validation record."""
+def test_split_picks_the_split_of_a_saved_dataset_that_training_reads_and_eval_data_reads_its_test(tiny_ckpt, tmp_path):
+    """README (flags): --split names the split of --data to train on, and --eval-data a folder validates on its test
+    split. A saved DatasetDict with train, validation and test splits of other records, --split validation and
+    --eval-data the same folder: every training response is to a validation record, and validation (at the last
+    step) grades each test record once."""
     import datasets
 
     def split(name):
         return datasets.Dataset.from_dict(dict(id=[f"{name}{k}" for k in range(4)], answer=[str(k) for k in range(4)],
                                                question=[f"What is {k} + 0?" for k in range(4)]))
 
-    datasets.DatasetDict(train=split("train"), validation=split("validation")).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict(train=split("train"), validation=split("validation"), test=split("test")).save_to_disk(
+        str(tmp_path / "saved"))
     hook = tmp_path / "hook.py"
     hook.write_text(ID_REWARD)
     ares.main(aepo_args(tmp_path / "saved", tmp_path / "run", tiny_ckpt, "--steps", 2, "--split", "validation",
-                        "--reward-fn", f"{hook}:score", "--keep-uniform-groups"))
+                        "--reward-fn", f"{hook}:score", "--keep-uniform-groups", "--eval-data", tmp_path / "saved"))
     graded = open(f"{hook}.log").read().split()
-    assert len(graded) == 2 * 2 * 4 and all(i.startswith("validation") for i in graded), graded
+    assert len(graded) == 2 * 2 * 4 + 4 and all(i.startswith("validation") for i in graded[:16]), graded
+    assert sorted(graded[16:]) == ["test0", "test1", "test2", "test3"]
 
 
 # ----------------------------------------------------------------------------------------------------------
