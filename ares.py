@@ -2382,6 +2382,12 @@ def optimizer_step(opt, sched, params, clip: float, model=None) -> tuple[float, 
     return norm, ok
 
 
+def largest_norm(norms: list[float]) -> float | None:
+    """A step's grad_norm: the largest of its updates' norms, NaN where one was NaN (max() keeps or drops a NaN by its
+    place in the list, so a skipped update's NaN could log as a finite norm); None for a step with no update."""
+    return math.nan if any(math.isnan(n) for n in norms) else max(norms, default=None)
+
+
 DIVERGED_AFTER = 3  # steps in a row whose every update had a non-finite loss or gradient norm
 
 
@@ -2882,7 +2888,7 @@ def update_stats(stats: dict, kl_sums: torch.Tensor, old, ro: Rollouts, keep: to
                  kl_inside=(kl_sums[2].sum() / kl_sums[3].sum().clamp(min=1)).item(),
                  kl_inside_by_bucket=kl_sums[2] / kl_sums[3].clamp(min=1),  # (3,) per token inside windows
                  kl_outside_mean=(kl_sums[0].sum() / kl_sums[1].sum().clamp(min=1)).item(),
-                 grad_norm=max(stats["grad_norm"]) if stats["grad_norm"] else None)
+                 grad_norm=largest_norm(stats["grad_norm"]))
     if old is not None:
         stats["logprob_gap"] = (totals[3] / totals[4].clamp(min=1)).item()  # per response token, all ranks
     return stats

@@ -886,6 +886,22 @@ def test_a_diverged_run_stops_with_one_line_and_saves_no_final_checkpoint(stage,
     assert not (out / "final").exists()
 
 
+
+def test_an_aepo_step_with_a_skipped_update_logs_a_nan_grad_norm(tiny_ckpt, demo_data, tmp_path):
+    """grad_norm, the largest of a step's updates' norms: with two updates a step at --lr 1e30, the first trains and
+    breaks the weights, the second's norm is NaN and skipped. max() kept the first's finite norm, so step 1 logged a
+    finite grad_norm beside skipped 1. A hand-worked list for the rule, then the run."""
+    nan = float("nan")
+    assert ares.largest_norm([2.0, 3.0]) == 3.0 and ares.largest_norm([]) is None
+    assert math.isnan(ares.largest_norm([1.0, nan])) and math.isnan(ares.largest_norm([nan, 1.0]))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(demo_data["rl"]), "--out", str(out),
+                   "--steps", "8", "--batch-size", "4", "--lr", "1e30", "--group-size", "4", "--max-response-len", "32",
+                   "--keep-uniform-groups", "--minibatches", "2"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(math.isnan(r["grad_norm"]) for r in rows if r["skipped"]) and rows[0]["skipped"] == 1, rows
+
 def test_one_non_finite_step_is_skipped_and_three_in_a_row_stop_the_run():
     """The count behind the stop, against a hand-worked sequence: a lone NaN step (a bf16 spike) is skipped and the run
     goes on; the count restarts after a finite step, and is trainer state, so a resume continues it."""
