@@ -86,7 +86,8 @@ class EvalConfig(ares.ModelConfig):  # dtype, attn, min_pixels, max_pixels: as a
     out: str = arg("runs/eval", "output folder: responses.jsonl (also the cache), results.json")
     # benchmarks read through data_prep.load_source
     preset: str = arg("", "data_prep preset (columns, split) to apply to every non-local --data")
-    split: str = arg("", "dataset split (default: the preset's, or 'test' for a local saved dataset)")
+    split: str = arg("", "dataset split (default: a benchmark preset's own, 'test' for a training preset such as "
+                         "geometry3k and for a local saved dataset)")
     config: str = arg("", "hub dataset configuration (subset) name")
     question_col: str = arg("", "column holding the question (hub datasets)")
     answer_col: str = arg("", "column holding the final answer (hub datasets)")
@@ -202,12 +203,13 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
         base, name, key = data_prep.data_folder(spec).resolve(), path.stem, str(path)  # images: as training finds them
     else:  # a preset or a hub dataset: data_prep owns the column mapping
         preset = cfg.preset or (spec if spec in data_prep.PRESETS else None)  # `--data mathvista-testmini` alone works
-        rows = data_prep.load_source(spec, preset=preset, mapping=mapping or None, split=cfg.split or None,
+        split = cfg.split or (ares.held_out_split(preset) if preset else None)  # geometry3k's test, not its train
+        rows = data_prep.load_source(spec, preset=preset, mapping=mapping or None, split=split,
                                      config=cfg.config or None, limit=cfg.limit or None)
         local = Path(spec).exists()
         base, name = Path.cwd(), Path(spec).stem if local else spec
         key = json.dumps(dict(source=str(Path(spec).resolve()) if local else spec, preset=preset, mapping=mapping,
-                              split=cfg.split, config=cfg.config))
+                              split=split, config=cfg.config))
     failures = []  # each bad row is reported as {id, error, row} and the rest still evaluated
     records = data_prep.check_records(itertools.islice(rows, cfg.limit or None), name, base, name, errors=failures)
     if not records:  # bad records are counted as wrong, but with none usable there is nothing to load a model for

@@ -997,3 +997,27 @@ def test_bucket_shares_sum_each_levels_groups_over_all_rows_and_the_first_half(t
         "easy": {"easy": pytest.approx(6 / 8), "medium": pytest.approx(1 / 8), "hard": pytest.approx(1 / 8)},
         "medium": {"easy": None, "medium": None, "hard": None},
         "hard": {"easy": pytest.approx(0.0), "medium": pytest.approx(0.25), "hard": pytest.approx(0.75)}}
+
+
+def test_a_training_preset_is_evaluated_on_its_test_split_and_a_benchmark_on_its_own(tmp_path, tiny_ckpt, demo_data,
+                                                                                      monkeypatch):
+    """`eval.py --data geometry3k` read the preset's own split, train: the problems --data hiyouga/geometry3k --preset
+    geometry3k trains on, graded as if held out. A training preset is now read from its test split (ares.py's
+    --eval-data reads the same, held_out_split), a benchmark preset from its own (MathVista: testmini), and --split
+    still wins. A stand-in hub records which split each run asked for."""
+    import datasets
+
+    src = Path(demo_data["test"])
+    rows = [json.loads(line) for line in open(src)][:2]
+    part = datasets.Dataset.from_dict(
+        {"problem": ["<image>" + r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+         "images": [[str(src.parent / im) for im in r["images"]] for r in rows], "id": ["a", "b"]},
+    ).cast_column("images", datasets.Sequence(datasets.Image()))
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None, **kw: asked.append(
+        (name, split)) or part)
+    for k, extra in enumerate([[], ["--split", "train"]]):
+        ev.main(["--model", str(tiny_ckpt), "--data", "geometry3k", "--out", str(tmp_path / f"ev{k}"),
+                 "--max-new-tokens", "2", *extra])
+    assert asked == [("hiyouga/geometry3k", "test"), ("hiyouga/geometry3k", "train")]
+    assert ares.held_out_split("mathvista-testmini") == "testmini" and ares.held_out_split("virl39k") == "test"
