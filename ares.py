@@ -3391,6 +3391,8 @@ def validate_config(cfg: Config) -> Config:
         p = Path(path).expanduser()
         if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
             raise SystemExit(f"{flag} {path}: no such file or folder")
+    if "split" in cfg.given and data_prep.one_file(cfg.data):  # read whole: --split would be ignored
+        raise SystemExit(data_prep.unused_split("split", cfg.split, cfg.data))
     if cfg.stage == "demo" and cfg.resume:
         raise SystemExit("--resume: the demo does not continue a stopped demo; run it again with --overwrite (it "
                          "starts over), or give another --out")

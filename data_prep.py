@@ -2102,6 +2102,16 @@ def command_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_file(data: str | None) -> bool:
+    """Is --data one .jsonl, .json or .parquet file? It is read whole: it has no splits or configurations."""
+    return Path(data or "").suffix in (".jsonl", ".json", ".parquet")
+
+
+def unused_split(flag: str, value: str, data: str) -> str:
+    """The line for a --split or --config given with a --data that has none (one_file): it would be ignored."""
+    return f"--{flag} {value}: --data {data} is one file, without {flag}s: leave --{flag} out"
+
+
 def check_args(args):
     """The subcommands' numbers and paths, one line naming the first bad flag, before anything is read or written."""
     counts = {"convert": ["limit"], "adacs": ["k", "per_bracket"], "demo": ["sft", "pool", "rl", "test"]}[args.command]
@@ -2114,9 +2124,8 @@ def check_args(args):
     if args.command == "adacs" and args.k > MAX_K:  # run_adacs lists every one of the K + 1 brackets
         raise SystemExit(f"--k must be <= {MAX_K} (the samples per problem behind the pass rates), got {args.k}")
     for flag in ("split", "config"):  # read_rows reads a file whole: the flag would do nothing
-        if getattr(args, flag, None) and Path(args.data or "").suffix in (".jsonl", ".json", ".parquet"):
-            raise SystemExit(f"--{flag} {getattr(args, flag)}: --data {args.data} is one file, without {flag}s: leave "
-                             f"--{flag} out")
+        if getattr(args, flag, None) and one_file(args.data):
+            raise SystemExit(unused_split(flag, getattr(args, flag), args.data))
     out = Path(args.out)
     for flag in ("--data", "--pass-rates"):  # the output is written over its target: never over an input
         given = getattr(args, flag[2:].replace("-", "_"), None)

@@ -136,6 +136,9 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error(f"--name {twice} given twice: the second model's numbers would replace the first's in the table "
                      "and results.json; give each --model its own name")
     ares.check_numbers(cfg, hints={})
+    for flag in ("split", "config"):  # a file is read whole: the flag would be ignored where every --data is one
+        if getattr(cfg, flag) and cfg.data and all(map(data_prep.one_file, cfg.data)):
+            raise SystemExit(data_prep.unused_split(flag, getattr(cfg, flag), cfg.data[0]))
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
@@ -740,6 +743,8 @@ def check_passrate_args(args):
                            ("--seed", ares.SEED[1](args.seed), ares.SEED[0])):
         if not ok:
             raise SystemExit(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if args.split and data_prep.one_file(args.data):  # a file is read whole: --split would be ignored
+        raise SystemExit(data_prep.unused_split("split", args.split, args.data))
     if args.k > 1 and args.temperature == 0:  # as the evaluation's --samples
         raise SystemExit("--k > 1 needs --temperature > 0 (greedy responses would all be the same: every pass rate "
                          "0 or 1)")

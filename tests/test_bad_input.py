@@ -62,6 +62,7 @@ FLAGS = [
     ("coldstart", ["--out", "{tmp}/a_file/run"], "--out {tmp}/a_file/run: {tmp}/a_file is a file, not a folder"),
     ("coldstart", ["--data", "{tmp}/missing.jsonl"], "--data {tmp}/missing.jsonl: no such file or folder"),
     ("aepo", ["--data", "{tmp}/missing/folder"], "--data {tmp}/missing/folder: no such file or folder"),
+    ("aepo", ["--split", "test"], "--split test: --data "),  # rl.jsonl: read whole, the split was ignored
     # found by trying them (each was a traceback, or trained on it):
     ("coldstart", ["--model", "runs/no_such_run"],  # the README's own example: taken for a hub name, two tracebacks
      "--model runs/no_such_run: no such folder, and no model of that name on the hub (or in its cache, offline)"),
@@ -578,6 +579,11 @@ def _tool_cases():
         (ev.main, pr_args("--seed", "-1"), "--seed must be in [0, 2**32), got -1"),
         (ev.main, pr_args("--k", "0"), "--k must be >= 1, got 0"),
         (ev.main, pr_args("--limit", "-3"), "--limit must be >= 1, got -3"),
+        (ev.main, pr_args("--split", "test"), "--split test: --data {bench} is one file, without splits: leave --split out"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--split", "test")],  # a file is read whole: the flag was ignored
+         "--split test: --data {bench} is one file, without splits: leave --split out"),
+        (ev.main, ["--model", "{ckpt}", *ev_args("--config", "testmini")],
+         "--config testmini: --data {bench} is one file, without configs: leave --config out"),
         (ev.main, ["passrate", "--data", "{bench}", "--model", "{tmp}/nope", "--out", "{tmp}/r.jsonl"],
          "--model {tmp}/nope: no such folder"),
         (ev.main, ["passrate", "--data", "{pad}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
