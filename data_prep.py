@@ -27,7 +27,8 @@ Pass rates (K graded samples of a model per problem) need the sampler: `eval.py 
 
 Choices made here, where the paper and the released code are silent:
   - Pass-rate brackets are round(p * K), K = --k (default 8: the 9 brackets 0, 1/8, ..., 1). Every pass rate read
-    must be a multiple of 1/K (check_pass_rates): K is the flag's, not guessed from the data.
+    must be a multiple of 1/K (check_pass_rates): K is the flag's, not guessed from the data. L_target takes p as
+    its bracket's c/K, exactly (fractions): a rate written 0.38 is 3/8, and a tie in length stays a tie.
   - L(0) (L(1)) is the median length of ALL candidate traces (right or wrong) of the source's problems with
     p = 0 (p = 1). A source with no p = 0 (p = 1) problem takes it from its lowest (highest) bracket present:
     the nearest difficulty it has. With one bracket only, both anchors are its median and the target is flat.
@@ -1705,12 +1706,14 @@ def adacs_curate(pool: list[dict], k: int = 8, per_bracket: int | None = None, s
     chosen, dropped = defaultdict(list), Counter()
     for traces in tqdm(problems.values(), desc="adacs", leave=False):
         p, src = traces[0]["pass_rate"], traces[0]["source"]
-        target = target_length(p, *anchors[src][:2])
+        # p as its bracket's c/K, exactly: a rate written rounded (0.38 for 3/8) gets 3/8's target, and a tie stays a
+        # tie (in floats 2/3 * 20 + 1/3 * 2 is 14.000000000000002, and the longer trace won it)
+        target = target_length(Fraction(bracket_of(p, k), k), *map(Fraction, anchors[src][:2]))
         best = pick_trace(traces, target)
         if best is None:
             dropped[src] += 1
         else:
-            chosen[bracket_of(p, k)].append(dict(best, target_length=target))
+            chosen[bracket_of(p, k)].append(dict(best, target_length=float(target)))
     kept = balance(chosen, per_bracket, seed)
     before = defaultdict(list)
     for traces in problems.values():

@@ -587,6 +587,24 @@ def test_adacs_keeps_equal_counts_per_bracket(per_bracket, counts):
     assert {b: n for b, (n, _) in st["after"].items()} == counts
 
 
+@pytest.mark.parametrize("k,rate,anchors,lengths,want", [
+    # L(0) = 1000, L(1) = 20: L_target(3/8) = 5/8 1000 + 3/8 20 = 632.5, so 634 (1.5 away), not 628 (4.5). A rate
+    # written rounded, 0.38, is read as 3/8 (check_pass_rates): its target is 3/8's, not 0.62 1000 + 0.38 20 = 627.6.
+    (8, 0.375, (1000, 20), (628, 634), (634, 632.5)),
+    (8, 0.38, (1000, 20), (628, 634), (634, 632.5)),
+    # L(0) = 20, L(1) = 2: L_target(1/3) = 2/3 20 + 1/3 2 = 14 exactly, so 13 and 15 tie: the shorter, 13 (in floats
+    # the target was 14.000000000000002, and 15 won).
+    (3, 1 / 3, (20, 2), (15, 13), (13, 14)),
+])
+def test_adacs_target_is_the_brackets_exact_rate(k, rate, anchors, lengths, want):
+    def trace(pid, p, n):
+        return dict(id=pid, question="q", answer="7", images=[], source="s", pass_rate=p, length=n, correct=True,
+                    response=f"<think>{'x' * n}</think> \\boxed{{7}}")
+    pool = [trace("hard", 0.0, anchors[0]), trace("easy", 1.0, anchors[1])] + [trace("m", rate, n) for n in lengths]
+    chosen, _ = data_prep.adacs_curate(pool, k=k, per_bracket=5)
+    assert {r["id"]: (r["length"], r["target_length"]) for r in chosen}["m"] == want
+
+
 def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tiny, tiny_ckpt):
     tok = data_prep.tokenizer_of(tiny[1])
     pool = [dict(r, correct=None, length=None, pass_rate=None) for r in pool_records() if r["id"] in ("b1", "b2")]
