@@ -1679,6 +1679,10 @@ def prepare_pool(pool: list[dict], tokenizer=None, source: str = "the pool", k: 
                             f"{json.dumps(length, default=repr)[:60]}; leave it out and pass --model to count them")
         problems[rec["id"]].append(dict(rec, correct=correct, length=int(length)))
     for pid, traces in problems.items():
+        for field in ("source", "question", "answer"):  # one id on two problems would merge them, and their anchors
+            if len(values := {t[field] for t in traces}) > 1:
+                raise DataError(f"{source}: problem {pid!r}: its traces disagree on the {field} ({sorted(values)}): an "
+                                f"id names one problem, so give each problem its own (a source prefix)")
         rates = {t["pass_rate"] for t in traces}
         if len(rates) > 1:
             raise DataError(f"{source}: problem {pid!r}: its traces disagree on the pass rate ({sorted(rates, key=str)})")

@@ -605,6 +605,21 @@ def test_adacs_target_is_the_brackets_exact_rate(k, rate, anchors, lengths, want
     assert {r["id"]: (r["length"], r["target_length"]) for r in chosen}["m"] == want
 
 
+@pytest.mark.parametrize("field,other", [("source", "vista"), ("question", "another q"), ("answer", "8")])
+def test_adacs_stops_on_one_id_for_two_problems(field, other, tmp_path):
+    """Traces are grouped into problems by id, so one id on two problems (two sources merged, each numbering its own
+    from 1) would make one problem of them: before, geo's L(0) was the median of 100 and vista's 10, and vista left the
+    table. It stops with one line naming the file, the id and the field."""
+    trace = dict(id="1", question="q", answer="7", images=[], source="geo", pass_rate=0.0, length=100, correct=True,
+                 response="<think>x</think> \\boxed{7}")
+    jsonl(tmp_path / "pool.jsonl", [trace, dict(trace, length=10, **{field: other})])
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "2", "--out", str(tmp_path / "x.jsonl")])
+    assert str(err.value.code).startswith(f"data error: {tmp_path / 'pool.jsonl'}: problem '1': its traces disagree on "
+                                          f"the {field}")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tiny, tiny_ckpt):
     tok = data_prep.tokenizer_of(tiny[1])
     pool = [dict(r, correct=None, length=None, pass_rate=None) for r in pool_records() if r["id"] in ("b1", "b2")]
