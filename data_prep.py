@@ -1780,6 +1780,11 @@ def run_adacs(args) -> list[dict]:
                      m1 if m1 is not None else "-"])
     print(table(["pass rate", "problems", "mean tokens (all traces)", "with a correct trace", "kept",
                  "mean tokens (kept)"], rows))
+    smallest, b = min((n, b) for b, n in st["selected"].items())
+    if args.per_bracket is None and len(chosen) < sum(st["selected"].values()):  # the count a user may not expect
+        print(f"every bracket keeps {smallest} problem{'s' * (smallest != 1)}, as many as the smallest, p = "
+              f"{b}/{args.k}, has: {len(chosen)} of the {sum(st['selected'].values())} with a correct trace; "
+              f"--per-bracket N keeps up to N from each")
     print(f"kept {len(chosen)} of {sum(st['problems'].values())} problems; wrote {args.out}")
     return chosen
 

@@ -620,6 +620,23 @@ def test_adacs_stops_on_one_id_for_two_problems(field, other, tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_adacs_says_which_bracket_sets_the_balanced_count(tmp_path, capsys):
+    """By default every bracket keeps as many problems as the smallest one has: one problem at p = 1/2 cuts 4 + 1 + 3
+    problems to 3 (one per bracket). The output names that bracket and the flag that keeps more; with --per-bracket
+    (or when nothing was cut) there is no such line."""
+    rates = [0.0] * 4 + [0.5] + [1.0] * 3
+    pool = [dict(id=f"q{i}", question="q", answer="7", images=[], source="s", pass_rate=p, length=10 + i, correct=True,
+                 response="<think>x</think> \\boxed{7}") for i, p in enumerate(rates)]
+    jsonl(tmp_path / "pool.jsonl", pool)
+    for extra, line in (([], "every bracket keeps 1 problem, as many as the smallest, p = 1/2, has: 3 of the 8 with a "
+                             "correct trace; --per-bracket N keeps up to N from each"), (["--per-bracket", "3"], None)):
+        data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "2", *extra,
+                        "--out", str(tmp_path / "sft.jsonl")])
+        out = capsys.readouterr().out.splitlines()
+        assert [x for x in out if x.startswith("every bracket")] == ([line] if line else [])
+        assert out[-1].startswith(f"kept {3 if line else 7} of 8 problems")
+
+
 def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tiny, tiny_ckpt):
     tok = data_prep.tokenizer_of(tiny[1])
     pool = [dict(r, correct=None, length=None, pass_rate=None) for r in pool_records() if r["id"] in ("b1", "b2")]
