@@ -1767,7 +1767,8 @@ def run_adacs(args) -> list[dict]:
         raise DataError(f"{args.data}: no problem has a correct trace")
     write_records(chosen, Path(args.out), copy_images=False)
     print(table(["source", "problems", "dropped (no correct trace)", "L(0)", "from p", "L(1)", "from p"],
-                [[s, st["problems"][s], st["dropped"].get(s, 0), a[0], f"{a[2]}/{args.k}", a[1], f"{a[3]}/{args.k}"]
+                [[s, st["problems"][s], st["dropped"].get(s, 0), f"{a[0]:g}", f"{a[2]}/{args.k}", f"{a[1]:g}",
+                  f"{a[3]}/{args.k}"]  # as computed and as the warning gives them, not to 3 digits
                  for s, a in sorted(st["anchors"].items())]))
     for s, a in sorted(st["anchors"].items()):
         if warning := anchor_warning(s, a[0], a[1]):

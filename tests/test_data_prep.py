@@ -691,6 +691,22 @@ def test_adacs_warns_when_hard_problems_have_no_longer_traces(tmp_path, capsys):
     assert "cold start will write one length everywhere" in warnings[1] and "longer candidate traces" in warnings[1]
 
 
+def test_adacs_table_shows_the_anchors_the_warning_compares(tmp_path, capsys):
+    """L(0) = median(119, 120) = 119.5 < 1.2 x L(1) = 120 warns; the table showed L(0) to 3 digits, 120, beside that
+    warning, and a paper-length anchor, median(4123, 4124), as 4.12e+03. Both are shown as computed."""
+    pool = [dict(id=f"{src}{p}", question="q", answer="7", images=[], source=src, pass_rate=float(p), length=n,
+                 correct=True, response="<think>x</think> \\boxed{7}")
+            for src, anchors in (("near", ((119, 120), (100,))), ("long", ((4123, 4124), (1000,))))
+            for p, ns in enumerate(anchors) for n in ns]  # one problem per source and p
+    jsonl(tmp_path / "pool.jsonl", pool)
+    data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "1", "--out", str(tmp_path / "sft.jsonl")])
+    out = capsys.readouterr().out.splitlines()
+    rows = {x.split()[0]: x.split() for x in out if x.split()[:1] in (["near"], ["long"])}
+    assert rows["near"][3] == "119.5" and rows["near"][5] == "100" and rows["long"][3] == "4123.5"
+    warnings = [x for x in out if x.startswith("warning")]
+    assert len(warnings) == 1 and "'near': L(0) = 119.5 tokens is not clearly above L(1) = 100" in warnings[0]
+
+
 def test_pass_rates_rounded_to_two_decimals_pass_and_a_wrong_k_gets_honest_advice():
     rows = lambda *rates: [dict(id=f"r{i}", pass_rate=p) for i, p in enumerate(rates)]  # noqa: E731
     for k, rates in ((8, (0.38, 0.13, 0.875, 0, 1)), (3, (0.33, 0.67)), (6, (0.17, 0.83)), (16, (1 / 16, 0.5))):
