@@ -1616,12 +1616,18 @@ def anchor_lengths(lengths: dict[int, list[int]]) -> tuple[float, float, int, in
 ANCHOR_RATIO = 1.2  # L(0) must exceed L(1) by this factor for the targets to tell hard problems from easy ones
 
 
-def anchor_warning(source: str, l0: float, l1: float, ratio: float = ANCHOR_RATIO) -> str | None:
+def anchor_warning(source: str, l0: float, l1: float, ratio: float = ANCHOR_RATIO,
+                   only: str | None = None) -> str | None:
     """A warning, in words a user acts on, when a source's L(0) is not clearly above its L(1) (L(0) < ratio * L(1)):
     then L_target(p) barely changes with p, every problem gets about the same length of trace, the cold start writes
-    one length everywhere, and AEPO has no length to adapt (README: AdaCS curation). None when the anchors differ."""
+    one length everywhere, and AEPO has no length to adapt (README: AdaCS curation). None when the anchors differ.
+    `only`: the pass rate ("4/8") every problem of the source has, so that both anchors are that bracket's median."""
     if l0 >= ratio * l1:
         return None
+    if only:  # no hard and easy problems to compare: longer traces would not help, other pass rates would
+        return (f"warning: source {source!r}: every problem has the pass rate {only}, so L(0) = L(1) = {l0:g} tokens "
+                f"and the cold start will write one length on all of them. Measure the pass rates with a model that "
+                f"fails some of its problems and solves others, or leave it out, before training on this data.")
     return (f"warning: source {source!r}: L(0) = {l0:g} tokens is not clearly above L(1) = {l1:g} (less than "
             f"{ratio:g}x): its traces are no longer on the problems the model fails than on those it solves, so the "
             f"length targets cannot differ with difficulty and the cold start will write one length everywhere. Give "
@@ -1771,7 +1777,7 @@ def run_adacs(args) -> list[dict]:
                   f"{a[3]}/{args.k}"]  # as computed and as the warning gives them, not to 3 digits
                  for s, a in sorted(st["anchors"].items())]))
     for s, a in sorted(st["anchors"].items()):
-        if warning := anchor_warning(s, a[0], a[1]):
+        if warning := anchor_warning(s, a[0], a[1], only=f"{a[2]}/{args.k}" if a[2] == a[3] else None):
             print(warning)
     rows = []
     for b in range(args.k + 1):

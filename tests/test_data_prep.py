@@ -691,6 +691,20 @@ def test_adacs_warns_when_hard_problems_have_no_longer_traces(tmp_path, capsys):
     assert "cold start will write one length everywhere" in warnings[1] and "longer candidate traces" in warnings[1]
 
 
+def test_adacs_warning_for_a_source_of_one_pass_rate_says_so(tmp_path, capsys):
+    """A source whose problems all have p = 1/2 (K = 2) takes both anchors from that bracket: L(0) = L(1) = median(50,
+    60) = 55. Its targets are flat because the pass rates do not spread, not because its hard problems' traces are
+    short (it has none), and longer traces would not help: the warning says that, and what to do."""
+    pool = [dict(id=f"q{n}", question="q", answer="7", images=[], source="one", pass_rate=0.5, length=n, correct=True,
+                 response="<think>x</think> \\boxed{7}") for n in (50, 60)]
+    jsonl(tmp_path / "pool.jsonl", pool)
+    data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "2", "--out", str(tmp_path / "sft.jsonl")])
+    warnings = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: source 'one': every problem has the pass rate 1/2, "
+                                                         "so L(0) = L(1) = 55 tokens")
+    assert "longer candidate traces" not in warnings[0] and "fails some of its problems" in warnings[0]
+
+
 def test_adacs_table_shows_the_anchors_the_warning_compares(tmp_path, capsys):
     """L(0) = median(119, 120) = 119.5 < 1.2 x L(1) = 120 warns; the table showed L(0) to 3 digits, 120, beside that
     warning, and a paper-length anchor, median(4123, 4124), as 4.12e+03. Both are shown as computed."""
