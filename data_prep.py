@@ -1746,11 +1746,16 @@ def tokenizer_for(name: str):
 def join_pass_rates(pool: list[dict], rated: list[dict], where: str) -> list[dict]:
     """The paper's setting (§3.1; README: AdaCS curation): candidate traces from a teacher pool, pass rates from another model's samples.
     Each trace takes the pass rate of its problem id in `rated`; traces of problems that were not rated are
-    dropped (and counted). join_pass_rates([{id: a, ...}, {id: b, ...}], [{id: a, pass_rate: .5}], f) keeps a."""
-    rates = {r["id"]: r["pass_rate"] for r in rated}
+    dropped (and counted). `rated` may repeat an id with one rate (passrate --keep-responses: K records a problem).
+    join_pass_rates([{id: a, ...}, {id: b, ...}], [{id: a, pass_rate: .5}], f) keeps a."""
     missing = [r["id"] for r in rated if r["pass_rate"] is None]
     if missing:
         raise DataError(f"{where}: record {missing[0]}: no pass_rate (write it with `eval.py passrate`)")
+    rates = {}
+    for r in rated:
+        if rates.setdefault(r["id"], r["pass_rate"]) != r["pass_rate"]:
+            raise DataError(f"{where}: problem {r['id']!r}: its records disagree on the pass rate "
+                            f"({sorted({rates[r['id']], r['pass_rate']})})")
     joined = [dict(t, pass_rate=rates[t["id"]]) for t in pool if t["id"] in rates]
     if not joined:
         raise DataError(f"{where}: no problem id in common with the candidate traces")
@@ -1763,7 +1768,7 @@ def join_pass_rates(pool: list[dict], rated: list[dict], where: str) -> list[dic
 def run_adacs(args) -> list[dict]:
     pool = check_problems(_load(args.data, split=args.split, progress=True, unique=False), args.data)  # as convert
     if args.pass_rates:
-        rated = check_pass_rates(_load(args.pass_rates), args.k, args.pass_rates)
+        rated = check_pass_rates(_load(args.pass_rates, unique=False), args.k, args.pass_rates)  # a pool's ids repeat
         pool = join_pass_rates(pool, rated, args.pass_rates)
     else:
         pool = check_pass_rates(pool, args.k, args.data)

@@ -674,6 +674,28 @@ def test_adacs_with_pass_rates_from_another_model_fills_the_p0_bracket(tmp_path)
                         str(tmp_path / "norates.jsonl"), "--out", str(tmp_path / "x.jsonl")])
 
 
+def test_adacs_takes_pass_rates_from_a_pool_of_traces(tmp_path):
+    """--pass-rates may be `passrate --keep-responses`'s pool (K records per problem, one pass rate): it stopped on its
+    repeated ids, so a user had to sample again without the flag. Records of one id that disagree on the rate stop.
+    By hand (K = 2): L(0) = 30 (h's one trace), L(1) = 10 (e's); both keep their only trace."""
+    def rec(pid, p, n):
+        return dict(id=pid, question="q", answer="7", images=[], source="s", pass_rate=p, length=n, correct=True,
+                    response="<think>x</think> \\boxed{7}")
+    teacher = [dict(rec("h", None, 30)), dict(rec("e", None, 10))]
+    jsonl(tmp_path / "teacher.jsonl", teacher)
+    jsonl(tmp_path / "pool.jsonl", [rec("h", 0.0, 5), rec("h", 0.0, 6), rec("e", 1.0, 7), rec("e", 1.0, 8)])
+    data_prep.main(["adacs", "--data", str(tmp_path / "teacher.jsonl"), "--pass-rates", str(tmp_path / "pool.jsonl"),
+                    "--k", "2", "--out", str(tmp_path / "sft.jsonl")])
+    got = {r["id"]: (r["pass_rate"], r["length"]) for r in data_prep.load_records(str(tmp_path / "sft.jsonl"))}
+    assert got == {"h": (0.0, 30), "e": (1.0, 10)}
+    jsonl(tmp_path / "bad.jsonl", [rec("h", 0.0, 5), rec("h", 0.5, 6), rec("e", 1.0, 7)])
+    with pytest.raises(SystemExit) as err:
+        data_prep.main(["adacs", "--data", str(tmp_path / "teacher.jsonl"), "--pass-rates", str(tmp_path / "bad.jsonl"),
+                        "--k", "2", "--out", str(tmp_path / "x.jsonl")])
+    assert str(err.value.code) == f"data error: {tmp_path / 'bad.jsonl'}: problem 'h': its records disagree on the " \
+                                  f"pass rate ([0.0, 0.5])"
+
+
 def test_adacs_warns_when_hard_problems_have_no_longer_traces(tmp_path, capsys):
     """A source whose traces are no longer on the problems the model fails (L(0) <= L(1)) gets a warning that says
     what to do; a source whose L(0) is clearly above L(1) gets none. By hand: 'flat' L(0) = median(70, 73, 76) = 73,
