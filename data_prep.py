@@ -1586,21 +1586,25 @@ def bracket_of(p: float, k: int) -> int:
 def check_pass_rates(records: list[dict], k: int, where: str, most: int = 64) -> list[dict]:
     """Every pass rate read (None: computed later) is c/K for K = --k, so that round(p K) is its bracket: K = 16 rates
     read with K = 8 put p = 1/16 in bracket 0, counted toward L(0), and fill the brackets unevenly. A rate written
-    rounded to 2 decimals or finer passes (0.38 for 3/8, 0.33 for 1/3). The first that does not stops the command,
+    rounded to 2 decimals or finer passes (0.38 for 3/8, 0.33 for 1/3) while K <= 100; past that, 2 decimals no longer
+    name one c/K (0.05 is 0.003 from 6/128, and may be 7/128 rounded), so rates must be written to 6 decimals (passrate
+    writes them exactly). The first that does not stops the command,
     naming the smallest K <= `most` of which every rate is an exact multiple, if there is one (rounded rates fit
     K = 100 exactly, which would be no advice). K is checked, not inferred from the data: rates that all happen to be
     multiples of 1/4 may come from K = 8, and the brackets would change with the data."""
     def near(p, n, tol):  # within tol of its bracket's rate
         return abs(p - bracket_of(p, n) / n) <= tol
     rated = [r for r in records if r.get("pass_rate") is not None]
-    bad = next((r for r in rated if not near(r["pass_rate"], k, 0.005 + 1e-9)), None)
+    bad = next((r for r in rated if not near(r["pass_rate"], k, 0.005 + 1e-9 if k <= 100 else 1e-6)), None)
     if bad is None:
         return records
     rates = {r["pass_rate"] for r in rated}
     like = next((n for n in range(1, most + 1) if all(near(p, n, 1e-9) for p in rates)), None)
     raise DataError(f"{where}: record {bad['id']}: pass_rate {bad['pass_rate']:g} is not a multiple of 1/{k} (--k {k})"
                     + (f": the pass rates look like K = {like} (pass --k {like})" if like else ": give --k the number "
-                       "of samples per problem the pass rates were measured with (a pass rate is c/K: c right of K)"))
+                       "of samples per problem the pass rates were measured with (a pass rate is c/K: c right of K)")
+                    + (", written to 6 decimals or more (past K = 100, a rate rounded to 2 decimals fits no single c/K)"
+                       if k > 100 else ""))
 
 
 def anchor_lengths(lengths: dict[int, list[int]]) -> tuple[float, float, int, int]:

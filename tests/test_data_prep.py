@@ -754,6 +754,13 @@ def test_pass_rates_rounded_to_two_decimals_pass_and_a_wrong_k_gets_honest_advic
     with pytest.raises(data_prep.DataError) as e:  # rounded thirds read as K = 8: 0.33 is exactly 33/100, no advice
         data_prep.check_pass_rates(rows(0, 0.33, 0.67, 1), 8, "f")
     assert "pass_rate 0.33 is not a multiple of 1/8 (--k 8): give --k the number of samples" in str(e.value)
+    # K = 128: 7/128 = 0.0547 rounded to 0.05 lies 0.003 from 6/128 and was read as 6 right; exact rates still pass
+    assert data_prep.check_pass_rates(rows(7 / 128, 0.9140625), 128, "f") == rows(7 / 128, 0.9140625)
+    with pytest.raises(data_prep.DataError) as e:
+        data_prep.check_pass_rates(rows(7 / 128, 0.05), 128, "f")
+    assert "record r1: pass_rate 0.05 is not a multiple of 1/128 (--k 128)" in str(e.value)
+    assert str(e.value).endswith("written to 6 decimals or more (past K = 100, a rate rounded to 2 decimals fits no "
+                                 "single c/K)")
 
 
 def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
