@@ -858,6 +858,10 @@ def run_curves(args):
         raise SystemExit(f"curves {path}: no AEPO step rows in it; give an AEPO run's metrics.jsonl")
     if problem := curve_problem(rows):
         raise SystemExit(f"curves {path}: {problem}; give an AEPO run's metrics.jsonl")
+    keys = {k for _, ks in curve_panels(rows) for k in ks}
+    if not any(r.get(k) is not None for r in rows for k in keys):  # nine empty panels otherwise
+        raise SystemExit(f"curves {path}: none of its {len(rows)} step rows has a value the curves draw (reward, acc, "
+                         "tau, ...): a cold-start run's log?; give an AEPO run's metrics.jsonl")
     png = path.with_name("curves.png")
     if plot_curves(path, png):
         print(f"curves: {png}", flush=True)

@@ -1021,3 +1021,17 @@ def test_a_training_preset_is_evaluated_on_its_test_split_and_a_benchmark_on_its
                  "--max-new-tokens", "2", *extra])
     assert asked == [("hiyouga/geometry3k", "test"), ("hiyouga/geometry3k", "train")]
     assert ares.held_out_split("mathvista-testmini") == "testmini" and ares.held_out_split("virl39k") == "test"
+
+
+def test_curves_of_a_run_without_aepo_values_stop_with_one_line_instead_of_drawing_empty_panels(tmp_path, capsys):
+    """A cold-start run's metrics.jsonl (loss, lr, grad_norm: step rows, none of the AEPO values) drew nine empty
+    panels and said `curves: ...` as if it had drawn the run."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(dict(step=s, loss=1.0, lr=1e-5, grad_norm=0.5, skipped=0)) + "\n"
+                               for s in (1, 2, 3)))
+    with pytest.raises(SystemExit) as err:
+        ev.main(["curves", str(metrics)])
+    assert str(err.value.code) == (f"curves {metrics}: none of its 3 step rows has a value the curves draw (reward, acc, "
+                                   "tau, ...): a cold-start run's log?; give an AEPO run's metrics.jsonl")
+    assert not (tmp_path / "curves.png").exists()
+
