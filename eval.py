@@ -941,7 +941,8 @@ def plot_curves(runs: dict[str, Path] | Path, png: Path) -> bool:
                 raw = [r.get(k) if r.get(k) is not None else float("nan") for r in rows]
                 ax.plot(steps, raw, style, color=f"C{colour}", alpha=0.15)
                 label = k.removeprefix("level_") + (f" ({name})" if name else "")
-                ax.plot(steps, moving_mean(raw, 10), style, color=f"C{colour}", label=label)
+                ax.plot(steps, moving_mean(raw, 10), style, color=f"C{colour}", label=label,
+                        marker="o" if len(steps) == 1 else None)  # a line of one point is drawn as nothing
         ax.set_title(title)
         ax.set_xlabel("AEPO step")
         ax.legend(fontsize=6)

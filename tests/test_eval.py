@@ -1035,3 +1035,19 @@ def test_curves_of_a_run_without_aepo_values_stop_with_one_line_instead_of_drawi
                                    "tau, ...): a cold-start run's log?; give an AEPO run's metrics.jsonl")
     assert not (tmp_path / "curves.png").exists()
 
+
+def test_curves_of_a_single_step_draw_a_point(tmp_path):
+    """A run of one AEPO step (or a log read after its first step) drew lines of one point each, which matplotlib shows
+    as nothing: every panel was empty. Each value the run logged must put coloured pixels on the figure."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    def coloured_pixels(rows):
+        metrics = tmp_path / "metrics.jsonl"
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ev.main(["curves", str(metrics)])
+        img = imread(tmp_path / "curves.png")[..., :3]  # (H, W, 3) in [0, 1]
+        return int(((img.max(-1) - img.min(-1)) > 0.3).sum())  # C0, C1 ... lines; black text and white excluded
+
+    # the legends' colour samples are the same in both: only the two more values can add pixels
+    assert coloured_pixels([dict(step=1, reward=0.5, acc=0.4, tau=1.0)]) > coloured_pixels([dict(step=1, reward=0.5)]) + 20
