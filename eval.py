@@ -533,7 +533,12 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
     marks = {rid: graded_by(r) for rid, r in by_id.items()}
     content = {r["id"]: record_key(processor, r, bench["image_digests"][r["id"]]) for r in usable}
     key = lambda rid, k: response_key(mkey, bench["key"], rid, k, settings, content[rid])  # noqa: E731
-    failed = [dict(id=f["id"], error=f["error"]) for f in bench["failures"]] + failed
+    labels = {r["id"]: bucket_of(r, bench["field"]) for r in bench["records"]}
+    # a failed row's level is its own: it may share its id with a usable record (one copy of a record bad), which
+    # must keep its responses and level
+    failed = [dict(id=f["id"], error=f["error"], bucket=bucket_of(f["row"], bench["field"])) for f in bench["failures"]] \
+        + [dict(f, bucket=labels[f["id"]]) for f in failed]
+    lost = set()  # usable records whose generation failed: no responses
     chunks = [usable[i:i + cfg.batch_size] for i in range(0, len(usable), cfg.batch_size)]  # fixed by the data alone
     todo = [c for c in chunks if any(key(r["id"], k) not in cache for r in c for k in range(cfg.samples))]
     n_cached = sum(key(r["id"], k) in cache for r in usable for k in range(cfg.samples))
@@ -545,7 +550,8 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
         lines, bad = (generate_or_report(model, processor, ids, mine, cfg, bench.get("seed_name", bench["name"]))
                       if mine else ([], []))
         lines, bad = gather(lines), gather(bad)
-        failed += bad
+        failed += [dict(f, bucket=labels[f["id"]]) for f in bad]
+        lost.update(f["id"] for f in bad)
         new = []
         for line in lines:
             line = dict(key=key(line["id"], line["sample"]), model=name, model_path=mkey, benchmark=bench["name"],
@@ -566,12 +572,8 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
         cache[line["key"]] = line
     if again and writer:
         data_prep.append_lines(writer, [json.dumps(line) + "\n" for line in again])
-    labels = {r["id"]: bucket_of(r, bench["field"]) for r in bench["records"]}
-    labels.update({f["id"]: bucket_of(f["row"], bench["field"]) for f in bench["failures"]})
-    failed_ids = {f["id"] for f in failed}
-    responses = [dict(cache[key(r["id"], k)], bucket=labels[r["id"]]) for r in usable if r["id"] not in failed_ids
+    responses = [dict(cache[key(r["id"], k)], bucket=labels[r["id"]]) for r in usable if r["id"] not in lost
                  for k in range(cfg.samples)]
-    failed = [dict(f, bucket=labels.get(f["id"])) for f in failed]
     return summarize(responses, failed, cfg.samples, bench["field"]), failed, n_new, n_cached
 
 

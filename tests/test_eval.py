@@ -1051,3 +1051,23 @@ def test_curves_of_a_single_step_draw_a_point(tmp_path):
 
     # the legends' colour samples are the same in both: only the two more values can add pixels
     assert coloured_pixels([dict(step=1, reward=0.5, acc=0.4, tau=1.0)]) > coloured_pixels([dict(step=1, reward=0.5)]) + 20
+
+
+def test_a_bad_row_with_the_id_of_a_good_record_leaves_that_record_counted(tmp_path, tiny_ckpt, demo_data):
+    """A bad row under the id of a usable record (the record listed twice, one copy without its answer) is one failed
+    record, counted wrong, beside that record's own response. Before, the failure's id hid the usable record's
+    responses from the metrics: 2 records with 1 response instead of 3 with 2, and the record took the bad row's level."""
+    src = Path(demo_data["test"])
+    rows = [dict(r, images=[str(src.parent / p) for p in r["images"]]) for r in map(json.loads, open(src))][:2]
+    bad = dict(rows[0], answer="", difficulty="bad copy")
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [bad, *rows]))
+    ev.main(["--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "ev"), "--max-new-tokens", "2"])
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    (m,) = res["metrics"]["b"].values()
+    assert (m["overall"]["records"], m["overall"]["failed"], m["overall"]["responses"]) == (3, 1, 2)
+    want = {}  # per level: records, failed, responses, counted by hand from the three rows
+    for r, failed in ((bad, 1), (rows[0], 0), (rows[1], 0)):
+        n = want.setdefault(str(r["difficulty"]), [0, 0, 0])
+        n[0], n[1], n[2] = n[0] + 1, n[1] + failed, n[2] + 1 - failed
+    assert {lv: [b["records"], b["failed"], b["responses"]] for lv, b in m["buckets"].items()} == want
