@@ -1232,7 +1232,7 @@ def style_lines(runs: list[str], levels: list[str]) -> list[str]:
     count = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # (run, level, model) -> style -> [responses, right]
     for run in runs:
         level_of = {r["id"]: r["difficulty"] for r in map(json.loads, open(Path(run) / "data" / "test.jsonl"))}
-        for r in map(json.loads, open(Path(run) / "eval_sampled" / "responses.jsonl")):
+        for r in read_cache(Path(run) / "eval_sampled" / "responses.jsonl").values():  # once each, its last verdict
             c = count[run, level_of[r["id"]], r["model"]][data_prep.demo_style(r["response"])]
             c[0], c[1] = c[0] + 1, c[1] + bool(r["correct"])
     lines = ["\ntrace styles at T = 1: share of responses (mean over seeds) and accuracy within the style (pooled), "

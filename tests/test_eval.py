@@ -1071,3 +1071,23 @@ def test_a_bad_row_with_the_id_of_a_good_record_leaves_that_record_counted(tmp_p
         n = want.setdefault(str(r["difficulty"]), [0, 0, 0])
         n[0], n[1], n[2] = n[0] + 1, n[1] + failed, n[2] + 1 - failed
     assert {lv: [b["records"], b["failed"], b["responses"]] for lv, b in m["buckets"].items()} == want
+
+
+def test_trace_styles_count_each_cached_response_once_with_its_latest_verdict(tmp_path):
+    """The --demo summary's trace styles read eval_sampled/responses.jsonl, eval.py's cache: a response graded again
+    (a newer grader) is appended under its key, and the last line of a killed rerun is cut short. Each response counts
+    once, with its last verdict, as the cache reads it; before, both verdicts were pooled and a cut line ended the
+    summary in a JSONDecodeError traceback. By hand: ARES wrote 2 steps responses on the easy level, graded wrong, then
+    both graded again right: 100% right, not 50%; the cold start 1 terse (right) and 1 steps (wrong): 50% / 50%."""
+    run = tmp_path / "seed0"
+    (run / "data").mkdir(parents=True)
+    (run / "eval_sampled").mkdir()
+    (run / "data" / "test.jsonl").write_text("".join(json.dumps(dict(id=i, difficulty="easy")) + "\n" for i in "ab"))
+    steps, terse = "<think>Red is 3.</think> \\boxed{3}", "<think></think> \\boxed{3}"
+    lines = [dict(key=f"ARES {i}", id=i, model="ARES", correct=False, response=steps) for i in "ab"]
+    lines += [dict(x, correct=True) for x in lines]  # graded again
+    lines += [dict(key="cold a", id="a", model="cold start", correct=True, response=terse),
+              dict(key="cold b", id="b", model="cold start", correct=False, response=steps)]
+    (run / "eval_sampled" / "responses.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"key": "GR')
+    got = ev.style_lines([str(run)], ["easy"])
+    assert got[-1] == "easy | 50% (100%) / 0% / 0% | 50% (0%) / 100% (100%) / 0% | 0% / 0% / 0%"
