@@ -509,15 +509,16 @@ def end_last_line(path: Path):
 
 
 def read_cache(path: Path) -> dict:
-    """key -> response line of an earlier run (a line cut short by a crash is skipped)."""
+    """key -> response line of an earlier run (a line cut short by a crash, or one that is not a response, is skipped)."""
     cache = {}
     if path.is_file():
-        for line in open(path):
+        for line in open(path, errors="replace"):  # a damaged byte fails its line's JSON, not the whole read
             try:
                 row = json.loads(line)
-                cache[row["key"]] = row
-            except (json.JSONDecodeError, KeyError):
+            except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("key"), str):  # else not a response line: damaged, edited
+                cache[row["key"]] = row
     return cache
 
 

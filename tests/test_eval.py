@@ -1091,3 +1091,15 @@ def test_trace_styles_count_each_cached_response_once_with_its_latest_verdict(tm
     (run / "eval_sampled" / "responses.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"key": "GR')
     got = ev.style_lines([str(run)], ["easy"])
     assert got[-1] == "easy | 50% (100%) / 0% / 0% | 50% (0%) / 100% (100%) / 0% | 0% / 0% / 0%"
+
+
+def test_a_cache_line_that_is_json_but_not_a_response_is_skipped_as_a_cut_line_is(tmp_path):
+    """responses.jsonl lines that parse but are no response line of eval.py (a list, a number, an object whose key is
+    not text: a damaged or hand-edited cache) are skipped, as a line cut short is, and those responses generated again.
+    Before, read_cache ended eval.py (and the --demo summary's trace styles) in a TypeError traceback, and a byte that
+    is not UTF-8 in a UnicodeDecodeError."""
+    path = tmp_path / "responses.jsonl"
+    good = dict(key="k", id="a", correct=True)
+    path.write_bytes(b'{"key": "k3", "id": \xff}\n[1, 2]\n5\n' + json.dumps(dict(key=["k"], id="b")).encode() + b"\n"
+                     + json.dumps(good).encode() + b'\n{"key": "k2"')  # a damaged byte, not UTF-8, too
+    assert ev.read_cache(path) == {"k": good}
