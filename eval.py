@@ -959,7 +959,7 @@ def bucket_shares(metrics_file: Path, part: float = 1.0) -> dict:
     rows = rows[:math.ceil(len(rows) * part)]
     shares = {}
     for lv in run_levels(rows):
-        n = {b: sum(r.get(f"level_{lv}_groups_{b}", 0) for r in rows) for b in ares.BUCKETS}
+        n = {b: sum(r.get(f"level_{lv}_groups_{b}") or 0 for r in rows) for b in ares.BUCKETS}  # null: a gap
         total = sum(n.values())
         shares[lv] = {b: n[b] / total if total else None for b in ares.BUCKETS}
     return shares

@@ -1103,3 +1103,16 @@ def test_a_cache_line_that_is_json_but_not_a_response_is_skipped_as_a_cut_line_i
     path.write_bytes(b'{"key": "k3", "id": \xff}\n[1, 2]\n5\n' + json.dumps(dict(key=["k"], id="b")).encode() + b"\n"
                      + json.dumps(good).encode() + b'\n{"key": "k2"')  # a damaged byte, not UTF-8, too
     assert ev.read_cache(path) == {"k": good}
+
+
+def test_bucket_shares_read_a_null_group_count_as_a_gap_as_the_report_check_lets_it_pass(tmp_path):
+    """demo-report's check (curve_problem) passes a null in a metrics.jsonl as a gap, the bucket shares included; the
+    shares then summed it and ended the report in a TypeError traceback. By hand: easy level, step 1 null / 1 / 1,
+    step 2 2 / 0 / 0 -> 2, 1, 1 of 4 groups."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(step=1, level_easy_len=3.0, level_easy_groups_easy=None, level_easy_groups_medium=1,
+                 level_easy_groups_hard=1),
+            dict(step=2, level_easy_len=3.0, level_easy_groups_easy=2, level_easy_groups_medium=0, level_easy_groups_hard=0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ev.curve_problem(rows) is None
+    assert ev.bucket_shares(path) == {"easy": {"easy": 0.5, "medium": 0.25, "hard": 0.25}}
