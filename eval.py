@@ -871,7 +871,8 @@ def run_curves(args):
 
 
 def moving_mean(values: list[float], k: int) -> list[float]:
-    """Mean of the last k finite values at each position (NaN where there is none yet)."""
+    """Mean of the finite values among the last k at each position (NaN where all k are NaN, a gap in the curve):
+    moving_mean([1, nan, nan, 4], 2) == [1, 1, nan, 4]."""
     out = []
     for i in range(len(values)):
         window = [v for v in values[max(0, i - k + 1):i + 1] if v == v]
