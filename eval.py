@@ -1175,7 +1175,7 @@ def demo_summary(runs: list[str]) -> str:
         missing = next((f for f in ("demo.json", "data/test.jsonl", "eval_sampled/responses.jsonl")
                         if not (Path(r) / f).is_file()), None)
         if missing:
-            raise SystemExit(f"--demo {r}: no {missing} in it; give the --out folder of a finished `python ares.py`")
+            raise SystemExit(f"--demo {r}: no {missing} in it; give the --out folder of a finished `python ares.py` run")
     reports, levels = [], None
     for r in runs:  # the levels are the first run's: every run must have them
         rep, levels = demo_json(r, levels)

@@ -122,7 +122,7 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     assert next(x for x in first if x.startswith("hard: ")).endswith(f"(hard, per seed: {hard_share}%, n/a)")
     with pytest.raises(SystemExit) as missing:
         importlib.import_module("eval").main(["--demo", str(out), "--demo", str(data)])
-    assert str(missing.value.code) == f"--demo {data}: no demo.json in it; give the --out folder of a finished `python ares.py`"
+    assert str(missing.value.code) == f"--demo {data}: no demo.json in it; give the --out folder of a finished `python ares.py` run"
 
 
 @pytest.mark.parametrize("flags, message", [

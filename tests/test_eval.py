@@ -1116,3 +1116,12 @@ def test_bucket_shares_read_a_null_group_count_as_a_gap_as_the_report_check_lets
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert ev.curve_problem(rows) is None
     assert ev.bucket_shares(path) == {"easy": {"easy": 0.5, "medium": 0.25, "hard": 0.25}}
+
+
+def test_demo_on_a_folder_without_the_report_names_what_it_lacks_in_a_whole_sentence(tmp_path):
+    """--demo on a run folder that stopped before its report: one line naming the missing file. It ended in '... of a
+    finished `python ares.py`', the word 'run' missing (demo-report's line says 'run')."""
+    with pytest.raises(SystemExit) as err:
+        ev.main(["--demo", str(tmp_path)])
+    assert str(err.value.code) == (f"--demo {tmp_path}: no demo.json in it; give the --out folder of a finished "
+                                   "`python ares.py` run")
