@@ -130,6 +130,8 @@ def parse_config(argv=None) -> EvalConfig:
     cfg = EvalConfig(**args, given=tuple(sorted(given)))
     if not cfg.demo and (not cfg.model or not cfg.data):
         parser.error("give at least one --model and one --data (or --demo runs)")
+    if cfg.demo and (cfg.model or cfg.data):  # else the evaluation asked for is silently not run
+        parser.error("--demo prints the summary of demo runs and evaluates nothing: give it without --model and --data")
     if cfg.name and len(cfg.name) != len(cfg.model):
         parser.error(f"{len(cfg.name)} --name for {len(cfg.model)} --model")
     if twice := next((n for n in cfg.name if cfg.name.count(n) > 1), None):  # results are filed by name

@@ -1125,3 +1125,13 @@ def test_demo_on_a_folder_without_the_report_names_what_it_lacks_in_a_whole_sent
         ev.main(["--demo", str(tmp_path)])
     assert str(err.value.code) == (f"--demo {tmp_path}: no demo.json in it; give the --out folder of a finished "
                                    "`python ares.py` run")
+
+
+def test_demo_with_a_model_or_data_stops_instead_of_ignoring_them(tmp_path, capsys):
+    """`--demo` prints the summary of demo runs and evaluates nothing: with --model and --data as well it printed that
+    summary alone, the evaluation asked for silently not run."""
+    with pytest.raises(SystemExit) as err:
+        ev.parse_config(["--demo", str(tmp_path), "--model", "tiny", "--data", str(tmp_path / "b.jsonl")])
+    assert err.value.code == 2
+    assert ("error: --demo prints the summary of demo runs and evaluates nothing: give it without --model and --data"
+            in capsys.readouterr().err)
