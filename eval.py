@@ -150,7 +150,20 @@ def parse_config(argv=None) -> EvalConfig:
         raise SystemExit(f"--plot {cfg.plot}: a folder; give the PNG file to write")
     if cfg.plot:
         data_prep.check_writable("--plot", cfg.plot, folder=False)
+        check_plot_format(cfg.plot)
     return cfg
+
+
+def check_plot_format(png: str):
+    """--plot's suffix a format matplotlib writes (none: PNG), checked now: the figure is drawn after the whole
+    evaluation. Without matplotlib there is nothing to check: the plot is skipped, with a message."""
+    fmt = Path(png).suffix.lstrip(".").lower() or "png"
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return
+    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        raise SystemExit(f"--plot {png}: matplotlib cannot write a .{fmt} file; give a .png file")
 
 
 def check_paths(models: list[str], out: str):

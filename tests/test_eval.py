@@ -657,6 +657,9 @@ STOPS = [  # (case, argv, message): an argv starting with "ares" runs ares.py, e
      "--plot {tmp}: a folder; give the PNG file to write"),  # after the whole evaluation
     ("--plot under a file", ["--data", "{good}", "--model", "{model}", "--out", "{out}", "--plot", "{good}/p.png"],
      "--plot {good}/p.png: {good} is a file, not a folder"),  # FileExistsError
+    ("--plot of a format matplotlib cannot write", ["--data", "{good}", "--model", "{model}", "--out", "{out}", "--plot",
+                                                    "{out}/responses.jsonl"],  # ValueError, after the whole evaluation
+     "--plot {out}/responses.jsonl: matplotlib cannot write a .jsonl file; give a .png file"),
     ("curves on text values", ["curves", "{run}/aepo/metrics.jsonl"],  # TypeError
      'curves {run}/aepo/metrics.jsonl: step 1: reward is "x", not a number'),
     ("demo-report on files without their keys", ["demo-report", "{run}"],  # KeyError
