@@ -881,6 +881,8 @@ def run_curves(args):
         raise SystemExit(f"curves {path}: none of its {len(rows)} step rows has a value the curves draw (reward, acc, "
                          "tau, ...): a cold-start run's log?; give an AEPO run's metrics.jsonl")
     png = path.with_name("curves.png")
+    if png.is_dir():  # written over the file there (atomically), never into a folder of the user's
+        raise SystemExit(f"curves {path}: {png} is a folder, where the curves are written: move it")
     if plot_curves(path, png):
         print(f"curves: {png}", flush=True)
 

@@ -618,6 +618,12 @@ def test_curves_says_where_it_drew_them(tmp_path, capsys):
     ev.main(["curves", str(metrics)])
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"curves: {tmp_path / 'curves.png'}"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "curves.png").unlink()
+    (tmp_path / "curves.png").mkdir()  # a folder of that name: an IsADirectoryError traceback after drawing
+    with pytest.raises(SystemExit) as e:
+        ev.main(["curves", str(metrics)])
+    assert str(e.value.code) == f"curves {metrics}: {tmp_path / 'curves.png'} is a folder, where the curves are written: " \
+                                "move it"
 
 
 STOPS = [  # (case, argv, message): an argv starting with "ares" runs ares.py, else eval.py; {x} are bad_inputs' files
