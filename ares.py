@@ -1202,15 +1202,15 @@ GROUP = {"formed": False}  # whether this command reached init_distributed
 
 @contextlib.contextmanager
 def one_line_per_node():
-    """Until the process group forms, every rank torchrun starts on a node checks the same flags and reads the same
-    files, so a line that stops the run would be printed once per rank (8 times on 8 GPUs): local rank 0 prints it,
-    the others stop with exit 1 and no word. After that a line may be one rank's own, and each rank prints its own."""
+    """Until the process group forms, a line that stops the run is every rank's alike: local rank 0 says it and the
+    others wait to be stopped (data_prep.let_local_rank_0_say_it). After that a line may be one rank's own, and each
+    rank says its own at once."""
     GROUP["formed"] = False
     try:
         yield
     except SystemExit as e:
-        if isinstance(e.code, str) and not GROUP["formed"] and os.environ.get("LOCAL_RANK", "0") != "0":
-            raise SystemExit(1) from None
+        if isinstance(e.code, str) and not GROUP["formed"]:
+            data_prep.let_local_rank_0_say_it()
         raise
 
 

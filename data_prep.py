@@ -2079,9 +2079,22 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse for every tool of the project (ares.py, eval.py, bench.py use it too): a flag of the wrong type or
     choice is one line naming the flag and what it takes, where argparse prints its whole usage first."""
 
-    def error(self, message):  # under torchrun every rank parses the same flags: local rank 0 says it (one line a node)
-        said = os.environ.get("LOCAL_RANK", "0") == "0"
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n" if said else None)
+    def error(self, message):
+        let_local_rank_0_say_it()
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+SAY_AFTER_S = 10.0  # how long a rank waits for its node's local rank 0 to say the line that stops them both
+
+
+def let_local_rank_0_say_it():
+    """Under torchrun every rank of a node parses the same flags and reads the same data before the process group
+    forms, so a line that stops one stops them all, and was printed once per rank (8 times on 8 GPUs). Local rank 0
+    says it at once; the others wait SAY_AFTER_S first, and torchrun stops them when local rank 0 exits. One still
+    running after that met a line of its own (rank 0 went on) and says it: a rank is never silenced, only delayed.
+    (Exiting at once in silence was not enough: torchrun stopped local rank 0 before it had printed, at times.)"""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(SAY_AFTER_S)
 
 
 def command_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from conftest import ROOT, foreground, run_script, steps_logged
 from torch.distributed.distributed_c10d import BackendConfig
 
 import ares
+import data_prep
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -413,24 +414,44 @@ def test_a_stalled_rank_stops_a_torchrun_stage_with_one_line_naming_dist_timeout
 
 
 
-def test_bad_input_under_torchrun_is_one_line_not_one_per_rank(tmp_path):
+def test_bad_input_under_torchrun_is_one_line_not_one_per_rank(tmp_path, monkeypatch, capsys):
     """Every rank torchrun starts checks the same flags and reads the same data, so a bad flag or record printed the
-    same line once per rank (8 times on 8 GPUs). Now local rank 0 prints it and the others stop silently: a flag out
-    of range, a flag argparse cannot read, a record missing its id, and eval.py passrate's own check."""
+    same line once per rank (8 times on 8 GPUs). Now local rank 0 says it and the others wait to be stopped. Under
+    torchrun: a record missing its id. In this process, for a flag out of range, a flag argparse cannot read and
+    eval.py passrate's own check: local rank 0 says it at once; local rank 1 waits, says nothing when torchrun stops
+    it meanwhile, and says it itself when nothing does (local rank 0 went on: the line is its own)."""
+    import eval as ev
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    aepo = ["ares.py", "--stage", "aepo", "--model", "tiny", "--data", bad, "--out", tmp_path / "run"]
-    cases = [(aepo + ["--lr", "-1"], "--lr must be > 0, got -1.0"),
-             (aepo + ["--lr", "abc"], "ares.py: error: argument --lr: invalid float value: 'abc'"),
-             (aepo, f"data error: {bad}: record #0: missing or empty field 'id'"),
-             (["eval.py", "passrate", "--model", "tiny", "--data", bad, "--out", tmp_path / "r.jsonl", "--k", "0"],
+    aepo = ["--stage", "aepo", "--model", "tiny", "--data", bad, "--out", tmp_path / "run"]
+    res = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                           "--standalone", "ares.py", *aepo]],
+                         cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=300)
+    line = f"data error: {bad}: record #0: missing or empty field 'id'"
+    assert res.returncode != 0 and res.stderr.count(line) == 1, res.stderr[-2000:]
+    cases = [(ares.main, aepo + ["--lr", "-1"], "--lr must be > 0, got -1.0"),
+             (ares.main, aepo + ["--lr", "abc"], "error: argument --lr: invalid float value: 'abc'"),
+             (ev.main, ["passrate", "--model", "tiny", "--data", bad, "--out", tmp_path / "r.jsonl", "--k", "0"],
               "--k must be >= 1, got 0")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    for args, line in cases:
-        res = subprocess.run([str(a) for a in launch + args], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode != 0 and res.stderr.count(line) == 1, (args, res.stderr[-2000:])
+    waited = []
+
+    def stopped_by_torchrun(seconds):  # local rank 0 exited meanwhile
+        waited.append(seconds)
+        raise SystemExit(-15)
+
+    for local_rank, sleep, says in (("0", stopped_by_torchrun, True), ("1", stopped_by_torchrun, False),
+                                    ("1", waited.append, True)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setattr(data_prep.time, "sleep", sleep)
+        for main, args, line in cases:
+            waited.clear()
+            with pytest.raises(SystemExit) as e:
+                main([str(a) for a in args])
+            said = str(e.value.code) + capsys.readouterr().err  # Python prints the one; argparse the other
+            assert (line in said) == says and e.value.code != 0, (local_rank, args, said)
+            assert waited == ([] if local_rank == "0" else [data_prep.SAY_AFTER_S]), (local_rank, args, waited)
     assert not (tmp_path / "run").exists()
 
 FINGERPRINTS_COUNTED = """
