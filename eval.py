@@ -1178,9 +1178,10 @@ def demo_json(run: str, levels: list[str] | None = None) -> tuple[dict, list[str
 
 
 def mean_sd(values: list[float], scale: float = 1.0, signed: bool = False) -> str:
+    """'mean ± sd' over the seeds (the sample sd); one seed has no sd: 'mean ± n/a', not the '± 0.0' of seeds that agree."""
     m = statistics.mean(values) * scale
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:+.1f} ± {sd:.1f}" if signed else f"{m:.1f} ± {sd:.1f}"
+    sd = f"{statistics.stdev(values) * scale:.1f}" if len(values) > 1 else "n/a"
+    return f"{m:+.1f} ± {sd}" if signed else f"{m:.1f} ± {sd}"
 
 
 def demo_summary(runs: list[str]) -> str:
@@ -1199,7 +1200,8 @@ def demo_summary(runs: list[str]) -> str:
         reports.append(rep)
     lines = []
     for mode, title in (("greedy", "greedy"), ("sampled", "T = 1, mean@4")):
-        lines += [f"\n{title}, {len(runs)} seeds, mean ± sd | accuracy % (cold start / ARES / GRPO) | ARES - cold | "
+        seeds = f"{len(runs)} seed{'s' * (len(runs) != 1)}"
+        lines += [f"\n{title}, {seeds}, mean ± sd | accuracy % (cold start / ARES / GRPO) | ARES - cold | "
                   "ARES - GRPO | tokens (cold start / ARES / GRPO) | tokens: ARES vs cold | ARES vs GRPO",
                   "|".join(["---"] * 7)]
         for lv in levels:

@@ -1144,3 +1144,10 @@ def test_demo_with_a_model_or_data_stops_instead_of_ignoring_them(tmp_path, caps
     assert err.value.code == 2
     assert ("error: --demo prints the summary of demo runs and evaluates nothing: give it without --model and --data"
             in capsys.readouterr().err)
+
+
+def test_mean_sd_over_seeds_is_the_sample_sd_and_one_seed_has_none():
+    """The demo tables' cells: 0.5 and 0.7 at scale 100 are 60.0 ± 14.1 (sample sd sqrt(0.02) = 0.1414); one seed printed
+    '± 0.0', as if seeds had agreed, and is now '± n/a'."""
+    assert ev.mean_sd([0.5, 0.7], 100) == "60.0 ± 14.1" and ev.mean_sd([0.1, -0.3], 100, signed=True) == "-10.0 ± 28.3"
+    assert ev.mean_sd([0.5], 100) == "50.0 ± n/a" and ev.mean_sd([0.02], 100, signed=True) == "+2.0 ± n/a"
