@@ -380,15 +380,19 @@ def test_ctrl_c_says_where_the_responses_are_in_one_line(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_ctrl_c_in_passrate_is_one_line_on_rank_0_and_exit_130(rank, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_in_every_eval_command_is_one_line_on_rank_0_and_exit_130(rank, tmp_path, monkeypatch, capsys):
     """passrate is the long multi-GPU step of the pipeline: a Ctrl-C ended it in a KeyboardInterrupt traceback with
-    exit -2 (and, as the evaluation's line, every rank said it under torchrun). Now one line on rank 0, exit 130."""
+    exit -2 (and, as the evaluation's line, every rank said it under torchrun). Now one line on rank 0, exit 130; the
+    evaluation, curves and demo-report the same (README: run folders)."""
     def interrupted(args):
         raise KeyboardInterrupt
     monkeypatch.setattr(ev, "run_passrate", interrupted)
+    monkeypatch.setattr(ev, "run_curves", interrupted)  # README: curves and demo-report stop the same way
+    monkeypatch.setattr(ev, "run_demo_report", interrupted)
     monkeypatch.setenv("RANK", rank)
     for argv in (["passrate", "--data", "d.jsonl", "--model", "tiny", "--out", str(tmp_path / "rates.jsonl")],
-                 ["--model", "tiny", "--data", "d.jsonl", "--out", str(tmp_path / "ev")]):
+                 ["--model", "tiny", "--data", "d.jsonl", "--out", str(tmp_path / "ev")],
+                 ["curves", str(tmp_path / "metrics.jsonl")], ["demo-report", str(tmp_path / "demo")]):
         monkeypatch.setattr(ev, "evaluate_and_report", interrupted)
         with pytest.raises(SystemExit) as e:
             try:
@@ -402,6 +406,10 @@ def test_ctrl_c_in_passrate_is_one_line_on_rank_0_and_exit_130(rank, tmp_path, m
         elif argv[0] == "passrate":
             assert err[-1] == (f"interrupted (Ctrl-C): {tmp_path / 'rates.jsonl'} is as it was: passrate writes it once "
                                "every problem is sampled; the same command starts it again")
+        elif argv[0] == "curves":
+            assert err[-1] == "interrupted (Ctrl-C): the same command draws the curves"
+        elif argv[0] == "demo-report":
+            assert err[-1] == "interrupted (Ctrl-C): the same command writes the report"
 
 
 def test_plot_is_a_png(tmp_path):
