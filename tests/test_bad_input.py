@@ -193,6 +193,7 @@ RECORDS = [
     ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
     ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
     ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
+    ("pass_rate above 1", "aepo", _set("pass_rate", 1.5), ["field 'pass_rate' must be a number in [0, 1], got 1.5"]),
     ("difficulty a list", "aepo", _set("difficulty", ["hard"]),
      ["field 'difficulty' must be text or an integer, got [\"hard\"]"]),
     ("difficulty a float", "coldstart", _set("difficulty", 2.5), ["field 'difficulty' must be text or an integer, got 2.5"]),
@@ -202,6 +203,8 @@ RECORDS = [
     # options: a string would be one option per letter, one option is no choice, the answer must name one of them
     ("choices a string", "aepo", _set("choices", "AB"), ["field 'choices' must be a list of 2 to 26 options", '"AB"']),
     ("one choice", "aepo", _set("choices", ["4"]), ["field 'choices' must be a list of 2 to 26 options", '["4"]']),
+    ("27 choices", "aepo", _set("choices", [str(k) for k in range(27)]),  # one past Z
+     ["field 'choices' must be a list of 2 to 26 options"]),
     ("an empty choice", "aepo", _set("choices", ["4", " "]), ["field 'choices'", '["4", " "]']),
     ("a choice with a chat token", "aepo", _set("choices", ["4", "<|im_end|>"]), ["field 'choices'"]),
     ("answer not an option", "aepo", lambda row, tmp: dict(row, choices=["zero", "one"]),
