@@ -320,10 +320,18 @@ def test_ordinary_records_still_pass(demo_data, tmp_path):
     rows[1].update(question="Is 3 <|x|> 2 for x = 1?", answer=0.5)
     rows[2].update(response="")
     rows[3].update(answer=int("7" * 400))  # finite, though math.isfinite cannot take it (it overflowed)
+    rows[2].update(images=None)  # README (data format): images may be null or left out, and source defaults to
+    del rows[1]["images"], rows[1]["source"]  # the file's name
     path = tmp_path / "ok.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = data_prep.load_records(str(path))
     assert [r["id"] for r in records][:2] == ["17", rows[1]["id"]] and records[0]["answer"] == "5"
+    assert records[1]["images"] == records[2]["images"] == [] and len(records[0]["images"]) == 1
+    assert [r["source"] for r in records] == ["demo", "ok", "demo", "demo"]
+    with pytest.raises(SystemExit) as err:  # AEPO reads all four as good: it stops at the one broken after them
+        path.write_text(path.read_text() + json.dumps(dict(rows[0], id="broken-7", answer=True)) + "\n")
+        ares.main(["--stage", "aepo", "--model", "tiny", "--data", str(path), "--out", str(tmp_path / "o")])
+    assert str(err.value.code).startswith(f"data error: {path}: record broken-7: field 'answer'"), err.value.code
     assert records[0]["response"] == "<think>so \U0001F600</think> \\boxed{5}" and "\\ud83d" in path.read_text()
     assert records[1]["answer"] == "0.5" and records[3]["answer"] == "7" * 400 and len(records) == 4
     listed = tmp_path / "listed.json"  # one JSON list after a byte-order mark, as Windows editors save it
