@@ -254,6 +254,21 @@ def test_overwrite_replaces_the_run_and_leaves_none_of_its_files(runs, tiny_ckpt
     assert not (out / ares.LOCK).exists()  # released when the run ended
 
 
+def test_resume_never_continues_from_a_users_copy_of_a_checkpoint_beside_the_run(runs, tiny_ckpt, demo_data, tmp_path,
+                                                                                    monkeypatch):
+    """README (run folders): a folder of the user's beside the run (step_backup1/, final_notes/) is never resumed
+    from. Here both hold a whole copy of another run's final checkpoint at step 3, newer than the run's own
+    step_000001/: the resume goes on from step 1 and trains steps 2 and 3, and leaves the copies as they were."""
+    out = copy_run(runs, tmp_path, "interrupted")
+    for name in ("step_backup1", "final_notes", "step_000009_mine"):
+        shutil.copytree(runs / "finished" / "final", out / name)
+    before = folder_as_it_is(out / "step_backup1")
+    monkeypatch.chdir(tmp_path)
+    ares.main(coldstart_args(demo_data["sft"], "runs/res", tiny_ckpt, "--resume"))
+    assert steps_logged(out) == [1, 2, 3]
+    assert folder_as_it_is(out / "step_backup1") == before
+
+
 def test_demo_overwrite_passes_overwrite_to_every_training_stage_and_deletes_the_eval_caches(tmp_path, monkeypatch):
     # README "Two commands": `--overwrite` on a folder holding a demo makes each stage replace its own run and deletes
     # eval.py's response caches (keyed by checkpoint paths, so they would serve the old checkpoints' answers). The
