@@ -843,18 +843,33 @@ def passrate(data, out, model):
 def test_an_output_in_another_folder_keeps_every_image_reachable(tool, tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """README data format: adacs and passrate write an image path given relative to their input relative to their
     OUTPUT file instead. With --out two folders down (the demo writes beside its input, where any rule works) and run
-    from another working folder, every image of every output record must be the very file its input record names."""
+    from another working folder, every image of every output record must be the very file its input record names.
+    An absolute path stays absolute, resolved: here the even problems name theirs through a symbolic link and a
+    `..`, and the output names the file itself."""
+    demo = Path(demo_data["pool_traces" if tool == "adacs" else "pool"])
+    source, link = tmp_path / "in" / demo.name, tmp_path / "link"
+    source.parent.mkdir()
+    (source.parent / "images").symlink_to(demo.parent / "images")
+    link.symlink_to(demo.parent)
+    rows = [json.loads(line) for line in open(demo)]
+    absolute = {r["id"] for r in rows if int(r["id"][-1]) % 2 == 0}
+    for r in rows:
+        if r["id"] in absolute:
+            r["images"] = [str(link / "images" / ".." / i) for i in r["images"]]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sub" / "deeper" / "out.jsonl"
     monkeypatch.chdir(tmp_path)
     if tool == "adacs":
-        adacs(demo_data, out)
+        adacs(dict(pool_traces=source), out)
     else:
-        passrate(demo_data, out, tiny_ckpt)
-    source = Path(demo_data["pool_traces" if tool == "adacs" else "pool"])
-    want = {r["id"]: [(source.parent / i).resolve() for i in r["images"]] for r in map(json.loads, open(source))}
+        passrate(dict(pool=source), out, tiny_ckpt)
+    want = {r["id"]: [(demo.parent / i).resolve() for i in r["images"]] for r in map(json.loads, open(demo))}
     rows = [json.loads(line) for line in open(out)]
-    assert rows and all(r["images"] and not Path(r["images"][0]).is_absolute() for r in rows)
+    assert rows and all(r["images"] and Path(r["images"][0]).is_absolute() == (r["id"] in absolute) for r in rows)
+    assert {r["id"] for r in rows} & absolute and {r["id"] for r in rows} - absolute
     for r in rows:
+        if r["id"] in absolute:
+            assert [Path(i) for i in r["images"]] == want[r["id"]], r["images"]
         assert [(out.parent / i).resolve() for i in r["images"]] == want[r["id"]], r["id"]
     records = data_prep.load_records(str(out))  # and the next stage reads them
     assert all(data_prep.open_image(i).size for r in records for i in r["images"])
