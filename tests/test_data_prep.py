@@ -290,6 +290,28 @@ def test_convert_cli_writes_records_ares_loads_with_the_same_pixels(tmp_path):
         assert stored == [f"{out.stem}_images/0000000_0.png"] and (out.parent / stored[0]).is_file()
 
 
+def test_a_training_stage_reads_records_from_parquet_with_encoded_images(tmp_path, tiny_ckpt):
+    """README (data format): every stage reads our records from Parquet too, an image given as encoded bytes, a
+    {bytes, path} object or a {path} object (relative to the data file), or none. The cold start trains a step on
+    them, each image its own pixels."""
+    Image.new("RGB", (28, 28), BLUE).save(tmp_path / "blue.png")
+    rows = [dict(id="a", question="Q1", answer="1", response="\\boxed{1}",
+                 images=[{"bytes": png(RED, (28, 28)), "path": None}]),  # encoded, as Parquet stores an image
+            dict(id="b", question="Q2", answer="2", response="\\boxed{2}",
+                 images=[{"bytes": None, "path": "blue.png"}]),  # a path, beside the data file
+            dict(id="c", question="Q3", answer="3", response="\\boxed{3}", images=[])]
+    data = parquet(tmp_path / "d.parquet", rows)
+    encoded = parquet(tmp_path / "e.parquet", [dict(rows[0], id="e", images=[png(BLUE, (28, 28))])])
+    recs = data_prep.load_records(str(data), need_response=True) + data_prep.load_records(str(encoded))
+    assert [r["id"] for r in recs] == ["a", "b", "c", "e"] and recs[2]["images"] == []
+    colours = [RED, BLUE, None, BLUE]
+    assert all(solid(data_prep.open_image(r["images"][0]), c) for r, c in zip(recs, colours) if c)
+    out = tmp_path / "run"
+    ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(data), "--out", str(out),
+               "--steps", "1", "--batch-size", "3", "--micro-batch-size", "3"])
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+
+
 BAD_ROWS = [  # (rows, mapping, message)
     ([dict(q="ok", a="1"), dict(q="fine", b="2")], dict(question="q", answer="a"), "row 1.*no column 'a'"),
     ([dict(question="ok", answer="1"), dict(question="Q", answer="  ")], None, "row 1.*empty answer"),
