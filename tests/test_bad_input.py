@@ -717,6 +717,10 @@ TOOL_ROWS = [
      "line 5: not UTF-8 text (the escape \\ud800: half of a UTF-16 surrogate pair"),  # UnicodeEncodeError traceback
     ("truncated JPEG", "convert", [dict(id="t", question="q", answer="1", images=["trunc.jpg"])],
      "row 4 (id t): image 0 ('trunc.jpg') cannot be read: "),  # verify() passed it; PIL's words vary with the cut
+    ("images false", "convert", [dict(id="t", question="q", answer="1", images=False)],  # README (data format): as
+     "row 4 (id t): image 0 ('False') cannot be read: unsupported image type bool"),  # ares.py, not "no image"
+    ("images 0", "passrate", [dict(id="t", question="q", answer="1", images=0)],
+     "row 4 (id t): image 0 ('0') cannot be read: unsupported image type int"),
     ("300x1 image", "passrate", [dict(id="t", question="q", answer="1", images=["wide.png"])],
      "row 4 (id t): image 0 ('wide.png') cannot be read: it is 300x1 pixels: an aspect ratio over 200"),
     ("correct the text false", "adacs", [_pool(correct="false")],
