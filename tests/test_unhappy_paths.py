@@ -294,6 +294,29 @@ def test_demo_overwrite_passes_overwrite_to_every_training_stage_and_deletes_the
     assert all("--overwrite" in c for c in training)
 
 
+def test_every_demo_stage_runs_on_one_thread_whatever_the_users_environment(tmp_path, monkeypatch):
+    """README (determinism): a CPU run repeats with the same number of threads per process, and the demo pins one, so
+    that its tables repeat. Every process the demo starts gets OMP_NUM_THREADS=1, though the user's shell set 4."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    started = []
+
+    class Ended:  # a stage's process, already ended well
+        returncode = 0
+
+        def __init__(self, argv, env=None, **kw):
+            started.append((argv, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Ended)
+    monkeypatch.setattr(ares, "demo_wait", lambda procs: None)
+    ares.main(["--out", tmp_path / "demo", "--demo-steps", "1"])
+    scripts = [Path(next(a for a in argv if str(a).endswith(".py"))).name for argv, env in started]
+    assert {"ares.py", "eval.py"} <= set(scripts), scripts
+    assert all(env and env["OMP_NUM_THREADS"] == "1" for argv, env in started), [env for argv, env in started]
+
+
 def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_path, monkeypatch):
     """The demo runs ARES and GRPO side by side. When GRPO failed, the demo ended with its output while ARES's run went
     on alone, writing into the demo's folder and holding its lock, so the `--overwrite` rerun the message suggests
