@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -343,6 +344,43 @@ def test_a_failed_demo_stage_stops_the_stage_beside_it_before_the_demo_ends(tmp_
         ares.main(["--out", out, "--demo-steps", "1"])
     assert str(e.value.code).startswith("demo stage failed (3); its output:\ngrpo broke")
     assert stopped.exists() and time.time() - tick < 60  # the ARES stage got its SIGTERM; the demo did not wait for it
+
+
+@pytest.mark.parametrize("sig, how, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)],
+                         ids=["Ctrl-C", "SIGTERM"])
+def test_a_demo_stopped_either_way_stops_its_running_stage_first_and_says_so_in_one_line(sig, how, code, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """README (run folders): a demo stopped by Ctrl-C or SIGTERM stops the stage it is running first (a SIGTERM, which
+    the stage takes as its Ctrl-C), then ends with one line and the signal's exit code. The stage is a stand-in that
+    marks its SIGTERM; the signal comes to this process, through ares.main's handler, once the stage has started."""
+    out, started, stopped = tmp_path / "demo", tmp_path / "started", tmp_path / "sigterm"
+    stage = (f"import pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+             f"try:\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n"
+             f"except SystemExit:\n    pathlib.Path({str(stopped)!r}).touch()\n    raise")
+
+    def stand_in(args, procs, log, nproc=1):
+        procs.append((subprocess.Popen([sys.executable, "-c", stage], stdout=open(log, "w"), stderr=subprocess.STDOUT),
+                      log))
+
+    def signal_once_started():
+        while not started.exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(ares, "demo_command", stand_in)
+    previous = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+                for s in (signal.SIGINT, signal.SIGTERM)}  # as in a foreground run
+    threading.Thread(target=signal_once_started, daemon=True).start()
+    try:
+        with pytest.raises(SystemExit) as e:
+            ares.main(["--out", out, "--demo-steps", "1"])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert e.value.code == code and stopped.exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"interrupted ({how}): the demo in {out} stopped; run it again with --overwrite"), err[-2000:]
 
 
 @pytest.mark.parametrize("flag", ["--model", "--ref-model"])
