@@ -1532,24 +1532,30 @@ def test_resume_stops_when_a_file_flag_names_another_file_even_spelled_the_same(
 
 def test_resume_stops_when_a_file_it_names_changed_in_place_before_the_model_loads(tiny_ckpt, demo_data, tmp_path,
                                                                                    monkeypatch, capsys):
-    """README (run folders): --resume compares what the files hold too, not only their paths. Each of --data (its
-    lines reordered: same size, same records), --model (retrained in place: another model's weights of the same
-    shapes) and --reward-fn's file (one character) changed in place stops the resume with one line naming the flag
-    and the file, before any model loads and with the run folder untouched; put back, it resumes. A record written
-    before fingerprints resumes with one line and holds them afterwards (the data's: sha256 of its bytes)."""
+    """README (run folders): --resume compares what the files hold too, not only their paths. Each of --data and
+    --eval-data (lines reordered: same size, same records), --model and --ref-model (retrained in place: another
+    model's weights of the same shapes) and --reward-fn's file (one character) changed in place stops the resume with
+    one line naming the flag and the file, before any model loads and with the run folder untouched; put back, it
+    resumes. A record written before fingerprints resumes with one line and holds them afterwards (the data's: sha256
+    of its bytes)."""
     (tmp_path / "images").symlink_to(Path(demo_data["rl"]).parent / "images")  # the records' paths are relative
     data, model, hook, out = tmp_path / "rl.jsonl", tmp_path / "model", tmp_path / "hook.py", tmp_path / "run"
+    ref, heldout = tmp_path / "ref", tmp_path / "heldout.jsonl"
     shutil.copy(demo_data["rl"], data)
+    heldout.write_bytes(b"".join(Path(demo_data["test"]).read_bytes().splitlines(keepends=True)[:4]))
     shutil.copytree(tiny_ckpt, model)
+    shutil.copytree(tiny_ckpt, ref)
     hook.write_text("def score(record, response):\n    return float(len(response) % 2)\n")
-    args = aepo_args(data, out, model, "--reward-fn", f"{hook}:score")
+    args = aepo_args(data, out, model, "--reward-fn", f"{hook}:score", "--ref-model", ref, "--eval-data", heldout)
     ares.main(args + ["--steps", 1])
-    lines = data.read_bytes().splitlines(keepends=True)
+    lines, held = (f.read_bytes().splitlines(keepends=True) for f in (data, heldout))
     other = tmp_path / "other"
     ares.build_tiny(seed=1)[0].save_pretrained(other)
     edits = [("--data", data, lambda: data.write_bytes(b"".join(lines[1:] + lines[:1]))),
              ("--model", model, lambda: shutil.copy(other / "model.safetensors", model / "model.safetensors")),
-             ("--reward-fn", hook, lambda: hook.write_text(hook.read_text().replace("% 2", "% 3")))]
+             ("--reward-fn", hook, lambda: hook.write_text(hook.read_text().replace("% 2", "% 3"))),
+             ("--ref-model", ref, lambda: shutil.copy(other / "model.safetensors", ref / "model.safetensors")),
+             ("--eval-data", heldout, lambda: heldout.write_bytes(b"".join(held[1:] + held[:1])))]
     for flag, path, edit in edits:
         kept = path.with_name(path.name + ".kept")
         (shutil.copytree if path.is_dir() else shutil.copy)(path, kept)
@@ -1572,7 +1578,8 @@ def test_resume_stops_when_a_file_it_names_changed_in_place_before_the_model_loa
     assert f"--resume: {out / 'config.json'} predates content fingerprints" in capsys.readouterr().out
     assert steps_logged(out) == [1, 2]
     contents = json.loads((out / "config.json").read_text())["contents"]
-    assert contents["data"] == hashlib.sha256(data.read_bytes()).hexdigest() and contents["eval_data"] is None
+    assert contents["data"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert contents["eval_data"] == hashlib.sha256(heldout.read_bytes()).hexdigest()
     # a job requeued on another number of ranks goes on, and says that its sampling differs from here on
     record = json.loads((out / "config.json").read_text())
     assert record["world_size"] == 1
