@@ -434,12 +434,15 @@ def test_convert_never_gives_another_files_records_new_images(tmp_path):
     a = jsonl(tmp_path / "a.jsonl", [dict(id="a", question="What colour?", answer="red", images=["red.png"])])
     b = jsonl(tmp_path / "b.jsonl", [dict(id="b", question="What colour?", answer="blue", images=["blue.png"])])
     data_prep.main(["convert", "--data", a, "--out", tmp_path / "x.jsonl"])
+    pool = jsonl(tmp_path / "pool.jsonl", [dict(id="b", question="What colour?", answer="blue", images=["blue.png"],
+                                                response="\\boxed{blue}", correct=True, length=3, pass_rate=1.0)])
     before = files(tmp_path)
-    with pytest.raises(SystemExit) as err:
-        data_prep.main(["convert", "--data", b, "--out", tmp_path / "x.parquet"])
-    assert str(err.value.code) == (f"--out {tmp_path / 'x.parquet'}: its images go to {tmp_path / 'x_images'}, where "
-                                   f"{tmp_path / 'x.jsonl'} keeps its own: give --out another name")
-    assert files(tmp_path) == before
+    for command, name in ((["convert", "--data", b], "x.parquet"), (["adacs", "--data", pool, "--k", "1"], "x.json")):
+        with pytest.raises(SystemExit) as err:  # README (run folders): convert or adacs, into x.parquet or x.json
+            data_prep.main([*command, "--out", tmp_path / name])
+        assert str(err.value.code) == (f"--out {tmp_path / name}: its images go to {tmp_path / 'x_images'}, where "
+                                       f"{tmp_path / 'x.jsonl'} keeps its own: give --out another name")
+        assert files(tmp_path) == before
     assert solid(data_prep.load_records(str(tmp_path / "x.jsonl"))[0]["images"][0], RED)
 
 
