@@ -1022,7 +1022,8 @@ def fsync(path: Path):
 def atomic_output(path: Path, sync: bool = True):
     """Yield a temporary path beside `path` (<name>.tmp: writers that go by the suffix need their format named) to
     write the whole output to; then fsync it (sync=True), rename it over `path` and fsync the folder. A kill or an
-    error at any moment leaves `path` as it was, never a shorter file that a later stage would read as complete."""
+    error at any moment leaves `path` as it was, never a shorter file that a later stage would read as complete. An
+    OSError (a full disk) names `path`, which a write error on an open file does not."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -1030,9 +1031,11 @@ def atomic_output(path: Path, sync: bool = True):
         if sync:
             fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):  # on a read-only folder this fails too, and would hide the first error
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(path)
         raise
     if sync:
         fsync(path.parent)
@@ -2233,6 +2236,8 @@ def main(argv=None):
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except OSError as e:
+        if e.errno in DISK_ERRORS and not e.filename:  # an image written before the records: the output it is for
+            e.filename = args.out
         line = disk_failure(e, "the same command writes them again")
         if line is None:
             raise

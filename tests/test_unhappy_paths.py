@@ -663,6 +663,48 @@ def test_a_full_disk_outside_a_checkpoint_stops_with_one_line(tool, tiny_ckpt, d
     assert not (out / ares.LOCK).exists()
 
 
+@pytest.mark.parametrize("tool, full", [("convert", "records"), ("convert", "images"), ("passrate", "records")])
+def test_a_full_disk_writing_an_output_of_data_prep_or_passrate_names_it_in_one_line(tool, full, tiny_ckpt, demo_data,
+                                                                                    tmp_path, monkeypatch):
+    """README (run folders): a full disk ends data_prep.py and eval.py with one line naming the file. A write error on
+    an open file carries no file name, so the line said only "No space left on device: ..." (atomic_output and
+    data_prep.main now name the output). Nothing of the output is left, nor its temporary files."""
+    import builtins
+
+    from PIL import Image
+
+    def no_space(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FullFile(FullDisk):  # as `with open(...)` writes records
+        writelines = no_space
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+    def opening(path, mode="r", *args, **kw):
+        f = builtins.open(path, mode, *args, **kw)
+        return FullFile(f, 0) if str(path).endswith(".tmp") and "w" in mode else f
+
+    if full == "records":
+        monkeypatch.setattr(data_prep, "open", opening, raising=False)
+    else:
+        monkeypatch.setattr(Image.Image, "save", no_space)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as e:
+        if tool == "convert":
+            convert(demo_data["rl"], out)
+        else:
+            passrate(demo_data, out, tiny_ckpt)
+    again = "the same command writes them again" if tool == "convert" else "--resume continues a training run"
+    assert one_line(e).startswith(f"{out}: No space left on device: the outputs written before are whole; free space, "
+                                  f"then {again}"), one_line(e)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_ckpt, demo_data, tmp_path):
     """A cluster's scheduler stops a job with SIGTERM (then kills it). It ended the run at once, mid-save as often as
     not: exit -15, no word, its lock left (on another node a live lock: the requeued job refused to resume) and a .tmp
