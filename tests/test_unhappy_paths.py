@@ -942,6 +942,30 @@ def passrate(data, out, model):
                      "--max-new-tokens", 6, "--out", out])
 
 
+def test_ctrl_c_while_passrate_samples_leaves_its_out_as_it_was(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
+    """README (run folders): passrate keeps nothing until every problem is sampled, so a Ctrl-C while it samples ends
+    it with exit 130 and its --out as it was (an earlier output byte for byte, no temporary file beside it)."""
+    out = tmp_path / "rates.jsonl"
+    out.write_text('{"id": "earlier"}\n')
+    calls, sample = [], ares.sample
+
+    def interrupted_on_the_second_batch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(*args, **kw)
+
+    monkeypatch.setattr(ares, "sample", interrupted_on_the_second_batch)
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["passrate", "--data", demo_data["pool"], "--limit", 4, "--model", tiny_ckpt, "--k", 2,
+                         "--max-new-tokens", 6, "--batch-size", 2, "--out", out])
+    assert e.value.code == 130 and len(calls) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted (Ctrl-C): {out} is as it was: passrate writes it once every problem is sampled; the same "
+        "command starts it again")
+    assert out.read_text() == '{"id": "earlier"}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["rates.jsonl"]
+
+
 @pytest.mark.parametrize("tool", ["adacs", "passrate"])
 def test_an_output_in_another_folder_keeps_every_image_reachable(tool, tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """README data format: adacs and passrate write an image path given relative to their input relative to their
