@@ -7,8 +7,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -590,6 +592,9 @@ def interrupted_aepo(tmp_path_factory, tiny_ckpt, demo_data):
 def _second_run_stops(r):
     msg = one_line(r["second"])
     assert msg.startswith(f"--out {r['out']} is in use by another run (pid {r['pid']} on "), msg
+    # README: the lock holds its pid, host and start time, and the line names them
+    since = r"since 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d\): wait for it"
+    assert re.search(rf"\(pid {r['pid']} on {re.escape(socket.gethostname())}, {since}", msg), msg
     assert r["history"] == list(range(1, r["logged"] + 1))  # its --overwrite deleted nothing of the running one
 
 
