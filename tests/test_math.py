@@ -943,7 +943,7 @@ def test_a_records_options_and_precision_reach_the_grader():
     """gold_of: the record's options (as text) and an integer precision; a NaN, a bool or a fraction is none."""
     rec = dict(id="1", answer="B", choices=["3/11", 8], precision=2.0)
     assert data_prep.gold_of(rec) == data_prep.Gold("B", ("3/11", "8"), 2)
-    for bad in (math.nan, True, 1.5, -1, None, "2"):
+    for bad in (math.nan, True, 1.5, -1, 16, None, "2"):  # README (data format): ignored, graded exactly
         assert data_prep.gold_of(dict(rec, precision=bad)).precision is None, bad
     assert data_prep.gold_of(dict(id="1", answer=7)) == data_prep.Gold("7")
 
