@@ -41,6 +41,10 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
                 *(f"level_{lv}_{k}" for lv in LEVELS for k in ("len", "n_he", "acc", "groups_easy"))):
         assert key in ares_row, key
     assert ares_row["branches"] > 0 and grpo_row["branches"] == 0  # the GRPO baseline does not branch
+    # README (memory plan): on a CPU, --rollout-batch auto gives the tiny model a step's largest call: ARES's 16 prompts
+    # x 4 first samples, GRPO's 16 x 8 sampled at once
+    for run, rows in (("aepo", 64), ("grpo", 128)):
+        assert f"--rollout-batch auto: {rows} rows per rank (" in (out / f"{run}.log").read_text(), run
     # both runs got the demo's AEPO flags and the same cold start, seed and steps; GRPO also got BASELINE's settings
     ares_flags, grpo_flags = (json.loads((out / run / "config.json").read_text())["flags"] for run in ("aepo", "grpo"))
     for flags in (ares_flags, grpo_flags):
