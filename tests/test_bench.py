@@ -530,7 +530,8 @@ def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
     """README "Memory plan": each row's weights, gradients, AdamW, sampling copy, reference, KV room without
     --compile and the rows at 5k / 20k tokens are `python bench.py --plan`'s (they do not depend on the activations,
     which the 3B rows take from an H200 measurement); the 7B rows, estimated, match in every column, and the text's
-    3B estimate (KV room 12.1 / 3.6 GiB) too. With that measurement as --plan-from, the 3B rows match in every column."""
+    3B estimate (KV room 12.1 / 3.6 GiB) too. With that measurement as --plan-from, the 3B rows match in every column.
+    The host-memory table of "Memory at load and save" is its formulas at the plan's sizes."""
     import re
 
     run_script(["bench.py", "--plan", "--out", tmp_path / "plan.json"], timeout=300)
@@ -550,6 +551,18 @@ def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
             assert cells[5] == f"{p['activations_gib']:.1f}" and cells[6] == f"{p['update_peak_gib']:.3g} GiB"
             assert cells[8] == (f"{p['kv_room_compile_gib']:.1f} GiB" if p["fits"] else "-")
             assert cells[10] == f"{p['rollout_rows_at_20k_compile']}" and (cells[11] == "yes") == p["fits"]
+    # README "Memory at load and save": each host-memory cell is its row's bytes a weight (2N, 4N, 12N/W with W = 8,
+    # 12N) at the column's N, and the 3B and 7B N are the plan's (its DDP master: 4 bytes a weight)
+    header = re.search(r"^\| \| rank 0 host \| other ranks' host \| (.+) \|$", readme, re.M).group(1)
+    sizes = [float(n) for n in re.findall(r"N = ([0-9.e]+)\)", header)]
+    for size, n in zip(("3b", "7b"), sizes):
+        master = next(r for r in plan[size] if r["mode"] == "ddp")["master_gib"]
+        assert master * 2 ** 30 / 4 == pytest.approx(n, rel=2e-3), (size, n)
+    for phase, per_weight in {"load, fresh start": 2, "save": 4, "resume": 12 / 8,
+                              "before (every save: weights + AdamW on rank 0)": 12}.items():
+        cells = re.search(rf"^\| {re.escape(phase)} \|[^|]*\|[^|]*\| (.+) \|$", readme, re.M).group(1).split(" | ")
+        gib = [per_weight * n / 2 ** 30 for n in sizes]
+        assert [c.strip() for c in cells] == [f"{g:.1f} GiB" if g < 100 else f"{g:.0f} GiB" for g in gib], phase
     ddp3 = next(r for r in plan["3b"] if r["mode"] == "ddp")
     assert (f"`python bench.py --plan` alone estimates {ddp3['activations_gib']:.1f} GiB for 3B, KV room "
             f"{ddp3['kv_room_gib']:.1f} / {ddp3['kv_room_compile_gib']:.1f} GiB") in " ".join(readme.split())
