@@ -315,6 +315,14 @@ def test_an_unsupported_family_fails_clearly_at_load(model_type, tmp_path):
     with pytest.raises(SystemExit, match=f"model type '{model_type}' is not supported: ARES runs Qwen2-VL, Qwen2.5-VL, "
                                          "Qwen3-VL and text-only causal LMs"):
         ares.load_model(str(tmp_path), ares.Config(), torch.device("cpu"))
+    if model_type != "gpt2":  # through the command too (README: before its tokenizer is read: the folder has none)
+        data = tmp_path / "d.jsonl"
+        data.write_text(json.dumps(dict(id="a", question="What is 1 + 1?", answer="2")) + "\n")
+        for argv in (["--stage", "aepo", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"],
+                     ["--data", str(data), "--out", str(tmp_path / "eval")]):
+            with pytest.raises(SystemExit) as err:
+                (ares.main if "--stage" in argv else ev.main)(["--model", str(tmp_path), *argv])
+            assert str(err.value.code) == f"{tmp_path}: model type '{model_type}' {ares.UNSUPPORTED}"
 
 
 @pytest.mark.parametrize("case", ["gpt2", "no chat template"])
