@@ -661,6 +661,13 @@ def test_lora_resume_gives_the_adapters_of_an_uninterrupted_run(tiny_ckpt, demo_
     ares.main(aepo_args(demo_data["rl"], out, tiny_ckpt, *common, "--resume"))
     a, b = (load_file(str(d / "final" / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "straight", out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # README (LoRA): every checkpoint's export is the merged policy, a step's as the final's: step 2's, adapters trained
+    step = tmp_path / "straight" / "step_000002"
+    adapter = load_file(str(step / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    base, saved = weights(tiny_ckpt), weights(step)
+    by_hand = merged_by_hand(base, adapter, 2.0)
+    assert all(torch.allclose(by_hand[k], saved[k], atol=1e-6) for k in base)
 
 
 def test_lora_cold_start_trains_only_the_adapters(tiny_ckpt, demo_data, tmp_path):
