@@ -379,3 +379,22 @@ def test_the_tiny_name_takes_the_pixel_flags_as_a_tiny_checkpoint_does():
         for processor in (ares.processor_for("tiny", cfg), ares.load_model("tiny", cfg, torch.device("cpu"))[1]):
             grid = processor.image_processor(images=[image])["image_grid_thw"]
             assert int(grid.prod()) // 4 == tokens, (given, grid)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_a_vlm_checkpoint_resizes_images_between_the_pixel_flags_not_its_saved_sizes(family, tmp_path):
+    # README (model families): every VLM family resizes between --min-pixels and --max-pixels (defaults 56 x 56 to
+    # 1280 x 28 x 28), in place of its saved processor settings (here at most 8 x 8 cells); only the tiny model keeps
+    # its own. A 448 x 448 image is (448 / patch)^2 patches at the defaults, (224 / patch)^2 at --max-pixels 224 x 224
+    from PIL import Image
+
+    model, processor = tiny_model(family)
+    del model.config.ares_tiny  # a checkpoint of a real model
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    patch = 16 if family == "qwen3_vl" else 14
+    image = Image.new("RGB", (448, 448), "white")
+    for cfg, side in ((ares.Config(), 448), (ares.Config(max_pixels=224 * 224, given=("max_pixels",)), 224)):
+        for proc in (ares.processor_for(str(tmp_path), cfg), ares.load_model(str(tmp_path), cfg, torch.device("cpu"))[1]):
+            assert proc.image_processor.size == {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+            assert proc.image_processor(images=[image])["image_grid_thw"].tolist() == [[1, side // patch, side // patch]]
