@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp as fsdp
 from conftest import ROOT, foreground, run_script, steps_logged
 from torch.distributed.distributed_c10d import BackendConfig
 
@@ -71,14 +72,26 @@ def test_every_collective_runs_on_the_process_group_a_gpu_run_starts(sharding, t
 
     monkeypatch.setattr(dist, "init_process_group", init)
     monkeypatch.setitem(ares.BACKENDS, "cpu", with_gloo_for_every_backend(ares.BACKENDS["cuda"]))
+    wrapped = []  # README: at world size 1 the policy is still wrapped as on eight GPUs (DDP, or FSDP2 with --fsdp)
+
+    class CountedDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, *args, **kw):
+            wrapped.append("ddp")
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", CountedDDP)
+    shard = fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: wrapped.append("fsdp") or shard(module, **kw))
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         monkeypatch.setenv(k, v)
     cold, aepo = small_runs(tiny_ckpt, demo_data, tmp_path)
     extra = ["--fsdp"] if sharding == "fsdp" else []
     for args in (cold + extra, aepo + ["--out", str(tmp_path / "aepo")] + extra):
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        wrapped.clear()
         ares.main(args + ["--dist-timeout", "77"])
         assert not dist.is_initialized()  # closed at the end of the run
+        assert set(wrapped) == {sharding}, (args[1], wrapped)
     assert [b for b, _ in starts] == [with_gloo_for_every_backend("cpu:gloo,cuda:nccl")] * 2
     assert all(t == timedelta(seconds=77) for _, t in starts)
     rows = [json.loads(line) for line in open(tmp_path / "aepo" / "metrics.jsonl")]
@@ -531,6 +544,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp as fsdp
 
 import ares
 
@@ -926,6 +940,7 @@ import sys
 import types
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp as fsdp
 sys.path.insert(0, sys.argv[1])
 import ares
 dist.init_process_group("gloo")
