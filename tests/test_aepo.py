@@ -677,6 +677,8 @@ def test_compiled_sampler_compiles_nothing_after_step_2(tiny_ckpt, demo_data, tm
     assert len(per_step) == 6 and sum(per_step[:2]) > 0 and per_step[2:] == [0] * 4, per_step
     assert [r["graphs_compiled"] for r in rows] == per_step
     assert len({b for b, _ in shapes}) >= 3, shapes  # the decode step ran on several row buckets (rows, columns)
+    # README (compile): a call's rows sit in a bucket of 2, 4, 8, ... up to --rollout-batch (auto: 4 prompts x 2 = 8)
+    assert {b for b, _ in shapes} == {2, 4, 8}, shapes
     assert max(r["rollout_rounds"] for r in rows) > 1 and all(r["branches"] > 0 for r in rows)
     assert all(r["logprob_gap"] < 1e-4 for r in rows if r.get("logprob_gap") is not None)
     assert any(r.get("logprob_gap") is not None for r in rows)
