@@ -693,17 +693,29 @@ def test_rollout_batch_auto_is_the_memory_plans_formula_and_bounds_every_sampler
     model = tiny[0]
     text = model.config.get_text_config()
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
-    row = kv_per_token * (256 + 16)  # the tiny model's --max-prompt-len and this run's --max-response-len, fp32 on a CPU
+    row = kv_per_token * (64 + 16)  # this run's --max-prompt-len and --max-response-len, fp32 on a CPU
     trainable = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
     free = 5 * 2 ** 30 + 12 * trainable + 5.5 * row  # room for 5 rows after 4 B of gradient and 8 B of AdamW a weight
     monkeypatch.setattr(ares, "free_memory", lambda device: free)
     calls, sample = [], ares.sample
     monkeypatch.setattr(ares, "sample", lambda model, prompts, **kw: calls.append(len(prompts) * kw.get("repeats", 1))
                         or sample(model, prompts, **kw))
+    prefills, batch_of = [], ares.prompt_batch
+
+    def prefill_batch(*args, **kw):  # a sampler prefill's forward: its (rows, padded tokens)
+        batch = batch_of(*args, **kw)
+        if "length" in kw:
+            prefills.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(ares, "prompt_batch", prefill_batch)
     ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--batch-size", 4,
-                        "--keep-uniform-groups"))
+                        "--keep-uniform-groups", "--micro-batch-size", 1, "--max-prompt-len", 64))
     assert "--rollout-batch auto: 5 rows per rank" in capsys.readouterr().out
     assert calls and max(calls) == 5, calls  # 4 prompts x 2 fresh rows: calls of 2 prompts, then branches 5 + 3
+    # README (memory plan): a prefill forward reads at most --micro-batch-size x (--max-prompt-len + --max-response-len)
+    # padded tokens, 1 x (64 + 16) here; the branch calls' 5 rows with their prefixes need more, so they go in parts
+    assert max(rows * L for rows, L in prefills) <= 64 + 16 and len(prefills) > 4, prefills
 
 
 def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_of_at_start(tiny, monkeypatch, capsys):
