@@ -398,3 +398,27 @@ def test_a_vlm_checkpoint_resizes_images_between_the_pixel_flags_not_its_saved_s
         for proc in (ares.processor_for(str(tmp_path), cfg), ares.load_model(str(tmp_path), cfg, torch.device("cpu"))[1]):
             assert proc.image_processor.size == {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
             assert proc.image_processor(images=[image])["image_grid_thw"].tolist() == [[1, side // patch, side // patch]]
+
+
+def test_lora_adapts_an_untied_output_head_and_the_export_merges_it(family_data, tmp_path):
+    # README (LoRA): lm_head is refused only where it shares the input embeddings; a model with its own output head
+    # (tie_word_embeddings false, as Qwen2.5-VL-7B) takes an adapter there, merged into the export's lm_head
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    model, tok = tiny_model("qwen2")
+    model.config.tie_word_embeddings = False
+    model = type(model)(model.config)
+    model.generation_config.eos_token_id = [ids_eot(tok), tok.convert_tokens_to_ids("<|endoftext|>")]
+    model.save_pretrained(tmp_path / "untied")
+    tok.save_pretrained(tmp_path / "untied")
+    ares.main(["--stage", "aepo", "--model", str(tmp_path / "untied"), "--data", str(family_data["text", "rl"]), "--out",
+               str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--group-size", "4", "--max-response-len",
+               "8", "--log-samples-every", "0", "--keep-uniform-groups", "--lora-rank", "4", "--lora-targets",
+               "q_proj,lm_head", "--lr", "1e-2"])
+    adapter = load_file(str(tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors"))
+    A, B = (adapter[f"base_model.model.lm_head.lora_{x}.weight"] for x in "AB")  # (r, hidden), (vocab, r)
+    base = load_file(str(tmp_path / "untied" / "model.safetensors"))["lm_head.weight"]
+    export = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))["lm_head.weight"]
+    assert B.abs().sum() > 0 and not torch.equal(export, base)
+    torch.testing.assert_close(export, base + 8 / 4 * B @ A, atol=1e-6, rtol=0)  # alpha / R: the default alpha is 2R
