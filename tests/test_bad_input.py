@@ -918,8 +918,8 @@ def test_an_aepo_step_with_a_skipped_update_logs_a_nan_grad_norm(tiny_ckpt, demo
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         ares.main(["--stage", "aepo", "--model", str(tiny_ckpt), "--data", str(demo_data["rl"]), "--out", str(out),
-                   "--steps", "8", "--batch-size", "4", "--lr", "1e30", "--group-size", "4", "--max-response-len", "32",
-                   "--keep-uniform-groups", "--minibatches", "2"])
+                   "--steps", "8", "--batch-size", "2", "--lr", "1e30", "--group-size", "2", "--max-response-len", "8",
+                   "--keep-uniform-groups", "--minibatches", "2", "--log-samples-every", "0"])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert all(math.isnan(r["grad_norm"]) for r in rows if r["skipped"]) and rows[0]["skipped"] == 1, rows
 
