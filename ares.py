@@ -2212,7 +2212,7 @@ def start_stage(cfg: Config, stage: str):
     split = cfg.split if "split" in cfg.given or not cfg.preset else None  # a preset has its own split
     records = data_prep.read_records(cfg.data, split, cfg.preset, need_response=stage == "coldstart")
     try:
-        held_out = data_prep.read_records(cfg.eval_data, held_out_split(cfg.eval_data)) if cfg.eval_every else []
+        held_out = data_prep.read_records(cfg.eval_data, data_prep.held_out_split(cfg.eval_data)) if cfg.eval_every else []
     except DataError as e:
         raise DataError(f"--eval-data: {e}") from None
     me, world, device = init_distributed(cfg.dist_timeout)  # after the data, whose errors are every rank's
@@ -2961,13 +2961,6 @@ def mfu(tokens_per_s: float, n_lm: int, n_lm_trained: int, device) -> float | No
     return (4 * n_lm + 2 * n_lm_trained) * tokens_per_s / (peak * 1e12 * world_size()) if peak else None
 
 
-def held_out_split(eval_data: str) -> str:
-    """The split --eval-data reads: test (a saved folder's, or a training preset's: geometry3k's own split is train,
-    the one --data trains on), or a benchmark preset's own held-out split (mathvista-testmini: testmini)."""
-    split = data_prep.PRESETS.get(eval_data, {}).get("split", "test")
-    return "test" if split == "train" else split
-
-
 @torch.no_grad()
 def validate(cfg: Config, model, processor, ids: dict, records: list[dict]) -> dict:
     """--eval-data's held-out accuracy and mean response tokens, overall and per level, by eval.py's own metrics
@@ -3389,10 +3382,9 @@ def validate_config(cfg: Config) -> Config:
     check_model_path("--ref-model", cfg.ref_model, optional=True)
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         p = Path(path).expanduser()
-        if path and (looks_local(path) or p.suffix in (".jsonl", ".json", ".parquet")) and not p.exists():
+        if path and (looks_local(path) or p.suffix in data_prep.RECORD_SUFFIXES) and not p.exists():
             raise SystemExit(f"{flag} {path}: no such file or folder")
-    if "split" in cfg.given and data_prep.one_file(cfg.data):  # read whole: --split would be ignored
-        raise SystemExit(data_prep.unused_split("split", cfg.split, cfg.data))
+    data_prep.check_split_flags(cfg.data, split=cfg.split if "split" in cfg.given else None)
     if cfg.stage == "demo" and cfg.resume:
         raise SystemExit("--resume: the demo does not continue a stopped demo; run it again with --overwrite (it "
                          "starts over), or give another --out")

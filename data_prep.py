@@ -1302,11 +1302,14 @@ def load_images(value, base: Path, where: str) -> list:
     return out
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # the files read_rows reads whole (else a folder or a hub name)
+
+
 def read_rows(source: str, split: str | None, config: str | None):
     """(rows, base): an iterator of dicts and the folder relative image paths start from. source: a .jsonl or
     .json file (JSON lines or one JSON list), a .parquet file, a folder from datasets' save_to_disk, or a hub name."""
     p = Path(source)
-    if p.suffix in (".jsonl", ".json", ".parquet") and not p.is_file():
+    if p.suffix in RECORD_SUFFIXES and not p.is_file():
         raise DataError(f"{source}: no such file")
     if p.suffix in (".jsonl", ".json"):
         return json_rows(p), data_folder(p).resolve()
@@ -1442,6 +1445,14 @@ def check_problems(records: list[dict], where: str) -> list[dict]:
         if problem:
             raise DataError(f"{where}: record {r['id']}: {problem}")
     return records
+
+
+def held_out_split(eval_data: str) -> str:
+    """The held-out split that ares.py's --eval-data and eval.py's --data <preset> read: test (a saved folder's, or a
+    training preset's: geometry3k's own split is train, the one --data trains on), or a benchmark preset's own
+    (mathvista-testmini: testmini)."""
+    split = PRESETS.get(eval_data, {}).get("split", "test")
+    return "test" if split == "train" else split
 
 
 def load_source(source: str, *, preset: str | None = None, mapping: dict | None = None, split: str | None = None,
@@ -2146,14 +2157,14 @@ def command_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_file(data: str | None) -> bool:
-    """Is --data one .jsonl, .json or .parquet file? It is read whole: it has no splits or configurations."""
-    return Path(data or "").suffix in (".jsonl", ".json", ".parquet")
-
-
-def unused_split(flag: str, value: str, data: str) -> str:
-    """The line for a --split or --config given with a --data that has none (one_file): it would be ignored."""
-    return f"--{flag} {value}: --data {data} is one file, without {flag}s: leave --{flag} out"
+def check_split_flags(data: str | list[str] | None, **flags):
+    """Stop on a --split or --config (`flags`: name -> value, empty or None where not given) for a --data that is one
+    .jsonl, .json or .parquet file (every --data, where several are given): the file is read whole, with no splits
+    or configurations, so the flag would be ignored."""
+    files = [data] if isinstance(data, str) or data is None else data
+    for flag, value in flags.items():
+        if value and files and all(Path(d or "").suffix in RECORD_SUFFIXES for d in files):
+            raise SystemExit(f"--{flag} {value}: --data {files[0]} is one file, without {flag}s: leave --{flag} out")
 
 
 def check_args(args):
@@ -2167,9 +2178,8 @@ def check_args(args):
         raise SystemExit(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.command == "adacs" and args.k > MAX_K:  # run_adacs lists every one of the K + 1 brackets
         raise SystemExit(f"--k must be <= {MAX_K} (the samples per problem behind the pass rates), got {args.k}")
-    for flag in ("split", "config"):  # read_rows reads a file whole: the flag would do nothing
-        if getattr(args, flag, None) and one_file(args.data):
-            raise SystemExit(unused_split(flag, getattr(args, flag), args.data))
+    check_split_flags(getattr(args, "data", None), split=getattr(args, "split", None),
+                      config=getattr(args, "config", None))  # read_rows reads a file whole: the flag would do nothing
     out = Path(args.out)
     for flag in ("--data", "--pass-rates"):  # the output is written over its target: never over an input
         given = getattr(args, flag[2:].replace("-", "_"), None)
@@ -2183,12 +2193,12 @@ def check_args(args):
                          "files there: give a new folder")
     if args.command != "demo" and out.is_dir():
         raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
-    if args.command != "demo" and out.suffix not in (".jsonl", ".json", ".parquet"):  # what record_rows reads
+    if args.command != "demo" and out.suffix not in RECORD_SUFFIXES:  # what record_rows reads
         raise SystemExit(f"--out {args.out}: give a .jsonl or .parquet file (no stage reads "
                          f"{f'a *{out.suffix} file' if out.suffix else 'a file without a suffix'})")
     folder = images_folder(out) if args.command != "demo" else None
     if folder and folder.is_dir():  # write_records replaces it whole
-        shared = next((p for p in map(out.with_suffix, (".jsonl", ".json", ".parquet")) if p != out and p.exists()), None)
+        shared = next((p for p in map(out.with_suffix, RECORD_SUFFIXES) if p != out and p.exists()), None)
         theirs = next((p for p in folder.iterdir() if not re.fullmatch(r"\d{7,}_\d+\.png", p.name)), None)
         if shared or theirs:  # shared's records would show the new images; a user's own images would be gone
             raise SystemExit(f"--out {args.out}: its images go to {folder}, " + (

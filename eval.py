@@ -138,9 +138,7 @@ def parse_config(argv=None) -> EvalConfig:
         parser.error(f"--name {twice} given twice: the second model's numbers would replace the first's in the table "
                      "and results.json; give each --model its own name")
     ares.check_numbers(cfg, hints={})
-    for flag in ("split", "config"):  # a file is read whole: the flag would be ignored where every --data is one
-        if getattr(cfg, flag) and cfg.data and all(map(data_prep.one_file, cfg.data)):
-            raise SystemExit(data_prep.unused_split(flag, getattr(cfg, flag), cfg.data[0]))
+    data_prep.check_split_flags(cfg.data, split=cfg.split, config=cfg.config)
     if cfg.samples > 1 and cfg.temperature <= 0:
         parser.error("--samples > 1 needs --temperature > 0 (greedy responses would all be the same)")
     check_paths(cfg.model, cfg.out)
@@ -221,7 +219,7 @@ def load_benchmark(spec: str, cfg: EvalConfig) -> dict:
         base, name, key = data_prep.data_folder(spec).resolve(), path.stem, str(path)  # images: as training finds them
     else:  # a preset or a hub dataset: data_prep owns the column mapping
         preset = cfg.preset or (spec if spec in data_prep.PRESETS else None)  # `--data mathvista-testmini` alone works
-        split = cfg.split or (ares.held_out_split(preset) if preset else None)  # geometry3k's test, not its train
+        split = cfg.split or (data_prep.held_out_split(preset) if preset else None)  # geometry3k's test, not its train
         rows = data_prep.load_source(spec, preset=preset, mapping=mapping or None, split=split,
                                      config=cfg.config or None, limit=cfg.limit or None)
         local = Path(spec).exists()
@@ -761,8 +759,7 @@ def check_passrate_args(args):
                            ("--seed", ares.SEED[1](args.seed), ares.SEED[0])):
         if not ok:
             raise SystemExit(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
-    if args.split and data_prep.one_file(args.data):  # a file is read whole: --split would be ignored
-        raise SystemExit(data_prep.unused_split("split", args.split, args.data))
+    data_prep.check_split_flags(args.data, split=args.split)
     if args.k > 1 and args.temperature == 0:  # as the evaluation's --samples
         raise SystemExit("--k > 1 needs --temperature > 0 (greedy responses would all be the same: every pass rate "
                          "0 or 1)")
