@@ -2865,8 +2865,12 @@ def open_tracker(cfg, out: Path, record: dict, start: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
-        return argparse.Namespace(close=writer.close, log=lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in
-                                                                       scalars(row).items()])
+
+        def log(row):  # flushed each step, as metrics.jsonl is: a run that dies loses none of the steps it logged
+            for k, v in scalars(row).items():
+                writer.add_scalar(k, v, row["step"])
+            writer.flush()
+        return argparse.Namespace(close=writer.close, log=log)
     import wandb
 
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ares"), name=out.name, dir=str(out), config=record)
