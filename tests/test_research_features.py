@@ -99,6 +99,9 @@ class FakeWriter:
     def add_scalar(self, tag, value, step):
         self.calls.append((tag, value, step))
 
+    def flush(self):  # open_tracker flushes each step
+        pass
+
     def close(self):
         self.closed = True
 
