@@ -1093,7 +1093,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 PRESETS = {
     "virl39k": dict(
-        hub="TIGER-Lab/ViRL39K", config=None, split="train",
+        hub="TIGER-Lab/ViRL39K", config=None, split="train", held_out=None,  # 39Krelease.parquet is all there is
         mapping=dict(question="question", answer="answer", images="image", id="qid", source="source"),
         extra=["category", "PassRate_32BTrained", "PassRate_7BBase"],
         notes="AEPO prompts (README: paper settings). `image` holds paths into the repo's images.zip: download the dataset repo, "
@@ -1450,8 +1450,14 @@ def check_problems(records: list[dict], where: str) -> list[dict]:
 def held_out_split(eval_data: str) -> str:
     """The held-out split that ares.py's --eval-data and eval.py's --data <preset> read: test (a saved folder's, or a
     training preset's: geometry3k's own split is train, the one --data trains on), or a benchmark preset's own
-    (mathvista-testmini: testmini)."""
-    split = PRESETS.get(eval_data, {}).get("split", "test")
+    (mathvista-testmini: testmini). A preset whose data set publishes no held-out split (ViRL39K: train only) raises
+    DataError: its test split would be a hub error after the download, and its train split is what --data trains on."""
+    spec = PRESETS.get(eval_data, {})
+    if "held_out" in spec and spec["held_out"] is None:
+        raise DataError(f"{eval_data}: {spec['hub']} publishes a train split only, the one --data {eval_data} trains "
+                        "on, so it has no held-out problems: evaluate on a benchmark preset (mathvista-testmini, ...) "
+                        "or a file of held-out records (eval.py reads the train split if --split train names it)")
+    split = spec.get("split", "test")
     return "test" if split == "train" else split
 
 

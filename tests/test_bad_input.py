@@ -564,6 +564,32 @@ def test_a_saved_dataset_without_the_split_asked_for_is_one_line_naming_its_spli
     assert not out.exists()
 
 
+@pytest.mark.parametrize("tool", ["ares --eval-data", "eval.py --data"])
+def test_a_preset_with_no_held_out_split_is_one_line_before_any_download(tool, tiny_ckpt, demo_data, tmp_path,
+                                                                          monkeypatch):
+    """ViRL39K publishes one split, train. `--eval-data virl39k` and `eval.py --data virl39k` asked the hub for its
+    'test' split: a download of the whole data set, then the hub's error (or, had the train split been read, the
+    problems --data virl39k trains on, graded as if held out). Now one line naming the preset, and nothing asked of
+    the hub; `eval.py --split train` still reads the train split when a user names it."""
+    import datasets
+    import eval as ev
+
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, split=None, **k: asked.append((name, split)) or
+                        pytest.fail("the hub was asked"))
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "out"
+    fn, args, flag = {"ares --eval-data": (ares.main, ["--stage", "aepo", "--data", demo_data["rl"], "--eval-data",
+                                                       "virl39k"], "--eval-data: "),
+                      "eval.py --data": (ev.main, ["--data", "virl39k"], "")}[tool]
+    with pytest.raises(SystemExit) as err:
+        fn([str(a) for a in [*args, "--model", tiny_ckpt, "--out", out]])
+    msg = str(err.value.code)
+    assert msg.startswith(f"data error: {flag}virl39k: TIGER-Lab/ViRL39K publishes a train split only") and "\n" not in msg
+    assert asked == [] and not out.exists()
+    assert data_prep.held_out_split("geometry3k") == "test" and data_prep.held_out_split("mathvista-testmini") == "testmini"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # eval.py (evaluation and passrate) and data_prep.py: the same one-line rule, before anything is read or written.
 
