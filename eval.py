@@ -1192,7 +1192,11 @@ def demo_summary(runs: list[str]) -> str:
         if missing:
             raise SystemExit(f"--demo {r}: no {missing} in it; give the --out folder of a finished `python ares.py` run")
     reports, levels = [], None
-    for r in runs:  # the levels are the first run's: every run must have them
+    for r in runs:  # the levels are the first run's: every run must have the same ones
+        own = demo_json(r)[1]
+        if levels and own != levels:  # a run of another demo task (--levels ...): the table would mix two tasks
+            raise SystemExit(f"--demo {r}: its levels ({', '.join(own[:-1])}) are not those of {runs[0]} "
+                             f"({', '.join(levels[:-1])}): the table averages runs of one demo task")
         rep, levels = demo_json(r, levels)
         reports.append(rep)
     lines = []

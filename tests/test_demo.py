@@ -124,6 +124,17 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     summary = run_script(["eval.py", "--demo", out, "--demo", other]).stdout
     first = summary.split("(ARES, first half of the steps)")[1].splitlines()
     assert next(x for x in first if x.startswith("hard: ")).endswith(f"(hard, per seed: {hard_share}%, n/a)")
+    # a run of a demo task with other levels: one line naming both runs' levels (it was "not the report of a finished
+    # run: KeyError: 'hard'", a run that had finished)
+    levels = list(report["greedy"]["metrics"]["test"]["cold start"]["buckets"])
+    for mode in ("greedy", "sampled"):
+        for m in report[mode]["metrics"]["test"].values():
+            del m["buckets"]["hard"]
+    (other / "demo.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as mixed:
+        importlib.import_module("eval").main(["--demo", str(out), "--demo", str(other)])
+    assert str(mixed.value.code) == (f"--demo {other}: its levels ({', '.join(lv for lv in levels if lv != 'hard')}) are "
+                                     f"not those of {out} ({', '.join(levels)}): the table averages runs of one demo task")
     with pytest.raises(SystemExit) as missing:
         importlib.import_module("eval").main(["--demo", str(out), "--demo", str(data)])
     assert str(missing.value.code) == f"--demo {data}: no demo.json in it; give the --out folder of a finished `python ares.py` run"
