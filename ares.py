@@ -3693,18 +3693,20 @@ def run_demo(cfg: Config):
         tick = time.time()
 
     out.mkdir(parents=True, exist_ok=True)
-    run("data", (["data_prep.py", "demo", "--out", data, *seed, *(x for k, n in sizes.items() for x in (f"--{k}", n))],
-                 "data"))
+    # out/data is the demo's own (claim_out has decided on --overwrite): its stages replace what a stopped demo left
+    run("data", (["data_prep.py", "demo", "--out", data, "--overwrite", *seed,
+                  *(x for k, n in sizes.items() for x in (f"--{k}", n))], "data"))
     train = ["ares.py", "--stage", "coldstart", *seed, *demo_flags(cfg, "coldstart")]
     run("warm-up", ([*train, "--model", "tiny", "--data", data / "sft.jsonl", "--out", out / "warmup", "--steps",
                      steps["warmup"]], "warmup", 2))
     run("pass rates", (["eval.py", "passrate", "--data", data / "pool.jsonl", "--model", out / "warmup" / "final",
-                        "--k", 8, "--max-new-tokens", 128, "--batch-size", 16, *seed, "--out", data / "pass_rates.jsonl"],
+                        "--k", 8, "--max-new-tokens", 128, "--batch-size", 16, *seed, "--out", data / "pass_rates.jsonl",
+                        "--overwrite"],
                        "passrate", 2))
     per_bracket = sizes["pool"] // (1 if small else 9)  # about a ninth of the pool per pass-rate bracket
     run("adacs", (["data_prep.py", "adacs", "--data", data / "pool_traces.jsonl", "--pass-rates",
                    data / "pass_rates.jsonl", "--model", "tiny", "--per-bracket", per_bracket, *seed, "--out",
-                   data / "adacs.jsonl"], "adacs"))
+                   data / "adacs.jsonl", "--overwrite"], "adacs"))
     run("coldstart", ([*train, "--model", out / "warmup" / "final", "--data", data / "adacs.jsonl", "--out",
                        out / "coldstart", "--steps", steps["coldstart"]], "coldstart", 2))
     cold = out / "coldstart" / "final"

@@ -1067,6 +1067,39 @@ def check_writable(flag: str, path, folder: bool = True):
         raise SystemExit(f"{flag} {path}: {existing} is not writable (a read-only folder or file system)")
 
 
+def check_outside_runs(flag: str, path):
+    """`path` (an output file or folder) neither is nor lies inside one of ares.py's checkpoints (a folder with a
+    COMPLETE record: the run's next save of that name, --keep-last or --overwrite replaces it whole, with the output)
+    nor a run folder (its config.json a run record, with "flags": what is there is the run's, and a rerun with
+    --overwrite clears it). One line naming the flag and the folder otherwise. ares.py refuses the same for its --out."""
+    p = Path(path).expanduser().absolute()
+    for q in (p, *p.parents):
+        if (q / "COMPLETE").is_file():
+            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
+                             "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
+        if run_record_in(q):
+            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " the folder of a training run "
+                             "(its config.json is ares.py's run record), whose files are the run's: give a folder "
+                             "outside it")
+
+
+def run_record_in(folder: Path) -> bool:
+    """Does `folder` hold ares.py's run record: a config.json with the run's "flags" (a model's has "model_type")?"""
+    try:
+        record = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "flags" in record and "model_type" not in record
+
+
+def check_new_output(flag: str, path, overwrite: bool, holds: str = ""):
+    """An output that is there already is replaced only with --overwrite (as ares.py's run in --out): one line naming
+    the flag and the path otherwise, before anything is read. `holds`: what a folder holds, for the line."""
+    if Path(path).expanduser().exists() and not overwrite:
+        raise SystemExit(f"{flag} {path} " + (f"holds {holds}" if holds else "exists") + ": add --overwrite to replace "
+                         f"it, or choose another {flag}")
+
+
 def write_atomically(path: Path, text: str):
     """Write `text` to `path` through atomic_output."""
     with atomic_output(path) as tmp:
@@ -2140,6 +2173,7 @@ def command_parser() -> argparse.ArgumentParser:
                                        "preset or file name)")
     conv.add_argument("--limit", type=int, help="stop after this many records")
     conv.add_argument("--out", required=True, help="output .jsonl or .parquet; images go to <stem>_images/")
+    conv.add_argument("--overwrite", action="store_true", help="replace --out (and its images) if it exists")
 
     ad = sub.add_parser("adacs", help="curate length-matched traces from a candidate pool (§3.1; README: AdaCS curation steps 2-5)")
     ad.add_argument("--data", required=True, help="candidate traces: one record per trace with id, pass_rate, "
@@ -2152,9 +2186,12 @@ def command_parser() -> argparse.ArgumentParser:
     ad.add_argument("--model", help="tokenizer for traces without a 'length' (hub name, folder or 'tiny')")
     ad.add_argument("--seed", type=int, default=0, help="seed of the per-bracket subsampling (default: 0)")
     ad.add_argument("--out", required=True, help="output .jsonl or .parquet (the cold-start data)")
+    ad.add_argument("--overwrite", action="store_true", help="replace --out (and its images) if it exists")
 
     demo = sub.add_parser("demo", help="write the offline demo task: sft, pool, pool_traces, rl and test .jsonl, and their images")
     demo.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the demo already in --out (its images/ and "
+                                                               ".jsonl files; other files there stay)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--sft", type=int, default=3000, help="warm-up records, one trace each (default: 3000)")
     demo.add_argument("--pool", type=int, default=1200, help="pool problems: pass rates, AdaCS's teacher traces (default: 1200)")
@@ -2186,31 +2223,11 @@ def check_args(args):
         raise SystemExit(f"--k must be <= {MAX_K} (the samples per problem behind the pass rates), got {args.k}")
     check_split_flags(getattr(args, "data", None), split=getattr(args, "split", None),
                       config=getattr(args, "config", None))  # read_rows reads a file whole: the flag would do nothing
-    out = Path(args.out)
-    for flag in ("--data", "--pass-rates"):  # the output is written over its target: never over an input
-        given = getattr(args, flag[2:].replace("-", "_"), None)
-        if given and Path(given).expanduser().resolve() == out.expanduser().resolve():
-            raise SystemExit(f"--out {args.out}: the same file as {flag}; give another output file")
-    if args.command == "demo" and out.exists() and not out.is_dir():
-        raise SystemExit(f"--out {args.out}: a file, not a folder")
-    theirs = not_the_demos(out) if args.command == "demo" and out.is_dir() else None
-    if theirs:  # make_demo replaces images/ and its .jsonl files whole
-        raise SystemExit(f"--out {args.out}: {theirs} is not the demo's, and the demo replaces images/ and its .jsonl "
-                         "files there: give a new folder")
-    if args.command != "demo" and out.is_dir():
-        raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
-    if args.command != "demo" and out.suffix not in RECORD_SUFFIXES:  # what record_rows reads
-        raise SystemExit(f"--out {args.out}: give a .jsonl or .parquet file (no stage reads "
-                         f"{f'a *{out.suffix} file' if out.suffix else 'a file without a suffix'})")
-    folder = images_folder(out) if args.command != "demo" else None
-    if folder and folder.is_dir():  # write_records replaces it whole
-        shared = next((p for p in map(out.with_suffix, RECORD_SUFFIXES) if p != out and p.exists()), None)
-        theirs = next((p for p in folder.iterdir() if not re.fullmatch(r"\d{7,}_\d+\.png", p.name)), None)
-        if shared or theirs:  # shared's records would show the new images; a user's own images would be gone
-            raise SystemExit(f"--out {args.out}: its images go to {folder}, " + (
-                f"where {shared} keeps its own" if shared else f"which holds {theirs.name}, not written by convert or "
-                "adacs") + ": give --out another name")
-    check_writable("--out", args.out, folder=args.command == "demo")
+    if args.command == "demo":
+        check_demo_out(args.out, args.overwrite)
+    else:
+        check_records_out(args.out, {flag: getattr(args, flag[2:].replace("-", "_"), None)
+                                     for flag in ("--data", "--pass-rates")}, args.overwrite)
     model = Path(args.model).expanduser() if args.command == "adacs" and args.model else None
     if model and args.model != "tiny" and (model.exists() or str(model).startswith((".", "/", "~"))):
         if not any((model / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):  # a run folder, an adapter
@@ -2222,6 +2239,51 @@ def check_args(args):
         except (OSError, ValueError) as e:
             raise SystemExit(f"--model {args.model}: no such folder, and no tokenizer of that name on the hub (or in its "
                              f"cache, offline): {str(e).splitlines()[0][:160]}") from None
+
+
+def check_records_out(out: str, inputs: dict, overwrite: bool):
+    """--out of a command that writes records (convert, adacs, eval.py passrate): a new .jsonl or .parquet file (or one
+    --overwrite replaces), none of the `inputs` ({flag: path}), outside any training run, whose images folder is its
+    own, and writable. One line naming the first problem, before anything is read."""
+    path = Path(out)
+    for flag, given in inputs.items():  # the output is written over its target: never over an input
+        if given and Path(given).expanduser().resolve() == path.expanduser().resolve():
+            raise SystemExit(f"--out {out}: the same file as {flag}; give another output file")
+    if path.is_dir():
+        raise SystemExit(f"--out {out}: a folder; give the output file (.jsonl or .parquet)")
+    if path.suffix not in RECORD_SUFFIXES:  # what record_rows reads
+        raise SystemExit(f"--out {out}: give a .jsonl or .parquet file (no stage reads "
+                         f"{f'a *{path.suffix} file' if path.suffix else 'a file without a suffix'})")
+    check_outside_runs("--out", out)
+    check_new_output("--out", out, overwrite)
+    folder = images_folder(path)
+    if folder.is_dir():  # write_records replaces it whole
+        shared = next((p for p in map(path.with_suffix, RECORD_SUFFIXES) if p != path and p.exists()), None)
+        theirs = next((p for p in folder.iterdir() if not re.fullmatch(r"\d{7,}_\d+\.png", p.name)), None)
+        if shared or theirs:  # shared's records would show the new images; a user's own images would be gone
+            raise SystemExit(f"--out {out}: its images go to {folder}, " + (
+                f"where {shared} keeps its own" if shared else f"which holds {theirs.name}, not written by convert or "
+                "adacs") + ": give --out another name")
+    check_writable("--out", out, folder=False)
+
+
+def check_demo_out(out: str, overwrite: bool):
+    """demo's --out: a folder outside any training run, holding no file of the user's where the demo writes its own
+    (not_the_demos), nor an earlier demo unless --overwrite; writable."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--out {out}: a file, not a folder")
+    theirs = not_the_demos(path) if path.is_dir() else None
+    if theirs:  # make_demo replaces images/ and its .jsonl files whole
+        raise SystemExit(f"--out {out}: {theirs} is not the demo's, and the demo replaces images/ and its .jsonl "
+                         "files there: give a new folder")
+    check_outside_runs("--out", out)
+    there = [f"{name}.jsonl" for name in DEMO_FILES if (path / f"{name}.jsonl").exists()]
+    there += ["images/"] if (path / "images").is_dir() else []
+    if there:
+        check_new_output("--out", out, overwrite, holds=f"a demo ({', '.join(there)})")
+    check_writable("--out", out)
+
 
 DISK_ERRORS = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EROFS: "make it writable",
                errno.EACCES: "make it writable"}  # a full disk or quota, a read-only or forbidden folder

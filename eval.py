@@ -765,10 +765,7 @@ def check_passrate_args(args):
                          "0 or 1)")
     ares.check_attn(args.attn)
     ares.check_numbers(passrate_load_config(args), hints={})  # --min-pixels, --max-pixels: ares.py's ranges and lines
-    if Path(args.out).is_dir():
-        raise SystemExit(f"--out {args.out}: a folder; give the output file (.jsonl or .parquet)")
-    check_outside_checkpoints(args.out)
-    data_prep.check_writable("--out", args.out, folder=False)
+    data_prep.check_records_out(args.out, {"--data": args.data}, args.overwrite)  # its checkpoint and run checks too
 
 
 def passrate_load_config(args) -> ares.Config:
@@ -844,6 +841,7 @@ def passrate_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-responses", action="store_true",
                     help="write every response (with length and correct) as a candidate trace, K records per problem")
     pr.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    pr.add_argument("--overwrite", action="store_true", help="replace --out (and its images) if it exists")
     return pr
 
 

@@ -416,7 +416,7 @@ def test_a_rewrite_killed_midway_leaves_no_record_on_another_records_image(kill,
         if tool == "demo":
             data_prep.make_demo(out, seed=1, sizes=sizes)
         else:
-            data_prep.main(["convert", "--data", src, "--out", out / "rl.jsonl"])
+            data_prep.main(["convert", "--data", src, "--out", out / "rl.jsonl", "--overwrite"])
     after = files(out)
     if kill == "while it draws the images":
         assert after == before
@@ -460,8 +460,68 @@ def test_convert_never_deletes_a_folder_of_the_users_own_images(tmp_path):
                                    "holds diagram1.png, not written by convert or adacs: give --out another name")
     assert files(tmp_path) == before
     data_prep.main(["convert", "--data", raw, "--out", tmp_path / "out.jsonl"])
-    data_prep.main(["convert", "--data", raw, "--out", tmp_path / "out.jsonl"])  # its own folder: rewritten
+    data_prep.main(["convert", "--data", raw, "--out", tmp_path / "out.jsonl", "--overwrite"])  # its own folder: rewritten
     assert solid(data_prep.load_records(str(tmp_path / "out.jsonl"))[0]["images"][0], RED)
+
+
+def records_out_case(command: str, tmp_path: Path) -> list:
+    """The argv of `command` (convert, adacs or demo) on a small input of tmp_path, without --out."""
+    if command == "demo":
+        return ["demo", "--sft", "3", "--pool", "3", "--rl", "3", "--test", "3"]
+    rows = [dict(id="b", question="What colour?", answer="blue", response="\\boxed{blue}", correct=True, length=3,
+                 pass_rate=1.0)]
+    data = jsonl(tmp_path / "in.jsonl", rows)
+    return ["convert", "--data", data] if command == "convert" else ["adacs", "--data", data, "--k", "1"]
+
+
+@pytest.mark.parametrize("command", ["convert", "adacs", "demo"])
+def test_an_existing_output_is_replaced_only_with_overwrite(command, tmp_path, monkeypatch):
+    """convert, adacs and demo wrote over an --out that was there (an earlier output, the cold-start data a run was
+    trained on) without a word. Now, as ares.py with a run in --out, they stop with one line naming the flag and the
+    file, before the data is read (nor a tokenizer loaded), and leave it as it was; --overwrite replaces it."""
+    out = tmp_path / ("demo" if command == "demo" else "out.jsonl")
+    argv = records_out_case(command, tmp_path)
+    data_prep.main([*argv, "--out", out])
+    before = files(tmp_path)
+    with monkeypatch.context() as mp:
+        mp.setattr(data_prep, "_load", lambda *a, **k: pytest.fail("read the data"))
+        mp.setattr(data_prep, "make_demo", lambda *a, **k: pytest.fail("drew the demo"))
+        with pytest.raises(SystemExit) as err:
+            data_prep.main([*argv, "--out", out])
+    holds = "holds a demo (sft.jsonl, pool.jsonl, pool_traces.jsonl, rl.jsonl, test.jsonl, images/)" if \
+        command == "demo" else "exists"
+    assert str(err.value.code) == f"--out {out} {holds}: add --overwrite to replace it, or choose another --out"
+    assert files(tmp_path) == before
+    data_prep.main([*argv, "--out", out, "--overwrite", *(["--seed", "1"] if command == "demo" else [])])
+    if command == "demo":  # another seed: other problems, each .jsonl replaced
+        assert (out / "rl.jsonl").read_bytes() != before["demo/rl.jsonl"]
+    else:
+        assert [r["id"] for r in map(json.loads, open(out))] == ["b"]
+
+
+@pytest.mark.parametrize("command", ["convert", "adacs", "demo"])
+@pytest.mark.parametrize("where", ["in a checkpoint", "in a run folder"])
+def test_an_output_inside_a_training_run_is_refused(command, where, tmp_path):
+    """convert, adacs and demo wrote into a checkpoint (runs/x/final/, which the run's next save, --keep-last or
+    --overwrite replaces whole) or beside a run's own files (runs/x, its config.json the run record). Now one line
+    naming --out and the folder, with or without --overwrite, and nothing is written."""
+    run = tmp_path / "runs" / "x"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"flags": {"stage": "coldstart"}}))
+    (run / "final" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    (run / "final" / "COMPLETE").write_text(json.dumps({"step": 2, "files": {}}))
+    folder = run / "final" if where == "in a checkpoint" else run
+    out = folder / ("demo" if command == "demo" else "sft.jsonl")
+    argv = records_out_case(command, tmp_path)
+    before = files(tmp_path)
+    for more in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as err:
+            data_prep.main([*argv, "--out", out, *more])
+        what = ("a checkpoint of a training run, which its next save, --keep-last or --overwrite replaces whole"
+                if where == "in a checkpoint" else
+                "the folder of a training run (its config.json is ares.py's run record), whose files are the run's")
+        assert str(err.value.code) == f"--out {out}: {folder} is {what}: give a folder outside it"
+        assert files(tmp_path) == before
 
 
 @pytest.mark.parametrize("values, message", [
@@ -656,7 +716,7 @@ def test_adacs_says_which_bracket_sets_the_balanced_count(tmp_path, capsys):
     for extra, line in (([], "every bracket keeps 1 problem, as many as the smallest, p = 1/2, has: 3 of the 8 with a "
                              "correct trace; --per-bracket N keeps up to N from each"), (["--per-bracket", "3"], None)):
         data_prep.main(["adacs", "--data", str(tmp_path / "pool.jsonl"), "--k", "2", *extra,
-                        "--out", str(tmp_path / "sft.jsonl")])
+                        "--out", str(tmp_path / "sft.jsonl"), "--overwrite"])  # the second replaces the first's
         out = capsys.readouterr().out.splitlines()
         assert [x for x in out if x.startswith("every bracket")] == ([line] if line else [])
         assert out[-1].startswith(f"kept {3 if line else 7} of 8 problems")
@@ -1049,12 +1109,12 @@ def test_demo_replaces_its_own_output_and_nothing_else(mine, tmp_path):
     """demo --out a folder that already held a user's data (an images/ folder of their own, their test.jsonl) deleted
     it without a word: the demo replaces images/ and its five .jsonl files whole. Now it stops with one line naming the
     file, before anything is written; into a folder the demo wrote (another seed, as ares.py's demo reruns it) it goes
-    on, and leaves every other file there alone."""
+    on with --overwrite, and leaves every other file there alone."""
     small = ["--sft", "3", "--pool", "3", "--rl", "3", "--test", "3"]
     out = tmp_path / "data"
     data_prep.main(["demo", "--out", out, *small])
     (out / "pass_rates.jsonl").write_text("{}\n")  # what the later stages of ares.py's demo add beside it
-    data_prep.main(["demo", "--out", out, "--seed", "1", *small])
+    data_prep.main(["demo", "--out", out, "--seed", "1", *small, "--overwrite"])
     assert (out / "pass_rates.jsonl").read_text() == "{}\n" and len(list((out / "images").iterdir())) == 12
     theirs = tmp_path / "theirs"
     (theirs / mine).parent.mkdir(parents=True, exist_ok=True)

@@ -730,6 +730,38 @@ def test_bad_data_or_flags_stop_with_one_line_before_the_model_loads(argv, messa
     assert not (tmp_path / "out").exists()
 
 
+def training_run(root: Path) -> tuple[Path, Path]:
+    """A run folder of ares.py (its run record) holding a checkpoint final/ (COMPLETE): (run, final)."""
+    run = root / "runs" / "x"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"flags": {"stage": "coldstart"}}))
+    (run / "final" / "COMPLETE").write_text(json.dumps({"step": 2, "files": {}}))
+    return run, run / "final"
+
+
+def test_passrate_replaces_its_out_only_with_overwrite_and_never_writes_into_a_run(tmp_path, monkeypatch):
+    """passrate wrote over an --out that was there (the pass rates a curation was made from) without a word, and into a
+    training run's folder beside its files; it took any suffix, and --out its own --data. Now each is one line naming
+    --out, before the model loads, as data_prep.py's convert and adacs; --overwrite replaces an earlier output."""
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = tmp_path / "pool.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n")
+    (rates := tmp_path / "rates.jsonl").write_text('{"id": "mine"}\n')
+    run, final = training_run(tmp_path)
+    cases = [(rates, [], f"--out {rates} exists: add --overwrite to replace it, or choose another --out"),
+             (run / "rates.jsonl", ["--overwrite"], f"--out {run / 'rates.jsonl'}: {run} is the folder of a training run "
+              "(its config.json is ares.py's run record), whose files are the run's: give a folder outside it"),
+             (tmp_path / "rates.txt", [], f"--out {tmp_path / 'rates.txt'}: give a .jsonl or .parquet file (no stage "
+              "reads a *.txt file)"),
+             (data, ["--overwrite"], f"--out {data}: the same file as --data; give another output file")]
+    for out, more, message in cases:
+        with pytest.raises(SystemExit) as err:
+            ev.main(["passrate", "--data", data, "--model", "tiny", "--k", "1", "--temperature", "0", "--out", out, *more])
+        assert str(err.value.code) == message
+    assert rates.read_text() == '{"id": "mine"}\n' and not (run / "rates.jsonl").exists()
+    assert not (tmp_path / "rates.txt").exists() and data.read_text().startswith('{"id": "a"')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # README "Run folders, Ctrl-C and kills" and "Dependencies": the cache after a kill, its key, --plot through the
 # command line, outputs written whole, and the version check. Four records of `bench` (--limit 4), a few tokens.

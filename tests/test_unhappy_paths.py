@@ -933,18 +933,18 @@ def crash_in_parquet(monkeypatch):
     monkeypatch.setattr(pq, "write_table", half_written)
 
 
-def convert(data, out):
-    data_prep.main(["convert", "--data", data, "--out", out])
+def convert(data, out, *more):
+    data_prep.main(["convert", "--data", data, "--out", out, *more])
 
 
-def adacs(data, out):
-    data_prep.main(["adacs", "--data", data["pool_traces"], "--out", out, "--model", "tiny", "--k", "3"])  # 3 traces
+def adacs(data, out, *more):
+    data_prep.main(["adacs", "--data", data["pool_traces"], "--out", out, "--model", "tiny", "--k", "3", *more])  # 3 traces
     # per problem, no pass rates: each is c/3
 
 
-def passrate(data, out, model):
+def passrate(data, out, model, *more):
     evaluation.main(["passrate", "--data", data["pool"], "--limit", 4, "--model", model, "--k", 2,
-                     "--max-new-tokens", 6, "--out", out])
+                     "--max-new-tokens", 6, "--out", out, *more])
 
 
 def test_ctrl_c_while_passrate_samples_leaves_its_out_as_it_was(tiny_ckpt, demo_data, tmp_path, monkeypatch, capsys):
@@ -963,7 +963,7 @@ def test_ctrl_c_while_passrate_samples_leaves_its_out_as_it_was(tiny_ckpt, demo_
     monkeypatch.setattr(ares, "sample", interrupted_on_the_second_batch)
     with pytest.raises(SystemExit) as e:
         evaluation.main(["passrate", "--data", demo_data["pool"], "--limit", 4, "--model", tiny_ckpt, "--k", 2,
-                         "--max-new-tokens", 6, "--batch-size", 2, "--out", out])
+                         "--max-new-tokens", 6, "--batch-size", 2, "--out", out, "--overwrite"])  # an earlier output
     assert e.value.code == 130 and len(calls) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted (Ctrl-C): {out} is as it was: passrate writes it once every problem is sampled; the same "
@@ -1008,10 +1008,10 @@ def test_an_output_in_another_folder_keeps_every_image_reachable(tool, tiny_ckpt
 
 
 WRITERS = [  # (case, output file name, command, how it dies mid-write)
-    ("data_prep.py convert to JSONL", "rl.jsonl", lambda d, o, m: convert(d["rl"], o), "json"),
-    ("data_prep.py convert to Parquet", "rl.parquet", lambda d, o, m: convert(d["rl"], o), crash_in_parquet),
-    ("data_prep.py adacs", "sft.jsonl", lambda d, o, m: adacs(d, o), "json"),
-    ("eval.py passrate", "rates.jsonl", lambda d, o, m: passrate(d, o, m), "json"),
+    ("data_prep.py convert to JSONL", "rl.jsonl", lambda d, o, m, *more: convert(d["rl"], o, *more), "json"),
+    ("data_prep.py convert to Parquet", "rl.parquet", lambda d, o, m, *more: convert(d["rl"], o, *more), crash_in_parquet),
+    ("data_prep.py adacs", "sft.jsonl", lambda d, o, m, *more: adacs(d, o, *more), "json"),
+    ("eval.py passrate", "rates.jsonl", lambda d, o, m, *more: passrate(d, o, m, *more), "json"),
 ]
 
 
@@ -1027,7 +1027,7 @@ def test_a_kill_mid_write_leaves_the_previous_output_whole(case, name, command, 
         else:
             crash(mp)
         with pytest.raises(SystemExit) as e:  # the interrupt ends the tool with its Ctrl-C line and exit 130
-            command(demo_data, out, tiny_ckpt)
+            command(demo_data, out, tiny_ckpt, "--overwrite")  # the output there is replaced only with --overwrite
     assert e.value.code == 130
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [name]  # no temporary file left beside it
@@ -1042,7 +1042,7 @@ def test_a_kill_mid_write_of_the_demo_task_leaves_its_previous_files_whole(tmp_p
     with monkeypatch.context() as mp:
         mp.setattr(data_prep, "json", CrashingJson())
         with pytest.raises(SystemExit) as e:  # exit 130, with the Ctrl-C line
-            data_prep.main(["demo", "--out", out, "--seed", 2, *sizes])  # another seed: other bytes everywhere
+            data_prep.main(["demo", "--out", out, "--seed", 2, *sizes, "--overwrite"])  # another seed: other bytes
     assert e.value.code == 130
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # images included: the earlier records stay beside their own images (it let the second
