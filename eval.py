@@ -147,6 +147,7 @@ def parse_config(argv=None) -> EvalConfig:
     if cfg.plot and Path(cfg.plot).is_dir():  # checked now: it is written only after the whole evaluation
         raise SystemExit(f"--plot {cfg.plot}: a folder; give the PNG file to write")
     if cfg.plot:
+        data_prep.check_outside_runs("--plot", cfg.plot)
         data_prep.check_writable("--plot", cfg.plot, folder=False)
         check_plot_format(cfg.plot)
     return cfg
@@ -171,7 +172,8 @@ def check_paths(models: list[str], out: str):
         ares.check_model_path("--model", m)
     if Path(out).exists() and not Path(out).is_dir():
         raise SystemExit(f"--out {out}: a file, not a folder")
-    check_outside_checkpoints(out)
+    data_prep.check_outside_runs("--out", out)
+    check_eval_folder(out)
     data_prep.check_writable("--out", out)
 
 
@@ -185,16 +187,36 @@ def check_pixel_flags(cfg: EvalConfig):
         raise ares.vision_flag_unused(flags[0], which)
 
 
-def check_outside_checkpoints(out: str):
-    """--out (passrate's: the file) neither one of ares.py's checkpoints nor inside one: the run's next save of that
-    name, --keep-last or --overwrite replaces the folder whole, with what eval.py wrote there (ares.py refuses the
-    same for its own --out)."""
-    p = Path(out).expanduser().absolute()
-    ckpt = ares.checkpoint_holding(p)
-    if ckpt is not None:
-        raise SystemExit(f"--out {out}: " + ("it is" if ckpt == p else f"{ckpt} is") + " a checkpoint of a training "
-                         "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
+def check_eval_folder(out: str):
+    """--out's responses.jsonl and results.json, where there, eval.py's own: the cache is appended to and results.json
+    replaced, so a file of another tool under either name (a user's records saved as responses.jsonl) would be mixed
+    with responses or lost. One line naming the file otherwise, before anything loads."""
+    cache, results = Path(out) / "responses.jsonl", Path(out) / "results.json"
+    if cache.is_file() and not response_cache(cache):
+        raise SystemExit(f"--out {out}: {cache} is not eval.py's cache (its first line is not a response with a "
+                         "\"key\"), and the responses would be appended to it: move it, or choose another --out")
+    if results.exists():
+        try:
+            saved = json.loads(results.read_bytes())
+        except (OSError, ValueError):  # unreadable, not JSON
+            saved = None
+        if not (isinstance(saved, dict) and {"config", "metrics", "table"} <= saved.keys()):
+            raise SystemExit(f"--out {out}: {results} is not eval.py's results (no \"config\", \"metrics\" and "
+                             "\"table\"), and the evaluation would replace it: move it, or choose another --out")
 
+
+def response_cache(path: Path) -> bool:
+    """Is `path` eval.py's responses.jsonl: empty, a first line a kill cut short, or a first whole JSON line that is a
+    response line (read_cache's test)?"""
+    lines = 0
+    with open(path, "rb") as fh:
+        for lines, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            return isinstance(row, dict) and isinstance(row.get("key"), str)
+    return lines <= 1  # nothing whole: empty, or one line cut short
 
 
 # ----------------------------------------------------------------------------------------------------------

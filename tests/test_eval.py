@@ -762,6 +762,53 @@ def test_passrate_replaces_its_out_only_with_overwrite_and_never_writes_into_a_r
     assert not (tmp_path / "rates.txt").exists() and data.read_text().startswith('{"id": "a"')
 
 
+@pytest.mark.parametrize("case", ["a run folder", "a folder inside a run", "--plot in a run", "a records file there",
+                                  "another tool's results.json"])
+def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_its_own(case, tmp_path, monkeypatch):
+    """eval.py --out runs/x (a training run's folder) put responses.jsonl and results.json among the run's files; an
+    --out whose responses.jsonl was a user's records had the responses appended to it, and a results.json of another
+    tool was replaced. Now one line naming the flag and the file, before the model loads. An --out that holds eval.py's
+    own cache still goes on from it (test_one_and_two_processes_agree_and_the_cache_is_reused)."""
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = tmp_path / "bench.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n")
+    run, _ = training_run(tmp_path)
+    out, plot = tmp_path / "eval", []
+    inside = (f"{run} is the folder of a training run (its config.json is ares.py's run record), whose files are the "
+              "run's: give a folder outside it")
+    if case == "a run folder":
+        out, message = run, f"--out {run}: it is" + inside.removeprefix(str(run) + " is")
+    elif case == "a folder inside a run":
+        out, message = run / "eval", f"--out {run / 'eval'}: {inside}"
+    elif case == "--plot in a run":
+        plot, message = ["--plot", run / "acc.png"], f"--plot {run / 'acc.png'}: {inside}"
+    elif case == "a records file there":
+        out.mkdir()
+        (out / "responses.jsonl").write_text(data.read_text())
+        message = (f"--out {out}: {out / 'responses.jsonl'} is not eval.py's cache (its first line is not a response "
+                   "with a \"key\"), and the responses would be appended to it: move it, or choose another --out")
+    else:
+        out.mkdir()
+        (out / "results.json").write_text('{"accuracy": 0.5}')
+        message = (f"--out {out}: {out / 'results.json'} is not eval.py's results (no \"config\", \"metrics\" and "
+                   "\"table\"), and the evaluation would replace it: move it, or choose another --out")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as err:
+        ev.main(["--model", "tiny", "--data", data, "--out", out, *plot])
+    assert str(err.value.code) == message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_cache_of_one_line_cut_short_is_still_the_evaluations_own(tmp_path):
+    """A kill during eval.py's first append leaves responses.jsonl with one cut line: the same command goes on from it
+    (a file of other JSON lines is not its cache)."""
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"key": "[\\"m\\", \\"b\\", \\"a\\", 0')
+    assert ev.response_cache(cut) and not ev.response_cache(hand_jsonl(tmp_path / "responses.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert ev.response_cache(tmp_path / "empty.jsonl")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # README "Run folders, Ctrl-C and kills" and "Dependencies": the cache after a kill, its key, --plot through the
 # command line, outputs written whole, and the version check. Four records of `bench` (--limit 4), a few tokens.
