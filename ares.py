@@ -2215,6 +2215,7 @@ def start_stage(cfg: Config, stage: str):
         held_out = data_prep.read_records(cfg.eval_data, data_prep.held_out_split(cfg.eval_data)) if cfg.eval_every else []
     except DataError as e:
         raise DataError(f"--eval-data: {e}") from None
+    read = dict(data=records, eval_data=held_out)  # for their fingerprints, every record: before any is filtered
     me, world, device = init_distributed(cfg.dist_timeout)  # after the data, whose errors are every rank's
     random.seed(cfg.seed + me)
     np.random.seed(cfg.seed + me)
@@ -2232,7 +2233,7 @@ def start_stage(cfg: Config, stage: str):
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
     last = last_step(cfg, len(records))  # then the run record's checks; --overwrite deletes the old run only after them
-    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last)  # one rank reads the files (fingerprints)
+    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last, read)  # one rank reads the files (fingerprints)
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
     run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record or {}, held_out=held_out)
@@ -3169,8 +3170,10 @@ def interrupted(cfg, how: str = "Ctrl-C", code: int = 130) -> str:
 # The run record <out>/config.json, and the command line: flags, their checks, the stage defaults.
 
 
-def run_record(cfg) -> dict:
-    """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None)."""
+def run_record(cfg, read: dict | None = None) -> dict:
+    """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None),
+    the fingerprints of what the path flags name (`read`: --data's and --eval-data's records, which name image files:
+    data_fingerprint)."""
     from importlib.metadata import distributions
 
     installed = {d.metadata["Name"].lower(): d.version for d in distributions()}
@@ -3181,7 +3184,8 @@ def run_record(cfg) -> dict:
     return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, cwd=os.getcwd(), git_commit=commit,
                 versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
                     "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}},
-                contents={k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS}, world_size=world_size())
+                contents=data_fingerprint({k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS}, read or {}),
+                world_size=world_size())
 
 
 PATH_FLAGS = ("model", "ref_model", "data", "eval_data", "reward_fn")  # compared on --resume as the files they name
@@ -3270,6 +3274,36 @@ def fingerprint(name: str, value) -> str | None:
     return hashlib.sha256(json.dumps(named).encode()).hexdigest()
 
 
+def data_fingerprint(contents: dict, read: dict) -> dict:
+    """The path flags' fingerprints `contents`, with those of the data each of --data and --eval-data read (`read`:
+    flag -> records): "<flag>_images", the image files its records name (image_fingerprint)."""
+    for k, records in read.items():
+        contents[f"{k}_images"] = image_fingerprint(image_files(records))
+    return contents
+
+
+def image_files(records: list[dict]) -> list[str]:
+    """The image files records name, each once, in the data's order (an image given as bytes or a PIL image is in the
+    data file's own bytes, which fingerprint covers)."""
+    return list(dict.fromkeys(im for r in records for im in r["images"] if isinstance(im, str)))
+
+
+IMAGE_DIGITS = 12  # hex digits of each image's sha256 in a run record: 470 kB for ViRL39K's 39K images
+
+
+def image_fingerprint(files: list[str]) -> str | None:
+    """What the image files a data set's records name hold, so that an image replaced under its name between a run and
+    its resume does not mix two data sets: the first IMAGE_DIGITS hex digits of each file's digest, in the records'
+    order (the data file's fingerprint fixes that order), so that changed_contents can name the file that changed.
+    Sampled as a data folder is, past DATA_WHOLE in all. None where the records name no file. check_records has just
+    read every file, so they come from the page cache: 2,000 PNGs of 150 kB hash in about 1 s on one core."""
+    if not files:
+        return None
+    paths = [Path(f) for f in files]
+    sampled = sum(p.stat().st_size for p in paths) > DATA_WHOLE
+    return "".join(digest(p, sampled=sampled)[:IMAGE_DIGITS] for p in paths)
+
+
 def tool_file(relative: Path) -> bool:
     """A file that tools write into a folder beside its contents, left out of its fingerprint: hidden ones (a
     --local-dir download's .cache/huggingface, with the time of each download; .git, whose index `git status`
@@ -3280,23 +3314,36 @@ def tool_file(relative: Path) -> bool:
             or re.fullmatch(r"tmp[a-z0-9_]{8}", name) is not None)
 
 
-def changed_contents(saved: dict, record: dict) -> list[str]:
-    """The path flags whose file or folder holds other contents than the saved run record says, one entry each
-    naming the flag and the file. A record written before fingerprints (no "contents") has none to compare."""
+def changed_contents(saved: dict, record: dict, read: dict | None = None) -> list[str]:
+    """The path flags whose file or folder holds other contents than the saved run record says, one entry each naming
+    the flag and the file, then the data flags whose records' image files (`read`: flag -> records) do, naming the
+    first that differs (a data file that changed says it all). A record written before fingerprints (no "contents")
+    has none to compare, one written before those of images none of those."""
     old, new, flags = saved.get("contents") or {}, record["contents"], record["flags"]
-    return [f"--{k.replace('_', '-')} {flags[k]} ({flag_path(k, flags[k])})" for k in PATH_FLAGS
-            if old.get(k) is not None and new.get(k) != old[k]]
+    changed = [k for k in PATH_FLAGS if old.get(k) is not None and new.get(k) != old[k]]
+    found = [f"--{k.replace('_', '-')} {flags[k]} ({flag_path(k, flags[k])})" for k in changed]
+    for k, files in ((k, image_files(records)) for k, records in (read or {}).items()):
+        then, now = old.get(f"{k}_images"), new.get(f"{k}_images") or ""
+        if then is None or now == then or k in changed:
+            continue
+        at = next(i for i in range(0, max(len(now), len(then)), IMAGE_DIGITS)
+                  if now[i:i + IMAGE_DIGITS] != then[i:i + IMAGE_DIGITS]) // IMAGE_DIGITS
+        found.append(f"--{k.replace('_', '-')} {flags[k]}: its image " + (
+            files[at] if at < len(files) else f"files are {len(files)}, not {len(then) // IMAGE_DIGITS}"))
+    return found
 
 
-def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, last: int = 0) -> dict:
+def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, last: int = 0,
+                     read: dict | None = None) -> dict:
     """Write <out>/config.json and return it; with --resume, first stop on (and list) every changed flag but
     --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a path
-    flag still names but whose contents changed (fingerprint); a damaged record stops it too. Then on a step
+    flag still names but whose contents changed (fingerprint), or the data --data or --eval-data read (`read`: flag ->
+    records; data_fingerprint); a damaged record stops it too. Then on a step
     checkpoint `ckpt` past the stage's `last` step (only --steps can move it once those pass; a final/: finished()).
     Every check passed, clear_old_run deletes what --overwrite replaces or a kill left half-written, so a resume that
     stops here leaves the folder as it was. Rank 0 only (rank0_decides): the fingerprints read every data file, once
     per run, not once per rank."""
-    path, record = Path(cfg.out) / "config.json", run_record(cfg)
+    path, record = Path(cfg.out) / "config.json", run_record(cfg, read)
     if cfg.resume and path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -3310,7 +3357,11 @@ def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, 
         if diff:
             raise SystemExit(f"--resume: flags differ from {path}: {'; '.join(diff)}. Only "
                              f"{', '.join('--' + k.replace('_', '-') for k in resumable)} may change on resume")
-        changed = changed_contents(saved, record)
+        for k in [k for k, records in (read or {}).items() if not records]:  # not read (--eval-data under --eval-every
+            for key in (k, f"{k}_images"):  # 0): not compared, and the run's fingerprints kept for a resume that reads it
+                if record["contents"][key] is None:
+                    record["contents"][key] = (saved.get("contents") or {}).get(key)
+        changed = changed_contents(saved, record, read)
         if changed:
             raise SystemExit(f"--resume: {'; '.join(changed)}: other contents than when the run started ({path} holds "
                              "their fingerprint): put the run's files back, or start a new run in another --out")

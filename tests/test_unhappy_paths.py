@@ -48,6 +48,11 @@ class Stop(Exception):
     """Ends a run where a test has seen what it needs."""
 
 
+def stop_here(*args, **kw):
+    """A stand-in for the function where a run stops (Stop): ares.load_model once a resume's checks have passed."""
+    raise Stop
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Run folders. Two small cold-start runs made once: one finished (3 steps, a checkpoint after each) and one
 # killed right after its first checkpoint, its --out given relative to its own working folder.
@@ -1665,6 +1670,66 @@ def test_resume_stops_when_a_file_it_names_changed_in_place_before_the_model_loa
     capsys.readouterr()
     ares.main(args + ["--steps", 4, "--resume"])
     assert "ranks" not in capsys.readouterr().out and steps_logged(out) == [1, 2, 3, 4]
+
+
+def test_resume_stops_when_an_image_the_data_names_changed_in_place_before_the_model_loads(tiny_ckpt, demo_data,
+                                                                                           tmp_path, monkeypatch):
+    """README (run folders): the image files --data's and --eval-data's records name are part of their fingerprint
+    (the first 12 hex digits of each file's sha256, in the records' order). One replaced under its name (another
+    image's bytes) stops the resume with one line naming the flag and that file, before any model loads and with the
+    run folder untouched; put back, it resumes. A resume that does not read --eval-data (--eval-every 0) goes on and
+    keeps the run's fingerprint of its images. One removed stops it as unreadable data. A record written before image
+    fingerprints resumes even with one replaced."""
+    shutil.copytree(Path(demo_data["rl"]).parent / "images", tmp_path / "images")  # the records' paths are relative
+    data, heldout, out = tmp_path / "rl.jsonl", tmp_path / "heldout.jsonl", tmp_path / "run"
+    shutil.copy(demo_data["rl"], data)
+    heldout.write_bytes(b"".join(Path(demo_data["test"]).read_bytes().splitlines(keepends=True)[:4]))
+    args = aepo_args(data, out, tiny_ckpt, "--eval-data", heldout)
+    ares.main(args + ["--steps", 1])
+    named = {f: [tmp_path / im for line in f.read_text().splitlines() for im in json.loads(line)["images"]]
+             for f in (data, heldout)}
+    contents = json.loads((out / "config.json").read_text())["contents"]
+    for flag, f in (("data", data), ("eval_data", heldout)):
+        assert contents[f"{flag}_images"] == "".join(hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in named[f])
+
+    def resume_goes_on(*extra):  # every check passed: the model loads
+        with monkeypatch.context() as m, pytest.raises(Stop):
+            m.setattr(ares, "load_model", stop_here)
+            ares.main(args + ["--steps", 2, "--resume", *extra])
+
+    def resume_stops() -> str:  # -> its one line
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+            m.setattr(ares, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
+            ares.main(args + ["--steps", 2, "--resume"])
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        return one_line(e)
+
+    for flag, f in (("--data", data), ("--eval-data", heldout)):
+        image = named[f][2]
+        kept = image.read_bytes()
+        image.write_bytes(named[f][0].read_bytes())  # another image of the same data set: it still reads
+        line = resume_stops()
+        assert line.startswith(f"--resume: {flag} {f}: its image {image}: other contents than when the run started"), line
+        if flag == "--eval-data":
+            resume_goes_on("--eval-every", 0)
+            assert json.loads((out / "config.json").read_text())["contents"]["eval_data_images"] == contents[
+                "eval_data_images"]
+            assert resume_stops() == line
+        image.write_bytes(kept)
+        resume_goes_on()
+    image = named[data][2]
+    image.rename(image.with_suffix(".moved"))  # removed, or renamed while the data names it still: unreadable data
+    line = resume_stops()
+    rid = json.loads(data.read_text().splitlines()[2])["id"]
+    assert line.startswith(f"data error: {data}: record {rid}: field 'images': image 0 (") and line.endswith(
+        f"cannot be read: [Errno 2] No such file or directory: '{image}'"), line
+    image.with_suffix(".moved").rename(image)
+    image.write_bytes(named[data][0].read_bytes())
+    record = json.loads((out / "config.json").read_text())
+    del record["contents"]["data_images"], record["contents"]["eval_data_images"]  # as ares.py wrote it before them
+    (out / "config.json").write_text(json.dumps(record))
+    resume_goes_on()
 
 
 def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_changes_it(runs, tmp_path):
