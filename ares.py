@@ -3172,8 +3172,8 @@ def interrupted(cfg, how: str = "Ctrl-C", code: int = 130) -> str:
 
 def run_record(cfg, read: dict | None = None) -> dict:
     """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None),
-    the fingerprints of what the path flags name (`read`: --data's and --eval-data's records, which name image files:
-    data_fingerprint)."""
+    the fingerprints of what the path flags name (`read`: --data's and --eval-data's records, which name image files,
+    and a hub data set's, which are all there is of it: data_fingerprint)."""
     from importlib.metadata import distributions
 
     installed = {d.metadata["Name"].lower(): d.version for d in distributions()}
@@ -3276,10 +3276,29 @@ def fingerprint(name: str, value) -> str | None:
 
 def data_fingerprint(contents: dict, read: dict) -> dict:
     """The path flags' fingerprints `contents`, with those of the data each of --data and --eval-data read (`read`:
-    flag -> records): "<flag>_images", the image files its records name (image_fingerprint)."""
+    flag -> records): "<flag>_images", the image files its records name (image_fingerprint), and, for a hub data set
+    (no local file: fingerprint None), "records " and the sha256 of its records (records_fingerprint), so that a new
+    revision on the hub does not slip into a resume either."""
     for k, records in read.items():
         contents[f"{k}_images"] = image_fingerprint(image_files(records))
+        if contents[k] is None and records:
+            contents[k] = "records " + records_fingerprint(records)
     return contents
+
+
+def records_fingerprint(records: list[dict]) -> str:
+    """sha256 of records as read: each one's fields (JSON) and its images (encoded bytes as they are, a decoded PIL
+    image by its mode, size and pixels; a file is image_fingerprint's, and its path, which may be absolute, is left
+    out). A hub data set is read whole at every start anyway, so hashing what was read costs no download, and it
+    changes with what the run reads alone: datasets' own fingerprint of a hub data set also changes with a revision
+    that changed no row (a new README) and with the datasets version."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps({k: v for k, v in r.items() if k != "images"}, sort_keys=True, default=str).encode())
+        for im in r["images"]:
+            h.update(b"file" if isinstance(im, str) else im if isinstance(im, (bytes, bytearray))
+                     else f"{im.mode} {im.size}".encode() + im.tobytes())
+    return h.hexdigest()
 
 
 def image_files(records: list[dict]) -> list[str]:
@@ -3315,13 +3334,14 @@ def tool_file(relative: Path) -> bool:
 
 
 def changed_contents(saved: dict, record: dict, read: dict | None = None) -> list[str]:
-    """The path flags whose file or folder holds other contents than the saved run record says, one entry each naming
-    the flag and the file, then the data flags whose records' image files (`read`: flag -> records) do, naming the
-    first that differs (a data file that changed says it all). A record written before fingerprints (no "contents")
-    has none to compare, one written before those of images none of those."""
+    """The path flags whose file or folder (or hub data set) holds other contents than the saved run record says, one
+    entry each naming the flag and the file, then the data flags whose records' image files (`read`: flag -> records)
+    do, naming the first that differs (a data file that changed says it all). A record written before fingerprints
+    (no "contents") has none to compare, one written before those of images and hub data sets none of those."""
     old, new, flags = saved.get("contents") or {}, record["contents"], record["flags"]
     changed = [k for k in PATH_FLAGS if old.get(k) is not None and new.get(k) != old[k]]
-    found = [f"--{k.replace('_', '-')} {flags[k]} ({flag_path(k, flags[k])})" for k in changed]
+    found = [f"--{k.replace('_', '-')} {flags[k]} ({flag_path(k, flags[k]) or 'a hub data set: its records'})"
+             for k in changed]
     for k, files in ((k, image_files(records)) for k, records in (read or {}).items()):
         then, now = old.get(f"{k}_images"), new.get(f"{k}_images") or ""
         if then is None or now == then or k in changed:

@@ -1732,6 +1732,54 @@ def test_resume_stops_when_an_image_the_data_names_changed_in_place_before_the_m
     resume_goes_on()
 
 
+def test_resume_stops_when_a_hub_data_sets_records_changed_before_the_model_loads(tiny_ckpt, demo_data, tmp_path,
+                                                                                   monkeypatch):
+    """README (run folders): a hub data set (here the geometry3k preset's, served offline by a stand-in for
+    load_dataset) is compared by the sha256 of its records as read, not by its name alone. A new revision whose rows
+    differ (one answer) stops the resume with one line before any model loads; the same rows resume, and so does a
+    record written when a hub data set was compared by name."""
+    import datasets
+
+    src = Path(demo_data["rl"])
+    rows = [json.loads(line) for line in src.read_text().splitlines()[:8]]
+
+    def revision(answers):  # a hub data set with its images embedded, as geometry3k's are
+        return datasets.Dataset.from_dict(
+            {"problem": ["<image>" + r["question"] for r in rows], "answer": answers, "id": [r["id"] for r in rows],
+             "images": [[{"bytes": (src.parent / im).read_bytes(), "path": None} for im in r["images"]] for r in rows]},
+        ).cast_column("images", datasets.Sequence(datasets.Image()))
+
+    first = revision([r["answer"] for r in rows])
+    served = [first]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None, **kw: served[0])
+    out = tmp_path / "run"
+    args = aepo_args("geometry3k", out, tiny_ckpt)
+    ares.main(args + ["--steps", 1])
+    assert json.loads((out / "config.json").read_text())["contents"]["data"].startswith("records ")
+
+    def resume_goes_on():  # every check passed: the model loads
+        with monkeypatch.context() as m, pytest.raises(Stop):
+            m.setattr(ares, "load_model", stop_here)
+            ares.main(args + ["--steps", 2, "--resume"])
+
+    second = revision([r["answer"] for r in rows[:-1]] + ["12345"])
+    served[0] = second
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+        m.setattr(ares, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
+        ares.main(args + ["--steps", 2, "--resume"])
+    assert one_line(e).startswith("--resume: --data geometry3k (a hub data set: its records): other contents than "
+                                  "when the run started"), one_line(e)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    served[0] = first
+    resume_goes_on()
+    served[0] = second
+    record = json.loads((out / "config.json").read_text())
+    record["contents"]["data"] = None  # as ares.py wrote it for a hub data set before
+    (out / "config.json").write_text(json.dumps(record))
+    resume_goes_on()
+
+
 def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_changes_it(runs, tmp_path):
     """What --resume compares a model folder by (README: run folders). One of our checkpoints: a copy elsewhere (another
     machine) has the same fingerprint, and the same run saved again into it (here: resumed and extended, as a retrain
