@@ -10,7 +10,8 @@
 #                  gap per step (the compiled path's exactness on CUDA). compile.log
 #   2. lora        one LoRA AEPO step (--lora-rank 8; peft is in the device image), the same group. lora.log
 #   3. paths       the default GPU path that the compile step's fp32 leaves out, 2 AEPO steps each, the same group:
-#                  bf16 (the sampling copy and its refresh, autocast) with gradient accumulation (--micro-batch-size
+#                  --dtype bf16 (the sampling copy and its refresh, autocast; given, as the tiny dry run's auto would be
+#                  fp32) with gradient accumulation (--micro-batch-size
 #                  2: DDP's no_sync) and --grad-checkpointing, then --resume to a third step (the checkpoint's CUDA RNG
 #                  state restored); then --fsdp the same way on data whose every other
 #                  record is text-only (the blank-image path of a micro-batch without images). paths.log
@@ -130,7 +131,8 @@ open(sys.argv[2], "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
   step paths 90 "$OUT/paths.log" bash -c '"$@" --out "$0/bf16" && "$@" --out "$0/bf16" --resume --steps 3 &&
     "$@" --out "$0/fsdp" --fsdp --data "$0/data/mixed.jsonl"' \
-    "$WORK" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --steps 2 --micro-batch-size 2 --grad-checkpointing --minibatches 2
+    "$WORK" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --steps 2 --micro-batch-size 2 --grad-checkpointing --minibatches 2 \
+    --dtype bf16  # a GPU's auto; given, so that the CPU dry run (whose auto is fp32) runs the bf16 path too
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
   # the rest of the budget; bench.py stops starting new parts BENCH_MARGIN_S before it (a part in flight finishes)
@@ -166,7 +168,8 @@ summary = dict(mode=mode, wall_s=wall, env=load(out / "env.json"), steps=steps, 
                             sample_s_per_step=[r.get("time_sample") for r in compiled]),
                lora=[{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl")} for r in rows("lora")],
                paths={run: [{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl", "logprob_gap")}
-                            for r in rows(run)] for run in ("bf16", "fsdp")})
+                            for r in rows(run)] for run in ("bf16", "fsdp")},
+               paths_dtype={run: load(work / run / "config.json").get("flags", {}).get("dtype") for run in ("bf16", "fsdp")})
 for size, r in load(out / sys.argv[4]).get("results", {}).items():
     for ro in r.get("rollout", []):
         for m, v in ro["methods"].items():
@@ -186,7 +189,7 @@ print(f"env: {summary['env']}")
 c = summary["compile"]
 print(f"compile: graphs compiled per step {c['graphs_per_step']}, sampler-trainer log-prob gap {c['logprob_gap_per_step']}")
 print(f"lora: {summary['lora']}")
-print(f"paths: {summary['paths']}")
+print(f"paths ({summary['paths_dtype']}): {summary['paths']}")
 for x in summary["rollout"]:
     tps = x["tokens_per_s"]
     print(f"rollout {x['size']} {x['batch']} x {x['new_tokens']} {x['method']:<9} "
