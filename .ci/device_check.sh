@@ -37,8 +37,9 @@
 # decode's forced SDPA grouped-query mode still beats transformers' own path (README: benchmarks).
 #
 #   bash .ci/device_check.sh tiny    # dry run on a CPU: every step at tiny size (bench --size tiny; the compile step
-#                                    # with the aot_eager backend, which traces and guards as inductor does without a
-#                                    # cold CPU code generation; lora skipped without peft), about a minute on one
+#                                    # and bench's pool method with the aot_eager backend, which traces and guards as
+#                                    # inductor does without a cold CPU code generation; lora skipped without peft;
+#                                    # the paths in bf16, as on a GPU), about a minute on one
 #                                    # core; no wheels needed; OUT defaults to /tmp/ares_device_check
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -105,7 +106,8 @@ if [ "$MODE" = gpu ]; then
   BACKEND=inductor
 else  # the same steps at tiny size on the CPU
   SIZE=tiny; BENCH=(--batches "${BATCHES:-8,4}" --new-tokens 16 --repeats 1 --prefill first --update-tokens 512
-                    --update-rows 2 --update-repeats 1); BENCH_MARGIN_S=10
+                    --update-rows 2 --update-repeats 1 --compile --compile-backend aot_eager); BENCH_MARGIN_S=10
+  # --compile: the pool method compiled once for both batch sizes, as on the GPU (bench's default off a GPU is eager)
   BACKEND=aot_eager
 fi
 
@@ -169,7 +171,8 @@ summary = dict(mode=mode, wall_s=wall, env=load(out / "env.json"), steps=steps, 
                lora=[{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl")} for r in rows("lora")],
                paths={run: [{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl", "logprob_gap")}
                             for r in rows(run)] for run in ("bf16", "fsdp")},
-               paths_dtype={run: load(work / run / "config.json").get("flags", {}).get("dtype") for run in ("bf16", "fsdp")})
+               paths_dtype={run: load(work / run / "config.json").get("flags", {}).get("dtype") for run in ("bf16", "fsdp")},
+               bench_compile_pool=load(out / sys.argv[4]).get("meta", {}).get("compile_pool"))
 for size, r in load(out / sys.argv[4]).get("results", {}).items():
     for ro in r.get("rollout", []):
         for m, v in ro["methods"].items():
