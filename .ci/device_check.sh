@@ -106,8 +106,9 @@ if [ "$MODE" = gpu ]; then
   BACKEND=inductor
 else  # the same steps at tiny size on the CPU
   SIZE=tiny; BENCH=(--batches "${BATCHES:-8,4}" --new-tokens 16 --repeats 1 --prefill first --update-tokens 512
-                    --update-rows 2 --update-repeats 1 --compile --compile-backend aot_eager); BENCH_MARGIN_S=10
-  # --compile: the pool method compiled once for both batch sizes, as on the GPU (bench's default off a GPU is eager)
+                    --update-rows 2 --update-repeats 1 --compile --compile-backend aot_eager --dtype bf16); BENCH_MARGIN_S=10
+  # --compile, --dtype bf16: the pool compiled once for both batch sizes, every method decoding in bf16, as on the GPU
+  # (bench's defaults off a GPU are an eager pool and fp32)
   BACKEND=aot_eager
 fi
 
