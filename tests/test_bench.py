@@ -506,19 +506,36 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
 
 def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path):
     """The device image's transformers (5.17) is too old for ares.py, so the GPU call must not run on it: with no
-    carried wheels, or wheels that do not install, .ci/device_check.sh stops at once with one line and exit code 3,
-    having written nothing but its (empty) step table."""
+    carried wheels, wheels that do not install, or wheels that install (--no-deps) but do not import (their own
+    dependencies too old in the image), .ci/device_check.sh stops at once with one line and exit code 3, having
+    written nothing but its (empty) step table. Before, the last kind passed the version check (it reads the wheels'
+    metadata, not what python imports) and every step of the GPU call then failed at its first import."""
+    import base64
+    import hashlib
     import os
     import subprocess
     import sys
+    import zipfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    broken = tmp_path / "broken"
+    broken, unimportable = tmp_path / "broken", tmp_path / "unimportable"
     broken.mkdir()
+    unimportable.mkdir()
     (broken / "transformers-5.24.0-py3-none-any.whl").write_bytes(b"not a wheel")
-    for wheels, says in ((tmp_path / "none", "no wheels in"), (broken, "the carried wheels did not install")):
-        env = dict(os.environ, OUT=str(tmp_path / "out"), WHEELS=str(wheels),
+    info = "transformers-5.24.0.dist-info"
+    files = {"transformers/__init__.py": 'raise ImportError("transformers needs huggingface-hub>=1.3.0, found 0.36.0")\n',
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: transformers\nVersion: 5.24.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(v.encode())}" for k, v in files.items()] + [f"{info}/RECORD,,"]
+    with zipfile.ZipFile(unimportable / "transformers-5.24.0-py3-none-any.whl", "w") as z:
+        for k, v in {**files, f"{info}/RECORD": "\n".join(record) + "\n"}.items():
+            z.writestr(k, v)
+    for wheels, says in ((tmp_path / "none", "no wheels in"), (broken, "the carried wheels did not install"),
+                         (unimportable, "huggingface-hub>=1.3.0")):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), WHEELS=str(wheels), SITE=str(tmp_path / "site"),
+                   STEPS="none",  # were the check passed, no step runs on this CPU (the table would say so)
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         res = subprocess.run(["bash", ".ci/device_check.sh"], cwd=root, env=env, capture_output=True, text=True,
                              timeout=120)
