@@ -8,7 +8,7 @@
 #                  --compile (the KV pool's decode step: torch.compile + CUDA graphs), fp32, branching on, 2 updates a
 #                  step: graphs compiled per step (0 after step 2 is the target) and the sampler-vs-trainer log-prob
 #                  gap per step (the compiled path's exactness on CUDA). compile.log
-#   2. lora        one LoRA AEPO step (--lora-rank 8; peft is in the device image), the same group. lora.log
+#   2. lora        one LoRA AEPO step (--lora-rank 8, --dtype bf16; peft is in the device image), the same group. lora.log
 #   3. paths       the default GPU path that the compile step's fp32 leaves out, 2 AEPO steps each, the same group:
 #                  --dtype bf16 (the sampling copy and its refresh, autocast; given, as the tiny dry run's auto would be
 #                  fp32) with gradient accumulation (--micro-batch-size
@@ -125,7 +125,7 @@ fi
 if [[ " $STEPS " == *" lora "* ]]; then
   if python3 -c "import peft" 2>/dev/null; then
     step lora 45 "$OUT/lora.log" "${TORCHRUN[@]}" ares.py "${AEPO[@]}" --out "$WORK/lora" \
-      --steps 1 --lora-rank 8
+      --steps 1 --lora-rank 8 --dtype bf16  # a GPU's auto (the sampling copy of the adapted model), in the dry run too
   else
     printf '%s\t%s\t%s\n' lora "skipped: peft is not installed" 0 >>"$STEPS_FILE"
   fi
@@ -178,7 +178,7 @@ summary = dict(mode=mode, wall_s=wall, env=load(out / "env.json"), steps=steps, 
                lora=[{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl")} for r in rows("lora")],
                paths={run: [{k: r.get(k) for k in ("step", "groups_kept", "grad_norm", "kl", "logprob_gap")}
                             for r in rows(run)] for run in ("bf16", "fsdp")},
-               paths_dtype={run: load(work / run / "config.json").get("flags", {}).get("dtype") for run in ("bf16", "fsdp")},
+               dtype={run: load(work / run / "config.json").get("flags", {}).get("dtype") for run in ("lora", "bf16", "fsdp")},
                bench_compile_pool=load(out / sys.argv[4]).get("meta", {}).get("compile_pool"))
 for size, r in load(out / sys.argv[4]).get("results", {}).items():
     for ro in r.get("rollout", []):
@@ -199,7 +199,7 @@ print(f"env: {summary['env']}")
 c = summary["compile"]
 print(f"compile: graphs compiled per step {c['graphs_per_step']}, sampler-trainer log-prob gap {c['logprob_gap_per_step']}")
 print(f"lora: {summary['lora']}")
-print(f"paths ({summary['paths_dtype']}): {summary['paths']}")
+print(f"paths: {summary['paths']}; --dtype of each run: {summary['dtype']}")
 for x in summary["rollout"]:
     tps = x["tokens_per_s"]
     print(f"rollout {x['size']} {x['batch']} x {x['new_tokens']} {x['method']:<9} "

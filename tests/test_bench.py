@@ -489,10 +489,11 @@ def test_device_script_dry_run_on_the_cpu(tmp_path):
     assert set(steps) == {"compile", "lora", "paths", "bench_tiny"}
     assert steps["compile"]["rc"] == steps["paths"]["rc"] == steps["bench_tiny"]["rc"] == 0, steps
     assert {run: [r["step"] for r in rows] for run, rows in summary["paths"].items()} == {"bf16": [1, 2, 3], "fsdp": [1, 2]}
-    assert summary["paths_dtype"] == {"bf16": "bf16", "fsdp": "bf16"}  # the GPU's path here too, not the CPU's fp32 auto
+    peft = importlib.util.find_spec("peft") is not None  # pinned in requirements.txt; without it the step says so
+    # the GPU's bf16 path here too, not the CPU's fp32 auto
+    assert summary["dtype"] == {"lora": "bf16" if peft else None, "bf16": "bf16", "fsdp": "bf16"}
     assert summary["bench_compile_pool"] is True  # the pool method compiled, as on the GPU (aot_eager here)
     assert json.loads((out / "bench_tiny.json").read_text())["results"]["tiny"]["dtype"] == "bfloat16"  # as the GPU's
-    peft = importlib.util.find_spec("peft") is not None  # pinned in requirements.txt; without it the step says so
     assert steps["lora"]["rc"] == (0 if peft else "skipped: peft is not installed"), steps
     graphs = summary["compile"]["graphs_per_step"]
     assert len(graphs) == 3 and graphs[0] > 0 and graphs[1:] == [0, 0], graphs
