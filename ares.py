@@ -2094,6 +2094,18 @@ def kv_room(free: float, trainable: int, params: int, shard: int, activations: f
     return free - RESERVE_GIB * 2 ** 30 - adam - max(update, 2 * params if shard > 1 else 0)
 
 
+def pool_bytes(rows: int, per_token: int, row_tokens: int) -> int:
+    """What KVPool(rows, row_tokens) allocates: its rows (at least 2) and a spare one, of row_tokens + 1 columns."""
+    return (max(rows, 2) + 1) * (row_tokens + 1) * per_token
+
+
+def pool_rows(room: float, per_token: int, row_tokens: int) -> int:
+    """The most rows whose KVPool (pool_bytes: a spare row and column beyond them) fits in `room` bytes; 0 if none does.
+    Example: room for 10 pool rows -> 9; for 2 -> 0 (the smallest pool takes 3)."""
+    fit = int(room // ((row_tokens + 1) * per_token))  # pool rows, the spare included
+    return fit - 1 if fit >= 3 else 0
+
+
 def free_memory(device) -> int:
     """Bytes free on the device, PyTorch's cached but unused blocks included; on a CPU, the host's MemAvailable."""
     if device.type == "cuda":
@@ -2126,17 +2138,20 @@ def rollout_memory(cfg, run, device):
     acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
     if cfg.rollout_batch == "auto":
         room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, *made)
-        rows = torch.tensor([float(max(1, min(step_rows, room // (per_token * row_tokens))))])
+        # --compile: the KV pool holds a spare row and column beyond its rows (pool_bytes); they come out of the room too
+        fit = pool_rows(room, per_token, row_tokens) if cfg.compile else int(room // (per_token * row_tokens))
+        rows = torch.tensor([float(max(1, min(step_rows, fit)))])
         cfg.rollout_batch = int(all_reduce(rows, dist.ReduceOp.MIN if dist.is_initialized() else None).item())
         rank0_print(f"--rollout-batch auto: {cfg.rollout_batch} rows per rank ({room / 2 ** 30:.1f} GiB for KV of "
                     f"{free / 2 ** 30:.1f} GiB free; {per_token:,} B/token x {row_tokens:,} tokens a row; at most "
-                    f"{step_rows}, a step's largest call)" + ("" if room > per_token * row_tokens else ": the update "
+                    f"{step_rows}, a step's largest call)" + ("" if fit >= 1 else ": the update "
                     "alone may not fit: consider --fsdp, --grad-checkpointing, a smaller --micro-batch-size or "
                     "--max-response-len"))
     cfg.rollout_batch = run.state["rollout_batch"] = int(cfg.rollout_batch)
     # the update's own room: what AdamW's moments, gradients not yet made and (--compile) the KV pool leave of it
     left = (free - RESERVE_GIB * 2 ** 30 - (0 if made[0] else 8 * run.n_trainable / shard)
-            - (0 if made[1] else 4 * run.n_trainable / shard) - cfg.compile * cfg.rollout_batch * per_token * row_tokens)
+            - (0 if made[1] else 4 * run.n_trainable / shard)
+            - (pool_bytes(cfg.rollout_batch, per_token, row_tokens) if cfg.compile else 0))
     # a GPU's (RESERVE_GIB is CUDA's); it fires for the defaults at real size: 2 rows of 20k tokens, ~170 GiB for 3B
     if device.type == "cuda" and acts > left:
         rank0_print(f"warning: an update micro-batch of --micro-batch-size {cfg.micro_batch_size} rows of --max-prompt-len "

@@ -834,7 +834,8 @@ def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card
                          kv_room_compile_gib=room[True],
                          rollout_rows_at_5k=max(0, int(room[False] / per_row[5120])),
                          rollout_rows_at_20k=max(0, int(room[False] / per_row[20480])),
-                         rollout_rows_at_20k_compile=max(0, int(room[True] / per_row[20480])),
+                         rollout_rows_at_20k_compile=ares.pool_rows(room[True] * GIB, counts["kv_bytes_per_token"],
+                                                                    20480),  # the pool's spare row and column too
                          rollout_rows_paper=512 // world * 4,  # 512 prompts x (G - B) = 4 fresh rows per rank
                          fits=update + reserve_gib <= card_gib and room[False] > 0))
     return rows

@@ -749,6 +749,34 @@ def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_
     assert "warning" not in capsys.readouterr().out
 
 
+def test_rollout_batch_auto_under_compile_picks_rows_whose_kv_pool_fits_the_room(tiny, monkeypatch, capsys):
+    """--rollout-batch auto with --compile sizes the KV pool that stays allocated through the update: KVPool allocates
+    its rows and a spare one (at least 2 + 1), each of --max-prompt-len + --max-response-len + 1 columns. The rows must
+    make that pool fit the room kv_room leaves for it. Before, the rows were the room over the plain rows' bytes: the
+    pool took one row more (0.7 GiB for 3B, 1.1 GiB for 7B at 20k tokens) and three where the room held one, out of
+    the 5 GiB a GPU keeps for its context, NCCL and the sampler's logits. Here the room is k plain rows exactly; a
+    room that holds no pool is warned of."""
+    model = tiny[0]
+    cfg = ares.resolve_stage_defaults(ares.Config(stage="aepo", model="tiny", data="x", compile=True,
+                                                  compile_backend="eager", batch_size=64), "aepo")
+    row_tokens = cfg.max_prompt_len + cfg.max_response_len
+    per_token = ares.kv_bytes_per_token(model.config.get_text_config(), torch.bfloat16)  # a GPU's compute dtype
+    monkeypatch.setattr(ares, "free_memory", lambda device: 2 ** 40)
+    for k in (1, 2, 3, 10, 40):
+        room = k * row_tokens * per_token
+        monkeypatch.setattr(ares, "kv_room", lambda *args, **kwargs: room)
+        run = SimpleNamespace(hf=model, n_trainable=1000, n_params=1000, opt=SimpleNamespace(state={}), model=None,
+                              state={})
+        ares.rollout_memory(dataclasses.replace(cfg, rollout_batch="auto"), run, torch.device("cuda"))
+        rows, said = run.state["rollout_batch"], capsys.readouterr().out
+        pool = (max(rows, 2) + 1) * (row_tokens + 1) * per_token  # KVPool's keys and values, counted by hand
+        if pool > room:
+            assert rows == 1 and "the update alone may not fit" in said, (k, rows, said)
+        else:  # the most rows that fit
+            assert (max(rows + 1, 2) + 1) * (row_tokens + 1) * per_token > room, (k, rows)
+    assert rows == 38  # 40 plain rows: 39 pool rows with their extra column, one of them the spare
+
+
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """The demo's GRPO (--kl-mode fixed): every loss token weighs its KL by beta0 (no bucket multiplier, no window
     relaxation), and kappa never moves; the dynamic run of the test above moves it."""
