@@ -22,6 +22,7 @@
 #                  generate. bench.py's --budget-s stops starting parts BENCH_MARGIN_S before the budget ends; what it
 #                  skipped is marked so. bench_3b.json, bench_3b.log
 #   summary.json   versions, card, each step's exit code and seconds, graphs per step, the headline numbers; printed.
+#                  A step that failed (not one skipped) makes the call exit 1, naming it.
 #
 # On a lent GPU, from a checkout that holds this script (the device tool sends the session's own checkout):
 #   here, once:   bash .ci/device_wheels.sh          # wheels the device image lacks, into the git-ignored .whl/
@@ -211,4 +212,7 @@ if u.get("mfu") is not None:
           f"checkpointing {u['grad_checkpointing']}")
 elif u:
     print(f"update {u['size']}: {u.get('error') or u.get('skipped')}")
+failed = [k for k, v in steps.items() if isinstance(v["rc"], int) and v["rc"] != 0]  # not the skipped ones
+if failed:  # the call's own exit code says it too, not only the table (before: 0 whatever the steps did)
+    sys.exit(f"failed steps: {', '.join(failed)} (their logs: {', '.join(k + '.log' for k in failed)})")
 PY

@@ -544,6 +544,26 @@ def test_device_script_stops_before_any_device_work_without_its_wheels(tmp_path)
         assert [p.name for p in (tmp_path / "out").iterdir()] == [".steps.tsv"]
 
 
+def test_device_script_exits_non_zero_naming_a_step_that_failed(tmp_path):
+    """A GPU call whose steps fail must not end with exit code 0, which the device tool shows first: here bench's step
+    fails at once (an unknown --methods) and the call, having written its summary, exits 1 naming the step and its
+    log. Before, the script exited 0 whatever its steps did (the step table alone said so)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), STEPS="bench", METHODS="bogus", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["bash", ".ci/device_check.sh", "tiny"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and "failed steps: bench_tiny (their logs: bench_tiny.log)" in res.stderr, \
+        res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"]["bench_tiny"]["rc"] == 2
+
+
 def test_gpu_check_script_smoke_run_passes_on_the_cpu(tmp_path):
     """README (multi-GPU): .ci/gpu_check.sh has run on the CPU. Its smoke run (SMOKE_ONLY=1: the cold start, then
     AEPO from it, each under torchrun at world size 1) exits 0 and both runs write their metrics. It gave every
