@@ -683,6 +683,17 @@ def _tool_cases():
     ]
 
 
+def test_split_and_config_stop_only_where_every_data_is_one_file():
+    """eval.py takes several --data: --split testmini with a JSONL file and mathvista-testmini splits the preset, so it
+    is used and must pass; it is ignored, and stops, only where every --data is a file read whole. The _tool_cases rows
+    give one file alone, which any() and all() both refuse."""
+    data_prep.check_split_flags(["bench.jsonl", "mathvista-testmini"], split="testmini")  # the preset reads it
+    data_prep.check_split_flags(["saved_folder", "bench.parquet"], split="test", config="")  # a folder has splits
+    data_prep.check_split_flags("bench.jsonl", split=None, config="")  # neither flag given
+    with pytest.raises(SystemExit, match=r"^--config c: --data a\.json is one file, without configs: leave --config"):
+        data_prep.check_split_flags(["a.json", "b.parquet"], split="", config="c")
+
+
 @pytest.mark.parametrize("case", range(len(_tool_cases())))
 def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_ckpt, demo_data, tmp_path):
     """Before: tracebacks after the model had loaded (a run folder or a LoRA adapter as --model, --k 0, a chat-template
