@@ -680,12 +680,17 @@ def test_adacs_keeps_equal_counts_per_bracket(per_bracket, counts):
     # L(0) = 20, L(1) = 2: L_target(1/3) = 2/3 20 + 1/3 2 = 14 exactly, so 13 and 15 tie: the shorter, 13 (in floats
     # the target was 14.000000000000002, and 15 won).
     (3, 1 / 3, (20, 2), (15, 13), (13, 14)),
+    # L(0) = median(8, 9) = 8.5, L(1) = 1: L_target(1/5) = 4/5 8.5 + 1/5 1 = 7 exactly, so 8 and 6 tie: the shorter, 6.
+    # An exact p alone is not enough: a median of two lengths is a float, and 4/5 8.5 + 1/5 = 7.000000000000001 chose 8.
+    (5, 0.2, ((8, 9), 1), (8, 6), (6, 7)),
 ])
 def test_adacs_target_is_the_brackets_exact_rate(k, rate, anchors, lengths, want):
     def trace(pid, p, n):
         return dict(id=pid, question="q", answer="7", images=[], source="s", pass_rate=p, length=n, correct=True,
                     response=f"<think>{'x' * n}</think> \\boxed{{7}}")
-    pool = [trace("hard", 0.0, anchors[0]), trace("easy", 1.0, anchors[1])] + [trace("m", rate, n) for n in lengths]
+    hard = anchors[0] if isinstance(anchors[0], tuple) else (anchors[0],)  # L(0) is the median of these traces
+    pool = [trace("hard", 0.0, n) for n in hard] + [trace("easy", 1.0, anchors[1])]
+    pool += [trace("m", rate, n) for n in lengths]
     chosen, _ = data_prep.adacs_curate(pool, k=k, per_bracket=5)
     assert {r["id"]: (r["length"], r["target_length"]) for r in chosen}["m"] == want
 
