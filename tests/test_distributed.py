@@ -467,6 +467,27 @@ def test_bad_input_under_torchrun_is_one_line_not_one_per_rank(tmp_path, monkeyp
             assert waited == ([] if local_rank == "0" else [data_prep.SAY_AFTER_S]), (local_rank, args, waited)
     assert not (tmp_path / "run").exists()
 
+def test_a_line_after_the_process_group_forms_is_each_ranks_own_and_said_at_once(monkeypatch):
+    """Only a line met before init_distributed is every rank's alike, so only it makes local rank 1 wait for local rank
+    0 to say it; one met after is this rank's own and is said at once, and an exit without a line (a code: --help's 0,
+    Ctrl-C's 130) never waits. The torchrun test above stops before the group forms, so waiting everywhere passed it."""
+    waited = []
+    monkeypatch.setattr(data_prep.time, "sleep", waited.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name in ("RANK", "MASTER_ADDR", "WORLD_SIZE"):  # init_distributed at world size 1: no process group to start
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(ares.GROUP, "formed", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # local rank 1 on a one-GPU machine: no cuda:1
+    for formed, code, want in ((False, "bad flag", [data_prep.SAY_AFTER_S]), (True, "rank 1's own line", []),
+                               (False, 130, []), (False, 0, [])):
+        waited.clear()
+        with pytest.raises(SystemExit) as e, ares.one_line_per_node():
+            if formed:
+                ares.init_distributed()
+            raise SystemExit(code)
+        assert e.value.code == code and waited == want, (formed, code, waited)
+
+
 FINGERPRINTS_COUNTED = """
 \"\"\"torchrun worker: ares.main with ares.fingerprint counted; each rank writes {"fingerprints": the path flags it
 fingerprinted, "exit": how it ended} to <argv[2]>/rank<RANK>.json.\"\"\"
