@@ -189,17 +189,27 @@ def test_a_tracker_added_as_the_readme_says_passes_the_flag_checks(tmp_path):
     assert ares.validate_extras(cfg) is cfg
 
 
-def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path):
+def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path, monkeypatch):
+    """Each step's events are on disk once the step is logged, before the writer closes, as metrics.jsonl's row is: a
+    run that dies (killed, never closing its writer) keeps every step it logged. The writer's thread writes them when
+    it gets to them (here a slow disk: 0.2 s a record), and the run had gone on, or died, by then."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    write = RecordWriter.write
+    monkeypatch.setattr(RecordWriter, "write", lambda self, data: time.sleep(0.2) or write(self, data))
+
+    def shown():
+        return [(e.step, e.value) for e in EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("loss")]
 
     metrics = ares.Metrics(tmp_path, 2, 0, "x",
                                 tracker=ares.open_tracker(ares.Config(report_to="tensorboard"), tmp_path, {}))
     for step, loss in ((1, 0.5), (2, 0.25)):
         metrics.log(dict(step=step, loss=loss), ())
+        assert shown()[-1] == (step, loss)  # not yet closed
     metrics.close()
-    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
+    assert shown() == [(1, 0.5), (2, 0.25)]
 
 
 def test_tensorboard_shows_each_step_once_after_a_resume_and_none_of_the_old_run_after_overwrite(tmp_path, capsys):
