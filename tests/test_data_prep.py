@@ -851,6 +851,10 @@ def test_pass_rates_rounded_to_two_decimals_pass_and_a_wrong_k_gets_honest_advic
     assert "record r1: pass_rate 0.05 is not a multiple of 1/128 (--k 128)" in str(e.value)
     assert str(e.value).endswith("written to 6 decimals or more (past K = 100, a rate rounded to 2 decimals fits no "
                                  "single c/K)")
+    # written to 6 decimals, 7/128 = 0.0546875 is 0.054688 (5e-7 off) and passes; to 4, 0.0547 (1.25e-5 off) does not
+    assert data_prep.check_pass_rates(rows(0.054688, 0.914062), 128, "f") == rows(0.054688, 0.914062)
+    with pytest.raises(data_prep.DataError, match="record r0: pass_rate 0.0547 is not a multiple of 1/128"):
+        data_prep.check_pass_rates(rows(0.0547, 0.914062), 128, "f")
 
 
 def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
