@@ -528,6 +528,7 @@ def test_an_output_inside_a_training_run_is_refused(command, where, tmp_path):
     ((3, "hard"), "field 'level' is a number in record a and text in record b: a Parquet column holds one type"),
     ((True, 1), "field 'level' is true or false in record a and a number in record b: a Parquet column holds one type"),
     ((1, 10**20), "record b: field 'level' is 100000000000000000000, past Parquet's 64-bit integers"),
+    ((1, 2**63), "record b: field 'level' is 9223372036854775808, past Parquet's 64-bit integers"),  # int64's max + 1
 ])
 def test_convert_to_parquet_names_a_field_parquet_cannot_hold(values, message, tmp_path):
     """JSON lines hold a field that is a number in one record and text in another (`difficulty` may be either), and an
@@ -540,9 +541,11 @@ def test_convert_to_parquet_names_a_field_parquet_cannot_hold(values, message, t
         data_prep.main(["convert", "--data", data, "--out", tmp_path / "d.parquet"])
     assert str(err.value.code).startswith(f"data error: {tmp_path / 'd.parquet'}: {message}"), err.value.code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
-    ok = jsonl(tmp_path / "ok.jsonl", [dict(id=rid, question="Q", answer="1", score=s) for rid, s in zip("ab", (1, 0.5))])
+    ok = jsonl(tmp_path / "ok.jsonl", [dict(id=rid, question="Q", answer="1", score=s, big=b)
+                                       for rid, s, b in zip("ab", (1, 0.5), (-2**63, 2**63 - 1))])  # int64's ends
     data_prep.main(["convert", "--data", ok, "--out", tmp_path / "ok.parquet"])
     assert pq.read_table(tmp_path / "ok.parquet").column("score").to_pylist() == [1.0, 0.5]
+    assert pq.read_table(tmp_path / "ok.parquet").column("big").to_pylist() == [-2**63, 2**63 - 1]
 
 
 def test_json_list_files_and_a_broken_json_line(tmp_path):
