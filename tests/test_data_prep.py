@@ -548,6 +548,27 @@ def test_convert_to_parquet_names_a_field_parquet_cannot_hold(values, message, t
     assert pq.read_table(tmp_path / "ok.parquet").column("big").to_pylist() == [-2**63, 2**63 - 1]
 
 
+@pytest.mark.parametrize("escape, lone", [
+    ("\\ud83d\\ude00", None),  # an emoji's pair of escapes: one character
+    ("\\uD83D\\uDE00", None),  # the same pair, in capitals (JSON takes either)
+    ("\\\\ud800", None),  # an escaped backslash, then the text ud800: no escape at all
+    ("\\ud800", "d800"), ("\\udc00", "dc00"), ("\\uDFFF", "dfff"),  # half a pair alone: high, low, capitals
+    ("\\ude00\\ud83d", "de00"),  # both halves, in the wrong order: two lone halves
+])
+def test_a_lone_surrogate_escape_is_not_text_and_a_pair_is(escape, lone, tmp_path):
+    """A JSON escape of half a UTF-16 pair ("\\ud800") decodes to no character, which the tokenizer and Parquet stop on;
+    every reader of records stops on it, naming the line. The cases by hand: the Unicode surrogates are D800-DFFF,
+    high ones (D800-DBFF) first in a pair; FILES and TOOL_ROWS try only a lone high one in small letters."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b", "question": "caf' + escape + '"}\n')
+    if lone is None:
+        assert [r["id"] for r in data_prep.json_rows(path)] == ["a", "b"]
+    else:
+        with pytest.raises(data_prep.DataError, match=rf"^{re.escape(str(path))}: line 2: not UTF-8 text \(the escape "
+                                                      rf"\\u{lone}: half of a UTF-16 surrogate pair"):
+            list(data_prep.json_rows(path))
+
+
 def test_json_list_files_and_a_broken_json_line(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([dict(question="Q", answer="\\boxed{1}")]))
     assert data_prep.load_source(str(tmp_path / "list.json"))[0]["answer"] == "1"
