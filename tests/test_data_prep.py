@@ -1160,6 +1160,24 @@ def test_demo_replaces_its_own_output_and_nothing_else(mine, tmp_path):
     assert files(theirs) == before
 
 
+def test_demo_stops_on_a_users_file_under_each_name_of_records_it_writes(tmp_path):
+    """Each .jsonl file the demo writes (listed from a folder it wrote, not from DEMO_FILES) replaces a user's file of
+    that name: a user's sft.jsonl or pool_traces.jsonl stops it as their test.jsonl does, with nothing written."""
+    small = ["--sft", "2", "--pool", "2", "--rl", "2", "--test", "2"]
+    data_prep.main(["demo", "--out", tmp_path / "data", *small])
+    written = sorted(p.name for p in (tmp_path / "data").glob("*.jsonl"))
+    assert written == ["pool.jsonl", "pool_traces.jsonl", "rl.jsonl", "sft.jsonl", "test.jsonl"]
+    for name in written:
+        theirs = tmp_path / f"theirs_{name}"
+        theirs.mkdir()
+        mine = b'{"id": "q", "question": "Q", "answer": "1"}\n'
+        (theirs / name).write_bytes(mine)
+        with pytest.raises(SystemExit) as err:
+            data_prep.main(["demo", "--out", theirs, *small])
+        assert str(err.value.code).startswith(f"--out {theirs}: {theirs / name} is not the demo's"), err.value.code
+        assert files(theirs) == {name: mine}  # nothing written beside it
+
+
 def test_a_records_options_are_shown_once_and_its_answer_letter_stays_put_over_stages(tmp_path):
     """A JSONL record with `choices`: the options go into the question as (A) lines and the answer becomes their
     letter, once. Read again (the records passrate and adacs write), nothing moves: options ["B", "A", "C"] with answer
