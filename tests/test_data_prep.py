@@ -444,6 +444,13 @@ def test_convert_never_gives_another_files_records_new_images(tmp_path):
                                        f"{tmp_path / 'x.jsonl'} keeps its own: give --out another name")
         assert files(tmp_path) == before
     assert solid(data_prep.load_records(str(tmp_path / "x.jsonl"))[0]["images"][0], RED)
+    for stem, first, then in (("y", ".parquet", ".jsonl"), ("z", ".json", ".parquet")):  # each kind may be the first
+        data_prep.main(["convert", "--data", a, "--out", tmp_path / f"{stem}{first}"])
+        before = files(tmp_path)
+        with pytest.raises(SystemExit) as err:
+            data_prep.main(["convert", "--data", b, "--out", tmp_path / f"{stem}{then}"])
+        assert str(err.value.code).endswith(f"where {tmp_path / (stem + first)} keeps its own: give --out another name")
+        assert files(tmp_path) == before
 
 
 def test_convert_never_deletes_a_folder_of_the_users_own_images(tmp_path):
