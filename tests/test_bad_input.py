@@ -651,6 +651,8 @@ def _tool_cases():
         (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}"], "--out {tmp}: a folder; give the output file"),
         (data_prep.main, ["convert", "--data", "{bench}", "--out", "{tmp}/c.txt"],  # JSON lines were written to it,
          "--out {tmp}/c.txt: give a .jsonl or .parquet file (no stage reads a *.txt file)"),  # which no stage read
+        (data_prep.main, ["convert", "--data", "{bench}", "--out", "{tmp}/c.JSONL"],  # the suffix is read as written
+         "--out {tmp}/c.JSONL: give a .jsonl or .parquet file (no stage reads a *.JSONL file)"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--out", "{tmp}/a"],
          "--out {tmp}/a: give a .jsonl or .parquet file (no stage reads a file without a suffix)"),
         (data_prep.main, ["convert", "--data", "{bench}", "--split", "test", "--out", "{tmp}/c.jsonl"],  # every row was
