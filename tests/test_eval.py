@@ -1225,12 +1225,14 @@ def test_demo_on_a_folder_without_the_report_names_what_it_lacks_in_a_whole_sent
 
 def test_demo_with_a_model_or_data_stops_instead_of_ignoring_them(tmp_path, capsys):
     """`--demo` prints the summary of demo runs and evaluates nothing: with --model and --data as well it printed that
-    summary alone, the evaluation asked for silently not run."""
-    with pytest.raises(SystemExit) as err:
-        ev.parse_config(["--demo", str(tmp_path), "--model", "tiny", "--data", str(tmp_path / "b.jsonl")])
-    assert err.value.code == 2
-    assert ("error: --demo prints the summary of demo runs and evaluates nothing: give it without --model and --data"
-            in capsys.readouterr().err)
+    summary alone, the evaluation asked for silently not run. Either flag alone stops it too."""
+    for extra in (["--model", "tiny", "--data", str(tmp_path / "b.jsonl")], ["--model", "tiny"],
+                  ["--data", str(tmp_path / "b.jsonl")]):
+        with pytest.raises(SystemExit) as err:
+            ev.parse_config(["--demo", str(tmp_path), *extra])
+        assert err.value.code == 2
+        assert ("error: --demo prints the summary of demo runs and evaluates nothing: give it without --model and "
+                "--data" in capsys.readouterr().err), extra
 
 
 def test_mean_sd_over_seeds_is_the_sample_sd_and_one_seed_has_none():
