@@ -756,6 +756,10 @@ def test_adacs_says_which_bracket_sets_the_balanced_count(tmp_path, capsys):
         out = capsys.readouterr().out.splitlines()
         assert [x for x in out if x.startswith("every bracket")] == ([line] if line else [])
         assert out[-1].startswith(f"kept {3 if line else 7} of 8 problems")
+    jsonl(tmp_path / "even.jsonl", pool[3:6])  # one problem at each of p = 0, 1/2, 1: nothing cut, nothing to say
+    data_prep.main(["adacs", "--data", str(tmp_path / "even.jsonl"), "--k", "2", "--out", str(tmp_path / "e.jsonl")])
+    out = capsys.readouterr().out.splitlines()
+    assert not [x for x in out if x.startswith("every bracket")] and out[-1].startswith("kept 3 of 3 problems"), out
 
 
 def test_adacs_cli_grades_and_measures_traces_it_is_not_told_about(tmp_path, tiny, tiny_ckpt):
