@@ -1117,6 +1117,10 @@ def test_a_training_preset_is_evaluated_on_its_test_split_and_a_benchmark_on_its
                  "--max-new-tokens", "2", *extra])
     assert asked == [("hiyouga/geometry3k", "test"), ("hiyouga/geometry3k", "train")]
     assert data_prep.held_out_split("mathvista-testmini") == "testmini"  # (virl39k: test_bad_input.py)
+    # the cache key names the split read, so that responses cached when the default read train are not test's
+    for extra, split in (([], "test"), (["--split", "train"], "train")):
+        cfg = ev.parse_config(["--model", str(tiny_ckpt), "--data", "geometry3k", "--out", str(tmp_path / "k"), *extra])
+        assert json.loads(ev.load_benchmark("geometry3k", cfg)["key"])["split"] == split
 
 
 def test_curves_of_a_run_without_aepo_values_stop_with_one_line_instead_of_drawing_empty_panels(tmp_path, capsys):
