@@ -544,13 +544,14 @@ def end_last_line(path: Path):
 
 
 def read_cache(path: Path) -> dict:
-    """key -> response line of an earlier run (a line cut short by a crash, or one that is not a response, is skipped)."""
+    """key -> response line of an earlier run (a line cut short by a crash, one with a byte that is not UTF-8, or one
+    that is not a response, is skipped)."""
     cache = {}
     if path.is_file():
-        for line in open(path, errors="replace"):  # a damaged byte fails its line's JSON, not the whole read
+        for line in open(path, "rb"):  # a damaged byte skips its line, not the whole read: inside a text value too
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(row, dict) and isinstance(row.get("key"), str):  # else not a response line: damaged, edited
                 cache[row["key"]] = row

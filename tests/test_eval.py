@@ -1203,6 +1203,11 @@ def test_a_cache_line_that_is_json_but_not_a_response_is_skipped_as_a_cut_line_i
     path.write_bytes(b'{"key": "k3", "id": \xff}\n[1, 2]\n5\n' + json.dumps(dict(key=["k"], id="b")).encode() + b"\n"
                      + json.dumps(good).encode() + b'\n{"key": "k2"')  # a damaged byte, not UTF-8, too
     assert ev.read_cache(path) == {"k": good}
+    # a damaged byte inside a text value still parses once replaced by U+FFFD: the line is damaged all the same (eval.py
+    # writes ASCII), so it is skipped too, and that response generated again, not served with a character it never had
+    with open(path, "ab") as f:
+        f.write(b'\n{"key": "k4", "id": "c", "response": "caf\xe9", "correct": true}\n')
+    assert ev.read_cache(path) == {"k": good}
 
 
 def test_bucket_shares_read_a_null_group_count_as_a_gap_as_the_report_check_lets_it_pass(tmp_path):
