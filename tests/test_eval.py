@@ -1173,6 +1173,30 @@ def test_a_bad_row_with_the_id_of_a_good_record_leaves_that_record_counted(tmp_p
     assert {lv: [b["records"], b["failed"], b["responses"]] for lv, b in m["buckets"].items()} == want
 
 
+def test_a_record_whose_generation_fails_is_counted_wrong_without_responses(tmp_path, tiny_ckpt, demo_data,
+                                                                             monkeypatch):
+    """A record whose generation raises (not a GPU failure: that ends the run) is one failed record, counted wrong, with
+    no response; the others are evaluated. By hand: 3 records, the middle one failing -> 3 records, 1 failed, 2
+    responses. The only tests of such a failure called generate_or_report by hand, never through the evaluation."""
+    src = Path(demo_data["test"])
+    rows = [dict(r, images=[str(src.parent / p) for p in r["images"]]) for r in map(json.loads, open(src))][:3]
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = ev.generate_chunk
+
+    def fails_on_the_second(model, processor, ids, chunk, cfg, seed):
+        if any(r["id"] == rows[1]["id"] for r in chunk):
+            raise RuntimeError("boom")
+        return real(model, processor, ids, chunk, cfg, seed)
+
+    monkeypatch.setattr(ev, "generate_chunk", fails_on_the_second)
+    ev.main(["--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "ev"), "--max-new-tokens", "2"])
+    (m,) = json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]["b"].values()
+    assert (m["overall"]["records"], m["overall"]["failed"], m["overall"]["responses"]) == (3, 1, 2)
+    cached = [json.loads(line)["id"] for line in open(tmp_path / "ev" / "responses.jsonl")]
+    assert sorted(cached) == sorted([rows[0]["id"], rows[2]["id"]])
+
+
 def test_trace_styles_count_each_cached_response_once_with_its_latest_verdict(tmp_path):
     """The --demo summary's trace styles read eval_sampled/responses.jsonl, eval.py's cache: a response graded again
     (a newer grader) is appended under its key, and the last line of a killed rerun is cut short. Each response counts
