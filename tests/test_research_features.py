@@ -789,6 +789,23 @@ def test_split_picks_the_split_of_a_saved_dataset_that_training_reads_and_eval_d
     assert sorted(graded[16:]) == ["test0", "test1", "test2", "test3"]
 
 
+def test_eval_data_a_benchmark_preset_validates_on_its_own_split(tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """--eval-data mathvista-testmini reads MathVista's testmini, the preset's own split (a training preset's own split
+    is train, and reads test instead: the test above). The stage stops at that read: which split it asked is all."""
+    asked, real = [], data_prep.read_records
+
+    def reading(data, split=None, *args, **kw):
+        if data == "mathvista-testmini":
+            asked.append(split)
+            raise data_prep.DataError("read no further")
+        return real(data, split, *args, **kw)
+
+    monkeypatch.setattr(data_prep, "read_records", reading)
+    with pytest.raises(SystemExit, match="--eval-data: read no further"):
+        ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--eval-data", "mathvista-testmini"))
+    assert asked == ["testmini"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # README claims checked through the user's path (ares.main): logged keys, --eval-every 0, --report-to tensorboard,
 # --lora-targets, LoRA with --train-vision, the prompt suffix, and the run record's versions and commit.
