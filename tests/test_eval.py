@@ -1268,6 +1268,28 @@ def test_demo_with_a_model_or_data_stops_instead_of_ignoring_them(tmp_path, caps
                 "--data" in capsys.readouterr().err), extra
 
 
+def test_demo_summary_of_one_run_says_1_seed_and_no_sd(tmp_path):
+    """eval.py --demo of one run printed '1 seeds' and '± 0.0' in every cell, as if seeds had agreed: now '1 seed' and
+    '± n/a'; the same run given twice is 2 seeds that agree, '± 0.0'. A hand-made run: one level, every model at 50%
+    accuracy and 10 tokens."""
+    run = tmp_path / "seed0"
+    row = dict(accuracy=0.5, mean_tokens=10.0, sd_tokens=2.0)
+    rep = {mode: {"metrics": {"test": {m: {"buckets": {"easy": row}, "overall": row} for m in ev.DEMO_MODELS}}}
+           for mode in ("greedy", "sampled")}
+    for part, text in (("demo.json", json.dumps(dict(rep, times={"coldstart": 1.0}, buckets={}, buckets_first_half={},
+                                                      grpo_buckets={}))),
+                       ("data/test.jsonl", json.dumps(dict(id="a", difficulty="easy")) + "\n"),
+                       ("eval_sampled/responses.jsonl", "")):
+        (run / part).parent.mkdir(parents=True, exist_ok=True)
+        (run / part).write_text(text)
+    for runs, seeds, sd in (([run], "1 seed", "n/a"), ([run, run], "2 seeds", "0.0")):
+        lines = ev.demo_summary([str(r) for r in runs]).splitlines()
+        assert [x.split(",")[-2] for x in lines if x.startswith(("greedy,", "T = 1, mean@4,"))] == [f" {seeds}"] * 2
+        easy = next(x for x in lines if x.startswith("easy | "))
+        assert easy.startswith(f"easy | 50.0 ± {sd} / 50.0 ± {sd} / 50.0 ± {sd} | +0.0 ± {sd} | +0.0 ± {sd} | "
+                               f"10.0 ± {sd} / 10.0 ± {sd} / 10.0 ± {sd}"), easy
+
+
 def test_mean_sd_over_seeds_is_the_sample_sd_and_one_seed_has_none():
     """The demo tables' cells: 0.5 and 0.7 at scale 100 are 60.0 ± 14.1 (sample sd sqrt(0.02) = 0.1414); one seed printed
     '± 0.0', as if seeds had agreed, and is now '± n/a'."""
