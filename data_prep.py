@@ -1084,12 +1084,14 @@ def check_outside_runs(flag: str, path):
 
 
 def run_record_in(folder: Path) -> bool:
-    """Does `folder` hold ares.py's run record: a config.json with the run's "flags" (a model's has "model_type")?"""
+    """Does `folder` hold ares.py's run record: a config.json with the run's "flags", ares.py's own (a "stage"; another
+    tool's config.json may have "flags" too, and every folder above an output is looked at), not a model's?"""
     try:
         record = json.loads((folder / "config.json").read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and "flags" in record and "model_type" not in record
+    return (isinstance(record, dict) and isinstance(record.get("flags"), dict) and "stage" in record["flags"]
+            and "model_type" not in record)
 
 
 def check_new_output(flag: str, path, overwrite: bool, holds: str = ""):

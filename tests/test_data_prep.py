@@ -531,6 +531,23 @@ def test_an_output_inside_a_training_run_is_refused(command, where, tmp_path):
         assert files(tmp_path) == before
 
 
+def test_a_config_json_with_flags_that_is_not_a_run_record_refuses_no_output(tmp_path):
+    """check_outside_runs looks at every folder above --out for ares.py's run record, and took any config.json with a
+    "flags" key for one: a project folder holding another tool's config.json ({"flags": [...]}) refused every
+    convert/adacs/demo/passrate/eval.py output anywhere below it. A run record's flags are ares.py's own (a "stage")."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "config.json").write_text(json.dumps({"name": "my tool", "flags": ["-O2", "--fast"]}))
+    (project / "data" / "config.json").write_text(json.dumps({"flags": {"verbose": True}}))
+    out = project / "data" / "sft.jsonl"
+    data_prep.main([*records_out_case("convert", tmp_path), "--out", out])
+    assert [r["id"] for r in map(json.loads, open(out))] == ["b"]
+    data_prep.check_outside_runs("--out", project / "demo")  # a folder output too
+    (project / "config.json").write_text(json.dumps({"flags": {"stage": "aepo", "out": str(project)}}))
+    with pytest.raises(SystemExit, match=f"{project} is the folder of a training run"):
+        data_prep.check_outside_runs("--out", out)  # ares.py's record still is one
+
+
 @pytest.mark.parametrize("values, message", [
     ((3, "hard"), "field 'level' is a number in record a and text in record b: a Parquet column holds one type"),
     ((True, 1), "field 'level' is true or false in record a and a number in record b: a Parquet column holds one type"),
