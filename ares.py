@@ -3475,6 +3475,11 @@ def validate_config(cfg: Config) -> Config:
         if path and (looks_local(path) or p.suffix in data_prep.RECORD_SUFFIXES) and not p.exists():
             raise SystemExit(f"{flag} {path}: no such file or folder")
     data_prep.check_split_flags(cfg.data, split=cfg.split if "split" in cfg.given else None)
+    if cfg.eval_data and cfg.eval_every != 0:  # a preset without a held-out split: now, not after --data is read whole
+        try:
+            data_prep.held_out_split(cfg.eval_data)
+        except DataError as e:  # as start_stage's line would say it
+            raise SystemExit(f"data error: --eval-data: {e}") from None
     if cfg.stage == "demo" and cfg.resume:
         raise SystemExit("--resume: the demo does not continue a stopped demo; run it again with --overwrite (it "
                          "starts over), or give another --out")

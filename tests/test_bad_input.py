@@ -590,6 +590,22 @@ def test_a_preset_with_no_held_out_split_is_one_line_before_any_download(tool, t
     assert data_prep.held_out_split("geometry3k") == "test" and data_prep.held_out_split("mathvista-testmini") == "testmini"
 
 
+def test_eval_data_with_no_held_out_split_stops_before_data_is_read(tmp_path, monkeypatch):
+    """`ares.py --data virl39k --eval-data virl39k` (the paper's prompts, validated on themselves) read all of --data
+    (ViRL39K from the hub) before held_out_split's line about --eval-data: the flag's line now comes with the other
+    flags' checks, before any data is read."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was asked for --data"))
+    monkeypatch.setattr(data_prep, "read_records", lambda *a, **k: pytest.fail("--data was read"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "aepo", "--model", "tiny", "--data", "virl39k", "--eval-data", "virl39k", "--out", str(out)])
+    assert str(err.value.code).startswith("data error: --eval-data: virl39k: TIGER-Lab/ViRL39K publishes a train "
+                                          "split only")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # eval.py (evaluation and passrate) and data_prep.py: the same one-line rule, before anything is read or written.
 
