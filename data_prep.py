@@ -1067,20 +1067,28 @@ def check_writable(flag: str, path, folder: bool = True):
         raise SystemExit(f"{flag} {path}: {existing} is not writable (a read-only folder or file system)")
 
 
-def check_outside_runs(flag: str, path):
-    """`path` (an output file or folder) neither is nor lies inside one of ares.py's checkpoints (a folder with a
-    COMPLETE record: the run's next save of that name, --keep-last or --overwrite replaces it whole, with the output)
-    nor a run folder (its config.json a run record, with "flags": what is there is the run's, and a rerun with
-    --overwrite clears it). One line naming the flag and the folder otherwise. ares.py refuses the same for its --out."""
+RUN_NAMES = r"config\.json|metrics\.jsonl|ares\.lock(\.\d+)?|tensorboard|(final|step_\d+)(\.tmp|\.old)?"  # a run's own
+
+
+def check_outside_runs(flag: str, path, folder: bool = True):
+    """`path` (an output folder, or with folder=False a file) neither is nor lies inside one of ares.py's checkpoints (a
+    folder with a COMPLETE record: the run's next save of that name, --keep-last or --overwrite replaces it whole, with
+    the output), is not itself a run folder (its config.json a run record: the output's files would be mixed with the
+    run's), and does not take a name the run writes in its folder (RUN_NAMES: metrics.jsonl, final/, step_<n>/, ...).
+    A subfolder of a run (runs/x/eval) or another file beside its files (runs/x/acc.png) is not the run's: no save,
+    --keep-last or --overwrite touches it. One line naming the flag and the folder otherwise. ares.py refuses the same
+    for its --out."""
     p = Path(path).expanduser().absolute()
     for q in (p, *p.parents):
         if (q / "COMPLETE").is_file():
             raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
                              "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
-        if run_record_in(q):
-            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " the folder of a training run "
-                             "(its config.json is ares.py's run record), whose files are the run's: give a folder "
-                             "outside it")
+    if folder and run_record_in(p):
+        raise SystemExit(f"{flag} {path}: it is the folder of a training run (its config.json is ares.py's run record), "
+                         "whose files are the run's: give a subfolder of it, or a folder outside it")
+    if run_record_in(p.parent) and re.fullmatch(RUN_NAMES, p.name):
+        raise SystemExit(f"{flag} {path}: {p.parent} is the folder of a training run, which writes its own {p.name} "
+                         "there: give another name")
 
 
 def run_record_in(folder: Path) -> bool:
@@ -2256,7 +2264,7 @@ def check_records_out(out: str, inputs: dict, overwrite: bool):
     if path.suffix not in RECORD_SUFFIXES:  # what record_rows reads
         raise SystemExit(f"--out {out}: give a .jsonl or .parquet file (no stage reads "
                          f"{f'a *{path.suffix} file' if path.suffix else 'a file without a suffix'})")
-    check_outside_runs("--out", out)
+    check_outside_runs("--out", out, folder=False)
     check_new_output("--out", out, overwrite)
     folder = images_folder(path)
     if folder.is_dir():  # write_records replaces it whole

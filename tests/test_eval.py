@@ -749,8 +749,8 @@ def test_passrate_replaces_its_out_only_with_overwrite_and_never_writes_into_a_r
     (rates := tmp_path / "rates.jsonl").write_text('{"id": "mine"}\n')
     run, final = training_run(tmp_path)
     cases = [(rates, [], f"--out {rates} exists: add --overwrite to replace it, or choose another --out"),
-             (run / "rates.jsonl", ["--overwrite"], f"--out {run / 'rates.jsonl'}: {run} is the folder of a training run "
-              "(its config.json is ares.py's run record), whose files are the run's: give a folder outside it"),
+             (run / "metrics.jsonl", ["--overwrite"], f"--out {run / 'metrics.jsonl'}: {run} is the folder of a training "
+              "run, which writes its own metrics.jsonl there: give another name"),
              (tmp_path / "rates.txt", [], f"--out {tmp_path / 'rates.txt'}: give a .jsonl or .parquet file (no stage "
               "reads a *.txt file)"),
              (data, ["--overwrite"], f"--out {data}: the same file as --data; give another output file")]
@@ -758,11 +758,11 @@ def test_passrate_replaces_its_out_only_with_overwrite_and_never_writes_into_a_r
         with pytest.raises(SystemExit) as err:
             ev.main(["passrate", "--data", data, "--model", "tiny", "--k", "1", "--temperature", "0", "--out", out, *more])
         assert str(err.value.code) == message
-    assert rates.read_text() == '{"id": "mine"}\n' and not (run / "rates.jsonl").exists()
+    assert rates.read_text() == '{"id": "mine"}\n' and not (run / "metrics.jsonl").exists()
     assert not (tmp_path / "rates.txt").exists() and data.read_text().startswith('{"id": "a"')
 
 
-@pytest.mark.parametrize("case", ["a run folder", "a folder inside a run", "--plot in a run", "a records file there",
+@pytest.mark.parametrize("case", ["a run folder", "a run's own name", "--plot as a run's file", "a records file there",
                                   "another tool's results.json"])
 def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_its_own(case, tmp_path, monkeypatch):
     """eval.py --out runs/x (a training run's folder) put responses.jsonl and results.json among the run's files; an
@@ -774,14 +774,16 @@ def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_it
     data.write_text(json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n")
     run, _ = training_run(tmp_path)
     out, plot = tmp_path / "eval", []
-    inside = (f"{run} is the folder of a training run (its config.json is ares.py's run record), whose files are the "
-              "run's: give a folder outside it")
     if case == "a run folder":
-        out, message = run, f"--out {run}: it is" + inside.removeprefix(str(run) + " is")
-    elif case == "a folder inside a run":
-        out, message = run / "eval", f"--out {run / 'eval'}: {inside}"
-    elif case == "--plot in a run":
-        plot, message = ["--plot", run / "acc.png"], f"--plot {run / 'acc.png'}: {inside}"
+        out, message = run, (f"--out {run}: it is the folder of a training run (its config.json is ares.py's run "
+                             "record), whose files are the run's: give a subfolder of it, or a folder outside it")
+    elif case == "a run's own name":  # a folder named as the run's next checkpoint, which that save would replace
+        out, message = run / "step_00000004", (f"--out {run / 'step_00000004'}: {run} is the folder of a training run, "
+                                              "which writes its own step_00000004 there: give another name")
+    elif case == "--plot as a run's file":
+        plot, message = ["--plot", run / "config.json"], (f"--plot {run / 'config.json'}: {run} is the folder of a "
+                                                          "training run, which writes its own config.json there: give "
+                                                          "another name")
     elif case == "a records file there":
         out.mkdir()
         (out / "responses.jsonl").write_text(data.read_text())
@@ -797,6 +799,9 @@ def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_it
         ev.main(["--model", "tiny", "--data", data, "--out", out, *plot])
     assert str(err.value.code) == message
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # a subfolder of the run (the README's ablations: --out X/eval) and a plot beside its files are not the run's
+    assert data_prep.check_outside_runs("--out", run / "eval") is None
+    assert data_prep.check_outside_runs("--plot", run / "acc.png", folder=False) is None
 
 
 def test_a_cache_of_one_line_cut_short_is_still_the_evaluations_own(tmp_path):
