@@ -3058,7 +3058,7 @@ def claim_out(cfg, contents=run_contents):
         raise SystemExit(f"--out {cfg.out} holds a {'demo' if cfg.stage == 'demo' else 'run'} ({', '.join(there)}): "
                          f"{how}, or choose another --out")
     if not there and cfg.stage != "demo" and (out / "config.json").is_file() and model_folder_kind(out) != "run":
-        raise SystemExit(f"--out {cfg.out}: its config.json is not a run record of ares.py (no \"flags\"), and the run "
+        raise SystemExit(f"--out {cfg.out}: its config.json is not a run record of ares.py (no \"flags\" of a stage), and the run "
                          "would write its own over it: move the file, or choose another --out")
     ckpt = latest_checkpoint(out) if cfg.resume else None
     step = complete_record(ckpt)["step"] if ckpt else 0
@@ -3523,17 +3523,20 @@ def checkpoint_holding(path) -> Path | None:
 
 
 def model_folder_kind(p: Path) -> str | None:
-    """What a folder holds: 'adapter' (a LoRA adapter alone), 'run' (a run folder: its config.json is the run record),
-    'model' (any other config.json, or one of our checkpoints: COMPLETE), or None (none of these)."""
+    """What a folder holds: 'adapter' (a LoRA adapter alone), 'run' (a run folder: its config.json is the run record,
+    data_prep.run_record_in), 'model' (one of our checkpoints: COMPLETE, or a config.json with a model_type), or None
+    (none of these: another tool's config.json is not taken for a run or a model)."""
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         return "adapter"
+    if (p / "COMPLETE").is_file():
+        return "model"
+    if data_prep.run_record_in(p):  # its "flags" ares.py's (another tool's config.json may have "flags" too)
+        return "run"
     try:
         config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none, or cut (a run record damaged to {} says so on --resume)
         config = None
-    if not isinstance(config, dict) or not ("model_type" in config or "flags" in config):  # none, cut, or neither's
-        return "model" if (p / "COMPLETE").is_file() else None  # (a run record damaged to {} says so on --resume)
-    return "run" if "flags" in config and "model_type" not in config and not (p / "COMPLETE").is_file() else "model"
+    return "model" if isinstance(config, dict) and "model_type" in config else None
 
 
 def check_model_path(flag: str, path: str | None, optional: bool = False):

@@ -519,7 +519,7 @@ def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(ca
     (ckpt / "adapter" / "adapter_config.json").write_text("{}")
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"flags": {}}))
+    (run / "config.json").write_text(json.dumps({"flags": {"stage": "aepo"}}))
     before = {p: p.read_bytes() for p in [*ckpt.rglob("*.json"), run / "config.json"]}
     model, out = str(tiny_ckpt), tmp_path / "out"
     message = {"out is a checkpoint": f"--out {ckpt}: it is a saved model, not a run folder",
@@ -722,7 +722,7 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     fn, argv, message = _tool_cases()[case]
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"flags": {}}))
+    (run / "config.json").write_text(json.dumps({"flags": {"stage": "aepo"}}))
     (run / "final").mkdir()  # one of its checkpoints, as save_checkpoint leaves it
     (run / "final" / "COMPLETE").write_text(json.dumps({"step": 3, "time": 0.0, "files": {}}))
     rows = _rows(Path(demo_data["rl"]))

@@ -84,11 +84,13 @@ def truncate(path: Path):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
-def own_config_only(out: Path):
-    """--out as a user's project folder: a config.json of their own (no run record), nothing else."""
+def own_config_only(out: Path, flags=None):
+    """--out as a user's project folder: a config.json of their own (no run record; with `flags`, another tool's
+    "flags" key in it), nothing else."""
     shutil.rmtree(out)
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"project": "geometry", "lr": 3e-4}))
+    (out / "config.json").write_text(json.dumps({"project": "geometry", "lr": 3e-4,
+                                                 **({"flags": flags} if flags is not None else {})}))
 
 
 # (case, which run, how it is broken, extra flags, what the one line must say, what must still be there)
@@ -112,6 +114,9 @@ STOPS = [
      ["--out {out}: its config.json is not a run record of ares.py"], None),
     ("--overwrite of a config.json of the user's own", "interrupted", own_config_only, ["--overwrite"],
      ["--out {out}: its config.json is not a run record of ares.py"], None),
+    # another tool's config.json with a "flags" key counted as a run record: the run wrote its own over it, unasked
+    ("a config.json of another tool's with flags in --out", "interrupted", lambda out: own_config_only(out, ["-O2"]), [],
+     ["--out {out}: its config.json is not a run record of ares.py", "move the file"], None),
 ]
 
 
