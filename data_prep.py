@@ -2315,18 +2315,22 @@ def main(argv=None):
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
     check_args(args)
+    # what to run again after a stop: a demo stopped between its files leaves some in --out, which the same command
+    # then refuses without --overwrite (check_new_output)
+    again = lambda: "the same command" + (" with --overwrite" if Path(args.out).exists() and not args.overwrite  # noqa
+                                          else "")
     try:
         return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
     except KeyboardInterrupt:  # one line and the shell's code, as ares.py and eval.py (it was a traceback, exit -2)
         print(f"\ninterrupted (Ctrl-C): {args.out} holds what it held before or nothing (every output is written "
-              "whole, then renamed into place); the same command writes it", file=sys.stderr, flush=True)
+              f"whole, then renamed into place); {again()} writes it", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     except OSError as e:
         if e.errno in DISK_ERRORS and not e.filename:  # an image written before the records: the output it is for
             e.filename = args.out
-        line = disk_failure(e, "the same command writes them again")
+        line = disk_failure(e, f"{again()} writes them again")
         if line is None:
             raise
         raise SystemExit(line) from None

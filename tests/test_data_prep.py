@@ -1240,3 +1240,16 @@ def test_ctrl_c_in_data_prep_is_one_line_and_exit_130(tmp_path, monkeypatch, cap
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted (Ctrl-C): {tmp_path / 'out.jsonl'} holds what it held before or nothing (every output is written "
         "whole, then renamed into place); the same command writes it")
+    # a demo stopped between its files, into a new folder, leaves some there, which the same command refuses without
+    # --overwrite: the line says to add it (it said "the same command writes it", which then stopped)
+    def part_written(args):
+        (Path(args.out) / "images").mkdir(parents=True)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data_prep, "run_demo", part_written)
+    demo = tmp_path / "demo"
+    with pytest.raises(SystemExit) as e:
+        data_prep.main(["demo", "--out", str(demo)])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("; the same command with --overwrite writes it")
+    with pytest.raises(SystemExit) as e:
+        data_prep.main(["demo", "--out", str(demo)])
+    assert str(e.value.code).startswith(f"--out {demo} holds a demo (images/): add --overwrite")
