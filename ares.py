@@ -2079,19 +2079,32 @@ def activation_bytes(text_config, tokens: int, rows: int, checkpointing: bool) -
     return (L * tokens * h * 4 + layer if checkpointing else L * (tokens * h * 4 + layer)) + 3 * rows * 1024 * V * 4
 
 
+def prefill_bytes(text_config, tokens: int, length: int, dtype) -> int:
+    """Estimated peak of one prefill forward (prefill: no gradients) of `tokens` tokens in rows of `length`, beside the
+    call's KV cache, which a branch call's long prefixes can fill: the part's own keys and values (copied into the
+    call's cache after the forward), a layer's largest temporaries, the MLP's three (tokens, intermediate) tensors
+    (act(gate), up, their product) beside four (tokens, hidden) ones (the embeddings, the layer's input, the residual,
+    the MLP's normed input), and the attention mask of left-padded rows, (rows, 1, length, length) bool, plus the copy
+    in the query's dtype that SDPA makes of it during attention: counted beside the MLP's, an upper bound (README:
+    memory plan; measured on the CPU)."""
+    h, f, size = text_config.hidden_size, text_config.intermediate_size, torch.finfo(dtype).bits // 8
+    return tokens * (kv_bytes_per_token(text_config, dtype) + size * (3 * f + 4 * h) + length * (1 + size))
+
+
 RESERVE_GIB = 5.0  # kept free: CUDA context, NCCL buffers, allocator fragmentation, the sampler's logits (README: memory plan)
 
 
 def kv_room(free: float, trainable: int, params: int, shard: int, activations: float, pool: bool,
-            adam_made: bool = False, grads_made: bool = False) -> float:
-    """Bytes for the rollout KV cache (README: memory plan): the free memory less RESERVE_GIB and what the update will
-    still allocate: fp32 gradients (4 B a trainable weight, per shard; DDP's buckets hold them from the start),
-    AdamW's two fp32 moments (8 B, unless made), with a KV pool (--compile: it stays allocated through the update) a
-    micro-batch's activations; with FSDP (shard > 1) at least the bf16 weights that sampling gathers (2 B a weight),
-    which the update's memory replaces."""
+            adam_made: bool = False, grads_made: bool = False, prefill: float = 0) -> float:
+    """Bytes for the rollout KV cache (README: memory plan): the free memory less RESERVE_GIB, AdamW's two fp32
+    moments (8 B a trainable weight, per shard, unless made) and the larger of what the update will still allocate and
+    what sampling holds beside the KV cache. The update: fp32 gradients (4 B a trainable weight, per shard; DDP's
+    buckets hold them from the start), with a KV pool (--compile: it stays allocated through the update) a
+    micro-batch's activations. Sampling: a prefill forward's peak (prefill_bytes: a branch call's prefill runs beside
+    a KV cache that may fill the room), with FSDP (shard > 1) also the bf16 weights it gathers (2 B a weight)."""
     adam = 0 if adam_made else 8 * trainable / shard
     update = (0 if grads_made else 4 * trainable / shard) + (activations if pool else 0)
-    return free - RESERVE_GIB * 2 ** 30 - adam - max(update, 2 * params if shard > 1 else 0)
+    return free - RESERVE_GIB * 2 ** 30 - adam - max(update, (2 * params if shard > 1 else 0) + prefill)
 
 
 def pool_bytes(rows: int, per_token: int, row_tokens: int) -> int:
@@ -2136,8 +2149,9 @@ def rollout_memory(cfg, run, device):
                     "samples depend on it)")
     free, made = free_memory(device), (bool(run.opt.state), isinstance(run.model, nn.parallel.DistributedDataParallel))
     acts = activation_bytes(text, cfg.micro_batch_size * row_tokens, cfg.micro_batch_size, cfg.grad_checkpointing)
-    if cfg.rollout_batch == "auto":
-        room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, *made)
+    if cfg.rollout_batch == "auto":  # a prefill forward reads up to a micro-batch of full rows (rollout_groups)
+        prefill = prefill_bytes(text, cfg.micro_batch_size * row_tokens, row_tokens, compute_dtype(cfg, device))
+        room = kv_room(free, run.n_trainable, run.n_params, shard, acts, cfg.compile, *made, prefill=prefill)
         # --compile: the KV pool holds a spare row and column beyond its rows (pool_bytes); they come out of the room too
         fit = pool_rows(room, per_token, row_tokens) if cfg.compile else int(room // (per_token * row_tokens))
         rows = torch.tensor([float(max(1, min(step_rows, fit)))])

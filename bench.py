@@ -806,15 +806,15 @@ def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card
       sampling  peak of sampling without the KV cache: resident + AdamW; FSDP2 also every block unsharded (bf16)
       KV room   ares.kv_room, the formula of --rollout-batch auto: the card less the resident set, RESERVE_GIB and what
                 the update will add (AdamW, FSDP's gradients, with --compile the activations: the KV pool stays
-                allocated through the update; under FSDP at least the gathered weights)
+                allocated through the update) or sampling holds beside the KV cache, if more (a prefill forward of
+                PLAN_MICRO_BATCH rows of 20k tokens, ares.prefill_bytes; under FSDP also the gathered weights)
     Activations: measured at ~4k tokens with gradient checkpointing when given, else estimated (ares.activation_bytes).
     `reserve_gib` covers the CUDA context, NCCL buffers, allocator fragmentation and the sampler's logits."""
     n, tr = counts["total"], counts["trainable"]
+    text = SimpleNamespace(**counts["config"])
     if measured_update and measured_update.get("activations_gib") is not None:
         act, act_note = measured_update["activations_gib"] * micro_tokens / measured_update["tokens"], "measured"
     else:
-        text = SimpleNamespace(**{k: counts["config"][k] for k in ("hidden_size", "num_hidden_layers",
-                                                                   "intermediate_size", "vocab_size")})
         act, act_note = ares.activation_bytes(text, micro_tokens, 4, True) / GIB, "estimated"
     rows = []
     for mode in ("ddp", "fsdp"):
@@ -825,25 +825,33 @@ def memory_plan(counts: dict, measured_update: dict | None, world: int = 8, card
         resident = master + ref + (sample_weights + grads if mode == "ddp" else 0)
         update = resident + adam + act + (grads if mode == "fsdp" else 0)
         sampling = resident + adam + (sample_weights if mode == "fsdp" else 0)
-        room = {pool: ares.kv_room((card_gib - resident) * GIB, tr, n, shard, act * GIB, pool,
-                                   grads_made=mode == "ddp") / GIB for pool in (False, True)}
+        # a sampler call's prefill beside the KV cache: a micro-batch (plan_flags') of rows of ctx tokens
+        room = {(pool, ctx): ares.kv_room((card_gib - resident) * GIB, tr, n, shard, act * GIB, pool,
+                                          grads_made=mode == "ddp", prefill=ares.prefill_bytes(
+                                              text, PLAN_MICRO_BATCH[mode] * ctx, ctx, torch.bfloat16)) / GIB
+                for pool in (False, True) for ctx in (5120, 20480)}
+        prefill = ares.prefill_bytes(text, PLAN_MICRO_BATCH[mode] * 20480, 20480, torch.bfloat16) / GIB
         per_row = {ctx: ctx * counts["kv_bytes_per_token"] / GIB for ctx in (5120, 20480)}
         rows.append(dict(mode=mode, master_gib=master, grads_gib=grads, adam_gib=adam, sampling_weights_gib=sample_weights,
                          reference_gib=ref, activations_gib=act, activations=act_note, resident_gib=resident,
-                         update_peak_gib=update, sampling_base_gib=sampling, kv_room_gib=room[False],
-                         kv_room_compile_gib=room[True],
-                         rollout_rows_at_5k=max(0, int(room[False] / per_row[5120])),
-                         rollout_rows_at_20k=max(0, int(room[False] / per_row[20480])),
-                         rollout_rows_at_20k_compile=ares.pool_rows(room[True] * GIB, counts["kv_bytes_per_token"],
+                         update_peak_gib=update, sampling_base_gib=sampling, prefill_gib=prefill,
+                         kv_room_gib=room[False, 20480], kv_room_compile_gib=room[True, 20480],
+                         rollout_rows_at_5k=max(0, int(room[False, 5120] / per_row[5120])),
+                         rollout_rows_at_20k=max(0, int(room[False, 20480] / per_row[20480])),
+                         rollout_rows_at_20k_compile=ares.pool_rows(room[True, 20480] * GIB,
+                                                                    counts["kv_bytes_per_token"],
                                                                     20480),  # the pool's spare row and column too
                          rollout_rows_paper=512 // world * 4,  # 512 prompts x (G - B) = 4 fresh rows per rank
-                         fits=update + reserve_gib <= card_gib and room[False] > 0))
+                         fits=update + reserve_gib <= card_gib and room[False, 20480] > 0))
     return rows
+
+
+PLAN_MICRO_BATCH = dict(ddp=1, fsdp=4)  # the plan's --micro-batch-size (plan_flags): it sizes a prefill forward too
 
 
 def plan_flags(size: str, mode: str) -> str:
     return (f"torchrun --nproc_per_node=8 ares.py --stage aepo --model <{size} cold-start ckpt> --data <rl data> "
-            f"--grad-checkpointing{' --fsdp' if mode == 'fsdp' else ''} --micro-batch-size {4 if mode == 'fsdp' else 1}")
+            f"--grad-checkpointing{' --fsdp' if mode == 'fsdp' else ''} --micro-batch-size {PLAN_MICRO_BATCH[mode]}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -777,6 +777,32 @@ def test_rollout_batch_auto_under_compile_picks_rows_whose_kv_pool_fits_the_room
     assert rows == 38  # 40 plain rows: 39 pool rows with their extra column, one of them the spare
 
 
+def test_rollout_batch_auto_leaves_room_for_a_branch_calls_prefill_beside_a_full_kv_cache(tiny, monkeypatch, capsys):
+    """Eager sampling: a branch call's KV cache can fill every row --rollout-batch auto gives it (prefixes of nearly a
+    whole response, small budgets: sampler_calls' room), and its prefill forward runs beside it: a part of up to
+    --micro-batch-size full rows, whose own keys and values, a layer's MLP temporaries (3 intermediate-wide values a
+    token beside 4 hidden-wide ones) and SDPA's (rows, 1, L, L) mask (bool, and a bf16 copy on a GPU) come on top. The
+    rows leave that peak, counted here from the config, beside RESERVE_GIB: k rows' KV + the peak free -> k rows.
+    Before, only the 5 GiB reserve covered it (about 3.5 GiB for 3B at --micro-batch-size 1, 14 GiB at 4)."""
+    model = tiny[0]
+    cfg = ares.resolve_stage_defaults(ares.Config(stage="aepo", model="tiny", data="x", batch_size=64,
+                                                  micro_batch_size=2), "aepo")
+    text = model.config.get_text_config()
+    L = cfg.max_prompt_len + cfg.max_response_len  # a full row
+    row = L * ares.kv_bytes_per_token(text, torch.bfloat16)  # a GPU's compute dtype
+    part = cfg.micro_batch_size * L  # tokens of one prefill forward
+    mlp = part * 2 * (3 * text.intermediate_size + 4 * text.hidden_size)
+    mask = cfg.micro_batch_size * L * L * (1 + 2)
+    peak = cfg.micro_batch_size * row + mlp + mask
+    for k in (1, 5, 40):
+        free = ares.RESERVE_GIB * 2 ** 30 + 8 * 1000 + peak + k * row + 1  # AdamW's moments not made yet
+        monkeypatch.setattr(ares, "free_memory", lambda device: free)
+        run = SimpleNamespace(hf=model, n_trainable=1000, n_params=1000, opt=SimpleNamespace(state={}), model=None,
+                              state={})
+        assert ares.rollout_memory(dataclasses.replace(cfg, rollout_batch="auto"), run, torch.device("cuda")) is None
+        assert run.state["rollout_batch"] == k, (k, run.state, capsys.readouterr().out)
+
+
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
     """The demo's GRPO (--kl-mode fixed): every loss token weighs its KL by beta0 (no bucket multiplier, no window
     relaxation), and kappa never moves; the dynamic run of the test above moves it."""
