@@ -607,10 +607,12 @@ def prefill(model, prompts: list[dict], prefixes: list[list[int]], ids: dict, re
             for (K, V), layer in zip(full, cache.layers):
                 K[s:s + per], V[s:s + per] = layer.keys, layer.values
             del cache
-    if full is not None:
+    if full is not None:  # update copies each layer's whole: it leaves `full` first, so the call's KV exists once
         cache = DynamicCache(config=model.config.get_text_config())
-        for i, (K, V) in enumerate(full):
+        for i in range(len(full)):
+            (K, V), full[i] = full[i], None
             cache.update(K, V, i)
+            del K, V
     return dict(cache=cache, att=torch.cat(att), logits=torch.cat(logits).repeat_interleave(repeats, 0),
                 next_pos=torch.cat(next_pos).repeat_interleave(repeats, 0), vlm=batch["position_ids"].dim() == 3)
 

@@ -459,6 +459,37 @@ def test_a_prefill_in_parts_samples_what_one_prefill_samples(tiny, demo_data, po
     torch.testing.assert_close(parts["logprobs"], one["logprobs"], atol=1e-5, rtol=0)
 
 
+def test_a_prefill_in_parts_never_holds_the_calls_keys_and_values_twice(tiny, demo_data, monkeypatch):
+    """prefill in parts (a branch call: max_tokens) copies each part's keys and values into the call's whole (P rows)
+    per layer, then those into the cache that decoding grows: each layer's whole leaves as it is copied, so the call's
+    KV cache exists once, plus one layer's keys and values. Before, every layer's whole stayed until prefill returned,
+    beside the cache: twice a KV cache that a branch call of long prefixes can fill the room with (README: memory
+    plan). Counted here: the distinct storages of live (P, KV heads, L, head dim) tensors, after each copy."""
+    import gc
+
+    from transformers.cache_utils import DynamicLayer
+
+    model, processor = tiny
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"]) * 2  # 8 rows
+    prefixes = [[], [11, 12], [13], [14, 15, 16, 17], [18] * 9, [], [19, 20, 21], [22] * 5]
+    P, L = len(prompts), max(len(p["ids"]) + len(x) for p, x in zip(prompts, prefixes))
+    live, update = [], DynamicLayer.update
+
+    def counted(self, keys, values, *args, **kw):
+        out = update(self, keys, values, *args, **kw)
+        if keys.shape[0] == P:  # the whole call's keys, as they go into the cache
+            whole = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in gc.get_objects()
+                     if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == P and t.shape[2] == L}
+            live.append(sum(whole.values()))
+        return out
+
+    monkeypatch.setattr(DynamicLayer, "update", counted)
+    state = ares.prefill(model, prompts, prefixes, special_ids_with_extra_stops(model, processor), 1, 3 * L)
+    cache = sum(x.untyped_storage().nbytes() for layer in state["cache"].layers for x in (layer.keys, layer.values))
+    layers = len(state["cache"].layers)
+    assert len(live) == layers and max(live) <= cache + cache // layers, (live, cache)
+
+
 def test_device_script_dry_run_on_the_cpu(tmp_path):
     """.ci/device_check.sh tiny: every step of the one-call device script at tiny size on the CPU (the 3-step AEPO run
     with --compile under torchrun, the LoRA step, the bf16 / accumulation / resume / --fsdp paths on data with text-only records,
