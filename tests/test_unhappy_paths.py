@@ -418,7 +418,7 @@ def test_a_config_json_alone_is_a_run_that_never_started_and_a_resume_without_on
     # from before the record existed (checkpoints, no config.json) resumes, and the resume writes its record
     never = tmp_path / "never"
     never.mkdir()
-    (never / "config.json").write_text(json.dumps({"flags": {"lr": 123.0}}))
+    (never / "config.json").write_text(json.dumps({"flags": {"stage": "coldstart", "lr": 123.0}}))  # as run_record writes
     ares.main(coldstart_args(demo_data["sft"], never, tiny_ckpt, "--steps", 1))
     assert steps_logged(never) == [1] and json.loads((never / "config.json").read_text())["flags"]["lr"] != 123.0
     old = copy_run(runs, tmp_path, "interrupted")
