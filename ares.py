@@ -3507,6 +3507,9 @@ def validate_config(cfg: Config) -> Config:
     if saved is not None:  # --out a saved model, or a folder inside a checkpoint (which keep_last may delete)
         raise SystemExit(f"--out {cfg.out}: " + ("it is" if saved == out else f"{saved} is") + " a saved model, not a "
                          "run folder (a run there would overwrite its files); give a new folder")
+    if (name := data_prep.run_name_holding(out.absolute())) is not None:  # as eval.py and data_prep.py refuse theirs
+        raise SystemExit(f"--out {cfg.out}: {name} is a name the training run in {name.parent} writes there itself "
+                         f"({name.name}), which its save, --keep-last or --overwrite replaces: give another folder")
     for flag, path in (("--model", cfg.model), ("--ref-model", cfg.ref_model)):
         if path and Path(path).expanduser().exists() and out.resolve() in Path(path).expanduser().resolve().parents:
             raise SystemExit(f"{flag} {path} lies inside --out {cfg.out}, where this run saves its checkpoints and "

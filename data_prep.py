@@ -1086,9 +1086,17 @@ def check_outside_runs(flag: str, path, folder: bool = True):
     if folder and run_record_in(p):
         raise SystemExit(f"{flag} {path}: it is the folder of a training run (its config.json is ares.py's run record), "
                          "whose files are the run's: give a subfolder of it, or a folder outside it")
-    if run_record_in(p.parent) and re.fullmatch(RUN_NAMES, p.name):
+    if (q := run_name_holding(p)) == p:
         raise SystemExit(f"{flag} {path}: {p.parent} is the folder of a training run, which writes its own {p.name} "
                          "there: give another name")
+    if q is not None:  # inside runs/x/tensorboard/ (--overwrite deletes it) or a final/ not yet saved (the save replaces it)
+        raise SystemExit(f"{flag} {path}: {q} is the training run's own {q.name} (its folder {q.parent}), which the "
+                         "run's save, --keep-last or --overwrite replaces whole: give a folder outside it")
+
+
+def run_name_holding(path: Path) -> Path | None:
+    """The name a training run writes in its folder (RUN_NAMES) that `path` is or lies inside, else None."""
+    return next((q for q in (path, *path.parents) if re.fullmatch(RUN_NAMES, q.name) and run_record_in(q.parent)), None)
 
 
 def run_record_in(folder: Path) -> bool:

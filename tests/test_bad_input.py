@@ -539,6 +539,30 @@ def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(ca
     assert not (tmp_path / "out").exists() and not (ckpt / "sub").exists()
 
 
+@pytest.mark.parametrize("inside", ["tensorboard/plots", "final", "step_00000004/eval"])
+def test_no_output_goes_under_a_name_a_training_run_writes_in_its_folder(inside, tiny_ckpt, demo_data, tmp_path):
+    """A name the run writes in its folder (RUN_NAMES: tensorboard/, which --overwrite deletes; a final/ or step_<n>/
+    not saved yet, which its save replaces whole) was refused for an output only as the last part of the path:
+    eval.py --out runs/x/tensorboard/plots or runs/x/final/eval (before the run's final save) was taken, and ares.py's
+    own --out took all three. Each tool now stops with one line naming the flag and the run's name, before anything
+    is written; a subfolder of another name (runs/x/eval) is still taken."""
+    import eval as ev
+
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"flags": {"stage": "aepo"}}))  # a run that has saved nothing yet
+    out = run / inside
+    name = run / inside.split("/")[0]
+    for fn, argv in ((ev.check_paths, None), (ares.main, ["--stage", "aepo", "--model", str(tiny_ckpt), "--data",
+                                                           str(demo_data["rl"]), "--out", str(out), "--steps", "1"])):
+        with pytest.raises(SystemExit) as err:
+            fn([str(tiny_ckpt)], str(out)) if argv is None else fn(argv)
+        msg = str(err.value.code)
+        assert msg.startswith(f"--out {out}: ") and f"{name}" in msg and "\n" not in msg, msg
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert data_prep.check_outside_runs("--out", run / "eval" / "plots") is None
+
+
 @pytest.mark.parametrize("tool", ["ares --split", "ares --eval-data", "eval.py --split"])
 def test_a_saved_dataset_without_the_split_asked_for_is_one_line_naming_its_splits(tool, tiny_ckpt, demo_data,
                                                                                     tmp_path, monkeypatch):
