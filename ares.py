@@ -3583,8 +3583,9 @@ def check_model_path(flag: str, path: str | None, optional: bool = False):
     if kind == "adapter":
         raise SystemExit(f"{flag} {path}: a LoRA adapter alone: give the checkpoint that holds it, {p.parent} (its "
                          "merged model)")
-    raise SystemExit(f"{flag} {path}: " + ("no such folder" if not p.exists() else "not a model folder (it has no "
-                     "config.json)") + "; give a saved checkpoint folder or a hub name like Org/Model")
+    why = "no such folder" if not p.exists() else "not a model folder (" + (
+        "its config.json is not a model's: no model_type" if (p / "config.json").is_file() else "it has no config.json") + ")"
+    raise SystemExit(f"{flag} {path}: {why}; give a saved checkpoint folder or a hub name like Org/Model")
 
 
 def check_attn(attn: str):

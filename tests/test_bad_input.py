@@ -539,6 +539,19 @@ def test_a_folder_of_the_wrong_kind_stops_with_one_line_and_is_left_as_it_was(ca
     assert not (tmp_path / "out").exists() and not (ckpt / "sub").exists()
 
 
+def test_a_model_folder_whose_config_json_is_another_tools_says_so():
+    """--model X where X/config.json is another tool's ({"flags": [...]}, no model_type): model_folder_kind now takes
+    it for neither a run nor a model (1ee1ca1), and the line said 'it has no config.json' of a folder that has one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps({"flags": ["-O2"], "lr": 3e-4}))
+        with pytest.raises(SystemExit) as err:
+            ares.check_model_path("--model", d)
+    assert str(err.value.code) == (f"--model {d}: not a model folder (its config.json is not a model's: no model_type); "
+                                   "give a saved checkpoint folder or a hub name like Org/Model")
+
+
 @pytest.mark.parametrize("inside", ["tensorboard/plots", "final", "step_00000004/eval"])
 def test_no_output_goes_under_a_name_a_training_run_writes_in_its_folder(inside, tiny_ckpt, demo_data, tmp_path):
     """A name the run writes in its folder (RUN_NAMES: tensorboard/, which --overwrite deletes; a final/ or step_<n>/
