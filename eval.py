@@ -1096,9 +1096,10 @@ def explore_page(models: list, names: list[str], data: Path, html_out: Path, cfg
 # several seeds (`eval.py --demo runs/seed0 --demo runs/seed1 ...`).
 
 
-DEMO_FILES = ("eval_greedy/results.json", "eval_sampled/results.json", "stage_times.json",  # what demo_report reads
-              "aepo/metrics.jsonl", "aepo/config.json", "grpo/metrics.jsonl", "coldstart/final", "aepo/final",
-              "data/test.jsonl")
+DEMO_FILES = {"data/test.jsonl": "data", "coldstart/final": "coldstart",  # what demo_report reads -> the stage of
+              "aepo/config.json": "aepo", "aepo/metrics.jsonl": "aepo", "aepo/final": "aepo",  # run_demo that writes
+              "grpo/metrics.jsonl": "aepo", "eval_greedy/results.json": "eval",  # it, in the order they run
+              "eval_sampled/results.json": "eval", "stage_times.json": "eval"}  # (stage_times: right after eval)
 
 
 def demo_report_parser() -> argparse.ArgumentParser:
@@ -1109,12 +1110,17 @@ def demo_report_parser() -> argparse.ArgumentParser:
 
 
 def run_demo_report(args) -> dict:
-    """eval.py demo-report: one line naming the folder, or the first file of the run it lacks, before anything loads."""
+    """eval.py demo-report: one line naming the folder, or the first file of the run it lacks (in a demo that stopped,
+    the stage that did not finish), before anything loads."""
     out = Path(args.out)
     if not out.is_dir():
         raise SystemExit(f"demo-report {out}: {'a file' if out.exists() else 'no such folder'}; give the --out folder "
                          "of a `python ares.py` run")
     missing = next((f for f in DEMO_FILES if not (out / f).exists()), None)
+    if missing and any((out / f).exists() for f in DEMO_FILES):  # a demo that stopped: its first stage not finished
+        raise SystemExit(f"demo-report {out}: the demo stopped before its {DEMO_FILES[missing]} stage finished (no "
+                         f"{missing}): run it again with --overwrite (the same `python ares.py` command; it starts "
+                         "over and ends with this report)")
     if missing:
         raise SystemExit(f"demo-report {out}: no {missing} in it; give the --out folder of a finished `python ares.py` "
                          "run")

@@ -692,7 +692,7 @@ def _tool_cases():
         (ev.main, ["curves", "{bench}"], "curves {bench}: no AEPO step rows in it; give an AEPO run's metrics.jsonl"),
         (ev.main, ["demo-report", "{tmp}/nope"], "demo-report {tmp}/nope: no such folder; give the --out folder"),
         (ev.main, ["demo-report", "{bench}"], "demo-report {bench}: a file; give the --out folder"),
-        (ev.main, ["demo-report", "{run}"], "demo-report {run}: no eval_greedy/results.json in it; give the --out folder"),
+        (ev.main, ["demo-report", "{run}"], "demo-report {run}: no data/test.jsonl in it; give the --out folder"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--k", "-2", "--out", "{tmp}/a.jsonl"], "--k must be >= 1, got -2"),
         (data_prep.main, ["adacs", "--data", "{bench}", "--seed", "-5", "--out", "{tmp}/a.jsonl"],
          "--seed must be in [0, 2**32), got -5"),
