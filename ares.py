@@ -2863,9 +2863,13 @@ class Metrics:
             self.tracker.close()
 
 
+WARNED_ROWS: set[tuple] = set()  # (file, line number, text) logged_rows has warned about: once per process
+
+
 def logged_rows(path: Path, warn: bool = True) -> list[dict]:
     """The step rows of a metrics.jsonl; a line that is not one (a write cut short by a kill) is dropped, with a
-    warning (warn=False: silently, for a caller that only asks whether the file is a run's log)."""
+    warning, once per process (demo-report reads a log four times; warn=False: silently, for a caller that only asks
+    whether the file is a run's log)."""
     rows, lines = [], path.read_bytes().decode("utf-8", "replace").splitlines()
     last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     for n, line in enumerate(lines, 1):
@@ -2875,7 +2879,8 @@ def logged_rows(path: Path, warn: bool = True) -> list[dict]:
             row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
-        elif line.strip() and warn:  # a kill cuts only the last line short: one before it was edited or damaged
+        elif line.strip() and warn and (key := (str(path.absolute()), n, line)) not in WARNED_ROWS:
+            WARNED_ROWS.add(key)  # a kill cuts only the last line short: one before it was edited or damaged
             cause = "cut short by a kill?" if n == last else "the file was edited or damaged"
             print(f"warning: {path} line {n} is not a complete step row ({cause}): dropped")
     return rows

@@ -402,6 +402,19 @@ def test_a_damaged_metrics_line_is_dropped_with_a_warning_that_says_which_kind(t
         f"warning: {path} line 6 is not a complete step row (cut short by a kill?): dropped"]
 
 
+def test_a_cut_metrics_line_is_warned_about_once_per_process(tmp_path, capsys):
+    """demo-report reads the AEPO run's metrics.jsonl four times (bucket_shares over all steps and the first half,
+    plot_curves), and said the same cut last line was dropped each time: now once per file and line in a process."""
+    import eval as ev
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "level_easy_groups_low": 1}\n{"step": 2, "lo\n')
+    for part in (1.0, 0.5, 1.0):  # as demo_report asks
+        ev.bucket_shares(path, part)
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: {path} line 2 is not a complete step row (cut short by a kill?): dropped"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The grader: right on Unicode digits, bounded off the main thread, parallel, and its time limit is a hard one.
 
