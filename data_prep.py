@@ -1067,47 +1067,12 @@ def check_writable(flag: str, path, folder: bool = True):
         raise SystemExit(f"{flag} {path}: {existing} is not writable (a read-only folder or file system)")
 
 
-RUN_NAMES = r"config\.json|metrics\.jsonl|ares\.lock(\.\d+)?|tensorboard|(final|step_\d+)(\.tmp|\.old)?"  # a run's own
+def outside_runs(flag: str, path, folder: bool = True):
+    """ares.check_outside_runs: an output neither in a training run's checkpoint nor over what a run writes in its
+    folder. The names a run writes are the trainer's, so ares.py holds them (imported here, when an output is checked)."""
+    import ares
 
-
-def check_outside_runs(flag: str, path, folder: bool = True):
-    """`path` (an output folder, or with folder=False a file) neither is nor lies inside one of ares.py's checkpoints (a
-    folder with a COMPLETE record: the run's next save of that name, --keep-last or --overwrite replaces it whole, with
-    the output), is not itself a run folder (its config.json a run record: the output's files would be mixed with the
-    run's), and does not take a name the run writes in its folder (RUN_NAMES: metrics.jsonl, final/, step_<n>/, ...).
-    A subfolder of a run (runs/x/eval) or another file beside its files (runs/x/acc.png) is not the run's: no save,
-    --keep-last or --overwrite touches it. One line naming the flag and the folder otherwise. ares.py refuses the same
-    for its --out."""
-    p = Path(path).expanduser().absolute()
-    for q in (p, *p.parents):
-        if (q / "COMPLETE").is_file():
-            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
-                             "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
-    if folder and run_record_in(p):
-        raise SystemExit(f"{flag} {path}: it is the folder of a training run (its config.json is ares.py's run record), "
-                         "whose files are the run's: give a subfolder of it, or a folder outside it")
-    if (q := run_name_holding(p)) == p:
-        raise SystemExit(f"{flag} {path}: {p.parent} is the folder of a training run, which writes its own {p.name} "
-                         "there: give another name")
-    if q is not None:  # inside runs/x/tensorboard/ (--overwrite deletes it) or a final/ not yet saved (the save replaces it)
-        raise SystemExit(f"{flag} {path}: {q} is the training run's own {q.name} (its folder {q.parent}), which the "
-                         "run's save, --keep-last or --overwrite replaces whole: give a folder outside it")
-
-
-def run_name_holding(path: Path) -> Path | None:
-    """The name a training run writes in its folder (RUN_NAMES) that `path` is or lies inside, else None."""
-    return next((q for q in (path, *path.parents) if re.fullmatch(RUN_NAMES, q.name) and run_record_in(q.parent)), None)
-
-
-def run_record_in(folder: Path) -> bool:
-    """Does `folder` hold ares.py's run record: a config.json with the run's "flags", ares.py's own (a "stage"; another
-    tool's config.json may have "flags" too, and every folder above an output is looked at), not a model's?"""
-    try:
-        record = json.loads((folder / "config.json").read_bytes())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and isinstance(record.get("flags"), dict) and "stage" in record["flags"]
-            and "model_type" not in record)
+    ares.check_outside_runs(flag, path, folder)
 
 
 def check_new_output(flag: str, path, overwrite: bool, holds: str = ""):
@@ -2272,7 +2237,7 @@ def check_records_out(out: str, inputs: dict, overwrite: bool):
     if path.suffix not in RECORD_SUFFIXES:  # what record_rows reads
         raise SystemExit(f"--out {out}: give a .jsonl or .parquet file (no stage reads "
                          f"{f'a *{path.suffix} file' if path.suffix else 'a file without a suffix'})")
-    check_outside_runs("--out", out, folder=False)
+    outside_runs("--out", out, folder=False)
     check_new_output("--out", out, overwrite)
     folder = images_folder(path)
     if folder.is_dir():  # write_records replaces it whole
@@ -2295,7 +2260,7 @@ def check_demo_out(out: str, overwrite: bool):
     if theirs:  # make_demo replaces images/ and its .jsonl files whole
         raise SystemExit(f"--out {out}: {theirs} is not the demo's, and the demo replaces images/ and its .jsonl "
                          "files there: give a new folder")
-    check_outside_runs("--out", out)
+    outside_runs("--out", out)
     there = [f"{name}.jsonl" for name in DEMO_FILES if (path / f"{name}.jsonl").exists()]
     there += ["images/"] if (path / "images").is_dir() else []
     if there:

@@ -800,8 +800,8 @@ def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_it
     assert str(err.value.code) == message
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # a subfolder of the run (the README's ablations: --out X/eval) and a plot beside its files are not the run's
-    assert data_prep.check_outside_runs("--out", run / "eval") is None
-    assert data_prep.check_outside_runs("--plot", run / "acc.png", folder=False) is None
+    assert ares.check_outside_runs("--out", run / "eval") is None
+    assert ares.check_outside_runs("--plot", run / "acc.png", folder=False) is None
 
 
 def test_a_cache_of_one_line_cut_short_is_still_the_evaluations_own(tmp_path):
