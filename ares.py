@@ -3549,20 +3549,21 @@ def checkpoint_holding(path) -> Path | None:
 RUN_NAMES = r"config\.json|metrics\.jsonl|ares\.lock(\.\d+)?|tensorboard|(final|step_\d+)(\.tmp|\.old)?"  # a run's own
 
 
-def check_outside_runs(flag: str, path, folder: bool = True):
+def check_clear_of_run(flag: str, path, folder: bool = True):
     """`path` (an output folder, or with folder=False a file) neither is nor lies inside one of ares.py's checkpoints (a
     folder with a COMPLETE record: the run's next save of that name, --keep-last or --overwrite replaces it whole, with
     the output), is not itself a run folder (its config.json a run record: the output's files would be mixed with the
     run's), and does not take a name the run writes in its folder (RUN_NAMES: metrics.jsonl, final/, step_<n>/, ...).
     A subfolder of a run (runs/x/eval) or another file beside its files (runs/x/acc.png) is not the run's: no save,
-    --keep-last or --overwrite touches it. One line naming the flag and the folder otherwise. ares.py refuses the same
-    for its --out."""
+    --keep-last or --overwrite touches it. One line naming the flag and the folder otherwise. eval.py's outputs; ares.py
+    refuses the same for its --out (validate_config); data_prep.py's data outputs stay outside runs altogether
+    (data_prep.check_outside_runs)."""
     p = Path(path).expanduser().absolute()
     for q in (p, *p.parents):
         if (q / "COMPLETE").is_file():
             raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
                              "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
-    if folder and run_record_in(p):
+    if folder and data_prep.run_record_in(p):
         raise SystemExit(f"{flag} {path}: it is the folder of a training run (its config.json is ares.py's run record), "
                          "whose files are the run's: give a subfolder of it, or a folder outside it")
     if (q := run_name_holding(p)) == p:
@@ -3575,29 +3576,19 @@ def check_outside_runs(flag: str, path, folder: bool = True):
 
 def run_name_holding(path: Path) -> Path | None:
     """The name a training run writes in its folder (RUN_NAMES) that `path` is or lies inside, else None."""
-    return next((q for q in (path, *path.parents) if re.fullmatch(RUN_NAMES, q.name) and run_record_in(q.parent)), None)
-
-
-def run_record_in(folder: Path) -> bool:
-    """Does `folder` hold ares.py's run record: a config.json with the run's "flags", ares.py's own (a "stage"; another
-    tool's config.json may have "flags" too, and every folder above an output is looked at), not a model's?"""
-    try:
-        record = json.loads((folder / "config.json").read_bytes())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and isinstance(record.get("flags"), dict) and "stage" in record["flags"]
-            and "model_type" not in record)
+    return next((q for q in (path, *path.parents)
+                 if re.fullmatch(RUN_NAMES, q.name) and data_prep.run_record_in(q.parent)), None)
 
 
 def model_folder_kind(p: Path) -> str | None:
     """What a folder holds: 'adapter' (a LoRA adapter alone), 'run' (a run folder: its config.json is the run record,
-    run_record_in), 'model' (one of our checkpoints: COMPLETE, or a config.json with a model_type), or None
+    data_prep.run_record_in), 'model' (one of our checkpoints: COMPLETE, or a config.json with a model_type), or None
     (none of these: another tool's config.json is not taken for a run or a model)."""
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         return "adapter"
     if (p / "COMPLETE").is_file():
         return "model"
-    if run_record_in(p):  # its "flags" ares.py's (another tool's config.json may have "flags" too)
+    if data_prep.run_record_in(p):  # its "flags" ares.py's (another tool's config.json may have "flags" too)
         return "run"
     try:
         config = json.loads((p / "config.json").read_text())

@@ -1067,12 +1067,32 @@ def check_writable(flag: str, path, folder: bool = True):
         raise SystemExit(f"{flag} {path}: {existing} is not writable (a read-only folder or file system)")
 
 
-def outside_runs(flag: str, path, folder: bool = True):
-    """ares.check_outside_runs: an output neither in a training run's checkpoint nor over what a run writes in its
-    folder. The names a run writes are the trainer's, so ares.py holds them (imported here, when an output is checked)."""
-    import ares
+def check_outside_runs(flag: str, path):
+    """A data output (convert, adacs, demo, eval.py passrate) neither is nor lies inside a training run's folder (its
+    config.json a run record: run_record_in) or one of its checkpoints (a COMPLETE record): the run's next save,
+    --keep-last or --overwrite replaces a checkpoint whole, with what was written there, and records belong beside a
+    run, not among its files. One line naming the flag and the folder otherwise. (eval.py's results may go into a
+    subfolder of a run: ares.check_clear_of_run.)"""
+    p = Path(path).expanduser().absolute()
+    for q in (p, *p.parents):
+        if (q / "COMPLETE").is_file():
+            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
+                             "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
+        if run_record_in(q):
+            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " the folder of a training run "
+                             "(its config.json is ares.py's run record), whose files are the run's: give a folder "
+                             "outside it")
 
-    ares.check_outside_runs(flag, path, folder)
+
+def run_record_in(folder: Path) -> bool:
+    """Does `folder` hold ares.py's run record: a config.json with the run's "flags", ares.py's own (a "stage"; another
+    tool's config.json may have "flags" too, and every folder above an output is looked at), not a model's?"""
+    try:
+        record = json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and isinstance(record.get("flags"), dict) and "stage" in record["flags"]
+            and "model_type" not in record)
 
 
 def check_new_output(flag: str, path, overwrite: bool, holds: str = ""):
@@ -2237,7 +2257,7 @@ def check_records_out(out: str, inputs: dict, overwrite: bool):
     if path.suffix not in RECORD_SUFFIXES:  # what record_rows reads
         raise SystemExit(f"--out {out}: give a .jsonl or .parquet file (no stage reads "
                          f"{f'a *{path.suffix} file' if path.suffix else 'a file without a suffix'})")
-    outside_runs("--out", out, folder=False)
+    check_outside_runs("--out", out)
     check_new_output("--out", out, overwrite)
     folder = images_folder(path)
     if folder.is_dir():  # write_records replaces it whole
@@ -2260,7 +2280,7 @@ def check_demo_out(out: str, overwrite: bool):
     if theirs:  # make_demo replaces images/ and its .jsonl files whole
         raise SystemExit(f"--out {out}: {theirs} is not the demo's, and the demo replaces images/ and its .jsonl "
                          "files there: give a new folder")
-    outside_runs("--out", out)
+    check_outside_runs("--out", out)
     there = [f"{name}.jsonl" for name in DEMO_FILES if (path / f"{name}.jsonl").exists()]
     there += ["images/"] if (path / "images").is_dir() else []
     if there:

@@ -147,7 +147,7 @@ def parse_config(argv=None) -> EvalConfig:
     if cfg.plot and Path(cfg.plot).is_dir():  # checked now: it is written only after the whole evaluation
         raise SystemExit(f"--plot {cfg.plot}: a folder; give the PNG file to write")
     if cfg.plot:
-        ares.check_outside_runs("--plot", cfg.plot, folder=False)
+        ares.check_clear_of_run("--plot", cfg.plot, folder=False)
         data_prep.check_writable("--plot", cfg.plot, folder=False)
         check_plot_format(cfg.plot)
     return cfg
@@ -172,7 +172,7 @@ def check_paths(models: list[str], out: str):
         ares.check_model_path("--model", m)
     if Path(out).exists() and not Path(out).is_dir():
         raise SystemExit(f"--out {out}: a file, not a folder")
-    ares.check_outside_runs("--out", out)
+    ares.check_clear_of_run("--out", out)
     check_eval_folder(out)
     data_prep.check_writable("--out", out)
 

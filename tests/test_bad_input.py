@@ -586,7 +586,7 @@ def test_no_output_goes_under_a_name_a_training_run_writes_in_its_folder(inside,
         msg = str(err.value.code)
         assert msg.startswith(f"--out {out}: ") and f"{name}" in msg and "\n" not in msg, msg
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
-    assert ares.check_outside_runs("--out", run / "eval" / "plots") is None
+    assert ares.check_clear_of_run("--out", run / "eval" / "plots") is None
 
 
 @pytest.mark.parametrize("tool", ["ares --split", "ares --eval-data", "eval.py --split"])

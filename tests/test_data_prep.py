@@ -507,38 +507,29 @@ def test_an_existing_output_is_replaced_only_with_overwrite(command, tmp_path, m
 
 
 @pytest.mark.parametrize("command", ["convert", "adacs", "demo"])
-@pytest.mark.parametrize("where", ["in a checkpoint", "the run folder or one of its names"])
+@pytest.mark.parametrize("where", ["in a checkpoint", "in a run folder"])
 def test_an_output_inside_a_training_run_is_refused(command, where, tmp_path):
     """convert, adacs and demo wrote into a checkpoint (runs/x/final/, which the run's next save, --keep-last or
-    --overwrite replaces whole), into a run's folder itself among its files (the demo's --out runs/x), or under a name
-    the run writes there (runs/x/metrics.jsonl, which the run appends to). Now one line naming --out and the folder,
-    with or without --overwrite, and nothing is written. A subfolder of the run, or a file of another name beside its
-    files, is not the run's: written (no save, --keep-last or --overwrite of the run touches it)."""
+    --overwrite replaces whole) or among a run's own files (runs/x, its config.json the run record: runs/x/metrics.jsonl
+    is what the run appends to). Now one line naming --out and the folder, with or without --overwrite, and nothing is
+    written. Data goes outside a run altogether (eval.py's results may go into a subfolder: test_eval.py)."""
     run = tmp_path / "runs" / "x"
     (run / "final").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"flags": {"stage": "coldstart"}}))
     (run / "final" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     (run / "final" / "COMPLETE").write_text(json.dumps({"step": 2, "files": {}}))
-    if where == "in a checkpoint":
-        out = run / "final" / ("demo" if command == "demo" else "sft.jsonl")
-        what = (f"{run / 'final'} is a checkpoint of a training run, which its next save, --keep-last or --overwrite "
-                "replaces whole: give a folder outside it")
-    elif command == "demo":
-        out, what = run, ("it is the folder of a training run (its config.json is ares.py's run record), whose files "
-                          "are the run's: give a subfolder of it, or a folder outside it")
-    else:
-        out, what = run / "metrics.jsonl", f"{run} is the folder of a training run, which writes its own metrics.jsonl there: give another name"
+    folder = run / "final" if where == "in a checkpoint" else run
+    out = folder / ("demo" if command == "demo" else "metrics.jsonl")
     argv = records_out_case(command, tmp_path)
     before = files(tmp_path)
     for more in ([], ["--overwrite"]):
         with pytest.raises(SystemExit) as err:
             data_prep.main([*argv, "--out", out, *more])
-        assert str(err.value.code) == f"--out {out}: {what}"
+        what = ("a checkpoint of a training run, which its next save, --keep-last or --overwrite replaces whole"
+                if where == "in a checkpoint" else
+                "the folder of a training run (its config.json is ares.py's run record), whose files are the run's")
+        assert str(err.value.code) == f"--out {out}: {folder} is {what}: give a folder outside it"
         assert files(tmp_path) == before
-    if where != "in a checkpoint":  # beside the run's files under a name of its own, or in a subfolder: written
-        beside = run / ("demo" if command == "demo" else "sft.jsonl")
-        data_prep.main([*argv, "--out", beside])
-        assert (beside / "rl.jsonl" if command == "demo" else beside).is_file()
 
 
 @pytest.mark.parametrize("values, message", [

@@ -750,7 +750,7 @@ def test_passrate_replaces_its_out_only_with_overwrite_and_never_writes_into_a_r
     run, final = training_run(tmp_path)
     cases = [(rates, [], f"--out {rates} exists: add --overwrite to replace it, or choose another --out"),
              (run / "metrics.jsonl", ["--overwrite"], f"--out {run / 'metrics.jsonl'}: {run} is the folder of a training "
-              "run, which writes its own metrics.jsonl there: give another name"),
+              "run (its config.json is ares.py's run record), whose files are the run's: give a folder outside it"),
              (tmp_path / "rates.txt", [], f"--out {tmp_path / 'rates.txt'}: give a .jsonl or .parquet file (no stage "
               "reads a *.txt file)"),
              (data, ["--overwrite"], f"--out {data}: the same file as --data; give another output file")]
@@ -800,8 +800,8 @@ def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_it
     assert str(err.value.code) == message
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     # a subfolder of the run (the README's ablations: --out X/eval) and a plot beside its files are not the run's
-    assert ares.check_outside_runs("--out", run / "eval") is None
-    assert ares.check_outside_runs("--plot", run / "acc.png", folder=False) is None
+    assert ares.check_clear_of_run("--out", run / "eval") is None
+    assert ares.check_clear_of_run("--plot", run / "acc.png", folder=False) is None
 
 
 def test_a_cache_of_one_line_cut_short_is_still_the_evaluations_own(tmp_path):
