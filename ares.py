@@ -3559,10 +3559,9 @@ def check_clear_of_run(flag: str, path, folder: bool = True):
     refuses the same for its --out (validate_config); data_prep.py's data outputs stay outside runs altogether
     (data_prep.check_outside_runs)."""
     p = Path(path).expanduser().absolute()
-    for q in (p, *p.parents):
-        if (q / "COMPLETE").is_file():
-            raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
-                             "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
+    if (q := checkpoint_holding(p)) is not None:
+        raise SystemExit(f"{flag} {path}: " + ("it is" if q == p else f"{q} is") + " a checkpoint of a training "
+                         "run, which its next save, --keep-last or --overwrite replaces whole: give a folder outside it")
     if folder and data_prep.run_record_in(p):
         raise SystemExit(f"{flag} {path}: it is the folder of a training run (its config.json is ares.py's run record), "
                          "whose files are the run's: give a subfolder of it, or a folder outside it")

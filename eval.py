@@ -1181,13 +1181,13 @@ def demo_row(rep: dict, mode: str, model: str, level: str) -> dict:
     return got["overall"] if level == "overall" else got["buckets"][level]
 
 
-def demo_json(run: str, levels: list[str] | None = None) -> tuple[dict, list[str]]:
-    """(a run's demo.json, its levels + 'overall'), with every value demo_summary reads there (`levels`: those of the
-    first run) checked to be a number: one line naming the file otherwise, not a KeyError or TypeError."""
+def demo_json(run: str) -> tuple[dict, list[str]]:
+    """(a run's demo.json, its levels + 'overall'), with every value demo_summary reads there checked to be a number:
+    one line naming the file otherwise, not a KeyError or TypeError."""
     path = Path(run) / "demo.json"
     try:
         rep = json.loads(path.read_bytes())
-        levels = levels or [*rep["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
+        levels = [*rep["greedy"]["metrics"]["test"]["cold start"]["buckets"], "overall"]
         values = [demo_row(rep, mode, m, lv)[k] for mode in ("greedy", "sampled") for m in DEMO_MODELS for lv in levels
                   for k in ("accuracy", "mean_tokens", "sd_tokens")] + list(rep["times"].values())
         values += [rep[key].get(lv, {}).get(b, 0) or 0 for key in ("buckets", "buckets_first_half", "grpo_buckets")
@@ -1220,11 +1220,11 @@ def demo_summary(runs: list[str]) -> str:
             raise SystemExit(f"--demo {r}: no {missing} in it; give the --out folder of a finished `python ares.py` run")
     reports, levels = [], None
     for r in runs:  # the levels are the first run's: every run must have the same ones
-        own = demo_json(r)[1]
+        rep, own = demo_json(r)
         if levels and own != levels:  # a run of another demo task (--levels ...): the table would mix two tasks
             raise SystemExit(f"--demo {r}: its levels ({', '.join(own[:-1])}) are not those of {runs[0]} "
                              f"({', '.join(levels[:-1])}): the table averages runs of one demo task")
-        rep, levels = demo_json(r, levels)
+        levels = own
         reports.append(rep)
     lines = []
     for mode, title in (("greedy", "greedy"), ("sampled", "T = 1, mean@4")):
