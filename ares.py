@@ -3078,7 +3078,9 @@ def claim_out(cfg, contents=run_contents):
                else "add --resume to continue it, --overwrite to replace it")
         raise SystemExit(f"--out {cfg.out} holds a {'demo' if cfg.stage == 'demo' else 'run'} ({', '.join(there)}): "
                          f"{how}, or choose another --out")
-    if not there and cfg.stage != "demo" and (out / "config.json").is_file() and model_folder_kind(out) != "run":
+    # (with a run there, --overwrite too: it deletes the checkpoints and writes the run record over that file)
+    if ((not there or cfg.overwrite) and cfg.stage != "demo" and (out / "config.json").is_file()
+            and model_folder_kind(out) != "run"):
         raise SystemExit(f"--out {cfg.out}: its config.json is not a run record of ares.py (no \"flags\" of a stage), and the run "
                          "would write its own over it: move the file, or choose another --out")
     ckpt = latest_checkpoint(out) if cfg.resume else None

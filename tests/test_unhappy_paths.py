@@ -114,6 +114,10 @@ STOPS = [
      ["--out {out}: its config.json is not a run record of ares.py"], None),
     ("--overwrite of a config.json of the user's own", "interrupted", own_config_only, ["--overwrite"],
      ["--out {out}: its config.json is not a run record of ares.py"], None),
+    # checkpoints beside the user's config.json: --overwrite deleted them and wrote the run record over the file
+    ("--overwrite of checkpoints beside a config.json of the user's own", "interrupted",
+     lambda out: (out / "config.json").write_text(json.dumps({"project": "geometry", "lr": 3e-4})), ["--overwrite"],
+     ["--out {out}: its config.json is not a run record of ares.py", "move the file"], [1]),
     # another tool's config.json with a "flags" key counted as a run record: the run wrote its own over it, unasked
     ("a config.json of another tool's with flags in --out", "interrupted", lambda out: own_config_only(out, ["-O2"]), [],
      ["--out {out}: its config.json is not a run record of ares.py", "move the file"], None),
