@@ -2315,8 +2315,10 @@ def main(argv=None):
     try:
         return {"convert": run_convert, "adacs": run_adacs, "demo": run_demo}[args.command](args)
     except KeyboardInterrupt:  # one line and the shell's code, as ares.py and eval.py (it was a traceback, exit -2)
-        print(f"\ninterrupted (Ctrl-C): {args.out} holds what it held before or nothing (every output is written "
-              f"whole, then renamed into place); {again()} writes it", file=sys.stderr, flush=True)
+        held = ("holds whole files only, each the one it held before or one this command wrote before the stop"
+                if args.command == "demo" else "holds what it held before or nothing")  # a demo is many files
+        print(f"\ninterrupted (Ctrl-C): {args.out} {held} (every output is written whole, then renamed into place); "
+              f"{again()} writes it", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None

@@ -1240,7 +1240,10 @@ def test_ctrl_c_in_data_prep_is_one_line_and_exit_130(tmp_path, monkeypatch, cap
     demo = tmp_path / "demo"
     with pytest.raises(SystemExit) as e:
         data_prep.main(["demo", "--out", str(demo)])
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("; the same command with --overwrite writes it")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # it said "holds what it held before or nothing"
+        f"interrupted (Ctrl-C): {demo} holds whole files only, each the one it held before or one this command wrote "
+        "before the stop (every output is written whole, then renamed into place); the same command with --overwrite "
+        "writes it")
     with pytest.raises(SystemExit) as e:
         data_prep.main(["demo", "--out", str(demo)])
     assert str(e.value.code).startswith(f"--out {demo} holds a demo (images/): add --overwrite")
