@@ -3589,12 +3589,12 @@ def model_folder_kind(p: Path) -> str | None:
         return "adapter"
     if (p / "COMPLETE").is_file():
         return "model"
-    if data_prep.run_record_in(p):  # its "flags" ares.py's (another tool's config.json may have "flags" too)
-        return "run"
     try:
-        config = json.loads((p / "config.json").read_text())
+        config = json.loads((p / "config.json").read_bytes())
     except (OSError, ValueError):  # none, or cut (a run record damaged to {} says so on --resume)
-        config = None
+        return None
+    if data_prep.is_run_record(config):  # its "flags" ares.py's (another tool's config.json may have "flags" too)
+        return "run"
     return "model" if isinstance(config, dict) and "model_type" in config else None
 
 

@@ -1088,11 +1088,15 @@ def run_record_in(folder: Path) -> bool:
     """Does `folder` hold ares.py's run record: a config.json with the run's "flags", ares.py's own (a "stage"; another
     tool's config.json may have "flags" too, and every folder above an output is looked at), not a model's?"""
     try:
-        record = json.loads((folder / "config.json").read_bytes())
+        return is_run_record(json.loads((folder / "config.json").read_bytes()))
     except (OSError, ValueError):
         return False
-    return (isinstance(record, dict) and isinstance(record.get("flags"), dict) and "stage" in record["flags"]
-            and "model_type" not in record)
+
+
+def is_run_record(config) -> bool:
+    """run_record_in's test of a config.json's contents, as read."""
+    return (isinstance(config, dict) and isinstance(config.get("flags"), dict) and "stage" in config["flags"]
+            and "model_type" not in config)
 
 
 def check_new_output(flag: str, path, overwrite: bool, holds: str = ""):
