@@ -904,6 +904,30 @@ def lora_run(tiny_ckpt, demo_data, out, *extra) -> dict:
                 merged=load_file(str(out / "final" / "model.safetensors")), final=out / "final")
 
 
+def test_a_lora_adapter_trained_from_tiny_applies_to_the_tiny_model_its_seed_rebuilds(demo_data, tmp_path):
+    """README (LoRA): from --model tiny, no folder holds the starting model; adapter_config.json names it `tiny`, and
+    ares.build_tiny(<the run's --seed>) rebuilds it, to which peft applies the adapter: peft's merge is the merged
+    export, weight for weight (another seed's model is not)."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    ares.main(aepo_args(demo_data["rl"], out, "tiny", "--steps", 1, "--keep-uniform-groups", "--lora-rank", 4,
+                        "--lr", "1e-2", "--seed", 3))
+    config = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"
+    exported = load_file(str(out / "final" / "model.safetensors"))
+    for seed, same in ((3, True), (0, False)):
+        merged = PeftModel.from_pretrained(ares.build_tiny(seed)[0], out / "final" / "adapter").merge_and_unload()
+        merged = merged.state_dict()
+        name = "model.language_model.layers.0.self_attn.q_proj.weight"  # the file's name: model.layers.0...
+        assert torch.allclose(merged[name], exported["model.layers.0.self_attn.q_proj.weight"], atol=1e-6) is same
+        if same:
+            moved = [k for k in merged if "q_proj" in k and k.endswith("weight")]
+            assert moved and all(torch.allclose(merged[k], exported[k.replace("language_model.", "")], atol=1e-6)
+                                 for k in moved)
+
+
 def test_lora_alpha_scales_the_adapters_by_alpha_over_rank(tiny_ckpt, demo_data, tmp_path):
     """README (flags): --lora-alpha (default 2R, which the test above checks; scale alpha/R). After one step of rank 4
     with --lora-alpha 3, an adapted weight of the merged export is the starting weight + 3/4 B A of the saved
