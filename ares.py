@@ -899,7 +899,8 @@ def train_aepo(cfg: Config) -> Path:
     st.setdefault("tau_history", [])
     # LoRA: the policy with its adapters off is the starting model, unless --train-vision trains the tower under them
     adapters_off = cfg.lora_rank and not cfg.train_vision and not cfg.ref_model  # or --ref-model names another
-    ref = (lora_reference(run.hf, run.model) if adapters_off else load_reference(st["ref_model"], cfg, device)
+    commit = run.commits.get("ref_model" if cfg.ref_model else "model")  # a hub model's: the one the run started from
+    ref = (lora_reference(run.hf, run.model) if adapters_off else load_reference(st["ref_model"], cfg, device, commit)
            ) if cfg.kl_coef > 0 else None
     sampler = sampling_copy(cfg, run, device)
     pool = rollout_memory(cfg, run, device)  # resolves --rollout-batch auto; with --compile, the run's KV pool
@@ -1223,6 +1224,15 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def from_rank0(obj):
+    """Rank 0's `obj` (pickled) on every rank; itself without a process group."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -1338,10 +1348,10 @@ def resize_images(image_processor, cfg, tiny: bool):
         image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
 
 
-def load_processor(name: str, is_vlm: bool, cfg):
+def load_processor(name: str, is_vlm: bool, cfg, revision: str | None = None):
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    tok = AutoTokenizer.from_pretrained(name)
+    tok = AutoTokenizer.from_pretrained(name, revision=revision)
     if not tok("a b", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one where files are missing
         raise SystemExit(f"{name}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt): the tokenizer "
                          f"made without them ({len(tok)} tokens) reads all text as nothing; save the model's tokenizer "
@@ -1349,7 +1359,7 @@ def load_processor(name: str, is_vlm: bool, cfg):
     if not is_vlm:
         return tok
     try:
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name, revision=revision)
     except OSError:
         raise SystemExit(f"{name}: no image processor settings (processor_config.json or preprocessor_config.json): "
                          "save the model's processor in the folder (processor.save_pretrained)") from None
@@ -1376,50 +1386,53 @@ def compute_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
 
 
-def model_config(name: str):
-    """A model's config.json, and whether it is a vision-language model; a model of another family stops here, before
-    its tokenizer or weights are read: a VLM not in VLM_FAMILIES, or a causal LM whose decoder is not `.model`."""
+def model_config(name: str, revision: str | None = None):
+    """A model's config.json (a hub model's at the commit `revision`: model_commits), and whether it is a
+    vision-language model; a model of another family stops here, before its tokenizer or weights are read: a VLM not
+    in VLM_FAMILIES, or a causal LM whose decoder is not `.model`."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name, revision=revision)
     is_vlm = hasattr(config, "vision_config")
-    if config.model_type not in VLM_FAMILIES if is_vlm else not decoder_is_model(name):  # other VLMs: other
+    if config.model_type not in VLM_FAMILIES if is_vlm else not decoder_is_model(name, revision):  # other VLMs: other
         raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")  # processors, positions, features
     return config, is_vlm
 
 
 @functools.lru_cache
-def decoder_is_model(name: str) -> bool:
+def decoder_is_model(name: str, revision: str | None = None) -> bool:
     """Does a text-only model's causal LM hold its decoder as `.model` (Qwen2, Llama), not `.transformer` (GPT-2)?"""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         with torch.device("meta"):  # the module tree alone: no weights, no memory
-            return hasattr(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name)), "model")
+            config = AutoConfig.from_pretrained(name, revision=revision)
+            return hasattr(AutoModelForCausalLM.from_config(config), "model")
     except ValueError:  # not a causal LM at all (an encoder, ...)
         return False
 
 
-def processor_for(name: str, cfg):
-    """The processor load_model gives with a model, without its weights (the training data's prompts are measured
-    with it before they load), prompting with the instruction the model was trained with (`ares_prompt_suffix` in its
-    config.json), else the authors' (README: paper settings)."""
+def processor_for(name: str, cfg, revision: str | None = None):
+    """The processor load_model gives with a model (a hub model's at the commit `revision`), without its weights (the
+    training data's prompts are measured with it before they load), prompting with the instruction the model was
+    trained with (`ares_prompt_suffix` in its config.json), else the authors' (README: paper settings)."""
     if name == "tiny":
         processor = tiny_processor()
         resize_images(processor.image_processor, cfg, tiny=True)
         return processor
-    processor = load_processor(name, model_config(name)[1], cfg)
+    processor = load_processor(name, model_config(name, revision)[1], cfg, revision)
     if getattr(processor, "chat_template", None) is None:  # a base model's tokenizer: prompts could not be built
         raise SystemExit(f"--model {name}: its tokenizer has no chat template, and ARES builds every prompt with it: use "
                          "a chat or Instruct model, or add a template (chat_template.jinja beside the tokenizer)")
-    processor.prompt_suffix = model_prompt_suffix(name)
+    processor.prompt_suffix = model_prompt_suffix(name, revision)
     return processor
 
 
-def load_model(name: str, cfg, device, meta: bool = False, processor=None):
+def load_model(name: str, cfg, device, meta: bool = False, processor=None, revision: str | None = None):
     """Returns (model, processor): `processor`, else processor_for(name). bf16 on GPU and fp32 on CPU unless --dtype
     says otherwise (dtype 'file': the checkpoint's own). meta=True: an empty skeleton that takes no memory, for FSDP
-    to shard and fill (fill_shards)."""
+    to shard and fill (fill_shards). A hub model is read at the commit `revision` (model_commits: the one a run
+    started from, whatever the hub's main holds by its resume); a local folder has none."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     dtype = compute_dtype(cfg, device)
@@ -1432,24 +1445,24 @@ def load_model(name: str, cfg, device, meta: bool = False, processor=None):
         if dtype not in ("auto", torch.float32):  # its weights only: the rotary buffers stay fp32, as for a checkpoint
             cast_weights(model, dtype, torch.device("meta") if meta else torch.device("cpu"))
     else:
-        config, is_vlm = model_config(name)
+        config, is_vlm = model_config(name, revision)
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         if meta:
             with torch.device("meta"):
                 model = cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn)
             with contextlib.suppress(OSError):  # the stop tokens live there
-                model.generation_config = GenerationConfig.from_pretrained(name)
+                model.generation_config = GenerationConfig.from_pretrained(name, revision=revision)
         else:  # in the file's own dtype: mapped from disk, one copy a host whatever its ranks; cast below
             from safetensors import SafetensorError
 
             try:
-                model = cls.from_pretrained(name, dtype="auto", attn_implementation=cfg.attn)
+                model = cls.from_pretrained(name, revision=revision, dtype="auto", attn_implementation=cfg.attn)
             except (SafetensorError, OSError) as e:  # a cut copy or a damaged disk: one line, not 30 of traceback
                 raise SystemExit(f"{name}: its weights could not be read ({str(e).splitlines()[0][:200]}): the folder "
                                  "is damaged or incomplete; copy it again, or give another checkpoint") from None
         if not hasattr(model, "model"):
             raise SystemExit(f"{name}: model type '{config.model_type}' {UNSUPPORTED}")
-        processor = processor or processor_for(name, cfg)
+        processor = processor or processor_for(name, cfg, revision)
     model.config.use_cache = False
     if meta:
         return model, processor
@@ -1469,13 +1482,14 @@ def cast_weights(model, dtype, device):
             config.dtype = dtype
 
 
-def model_prompt_suffix(name: str) -> str:
+def model_prompt_suffix(name: str, revision: str | None = None) -> str:
     """The instruction a model was trained with (`ares_prompt_suffix` in its config.json), else the authors' (README: paper settings);
     the tiny model: none."""
     from transformers import AutoConfig
 
     with contextlib.suppress(OSError, ValueError):  # a hub name offline and not cached: it fails to load later anyway
-        return "" if name == "tiny" else getattr(AutoConfig.from_pretrained(name), "ares_prompt_suffix", data_prep.FORMAT_PROMPT)
+        return "" if name == "tiny" else getattr(AutoConfig.from_pretrained(name, revision=revision),
+                                                 "ares_prompt_suffix", data_prep.FORMAT_PROMPT)
     return data_prep.FORMAT_PROMPT
 
 
@@ -1527,14 +1541,14 @@ def evaluating(model):
         model.train(was)
 
 
-def load_for_fsdp(name: str, cfg: Config, device, processor=None, fill: bool = True):
+def load_for_fsdp(name: str, cfg: Config, device, processor=None, fill: bool = True, revision: str | None = None):
     """Loading for FSDP2 without a full copy per rank: every rank builds an empty (meta) skeleton to shard, and rank 0
     alone reads the weights, on the CPU, in the file's dtype (bf16 for the released models); fill_shards() sends them
     one tensor at a time. fill=False (a resume, whose shards come from the checkpoint's state/): no rank reads them.
     -> (skeleton, processor, rank 0's full model or None)."""
-    skeleton, processor = load_model(name, cfg, device, meta=True, processor=processor)
-    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"), processor=processor)[0] \
-        if fill and rank() == 0 else None
+    skeleton, processor = load_model(name, cfg, device, meta=True, processor=processor, revision=revision)
+    full = load_model(name, dataclasses.replace(cfg, dtype="file"), torch.device("cpu"), processor=processor,
+                      revision=revision)[0] if fill and rank() == 0 else None
     return skeleton, processor, full
 
 
@@ -1621,14 +1635,15 @@ def lora_reference(hf, model):
     return forward
 
 
-def load_reference(name: str, cfg: Config, device) -> nn.Module:
-    """The frozen KL reference (Eq. 1, Alg. 1): the starting policy in the compute dtype, sharded like it with --fsdp."""
+def load_reference(name: str, cfg: Config, device, revision: str | None = None) -> nn.Module:
+    """The frozen KL reference (Eq. 1, Alg. 1): the starting policy in the compute dtype, sharded like it with --fsdp;
+    a hub model at the commit `revision` (model_commits: on --resume, the one the run started from)."""
     if sharded(cfg):
-        hf, _, full = load_for_fsdp(name, cfg, device)
+        hf, _, full = load_for_fsdp(name, cfg, device, revision=revision)
         ref = wrap_policy(hf.eval(), cfg, device, trainable=False)[0]
         fill_shards(ref, full)
         return ref
-    return wrap_policy(load_model(name, cfg, device)[0].eval(), cfg, device, trainable=False)[0]
+    return wrap_policy(load_model(name, cfg, device, revision=revision)[0].eval(), cfg, device, trainable=False)[0]
 
 
 def sampling_copy(cfg: Config, run, device):
@@ -2232,10 +2247,10 @@ def filter_traces(processor, records: list[dict], max_len: int, source: str) -> 
 def start_stage(cfg: Config, stage: str):
     """What both stages do first: fill and check the stage's defaults, join the process group, seed, read and check
     every record and --eval-data's (bad data fails before the model loads), claim --out (its lock; a run already
-    there), measure the data's lengths and check the batch against them and that the model can read --eval-data's
-    prompts (the processor alone), only then let --overwrite delete the old run, write the run record
-    <out>/config.json (on --resume, changed flags stop here, then a --steps below the newest step checkpoint's),
-    load the policy.
+    there), take the commit a hub --model or --ref-model is read at (model_commits), measure the data's lengths and
+    check the batch against them and that the model can read --eval-data's prompts (the processor alone), only then
+    let --overwrite delete the old run, write the run record <out>/config.json (on --resume, changed flags stop here,
+    then a --steps below the newest step checkpoint's), load the policy.
     -> (cfg, run, records, world, device)."""
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
@@ -2253,7 +2268,8 @@ def start_stage(cfg: Config, stage: str):
     torch.manual_seed(cfg.seed + me)
     rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
     ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None  # under the lock: no other run deletes it now
-    processor = training_processor(cfg, ckpt)  # the data's lengths are checked with it before the weights load
+    commits = from_rank0(rank0_decides(model_commits, cfg))  # a hub model's commit (--resume: the run's), every rank
+    processor = training_processor(cfg, ckpt, commits.get("model"))  # checks the data's lengths before the weights load
     records = filter_prompts(processor, records, cfg.max_prompt_len, cfg.data)
     for r in held_out:  # one the model cannot read (images for a text-only model) was a silent 0% at every validation
         try:
@@ -2264,10 +2280,11 @@ def start_stage(cfg: Config, stage: str):
         records = filter_traces(processor, records, cfg.max_response_len, cfg.data)
     check_batch(cfg, len(records), "records" if stage == "coldstart" else "prompts")
     last = last_step(cfg, len(records))  # then the run record's checks; --overwrite deletes the old run only after them
-    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last, read)  # one rank reads the files (fingerprints)
+    record = rank0_decides(check_run_record, cfg, RESUMABLE, ckpt, last, read, commits)  # one rank reads the files
     if cfg.resume and ckpt is None:
         rank0_print(f"--resume: no complete checkpoint in {cfg.out}: starting fresh")
-    run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor), record=record or {}, held_out=held_out)
+    run = dataclasses.replace(load_for_training(cfg, device, ckpt, processor, commits.get("model")),
+                              record=record or {}, held_out=held_out, commits=commits)
     return cfg, run, records, world, device
 
 
@@ -2501,11 +2518,13 @@ class Run:
     n_lm_trained: int = 0
     record: dict = field(default_factory=dict)  # <out>/config.json (rank 0, which logs it; {} on the other ranks)
     held_out: list = field(default_factory=list)  # --eval-data's records (validated every --eval-every AEPO steps)
+    commits: dict = field(default_factory=dict)  # --model's and --ref-model's hub commits (model_commits), every rank
 
 
-def training_processor(cfg: Config, ckpt: Path | None):
-    """The processor of the model that trains (--model, or the checkpoint a --resume starts from), with --prompt-suffix."""
-    processor = processor_for(str(ckpt) if ckpt else cfg.model, cfg)
+def training_processor(cfg: Config, ckpt: Path | None, revision: str | None = None):
+    """The processor of the model that trains (--model, a hub model's at the commit `revision`, or the checkpoint a
+    --resume starts from), with --prompt-suffix."""
+    processor = processor_for(str(ckpt), cfg) if ckpt else processor_for(cfg.model, cfg, revision)
     vision_flags = [f for f in ("train_vision", "min_pixels", "max_pixels") if f in cfg.given]
     if vision_flags and not hasattr(processor, "image_processor"):  # a tokenizer alone: a text-only model
         raise vision_flag_unused(vision_flags[0], f"--model {cfg.model} is a text-only model")
@@ -2521,17 +2540,18 @@ def vision_flag_unused(flag: str, which: str) -> SystemExit:
                       "nothing: leave it out")
 
 
-def load_for_training(cfg: Config, device, ckpt: Path | None = None, processor=None):
-    """The policy's weights (fp32 master copy), from the newest checkpoint `ckpt` when resuming, and its processor
-    (training_processor's, unless given)."""
-    processor = processor or training_processor(cfg, ckpt)
+def load_for_training(cfg: Config, device, ckpt: Path | None = None, processor=None, revision: str | None = None):
+    """The policy's weights (fp32 master copy), from the newest checkpoint `ckpt` when resuming, else --model's (a hub
+    model's at the commit `revision`), and its processor (training_processor's, unless given)."""
+    processor = processor or training_processor(cfg, ckpt, revision)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    name, master = str(ckpt) if ckpt else cfg.model, dataclasses.replace(cfg, dtype="fp32")
+    name, revision = (str(ckpt), None) if ckpt else (cfg.model, revision)  # a checkpoint: a folder of ours
+    master = dataclasses.replace(cfg, dtype="fp32")
     if sharded(cfg):  # a resume reads its shards from state/: nothing to send then
-        hf, processor, full = load_for_fsdp(name, master, device, processor, fill=not ckpt)
+        hf, processor, full = load_for_fsdp(name, master, device, processor, fill=not ckpt, revision=revision)
     else:
-        (hf, processor), full = load_model(name, master, device, processor=processor), None
+        (hf, processor), full = load_model(name, master, device, processor=processor, revision=revision), None
     hf = make_trainable(hf, cfg)
     if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
         hf.config.ares_prompt_suffix = cfg.prompt_suffix
@@ -3208,10 +3228,11 @@ def interrupted(cfg, how: str = "Ctrl-C", code: int = 130) -> str:
 # The run record <out>/config.json, and the command line: flags, their checks, the stage defaults.
 
 
-def run_record(cfg, read: dict | None = None) -> dict:
+def run_record(cfg, read: dict | None = None, commits: dict | None = None) -> dict:
     """What <out>/config.json holds: every resolved flag, the package versions, the git commit of this folder (or None),
     the fingerprints of what the path flags name (`read`: --data's and --eval-data's records, which name image files,
-    and a hub data set's, which are all there is of it: data_fingerprint)."""
+    and a hub data set's, which are all there is of it: data_fingerprint; `commits`: the commit a hub --model or
+    --ref-model is read at, "revision <sha>": model_commits)."""
     from importlib.metadata import distributions
 
     installed = {d.metadata["Name"].lower(): d.version for d in distributions()}
@@ -3222,7 +3243,8 @@ def run_record(cfg, read: dict | None = None) -> dict:
     return dict(flags={k: v for k, v in dataclasses.asdict(cfg).items() if k != "given"}, cwd=os.getcwd(), git_commit=commit,
                 versions={"python": sys.version.split()[0], **{p: installed.get(p) for p in (
                     "torch", "transformers", "datasets", "math-verify", "peft", "tensorboard", "wandb")}},
-                contents=data_fingerprint({k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS}, read or {}),
+                contents=data_fingerprint({k: fingerprint(k, getattr(cfg, k)) for k in PATH_FLAGS}
+                                          | {k: f"revision {sha}" for k, sha in (commits or {}).items()}, read or {}),
                 world_size=world_size())
 
 
@@ -3324,6 +3346,42 @@ def data_fingerprint(contents: dict, read: dict) -> dict:
     return contents
 
 
+def model_commits(cfg) -> dict:
+    """flag -> the commit that the hub model --model or --ref-model names (not a local folder, not `tiny`) is read at,
+    every file of it (the tokenizer, the starting weights, the KL reference), so that a run reads one model and its
+    resume the same one whatever the hub's main holds by then: on --resume the run record's ("revision <sha>" in
+    `contents`), else (a new run, a record that predates revisions) the commit that main points to now (offline: in
+    the cache). Its config.json is fetched at that commit, so a revision that cannot be had (offline and not in the
+    cache) stops the run here with one line, before any weights load. Rank 0 (rank0_decides): it reads the record."""
+    from huggingface_hub import hf_hub_download
+
+    path, flags, contents, commits = Path(cfg.out) / "config.json", {}, {}, {}
+    if cfg.resume:  # none, or damaged: check_run_record stops on it
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            saved = json.loads(path.read_text())
+            flags, contents = dict(saved["flags"]), dict(saved.get("contents") or {})
+    for k in ("model", "ref_model"):
+        name, flag = getattr(cfg, k), "--" + k.replace("_", "-")
+        if not name or name == "tiny" or flag_path(k, name) is not None:
+            continue
+        kept = contents.get(k) if flags.get(k) == name else None  # the flag changed: check_run_record stops on it
+        revision = kept.removeprefix("revision ") if isinstance(kept, str) and kept.startswith("revision ") else None
+        try:  # the cache holds a commit's files in snapshots/<commit>/
+            commits[k] = Path(hf_hub_download(name, "config.json", revision=revision)).parent.name
+        except (OSError, ValueError) as e:
+            if revision is None:  # rare: check_model_path has just read its config
+                raise SystemExit(f"{flag} {name}: its config.json cannot be read from the hub or its cache "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise SystemExit(f"--resume: {flag} {name}: the run started from its revision {revision} ({path} holds "
+                             f"it), which is not in the hub cache and cannot be had from the hub ({type(e).__name__}: "
+                             "offline, or the commit is gone): resume where the hub can be reached, or put that "
+                             "revision into the cache (HF_HUB_CACHE)") from None
+        if flags.get(k) == name and kept is None:
+            print(f"--resume: {path} predates hub model revisions: {flag} {name} is read at the commit its name points "
+                  f"to now, {commits[k]}, and at that one from now on", flush=True)
+    return commits
+
+
 def records_fingerprint(records: list[dict]) -> str:
     """sha256 of records as read: each one's fields (JSON) and its images (encoded bytes as they are, a decoded PIL
     image by its mode, size and pixels; a file is image_fingerprint's, and its path, which may be absolute, is left
@@ -3392,7 +3450,7 @@ def changed_contents(saved: dict, record: dict, read: dict | None = None) -> lis
 
 
 def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, last: int = 0,
-                     read: dict | None = None) -> dict:
+                     read: dict | None = None, commits: dict | None = None) -> dict:
     """Write <out>/config.json and return it; with --resume, first stop on (and list) every changed flag but
     --resume, --out (the folder may have moved) and those in `resumable`, and on a file or model folder that a path
     flag still names but whose contents changed (fingerprint), or the data --data or --eval-data read (`read`: flag ->
@@ -3401,7 +3459,7 @@ def check_run_record(cfg, resumable: tuple[str, ...], ckpt: Path | None = None, 
     Every check passed, clear_old_run deletes what --overwrite replaces or a kill left half-written, so a resume that
     stops here leaves the folder as it was. Rank 0 only (rank0_decides): the fingerprints read every data file, once
     per run, not once per rank."""
-    path, record = Path(cfg.out) / "config.json", run_record(cfg, read)
+    path, record = Path(cfg.out) / "config.json", run_record(cfg, read, commits)
     if cfg.resume and path.is_file():
         try:
             saved = json.loads(path.read_text())

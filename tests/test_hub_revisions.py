@@ -1,0 +1,193 @@
+"""A hub model (--model Org/Name, --ref-model) is read at one commit, recorded in the run record, and a --resume reads
+that commit again whatever the hub's main points to by then (README: run folders). Offline, on a fake hub cache in
+tmp_path laid out as huggingface_hub lays out its own: models--org--tiny/refs/main holds a commit's sha,
+snapshots/<sha>/ that commit's files (the tiny model, saved with save_pretrained)."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ares
+from conftest import steps_logged
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIRST, SECOND = (hashlib.sha1(text).hexdigest() for text in (b"first commit", b"second commit"))  # two commits' shas
+
+
+def aepo_args(data, out, *extra) -> list[str]:  # a hub name is not `tiny`: the tiny model's sizes given as flags
+    return ["--stage", "aepo", "--model", "org/tiny", "--data", str(data), "--out", str(out), "--batch-size", "2",
+            "--group-size", "4", "--max-response-len", "12", "--log-samples-every", "0", "--max-prompt-len", "256",
+            "--minibatches", "1", "--micro-batch-size", "8", *map(str, extra)]
+
+
+def coldstart_args(data, out, *extra) -> list[str]:
+    return ["--stage", "coldstart", "--model", "org/tiny", "--data", str(data), "--out", str(out), "--steps", "1",
+            "--batch-size", "4", "--micro-batch-size", "4", "--max-prompt-len", "256", "--max-response-len", "128",
+            *map(str, extra)]
+
+
+class Stop(Exception):
+    """Ends a run where a test has seen what it needs."""
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory, tiny_ckpt) -> Path:
+    """tiny_ckpt's folder with another model's weights (the same shapes): what a second commit to the repo holds."""
+    folder = tmp_path_factory.mktemp("retrained")
+    shutil.copytree(tiny_ckpt, folder, dirs_exist_ok=True)
+    ares.build_tiny(seed=1)[0].save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, tiny_ckpt) -> Path:
+    """The fake cache, offline, holding org/tiny at FIRST (main) with tiny_ckpt's files -> the repository's folder."""
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # for a subprocess; this one read it when huggingface_hub imported:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # it and transformers read this one
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = cache / "models--org--tiny"
+    publish(repo, FIRST, tiny_ckpt)
+    return repo
+
+
+def publish(repo: Path, commit: str, folder: Path):
+    """A commit to the fake hub repository: its files in snapshots/<commit>/, and main pointing at it."""
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def embeddings(weights: dict) -> torch.Tensor:
+    """The token embeddings among a model's weights (a state dict, or a safetensors file as loaded)."""
+    (name,) = [k for k in weights if k.endswith("embed_tokens.weight")]
+    return weights[name].detach().float()
+
+
+def loaded_models(monkeypatch) -> list:
+    """Every model ares.load_model returns from here on, with the name it was given: [(name, model)]."""
+    seen, load = [], ares.load_model
+
+    def load_and_note(name, *args, **kw):
+        model, processor = load(name, *args, **kw)
+        seen.append((name, model))
+        return model, processor
+
+    monkeypatch.setattr(ares, "load_model", load_and_note)
+    return seen
+
+
+def stop_after_the_policy_loads(monkeypatch) -> list:
+    """ares.load_model loads, is noted (loaded_models), then the run stops (Stop): a resume's checks have passed."""
+    seen, load = [], ares.load_model
+
+    def load_then_stop(name, *args, **kw):
+        seen.append((name, load(name, *args, **kw)[0]))
+        raise Stop
+
+    monkeypatch.setattr(ares, "load_model", load_then_stop)
+    return seen
+
+
+def test_a_run_from_a_hub_model_records_the_commit_its_name_points_to(hub, demo_data, tmp_path, monkeypatch):
+    """README (run folders): the run record holds the commit of each hub model it reads ("revision <sha>" in
+    `contents`), --model's and --ref-model's, the one main pointed to when the run started."""
+    publish(hub.with_name("models--org--ref"), SECOND, hub / "snapshots" / FIRST)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(aepo_args(demo_data["rl"], out, "--ref-model", "org/ref", "--steps", 1))
+    contents = json.loads((out / "config.json").read_text())["contents"]
+    assert (contents["model"], contents["ref_model"]) == (f"revision {FIRST}", f"revision {SECOND}")
+
+
+def test_resume_reads_the_kl_reference_at_the_runs_commit_after_the_hubs_main_moved(hub, retrained, demo_data,
+                                                                                    tmp_path, monkeypatch):
+    """README (run folders): an AEPO run from a hub model, resumed from its checkpoint after a new commit with other
+    weights reached the hub, takes its KL reference (the starting model) from the commit the run started from: its
+    weights are the first snapshot's file, not the second's."""
+    out = tmp_path / "run"
+    args = aepo_args(demo_data["rl"], out)
+    ares.main(args + ["--steps", 1])
+    publish(hub, SECOND, retrained)
+    seen = loaded_models(monkeypatch)
+    ares.main(args + ["--steps", 2, "--resume"])
+    assert steps_logged(out) == [1, 2]
+    (reference,) = [model for name, model in seen if name == "org/tiny"]  # the policy comes from the checkpoint
+    first, second = (embeddings(load_file(hub / "snapshots" / c / "model.safetensors")) for c in (FIRST, SECOND))
+    assert not torch.equal(first, second)
+    assert torch.equal(embeddings(reference.state_dict()), first)
+
+
+def test_resume_before_the_first_checkpoint_starts_from_the_runs_commit_after_the_hubs_main_moved(
+        hub, retrained, demo_data, tmp_path, monkeypatch):
+    """README (run folders): a resume with no checkpoint yet starts the policy again from the hub model, at the commit
+    the run started from, not at the one main points to now."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):  # stopped while the model loads: the run record alone
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    publish(hub, SECOND, retrained)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        seen = stop_after_the_policy_loads(m)
+        ares.main(args + ["--resume"])
+    (name, policy), = seen
+    assert name == "org/tiny"
+    assert torch.equal(embeddings(policy.state_dict()), embeddings(load_file(hub / "snapshots" / FIRST /
+                                                                             "model.safetensors")))
+
+
+def test_resume_stops_with_one_line_when_the_runs_commit_cannot_be_had(hub, retrained, demo_data, tmp_path,
+                                                                        monkeypatch):
+    """README (run folders): offline, with the run's commit gone from the cache (main moved on, the old snapshot
+    cleaned away), a resume stops before any model loads, with one line naming the flag, the name and the commit."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    publish(hub, SECOND, retrained)
+    shutil.rmtree(hub / "snapshots" / FIRST)
+    with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+        m.setattr(ares, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
+        ares.main(args + ["--resume"])
+    assert one_line(e).startswith(f"--resume: --model org/tiny: the run started from its revision {FIRST} "
+                                  f"({out / 'config.json'} holds it), which is not in the hub cache"), one_line(e)
+
+
+def test_a_run_record_without_a_revision_resumes_at_mains_commit_and_holds_it_from_then_on(
+        hub, retrained, demo_data, tmp_path, monkeypatch, capsys):
+    """README (run folders): a run record written before revisions were recorded (a hub model compared by name) resumes
+    as it did, reading the commit main points to now, says so in one line, and holds that commit from then on."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    record = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(record, contents=dict(record["contents"], model=None))))  # as
+    publish(hub, SECOND, retrained)  # ares.py wrote it before revisions: a hub model had no fingerprint
+    capsys.readouterr()
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        seen = stop_after_the_policy_loads(m)
+        ares.main(args + ["--resume"])
+    assert (f"--resume: {out / 'config.json'} predates hub model revisions: --model org/tiny is read at the commit its "
+            f"name points to now, {SECOND}") in capsys.readouterr().out
+    (_, policy), = seen
+    assert torch.equal(embeddings(policy.state_dict()), embeddings(load_file(hub / "snapshots" / SECOND /
+                                                                             "model.safetensors")))
+    assert json.loads((out / "config.json").read_text())["contents"]["model"] == f"revision {SECOND}"
