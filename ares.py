@@ -3353,8 +3353,6 @@ def model_commits(cfg) -> dict:
     `contents`), else (a new run, a record that predates revisions) the commit that main points to now (offline: in
     the cache). Its config.json is fetched at that commit, so a revision that cannot be had (offline and not in the
     cache) stops the run here with one line, before any weights load. Rank 0 (rank0_decides): it reads the record."""
-    from huggingface_hub import hf_hub_download
-
     path, flags, contents, commits = Path(cfg.out) / "config.json", {}, {}, {}
     if cfg.resume:  # none, or damaged: check_run_record stops on it
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -3366,8 +3364,8 @@ def model_commits(cfg) -> dict:
             continue
         kept = contents.get(k) if flags.get(k) == name else None  # the flag changed: check_run_record stops on it
         revision = kept.removeprefix("revision ") if isinstance(kept, str) and kept.startswith("revision ") else None
-        try:  # the cache holds a commit's files in snapshots/<commit>/
-            commits[k] = Path(hf_hub_download(name, "config.json", revision=revision)).parent.name
+        try:
+            commits[k] = hub_commit(name, revision)
         except (OSError, ValueError) as e:
             if revision is None:  # rare: check_model_path has just read its config
                 raise SystemExit(f"{flag} {name}: its config.json cannot be read from the hub or its cache "
@@ -3380,6 +3378,15 @@ def model_commits(cfg) -> dict:
             print(f"--resume: {path} predates hub model revisions: {flag} {name} is read at the commit its name points "
                   f"to now, {commits[k]}, and at that one from now on", flush=True)
     return commits
+
+
+def hub_commit(name: str, revision: str | None = None) -> str:
+    """The commit a hub model's name (at `revision`, else main) points to: its config.json is fetched (offline: found
+    in the cache), and the cache holds a commit's files in snapshots/<commit>/. OSError or ValueError where it cannot
+    be had."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(name, "config.json", revision=revision)).parent.name
 
 
 def records_fingerprint(records: list[dict]) -> str:

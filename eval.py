@@ -391,16 +391,16 @@ def model_names(paths: list[str], names: list[str]) -> list[str]:
     return short if len(set(short)) == len(short) else [f"{k + 1}:{s}" for k, s in enumerate(short)]
 
 
-def model_key(path: str, seed: int) -> str:
-    """What a model is called in the cache: the absolute folder with the weights it holds now, the hub name, or
-    'tiny' with its seed. The weights are named by the checkpoint's COMPLETE record (step and time, written by each
+def model_key(path: str, seed: int, commit: str | None = None) -> str:
+    """What a model is called in the cache: the absolute folder with the weights it holds now, the hub name with the
+    commit it is read at (`commit`: a new commit to the repository is a new model), or 'tiny' with its seed. The weights are named by the checkpoint's COMPLETE record (step and time, written by each
     save) or, for any other folder, the size and modification time of its files: a run retrained into the same
     folder (--overwrite) is a new model, never served the old one's responses."""
     if path == "tiny":
         return f"tiny:seed{seed}"
     folder = Path(path)
     if not folder.exists():
-        return path
+        return f"{path}@{commit}" if commit else path
     try:
         done = json.loads((folder / "COMPLETE").read_text())
         if done.get("time") is not None:
@@ -617,10 +617,12 @@ def run_benchmark(model, processor, ids: dict, name: str, mkey: str, bench: dict
 def load_with_key(path: str, load_cfg, device, seed: int):
     """The model in `path`, its processor, and the cache key of the weights it holds (model_key), the same on every
     rank. A training run that saves into the folder while it loads would file one model's responses under the other's
-    key, and serve them again as the new model's: that stops the evaluation instead."""
-    key = model_key(path, seed)
-    model, processor = ares.load_model(path, load_cfg, device)
-    seen = {key, model_key(path, seed)}  # before and after the load
+    key, and serve them again as the new model's: that stops the evaluation instead. A hub model is read at the
+    commit its name points to when it loads (ares.hub_commit), and its responses are cached under that commit."""
+    commit = None if path == "tiny" or Path(path).exists() else ares.hub_commit(path)
+    key = model_key(path, seed, commit)
+    model, processor = ares.load_model(path, load_cfg, device, revision=commit)
+    seen = {key, model_key(path, seed, commit)}  # before and after the load
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, seen)

@@ -458,6 +458,36 @@ def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_response
     assert json.loads((out / "results.json").read_text())["cached"] == 7
 
 
+def test_a_hub_model_whose_main_moved_is_never_served_the_old_commits_responses(tmp_path, tiny_ckpt, terse_ckpt,
+                                                                                 bench, monkeypatch):
+    """A hub name was the whole cache key: after a new commit to the repository, the same eval command served the old
+    commit's responses as the new model's. Offline, on a fake hub cache (models--org--tiny: refs/main, one folder per
+    commit under snapshots/): the responses are keyed by the commit, the new commit's model generates them again (the
+    terse model answers in 1 token where the tiny one writes 24), and the unchanged commit is served from the cache."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache, out = tmp_path / "hub", tmp_path / "eval"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import: the module's own
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = cache / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    args = ["--model", "org/tiny", "--data", str(bench), "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out)]
+    results = []
+    for commit, folder in (("a" * 40, tiny_ckpt), ("b" * 40, terse_ckpt), ("b" * 40, terse_ckpt)):
+        if not (repo / "snapshots" / commit).exists():
+            shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs" / "main").write_text(commit)
+        ev.main(args)
+        results.append(json.loads((out / "results.json").read_text()))
+    assert [r["models"][0]["key"] for r in results] == ["org/tiny@" + "a" * 40] + ["org/tiny@" + "b" * 40] * 2
+    assert [(r["generated"], r["cached"]) for r in results] == [(7, 0), (7, 0), (0, 7)]
+    tokens = [next(iter(r["metrics"]["six"].values()))["overall"]["mean_tokens"] for r in results]
+    assert tokens[1] < tokens[0] and tokens[1] == tokens[2]
+
+
 def _own_bench(bench: Path, folder: Path) -> Path:
     """The usable records of `bench` (the 6 + "too-long") in `folder`, with their own copies of the images, so that a
     test can edit a record or an image in place."""
