@@ -687,6 +687,108 @@ def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
         assert f"--plan-from {bad}: not a bench.py JSON with results ({why}" in lines[0], lines
 
 
+# Qwen2.5-VL's published sizes (config.json of Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct), written out here again rather
+# than read from bench.QWEN25_VL, so that a slip in either shows: hidden, layers, heads, KV heads, MLP width, vocab, tied
+QWEN25_VL_BY_HAND = {"3B": (2048, 36, 16, 2, 11008, 151936, True), "7B": (3584, 28, 28, 4, 18944, 152064, False),
+                     "32B": (5120, 64, 40, 8, 27648, 152064, False)}
+
+
+def qwen25_vl_params_by_hand(size: str) -> tuple[int, int]:
+    """(all weights, the language model's) of Qwen2.5-VL, counted layer by layer: the vision tower (a 14 x 14 x 2 patch
+    conv3d without bias; 32 blocks of two RMSNorms, a biased qkv and projection, a biased SwiGLU MLP of width 3,420, or
+    3,456 for 32B), its merger (a norm, then 2 x 2 patches, 5,120 wide, through a biased MLP to the text width), and
+    the text model (q, k, v biased, o not; SwiGLU; two norms a layer and a final one; an untied head counted apart)."""
+    h, layers, heads, kv_heads, f, vocab, tied = QWEN25_VL_BY_HAND[size]
+    vh, vf, wide = 1280, 3456 if size == "32B" else 3420, 4 * 1280
+    block = 2 * vh + (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 3 * vh * vf + 2 * vf + vh
+    vision = 3 * 2 * 14 * 14 * vh + 32 * block + vh + (wide * wide + wide) + (wide * h + h)
+    kv = kv_heads * (h // heads)
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * f + 2 * h
+    text = vocab * h * (1 if tied else 2) + layers * layer + h
+    return vision + text, text
+
+
+def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
+    """README "Memory plan" and "Memory at load and save", worked out by hand from the published sizes instead of
+    through bench.py (whose --plan the test above compares them with): N of each size, every cell of the plan's table
+    (3B with the H200's measured 1.8 GiB of activations), the prose's bytes a token, prefill peaks, activations and the
+    example line of --rollout-batch auto; and ares's formulas on a Qwen2.5-VL text config give the same bytes. The
+    example line said 51.6 GiB free, the card less the three model copies: under DDP the gradient buckets are resident
+    too (40.1 GiB free), or the same formula would have given 20.2 GiB of room, not 8.7."""
+    import re
+
+    from transformers import Qwen2_5_VLTextConfig
+
+    gib, card, reserve = 2 ** 30, 79.6, 5.0  # an 80 GB card as CUDA reports it; ares.RESERVE_GIB
+    readme = (ROOT / "README.md").read_text()
+    prose = " ".join(readme[readme.index("### Memory plan"):readme.index("### Compile")].split())
+    header = re.search(r"^\| \| rank 0 host \| other ranks' host \| (.+) \|$", readme, re.M).group(1)
+    assert [float(n) for n in re.findall(r"N = ([0-9.e]+)\)", header)] == [
+        float(f"{qwen25_vl_params_by_hand(s)[0]:.4g}" if s == "32B" else f"{qwen25_vl_params_by_hand(s)[0]:.3g}")
+        for s in ("3B", "7B", "32B")]
+    cells = {(s, m): [c.strip() for c in rest.split("|")]
+             for s, m, rest in re.findall(r"^\| (3B|7B) \| (DDP|`--fsdp`) \| (.+) \|$", readme, re.M)}
+    assert len(cells) == 4
+    for size in ("3B", "7B"):
+        h, layers, heads, kv_heads, f, vocab, _ = QWEN25_VL_BY_HAND[size]
+        n, trainable = qwen25_vl_params_by_hand(size)  # the vision tower is frozen: the language model trains
+        per_token = 2 * layers * kv_heads * (h // heads) * 2  # keys and values, every layer, bf16
+        row = 20480 * per_token  # --max-prompt-len 4,096 + --max-response-len 16,384
+
+        def prefill(rows, length):  # a part's own KV, 3 MLP-wide and 4 hidden-wide bf16 values, the mask and its copy
+            return rows * length * (per_token + 2 * (3 * f + 4 * h) + 3 * length)
+
+        def activations(tokens, rows, checkpointing):  # fp32 layer inputs + a layer's bf16 values + the head's chunks
+            layer = tokens * (6 * h + 4 * f) * 2
+            kept = layers * tokens * h * 4 + layer if checkpointing else layers * (tokens * h * 4 + layer)
+            return kept + 3 * rows * 1024 * vocab * 4
+
+        act = 1.8 * gib if size == "3B" else activations(4096, 4, True)
+        for mode, shard, micro in (("DDP", 1, 1), ("`--fsdp`", 8, 4)):
+            master, grads, adam, sampling, ref = 4 * n / shard, 4 * trainable / shard, 8 * trainable / shard, 2 * n, \
+                2 * n / shard
+            resident = master + ref + (sampling + grads if shard == 1 else 0)
+            peak = resident + adam + act + (grads if shard > 1 else 0)
+
+            def room(length, pool):  # the card less resident, reserve, AdamW, and the update's or sampling's extra
+                update = (grads if shard > 1 else 0) + (act if pool else 0)
+                return (card * gib - resident - reserve * gib - adam
+                        - max(update, (2 * n if shard > 1 else 0) + prefill(micro, length)))
+
+            fits = peak + reserve * gib <= card * gib and room(20480, False) > 0
+            pool_rows = int(room(20480, True) // ((20480 + 1) * per_token)) - 1  # a spare row and column
+            want = [f"{x / gib:.1f}" for x in (master, grads, adam, sampling, ref, act)] + [
+                f"{peak / gib:.1f} GiB" if peak < 100 * gib else f"{peak / gib:.0f} GiB", f"{room(20480, False) / gib:.1f} GiB" if fits else "-",
+                f"{room(20480, True) / gib:.1f} GiB" if fits else "-",
+                f"{int(room(5120, False) / (5120 * per_token))} / {int(room(20480, False) / row)}" if fits else "0",
+                f"{pool_rows}" if fits else "0", "yes" if fits else "**no**"]
+            assert cells[size, mode] == want, (size, mode)
+        p1, p4 = prefill(1, 20480) / gib, prefill(4, 20480) / gib  # a prefill part of 1 and of 4 rows of 20k tokens
+        assert (f"that is {p1:.1f} GiB a row of the part ({p4:.1f} GiB at `--micro-batch-size 4`)" if size == "3B" else
+                f"for 7B {p1:.1f} GiB ({p4:.1f} GiB)") in prose
+        assert f"{(20480 + 1) * per_token / gib:.1f} GiB for {size}" in prose  # a pool row, its spare column included
+        text = Qwen2_5_VLTextConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv_heads, intermediate_size=f, vocab_size=vocab)
+        assert ares.kv_bytes_per_token(text, torch.bfloat16) == per_token
+        assert ares.prefill_bytes(text, 4 * 20480, 20480, torch.bfloat16) == prefill(4, 20480)
+        for tokens, rows, checkpointing in ((4096, 4, True), (81920, 4, True), (40960, 2, False)):
+            assert ares.activation_bytes(text, tokens, rows, checkpointing) == activations(tokens, rows, checkpointing)
+        free = card * gib - 4 * n - 2 * n - 2 * n - 4 * trainable  # DDP at start: master, reference, copy, buckets
+        assert ares.kv_room(free, trainable, n, 1, act, False, grads_made=True, prefill=prefill(1, 20480)) == \
+            pytest.approx(free - reserve * gib - 8 * trainable - prefill(1, 20480))
+        if size == "3B":  # the prose around the table: 3B under DDP, at the paper's 512 prompts x G = 8, B = 4
+            rows = int((free - reserve * gib - 8 * trainable - prefill(1, 20480)) / row)
+            assert (f"`--rollout-batch auto: {rows} rows per rank ({(free - reserve * gib - 8 * trainable - prefill(1, 20480)) / gib:.1f}"
+                    f" GiB for KV of {free / gib:.1f} GiB free; {per_token:,} B/token x 20,480 tokens a row; at most "
+                    f"{512 // 8 * 4}, a step's largest call)`") in prose
+            assert f"about {activations(81920, 4, True) / gib:.0f} GiB for 3B with `--grad-checkpointing`" in prose
+            assert f"(about {1.8 * 81920 / 4096:.0f} GiB scaled linearly from the H200's measured 1.8 GiB at 4,096" in prose
+            assert f"about {(free - reserve * gib - 8 * trainable) / gib:.0f} GiB left beside AdamW" in prose
+            assert f"`--micro-batch-size 1` ({activations(20480, 1, True) / gib:.1f} GiB)" in prose
+            assert f"2 full rows need about {round(activations(40960, 2, False) / gib, -1):.0f} GiB" in prose
+            assert f"{per_token:,} B for 3B" in prose
+
+
 def test_eager_packed_decodes_through_transformers_own_one_token_path(monkeypatch):
     """bench.py --methods eager_packed (the README's open question on the eager decode's forced SDPA grouped-query
     mode): with padded prompts, `eager` sends every decode step to SDPA with enable_gqa and the (B, 1, 1, L) mask,
