@@ -412,6 +412,30 @@ def test_compiled_kv_pool_samples_more_rows_than_an_entropy_chunk(tiny, demo_dat
     assert counters["stats"]["unique_graphs"] == graphs  # the second call reuses the first call's graph
 
 
+def test_the_kv_pool_is_allocated_at_the_first_call_in_the_readmes_buckets_and_reused(tiny, demo_data):
+    """README "Compile": the pool holds per decoder layer one key and one value tensor of --rollout-batch rows x
+    (--max-prompt-len + --max-response-len) tokens (and a spare row and column), allocated at the first sample() call
+    and reused by every later one; a call's rows sit in a row bucket of 2, 4, 8, ..., --rollout-batch, and attention
+    reads a length bucket of 64, 96, 128, 192, 256, 384, ..."""
+    model, processor = tiny
+    text = model.config.get_text_config()
+    pool = ares.KVPool(20, 400, compile=False)  # --rollout-batch 20, 400 tokens a row
+    assert pool.row_buckets == [2, 4, 8, 16, 20]
+    assert pool.length_buckets == [64, 96, 128, 192, 256, 384, 400]
+    assert pool.keys == [] and pool.values == []  # nothing allocated before the first call
+    kw = dict(ids=special_ids_with_extra_stops(model, processor), temperature=T_SAMPLE, top_p=TOP_P, max_new_tokens=4,
+              pool=pool)
+    ares.sample(model, encoded_prompts(processor, demo_data["rl"], [0, 1]), repeats=3,
+                generator=torch.Generator().manual_seed(0), **kw)
+    shape = (20 + 1, text.num_key_value_heads, 400 + 1, text.hidden_size // text.num_attention_heads)
+    assert len(pool.keys) == len(pool.values) == text.num_hidden_layers
+    assert all(tuple(x.shape) == shape for x in pool.keys + pool.values)
+    addresses = [x.data_ptr() for x in pool.keys + pool.values]
+    ares.sample(model, encoded_prompts(processor, demo_data["rl"], ["What is 2 + 3?"]), repeats=1,
+                generator=torch.Generator().manual_seed(1), **kw)  # another call, other rows and lengths
+    assert [x.data_ptr() for x in pool.keys + pool.values] == addresses
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_a_prefill_in_parts_samples_what_one_prefill_samples(tiny, demo_data, pooled):
     """sample(prefill_tokens=...) as a branch call makes it (rows of images, a text-only prompt and prefixes of
