@@ -164,6 +164,40 @@ def test_data_prep_holds_data_and_verdicts_only():
         assert infrastructure not in part1 and infrastructure in ares_code, infrastructure
 
 
+def test_every_name_in_the_readmes_reading_table_is_defined_where_the_table_puts_it():
+    """README "Reading ares.py": each function, class or constant its table names is defined at the top level (or as a
+    method) of the file its row gives, in ares.py in the part the row gives (Part 1 above the Part 2 header, Part 2
+    below it), and Part 1's rows come in the file's order (the order the algorithm runs). A name renamed, removed or
+    moved to the other part fails here, naming it; `convert` is data_prep.py's subcommand, not a function."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Reading `ares.py`"):readme.index("## Choices we made")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| where")]
+    texts = {f: (ROOT / f).read_text() for f in ("ares.py", "data_prep.py", "eval.py")}
+    part2 = texts["ares.py"].index("# PART 2: THE TRAINER'S INFRASTRUCTURE")
+    firsts, named = [], 0
+    for where, what, _ in rows:
+        f = "ares.py" if where.startswith("Part ") else where.strip("`")
+        names = re.findall(r"`([A-Za-z_][A-Za-z_0-9]*)`", where + " " + what)
+        if f == "data_prep.py":
+            assert 'add_parser("convert"' in texts[f] and "convert" in names
+            names.remove("convert")
+        places = []
+        for name in names:
+            found = re.search(rf"^(?:(?:def|class) {name}\b|{name}\s*[:=]|    def {name}\()", texts[f], re.M)
+            assert found, f"README, Reading ares.py: {name} is not defined in {f}"
+            if f == "ares.py":
+                assert (found.start() < part2) == where.startswith("Part 1"), f"{name} is not in {where.split(':')[0]}"
+            places.append(found.start())
+        named += len(names)
+        if where.startswith("Part 1") and places:
+            firsts.append((places[0], where))
+    assert firsts == sorted(firsts), firsts  # the rows of Part 1 in the order of the file
+    assert named > 100 and len(firsts) == 8, (named, firsts)
+
+
 def test_geometry3k_holds_a_decimal_answer_to_its_own_decimals(tmp_path):
     """Geometry3K's decimal answers are its options' rounded values (2.4 for sqrt(6)): their records get a `precision`
     of their decimals, so the grader takes what rounds to them; an integer or an expression stays exact."""
