@@ -813,6 +813,34 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
             assert f"{per_token:,} B for 3B" in prose
 
 
+def test_every_bench_command_in_the_readme_is_one_bench_py_accepts(tmp_path, capsys):
+    """README "Benchmarks" and "Hardware guidance": each `bench.py ...` command they give (the code block's, the
+    measurements', --plan-from, --host-memory, --grader, --methods eager,eager_packed) parses, flag checks and all:
+    bench.py stops in one line on a flag it does not know or one that the run would not read, so a renamed or
+    dropped flag, or a command that no longer makes sense, fails here. And what the section says of the defaults:
+    the rollout methods `generate,eager,pool` in that order, the grader's time limit of 3 s."""
+    import re
+
+    import bench
+
+    readme = (ROOT / "README.md").read_text()
+    text = readme[readme.index("## Hardware guidance"):readme.index("## Citation")]
+    commands = {" ".join(c.split("#")[0].split()) for c in re.findall(r"bench\.py( --[^`\n]*)", text)}
+    assert len(commands) >= 10, commands
+    (tmp_path / "run.json").write_text(json.dumps({"results": {}}))  # an earlier run's JSON, for --plan-from
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))  # for --host-memory
+    for command in sorted(commands):
+        argv = (command.replace("<that run's JSON>", str(tmp_path / "run.json"))
+                .replace("<folder>", str(tmp_path / "model")).replace("$OUT/", f"{tmp_path}/")).split()
+        try:
+            bench.parse_args(argv)
+        except SystemExit as stop:  # --help: 0, having printed every flag
+            assert stop.code == 0 and argv == ["--help"], f"README: bench.py{command}: {capsys.readouterr().err.strip()}"
+    assert bench.parse_args([]).methods == ["generate", "eager", "pool"]
+    assert "--grader-timeout` = 3 s" in text and ares.Config().grader_timeout == 3
+
+
 def test_eager_packed_decodes_through_transformers_own_one_token_path(monkeypatch):
     """bench.py --methods eager_packed (the README's open question on the eager decode's forced SDPA grouped-query
     mode): with padded prompts, `eager` sends every decode step to SDPA with enable_gqa and the (B, 1, 1, L) mask,
