@@ -782,7 +782,8 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
             fits = peak + reserve * gib <= card * gib and room(20480, False) > 0
             pool_rows = int(room(20480, True) // ((20480 + 1) * per_token)) - 1  # a spare row and column
             want = [f"{x / gib:.1f}" for x in (master, grads, adam, sampling, ref, act)] + [
-                f"{peak / gib:.1f} GiB" if peak < 100 * gib else f"{peak / gib:.0f} GiB", f"{room(20480, False) / gib:.1f} GiB" if fits else "-",
+                f"{peak / gib:.1f} GiB" if peak < 100 * gib else f"{peak / gib:.0f} GiB",
+                f"{room(20480, False) / gib:.1f} GiB" if fits else "-",
                 f"{room(20480, True) / gib:.1f} GiB" if fits else "-",
                 f"{int(room(5120, False) / (5120 * per_token))} / {int(room(20480, False) / row)}" if fits else "0",
                 f"{pool_rows}" if fits else "0", "yes" if fits else "**no**"]
@@ -801,16 +802,27 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
         assert ares.kv_room(free, trainable, n, 1, act, False, grads_made=True, prefill=prefill(1, 20480)) == \
             pytest.approx(free - reserve * gib - 8 * trainable - prefill(1, 20480))
         if size == "3B":  # the prose around the table: 3B under DDP, at the paper's 512 prompts x G = 8, B = 4
-            rows = int((free - reserve * gib - 8 * trainable - prefill(1, 20480)) / row)
-            assert (f"`--rollout-batch auto: {rows} rows per rank ({(free - reserve * gib - 8 * trainable - prefill(1, 20480)) / gib:.1f}"
+            kv = free - reserve * gib - 8 * trainable - prefill(1, 20480)  # the KV room
+            assert (f"`--rollout-batch auto: {int(kv / row)} rows per rank ({kv / gib:.1f}"
                     f" GiB for KV of {free / gib:.1f} GiB free; {per_token:,} B/token x 20,480 tokens a row; at most "
                     f"{512 // 8 * 4}, a step's largest call)`") in prose
             assert f"about {activations(81920, 4, True) / gib:.0f} GiB for 3B with `--grad-checkpointing`" in prose
-            assert f"(about {1.8 * 81920 / 4096:.0f} GiB scaled linearly from the H200's measured 1.8 GiB at 4,096" in prose
+            scaled = 1.8 * 81920 / 4096  # the H200's 1.8 GiB at 4,096 tokens, at 81,920
+            assert f"(about {scaled:.0f} GiB scaled linearly from the H200's measured 1.8 GiB at 4,096" in prose
             assert f"about {(free - reserve * gib - 8 * trainable) / gib:.0f} GiB left beside AdamW" in prose
             assert f"`--micro-batch-size 1` ({activations(20480, 1, True) / gib:.1f} GiB)" in prose
             assert f"2 full rows need about {round(activations(40960, 2, False) / gib, -1):.0f} GiB" in prose
             assert f"{per_token:,} B for 3B" in prose
+            # the prefill estimate set against the CPU: 3B's widths with 2 layers, 2 rows, fp32 and bf16, in MiB
+            two = Qwen2_5_VLTextConfig(hidden_size=h, num_hidden_layers=2, num_attention_heads=heads,
+                                       num_key_value_heads=kv_heads, intermediate_size=f, vocab_size=vocab)
+            for length, dtype, size, said in ((1024, torch.float32, 4, "fp32 2 x 1,024 tokens {:.0f} MiB estimated"),
+                                              (2048, torch.float32, 4, "fp32 2 x 2,048 {:.0f} /"),
+                                              (1024, torch.bfloat16, 2, "bf16 2 x 1,024 {:.0f} /")):
+                kv2 = 2 * 2 * kv_heads * (h // heads) * size  # keys and values of 2 layers, a token
+                by_hand = 2 * length * (kv2 + size * (3 * f + 4 * h) + length * (1 + size))
+                assert ares.prefill_bytes(two, 2 * length, length, dtype) == by_hand
+                assert said.format(by_hand / 2 ** 20) in prose, said
 
 
 def test_every_bench_command_in_the_readme_is_one_bench_py_accepts(tmp_path, capsys):
