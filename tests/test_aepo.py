@@ -250,6 +250,38 @@ def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkey
     assert reads == []
 
 
+def test_a_kv_pool_decode_step_never_waits_for_the_device(tiny, demo_data, monkeypatch):
+    """README "Compile": on the KV pool too, the decode loop looks at which rows are done only every CHECK_EVERY = 8
+    steps (its only wait for the device: no .item() or .any() per step). Counted as for the eager sampler above:
+    every truth value, .item(), .tolist() or int()/float() of a tensor inside KVPool.step (its step run uncompiled, as
+    under --fsdp), on left-padded prompts with per-row budgets, rows leaving the bucket at the checks."""
+    model, processor = tiny
+    inside, reads, step = [False], [], ares.KVPool.step
+
+    def counted_step(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(ares.KVPool, "step", counted_step)
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        def read(t, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _real(t, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, "What is 2 + 3?"])
+    budgets = [3, 20, 5, 20, 2, 4]  # most rows done by the first check: they leave the 8-row bucket there
+    with torch.no_grad():
+        out = ares.sample(model, prompts, ids=ares.special_ids(model, processor), budgets=budgets, repeats=2,
+                          generator=torch.Generator().manual_seed(0), pool=ares.KVPool(8, 400, compile=False))
+    assert out["mask"].sum(1).tolist() == budgets  # the random model never stops on its own: 20 steps ran
+    assert reads == []
+    assert ares.CHECK_EVERY == 8
+
+
 def test_every_attention_implementation_samples_what_sdpa_samples(tiny_ckpt, demo_data):
     """--attn eager and sdpa (the default) give the same rollouts on left-padded prompts, rows leaving the batch: each
     attention gets the mask form it reads (eager adds a 4-D mask to its scores, so the bool mask SDPA takes would let
