@@ -436,6 +436,33 @@ def test_the_kv_pool_is_allocated_at_the_first_call_in_the_readmes_buckets_and_r
     assert [x.data_ptr() for x in pool.keys + pool.values] == addresses
 
 
+def test_pool_attention_is_per_head_attention_reading_each_kv_head_once(monkeypatch):
+    """README "Compile": pool_attention takes one query token per row and hands SDPA each KV head's query heads side by
+    side, (B, KV heads, group, D) against the keys as they are, (B, KV heads, L, D): no key is copied per query head.
+    Its output is each head's softmax(q k^T / sqrt(D)) v over its own KV head's unmasked keys, as a plain loop."""
+    import torch.nn.functional as F
+
+    B, H, KV, L, D = 3, 8, 2, 7, 4
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, KV, L, D, generator=g), torch.randn(B, KV, L, D,
+                                                                                                        generator=g)
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., :3] = False  # row 0 left-padded by 3
+    mask[2, ..., -1] = False  # row 2: the last column not written yet
+    real, shapes = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q_, k_, v_, **kw: shapes.append(
+        (tuple(q_.shape), tuple(k_.shape))) or real(q_, k_, v_, **kw))
+    out, _ = ares.pool_attention(None, q, k, v, mask, scaling=D ** -0.5)
+    assert shapes == [((B, KV, H // KV, D), (B, KV, L, D))]
+    assert out.shape == (B, 1, H, D)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // KV)  # query heads 0-3 read KV head 0, 4-7 KV head 1
+            cols = mask[b, 0, 0]
+            weights = torch.softmax(k[b, kv, cols] @ q[b, h, 0] / D ** 0.5, 0)  # (real columns,)
+            torch.testing.assert_close(out[b, 0, h], weights @ v[b, kv, cols], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_a_prefill_in_parts_samples_what_one_prefill_samples(tiny, demo_data, pooled):
     """sample(prefill_tokens=...) as a branch call makes it (rows of images, a text-only prompt and prefixes of
