@@ -780,8 +780,13 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
     cells = {(s, m): [c.strip() for c in rest.split("|")]
              for s, m, rest in re.findall(r"^\| (3B|7B) \| (DDP|`--fsdp`) \| (.+) \|$", readme, re.M)}
     assert len(cells) == 4
+    import bench
+
     for size in ("3B", "7B"):
-        h, layers, heads, kv_heads, f, vocab, _ = QWEN25_VL_BY_HAND[size]
+        h, layers, heads, kv_heads, f, vocab, tied = QWEN25_VL_BY_HAND[size]
+        assert bench.QWEN25_VL[size.lower()] == dict(  # what bench.py builds its real sizes from
+            hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            intermediate_size=f, vocab_size=vocab, tie_word_embeddings=tied)
         n, trainable = qwen25_vl_params_by_hand(size)  # the vision tower is frozen: the language model trains
         per_token = 2 * layers * kv_heads * (h // heads) * 2  # keys and values, every layer, bf16
         row = 20480 * per_token  # --max-prompt-len 4,096 + --max-response-len 16,384
