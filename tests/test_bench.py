@@ -782,6 +782,9 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
     assert len(cells) == 4
     import bench
 
+    # the figures below take a prefill of --micro-batch-size rows: 1 under DDP (3B), 4 under FSDP, as the commands say
+    assert "--model <3B cold start> --data <rl data> --grad-checkpointing --micro-batch-size 1\n" in readme
+    assert "--model <7B cold start> --data <rl data> --grad-checkpointing --fsdp --micro-batch-size 4\n" in readme
     for size in ("3B", "7B"):
         h, layers, heads, kv_heads, f, vocab, tied = QWEN25_VL_BY_HAND[size]
         assert bench.QWEN25_VL[size.lower()] == dict(  # what bench.py builds its real sizes from
