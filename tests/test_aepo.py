@@ -250,6 +250,28 @@ def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkey
     assert reads == []
 
 
+def test_the_eager_cache_drops_finished_rows_once_a_quarter_of_the_batch_is_done(tiny, demo_data, monkeypatch):
+    """README "Reading ares.py": EagerKV, the default sampler's KV cache, lets finished rows leave the batch once a
+    quarter of it is done, at a check (every CHECK_EVERY = 8 steps). 8 rows with budgets of 3, 12 and 20 tokens (no
+    stop token): at the check after step 8 one row of 8 is done and the batch stays 8 rows;
+    at the check after step 16 two are (a quarter) and the 6 live rows go on alone."""
+    model, processor = tiny
+    sizes, step = {}, ares.EagerKV.step
+
+    def counted_step(self, model, tok, pos, u, t, *args, **kwargs):
+        sizes[t] = len(tok)
+        return step(self, model, tok, pos, u, t, *args, **kwargs)
+
+    monkeypatch.setattr(ares.EagerKV, "step", counted_step)
+    budgets = [3, 20, 20, 20, 20, 20, 20, 12]
+    with torch.no_grad():
+        out = ares.sample(model, encoded_prompts(processor, demo_data["rl"], [0, 1, 2, "What is 2 + 3?"]),
+                          ids=dict(ares.special_ids(model, processor), stop=[]), budgets=budgets, repeats=2,
+                          generator=torch.Generator().manual_seed(0))  # no stop token: each row runs its budget
+    assert out["mask"].sum(1).tolist() == budgets
+    assert [sizes[t] for t in sorted(sizes)] == [8] * 15 + [6] * 4, sizes  # steps t = 0..14, then 15..18
+
+
 def test_a_kv_pool_decode_step_never_waits_for_the_device(tiny, demo_data, monkeypatch):
     """README "Compile": on the KV pool too, the decode loop looks at which rows are done only every CHECK_EVERY = 8
     steps (its only wait for the device: no .item() or .any() per step). Counted as for the eager sampler above:
