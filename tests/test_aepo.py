@@ -272,6 +272,33 @@ def test_the_eager_cache_drops_finished_rows_once_a_quarter_of_the_batch_is_done
     assert [sizes[t] for t in sorted(sizes)] == [8] * 15 + [6] * 4, sizes  # steps t = 0..14, then 15..18
 
 
+def test_a_sampler_prefill_runs_the_vision_tower_once_per_distinct_image(tiny, demo_data, monkeypatch):
+    """README "Reading ares.py": prefill encodes each distinct image once (encode_images): a call whose rows share a
+    prompt (a group's responses, its repeats) sends each image through the vision tower once, and the rows sample what
+    they sample when each row's image is encoded for it."""
+    model, processor = tiny
+    base, seen = model.model, []
+    real = base.get_image_features
+
+    def counted(pixel_values, image_grid_thw, *args, **kwargs):
+        seen.append(len(image_grid_thw))
+        return real(pixel_values, image_grid_thw, *args, **kwargs)
+
+    monkeypatch.setattr(base, "get_image_features", counted)
+    a, b = encoded_prompts(processor, demo_data["rl"], [0, 1])
+    assert a["pixel_values"] is not None and b["pixel_values"] is not None and len(a["image_grid_thw"]) == 1
+    kw = dict(ids=dict(ares.special_ids(model, processor), stop=[]), max_new_tokens=4)
+    with torch.no_grad():
+        shared = ares.sample(model, [a, a, b], repeats=2, generator=torch.Generator().manual_seed(0), **kw)
+    assert seen == [2], seen  # two distinct images for six rows
+    seen.clear()
+    with torch.no_grad():  # the same prompts, the first one's copy a dict of its own: its image is encoded again
+        alone = ares.sample(model, [a, dict(a), b], repeats=2, generator=torch.Generator().manual_seed(0), **kw)
+    assert seen == [3], seen
+    torch.testing.assert_close(shared["logprobs"], alone["logprobs"], atol=1e-5, rtol=0)
+    assert torch.equal(shared["tokens"], alone["tokens"])
+
+
 def test_a_kv_pool_decode_step_never_waits_for_the_device(tiny, demo_data, monkeypatch):
     """README "Compile": on the KV pool too, the decode loop looks at which rows are done only every CHECK_EVERY = 8
     steps (its only wait for the device: no .item() or .any() per step). Counted as for the eager sampler above:
