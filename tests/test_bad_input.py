@@ -589,6 +589,28 @@ def test_no_output_goes_under_a_name_a_training_run_writes_in_its_folder(inside,
     assert ares.check_clear_of_run("--out", run / "eval" / "plots") is None
 
 
+def test_every_name_a_run_writes_in_its_folder_is_refused_and_a_users_name_beside_them_is_not(tmp_path):
+    """The names ares.py writes in a run's folder, listed by hand from the trainer: config.json (run_record),
+    metrics.jsonl (the step log), ares.lock and ares.lock.<pid> (take_lock), tensorboard/ (--report-to), final/ and
+    step_<n>/ (save_checkpoint), each also as <name>.tmp while it is written and <name>.old while it is replaced. An
+    eval.py --plot or --out at or under each is refused; a user's name beside them is not. The tests above tried
+    config.json, step_<n>, final and tensorboard only, so RUN_NAMES losing metrics.jsonl (eval.py --plot
+    runs/x/metrics.jsonl written over the run's log), ares.lock or the .tmp/.old names passed every test."""
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"flags": {"stage": "aepo"}}))
+    for name in ("config.json", "metrics.jsonl", "ares.lock", "ares.lock.4242", "tensorboard", "final", "final.tmp",
+                 "final.old", "step_00000004", "step_00000004.tmp", "step_00000004.old"):
+        for path, folder in ((run / name, False), (run / name / "eval", True)):
+            with pytest.raises(SystemExit) as err:
+                ares.check_clear_of_run("--plot" if not folder else "--out", path, folder=folder)
+            assert f": {run / name} is the training run's own {name}" in str(err.value.code) or \
+                f": {run} is the folder of a training run, which writes its own {name} there" in str(err.value.code), \
+                (name, err.value.code)
+    for name in ("acc.png", "eval", "final2", "step_backup1", "plots.old", "metrics.jsonl.bak", "ares.lock.old"):
+        assert ares.check_clear_of_run("--plot", run / name, folder=False) is None, name
+
+
 @pytest.mark.parametrize("tool", ["ares --split", "ares --eval-data", "eval.py --split"])
 def test_a_saved_dataset_without_the_split_asked_for_is_one_line_naming_its_splits(tool, tiny_ckpt, demo_data,
                                                                                     tmp_path, monkeypatch):
