@@ -581,6 +581,29 @@ def test_an_output_inside_a_training_run_is_refused(command, where, tmp_path):
         assert files(tmp_path) == before
 
 
+def test_only_an_ares_run_record_makes_a_run_of_the_folders_above_a_data_output(tmp_path):
+    """check_outside_runs looks at every folder above --out for ares.py's run record, and took any config.json with a
+    "flags" key for one: a project folder holding another tool's config.json refused every convert, adacs, demo and
+    passrate output anywhere below it (c5c7bf2). Its test went with 02e7e53, and since then run_record_in dropping its
+    "stage" check, or check_outside_runs looking at --out's own folder and its parent only (runs/x/data/sft.jsonl
+    written inside a run), passed every test. A run record's "flags" hold ares.py's stage; at any depth below one, a
+    data output is refused."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "config.json").write_text(json.dumps({"name": "my tool", "flags": ["-O2", "--fast"]}))
+    (project / "data" / "config.json").write_text(json.dumps({"flags": {"verbose": True}}))  # flags, but not ares.py's
+    out = project / "data" / "sft.jsonl"
+    data_prep.main([*records_out_case("convert", tmp_path), "--out", out])
+    assert [r["id"] for r in map(json.loads, open(out))] == ["b"]
+    data_prep.check_outside_runs("--out", project / "data" / "demo")  # a folder output too
+    (project / "config.json").write_text(json.dumps({"flags": {"stage": "aepo", "out": str(project)}}))
+    for below in (out, project / "data" / "sub" / "deeper" / "sft.jsonl"):  # ares.py's record is one, at any depth
+        with pytest.raises(SystemExit) as err:
+            data_prep.check_outside_runs("--out", below)
+        assert str(err.value.code) == (f"--out {below}: {project} is the folder of a training run (its config.json is "
+                                       "ares.py's run record), whose files are the run's: give a folder outside it")
+
+
 @pytest.mark.parametrize("values, message", [
     ((3, "hard"), "field 'level' is a number in record a and text in record b: a Parquet column holds one type"),
     ((True, 1), "field 'level' is true or false in record a and a number in record b: a Parquet column holds one type"),
