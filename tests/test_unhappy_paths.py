@@ -1789,6 +1789,22 @@ def test_resume_stops_when_a_hub_data_sets_records_changed_before_the_model_load
     resume_goes_on()
 
 
+def test_a_hub_data_sets_fingerprint_changes_with_an_image_alone():
+    """records_fingerprint (a hub data set on --resume): a revision that changes only an image, its fields the same, is
+    another data set, whether datasets gives the image decoded (a PIL image: its pixels) or encoded (its bytes); an
+    image file is image_fingerprint's, so its path (absolute in a record) is not hashed. The test above changes answers
+    only, so hashing no image, or a PIL image by its mode and size alone, passed every test."""
+    from PIL import Image
+
+    def fingerprint(*images):
+        return ares.records_fingerprint([dict(id="a", question="Area?", answer="1", images=list(images))])
+
+    red, blue = Image.new("RGB", (4, 4), "red"), Image.new("RGB", (4, 4), "blue")
+    assert fingerprint(red) != fingerprint(blue) and fingerprint(red) == fingerprint(Image.new("RGB", (4, 4), "red"))
+    assert fingerprint(b"\x89PNG one") != fingerprint(b"\x89PNG two") and fingerprint(red) != fingerprint()
+    assert fingerprint("/data/a/x.png") == fingerprint("/elsewhere/x.png")  # the file's own digest is compared
+
+
 def test_a_model_folders_fingerprint_is_its_contents_not_its_path_and_a_resave_changes_it(runs, tmp_path):
     """What --resume compares a model folder by (README: run folders). One of our checkpoints: a copy elsewhere (another
     machine) has the same fingerprint, and the same run saved again into it (here: resumed and extended, as a retrain
