@@ -828,6 +828,15 @@ def test_a_micro_batch_whose_activations_cannot_fit_beside_the_update_is_warned_
             assert f"needs about {without / 2 ** 30:.1f} GiB" in said, said
     ares.rollout_memory(cfg, run, torch.device("cpu"))  # the host's memory is no GPU's: its 5 GiB reserve is CUDA's
     assert "warning" not in capsys.readouterr().out
+    # --compile: the KV pool (4 rows and a spare, of one column more; bf16) stays allocated through the update, so the
+    # activations fit only beside it: free memory half a pool short warns, a whole pool's does not
+    per_token = ares.kv_bytes_per_token(text, torch.bfloat16)
+    pool = 5 * (cfg.max_prompt_len + cfg.max_response_len + 1) * per_token
+    pooled = dataclasses.replace(cfg, grad_checkpointing=True, compile=True, compile_backend="eager")
+    for extra, warned in ((pool // 2, True), (pool, False)):
+        monkeypatch.setattr(ares, "free_memory", lambda device: 5 * 2 ** 30 + 12 * trainable + with_ckpt + extra)
+        ares.rollout_memory(pooled, run, torch.device("cuda"))
+        assert ("warning: an update micro-batch" in capsys.readouterr().out) == warned, extra
 
 
 def test_rollout_batch_auto_under_compile_picks_rows_whose_kv_pool_fits_the_room(tiny, monkeypatch, capsys):
@@ -858,6 +867,23 @@ def test_rollout_batch_auto_under_compile_picks_rows_whose_kv_pool_fits_the_room
     assert rows == 38  # 40 plain rows: 39 pool rows with their extra column, one of them the spare
 
 
+def test_pool_bytes_is_what_a_kv_pool_allocates():
+    """pool_bytes, which the update's own room (rollout_memory's warning) and bench.py --plan's compile rows subtract,
+    against the tensors a KVPool allocates at its first write (a stand-in cache: 3 layers, 2 KV heads, head dim 4,
+    bf16): its rows, at least 2, and a spare one, each of length + 1 columns. The test above counts the pool by hand
+    beside pool_rows, so pool_bytes losing the spare row or the two-row floor passed every test."""
+    layers, heads, dim, length = 3, 2, 4, 10
+    per_token = 2 * layers * heads * dim * 2  # keys and values of one token, bf16
+    kv = torch.zeros(1, heads, 3, dim, dtype=torch.bfloat16)  # one prompt of 3 tokens
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=kv, values=kv)] * layers)
+    for rows in (1, 2, 5):
+        pool = ares.KVPool(rows, length, compile=False)
+        pool.write(cache, torch.ones(1, 3, dtype=torch.long), 0, 1)
+        held = sum(t.numel() * t.element_size() for t in pool.keys + pool.values)
+        assert held == {1: 3, 2: 3, 5: 6}[rows] * (length + 1) * per_token  # rows (2 at least) + 1, by hand
+        assert ares.pool_bytes(rows, per_token, length) == held, rows
+
+
 def test_rollout_batch_auto_leaves_room_for_a_branch_calls_prefill_beside_a_full_kv_cache(tiny, monkeypatch, capsys):
     """Eager sampling: a branch call's KV cache can fill every row --rollout-batch auto gives it (prefixes of nearly a
     whole response, small budgets: sampler_calls' room), and its prefill forward runs beside it: a part of up to
@@ -875,13 +901,13 @@ def test_rollout_batch_auto_leaves_room_for_a_branch_calls_prefill_beside_a_full
     mlp = part * 2 * (3 * text.intermediate_size + 4 * text.hidden_size)
     mask = cfg.micro_batch_size * L * L * (1 + 2)
     peak = cfg.micro_batch_size * row + mlp + mask
-    for k in (1, 5, 40):
-        free = ares.RESERVE_GIB * 2 ** 30 + 8 * 1000 + peak + k * row + 1  # AdamW's moments not made yet
+    for k, short in ((1, 0), (5, 0), (40, 0), (5, 1), (40, 1)):  # a byte short of k rows: k - 1 (the peak whole)
+        free = ares.RESERVE_GIB * 2 ** 30 + 8 * 1000 + peak + k * row - short  # AdamW's moments not made yet
         monkeypatch.setattr(ares, "free_memory", lambda device: free)
         run = SimpleNamespace(hf=model, n_trainable=1000, n_params=1000, opt=SimpleNamespace(state={}), model=None,
                               state={})
         assert ares.rollout_memory(dataclasses.replace(cfg, rollout_batch="auto"), run, torch.device("cuda")) is None
-        assert run.state["rollout_batch"] == k, (k, run.state, capsys.readouterr().out)
+        assert run.state["rollout_batch"] == k - short, (k, short, run.state, capsys.readouterr().out)
 
 
 def test_plain_grpo_baseline_uses_one_beta_and_no_controller(tiny_ckpt, demo_data, tmp_path, monkeypatch):
