@@ -415,6 +415,29 @@ def test_a_cut_metrics_line_is_warned_about_once_per_process(tmp_path, capsys):
         f"warning: {path} line 2 is not a complete step row (cut short by a kill?): dropped"]
 
 
+def test_a_damaged_line_in_each_log_and_at_each_line_is_warned_about_once(tmp_path, capsys):
+    """WARNED_ROWS keys a warning by file, line number and text: demo-report reads the AEPO and the GRPO runs' logs,
+    whose cut last lines can read the same, and a log may hold the same damaged text on two lines; each is warned
+    about once however often it is read, and a line that changed is warned about again. Keyed without the file or the
+    line number, the second of each was never said, and the test above (one file, one line) passed."""
+    aepo, grpo, edited = tmp_path / "aepo.jsonl", tmp_path / "grpo.jsonl", tmp_path / "edited.jsonl"
+    for path in (aepo, grpo):
+        path.write_text('{"step": 1}\n{"step": 2, "lo\n')
+    edited.write_text('oops\n{"step": 1}\noops\n{"step": 2}\n')
+    for _ in range(2):
+        for path in (aepo, grpo, edited):
+            ares.logged_rows(path)
+    aepo.write_text('{"step": 1}\n{"step": 2, "loss": 0.\n')  # the run went on and was cut again at line 2
+    ares.logged_rows(aepo)
+    cut, damaged = "(cut short by a kill?)", "(the file was edited or damaged)"
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: {aepo} line 2 is not a complete step row {cut}: dropped",
+        f"warning: {grpo} line 2 is not a complete step row {cut}: dropped",
+        f"warning: {edited} line 1 is not a complete step row {damaged}: dropped",
+        f"warning: {edited} line 3 is not a complete step row {damaged}: dropped",
+        f"warning: {aepo} line 2 is not a complete step row {cut}: dropped"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The grader: right on Unicode digits, bounded off the main thread, parallel, and its time limit is a hard one.
 
