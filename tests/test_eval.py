@@ -842,6 +842,8 @@ def test_a_cache_of_one_line_cut_short_is_still_the_evaluations_own(tmp_path):
     assert ev.response_cache(cut) and not ev.response_cache(hand_jsonl(tmp_path / "responses.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
     assert ev.response_cache(tmp_path / "empty.jsonl")
+    (tmp_path / "notes.jsonl").write_text("my notes\nmore notes\n")  # a user's lines, none JSON: not a cut first line
+    assert not ev.response_cache(tmp_path / "notes.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------
