@@ -618,7 +618,8 @@ def test_every_name_a_run_writes_in_its_folder_is_refused_and_a_users_name_besid
     step_<n>/ (save_checkpoint), each also as <name>.tmp while it is written and <name>.old while it is replaced. An
     eval.py --plot or --out at or under each is refused; a user's name beside them is not. The tests above tried
     config.json, step_<n>, final and tensorboard only, so RUN_NAMES losing metrics.jsonl (eval.py --plot
-    runs/x/metrics.jsonl written over the run's log), ares.lock or the .tmp/.old names passed every test."""
+    runs/x/metrics.jsonl written over the run's log), ares.lock or the .tmp/.old names passed every test. Outside a
+    run (no run record beside them) the same names are taken."""
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"flags": {"stage": "aepo"}}))
@@ -632,6 +633,9 @@ def test_every_name_a_run_writes_in_its_folder_is_refused_and_a_users_name_besid
                 (name, err.value.code)
     for name in ("acc.png", "eval", "final2", "step_backup1", "plots.old", "metrics.jsonl.bak", "ares.lock.old"):
         assert ares.check_clear_of_run("--plot", run / name, folder=False) is None, name
+    elsewhere = tmp_path / "results"  # no run record: the same names are a user's folders and files
+    for name in ("final", "metrics.jsonl", "step_00000004", "tensorboard"):
+        assert ares.check_clear_of_run("--out", elsewhere / name / "eval") is None, name
 
 
 @pytest.mark.parametrize("tool", ["ares --split", "ares --eval-data", "eval.py --split"])
