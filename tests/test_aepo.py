@@ -867,6 +867,24 @@ def test_rollout_batch_auto_under_compile_picks_rows_whose_kv_pool_fits_the_room
     assert rows == 38  # 40 plain rows: 39 pool rows with their extra column, one of them the spare
 
 
+def test_kv_room_is_the_memory_plans_formula_worked_by_hand():
+    """kv_room, worked by hand (README: memory plan): free less the 5 GiB reserve, AdamW's moments (8 B a trainable
+    weight, per shard, unless made) and the larger of the update's part (fp32 gradients, 4 B a trainable weight per
+    shard unless made, plus a micro-batch's activations beside a --compile pool) and sampling's (a prefill's peak,
+    plus under FSDP the gathered bf16 weights, 2 B a weight). The rollout tests replace kv_room or pass its ends with a
+    margin, so ignoring adam_made (a resume's moments counted twice) passed every test."""
+    free = ares.RESERVE_GIB * 2 ** 30 + 1000
+    cases = [  # (trainable, params, shard, activations, pool, adam_made, grads_made, prefill) -> room
+        ((10, 100, 1, 70, False, False, False, 50), 1000 - 80 - 50),  # max(40, 50): the prefill
+        ((10, 100, 1, 70, False, True, False, 50), 1000 - 0 - 50),  # the moments made
+        ((10, 100, 1, 70, True, False, False, 50), 1000 - 80 - (40 + 70)),  # a pool: the activations beside it
+        ((10, 100, 1, 70, True, False, True, 50), 1000 - 80 - 70),  # gradients made (DDP's buckets)
+        ((10, 100, 2, 70, True, False, False, 50), 1000 - 40 - (200 + 50)),  # FSDP: 2 shards, the gathered weights
+    ]
+    for (trainable, params, shard, acts, pool, adam_made, grads_made, prefill), room in cases:
+        assert ares.kv_room(free, trainable, params, shard, acts, pool, adam_made, grads_made, prefill) == room, room
+
+
 def test_pool_bytes_is_what_a_kv_pool_allocates():
     """pool_bytes, which the update's own room (rollout_memory's warning) and bench.py --plan's compile rows subtract,
     against the tensors a KVPool allocates at its first write (a stand-in cache: 3 layers, 2 KV heads, head dim 4,
