@@ -834,6 +834,23 @@ def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_it
     assert ares.check_clear_of_run("--plot", run / "acc.png", folder=False) is None
 
 
+def test_another_tools_results_or_cache_sharing_one_of_their_keys_is_still_not_eval_pys(tmp_path):
+    """check_eval_folder takes a results.json for eval.py's only with all of "config", "metrics" and "table", and a
+    responses.jsonl only where its first line's "key" is text, as read_cache's lines are: another tool's results with
+    a "config" of its own, or records with a numeric "key", were replaced or appended to. The cases above share no key
+    with eval.py's files, so checking for any one of the three, or for a "key" of any kind, passed every test."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"config": {"lr": 3e-4}, "metrics": {"accuracy": 0.5}}))
+    with pytest.raises(SystemExit, match="results.json is not eval.py's results"):
+        ev.check_eval_folder(str(out))
+    (out / "results.json").write_text(json.dumps({"config": {}, "metrics": {}, "table": ""}))
+    ev.check_eval_folder(str(out))  # eval.py's own: replaced
+    (out / "responses.jsonl").write_text(json.dumps({"key": 7, "question": "1 + 1?"}) + "\n")
+    with pytest.raises(SystemExit, match="responses.jsonl is not eval.py's cache"):
+        ev.check_eval_folder(str(out))
+
+
 def test_a_cache_of_one_line_cut_short_is_still_the_evaluations_own(tmp_path):
     """A kill during eval.py's first append leaves responses.jsonl with one cut line: the same command goes on from it
     (a file of other JSON lines is not its cache)."""
