@@ -2309,6 +2309,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = command_parser()
     args = parser.parse_args(argv)
+    args.out = os.path.expanduser(args.out)  # --out=~/x keeps its ~ (no shell expands it): written where checked
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
     check_args(args)

@@ -1313,6 +1313,7 @@ def main(argv=None):
     with ares.one_line_per_node():  # under torchrun a flag's or a file's error is printed once a node, not once a rank
         if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
             args = passrate_parser().parse_args(argv[1:])
+            args.out = os.path.expanduser(args.out)  # --out=~/x: written where check_records_out looks (data_prep.main)
             return ctrl_c_line(run_passrate, args, f"{args.out} is as it was: passrate writes it once every problem is "
                                                    "sampled; the same command starts it again")
         if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png

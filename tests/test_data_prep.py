@@ -555,6 +555,28 @@ def test_an_existing_output_is_replaced_only_with_overwrite(command, tmp_path, m
         assert [r["id"] for r in map(json.loads, open(out))] == ["b"]
 
 
+@pytest.mark.parametrize("command", ["convert", "demo"])
+def test_an_out_given_with_a_tilde_is_written_where_its_checks_look(command, tmp_path, monkeypatch):
+    """`--out=~/x` reaches data_prep.py with its ~ (a shell expands none after '='). Every check of --out
+    (check_new_output, check_outside_runs, check_writable) read it as the home folder's, but the output was written to
+    ./~/x: the same command again found no $HOME/x and replaced ./~/x without --overwrite (check_new_output taking the
+    path unexpanded passed every test). Now --out is the home folder's, where the checks look, and a second run
+    stops."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    name = "demo" if command == "demo" else "sft.jsonl"
+    argv = records_out_case(command, tmp_path)
+    data_prep.main([*argv, f"--out=~/{name}"])
+    assert (home / name).exists() and not (cwd / "~").exists()
+    before = files(home)
+    with pytest.raises(SystemExit) as err:
+        data_prep.main([*argv, f"--out=~/{name}"])
+    assert "add --overwrite to replace it" in str(err.value.code) and files(home) == before
+
+
 @pytest.mark.parametrize("command", ["convert", "adacs", "demo"])
 @pytest.mark.parametrize("where", ["in a checkpoint", "in a run folder"])
 def test_an_output_inside_a_training_run_is_refused(command, where, tmp_path):

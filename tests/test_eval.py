@@ -792,6 +792,23 @@ def test_passrate_replaces_its_out_only_with_overwrite_and_never_writes_into_a_r
     assert not (tmp_path / "rates.txt").exists() and data.read_text().startswith('{"id": "a"')
 
 
+def test_passrate_writes_an_out_given_with_a_tilde_where_its_checks_look(tmp_path, monkeypatch):
+    """passrate --out=~/rates.jsonl (a shell expands no ~ after '='): data_prep.check_records_out read it as the home
+    folder's, run_passrate wrote ./~/rates.jsonl, so the same command again replaced it without --overwrite. The
+    writer now gets the path the checks read."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(ev, "run_passrate", lambda args: args.out)  # the path the records are written to
+    data = tmp_path / "pool.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n")
+    got = ev.main(["passrate", "--data", data, "--model", "tiny", "--k", "1", "--temperature", "0",
+                   "--out=~/rates.jsonl"])
+    assert Path(got) == home / "rates.jsonl"
+
+
 @pytest.mark.parametrize("case", ["a run folder", "a run's own name", "--plot as a run's file", "a records file there",
                                   "another tool's results.json"])
 def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_its_own(case, tmp_path, monkeypatch):
