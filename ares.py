@@ -3541,6 +3541,7 @@ def parse_config(argv=None) -> Config:
 
     parser = dataclass_parser(Config, __doc__.split("\n")[0], staged)
     args = vars(parser.parse_args(argv))  # first: --help and bad flags are answered by the full parser
+    args["out"] = os.path.expanduser(args["out"])  # --out=~/x keeps its ~ (no shell expands it): written where checked
     given = vars(dataclass_parser(Config, "", given_only=True).parse_args(argv))  # only what the user typed
     cfg = Config(**args, given=tuple(sorted(given)))
     if cfg.stage != "demo" and not cfg.data:

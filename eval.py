@@ -126,6 +126,7 @@ def parse_config(argv=None) -> EvalConfig:
     parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     parser.epilog = SUBCOMMANDS
     args = vars(parser.parse_args(argv))
+    args.update({k: os.path.expanduser(args[k]) for k in ("out", "plot")})  # --out=~/x keeps its ~: written where checked
     given = vars(ares.dataclass_parser(EvalConfig, "", given_only=True).parse_args(argv))  # only what the user typed
     cfg = EvalConfig(**args, given=tuple(sorted(given)))
     if not cfg.demo and (not cfg.model or not cfg.data):

@@ -809,6 +809,26 @@ def test_passrate_writes_an_out_given_with_a_tilde_where_its_checks_look(tmp_pat
     assert Path(got) == home / "rates.jsonl"
 
 
+def test_an_out_and_plot_given_with_a_tilde_are_the_home_folders_for_eval_and_the_trainer(tmp_path, demo_data,
+                                                                                          monkeypatch):
+    """--out=~/x and --plot=~/acc.png (a shell expands no ~ after '=') in eval.py and ares.py: their checks
+    (check_clear_of_run, check_writable, ares.py's saved-model check) read the home folder's path, but the results and
+    checkpoints went to ./~/x, so a run trained into ./~/runs/x was beyond the checks that keep eval.py's output out of
+    its checkpoints, and data_prep.py now writes ~ as the home folder. Both now take the home folder's path."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(ev, "evaluate_and_report", lambda cfg: (cfg.out, cfg.plot))  # the paths written to
+    data = tmp_path / "bench.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n")
+    got = ev.main(["--model", "tiny", "--data", data, "--out=~/ev", "--plot=~/acc.png"])
+    assert [Path(p) for p in got] == [home / "ev", home / "acc.png"]
+    cfg = ares.parse_config(["--stage", "aepo", "--model", "tiny", "--data", str(demo_data["rl"]), "--out=~/runs/x"])
+    assert Path(cfg.out) == home / "runs" / "x"
+
+
 @pytest.mark.parametrize("case", ["a run folder", "a run's own name", "--plot as a run's file", "a records file there",
                                   "another tool's results.json"])
 def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_its_own(case, tmp_path, monkeypatch):
