@@ -861,6 +861,30 @@ def test_the_memory_plans_figures_are_qwen25_vl_worked_out_by_hand():
                 assert said.format(by_hand / 2 ** 20) in prose, said
 
 
+def test_the_vision_towers_prefill_peak_is_within_the_text_layers_estimate():
+    """README "Memory plan": rollout_memory reserves prefill_bytes, the text layers' peak, for a prefill part; the
+    vision tower runs in the same forward first, on the part's images, and was not reserved for. By hand, counted as
+    the text layers are: an image token is 4 patches (2 x 2 merged) of the 1,280-wide tower with its 3,420-wide MLP,
+    and prefill_bytes gives a token of the part as much or more, for 3B once rows reach 1,248 tokens, for 7B always;
+    the README's figures are these."""
+    from transformers import Qwen2_5_VLTextConfig
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    vision = 4 * 2 * (3 * 3420 + 4 * 1280)  # a merged image token's patches, bf16
+    assert vision == 123_040 and f"4 x 2 x (3 x 3,420 + 4 x 1,280) = {vision:,} B" in readme
+    for size, from_length, said in (("3B", 1248, "36,864 + 82,432 + 3 x L B"), ("7B", 1, "57,344 + 142,336 + 3 x L")):
+        h, layers, heads, kv_heads, f, vocab, _ = QWEN25_VL_BY_HAND[size]
+        kv, mlp = 2 * layers * kv_heads * (h // heads) * 2, 2 * (3 * f + 4 * h)
+        assert f"{kv:,} + {mlp:,} + 3 x L" in said and said in readme
+        text = Qwen2_5_VLTextConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv_heads, intermediate_size=f, vocab_size=vocab)
+        for length in (from_length, 4096, 20480):  # a part of 1 row: per token
+            assert ares.prefill_bytes(text, length, length, torch.bfloat16) / length >= vision, (size, length)
+        if size == "3B":
+            assert ares.prefill_bytes(text, 1247, 1247, torch.bfloat16) / 1247 < vision
+            assert "as much as the tower's or more once rows are 1,248 tokens long" in readme
+
+
 def test_every_bench_command_in_the_readme_is_one_bench_py_accepts(tmp_path, capsys):
     """README "Benchmarks" and "Hardware guidance": each `bench.py ...` command they give (the code block's, the
     measurements', --plan-from, --host-memory, --grader, --methods eager,eager_packed) parses, flag checks and all:
