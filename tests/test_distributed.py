@@ -574,10 +574,10 @@ full_loads = []  # the models this rank read whole: mapped from disk, a read's p
 real_load_model = ares.load_model
 
 
-def counted_load_model(name, cfg, device, meta=False, processor=None):
+def counted_load_model(name, cfg, device, meta=False, processor=None, revision=None):
     if not meta:
         full_loads.append(name)
-    return real_load_model(name, cfg, device, meta=meta, processor=processor)
+    return real_load_model(name, cfg, device, meta=meta, processor=processor, revision=revision)
 
 
 ares.load_model = counted_load_model
