@@ -160,3 +160,52 @@ def test_data_prep_its_subcommands_and_bench_each_have_a_help(tool, argv, capsys
     assert err.value.code == 0 and first[0] == "usage:", printed[:200]
     assert first[2:2 + len(argv)] == [*argv[:-1], "[-h]"], printed[:200]
     assert "-h, --help" in printed
+
+
+# README "Paper settings" and ARES_SPEC.md sections 7 and 8, written out by hand from the paper (not read from
+# STAGE_DEFAULTS, which is what they check): what a real model's stage runs with when no flag is given.
+PAPER_AEPO = dict(batch_size=512, group_size=8, temperature=1.0, top_p=0.99, max_prompt_len=4096,  # 512 x G = 8,
+                  max_response_len=16384, lr=1e-6, weight_decay=1e-2, warmup_steps=0, lr_schedule="constant",  # 4k + 16k
+                  grad_clip=1.0, minibatches=4, ppo_epochs=1, steps=250, window=4, entropy_quantile=0.95,
+                  train_vision=False)
+PAPER_COLDSTART = dict(epochs=2, steps=None, batch_size=256, lr=2e-5, train_vision=False, max_prompt_len=4096,
+                       max_response_len=16384)  # steps None: the length is --epochs
+AUTHORS_SUFFIX = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+                  "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
+                  "BE put in \\boxed{}.")
+
+
+@pytest.mark.parametrize("stage, paper", [("aepo", PAPER_AEPO), ("coldstart", PAPER_COLDSTART)])
+def test_a_real_models_stage_defaults_are_the_papers_settings(stage, paper, full_size_model):
+    """README (paper settings): with no flag given, each stage of a model that is not the tiny one runs with the
+    paper's numbers and the authors' prompt suffix, and the README quotes that suffix word for word."""
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x.jsonl", "--stage",
+                                                         stage]), stage)
+    assert {k: getattr(cfg, k) for k in paper} == paper
+    assert cfg.prompt_suffix == AUTHORS_SUFFIX
+    from conftest import ROOT
+
+    section = (ROOT / "README.md").read_text().split("\n### Paper settings\n")[1].split("\n## ")[0]
+    assert AUTHORS_SUFFIX in " ".join(section.split())
+
+
+# README "Choices we made where the paper is ambiguous": "Each is the default". The table's values, written out by
+# hand from the table (and ARES_SPEC.md), against what a real model's AEPO stage resolves to with no flag given.
+CHOICES = dict(window=4, entropy_quantile=0.95, trigger_words=False,  # window [t, t+w-1], w = 4; tau's 0.95 quantile
+               group_size=8, branch_samples=4, max_branches_per_response=2,  # B = G/2, at most 2 per parent
+               target_momentum=0.9, entropy_shaping="hierarchical", entropy_coef=0.4,  # T_d's EMA; alpha 0.4
+               kl_mode="dynamic", kl_relax=0.5, kl_target=0.01, kl_adapt_rate=0.05,  # rho 0.5, target 0.01, rate 0.05
+               clip_low=0.2, clip_high=0.3, dual_clip=3.0, loss_agg="seq-mean-token-mean",  # as released; Eq. 2
+               group_filter="accuracy", keep_uniform_groups=False, max_refill_rounds=0,  # refill off
+               top_p=0.99, format_weight=0.0)  # the nucleus the sampler draws from; the format reward logged only
+
+
+def test_the_choices_tables_values_are_the_defaults(full_size_model):
+    cfg = ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x.jsonl", "--stage",
+                                                         "aepo"]), "aepo")
+    assert {k: getattr(cfg, k) for k in CHOICES} == CHOICES
+    assert ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x.jsonl", "--stage",
+                                                          "aepo", "--group-size", "6"]), "aepo").branch_samples == 3
+    cold = ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x.jsonl", "--stage",
+                                                          "coldstart"]), "coldstart")
+    assert (cold.lr_schedule, cold.warmup_steps) == ("cosine", None)  # None: 3% of the steps (test above)
