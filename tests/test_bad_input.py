@@ -249,6 +249,29 @@ def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage,
     assert "\n" not in msg and "batch-size" not in msg, msg
 
 
+def test_a_cold_start_drops_the_traces_longer_than_max_response_len_and_says_how_many(tiny_ckpt, demo_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """README (paper settings): a trace longer than --max-response-len (its tokens and the end of turn) is dropped, with
+    a count printed, and the rest train. Four traces of 5, 9, 10 and 17 tokens at --max-response-len 9: two are
+    dropped (10 counts its end of turn), a trace of exactly 9 tokens is kept, and the batch check then counts the 2
+    usable records."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    rows = _rows(Path(demo_data["sft"]))
+    for row, n in zip(rows, (4, 8, 9, 16)):  # n tokens of text, + 1 end of turn
+        row["response"] = "7" * n  # one token a digit
+        assert len(tok(row["response"], add_special_tokens=False)["input_ids"]) == n
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(ares, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as err:
+        ares.main(["--stage", "coldstart", "--model", str(tiny_ckpt), "--data", str(path), "--out", str(tmp_path / "out"),
+                   "--steps", "1", "--batch-size", "3", "--max-response-len", "9"])
+    assert str(err.value.code) == "--batch-size 3 is larger than the 2 usable records"
+    assert "dropped 2 traces longer than --max-response-len 9\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("stage, world, words", [
     ("coldstart", 1, "--batch-size 5 is larger than the 4 usable records"),
     ("aepo", 1, "--batch-size 5 is larger than the 4 usable prompts"),
