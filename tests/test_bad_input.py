@@ -76,6 +76,7 @@ FLAGS = [
     ("coldstart", ["--attn", "flash_attention_2"], "--attn flash_attention_2 needs the optional package flash-attn"),
     # past a C int or setitimer's range: an OverflowError after the model loaded, or every sympy-checked answer wrong
     ("aepo", ["--grader-timeout", "1e10"], "--grader-timeout must be in (0, 3600], got 10000000000.0"),
+    ("aepo", ["--grader-timeout", "3601"], "--grader-timeout must be in (0, 3600], got 3601.0"),  # README: over 3600 s
     ("aepo", ["--group-size", "99999999999999999999"], "--group-size must be at most 2147483647, got 99999999999999999999"),
     ("aepo", ["--lora-rank", "4294967296"], "--lora-rank must be at most 2147483647, got 4294967296"),
     ("coldstart", ["--dist-timeout", "99999999999999999999"], "--dist-timeout must be at most 2147483647"),
