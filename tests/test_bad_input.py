@@ -766,6 +766,11 @@ def _tool_cases():
          "data error: {pad}: record pad: field 'question' contains the chat-template token '<|image_pad|>'"),
         (ev.main, ["passrate", "--data", "{bench}", "--model", "{ckpt}", "--out", "{tmp}"],
          "--out {tmp}: a folder; give the output file"),
+        # README (bad input): a file of another kind is named by every tool (convert and adacs: test_data_prep.py)
+        (ev.main, ["passrate", "--data", "{csv}", "--model", "{ckpt}", "--out", "{tmp}/r.jsonl"],
+         "data error: {csv}: not a .jsonl, .json, .parquet or saved dataset folder"),  # passrate asked the hub for it
+        (ev.main, ["--model", "{ckpt}", "--data", "{csv}", "--out", "{tmp}/eval"],
+         "data error: {csv}: not a .jsonl, .json, .parquet or saved dataset folder"),
         # inside a checkpoint: the run's next save (a --resume that extends it), --keep-last or --overwrite deleted it
         (ev.main, ["--model", "{ckpt}", "--data", "{bench}", "--out", "{final}/eval"],
          "--out {final}/eval: {final} is a checkpoint of a training run, which its next save, --keep-last or --overwrite "
@@ -857,7 +862,9 @@ def test_eval_and_data_prep_stop_with_one_line_before_anything_loads(case, tiny_
     for name, fields in broken.items():  # the rows, then one more with the bad field, as the file's last record
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [dict(rows[0], id=name,
                                                                                                    **fields)]))
+    (tmp_path / "d.csv").write_text("id,question,answer\na,Q,1\n")
     names = dict(tmp=tmp_path, run=run, final=run / "final", ckpt=tiny_ckpt, bench=bench, pad=pad,
+                 csv=tmp_path / "d.csv",
                  **{n: tmp_path / f"{n}.jsonl" for n in broken})
     before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as err:
