@@ -1142,14 +1142,17 @@ def test_each_step_waits_for_the_device_before_its_clock_is_read(tiny_ckpt, demo
     assert cuda == ["cuda:1"]
 
 
+@pytest.mark.parametrize("minibatches, ppo_epochs", [(2, 1), (1, 2)])
 def test_the_update_uses_eq1s_weights_the_sampling_policy_as_old_and_feeds_the_controller_kl_outside_windows(
-        tiny_ckpt, demo_data, tmp_path, monkeypatch):
-    """One AEPO step, 2 optimizer steps on its batch, spied where the loop hands its pieces on. Checked against the
+        minibatches, ppo_epochs, tiny_ckpt, demo_data, tmp_path, monkeypatch):
+    """One AEPO step, 2 optimizer steps on its batch (2 minibatches, or 2 epochs of one), spied where the loop hands
+    its pieces on. Checked against the
     formulas, from what score_groups returned: every token's KL weight is beta0 * b_d * kappa_d * rho^m (Eq. 1; kappa
     = 1 at the first step); the old log-probs of the second optimizer step are the sampler's own (the ratio of Eq. 2
     is pi / pi_old, not 1); and the controller gets, per bucket, the mean over responses of each response's mean k3
-    KL outside its HWE windows. Before, passing no window mask or one bucket to the weights, a ratio fixed at 1, or
-    the KL inside the windows to the controller passed every test."""
+    KL outside its HWE windows, measured in the first epoch only (README: choices, KL). Before, passing no window
+    mask or one bucket to the weights, a ratio fixed at 1, the KL inside the windows or that of every epoch to the
+    controller passed every test."""
     real = dict(tf=ares.teacher_forced, loss=ares.aepo_loss, score=ares.score_groups, ctrl=ares.update_kl_controller)
     parts, calls, seen = [], [], {}
 
@@ -1175,13 +1178,15 @@ def test_the_update_uses_eq1s_weights_the_sampling_policy_as_old_and_feeds_the_c
     ref, processor = ares.build_tiny(seed=1)  # another reference than the starting policy: the KL is far from 0
     ref.save_pretrained(tmp_path / "ref")
     processor.save_pretrained(tmp_path / "ref")
-    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--minibatches", 2, "--lr", 1e-2,
+    ares.main(aepo_args(demo_data["rl"], tmp_path / "run", tiny_ckpt, "--steps", 1, "--minibatches", minibatches,
+                        "--ppo-epochs", ppo_epochs, "--lr", 1e-2,
                         "--keep-uniform-groups", "--window", 1, "--entropy-quantile", 0.5, "--kl-coef", 0.05,
                         "--ref-model", tmp_path / "ref"))
     sc, ro = seen["sc"], seen["ro"]
     assert seen["kappa"].tolist() == [1.0, 1.0, 1.0] and len(calls) >= 2
-    b, outside = {0: 2.0, 1: 1.0, 2: 0.5}, {0: [], 1: [], 2: []}
+    b, outside, later = {0: 2.0, 1: 1.0, 2: 0.5}, {0: [], 1: [], 2: []}, {0: [], 1: [], 2: []}
     for k, (rows, logp, lp_old, lp_ref, kl_w, mask) in enumerate(calls):
+        epoch = k * ppo_epochs // len(calls)  # each epoch makes the same number of calls
         R = kl_w.shape[1]
         for j, row in enumerate(rows):
             d, hwe = int(sc.bucket[row]), sc.hwe[row, :R]
@@ -1190,10 +1195,12 @@ def test_the_update_uses_eq1s_weights_the_sampling_policy_as_old_and_feeds_the_c
             delta = (lp_ref[j] - logp[j]).double().clamp(-20, 20)
             kl = (delta.exp() - delta - 1).clamp(max=10)
             if (mask[j] & ~hwe).any():
-                outside[d].append(kl[mask[j] & ~hwe].mean().item())
+                (later if epoch else outside)[d].append(kl[mask[j] & ~hwe].mean().item())
     assert any(not torch.allclose(c[1], c[2], atol=1e-5) for c in calls[1:])  # the policy moved: the ratio is not 1
     for d in range(3):
         assert bool(seen["seen_now"][d]) == bool(outside[d])
         if outside[d]:
             assert seen["kl_outside"][d].item() == pytest.approx(statistics.mean(outside[d]), rel=1e-4), d
+            if later[d]:  # the second epoch's KL differs: the comparison above tells the two apart
+                assert statistics.mean(outside[d] + later[d]) != pytest.approx(statistics.mean(outside[d]), rel=1e-3)
     assert any(v > 1e-3 for v in seen["kl_outside"].tolist())  # a KL far from 0: the comparison above means something
