@@ -600,6 +600,16 @@ def _without_unit(s: str) -> str:
     return _UNIT.sub("", s) if len(s) <= 300 else s
 
 
+_GLUED_LETTER = re.compile(r"(?<=\d)([cdghlmost])(?![A-Za-z])")  # the letters math-verify drops after a number
+
+
+def _factor_kept(s: str) -> str:
+    """A single letter written right after a number kept as a factor for sympy ("5m" -> "5{m}"): math-verify reads
+    c, d, g, h, l, m, o, s and t there as units and drops them, so "5m" was 5 (and "4t" the answer 4), where a single
+    letter is a unit only after a space or in \\text{} (_UNIT)."""
+    return _GLUED_LETTER.sub(r"{\1}", s)
+
+
 def _ascii_math(s: str) -> str:
     """Fullwidth forms ('１２', '（Ａ）'), every Unicode decimal digit ('٣', '३') and the math signs models write in
     Unicode ('30°', '2√3', 'π', '−5') -> ASCII and LaTeX, so they grade equal to the LaTeX answers ('30^\\circ',
@@ -709,7 +719,8 @@ def math_target(pred: str, answer: str | Gold) -> tuple[str, str, int | None]:
     gold = _gold(answer)
     option = right_option(gold)
     target = _without_unit(_ascii_math(option or gold.answer))
-    return _without_unit(_ascii_math(str(pred))), target, None if option else _places(gold, target)
+    places = None if option else _places(gold, target)
+    return _factor_kept(_without_unit(_ascii_math(str(pred)))), _factor_kept(target), places
 
 
 def is_correct(pred: str | None, answer: str | Gold, timeout: float = 3.0) -> bool:

@@ -757,6 +757,11 @@ GRADING = [
     (r"\boxed{12 in}", "1", False),
     (r"\boxed{30 degrees}", "3", False),
     (r"\boxed{5x}", "5", False),  # a variable is no unit
+    (r"\boxed{5m}", "5", False),  # nor is a letter glued to the number: math-verify took m, s, t, ... there for units
+    (r"\boxed{4t}", "4", False),
+    (r"\boxed{4}", "4t", False),  # an answer 4t took 4
+    (r"\boxed{2m + 3m}", "5m", True),  # and the factor is still compared as one
+    (r"\boxed{5 m}", "5", True),  # after a space, a unit
     (r"\boxed{5 x^2}", "5", False),
     # multiple choice
     (r"\boxed{(B)}", "B", True),
