@@ -317,6 +317,19 @@ def test_group_filters_by_hand():
     assert ares.informative_groups(acc, acc.double(), 4, "reward").tolist() == [False, False, False, True]  # R = acc
 
 
+def test_the_two_group_filters_agree_for_0_1_rewards_while_g_is_at_most_100():
+    """README (choices, online filtering): for GRPO's R = acc with 0/1 scores the accuracy rule and the paper's reward
+    rule ([0.01, 0.99], both ends in) keep the same groups while G <= 100; at G = 101 one right answer (or one wrong)
+    averages 1/101 from the end and only the accuracy rule keeps it. Every count of right answers, G = 2..101."""
+    for G in range(2, 102):
+        acc = torch.tensor([float(k < c) for c in range(G + 1) for k in range(G)])  # group c: c of G right
+        by_accuracy = ares.informative_groups(acc, acc, G, "accuracy").tolist()
+        assert by_accuracy == [0 < c < G for c in range(G + 1)]
+        by_reward = ares.informative_groups(acc, acc, G, "reward").tolist()
+        differ = [c for c, (a, r) in enumerate(zip(by_accuracy, by_reward)) if a != r]
+        assert differ == ([] if G <= 100 else [1, G - 1]), G
+
+
 def test_keep_first_keeps_the_first_n_kept_groups_by_hand():
     """One rank: the first n kept groups in the order they were drawn, round 0's then each refill round's."""
     keep = torch.tensor([False, True, True, False, True])
