@@ -987,6 +987,20 @@ def test_pass_rates_rounded_to_two_decimals_pass_and_a_wrong_k_gets_honest_advic
         data_prep.check_pass_rates(rows(0.0547, 0.914062), 128, "f")
 
 
+def test_every_rate_rounded_to_2_decimals_passes_in_its_own_bracket_while_k_is_at_most_100():
+    """README (choices, AdaCS): 'a rate rounded to 2 decimals passes while K <= 100, past that it needs 6'. Every c/K
+    for K = 1..100, rounded to 2 decimals, passes --k K and falls in bracket c; at K = 101, 1/101 rounded (0.01) stops,
+    and written to 6 decimals passes."""
+    for K in range(1, 101):
+        rows = [dict(id=f"c{c}", pass_rate=round(c / K, 2)) for c in range(K + 1)]
+        assert data_prep.check_pass_rates(rows, K, "f") == rows, K
+        assert [data_prep.bracket_of(r["pass_rate"], K) for r in rows] == list(range(K + 1)), K
+    with pytest.raises(data_prep.DataError, match="record c1: pass_rate 0.01 is not a multiple of 1/101"):
+        data_prep.check_pass_rates([dict(id="c1", pass_rate=round(1 / 101, 2))], 101, "f")
+    sixth = [dict(id=f"c{c}", pass_rate=round(c / 101, 6)) for c in range(102)]
+    assert data_prep.check_pass_rates(sixth, 101, "f") == sixth
+
+
 def test_an_empty_trace_is_a_wrong_trace_of_length_0(tmp_path):
     """A sample that ends at once (passrate writes response "", length 0) is one of the K samples behind p, so it counts
     toward the anchors like any wrong trace and is never chosen; the pool is not rejected. By hand (K = 4):
