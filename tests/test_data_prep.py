@@ -1211,6 +1211,8 @@ def test_demo_levels_in_every_split_and_teacher_traces_of_three_lengths(demo_dat
             by[style, level].append(n)
     for style in ("steps", "recheck"):
         assert max(by[style, 1]) < min(by[style, 2]) and max(by[style, 2]) < min(by[style, 3]), style
+    hard = [n + 1 for n in by["recheck", 3]]  # + its end of turn, as the cold start counts it
+    assert 93 <= min(hard) and max(hard) == 97  # README (choices): --max-response-len 96 would drop some; 128 none
     assert max(max(by["terse", lv]) for lv in (1, 2, 3)) - min(min(by["terse", lv]) for lv in (1, 2, 3)) <= 3
     sft = [json.loads(line) for line in open(demo_data["sft"])]  # the warm-up data: every style, each its own trace
     assert {r["style"] for r in sft} == set(data_prep.STYLES)

@@ -209,3 +209,15 @@ def test_the_choices_tables_values_are_the_defaults(full_size_model):
     cold = ares.resolve_stage_defaults(ares.parse_config(["--model", full_size_model, "--data", "x.jsonl", "--stage",
                                                           "coldstart"]), "coldstart")
     assert (cold.lr_schedule, cold.warmup_steps) == ("cosine", None)  # None: 3% of the steps (test above)
+
+
+def test_the_tiny_models_own_defaults_are_the_readmes():
+    """README (choices, the tiny model): --window 1 in AEPO, a constant learning rate in the cold start,
+    --max-response-len 128 in both stages and no answer-format instruction; a flag given still wins."""
+    aepo, cold = (ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", s]), s)
+                  for s in ("aepo", "coldstart"))
+    assert (aepo.window, aepo.max_response_len, aepo.prompt_suffix) == (1, 128, "")
+    assert (cold.lr_schedule, cold.max_response_len, cold.prompt_suffix) == ("constant", 128, "")
+    given = ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", "coldstart",
+                                                           "--lr-schedule", "cosine"]), "coldstart")
+    assert given.lr_schedule == "cosine"
