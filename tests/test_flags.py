@@ -164,8 +164,9 @@ def test_data_prep_its_subcommands_and_bench_each_have_a_help(tool, argv, capsys
 
 # README "Paper settings" and ARES_SPEC.md sections 7 and 8, written out by hand from the paper (not read from
 # STAGE_DEFAULTS, which is what they check): what a real model's stage runs with when no flag is given.
-PAPER_AEPO = dict(batch_size=512, group_size=8, temperature=1.0, top_p=0.99, max_prompt_len=4096,  # 512 x G = 8,
-                  max_response_len=16384, lr=1e-6, weight_decay=1e-2, warmup_steps=0, lr_schedule="constant",  # 4k + 16k
+PAPER_AEPO = dict(batch_size=512, group_size=8, temperature=1.0, top_p=0.99,  # 512 prompts x G = 8
+                  max_prompt_len=4096, max_response_len=16384,  # 4k + 16k tokens
+                  lr=1e-6, weight_decay=1e-2, warmup_steps=0, lr_schedule="constant",
                   grad_clip=1.0, minibatches=4, ppo_epochs=1, steps=250, window=4, entropy_quantile=0.95,
                   train_vision=False)
 PAPER_COLDSTART = dict(epochs=2, steps=None, batch_size=256, lr=2e-5, train_vision=False, max_prompt_len=4096,
@@ -214,10 +215,11 @@ def test_the_choices_tables_values_are_the_defaults(full_size_model):
 def test_the_tiny_models_own_defaults_are_the_readmes():
     """README (choices, the tiny model): --window 1 in AEPO, a constant learning rate in the cold start,
     --max-response-len 128 in both stages and no answer-format instruction; a flag given still wins."""
-    aepo, cold = (ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", s]), s)
-                  for s in ("aepo", "coldstart"))
+    def tiny(stage, *flags):
+        return ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", stage,
+                                                              *flags]), stage)
+
+    aepo, cold = tiny("aepo"), tiny("coldstart")
     assert (aepo.window, aepo.max_response_len, aepo.prompt_suffix) == (1, 128, "")
     assert (cold.lr_schedule, cold.max_response_len, cold.prompt_suffix) == ("constant", 128, "")
-    given = ares.resolve_stage_defaults(ares.parse_config(["--model", "tiny", "--data", "x.jsonl", "--stage", "coldstart",
-                                                           "--lr-schedule", "cosine"]), "coldstart")
-    assert given.lr_schedule == "cosine"
+    assert tiny("coldstart", "--lr-schedule", "cosine").lr_schedule == "cosine"
