@@ -478,7 +478,7 @@ def test_a_line_after_the_process_group_forms_is_each_ranks_own_and_said_at_once
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setitem(ares.GROUP, "formed", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # local rank 1 on a one-GPU machine: no cuda:1
-    for formed, code, want in ((False, "bad flag", [data_prep.SAY_AFTER_S]), (True, "rank 1's own line", []),
+    for formed, code, want in ((False, "bad flag", [10.0]), (True, "rank 1's own line", []),  # README: up to 10 s
                                (False, 130, []), (False, 0, [])):
         waited.clear()
         with pytest.raises(SystemExit) as e, ares.one_line_per_node():
