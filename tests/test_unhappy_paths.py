@@ -1229,6 +1229,34 @@ def test_a_flag_that_would_do_nothing_stops_with_one_line(case, stage, flags, me
     assert not out.exists()
 
 
+def test_lora_targets_are_matched_on_an_empty_model_built_from_the_config(tiny, tiny_ckpt, demo_data, tmp_path,
+                                                                            monkeypatch):
+    """README (bad input): the LoRA targets are matched against the module names of an empty model built from the
+    config on the meta device (no weights read, no memory). The model folder here has no weights at all, every linear
+    layer built must be on the meta device, and the names are the language model's linear layers of the real model."""
+    pytest.importorskip("peft")
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_ckpt, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    devices, init = [], torch.nn.Linear.__init__
+
+    def linear(self, *args, **kw):
+        init(self, *args, **kw)
+        devices.append(self.weight.device.type)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", linear)
+    names, tied = ares.language_linear_layers(str(bare))
+    assert devices and set(devices) == {"meta"}
+    model = tiny[0]
+    assert names == tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "visual" not in n)
+    assert tied == "lm_head" and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:  # the one line, from the folder without weights
+        ares.main(aepo_args(demo_data["rl"], tmp_path / "out", bare, "--steps", 1, "--lora-rank", 4, "--lora-targets",
+                            "nosuch_proj"))
+    assert one_line(e).startswith("--lora-targets nosuch_proj: no linear layer of the language model is called "
+                                  "nosuch_proj"), one_line(e)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. The reward hook: any real number in [0, 1]; anything else, an exception, a hang or sys.exit is one line.
 
