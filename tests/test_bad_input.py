@@ -415,6 +415,23 @@ def test_resume_drops_a_partial_last_metrics_line_with_a_warning(tiny_ckpt, demo
     assert "metrics.jsonl line 3 is not a complete step row" in capsys.readouterr().out
 
 
+def test_resume_cuts_metrics_back_by_an_fsynced_new_file_renamed_over_the_old_one(tmp_path, monkeypatch):
+    """README (bad input): on --resume, metrics.jsonl is cut back to the checkpoint's step by writing a new file,
+    fsyncing it and renaming it over the old one (then the folder is fsynced, so that the rename is on disk too): the
+    disk holds one of the two files whole at any moment, never the old one truncated in place."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
+    old = path.stat().st_ino
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    ares.Metrics(tmp_path, total=6, start=2, desc="resumed").close()
+    tmp = f"{path}.tmp"
+    assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
+    assert path.stat().st_ino != old and steps_logged(tmp_path) == [1, 2]
+
+
 def test_a_damaged_metrics_line_is_dropped_with_a_warning_that_says_which_kind(tmp_path, capsys):
     """Only the last line of metrics.jsonl can be cut short by a kill; a bad line before it was edited or damaged."""
     path = tmp_path / "metrics.jsonl"
