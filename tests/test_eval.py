@@ -120,6 +120,22 @@ def test_a_failing_record_is_reported_not_fatal(monkeypatch):
     assert failures == [dict(id="bad", error="generation failed: RuntimeError: boom")]
 
 
+def test_an_out_of_memory_chunk_is_retried_one_record_at_a_time(monkeypatch):
+    """README (bad input): a chunk whose generation runs out of memory is retried one record at a time; unlike a failed
+    GPU (below), CUDA goes on after an out-of-memory error, so it must not end the evaluation."""
+    sizes = []
+
+    def fake(model, processor, ids, chunk, cfg, seed):
+        sizes.append(len(chunk))
+        if len(chunk) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return [dict(id=r["id"], sample=0) for r in chunk]
+
+    monkeypatch.setattr(ev, "generate_chunk", fake)
+    lines, failures = ev.generate_or_report(None, None, None, [dict(id=i) for i in "abc"], ev.EvalConfig(), "bench")
+    assert [x["id"] for x in lines] == ["a", "b", "c"] and failures == [] and sizes == [3, 1, 1, 1]
+
+
 def test_a_failed_gpu_ends_the_evaluation_with_one_line(monkeypatch):
     """A device-side assert or an illegal memory access leaves CUDA unusable in the process: retrying record by record
     (as for an out-of-memory batch) made every later record a failure, counted wrong, and the table meaningless."""
