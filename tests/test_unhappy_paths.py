@@ -1453,6 +1453,7 @@ def refill_run(tmp_path_factory, tiny_ckpt, demo_data):
         mp.setattr(ares, "logprobs_for", lambda *a: seen["logprob_rows"].append(list(a[6])) or logprobs(*a))
         ares.main(aepo_args(demo_data["rl"], tmp / "run", tiny_ckpt, "--steps", 3, "--reward-fn", f"{tmp}/reward.py:score",
                             "--max-refill-rounds", 3, "--window", 1, "--entropy-quantile", 0.5, "--minibatches", 2))
+    seen["rows"] = [json.loads(line) for line in open(tmp / "run" / "metrics.jsonl")]
     return seen
 
 
@@ -1501,7 +1502,24 @@ def _logprobs_for_training_rows_only(seen):
     assert any(len(rows) < len(ro.parent) for (ro, _, _, _), rows in zip(seen["scored"], kept))
 
 
+def _logged_tau_is_the_mean_of_the_rounds(seen):
+    """README (choices, refill): the log's tau is the mean of the rounds' taus, each by hand as above."""
+    assert len(seen["rows"]) == len(seen["scored"]) == len(seen["parts"])
+    refilled = 0
+    for row, (ro, cfg, _, _), parts in zip(seen["rows"], seen["scored"], seen["parts"]):
+        G, B, lengths, start, taus = cfg.group_size, cfg.branch_samples, ro.resp_mask.sum(1), 0, []
+        for part in parts:
+            fresh = [i for i in range(start, start + len(part.parent)) if (i - start) % G < G - B]
+            taus.append(sum(python_quantile(ro.entropy[i, :lengths[i]].tolist(), cfg.entropy_quantile)
+                            for i in fresh) / len(fresh))
+            start += len(part.parent)
+        assert row["tau"] == pytest.approx(sum(taus) / len(taus), abs=2e-6), (row["step"], taus)  # float32 sums
+        refilled += len(taus) > 1 and abs(taus[0] - sum(taus) / len(taus)) > 1e-5  # round 0's alone would differ
+    assert refilled, "the test needs a refilled step whose rounds' taus differ"
+
+
 REFILL = [("every group is scored against its own round's tau", _hwe_against_each_rounds_own_tau),
+          ("the log's tau is the mean of the rounds'", _logged_tau_is_the_mean_of_the_rounds),
           ("a refill round leaves round 0's rewards as they were", _round_0_rewards_do_not_depend_on_refill),
           ("old and reference log-probs only for the rows that train", _logprobs_for_training_rows_only)]
 
