@@ -110,6 +110,7 @@ UPDATE = ["--what", "update", "--update-tokens", "64", "--update-rows", "1", "--
     (["--image", "64", "--what", "aepo", "--aepo-steps", "2", "--aepo-new-tokens", "4"],
      "--image: it is read by the rollout and update parts only, and --what aepo has no rollout or update"),
     (["--profile-table", "{tmp}/t.txt", *UPDATE], "--profile-table: it is written by --profile only"),
+    (["--profile-trace", "{tmp}/t.json", *UPDATE], "--profile-trace: it is written by --profile only"),  # README
     (["--compile", *ROLLOUT], "--compile: only the pool method is compiled, and --methods eager has no pool"),
     (["--no-compile", "--compile-backend", "eager", *ROLLOUT[:-1], "pool"],
      "--compile-backend: the pool's decode step is not compiled"),
