@@ -145,6 +145,8 @@ def test_default_command_runs_every_stage_and_reports_every_field(tmp_path):
     (["--steps", "3"], "--steps: the demo sets it itself"),
     (["--epochs", "2"], "--epochs: the demo sets it itself"),
     (["--preset", "geometry3k"], "--preset: the demo sets it itself"),
+    (["--data", __file__], "--data: the demo sets it itself"),  # README (bad input): all six of DEMO_SETS
+    (["--split", "test"], "--split: the demo sets it itself"),
     # a bad pair for AEPO stopped the demo only at its AEPO stage, minutes in, with torchrun's traceback
     (["--group-size", "2", "--branch-samples", "5"], "--branch-samples must be in [0, group size 2), got 5"),
     (["--lr", "1e-3", "--grader-timeout", "1e10"], "--grader-timeout must be in (0, 3600]"),
