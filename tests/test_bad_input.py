@@ -192,6 +192,11 @@ RECORDS = [
     ("images false", "aepo", _set("images", False), ["field 'images': unsupported image type bool"]),  # were read as
     ("images 0", "aepo", _set("images", 0), ["field 'images': unsupported image type int"]),  # no image (convert refused)
     ("response 5", "coldstart", _set("response", 5), ["field 'response' must be text, got 5"]),
+    # README: a missing or empty field; the cold start trains on the response (an empty one: the end of turn alone)
+    ("response empty", "coldstart", _set("response", "  "), ["missing or empty field 'response'"]),
+    ("response missing", "coldstart", lambda row, tmp: {k: v for k, v in row.items() if k != "response"},
+     ["missing or empty field 'response'"]),
+    ("answer empty", "aepo", _set("answer", ""), ["missing or empty field 'answer'"]),
     ("question 7", "aepo", _set("question", 7), ["field 'question' must be text, got 7"]),
     ("pass_rate true", "aepo", _set("pass_rate", True), ["pass_rate"]),
     ("pass_rate above 1", "aepo", _set("pass_rate", 1.5), ["field 'pass_rate' must be a number in [0, 1], got 1.5"]),
