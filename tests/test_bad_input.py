@@ -237,6 +237,24 @@ def test_bad_record_stops_before_the_model_loads_naming_file_record_and_field(na
     assert not out.exists()
 
 
+@pytest.mark.parametrize("size", [(200, 1), (1, 200), (201, 1), (1, 201)])
+def test_an_image_is_refused_exactly_where_qwen_vls_processor_refuses_it(size, tiny):
+    """README (bad input): an image whose aspect ratio is over 200 is refused, because Qwen-VL's image processor refuses
+    it: the same images, at 200 and 201, through the processor itself and through the records' check."""
+    image = Image.new("RGB", size, (200, 0, 0))
+    try:
+        tiny[1].image_processor(images=[image])
+        processor_takes = True
+    except ValueError:
+        processor_takes = False
+    assert processor_takes == (max(size) <= 200)
+    if processor_takes:
+        assert data_prep._check_shape(image) is image
+    else:
+        with pytest.raises(ValueError, match=f"it is {size[0]}x{size[1]} pixels: an aspect ratio over 200"):
+            data_prep._check_shape(image)
+
+
 @pytest.mark.parametrize("stage, flag", [("aepo", "--max-prompt-len"), ("coldstart", "--max-response-len")])
 def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage, flag, tiny_ckpt, demo_data, tmp_path,
                                                                           monkeypatch):
