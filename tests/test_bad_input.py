@@ -255,6 +255,17 @@ def test_an_image_is_refused_exactly_where_qwen_vls_processor_refuses_it(size, t
             data_prep._check_shape(image)
 
 
+def test_choices_of_2_and_of_26_options_are_records(demo_data, tmp_path):
+    """README (bad input): `choices` must be a list of 2 to 26 options (the rows above refuse 1 and 27); both ends are
+    fine, the answer an option's letter (Z, the 26th) or text."""
+    rows = _rows(Path(demo_data["sft"]))[:2]
+    rows[0].update(choices=["4", "5"], answer="B")
+    rows[1].update(choices=[f"option {k}" for k in range(26)], answer="Z")
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [len(r["choices"]) for r in data_prep.load_records(str(path))] == [2, 26]
+
+
 @pytest.mark.parametrize("stage, flag", [("aepo", "--max-prompt-len"), ("coldstart", "--max-response-len")])
 def test_data_that_is_all_too_long_names_the_file_and_the_shortest_length(stage, flag, tiny_ckpt, demo_data, tmp_path,
                                                                           monkeypatch):
