@@ -624,7 +624,7 @@ def _ascii_math(s: str) -> str:
     return "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
 
 
-GRADER_VERSION = 3  # raised whenever a verdict can change: eval.py grades its cached responses again under a new one
+GRADER_VERSION = 4  # raised whenever a verdict can change: eval.py grades its cached responses again under a new one
 
 
 @dataclasses.dataclass(frozen=True)
