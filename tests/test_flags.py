@@ -3,11 +3,14 @@ value equals the dataclass default (issue 12: it used to read as "not given"), a
 of Part 1 that uses it, or (--format-weight, --log-samples-every) shows in the run's log."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import ares
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -223,3 +226,129 @@ def test_the_tiny_models_own_defaults_are_the_readmes():
     assert (aepo.window, aepo.max_response_len, aepo.prompt_suffix) == (1, 128, "")
     assert (cold.lr_schedule, cold.max_response_len, cold.prompt_suffix) == ("constant", 128, "")
     assert tiny("coldstart", "--lr-schedule", "cosine").lr_schedule == "cosine"
+
+
+def readme_commands(text: str) -> list[str]:
+    """The commands that README text gives for ares.py, eval.py and data_prep.py, each on one line: a code block's
+    `python X.py ...` and `torchrun ... X.py ...` lines (continuations joined, comments cut), and the same in
+    backticks, where a bare `X.py --flag value ...` of four words or more is a command too (shorter ones name a
+    program, a subcommand or a flag; one with `...` leaves flags out)."""
+    import re
+
+    program = r"\b(ares|eval|data_prep)\.py\b"
+    commands = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if re.match(r"(python|torchrun)\b", line) and re.search(program, line):
+                commands.append(" ".join(line.split()))
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+        span = " ".join(span.split())
+        if re.match(r"(python|torchrun)\b", span) and re.search(program, span) or \
+                re.match(program, span) and len(span.split()) >= 4 and "..." not in span and ":" not in span:
+            commands.append(span)
+    return commands
+
+
+def accepts(argv: list[str], monkeypatch):
+    """Run `python <argv>` through its program's own main, flag checks and all, with the work that would follow them
+    replaced by nothing: ares.py's stages by the checks start_stage makes before it reads the data (the stage's
+    defaults filled in, then validate_config again), eval.py passrate by check_passrate_args, which run_passrate
+    makes first; the demo's own checks are parse_config's (check_demo)."""
+    import data_prep
+    import eval as ev
+
+    for stage in ("coldstart", "aepo"):
+        monkeypatch.setattr(ares, f"train_{stage}",
+                            lambda cfg, stage=stage: ares.validate_config(ares.resolve_stage_defaults(cfg, stage)))
+    monkeypatch.setattr(ares, "run_demo", lambda cfg: None)
+    monkeypatch.setattr(ev, "run_passrate", ev.check_passrate_args)
+    for name in ("run_curves", "run_demo_report", "evaluate_and_report"):
+        monkeypatch.setattr(ev, name, lambda args: None)
+    for name in ("run_convert", "run_adacs", "run_demo"):
+        monkeypatch.setattr(data_prep, name, lambda args: None)
+    main = {"ares.py": ares.main, "eval.py": ev.main, "data_prep.py": data_prep.main}[argv[0]]
+    try:
+        main(argv[1:])
+    except SystemExit as stop:  # --help: 0, having printed every flag
+        if stop.code != 0 or argv[-1] != "--help":
+            raise
+
+
+# README "Where the hard points go": the ablations' `<flags>`, row by row (the README's words, whitespace aside, then
+# the flags added to the ARES command and those taken out of it)
+ABLATIONS = [
+    ("`<flags>` = `BASELINE` is its GRPO run", ares.BASELINE, []),
+    ("(`--entropy-shaping none`: branching", ["--entropy-shaping", "none"], []),
+    ("(`--group-filter reward` in place of `--keep-uniform-groups`)", ["--group-filter", "reward"],
+     ["--keep-uniform-groups"]),
+    ("(`BASELINE` without `--keep-uniform-groups`;", ares.BASELINE, ["--keep-uniform-groups"]),
+    ("no branching (`--branch-samples 0`)", ["--branch-samples", "0"], []),
+    ("reward (`--entropy-shaping incorrect-only`)", ["--entropy-shaping", "incorrect-only"], []),
+    ("no `--trigger-words` 38.5", [], ["--trigger-words"]),
+    ("the paper's filter with the released code's `--entropy-coef 0.5`", ["--group-filter", "reward",
+                                                                          "--entropy-coef", "0.5"],
+     ["--keep-uniform-groups"]),
+    ("the ablation commands below with `--minibatches 4` added to both runs", ["--minibatches", "4"], []),
+    ("With `--steps 200` (twice the demo's)", ["--steps", "200"], []),
+    ("the same AEPO commands with `--steps 200 --resume`", ["--steps", "200", "--resume"], []),
+]
+
+
+def test_every_command_in_the_readme_is_one_its_program_accepts(tmp_path, monkeypatch, capsys):
+    """README: each command it gives for ares.py, eval.py and data_prep.py ("The real pipeline on GPUs", the several
+    nodes', the memory plan's, the demo's seeds and ablations, the hub preset's, ...) parses and passes the
+    program's own flag checks, its stage's included (a flag of one stage given to the other, a --group-filter reward
+    beside --keep-uniform-groups, a flag the demo sets itself), so a renamed or dropped flag, a value no longer
+    allowed or a combination that no longer makes sense fails here. Placeholders become stand-ins in a folder of
+    their own for each command: S the seed 0, X runs/x, every --model a folder with a model's config.json, every
+    --data, --pass-rates and --eval-data file an empty file (nothing is read: the checks stop before the data). The
+    demo's stage table abbreviates run_demo's commands: test_the_demo_stage_tables_commands_are_run_demos."""
+    import re
+    import shlex
+
+    import data_prep
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| stage | command |"):readme.index("It prints the tables and the time of each stage")]
+    commands = readme_commands(readme.replace(table, ""))
+    assert len(set(commands)) >= 25, commands
+    said = " ".join(readme.split())
+    ablation = next(c for c in commands if "<flags>" in c)
+    for words, added, taken in ABLATIONS:
+        assert words in said, words
+        commands.append(" ".join(w for w in ablation.replace("<flags>", shlex.join(added)).split() if w not in taken))
+    commands = [c.replace("<flags>", "") for c in commands]
+    monkeypatch.setitem(data_prep.PRESETS, "yourname", dict(hub="org/name", split="train",  # "Forking": a new preset
+                                                             mapping=dict(question="problem", answer="solution")))
+    stand_ins = {"<3B cold start>": "runs/coldstart/final", "<7B cold start>": "runs/coldstart/final",
+                 "<rl data>": "data/rl.jsonl", "<out>": "runs/aepo", "/shared/": "shared/", "seedS": "seed0"}
+    checked, refused = set(), []
+    for n, command in enumerate(sorted(set(commands))):
+        line = command
+        for placeholder, value in stand_ins.items():
+            line = line.replace(placeholder, value)
+        line = re.sub(r"\bS\b", "0", re.sub(r"\bX\b", "runs/x", line))
+        words = shlex.split(line)
+        start = next(i for i, w in enumerate(words) if re.fullmatch(r"(ares|eval|data_prep)\.py", w))
+        argv = words[start:]  # the program and its flags, after python's or torchrun's own
+        assert "<" not in " ".join(argv), f"README: a placeholder without a stand-in: {command}"
+        folder = tmp_path / f"command{n}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        for flag, value in zip(argv, argv[1:]):
+            if flag in ("--model", "--ref-model") and value != "tiny":  # a checkpoint folder (or a hub name's stand-in)
+                (folder / value).mkdir(parents=True, exist_ok=True)
+                (folder / value / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+                (folder / value / "tokenizer.json").write_text("{}")  # data_prep.py adacs --model reads a tokenizer
+            if flag in ("--data", "--pass-rates", "--eval-data") and Path(value).suffix in (".jsonl", ".parquet"):
+                (folder / value).parent.mkdir(parents=True, exist_ok=True)
+                (folder / value).write_text("")
+        try:
+            accepts(argv, monkeypatch)
+        except SystemExit as stop:
+            refused.append(f"README: {command}\n  stops: {stop.code} {capsys.readouterr().err.strip()}")
+        capsys.readouterr()
+        checked.add(argv[0])
+    assert not refused, "\n".join(refused)
+    assert checked == {"ares.py", "eval.py", "data_prep.py"}
