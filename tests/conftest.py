@@ -124,3 +124,42 @@ class LayerRecomputes:
     @property
     def recomputed(self) -> int:
         return self.mlp - self.layer
+
+
+def stand_ins_for(argv: list[str]):
+    """What a command's flags name, made in the working folder (or where an absolute path points) as the flag checks
+    need it and nothing more: every --model but `tiny` a folder with a model's config.json and a tokenizer.json (a
+    hub name's stand-in too: a folder of that name is read before the hub), every .jsonl or .parquet --data,
+    --pass-rates and --eval-data an empty file (no check reads the records)."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--model", "--ref-model") and value != "tiny":
+            Path(value).mkdir(parents=True, exist_ok=True)
+            (Path(value) / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+            (Path(value) / "tokenizer.json").write_text("{}")  # data_prep.py adacs --model reads a tokenizer
+        if flag in ("--data", "--pass-rates", "--eval-data") and Path(value).suffix in (".jsonl", ".parquet"):
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
+            Path(value).write_text("")
+
+
+def accepts(argv: list[str], monkeypatch):
+    """Run `python <argv>` through its program's own main, flag checks and all, with the work that would follow them
+    replaced by nothing: ares.py's stages by the checks start_stage makes before it reads the data (the stage's
+    defaults filled in, then validate_config again), eval.py passrate by check_passrate_args, which run_passrate
+    makes first; the demo's own checks are parse_config's (check_demo)."""
+    import eval as ev
+
+    for stage in ("coldstart", "aepo"):
+        monkeypatch.setattr(ares, f"train_{stage}",
+                            lambda cfg, stage=stage: ares.validate_config(ares.resolve_stage_defaults(cfg, stage)))
+    monkeypatch.setattr(ares, "run_demo", lambda cfg: None)
+    monkeypatch.setattr(ev, "run_passrate", ev.check_passrate_args)
+    for name in ("run_curves", "run_demo_report", "evaluate_and_report"):
+        monkeypatch.setattr(ev, name, lambda args: None)
+    for name in ("run_convert", "run_adacs", "run_demo"):
+        monkeypatch.setattr(data_prep, name, lambda args: None)
+    main = {"ares.py": ares.main, "eval.py": ev.main, "data_prep.py": data_prep.main}[argv[0]]
+    try:
+        main(argv[1:])
+    except SystemExit as stop:  # --help: 0, having printed every flag
+        if stop.code != 0 or argv[-1] != "--help":
+            raise

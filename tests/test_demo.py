@@ -3,6 +3,7 @@ the pipeline ran through its command and left what the next one reads; the learn
 (README), not asserted here."""
 import importlib
 import json
+from pathlib import Path
 
 import ares
 import pytest
@@ -165,3 +166,78 @@ def test_the_demo_passes_each_flag_to_the_stage_that_reads_it():
     cfg = ares.parse_config(["--kl-coef", "0.05", "--batch-size", "8", "--trigger-words", "--out", "x"])
     assert ares.demo_flags(cfg, "coldstart") == ["--batch-size", "8"]
     assert ares.demo_flags(cfg, "aepo") == ["--batch-size", "8", "--kl-coef", "0.05", "--trigger-words"]
+
+
+def demo_commands(flags, tmp_path, monkeypatch) -> list[tuple[list[str], str, int]]:
+    """The commands `python ares.py <flags>` runs, in order: (args, log, processes), recorded, not run."""
+    commands = []
+
+    def record(args, procs, log, nproc=1):
+        commands.append(([str(a) for a in args], str(log), nproc))
+        log.write_text("")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ares, "demo_command", record)
+    monkeypatch.setattr(ares, "demo_wait", lambda procs: None)
+    ares.run_demo(ares.parse_config(flags))
+    return commands
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_the_demo_stage_tables_commands_are_run_demos(tmp_path, monkeypatch, capsys):
+    """README "What `python ares.py` does": the stage table abbreviates the commands run_demo runs, one row per stage in
+    their order (two commands where it says twice), each of them under torchrun with 2 processes where its row says so,
+    its output in runs/ares/<stage>.log; every word of a row is in its command (a flag with its value), and each
+    whole command passes its program's flag checks. And what the section says of them: both AEPO runs get DEMO_AEPO,
+    `--keep-uniform-groups --trigger-words`, from the same cold start, seed and steps, GRPO BASELINE's flags too; the
+    sizes (DEMO) and steps (DEMO_STEPS) as stated; `--demo-steps N` N AEPO steps, 5N warm-up and cold-start steps, a
+    smaller task."""
+    import shlex
+
+    from conftest import ROOT, accepts, stand_ins_for
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### What `python ares.py` does"):readme.index("### The demo's tables")]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "`" in line.split(" | ")[1]]
+    commands = demo_commands([], tmp_path, monkeypatch)
+    small = demo_commands(["--demo-steps", "3", "--out", "small"], tmp_path, monkeypatch)
+    assert sum(2 if "twice" in row[1] else 1 for row in rows) == len(commands) == 10, [c[0][:2] for c in commands]
+    done = 0
+    for row in rows:
+        words = shlex.split(row[1].split("`")[1])
+        launch = words[:2] if words[0] == "torchrun" else []  # torchrun --nproc_per_node=2
+        words, nproc = words[len(launch):], int(launch[1].split("=")[1]) if launch else 1
+        for args, log, ranks in commands[done:done + (2 if "twice" in row[1] else 1)]:
+            assert (args[0], ranks, Path(log).parent) == (words[0], nproc, Path("runs/ares")), (row[0], args)
+            for i, word in enumerate(words[1:], 1):
+                assert word in args and (word.startswith("--") or args[args.index(words[i - 1]) + 1] == word), (
+                    row[0], word, args)
+        done += 2 if "twice" in row[1] else 1
+    for args, _, _ in commands:  # the whole commands: flags that exist, values allowed, a valid combination
+        stand_ins_for(args)
+        accepts(args, monkeypatch)
+    capsys.readouterr()
+    said = " ".join(section.split())
+    assert "(`DEMO_AEPO` in `ares.py`): `--keep-uniform-groups` and `--trigger-words`" in said
+    assert ares.DEMO_AEPO == ["--keep-uniform-groups", "--trigger-words"]
+    assert f"plain GRPO (`{shlex.join(ares.BASELINE)}`: reward = accuracy" in said
+    ares_run, grpo_run = (args for args, _, _ in commands if args[:3] == ["ares.py", "--stage", "aepo"])
+    assert ares_run[-len(ares.DEMO_AEPO) - 2:-2] == ares.DEMO_AEPO and "--entropy-shaping" not in ares_run
+    assert grpo_run == [*ares_run[:-2], *ares.BASELINE, "--out", "runs/ares/grpo"]
+    assert ("Sizes (`DEMO`: 16,000 warm-up, 1,200 pool, 1,000 RL and 300 test problems) and steps (`DEMO_STEPS`: "
+            "warm-up 800, cold start 300, AEPO 100) are constants of `ares.py`") in said
+    assert ares.DEMO == dict(sft=16000, pool=1200, rl=1000, test=300)
+    assert ares.DEMO_STEPS == dict(warmup=800, coldstart=300, aepo=100)
+
+    def sizes_and_steps(commands):
+        data = commands[0][0]
+        return ({k: int(flag_value(data, f"--{k}")) for k in ("sft", "pool", "rl", "test")},
+                [int(flag_value(args, "--steps")) for args, _, _ in commands if args[0] == "ares.py"])
+
+    assert sizes_and_steps(commands) == (ares.DEMO, [800, 300, 100, 100])
+    assert "`--demo-steps N` shrinks it (N AEPO steps, 5N warm-up and cold-start steps, a small task)" in said
+    sizes, steps = sizes_and_steps(small)
+    assert steps == [15, 15, 3, 3] and all(sizes[k] < ares.DEMO[k] for k in sizes), sizes

@@ -3,14 +3,12 @@ value equals the dataclass default (issue 12: it used to read as "not given"), a
 of Part 1 that uses it, or (--format-weight, --log-samples-every) shows in the run's log."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import ares
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, accepts, stand_ins_for
 
 
 @pytest.fixture(autouse=True)
@@ -250,31 +248,6 @@ def readme_commands(text: str) -> list[str]:
     return commands
 
 
-def accepts(argv: list[str], monkeypatch):
-    """Run `python <argv>` through its program's own main, flag checks and all, with the work that would follow them
-    replaced by nothing: ares.py's stages by the checks start_stage makes before it reads the data (the stage's
-    defaults filled in, then validate_config again), eval.py passrate by check_passrate_args, which run_passrate
-    makes first; the demo's own checks are parse_config's (check_demo)."""
-    import data_prep
-    import eval as ev
-
-    for stage in ("coldstart", "aepo"):
-        monkeypatch.setattr(ares, f"train_{stage}",
-                            lambda cfg, stage=stage: ares.validate_config(ares.resolve_stage_defaults(cfg, stage)))
-    monkeypatch.setattr(ares, "run_demo", lambda cfg: None)
-    monkeypatch.setattr(ev, "run_passrate", ev.check_passrate_args)
-    for name in ("run_curves", "run_demo_report", "evaluate_and_report"):
-        monkeypatch.setattr(ev, name, lambda args: None)
-    for name in ("run_convert", "run_adacs", "run_demo"):
-        monkeypatch.setattr(data_prep, name, lambda args: None)
-    main = {"ares.py": ares.main, "eval.py": ev.main, "data_prep.py": data_prep.main}[argv[0]]
-    try:
-        main(argv[1:])
-    except SystemExit as stop:  # --help: 0, having printed every flag
-        if stop.code != 0 or argv[-1] != "--help":
-            raise
-
-
 # README "Where the hard points go": the ablations' `<flags>`, row by row (the README's words, whitespace aside, then
 # the flags added to the ARES command and those taken out of it)
 ABLATIONS = [
@@ -333,17 +306,9 @@ def test_every_command_in_the_readme_is_one_its_program_accepts(tmp_path, monkey
         start = next(i for i, w in enumerate(words) if re.fullmatch(r"(ares|eval|data_prep)\.py", w))
         argv = words[start:]  # the program and its flags, after python's or torchrun's own
         assert "<" not in " ".join(argv), f"README: a placeholder without a stand-in: {command}"
-        folder = tmp_path / f"command{n}"
-        folder.mkdir()
-        monkeypatch.chdir(folder)
-        for flag, value in zip(argv, argv[1:]):
-            if flag in ("--model", "--ref-model") and value != "tiny":  # a checkpoint folder (or a hub name's stand-in)
-                (folder / value).mkdir(parents=True, exist_ok=True)
-                (folder / value / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
-                (folder / value / "tokenizer.json").write_text("{}")  # data_prep.py adacs --model reads a tokenizer
-            if flag in ("--data", "--pass-rates", "--eval-data") and Path(value).suffix in (".jsonl", ".parquet"):
-                (folder / value).parent.mkdir(parents=True, exist_ok=True)
-                (folder / value).write_text("")
+        (tmp_path / f"command{n}").mkdir()
+        monkeypatch.chdir(tmp_path / f"command{n}")
+        stand_ins_for(argv)
         try:
             accepts(argv, monkeypatch)
         except SystemExit as stop:
