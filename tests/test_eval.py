@@ -1,6 +1,7 @@
 """eval.py: metrics against hand-computed values; end to end on the tiny model (1 process == 2 processes, the
 cache, failed records), two models side by side, and the plot."""
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import ares
 import data_prep
@@ -1423,3 +1424,61 @@ def test_demo_report_of_a_stopped_demo_names_the_stage_that_did_not_finish(done,
     assert str(err.value.code) == (f"demo-report {tmp_path}: the demo stopped before its {stage} stage finished (no "
                                    f"{DEMO_RUN[done]}): run it again with --overwrite (the same `python ares.py` "
                                    "command; it starts over and ends with this report)")
+
+
+def demo_rows(steps: int = 3, held_out: bool = False) -> list[dict]:
+    """An AEPO run's metrics rows as the demo logs them: per level (easy, medium, hard) and per online bucket."""
+    levels = ("easy", "medium", "hard")
+    return [dict(step=s, reward=0.5, acc=0.5, tau=1.0,
+                 **{f"level_{lv}_{k}": 1.0 for lv in levels for k in ("len", "n_he", "acc")},
+                 **{f"level_{lv}_groups_{b}": 1 for lv in levels for b in ares.BUCKETS},
+                 **{f"{k}_{b}": 0.5 for k in ("kappa", "n_he", "branched", "kl_outside") for b in ares.BUCKETS},
+                 **({"eval_test_acc": 0.5, "eval_test_len": 9.0} if held_out else {})) for s in range(1, steps + 1)]
+
+
+def test_the_demos_curves_are_the_readmes_nine_panels_ares_solid_and_grpo_dashed(tmp_path, monkeypatch):
+    """README "What `python ares.py` does": curves.png has nine panels over the AEPO steps, ARES solid and GRPO dashed:
+    reward and accuracy; per level response tokens, N_HE and accuracy; tau; kappa; per online bucket N_HE per response,
+    the branched share and the KL outside HWE windows; a run with --eval-data two more (held-out accuracy and tokens).
+    demo_report draws ARES's run first (solid), GRPO's second, and explore.html from the cold start and ARES, two
+    held-out problems per level."""
+    pytest.importorskip("matplotlib")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert ("`curves.png` has nine panels over the AEPO steps, ARES solid and GRPO dashed: reward and accuracy; per level "
+            "response tokens, N_HE and accuracy; tau; kappa; and per online bucket (App. G) N_HE per response, the share "
+            "of responses that were branched from an HWE token, and the KL outside HWE windows (the controller's "
+            "signal). A run with `--eval-data` gets two more panels (held-out accuracy and tokens).") in readme
+    levels, buckets = ("easy", "medium", "hard"), ares.BUCKETS
+    nine = [["reward", "acc"], [f"{lv}_len" for lv in levels], [f"{lv}_n_he" for lv in levels],
+            [f"{lv}_acc" for lv in levels], ["tau"], [f"kappa_{b}" for b in buckets], [f"n_he_{b}" for b in buckets],
+            [f"branched_{b}" for b in buckets], [f"kl_outside_{b}" for b in buckets]]
+    figures = []
+    monkeypatch.setattr(ev, "save_figure", lambda plt, fig, png: figures.append(fig) or True)
+    for held_out, panels in ((False, nine), (True, [*nine, ["test_acc"], ["test_len"]])):
+        runs = {}
+        for name in ("ARES", "GRPO"):
+            runs[name] = tmp_path / f"{name}{held_out}.jsonl"
+            runs[name].write_text("".join(json.dumps(r) + "\n" for r in demo_rows(held_out=held_out)))
+        ev.plot_curves(runs, tmp_path / "curves.png")
+        drawn = [ax for ax in figures[-1].axes if ax.axison]  # the grid's spare cells are switched off
+        assert len(drawn) == len(panels) == (11 if held_out else 9)
+        for ax, keys in zip(drawn, panels):
+            assert ax.get_xlabel() == "AEPO step"
+            labelled = {line.get_label(): line.get_linestyle() for line in ax.get_lines()
+                        if not line.get_label().startswith("_")}  # the moving means (and points), not the faint steps
+            assert labelled == {f"{k} ({name})": style for name, style in (("ARES", "-"), ("GRPO", "--")) for k in keys}
+    assert inspect.signature(ev.explore_page).parameters["per_level"].default == 2  # two problems per level
+    drawn, explored = [], []
+    monkeypatch.setattr(ev, "plot_curves", lambda runs, png: drawn.append(list(runs.items())))
+    monkeypatch.setattr(ev, "explore_page", lambda models, names, data, html, cfg, **kw: explored.append(
+        (models, names, data, kw)))
+    out = tmp_path / "demo"
+    for part, text in (("eval_greedy/results.json", '{"table": "g"}'), ("eval_sampled/results.json", '{"table": "s"}'),
+                       ("stage_times.json", '{"data": 1}'), ("aepo/config.json", '{"flags": {"stage": "aepo"}}'),
+                       ("aepo/metrics.jsonl", runs["ARES"].read_text()), ("grpo/metrics.jsonl", runs["GRPO"].read_text())):
+        (out / part).parent.mkdir(parents=True, exist_ok=True)
+        (out / part).write_text(text)
+    ev.demo_report(out)
+    assert drawn == [[("ARES", out / "aepo" / "metrics.jsonl"), ("GRPO", out / "grpo" / "metrics.jsonl")]]
+    assert explored == [([out / "coldstart" / "final", out / "aepo" / "final"], ["cold start", "ARES"],
+                         out / "data" / "test.jsonl", {})]
