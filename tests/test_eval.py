@@ -1482,3 +1482,47 @@ def test_the_demos_curves_are_the_readmes_nine_panels_ares_solid_and_grpo_dashed
     assert drawn == [[("ARES", out / "aepo" / "metrics.jsonl"), ("GRPO", out / "grpo" / "metrics.jsonl")]]
     assert explored == [([out / "coldstart" / "final", out / "aepo" / "final"], ["cold start", "ARES"],
                          out / "data" / "test.jsonl", {})]
+
+
+def test_explore_html_is_the_readmes_page(tmp_path, monkeypatch):
+    """README "Where ARES explores": for two held-out problems per level, one branching rollout group of each model side
+    by side, a model's six groups sampled in one call (one tau, printed beside each model); every token shaded by its
+    window entropy, HWE tokens outlined, a branch's inherited prefix faded and its branch point marked, with the
+    verdict, length and N_HE of every response; one self-contained file (no scripts, nothing loaded from elsewhere).
+    The model and its sampler are stand-ins here: one group of hand-made rows (explore_rows is tested above)."""
+    records = [dict(id=f"{lv}{i}", question=f"q {lv} {i}", answer="7", difficulty=lv, images=[])
+               for lv in ("easy", "medium", "hard") for i in range(3)]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    group = [dict(tokens=["So", "<b>"], hbar=[0.5, 2.0], hwe=[False, True], parent=-1, branch_at=0, correct=True, n_he=1),
+             dict(tokens=["So", "x"], hbar=[0.5, 0.1], hwe=[False, False], parent=0, branch_at=1, correct=False, n_he=0)]
+    calls = []
+
+    class Model:
+        def eval(self):
+            return self
+
+    def rows(model, processor, picked, cfg, seed):
+        calls.append(([r["id"] for r in picked], seed))
+        return [group] * len(picked), 0.5 if len(calls) == 1 else 1.0  # tau: the cold start's 0.5, ARES's 1.0
+
+    monkeypatch.setattr(ares, "load_model", lambda name, cfg, device: (Model(), None))
+    monkeypatch.setattr(ev, "explore_rows", rows)
+    page = ev.explore_page(["cold", "ares"], ["cold start", "ARES"], data, tmp_path / "explore.html",
+                           ares.Config(seed=3, group_size=2, branch_samples=1)).read_text()
+    picked = ["easy0", "easy1", "medium0", "medium1", "hard0", "hard1"]
+    assert calls == [(picked, 3), (picked, 3)]  # one call per model, its six groups together
+    assert page.count("<h3>") == 6 and all(f"q {r[:-1]} {r[-1]} (answer 7)" in page for r in picked)
+    assert page.count("<td><b>cold start</b> (tau = 0.500)") == page.count("<td><b>ARES</b> (tau = 1.000)") == 6
+    first, branched = '<div class="l">#0: <span class="ok">right</span>, 2 tokens, N_HE = 1</div>', \
+        '<div class="l">#1 branched from #0 at token 1: <span class="no">wrong</span>, 2 tokens, N_HE = 0</div>'
+    assert page.count(first) == page.count(branched) == 12
+    # shading: window entropy / (2 tau), capped at 1; the HWE token outlined (class h); the branch's inherited "So"
+    # faded (class p), then the blue bar where it starts sampling (class b); the token text escaped
+    assert ('<span class="t" style="background:rgba(255,120,0,0.50)" title="window entropy 0.500">So</span>'
+            '<span class="t h" style="background:rgba(255,120,0,1.00)" title="window entropy 2.000">&lt;b&gt;</span>') in page
+    assert ('<span class="t p" style="background:rgba(255,120,0,0.50)" title="window entropy 0.500">So</span>'
+            '<span class="b">|</span><span class="t" style="background:rgba(255,120,0,0.10)" title="window entropy '
+            '0.100">x</span>') in page
+    assert ".h{outline:" in page and ".p{opacity:" in page and ".b{color:" in page
+    assert not any(word in page.lower() for word in ("<script", " src=", "href=", "@import", "url("))
