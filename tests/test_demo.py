@@ -7,6 +7,8 @@ from pathlib import Path
 
 import ares
 import pytest
+
+ev = importlib.import_module("eval")  # `import eval` would shadow the builtin eval()
 from conftest import run_script
 
 LEVELS = ("easy", "medium", "hard")
@@ -168,9 +170,10 @@ def test_the_demo_passes_each_flag_to_the_stage_that_reads_it():
     assert ares.demo_flags(cfg, "aepo") == ["--batch-size", "8", "--kl-coef", "0.05", "--trigger-words"]
 
 
-def demo_commands(flags, tmp_path, monkeypatch) -> list[tuple[list[str], str, int]]:
-    """The commands `python ares.py <flags>` runs, in order: (args, log, processes), recorded, not run."""
-    commands = []
+def demo_commands(flags, tmp_path, monkeypatch) -> tuple[list[tuple[list[str], str, int]], list[int]]:
+    """The commands `python ares.py <flags>` runs, in order: (args, log, processes), recorded, not run; and how many
+    had started each time the demo waited for its stage to end (so side by side: two started before one wait)."""
+    commands, waits = [], []
 
     def record(args, procs, log, nproc=1):
         commands.append(([str(a) for a in args], str(log), nproc))
@@ -178,9 +181,9 @@ def demo_commands(flags, tmp_path, monkeypatch) -> list[tuple[list[str], str, in
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ares, "demo_command", record)
-    monkeypatch.setattr(ares, "demo_wait", lambda procs: None)
+    monkeypatch.setattr(ares, "demo_wait", lambda procs: waits.append(len(commands)))
     ares.run_demo(ares.parse_config(flags))
-    return commands
+    return commands, waits
 
 
 def flag_value(args: list[str], flag: str) -> str:
@@ -202,10 +205,11 @@ def test_the_demo_stage_tables_commands_are_run_demos(tmp_path, monkeypatch, cap
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### What `python ares.py` does"):readme.index("### The demo's tables")]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "`" in line.split(" | ")[1]]
-    commands = demo_commands([], tmp_path, monkeypatch)
-    small = demo_commands(["--demo-steps", "3", "--out", "small"], tmp_path, monkeypatch)
+    assert ares.parse_config([]).stage == "demo"  # "With no arguments `ares.py` runs `--stage demo`"
+    commands, waits = demo_commands([], tmp_path, monkeypatch)
+    small, _ = demo_commands(["--demo-steps", "3", "--out", "small"], tmp_path, monkeypatch)
     assert sum(2 if "twice" in row[1] else 1 for row in rows) == len(commands) == 10, [c[0][:2] for c in commands]
-    done = 0
+    done, stages = 0, []
     for row in rows:
         words = shlex.split(row[1].split("`")[1])
         launch = words[:2] if words[0] == "torchrun" else []  # torchrun --nproc_per_node=2
@@ -216,6 +220,29 @@ def test_the_demo_stage_tables_commands_are_run_demos(tmp_path, monkeypatch, cap
                 assert word in args and (word.startswith("--") or args[args.index(words[i - 1]) + 1] == word), (
                     row[0], word, args)
         done += 2 if "twice" in row[1] else 1
+        stages.append(done)
+    assert waits == stages  # "twice, side by side": both started before the demo waits for them
+    # what the rows say the commands read: the warm-up on the demo's sft traces, the pass rates of the base model on the
+    # pool, AdaCS from the pool's teacher traces and those rates, the cold start from the base model on AdaCS's traces,
+    # both AEPO runs from the cold start on the RL prompts, the three checkpoints on the held-out records, greedy (the
+    # default) and at T = 1, mean@4
+    data, warm, cold = "runs/ares/data", "runs/ares/warmup/final", "runs/ares/coldstart/final"
+    reads = [{(f, flag_value(args, f)) for f in ("--model", "--data", "--pass-rates") if f in args}
+             for args, _, _ in commands]
+    assert reads[1:7] == [{("--model", "tiny"), ("--data", f"{data}/sft.jsonl")},
+                          {("--model", warm), ("--data", f"{data}/pool.jsonl")},
+                          {("--data", f"{data}/pool_traces.jsonl"), ("--pass-rates", f"{data}/pass_rates.jsonl"),
+                           ("--model", "tiny")},  # (the tokenizer that counts the traces' tokens)
+                          {("--model", warm), ("--data", f"{data}/adacs.jsonl")},
+                          {("--model", cold), ("--data", f"{data}/rl.jsonl")},
+                          {("--model", cold), ("--data", f"{data}/rl.jsonl")}]
+    greedy, sampled = commands[7][0], commands[8][0]
+    models = [v for f, v in zip(greedy, greedy[1:]) if f == "--model"]
+    assert models == [cold, "runs/ares/aepo/final", "runs/ares/grpo/final"]
+    assert flag_value(greedy, "--data") == f"{data}/test.jsonl" and "--temperature" not in greedy
+    assert ev.EvalConfig().temperature == 0  # greedy
+    assert sampled[:len(greedy) - 2] == greedy[:-2] and (flag_value(sampled, "--temperature"), flag_value(
+        sampled, "--samples")) == ("1.0", "4")
     for args, _, _ in commands:  # the whole commands: flags that exist, values allowed, a valid combination
         stand_ins_for(args)
         accepts(args, monkeypatch)

@@ -1444,9 +1444,9 @@ def test_the_demos_curves_are_the_readmes_nine_panels_ares_solid_and_grpo_dashed
     held-out problems per level."""
     pytest.importorskip("matplotlib")
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert ("`curves.png` has nine panels over the AEPO steps, ARES solid and GRPO dashed: reward and accuracy; per level "
-            "response tokens, N_HE and accuracy; tau; kappa; and per online bucket (App. G) N_HE per response, the share "
-            "of responses that were branched from an HWE token, and the KL outside HWE windows (the controller's "
+    assert ("`curves.png` has nine panels over the AEPO steps, ARES solid and GRPO dashed: reward and accuracy; per "
+            "level response tokens, N_HE and accuracy; tau; kappa; and per online bucket (App. G) N_HE per response, "
+            "the share of responses that were branched from an HWE token, and the KL outside HWE windows (the controller's "
             "signal). A run with `--eval-data` gets two more panels (held-out accuracy and tokens).") in readme
     levels, buckets = ("easy", "medium", "hard"), ares.BUCKETS
     nine = [["reward", "acc"], [f"{lv}_len" for lv in levels], [f"{lv}_n_he" for lv in levels],
@@ -1475,7 +1475,8 @@ def test_the_demos_curves_are_the_readmes_nine_panels_ares_solid_and_grpo_dashed
     out = tmp_path / "demo"
     for part, text in (("eval_greedy/results.json", '{"table": "g"}'), ("eval_sampled/results.json", '{"table": "s"}'),
                        ("stage_times.json", '{"data": 1}'), ("aepo/config.json", '{"flags": {"stage": "aepo"}}'),
-                       ("aepo/metrics.jsonl", runs["ARES"].read_text()), ("grpo/metrics.jsonl", runs["GRPO"].read_text())):
+                       ("aepo/metrics.jsonl", runs["ARES"].read_text()),
+                       ("grpo/metrics.jsonl", runs["GRPO"].read_text())):
         (out / part).parent.mkdir(parents=True, exist_ok=True)
         (out / part).write_text(text)
     ev.demo_report(out)
@@ -1494,8 +1495,10 @@ def test_explore_html_is_the_readmes_page(tmp_path, monkeypatch):
                for lv in ("easy", "medium", "hard") for i in range(3)]
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    group = [dict(tokens=["So", "<b>"], hbar=[0.5, 2.0], hwe=[False, True], parent=-1, branch_at=0, correct=True, n_he=1),
-             dict(tokens=["So", "x"], hbar=[0.5, 0.1], hwe=[False, False], parent=0, branch_at=1, correct=False, n_he=0)]
+    group = [dict(tokens=["So", "<b>"], hbar=[0.5, 2.0], hwe=[False, True], parent=-1, branch_at=0, correct=True,
+                  n_he=1),
+             dict(tokens=["So", "x"], hbar=[0.5, 0.1], hwe=[False, False], parent=0, branch_at=1, correct=False,
+                  n_he=0)]  # a group of G = 2: one sampled, one branched from it at its second token
     calls = []
 
     class Model:
@@ -1520,7 +1523,8 @@ def test_explore_html_is_the_readmes_page(tmp_path, monkeypatch):
     # shading: window entropy / (2 tau), capped at 1; the HWE token outlined (class h); the branch's inherited "So"
     # faded (class p), then the blue bar where it starts sampling (class b); the token text escaped
     assert ('<span class="t" style="background:rgba(255,120,0,0.50)" title="window entropy 0.500">So</span>'
-            '<span class="t h" style="background:rgba(255,120,0,1.00)" title="window entropy 2.000">&lt;b&gt;</span>') in page
+            '<span class="t h" style="background:rgba(255,120,0,1.00)" title="window entropy 2.000">&lt;b&gt;</span>'
+            ) in page
     assert ('<span class="t p" style="background:rgba(255,120,0,0.50)" title="window entropy 0.500">So</span>'
             '<span class="b">|</span><span class="t" style="background:rgba(255,120,0,0.10)" title="window entropy '
             '0.100">x</span>') in page
