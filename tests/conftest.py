@@ -1,4 +1,5 @@
 """Shared fixtures: everything offline, on the CPU, small enough for a 2-core CI machine."""
+import argparse
 import json
 import os
 import signal
@@ -142,10 +143,10 @@ def stand_ins_for(argv: list[str]):
 
 
 def accepts(argv: list[str], monkeypatch):
-    """Run `python <argv>` through its program's own main, flag checks and all, with the work that would follow them
-    replaced by nothing: ares.py's stages by the checks start_stage makes before it reads the data (the stage's
-    defaults filled in, then validate_config again), eval.py passrate by check_passrate_args, which run_passrate
-    makes first; the demo's own checks are parse_config's (check_demo)."""
+    """Run `python <argv>` through its program's own main, flag checks and all (each flag by its full name), with the
+    work that would follow them replaced by nothing: ares.py's stages by the checks start_stage makes before it reads
+    the data (the stage's defaults filled in, then validate_config again), eval.py passrate by check_passrate_args,
+    which run_passrate makes first; the demo's own checks are parse_config's (check_demo)."""
     import eval as ev
 
     for stage in ("coldstart", "aepo"):
@@ -157,6 +158,11 @@ def accepts(argv: list[str], monkeypatch):
         monkeypatch.setattr(ev, name, lambda args: None)
     for name in ("run_convert", "run_adacs", "run_demo"):
         monkeypatch.setattr(data_prep, name, lambda args: None)
+
+    def full_names_only(self, *args, **kwargs):  # argparse takes a prefix: --question-col for a --question-column
+        argparse.ArgumentParser.__init__(self, *args, **{**kwargs, "allow_abbrev": False})  # it was renamed to
+
+    monkeypatch.setattr(data_prep.OneLineParser, "__init__", full_names_only)
     main = {"ares.py": ares.main, "eval.py": ev.main, "data_prep.py": data_prep.main}[argv[0]]
     try:
         main(argv[1:])

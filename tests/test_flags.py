@@ -3,6 +3,8 @@ value equals the dataclass default (issue 12: it used to read as "not given"), a
 of Part 1 that uses it, or (--format-weight, --log-samples-every) shows in the run's log."""
 import json
 import math
+import re
+import shlex
 
 import pytest
 import torch
@@ -231,8 +233,6 @@ def readme_commands(text: str) -> list[str]:
     `python X.py ...` and `torchrun ... X.py ...` lines (continuations joined, comments cut), and the same in
     backticks, where a bare `X.py --flag value ...` of four words or more is a command too (shorter ones name a
     program, a subcommand or a flag; one with `...` leaves flags out)."""
-    import re
-
     program = r"\b(ares|eval|data_prep)\.py\b"
     commands = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
@@ -277,9 +277,6 @@ def test_every_command_in_the_readme_is_one_its_program_accepts(tmp_path, monkey
     their own for each command: S the seed 0, X runs/x, every --model a folder with a model's config.json, every
     --data, --pass-rates and --eval-data file an empty file (nothing is read: the checks stop before the data). The
     demo's stage table abbreviates run_demo's commands: test_the_demo_stage_tables_commands_are_run_demos."""
-    import re
-    import shlex
-
     import data_prep
 
     readme = (ROOT / "README.md").read_text()
@@ -295,25 +292,48 @@ def test_every_command_in_the_readme_is_one_its_program_accepts(tmp_path, monkey
     monkeypatch.setitem(data_prep.PRESETS, "yourname", dict(hub="org/name", split="train",  # "Forking": a new preset
                                                              mapping=dict(question="problem", answer="solution")))
     stand_ins = {"<3B cold start>": "runs/coldstart/final", "<7B cold start>": "runs/coldstart/final",
-                 "<rl data>": "data/rl.jsonl", "<out>": "runs/aepo", "/shared/": "shared/", "seedS": "seed0"}
-    checked, refused = set(), []
+                 "<rl data>": "data/rl.jsonl", "<out>": "runs/aepo", "/shared/": "shared/", "seedS": "seed0",
+                 "S": "0", "X": "runs/x"}
+    refused, checked = refusals(commands, stand_ins, tmp_path, monkeypatch, capsys)
+    assert not refused, "\n".join(f"README: {line}" for line in refused)
+    assert checked == {"ares.py", "eval.py", "data_prep.py"}
+
+
+@pytest.mark.parametrize("module", ["ares", "eval", "data_prep"])
+def test_every_command_in_a_module_docstring_is_one_its_program_accepts(module, tmp_path, monkeypatch, capsys):
+    """The module docstrings' launch commands (where a reader of the file starts) pass the same checks as the
+    README's: A, B and M stand for checkpoints; `[--fsdp]` is given; a command with `...` leaves flags out."""
+    import importlib
+
+    doc = importlib.import_module(module).__doc__
+    commands = [c.replace("[--fsdp]", "--fsdp").replace("SUBCOMMAND", "convert")
+                for c in readme_commands(f"```\n{doc}```") if "..." not in c]
+    assert len(commands) >= 5, commands
+    refused, _ = refusals(commands, {"A": "runs/a", "B": "runs/b", "M": "runs/m"}, tmp_path, monkeypatch, capsys)
+    assert not refused, "\n".join(f"{module}.py's docstring: {line}" for line in refused)
+
+
+def refusals(commands: list[str], stand_ins: dict, tmp_path, monkeypatch, capsys) -> tuple[list[str], set]:
+    """Each command through `accepts` in a folder of its own, its placeholders replaced by `stand_ins` (in their order;
+    a one-letter one as a word of its own) and the files its flags name made there (stand_ins_for): the commands
+    refused, each with its program's line, and the programs checked."""
+    refused, checked = [], set()
     for n, command in enumerate(sorted(set(commands))):
         line = command
         for placeholder, value in stand_ins.items():
-            line = line.replace(placeholder, value)
-        line = re.sub(r"\bS\b", "0", re.sub(r"\bX\b", "runs/x", line))
+            line = re.sub(rf"\b{placeholder}\b", value, line) if len(placeholder) == 1 else line.replace(placeholder,
+                                                                                                        value)
         words = shlex.split(line)
         start = next(i for i, w in enumerate(words) if re.fullmatch(r"(ares|eval|data_prep)\.py", w))
         argv = words[start:]  # the program and its flags, after python's or torchrun's own
-        assert "<" not in " ".join(argv), f"README: a placeholder without a stand-in: {command}"
+        assert "<" not in " ".join(argv), f"a placeholder without a stand-in: {command}"
         (tmp_path / f"command{n}").mkdir()
         monkeypatch.chdir(tmp_path / f"command{n}")
         stand_ins_for(argv)
         try:
             accepts(argv, monkeypatch)
         except SystemExit as stop:
-            refused.append(f"README: {command}\n  stops: {stop.code} {capsys.readouterr().err.strip()}")
+            refused.append(f"{command}\n  stops: {stop.code} {capsys.readouterr().err.strip()}")
         capsys.readouterr()
         checked.add(argv[0])
-    assert not refused, "\n".join(refused)
-    assert checked == {"ares.py", "eval.py", "data_prep.py"}
+    return refused, checked
