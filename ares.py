@@ -3437,14 +3437,16 @@ def tool_file(relative: Path) -> bool:
 
 
 def changed_contents(saved: dict, record: dict, read: dict | None = None) -> list[str]:
-    """The path flags whose file or folder (or hub data set) holds other contents than the saved run record says, one
-    entry each naming the flag and the file, then the data flags whose records' image files (`read`: flag -> records)
-    do, naming the first that differs (a data file that changed says it all). A record written before fingerprints
-    (no "contents") has none to compare, one written before those of images and hub data sets none of those."""
+    """The path flags whose file or folder (or hub data set, or hub model's commit) holds other contents than the saved
+    run record says, one entry each naming the flag and the file, then the data flags whose records' image files
+    (`read`: flag -> records) do, naming the first that differs (a data file that changed says it all). A record
+    written before fingerprints (no "contents") has none to compare, one written before those of images and hub data
+    sets none of those."""
     old, new, flags = saved.get("contents") or {}, record["contents"], record["flags"]
     changed = [k for k in PATH_FLAGS if old.get(k) is not None and new.get(k) != old[k]]
-    found = [f"--{k.replace('_', '-')} {flags[k]} ({flag_path(k, flags[k]) or 'a hub data set: its records'})"
-             for k in changed]
+    where = {k: flag_path(k, flags[k]) or (f"a hub model, {new[k]}" if k in ("model", "ref_model")  # "revision <sha>"
+                                           else "a hub data set: its records") for k in changed}
+    found = [f"--{k.replace('_', '-')} {flags[k]} ({where[k]})" for k in changed]
     for k, files in ((k, image_files(records)) for k, records in (read or {}).items()):
         then, now = old.get(f"{k}_images"), new.get(f"{k}_images") or ""
         if then is None or now == then or k in changed:

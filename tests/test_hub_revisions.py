@@ -191,3 +191,23 @@ def test_a_run_record_without_a_revision_resumes_at_mains_commit_and_holds_it_fr
     assert torch.equal(embeddings(policy.state_dict()), embeddings(load_file(hub / "snapshots" / SECOND /
                                                                              "model.safetensors")))
     assert json.loads((out / "config.json").read_text())["contents"]["model"] == f"revision {SECOND}"
+
+
+def test_resume_of_a_run_from_a_local_folder_now_read_from_the_hub_names_the_hub_model(hub, demo_data, tmp_path,
+                                                                                      monkeypatch):
+    """--model org/tiny named a local folder ./org/tiny when the run started; by its resume the folder is gone and the
+    same text names the hub model: the resume stops (nothing says the hub's commit holds the folder's weights), with
+    one line that names the hub model and its commit (it called it 'a hub data set: its records')."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(hub / "snapshots" / FIRST, tmp_path / "org" / "tiny")
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out, "--lr", 0.002, "--lr-schedule", "constant", "--warmup-steps", 20)
+    with monkeypatch.context() as m, pytest.raises(Stop):  # (the flags the folder's ares_tiny set: the same again)
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    assert json.loads((out / "config.json").read_text())["contents"]["model"] != f"revision {FIRST}"  # a folder's
+    shutil.rmtree(tmp_path / "org")
+    with pytest.raises(SystemExit) as e:
+        ares.main(args + ["--resume"])
+    assert one_line(e).startswith(f"--resume: --model org/tiny (a hub model, revision {FIRST}): other contents than "
+                                  "when the run started"), one_line(e)
