@@ -2252,6 +2252,7 @@ def start_stage(cfg: Config, stage: str):
     let --overwrite delete the old run, write the run record <out>/config.json (on --resume, changed flags stop here,
     then a --steps below the newest step checkpoint's), load the policy.
     -> (cfg, run, records, world, device)."""
+    own_suffix = cfg.prompt_suffix is None  # the model's own: a hub model's is read again at its commit, below
     cfg = validate_config(resolve_stage_defaults(cfg, stage))  # the stage defaults just filled in, too
     if cfg.deterministic:
         make_deterministic()
@@ -2269,6 +2270,8 @@ def start_stage(cfg: Config, stage: str):
     rank0_decides(claim_out, cfg)  # a run already in --out, or another one running there, stops this one here
     ckpt = latest_checkpoint(Path(cfg.out)) if cfg.resume else None  # under the lock: no other run deletes it now
     commits = from_rank0(rank0_decides(model_commits, cfg))  # a hub model's commit (--resume: the run's), every rank
+    if own_suffix and commits.get("model"):  # main's was read above: the commit's, as the run record compares it
+        cfg.prompt_suffix = model_prompt_suffix(cfg.model, commits["model"])
     processor = training_processor(cfg, ckpt, commits.get("model"))  # checks the data's lengths before the weights load
     records = filter_prompts(processor, records, cfg.max_prompt_len, cfg.data)
     for r in held_out:  # one the model cannot read (images for a text-only model) was a silent 0% at every validation

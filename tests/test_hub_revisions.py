@@ -211,3 +211,25 @@ def test_resume_of_a_run_from_a_local_folder_now_read_from_the_hub_names_the_hub
         ares.main(args + ["--resume"])
     assert one_line(e).startswith(f"--resume: --model org/tiny (a hub model, revision {FIRST}): other contents than "
                                   "when the run started"), one_line(e)
+
+
+def test_resume_prompts_with_the_instruction_of_the_runs_commit_after_the_hubs_main_moved(hub, demo_data, tmp_path,
+                                                                                           monkeypatch):
+    """README (run folders, flags): the prompt suffix a run takes from its model (`ares_prompt_suffix` in config.json)
+    is the one of the commit it reads: a new commit on the hub with another instruction neither stops the resume as a
+    changed --prompt-suffix nor reaches its prompts."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    assert json.loads((out / "config.json").read_text())["flags"]["prompt_suffix"] == ""  # the tiny model's own
+    second = tmp_path / "second"
+    shutil.copytree(hub / "snapshots" / FIRST, second)
+    config = json.loads((second / "config.json").read_text())
+    (second / "config.json").write_text(json.dumps(dict(config, ares_prompt_suffix="Think step by step.")))
+    publish(hub, SECOND, second)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args + ["--resume"])
+    assert json.loads((out / "config.json").read_text())["flags"]["prompt_suffix"] == ""
