@@ -1512,18 +1512,18 @@ def vision_params(model):
     return [p for n, p in model.named_parameters() if ".visual." in f".{n}" or n.startswith("visual")]
 
 
-def make_trainable(hf, cfg):
+def make_trainable(hf, cfg, revision: str | None = None):
     """The policy as the trainer trains it: in training mode (from_pretrained returns eval mode, and Hugging Face
-    checkpoints a layer only in training mode), with --grad-checkpointing, LoRA adapters (--lora-rank), and the vision
-    tower frozen unless --train-vision. Passes without gradients (sampling, old and reference log-probs) switch to
-    eval mode themselves (evaluating). Under checkpointing the decoder layers keep the update's KV cache
-    (shared_prompt_cache): a recompute sees what the forward saw."""
+    checkpoints a layer only in training mode), with --grad-checkpointing, LoRA adapters (--lora-rank; naming a hub
+    --model's commit `revision`: add_lora), and the vision tower frozen unless --train-vision. Passes without
+    gradients (sampling, old and reference log-probs) switch to eval mode themselves (evaluating). Under checkpointing
+    the decoder layers keep the update's KV cache (shared_prompt_cache): a recompute sees what the forward saw."""
     hf.train()
     if cfg.grad_checkpointing:
         hf.activation_checkpointing_enable({"use_reentrant": False})
         for layer in (m for m in hf.modules() if type(m).__name__.endswith("DecoderLayer")):
             layer._can_checkpoint_with_cache = True
-    hf = add_lora(hf, cfg) if cfg.lora_rank else hf
+    hf = add_lora(hf, cfg, revision) if cfg.lora_rank else hf
     for p in vision_params(hf):
         p.requires_grad_(cfg.train_vision)
     return hf
@@ -1552,17 +1552,18 @@ def load_for_fsdp(name: str, cfg: Config, device, processor=None, fill: bool = T
     return skeleton, processor, full
 
 
-def add_lora(hf, cfg):
+def add_lora(hf, cfg, revision: str | None = None):
     """peft's LoRA adapters (no dropout) on the language model's --lora-targets, injected in place (the model keeps its
     class); only they train (and the vision tower with --train-vision). B = 0 at the start, so the policy starts as
-    the base model."""
+    the base model. Their config names it (a hub model with the commit `revision` the run reads: peft's AutoPeftModel
+    loads the base at it, not at main)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     start = Path(cfg.model).expanduser()  # saved in adapter_config.json: a local folder absolute, so that the adapter
     start = str(start.resolve()) if cfg.model != "tiny" and start.is_dir() else cfg.model  # finds it from anywhere
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=0.0,
                       target_modules=lora_target_list(cfg.lora_targets), exclude_modules=r".*visual.*",
-                      base_model_name_or_path=start)  # the vision tower: none
+                      base_model_name_or_path=start, revision=revision)  # the vision tower: none
     hf = inject_adapter_in_model(lora, hf)
     for n, p in hf.named_parameters():
         p.requires_grad_(".lora_" in n)
@@ -2549,13 +2550,13 @@ def load_for_training(cfg: Config, device, ckpt: Path | None = None, processor=N
     processor = processor or training_processor(cfg, ckpt, revision)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    name, revision = (str(ckpt), None) if ckpt else (cfg.model, revision)  # a checkpoint: a folder of ours
+    name, at = (str(ckpt), None) if ckpt else (cfg.model, revision)  # a checkpoint: a folder of ours
     master = dataclasses.replace(cfg, dtype="fp32")
     if sharded(cfg):  # a resume reads its shards from state/: nothing to send then
-        hf, processor, full = load_for_fsdp(name, master, device, processor, fill=not ckpt, revision=revision)
+        hf, processor, full = load_for_fsdp(name, master, device, processor, fill=not ckpt, revision=at)
     else:
-        (hf, processor), full = load_model(name, master, device, processor=processor, revision=revision), None
-    hf = make_trainable(hf, cfg)
+        (hf, processor), full = load_model(name, master, device, processor=processor, revision=at), None
+    hf = make_trainable(hf, cfg, revision)  # LoRA: the adapter names --model's commit, on a resume too
     if cfg.prompt_suffix is not None:  # saved with every checkpoint: eval.py and passrate prompt it the same way
         hf.config.ares_prompt_suffix = cfg.prompt_suffix
     return Run(hf=hf, processor=processor, ids=special_ids(hf, processor), out=out, ckpt=ckpt, full=full)

@@ -233,3 +233,20 @@ def test_resume_prompts_with_the_instruction_of_the_runs_commit_after_the_hubs_m
         stop_after_the_policy_loads(m)
         ares.main(args + ["--resume"])
     assert json.loads((out / "config.json").read_text())["flags"]["prompt_suffix"] == ""
+
+
+def test_a_lora_adapter_from_a_hub_model_names_the_commit_it_trained_from_after_a_resume_too(hub, retrained,
+                                                                                              demo_data, tmp_path):
+    """README (LoRA): adapter_config.json names the starting model, and for a hub model the commit the run read
+    (`revision`, which peft's AutoPeftModel loads the base at), also in a checkpoint saved after a resume that followed
+    a new commit on the hub: main's weights are not the ones the adapter was trained on."""
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    args = aepo_args(demo_data["rl"], out, "--lora-rank", 4)
+    ares.main(args + ["--steps", 1])
+    adapter = lambda: json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())  # noqa: E731
+    assert (adapter()["base_model_name_or_path"], adapter()["revision"]) == ("org/tiny", FIRST)
+    publish(hub, SECOND, retrained)
+    ares.main(args + ["--steps", 2, "--resume"])
+    assert steps_logged(out) == [1, 2]
+    assert (adapter()["base_model_name_or_path"], adapter()["revision"]) == ("org/tiny", FIRST)
