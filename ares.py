@@ -3090,8 +3090,8 @@ def rank0_decides(fn, *args):
 def claim_out(cfg, contents=run_contents):
     """Before anything is read from or written to --out: take its lock, then stop on a run already there (`contents`)
     unless --resume continues it or --overwrite replaces it (clear_old_run deletes it, once every check has passed),
-    on a config.json of the user's own in a folder that holds no run (the run record would replace it), and on a
-    --resume whose history is gone. Rank 0 only (rank0_decides)."""
+    on a config.json of the user's own (the run record would replace it) in a folder that holds no run, or beside one,
+    and on a --resume whose history is gone. Rank 0 only (rank0_decides)."""
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume continues the run in --out and --overwrite replaces it: give one of them")
@@ -3102,8 +3102,9 @@ def claim_out(cfg, contents=run_contents):
                else "add --resume to continue it, --overwrite to replace it")
         raise SystemExit(f"--out {cfg.out} holds a {'demo' if cfg.stage == 'demo' else 'run'} ({', '.join(there)}): "
                          f"{how}, or choose another --out")
-    # (with a run there, --overwrite too: it deletes the checkpoints and writes the run record over that file)
-    if ((not there or cfg.overwrite) and cfg.stage != "demo" and (out / "config.json").is_file()
+    # (with a run there, --overwrite too: it deletes the checkpoints and writes the run record over that file; and
+    # --resume, which writes it over a file of the user's: the run record cut or emptied is check_run_record's, damaged)
+    if ((not there or cfg.overwrite or users_config(out)) and cfg.stage != "demo" and (out / "config.json").is_file()
             and model_folder_kind(out) != "run"):
         raise SystemExit(f"--out {cfg.out}: its config.json is not a run record of ares.py (no \"flags\" of a stage), and the run "
                          "would write its own over it: move the file, or choose another --out")
@@ -3112,6 +3113,15 @@ def claim_out(cfg, contents=run_contents):
     if step and not (out / "metrics.jsonl").is_file():
         raise SystemExit(f"--resume: {out / 'metrics.jsonl'} is missing, but {ckpt.name} is at step {step}: resuming "
                          "would lose the history of those steps. Put it back (an empty file resumes without it)")
+
+
+def users_config(out: Path) -> bool:
+    """Is <out>/config.json a JSON object of the user's (or another tool's): keys, but no "flags" of a stage? Not a
+    run record cut short or emptied to {}."""
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((out / "config.json").read_bytes())
+        return isinstance(config, dict) and bool(config) and not data_prep.is_run_record(config)
+    return False
 
 
 def clear_old_run(cfg, contents=run_contents):

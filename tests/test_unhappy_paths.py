@@ -118,6 +118,14 @@ STOPS = [
     ("--overwrite of checkpoints beside a config.json of the user's own", "interrupted",
      lambda out: (out / "config.json").write_text(json.dumps({"project": "geometry", "lr": 3e-4})), ["--overwrite"],
      ["--out {out}: its config.json is not a run record of ares.py", "move the file"], [1]),
+    # checkpoints beside another tool's config.json with "flags": --resume wrote the run record over it (flags of other
+    # names), or stopped with a traceback (flags as a list)
+    ("--resume of checkpoints beside another tool's config.json with flags", "interrupted",
+     lambda out: (out / "config.json").write_text(json.dumps({"project": "geometry", "flags": {"O": 2}})), ["--resume"],
+     ["--out {out}: its config.json is not a run record of ares.py", "move the file"], [1]),
+    ("--resume of checkpoints beside another tool's config.json with a list of flags", "interrupted",
+     lambda out: (out / "config.json").write_text(json.dumps({"project": "geometry", "flags": ["-O2"]})), ["--resume"],
+     ["--out {out}: its config.json is not a run record of ares.py", "move the file"], [1]),
     # another tool's config.json with a "flags" key counted as a run record: the run wrote its own over it, unasked
     ("a config.json of another tool's with flags in --out", "interrupted", lambda out: own_config_only(out, ["-O2"]), [],
      ["--out {out}: its config.json is not a run record of ares.py", "move the file"], None),
