@@ -2320,7 +2320,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = command_parser()
     args = parser.parse_args(argv)
-    args.out = os.path.expanduser(args.out)  # --out=~/x keeps its ~ (no shell expands it): written where checked
+    for k in ("out", "data", "pass_rates", "model"):  # --out=~/x keeps its ~ (no shell expands one after '='): each
+        if getattr(args, k, None):  # is read and written where its checks look
+            setattr(args, k, os.path.expanduser(getattr(args, k)))
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
     check_args(args)

@@ -127,6 +127,7 @@ def parse_config(argv=None) -> EvalConfig:
     parser.epilog = SUBCOMMANDS
     args = vars(parser.parse_args(argv))
     args.update({k: os.path.expanduser(args[k]) for k in ("out", "plot")})  # --out=~/x keeps its ~: written where checked
+    args.update({k: [os.path.expanduser(v) for v in args[k]] for k in ("model", "data")})  # and read where checked
     given = vars(ares.dataclass_parser(EvalConfig, "", given_only=True).parse_args(argv))  # only what the user typed
     cfg = EvalConfig(**args, given=tuple(sorted(given)))
     if not cfg.demo and (not cfg.model or not cfg.data):
@@ -1314,7 +1315,8 @@ def main(argv=None):
     with ares.one_line_per_node():  # under torchrun a flag's or a file's error is printed once a node, not once a rank
         if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
             args = passrate_parser().parse_args(argv[1:])
-            args.out = os.path.expanduser(args.out)  # --out=~/x: written where check_records_out looks (data_prep.main)
+            args.out, args.model, args.data = map(os.path.expanduser, (args.out, args.model, args.data))  # --out=~/x:
+            # written where check_records_out looks (data_prep.main); --model=~/m, --data=~/d read where checked
             return ctrl_c_line(run_passrate, args, f"{args.out} is as it was: passrate writes it once every problem is "
                                                    "sampled; the same command starts it again")
         if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png

@@ -530,6 +530,22 @@ def records_out_case(command: str, tmp_path: Path) -> list:
     return ["convert", "--data", data] if command == "convert" else ["adacs", "--data", data, "--k", "1"]
 
 
+@pytest.mark.parametrize("command", ["convert", "adacs"])
+def test_a_data_and_pass_rates_given_with_a_tilde_are_read_from_the_home_folder(command, tmp_path, monkeypatch):
+    """--data=~/in.jsonl and adacs' --pass-rates=~/in.jsonl (a shell expands no ~ after '='), as --out: the checks
+    read the home folder's path, but the loader took '~/in.jsonl' for a dataset name ('cannot be read as a
+    dataset')."""
+    home = tmp_path / "home"
+    home.mkdir()
+    argv = records_out_case(command, home)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    argv = [a if a != home / "in.jsonl" else "~/in.jsonl" for a in argv]
+    extra = ["--pass-rates=~/in.jsonl"] if command == "adacs" else []
+    data_prep.main([*argv, *extra, "--out=~/out.jsonl"])
+    assert [r["id"] for r in map(json.loads, open(home / "out.jsonl"))] == ["b"]
+
+
 @pytest.mark.parametrize("command", ["convert", "adacs", "demo"])
 def test_an_existing_output_is_replaced_only_with_overwrite(command, tmp_path, monkeypatch):
     """convert, adacs and demo wrote over an --out that was there (an earlier output, the cold-start data a run was

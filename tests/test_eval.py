@@ -846,6 +846,27 @@ def test_an_out_and_plot_given_with_a_tilde_are_the_home_folders_for_eval_and_th
     assert Path(cfg.out) == home / "runs" / "x"
 
 
+def test_a_model_and_data_given_with_a_tilde_are_read_from_the_home_folder(tmp_path, tiny_ckpt, demo_data, bench,
+                                                                            monkeypatch):
+    """--model=~/m and --data=~/d (a shell expands no ~ after '='), as --out: the checks read the home folder's path,
+    but the loaders took '~/m' for a hub name (ares.py and eval.py: a traceback from from_pretrained and hf_hub_download;
+    ares.py's --data: 'cannot be read as a dataset'). The trainer, the evaluation and passrate read them from $HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name, target in (("m", tiny_ckpt), ("demo", demo_data["sft"].parent), ("six.jsonl", bench)):
+        (home / name).symlink_to(target)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    ares.main(["--stage", "coldstart", "--model=~/m", "--data=~/demo/sft.jsonl", "--out=~/run", "--steps", "1",
+               "--batch-size", "4", "--micro-batch-size", "4", "--max-prompt-len", "256", "--max-response-len", "128"])
+    assert (home / "run" / "final" / "COMPLETE").is_file()
+    ev.main(["--model=~/run/final", "--data=~/six.jsonl", "--out=~/ev", "--max-new-tokens", "4", "--batch-size", "4"])
+    assert json.loads((home / "ev" / "results.json").read_text())["generated"] == 7
+    ev.main(["passrate", "--model=~/m", "--data=~/six.jsonl", "--out=~/rates.jsonl", "--k", "1", "--temperature", "0",
+             "--max-new-tokens", "4", "--limit", "2"])
+    assert len((home / "rates.jsonl").read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize("case", ["a run folder", "a run's own name", "--plot as a run's file", "a records file there",
                                   "another tool's results.json"])
 def test_the_evaluation_writes_neither_into_a_run_nor_over_files_that_are_not_its_own(case, tmp_path, monkeypatch):
