@@ -849,8 +849,9 @@ def test_an_out_and_plot_given_with_a_tilde_are_the_home_folders_for_eval_and_th
 def test_a_model_and_data_given_with_a_tilde_are_read_from_the_home_folder(tmp_path, tiny_ckpt, demo_data, bench,
                                                                             monkeypatch):
     """--model=~/m and --data=~/d (a shell expands no ~ after '='), as --out: the checks read the home folder's path,
-    but the loaders took '~/m' for a hub name (ares.py and eval.py: a traceback from from_pretrained and hf_hub_download;
-    ares.py's --data: 'cannot be read as a dataset'). The trainer, the evaluation and passrate read them from $HOME."""
+    but the loaders took '~/m' for a hub name (ares.py and eval.py: a traceback from from_pretrained and
+    hf_hub_download; ares.py's --data: 'cannot be read as a dataset'). The trainer, the evaluation and passrate read
+    them from $HOME."""
     home = tmp_path / "home"
     home.mkdir()
     for name, target in (("m", tiny_ckpt), ("demo", demo_data["sft"].parent), ("six.jsonl", bench)):
