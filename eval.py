@@ -126,8 +126,9 @@ def parse_config(argv=None) -> EvalConfig:
     parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     parser.epilog = SUBCOMMANDS
     args = vars(parser.parse_args(argv))
-    args.update({k: os.path.expanduser(args[k]) for k in ("out", "plot")})  # --out=~/x keeps its ~: written where checked
-    args.update({k: [os.path.expanduser(v) for v in args[k]] for k in ("model", "data")})  # and read where checked
+    args.update({k: os.path.expanduser(args[k]) for k in ("out", "plot")})  # --out=~/x keeps its ~ (no shell expands
+    args.update({k: [os.path.expanduser(v) for v in args[k]] for k in ("model", "data")})  # one after '='): each is
+    # read and written where its checks look
     given = vars(ares.dataclass_parser(EvalConfig, "", given_only=True).parse_args(argv))  # only what the user typed
     cfg = EvalConfig(**args, given=tuple(sorted(given)))
     if not cfg.demo and (not cfg.model or not cfg.data):
@@ -395,9 +396,10 @@ def model_names(paths: list[str], names: list[str]) -> list[str]:
 
 def model_key(path: str, seed: int, commit: str | None = None) -> str:
     """What a model is called in the cache: the absolute folder with the weights it holds now, the hub name with the
-    commit it is read at (`commit`: a new commit to the repository is a new model), or 'tiny' with its seed. The weights are named by the checkpoint's COMPLETE record (step and time, written by each
-    save) or, for any other folder, the size and modification time of its files: a run retrained into the same
-    folder (--overwrite) is a new model, never served the old one's responses."""
+    commit it is read at (`commit`: a new commit to the repository is a new model), or 'tiny' with its seed. The
+    weights are named by the checkpoint's COMPLETE record (step and time, written by each save) or, for any other
+    folder, the size and modification time of its files: a run retrained into the same folder (--overwrite) is a new
+    model, never served the old one's responses."""
     if path == "tiny":
         return f"tiny:seed{seed}"
     folder = Path(path)
