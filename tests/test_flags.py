@@ -337,3 +337,19 @@ def refusals(commands: list[str], stand_ins: dict, tmp_path, monkeypatch, capsys
         capsys.readouterr()
         checked.add(argv[0])
     return refused, checked
+
+
+def test_a_reward_fn_given_with_a_tilde_is_the_home_folders_file(tmp_path, monkeypatch):
+    """--reward-fn=~/hook.py:score (a shell expands no ~ after '='), as --out and --data: the file was looked for under
+    a folder named '~' (`--reward-fn ~/hook.py:score: no such file ~/hook.py`). Now it is $HOME's, and the flag holds
+    that path."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "hook.py").write_text("def score(record, response):\n    return 1.0\n")
+    data = tmp_path / "rl.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    cfg = ares.parse_config(["--stage", "aepo", "--model", "tiny", "--data", str(data), "--out", "run",
+                             "--reward-fn=~/hook.py:score"])
+    assert cfg.reward_fn == f"{home / 'hook.py'}:score"
