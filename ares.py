@@ -300,8 +300,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1
 def window_entropy(H: torch.Tensor, mask: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: Hbar_t = (1/w) sum_{tau=t}^{t+w-1} H_tau, forward window, full windows only.
     H, mask (N, R) with each response's tokens contiguous from position 0. Returns Hbar (N, R) and valid (N, R):
-    valid[i, t] iff t + w <= L_i. Example: H = [1, 2, 3, 4, 5], w = 2 -> Hbar = [1.5, 2.5, 3.5, 4.5, -], valid
-    for t <= 3."""
+    valid[i, t] iff t + w <= L_i, and Hbar is 0 where not valid. Example: H = [1, 2, 3, 4, 5], w = 2 ->
+    Hbar = [1.5, 2.5, 3.5, 4.5, 0], valid for t <= 3."""
     R = H.shape[1]
     hbar = F.pad(H * mask, (0, w - 1)).unfold(1, w, 1).mean(-1)  # (N, R); a direct sum: a long cumsum drifts
     valid = (torch.arange(R, device=H.device)[None] + w) <= mask.sum(1, keepdim=True)
