@@ -340,9 +340,10 @@ def trigger_table(processor, vocab_size: int) -> torch.Tensor:
 
 def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau, tokens: torch.Tensor | None = None,
              triggers: torch.Tensor | None = None) -> torch.Tensor:
-    """m_{i,t} = 1[Hbar_{i,t} >= tau] on full windows; with `triggers` the sampled token at t must also be a
-    reasoning word. (N, R) -> (N, R) bool. N_HE(i) = m[i].sum(). tau: a float, or (N, 1) one per row, compared
-    in hbar's dtype either way (a branch point chosen against a float is HWE against the same tau as a tensor)."""
+    """HWE mask (§3.2.1): m_{i,t} = 1[Hbar_{i,t} >= tau] on full windows; with `triggers` the sampled token at t
+    must also be a reasoning word. (N, R) -> (N, R) bool. N_HE(i) = m[i].sum(). tau: a float, or (N, 1) one per row,
+    compared in hbar's dtype either way (a branch point chosen against a float is HWE against the same tau as a
+    tensor)."""
     m = valid & (hbar >= torch.as_tensor(tau, dtype=hbar.dtype))
     if triggers is not None:
         m &= triggers.to(tokens.device)[tokens]
@@ -351,7 +352,8 @@ def hwe_mask(hbar: torch.Tensor, valid: torch.Tensor, tau, tokens: torch.Tensor 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Difficulty and the hierarchical entropy reward (paper App. G, I, M): "how much to explore".
+# Difficulty and the hierarchical entropy reward (paper App. G, I, M): "how much to explore". The section ends
+# with the GRPO advantages of those rewards (Eq. 2), which the loss below takes.
 
 
 # App. I, M and the released reward function (README: entropy reward), per bucket: margin f, Huber kappa,
@@ -404,7 +406,8 @@ def huber(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.Tensor, targets: torch.Tensor,
                           mode: str = "hierarchical", alpha: float = 0.4) -> torch.Tensor:
-    """R_i = acc_i + E_i (App. I, M; README: entropy reward). acc, n_he, bucket (N,); targets (3,) = T_d used this step. -> (N,) float64.
+    """R_i = acc_i + E_i (App. I, M; README: entropy reward). acc, n_he, bucket (N,); targets (3,) = T_d used this
+    step. -> (N,) float64. "correct" is acc > 0 (a --reward-fn's partial score counts as correct), "wrong" acc = 0.
     Delta = N_HE - T_d; m = max(1, f * max(T_d, 1)); cap = alpha * c:
       correct easy    -min(cap, Hub(max(Delta - m, 0)) / (m + k) * cap)        too much exploring costs
       correct medium  -min(cap, Hub(max(|Delta| - m, 0)) / (m + k) * cap)      stay near the target
@@ -435,9 +438,9 @@ def entropy_shaped_reward(acc: torch.Tensor, n_he: torch.Tensor, bucket: torch.T
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, std: bool = True) -> torch.Tensor:
-    """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G consecutive responses;
-    std=False: R_i - mean_G R (Dr. GRPO, --adv-norm mean: a group whose rewards differ only a little, as an all-right
-    group's shaped rewards do, keeps a small advantage instead of one of size 1)."""
+    """The advantage A_i of Eq. 2 (GRPO): (R_i - mean_G R) / (std_G R + eps), unbiased std within each group of G
+    consecutive responses; std=False: R_i - mean_G R (Dr. GRPO, --adv-norm mean: a group whose rewards differ only a
+    little, as an all-right group's shaped rewards do, keeps a small advantage instead of one of size 1)."""
     r = rearrange(rewards, "(p g) -> p g", g=group_size).double()  # (P, G)
     centred = r - r.mean(1, keepdim=True)
     return (centred / (r.std(1, keepdim=True) + eps) if std else centred).view(-1)
