@@ -732,7 +732,7 @@ class Rollouts:
     truncated: torch.Tensor  # (N,) bool: hit its budget without a stop token
     parent: torch.Tensor  # (N,) row of a branch's parent, -1 for a fresh sample
     branch_at: torch.Tensor  # (N,) where a branch starts sampling (0 for a fresh sample)
-    tau: torch.Tensor  # (N,) the HWE threshold each row is scored against: its round's first-pass tau, all ranks (§3.2.1)
+    tau: torch.Tensor  # (N,) HWE threshold (§3.2.1) each row is scored against: its round's first-pass tau, all ranks
     texts: list[str] = field(default_factory=list)  # the decoded responses (grade_rollouts)
     acc: torch.Tensor | None = None  # (N,) the grader's 0/1, or --reward-fn's score in [0, 1] (grade_rollouts)
     rounds: int = 1  # rollout rounds of the step (refill: cat_rollouts)
@@ -759,14 +759,15 @@ def choose_branch_points(hbar: torch.Tensor, hwe: torch.Tensor, budget: int, max
 
 
 def rollout_groups(model, prompts: list[dict], cfg: Config, ids: dict, generator, triggers=None, pool=None) -> Rollouts:
-    """G responses per prompt (§3.2; README: branching rollouts): G - B fresh samples, tau over them (all ranks), then B continuations
-    branched at the highest-entropy HWE windows (shortfall: fresh samples), all branch rows batched together
-    (at most --rollout-batch rows a call, and eagerly at most their KV of full rows: sampler_calls).
+    """G responses per prompt (§3.2; README: branching rollouts): G - B fresh samples, tau over them (all ranks),
+    then B continuations branched at the highest-entropy HWE windows (shortfall: fresh samples). The branch rows are
+    batched together in sampler calls (sampler_calls) of at most --rollout-batch rows and, on the eager sampler, no
+    more KV columns than that many rows of full length (prompt + response) would hold.
     -> Rollouts, every row at its final index (ungraded: texts and acc come from grade_rollouts)."""
     G, B, w, L = cfg.group_size, cfg.branch_samples, cfg.window, cfg.max_response_len
     fresh, P = G - B, len(prompts)
-    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=pool,  # a prefill
-              prefill_tokens=cfg.micro_batch_size * (cfg.max_prompt_len + L))  # reads at most an update micro-batch
+    kw = dict(ids=ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=pool,  # one prefill
+              prefill_tokens=cfg.micro_batch_size * (cfg.max_prompt_len + L))  # forward: at most a micro-batch's tokens
     cap = cfg.rollout_batch if isinstance(cfg.rollout_batch, int) else P * G  # "auto": resolved by rollout_memory
     per_call = max(1, cap // fresh)  # prompts per sampler call: bounds the KV cache
     first = [r for k in range(0, P, per_call)
@@ -1151,10 +1152,12 @@ def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, gene
 
 
 def kl_by_bucket(kl: torch.Tensor, loss_mask: torch.Tensor, hwe: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
-    """A micro-batch's KL per bucket (this rank): rows = the sum over responses of each one's mean KL OUTSIDE HWE
-    windows (the controller's signal, Alg. 1), responses with a token outside (one wholly inside windows has no such
-    KL and is not counted), KL summed inside windows, tokens inside.
-    kl, loss_mask, hwe (n, R); bucket (n,) -> (4, 3) float64."""
+    """A micro-batch's KL per bucket (this rank), over each row's loss tokens. kl, loss_mask, hwe (n, R); bucket (n,)
+    -> (4, 3) float64: one column per bucket, one row per statistic:
+      0: the sum over responses of each one's mean KL OUTSIDE HWE windows (the controller's signal, Alg. 1)
+      1: the responses with a token outside windows (one wholly inside has no such mean and is not counted)
+      2: the KL summed over tokens inside windows
+      3: the tokens inside windows"""
     kl, lm, inside = kl.double().cpu(), loss_mask.double().cpu(), hwe.double().cpu()
     outside = lm * (1 - inside)  # (n, R)
     out_mean = (kl * outside).sum(1) / outside.sum(1).clamp(min=1)  # (n,) mean over the response's outside tokens
