@@ -460,7 +460,8 @@ KL_BUCKET_SCALE = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # b_d: tig
 
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref) at sampled tokens: exp(d) - d - 1 with d = logp_ref - logp
-    (d clamped to +-20, result to <= 10). Always >= 0; its mean over samples from pi is the true KL."""
+    (d clamped to +-20, result to <= 10). Always >= 0; its mean over samples from pi is the true KL (before the
+    clamps)."""
     d = (logp_ref - logp).clamp(-20, 20)
     return (d.exp() - d - 1).clamp(max=10)
 
@@ -832,7 +833,8 @@ def unpadded(out: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # Stage 1: adaptive cold start (paper §3.1). Cross-entropy on response tokens only, one token-mean over
 # the global batch: each micro-batch divides its summed loss by the GLOBAL response-token count of the step, so any
-# micro-batch size, accumulation or number of ranks gives the same gradient.
+# micro-batch size, accumulation or number of ranks gives the same gradient. It runs before AEPO but uses none of the
+# functions above (its data were curated by data_prep.py adacs), so its loop sits here, beside AEPO's.
 
 
 def train_coldstart(cfg: Config) -> Path:
@@ -1032,7 +1034,7 @@ class Scores:
     n_he: torch.Tensor  # (N,) N_HE: HWE tokens per response
     rewards: torch.Tensor  # (N,) R_i = acc_i + E_i (+ the format reward)
     adv: torch.Tensor  # (N,) GRPO advantages
-    keep: torch.Tensor  # (N,) bool: the row's group survives the online filter and trains
+    keep: torch.Tensor  # (N,) bool: the row's group survives the online filter and the --batch-size cut, and trains
     targets: torch.Tensor  # (3,) the bucket targets T_d after this step's EMA update
     groups: torch.Tensor  # (2,) groups kept and groups in all, over all ranks
 
@@ -1099,7 +1101,7 @@ def drawn_position(P: int, rounds: int, rank: int, world: int) -> torch.Tensor:
 def aepo_update(cfg, run, ref, device, prompts, ro, adv, bucket, hwe, keep, generator) -> dict:
     """The clipped policy update on the kept rows: `minibatches` optimizer steps per epoch, each over an equal
     share of this rank's rows, in micro-batches. Ranks may keep different numbers of rows, so each minibatch
-    runs the global maximum number of micro-batches; a rank short of rows repeats one with weight 0 (every rank
+    runs the global maximum number of micro-batches; a rank short of rows runs row 0 with weight 0 (every rank
     must run the same forward/backward calls). Returns statistics (update_stats) and the kappa controller's input:
     kl_outside (3,), each bucket's mean KL outside HWE windows (all ranks), and kl_seen (3,), the buckets measured."""
     G, world, M, mb = cfg.group_size, world_size(), cfg.minibatches, cfg.micro_batch_size
