@@ -253,7 +253,7 @@ class Config:
 
 
 FLAG_NAMES = [f.name for f in dataclasses.fields(Config)]
-STAGE_FLAGS = {  # the flags one stage alone reads: given to another, they would do nothing (resolve_stage_defaults stops)
+STAGE_FLAGS = {  # flags one stage alone reads: given with another stage, resolve_stage_defaults refuses them
     "aepo": frozenset(FLAG_NAMES[:FLAG_NAMES.index("lr")]  # Config's AEPO sections, then validation and grading
                       + ["eval_data", "eval_every", "log_samples_every", "grader_timeout", "grader_workers"]),
     "coldstart": frozenset({"epochs"}),
@@ -476,7 +476,8 @@ def kl_weights(hwe: torch.Tensor, bucket: torch.Tensor, kappa: torch.Tensor, bet
 def update_kl_controller(kappa: torch.Tensor, kl_outside: torch.Tensor, seen: torch.Tensor, target: float = 0.01,
                          rate: float = 0.05) -> torch.Tensor:
     """Alg. 1 / App. K/L: kappa_d <- clip(kappa_d * (1 + rate * clip(KL_out_d / target - 1, -1, 1)), 0.01, 100),
-    for each bucket d seen this step. kl_outside (3,): global mean KL outside HWE windows per bucket."""
+    for each bucket d where `seen` (3,) bool: one whose KL outside windows was measured this step (aepo_update).
+    kl_outside (3,): global mean KL outside HWE windows per bucket."""
     e = (kl_outside / target - 1).clamp(-1, 1)
     return torch.where(seen, (kappa * (1 + rate * e)).clamp(0.01, 100), kappa)
 
@@ -839,7 +840,7 @@ def unpadded(out: dict) -> list[dict]:
 
 def train_coldstart(cfg: Config) -> Path:
     cfg, run, records, world, device = start_stage(cfg, "coldstart")
-    responses = [torch.tensor(r["response_ids"]) for r in records]  # (filter_traces)
+    responses = [torch.tensor(r["response_ids"]) for r in records]  # trace + end of turn (filter_traces)
     prepare_training(cfg, run, device, last_step(cfg, len(records)))
     if finished(run, run.total):
         return run.ckpt
@@ -959,7 +960,7 @@ def rollouts(cfg: Config, run: Run, sampler, records: list[dict], device, trigge
     sampled only after step s's update. Refill (DAPO's dynamic sampling): while fewer than --batch-size groups of
     all ranks are mixed (some right, some wrong, whatever --group-filter says: both rules keep nearly all of those),
     --batch-size more prompts are rolled out, at most --max-refill-rounds times (the same decision on every rank: a
-    global count); ro.rounds says how many."""
+    global count); ro.rounds says how many. --keep-uniform-groups: no refill (every group trains)."""
     tok = tokenizer_of(run.processor)
     for step in range(run.state["step"], cfg.steps):
         t0 = time.time()
