@@ -518,7 +518,7 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
 # Sampler: a batched decoding loop over the HF model with a KV cache. An AEPO step samples first and then applies the
 # formulas above; the sampler and the rollouts come after them as machinery, and train_aepo runs a step in order.
 # At each decoding step it records the sampled token, its log-prob under softmax(z / T) (the policy the update
-# differentiates) and its entropy (Eq. 3) over the full vocabulary less the image placeholder ids (banned_tokens).
+# differentiates) and its entropy (Eq. 3) over the full vocabulary less the image/video placeholders (banned_tokens).
 # Finished rows are dropped from the batch as they accumulate. The model side is here too: prompts into a KV cache
 # (prefill, prompt_batch) and each distinct image through the vision tower once.
 # The KV caches themselves are infrastructure (Part 2): EagerKV, and with --compile the run's KVPool.
