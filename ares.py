@@ -489,7 +489,8 @@ def aepo_loss(logp, logp_old, logp_ref, adv, kl_w, mask, agg: str, denom: float,
         l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  r = exp(logp - logp_old)
         l = min(l, -c A) where A < 0 (c = 0: no dual clip),   then  l + beta_{i,t} * k3(logp, logp_ref)
     Aggregation divides by a GLOBAL count `denom` (all micro-batches and ranks of the optimizer step):
-        seq-mean-token-mean: sum_i (sum_t l_it / L_i) / denom, denom = responses in the step
+        seq-mean-token-mean: sum_i (sum_t l_it / L_i) / denom, denom = responses in the step, L_i = row i's
+                             loss tokens (mask: for a branch its own tokens, not the parent's prefix)
         token-mean:          sum_{i,t} l_it / denom,          denom = loss tokens in the step
     so that summing the returned losses over micro-batches (and averaging gradients over ranks after
     multiplying by the world size) gives exactly the full-batch objective. Returns (loss, stats). Example, one
