@@ -762,6 +762,8 @@ GRADING = [
     (r"\boxed{4}", "4t", False),  # an answer 4t took 4
     (r"\boxed{2m + 3m}", "5m", True),  # and the factor is still compared as one
     (r"\boxed{5 m}", "5", True),  # after a space, a unit
+    (r"\boxed{5min}", "5", True),  # a word glued to the number is still a unit: only a single letter stays a factor
+    (r"\boxed{7hours}", "7", True),
     (r"\boxed{5 x^2}", "5", False),
     # multiple choice
     (r"\boxed{(B)}", "B", True),
