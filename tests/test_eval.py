@@ -505,6 +505,40 @@ def test_a_hub_model_whose_main_moved_is_never_served_the_old_commits_responses(
     assert tokens[1] < tokens[0] and tokens[1] == tokens[2]
 
 
+def test_a_hub_model_is_read_at_the_commit_its_responses_are_cached_under_though_main_moves_meanwhile(
+        tmp_path, tiny_ckpt, terse_ckpt, bench, monkeypatch):
+    """The cache key names the commit main pointed to when the evaluation looked (ares.hub_commit); the weights are
+    read at that commit too, not at whatever main points to a moment later: else a commit pushed between the two had
+    its responses filed under the old commit's key. Here main moves to the terse model (1-token answers) right after
+    the commit is taken: the responses are still the tiny model's (more than 1 token each)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache, out = tmp_path / "hub", tmp_path / "eval"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import: the module's own
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = cache / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    for commit, folder in (("a" * 40, tiny_ckpt), ("b" * 40, terse_ckpt)):
+        shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs" / "main").write_text("a" * 40)
+    commit_of = ares.hub_commit
+
+    def then_main_moves(*a, **kw):
+        commit = commit_of(*a, **kw)
+        (repo / "refs" / "main").write_text("b" * 40)
+        return commit
+
+    monkeypatch.setattr(ares, "hub_commit", then_main_moves)
+    ev.main(["--model", "org/tiny", "--data", str(bench), "--max-new-tokens", "24", "--batch-size", "4", "--out",
+             str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["models"][0]["key"] == "org/tiny@" + "a" * 40
+    assert next(iter(res["metrics"]["six"].values()))["overall"]["mean_tokens"] > 1  # the terse model writes 1
+
+
 def _own_bench(bench: Path, folder: Path) -> Path:
     """The usable records of `bench` (the 6 + "too-long") in `folder`, with their own copies of the images, so that a
     test can edit a record or an image in place."""
@@ -1054,6 +1088,25 @@ def test_a_response_graded_by_an_older_grader_is_graded_again_not_generated(tmp_
     again = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()][4:]
     assert [(x["id"], x["correct"], x["graded_by"][0]) for x in again] == [(x["id"], True, data_prep.GRADER_VERSION)
                                                                           for x in lines[:3]]
+
+
+def test_a_glued_letter_graded_a_number_by_grader_3_is_graded_again_as_a_product(tmp_path, tiny_ckpt, monkeypatch):
+    """Grader 3 read '5m' as 5 (math-verify drops m after a number); its cached verdicts are graded again by the grader
+    that keeps the letter (README: '5x' and '5m' stay products), so a run's old 'right' for '5m' against 5 turns wrong
+    with nothing generated. Were GRADER_VERSION still 3, the stale verdict would be served."""
+    data = tmp_path / "five.jsonl"
+    data.write_text(json.dumps(dict(id="a", question="What is 2 + 3?", answer="5")) + "\n")
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]
+    ev.main(args)
+    (x,) = [json.loads(y) for y in (out / "responses.jsonl").read_text().splitlines()]
+    x.update(response="so \\boxed{5m}", correct=True, graded_by=[3, [], None])  # as grader 3 cached it
+    (out / "responses.jsonl").write_text(json.dumps(x) + "\n")
+    monkeypatch.setattr(ev, "generate_chunk", lambda *a: pytest.fail("generated again"))
+    ev.main(args)
+    res = json.loads((out / "results.json").read_text())
+    (m,) = res["metrics"]["five"].values()
+    assert (res["generated"], res["cached"], m["overall"]["accuracy"]) == (0, 1, 0.0)
 
 
 def test_plot_flag_on_the_command_line_writes_a_png(tmp_path, tiny_ckpt, bench, capsys):
