@@ -353,3 +353,20 @@ def test_a_reward_fn_given_with_a_tilde_is_the_home_folders_file(tmp_path, monke
     cfg = ares.parse_config(["--stage", "aepo", "--model", "tiny", "--data", str(data), "--out", "run",
                              "--reward-fn=~/hook.py:score"])
     assert cfg.reward_fn == f"{home / 'hook.py'}:score"
+
+
+def test_a_ref_model_and_eval_data_given_with_a_tilde_are_the_home_folders(tmp_path, tiny_ckpt, monkeypatch):
+    """--ref-model=~/ref and --eval-data=~/held.jsonl (a shell expands no ~ after '='), as --model and --data: their
+    checks read $HOME's path, and the loaders must too (they took '~/ref' for a hub name, '~/held.jsonl' for a data
+    set's). The flags hold the home folder's paths, written out here by hand."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ref").symlink_to(tiny_ckpt)
+    row = json.dumps(dict(id="a", question="1 + 1?", answer="2")) + "\n"
+    (home / "held.jsonl").write_text(row)
+    (tmp_path / "rl.jsonl").write_text(row)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    cfg = ares.parse_config(["--stage", "aepo", "--model", "tiny", "--data", "rl.jsonl", "--out", "run",
+                             "--ref-model=~/ref", "--eval-data=~/held.jsonl"])
+    assert (cfg.ref_model, cfg.eval_data) == (f"{tmp_path}/home/ref", f"{tmp_path}/home/held.jsonl")
