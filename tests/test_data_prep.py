@@ -546,6 +546,25 @@ def test_a_data_and_pass_rates_given_with_a_tilde_are_read_from_the_home_folder(
     assert [r["id"] for r in map(json.loads, open(home / "out.jsonl"))] == ["b"]
 
 
+def test_adacs_counts_tokens_with_a_model_given_with_a_tilde_from_the_home_folder(tmp_path, tiny_ckpt, monkeypatch):
+    """adacs --model=~/m (a shell expands no ~ after '='), for traces without a 'length': the check read $HOME/m, but
+    the tokenizer was looked up as the hub name '~/m'. The count is the tokenizer's of the folder itself."""
+    from transformers import AutoTokenizer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "m").symlink_to(tiny_ckpt)
+    rows = [dict(id="b", question="What colour?", answer="blue", response="so \\boxed{blue}", correct=True,
+                 pass_rate=1.0)]
+    jsonl(home / "in.jsonl", rows)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    data_prep.main(["adacs", "--data=~/in.jsonl", "--k", "1", "--model=~/m", "--out=~/out.jsonl"])
+    (got,) = map(json.loads, open(home / "out.jsonl"))
+    tokens = AutoTokenizer.from_pretrained(tiny_ckpt)("so \\boxed{blue}", add_special_tokens=False)["input_ids"]
+    assert (got["id"], got["length"]) == ("b", len(tokens))
+
+
 @pytest.mark.parametrize("command", ["convert", "adacs", "demo"])
 def test_an_existing_output_is_replaced_only_with_overwrite(command, tmp_path, monkeypatch):
     """convert, adacs and demo wrote over an --out that was there (an earlier output, the cold-start data a run was
