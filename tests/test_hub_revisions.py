@@ -250,3 +250,74 @@ def test_a_lora_adapter_from_a_hub_model_names_the_commit_it_trained_from_after_
     ares.main(args + ["--steps", 2, "--resume"])
     assert steps_logged(out) == [1, 2]
     assert (adapter()["base_model_name_or_path"], adapter()["revision"]) == ("org/tiny", FIRST)
+
+
+def test_a_hub_ref_model_is_the_kl_reference_at_its_own_commit_not_the_policys(hub, retrained, demo_data, tmp_path,
+                                                                               monkeypatch):
+    """--ref-model Org/Other is read at the commit of its own name (`contents["ref_model"]`), not at --model's: the
+    reference's weights are the file in org/ref's snapshot, and --model's commit is not one of org/ref's."""
+    ref_repo = hub.with_name("models--org--ref")
+    publish(ref_repo, SECOND, retrained)
+    out = tmp_path / "run"
+    seen = loaded_models(monkeypatch)
+    ares.main(aepo_args(demo_data["rl"], out, "--ref-model", "org/ref", "--steps", 1))
+    (reference,) = [model for name, model in seen if name == "org/ref"]
+    assert torch.equal(embeddings(reference.state_dict()),
+                       embeddings(load_file(ref_repo / "snapshots" / SECOND / "model.safetensors")))
+
+
+def test_a_prompt_suffix_given_by_the_user_is_kept_over_the_hub_models_own(hub, demo_data, tmp_path, monkeypatch):
+    """--prompt-suffix given is the run's instruction; a hub model's `ares_prompt_suffix` (read at the run's commit)
+    only fills it in where none is given."""
+    config = json.loads((hub / "snapshots" / FIRST / "config.json").read_text())
+    (hub / "snapshots" / FIRST / "config.json").write_text(json.dumps(dict(config, ares_prompt_suffix="Think.")))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(coldstart_args(demo_data["sft"], out, "--prompt-suffix", "Be brief."))
+    assert json.loads((out / "config.json").read_text())["flags"]["prompt_suffix"] == "Be brief."
+
+
+def test_resume_prompts_with_the_tokenizer_of_the_runs_commit_after_the_hubs_main_moved(hub, demo_data, tmp_path,
+                                                                                          monkeypatch):
+    """The tokenizer (its chat template: every prompt) is read at the run's commit too: a second commit on the hub
+    with another chat template does not reach a resume's prompts."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    second = tmp_path / "second"
+    shutil.copytree(hub / "snapshots" / FIRST, second)
+    (second / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    publish(hub, SECOND, second)
+    processors = []
+
+    def note_then_stop(name, *a, processor=None, **kw):
+        processors.append(processor)
+        raise Stop
+
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        m.setattr(ares, "load_model", note_then_stop)  # no checkpoint yet: the policy is --model's, with its processor
+        ares.main(args + ["--resume"])
+    first = (hub / "snapshots" / FIRST / "chat_template.jinja").read_text()
+    assert processors[0].chat_template == first != (second / "chat_template.jinja").read_text()
+
+
+def test_resume_of_a_run_whose_ref_model_was_a_local_folder_now_on_the_hub_names_the_hub_model(hub, demo_data,
+                                                                                               tmp_path, monkeypatch):
+    """As for --model: --ref-model org/ref named a local folder when the run started, and by the resume the same text
+    names a hub model; the stop line calls it a hub model at its commit, not 'a hub data set: its records'."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(hub / "snapshots" / FIRST, tmp_path / "org" / "ref")
+    out = tmp_path / "run"
+    args = aepo_args(demo_data["rl"], out, "--ref-model", "org/ref", "--steps", 1)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    shutil.rmtree(tmp_path / "org")
+    publish(hub.with_name("models--org--ref"), SECOND, hub / "snapshots" / FIRST)
+    with pytest.raises(SystemExit) as e:
+        ares.main(args + ["--resume"])
+    assert one_line(e).startswith(f"--resume: --ref-model org/ref (a hub model, revision {SECOND}): other contents "
+                                  "than when the run started"), one_line(e)
