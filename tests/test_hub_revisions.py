@@ -321,3 +321,22 @@ def test_resume_of_a_run_whose_ref_model_was_a_local_folder_now_on_the_hub_names
         ares.main(args + ["--resume"])
     assert one_line(e).startswith(f"--resume: --ref-model org/ref (a hub model, revision {SECOND}): other contents "
                                   "than when the run started"), one_line(e)
+
+
+def test_resume_checks_the_model_family_of_the_runs_commit_not_mains(hub, demo_data, tmp_path, monkeypatch):
+    """model_config (the family check, and an FSDP skeleton's shapes) reads config.json at the run's commit: a later
+    commit to main of another family does not stop the run's resume, which still reads the first commit's model."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    second = tmp_path / "second"
+    shutil.copytree(hub / "snapshots" / FIRST, second)
+    config = json.loads((second / "config.json").read_text())
+    (second / "config.json").write_text(json.dumps(dict(config, model_type="llava")))
+    publish(hub, SECOND, second)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        seen = stop_after_the_policy_loads(m)
+        ares.main(args + ["--resume"])
+    assert [name for name, _ in seen] == ["org/tiny"]
