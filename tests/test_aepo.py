@@ -217,14 +217,10 @@ def test_sample_token_at_temperature_zero_is_greedy():
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).max(-1).values)
 
 
-def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkeypatch):
-    """The eager sampler's steps queue work and read nothing back: the loop looks at the device only at its checks
-    (every CHECK_EVERY steps). Given a 2-D attention mask, Hugging Face's SDPA mask code read it on the host (a
-    tensor's truth value) in every step, which on a GPU stalls the host until the step before has run. Counted here:
-    every truth value, .item(), .tolist() or int()/float() of a tensor inside EagerKV.step, on prompts of three lengths
-    (left padding) and on prompts of one length (no padding), with rows leaving the batch as they finish."""
-    model, processor = tiny
-    inside, reads, step = [False], [], ares.EagerKV.step
+def host_reads_in(kv_class, monkeypatch) -> list[str]:
+    """The list each host read of a tensor (truth value, .item(), .tolist(), int()/float()/index) inside
+    kv_class.step is appended to, by name, from now on."""
+    inside, reads, step = [False], [], kv_class.step
 
     def counted_step(self, *args, **kwargs):
         inside[0] = True
@@ -233,13 +229,24 @@ def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkey
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(ares.EagerKV, "step", counted_step)
+    monkeypatch.setattr(kv_class, "step", counted_step)
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
         def read(t, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
             if inside[0]:
                 reads.append(_name)
             return _real(t, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+def test_an_eager_decode_step_never_waits_for_the_device(tiny, demo_data, monkeypatch):
+    """The eager sampler's steps queue work and read nothing back: the loop looks at the device only at its checks
+    (every CHECK_EVERY steps). Given a 2-D attention mask, Hugging Face's SDPA mask code read it on the host (a
+    tensor's truth value) in every step, which on a GPU stalls the host until the step before has run. Counted here:
+    every truth value, .item(), .tolist() or int()/float() of a tensor inside EagerKV.step, on prompts of three lengths
+    (left padding) and on prompts of one length (no padding), with rows leaving the batch as they finish."""
+    model, processor = tiny
+    reads = host_reads_in(ares.EagerKV, monkeypatch)
     ids = ares.special_ids(model, processor)
     for picks in ([0, 1, "What is 2 + 3?"], [0, 0, 0]):
         prompts = encoded_prompts(processor, demo_data["rl"], picks)
@@ -305,22 +312,7 @@ def test_a_kv_pool_decode_step_never_waits_for_the_device(tiny, demo_data, monke
     every truth value, .item(), .tolist() or int()/float() of a tensor inside KVPool.step (its step run uncompiled, as
     under --fsdp), on left-padded prompts with per-row budgets, rows leaving the bucket at the checks."""
     model, processor = tiny
-    inside, reads, step = [False], [], ares.KVPool.step
-
-    def counted_step(self, *args, **kwargs):
-        inside[0] = True
-        try:
-            return step(self, *args, **kwargs)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(ares.KVPool, "step", counted_step)
-    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
-        def read(t, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
-            if inside[0]:
-                reads.append(_name)
-            return _real(t, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, read)
+    reads = host_reads_in(ares.KVPool, monkeypatch)
     prompts = encoded_prompts(processor, demo_data["rl"], [0, 1, "What is 2 + 3?"])
     budgets = [3, 20, 5, 20, 2, 4]  # most rows done by the first check: they leave the 8-row bucket there
     with torch.no_grad():

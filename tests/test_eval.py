@@ -475,6 +475,20 @@ def test_a_model_retrained_into_the_same_folder_is_never_served_the_old_response
     assert json.loads((out / "results.json").read_text())["cached"] == 7
 
 
+def offline_hub_repo(tmp_path: Path, monkeypatch) -> Path:
+    """A fake hub cache in tmp_path, offline, with the repository org/tiny and nothing in it yet (refs/ made): the
+    folder that holds snapshots/<commit>/ and refs/main, as huggingface_hub lays out its own."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import: the module's own
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = cache / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    return repo
+
+
 def test_a_hub_model_whose_main_moved_is_never_served_the_old_commits_responses(tmp_path, tiny_ckpt, terse_ckpt,
                                                                                  bench, monkeypatch):
     """A hub name was the whole cache key: after a new commit to the repository, the same eval command served the old
@@ -483,14 +497,7 @@ def test_a_hub_model_whose_main_moved_is_never_served_the_old_commits_responses(
     terse model answers in 1 token where the tiny one writes 24), and the unchanged commit is served from the cache."""
     import shutil
 
-    import huggingface_hub.constants
-
-    cache, out = tmp_path / "hub", tmp_path / "eval"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import: the module's own
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    repo = cache / "models--org--tiny"
-    (repo / "refs").mkdir(parents=True)
+    repo, out = offline_hub_repo(tmp_path, monkeypatch), tmp_path / "eval"
     args = ["--model", "org/tiny", "--data", str(bench), "--max-new-tokens", "24", "--batch-size", "4", "--out", str(out)]
     results = []
     for commit, folder in (("a" * 40, tiny_ckpt), ("b" * 40, terse_ckpt), ("b" * 40, terse_ckpt)):
@@ -513,14 +520,7 @@ def test_a_hub_model_is_read_at_the_commit_its_responses_are_cached_under_though
     the commit is taken: the responses are still the tiny model's (more than 1 token each)."""
     import shutil
 
-    import huggingface_hub.constants
-
-    cache, out = tmp_path / "hub", tmp_path / "eval"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import: the module's own
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    repo = cache / "models--org--tiny"
-    (repo / "refs").mkdir(parents=True)
+    repo, out = offline_hub_repo(tmp_path, monkeypatch), tmp_path / "eval"
     for commit, folder in (("a" * 40, tiny_ckpt), ("b" * 40, terse_ckpt)):
         shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs" / "main").write_text("a" * 40)

@@ -90,6 +90,24 @@ def loaded_models(monkeypatch) -> list:
     return seen
 
 
+def started_at_first(hub: Path, demo_data, tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
+    """A cold start from org/tiny at FIRST, stopped once its policy has loaded (its run record written) -> (its --out,
+    its arguments, for the resume)."""
+    out = tmp_path / "run"
+    args = coldstart_args(demo_data["sft"], out)
+    with monkeypatch.context() as m, pytest.raises(Stop):
+        stop_after_the_policy_loads(m)
+        ares.main(args)
+    return out, args
+
+
+def copy_of_first(hub: Path, tmp_path: Path) -> Path:
+    """A copy of FIRST's files, for a test to change into a second commit's."""
+    second = tmp_path / "second"
+    shutil.copytree(hub / "snapshots" / FIRST, second)
+    return second
+
+
 def stop_after_the_policy_loads(monkeypatch) -> list:
     """ares.load_model loads, is noted (loaded_models), then the run stops (Stop): a resume's checks have passed."""
     seen, load = [], ares.load_model
@@ -155,11 +173,7 @@ def test_resume_stops_with_one_line_when_the_runs_commit_cannot_be_had(hub, retr
                                                                         monkeypatch):
     """README (run folders): offline, with the run's commit gone from the cache (main moved on, the old snapshot
     cleaned away), a resume stops before any model loads, with one line naming the flag, the name and the commit."""
-    out = tmp_path / "run"
-    args = coldstart_args(demo_data["sft"], out)
-    with monkeypatch.context() as m, pytest.raises(Stop):
-        stop_after_the_policy_loads(m)
-        ares.main(args)
+    out, args = started_at_first(hub, demo_data, tmp_path, monkeypatch)
     publish(hub, SECOND, retrained)
     shutil.rmtree(hub / "snapshots" / FIRST)
     with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
@@ -173,11 +187,7 @@ def test_a_run_record_without_a_revision_resumes_at_mains_commit_and_holds_it_fr
         hub, retrained, demo_data, tmp_path, monkeypatch, capsys):
     """README (run folders): a run record written before revisions were recorded (a hub model compared by name) resumes
     as it did, reading the commit main points to now, says so in one line, and holds that commit from then on."""
-    out = tmp_path / "run"
-    args = coldstart_args(demo_data["sft"], out)
-    with monkeypatch.context() as m, pytest.raises(Stop):
-        stop_after_the_policy_loads(m)
-        ares.main(args)
+    out, args = started_at_first(hub, demo_data, tmp_path, monkeypatch)
     record = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(dict(record, contents=dict(record["contents"], model=None))))  # as
     publish(hub, SECOND, retrained)  # ares.py wrote it before revisions: a hub model had no fingerprint
@@ -218,14 +228,9 @@ def test_resume_prompts_with_the_instruction_of_the_runs_commit_after_the_hubs_m
     """README (run folders, flags): the prompt suffix a run takes from its model (`ares_prompt_suffix` in config.json)
     is the one of the commit it reads: a new commit on the hub with another instruction neither stops the resume as a
     changed --prompt-suffix nor reaches its prompts."""
-    out = tmp_path / "run"
-    args = coldstart_args(demo_data["sft"], out)
-    with monkeypatch.context() as m, pytest.raises(Stop):
-        stop_after_the_policy_loads(m)
-        ares.main(args)
+    out, args = started_at_first(hub, demo_data, tmp_path, monkeypatch)
     assert json.loads((out / "config.json").read_text())["flags"]["prompt_suffix"] == ""  # the tiny model's own
-    second = tmp_path / "second"
-    shutil.copytree(hub / "snapshots" / FIRST, second)
+    second = copy_of_first(hub, tmp_path)
     config = json.loads((second / "config.json").read_text())
     (second / "config.json").write_text(json.dumps(dict(config, ares_prompt_suffix="Think step by step.")))
     publish(hub, SECOND, second)
@@ -282,13 +287,8 @@ def test_resume_prompts_with_the_tokenizer_of_the_runs_commit_after_the_hubs_mai
                                                                                           monkeypatch):
     """The tokenizer (its chat template: every prompt) is read at the run's commit too: a second commit on the hub
     with another chat template does not reach a resume's prompts."""
-    out = tmp_path / "run"
-    args = coldstart_args(demo_data["sft"], out)
-    with monkeypatch.context() as m, pytest.raises(Stop):
-        stop_after_the_policy_loads(m)
-        ares.main(args)
-    second = tmp_path / "second"
-    shutil.copytree(hub / "snapshots" / FIRST, second)
+    out, args = started_at_first(hub, demo_data, tmp_path, monkeypatch)
+    second = copy_of_first(hub, tmp_path)
     (second / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     publish(hub, SECOND, second)
     processors = []
@@ -326,13 +326,8 @@ def test_resume_of_a_run_whose_ref_model_was_a_local_folder_now_on_the_hub_names
 def test_resume_checks_the_model_family_of_the_runs_commit_not_mains(hub, demo_data, tmp_path, monkeypatch):
     """model_config (the family check, and an FSDP skeleton's shapes) reads config.json at the run's commit: a later
     commit to main of another family does not stop the run's resume, which still reads the first commit's model."""
-    out = tmp_path / "run"
-    args = coldstart_args(demo_data["sft"], out)
-    with monkeypatch.context() as m, pytest.raises(Stop):
-        stop_after_the_policy_loads(m)
-        ares.main(args)
-    second = tmp_path / "second"
-    shutil.copytree(hub / "snapshots" / FIRST, second)
+    out, args = started_at_first(hub, demo_data, tmp_path, monkeypatch)
+    second = copy_of_first(hub, tmp_path)
     config = json.loads((second / "config.json").read_text())
     (second / "config.json").write_text(json.dumps(dict(config, model_type="llava")))
     publish(hub, SECOND, second)
