@@ -3569,8 +3569,7 @@ def parse_config(argv=None) -> Config:
 
     parser = dataclass_parser(Config, __doc__.split("\n")[0], staged)
     args = vars(parser.parse_args(argv))  # first: --help and bad flags are answered by the full parser
-    for k in ("out", "model", "ref_model", "data", "eval_data", "reward_fn"):  # --out=~/x keeps its ~ (no shell expands one after
-        args[k] = os.path.expanduser(args[k])  # '='): each is read and written where its checks look
+    data_prep.expand_home(args, ("out", "model", "ref_model", "data", "eval_data", "reward_fn"))  # --out=~/x
     given = vars(dataclass_parser(Config, "", given_only=True).parse_args(argv))  # only what the user typed
     cfg = Config(**args, given=tuple(sorted(given)))
     if cfg.stage != "demo" and not cfg.data:

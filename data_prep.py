@@ -1110,6 +1110,17 @@ def is_run_record(config) -> bool:
             and "model_type" not in config)
 
 
+def expand_home(args: dict, names) -> dict:
+    """The path flags `names` of parsed arguments (a dict: vars() of argparse's namespace, which it changes in place)
+    with a leading ~ expanded, a list's items each: --out=~/x reaches the program with its ~ (no shell expands one
+    after '='), and the checks read $HOME/x, so the program must read and write it there too."""
+    for k in names:
+        v = args.get(k)
+        if v:
+            args[k] = [os.path.expanduser(x) for x in v] if isinstance(v, list) else os.path.expanduser(v)
+    return args
+
+
 def check_new_output(flag: str, path, overwrite: bool, holds: str = ""):
     """An output that is there already is replaced only with --overwrite (as ares.py's run in --out): one line naming
     the flag and the path otherwise, before anything is read. `holds`: what a folder holds, for the line."""
@@ -2320,9 +2331,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = command_parser()
     args = parser.parse_args(argv)
-    for k in ("out", "data", "pass_rates", "model"):  # --out=~/x keeps its ~ (no shell expands one after '='): each
-        if getattr(args, k, None):  # is read and written where its checks look
-            setattr(args, k, os.path.expanduser(getattr(args, k)))
+    expand_home(vars(args), ("out", "data", "pass_rates", "model"))
     if args.command == "convert" and not (args.data or args.preset):
         parser.error("convert needs --data or --preset")
     check_args(args)

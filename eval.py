@@ -126,9 +126,7 @@ def parse_config(argv=None) -> EvalConfig:
     parser = ares.dataclass_parser(EvalConfig, __doc__.split("\n")[0])
     parser.epilog = SUBCOMMANDS
     args = vars(parser.parse_args(argv))
-    args.update({k: os.path.expanduser(args[k]) for k in ("out", "plot")})  # --out=~/x keeps its ~ (no shell expands
-    args.update({k: [os.path.expanduser(v) for v in args[k]] for k in ("model", "data")})  # one after '='): each is
-    # read and written where its checks look
+    data_prep.expand_home(args, ("out", "plot", "model", "data"))  # --out=~/x, --model=~/m
     given = vars(ares.dataclass_parser(EvalConfig, "", given_only=True).parse_args(argv))  # only what the user typed
     cfg = EvalConfig(**args, given=tuple(sorted(given)))
     if not cfg.demo and (not cfg.model or not cfg.data):
@@ -1317,8 +1315,7 @@ def main(argv=None):
     with ares.one_line_per_node():  # under torchrun a flag's or a file's error is printed once a node, not once a rank
         if argv[:1] == ["passrate"]:  # eval.py passrate --data ... --model ... --out rates.jsonl
             args = passrate_parser().parse_args(argv[1:])
-            args.out, args.model, args.data = map(os.path.expanduser, (args.out, args.model, args.data))  # --out=~/x:
-            # written where check_records_out looks (data_prep.main); --model=~/m, --data=~/d read where checked
+            data_prep.expand_home(vars(args), ("out", "model", "data"))  # --out=~/x: where check_records_out looks
             return ctrl_c_line(run_passrate, args, f"{args.out} is as it was: passrate writes it once every problem is "
                                                    "sampled; the same command starts it again")
         if argv[:1] == ["curves"]:  # eval.py curves <out>/metrics.jsonl: <out>/curves.png
